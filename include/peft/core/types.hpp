@@ -1,0 +1,47 @@
+#pragma once
+// Scalar-templated Eigen aliases. Everything is row-major like PyTorch and safetensors:
+// weights are [out, in], activations [rows, features], so file buffers map without transposes.
+#include <Eigen/Core>
+
+#include <cstdint>
+#include <string>
+
+namespace peft {
+
+using Index = Eigen::Index;
+
+template <class T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+/// A 1-D tensor (bias, norm scale, magnitude vector) is stored as a [1, n] row.
+template <class T>
+using RowVector = Eigen::Matrix<T, 1, Eigen::Dynamic, Eigen::RowMajor>;
+
+template <class T>
+using ColVector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
+
+/// Read-only view of any row-major block (no copy for Matrix, Map or row blocks).
+template <class T>
+using ConstMatrixRef = Eigen::Ref<const Matrix<T>>;
+
+/// Writable view of a row-major block.
+template <class T>
+using MatrixRef = Eigen::Ref<Matrix<T>>;
+
+template <class T>
+using MatrixMap = Eigen::Map<Matrix<T>>;
+
+template <class T>
+using ConstMatrixMap = Eigen::Map<const Matrix<T>>;
+
+/// "[rows, cols]" for error messages.
+inline std::string shape_str(Index rows, Index cols) {
+  return "[" + std::to_string(rows) + ", " + std::to_string(cols) + "]";
+}
+
+template <class Derived>
+std::string shape_str(const Eigen::EigenBase<Derived>& m) {
+  return shape_str(m.rows(), m.cols());
+}
+
+}  // namespace peft

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs the Debian packages peft-cpp needs, only those missing. Nothing is downloaded from
+# anywhere but the distribution's package registry.
+#   scripts/bootstrap.sh            build + tests + examples (default)
+#   scripts/bootstrap.sh --fuzz     also clang and libFuzzer (CI's fuzz step)
+#   scripts/bootstrap.sh --peer     also python3-torch (PyTorch peer benchmark scripts)
+set -euo pipefail
+
+packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev zlib1g-dev
+          dataset-fashion-mnist)
+for arg in "$@"; do
+  case "$arg" in
+    --fuzz) packages+=(clang libclang-rt-14-dev libfuzzer-14-dev) ;;
+    --peer) packages+=(python3-torch) ;;
+    *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "bootstrap: installing ${missing[*]}"
+sudo_cmd=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "bootstrap: need root or sudo to install ${missing[*]}" >&2; exit 1; }
+  sudo_cmd=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo_cmd[@]}" apt-get update -q || true   # a stale index is still worth a try
+"${sudo_cmd[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"

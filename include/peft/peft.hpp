@@ -15,3 +15,7 @@
 #include "peft/layers/lora_linear.hpp"
 
 #include "peft/train/gradient_check.hpp"
+#include "peft/train/batches.hpp"
+#include "peft/train/early_stopping.hpp"
+#include "peft/train/memory.hpp"
+#include "peft/train/progress.hpp"

@@ -1,0 +1,334 @@
+#pragma once
+// Multi-head scaled dot-product attention over a batch of sequences (Vaswani et al., 2017,
+// "Attention Is All You Need"), with the hooks PEFT methods need:
+//
+//   Q = x W_qᵀ + b_q,  K = (x W_kᵀ + b_k) ⊙ l_k,  V = (x W_vᵀ + b_v) ⊙ l_v     [B·S, d]
+//   per sequence b (valid length L_b) and head h (columns h·d_h .. h·d_h + d_h − 1, d_h = d / H):
+//     K̃ = [P_K; K_b],  Ṽ = [P_V; V_b]                        [l + L_b, d_h]
+//     A = softmax_row(Q_b K̃ᵀ / √d_h  + mask)                 [L_b, l + L_b]
+//     C_b = A Ṽ                                               [L_b, d_h]
+//   y = C W_oᵀ + b_o                                          [B·S, d]
+//
+// - q_proj, k_proj, v_proj, out_proj are LoRALinear children (LoRA targets them by name).
+// - l_k, l_v: optional (IA)³ vectors (Liu et al., 2022; see ia3.hpp), named
+//   `k_proj.ia3_l.<adapter>` and `v_proj.ia3_l.<adapter>`. They scale the projected keys/values only,
+//   never the prefix (PEFT's prefix K/V bypass k_proj as well).
+// - P_K, P_V [l, d]: optional prefix keys/values (Li & Liang, 2021, "Prefix-Tuning"), passed per call
+//   (PrefixKV) by their owner (PrefixAttention); they are always visible: neither the causal mask nor
+//   the key-padding mask ever hides them, and they emit no queries. Backward returns their gradients
+//   (PrefixGrad, accumulated with +=).
+// - Masks: key-padding (keys t' ≥ L_b are excluded) and optional causal (query t sees keys t' ≤ t).
+//   Masked entries are excluded from the softmax (probability exactly 0), not added as −∞.
+// - Padding queries: rows t ≥ L_b of the output are exactly zero, and backward ignores dy on those
+//   rows (a constant output has zero derivative). So padding content never reaches a valid row.
+// - Softmax is stabilised by subtracting the row maximum: softmax(s) = exp(s − max s) / Σ exp(s − max s).
+//
+// Backward (per b, h, with G = ∂L/∂C_b):
+//   dṼ = Aᵀ G,  dA = G Ṽᵀ,  dS = A ⊙ (dA − rowsum(A ⊙ dA)) / √d_h,  dQ_b = dS K̃,  dK̃ = dSᵀ Q_b.
+//
+// Memory: the loop runs over (b, h); each score block [L_b, l + L_b] is written straight into the
+// cache as probabilities, so only one score block is live while computing. Backward needs the
+// probabilities, so the Cache keeps them all: B·H·S·(l + S) scalars (plus Q, K, V [B·S, d] each and
+// the projections' own caches). Backward uses one [S, l + S] scratch block.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "peft/core/check.hpp"
+#include "peft/core/module.hpp"
+#include "peft/core/sequence.hpp"
+#include "peft/layers/ia3.hpp"
+#include "peft/layers/lora_linear.hpp"
+
+namespace peft {
+
+/// Prefix keys and values for one attention layer: [l, d] each, columns split into heads like K and V.
+/// Views (no copy) are fine: forward copies what backward needs into its Cache.
+template <class T>
+struct PrefixKV {
+  ConstMatrixRef<T> key;
+  ConstMatrixRef<T> value;
+};
+
+/// Where backward accumulates (+=) the prefix gradients: [l, d] each (views into a gradient table).
+template <class T>
+struct PrefixGrad {
+  MatrixRef<T> key;
+  MatrixRef<T> value;
+};
+
+struct AttentionOptions {
+  bool bias = true;     ///< biases on the four projections
+  bool causal = false;  ///< query t attends to keys t' ≤ t (the prefix is always visible)
+};
+
+template <class T>
+class MultiHeadAttention : public Module<T> {
+ public:
+  using LinearCache = typename LoRALinear<T>::Cache;
+
+  /// What backward needs. Probabilities of (b, h) live in rows (b·H + h)·S .. + L_b − 1 of `probs`,
+  /// columns [0, l) for the prefix and [l, l + L_b) for the keys; everything masked is 0.
+  struct Cache {
+    SequenceLayout layout;
+    LinearCache q, k, v, o;
+    Matrix<T> Q, K, V;            ///< [B·S, d] projected (K, V after (IA)³ scaling)
+    Matrix<T> k_raw, v_raw;       ///< [B·S, d] before (IA)³ scaling; only with trainable (IA)³
+    Matrix<T> prefix_k, prefix_v; ///< [l, d] copies of the prefix used; empty without prefix
+    Matrix<T> probs;              ///< [B·H·S, l + S]
+    Index prefix_len = 0;
+    bool causal = false;
+  };
+
+  MultiHeadAttention() = default;
+
+  /// dim must be divisible by num_heads. Projections get nn.Linear's init.
+  MultiHeadAttention(Index dim, Index num_heads, Rng& rng, AttentionOptions options = {}, std::string name = "")
+      : Module<T>(std::move(name)), num_heads_(num_heads), causal_(options.causal) {
+    const std::string who = describe("MultiHeadAttention", this->name());
+    if (dim <= 0 || num_heads <= 0)
+      throw ConfigError(who + ": dim and num_heads must be > 0, got dim=" + std::to_string(dim) +
+                        ", num_heads=" + std::to_string(num_heads));
+    if (dim % num_heads != 0)
+      throw ConfigError(who + ": dim " + std::to_string(dim) + " is not divisible by num_heads " +
+                        std::to_string(num_heads));
+    q_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+    k_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+    v_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+    out_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+    this->set_name(this->name());
+  }
+
+  LoRALinear<T> q_proj, k_proj, v_proj, out_proj;
+  IA3Vector<T> ia3_k;  ///< (IA)³ on the keys; disabled (empty) until add_ia3
+  IA3Vector<T> ia3_v;  ///< (IA)³ on the values
+
+  Index dim() const { return q_proj.out_features(); }
+  Index num_heads() const { return num_heads_; }
+  Index head_dim() const { return dim() / num_heads_; }
+  bool causal() const { return causal_; }
+  void set_causal(bool on) { causal_ = on; }
+
+  /// Freezes the four projections' base weights and biases (LoRA / IA3 parameters stay as they are).
+  void freeze_base() {
+    q_proj.freeze_base();
+    k_proj.freeze_base();
+    v_proj.freeze_base();
+    out_proj.freeze_base();
+  }
+
+  // ---- (IA)³ --------------------------------------------------------------------------------
+
+  /// Adds trainable (IA)³ vectors (ones) on the keys and/or values. One (IA)³ adapter per layer.
+  void add_ia3(const std::string& adapter = "default", bool keys = true, bool values = true) {
+    const std::string who = describe("MultiHeadAttention", this->name());
+    if (ia3_k.enabled() || ia3_v.enabled())
+      throw ConfigError(who + ": already has an (IA)^3 adapter \"" + ia3_adapter_name() + "\"");
+    if (!keys && !values) throw ConfigError(who + ": add_ia3 needs keys and/or values");
+    if (keys) ia3_k = IA3Vector<T>(IA3Placement::Output, dim(), adapter);
+    if (values) ia3_v = IA3Vector<T>(IA3Placement::Output, dim(), adapter);
+  }
+  void remove_ia3() {
+    if (ia3_merged())
+      throw ConfigError(describe("MultiHeadAttention", this->name()) + ": unmerge (IA)^3 before removing it");
+    ia3_k = IA3Vector<T>();
+    ia3_v = IA3Vector<T>();
+  }
+  bool has_ia3() const { return ia3_k.enabled() || ia3_v.enabled(); }
+  bool ia3_merged() const { return ia3_k.merged() || ia3_v.merged(); }
+  std::string ia3_adapter_name() const {
+    return ia3_k.enabled() ? ia3_k.adapter_name() : ia3_v.enabled() ? ia3_v.adapter_name() : std::string();
+  }
+  /// Folds l_k, l_v into the rows of W_k, b_k and W_v, b_v; forward then skips the scaling.
+  void merge_ia3() {
+    if (!has_ia3()) throw ConfigError(describe("MultiHeadAttention", this->name()) + ": has no (IA)^3 adapter to merge");
+    if (ia3_k.enabled()) ia3_k.merge_into(k_proj);
+    if (ia3_v.enabled()) ia3_v.merge_into(v_proj);
+  }
+  void unmerge_ia3() {
+    if (ia3_k.enabled()) ia3_k.unmerge_from(k_proj);
+    if (ia3_v.enabled()) ia3_v.unmerge_from(v_proj);
+  }
+
+  // ---- forward / backward -------------------------------------------------------------------
+
+  /// x [B·S, d] laid out as `layout`; y [B·S, d] (resized only if needed). `prefix` may be null.
+  void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
+               const PrefixKV<T>* prefix = nullptr) {
+    const std::string who = describe("MultiHeadAttention", this->name());
+    layout.validate(who, x.rows());
+    check::input_features("MultiHeadAttention", this->name(), x.cols(), dim());
+    const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
+    Index l = 0;
+    if (prefix != nullptr) {
+      l = prefix->key.rows();
+      if (l < 1) throw ShapeError(who + ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
+      check::shape("MultiHeadAttention", this->name(), "prefix key", prefix->key.rows(), prefix->key.cols(), l, d);
+      check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l, d);
+      cache.prefix_k = prefix->key;
+      cache.prefix_v = prefix->value;
+    } else {
+      cache.prefix_k.resize(0, 0);
+      cache.prefix_v.resize(0, 0);
+    }
+    cache.layout = layout;
+    cache.prefix_len = l;
+    cache.causal = causal_;
+
+    q_proj.forward(x, cache.Q, cache.q);
+    k_proj.forward(x, cache.K, cache.k);
+    v_proj.forward(x, cache.V, cache.v);
+    scale_ia3(ia3_k, cache.K, cache.k_raw);
+    scale_ia3(ia3_v, cache.V, cache.v_raw);
+
+    const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+    cache.probs.setZero(B * H * S, l + S);
+    context_.setZero(B * S, d);  // padding query rows stay 0
+    for (Index b = 0; b < B; ++b) {
+      const Index Lb = layout.length(b);
+      for (Index h = 0; h < H; ++h) {
+        const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
+        auto P = cache.probs.block((b * H + h) * S, 0, Lb, l + Lb);
+        if (l > 0) P.leftCols(l).noalias() = q * cache.prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
+        P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();     // Q K_bᵀ
+        for (Index t = 0; t < Lb; ++t) {
+          const Index visible = l + (causal_ ? t + 1 : Lb);  // prefix always visible
+          auto row = P.row(t).head(visible);
+          row *= scale;
+          const T m = row.maxCoeff();
+          row.array() = (row.array() - m).exp();  // exp(s − max s) ≤ 1: no overflow
+          row /= row.sum();
+          if (visible < l + Lb) P.row(t).tail(l + Lb - visible).setZero();
+        }
+        auto c = context_.block(b * S, h * hd, Lb, hd);
+        c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);          // A_keys V_b
+        if (l > 0) c.noalias() += P.leftCols(l) * cache.prefix_v.middleCols(h * hd, hd);  // + A_prefix P_V
+      }
+    }
+    out_proj.forward(context_, y, cache.o);
+    zero_padding_rows(layout, y);
+  }
+
+  Matrix<T> forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Cache& cache,
+                    const PrefixKV<T>* prefix = nullptr) {
+    Matrix<T> y;
+    forward(x, layout, y, cache, prefix);
+    return y;
+  }
+
+  /// Accumulates parameter gradients (LoRA / base / IA3 as trainable), writes dx [B·S, d] unless
+  /// null, and accumulates the prefix gradients into *dprefix unless null.
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr) {
+    const std::string who = describe("MultiHeadAttention", this->name());
+    const SequenceLayout& layout = cache.layout;
+    const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
+    const Index l = cache.prefix_len;
+    check::shape("MultiHeadAttention", this->name(), "output gradient", dy.rows(), dy.cols(), layout.rows(), d);
+    if (ia3_merged()) throw ConfigError(who + ": cannot train while (IA)^3 is merged; unmerge first");
+    if (dprefix != nullptr) {
+      if (l == 0) throw ConfigError(who + ": prefix gradients requested but the forward pass had no prefix");
+      check::shape("MultiHeadAttention", this->name(), "prefix key gradient", dprefix->key.rows(), dprefix->key.cols(), l, d);
+      check::shape("MultiHeadAttention", this->name(), "prefix value gradient", dprefix->value.rows(),
+                   dprefix->value.cols(), l, d);
+    }
+
+    // Padding rows of y are constant 0: their incoming gradient is dropped.
+    if (layout.padded()) {
+      dy_ = dy;
+      zero_padding_rows(layout, dy_);
+      out_proj.backward(cache.o, dy_, &dcontext_);  // dC = dY W_o   [B·S, d]
+    } else {
+      out_proj.backward(cache.o, dy, &dcontext_);
+    }
+
+    const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+    dQ_.setZero(B * S, d);
+    dK_.setZero(B * S, d);
+    dV_.setZero(B * S, d);
+    dprobs_.resize(S, l + S);
+    for (Index b = 0; b < B; ++b) {
+      const Index Lb = layout.length(b);
+      for (Index h = 0; h < H; ++h) {
+        const auto P = cache.probs.block((b * H + h) * S, 0, Lb, l + Lb);
+        const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
+        const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
+        const auto k = cache.K.block(b * S, h * hd, Lb, hd);
+        const auto v = cache.V.block(b * S, h * hd, Lb, hd);
+        auto dS = dprobs_.block(0, 0, Lb, l + Lb);
+        dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
+        dS.middleCols(l, Lb).noalias() = G * v.transpose();                                 // dA_keys = G V_bᵀ
+        if (l > 0) {
+          const auto pv = cache.prefix_v.middleCols(h * hd, hd);
+          if (dprefix != nullptr)
+            dprefix->value.middleCols(h * hd, hd).noalias() += P.leftCols(l).transpose() * G;  // dP_V += A_prefixᵀ G
+          dS.leftCols(l).noalias() = G * pv.transpose();  // dA_prefix = G P_Vᵀ
+        }
+        for (Index t = 0; t < Lb; ++t) {  // softmax backward: dS = A ⊙ (dA − Σ A ⊙ dA) · scale
+          const T dot = (P.row(t).array() * dS.row(t).array()).sum();
+          dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
+        }
+        auto dq = dQ_.block(b * S, h * hd, Lb, hd);
+        dq.noalias() = dS.middleCols(l, Lb) * k;  // dQ_b = dS_keys K_b
+        dK_.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
+        if (l > 0) {
+          dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K
+          if (dprefix != nullptr)
+            dprefix->key.middleCols(h * hd, hd).noalias() += dS.leftCols(l).transpose() * q;  // dP_K += dS_prefixᵀ Q_b
+        }
+      }
+    }
+    if (ia3_k.enabled()) ia3_k.backward(cache.k_raw, dK_);  // dl_k += Σ dK ⊙ K_raw; dK_raw = dK ⊙ l_k
+    if (ia3_v.enabled()) ia3_v.backward(cache.v_raw, dV_);
+
+    q_proj.backward(cache.q, dQ_, dx);
+    Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
+    k_proj.backward(cache.k, dK_, part);
+    if (dx != nullptr) *dx += dx_part_;
+    v_proj.backward(cache.v, dV_, part);
+    if (dx != nullptr) *dx += dx_part_;
+  }
+
+ protected:
+  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
+    if (ia3_k.enabled()) fn("k_proj." + ia3_k.parameter_name(), ia3_k.ia3_l);
+    if (ia3_v.enabled()) fn("v_proj." + ia3_v.parameter_name(), ia3_v.ia3_l);
+  }
+  void visit_children(const typename Module<T>::ChildVisitor& fn) override {
+    fn("q_proj", q_proj);
+    fn("k_proj", k_proj);
+    fn("v_proj", v_proj);
+    fn("out_proj", out_proj);
+  }
+
+ private:
+  static void zero_padding_rows(const SequenceLayout& layout, Matrix<T>& m) {
+    for (Index b = 0; b < layout.batch; ++b)
+      if (layout.length(b) < layout.seq)
+        m.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
+  }
+
+  /// Applies an enabled, unmerged (IA)³ vector to `y` in place, keeping the unscaled copy when l trains.
+  static void scale_ia3(const IA3Vector<T>& ia3, Matrix<T>& y, Matrix<T>& raw) {
+    if (!ia3.enabled() || ia3.merged()) {
+      raw.resize(0, 0);
+      return;
+    }
+    if (ia3.ia3_l.trainable())
+      raw = y;
+    else
+      raw.resize(0, 0);
+    ia3.apply(y);
+  }
+
+  Index num_heads_ = 1;
+  bool causal_ = false;
+  // Scratch reused across calls (the Cache holds everything backward needs).
+  Matrix<T> context_;    ///< forward: C [B·S, d]
+  Matrix<T> dy_;         ///< backward: dy with padding rows zeroed
+  Matrix<T> dcontext_;   ///< backward: dC [B·S, d]
+  Matrix<T> dQ_, dK_, dV_;
+  Matrix<T> dprobs_;     ///< backward: one [S, l + S] block, reused for every (b, h)
+  Matrix<T> dx_part_;    ///< backward: k/v projections' input gradient before summation
+};
+
+}  // namespace peft

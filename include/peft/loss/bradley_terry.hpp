@@ -1,0 +1,65 @@
+#pragma once
+// Bradley–Terry pairwise preference loss for reward models (Bradley & Terry, 1952; the reward-model
+// objective of Ouyang et al., 2022, "Training language models to follow instructions", eq. 1):
+//   L = (1/N) Σ_i −log σ(r⁺_i − r⁻_i) = (1/N) Σ_i softplus(−d_i),   d_i = r⁺_i − r⁻_i
+// computed stably as softplus(x) = max(x, 0) + log1p(exp(−|x|)), which never overflows.
+//   ∂L/∂r⁺_i = −σ(−d_i)/N,   ∂L/∂r⁻_i = +σ(−d_i)/N
+// N is the number of pairs: rewards are [N, 1] (one score per row), or any equal shapes, in which
+// case every element is one pair.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "peft/core/error.hpp"
+#include "peft/core/types.hpp"
+#include "peft/loss/common.hpp"
+
+namespace peft {
+
+namespace detail {
+/// softplus(x) = log(1 + eˣ) without overflow.
+template <class T>
+T softplus(T x) {
+  return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
+}
+/// σ(x) without overflow: both branches only exponentiate a non-positive number.
+template <class T>
+T sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + std::exp(-x));
+  const T e = std::exp(x);
+  return e / (T(1) + e);
+}
+}  // namespace detail
+
+/// Mean of −log σ(chosen − rejected); writes the gradients for both reward tensors (resized only
+/// when needed) unless the pointers are null. Empty inputs give 0.
+template <class T>
+T bradley_terry(const ConstMatrixRef<T>& chosen, const ConstMatrixRef<T>& rejected, Matrix<T>* dchosen,
+                Matrix<T>* drejected) {
+  if (chosen.rows() != rejected.rows() || chosen.cols() != rejected.cols())
+    throw ShapeError("bradley_terry: chosen rewards have shape " + shape_str(chosen.rows(), chosen.cols()) +
+                     ", rejected rewards have shape " + shape_str(rejected.rows(), rejected.cols()) +
+                     ", expected equal shapes");
+  detail::check_finite_rows<T>("bradley_terry", chosen, "chosen");
+  detail::check_finite_rows<T>("bradley_terry", rejected, "rejected");
+  const Index rows = chosen.rows();
+  const Index cols = chosen.cols();
+  if (dchosen && (dchosen->rows() != rows || dchosen->cols() != cols)) dchosen->resize(rows, cols);
+  if (drejected && (drejected->rows() != rows || drejected->cols() != cols)) drejected->resize(rows, cols);
+  const Index count = chosen.size();
+  if (count == 0) return T(0);
+  const T inv_n = T(1) / static_cast<T>(count);
+  double total = 0.0;
+  for (Index i = 0; i < rows; ++i) {
+    for (Index j = 0; j < cols; ++j) {
+      const T d = chosen(i, j) - rejected(i, j);
+      total += static_cast<double>(detail::softplus(-d));
+      const T g = detail::sigmoid(-d) * inv_n;  // σ(−d)/N
+      if (dchosen) (*dchosen)(i, j) = -g;
+      if (drejected) (*drejected)(i, j) = g;
+    }
+  }
+  return static_cast<T>(total / static_cast<double>(count));
+}
+
+}  // namespace peft

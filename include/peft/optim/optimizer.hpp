@@ -1,0 +1,264 @@
+#pragma once
+// Optimizer skeleton shared by SGD, Adam and AdamW: parameter groups, per-parameter state stored
+// next to the parameter it belongs to, lazily created, and the torch.optim step semantics.
+//
+// Lessons taken from ensmallen and from two header-only libraries that got Adam wrong:
+// - Hyper-parameters live in plain options structs (SGDOptions, AdamOptions, ...), separate from
+//   state. Each group carries its own lr and weight decay (discriminative learning rates).
+// - State (momentum buffer, moments) is created on the first step() in which its parameter is
+//   trainable, with the parameter's shape. A parameter that is frozen is skipped and never gets
+//   state; when it is unfrozen later (gradual unfreezing) its state is created on that step.
+//   State is never keyed by a raw pointer in a map: it sits in the group entry of its parameter.
+// - The step count is per parameter and advances once per step() in which that parameter is
+//   updated, exactly as torch.optim keeps state["step"]: a parameter that joins late starts its own
+//   bias correction at 1 (tiny-dnn and MiniDNN advance one shared counter per tensor instead).
+// - Parameters are referenced by pointer (NamedParameter): the module that owns them must outlive
+//   the optimizer and must not be moved or resized while the optimizer is in use.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "peft/core/error.hpp"
+#include "peft/core/module.hpp"
+#include "peft/core/parameters.hpp"
+
+namespace peft {
+
+/// A set of parameters sharing a learning rate and a weight decay. Frozen parameters may be
+/// listed: they are skipped until they become trainable.
+template <class T>
+struct ParamGroup {
+  std::vector<NamedParameter<T>> params;
+  double lr = 1e-3;
+  double weight_decay = 0.0;
+  std::string name;
+};
+
+/// The interface a training loop, a schedule or a checkpoint writer needs, independent of the
+/// update rule.
+template <class T>
+class Optimizer {
+ public:
+  virtual ~Optimizer() = default;
+
+  /// Applies one update to every trainable parameter (reads Parameter::grad, writes value).
+  virtual void step() = 0;
+  /// Zeroes the gradients of every trainable parameter in every group.
+  virtual void zero_grad() = 0;
+
+  virtual std::size_t num_groups() const = 0;
+  virtual const std::string& group_name(std::size_t group) const = 0;
+  /// Current learning rate of a group (what the next step() uses).
+  virtual double lr(std::size_t group) const = 0;
+  virtual void set_lr(std::size_t group, double lr) = 0;
+  /// The learning rate the group was created with; schedules scale this one.
+  virtual double initial_lr(std::size_t group) const = 0;
+  virtual double weight_decay(std::size_t group) const = 0;
+  virtual void set_weight_decay(std::size_t group, double weight_decay) = 0;
+
+  /// Sets the same learning rate on every group.
+  void set_lr(double lr) {
+    for (std::size_t g = 0; g < num_groups(); ++g) set_lr(g, lr);
+  }
+
+  /// Index of the group called `name`; ConfigError when there is none.
+  std::size_t group_index(const std::string& name) const {
+    std::string known;
+    for (std::size_t g = 0; g < num_groups(); ++g) {
+      if (group_name(g) == name) return g;
+      known += (known.empty() ? "\"" : ", \"") + group_name(g) + "\"";
+    }
+    throw ConfigError("optimizer: no parameter group named \"" + name + "\"; groups are " + known);
+  }
+};
+
+/// Groups of entries {parameter, state, step count}; the derived class supplies the state type
+/// and the update rule.
+template <class T, class State>
+class BasicOptimizer : public Optimizer<T> {
+ public:
+  struct Entry {
+    std::string name;
+    Parameter<T>* param = nullptr;
+    State state{};
+    std::int64_t steps = 0;  ///< torch's state["step"]: updates applied to this parameter so far
+    bool has_state = false;
+  };
+
+  struct Group {
+    std::string name;
+    double lr = 0.0;
+    double initial_lr = 0.0;
+    double weight_decay = 0.0;
+    std::vector<Entry> entries;
+  };
+
+  void step() override {
+    for (Group& group : groups_) {
+      for (Entry& e : group.entries) {
+        Parameter<T>& p = *e.param;
+        if (!p.trainable()) continue;  // frozen: no gradient, no state, no update
+        if (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols())
+          throw ShapeError(std::string(kind_) + ": parameter \"" + e.name + "\" has gradient of shape " +
+                           shape_str(p.grad.rows(), p.grad.cols()) + ", expected " +
+                           shape_str(p.value.rows(), p.value.cols()));
+        if (!e.has_state) {
+          init_state(e);
+          e.has_state = true;
+        } else {
+          check_state_shape(e);
+        }
+        ++e.steps;
+        update(group, e);
+      }
+    }
+  }
+
+  void zero_grad() override {
+    for (Group& group : groups_)
+      for (Entry& e : group.entries) e.param->zero_grad();
+  }
+
+  std::size_t num_groups() const override { return groups_.size(); }
+  const std::string& group_name(std::size_t g) const override { return group_at(g).name; }
+  double lr(std::size_t g) const override { return group_at(g).lr; }
+  void set_lr(std::size_t g, double lr) override {
+    check_non_negative("lr", lr, group_at(g).name);
+    group_at(g).lr = lr;
+  }
+  using Optimizer<T>::set_lr;
+  double initial_lr(std::size_t g) const override { return group_at(g).initial_lr; }
+  double weight_decay(std::size_t g) const override { return group_at(g).weight_decay; }
+  void set_weight_decay(std::size_t g, double wd) override {
+    check_non_negative("weight_decay", wd, group_at(g).name);
+    group_at(g).weight_decay = wd;
+  }
+
+  /// Adds a group after construction (torch's add_param_group), e.g. a head added later.
+  void add_param_group(const ParamGroup<T>& group) {
+    check_non_negative("lr", group.lr, group.name);
+    check_non_negative("weight_decay", group.weight_decay, group.name);
+    Group g;
+    g.name = group.name.empty() ? "group" + std::to_string(groups_.size()) : group.name;
+    for (const Group& other : groups_)
+      if (other.name == g.name)
+        throw ConfigError(std::string(kind_) + ": two parameter groups are named \"" + g.name + "\"");
+    g.lr = group.lr;
+    g.initial_lr = group.lr;
+    g.weight_decay = group.weight_decay;
+    if (group.params.empty())
+      throw ConfigError(std::string(kind_) + ": parameter group \"" + g.name + "\" has no parameters");
+    g.entries.reserve(group.params.size());
+    for (const NamedParameter<T>& np : group.params) {
+      if (np.param == nullptr)
+        throw ConfigError(std::string(kind_) + ": parameter \"" + np.name + "\" in group \"" + g.name +
+                          "\" is null");
+      if (const Entry* dup = find_entry(np.param))
+        throw ConfigError(std::string(kind_) + ": parameter \"" + np.name + "\" appears in more than one group"
+                          " (already listed as \"" + dup->name + "\")");
+      for (const Entry& e : g.entries)
+        if (e.param == np.param)
+          throw ConfigError(std::string(kind_) + ": parameter \"" + np.name + "\" is listed twice in group \"" +
+                            g.name + "\"");
+      Entry e;
+      e.name = np.name;
+      e.param = np.param;
+      g.entries.push_back(std::move(e));
+    }
+    groups_.push_back(std::move(g));
+  }
+
+  /// Groups with their entries (for inspection and checkpointing).
+  const std::vector<Group>& groups() const { return groups_; }
+  std::vector<Group>& groups() { return groups_; }
+
+  /// State of the parameter called `name`, or null while it has none (never trainable at a step).
+  const State* state(const std::string& name) const {
+    const Entry& e = entry(name);
+    return e.has_state ? &e.state : nullptr;
+  }
+  /// Number of updates applied to the parameter called `name`.
+  std::int64_t step_count(const std::string& name) const { return entry(name).steps; }
+  /// How many parameters hold state.
+  std::size_t num_states() const {
+    std::size_t n = 0;
+    for (const Group& g : groups_)
+      for (const Entry& e : g.entries) n += e.has_state ? 1 : 0;
+    return n;
+  }
+
+ protected:
+  explicit BasicOptimizer(const char* kind) : kind_(kind) {}
+
+  void add_groups(const std::vector<ParamGroup<T>>& groups) {
+    if (groups.empty()) throw ConfigError(std::string(kind_) + ": got no parameter groups");
+    for (const auto& g : groups) add_param_group(g);
+  }
+
+  /// Allocates the state of a parameter that becomes trainable for the first time.
+  virtual void init_state(Entry& e) = 0;
+  /// Throws ShapeError when the parameter was resized after its state was created.
+  virtual void check_state_shape(const Entry& e) const = 0;
+  /// Applies one update; e.steps already counts this step.
+  virtual void update(const Group& group, Entry& e) = 0;
+
+  void check_state_matrix(const Entry& e, const Matrix<T>& m, const char* what) const {
+    const Matrix<T>& v = e.param->value;
+    if (m.rows() != v.rows() || m.cols() != v.cols())
+      throw ShapeError(std::string(kind_) + ": parameter \"" + e.name + "\" has shape " +
+                       shape_str(v.rows(), v.cols()) + " but its " + what + " has shape " +
+                       shape_str(m.rows(), m.cols()) + " (resized after the optimizer was built?)");
+  }
+
+  void check_non_negative(const char* what, double value, const std::string& group) const {
+    if (!std::isfinite(value) || value < 0.0)
+      throw ConfigError(std::string(kind_) + ": " + what + " of group \"" + group +
+                        "\" must be finite and >= 0, got " + std::to_string(value));
+  }
+
+  const char* kind_;
+
+ private:
+  void check_group_index(std::size_t g) const {
+    if (g >= groups_.size())
+      throw ConfigError(std::string(kind_) + ": group index " + std::to_string(g) + " out of range, " +
+                        std::to_string(groups_.size()) + " groups");
+  }
+  Group& group_at(std::size_t g) {
+    check_group_index(g);
+    return groups_[g];
+  }
+  const Group& group_at(std::size_t g) const {
+    check_group_index(g);
+    return groups_[g];
+  }
+
+  const Entry* find_entry(const Parameter<T>* p) const {
+    for (const Group& g : groups_)
+      for (const Entry& e : g.entries)
+        if (e.param == p) return &e;
+    return nullptr;
+  }
+
+  const Entry& entry(const std::string& name) const {
+    for (const Group& g : groups_)
+      for (const Entry& e : g.entries)
+        if (e.name == name) return e;
+    throw ConfigError(std::string(kind_) + ": no parameter named \"" + name + "\"");
+  }
+
+  std::vector<Group> groups_;
+};
+
+namespace detail {
+/// One group holding every parameter of `module` (frozen ones included, so that unfreezing them
+/// later brings them into training).
+template <class T>
+std::vector<ParamGroup<T>> single_group(std::vector<NamedParameter<T>> params, double lr, double weight_decay) {
+  return {ParamGroup<T>{std::move(params), lr, weight_decay, "default"}};
+}
+}  // namespace detail
+
+}  // namespace peft

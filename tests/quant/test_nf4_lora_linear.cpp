@@ -1,0 +1,198 @@
+// NF4LoRALinear against LoRALinear built on the dequantized weight (the equivalence that defines
+// QLoRA's layer), finite-difference gradients, merge/re-quantize and error paths.
+#include <peft/core/parameters.hpp>
+#include <peft/layers/lora_linear.hpp>
+#include <peft/quant/nf4_lora_linear.hpp>
+#include <peft/train/gradient_check.hpp>
+
+#include "support/test_utils.hpp"
+
+using namespace peft;
+using peft::test::Tolerances;
+
+namespace {
+
+LoraConfig config(int r, double alpha, double dropout = 0.0) {
+  LoraConfig c;
+  c.r = r;
+  c.alpha = alpha;
+  c.dropout = dropout;
+  c.init = LoraInit::None;  // non-zero B so the adapter path is exercised
+  return c;
+}
+
+// The NF4 layer and a dense LoRALinear on deq(Q) with identical adapters.
+template <class T>
+struct Pair {
+  NF4LoRALinear<T> q;
+  LoRALinear<T> dense;
+};
+
+template <class T>
+Pair<T> make_pair(Index in, Index out, Index tile, bool with_bias, std::uint64_t seed, bool dq = true) {
+  Rng rng(seed);
+  const Linear<T> base(in, out, rng, with_bias);
+  quant::NF4Options opt;
+  opt.double_quant = dq;
+  NF4LoRALinear<T> q = NF4LoRALinear<T>::from_linear(base, opt, "layers.0.q");
+  q.set_tile_rows(tile);
+  q.add_adapter("default", config(3, 5.0), rng);
+  q.add_adapter("other", config(2, 2.0), rng);
+  q.set_active(std::vector<std::string>{"default", "other"});
+  RowVector<T> b;
+  if (with_bias) b = base.bias.value.row(0);
+  LoRALinear<T> dense(Linear<T>(q.dequantized_weight(), b), "dense");
+  dense.freeze_base();
+  for (const auto& a : q.adapters()) {
+    LoraAdapter<T>& d = dense.add_adapter(a.name, a.config, rng);
+    d.A.value = a.A.value;
+    d.B.value = a.B.value;
+  }
+  dense.set_active(std::vector<std::string>{"default", "other"});
+  return {std::move(q), std::move(dense)};
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("NF4LoRALinear equals LoRALinear on the dequantized weight", "[quant][nf4_lora]", float, double) {
+  for (Index tile : {3, 4, 128}) {  // ragged tiles, exact tiles, one tile
+    Pair<TestType> p = make_pair<TestType>(70, 12, tile, true, 21);
+    Rng rng(22);
+    const Matrix<TestType> x = test::random_matrix<TestType>(5, 70, rng);
+    const Matrix<TestType> g = test::random_matrix<TestType>(5, 12, rng);
+    typename NF4LoRALinear<TestType>::Cache cq;
+    typename LoRALinear<TestType>::Cache cd;
+    const Matrix<TestType> yq = p.q.forward(x, cq);
+    const Matrix<TestType> yd = p.dense.forward(x, cd);
+    INFO("tile " << tile);
+    CHECK(test::rel_diff(yq, yd) < Tolerances<TestType>::rel);
+    Matrix<TestType> dxq, dxd;
+    p.q.backward(cq, g, &dxq);
+    p.dense.backward(cd, g, &dxd);
+    CHECK(test::rel_diff(dxq, dxd) < Tolerances<TestType>::rel);
+    for (const std::string n : {"default", "other"}) {
+      CHECK(test::rel_diff(p.q.adapter(n).A.grad, p.dense.adapter(n).A.grad) < Tolerances<TestType>::rel);
+      CHECK(test::rel_diff(p.q.adapter(n).B.grad, p.dense.adapter(n).B.grad) < Tolerances<TestType>::rel);
+    }
+  }
+}
+
+TEST_CASE("NF4LoRALinear backward matches finite differences", "[quant][nf4_lora][gradcheck]") {
+  Pair<double> p = make_pair<double>(9, 7, 2, true, 23, false);
+  p.q.bias.set_trainable(true);
+  Rng rng(24);
+  Matrix<double> x = test::random_matrix<double>(4, 9, rng);
+  const Matrix<double> g = test::random_matrix<double>(4, 7, rng);
+  auto loss = [&] {
+    typename NF4LoRALinear<double>::Cache c;
+    return test::dot(g, p.q.forward(x, c));
+  };
+  typename NF4LoRALinear<double>::Cache cache;
+  p.q.forward(x, cache);
+  Matrix<double> dx;
+  p.q.backward(cache, g, &dx);
+  CHECK(relative_error(dx, numerical_gradient(x, loss)) < Tolerances<double>::grad);
+  CHECK(relative_error(p.q.bias.grad, numerical_gradient(p.q.bias.value, loss)) < Tolerances<double>::grad);
+  for (const std::string n : {"default", "other"}) {
+    LoraAdapter<double>& a = p.q.adapter(n);
+    CHECK(relative_error(a.A.grad, numerical_gradient(a.A.value, loss)) < Tolerances<double>::grad);
+    CHECK(relative_error(a.B.grad, numerical_gradient(a.B.value, loss)) < Tolerances<double>::grad);
+  }
+}
+
+TEST_CASE("NF4LoRALinear with dropout: gradients are those of the masked forward", "[quant][nf4_lora][gradcheck]") {
+  Rng rng(25);
+  const Linear<double> base(8, 6, rng, false);
+  NF4LoRALinear<double> q = NF4LoRALinear<double>::from_linear(base);
+  q.add_adapter("d", config(2, 3.0, 0.5), rng);
+  Matrix<double> x = test::random_matrix<double>(3, 8, rng);
+  const Matrix<double> g = test::random_matrix<double>(3, 6, rng);
+  typename NF4LoRALinear<double>::Cache cache;
+  q.forward(x, cache);
+  REQUIRE(cache.adapters[0].keep.size() == 24);
+  Matrix<double> dx;
+  q.backward(cache, g, &dx);
+  // The same mask, applied by hand: y = x Wᵀ + s ((x ⊙ M) Aᵀ) Bᵀ.
+  const Matrix<double> w = q.dequantized_weight();
+  const Matrix<double> mask = cache.adapters[0].keep;
+  const LoraAdapter<double>& a = q.adapter("d");
+  auto loss = [&] {
+    const Matrix<double> xm = x.cwiseProduct(mask);
+    const Matrix<double> y = x * w.transpose() + a.scaling() * (xm * a.A.value.transpose()) * a.B.value.transpose();
+    return test::dot(g, y);
+  };
+  CHECK(relative_error(dx, numerical_gradient(x, loss)) < Tolerances<double>::grad);
+  CHECK(relative_error(a.A.grad, numerical_gradient(q.adapter("d").A.value, loss)) < Tolerances<double>::grad);
+  CHECK(relative_error(a.B.grad, numerical_gradient(q.adapter("d").B.value, loss)) < Tolerances<double>::grad);
+}
+
+TEST_CASE("NF4LoRALinear exposes only trainable tensors and accumulates gradients", "[quant][nf4_lora]") {
+  Pair<double> p = make_pair<double>(16, 8, 8, true, 26);
+  std::vector<std::string> names;
+  for (const auto& np : named_parameters(p.q)) names.push_back(np.name);
+  CHECK(names == std::vector<std::string>{"bias", "lora_A.default.weight", "lora_B.default.weight",
+                                          "lora_A.other.weight", "lora_B.other.weight"});
+  CHECK(count_parameters(p.q).trainable == 3 * 16 + 8 * 3 + 2 * 16 + 8 * 2);
+  CHECK(p.q.quantized_weight().shape == std::vector<std::int64_t>{8, 16});
+  CHECK(p.q.bias.grad.size() == 0);  // frozen bias: no gradient buffer
+  Rng rng(27);
+  const Matrix<double> x = test::random_matrix<double>(2, 16, rng);
+  const Matrix<double> g = test::random_matrix<double>(2, 8, rng);
+  typename NF4LoRALinear<double>::Cache c1, c2;
+  p.q.forward(x, c1);
+  p.q.forward(2.0 * x, c2);  // two caches over shared weights
+  p.q.backward(c1, g, nullptr);
+  const Matrix<double> once = p.q.adapter("default").B.grad;
+  p.q.backward(c2, g, nullptr);
+  CHECK(test::rel_diff(p.q.adapter("default").B.grad, Matrix<double>(3.0 * once)) < 1e-12);  // += and linear in x
+}
+
+TEMPLATE_TEST_CASE("NF4LoRALinear merge: dense deq(Q) + sBA, or re-quantized with the added error", "[quant][nf4_lora]",
+                   float, double) {
+  Pair<TestType> p = make_pair<TestType>(64, 10, 4, false, 28);
+  Matrix<TestType> expected = p.q.dequantized_weight();
+  for (const auto& a : p.q.adapters())
+    expected += static_cast<TestType>(a.scaling()) * (a.B.value * a.A.value);
+  const Matrix<TestType> merged = p.q.merged_weight();
+  CHECK(test::rel_diff(merged, expected) < Tolerances<TestType>::rel);
+
+  Rng rng(29);
+  const Matrix<TestType> x = test::random_matrix<TestType>(3, 64, rng);
+  typename NF4LoRALinear<TestType>::Cache c;
+  const Matrix<TestType> before = p.q.forward(x, c);
+  const auto rep = p.q.merge_and_requantize();
+  CHECK(rep.merged == std::vector<std::string>{"default", "other"});
+  CHECK(p.q.adapters().empty());
+  const Matrix<TestType> requant = p.q.dequantized_weight();
+  CHECK(rep.added_error == Approx((requant - merged).template cast<double>().norm()).epsilon(1e-5));
+  CHECK(rep.relative_error == Approx(rep.added_error / merged.template cast<double>().norm()).epsilon(1e-9));
+  CHECK(rep.added_error > 0.0);
+  CHECK(rep.relative_error < 0.2);  // one NF4 rounding of the merged weight
+  const Matrix<TestType> after = p.q.forward(x, c);
+  CHECK(test::rel_diff(after, Matrix<TestType>(x * requant.transpose())) < Tolerances<TestType>::rel);
+  CHECK(test::rel_diff(after, before) < 0.2);
+  PEFT_REQUIRE_THROWS_WITH(p.q.merge_and_requantize(), ConfigError, "no active adapter to merge");
+}
+
+TEST_CASE("NF4LoRALinear rejects bad input with named errors", "[quant][nf4_lora][errors]") {
+  Pair<float> p = make_pair<float>(16, 8, 4, true, 30);
+  typename NF4LoRALinear<float>::Cache c;
+  PEFT_REQUIRE_THROWS_WITH(p.q.forward(Matrix<float>::Zero(2, 15), c), ShapeError,
+                           "NF4LoRALinear \"layers.0.q\": input has 15 features, expected 16");
+  p.q.forward(Matrix<float>::Zero(2, 16), c);
+  PEFT_REQUIRE_THROWS_WITH(p.q.backward(c, Matrix<float>::Zero(2, 7), nullptr), ShapeError, "expected [2, 8]");
+  p.q.set_active("default");
+  PEFT_REQUIRE_THROWS_WITH(p.q.backward(c, Matrix<float>::Zero(2, 8), nullptr), ConfigError, "run forward again");
+  PEFT_REQUIRE_THROWS_WITH(p.q.set_tile_rows(0), ConfigError, "tile_rows must be > 0, got 0");
+  PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("default"), ConfigError, "adapter \"default\" already exists");
+  PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("big", config(9, 1.0)), ConfigError, "rank r must be in [1, 8]");
+  PEFT_REQUIRE_THROWS_WITH(p.q.adapter("nope"), ConfigError, "unknown adapter \"nope\"; available: [default, other]");
+  std::vector<float> v(64, 0.25f);
+  PEFT_REQUIRE_THROWS_WITH(NF4LoRALinear<float>(quant::quantize_nf4(v.data(), {64})), ShapeError, "must be 2-D");
+  quant::NF4Tensor broken = p.q.quantized_weight();
+  broken.packed.resize(10);
+  PEFT_REQUIRE_THROWS_WITH(NF4LoRALinear<float>(broken, RowVector<float>(), "l"), ShapeError,
+                           "NF4LoRALinear \"l\": packed weight has 10 bytes, expected 64");
+  PEFT_REQUIRE_THROWS_WITH(NF4LoRALinear<float>(p.q.quantized_weight(), RowVector<float>::Zero(5)), ShapeError,
+                           "bias has shape [1, 5], expected [1, 8]");
+}

@@ -138,9 +138,9 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
         throw ConfigError(std::string(who) + ": cannot read a layer index from \"" + m[1].str() + "\" in \"" +
                           name + "\"");
       }
-      if (layer > o.num_layers)
+      if (layer >= o.num_layers)  // blocks are layers.0 … layers.{L−1}
         throw ConfigError(std::string(who) + ": parameter \"" + name + "\" has layer index " +
-                          std::to_string(layer) + ", expected <= num_layers " + std::to_string(o.num_layers));
+                          std::to_string(layer) + ", expected < num_layers " + std::to_string(o.num_layers));
     } else {
       for (std::size_t i = 0; i < fixed.size(); ++i) {
         if (std::regex_match(name, fixed[i])) {

@@ -23,6 +23,19 @@
 #include "peft/layers/lora_linear.hpp"
 #include "peft/layers/prefix_attention.hpp"
 
+#include "peft/loss/accuracy.hpp"
+#include "peft/loss/bradley_terry.hpp"
+#include "peft/loss/cross_entropy.hpp"
+#include "peft/loss/mse.hpp"
+
+#include "peft/optim/adam.hpp"
+#include "peft/optim/clip.hpp"
+#include "peft/optim/optimizer.hpp"
+#include "peft/optim/param_groups.hpp"
+#include "peft/optim/regularizers.hpp"
+#include "peft/optim/schedule.hpp"
+#include "peft/optim/sgd.hpp"
+
 #include "peft/train/gradient_check.hpp"
 #include "peft/train/batches.hpp"
 #include "peft/train/early_stopping.hpp"

@@ -1,0 +1,520 @@
+#pragma once
+// A small transformer encoder with a classification head (Vaswani et al., 2017; ViT-style patch
+// input: Dosovitskiy et al., 2021), built only from the library's layers, hosting every PEFT method:
+// LoRA on any linear, adapters (Houlsby / Pfeiffer / parallel), (IA)³, prefix tuning, prompt tuning.
+//
+//   input   token ids → Embedding `embed_tokens`           or  features [B·S, p] → Linear `patch_embed`
+//           (+ learned positions `embed_positions` P[t], t = 0 .. S−1, when max_seq_len > 0)
+//   prompt  optional SoftPrompt `prompt_encoder`: n rows prepended to every sequence, AFTER the
+//           positions (prompt rows carry no position; real tokens keep theirs). Layout S → n + S.
+//   blocks  `layers.i`, i = 0 .. N−1:
+//             pre-norm:   u = LN1(x);  a = Ad_attn(Attn(u));  h = x + a
+//                         v = LN2(h);  f = FFN(v) [+ s·Ad_par(v)] or Ad_ffn(FFN(v));  y = h + f
+//             post-norm:  h = LN1(x + Ad_attn(Attn(x)))
+//                         y = LN2(h + f),  f as above with v = h
+//           (Ad_attn / Ad_ffn: sequential adapters, z + s·g(z); Ad_par: He et al.'s parallel adapter
+//           fed with the FFN's input. Houlsby = Ad_attn + Ad_ffn, Pfeiffer = Ad_ffn, Parallel = Ad_par.)
+//           Prefix tuning: `prefix_encoder` (PrefixAttention) gives layer i its P_K, P_V.
+//   norm    final LayerNorm `norm` (optional; standard with pre-norm)
+//   pool    mean over the valid real tokens of each sequence, or its first real token; prompt
+//           positions are never pooled ("never scored") and padding never is either
+//   head    Linear `classifier`  → logits [B, num_classes]
+//
+// Every linear is a LoRALinear with a dotted name: `patch_embed`, `layers.i.attn.{q,k,v,out}_proj`,
+// `layers.i.ffn.fc1`, `layers.i.ffn.fc2`, `classifier` (see linear_names()).
+//
+// Backward by hand: each block keeps in its Cache what its sub-layers' backward needs (LayerNorm's
+// x̂, attention probabilities, LoRA inputs...), so several forwards with separate caches and then
+// their backwards work. Forward temporaries and backward scratch are members, reused across calls.
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "peft/core/check.hpp"
+#include "peft/core/module.hpp"
+#include "peft/core/sequence.hpp"
+#include "peft/layers/activations.hpp"
+#include "peft/layers/adapter.hpp"
+#include "peft/layers/attention.hpp"
+#include "peft/layers/embedding.hpp"
+#include "peft/layers/feed_forward.hpp"
+#include "peft/layers/layer_norm.hpp"
+#include "peft/layers/lora_linear.hpp"
+#include "peft/layers/prefix_attention.hpp"
+#include "peft/layers/soft_prompt.hpp"
+
+namespace peft {
+
+enum class NormPlacement { Pre, Post };
+enum class Pooling { Mean, First };
+
+struct TransformerConfig {
+  Index vocab_size = 0;   ///< > 0: token-id input (Embedding `embed_tokens`)
+  Index input_dim = 0;    ///< > 0: continuous input [B·S, input_dim] (LoRALinear `patch_embed`)
+  Index max_seq_len = 0;  ///< > 0: learned positions `embed_positions` [max_seq_len, dim]
+  Index dim = 64;
+  Index num_heads = 4;
+  Index ffn_dim = 256;
+  Index num_layers = 2;
+  Index num_classes = 2;
+  NormPlacement norm = NormPlacement::Pre;
+  Pooling pooling = Pooling::Mean;
+  Activation activation = Activation::GELU;
+  double norm_eps = 1e-5;
+  bool causal = false;      ///< causal self-attention (prefix rows stay visible)
+  bool final_norm = true;   ///< LayerNorm `norm` after the last block
+};
+
+// ------------------------------------------------------------------------------------------------
+// One encoder block.
+// ------------------------------------------------------------------------------------------------
+template <class T>
+class TransformerBlock : public Module<T> {
+ public:
+  /// What backward needs: the sub-layers' caches (each holds its own inputs / statistics).
+  struct Cache {
+    typename LayerNorm<T>::Cache norm1, norm2;
+    typename MultiHeadAttention<T>::Cache attn;
+    typename FeedForward<T>::Cache ffn;
+    typename Adapter<T>::Cache adapter_attn, adapter_ffn;
+  };
+
+  TransformerBlock() = default;
+
+  TransformerBlock(const TransformerConfig& c, Rng& rng, std::string name = "")
+      : Module<T>(std::move(name)), pre_norm_(c.norm == NormPlacement::Pre) {
+    AttentionOptions ao;
+    ao.causal = c.causal;
+    attn = MultiHeadAttention<T>(c.dim, c.num_heads, rng, ao);
+    ffn = FeedForward<T>(c.dim, c.ffn_dim, c.activation, rng);
+    norm1 = LayerNorm<T>(c.dim, c.norm_eps);
+    norm2 = LayerNorm<T>(c.dim, c.norm_eps);
+    this->set_name(this->name());
+  }
+
+  LayerNorm<T> norm1, norm2;
+  MultiHeadAttention<T> attn;
+  FeedForward<T> ffn;
+  std::optional<Adapter<T>> adapter_attn;  ///< sequential adapter after attention (Houlsby)
+  std::optional<Adapter<T>> adapter_ffn;   ///< after the FFN (sequential) or parallel to it
+
+  Index dim() const { return attn.dim(); }
+  bool pre_norm() const { return pre_norm_; }
+  /// Whether adapter_ffn is He et al.'s parallel adapter (no own residual, fed the FFN's input).
+  bool parallel_adapter() const { return adapter_ffn.has_value() && !adapter_ffn->residual(); }
+
+  /// Adds this block's adapters for a placement. Refused when the block already has adapters.
+  void add_adapters(AdapterPlacement placement, const AdapterOptions& options, Rng& rng) {
+    if (adapter_attn || adapter_ffn)
+      throw ConfigError(describe("TransformerBlock", this->name()) + ": already has adapters");
+    if (placement == AdapterPlacement::Houlsby) adapter_attn.emplace(dim(), options, rng, true);
+    adapter_ffn.emplace(dim(), options, rng, placement != AdapterPlacement::Parallel);
+    this->set_name(this->name());
+  }
+
+  /// x [B·S, d] laid out by `layout` → y [B·S, d]; `prefix` (may be null) feeds the attention.
+  /// `y` must not share storage with `x`.
+  void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
+               const PrefixKV<T>* prefix = nullptr) {
+    check::input_features("TransformerBlock", this->name(), x.cols(), dim());
+    if (pre_norm_) {
+      norm1.forward(x, u_, cache.norm1);                        // u = LN1(x)
+      attn.forward(u_, layout, a_, cache.attn, prefix);         // a = Attn(u)
+      const Matrix<T>& a = attend_adapter(cache);               // a ← Ad_attn(a)
+      h_ = x + a;                                               // h = x + a
+      norm2.forward(h_, v_, cache.norm2);                       // v = LN2(h)
+      const Matrix<T>& f = ffn_branch(v_, cache);               // f = FFN(v) (+ adapters)
+      y = h_ + f;                                               // y = h + f
+    } else {
+      attn.forward(x, layout, a_, cache.attn, prefix);          // a = Attn(x)
+      const Matrix<T>& a = attend_adapter(cache);
+      s_ = x + a;
+      norm1.forward(s_, h_, cache.norm1);                       // h = LN1(x + a)
+      const Matrix<T>& f = ffn_branch(h_, cache);
+      s_ = h_ + f;
+      norm2.forward(s_, y, cache.norm2);                        // y = LN2(h + f)
+    }
+  }
+
+  /// Accumulates trainable gradients, writes dx unless null; the attention's prefix gradients go
+  /// to *dprefix unless null.
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr) {
+    check::shape("TransformerBlock", this->name(), "output gradient", dy.rows(), dy.cols(), cache.attn.layout.rows(),
+                 dim());
+    if (pre_norm_) {
+      dh_ = dy;                                   // y = h + f: dh = dy, df = dy
+      ffn_branch_backward(cache, dy, dv_);        // dv = ∂f/∂v ᵀ dy
+      norm2.backward(cache.norm2, dv_, &dtmp_);   // v = LN2(h)
+      dh_ += dtmp_;                               // dh = dy + LN2ᵀ(dv)
+      attend_adapter_backward(cache, dh_);        // da = Ad_attnᵀ(dh)  (in da_)
+      attn.backward(cache.attn, da_, &du_, dprefix);  // du = Attnᵀ(da)
+      if (dx != nullptr) {
+        norm1.backward(cache.norm1, du_, dx);     // dx = LN1ᵀ(du) + dh
+        *dx += dh_;
+      } else {
+        norm1.backward(cache.norm1, du_, nullptr);
+      }
+    } else {
+      norm2.backward(cache.norm2, dy, &ds_);      // ds2 = LN2ᵀ(dy);  s2 = h + f
+      ffn_branch_backward(cache, ds_, dv_);       // dv (v = h)
+      ds_ += dv_;                                 // dh = ds2 + dv
+      norm1.backward(cache.norm1, ds_, &dh_);     // ds1 = LN1ᵀ(dh);  s1 = x + a
+      attend_adapter_backward(cache, dh_);        // da = Ad_attnᵀ(ds1)
+      attn.backward(cache.attn, da_, dx, dprefix);
+      if (dx != nullptr) *dx += dh_;              // dx = Attnᵀ(da) + ds1
+    }
+  }
+
+ protected:
+  void visit_children(const typename Module<T>::ChildVisitor& fn) override {
+    fn("norm1", norm1);
+    fn("attn", attn);
+    if (adapter_attn) fn("adapter_attn", *adapter_attn);
+    fn("norm2", norm2);
+    fn("ffn", ffn);
+    if (adapter_ffn) fn(parallel_adapter() ? "adapter_parallel" : "adapter_ffn", *adapter_ffn);
+  }
+
+ private:
+  /// Ad_attn(a_) when present, else a_.
+  const Matrix<T>& attend_adapter(Cache& cache) {
+    if (!adapter_attn) return a_;
+    adapter_attn->forward(a_, a2_, cache.adapter_attn);
+    return a2_;
+  }
+
+  /// FFN(v) with the FFN-side adapter: sequential Ad_ffn(FFN(v)) or parallel FFN(v) + s·Ad_par(v).
+  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache& cache) {
+    ffn.forward(v, f_, cache.ffn);
+    if (!adapter_ffn) return f_;
+    if (parallel_adapter()) {
+      adapter_ffn->forward(v, f2_, cache.adapter_ffn);  // s·g(v)
+      f2_ += f_;
+    } else {
+      adapter_ffn->forward(f_, f2_, cache.adapter_ffn);  // f + s·g(f)
+    }
+    return f2_;
+  }
+
+  /// dv = ∂(ffn branch)/∂v ᵀ df.
+  void ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv) {
+    if (!adapter_ffn) {
+      ffn.backward(cache.ffn, df, &dv);
+    } else if (parallel_adapter()) {
+      ffn.backward(cache.ffn, df, &dv);                        // FFNᵀ(df)
+      adapter_ffn->backward(cache.adapter_ffn, df, &dtmp_);    // + Ad_parᵀ(df)
+      dv += dtmp_;
+    } else {
+      adapter_ffn->backward(cache.adapter_ffn, df, &df2_);     // d(FFN out) = Ad_ffnᵀ(df)
+      ffn.backward(cache.ffn, df2_, &dv);
+    }
+  }
+
+  /// da_ = Ad_attnᵀ(d) or d.
+  void attend_adapter_backward(const Cache& cache, const Matrix<T>& d) {
+    if (adapter_attn)
+      adapter_attn->backward(cache.adapter_attn, d, &da_);
+    else
+      da_ = d;
+  }
+
+  bool pre_norm_ = true;
+  // forward temporaries (not needed by backward)
+  Matrix<T> u_, a_, a2_, h_, v_, f_, f2_, s_;
+  // backward scratch
+  Matrix<T> dh_, dv_, du_, da_, ds_, df2_, dtmp_;
+};
+
+// ------------------------------------------------------------------------------------------------
+// The classifier model.
+// ------------------------------------------------------------------------------------------------
+template <class T>
+class TransformerClassifier : public Module<T> {
+ public:
+  struct Cache {
+    typename Embedding<T>::Cache tokens;
+    typename LoRALinear<T>::Cache patch;
+    typename PositionalEmbedding<T>::Cache positions;
+    typename SoftPrompt<T>::Cache prompt;
+    typename PrefixAttention<T>::Cache prefix;  ///< also collects the prefix gradients in backward
+    std::vector<typename TransformerBlock<T>::Cache> blocks;
+    typename LayerNorm<T>::Cache norm;
+    typename LoRALinear<T>::Cache head;
+    SequenceLayout layout;        ///< the input's layout
+    SequenceLayout model_layout;  ///< after the soft prompt (== layout without one)
+    bool features = false;        ///< continuous input (patch_embed) rather than token ids
+  };
+
+  TransformerClassifier() = default;
+
+  TransformerClassifier(const TransformerConfig& config, Rng& rng, std::string name = "")
+      : Module<T>(std::move(name)), config_(config) {
+    const std::string who = describe("TransformerClassifier", this->name());
+    if ((config.vocab_size > 0) == (config.input_dim > 0))
+      throw ConfigError(who + ": exactly one of vocab_size (token input) and input_dim (feature input) must be > 0, got " +
+                        std::to_string(config.vocab_size) + " and " + std::to_string(config.input_dim));
+    if (config.num_layers <= 0 || config.num_classes <= 0 || config.max_seq_len < 0)
+      throw ConfigError(who + ": num_layers and num_classes must be > 0 and max_seq_len >= 0, got " +
+                        std::to_string(config.num_layers) + ", " + std::to_string(config.num_classes) + ", " +
+                        std::to_string(config.max_seq_len));
+    if (config.vocab_size > 0)
+      embed_tokens = Embedding<T>(config.vocab_size, config.dim, rng);
+    else
+      patch_embed = LoRALinear<T>(config.input_dim, config.dim, rng);
+    if (config.max_seq_len > 0) {
+      embed_positions = PositionalEmbedding<T>(config.max_seq_len, config.dim, rng);
+      init::normal<T>(embed_positions.weight.value, rng, 0.0, 0.02);  // BERT / ViT-style small positions
+    }
+    for (Index i = 0; i < config.num_layers; ++i) layers.emplace_back(config, rng);
+    if (config.final_norm) norm = LayerNorm<T>(config.dim, config.norm_eps);
+    classifier = LoRALinear<T>(config.dim, config.num_classes, rng);
+    this->set_name(this->name());
+  }
+
+  Embedding<T> embed_tokens;                 ///< token input only
+  LoRALinear<T> patch_embed;                 ///< feature input only
+  PositionalEmbedding<T> embed_positions;    ///< when max_seq_len > 0
+  std::optional<SoftPrompt<T>> prompt_encoder;
+  std::optional<PrefixAttention<T>> prefix_encoder;
+  std::vector<TransformerBlock<T>> layers;
+  LayerNorm<T> norm;                         ///< when final_norm
+  LoRALinear<T> classifier;
+
+  const TransformerConfig& config() const { return config_; }
+  Index dim() const { return config_.dim; }
+  Index num_layers() const { return static_cast<Index>(layers.size()); }
+  Index num_classes() const { return config_.num_classes; }
+  bool token_input() const { return config_.vocab_size > 0; }
+  bool has_positions() const { return config_.max_seq_len > 0; }
+  /// Soft-prompt length n (0 without prompt tuning).
+  Index prompt_length() const { return prompt_encoder ? prompt_encoder->num_virtual_tokens() : 0; }
+
+  // ---- PEFT attachments (models/peft_config.hpp drives these from a config) ------------------
+
+  /// Freezes every parameter of the model.
+  void freeze_all() {
+    this->visit_parameters([](const std::string&, Parameter<T>& p) { p.set_trainable(false); });
+  }
+
+  /// Dotted names of every linear (LoRA targets), in model order, with whether each is the output
+  /// head (what "all-linear" leaves out).
+  std::vector<std::pair<std::string, bool>> linear_names() {
+    std::vector<std::pair<std::string, bool>> out;
+    for_each_linear([&](const std::string& n, LoRALinear<T>&, bool head) { out.emplace_back(n, !head); });
+    return out;
+  }
+
+  /// The linear with dotted name `key` (relative to this model); ConfigError listing names if none.
+  LoRALinear<T>& linear(const std::string& key) {
+    LoRALinear<T>* found = nullptr;
+    std::vector<std::string> names;
+    for_each_linear([&](const std::string& n, LoRALinear<T>& l, bool) {
+      names.push_back(n);
+      if (n == key) found = &l;
+    });
+    if (found == nullptr) {
+      std::string s;
+      for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
+      throw ConfigError(describe("TransformerClassifier", this->name()) + ": no linear named \"" + key +
+                        "\"; available: " + s);
+    }
+    return *found;
+  }
+
+  /// Calls fn(name, linear, is_head) for every linear.
+  template <class Fn>
+  void for_each_linear(Fn&& fn) {
+    if (!token_input()) fn(std::string("patch_embed"), patch_embed, false);
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      fn(p + "attn.q_proj", layers[i].attn.q_proj, false);
+      fn(p + "attn.k_proj", layers[i].attn.k_proj, false);
+      fn(p + "attn.v_proj", layers[i].attn.v_proj, false);
+      fn(p + "attn.out_proj", layers[i].attn.out_proj, false);
+      fn(p + "ffn.fc1", layers[i].ffn.fc1, false);
+      fn(p + "ffn.fc2", layers[i].ffn.fc2, false);
+    }
+    fn(std::string("classifier"), classifier, true);
+  }
+
+  /// Adapters in every block for a placement (Houlsby: after attention and FFN; Pfeiffer: after
+  /// the FFN; Parallel: parallel to the FFN).
+  void add_adapters(AdapterPlacement placement, const AdapterOptions& options, Rng& rng) {
+    for (auto& b : layers) b.add_adapters(placement, options, rng);
+    this->set_name(this->name());
+  }
+
+  /// Prefix tuning on every layer: l virtual tokens, optionally reparameterized through an MLP of
+  /// width `encoder_hidden_size` (PEFT's prefix_projection).
+  void add_prefix(Index num_virtual_tokens, Rng& rng, bool prefix_projection = false, Index encoder_hidden_size = 0) {
+    if (prefix_encoder) throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a prefix");
+    PrefixConfig pc;
+    pc.num_virtual_tokens = num_virtual_tokens;
+    pc.token_dim = dim();
+    pc.num_layers = num_layers();
+    pc.prefix_projection = prefix_projection;
+    pc.encoder_hidden_size = encoder_hidden_size;
+    prefix_encoder.emplace(pc, rng);
+    this->set_name(this->name());
+  }
+
+  /// Prompt tuning: n virtual tokens at the input, N(0, 1)·scale init (see SoftPrompt for others).
+  SoftPrompt<T>& add_soft_prompt(Index num_virtual_tokens, Rng& rng, double scale = 1.0) {
+    if (prompt_encoder) throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a soft prompt");
+    prompt_encoder.emplace(num_virtual_tokens, dim(), rng, scale);
+    this->set_name(this->name());
+    return *prompt_encoder;
+  }
+
+  // ---- forward / backward -------------------------------------------------------------------
+
+  /// Token input: ids [B·S] laid out by `layout` (padding ids must still be valid ids, e.g. 0).
+  /// logits [B, num_classes].
+  void forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
+    const std::string who = describe("TransformerClassifier", this->name());
+    if (!token_input()) throw ConfigError(who + ": model takes feature input (input_dim > 0), not token ids");
+    layout.validate(who, static_cast<Index>(ids.size()));
+    cache.features = false;
+    embed_tokens.forward(ids, x_, cache.tokens);
+    run(layout, logits, cache);
+  }
+
+  /// Feature input: x [B·S, input_dim] (e.g. image patches) laid out by `layout`.
+  void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
+    const std::string who = describe("TransformerClassifier", this->name());
+    if (token_input()) throw ConfigError(who + ": model takes token ids (vocab_size > 0), not features");
+    layout.validate(who, x.rows());
+    check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
+    cache.features = true;
+    patch_embed.forward(x, x_, cache.patch);
+    run(layout, logits, cache);
+  }
+
+  Matrix<T> forward(const std::vector<Index>& ids, const SequenceLayout& layout, Cache& cache) {
+    Matrix<T> logits;
+    forward(ids, layout, logits, cache);
+    return logits;
+  }
+  Matrix<T> forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Cache& cache) {
+    Matrix<T> logits;
+    forward(x, layout, logits, cache);
+    return logits;
+  }
+
+  /// dlogits [B, num_classes] → accumulates every trainable gradient. With feature input, writes
+  /// ∂L/∂x [B·S, input_dim] into *dx unless null (token input: dx must be null). The cache is
+  /// non-const because the prefix gradients are gathered in it.
+  void backward(Cache& cache, const ConstMatrixRef<T>& dlogits, Matrix<T>* dx = nullptr) {
+    const std::string who = describe("TransformerClassifier", this->name());
+    const SequenceLayout& ml = cache.model_layout;
+    check::shape("TransformerClassifier", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(), ml.batch,
+                 num_classes());
+    if (dx != nullptr && !cache.features) throw ConfigError(who + ": token ids have no input gradient; pass dx = nullptr");
+    if (static_cast<Index>(cache.blocks.size()) != num_layers())
+      throw ConfigError(who + ": cache does not come from a forward of this model");
+
+    classifier.backward(cache.head, dlogits, &dpooled_);  // dp = dlogits W_c   [B, d]
+    // pooling backward: spread dp over the pooled rows
+    dh_a_.setZero(ml.rows(), dim());
+    const Index n = cache.model_layout.seq - cache.layout.seq;
+    for (Index b = 0; b < ml.batch; ++b) {
+      if (config_.pooling == Pooling::First) {
+        dh_a_.row(ml.row(b, n)) = dpooled_.row(b);
+      } else {
+        const Index len = cache.layout.length(b);
+        const T inv = T(1) / static_cast<T>(len);
+        for (Index t = 0; t < len; ++t) dh_a_.row(ml.row(b, n + t)) = inv * dpooled_.row(b);  // d mean = dp / len
+      }
+    }
+    Matrix<T>* cur = &dh_a_;
+    Matrix<T>* nxt = &dh_b_;
+    if (config_.final_norm) {
+      norm.backward(cache.norm, *cur, nxt);
+      std::swap(cur, nxt);
+    }
+    for (Index i = num_layers() - 1; i >= 0; --i) {
+      if (prefix_encoder) {
+        PrefixGrad<T> g = prefix_encoder->layer_grad(cache.prefix, i);
+        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, nxt, &g);
+      } else {
+        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, nxt);
+      }
+      std::swap(cur, nxt);
+    }
+    if (prefix_encoder) prefix_encoder->backward(cache.prefix);
+    if (prompt_encoder) {
+      prompt_encoder->backward(cache.prompt, *cur, nxt);  // strip the prompt rows, dP += Σ_b
+      std::swap(cur, nxt);
+    }
+    if (has_positions()) embed_positions.backward(cache.positions, *cur);  // dx_embed = d(x + P) (identity)
+    if (cache.features)
+      patch_embed.backward(cache.patch, *cur, dx);
+    else
+      embed_tokens.backward(cache.tokens, *cur);
+  }
+
+ protected:
+  void visit_children(const typename Module<T>::ChildVisitor& fn) override {
+    if (token_input())
+      fn("embed_tokens", embed_tokens);
+    else
+      fn("patch_embed", patch_embed);
+    if (has_positions()) fn("embed_positions", embed_positions);
+    if (prompt_encoder) fn("prompt_encoder", *prompt_encoder);
+    if (prefix_encoder) fn("prefix_encoder", *prefix_encoder);
+    for (std::size_t i = 0; i < layers.size(); ++i) fn("layers." + std::to_string(i), layers[i]);
+    if (config_.final_norm) fn("norm", norm);
+    fn("classifier", classifier);
+  }
+
+ private:
+  /// Shared tail of both forwards: x_ holds the embedded input [B·S, d].
+  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
+    cache.layout = layout;
+    if (has_positions()) embed_positions.forward_inplace(x_, layout, cache.positions);  // x + P[t]
+    Matrix<T>* cur = &x_;
+    Matrix<T>* nxt = &h_;
+    if (prompt_encoder) {
+      prompt_encoder->forward(*cur, layout, *nxt, cache.model_layout, cache.prompt);  // [P; x_b]
+      std::swap(cur, nxt);
+    } else {
+      cache.model_layout = layout;
+    }
+    const SequenceLayout& ml = cache.model_layout;
+    if (prefix_encoder) prefix_encoder->forward(cache.prefix);
+    cache.blocks.resize(layers.size());
+    for (std::size_t i = 0; i < layers.size(); ++i) {
+      if (prefix_encoder) {
+        const PrefixKV<T> kv = prefix_encoder->layer(cache.prefix, static_cast<Index>(i));
+        layers[i].forward(*cur, ml, *nxt, cache.blocks[i], &kv);
+      } else {
+        layers[i].forward(*cur, ml, *nxt, cache.blocks[i]);
+      }
+      std::swap(cur, nxt);
+    }
+    if (config_.final_norm) {
+      norm.forward(*cur, *nxt, cache.norm);
+      std::swap(cur, nxt);
+    }
+    // pooling over real, valid tokens: rows n .. n + len_b − 1 of each sequence
+    const Index n = ml.seq - layout.seq;
+    pooled_.resize(ml.batch, dim());
+    for (Index b = 0; b < ml.batch; ++b) {
+      if (config_.pooling == Pooling::First) {
+        pooled_.row(b) = cur->row(ml.row(b, n));
+      } else {
+        const Index len = layout.length(b);
+        pooled_.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
+      }
+    }
+    classifier.forward(pooled_, logits, cache.head);
+  }
+
+  TransformerConfig config_;
+  // forward temporaries
+  Matrix<T> x_, h_, pooled_;
+  // backward scratch
+  Matrix<T> dpooled_, dh_a_, dh_b_;
+};
+
+}  // namespace peft

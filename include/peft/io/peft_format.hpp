@@ -1,0 +1,676 @@
+#pragma once
+// Hugging Face PEFT adapter directories (adapter_config.json + adapter_model.safetensors), both
+// directions, for LoRA (with rsLoRA / DoRA) and prompt / prefix tuning.
+//
+// Conventions, as in PEFT's save_and_load.py (get_peft_model_state_dict / set_peft_model_state_dict):
+//   * tensor keys are the model's state-dict keys with the adapter name removed:
+//       base_model.model.<path>.lora_A.weight   A [r, in]
+//       base_model.model.<path>.lora_B.weight   B [out, r]
+//       base_model.model.<path>.lora_magnitude_vector   DoRA m [out] (the ".weight" of the newer
+//         ModuleDict layout is stripped on save, so it is accepted with or without it on load)
+//       prompt_embeddings   [num_virtual_tokens · num_transformer_submodules, token_dim] (prompt
+//         tuning; prefix tuning without projection: [num_virtual_tokens, num_layers · 2 · token_dim])
+//     any other key (modules_to_save copies, biases with bias="all") is a full tensor.
+//   * scaling s = lora_alpha / r, or lora_alpha / √r with use_rslora; ΔW = s · B A.
+//   * rank_pattern / alpha_pattern: the first key k, in file order, for which the module path
+//     matches the regex `(.*\.)?(k)$` from its start (PEFT's get_pattern_key) overrides r / alpha.
+//   * target_modules / exclude_modules: a string is a regex that must match the whole path
+//     (re.fullmatch); a list matches a path equal to an entry or ending in "." + entry;
+//     "all-linear" selects every linear layer.
+//   * fan_in_fan_out = true (GPT-2 Conv1D) stores the base weight as [in, out]: the factors are
+//     unchanged and merging adds ΔWᵀ.
+//
+// Strictness: a malformed config (bad JSON, a known key of the wrong type) is an IoError naming
+// the file and the key; a feature that changes the math and that we do not implement (lora_bias,
+// PiSSA / OLoRA / LoftQ / CorDA inits, which need a modified base, layer_replication, prefix
+// projection, other peft types) is a ConfigError and nothing is loaded. Keys we do not know are
+// kept (written back unchanged on save) and listed in AdapterConfig::unknown_keys.
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <map>
+#include <regex>
+#include <string>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "peft/core/error.hpp"
+#include "peft/core/module.hpp"
+#include "peft/core/types.hpp"
+#include "peft/io/file.hpp"
+#include "peft/io/json.hpp"
+#include "peft/io/safetensors.hpp"
+#include "peft/layers/lora_linear.hpp"
+
+namespace peft::io {
+
+constexpr const char* kAdapterConfigFile = "adapter_config.json";
+constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
+constexpr const char* kPeftKeyPrefix = "base_model.model.";
+
+/// target_modules / exclude_modules.
+struct ModuleSelector {
+  bool present = false;    ///< false: null / absent
+  bool is_regex = false;   ///< a string: regex over the whole path
+  std::string regex;
+  std::vector<std::string> names;
+
+  bool matches(const std::string& path) const {
+    if (!present) return false;
+    if (is_regex) {
+      if (regex == "all-linear") return true;
+      return std::regex_match(path, std::regex(regex, std::regex::ECMAScript));
+    }
+    for (const auto& n : names) {
+      if (path == n) return true;
+      if (path.size() > n.size() && path.compare(path.size() - n.size(), n.size(), n) == 0 &&
+          path[path.size() - n.size() - 1] == '.')
+        return true;
+    }
+    return false;
+  }
+};
+
+struct AdapterConfig {
+  std::string peft_type = "LORA";
+  std::string task_type;
+  std::string base_model_name_or_path;
+  // LoRA
+  int r = 8;
+  double lora_alpha = 8.0;
+  double lora_dropout = 0.0;
+  bool use_rslora = false;
+  bool use_dora = false;
+  bool fan_in_fan_out = false;
+  bool lora_bias = false;
+  std::string bias = "none";
+  ModuleSelector target_modules;
+  ModuleSelector exclude_modules;
+  std::vector<std::pair<std::string, int>> rank_pattern;       ///< file order matters
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+  std::vector<std::string> modules_to_save;
+  Json init_lora_weights = true;
+  // prompt / prefix tuning
+  int num_virtual_tokens = 0;
+  int token_dim = 0;
+  int num_layers = 0;
+  int num_attention_heads = 0;
+  int num_transformer_submodules = 1;
+  bool prefix_projection = false;
+
+  Json raw = Json::object();             ///< the file as read; unknown keys survive a save
+  std::vector<std::string> unknown_keys;
+
+  bool is_lora() const { return peft_type == "LORA"; }
+  bool is_prompt() const { return peft_type == "PROMPT_TUNING" || peft_type == "PREFIX_TUNING"; }
+
+  /// rank_pattern / alpha_pattern lookup (PEFT's get_pattern_key).
+  template <class V>
+  static const V* pattern_value(const std::vector<std::pair<std::string, V>>& pattern, const std::string& path) {
+    for (const auto& kv : pattern) {
+      try {
+        if (std::regex_match(path, std::regex("(.*\\.)?(" + kv.first + ")", std::regex::ECMAScript))) return &kv.second;
+      } catch (const std::regex_error&) {
+        throw ConfigError("adapter config: invalid pattern \"" + kv.first + "\"");
+      }
+    }
+    return nullptr;
+  }
+
+  int rank_for(const std::string& path) const {
+    const int* v = pattern_value(rank_pattern, path);
+    return v ? *v : r;
+  }
+  double alpha_for(const std::string& path) const {
+    const double* v = pattern_value(alpha_pattern, path);
+    return v ? *v : lora_alpha;
+  }
+  double scaling_for(const std::string& path) const {
+    const double rank = static_cast<double>(rank_for(path));
+    return use_rslora ? alpha_for(path) / std::sqrt(rank) : alpha_for(path) / rank;
+  }
+  /// What to pass to LoRALinear::add_adapter for the module at `path`.
+  LoraConfig lora_config_for(const std::string& path) const {
+    LoraConfig c;
+    c.r = rank_for(path);
+    c.alpha = alpha_for(path);
+    c.dropout = lora_dropout;
+    c.use_rslora = use_rslora;
+    return c;
+  }
+  /// Whether PEFT would put an adapter on `path` (target_modules and not exclude_modules).
+  bool targets(const std::string& path) const {
+    return target_modules.matches(path) && !exclude_modules.matches(path);
+  }
+};
+
+namespace detail {
+
+inline const std::vector<std::string>& known_config_keys() {
+  // Keys we read, plus keys that do not change the math of a trained adapter (bookkeeping,
+  // target selection already reflected in the saved tensors, initialisation-only options).
+  static const std::vector<std::string> k = {
+      "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "use_rslora",
+      "use_dora", "fan_in_fan_out", "lora_bias", "bias", "target_modules", "exclude_modules", "rank_pattern",
+      "alpha_pattern", "modules_to_save", "init_lora_weights", "num_virtual_tokens", "token_dim", "num_layers",
+      "num_attention_heads", "num_transformer_submodules", "prefix_projection", "encoder_hidden_size",
+      "layers_to_transform", "layers_pattern", "layer_replication", "revision", "inference_mode", "auto_mapping",
+      "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "runtime_config",
+      "use_qalora", "qalora_group_size", "trainable_token_indices", "target_parameters", "peft_version",
+      "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"};
+  return k;
+}
+
+struct ConfigReader {
+  const Json& j;
+  std::string label;
+
+  [[noreturn]] void bad(const std::string& key, const char* expected) const {
+    throw IoError("\"" + label + "\": key \"" + key + "\" must be " + expected + ", got " + j.at(key).dump());
+  }
+  bool has(const std::string& key) const { return j.contains(key) && !j.at(key).is_null(); }
+
+  void get(const std::string& key, std::string& out) const {
+    if (!has(key)) return;
+    if (!j.at(key).is_string()) bad(key, "a string");
+    out = j.at(key).get<std::string>();
+  }
+  void get(const std::string& key, bool& out) const {
+    if (!has(key)) return;
+    if (!j.at(key).is_boolean()) bad(key, "true or false");
+    out = j.at(key).get<bool>();
+  }
+  void get(const std::string& key, int& out, int lo) const {
+    if (!has(key)) return;
+    const Json& v = j.at(key);
+    if (!v.is_number_integer() || v.get<std::int64_t>() < lo || v.get<std::int64_t>() > (1 << 30))
+      bad(key, lo > 0 ? "a positive integer" : "a non-negative integer");
+    out = static_cast<int>(v.get<std::int64_t>());
+  }
+  void get(const std::string& key, double& out) const {
+    if (!has(key)) return;
+    const Json& v = j.at(key);
+    if (!v.is_number() || !std::isfinite(v.get<double>())) bad(key, "a finite number");
+    out = v.get<double>();
+  }
+  void get(const std::string& key, ModuleSelector& out) const {
+    if (!has(key)) return;
+    const Json& v = j.at(key);
+    out.present = true;
+    if (v.is_string()) {
+      out.is_regex = true;
+      out.regex = v.get<std::string>();
+      try {
+        (void)std::regex(out.regex, std::regex::ECMAScript);
+      } catch (const std::regex_error&) {
+        throw IoError("\"" + label + "\": key \"" + key + "\" is not a valid regular expression: " + v.dump());
+      }
+      return;
+    }
+    if (!v.is_array()) bad(key, "a string or a list of strings");
+    for (const Json& e : v) {
+      if (!e.is_string()) bad(key, "a string or a list of strings");
+      out.names.push_back(e.get<std::string>());
+    }
+  }
+  void get(const std::string& key, std::vector<std::string>& out) const {
+    if (!has(key)) return;
+    const Json& v = j.at(key);
+    if (!v.is_array()) bad(key, "a list of strings");
+    for (const Json& e : v) {
+      if (!e.is_string()) bad(key, "a list of strings");
+      out.push_back(e.get<std::string>());
+    }
+  }
+  template <class V>
+  void get_pattern(const std::string& key, std::vector<std::pair<std::string, V>>& out, bool integer) const {
+    if (!has(key)) return;
+    const Json& v = j.at(key);
+    if (!v.is_object()) bad(key, integer ? "an object of positive integers" : "an object of numbers");
+    for (auto it = v.begin(); it != v.end(); ++it) {
+      const Json& x = it.value();
+      const bool ok = integer ? (x.is_number_integer() && x.get<std::int64_t>() > 0 && x.get<std::int64_t>() <= (1 << 30))
+                              : (x.is_number() && std::isfinite(x.get<double>()) && x.get<double>() > 0);
+      if (!ok)
+        throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key() + "\" must be " +
+                      (integer ? "a positive integer" : "a positive number") + ", got " + x.dump());
+      try {
+        (void)std::regex("(.*\\.)?(" + it.key() + ")", std::regex::ECMAScript);
+      } catch (const std::regex_error&) {
+        throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key() + "\" is not a valid regular expression");
+      }
+      out.emplace_back(it.key(), x.get<V>());
+    }
+  }
+};
+
+}  // namespace detail
+
+/// Parses and validates an adapter_config.json object. `label` names the file in errors.
+inline AdapterConfig parse_adapter_config(const Json& j, const std::string& label) {
+  if (!j.is_object()) throw IoError("\"" + label + "\": adapter config must be a JSON object");
+  AdapterConfig c;
+  c.raw = j;
+  const detail::ConfigReader rd{j, label};
+  if (!rd.has("peft_type")) throw IoError("\"" + label + "\": missing key \"peft_type\"");
+  rd.get("peft_type", c.peft_type);
+  rd.get("task_type", c.task_type);
+  rd.get("base_model_name_or_path", c.base_model_name_or_path);
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const auto& known = detail::known_config_keys();
+    if (std::find(known.begin(), known.end(), it.key()) == known.end()) c.unknown_keys.push_back(it.key());
+  }
+  const std::string who = "\"" + label + "\"";
+  if (c.is_lora()) {
+    rd.get("r", c.r, 1);
+    rd.get("lora_alpha", c.lora_alpha);
+    rd.get("lora_dropout", c.lora_dropout);
+    rd.get("use_rslora", c.use_rslora);
+    rd.get("use_dora", c.use_dora);
+    rd.get("fan_in_fan_out", c.fan_in_fan_out);
+    rd.get("lora_bias", c.lora_bias);
+    rd.get("bias", c.bias);
+    rd.get("target_modules", c.target_modules);
+    rd.get("exclude_modules", c.exclude_modules);
+    rd.get_pattern("rank_pattern", c.rank_pattern, true);
+    rd.get_pattern("alpha_pattern", c.alpha_pattern, false);
+    rd.get("modules_to_save", c.modules_to_save);
+    if (rd.has("init_lora_weights")) {
+      const Json& v = j.at("init_lora_weights");
+      if (!v.is_boolean() && !v.is_string()) rd.bad("init_lora_weights", "true, false or a string");
+      c.init_lora_weights = v;
+    }
+    if (!(c.lora_alpha > 0)) throw IoError(who + ": key \"lora_alpha\" must be > 0, got " + std::to_string(c.lora_alpha));
+    if (!(c.lora_dropout >= 0 && c.lora_dropout < 1))
+      throw IoError(who + ": key \"lora_dropout\" must be in [0, 1), got " + std::to_string(c.lora_dropout));
+    // Features that change the math and that we do not implement: refuse the whole adapter.
+    if (c.lora_bias) throw ConfigError(who + ": lora_bias = true (a bias on lora_B) is not supported");
+    if (c.bias != "none" && c.bias != "all" && c.bias != "lora_only")
+      throw IoError(who + ": key \"bias\" must be \"none\", \"all\" or \"lora_only\", got \"" + c.bias + "\"");
+    if (c.use_dora && c.fan_in_fan_out)
+      throw ConfigError(who + ": use_dora together with fan_in_fan_out = true is not supported");
+    if (c.init_lora_weights.is_string()) {
+      const std::string init = c.init_lora_weights.get<std::string>();
+      for (const char* p : {"pissa", "olora", "loftq", "corda"})
+        if (init.rfind(p, 0) == 0)
+          throw ConfigError(who + ": init_lora_weights = \"" + init +
+                            "\" modifies the base weights; such an adapter is not supported (convert it to plain "
+                            "LoRA in PEFT first)");
+    }
+    if (rd.has("layer_replication")) throw ConfigError(who + ": layer_replication is not supported");
+    if (rd.has("trainable_token_indices")) throw ConfigError(who + ": trainable_token_indices is not supported");
+    if (rd.has("use_qalora") && j.at("use_qalora").is_boolean() && j.at("use_qalora").get<bool>())
+      throw ConfigError(who + ": use_qalora = true is not supported");
+    if (rd.has("target_parameters")) throw ConfigError(who + ": target_parameters (LoRA on raw parameters) is not supported");
+  } else if (c.is_prompt()) {
+    rd.get("num_virtual_tokens", c.num_virtual_tokens, 1);
+    rd.get("token_dim", c.token_dim, 1);
+    rd.get("num_layers", c.num_layers, 1);
+    rd.get("num_attention_heads", c.num_attention_heads, 1);
+    rd.get("num_transformer_submodules", c.num_transformer_submodules, 1);
+    rd.get("prefix_projection", c.prefix_projection);
+    rd.get("modules_to_save", c.modules_to_save);
+    if (c.num_virtual_tokens <= 0) throw IoError(who + ": key \"num_virtual_tokens\" is required and must be > 0");
+    if (c.prefix_projection) throw ConfigError(who + ": prefix_projection = true is not supported");
+  } else {
+    throw ConfigError(who + ": peft_type \"" + c.peft_type + "\" is not supported (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)");
+  }
+  return c;
+}
+
+inline AdapterConfig read_adapter_config(const std::string& path) {
+  const std::string text = read_text_file(path);
+  return parse_adapter_config(parse_json_strict(text, path), path);
+}
+
+/// The config as JSON: the keys read from the file (unknown ones too), updated with the fields.
+inline Json to_json(const AdapterConfig& c) {
+  Json j = c.raw.is_object() ? c.raw : Json::object();
+  j["peft_type"] = c.peft_type;
+  if (!c.task_type.empty()) j["task_type"] = c.task_type;
+  j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? Json() : Json(c.base_model_name_or_path);
+  auto selector = [](const ModuleSelector& s) -> Json {
+    if (!s.present) return Json();
+    if (s.is_regex) return Json(s.regex);
+    return Json(s.names);
+  };
+  if (c.is_lora()) {
+    j["r"] = c.r;
+    j["lora_alpha"] = c.lora_alpha;
+    j["lora_dropout"] = c.lora_dropout;
+    j["use_rslora"] = c.use_rslora;
+    j["use_dora"] = c.use_dora;
+    j["fan_in_fan_out"] = c.fan_in_fan_out;
+    j["lora_bias"] = c.lora_bias;
+    j["bias"] = c.bias;
+    j["target_modules"] = selector(c.target_modules);
+    j["exclude_modules"] = selector(c.exclude_modules);
+    Json rp = Json::object();
+    for (const auto& kv : c.rank_pattern) rp[kv.first] = kv.second;
+    j["rank_pattern"] = rp;
+    Json ap = Json::object();
+    for (const auto& kv : c.alpha_pattern) ap[kv.first] = kv.second;
+    j["alpha_pattern"] = ap;
+    j["init_lora_weights"] = c.init_lora_weights;
+  } else {
+    j["num_virtual_tokens"] = c.num_virtual_tokens;
+    j["token_dim"] = c.token_dim;
+    j["num_layers"] = c.num_layers;
+    j["num_attention_heads"] = c.num_attention_heads;
+    j["num_transformer_submodules"] = c.num_transformer_submodules;
+  }
+  j["modules_to_save"] = c.modules_to_save.empty() ? Json() : Json(c.modules_to_save);
+  return j;
+}
+
+/// One LoRA-adapted module: ΔW = scaling · B A (DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row).
+template <class T>
+struct LoraModuleWeights {
+  std::string path;   ///< PEFT module path, without "base_model.model."
+  Matrix<T> A;        ///< [r, in]
+  Matrix<T> B;        ///< [out, r]
+  Matrix<T> magnitude;  ///< DoRA m as [1, out]; empty without DoRA
+  double alpha = 0.0;
+  double scaling = 0.0;
+  Index rank() const { return A.rows(); }
+};
+
+/// A full tensor carried by the adapter (modules_to_save, biases), by model-relative name.
+template <class T>
+struct FullTensor {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  Matrix<T> value;
+};
+
+template <class T>
+struct PeftAdapter {
+  AdapterConfig config;
+  std::vector<LoraModuleWeights<T>> lora;  ///< sorted by path
+  Matrix<T> prompt_embeddings;             ///< prompt / prefix tuning; empty otherwise
+  std::vector<FullTensor<T>> full;         ///< other tensors
+  std::vector<std::string> warnings;       ///< e.g. a module target_modules does not select
+
+  const LoraModuleWeights<T>* find(const std::string& path) const {
+    for (const auto& m : lora)
+      if (m.path == path) return &m;
+    return nullptr;
+  }
+};
+
+namespace detail {
+inline bool ends_with(const std::string& s, const std::string& suffix, std::string* head = nullptr) {
+  if (s.size() < suffix.size() || s.compare(s.size() - suffix.size(), suffix.size(), suffix) != 0) return false;
+  if (head) *head = s.substr(0, s.size() - suffix.size());
+  return true;
+}
+}  // namespace detail
+
+/// Builds and validates an adapter from a config and a safetensors file's tensors.
+template <class T>
+PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsFile& st) {
+  PeftAdapter<T> ad;
+  ad.config = config;
+  const std::string who = "\"" + st.path() + "\"";
+  std::map<std::string, LoraModuleWeights<T>> mods;
+  for (const TensorInfo& t : st.tensors()) {
+    if (!dtype_is_float(t.dtype))
+      throw IoError(who + ": tensor \"" + t.name + "\" has dtype " + dtype_name(t.dtype) + ", expected a float type");
+    if (t.name == "prompt_embeddings") {
+      if (!config.is_prompt()) throw ConfigError(who + ": tensor \"prompt_embeddings\" in a " + config.peft_type + " adapter");
+      ad.prompt_embeddings = st.load<T>(t.name);
+      continue;
+    }
+    std::string rest = t.name;
+    if (rest.rfind(kPeftKeyPrefix, 0) == 0) rest = rest.substr(std::char_traits<char>::length(kPeftKeyPrefix));
+    std::string path;
+    if (config.is_lora()) {
+      const bool is_a = detail::ends_with(rest, ".lora_A.weight", &path);
+      const bool is_b = !is_a && detail::ends_with(rest, ".lora_B.weight", &path);
+      const bool is_m = !is_a && !is_b &&
+                        (detail::ends_with(rest, ".lora_magnitude_vector", &path) ||
+                         detail::ends_with(rest, ".lora_magnitude_vector.weight", &path));
+      if (is_a || is_b || is_m) {
+        if (t.name.rfind(kPeftKeyPrefix, 0) != 0)
+          throw IoError(who + ": tensor \"" + t.name + "\" lacks the \"" + kPeftKeyPrefix + "\" prefix PEFT writes");
+        if (is_m && !config.use_dora)
+          throw ConfigError(who + ": tensor \"" + t.name + "\" is a DoRA magnitude but the config has use_dora = false");
+        const bool shape_ok = is_m ? t.shape.size() == 1 : t.shape.size() == 2;
+        if (!shape_ok)
+          throw ShapeError(who + ": tensor \"" + t.name + "\" has shape " + t.shape_string() + ", expected " +
+                           (is_m ? "[out]" : "a matrix"));
+        LoraModuleWeights<T>& m = mods[path];
+        m.path = path;
+        (is_a ? m.A : is_b ? m.B : m.magnitude) = st.load<T>(t.name);
+        continue;
+      }
+      if (rest.find("lora_") != std::string::npos)
+        throw ConfigError(who + ": tensor \"" + t.name +
+                          "\" is a LoRA tensor of a kind we do not support (lora_B bias, embedding or convolution LoRA)");
+    }
+    FullTensor<T> f{rest, t.shape, st.load<T>(t.name)};
+    ad.full.push_back(std::move(f));
+  }
+  for (auto& kv : mods) {
+    LoraModuleWeights<T>& m = kv.second;
+    const std::string mw = who + ": module \"" + m.path + "\"";
+    if (m.A.size() == 0 && m.B.size() == 0) throw ConfigError(mw + ": has a magnitude but no lora_A / lora_B");
+    if (m.A.rows() == 0 || m.A.cols() == 0) throw ConfigError(mw + ": lora_A.weight is missing or empty");
+    if (m.B.rows() == 0 || m.B.cols() == 0) throw ConfigError(mw + ": lora_B.weight is missing or empty");
+    if (m.B.cols() != m.A.rows())
+      throw ShapeError(mw + ": lora_B " + shape_str(m.B) + " does not fit lora_A " + shape_str(m.A) + " (ranks differ)");
+    const int r = config.rank_for(m.path);
+    if (m.A.rows() != r)
+      throw ShapeError(mw + ": lora_A has rank " + std::to_string(m.A.rows()) + ", but the config (r / rank_pattern) says " +
+                       std::to_string(r));
+    if (config.use_dora && m.magnitude.size() == 0)
+      throw ConfigError(mw + ": use_dora = true but lora_magnitude_vector is missing");
+    if (m.magnitude.size() != 0 && m.magnitude.cols() != m.B.rows())
+      throw ShapeError(mw + ": lora_magnitude_vector has " + std::to_string(m.magnitude.cols()) + " entries, expected " +
+                       std::to_string(m.B.rows()) + " (out features)");
+    if (!m.A.allFinite() || !m.B.allFinite() || !m.magnitude.allFinite())
+      throw NumericError(mw + ": factors contain NaN or Inf");
+    m.alpha = config.alpha_for(m.path);
+    m.scaling = config.scaling_for(m.path);
+    if (config.target_modules.present && !config.targets(m.path))
+      ad.warnings.push_back("module \"" + m.path + "\" is not selected by target_modules / exclude_modules");
+    ad.lora.push_back(std::move(m));
+  }
+  if (config.is_lora() && ad.lora.empty()) throw ConfigError(who + ": LoRA adapter holds no lora_A / lora_B tensors");
+  if (config.is_prompt()) {
+    if (ad.prompt_embeddings.size() == 0) throw ConfigError(who + ": prompt adapter has no \"prompt_embeddings\" tensor");
+    const Index expected_rows =
+        static_cast<Index>(config.num_virtual_tokens) *
+        (config.peft_type == "PROMPT_TUNING" ? static_cast<Index>(config.num_transformer_submodules) : 1);
+    if (ad.prompt_embeddings.rows() != expected_rows)
+      throw ShapeError(who + ": prompt_embeddings has " + std::to_string(ad.prompt_embeddings.rows()) + " rows, expected " +
+                       std::to_string(expected_rows) + " (num_virtual_tokens" +
+                       (config.peft_type == "PROMPT_TUNING" ? " · num_transformer_submodules)" : ")"));
+    const Index expected_cols = config.peft_type == "PROMPT_TUNING"
+                                    ? static_cast<Index>(config.token_dim)
+                                    : static_cast<Index>(config.num_layers) * 2 * static_cast<Index>(config.token_dim);
+    if (config.token_dim > 0 && ad.prompt_embeddings.cols() != expected_cols)
+      throw ShapeError(who + ": prompt_embeddings has " + std::to_string(ad.prompt_embeddings.cols()) + " columns, expected " +
+                       std::to_string(expected_cols));
+  }
+  return ad;
+}
+
+/// Reads a PEFT adapter directory. Nothing is returned unless everything validates.
+template <class T>
+PeftAdapter<T> load_peft_adapter(const std::string& dir) {
+  if (!is_directory(dir)) throw IoError("\"" + dir + "\" is not a directory");
+  const AdapterConfig config = read_adapter_config(dir + "/" + kAdapterConfigFile);
+  const std::string weights = dir + "/" + kAdapterWeightsFile;
+  if (!path_exists(weights))
+    throw IoError("\"" + weights + "\" not found (only the safetensors format is read; adapter_model.bin is pickle)");
+  const SafeTensorsFile st(weights);
+  return adapter_from_file<T>(config, st);
+}
+
+/// Maps PEFT module paths to the user's model (and back, for saving).
+struct NameMapping {
+  /// Prefix rewrites, tried in order; the first whose `from` is a prefix of the name applies.
+  std::vector<std::pair<std::string, std::string>> prefix_rules;
+  /// When set, used instead of the rules.
+  std::function<std::string(const std::string&)> custom;
+
+  std::string operator()(const std::string& name) const {
+    if (custom) return custom(name);
+    for (const auto& r : prefix_rules)
+      if (name.rfind(r.first, 0) == 0) return r.second + name.substr(r.first.size());
+    return name;
+  }
+  /// The rules reversed (custom functions cannot be reversed).
+  NameMapping inverse() const {
+    if (custom) throw ConfigError("NameMapping: a custom mapping function has no inverse; pass one explicitly");
+    NameMapping m;
+    for (const auto& r : prefix_rules) m.prefix_rules.emplace_back(r.second, r.first);
+    return m;
+  }
+};
+
+namespace detail {
+template <class T>
+std::unordered_map<std::string, Parameter<T>*> parameter_index(Module<T>& model) {
+  std::unordered_map<std::string, Parameter<T>*> idx;
+  model.visit_parameters([&](const std::string& n, Parameter<T>& p) { idx[n] = &p; });
+  return idx;
+}
+
+template <class T>
+Parameter<T>* require_param(std::unordered_map<std::string, Parameter<T>*>& idx, const std::string& name,
+                            const std::string& hint) {
+  const auto it = idx.find(name);
+  if (it == idx.end()) throw ConfigError("model has no parameter \"" + name + "\"" + hint);
+  return it->second;
+}
+
+template <class T>
+void require_shape(const Parameter<T>& p, const std::string& name, Index rows, Index cols, const char* what) {
+  if (p.value.rows() != rows || p.value.cols() != cols)
+    throw ShapeError("model parameter \"" + name + "\" has shape " + shape_str(p.value) + ", but the adapter's " + what +
+                     " is " + shape_str(rows, cols));
+}
+}  // namespace detail
+
+/// Copies a loaded adapter into a model whose LoRALinear layers already hold an adapter named
+/// `adapter_name` (created with `adapter.config.lora_config_for(path)` so the scaling agrees).
+/// Parameters are found by name through Module::visit_parameters:
+///   <mapped path>.weight                         base, must be [out, in] (shape check only)
+///   <mapped path>.lora_A.<adapter_name>.weight   ← A
+///   <mapped path>.lora_B.<adapter_name>.weight   ← B
+///   <mapped path>.lora_magnitude_vector.<adapter_name>[.weight]  ← m (DoRA)
+///   mapping("prompt_embeddings"), mapping(full tensor name)        ← prompt / full tensors
+/// Every target is checked before the first copy: on any error the model is unchanged.
+template <class T>
+void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const std::string& adapter_name,
+                       const NameMapping& mapping = {}) {
+  auto idx = detail::parameter_index(model);
+  std::vector<std::pair<Parameter<T>*, const Matrix<T>*>> plan;
+  const std::string hint = "; create the adapter \"" + adapter_name +
+                           "\" first (LoRALinear::add_adapter with config.lora_config_for(path)) or fix the name mapping";
+  for (const auto& m : adapter.lora) {
+    const std::string p = mapping(m.path);
+    if (adapter.config.fan_in_fan_out == false) {
+      Parameter<T>* base = detail::require_param(idx, p + ".weight", hint);
+      detail::require_shape(*base, p + ".weight", m.B.rows(), m.A.cols(), "ΔW = B·A");
+    }
+    const std::string an = p + ".lora_A." + adapter_name + ".weight";
+    const std::string bn = p + ".lora_B." + adapter_name + ".weight";
+    Parameter<T>* a = detail::require_param(idx, an, hint);
+    Parameter<T>* b = detail::require_param(idx, bn, hint);
+    detail::require_shape(*a, an, m.A.rows(), m.A.cols(), "lora_A");
+    detail::require_shape(*b, bn, m.B.rows(), m.B.cols(), "lora_B");
+    plan.emplace_back(a, &m.A);
+    plan.emplace_back(b, &m.B);
+    if (m.magnitude.size() > 0) {
+      std::string mn = p + ".lora_magnitude_vector." + adapter_name;
+      if (!idx.count(mn) && idx.count(mn + ".weight")) mn += ".weight";
+      Parameter<T>* mp = detail::require_param(idx, mn, " (the model's layer has no DoRA magnitude for this adapter)");
+      detail::require_shape(*mp, mn, 1, m.magnitude.cols(), "lora_magnitude_vector");
+      plan.emplace_back(mp, &m.magnitude);
+    }
+  }
+  if (adapter.prompt_embeddings.size() > 0) {
+    const std::string n = mapping("prompt_embeddings");
+    Parameter<T>* p = detail::require_param(idx, n, " (map \"prompt_embeddings\" to the soft prompt's parameter)");
+    detail::require_shape(*p, n, adapter.prompt_embeddings.rows(), adapter.prompt_embeddings.cols(), "prompt_embeddings");
+    plan.emplace_back(p, &adapter.prompt_embeddings);
+  }
+  for (const auto& f : adapter.full) {
+    const std::string n = mapping(f.name);
+    Parameter<T>* p = detail::require_param(idx, n, " (full tensor from the adapter)");
+    detail::require_shape(*p, n, f.value.rows(), f.value.cols(), "full tensor");
+    plan.emplace_back(p, &f.value);
+  }
+  for (auto& step : plan) step.first->value = *step.second;
+}
+
+/// Collects the adapter `adapter_name` from a model into a PeftAdapter (the inverse of
+/// load_adapter_into): every parameter `<p>.lora_A.<adapter_name>.weight` and its lora_B (and DoRA
+/// magnitude) becomes module `mapping(p)`. The config supplies alpha, rsLoRA and the selection
+/// fields; each module's rank must agree with config.rank_for(path) (set rank_pattern otherwise).
+template <class T>
+PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name, const AdapterConfig& config,
+                               const NameMapping& mapping = {}) {
+  if (!config.is_lora()) throw ConfigError("collect_adapter: only LoRA adapters are collected from a model");
+  auto idx = detail::parameter_index(model);
+  std::vector<std::string> names;
+  names.reserve(idx.size());
+  for (const auto& kv : idx) names.push_back(kv.first);
+  std::sort(names.begin(), names.end());
+  PeftAdapter<T> ad;
+  ad.config = config;
+  const std::string a_suffix = ".lora_A." + adapter_name + ".weight";
+  for (const auto& n : names) {
+    std::string p;
+    if (!detail::ends_with(n, a_suffix, &p)) continue;
+    LoraModuleWeights<T> m;
+    m.path = mapping(p);
+    m.A = idx.at(n)->value;
+    m.B = detail::require_param(idx, p + ".lora_B." + adapter_name + ".weight", "")->value;
+    for (const std::string& mn : {p + ".lora_magnitude_vector." + adapter_name, p + ".lora_magnitude_vector." + adapter_name + ".weight"})
+      if (idx.count(mn)) m.magnitude = idx.at(mn)->value;
+    if (config.use_dora != (m.magnitude.size() > 0))
+      throw ConfigError("collect_adapter: module \"" + p + "\" " + (m.magnitude.size() ? "has" : "lacks") +
+                        " a DoRA magnitude but config.use_dora = " + (config.use_dora ? "true" : "false"));
+    if (m.A.rows() != config.rank_for(m.path))
+      throw ConfigError("collect_adapter: module \"" + m.path + "\" has rank " + std::to_string(m.A.rows()) +
+                        " but the config gives " + std::to_string(config.rank_for(m.path)) + "; add it to rank_pattern");
+    m.alpha = config.alpha_for(m.path);
+    m.scaling = config.scaling_for(m.path);
+    ad.lora.push_back(std::move(m));
+  }
+  if (ad.lora.empty()) throw ConfigError("collect_adapter: the model has no adapter named \"" + adapter_name + "\"");
+  std::sort(ad.lora.begin(), ad.lora.end(), [](const auto& x, const auto& y) { return x.path < y.path; });
+  return ad;
+}
+
+/// Writes `dir`/adapter_config.json and `dir`/adapter_model.safetensors atomically (a temporary
+/// directory renamed into place), in the layout PEFT's PeftModel.from_pretrained reads.
+template <class T>
+void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DType dtype = native_dtype<T>()) {
+  if (!dtype_is_float(dtype)) throw ConfigError(std::string("save_peft_adapter: dtype ") + dtype_name(dtype) + " is not a float type");
+  std::vector<NamedTensor<T>> tensors;
+  for (const auto& m : adapter.lora) {
+    const std::string base = std::string(kPeftKeyPrefix) + m.path;
+    tensors.push_back({base + ".lora_A.weight", matrix_shape(m.A.rows(), m.A.cols()), m.A.data(), dtype});
+    tensors.push_back({base + ".lora_B.weight", matrix_shape(m.B.rows(), m.B.cols()), m.B.data(), dtype});
+    if (m.magnitude.size() > 0)
+      tensors.push_back({base + ".lora_magnitude_vector", matrix_shape(1, m.magnitude.cols(), true), m.magnitude.data(), dtype});
+  }
+  if (adapter.prompt_embeddings.size() > 0)
+    tensors.push_back({"prompt_embeddings",
+                       matrix_shape(adapter.prompt_embeddings.rows(), adapter.prompt_embeddings.cols()),
+                       adapter.prompt_embeddings.data(), dtype});
+  for (const auto& f : adapter.full)
+    tensors.push_back({std::string(kPeftKeyPrefix) + f.name, f.shape, f.value.data(), dtype});
+  AtomicDirectory out(dir);
+  save_safetensors<T>(out.staging() + "/" + kAdapterWeightsFile, tensors, {{"format", "pt"}});
+  write_file_atomic(out.staging() + "/" + kAdapterConfigFile, to_json(adapter.config).dump(2) + "\n");
+  out.commit();
+}
+
+}  // namespace peft::io

@@ -13,6 +13,7 @@
 #include "peft/core/types.hpp"
 
 #include "peft/layers/activations.hpp"
+#include "peft/layers/adapter.hpp"
 #include "peft/layers/attention.hpp"
 #include "peft/layers/dropout.hpp"
 #include "peft/layers/embedding.hpp"
@@ -22,11 +23,16 @@
 #include "peft/layers/linear.hpp"
 #include "peft/layers/lora_linear.hpp"
 #include "peft/layers/prefix_attention.hpp"
+#include "peft/layers/soft_prompt.hpp"
 
 #include "peft/loss/accuracy.hpp"
 #include "peft/loss/bradley_terry.hpp"
 #include "peft/loss/cross_entropy.hpp"
 #include "peft/loss/mse.hpp"
+
+#include "peft/models/peft_config.hpp"
+#include "peft/models/targeting.hpp"
+#include "peft/models/transformer.hpp"
 
 #include "peft/optim/adam.hpp"
 #include "peft/optim/clip.hpp"

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <string>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/rng.hpp"
 #include "peft/core/types.hpp"
@@ -22,6 +23,9 @@ void constant(MatrixRef<T> w, T value) {
 
 template <class T>
 void uniform(MatrixRef<T> w, Rng& rng, double lo, double hi) {
+  if (!std::isfinite(lo) || !std::isfinite(hi) || !(lo <= hi))
+    throw ConfigError("init::uniform: bounds must be finite with lo <= hi, got lo=" + check::num(lo) +
+                      ", hi=" + check::num(hi));
   for (Index i = 0; i < w.rows(); ++i)
     for (Index j = 0; j < w.cols(); ++j) w(i, j) = static_cast<T>(rng.uniform(lo, hi));
 }
@@ -29,7 +33,7 @@ void uniform(MatrixRef<T> w, Rng& rng, double lo, double hi) {
 template <class T>
 void normal(MatrixRef<T> w, Rng& rng, double mean, double stddev) {
   if (!(stddev >= 0.0) || !std::isfinite(stddev))
-    throw ConfigError("init::normal: stddev must be finite and >= 0, got " + std::to_string(stddev));
+    throw ConfigError("init::normal: stddev must be finite and >= 0, got " + check::num(stddev));
   for (Index i = 0; i < w.rows(); ++i)
     for (Index j = 0; j < w.cols(); ++j) w(i, j) = static_cast<T>(rng.normal(mean, stddev));
 }
@@ -38,6 +42,8 @@ void normal(MatrixRef<T> w, Rng& rng, double mean, double stddev) {
 /// its default a=-2, b=2 when std=1; here the bounds scale with std as Houlsby adapters use them).
 template <class T>
 void truncated_normal(MatrixRef<T> w, Rng& rng, double mean, double stddev) {
+  if (!(stddev >= 0.0) || !std::isfinite(stddev))
+    throw ConfigError("init::truncated_normal: stddev must be finite and >= 0, got " + check::num(stddev));
   for (Index i = 0; i < w.rows(); ++i)
     for (Index j = 0; j < w.cols(); ++j) {
       double z = rng.normal();

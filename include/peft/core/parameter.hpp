@@ -36,8 +36,19 @@ class Parameter {
     }
   }
 
+  /// Zeroes the gradient; (re)sizes it to the value's shape if the value was replaced by a
+  /// tensor of another shape (e.g. loaded from a file).
   void zero_grad() {
-    if (trainable_) grad.setZero();
+    if (trainable_) grad.setZero(value.rows(), value.cols());
+  }
+
+  /// The gradient buffer that backward accumulates into (`+=`), guaranteed to have the value's
+  /// shape: a value replaced by one of another shape restarts the gradient at zero instead of
+  /// letting backward write out of bounds. Costs a shape comparison (no allocation) when in sync.
+  /// Call only on a trainable parameter.
+  Matrix<T>& accumulator() {
+    if (grad.rows() != value.rows() || grad.cols() != value.cols()) grad.setZero(value.rows(), value.cols());
+    return grad;
   }
 
   Index size() const { return value.size(); }

@@ -6,6 +6,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "peft/core/error.hpp"
+
 namespace peft {
 
 class Rng {
@@ -43,6 +45,7 @@ class Rng {
 
   /// Uniform integer in [0, n) without modulo bias (Lemire's method would be faster; n is small).
   std::uint64_t uniform_int(std::uint64_t n) {
+    if (n == 0) throw ConfigError("Rng::uniform_int: n must be > 0");
     const std::uint64_t limit = UINT64_MAX - UINT64_MAX % n;
     std::uint64_t x = next_u64();
     while (x >= limit) x = next_u64();

@@ -39,6 +39,9 @@ class Linear : public Module<T> {
 
   /// Wraps existing weights (e.g. loaded from a file). `b` may be empty for no bias.
   Linear(Matrix<T> w, const RowVector<T>& b, std::string name = "") : Module<T>(std::move(name)) {
+    if (w.rows() == 0 || w.cols() == 0)
+      throw ShapeError(describe("Linear", this->name()) + ": weight has shape " + shape_str(w) +
+                       ", expected non-empty [out, in]");
     weight.value = std::move(w);
     weight.set_trainable(true);
     if (b.size() > 0) {
@@ -62,7 +65,10 @@ class Linear : public Module<T> {
     y.noalias() = x * weight.value.transpose();  // [rows, out]
     if (has_bias()) y.rowwise() += bias.value.row(0);
     cache.rows = x.rows();
-    if (weight.trainable()) cache.x = x;
+    if (weight.trainable())
+      cache.x = x;
+    else
+      cache.x.resize(0, 0);  // frozen: keep no activation (and never reuse a stale one)
   }
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
@@ -76,9 +82,9 @@ class Linear : public Module<T> {
     check::shape("Linear", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
     if (weight.trainable()) {
       check::shape("Linear", this->name(), "cached input", cache.x.rows(), cache.x.cols(), cache.rows, in_features());
-      weight.grad.noalias() += dy.transpose() * cache.x;  // dW = dYᵀ X   [out, in]
+      weight.accumulator().noalias() += dy.transpose() * cache.x;  // dW = dYᵀ X   [out, in]
     }
-    if (has_bias() && bias.trainable()) bias.grad.row(0) += dy.colwise().sum();  // db = Σ_rows dY
+    if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
     if (dx != nullptr) {
       dx->resize(dy.rows(), in_features());
       dx->noalias() = dy * weight.value;  // dX = dY W   [rows, in]

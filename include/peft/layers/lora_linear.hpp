@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -74,9 +75,16 @@ class LoRALinear : public Module<T> {
 
   LoRALinear() = default;
 
-  /// A fresh base with nn.Linear's init and no adapters.
+  /// A fresh base with nn.Linear's init and no adapters. The base is drawn from `rng` first, then
+  /// the dropout generator's seed (in this order on every compiler: the draws are sequenced in the
+  /// body, not in an argument list whose evaluation order is unspecified).
   LoRALinear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "")
-      : LoRALinear(Linear<T>(in_features, out_features, rng, with_bias), std::move(name), rng.next_u64()) {}
+      : Module<T>(std::move(name)) {
+    Linear<T> base(in_features, out_features, rng, with_bias, this->name());
+    weight = std::move(base.weight);
+    bias = std::move(base.bias);
+    dropout_rng_.reseed(rng.next_u64());
+  }
 
   /// Wraps an existing Linear (weights moved in, trainable flags kept).
   explicit LoRALinear(Linear<T> base, std::string name = "", std::uint64_t dropout_seed = 0x10a)
@@ -104,6 +112,8 @@ class LoRALinear : public Module<T> {
   LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
     const std::string who = describe("LoRALinear", this->name());
     if (adapter_name.empty()) throw ConfigError(who + ": adapter name must not be empty");
+    if (adapter_name.find('.') != std::string::npos)
+      throw ConfigError(who + ": adapter name \"" + adapter_name + "\" must not contain '.' (it is part of parameter names)");
     if (find(adapter_name) != npos)
       throw ConfigError(who + ": adapter \"" + adapter_name + "\" already exists");
     const Index max_rank = std::min(in_features(), out_features());
@@ -166,6 +176,9 @@ class LoRALinear : public Module<T> {
     ++generation_;
   }
   void set_active(const std::string& adapter_name) { set_active(std::vector<std::string>{adapter_name}); }
+  /// `set_active({"a", "b"})`: without this overload the braces would also match std::string's
+  /// iterator-pair constructor (two const char*), an ambiguous call at best.
+  void set_active(std::initializer_list<std::string> names) { set_active(std::vector<std::string>(names)); }
 
   /// While disabled, forward is the base layer alone (PEFT's disable_adapter()). Refused while merged.
   void disable_adapters(bool disabled = true) {
@@ -254,7 +267,10 @@ class LoRALinear : public Module<T> {
         y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x Aᵀ) Bᵀ   [rows, out]
       }
     }
-    if (need_x) cache.x = x;
+    if (need_x)
+      cache.x = x;
+    else
+      cache.x.resize(0, 0);  // a frozen base keeps no activation (and a stale x cannot be reused)
   }
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
@@ -265,6 +281,8 @@ class LoRALinear : public Module<T> {
 
   /// Accumulates dW, db, dA_i, dB_i (those trainable) and writes dX into *dx unless dx is null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+    if (cache.generation == 0)
+      throw ConfigError(describe("LoRALinear", this->name()) + ": backward called with a cache that no forward filled");
     if (!merged_.empty())
       throw ConfigError(describe("LoRALinear", this->name()) + ": cannot train while adapters are merged (" + join_names(merged_) +
                         "); unmerge first");
@@ -279,8 +297,8 @@ class LoRALinear : public Module<T> {
     if (needs_x)
       check::shape("LoRALinear", this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
                    cache.x.cols(), cache.rows, in_features());
-    if (weight.trainable()) weight.grad.noalias() += dy.transpose() * cache.x;  // dW = dYᵀ X   [out, in]
-    if (has_bias() && bias.trainable()) bias.grad.row(0) += dy.colwise().sum();  // db = Σ_rows dY
+    if (weight.trainable()) weight.accumulator().noalias() += dy.transpose() * cache.x;  // dW = dYᵀ X   [out, in]
+    if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
     if (dx != nullptr) {
       dx->resize(dy.rows(), in_features());
       dx->noalias() = dy * weight.value;  // dX = dY W   [rows, in]
@@ -290,23 +308,25 @@ class LoRALinear : public Module<T> {
       LoraAdapter<T>& a = adapters_[ac.adapter];
       const T s = static_cast<T>(a.scaling());
       const bool dropped = ac.keep.size() > 0;
-      if (a.B.trainable()) a.B.grad.noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
+      if (a.B.trainable()) a.B.accumulator().noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
       if (!a.A.trainable() && dx == nullptr) continue;
-      work_g_.resize(dy.rows(), a.rank());
-      work_g_.noalias() = dy * a.B.value;  // G = dY B   [rows, r]
+      // Adapters of different ranks share one scratch buffer sized to the largest rank seen, so
+      // alternating ranks never reallocate.
+      Eigen::Block<Matrix<T>> G = scratch(work_g_, dy.rows(), a.rank());
+      G.noalias() = dy * a.B.value;  // G = dY B   [rows, r]
       if (a.A.trainable()) {
         if (dropped)
-          a.A.grad.noalias() += s * work_g_.transpose() * ac.xd;  // dA = s Gᵀ x̃   [r, in]
+          a.A.accumulator().noalias() += s * G.transpose() * ac.xd;  // dA = s Gᵀ x̃   [r, in]
         else
-          a.A.grad.noalias() += s * work_g_.transpose() * cache.x;  // dA = s Gᵀ X   [r, in]
+          a.A.accumulator().noalias() += s * G.transpose() * cache.x;  // dA = s Gᵀ X   [r, in]
       }
       if (dx != nullptr) {
         if (dropped) {
           work_dx_.resize(dy.rows(), in_features());
-          work_dx_.noalias() = s * work_g_ * a.A.value;  // s G A   [rows, in]
+          work_dx_.noalias() = s * G * a.A.value;  // s G A   [rows, in]
           dx->array() += work_dx_.array() * ac.keep.array();  // dropout backward: ⊙ keep
         } else {
-          dx->noalias() += s * work_g_ * a.A.value;  // dX += s G A   [rows, in]
+          dx->noalias() += s * G * a.A.value;  // dX += s G A   [rows, in]
         }
       }
     }
@@ -361,9 +381,10 @@ class LoRALinear : public Module<T> {
 
   void merge_impl(const std::vector<std::string>& names, bool safe) {
     std::vector<std::size_t> todo;
+    if (disabled_)
+      throw ConfigError(describe("LoRALinear", this->name()) +
+                        ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
     if (names.empty()) {
-      if (disabled_)
-        throw ConfigError(describe("LoRALinear", this->name()) + ": adapters are disabled; nothing to merge");
       for (std::size_t i : active_)
         if (!is_merged(i)) todo.push_back(i);
     } else {
@@ -401,13 +422,20 @@ class LoRALinear : public Module<T> {
       for (Index j = 0; j < cols; ++j) keep(i, j) = dropout_rng_.uniform() < p ? T(0) : kept;
   }
 
+  /// The leading [rows, cols] block of `buf`, growing it only when rows change or cols exceed
+  /// its width: no allocation once it has seen the largest shape.
+  static Eigen::Block<Matrix<T>> scratch(Matrix<T>& buf, Index rows, Index cols) {
+    if (buf.rows() != rows || buf.cols() < cols) buf.resize(rows, std::max(cols, buf.rows() == rows ? buf.cols() : cols));
+    return buf.leftCols(cols);
+  }
+
   std::vector<LoraAdapter<T>> adapters_;
   std::vector<std::size_t> active_;  ///< indices into adapters_, in activation order
   std::vector<std::size_t> merged_;  ///< merge order; unmerge pops from the back
   bool disabled_ = false;
   std::uint64_t generation_ = 1;
   Rng dropout_rng_{0x10a};
-  Matrix<T> work_g_;   ///< backward scratch [rows, r]
+  Matrix<T> work_g_;   ///< backward scratch [rows, ≥ r]
   Matrix<T> work_dx_;  ///< backward scratch [rows, in] (dropout only)
 };
 

@@ -1,0 +1,139 @@
+// Hot paths allocate nothing after the first call: repeated forward + backward of Linear and
+// LoRALinear (with and without dropout, one and two adapters, frozen base) with reused caches and
+// outputs, under Eigen's EIGEN_RUNTIME_NO_MALLOC guard.
+//
+// Eigen reports a forbidden allocation through eigen_assert, which NDEBUG (Release) compiles out,
+// so this file routes eigen_assert to a counter: each violation is counted (and the allocation
+// then proceeds normally, so a violation is a test failure, never a crash). The macros must come
+// before the first Eigen include. A positive control proves the guard is live in this build.
+//
+// What Eigen's guard cannot see: std::string / std::vector allocations. Those were reviewed by
+// eye on these paths: error messages are built only on failure (peft::check), the adapter cache
+// vector grows once, and nothing else on forward/backward touches the standard containers.
+//
+// Note: a GEMM whose packing blocks exceed EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) allocates its
+// workspace on the heap on every call (Eigen's design); the sizes here stay below that, as the
+// guarantee we test is about our code, not Eigen's large-GEMM workspace.
+#include <atomic>
+
+namespace peft_no_malloc {
+inline std::atomic<long> violations{0};
+inline void on_eigen_assert(bool ok) {
+  if (!ok) ++violations;
+}
+}  // namespace peft_no_malloc
+
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(x) ::peft_no_malloc::on_eigen_assert(static_cast<bool>(x))
+
+#include <Eigen/Core>
+
+#include <peft/layers/linear.hpp>
+#include <peft/layers/lora_linear.hpp>
+
+#include "support/test_utils.hpp"
+
+using namespace peft;
+
+namespace {
+
+/// Runs fn once with allocation allowed (warm-up: buffers reach their final size), then `reps`
+/// times with Eigen's allocator forbidden; returns the number of forbidden allocations.
+template <class Fn>
+long allocations_after_warmup(Fn&& fn, int reps = 3) {
+  fn();
+  peft_no_malloc::violations = 0;
+  Eigen::internal::set_is_malloc_allowed(false);
+  for (int i = 0; i < reps; ++i) fn();
+  Eigen::internal::set_is_malloc_allowed(true);
+  return peft_no_malloc::violations.load();
+}
+
+LoraConfig cfg(int r, double alpha, double dropout) {
+  LoraConfig c;
+  c.r = r;
+  c.alpha = alpha;
+  c.dropout = dropout;
+  c.init = LoraInit::None;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("the no-malloc guard is live in this build", "[no_malloc]") {
+  const long n = allocations_after_warmup([] {
+    Matrix<double> m(7, 9);  // a fresh heap allocation every call
+    m.setZero();
+  });
+  REQUIRE(n >= 3);
+  // The layers' own code must be instrumented too: a forward into fresh buffers allocates. If this
+  // fails while the check above passes, the linker took LoRALinear's code from another translation
+  // unit compiled without EIGEN_RUNTIME_NO_MALLOC (one definition per template instantiation):
+  // this file must then be built as its own test executable.
+  Rng rng(0);
+  LoRALinear<double> layer(6, 4, rng);
+  layer.add_adapter("a", cfg(2, 2.0, 0.0));
+  const Matrix<double> x = Matrix<double>::Ones(3, 6);
+  const long m = allocations_after_warmup([&] {
+    typename LoRALinear<double>::Cache fresh;
+    Matrix<double> y;
+    layer.forward(x, y, fresh);
+  });
+  INFO("test_no_malloc.cpp must be linked into its own executable (see the comment above)");
+  REQUIRE(m >= 3);
+}
+
+TEMPLATE_TEST_CASE("Linear forward/backward allocate nothing after warm-up", "[no_malloc]", float, double) {
+  Rng rng(1);
+  Linear<TestType> layer(24, 16, rng, true, "fc");
+  const Matrix<TestType> x = test::random_matrix<TestType>(8, 24, rng);
+  const Matrix<TestType> g = test::random_matrix<TestType>(8, 16, rng);
+  typename Linear<TestType>::Cache cache;
+  Matrix<TestType> y, dx;
+  auto step = [&] {
+    layer.forward(x, y, cache);
+    layer.backward(cache, g, &dx);
+  };
+  CHECK(allocations_after_warmup(step) == 0);
+  layer.weight.set_trainable(false);
+  CHECK(allocations_after_warmup(step) == 0);
+  CHECK(allocations_after_warmup([&] { layer.forward(x, y, cache); layer.backward(cache, g, nullptr); }) == 0);
+}
+
+TEMPLATE_TEST_CASE("LoRALinear forward/backward allocate nothing after warm-up", "[no_malloc]", float, double) {
+  Rng rng(2);
+  const Matrix<TestType> x = test::random_matrix<TestType>(8, 24, rng);
+  const Matrix<TestType> g = test::random_matrix<TestType>(8, 16, rng);
+  const double dropout = GENERATE(0.0, 0.25);
+  const bool frozen_base = GENERATE(false, true);
+  const int n_adapters = GENERATE(1, 2);
+  INFO("dropout " << dropout << ", frozen base " << frozen_base << ", adapters " << n_adapters);
+
+  LoRALinear<TestType> layer(24, 16, rng, true, "q");
+  layer.add_adapter("a", cfg(4, 8.0, dropout));
+  if (n_adapters == 2) {
+    layer.add_adapter("b", cfg(2, 3.0, dropout));
+    layer.set_active({"a", "b"});
+  }
+  if (frozen_base) layer.freeze_base();
+  layer.train();
+  typename LoRALinear<TestType>::Cache cache, cache2;
+  Matrix<TestType> y, y2, dx, dx2;
+  CHECK(allocations_after_warmup([&] {
+          layer.forward(x, y, cache);
+          layer.backward(cache, g, &dx);
+        }) == 0);
+  // Two caches in flight (reward-model pattern), and backward without dx.
+  CHECK(allocations_after_warmup([&] {
+          layer.forward(x, y, cache);
+          layer.forward(x, y2, cache2);
+          layer.backward(cache2, g, &dx2);
+          layer.backward(cache, g, nullptr);
+        }) == 0);
+  // eval mode (no dropout), same buffers.
+  layer.eval();
+  CHECK(allocations_after_warmup([&] {
+          layer.forward(x, y, cache);
+          layer.backward(cache, g, &dx);
+        }) == 0);
+}

@@ -37,7 +37,8 @@ struct SequenceLayout {
   static SequenceLayout from_lengths(std::vector<Index> lens) {
     Index longest = 0;
     for (Index l : lens) longest = l > longest ? l : longest;
-    return SequenceLayout(static_cast<Index>(lens.size()), longest, std::move(lens));
+    const Index batch_size = static_cast<Index>(lens.size());  // before the move below
+    return SequenceLayout(batch_size, longest, std::move(lens));
   }
 
   /// batch·seq: the row count of the matching data block.
@@ -92,8 +93,8 @@ struct SequenceBatch {
 
   Index dim() const { return data.cols(); }
   /// Rows of sequence b (all seq of them, padding included).
-  Eigen::Block<Matrix<T>> sequence(Index b) { return data.middleRows(b * layout.seq, layout.seq); }
-  Eigen::Block<const Matrix<T>> sequence(Index b) const { return data.middleRows(b * layout.seq, layout.seq); }
+  typename Matrix<T>::RowsBlockXpr sequence(Index b) { return data.middleRows(b * layout.seq, layout.seq); }
+  typename Matrix<T>::ConstRowsBlockXpr sequence(Index b) const { return data.middleRows(b * layout.seq, layout.seq); }
   void validate(const std::string& who) const { layout.validate(who, data.rows()); }
 };
 

@@ -109,7 +109,10 @@ TEST_CASE("step() rejects gradients and parameters whose shapes changed", "[opti
   AdamW<double> opt(m, AdamWOptions{});
   m.compute_grads();
   m.bias.grad.resize(2, 2);
+  const Matrix<double> w_before = m.weight.value;
   PEFT_REQUIRE_THROWS_WITH(opt.step(), ShapeError, "AdamW: parameter \"bias\" has gradient of shape [2, 2], expected [1, 2]");
+  CHECK(m.weight.value == w_before);  // validated before anything moved
+  CHECK(opt.num_states() == 0);
   m.compute_grads();
   opt.step();
   m.weight.value.resize(3, 2);  // resized behind the optimizer's back

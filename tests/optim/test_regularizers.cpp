@@ -80,6 +80,9 @@ TEST_CASE("Regularizers reject misuse with named errors", "[optim][regularizers]
 
   L2SP<double> reg(both(m), 1.0);
   PEFT_REQUIRE_THROWS_WITH(reg.set_lambda(-2.0), ConfigError, "lambda");
+  m.weight.grad.resize(1, 1);
+  PEFT_REQUIRE_THROWS_WITH(reg.add_to_gradients(), ShapeError, "L2SP: parameter \"weight\" has a gradient of shape [1, 1]");
+  m.weight.grad.setZero(2, 2);
   m.bias.value.resize(1, 3);
   PEFT_REQUIRE_THROWS_WITH(reg.value(), ShapeError, "L2SP: parameter \"bias\" has shape [1, 3], its anchor has shape [1, 2]");
 
@@ -91,6 +94,10 @@ TEST_CASE("Regularizers reject misuse with named errors", "[optim][regularizers]
   m2.bias.set_trainable(false);
   PEFT_REQUIRE_THROWS_WITH(ewc.accumulate(), ConfigError, "parameter \"bias\" has no gradient (frozen)");
   m2.bias.set_trainable(true);
+  m2.bias.grad.resize(2, 1);
+  PEFT_REQUIRE_THROWS_WITH(ewc.accumulate(), ShapeError, "EWC: parameter \"bias\" has a gradient of shape [2, 1], expected [1, 2]");
+  CHECK(ewc.fisher(0).isZero(0));  // nothing accumulated when one parameter is bad
+  m2.bias.grad.setZero(1, 2);
   ewc.accumulate();
   ewc.finalize();
   PEFT_REQUIRE_THROWS_WITH(ewc.accumulate(), ConfigError, "accumulate() after finalize()");

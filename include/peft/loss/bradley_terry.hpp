@@ -19,12 +19,12 @@ namespace peft {
 namespace detail {
 /// softplus(x) = log(1 + eˣ) without overflow.
 template <class T>
-T softplus(T x) {
+T stable_softplus(T x) {
   return std::max(x, T(0)) + std::log1p(std::exp(-std::abs(x)));
 }
 /// σ(x) without overflow: both branches only exponentiate a non-positive number.
 template <class T>
-T sigmoid(T x) {
+T stable_sigmoid(T x) {
   if (x >= T(0)) return T(1) / (T(1) + std::exp(-x));
   const T e = std::exp(x);
   return e / (T(1) + e);
@@ -53,8 +53,8 @@ T bradley_terry(const ConstMatrixRef<T>& chosen, const ConstMatrixRef<T>& reject
   for (Index i = 0; i < rows; ++i) {
     for (Index j = 0; j < cols; ++j) {
       const T d = chosen(i, j) - rejected(i, j);
-      total += static_cast<double>(detail::softplus(-d));
-      const T g = detail::sigmoid(-d) * inv_n;  // σ(−d)/N
+      total += static_cast<double>(detail::stable_softplus(-d));
+      const T g = detail::stable_sigmoid(-d) * inv_n;  // σ(−d)/N
       if (dchosen) (*dchosen)(i, j) = -g;
       if (drejected) (*drejected)(i, j) = g;
     }

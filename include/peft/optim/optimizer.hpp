@@ -65,11 +65,10 @@ class Optimizer {
 
   /// Index of the group called `name`; ConfigError when there is none.
   std::size_t group_index(const std::string& name) const {
-    std::string known;
-    for (std::size_t g = 0; g < num_groups(); ++g) {
+    for (std::size_t g = 0; g < num_groups(); ++g)
       if (group_name(g) == name) return g;
-      known += (known.empty() ? "\"" : ", \"") + group_name(g) + "\"";
-    }
+    std::string known;
+    for (std::size_t g = 0; g < num_groups(); ++g) known += (known.empty() ? "\"" : ", \"") + group_name(g) + "\"";
     throw ConfigError("optimizer: no parameter group named \"" + name + "\"; groups are " + known);
   }
 };
@@ -96,19 +95,25 @@ class BasicOptimizer : public Optimizer<T> {
   };
 
   void step() override {
-    for (Group& group : groups_) {
-      for (Entry& e : group.entries) {
-        Parameter<T>& p = *e.param;
-        if (!p.trainable()) continue;  // frozen: no gradient, no state, no update
+    // Validate every parameter first, so that a bad shape leaves all parameters untouched
+    // rather than half of them stepped.
+    for (const Group& group : groups_) {
+      for (const Entry& e : group.entries) {
+        const Parameter<T>& p = *e.param;
+        if (!p.trainable()) continue;
         if (p.grad.rows() != p.value.rows() || p.grad.cols() != p.value.cols())
           throw ShapeError(std::string(kind_) + ": parameter \"" + e.name + "\" has gradient of shape " +
                            shape_str(p.grad.rows(), p.grad.cols()) + ", expected " +
                            shape_str(p.value.rows(), p.value.cols()));
+        if (e.has_state) check_state_shape(e);
+      }
+    }
+    for (Group& group : groups_) {
+      for (Entry& e : group.entries) {
+        if (!e.param->trainable()) continue;  // frozen: no gradient, no state, no update
         if (!e.has_state) {
-          init_state(e);
+          init_state(e);  // first step in which this parameter is trainable
           e.has_state = true;
-        } else {
-          check_state_shape(e);
         }
         ++e.steps;
         update(group, e);

@@ -42,6 +42,15 @@ void check_anchor(const char* kind, const NamedParameter<T>& np, const Matrix<T>
                      ", its anchor has shape " + shape_str(anchor.rows(), anchor.cols()));
 }
 
+/// A trainable parameter's gradient must have the anchor's shape.
+template <class T>
+void check_grad(const char* kind, const NamedParameter<T>& np, const Matrix<T>& anchor) {
+  const Matrix<T>& g = np.param->grad;
+  if (g.rows() != anchor.rows() || g.cols() != anchor.cols())
+    throw ShapeError(std::string(kind) + ": parameter \"" + np.name + "\" has a gradient of shape " +
+                     shape_str(g.rows(), g.cols()) + ", expected " + shape_str(anchor.rows(), anchor.cols()));
+}
+
 template <class T>
 void check_params(const char* kind, const std::vector<NamedParameter<T>>& params) {
   if (params.empty()) throw ConfigError(std::string(kind) + ": got no parameters");
@@ -79,10 +88,13 @@ class L2SP {
 
   /// Adds λ(θ − θ₀) to the gradient of every trainable parameter; returns value().
   T add_to_gradients() {
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      detail::check_anchor("L2SP", params_[i], anchors_[i]);
+      if (params_[i].param->trainable()) detail::check_grad("L2SP", params_[i], anchors_[i]);
+    }
     const T lam = static_cast<T>(lambda_);
     double sum = 0.0;
     for (std::size_t i = 0; i < params_.size(); ++i) {
-      detail::check_anchor("L2SP", params_[i], anchors_[i]);
       Parameter<T>& p = *params_[i].param;
       sum += static_cast<double>((p.value - anchors_[i]).squaredNorm());
       if (p.trainable()) p.grad.noalias() += lam * (p.value - anchors_[i]);
@@ -126,14 +138,12 @@ class EWC {
     if (finalized_) throw ConfigError("EWC: accumulate() after finalize(); build a new EWC to re-estimate");
     for (std::size_t i = 0; i < params_.size(); ++i) {
       const Parameter<T>& p = *params_[i].param;
-      if (!p.trainable() || p.grad.rows() != fisher_[i].rows() || p.grad.cols() != fisher_[i].cols())
-        throw ConfigError("EWC: parameter \"" + params_[i].name + "\" has " +
-                          (p.trainable() ? "a gradient of shape " + shape_str(p.grad.rows(), p.grad.cols()) +
-                                               ", expected " + shape_str(fisher_[i].rows(), fisher_[i].cols())
-                                         : std::string("no gradient (frozen)")) +
-                          "; every EWC parameter needs a gradient while the Fisher is estimated");
-      fisher_[i].array() += p.grad.array().square();
+      if (!p.trainable())
+        throw ConfigError("EWC: parameter \"" + params_[i].name +
+                          "\" has no gradient (frozen); every EWC parameter needs one while the Fisher is estimated");
+      detail::check_grad("EWC", params_[i], fisher_[i]);
     }
+    for (std::size_t i = 0; i < params_.size(); ++i) fisher_[i].array() += params_[i].param->grad.array().square();
     ++batches_;
   }
 
@@ -163,10 +173,13 @@ class EWC {
   /// Adds λF(θ − θ*) to the gradient of every trainable parameter; returns value().
   T add_to_gradients() {
     require_finalized("add_to_gradients()");
+    for (std::size_t i = 0; i < params_.size(); ++i) {
+      detail::check_anchor("EWC", params_[i], anchors_[i]);
+      if (params_[i].param->trainable()) detail::check_grad("EWC", params_[i], anchors_[i]);
+    }
     const T lam = static_cast<T>(lambda_);
     double sum = 0.0;
     for (std::size_t i = 0; i < params_.size(); ++i) {
-      detail::check_anchor("EWC", params_[i], anchors_[i]);
       Parameter<T>& p = *params_[i].param;
       sum += static_cast<double>((fisher_[i].array() * (p.value - anchors_[i]).array().square()).sum());
       if (p.trainable()) p.grad.array() += lam * fisher_[i].array() * (p.value - anchors_[i]).array();

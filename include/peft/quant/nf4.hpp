@@ -77,7 +77,7 @@ struct NF4Options {
   int blocksize = 64;           ///< values per absmax block (bitsandbytes: 64 .. 4096)
   bool double_quant = true;     ///< compress_statistics: quantize the absmax vector (QLoRA's DQ)
   int nested_blocksize = 256;   ///< absmax values per second-level block
-  std::string dtype = "float32";  ///< recorded in quant_state "dtype" (the tensor's original dtype)
+  const char* dtype = "float32";  ///< recorded in quant_state "dtype": float32, float16 or bfloat16
 };
 
 /// A 4-bit NF4 tensor in bitsandbytes' representation (QuantState + packed data).

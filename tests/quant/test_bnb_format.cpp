@@ -1,0 +1,302 @@
+// The bitsandbytes / transformers safetensors layout of NF4 weights: read, write back byte for
+// byte, agree with an independent Python implementation (benchmarks/peer/make_bnb_nf4_fixture.py),
+// whole-file quantization, and every malformed input.
+#include <peft/io/safetensors.hpp>
+#include <peft/quant/bnb_format.hpp>
+
+#include <cstdio>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "support/test_utils.hpp"
+
+using namespace peft;
+using namespace peft::quant;
+
+namespace {
+
+std::string fixture_path() {
+  const std::filesystem::path here = std::filesystem::path(__FILE__).parent_path();
+  return (here / "data" / "bnb_nf4_fixture.safetensors").string();
+}
+
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    Rng rng(static_cast<std::uint64_t>(std::hash<std::string>{}(std::filesystem::current_path().string())) ^
+            static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(this)));
+    path = std::filesystem::temp_directory_path() / ("peft_quant_" + std::to_string(rng.next_u64()));
+    std::filesystem::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  }
+  std::string file(const std::string& name) const { return (path / name).string(); }
+};
+
+std::vector<unsigned char> tensor_bytes(const io::SafeTensorsFile& f, const std::string& name) {
+  const io::TensorInfo& t = f.info(name);
+  return std::vector<unsigned char>(f.bytes(t), f.bytes(t) + t.nbytes());
+}
+
+// A raw tensor for hand-built (possibly broken) files.
+struct Raw {
+  std::string name;
+  io::DType dtype;
+  std::vector<std::int64_t> shape;
+  std::vector<unsigned char> bytes;
+};
+
+void write_raw_file(const std::string& path, const std::vector<Raw>& raws) {
+  std::vector<io::TensorSpec> specs;
+  for (const Raw& r : raws) specs.push_back({r.name, r.dtype, r.shape});
+  io::SafeTensorsWriter w(path, specs);
+  for (const Raw& r : raws) w.write_raw(r.bytes.data(), r.bytes.size());
+  w.commit();
+}
+
+// The entries of a valid NF4 tensor as Raw tensors, with the JSON replaceable.
+std::vector<Raw> raw_entries(const std::string& prefix, const NF4Tensor& t, const std::string& json) {
+  std::vector<io::TensorSpec> specs;
+  add_bnb_nf4_specs(prefix, t, specs);
+  std::vector<Raw> out;
+  auto floats = [](const float* p, std::size_t n) {
+    return std::vector<unsigned char>(reinterpret_cast<const unsigned char*>(p),
+                                      reinterpret_cast<const unsigned char*>(p) + 4 * n);
+  };
+  for (const auto& s : specs) {
+    Raw r{s.name, s.dtype, s.shape, {}};
+    const std::string suffix = s.name.substr(prefix.size() + 7);
+    if (suffix.empty()) r.bytes.assign(t.packed.begin(), t.packed.end());
+    else if (suffix == ".absmax") r.bytes = t.nested ? std::vector<unsigned char>(t.qabsmax.begin(), t.qabsmax.end())
+                                                     : floats(t.absmax.data(), t.absmax.size());
+    else if (suffix == ".quant_map") r.bytes = floats(t.quant_map.data(), 16);
+    else if (suffix == ".nested_absmax") r.bytes = floats(t.nested_absmax.data(), t.nested_absmax.size());
+    else if (suffix == ".nested_quant_map") r.bytes = floats(t.nested_quant_map.data(), 256);
+    else {
+      r.bytes.assign(json.begin(), json.end());
+      r.shape = {static_cast<std::int64_t>(json.size())};
+    }
+    out.push_back(std::move(r));
+  }
+  return out;
+}
+
+Raw* find_raw(std::vector<Raw>& v, const std::string& suffix) {
+  for (Raw& r : v)
+    if (r.name.size() >= suffix.size() && r.name.compare(r.name.size() - suffix.size(), suffix.size(), suffix) == 0)
+      return &r;
+  return nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("Floats are written as Python's repr", "[quant][bnb]") {
+  CHECK(python_float_repr(0.1) == "0.1");
+  CHECK(python_float_repr(1e-05) == "1e-05");
+  CHECK(python_float_repr(1.0) == "1.0");
+  CHECK(python_float_repr(1e16) == "1e+16");
+  CHECK(python_float_repr(1e15) == "1000000000000000.0");
+  CHECK(python_float_repr(1234.5) == "1234.5");
+  CHECK(python_float_repr(0.0001) == "0.0001");
+  CHECK(python_float_repr(0.00012345) == "0.00012345");
+  CHECK(python_float_repr(1.5e-07) == "1.5e-07");
+  CHECK(python_float_repr(-2.5) == "-2.5");
+  CHECK(python_float_repr(static_cast<double>(0.0123f)) == "0.012299999594688416");
+  CHECK(python_float_repr(123456789012345680.0) == "1.2345678901234568e+17");
+  CHECK(python_float_repr(0.0) == "0.0");
+}
+
+TEST_CASE("quant_state JSON is json.dumps of QuantState.as_dict's non-tensor fields", "[quant][bnb]") {
+  NF4Tensor t;
+  t.shape = {7, 33};
+  t.dtype = "bfloat16";
+  t.nested = true;
+  t.nested_offset = 0.0123f;
+  CHECK(quant_state_json(t) ==
+        R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [7, 33], "nested_blocksize": 256, )"
+        R"("nested_dtype": "float32", "nested_offset": 0.012299999594688416})");
+  t.nested = false;
+  CHECK(quant_state_json(t) == R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [7, 33]})");
+}
+
+TEST_CASE("A Python-made bitsandbytes file: read, same codes as ours, written back byte for byte", "[quant][bnb]") {
+  const io::SafeTensorsFile f(fixture_path());
+  const std::vector<std::string> prefixes = bnb_4bit_prefixes(f);
+  REQUIRE(prefixes == std::vector<std::string>{"model.layers.0.q_proj", "model.layers.0.v_proj"});
+  for (const std::string& p : prefixes) {
+    INFO(p);
+    const NF4Tensor t = read_bnb_nf4(f, p);
+    const Matrix<float> ref = f.load<float>("reference." + p + ".weight");
+    CHECK(t.rows() == ref.rows());
+    CHECK(t.cols() == ref.cols());
+    // Our quantizer reproduces the packed codes and the scales of the independent implementation.
+    NF4Options opt;
+    opt.double_quant = t.nested;
+    const NF4Tensor mine = quantize_nf4<float>(ref, opt);
+    CHECK(mine.packed == t.packed);
+    if (!t.nested) {
+      CHECK(mine.absmax == t.absmax);
+    } else {
+      CHECK(std::abs(mine.nested_offset - t.nested_offset) <= 1e-7f * t.nested_offset);  // float32 mean vs ours
+      CHECK(mine.nested_absmax.size() == t.nested_absmax.size());
+      std::size_t differ = 0;
+      for (std::size_t b = 0; b < t.qabsmax.size(); ++b) differ += mine.qabsmax[b] != t.qabsmax[b];
+      CHECK(differ <= t.qabsmax.size() / 100);  // only values on a boundary may move (1-ulp map / mean)
+      for (std::size_t k = 0; k < 256; ++k)      // torch's float32 linspace: within 1 ulp of our map
+        CHECK(std::abs(t.nested_quant_map[k] - mine.nested_quant_map[k]) <=
+              std::abs(mine.nested_quant_map[k]) * 1.2e-7f);
+    }
+    // Dequantized weights are within the NF4 bound of the originals.
+    const Matrix<float> deq = dequantize_nf4<float>(t);
+    for (Index i = 0; i < ref.size(); ++i) {
+      const float a = t.block_absmax(static_cast<std::size_t>(i) / 64);
+      CHECK(std::abs(deq.data()[i] - ref.data()[i]) <= 0.16f * a + 1e-6f);
+    }
+  }
+  // Write both back: every entry, JSON included, is identical to the Python file's.
+  TempDir dir;
+  const NF4Tensor q = read_bnb_nf4(f, prefixes[0]);
+  const NF4Tensor v = read_bnb_nf4(f, prefixes[1]);
+  save_bnb_nf4(dir.file("out.safetensors"), {{prefixes[0], &q}, {prefixes[1], &v}});
+  const io::SafeTensorsFile g(dir.file("out.safetensors"));
+  std::size_t compared = 0;
+  for (const io::TensorInfo& t : g.tensors()) {
+    INFO(t.name);
+    REQUIRE(f.contains(t.name));
+    CHECK(f.info(t.name).shape == t.shape);
+    CHECK(f.info(t.name).dtype == t.dtype);
+    CHECK(tensor_bytes(f, t.name) == tensor_bytes(g, t.name));
+    ++compared;
+  }
+  CHECK(compared == 6 + 4);  // nested: 6 entries, plain: 4
+}
+
+TEST_CASE("NF4 save -> read is the identity for our own tensors", "[quant][bnb]") {
+  Rng rng(51);
+  const Matrix<double> w = test::random_matrix<double>(33, 70, rng, 0.1);
+  TempDir dir;
+  for (bool dq : {true, false}) {
+    NF4Options opt;
+    opt.double_quant = dq;
+    opt.blocksize = 128;
+    const NF4Tensor t = quantize_nf4<double>(w, opt);
+    save_bnb_nf4(dir.file("w.safetensors"), {{"enc.fc", &t}});
+    const io::SafeTensorsFile f(dir.file("w.safetensors"));
+    CHECK(f.info("enc.fc.weight").shape == std::vector<std::int64_t>{(33 * 70 + 1) / 2, 1});
+    const NF4Tensor back = read_bnb_nf4(f, "enc.fc");
+    CHECK(back.packed == t.packed);
+    CHECK(back.absmax == t.absmax);
+    CHECK(back.qabsmax == t.qabsmax);
+    CHECK(back.nested_absmax == t.nested_absmax);
+    CHECK(back.nested_offset == t.nested_offset);
+    CHECK(back.nested_quant_map == t.nested_quant_map);
+    CHECK(back.shape == t.shape);
+    CHECK(back.blocksize == 128);
+    CHECK(dequantize_nf4<double>(back) == dequantize_nf4<double>(t));
+  }
+}
+
+TEST_CASE("Whole-file quantization: Linear weights to NF4, everything else copied", "[quant][bnb]") {
+  Rng rng(52);
+  TempDir dir;
+  const Matrix<float> q = test::random_matrix<float>(16, 64, rng, 0.05);
+  const Matrix<float> bias = test::random_matrix<float>(1, 16, rng);
+  const Matrix<float> emb = test::random_matrix<float>(10, 64, rng);
+  const Matrix<float> head = test::random_matrix<float>(10, 64, rng);
+  auto named = [](const char* name, std::vector<std::int64_t> shape, const float* data, io::DType dtype) {
+    return io::NamedTensor<float>(name, std::move(shape), data, dtype);
+  };
+  std::vector<io::NamedTensor<float>> tensors;
+  tensors.push_back(named("model.layers.0.q.weight", {16, 64}, q.data(), io::DType::F32));
+  tensors.push_back(named("model.layers.0.q.bias", {16}, bias.data(), io::DType::F32));
+  tensors.push_back(named("model.embed_tokens.weight", {10, 64}, emb.data(), io::DType::F32));
+  tensors.push_back(named("lm_head.weight", {10, 64}, head.data(), io::DType::F32));
+  tensors.push_back(named("model.layers.0.k.weight", {16, 64}, q.data(), io::DType::BF16));
+  io::save_safetensors<float>(dir.file("in.safetensors"), tensors, {{"format", "pt"}});
+  const QuantizeFileReport rep = quantize_safetensors(dir.file("in.safetensors"), dir.file("out.safetensors"));
+  CHECK(rep.quantized == std::vector<std::string>{"model.layers.0.q", "model.layers.0.k"});
+  CHECK(rep.copied == std::vector<std::string>{"model.layers.0.q.bias", "model.embed_tokens.weight", "lm_head.weight"});
+  CHECK(rep.input_bytes == 16 * 64 * 4 + 16 * 64 * 2);
+  const io::SafeTensorsFile in(dir.file("in.safetensors"));
+  const io::SafeTensorsFile out(dir.file("out.safetensors"));
+  CHECK(out.metadata().at("format") == "pt");
+  for (const std::string& n : rep.copied) CHECK(tensor_bytes(in, n) == tensor_bytes(out, n));
+  const NF4Tensor tq = read_bnb_nf4(out, "model.layers.0.q");
+  CHECK(tq.packed == quantize_nf4<float>(q).packed);
+  CHECK(tq.dtype == "float32");
+  const NF4Tensor tk = read_bnb_nf4(out, "model.layers.0.k");
+  CHECK(tk.dtype == "bfloat16");
+  CHECK(tk.packed == quantize_nf4<float>(in.load<float>("model.layers.0.k.weight")).packed);
+  QuantizeFileOptions bad;
+  bad.include = "(";
+  PEFT_REQUIRE_THROWS_WITH(quantize_safetensors(dir.file("in.safetensors"), dir.file("x.safetensors"), bad),
+                           ConfigError, "invalid include pattern");
+}
+
+TEST_CASE("Malformed bitsandbytes entries give named errors", "[quant][bnb][errors]") {
+  Rng rng(53);
+  const Matrix<float> w = test::random_matrix<float>(8, 16, rng);
+  const NF4Tensor t = quantize_nf4<float>(w);
+  const std::string good = quant_state_json(t);
+  TempDir dir;
+  const std::string path = dir.file("bad.safetensors");
+  auto read_with = [&](const std::vector<Raw>& raws) {
+    write_raw_file(path, raws);
+    const io::SafeTensorsFile f(path);
+    return read_bnb_nf4(f, "m");
+  };
+  auto with_json = [&](const std::string& js) { return raw_entries("m", t, js); };
+  auto replace = [&](std::string s, const std::string& from, const std::string& to) {
+    s.replace(s.find(from), from.size(), to);
+    return s;
+  };
+  // A compact JSON (other writers) still reads.
+  CHECK(read_with(with_json(replace(replace(good, "\"blocksize\": 64", "\"blocksize\":64"), ", \"dtype\"", ",\"dtype\"")))
+            .packed == t.packed);
+
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"blocksize\": 64", "\"blocksize\": 32"))), ConfigError,
+                           "blocksize must be one of 64, 128, 256, 512, 1024, 2048, 4096, got 32");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "[8, 16]", "[8, 17]"))), ShapeError,
+                           "packed weight has 64 bytes, expected 68 for 136 values");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"nf4\"", "\"fp4\""))), IoError,
+                           "quant_type \"fp4\" does not match the tensor name");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"float32\"", "\"int8\""))), ConfigError,
+                           "dtype \"int8\" is not one of float32, float16, bfloat16");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"blocksize\": 64, ", ""))), IoError,
+                           "quant_state JSON has no key \"blocksize\"");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"quant_type\"", "\"quant_kind\""))), IoError,
+                           "unknown quant_state key \"quant_kind\"");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(good.substr(0, good.size() - 5))), IoError, "invalid JSON");
+
+  std::vector<Raw> raws = with_json(good);
+  find_raw(raws, ".weight")->bytes.resize(60);  // truncated packed codes
+  find_raw(raws, ".weight")->shape = {60, 1};
+  PEFT_REQUIRE_THROWS_WITH(read_with(raws), ShapeError, "read_bnb_nf4");
+
+  raws = with_json(good);
+  find_raw(raws, ".nested_absmax")->bytes.clear();
+  find_raw(raws, ".nested_absmax")->shape = {0};
+  PEFT_REQUIRE_THROWS_WITH(read_with(raws), ShapeError, "nested_absmax has 0 values, expected 1");
+
+  raws = with_json(good);
+  raws.erase(raws.begin() + 3);  // nested_absmax missing
+  PEFT_REQUIRE_THROWS_WITH(read_with(raws), IoError, "has no tensor \"m.weight.nested_absmax\"");
+
+  raws = with_json(good);
+  find_raw(raws, ".absmax")->dtype = io::DType::I8;
+  PEFT_REQUIRE_THROWS_WITH(read_with(raws), IoError, "tensor \"m.weight.absmax\" has dtype I8, expected U8");
+
+  // An fp4 checkpoint: listed, but refused with a clear message.
+  NF4Tensor fp4 = t;
+  fp4.quant_type = "fp4";
+  std::vector<Raw> fr = raw_entries("m", t, replace(good, "\"nf4\"", "\"fp4\""));
+  find_raw(fr, "bitsandbytes__nf4")->name = "m.weight.quant_state.bitsandbytes__fp4";
+  PEFT_REQUIRE_THROWS_WITH(read_with(fr), ConfigError, "quant_type \"fp4\" is not supported (only \"nf4\")");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(good)).packed.size() == 0 ? NF4Tensor() : [&] {
+    const io::SafeTensorsFile f(path);
+    return read_bnb_nf4(f, "other");
+  }(), IoError, "no tensor \"other.weight.quant_state.bitsandbytes__nf4\"");
+}

@@ -72,6 +72,18 @@ struct ModuleSelector {
   }
 };
 
+namespace detail {
+// LoraConfig::use_dora exists once DoRA is in LoRALinear; detected so this header builds either way.
+template <class C>
+auto set_use_dora(C& c, bool on, int) -> decltype(c.use_dora = on, void()) {
+  c.use_dora = on;
+}
+template <class C>
+void set_use_dora(C&, bool on, long) {
+  if (on) throw ConfigError("adapter config: use_dora = true, but this LoRALinear has no DoRA support");
+}
+}  // namespace detail
+
 struct AdapterConfig {
   std::string peft_type = "LORA";
   std::string task_type;
@@ -137,6 +149,7 @@ struct AdapterConfig {
     c.alpha = alpha_for(path);
     c.dropout = lora_dropout;
     c.use_rslora = use_rslora;
+    detail::set_use_dora(c, use_dora, 0);
     return c;
   }
   /// Whether PEFT would put an adapter on `path` (target_modules and not exclude_modules).

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Builds the libFuzzer targets (clang++, ASan + UBSan) and runs each for a bounded time, seeded from
+# tests/data. Exits non-zero if a target crashes, leaks, trips a sanitizer or fails to build.
+#
+#   tests/fuzz/run_fuzzers.sh                 # 20 s per target (what CI runs)
+#   FUZZ_SECONDS=3600 tests/fuzz/run_fuzzers.sh   # longer local campaign
+#   FUZZ_JOBS=4 ...                           # parallel fuzzing jobs per target
+# The growing corpus is kept in build-fuzz/corpus/<target>/ between runs (delete it to restart);
+# a crashing input is written to build-fuzz/artifacts/ and can be replayed with
+#   build-fuzz/<target> build-fuzz/artifacts/crash-...
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+OUT="${FUZZ_BUILD_DIR:-$ROOT/build-fuzz}"
+SECONDS_PER_TARGET="${FUZZ_SECONDS:-20}"
+JOBS="${FUZZ_JOBS:-1}"
+CXX="${FUZZ_CXX:-clang++}"
+mkdir -p "$OUT/artifacts"
+
+EIGEN_INC="$(pkg-config --cflags-only-I eigen3 2>/dev/null || echo -I/usr/include/eigen3)"
+FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
+       -fno-sanitize-recover=undefined -I"$ROOT/include" $EIGEN_INC -Wall -Wextra -Werror)
+
+status=0
+for target in fuzz_safetensors fuzz_adapter_config; do
+  echo "== building $target"
+  "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$target.cpp" -o "$OUT/$target"
+  corpus="$OUT/corpus/$target"
+  mkdir -p "$corpus"
+  seeds="$OUT/seeds/$target"
+  rm -rf "$seeds" && mkdir -p "$seeds"
+  if [[ $target == fuzz_safetensors ]]; then
+    find "$ROOT/tests/data" -name '*.safetensors' -exec cp {} "$seeds/" \;
+  else
+    i=0
+    while IFS= read -r f; do cp "$f" "$seeds/config_$((i++)).json"; done < <(find "$ROOT/tests/data" -name '*.json')
+  fi
+  parallel=()
+  if (( JOBS > 1 )); then parallel=(-jobs="$JOBS" -workers="$JOBS"); fi
+  echo "== running $target for ${SECONDS_PER_TARGET}s"
+  if ! ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+      "$OUT/$target" "$corpus" "$seeds" -max_total_time="$SECONDS_PER_TARGET" -max_len=65536 -rss_limit_mb=2048 \
+      -timeout=10 "${parallel[@]}" -artifact_prefix="$OUT/artifacts/" -print_final_stats=1; then
+    echo "!! $target FAILED (see $OUT/artifacts/)"
+    status=1
+  fi
+done
+exit $status

@@ -1,0 +1,186 @@
+// Checkpoints: scalars and tensors round-trip exactly; resuming training (adapter weights, Adam
+// state, step, dropout and data generators) continues bit-identically.
+#include <peft/io/checkpoint.hpp>
+#include <peft/layers/lora_linear.hpp>
+#include <peft/optim/adam.hpp>
+#include <peft/optim/sgd.hpp>
+
+#include <limits>
+#include <string>
+
+#include "io_test_utils.hpp"
+#include "support/test_utils.hpp"
+
+using namespace peft;
+using namespace peft::io;
+using peft::test::io::TempDir;
+
+TEMPLATE_TEST_CASE("checkpoint: tensors and typed scalars round-trip exactly", "[io][checkpoint]", float, double) {
+  using T = TestType;
+  TempDir dir;
+  Rng rng(1);
+  Checkpoint<T> ck;
+  const Matrix<T> a = test::random_matrix<T>(3, 4, rng);
+  const Matrix<T> v = test::random_matrix<T>(1, 5, rng);
+  ck.put_tensor("a", a);
+  ck.put_tensor("v", v, true);
+  ck.put_tensor("empty", Matrix<T>(0, 0));
+  ck.put_int("step", -1234567890123LL);
+  ck.put_double("lr", 0.1);
+  ck.put_double("tiny", std::numeric_limits<double>::denorm_min());
+  ck.put_double("inf", std::numeric_limits<double>::infinity());
+  ck.put_string("note", "a \"quoted\" ünïcode string");
+  Rng g(99);
+  g.next_u64();
+  ck.put_rng("data", g);
+  ck.save(dir.path + "/c.safetensors");
+  const Checkpoint<T> back = Checkpoint<T>::load(dir.path + "/c.safetensors");
+  CHECK(back.tensor("a") == a);
+  CHECK(back.tensor("v") == v);
+  CHECK(back.tensor("empty").size() == 0);
+  CHECK(back.get_int("step") == -1234567890123LL);
+  CHECK(back.get_double("lr") == 0.1);
+  CHECK(back.get_double("tiny") == std::numeric_limits<double>::denorm_min());
+  CHECK(back.get_double("inf") == std::numeric_limits<double>::infinity());
+  CHECK(back.get_string("note") == "a \"quoted\" ünïcode string");
+  Rng h(0);
+  back.get_rng("data", h);
+  CHECK(h.state() == g.state());
+  CHECK(h.next_u64() == g.next_u64());
+  PEFT_REQUIRE_THROWS_WITH(back.get_int("lr"), ConfigError, "no scalar \"lr\" of type i:");
+  PEFT_REQUIRE_THROWS_WITH(back.tensor("b"), ConfigError, "no tensor \"b\"");
+  CHECK(dir.entries() == std::vector<std::string>{"c.safetensors"});
+}
+
+TEST_CASE("checkpoint: foreign or tampered files are rejected", "[io][checkpoint]") {
+  TempDir dir;
+  const Matrix<float> a = Matrix<float>::Ones(2, 2);
+  save_safetensors<float>(dir.path + "/plain.safetensors", {{"a", {2, 2}, a.data()}});
+  PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/plain.safetensors"), IoError, "is not a peft checkpoint");
+  save_safetensors<float>(dir.path + "/v2.safetensors", {{"a", {2, 2}, a.data()}}, {{"peft.checkpoint", "2"}});
+  PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/v2.safetensors"), IoError, "format version \"2\"");
+  save_safetensors<float>(dir.path + "/bad.safetensors", {{"a", {2, 2}, a.data()}},
+                          {{"peft.checkpoint", "1"}, {"i:step", "12x"}, {"rng:r", "zz"}});
+  const Checkpoint<float> c = Checkpoint<float>::load(dir.path + "/bad.safetensors");
+  PEFT_REQUIRE_THROWS_WITH(c.get_int("step"), IoError, "scalar \"step\" = \"12x\" is not an integer");
+  Rng r;
+  PEFT_REQUIRE_THROWS_WITH(c.get_rng("r", r), IoError, "is not 64 hex digits");
+  save_safetensors<float>(dir.path + "/tag.safetensors", {{"a", {2, 2}, a.data()}}, {{"peft.checkpoint", "1"}, {"step", "1"}});
+  PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/tag.safetensors"), IoError, "has no type tag");
+  // A double checkpoint does not silently load as float.
+  Checkpoint<double> d;
+  d.put_tensor("a", Matrix<double>::Ones(1, 1));
+  d.save(dir.path + "/d.safetensors");
+  PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/d.safetensors"), IoError, "is F64, expected F32");
+}
+
+namespace {
+/// One LoRA layer with dropout trained with AdamW on random regression data.
+struct Run {
+  Rng init{42};
+  LoRALinear<double> layer{6, 5, init, true, "layer"};
+  Rng data{7};
+  std::int64_t step = 0;
+
+  Run() {
+    layer.freeze_base();
+    LoraConfig c;
+    c.r = 2;
+    c.alpha = 3;
+    c.dropout = 0.25;
+    c.init = LoraInit::None;
+    layer.add_adapter("default", c, init);
+  }
+
+  template <class Opt>
+  void train(Opt& opt, int steps) {
+    typename LoRALinear<double>::Cache cache;
+    for (int s = 0; s < steps; ++s, ++step) {
+      const Matrix<double> x = test::random_matrix<double>(4, 6, data);
+      const Matrix<double> y = layer.forward(x, cache);
+      const Matrix<double> dy = (y - test::random_matrix<double>(4, 5, data)) / 4.0;
+      opt.zero_grad();
+      layer.backward(cache, dy, nullptr);
+      opt.step();
+    }
+  }
+
+  template <class Opt>
+  Checkpoint<double> snapshot(Opt& opt) {
+    Checkpoint<double> ck;
+    save_parameters(layer, ck);
+    save_optimizer_state(opt, ck);
+    ck.put_int("step", step);
+    ck.put_rng("rng.dropout", layer.rng());
+    ck.put_rng("rng.data", data);
+    return ck;
+  }
+
+  template <class Opt>
+  void restore(Opt& opt, const Checkpoint<double>& ck) {
+    CHECK(restore_parameters(layer, ck) == 2);  // lora_A and lora_B (the base is frozen)
+    load_optimizer_state(opt, ck);
+    step = ck.get_int("step");
+    ck.get_rng("rng.dropout", layer.rng());
+    ck.get_rng("rng.data", data);
+  }
+};
+}  // namespace
+
+TEST_CASE("checkpoint: resuming AdamW training continues bit-identically", "[io][checkpoint]") {
+  TempDir dir;
+  Run straight;
+  AdamW<double> opt_s(straight.layer, AdamWOptions{0.05, 0.9, 0.999, 1e-8, 0.01});
+  straight.train(opt_s, 8);
+
+  Run first;
+  AdamW<double> opt_f(first.layer, AdamWOptions{0.05, 0.9, 0.999, 1e-8, 0.01});
+  first.train(opt_f, 3);
+  opt_f.set_lr(0.03);  // as a schedule would; must be restored too
+  opt_s.set_lr(0.05);
+  first.snapshot(opt_f).save(dir.path + "/ck.safetensors");
+
+  Run resumed;  // same construction, then everything replaced from the file
+  AdamW<double> opt_r(resumed.layer, AdamWOptions{0.05, 0.9, 0.999, 1e-8, 0.01});
+  resumed.restore(opt_r, Checkpoint<double>::load(dir.path + "/ck.safetensors"));
+  CHECK(opt_r.lr(0) == 0.03);
+  CHECK(resumed.step == 3);
+  opt_r.set_lr(0.05);
+  resumed.train(opt_r, 5);
+  // The straight run used lr 0.05 throughout; so did the resumed one after the restore check.
+  const auto& a = resumed.layer.adapters()[0];
+  const auto& b = straight.layer.adapters()[0];
+  CHECK(a.A.value == b.A.value);  // bit-identical
+  CHECK(a.B.value == b.B.value);
+  CHECK(opt_r.step_count("lora_A.default.weight") == 8);
+  CHECK(opt_r.state("lora_A.default.weight")->exp_avg_sq == opt_s.state("lora_A.default.weight")->exp_avg_sq);
+  CHECK(resumed.layer.rng().state() == straight.layer.rng().state());
+}
+
+TEST_CASE("checkpoint: SGD momentum state and mismatches", "[io][checkpoint]") {
+  Run r;
+  SGD<double> opt(r.layer, SGDOptions{0.1, 0.9});
+  r.train(opt, 2);
+  Checkpoint<double> ck = r.snapshot(opt);
+  CHECK(ck.has_tensor("optim.state.lora_B.default.weight.momentum_buffer"));
+  Run other;
+  SGD<double> opt2(other.layer, SGDOptions{0.1, 0.9});
+  other.restore(opt2, ck);
+  CHECK(opt2.state("lora_B.default.weight")->momentum_buffer == opt.state("lora_B.default.weight")->momentum_buffer);
+
+  // A parameter of another shape: nothing is restored.
+  Rng rng(1);
+  LoRALinear<double> wide(7, 5, rng, true, "layer");
+  LoraConfig c2;
+  c2.r = 2;
+  wide.add_adapter("default", c2);
+  const Matrix<double> before = wide.weight.value;
+  Checkpoint<double> full;
+  save_parameters(r.layer, full, "param.", false);
+  PEFT_REQUIRE_THROWS_WITH(restore_parameters(wide, full), ShapeError, "parameter \"weight\" has shape [5, 7], checkpoint has [5, 6]");
+  CHECK(wide.weight.value == before);
+  full.put_tensor("param.nope", Matrix<double>::Ones(1, 1));
+  PEFT_REQUIRE_THROWS_WITH(restore_parameters(r.layer, full), ConfigError, "\"param.nope\" names no parameter");
+  Checkpoint<double> empty;
+  PEFT_REQUIRE_THROWS_WITH(load_optimizer_state(opt2, empty), ConfigError, "no scalar \"optim.group.default.lr\"");
+}

@@ -1,5 +1,30 @@
+// Also holds the no-allocation test of the sequence blocks (attention, feed-forward, layer norm,
+// dropout, embeddings, prefix): Eigen's EIGEN_RUNTIME_NO_MALLOC guard, with eigen_assert routed to a
+// counter so the check works in Release (NDEBUG) builds too; a positive control proves it is live.
+// The macros must precede the first Eigen include. std::string / std::vector allocations are not
+// visible to the guard: on these paths messages are built only on failure and the cache vectors
+// keep their capacity.
+#include <atomic>
+
+namespace peft_blocks_no_malloc {
+inline std::atomic<long> violations{0};
+inline void on_eigen_assert(bool ok) {
+  if (!ok) ++violations;
+}
+}  // namespace peft_blocks_no_malloc
+
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(x) ::peft_blocks_no_malloc::on_eigen_assert(static_cast<bool>(x))
+
+#include <Eigen/Core>
+
 #include <peft/core/parameters.hpp>
 #include <peft/layers/attention.hpp>
+#include <peft/layers/dropout.hpp>
+#include <peft/layers/embedding.hpp>
+#include <peft/layers/feed_forward.hpp>
+#include <peft/layers/layer_norm.hpp>
+#include <peft/layers/prefix_attention.hpp>
 #include <peft/train/gradient_check.hpp>
 
 #include <cmath>
@@ -342,4 +367,68 @@ TEST_CASE("Attention rejects bad configurations and inputs with named errors", "
   attn.merge_ia3();
   attn.forward(x, SequenceLayout(2, 3), c);
   PEFT_REQUIRE_THROWS_WITH(attn.backward(c, x, nullptr), ConfigError, "cannot train while (IA)^3 is merged");
+}
+
+namespace {
+template <class Fn>
+long allocations_after_warmup(Fn&& fn, int reps = 3) {
+  fn();
+  peft_blocks_no_malloc::violations = 0;
+  Eigen::internal::set_is_malloc_allowed(false);
+  for (int i = 0; i < reps; ++i) fn();
+  Eigen::internal::set_is_malloc_allowed(true);
+  return peft_blocks_no_malloc::violations.load();
+}
+}  // namespace
+
+TEST_CASE("Sequence blocks allocate nothing after the first forward/backward", "[attention][no_malloc]") {
+  // Positive control: the guard sees an allocation in this build.
+  CHECK(allocations_after_warmup([] {
+          Matrix<float> m(7, 9);
+          m.setZero();
+        }) > 0);
+
+  Rng rng(40);
+  const Index d = 8, S = 5;
+  const SequenceLayout layout(2, S, {5, 3});
+  MultiHeadAttention<float> attn(d, 2, rng, AttentionOptions{true, true}, "attn");
+  add_lora(attn.q_proj, rng);
+  attn.add_ia3();
+  FeedForward<float> ffn(d, 16, Activation::GELU, rng, true, "ffn");
+  ffn.add_ia3();
+  LayerNorm<float> ln(d, 1e-5, true, "ln");
+  Dropout<float> drop(0.1, 3, "drop");
+  Embedding<float> emb(20, d, rng, "emb");
+  PositionalEmbedding<float> pos(S, d, rng, "pos");
+  PrefixAttention<float> prefix(PrefixConfig{3, d, 1, true, 6}, rng, "prefix");
+  const std::vector<Index> ids = {1, 2, 3, 4, 5, 6, 7, 8, 0, 0};
+  const Matrix<float> g = test::random_matrix<float>(2 * S, d, rng);
+
+  typename MultiHeadAttention<float>::Cache ca;
+  typename FeedForward<float>::Cache cf;
+  typename LayerNorm<float>::Cache cl;
+  typename Dropout<float>::Cache cd;
+  typename Embedding<float>::Cache ce;
+  typename PositionalEmbedding<float>::Cache cp;
+  typename PrefixAttention<float>::Cache cpre;
+  Matrix<float> x, h1, h2, h3, y, dy, dx1, dx2, dx3;
+  const long n = allocations_after_warmup([&] {
+    emb.forward(ids, x, ce);
+    pos.forward_inplace(x, layout, cp);
+    ln.forward(x, h1, cl);
+    prefix.forward(cpre);
+    const PrefixKV<float> kv = prefix.layer(cpre, 0);
+    attn.forward(h1, layout, h2, ca, &kv);
+    drop.forward(h2, h3, cd);
+    ffn.forward(h3, y, cf);
+    ffn.backward(cf, g, &dx1);
+    drop.backward(cd, dx1, &dx2);
+    PrefixGrad<float> pg = prefix.layer_grad(cpre, 0);
+    attn.backward(ca, dx2, &dx3, &pg);
+    prefix.backward(cpre);
+    ln.backward(cl, dx3, &dx1);
+    pos.backward(cp, dx1);
+    emb.backward(ce, dx1);
+  });
+  CHECK(n == 0);
 }

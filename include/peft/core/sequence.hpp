@@ -59,6 +59,19 @@ struct SequenceLayout {
     return n;
   }
 
+  /// True when validate() would pass (no allocation: for hot paths).
+  bool ok(Index data_rows = -1) const {
+    if (batch <= 0 || seq <= 0 || static_cast<Index>(lengths.size()) != batch) return false;
+    for (Index l : lengths)
+      if (l < 1 || l > seq) return false;
+    return data_rows < 0 || data_rows == rows();
+  }
+
+  /// As validate(who, data_rows) with who = `Kind "name"`, built only on failure (no allocation).
+  void validate(const char* kind, const std::string& name, Index data_rows = -1) const {
+    if (!ok(data_rows)) validate(describe(kind, name), data_rows);
+  }
+
   /// Throws ShapeError naming `who` unless batch, seq ≥ 1, lengths has batch entries in [1, seq]
   /// and (when data_rows ≥ 0) the data block has batch·seq rows.
   void validate(const std::string& who, Index data_rows = -1) const {

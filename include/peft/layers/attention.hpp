@@ -155,14 +155,15 @@ class MultiHeadAttention : public Module<T> {
   /// x [B·S, d] laid out as `layout`; y [B·S, d] (resized only if needed). `prefix` may be null.
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
                const PrefixKV<T>* prefix = nullptr) {
-    const std::string who = describe("MultiHeadAttention", this->name());
-    layout.validate(who, x.rows());
+    layout.validate("MultiHeadAttention", this->name(), x.rows());
     check::input_features("MultiHeadAttention", this->name(), x.cols(), dim());
     const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
     Index l = 0;
     if (prefix != nullptr) {
       l = prefix->key.rows();
-      if (l < 1) throw ShapeError(who + ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
+      if (l < 1)
+        throw ShapeError(describe("MultiHeadAttention", this->name()) +
+                         ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
       check::shape("MultiHeadAttention", this->name(), "prefix key", prefix->key.rows(), prefix->key.cols(), l, d);
       check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l, d);
       cache.prefix_k = prefix->key;
@@ -219,14 +220,17 @@ class MultiHeadAttention : public Module<T> {
   /// Accumulates parameter gradients (LoRA / base / IA3 as trainable), writes dx [B·S, d] unless
   /// null, and accumulates the prefix gradients into *dprefix unless null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr) {
-    const std::string who = describe("MultiHeadAttention", this->name());
     const SequenceLayout& layout = cache.layout;
     const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
     const Index l = cache.prefix_len;
     check::shape("MultiHeadAttention", this->name(), "output gradient", dy.rows(), dy.cols(), layout.rows(), d);
-    if (ia3_merged()) throw ConfigError(who + ": cannot train while (IA)^3 is merged; unmerge first");
+    if (ia3_merged())
+      throw ConfigError(describe("MultiHeadAttention", this->name()) +
+                        ": cannot train while (IA)^3 is merged; unmerge first");
     if (dprefix != nullptr) {
-      if (l == 0) throw ConfigError(who + ": prefix gradients requested but the forward pass had no prefix");
+      if (l == 0)
+        throw ConfigError(describe("MultiHeadAttention", this->name()) +
+                          ": prefix gradients requested but the forward pass had no prefix");
       check::shape("MultiHeadAttention", this->name(), "prefix key gradient", dprefix->key.rows(), dprefix->key.cols(), l, d);
       check::shape("MultiHeadAttention", this->name(), "prefix value gradient", dprefix->value.rows(),
                    dprefix->value.cols(), l, d);

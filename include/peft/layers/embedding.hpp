@@ -117,11 +117,10 @@ class PositionalEmbedding : public Module<T> {
 
   /// x += P[t] for token t of every sequence (padding rows too; attention masks them anyway).
   void forward_inplace(MatrixRef<T> x, const SequenceLayout& layout, Cache& cache) {
-    const std::string who = describe("PositionalEmbedding", this->name());
-    layout.validate(who, x.rows());
+    layout.validate("PositionalEmbedding", this->name(), x.rows());
     check::input_features("PositionalEmbedding", this->name(), x.cols(), dim());
     if (layout.seq > max_len())
-      throw ShapeError(who + ": sequence length " + std::to_string(layout.seq) + " exceeds max_len " +
+      throw ShapeError(describe("PositionalEmbedding", this->name()) + ": sequence length " + std::to_string(layout.seq) + " exceeds max_len " +
                        std::to_string(max_len()));
     for (Index b = 0; b < layout.batch; ++b) x.middleRows(b * layout.seq, layout.seq) += weight.value.topRows(layout.seq);
     cache.batch = layout.batch;

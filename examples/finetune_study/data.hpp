@@ -54,9 +54,9 @@ struct TransferData {
 struct DataOptions {
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   Index budget = 1000;         ///< labelled target images
-  Index target_val = 1000;     ///< held-out target images for curves
-  Index max_source = 30000;    ///< cap on pretraining images
-  Index source_val = 1000;     ///< held-out source images for the pretraining curve
+  Index target_val = 500;      ///< held-out target images for curves
+  Index max_source = 20000;    ///< cap on pretraining images
+  Index source_val = 500;      ///< held-out source images for the pretraining curve
   Index max_test_per_task = 5000;
   std::uint64_t seed = 1;
 };

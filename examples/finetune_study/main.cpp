@@ -31,10 +31,11 @@ official test split. Same data, budget, batch order and seed for every strategy.
 Usage: finetune_study [options]
   --strategies LIST   comma-separated subset (default: all); --list shows them
   --budget N          labelled target images (default 1000)
-  --epochs N          fine-tuning epochs over the budget (default 12)
+  --epochs N          fine-tuning epochs over the budget (default 10)
   --pretrain-epochs N source epochs (default 2)
   --seed N            seed of initialization, budget draw and batch order (default 1)
-  --threads N         Eigen/OpenMP threads (default: Eigen's choice)
+  --threads N         Eigen/OpenMP threads (default 1: the matrices are small, and on a busy
+                      machine OpenMP barriers stall; --threads 2 helps on an idle one)
   --arch NAME         network: transformer or mlp (default: transformer when built in)
   --out DIR           output folder for CSV and SVG files (default finetune_out)
   --data-dir DIR      Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist);
@@ -92,7 +93,7 @@ int main(int argc, char** argv) {
   std::string out_dir = "finetune_out";
   std::string strategies_arg = "all";
   bool quick = false, check = false, plain = false;
-  int threads = 0;
+  int threads = 1;
   long budget = -1, epochs = -1, pretrain_epochs = -1;
   std::string command_line = argv[0];
 #if STUDY_HAS_TRANSFORMER
@@ -174,14 +175,14 @@ int main(int argc, char** argv) {
     data_opt.max_source = 4000;
     data_opt.max_test_per_task = 1000;
     opt.pretrain_epochs = 1;
-    opt.epochs = 4;
+    opt.epochs = 5;
     opt.ewc_samples = 50;
   }
   if (budget > 0) data_opt.budget = budget;
   if (epochs > 0) opt.epochs = static_cast<int>(epochs);
   if (pretrain_epochs > 0) opt.pretrain_epochs = static_cast<int>(pretrain_epochs);
   data_opt.seed = opt.seed;
-  if (threads > 0) Eigen::setNbThreads(threads);
+  Eigen::setNbThreads(threads);
   if (plain) opt.progress.mode = peft::ProgressOptions::Mode::Plain;
   opt.log = &std::cout;
 

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cstdlib>
 #include <cmath>
 #include <functional>
 #include <iostream>
@@ -32,8 +31,8 @@ namespace {
 using peft::NamedParameter;
 using peft::ParamGroup;
 
-const double kHeadLr = std::getenv("STUDY_HEAD_LR") ? std::atof(std::getenv("STUDY_HEAD_LR")) : 1e-3;
-const double kFullFtLr = std::getenv("STUDY_FT_LR") ? std::atof(std::getenv("STUDY_FT_LR")) : 1e-4;
+constexpr double kHeadLr = 1e-2;      ///< the new task's zero-initialised head, in every strategy
+constexpr double kFullFtLr = 1e-4;    ///< "small LR" for the pretrained backbone
 constexpr double kScratchLr = 1e-3;
 constexpr double kPeftLr = 2e-3;      ///< LoRA, adapters
 constexpr double kIa3Lr = 1e-2;       ///< (IA)³ vectors start at 1 and need large steps

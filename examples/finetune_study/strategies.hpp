@@ -27,12 +27,12 @@ const std::vector<StrategyInfo>& all_strategies();
 
 struct StudyOptions {
   int pretrain_epochs = 2;
-  int epochs = 12;              ///< fine-tuning epochs over the budget
+  int epochs = 10;              ///< fine-tuning epochs over the budget
   Index batch = 32;
   Index pretrain_batch = 64;
   std::uint64_t seed = 1;
   double replay_fraction = 0.25;  ///< source images mixed into each batch, relative to the batch size
-  double l2sp_lambda = 0.5;
+  double l2sp_lambda = 1.0;
   double ewc_lambda = 200.0;
   Index ewc_samples = 200;        ///< source examples (one per backward) for the diagonal Fisher
   Index val_every = 1;            ///< epochs between learning-curve evaluations

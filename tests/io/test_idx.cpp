@@ -1,7 +1,10 @@
 // IDX reader: round trips through tiny gzip files written here with zlib, and every broken case
 // (missing, wrong magic, wrong rank, truncated header/body/gzip stream, bad CRC, trailing bytes,
 // image/label count mismatch, labels out of range, absurd dimensions).
-#if __has_include(<zlib.h>)
+//
+// Needs zlib at link time: tests/CMakeLists.txt links ZLIB::ZLIB into peft_tests_io and defines
+// PEFT_HAVE_ZLIB when zlib is found; without it this file compiles to nothing.
+#if defined(PEFT_HAVE_ZLIB)
 #include <peft/io/idx.hpp>
 #include <zlib.h>
 

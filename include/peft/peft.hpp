@@ -22,6 +22,7 @@
 #include "peft/layers/layer_norm.hpp"
 #include "peft/layers/linear.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/layers/lora_mixed_batch.hpp"
 #include "peft/layers/prefix_attention.hpp"
 #include "peft/layers/soft_prompt.hpp"
 
@@ -29,6 +30,12 @@
 #include "peft/loss/bradley_terry.hpp"
 #include "peft/loss/cross_entropy.hpp"
 #include "peft/loss/mse.hpp"
+
+#include "peft/merge/analysis.hpp"
+#include "peft/merge/combine.hpp"
+#include "peft/merge/extract.hpp"
+#include "peft/merge/factors.hpp"
+#include "peft/merge/low_rank_svd.hpp"
 
 #include "peft/models/peft_config.hpp"
 #include "peft/models/targeting.hpp"

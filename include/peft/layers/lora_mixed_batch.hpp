@@ -170,8 +170,8 @@ void check_mixed(const LoRALinear<T>& layer, const ConstMatrixRef<T>& x, std::si
 
 /// y = base(x) plus, on each row, that row's adapter (by name, or "none").
 template <class T>
-void forward_mixed(const LoRALinear<T>& layer, const ConstMatrixRef<typename detail::same_type<T>::type>& x, const std::vector<std::string>& row_adapter,
-                   Matrix<T>& y, MixedBatchWorkspace<T>& ws) {
+void forward_mixed(const LoRALinear<T>& layer, const ConstMatrixRef<typename detail::same_type<T>::type>& x,
+                   const std::vector<std::string>& row_adapter, Matrix<T>& y, MixedBatchWorkspace<T>& ws) {
   detail::check_mixed(layer, x, row_adapter.size());
   route_rows(layer, row_adapter, ws.routing);
   detail::forward_mixed_impl(layer, x, ws.routing, y, ws);
@@ -179,8 +179,8 @@ void forward_mixed(const LoRALinear<T>& layer, const ConstMatrixRef<typename det
 
 /// Same with precomputed routing (route_rows): adapter index into layer.adapters() or kNoAdapter.
 template <class T>
-void forward_mixed(const LoRALinear<T>& layer, const ConstMatrixRef<typename detail::same_type<T>::type>& x, const std::vector<int>& routing,
-                   Matrix<T>& y, MixedBatchWorkspace<T>& ws) {
+void forward_mixed(const LoRALinear<T>& layer, const ConstMatrixRef<typename detail::same_type<T>::type>& x,
+                   const std::vector<int>& routing, Matrix<T>& y, MixedBatchWorkspace<T>& ws) {
   detail::check_mixed(layer, x, routing.size());
   const std::size_t n = layer.adapters().size();
   for (std::size_t r = 0; r < routing.size(); ++r)

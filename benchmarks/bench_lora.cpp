@@ -1,0 +1,144 @@
+// Linear vs. LoRALinear: forward, backward, merged forward and a full train step
+// (forward + backward + AdamW) at the Foundation issue's sizes. Ratios, not absolute times, are
+// the point: run benchmarks/run_lora_peer.sh to see them next to PyTorch on the same CPU.
+//
+// Args: rows, in, out, r. Counters: GFLOP/s of the work each case must do.
+#include <benchmark/benchmark.h>
+
+#include <peft/peft.hpp>
+
+namespace {
+
+using T = float;
+using peft::Index;
+using peft::Matrix;
+
+struct Case {
+  Index rows, in, out;
+  int r;
+  explicit Case(const benchmark::State& s)
+      : rows(s.range(0)), in(s.range(1)), out(s.range(2)), r(static_cast<int>(s.range(3))) {}
+  double base_flops() const { return 2.0 * rows * in * out; }
+  double lora_flops() const { return 2.0 * rows * r * (in + out); }
+};
+
+peft::LoRALinear<T> make_layer(const Case& c, bool with_adapter) {
+  peft::Rng rng(42);
+  peft::LoRALinear<T> layer(c.in, c.out, rng, true, "bench");
+  layer.freeze_base();
+  if (with_adapter) {
+    layer.add_adapter("default", peft::LoraConfig{c.r, 2.0 * c.r}, rng);
+    peft::init::normal<T>(layer.adapter("default").B.value, rng, 0.0, 0.02);  // B ≠ 0: real work
+  }
+  layer.eval();
+  return layer;
+}
+
+void set_rate(benchmark::State& state, double flops) {
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_LinearForward(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_layer(c, false);
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  Matrix<T> y;
+  peft::LoRALinear<T>::Cache cache;
+  for (auto _ : state) {
+    layer.forward(x, y, cache);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, c.base_flops());
+}
+
+void BM_LoraForward(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_layer(c, true);
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  Matrix<T> y;
+  peft::LoRALinear<T>::Cache cache;
+  for (auto _ : state) {
+    layer.forward(x, y, cache);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, c.base_flops() + c.lora_flops());
+}
+
+void BM_LoraMergedForward(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_layer(c, true);
+  layer.merge();
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  Matrix<T> y;
+  peft::LoRALinear<T>::Cache cache;
+  for (auto _ : state) {
+    layer.forward(x, y, cache);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, c.base_flops());
+}
+
+/// Backward of a LoRA layer on a frozen base, input gradient included (a middle layer).
+void BM_LoraBackward(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_layer(c, true);
+  layer.train();
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  const Matrix<T> dy = Matrix<T>::Random(c.rows, c.out);
+  Matrix<T> y, dx;
+  peft::LoRALinear<T>::Cache cache;
+  layer.forward(x, y, cache);
+  for (auto _ : state) {
+    layer.backward(cache, dy, &dx);
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  }
+  // dX = dY W (base) + the low-rank terms dB, G = dY B, dA, G A.
+  set_rate(state, c.base_flops() + 2.0 * c.lora_flops());
+}
+
+/// One optimisation step of a LoRA layer on a frozen base: zero_grad, forward, backward (no input
+/// gradient: the first layer of a model), AdamW. The PEFT promise is that this costs little more
+/// than the base forward, since the frozen W gets no gradient GEMM.
+void BM_LoraTrainStep(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_layer(c, true);
+  layer.train();
+  peft::AdamW<T> opt(layer, peft::AdamWOptions{});
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  const Matrix<T> dy = Matrix<T>::Random(c.rows, c.out);
+  Matrix<T> y;
+  peft::LoRALinear<T>::Cache cache;
+  for (auto _ : state) {
+    layer.zero_grad();
+    layer.forward(x, y, cache);
+    layer.backward(cache, dy, nullptr);
+    opt.step();
+    benchmark::DoNotOptimize(layer.adapter("default").A.value.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, c.base_flops() + 2.0 * c.lora_flops());
+}
+
+void cases(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"rows", "in", "out", "r"});
+  b->Args({64, 256, 256, 8});
+  b->Args({512, 1024, 1024, 16});
+  b->Args({512, 4096, 4096, 16});
+  b->Unit(benchmark::kMicrosecond);
+  b->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK(BM_LinearForward)->Apply(cases);
+BENCHMARK(BM_LoraForward)->Apply(cases);
+BENCHMARK(BM_LoraMergedForward)->Apply(cases);
+BENCHMARK(BM_LoraBackward)->Apply(cases);
+BENCHMARK(BM_LoraTrainStep)->Apply(cases);
+
+BENCHMARK_MAIN();

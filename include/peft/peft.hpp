@@ -41,6 +41,11 @@
 #include "peft/models/targeting.hpp"
 #include "peft/models/transformer.hpp"
 
+#include "peft/quant/blockwise8.hpp"
+#include "peft/quant/loftq.hpp"
+#include "peft/quant/nf4.hpp"
+#include "peft/quant/nf4_lora_linear.hpp"
+
 #include "peft/optim/adam.hpp"
 #include "peft/optim/clip.hpp"
 #include "peft/optim/optimizer.hpp"

@@ -219,21 +219,23 @@ void print_table(std::ostream& out, const Pretrained& pre, const std::vector<Str
   const std::string before = fmt("%.1f", 100.0 * pre.source_acc);
   out << '\n'
       << pad("strategy", 38) << pad("target", 8, true) << pad("source", 16, true) << pad("forget", 8, true)
-      << pad("trainable", 12, true) << pad("%", 8, true) << pad("time", 8, true) << pad("peak MiB", 10, true) << '\n'
+      << pad("trainable", 12, true) << pad("%", 8, true) << pad("time", 8, true) << pad("cpu", 8, true) << pad("peak MiB", 10, true) << '\n'
       << pad("", 38) << pad("acc %", 8, true) << pad("before->after", 16, true) << pad("pts", 8, true) << '\n'
-      << std::string(108, '-') << '\n';
+      << std::string(116, '-') << '\n';
   for (const auto& r : results) {
     const std::string src = r.source_measured ? before + " -> " + fmt("%.1f", 100.0 * r.source_acc) : "-";
     const std::string forget = r.source_measured ? fmt("%+.1f", 100.0 * (pre.source_acc - r.source_acc)) : "-";
     out << pad(r.info.label, 38) << pad(fmt("%.1f", 100.0 * r.target_acc), 8, true) << pad(src, 16, true)
         << pad(forget, 8, true) << pad(with_commas(r.trainable), 12, true)
         << pad(fmt("%.2f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1))), 8, true)
-        << pad(peft::format_duration(r.seconds), 8, true) << pad(mib(r.peak_rss), 10, true) << '\n';
+        << pad(peft::format_duration(r.seconds), 8, true) << pad(peft::format_duration(r.cpu_seconds), 8, true)
+        << pad(mib(r.peak_rss), 10, true) << '\n';
   }
-  out << std::string(108, '-') << '\n'
+  out << std::string(116, '-') << '\n'
       << "target/source acc: 5-way test accuracy on classes 5-9 / 0-4 (official test split); forget = source acc\n"
-      << "lost by adapting (percentage points); % = trainable / all parameters of the adapted model; peak MiB =\n"
-      << "peak resident memory of the process during the strategy (data set included).\n";
+      << "lost by adapting (percentage points); % = trainable / all parameters of the adapted model; time = wall\n"
+      << "time, cpu = process CPU time (what a busy machine cannot inflate); peak MiB = peak resident memory of\n"
+      << "the process during the strategy (data set included).\n";
 }
 
 std::vector<std::string> write_outputs(const std::string& dir, const RunInfo& info, const Pretrained& pre,
@@ -248,7 +250,7 @@ std::vector<std::string> write_outputs(const std::string& dir, const RunInfo& in
     std::ofstream s(path("results.csv"));
     if (!s) throw peft::IoError("cannot write \"" + path("results.csv") + "\"");
     s << "strategy,label,family,target_acc,source_acc_before,source_acc_after,forgetting,trainable_params,total_params,"
-         "trainable_percent,train_state_bytes,seconds,peak_rss_bytes\n";
+         "trainable_percent,train_state_bytes,seconds,cpu_seconds,peak_rss_bytes\n";
     for (const auto& r : results) {
       s << r.info.id << ',' << csv_field(r.info.label) << ',' << csv_field(r.info.family) << ','
         << fmt("%.4f", r.target_acc) << ',';
@@ -258,7 +260,8 @@ std::vector<std::string> write_outputs(const std::string& dir, const RunInfo& in
         s << ",,";
       s << ',' << r.trainable << ',' << r.total << ','
         << fmt("%.4f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1))) << ','
-        << r.state_bytes << ',' << fmt("%.2f", r.seconds) << ',' << r.peak_rss << '\n';
+        << r.state_bytes << ',' << fmt("%.2f", r.seconds) << ',' << fmt("%.2f", r.cpu_seconds) << ',' << r.peak_rss
+        << '\n';
     }
     written.push_back(path("results.csv"));
   }

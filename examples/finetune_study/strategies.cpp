@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cmath>
 #include <functional>
 #include <iostream>
@@ -256,6 +257,7 @@ StrategyResult run_strategy(const StrategyInfo& info, const Pretrained& pretrain
   r.info = info;
   peft::reset_peak_rss();
   const double t0 = now_s();
+  const std::clock_t c0 = std::clock();
   peft::Rng rng(o.seed * 1000003ULL + 99);
   std::unique_ptr<Net> net;
   Plan plan;
@@ -358,6 +360,7 @@ StrategyResult run_strategy(const StrategyInfo& info, const Pretrained& pretrain
   r.target_acc = task_accuracy(m, data, data.target_test, kTaskClasses);
   r.source_acc = task_accuracy(m, data, data.source_test, 0);
   r.seconds = now_s() - t0;
+  r.cpu_seconds = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
   r.peak_rss = peft::peak_rss_bytes();
   return r;
 }

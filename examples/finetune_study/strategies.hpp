@@ -58,6 +58,7 @@ struct StrategyResult {
   Index total = 0;
   std::int64_t state_bytes = 0;   ///< gradients + optimizer moments of the trainable parameters
   double seconds = 0.0;
+  double cpu_seconds = 0.0;       ///< process CPU time (all threads): the cost a loaded machine cannot inflate
   std::int64_t peak_rss = -1;     ///< bytes, -1 when the platform does not expose it
   std::vector<CurvePoint> curve;
 };

@@ -62,3 +62,53 @@ TEST_CASE("Linear rejects bad shapes with named errors", "[linear][errors]") {
   PEFT_REQUIRE_THROWS_WITH(layer.backward(cache, Matrix<float>::Zero(2, 3), nullptr), ShapeError, "expected [2, 4]");
   PEFT_REQUIRE_THROWS_WITH(Linear<float>(0, 4, rng), ShapeError, "in=0");
 }
+
+TEST_CASE("Linear wraps existing weights and validates them", "[linear][errors]") {
+  Matrix<double> w(2, 3);
+  w << 1, 2, 3, 4, 5, 6;
+  RowVector<double> b(2);
+  b << 0.5, -1;
+  Linear<double> layer(w, b, "wrapped");
+  CHECK(layer.in_features() == 3);
+  CHECK(layer.out_features() == 2);
+  CHECK(layer.weight.trainable());
+  CHECK(layer.bias.trainable());
+  CHECK(layer.bias.is_vector());
+  typename Linear<double>::Cache cache;
+  Matrix<double> x(1, 3);
+  x << 1, 0, -1;
+  const Matrix<double> y = layer.forward(x, cache);
+  CHECK(y(0, 0) == 1 - 3 + 0.5);
+  CHECK(y(0, 1) == 4 - 6 - 1);
+  Linear<double> no_bias(w, RowVector<double>(), "nb");
+  CHECK_FALSE(no_bias.has_bias());
+  PEFT_REQUIRE_THROWS_WITH(Linear<double>(w, RowVector<double>::Zero(3), "bad"), ShapeError,
+                           "Linear \"bad\": bias has shape [1, 3], expected [1, 2]");
+  PEFT_REQUIRE_THROWS_WITH(Linear<double>(Matrix<double>(0, 3), b, "empty"), ShapeError, "weight has shape [0, 3]");
+}
+
+TEST_CASE("Linear: a weight unfrozen after a frozen forward is caught, not silently stale", "[linear][errors]") {
+  Rng rng(5);
+  Linear<double> layer(4, 3, rng, true, "fc");
+  const Matrix<double> x = test::random_matrix<double>(2, 4, rng);
+  const Matrix<double> g = test::random_matrix<double>(2, 3, rng);
+  typename Linear<double>::Cache cache;
+  layer.forward(x, cache);  // trainable: keeps x
+  layer.weight.set_trainable(false);
+  layer.forward(x, cache);  // frozen: drops it
+  CHECK(cache.x.size() == 0);
+  layer.weight.set_trainable(true);
+  PEFT_REQUIRE_THROWS_WITH(layer.backward(cache, g, nullptr), ShapeError, "cached input");
+}
+
+TEST_CASE("Linear gradient buffer follows a replaced weight", "[linear]") {
+  Rng rng(6);
+  Linear<double> layer(4, 3, rng, false, "fc");
+  layer.weight.value = test::random_matrix<double>(3, 5, rng);  // e.g. loaded with another shape
+  const Matrix<double> x = test::random_matrix<double>(2, 5, rng);
+  const Matrix<double> g = test::random_matrix<double>(2, 3, rng);
+  typename Linear<double>::Cache cache;
+  layer.forward(x, cache);
+  layer.backward(cache, g, nullptr);
+  CHECK(test::rel_diff(layer.weight.grad, Matrix<double>(g.transpose() * x)) < 1e-14);
+}

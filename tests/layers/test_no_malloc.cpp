@@ -1,6 +1,6 @@
 // Hot paths allocate nothing after the first call: repeated forward + backward of Linear and
 // LoRALinear (with and without dropout, one and two adapters, frozen base) with reused caches and
-// outputs, under Eigen's EIGEN_RUNTIME_NO_MALLOC guard.
+// outputs, plain LoRA and DoRA, under Eigen's EIGEN_RUNTIME_NO_MALLOC guard.
 //
 // Eigen reports a forbidden allocation through eigen_assert, which NDEBUG (Release) compiles out,
 // so this file routes eigen_assert to a counter: each violation is counted (and the allocation
@@ -49,8 +49,9 @@ long allocations_after_warmup(Fn&& fn, int reps = 3) {
   return peft_no_malloc::violations.load();
 }
 
-LoraConfig cfg(int r, double alpha, double dropout) {
+LoraConfig cfg(int r, double alpha, double dropout, bool dora = false) {
   LoraConfig c;
+  c.use_dora = dora;
   c.r = r;
   c.alpha = alpha;
   c.dropout = dropout;
@@ -107,12 +108,13 @@ TEMPLATE_TEST_CASE("LoRALinear forward/backward allocate nothing after warm-up",
   const double dropout = GENERATE(0.0, 0.25);
   const bool frozen_base = GENERATE(false, true);
   const int n_adapters = GENERATE(1, 2);
-  INFO("dropout " << dropout << ", frozen base " << frozen_base << ", adapters " << n_adapters);
+  const bool dora = GENERATE(false, true);
+  INFO("dropout " << dropout << ", frozen base " << frozen_base << ", adapters " << n_adapters << ", DoRA " << dora);
 
   LoRALinear<TestType> layer(24, 16, rng, true, "q");
-  layer.add_adapter("a", cfg(4, 8.0, dropout));
+  layer.add_adapter("a", cfg(4, 8.0, dropout, dora));
   if (n_adapters == 2) {
-    layer.add_adapter("b", cfg(2, 3.0, dropout));
+    layer.add_adapter("b", cfg(2, 3.0, dropout, dora));
     layer.set_active({"a", "b"});
   }
   if (frozen_base) layer.freeze_base();

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include <peft/core/rng.hpp>
 #include <peft/io/safetensors.hpp>
 
 namespace {

@@ -163,6 +163,10 @@ inline float bf16_to_float(std::uint16_t h) {
 template <class T>
 void decode_elements(DType d, const unsigned char* src, std::size_t n, T* dst) {
   using detail::load_le;
+  if (d == native_dtype<T>() && host_is_little_endian()) {  // same bytes: one bulk copy
+    if (n > 0) std::memcpy(dst, src, n * sizeof(T));
+    return;
+  }
   switch (d) {
     case DType::F64:
       for (std::size_t i = 0; i < n; ++i) {

@@ -1,0 +1,204 @@
+// The `peft` tool, run in-process: every command's output, exit codes, --help, and that failures
+// leave nothing behind.
+#include "../../tools/peft_cli.hpp"
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../io/io_test_utils.hpp"
+#include "support/test_utils.hpp"
+
+using namespace peft;
+using namespace peft::io;
+using peft::test::io::TempDir;
+using peft::test::io::data_dir;
+using peft::test::io::raw_file;
+using peft::test::io::write_bytes;
+
+namespace {
+struct Result {
+  int code;
+  std::string out, err;
+};
+Result peft_run(const std::vector<std::string>& args) {
+  std::ostringstream out, err;
+  const int code = peft::cli::run(args, out, err);
+  return {code, out.str(), err.str()};
+}
+bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+}  // namespace
+
+TEST_CASE("peft: help and usage errors", "[tools]") {
+  Result r = peft_run({});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "exit codes:"));
+  r = peft_run({"--help"});
+  CHECK(r.code == cli::kOk);
+  for (const char* c : {"inspect", "merge", "combine", "extract"}) {
+    CHECK(has(r.out, c));
+    const Result h = peft_run({c, "--help"});
+    CHECK(h.code == cli::kOk);
+    CHECK(has(h.out, std::string("usage: peft ") + c));
+  }
+  r = peft_run({"frobnicate"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "unknown command \"frobnicate\""));
+  r = peft_run({"merge", "--base", "x", "--bogus", "1"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "unknown option --bogus"));
+  CHECK(has(r.err, "usage: peft merge"));
+  r = peft_run({"merge", "--base", "x", "--adapter"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "--adapter needs a value"));
+  r = peft_run({"merge", "--base", "x", "--adapter", "y"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "missing required option --out"));
+  r = peft_run({"merge", "--base=x", "--adapter=y", "--out=z", "--scale=abc"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "--scale needs a finite number"));
+  r = peft_run({"extract", "--base", "a", "--tuned", "b", "--out", "c"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "exactly one of --rank K and --energy TAU"));
+  r = peft_run({"combine", "--method", "average", "a", "--out", "c"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "unknown --method \"average\""));
+}
+
+TEST_CASE("peft inspect: a file and an adapter directory", "[tools]") {
+  Result r = peft_run({"inspect", data_dir() + "/tiny_base.safetensors"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(has(r.out, "tensors:    9"));
+  CHECK(has(r.out, "parameters: 384 (F32 384)"));
+  CHECK(has(r.out, "format = pt"));
+  CHECK(has(r.out, "[10, 8]"));
+  r = peft_run({"inspect", data_dir() + "/tiny_lora"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(has(r.out, "peft_type:  LORA"));
+  CHECK(has(r.out, "unknown config keys (kept): unknown_future_key"));
+  CHECK(has(r.out, "model.layers.1.attn.v"));
+  CHECK(has(r.out, "trainable parameters: 196"));  // 3 modules · 4·14 + 2·14
+  r = peft_run({"inspect", data_dir() + "/tiny_prompt"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(has(r.out, "prompt_embeddings: [5, 8] = 40 parameters"));
+  r = peft_run({"inspect", data_dir() + "/nope.safetensors"});
+  CHECK(r.code == cli::kIo);
+  CHECK(has(r.err, "does not exist"));
+}
+
+TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[tools]") {
+  TempDir dir;
+  const std::string out = dir.path + "/m.safetensors";
+  Result r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(has(r.out, "merged 4 tensors, replaced 0, copied 5"));
+  const SafeTensorsFile got(out), want(data_dir() + "/tiny_lora.merged.safetensors");
+  for (const auto& t : want.tensors())
+    CHECK((got.load<double>(t.name) - want.load<double>(t.name)).cwiseAbs().maxCoeff() < 1e-5);
+
+  // --map: the same adapter against a base whose names lack the "model." prefix.
+  const SafeTensorsFile base(data_dir() + "/tiny_base.safetensors");
+  std::vector<Matrix<float>> keep;
+  std::vector<NamedTensor<float>> renamed;
+  keep.reserve(base.tensors().size());
+  for (const auto& t : base.tensors()) {
+    keep.push_back(base.load<float>(t.name));
+    const std::string n = t.name.rfind("model.", 0) == 0 ? "net." + t.name.substr(6) : t.name;
+    renamed.emplace_back(n, t.shape, keep.back().data());
+  }
+  save_safetensors<float>(dir.path + "/renamed.safetensors", renamed);
+  r = peft_run({"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
+  CHECK(r.code == cli::kShape);
+  CHECK(has(r.err, "has no tensor \"model.layers.0.attn.q.weight\""));
+  r = peft_run({"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--map", "model.=net.",
+                "--out", dir.path + "/m2.safetensors"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(SafeTensorsFile(dir.path + "/m2.safetensors").load<float>("net.layers.1.attn.v.weight") ==
+        got.load<float>("model.layers.1.attn.v.weight"));
+
+  // NaN in the merge → exit 6, nothing written.
+  const std::string bad = dir.path + "/bad";
+  ::mkdir(bad.c_str(), 0755);
+  write_bytes(bad + "/adapter_config.json", raw_file(data_dir() + "/tiny_lora/adapter_config.json"));
+  PeftAdapter<float> ad = load_peft_adapter<float>(data_dir() + "/tiny_lora");
+  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora", "--scale", "1e38",
+                "--out", dir.path + "/nan.safetensors"});
+  CHECK(r.code == cli::kNumeric);
+  CHECK(has(r.err, "NaN or Inf"));
+  CHECK(!path_exists(dir.path + "/nan.safetensors"));
+  // Broken adapter config → exit 3; unsupported feature → exit 4.
+  write_bytes(bad + "/adapter_config.json", R"({"peft_type":"LORA","r":[4]})");
+  write_bytes(bad + "/adapter_model.safetensors", raw_file(data_dir() + "/tiny_lora/adapter_model.safetensors"));
+  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out", dir.path + "/x.safetensors"});
+  CHECK(r.code == cli::kIo);
+  CHECK(has(r.err, "key \"r\" must be a positive integer"));
+  write_bytes(bad + "/adapter_config.json", R"({"peft_type":"LORA","r":4,"lora_bias":true})");
+  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out", dir.path + "/x.safetensors"});
+  CHECK(r.code == cli::kConfig);
+  // Truncated base → exit 3.
+  const std::string whole = raw_file(data_dir() + "/tiny_base.safetensors");
+  write_bytes(dir.path + "/trunc.safetensors", whole.substr(0, whole.size() - 7));
+  r = peft_run({"merge", "--base", dir.path + "/trunc.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", dir.path + "/x.safetensors"});
+  CHECK(r.code == cli::kIo);
+  CHECK(has(r.err, "run past the"));
+  CHECK(!path_exists(dir.path + "/x.safetensors"));
+  const auto entries = dir.entries();
+  for (const auto& e : entries) CHECK(e.find(".tmp-") == std::string::npos);
+}
+
+TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the math", "[tools]") {
+  TempDir dir;
+  const std::string a = data_dir() + "/tiny_lora";
+  // Two rank-4 adapters on [6, 8] layers: Σ r = 8 > min(out, in) = 6, so cat refuses (exit 4).
+  Result r = peft_run({"combine", "--method", "cat", "--weights", "0.5,2", a, a, "--out", dir.path + "/cat"});
+  CHECK(r.code == cli::kConfig);
+  CHECK(has(r.err, "exceeds min(out, in) = 6"));
+  CHECK(!path_exists(dir.path + "/cat"));
+  r = peft_run({"combine", "--method", "cat", "--weights", "2.5", a, "--out", dir.path + "/cat"});
+  REQUIRE(r.code == cli::kOk);
+  const PeftAdapter<double> src = load_peft_adapter<double>(a);
+  const PeftAdapter<double> cat = load_peft_adapter<double>(dir.path + "/cat");
+  CHECK(cat.config.r == 4);
+  CHECK(cat.config.rank_pattern.size() == 1);  // layer 1's v keeps rank 2
+  for (const auto& m : src.lora) {
+    const auto* c = cat.find(m.path);
+    REQUIRE(c != nullptr);
+    CHECK(c->rank() == m.rank());
+    CHECK(c->scaling == 1.0);
+    const Matrix<double> expect = 2.5 * m.scaling * m.B * m.A;
+    CHECK(test::rel_diff(Matrix<double>(c->B * c->A), expect) < 1e-6);
+  }
+  // svd to rank 4: Σ w_i ΔW = 2 ΔW has rank ≤ 4, so the re-compression is exact.
+  r = peft_run({"combine", "--method", "svd", "--rank", "4", a, a, "--out", dir.path + "/svd"});
+  REQUIRE(r.code == cli::kOk);
+  const PeftAdapter<double> svd = load_peft_adapter<double>(dir.path + "/svd");
+  for (const auto& m : src.lora) {
+    const auto* c = svd.find(m.path);
+    REQUIRE(c != nullptr);
+    CHECK(c->rank() == 4);
+    CHECK(test::rel_diff(Matrix<double>(c->scaling * c->B * c->A), Matrix<double>(2.0 * m.scaling * m.B * m.A)) < 1e-6);
+  }
+  r = peft_run({"combine", "--method", "ties", "--density", "0.5", a, a, "--out", dir.path + "/ties"});
+  CHECK(r.code == cli::kOk);
+  r = peft_run({"combine", "--method", "cat", a, data_dir() + "/tiny_dora", "--out", dir.path + "/bad"});
+  CHECK(r.code == cli::kConfig);
+  CHECK(has(r.err, "DoRA"));
+  CHECK(!path_exists(dir.path + "/bad"));
+
+  // extract: tuned = the merged fixture; rank 4 recovers ΔW (rank ≤ 4) exactly up to float storage.
+  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned", data_dir() + "/tiny_lora.merged.safetensors",
+                "--rank", "4", "--out", dir.path + "/ex"});
+  REQUIRE(r.code == cli::kOk);
+  const PeftAdapter<double> ex = load_peft_adapter<double>(dir.path + "/ex");
+  CHECK(ex.lora.size() == 4);
+  for (const auto& m : src.lora) {
+    const auto* e = ex.find(m.path);
+    REQUIRE(e != nullptr);
+    const Matrix<double> expect = m.scaling * m.B * m.A;
+    CHECK(test::rel_diff(Matrix<double>(e->scaling * e->B * e->A), expect) < 1e-5);
+  }
+  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned", data_dir() + "/small.safetensors", "--rank", "2",
+                "--out", dir.path + "/ex2"});
+  CHECK(r.code == cli::kShape);
+  CHECK(!path_exists(dir.path + "/ex2"));
+}

@@ -22,7 +22,7 @@ namespace {
 class TransformerNet : public Net {
  public:
   TransformerNet(Index height, Index width, const NetOptions& o, peft::Rng& rng)
-      : height_(height), width_(width), patch_(o.patch) {
+      : width_(width), patch_(o.patch) {
     if (height % o.patch != 0 || width % o.patch != 0)
       throw peft::ConfigError("transformer: image " + std::to_string(height) + "x" + std::to_string(width) +
                               " is not divisible into " + std::to_string(o.patch) + "x" + std::to_string(o.patch) +
@@ -122,7 +122,7 @@ class TransformerNet : public Net {
       }
   }
 
-  Index height_, width_, patch_, tokens_ = 0;
+  Index width_, patch_, tokens_ = 0;
   peft::TransformerClassifier<float> model_;
   peft::TransformerClassifier<float>::Cache cache_;
   peft::SequenceLayout layout_;

@@ -343,3 +343,23 @@ TEST_CASE("Transformer rejects bad configs and inputs with named errors", "[tran
       model.add_adapters(AdapterPlacement::Pfeiffer, AdapterOptions{4, 16.0, 1.0, Activation::ReLU, AdapterInit::Zero}, rng),
       ConfigError, "TransformerBlock \"vit.layers.0\": already has adapters");
 }
+
+TEST_CASE("patchify splits images into row-major patches", "[transformer]") {
+  Matrix<float> images(2, 16);
+  for (Index n = 0; n < 2; ++n)
+    for (Index k = 0; k < 16; ++k) images(n, k) = static_cast<float>(100 * n + k);  // pixel (y, x) = 4y + x
+  Matrix<float> patches;
+  patchify<float>(images, 4, 4, 2, 2, patches);
+  REQUIRE(patches.rows() == 8);
+  REQUIRE(patches.cols() == 4);
+  CHECK(patches.row(0) == (Eigen::RowVector4f() << 0, 1, 4, 5).finished());
+  CHECK(patches.row(1) == (Eigen::RowVector4f() << 2, 3, 6, 7).finished());
+  CHECK(patches.row(3) == (Eigen::RowVector4f() << 10, 11, 14, 15).finished());
+  CHECK(patches.row(6) == (Eigen::RowVector4f() << 108, 109, 112, 113).finished());
+  patchify<float>(images, 4, 4, 4, 4, patches);  // one patch = the whole image
+  CHECK(patches == images);
+  PEFT_REQUIRE_THROWS_WITH(patchify<float>(images, 4, 4, 3, 3, patches), ShapeError,
+                           "patchify: image 4x4 does not split into whole 3x3 patches");
+  PEFT_REQUIRE_THROWS_WITH(patchify<float>(images, 5, 4, 5, 4, patches), ShapeError,
+                           "images have 16 pixels, expected 5x4 = 20");
+}

@@ -65,6 +65,29 @@ struct TransformerConfig {
   bool final_norm = true;   ///< LayerNorm `norm` after the last block
 };
 
+/// ViT-style patch extraction for single-channel images (Dosovitskiy et al., 2021): images
+/// [N, H·W] (row-major pixels) → out [N·G, p_h·p_w], G = (H/p_h)·(W/p_w) patches per image, ordered
+/// row-major over the patch grid (patch (i, j) of image n is row n·G + i·(W/p_w) + j), pixels inside
+/// a patch row-major. Feed `out` with SequenceLayout(N, G) to a feature-input TransformerClassifier
+/// (input_dim = p_h·p_w). Fashion-MNIST 28×28: 4×4 patches → G = 49 tokens of 16 px; 7×7 → 16 of 49.
+template <class T>
+void patchify(const ConstMatrixRef<T>& images, Index height, Index width, Index patch_h, Index patch_w, Matrix<T>& out) {
+  if (height <= 0 || width <= 0 || patch_h <= 0 || patch_w <= 0 || height % patch_h != 0 || width % patch_w != 0)
+    throw ShapeError("patchify: image " + std::to_string(height) + "x" + std::to_string(width) +
+                     " does not split into whole " + std::to_string(patch_h) + "x" + std::to_string(patch_w) + " patches");
+  if (images.cols() != height * width)
+    throw ShapeError("patchify: images have " + std::to_string(images.cols()) + " pixels, expected " +
+                     std::to_string(height) + "x" + std::to_string(width) + " = " + std::to_string(height * width));
+  const Index gh = height / patch_h, gw = width / patch_w, g = gh * gw;
+  out.resize(images.rows() * g, patch_h * patch_w);
+  for (Index n = 0; n < images.rows(); ++n)
+    for (Index i = 0; i < gh; ++i)
+      for (Index j = 0; j < gw; ++j)
+        for (Index r = 0; r < patch_h; ++r)
+          out.row(n * g + i * gw + j).segment(r * patch_w, patch_w) =
+              images.row(n).segment((i * patch_h + r) * width + j * patch_w, patch_w);
+}
+
 // ------------------------------------------------------------------------------------------------
 // One encoder block.
 // ------------------------------------------------------------------------------------------------
@@ -147,7 +170,11 @@ class TransformerBlock : public Module<T> {
       norm2.backward(cache.norm2, dv_, &dtmp_);   // v = LN2(h)
       dh_ += dtmp_;                               // dh = dy + LN2ᵀ(dv)
       attend_adapter_backward(cache, dh_);        // da = Ad_attnᵀ(dh)  (in da_)
-      attn.backward(cache.attn, da_, &du_, dprefix);  // du = Attnᵀ(da)
+      // du = Attnᵀ(da) is needed only for dx or LN1's own gradients: skipping it saves the
+      // q/k/v input-gradient GEMMs in the lowest block of a PEFT model.
+      const bool need_du = dx != nullptr || norm1.weight.trainable() || norm1.bias.trainable();
+      attn.backward(cache.attn, da_, need_du ? &du_ : nullptr, dprefix);
+      if (!need_du) return;
       if (dx != nullptr) {
         norm1.backward(cache.norm1, du_, dx);     // dx = LN1ᵀ(du) + dh
         *dx += dh_;
@@ -432,16 +459,20 @@ class TransformerClassifier : public Module<T> {
       norm.backward(cache.norm, *cur, nxt);
       std::swap(cur, nxt);
     }
+    // Below the blocks: is any gradient needed at all? (Frozen embeddings and no prompt: no.)
+    const bool need_below = dx != nullptr || input_side_trainable();
     for (Index i = num_layers() - 1; i >= 0; --i) {
+      Matrix<T>* out = (i > 0 || need_below) ? nxt : nullptr;
       if (prefix_encoder) {
         PrefixGrad<T> g = prefix_encoder->layer_grad(cache.prefix, i);
-        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, nxt, &g);
+        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, out, &g);
       } else {
-        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, nxt);
+        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, out);
       }
       std::swap(cur, nxt);
     }
     if (prefix_encoder) prefix_encoder->backward(cache.prefix);
+    if (!need_below) return;
     if (prompt_encoder) {
       prompt_encoder->backward(cache.prompt, *cur, nxt);  // strip the prompt rows, dP += Σ_b
       std::swap(cur, nxt);
@@ -468,6 +499,19 @@ class TransformerClassifier : public Module<T> {
   }
 
  private:
+  /// Whether anything below the first block trains (embeddings, positions, patch LoRA, prompt).
+  bool input_side_trainable() {
+    bool any = false;
+    auto probe = [&any](const std::string&, Parameter<T>& p) { any = any || p.trainable(); };
+    if (token_input())
+      any = embed_tokens.weight.trainable();
+    else
+      patch_embed.visit_parameters(probe);
+    if (has_positions()) any = any || embed_positions.weight.trainable();
+    if (prompt_encoder) any = any || prompt_encoder->embedding.trainable();
+    return any;
+  }
+
   /// Shared tail of both forwards: x_ holds the embedded input [B·S, d].
   void run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
     cache.layout = layout;

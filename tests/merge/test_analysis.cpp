@@ -124,5 +124,6 @@ TEMPLATE_TEST_CASE("inverse-variance weights are normalized inverse squared delt
   fs[1].B(0, 0) = std::numeric_limits<TestType>::quiet_NaN();
   PEFT_REQUIRE_THROWS_WITH(inverse_variance_weights(fs), NumericError, "adapter 1: B contains NaN or Inf");
   LoraFactors<TestType> bad{Matrix<TestType>::Zero(2, 3), Matrix<TestType>::Zero(4, 3), 1.0, "odd"};
-  PEFT_REQUIRE_THROWS_WITH(analyze_adapter(bad), ShapeError, "adapter 0 (\"odd\"): A has shape [2, 3] but B has shape [4, 3]");
+  PEFT_REQUIRE_THROWS_WITH(analyze_adapter(bad), ShapeError,
+                           "adapter 0 (\"odd\"): A has shape [2, 3] but B has shape [4, 3]");
 }

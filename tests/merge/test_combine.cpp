@@ -86,6 +86,16 @@ Eigen::MatrixXd ref_target(const std::vector<LoraFactors<T>>& fs, const std::vec
   return out;
 }
 
+template <class C>
+bool enable_dora(C& config) {
+  if constexpr (detail::config_has_dora<C>::value) {
+    config.use_dora = true;
+    return true;
+  } else {
+    return false;
+  }
+}
+
 template <class T>
 Eigen::MatrixXd result_delta(const CombineResult<T>& r) {
   return test::product_d(r.factors);
@@ -307,7 +317,8 @@ TEST_CASE("combine rejects bad inputs with named errors", "[merge][combine][erro
                              "adapter 2 has delta shape [14, 12] but adapter 0 has delta shape [14, 11]");
     bad = fs;
     bad[1].B = Matrix<double>::Zero(kOut, 2);
-    PEFT_REQUIRE_THROWS_WITH(combine(bad, w, opt), ShapeError, "adapter 1: A has shape [3, 11] but B has shape [14, 2]");
+    PEFT_REQUIRE_THROWS_WITH(combine(bad, w, opt), ShapeError,
+                             "adapter 1: A has shape [3, 11] but B has shape [14, 2]");
   }
   opt.rank = kIn + 1;
   PEFT_REQUIRE_THROWS_WITH(combine(fs, w, opt), ConfigError, "rank must be in [0, 11]");
@@ -340,4 +351,11 @@ TEST_CASE("combine rejects bad inputs with named errors", "[merge][combine][erro
   PEFT_REQUIRE_THROWS_WITH(add_factors_as_adapter(layer, "w", wrong), ShapeError,
                            "adapter \"w\" has delta shape [14, 13], layer weight has shape [14, 11]");
   PEFT_REQUIRE_THROWS_WITH(unit_scaling_config(0), ConfigError, "rank must be >= 1");
+  LoraConfig dora;
+  dora.r = 2;
+  if (enable_dora(dora)) {  // only once LoraConfig has DoRA
+    layer.add_adapter("d", dora, lrng);
+    PEFT_REQUIRE_THROWS_WITH(add_combined_adapter(layer, "m", {"a", "d"}, {1.0, 1.0}), ConfigError,
+                             "adapter \"d\" uses DoRA: its delta is not s·B·A");
+  }
 }

@@ -18,8 +18,10 @@ Eigen::MatrixXd with_spectrum(Index out, Index in, const std::vector<double>& si
   const Index m = static_cast<Index>(sigma.size());
   const Eigen::MatrixXd gu = test::random_matrix<double>(out, m, rng);
   const Eigen::MatrixXd gv = test::random_matrix<double>(in, m, rng);
-  const Eigen::MatrixXd u = Eigen::HouseholderQR<Eigen::MatrixXd>(gu).householderQ() * Eigen::MatrixXd::Identity(out, m);
-  const Eigen::MatrixXd v = Eigen::HouseholderQR<Eigen::MatrixXd>(gv).householderQ() * Eigen::MatrixXd::Identity(in, m);
+  const Eigen::MatrixXd u =
+      Eigen::HouseholderQR<Eigen::MatrixXd>(gu).householderQ() * Eigen::MatrixXd::Identity(out, m);
+  const Eigen::MatrixXd v =
+      Eigen::HouseholderQR<Eigen::MatrixXd>(gv).householderQ() * Eigen::MatrixXd::Identity(in, m);
   Eigen::VectorXd s(m);
   for (Index j = 0; j < m; ++j) s(j) = sigma[static_cast<std::size_t>(j)];
   return u * s.asDiagonal() * v.transpose();

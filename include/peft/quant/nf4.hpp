@@ -120,8 +120,11 @@ struct NF4Tensor {
   /// The fp32 scale of block b (decoded from the DQ codes when nested).
   float block_absmax(std::size_t b) const {
     if (!nested) return absmax[b];
-    const float scaled = nested_quant_map[qabsmax[b]] * nested_absmax[b / static_cast<std::size_t>(nested_blocksize)];
-    return scaled + nested_offset;  // two roundings, as dequantize_blockwise then `absmax += offset`
+    // Two roundings, as dequantize_blockwise then `absmax += offset` in torch. `volatile` keeps a
+    // build with FMA (-march=native, fp-contract=fast) from fusing them into one; it costs one
+    // store per block of 64 values.
+    volatile float scaled = nested_quant_map[qabsmax[b]] * nested_absmax[b / static_cast<std::size_t>(nested_blocksize)];
+    return scaled + nested_offset;
   }
 
   /// Bytes of every buffer a file stores for this tensor: codes, scales, offset and code tables.

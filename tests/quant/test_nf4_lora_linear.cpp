@@ -184,6 +184,9 @@ TEST_CASE("NF4LoRALinear rejects bad input with named errors", "[quant][nf4_lora
   p.q.set_active("default");
   PEFT_REQUIRE_THROWS_WITH(p.q.backward(c, Matrix<float>::Zero(2, 8), nullptr), ConfigError, "run forward again");
   PEFT_REQUIRE_THROWS_WITH(p.q.set_tile_rows(0), ConfigError, "tile_rows must be > 0, got 0");
+  LoraConfig dora{4, 8.0};
+  dora.use_dora = true;
+  PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("dora", dora), ConfigError, "DoRA adapters are not supported on an NF4 base");
   PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("default"), ConfigError, "adapter \"default\" already exists");
   PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("big", config(9, 1.0)), ConfigError, "rank r must be in [1, 8]");
   PEFT_REQUIRE_THROWS_WITH(p.q.adapter("nope"), ConfigError, "unknown adapter \"nope\"; available: [default, other]");

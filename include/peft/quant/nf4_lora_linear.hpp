@@ -109,6 +109,9 @@ class NF4LoRALinear : public Module<T> {
                         std::to_string(config.r));
     check::positive("NF4LoRALinear", this->name(), "lora_alpha", config.alpha);
     check::unit_interval_open("NF4LoRALinear", this->name(), "lora_dropout", config.dropout);
+    if (config.use_dora)
+      throw ConfigError(who + ": DoRA adapters are not supported on an NF4 base (adapter \"" + adapter_name +
+                        "\"); use a LoRALinear on the dequantized weight");
     LoraAdapter<T> a{adapter_name, config, Parameter<T>(config.r, in_features()), Parameter<T>(out_features(), config.r)};
     switch (config.init) {
       case LoraInit::KaimingUniform:

@@ -39,9 +39,8 @@ void set_rate(benchmark::State& state, double flops) {
       benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void BM_LinearForward(benchmark::State& state) {
-  const Case c(state);
-  auto layer = make_layer(c, false);
+/// Times layer.forward on a fixed input with reused output and cache buffers.
+void time_forward(benchmark::State& state, peft::LoRALinear<T>& layer, const Case& c, double flops) {
   const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
   Matrix<T> y;
   peft::LoRALinear<T>::Cache cache;
@@ -50,36 +49,26 @@ void BM_LinearForward(benchmark::State& state) {
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
-  set_rate(state, c.base_flops());
+  set_rate(state, flops);
+}
+
+void BM_LinearForward(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_layer(c, false);
+  time_forward(state, layer, c, c.base_flops());
 }
 
 void BM_LoraForward(benchmark::State& state) {
   const Case c(state);
   auto layer = make_layer(c, true);
-  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
-  Matrix<T> y;
-  peft::LoRALinear<T>::Cache cache;
-  for (auto _ : state) {
-    layer.forward(x, y, cache);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, c.base_flops() + c.lora_flops());
+  time_forward(state, layer, c, c.base_flops() + c.lora_flops());
 }
 
 void BM_LoraMergedForward(benchmark::State& state) {
   const Case c(state);
   auto layer = make_layer(c, true);
   layer.merge();
-  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
-  Matrix<T> y;
-  peft::LoRALinear<T>::Cache cache;
-  for (auto _ : state) {
-    layer.forward(x, y, cache);
-    benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, c.base_flops());
+  time_forward(state, layer, c, c.base_flops());
 }
 
 /// Backward of a LoRA layer on a frozen base, input gradient included (a middle layer).

@@ -297,3 +297,45 @@ TEST_CASE("PEFT adapter: applying to a model that does not fit changes nothing",
   PEFT_REQUIRE_THROWS_WITH(load_adapter_into(wide, ad, "default", fixture_mapping()), ShapeError,
                            "model parameter \"layers.0.q.weight\" has shape [6, 9]");
 }
+
+TEST_CASE("PEFT adapter directory: a DoRA adapter loaded into LoRALinear equals PEFT's merged weights", "[io][peft]") {
+  using T = double;
+  const PeftAdapter<T> ad = load_peft_adapter<T>(data_dir() + "/tiny_dora");
+  Rng rng(9);
+  TinyModel<T> model(rng);
+  const SafeTensorsFile base(data_dir() + "/tiny_base.safetensors");
+  const SafeTensorsFile merged(data_dir() + "/tiny_dora.merged.safetensors");
+  auto layer_of = [&](int l, char p) -> LoRALinear<T>& { return (p == 'q' ? model.q : model.v)[static_cast<std::size_t>(l)]; };
+  for (int l = 0; l < 2; ++l)
+    for (char p : {'q', 'v'}) {
+      const std::string path = "model.layers." + std::to_string(l) + ".attn." + p;
+      layer_of(l, p).weight.value = base.load<T>(path + ".weight");
+      const LoraConfig c = ad.config.lora_config_for(path);
+      CHECK(c.use_dora);
+      layer_of(l, p).add_adapter("default", c);
+    }
+  load_adapter_into(model, ad, "default", fixture_mapping());
+  model.eval();
+  for (int l = 0; l < 2; ++l)
+    for (char p : {'q', 'v'}) {
+      const std::string path = "model.layers." + std::to_string(l) + ".attn." + p;
+      CHECK(layer_of(l, p).adapters().back().magnitude.value == ad.find(path)->magnitude);
+      const Matrix<T> x = test::random_matrix<T>(3, 8, rng);
+      typename LoRALinear<T>::Cache cache;
+      const Matrix<T> y = layer_of(l, p).forward(x, cache);
+      INFO(path);
+      CHECK(test::rel_diff(y, Matrix<T>(x * merged.load<T>(path + ".weight").transpose())) < 1e-6);
+    }
+  // Saving it back gives PEFT's DoRA key, without ".weight".
+  AdapterConfig cfg = ad.config;
+  NameMapping to_peft;
+  to_peft.custom = [](const std::string& p) {
+    return "model." + p.substr(0, p.find('.', 7)) + ".attn" + p.substr(p.find('.', 7));
+  };
+  const PeftAdapter<T> back = collect_adapter(model, "default", cfg, to_peft);
+  TempDir dir;
+  save_peft_adapter(dir.path + "/d", back);
+  const SafeTensorsFile st(dir.path + "/d/adapter_model.safetensors");
+  CHECK(st.contains("base_model.model.model.layers.1.attn.v.lora_magnitude_vector"));
+  CHECK(st.info("base_model.model.model.layers.1.attn.v.lora_magnitude_vector").shape == std::vector<std::int64_t>{6});
+}

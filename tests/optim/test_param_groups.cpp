@@ -1,9 +1,3 @@
-// GCC 12 with -fsanitize=address and -O2 reports a false -Wmaybe-uninitialized inside libstdc++'s
-// <regex> (std::function in _NFA::_M_insert_subexpr_*), which -Werror turns into a build failure of
-// the asan preset. The pragma must precede the includes: the warning's location is in the header.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 #include <peft/optim/adam.hpp>
 #include <peft/optim/param_groups.hpp>
 

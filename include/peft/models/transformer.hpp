@@ -501,12 +501,16 @@ class TransformerClassifier : public Module<T> {
  private:
   /// Whether anything below the first block trains (embeddings, positions, patch LoRA, prompt).
   bool input_side_trainable() {
+    // Checked member by member (not via visit_parameters, which builds name strings): no
+    // allocation on the backward path.
     bool any = false;
-    auto probe = [&any](const std::string&, Parameter<T>& p) { any = any || p.trainable(); };
-    if (token_input())
+    if (token_input()) {
       any = embed_tokens.weight.trainable();
-    else
-      patch_embed.visit_parameters(probe);
+    } else {
+      any = patch_embed.weight.trainable() || (patch_embed.has_bias() && patch_embed.bias.trainable());
+      for (const auto& a : patch_embed.adapters())
+        any = any || a.A.trainable() || a.B.trainable() || (a.magnitude.size() > 0 && a.magnitude.trainable());
+    }
     if (has_positions()) any = any || embed_positions.weight.trainable();
     if (prompt_encoder) any = any || prompt_encoder->embedding.trainable();
     return any;

@@ -7,6 +7,7 @@
 //   peft combine --method cat|svd|linear|ties|dare_linear|dare_ties|magnitude_prune
 //                [--weights w1,w2,...] [--rank K] [--density D] [--seed N] [--majority-sign total|frequency]
 //                DIR DIR... --out DIR
+//   peft quantize IN.safetensors --out OUT.safetensors [--blocksize N] [--no-double-quant]
 //   peft extract --base A.safetensors --tuned B.safetensors (--rank K | --energy TAU) [--rslora] --out DIR
 //
 // Exit codes (distinct per failure class, documented in `peft --help`):
@@ -37,6 +38,7 @@
 #include <peft/merge/analysis.hpp>
 #include <peft/merge/combine.hpp>
 #include <peft/merge/extract.hpp>
+#include <peft/quant/bnb_format.hpp>
 
 namespace peft::cli {
 
@@ -431,6 +433,26 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
   return kOk;
 }
 
+inline int cmd_quantize(const Args& a, std::ostream& out, std::ostream&) {
+  if (a.positional.size() != 1)
+    throw UsageError("quantize needs exactly one input file, got " + std::to_string(a.positional.size()));
+  const std::string src = a.positional[0], dst = a.get("out");
+  quant::QuantizeFileOptions opt;
+  const long long blocksize = a.integer("blocksize", opt.nf4.blocksize);
+  if (blocksize <= 0 || blocksize > (1 << 20)) throw UsageError("--blocksize must be in [1, 1048576], got " + a.get("blocksize"));
+  opt.nf4.blocksize = static_cast<int>(blocksize);
+  opt.nf4.double_quant = !a.has("no-double-quant");
+  opt.include = a.get_or("include", opt.include);
+  opt.exclude = a.get_or("exclude", opt.exclude);
+  const quant::QuantizeFileReport rep = quant::quantize_safetensors(src, dst, opt);
+  out << "quantized " << rep.quantized.size() << " weights to NF4" << (opt.nf4.double_quant ? " + double quantization" : "")
+      << " (blocksize " << opt.nf4.blocksize << "), copied " << rep.copied.size() << " tensors -> " << dst << "\n";
+  if (rep.input_bytes > 0)
+    out << "quantized tensors: " << human_bytes(rep.input_bytes) << " -> " << human_bytes(rep.output_bytes) << " ("
+        << fmt(static_cast<double>(rep.input_bytes) / static_cast<double>(rep.output_bytes), 4) << "x smaller)\n";
+  return kOk;
+}
+
 }  // namespace detail
 
 /// The command table. New commands (e.g. `quantize`, owned by peft/quant) add one entry here.
@@ -462,6 +484,16 @@ inline const std::vector<Command>& commands() {
        "--density is the kept fraction for the pruning methods, --seed the DARE mask seed. Weights default\n"
        "to 1. The adapters must target the same modules. The result is a PEFT adapter with scaling 1.\n",
        detail::cmd_combine, {"method", "weights", "rank", "density", "seed", "majority-sign", "out"}, {}},
+      {"quantize", "quantize the linear weights of a safetensors model to NF4 (bitsandbytes / QLoRA layout)",
+       "usage: peft quantize IN.safetensors --out OUT.safetensors [--blocksize N] [--no-double-quant]\n"
+       "                     [--include REGEX] [--exclude REGEX]\n\n"
+       "Every 2-D floating-point tensor whose name fully matches --include (default .*\\.weight) and not\n"
+       "--exclude (default: lm_head and embeddings, kept in full precision as transformers does) is replaced\n"
+       "by blockwise NF4 (blocks of N = 64 values, fp32 absmax each) with double quantization of the absmax\n"
+       "values (8-bit, blocks of 256) unless --no-double-quant, stored as transformers saves a bitsandbytes\n"
+       "4-bit model: <p>.weight (packed uint8), .absmax, .quant_map, .nested_absmax, .nested_quant_map and\n"
+       ".quant_state.bitsandbytes__nf4. Other tensors and the metadata are copied unchanged.\n",
+       detail::cmd_quantize, {"out", "blocksize", "include", "exclude"}, {"no-double-quant"}},
       {"extract", "extract a LoRA adapter from a full fine-tune (truncated SVD of W_tuned - W_base)",
        "usage: peft extract --base A.safetensors --tuned B.safetensors (--rank K | --energy TAU) [--rslora]\n"
        "                    --out OUT_DIR\n\n"

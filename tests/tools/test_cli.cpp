@@ -202,3 +202,35 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
   CHECK(r.code == cli::kShape);
   CHECK(!path_exists(dir.path + "/ex2"));
 }
+
+TEST_CASE("peft quantize: NF4 weights in the bitsandbytes layout, other tensors copied", "[tools][quant]") {
+  TempDir dir;
+  const std::string src = data_dir() + "/tiny_base.safetensors", dst = dir.path + "/q.safetensors";
+  Result r = peft_run({"quantize", src, "--out", dst, "--blocksize", "64"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(has(r.out, "weights to NF4 + double quantization (blocksize 64)"));
+  const SafeTensorsFile in(src), out(dst);
+  const std::vector<std::string> prefixes = quant::bnb_4bit_prefixes(out);
+  REQUIRE(!prefixes.empty());
+  for (const std::string& p : prefixes) {
+    // Each quantized weight decodes to within NF4's error bound of the original.
+    const quant::NF4Tensor q = quant::read_bnb_nf4(out, p);
+    const Matrix<float> w = in.load<float>(p + ".weight");
+    const Matrix<float> deq = quant::dequantize_nf4<float>(q);
+    REQUIRE(deq.rows() == w.rows());
+    REQUIRE(deq.cols() == w.cols());
+    CHECK((deq - w).cwiseAbs().maxCoeff() <= 0.2f * w.cwiseAbs().maxCoeff());
+  }
+  for (const auto& t : in.tensors())  // everything not quantized is still there, unchanged
+    if (std::find(prefixes.begin(), prefixes.end(), t.name.substr(0, t.name.rfind('.'))) == prefixes.end())
+      CHECK(out.load<double>(t.name) == in.load<double>(t.name));
+
+  r = peft_run({"quantize", src, "--out", dir.path + "/x.safetensors", "--blocksize", "0"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "--blocksize must be in [1, 1048576], got 0"));
+  r = peft_run({"quantize", dir.path + "/missing.safetensors", "--out", dir.path + "/x.safetensors"});
+  CHECK(r.code == cli::kIo);
+  r = peft_run({"quantize", src, "--out", dir.path + "/x.safetensors", "--include", "("});
+  CHECK(r.code == cli::kConfig);
+  CHECK(!std::ifstream(dir.path + "/x.safetensors").good());
+}

@@ -24,6 +24,7 @@
 // N(0, 1), i.e. scale = 1); TEXT copies the embeddings of given token ids, repeated cyclically
 // when fewer than n and truncated when more; SAMPLE_VOCAB copies n rows of the vocabulary drawn
 // uniformly at random (with replacement).
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -131,9 +132,10 @@ class SoftPrompt : public Module<T> {
     const Index n = num_virtual_tokens();
     const Index seq = layout.seq;
     std::vector<Index> out(static_cast<std::size_t>(layout.batch * (n + seq)), ignore_index);
-    for (Index b = 0; b < layout.batch; ++b)
-      for (Index t = 0; t < seq; ++t)
-        out[static_cast<std::size_t>(b * (n + seq) + n + t)] = labels[static_cast<std::size_t>(b * seq + t)];
+    const auto src = labels.begin();
+    const auto dst = out.begin();
+    for (Index b = 0; b < layout.batch; ++b)  // each sequence's labels shift right by n
+      std::copy_n(src + b * seq, seq, dst + b * (n + seq) + n);
     return out;
   }
 

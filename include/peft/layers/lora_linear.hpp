@@ -32,59 +32,15 @@
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
 #include "peft/layers/linear.hpp"
+#include "peft/layers/lora_adapter_set.hpp"
 
 namespace peft {
-
-enum class LoraInit {
-  KaimingUniform,  ///< A ~ kaiming_uniform(a=√5), B = 0 (identity at init; PEFT's default)
-  Gaussian,        ///< A ~ N(0, (1/r)²), B = 0 (PEFT's init_lora_weights="gaussian")
-  None,            ///< A and B keep nn.Linear's default init: NOT identity at init (for tests)
-};
-
-struct LoraConfig {
-  int r = 8;
-  double alpha = 8.0;
-  double dropout = 0.0;
-  bool use_rslora = false;
-  LoraInit init = LoraInit::KaimingUniform;
-  /// DoRA: adds a trainable magnitude vector m (`lora_magnitude_vector.<adapter>`) and
-  /// normalizes each output row of W + s·B·A (see the file header).
-  bool use_dora = false;
-
-  /// s = alpha / r, or alpha / √r with rsLoRA.
-  double scaling() const {
-    return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
-  }
-};
-
-template <class T>
-struct LoraAdapter {
-  LoraAdapter() = default;
-  /// Keeps `LoraAdapter<T>{name, config, A, B}` working now that DoRA added a member.
-  LoraAdapter(std::string name_, LoraConfig config_, Parameter<T> A_, Parameter<T> B_, Parameter<T> magnitude_ = {})
-      : name(std::move(name_)), config(config_), A(std::move(A_)), B(std::move(B_)), magnitude(std::move(magnitude_)) {}
-
-  std::string name;
-  LoraConfig config;
-  Parameter<T> A;  ///< [r, in]
-  Parameter<T> B;  ///< [out, r]
-  /// DoRA magnitude m [out] (stored [1, out]); empty unless config.use_dora.
-  Parameter<T> magnitude;
-
-  int rank() const { return config.r; }
-  double scaling() const { return config.scaling(); }
-  bool dora() const { return config.use_dora; }
-};
 
 template <class T>
 class LoRALinear : public Module<T> {
  public:
-  /// Per-adapter forward state.
-  struct AdapterCache {
-    std::size_t adapter = 0;  ///< index into adapters()
-    Matrix<T> keep;           ///< dropout multiplier (0 or 1/(1−p)) [rows, in]; empty without dropout
-    Matrix<T> xd;             ///< dropout(x) [rows, in]; empty without dropout (x is used)
-    Matrix<T> xa;             ///< dropout(x) Aᵀ [rows, r]
+  /// Per-adapter forward state: keep, xd, xa of the low-rank path (LoraAdapterCache), plus DoRA's.
+  struct AdapterCache : LoraAdapterCache<T> {
     // DoRA only (empty otherwise):
     RowVector<T> norm;   ///< n = ‖W + s·B·A‖_row [out], the detached norm of this forward
     RowVector<T> scale;  ///< f = m / n [out]
@@ -93,13 +49,8 @@ class LoRALinear : public Module<T> {
 
   /// What backward needs: x (for dW and dA) and, per active adapter, x·Aᵀ (for dB). Plain LoRA
   /// never keeps x·Wᵀ; DoRA does (dm = Σ_rows dY ⊙ (x Wᵀ + s x Aᵀ Bᵀ) / n needs it).
-  struct Cache {
-    Matrix<T> x;
+  struct Cache : LoraForwardCache<T, AdapterCache> {
     Matrix<T> xw;  ///< x Wᵀ [rows, out] when a DoRA adapter without dropout is active; else empty
-    Index rows = 0;
-    std::vector<AdapterCache> adapters;  ///< grows to the largest active set, then is reused
-    std::size_t used = 0;                ///< entries of `adapters` filled by the last forward
-    std::uint64_t generation = 0;        ///< layer state the cache was filled under
   };
 
   LoRALinear() = default;
@@ -112,7 +63,7 @@ class LoRALinear : public Module<T> {
     Linear<T> base(in_features, out_features, rng, with_bias, this->name());
     weight = std::move(base.weight);
     bias = std::move(base.bias);
-    dropout_rng_.reseed(rng.next_u64());
+    set_.rng().reseed(rng.next_u64());
   }
 
   /// Wraps an existing Linear (weights moved in, trainable flags kept).
@@ -120,7 +71,7 @@ class LoRALinear : public Module<T> {
       : Module<T>(std::move(name)),
         weight(std::move(base.weight)),
         bias(std::move(base.bias)),
-        dropout_rng_(dropout_seed) {}
+        set_("LoRALinear", dropout_seed) {}
 
   Parameter<T> weight;  ///< W [out, in]
   Parameter<T> bias;    ///< b [out] (stored [1, out]); empty when the layer has no bias
@@ -139,36 +90,13 @@ class LoRALinear : public Module<T> {
 
   /// Adds a trainable adapter and makes it active (alone, as PEFT's add_adapter + set_adapter).
   LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
-    const std::string who = describe("LoRALinear", this->name());
-    if (adapter_name.empty()) throw ConfigError(who + ": adapter name must not be empty");
-    if (adapter_name.find('.') != std::string::npos)
-      throw ConfigError(who + ": adapter name \"" + adapter_name + "\" must not contain '.' (it is part of parameter names)");
-    if (find(adapter_name) != npos)
-      throw ConfigError(who + ": adapter \"" + adapter_name + "\" already exists");
-    const Index max_rank = std::min(in_features(), out_features());
-    if (config.r <= 0 || config.r > max_rank)
-      throw ConfigError(who + ": rank r must be in [1, " + std::to_string(max_rank) + "] = [1, min(in, out)], got " +
-                        std::to_string(config.r));
-    check::positive("LoRALinear", this->name(), "lora_alpha", config.alpha);
-    check::unit_interval_open("LoRALinear", this->name(), "lora_dropout", config.dropout);
+    set_.check_new(this->name(), adapter_name, config, in_features(), out_features());
     if (config.use_dora && !merged_.empty())
-      throw ConfigError(who + ": cannot add DoRA adapter \"" + adapter_name + "\" while adapters are merged (" +
-                        join_names(merged_) + "); its magnitude would be taken from the merged weight");
+      throw ConfigError(describe("LoRALinear", this->name()) + ": cannot add DoRA adapter \"" + adapter_name +
+                        "\" while adapters are merged (" + set_.join_names(merged_) +
+                        "); its magnitude would be taken from the merged weight");
 
-    LoraAdapter<T> a{adapter_name, config, Parameter<T>(config.r, in_features()),
-                     Parameter<T>(out_features(), config.r)};
-    switch (config.init) {
-      case LoraInit::KaimingUniform:
-        init::kaiming_uniform<T>(a.A.value, rng);
-        break;
-      case LoraInit::Gaussian:
-        init::normal<T>(a.A.value, rng, 0.0, 1.0 / config.r);
-        break;
-      case LoraInit::None:
-        init::kaiming_uniform<T>(a.A.value, rng);
-        init::kaiming_uniform<T>(a.B.value, rng);
-        break;
-    }
+    LoraAdapter<T> a = LoraAdapterSet<T>::create(adapter_name, config, in_features(), out_features(), rng);
     if (config.use_dora) {
       // m = ‖W + s·B·A‖_row, so that f = m / n = 1 and DoRA starts as plain LoRA (PEFT's
       // DoraLinearLayer.update_layer).
@@ -177,15 +105,12 @@ class LoRALinear : public Module<T> {
       dora_weight_norm(weight.value, a, n);
       a.magnitude.value = n;
     }
-    adapters_.push_back(std::move(a));
-    active_ = {adapters_.size() - 1};
-    ++generation_;
-    return adapters_.back();
+    return set_.add(std::move(a));
   }
 
   /// Same, with a layer-owned generator (seeded at construction).
   LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config = {}) {
-    return add_adapter(adapter_name, config, dropout_rng_);
+    return add_adapter(adapter_name, config, set_.rng());
   }
 
   /// Removes an adapter. Refused while it is merged.
@@ -194,27 +119,11 @@ class LoRALinear : public Module<T> {
     if (std::find(merged_.begin(), merged_.end(), i) != merged_.end())
       throw ConfigError(describe("LoRALinear", this->name()) + ": adapter \"" + adapter_name +
                         "\" is merged; unmerge before deleting it");
-    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
-    auto fix = [i](std::vector<std::size_t>& v) {
-      v.erase(std::remove(v.begin(), v.end(), i), v.end());
-      for (auto& k : v)
-        if (k > i) --k;
-    };
-    fix(active_);
-    fix(merged_);
-    ++generation_;
+    set_.erase(i, &merged_);
   }
 
   /// Activates exactly these adapters; their outputs are summed. An empty list leaves the base alone.
-  void set_active(const std::vector<std::string>& names) {
-    std::vector<std::size_t> next;
-    for (const auto& n : names) {
-      const std::size_t i = index_of(n);
-      if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
-    }
-    active_ = std::move(next);
-    ++generation_;
-  }
+  void set_active(const std::vector<std::string>& names) { set_.set_active(this->name(), names); }
   void set_active(const std::string& adapter_name) { set_active(std::vector<std::string>{adapter_name}); }
   /// `set_active({"a", "b"})`: without this overload the braces would also match std::string's
   /// iterator-pair constructor (two const char*), an ambiguous call at best.
@@ -226,19 +135,19 @@ class LoRALinear : public Module<T> {
       throw ConfigError(describe("LoRALinear", this->name()) +
                         ": cannot disable adapters while some are merged; unmerge first");
     disabled_ = disabled;
-    ++generation_;
+    set_.touch();
   }
   bool adapters_disabled() const { return disabled_; }
 
-  bool has_adapter(const std::string& adapter_name) const { return find(adapter_name) != npos; }
-  LoraAdapter<T>& adapter(const std::string& adapter_name) { return adapters_[index_of(adapter_name)]; }
+  bool has_adapter(const std::string& adapter_name) const { return set_.find(adapter_name) != LoraAdapterSet<T>::npos; }
+  LoraAdapter<T>& adapter(const std::string& adapter_name) { return set_[index_of(adapter_name)]; }
   const LoraAdapter<T>& adapter(const std::string& adapter_name) const {
-    return adapters_[index_of(adapter_name)];
+    return set_[index_of(adapter_name)];
   }
-  const std::vector<LoraAdapter<T>>& adapters() const { return adapters_; }
+  const std::vector<LoraAdapter<T>>& adapters() const { return set_.list(); }
 
-  std::vector<std::string> active_adapters() const { return names_of(active_); }
-  std::vector<std::string> merged_adapters() const { return names_of(merged_); }
+  std::vector<std::string> active_adapters() const { return set_.names_of(set_.active()); }
+  std::vector<std::string> merged_adapters() const { return set_.names_of(merged_); }
   bool merged() const { return !merged_.empty(); }
 
   // ---- merge / unmerge ----------------------------------------------------------------------
@@ -254,7 +163,7 @@ class LoRALinear : public Module<T> {
   /// stored at merge time (so a magnitude edited while merged cannot corrupt the inversion).
   void unmerge() {
     while (!merged_.empty()) unmerge_last();
-    ++generation_;
+    set_.touch();
   }
 
   /// DoRA's row norm n = ‖W + s·B·A‖_row of an adapter, from the current W [1, out].
@@ -285,13 +194,13 @@ class LoRALinear : public Module<T> {
     y.noalias() = x * weight.value.transpose();  // base: x Wᵀ   [rows, out]
 
     cache.rows = rows;
-    cache.generation = generation_;
+    cache.generation = set_.generation();
     cache.used = 0;
     // DoRA without dropout rescales x Wᵀ itself, so keep it (before bias and adapters).
     bool need_xw = false;
     if (!disabled_)
-      for (std::size_t i : active_)
-        if (!is_merged(i) && adapters_[i].dora() && !dropout_active(adapters_[i])) need_xw = true;
+      for (std::size_t i : set_.active())
+        if (!is_merged(i) && set_[i].dora() && !dropout_active(set_[i])) need_xw = true;
     if (need_xw)
       cache.xw = y;
     else
@@ -300,26 +209,14 @@ class LoRALinear : public Module<T> {
 
     bool need_x = weight.trainable();
     if (!disabled_) {
-      for (std::size_t i : active_) {
+      for (std::size_t i : set_.active()) {
         if (is_merged(i)) continue;
-        const LoraAdapter<T>& a = adapters_[i];
-        if (cache.adapters.size() <= cache.used) cache.adapters.emplace_back();
-        AdapterCache& ac = cache.adapters[cache.used++];
-        ac.adapter = i;
+        const LoraAdapter<T>& a = set_[i];
+        AdapterCache& ac = LoraAdapterSet<T>::next_slot(cache.adapters, cache.used, i);
         const T s = static_cast<T>(a.scaling());
         const bool drop = dropout_active(a);
-        ac.xa.resize(rows, a.rank());
-        if (drop) {
-          fill_dropout_mask(ac.keep, rows, in_features(), a.config.dropout);
-          ac.xd.resize(rows, in_features());
-          ac.xd.array() = x.array() * ac.keep.array();
-          ac.xa.noalias() = ac.xd * a.A.value.transpose();  // x̃ Aᵀ   [rows, r]
-        } else {
-          ac.keep.resize(0, 0);
-          ac.xd.resize(0, 0);
-          ac.xa.noalias() = x * a.A.value.transpose();  // x Aᵀ   [rows, r]
-          need_x = need_x || a.A.trainable();
-        }
+        set_.project(x, a, drop, ac);  // keep, x̃, x̃ Aᵀ
+        if (!drop) need_x = need_x || a.A.trainable();
         if (!a.dora()) {
           ac.norm.resize(0);
           ac.scale.resize(0);
@@ -364,8 +261,8 @@ class LoRALinear : public Module<T> {
       throw ConfigError(describe("LoRALinear", this->name()) + ": backward called with a cache that no forward filled");
     if (!merged_.empty())
       throw ConfigError(describe("LoRALinear", this->name()) + ": cannot train while adapters are merged (" +
-                        join_names(merged_) + "); unmerge first");
-    if (cache.generation != generation_)
+                        set_.join_names(merged_) + "); unmerge first");
+    if (cache.generation != set_.generation())
       throw ConfigError(describe("LoRALinear", this->name()) +
                         ": adapters were added, removed, (un)merged or switched between forward and backward; run "
                         "forward again");
@@ -376,8 +273,8 @@ class LoRALinear : public Module<T> {
     for (std::size_t k = 0; k < cache.used; ++k) {
       const AdapterCache& ac = cache.adapters[k];
       const bool dropped = ac.keep.size() > 0;
-      if (!dropped && adapters_[ac.adapter].A.trainable()) needs_x = true;
-      if (!dropped && adapters_[ac.adapter].dora()) base_scaled = true;
+      if (!dropped && set_[ac.adapter].A.trainable()) needs_x = true;
+      if (!dropped && set_[ac.adapter].dora()) base_scaled = true;
     }
     if (needs_x)
       check::shape("LoRALinear", this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
@@ -392,7 +289,7 @@ class LoRALinear : public Module<T> {
       work_e_ = dy;
       for (std::size_t k = 0; k < cache.used; ++k) {
         const AdapterCache& ac = cache.adapters[k];
-        if (ac.keep.size() == 0 && adapters_[ac.adapter].dora()) {
+        if (ac.keep.size() == 0 && set_[ac.adapter].dora()) {
           // f − 1 into a buffer first: a replicated expression would be evaluated into a temporary.
           work_fm1_ = ac.scale.array() - T(1);
           work_e_.array() += dy.array().rowwise() * work_fm1_.array();  // + dY ⊙ (f − 1)
@@ -406,41 +303,22 @@ class LoRALinear : public Module<T> {
 
     for (std::size_t k = 0; k < cache.used; ++k) {
       const AdapterCache& ac = cache.adapters[k];
-      LoraAdapter<T>& a = adapters_[ac.adapter];
-      const T s = static_cast<T>(a.scaling());
-      const bool dropped = ac.keep.size() > 0;
-      const Matrix<T>& xt = dropped ? ac.xd : cache.x;  // x̃, the input the adapter saw
-      if (a.dora()) {
+      LoraAdapter<T>& a = set_[ac.adapter];
+      if (a.dora())
         backward_dora(cache, ac, a, dy, dx);
-        continue;
-      }
-      if (a.B.trainable()) a.B.accumulator().noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
-      if (!a.A.trainable() && dx == nullptr) continue;
-      // Adapters of different ranks share one scratch buffer sized to the largest rank seen, so
-      // alternating ranks never reallocate.
-      Eigen::Block<Matrix<T>> G = scratch(work_g_, dy.rows(), a.rank());
-      G.noalias() = dy * a.B.value;  // G = dY B   [rows, r]
-      if (a.A.trainable()) a.A.accumulator().noalias() += s * G.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
-      if (dx != nullptr) {
-        if (dropped) {
-          work_dx_.resize(dy.rows(), in_features());
-          work_dx_.noalias() = s * G * a.A.value;             // s G A   [rows, in]
-          dx->array() += work_dx_.array() * ac.keep.array();  // dropout backward: ⊙ keep
-        } else {
-          dx->noalias() += s * G * a.A.value;  // dX += s G A   [rows, in]
-        }
-      }
+      else
+        set_.backward_lora(a, ac, ac.keep.size() > 0 ? ac.xd : cache.x, dy, dx);  // x̃: the input the adapter saw
     }
   }
 
   /// Generator used for dropout masks (and by add_adapter without an explicit one); checkpointable.
-  Rng& rng() { return dropout_rng_; }
+  Rng& rng() { return set_.rng(); }
 
  protected:
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
     fn("weight", weight);
     if (has_bias()) fn("bias", bias);
-    for (auto& a : adapters_) {
+    for (auto& a : set_.list()) {
       fn("lora_A." + a.name + ".weight", a.A);
       fn("lora_B." + a.name + ".weight", a.B);
       if (a.dora()) fn("lora_magnitude_vector." + a.name, a.magnitude);  // PEFT's file key
@@ -448,38 +326,9 @@ class LoRALinear : public Module<T> {
   }
 
  private:
-  static constexpr std::size_t npos = static_cast<std::size_t>(-1);
-
-  std::size_t find(const std::string& n) const {
-    for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (adapters_[i].name == n) return i;
-    return npos;
-  }
-
-  std::size_t index_of(const std::string& n) const {
-    const std::size_t i = find(n);
-    if (i == npos) {
-      std::string have;
-      for (const auto& a : adapters_) have += (have.empty() ? "" : ", ") + a.name;
-      throw ConfigError(describe("LoRALinear", this->name()) + ": unknown adapter \"" + n + "\"; available: [" +
-                        have + "]");
-    }
-    return i;
-  }
+  std::size_t index_of(const std::string& n) const { return set_.index_of(this->name(), n); }
 
   bool is_merged(std::size_t i) const { return std::find(merged_.begin(), merged_.end(), i) != merged_.end(); }
-
-  std::vector<std::string> names_of(const std::vector<std::size_t>& idx) const {
-    std::vector<std::string> out;
-    for (std::size_t i : idx) out.push_back(adapters_[i].name);
-    return out;
-  }
-
-  std::string join_names(const std::vector<std::size_t>& idx) const {
-    std::string s;
-    for (std::size_t i : idx) s += (s.empty() ? "" : ", ") + adapters_[i].name;
-    return s;
-  }
 
   void merge_impl(const std::vector<std::string>& names, bool safe) {
     const std::string who = describe("LoRALinear", this->name());
@@ -487,7 +336,7 @@ class LoRALinear : public Module<T> {
       throw ConfigError(who + ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
     std::vector<std::size_t> todo;
     if (names.empty()) {
-      for (std::size_t i : active_)
+      for (std::size_t i : set_.active())
         if (!is_merged(i)) todo.push_back(i);
     } else {
       for (const auto& n : names) {
@@ -506,7 +355,7 @@ class LoRALinear : public Module<T> {
     std::size_t done = 0;
     try {
       for (std::size_t i : todo) {
-        const LoraAdapter<T>& a = adapters_[i];
+        const LoraAdapter<T>& a = set_[i];
         RowVector<T> f;
         if (a.dora()) {
           RowVector<T> n;
@@ -534,27 +383,20 @@ class LoRALinear : public Module<T> {
           unmerge_last();
         }
       }
-      ++generation_;
+      set_.touch();
       throw;
     }
     if (safe) weight.value.swap(aside);
-    ++generation_;
+    set_.touch();
   }
 
   /// Undoes the most recent merge: W −= s·B·A; DoRA: W ← W / f − s·B·A.
   void unmerge_last() {
-    const LoraAdapter<T>& a = adapters_[merged_.back()];
+    const LoraAdapter<T>& a = set_[merged_.back()];
     if (a.dora()) weight.value.array().colwise() /= merged_scale_.back().transpose().array();
     weight.value.noalias() -= static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
     merged_.pop_back();
     merged_scale_.pop_back();
-  }
-
-  void fill_dropout_mask(Matrix<T>& keep, Index rows, Index cols, double p) {
-    keep.resize(rows, cols);
-    const T kept = static_cast<T>(1.0 / (1.0 - p));
-    for (Index i = 0; i < rows; ++i)
-      for (Index j = 0; j < cols; ++j) keep(i, j) = dropout_rng_.uniform() < p ? T(0) : kept;
   }
 
   bool dropout_active(const LoraAdapter<T>& a) const { return this->training() && a.config.dropout > 0.0; }
@@ -580,7 +422,7 @@ class LoRALinear : public Module<T> {
     const Index out = out_features(), r = a.rank();
 
     if (a.B.trainable() || a.magnitude.trainable()) {
-      Eigen::Block<Matrix<T>> P = scratch(work_db_, out, r);
+      Eigen::Block<Matrix<T>> P = detail::lora_scratch<T>(work_db_, out, r);
       P.noalias() = dy.transpose() * ac.xa;  // P = dYᵀ (x̃ Aᵀ)   [out, r]
       if (a.magnitude.trainable()) {
         // dm_j = Σ_rows dY_ij (z̃_ij + s (x̃ Aᵀ Bᵀ)_ij) / n_j, where Σ_rows dY_ij (x̃ Aᵀ Bᵀ)_ij = B_j · P_j.
@@ -593,9 +435,9 @@ class LoRALinear : public Module<T> {
         a.B.accumulator().array() += s * (P.array().colwise() * ac.scale.transpose().array());
     }
     if (!a.A.trainable() && dx == nullptr && !(dropped && weight.trainable())) return;
-    Eigen::Block<Matrix<T>> BF = scratch(work_bf_, out, r);
+    Eigen::Block<Matrix<T>> BF = detail::lora_scratch<T>(work_bf_, out, r);
     BF = a.B.value.array().colwise() * ac.scale.transpose().array();  // diag(f) B   [out, r]
-    Eigen::Block<Matrix<T>> G = scratch(work_g_, dy.rows(), r);
+    Eigen::Block<Matrix<T>> G = set_.scratch_g(dy.rows(), r);
     G.noalias() = dy * BF;  // G = (dY ⊙ f) B   [rows, r]
     if (a.A.trainable()) a.A.accumulator().noalias() += s * G.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
     if (!dropped) {
@@ -608,10 +450,10 @@ class LoRALinear : public Module<T> {
     work_f_.array() = dy.array().rowwise() * work_fm1_.array();
     if (weight.trainable()) weight.accumulator().noalias() += work_f_.transpose() * xt;  // dW += Dᵀ x̃   [out, in]
     if (dx != nullptr) {
-      work_dx_.resize(dy.rows(), in_features());
-      work_dx_.noalias() = work_f_ * weight.value;         // D W   [rows, in]
-      work_dx_.noalias() += s * G * a.A.value;             // + s G A
-      dx->array() += work_dx_.array() * ac.keep.array();  // dropout backward: ⊙ keep
+      Matrix<T>& t = set_.scratch_dx(dy.rows(), in_features());
+      t.noalias() = work_f_ * weight.value;         // D W   [rows, in]
+      t.noalias() += s * G * a.A.value;             // + s G A
+      dx->array() += t.array() * ac.keep.array();  // dropout backward: ⊙ keep
     }
   }
 
@@ -621,11 +463,11 @@ class LoRALinear : public Module<T> {
   void dora_weight_norm(const Matrix<T>& w, const LoraAdapter<T>& a, RowVector<T>& n) {
     const Index out = w.rows(), r = a.rank();
     const T s = static_cast<T>(a.scaling());
-    Eigen::Block<Matrix<T>> WAt = scratch(work_wa_, out, r);
+    Eigen::Block<Matrix<T>> WAt = detail::lora_scratch<T>(work_wa_, out, r);
     WAt.noalias() = w * a.A.value.transpose();  // w Aᵀ   [out, r]: row j is A w_jᵀ
-    Eigen::Block<Matrix<T>> AAt = scratch_square(work_aa_, r);
+    Eigen::Block<Matrix<T>> AAt = detail::lora_scratch_square<T>(work_aa_, r);
     AAt.noalias() = a.A.value * a.A.value.transpose();  // A Aᵀ   [r, r]
-    Eigen::Block<Matrix<T>> BQ = scratch(work_bq_, out, r);
+    Eigen::Block<Matrix<T>> BQ = detail::lora_scratch<T>(work_bq_, out, r);
     BQ.noalias() = a.B.value * AAt;  // B (A Aᵀ)   [out, r]
     n.resize(out);
     for (Index j = 0; j < out; ++j) {
@@ -635,29 +477,11 @@ class LoRALinear : public Module<T> {
     }
   }
 
-  /// The leading [n, n] block of `buf`, growing it only when n exceeds its size.
-  static Eigen::Block<Matrix<T>> scratch_square(Matrix<T>& buf, Index n) {
-    if (buf.rows() < n || buf.cols() < n) buf.resize(n, n);
-    return buf.topLeftCorner(n, n);
-  }
-
-  /// The leading [rows, cols] block of `buf`, growing it only when rows change or cols exceed
-  /// its width: no allocation once it has seen the largest shape.
-  static Eigen::Block<Matrix<T>> scratch(Matrix<T>& buf, Index rows, Index cols) {
-    if (buf.rows() != rows || buf.cols() < cols) buf.resize(rows, std::max(cols, buf.rows() == rows ? buf.cols() : cols));
-    return buf.leftCols(cols);
-  }
-
-  std::vector<LoraAdapter<T>> adapters_;
-  std::vector<std::size_t> active_;  ///< indices into adapters_, in activation order
+  LoraAdapterSet<T> set_{"LoRALinear", 0x10a};  ///< adapters, active list, generation, dropout generator
   std::vector<std::size_t> merged_;  ///< merge order; unmerge pops from the back
   bool disabled_ = false;
-  std::uint64_t generation_ = 1;
-  Rng dropout_rng_{0x10a};
   std::vector<RowVector<T>> merged_scale_;  ///< DoRA f used by each merge (empty for LoRA); parallel to merged_
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
-  Matrix<T> work_g_;   ///< backward [rows, ≥ r]
-  Matrix<T> work_dx_;  ///< backward [rows, in] (dropout only)
   Matrix<T> work_y_;   ///< DoRA forward [rows, out]
   Matrix<T> work_e_;   ///< DoRA backward E [rows, out]
   Matrix<T> work_f_;   ///< DoRA backward D [rows, out] (dropout only)

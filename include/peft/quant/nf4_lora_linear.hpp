@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,7 @@
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
 #include "peft/layers/linear.hpp"
-#include "peft/layers/lora_linear.hpp"
+#include "peft/layers/lora_adapter_set.hpp"
 #include "peft/quant/nf4.hpp"
 
 namespace peft {
@@ -33,21 +34,11 @@ namespace peft {
 template <class T>
 class NF4LoRALinear : public Module<T> {
  public:
-  struct AdapterCache {
-    std::size_t adapter = 0;  ///< index into adapters()
-    Matrix<T> keep;           ///< dropout multiplier (0 or 1/(1−p)) [rows, in]; empty without dropout
-    Matrix<T> xd;             ///< dropout(x) [rows, in]; empty without dropout
-    Matrix<T> xa;             ///< dropout(x) Aᵀ [rows, r]
-  };
+  /// keep, xd = dropout(x), xa = dropout(x) Aᵀ of one active adapter (see LoraAdapterCache).
+  using AdapterCache = LoraAdapterCache<T>;
 
   /// What backward needs: x (for dA) and, per active adapter, x·Aᵀ (for dB). Never x·Wᵀ, never W.
-  struct Cache {
-    Matrix<T> x;
-    Index rows = 0;
-    std::vector<AdapterCache> adapters;
-    std::size_t used = 0;
-    std::uint64_t generation = 0;
-  };
+  using Cache = LoraForwardCache<T>;
 
   /// Statistics of merge_and_requantize().
   struct RequantizeReport {
@@ -61,7 +52,7 @@ class NF4LoRALinear : public Module<T> {
   /// Wraps a quantized weight [out, in] and an optional bias (frozen).
   explicit NF4LoRALinear(quant::NF4Tensor weight, const RowVector<T>& b = RowVector<T>(), std::string name = "",
                          std::uint64_t seed = 0x4f4)
-      : Module<T>(std::move(name)), q_(std::move(weight)), rng_(seed) {
+      : Module<T>(std::move(name)), q_(std::move(weight)), set_("NF4LoRALinear", seed) {
     const std::string who = describe("NF4LoRALinear", this->name());
     q_.validate(who);
     if (q_.shape.size() != 2)
@@ -100,69 +91,31 @@ class NF4LoRALinear : public Module<T> {
 
   /// Adds a trainable adapter (A, B initialized as LoRALinear does) and makes it the active one.
   LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
-    const std::string who = describe("NF4LoRALinear", this->name());
-    if (adapter_name.empty()) throw ConfigError(who + ": adapter name must not be empty");
-    if (find(adapter_name) != npos) throw ConfigError(who + ": adapter \"" + adapter_name + "\" already exists");
-    const Index max_rank = std::min(in_features(), out_features());
-    if (config.r <= 0 || config.r > max_rank)
-      throw ConfigError(who + ": rank r must be in [1, " + std::to_string(max_rank) + "] = [1, min(in, out)], got " +
-                        std::to_string(config.r));
-    check::positive("NF4LoRALinear", this->name(), "lora_alpha", config.alpha);
-    check::unit_interval_open("NF4LoRALinear", this->name(), "lora_dropout", config.dropout);
+    set_.check_new(this->name(), adapter_name, config, in_features(), out_features());
     if (config.use_dora)
-      throw ConfigError(who + ": DoRA adapters are not supported on an NF4 base (adapter \"" + adapter_name +
+      throw ConfigError(describe("NF4LoRALinear", this->name()) +
+                        ": DoRA adapters are not supported on an NF4 base (adapter \"" + adapter_name +
                         "\"); use a LoRALinear on the dequantized weight");
-    LoraAdapter<T> a{adapter_name, config, Parameter<T>(config.r, in_features()), Parameter<T>(out_features(), config.r)};
-    switch (config.init) {
-      case LoraInit::KaimingUniform:
-        init::kaiming_uniform<T>(a.A.value, rng);
-        break;
-      case LoraInit::Gaussian:
-        init::normal<T>(a.A.value, rng, 0.0, 1.0 / config.r);
-        break;
-      case LoraInit::None:
-        init::kaiming_uniform<T>(a.A.value, rng);
-        init::kaiming_uniform<T>(a.B.value, rng);
-        break;
-    }
-    adapters_.push_back(std::move(a));
-    active_ = {adapters_.size() - 1};
-    ++generation_;
-    return adapters_.back();
+    return set_.add(LoraAdapterSet<T>::create(adapter_name, config, in_features(), out_features(), rng));
   }
   LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config = {}) {
-    return add_adapter(adapter_name, config, rng_);
+    return add_adapter(adapter_name, config, set_.rng());
   }
 
-  void set_active(const std::vector<std::string>& names) {
-    std::vector<std::size_t> next;
-    for (const auto& n : names) {
-      const std::size_t i = index_of(n);
-      if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
-    }
-    active_ = std::move(next);
-    ++generation_;
-  }
+  void set_active(const std::vector<std::string>& names) { set_.set_active(this->name(), names); }
   void set_active(const std::string& adapter_name) { set_active(std::vector<std::string>{adapter_name}); }
+  /// `set_active({"a", "b"})` (as LoRALinear: avoids std::string's iterator-pair constructor).
+  void set_active(std::initializer_list<std::string> names) { set_active(std::vector<std::string>(names)); }
 
   void delete_adapter(const std::string& adapter_name) {
-    const std::size_t i = index_of(adapter_name);
-    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
-    active_.erase(std::remove(active_.begin(), active_.end(), i), active_.end());
-    for (auto& k : active_)
-      if (k > i) --k;
-    ++generation_;
+    set_.erase(index_of(adapter_name));
   }
 
-  bool has_adapter(const std::string& adapter_name) const { return find(adapter_name) != npos; }
-  LoraAdapter<T>& adapter(const std::string& adapter_name) { return adapters_[index_of(adapter_name)]; }
-  const LoraAdapter<T>& adapter(const std::string& adapter_name) const { return adapters_[index_of(adapter_name)]; }
-  const std::vector<LoraAdapter<T>>& adapters() const { return adapters_; }
-  std::vector<std::string> active_adapters() const {
-    std::vector<std::string> out;
-    for (std::size_t i : active_) out.push_back(adapters_[i].name);
-    return out;
-  }
+  bool has_adapter(const std::string& adapter_name) const { return set_.find(adapter_name) != LoraAdapterSet<T>::npos; }
+  LoraAdapter<T>& adapter(const std::string& adapter_name) { return set_[index_of(adapter_name)]; }
+  const LoraAdapter<T>& adapter(const std::string& adapter_name) const { return set_[index_of(adapter_name)]; }
+  const std::vector<LoraAdapter<T>>& adapters() const { return set_.list(); }
+  std::vector<std::string> active_adapters() const { return set_.names_of(set_.active()); }
 
   // ---- dense views and merging --------------------------------------------------------------
 
@@ -172,8 +125,8 @@ class NF4LoRALinear : public Module<T> {
   /// deq(Q) + Σ_active s·B·A [out, in].
   Matrix<T> merged_weight() const {
     Matrix<T> w = dequantized_weight();
-    for (std::size_t i : active_) {
-      const LoraAdapter<T>& a = adapters_[i];
+    for (std::size_t i : set_.active()) {
+      const LoraAdapter<T>& a = set_[i];
       w.noalias() += static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
     }
     return w;
@@ -184,7 +137,7 @@ class NF4LoRALinear : public Module<T> {
   /// nothing changed) when the merged weight is not finite.
   RequantizeReport merge_and_requantize(const quant::NF4Options& opt = {}) {
     const std::string who = describe("NF4LoRALinear", this->name());
-    if (active_.empty()) throw ConfigError(who + ": no active adapter to merge");
+    if (set_.active().empty()) throw ConfigError(who + ": no active adapter to merge");
     const Matrix<T> w = merged_weight();
     if (!w.allFinite()) throw NumericError(who + ": the merged weight has NaN or Inf; nothing was merged");
     quant::NF4Tensor next = quant::quantize_nf4<T>(w, opt);
@@ -215,28 +168,17 @@ class NF4LoRALinear : public Module<T> {
     if (has_bias()) y.rowwise() += bias.value.row(0);
 
     cache.rows = rows;
-    cache.generation = generation_;
+    cache.generation = set_.generation();
     cache.used = 0;
     bool need_x = false;
-    for (std::size_t i : active_) {
-      const LoraAdapter<T>& a = adapters_[i];
-      if (cache.adapters.size() <= cache.used) cache.adapters.emplace_back();
-      AdapterCache& ac = cache.adapters[cache.used++];
-      ac.adapter = i;
+    for (std::size_t i : set_.active()) {
+      const LoraAdapter<T>& a = set_[i];
+      AdapterCache& ac = LoraAdapterSet<T>::next_slot(cache.adapters, cache.used, i);
       const T s = static_cast<T>(a.scaling());
-      ac.xa.resize(rows, a.rank());
-      if (this->training() && a.config.dropout > 0.0) {
-        fill_dropout_mask(ac.keep, rows, in_features(), a.config.dropout);
-        ac.xd.resize(rows, in_features());
-        ac.xd.array() = x.array() * ac.keep.array();
-        ac.xa.noalias() = ac.xd * a.A.value.transpose();  // x̃ Aᵀ   [rows, r]
-      } else {
-        ac.keep.resize(0, 0);
-        ac.xd.resize(0, 0);
-        ac.xa.noalias() = x * a.A.value.transpose();  // x Aᵀ   [rows, r]
-        need_x = need_x || a.A.trainable();
-      }
-      y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x Aᵀ) Bᵀ   [rows, out]
+      const bool drop = this->training() && a.config.dropout > 0.0;
+      set_.project(x, a, drop, ac);  // keep, x̃, x̃ Aᵀ
+      if (!drop) need_x = need_x || a.A.trainable();
+      y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
     }
     if (need_x) cache.x = x;
   }
@@ -250,7 +192,7 @@ class NF4LoRALinear : public Module<T> {
   /// Accumulates dA_i, dB_i (and db if unfrozen); writes dX into *dx unless dx is null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
     const std::string& nm = this->name();
-    if (cache.generation != generation_)
+    if (cache.generation != set_.generation())
       throw ConfigError(describe("NF4LoRALinear", nm) +
                         ": adapters were added, removed, merged or switched between forward and backward; run forward again");
     check::shape("NF4LoRALinear", nm, "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
@@ -269,81 +211,34 @@ class NF4LoRALinear : public Module<T> {
     }
     for (std::size_t k = 0; k < cache.used; ++k) {
       const AdapterCache& ac = cache.adapters[k];
-      LoraAdapter<T>& a = adapters_[ac.adapter];
-      const T s = static_cast<T>(a.scaling());
+      LoraAdapter<T>& a = set_[ac.adapter];
       const bool dropped = ac.keep.size() > 0;
-      if (a.B.trainable()) a.B.grad.noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
-      if (!a.A.trainable() && dx == nullptr) continue;
-      work_g_.resize(dy.rows(), a.rank());
-      work_g_.noalias() = dy * a.B.value;  // G = dY B   [rows, r]
-      if (a.A.trainable()) {
-        if (dropped) {
-          a.A.grad.noalias() += s * work_g_.transpose() * ac.xd;  // dA = s Gᵀ x̃   [r, in]
-        } else {
-          check::shape("NF4LoRALinear", nm, "cached input (was A unfrozen after forward?)", cache.x.rows(),
-                       cache.x.cols(), cache.rows, in_features());
-          a.A.grad.noalias() += s * work_g_.transpose() * cache.x;  // dA = s Gᵀ X   [r, in]
-        }
-      }
-      if (dx != nullptr) {
-        if (dropped) {
-          work_dx_.resize(dy.rows(), in_features());
-          work_dx_.noalias() = s * work_g_ * a.A.value;           // s G A   [rows, in]
-          dx->array() += work_dx_.array() * ac.keep.array();       // dropout backward: ⊙ keep
-        } else {
-          dx->noalias() += s * work_g_ * a.A.value;  // dX += s G A   [rows, in]
-        }
-      }
+      if (!dropped && a.A.trainable())
+        check::shape("NF4LoRALinear", nm, "cached input (was A unfrozen after forward?)", cache.x.rows(),
+                     cache.x.cols(), cache.rows, in_features());
+      set_.backward_lora(a, ac, dropped ? ac.xd : cache.x, dy, dx);  // x̃: the input the adapter saw
     }
   }
 
-  Rng& rng() { return rng_; }
+  Rng& rng() { return set_.rng(); }
 
  protected:
   /// Trainable tensors only: the quantized weight is not a Parameter (see quantized_weight()).
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
     if (has_bias()) fn("bias", bias);
-    for (auto& a : adapters_) {
+    for (auto& a : set_.list()) {
       fn("lora_A." + a.name + ".weight", a.A);
       fn("lora_B." + a.name + ".weight", a.B);
     }
   }
 
  private:
-  static constexpr std::size_t npos = static_cast<std::size_t>(-1);
-
-  std::size_t find(const std::string& n) const {
-    for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (adapters_[i].name == n) return i;
-    return npos;
-  }
-  std::size_t index_of(const std::string& n) const {
-    const std::size_t i = find(n);
-    if (i == npos) {
-      std::string have;
-      for (const auto& a : adapters_) have += (have.empty() ? "" : ", ") + a.name;
-      throw ConfigError(describe("NF4LoRALinear", this->name()) + ": unknown adapter \"" + n + "\"; available: [" +
-                        have + "]");
-    }
-    return i;
-  }
-
-  void fill_dropout_mask(Matrix<T>& keep, Index rows, Index cols, double p) {
-    keep.resize(rows, cols);
-    const T kept = static_cast<T>(1.0 / (1.0 - p));
-    for (Index i = 0; i < rows; ++i)
-      for (Index j = 0; j < cols; ++j) keep(i, j) = rng_.uniform() < p ? T(0) : kept;
-  }
+  std::size_t index_of(const std::string& n) const { return set_.index_of(this->name(), n); }
 
   quant::NF4Tensor q_;
-  std::vector<LoraAdapter<T>> adapters_;
-  std::vector<std::size_t> active_;
-  std::uint64_t generation_ = 1;
+  LoraAdapterSet<T> set_{"NF4LoRALinear", 0x4f4};  ///< adapters, active list, generation, dropout generator
   Index tile_rows_ = 256;
-  Rng rng_{0x4f4};
   Matrix<T> tile_;     ///< decoded rows of the base [tile_rows, in], reused by forward and backward
-  Matrix<T> work_g_;   ///< backward scratch [rows, r]
-  Matrix<T> work_dx_;  ///< backward scratch [rows, in] (dropout only)
 };
 
 }  // namespace peft

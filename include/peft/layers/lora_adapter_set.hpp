@@ -1,0 +1,312 @@
+#pragma once
+// LoraAdapterSet: the named low-rank adapters of one layer, and the part of LoRA that does not
+// depend on how the base weight is stored (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large
+// Language Models"; rsLoRA: Kalajdzievski, 2023). LoRALinear (dense base) and NF4LoRALinear (4-bit
+// base, QLoRA) both hold one; each adds its base path around it.
+//
+//   adapter i:  A_i [r, in], B_i [out, r], s_i = alpha/r (alpha/√r with rsLoRA)
+//   forward:    x̃ = dropout(x) = x ⊙ keep,  keep_jk ∈ {0, 1/(1−p)};   xa = x̃ Aᵀ [rows, r];
+//               y += s · xa Bᵀ
+//   backward:   dB = s · dYᵀ xa,   G = dY B,   dA = s · Gᵀ x̃,   dX += s · (G A) ⊙ keep
+//
+// Init (as Hugging Face PEFT): A kaiming-uniform(a=√5), B = 0, so the output equals the base
+// exactly; "gaussian" draws A ~ N(0, (1/r)²) (PEFT: normal_(std=1/r)); "none" gives both
+// nn.Linear's default init. Error messages name the owning layer's kind ("LoRALinear \"q\": ...").
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/core/check.hpp"
+#include "peft/core/init.hpp"
+#include "peft/core/module.hpp"
+
+namespace peft {
+
+enum class LoraInit {
+  KaimingUniform,  ///< A ~ kaiming_uniform(a=√5), B = 0 (identity at init; PEFT's default)
+  Gaussian,        ///< A ~ N(0, (1/r)²), B = 0 (PEFT's init_lora_weights="gaussian")
+  None,            ///< A and B keep nn.Linear's default init: NOT identity at init (for tests)
+};
+
+struct LoraConfig {
+  int r = 8;
+  double alpha = 8.0;
+  double dropout = 0.0;
+  bool use_rslora = false;
+  LoraInit init = LoraInit::KaimingUniform;
+  /// DoRA: adds a trainable magnitude vector m (`lora_magnitude_vector.<adapter>`) and
+  /// normalizes each output row of W + s·B·A (see lora_linear.hpp).
+  bool use_dora = false;
+
+  /// s = alpha / r, or alpha / √r with rsLoRA.
+  double scaling() const {
+    return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
+  }
+};
+
+template <class T>
+struct LoraAdapter {
+  LoraAdapter() = default;
+  /// Keeps `LoraAdapter<T>{name, config, A, B}` working now that DoRA added a member.
+  LoraAdapter(std::string name_, LoraConfig config_, Parameter<T> A_, Parameter<T> B_, Parameter<T> magnitude_ = {})
+      : name(std::move(name_)), config(config_), A(std::move(A_)), B(std::move(B_)), magnitude(std::move(magnitude_)) {}
+
+  std::string name;
+  LoraConfig config;
+  Parameter<T> A;  ///< [r, in]
+  Parameter<T> B;  ///< [out, r]
+  /// DoRA magnitude m [out] (stored [1, out]); empty unless config.use_dora.
+  Parameter<T> magnitude;
+
+  int rank() const { return config.r; }
+  double scaling() const { return config.scaling(); }
+  bool dora() const { return config.use_dora; }
+};
+
+/// Per-adapter forward state of the low-rank path (a layer may derive to add its own fields).
+template <class T>
+struct LoraAdapterCache {
+  std::size_t adapter = 0;  ///< index into adapters()
+  Matrix<T> keep;           ///< dropout multiplier (0 or 1/(1−p)) [rows, in]; empty without dropout
+  Matrix<T> xd;             ///< dropout(x) [rows, in]; empty without dropout (x is used)
+  Matrix<T> xa;             ///< dropout(x) Aᵀ [rows, r]
+};
+
+/// A layer's forward state for backward: the input and one LoraAdapterCache-like entry (AC) per
+/// active adapter. Reused across calls; backward refuses a cache filled under another generation.
+template <class T, class AC = LoraAdapterCache<T>>
+struct LoraForwardCache {
+  Matrix<T> x;                   ///< the input, when backward needs it (dA without dropout, dW); else empty
+  Index rows = 0;                ///< rows of the input of the last forward
+  std::vector<AC> adapters;      ///< grows to the largest active set, then is reused
+  std::size_t used = 0;          ///< entries of `adapters` filled by the last forward
+  std::uint64_t generation = 0;  ///< layer state the cache was filled under (0: never filled)
+};
+
+namespace detail {
+
+/// The leading [rows, cols] block of `buf`, growing it only when rows change or cols exceed
+/// its width: no allocation once it has seen the largest shape (adapters of different ranks
+/// share one buffer).
+template <class T>
+Eigen::Block<Matrix<T>> lora_scratch(Matrix<T>& buf, Index rows, Index cols) {
+  if (buf.rows() != rows || buf.cols() < cols) buf.resize(rows, std::max(cols, buf.rows() == rows ? buf.cols() : cols));
+  return buf.leftCols(cols);
+}
+
+/// The leading [n, n] block of `buf`, growing it only when n exceeds its size.
+template <class T>
+Eigen::Block<Matrix<T>> lora_scratch_square(Matrix<T>& buf, Index n) {
+  if (buf.rows() < n || buf.cols() < n) buf.resize(n, n);
+  return buf.topLeftCorner(n, n);
+}
+
+}  // namespace detail
+
+template <class T>
+class LoraAdapterSet {
+ public:
+  static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+
+  /// `kind` names the owning layer in messages (a string literal: it is kept, not copied).
+  LoraAdapterSet(const char* kind, std::uint64_t seed) : kind_(kind), rng_(seed) {}
+
+  // ---- adding adapters ----------------------------------------------------------------------
+
+  /// Checks what every layer requires of a new adapter on an [out, in] base: a non-empty name
+  /// without '.' (it becomes part of parameter names) not in use, 1 ≤ r ≤ min(in, out),
+  /// alpha > 0, dropout in [0, 1).
+  void check_new(const std::string& layer, const std::string& adapter_name, const LoraConfig& config, Index in,
+                 Index out) const {
+    const std::string who = describe(kind_, layer);
+    if (adapter_name.empty()) throw ConfigError(who + ": adapter name must not be empty");
+    if (adapter_name.find('.') != std::string::npos)
+      throw ConfigError(who + ": adapter name \"" + adapter_name + "\" must not contain '.' (it is part of parameter names)");
+    if (find(adapter_name) != npos) throw ConfigError(who + ": adapter \"" + adapter_name + "\" already exists");
+    const Index max_rank = std::min(in, out);
+    if (config.r <= 0 || config.r > max_rank)
+      throw ConfigError(who + ": rank r must be in [1, " + std::to_string(max_rank) + "] = [1, min(in, out)], got " +
+                        std::to_string(config.r));
+    check::positive(kind_, layer, "lora_alpha", config.alpha);
+    check::unit_interval_open(kind_, layer, "lora_dropout", config.dropout);
+  }
+
+  /// A fresh adapter [r, in] / [out, r] initialized per config.init, drawing from `rng` (A first,
+  /// then B for LoraInit::None). The magnitude is left empty.
+  static LoraAdapter<T> create(const std::string& adapter_name, const LoraConfig& config, Index in, Index out,
+                               Rng& rng) {
+    LoraAdapter<T> a{adapter_name, config, Parameter<T>(config.r, in), Parameter<T>(out, config.r)};
+    switch (config.init) {
+      case LoraInit::KaimingUniform:
+        init::kaiming_uniform<T>(a.A.value, rng);
+        break;
+      case LoraInit::Gaussian:
+        init::normal<T>(a.A.value, rng, 0.0, 1.0 / config.r);
+        break;
+      case LoraInit::None:
+        init::kaiming_uniform<T>(a.A.value, rng);
+        init::kaiming_uniform<T>(a.B.value, rng);
+        break;
+    }
+    return a;
+  }
+
+  /// Appends an adapter and makes it the only active one (PEFT's add_adapter + set_adapter).
+  LoraAdapter<T>& add(LoraAdapter<T> a) {
+    adapters_.push_back(std::move(a));
+    active_ = {adapters_.size() - 1};
+    ++generation_;
+    return adapters_.back();
+  }
+
+  /// Removes adapter i; drops it from the active list (and from `also`, e.g. a merge list) and
+  /// renumbers the indices after it.
+  void erase(std::size_t i, std::vector<std::size_t>* also = nullptr) {
+    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+    auto fix = [i](std::vector<std::size_t>& v) {
+      v.erase(std::remove(v.begin(), v.end(), i), v.end());
+      for (auto& k : v)
+        if (k > i) --k;
+    };
+    fix(active_);
+    if (also != nullptr) fix(*also);
+    ++generation_;
+  }
+
+  /// Activates exactly these adapters (duplicates dropped, order kept).
+  void set_active(const std::string& layer, const std::vector<std::string>& names) {
+    std::vector<std::size_t> next;
+    for (const auto& n : names) {
+      const std::size_t i = index_of(layer, n);
+      if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
+    }
+    active_ = std::move(next);
+    ++generation_;
+  }
+
+  // ---- lookup -------------------------------------------------------------------------------
+
+  std::size_t find(const std::string& n) const {
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      if (adapters_[i].name == n) return i;
+    return npos;
+  }
+
+  /// find(), or ConfigError naming the layer and listing the adapters it has.
+  std::size_t index_of(const std::string& layer, const std::string& n) const {
+    const std::size_t i = find(n);
+    if (i == npos)
+      throw ConfigError(describe(kind_, layer) + ": unknown adapter \"" + n + "\"; available: [" + join_names(all()) +
+                        "]");
+    return i;
+  }
+
+  std::vector<std::string> names_of(const std::vector<std::size_t>& idx) const {
+    std::vector<std::string> out;
+    for (std::size_t i : idx) out.push_back(adapters_[i].name);
+    return out;
+  }
+
+  /// "a, b, c" for messages.
+  std::string join_names(const std::vector<std::size_t>& idx) const {
+    std::string s;
+    for (std::size_t i : idx) s += (s.empty() ? "" : ", ") + adapters_[i].name;
+    return s;
+  }
+
+  std::vector<LoraAdapter<T>>& list() { return adapters_; }
+  const std::vector<LoraAdapter<T>>& list() const { return adapters_; }
+  LoraAdapter<T>& operator[](std::size_t i) { return adapters_[i]; }
+  const LoraAdapter<T>& operator[](std::size_t i) const { return adapters_[i]; }
+  const std::vector<std::size_t>& active() const { return active_; }
+
+  /// Bumped by every change that invalidates a forward cache (add, erase, set_active, and the
+  /// layer's own: merge, disable).
+  std::uint64_t generation() const { return generation_; }
+  void touch() { ++generation_; }
+
+  /// Generator for dropout masks (and for add_adapter without an explicit one).
+  Rng& rng() { return rng_; }
+
+  // ---- low-rank forward / backward ----------------------------------------------------------
+
+  /// The cache slot for the next adapter of this forward: reuses `caches[used]`, growing the
+  /// vector only past the largest active set seen.
+  template <class AC>
+  static AC& next_slot(std::vector<AC>& caches, std::size_t& used, std::size_t adapter) {
+    if (caches.size() <= used) caches.emplace_back();
+    AC& ac = caches[used++];
+    ac.adapter = adapter;
+    return ac;
+  }
+
+  /// xa = x̃ Aᵀ [rows, r] with x̃ = x ⊙ keep when `drop` (a fresh mask from rng()), else x̃ = x and
+  /// keep, xd are emptied. Reuses ac's buffers.
+  void project(const ConstMatrixRef<T>& x, const LoraAdapter<T>& a, bool drop, LoraAdapterCache<T>& ac) {
+    ac.xa.resize(x.rows(), a.rank());
+    if (drop) {
+      fill_dropout_mask(ac.keep, x.rows(), x.cols(), a.config.dropout);
+      ac.xd.resize(x.rows(), x.cols());
+      ac.xd.array() = x.array() * ac.keep.array();
+      ac.xa.noalias() = ac.xd * a.A.value.transpose();  // x̃ Aᵀ   [rows, r]
+    } else {
+      ac.keep.resize(0, 0);
+      ac.xd.resize(0, 0);
+      ac.xa.noalias() = x * a.A.value.transpose();  // x Aᵀ   [rows, r]
+    }
+  }
+
+  /// Backward of one plain-LoRA term s·(x̃ Aᵀ) Bᵀ; `xt` is x̃ (ac.xd with dropout, else the cached
+  /// x, only read when A is trainable). Accumulates dB, dA (those trainable), adds into *dx.
+  void backward_lora(LoraAdapter<T>& a, const LoraAdapterCache<T>& ac, const Matrix<T>& xt,
+                     const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+    const T s = static_cast<T>(a.scaling());
+    if (a.B.trainable()) a.B.accumulator().noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
+    if (!a.A.trainable() && dx == nullptr) return;
+    Eigen::Block<Matrix<T>> G = scratch_g(dy.rows(), a.rank());
+    G.noalias() = dy * a.B.value;  // G = dY B   [rows, r]
+    if (a.A.trainable()) a.A.accumulator().noalias() += s * G.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
+    if (dx == nullptr) return;
+    if (ac.keep.size() > 0) {
+      Matrix<T>& t = scratch_dx(dy.rows(), a.A.value.cols());
+      t.noalias() = s * G * a.A.value;             // s G A   [rows, in]
+      dx->array() += t.array() * ac.keep.array();  // dropout backward: ⊙ keep
+    } else {
+      dx->noalias() += s * G * a.A.value;  // dX += s G A   [rows, in]
+    }
+  }
+
+  /// Backward scratch shared by every adapter of the layer (reused across calls).
+  Eigen::Block<Matrix<T>> scratch_g(Index rows, Index r) { return detail::lora_scratch<T>(work_g_, rows, r); }
+  Matrix<T>& scratch_dx(Index rows, Index in) {
+    work_dx_.resize(rows, in);
+    return work_dx_;
+  }
+
+ private:
+  std::vector<std::size_t> all() const {
+    std::vector<std::size_t> idx(adapters_.size());
+    for (std::size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+    return idx;
+  }
+
+  void fill_dropout_mask(Matrix<T>& keep, Index rows, Index cols, double p) {
+    keep.resize(rows, cols);
+    const T kept = static_cast<T>(1.0 / (1.0 - p));
+    for (Index i = 0; i < rows; ++i)
+      for (Index j = 0; j < cols; ++j) keep(i, j) = rng_.uniform() < p ? T(0) : kept;
+  }
+
+  const char* kind_;
+  std::vector<LoraAdapter<T>> adapters_;
+  std::vector<std::size_t> active_;  ///< indices into adapters_, in activation order
+  std::uint64_t generation_ = 1;
+  Rng rng_;
+  Matrix<T> work_g_;   ///< backward G = dY B [rows, ≥ r]
+  Matrix<T> work_dx_;  ///< backward s G A [rows, in] (dropout only)
+};
+
+}  // namespace peft

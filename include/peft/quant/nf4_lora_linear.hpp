@@ -162,8 +162,8 @@ class NF4LoRALinear : public Module<T> {
     y.resize(rows, out);
     for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
       const Index n = std::min(tile_rows_, out - r0);
-      quant::dequantize_nf4_rows<T>(q_, r0, n, tile_);       // W_t [n, in]
-      y.middleCols(r0, n).noalias() = x * tile_.transpose();  // y[:, t] = x W_tᵀ   [rows, n]
+      decode_tile(r0, n);                                               // W_t [n, in]
+      y.middleCols(r0, n).noalias() = x * tile_.topRows(n).transpose();  // y[:, t] = x W_tᵀ   [rows, n]
     }
     if (has_bias()) y.rowwise() += bias.value.row(0);
 
@@ -202,11 +202,11 @@ class NF4LoRALinear : public Module<T> {
       const Index out = out_features();
       for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
         const Index n = std::min(tile_rows_, out - r0);
-        quant::dequantize_nf4_rows<T>(q_, r0, n, tile_);  // W_t [n, in]
+        decode_tile(r0, n);  // W_t [n, in]
         if (r0 == 0)
-          dx->noalias() = dy.middleCols(r0, n) * tile_;  // dX = dY[:, t] W_t   [rows, in]
+          dx->noalias() = dy.middleCols(r0, n) * tile_.topRows(n);  // dX = dY[:, t] W_t   [rows, in]
         else
-          dx->noalias() += dy.middleCols(r0, n) * tile_;
+          dx->noalias() += dy.middleCols(r0, n) * tile_.topRows(n);
       }
     }
     for (std::size_t k = 0; k < cache.used; ++k) {
@@ -237,6 +237,15 @@ class NF4LoRALinear : public Module<T> {
 
   quant::NF4Tensor q_;
   LoraAdapterSet<T> set_{"NF4LoRALinear", 0x4f4};  ///< adapters, active list, generation, dropout generator
+  /// Decodes base rows [r0, r0 + n) into the first n rows of tile_. The buffer is sized once to
+  /// min(tile_rows, out) rows, so a ragged last tile does not shrink it (and the next call regrow it).
+  void decode_tile(Index r0, Index n) {
+    const Index cap = std::min(tile_rows_, out_features());
+    if (tile_.rows() != cap || tile_.cols() != in_features()) tile_.resize(cap, in_features());
+    quant::dequantize_nf4_range<T>(q_, static_cast<std::int64_t>(r0) * in_features(),
+                                   static_cast<std::int64_t>(n) * in_features(), tile_.data());
+  }
+
   Index tile_rows_ = 256;
   Matrix<T> tile_;     ///< decoded rows of the base [tile_rows, in], reused by forward and backward
 };

@@ -334,16 +334,16 @@ class LoRALinear : public Module<T> {
     const std::string who = describe("LoRALinear", this->name());
     if (disabled_)
       throw ConfigError(who + ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
-    std::vector<std::size_t> todo;
+    std::vector<std::size_t> pending;
     if (names.empty()) {
       for (std::size_t i : set_.active())
-        if (!is_merged(i)) todo.push_back(i);
+        if (!is_merged(i)) pending.push_back(i);
     } else {
       for (const auto& n : names) {
         const std::size_t i = index_of(n);
-        if (is_merged(i) || std::find(todo.begin(), todo.end(), i) != todo.end())
+        if (is_merged(i) || std::find(pending.begin(), pending.end(), i) != pending.end())
           throw ConfigError(who + ": adapter \"" + n + "\" is already merged");
-        todo.push_back(i);
+        pending.push_back(i);
       }
     }
     // Safe: build the merged weight aside and swap it in only if every step succeeded. Plain: merge
@@ -354,7 +354,7 @@ class LoRALinear : public Module<T> {
     Matrix<T>& w = safe ? aside : weight.value;
     std::size_t done = 0;
     try {
-      for (std::size_t i : todo) {
+      for (std::size_t i : pending) {
         const LoraAdapter<T>& a = set_[i];
         RowVector<T> f;
         if (a.dora()) {

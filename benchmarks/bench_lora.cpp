@@ -2,6 +2,14 @@
 // (forward + backward + AdamW) at the Foundation issue's sizes. Ratios, not absolute times, are
 // the point: run benchmarks/run_lora_peer.sh to see them next to PyTorch on the same CPU.
 //
+//   LinearForward        peft::Linear, frozen, inference (the base every ratio refers to)
+//   LinearBackward       peft::Linear, trainable: dW, db and dX (what full fine-tuning pays)
+//   LinearTrainStep      full fine-tuning step of the Linear: forward, backward (no dX), AdamW on W, b
+//   LoraForward          LoRALinear, unmerged, inference (forward_inference: nothing kept)
+//   LoraMergedForward    LoRALinear after merge()
+//   LoraBackward         LoRALinear on a frozen base: dA, dB and dX (a middle layer)
+//   LoraTrainStep        LoRA step on a frozen base: forward, backward (no dX), AdamW on A, B
+//
 // Args: rows, in, out, r. Counters: GFLOP/s of the work each case must do.
 #include <benchmark/benchmark.h>
 
@@ -39,23 +47,75 @@ void set_rate(benchmark::State& state, double flops) {
       benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-/// Times layer.forward on a fixed input with reused output and cache buffers.
+/// Times layer.forward_inference on a fixed input with a reused output buffer.
 void time_forward(benchmark::State& state, peft::LoRALinear<T>& layer, const Case& c, double flops) {
   const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
   Matrix<T> y;
-  peft::LoRALinear<T>::Cache cache;
   for (auto _ : state) {
-    layer.forward(x, y, cache);
+    layer.forward_inference(x, y);
     benchmark::DoNotOptimize(y.data());
     benchmark::ClobberMemory();
   }
   set_rate(state, flops);
 }
 
+peft::Linear<T> make_linear(const Case& c, bool trainable) {
+  peft::Rng rng(42);
+  peft::Linear<T> layer(c.in, c.out, rng, true, "bench");
+  layer.weight.set_trainable(trainable);
+  layer.bias.set_trainable(trainable);
+  return layer;
+}
+
 void BM_LinearForward(benchmark::State& state) {
   const Case c(state);
-  auto layer = make_layer(c, false);
-  time_forward(state, layer, c, c.base_flops());
+  auto layer = make_linear(c, false);
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  Matrix<T> y;
+  peft::Linear<T>::Cache cache;  // frozen: forward keeps nothing in it
+  for (auto _ : state) {
+    layer.forward(x, y, cache);
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, c.base_flops());
+}
+
+/// Backward of a trainable Linear with the input gradient: dW = dYᵀX, db, dX = dY W.
+void BM_LinearBackward(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_linear(c, true);
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  const Matrix<T> dy = Matrix<T>::Random(c.rows, c.out);
+  Matrix<T> y, dx;
+  peft::Linear<T>::Cache cache;
+  layer.forward(x, y, cache);
+  for (auto _ : state) {
+    layer.backward(cache, dy, &dx);
+    benchmark::DoNotOptimize(dx.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, 2.0 * c.base_flops());
+}
+
+/// A full fine-tuning step of the Linear (first layer: no dX): forward, dW and db, AdamW on both.
+void BM_LinearTrainStep(benchmark::State& state) {
+  const Case c(state);
+  auto layer = make_linear(c, true);
+  peft::AdamW<T> opt(layer, peft::AdamWOptions{});
+  const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
+  const Matrix<T> dy = Matrix<T>::Random(c.rows, c.out);
+  Matrix<T> y;
+  peft::Linear<T>::Cache cache;
+  for (auto _ : state) {
+    opt.zero_grad();
+    layer.forward(x, y, cache);
+    layer.backward(cache, dy, nullptr);
+    opt.step();
+    benchmark::DoNotOptimize(layer.weight.value.data());
+    benchmark::ClobberMemory();
+  }
+  set_rate(state, 2.0 * c.base_flops());
 }
 
 void BM_LoraForward(benchmark::State& state) {
@@ -103,7 +163,7 @@ void BM_LoraTrainStep(benchmark::State& state) {
   Matrix<T> y;
   peft::LoRALinear<T>::Cache cache;
   for (auto _ : state) {
-    layer.zero_grad();
+    opt.zero_grad();
     layer.forward(x, y, cache);
     layer.backward(cache, dy, nullptr);
     opt.step();
@@ -125,6 +185,8 @@ void cases(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK(BM_LinearForward)->Apply(cases);
+BENCHMARK(BM_LinearBackward)->Apply(cases);
+BENCHMARK(BM_LinearTrainStep)->Apply(cases);
 BENCHMARK(BM_LoraForward)->Apply(cases);
 BENCHMARK(BM_LoraMergedForward)->Apply(cases);
 BENCHMARK(BM_LoraBackward)->Apply(cases);

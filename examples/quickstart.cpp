@@ -68,7 +68,7 @@ double train(Mlp& model, peft::Optimizer<T>& opt, const Task& task, peft::Rng& r
   model.train();
   for (int step = 1; step <= steps; ++step) {
     task.sample(rng, 64, x, y);
-    model.zero_grad();
+    opt.zero_grad();  // the optimizer's list of trainable parameters: no name lookups per step
     model.forward(x, logits, cache);
     loss = peft::cross_entropy<T>(logits, y, &dlogits);
     model.backward(cache, dlogits);

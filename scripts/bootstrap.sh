@@ -2,7 +2,8 @@
 # Installs the Debian packages peft-cpp needs, only those missing. Nothing is downloaded from
 # anywhere but the distribution's package registry.
 #   scripts/bootstrap.sh            build + tests + examples (default)
-#   scripts/bootstrap.sh --fuzz     also clang and libFuzzer (CI's fuzz step)
+#   scripts/bootstrap.sh --clang    also clang++ and its sanitizer/libFuzzer runtimes (the asan
+#                                   preset and the fuzzers build with clang)
 #   scripts/bootstrap.sh --peer     also python3-torch (PyTorch peer benchmark scripts)
 set -euo pipefail
 
@@ -10,7 +11,7 @@ packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbench
           dataset-fashion-mnist)
 for arg in "$@"; do
   case "$arg" in
-    --fuzz) packages+=(clang libclang-rt-14-dev libfuzzer-14-dev) ;;
+    --clang|--fuzz) packages+=(clang libclang-rt-dev) ;;
     --peer) packages+=(python3-torch) ;;
     *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
   esac

@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-cmake --preset release -DPEFT_BUILD_TESTS=OFF -DPEFT_BUILD_BENCHMARKS=OFF
+cmake --preset release
 cmake --build --preset release --target finetune_study
 ./build/release/examples/finetune_study/finetune_study "$@"

@@ -16,7 +16,8 @@ import time
 import torch
 
 CASES = [(64, 256, 256, 8), (512, 1024, 1024, 16), (512, 4096, 4096, 16)]
-OPS = ["LinearForward", "LoraForward", "LoraMergedForward", "LoraBackward", "LoraTrainStep"]
+OPS = ["LinearForward", "LinearBackward", "LinearTrainStep", "LoraForward", "LoraMergedForward", "LoraBackward",
+       "LoraTrainStep"]
 
 
 class LoraLinear(torch.nn.Module):
@@ -71,6 +72,22 @@ def torch_case(op, rows, d_in, d_out, r, min_time):
         with torch.no_grad():
             return time_torch(lambda: layer(x), min_time)
     dy = torch.rand(rows, d_out) * 2 - 1
+    if op in ("LinearBackward", "LinearTrainStep"):
+        base = layer.base
+        base.requires_grad_(True)
+        if op == "LinearBackward":
+            xg = x.clone().requires_grad_(True)
+            total = time_torch(lambda: base(xg).backward(dy), min_time)
+            with torch.enable_grad():
+                f = time_torch(lambda: base(xg), min_time)
+            return max(total - f, 1e-9)
+        opt = torch.optim.AdamW(base.parameters(), lr=1e-3, weight_decay=0.01)
+
+        def full_step():
+            opt.zero_grad(set_to_none=False)
+            base(x).backward(dy)
+            opt.step()
+        return time_torch(full_step, min_time)
     if op == "LoraBackward":
         xg = x.clone().requires_grad_(True)  # a middle layer: the input gradient is needed
 
@@ -132,15 +149,15 @@ def main():
             results[(rows, d_in, d_out, r, op)] = (o, t)
             print(f"{str((rows, d_in, d_out, r)):24} {op:18} {o * 1e3:9.3f} {t * 1e3:9.3f} {t / o:10.2f}")
     print("\nOverheads relative to the base Linear forward (same side, same case):")
-    print(f"{'case':24} {'LoRA fwd ours':>13} {'torch':>7} {'step ours':>10} {'torch':>7} {'merged ours':>12} {'torch':>7}")
+    heads = ("LoRA fwd", "merged fwd", "LoRA step", "full-FT step")
+    print(f"{'case':24} " + " ".join(f"{h + ' ours':>15} {'torch':>7}" for h in heads))
     for rows, d_in, d_out, r in CASES:
         base_o, base_t = results[(rows, d_in, d_out, r, "LinearForward")]
-        row = [results[(rows, d_in, d_out, r, op)] for op in ("LoraForward", "LoraTrainStep", "LoraMergedForward")]
         cells = []
-        for o, t in row:
-            cells += [o / base_o, t / base_t]
-        print(f"{str((rows, d_in, d_out, r)):24} {cells[0]:13.2f} {cells[1]:7.2f} {cells[2]:10.2f} {cells[3]:7.2f} "
-              f"{cells[4]:12.2f} {cells[5]:7.2f}")
+        for op in ("LoraForward", "LoraMergedForward", "LoraTrainStep", "LinearTrainStep"):
+            o, t = results[(rows, d_in, d_out, r, op)]
+            cells.append(f"{o / base_o:15.2f} {t / base_t:7.2f}")
+        print(f"{str((rows, d_in, d_out, r)):24} " + " ".join(cells))
 
 
 if __name__ == "__main__":

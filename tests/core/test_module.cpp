@@ -156,6 +156,6 @@ TEST_CASE("freeze/unfreeze patterns match the whole name", "[module]") {
 
 TEST_CASE("an invalid regular expression is a ConfigError", "[module][errors]") {
   Model<float> model;
-  PEFT_REQUIRE_THROWS_WITH(freeze(model, "layers.(0"), ConfigError, "invalid name pattern \"layers.(0\"");
-  PEFT_REQUIRE_THROWS_WITH(unfreeze(model, "[a-"), ConfigError, "unfreeze: invalid name pattern");
+  PEFT_REQUIRE_THROWS_WITH(freeze(model, "layers.(0"), ConfigError, "invalid regular expression \"layers.(0\"");
+  PEFT_REQUIRE_THROWS_WITH(unfreeze(model, "[a-"), ConfigError, "unfreeze: invalid regular expression");
 }

@@ -27,6 +27,9 @@ struct TempDir {
   TempDir& operator=(const TempDir&) = delete;
   ~TempDir() { peft::io::detail::remove_tree(path); }
 
+  /// Path of `name` inside the directory.
+  std::string file(const std::string& name) const { return path + "/" + name; }
+
   /// Names in the directory (hidden temporaries included), sorted.
   std::vector<std::string> entries(const std::string& sub = "") const {
     std::vector<std::string> out;

@@ -18,29 +18,16 @@
 #include <string>
 #include <vector>
 
+#include "io/io_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
+using peft::test::io::TempDir;
 namespace fs = std::filesystem;
 
 namespace {
 
 using Bytes = std::vector<std::uint8_t>;
-
-/// A fresh directory per test case, removed at the end.
-struct TempDir {
-  fs::path path;
-  explicit TempDir(const std::string& tag) {
-    path = fs::temp_directory_path() /
-           ("peft_test_idx_" + tag + "_" + std::to_string(static_cast<long long>(::getpid())));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 void put_be32(Bytes& b, std::uint32_t v) {
   for (int s = 24; s >= 0; s -= 8) b.push_back(static_cast<std::uint8_t>((v >> s) & 0xFF));
@@ -81,7 +68,7 @@ Bytes iota_bytes(std::size_t n, int start = 0) {
 }  // namespace
 
 TEST_CASE("read_idx round-trips gzip and plain files", "[io][idx]") {
-  TempDir dir("roundtrip");
+  TempDir dir;
   const Bytes body = iota_bytes(3 * 2 * 4);
   write_gz(dir.file("img.gz"), idx_bytes({3, 2, 4}, body));
   write_plain(dir.file("img.raw"), idx_bytes({3, 2, 4}, body));
@@ -95,7 +82,7 @@ TEST_CASE("read_idx round-trips gzip and plain files", "[io][idx]") {
 }
 
 TEST_CASE("read_idx_dataset pairs images with labels and scales pixels", "[io][idx]") {
-  TempDir dir("dataset");
+  TempDir dir;
   Bytes pixels = iota_bytes(5 * 2 * 3, 11);
   pixels[0] = 255;
   pixels[1] = 0;
@@ -121,7 +108,7 @@ TEST_CASE("read_idx_dataset pairs images with labels and scales pixels", "[io][i
 }
 
 TEST_CASE("read_idx names the file and the problem for broken headers", "[io][idx][errors]") {
-  TempDir dir("header");
+  TempDir dir;
   const std::string missing = dir.file("missing.gz");
   PEFT_REQUIRE_THROWS_WITH(read_idx(missing), IoError, "\"" + missing + "\": cannot open");
 
@@ -159,7 +146,7 @@ TEST_CASE("read_idx names the file and the problem for broken headers", "[io][id
 }
 
 TEST_CASE("read_idx rejects bodies that disagree with the header", "[io][idx][errors]") {
-  TempDir dir("body");
+  TempDir dir;
   // Header promises 3·2·2 = 12 bytes; 10 follow.
   write_gz(dir.file("short.gz"), idx_bytes({3, 2, 2}, iota_bytes(10)));
   PEFT_REQUIRE_THROWS_WITH(read_idx(dir.file("short.gz")), IoError,
@@ -171,7 +158,7 @@ TEST_CASE("read_idx rejects bodies that disagree with the header", "[io][idx][er
 }
 
 TEST_CASE("read_idx detects truncated and corrupt gzip streams", "[io][idx][errors]") {
-  TempDir dir("gzip");
+  TempDir dir;
   write_gz(dir.file("good.gz"), idx_bytes({50, 8, 8}, iota_bytes(50 * 64)));
   const Bytes gz = read_plain(dir.file("good.gz"));
   REQUIRE(gz.size() > 40);
@@ -198,7 +185,7 @@ TEST_CASE("read_idx detects truncated and corrupt gzip streams", "[io][idx][erro
 }
 
 TEST_CASE("read_idx_dataset checks counts and label range", "[io][idx][errors]") {
-  TempDir dir("pairs");
+  TempDir dir;
   write_gz(dir.file("img.gz"), idx_bytes({5, 2, 2}, iota_bytes(20)));
   write_gz(dir.file("lab4.gz"), idx_bytes({4}, {0, 1, 2, 3}));
   PEFT_REQUIRE_THROWS_WITH(read_idx_dataset(dir.file("img.gz"), dir.file("lab4.gz")), IoError,

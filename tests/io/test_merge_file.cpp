@@ -1,6 +1,7 @@
 // Streaming merge of a PEFT adapter into a safetensors model file.
 #include <peft/io/merge_file.hpp>
 
+#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -141,6 +142,16 @@ TEST_CASE("merge file: an adapter that does not fit, or a NaN, writes nothing", 
   big.scale = 1e38;
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", ad, out, big), NumericError,
                            "nothing was written");
+  // A merged value beyond F16's range would be stored as Inf: refused, nothing written.
+  const Matrix<float> wv = SafeTensorsFile(data_dir() + "/tiny_base.safetensors").load<float>("model.layers.0.attn.v.weight");
+  const std::string half = dir.path + "/half.safetensors";
+  save_safetensors<float>(half, {{"model.layers.0.attn.v.weight", {6, 8}, wv.data(), DType::F16}});
+  PeftAdapter<float> loud = ad;
+  loud.lora = {*ad.find("model.layers.0.attn.v")};
+  MergeFileOptions huge;
+  huge.scale = 1e9;
+  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(half, loud, out, huge), NumericError, "overflows F16");
+  std::remove(half.c_str());
   // A prompt adapter has nothing to merge.
   const PeftAdapter<float> prompt = load_peft_adapter<float>(data_dir() + "/tiny_prompt");
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", prompt, out), ConfigError,

@@ -12,6 +12,7 @@ using namespace peft;
 using namespace peft::io;
 using peft::test::io::TempDir;
 using peft::test::io::data_dir;
+using peft::test::io::raw_file;
 using peft::test::io::write_bytes;
 
 namespace {
@@ -236,9 +237,25 @@ TEMPLATE_TEST_CASE("PEFT adapter directory: save from a model, load back identic
   load_adapter_into(fresh, back, "task", to_peft.inverse());
   CHECK(fresh.v[1].adapters().back().B.value == model.v[1].adapters().back().B.value);
 
-  // Saving over an existing directory replaces it whole.
+  // Saving into an existing directory replaces our two files and keeps everything else (a model
+  // folder's README, another adapter's subfolder), as save_pretrained does.
+  write_bytes(out + "/README.md", "keep me");
+  ::mkdir((out + "/other").c_str(), 0755);
+  write_bytes(out + "/other/adapter_config.json", "{}");
   save_peft_adapter(out, back, DType::BF16);
   CHECK(dir.entries() == std::vector<std::string>{"adapter"});
+  CHECK(dir.entries("adapter") ==
+        std::vector<std::string>{"README.md", "adapter_config.json", "adapter_model.safetensors", "other"});
+  CHECK(raw_file(out + "/README.md") == "keep me");
+  CHECK(raw_file(out + "/other/adapter_config.json") == "{}");
+
+  // A conflict (a directory where a file goes) is found before anything moves.
+  const std::string clash = dir.path + "/clash";
+  ::mkdir(clash.c_str(), 0755);
+  ::mkdir((clash + "/adapter_config.json").c_str(), 0755);
+  PEFT_REQUIRE_THROWS_WITH(save_peft_adapter(clash, back), IoError, "expected a file there, found a directory");
+  CHECK(dir.entries("clash") == std::vector<std::string>{"adapter_config.json"});
+  CHECK(dir.entries() == std::vector<std::string>{"adapter", "clash"});  // no staging directory left
   CHECK(SafeTensorsFile(out + "/adapter_model.safetensors").info("base_model.model.model.layers.0.q.lora_A.weight").dtype ==
         DType::BF16);
 }
@@ -275,6 +292,15 @@ TEST_CASE("PEFT adapter directory: broken adapters load nothing", "[io][peft]") 
   const Matrix<float> ids = Matrix<float>::Ones(1, 2);
   with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()}, {"x", {2}, ids.data(), DType::I64}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "has dtype I64, expected a float type");
+  // One tensor slot filled twice: the second would silently win.
+  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()}, {"q.bias", {2}, ids.data()},
+        {k + "bias", {2}, ids.data()}});
+  PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "names \"q.bias\", which another tensor already holds");
+  write_bytes(d + "/adapter_config.json",
+              R"({"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q"],"use_dora":true})");
+  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()},
+        {k + "lora_magnitude_vector", {6}, b.data()}, {k + "lora_magnitude_vector.weight", {6}, b.data()}});
+  PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "is a second lora_magnitude_vector for module \"q\"");
   write_bytes(d + "/adapter_config.json", R"({"peft_type":"LORA","r":"2"})");
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "adapter_config.json\": key \"r\"");
 }

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -143,6 +144,18 @@ TEST_CASE("safetensors writer: names, shapes and the declared sizes are enforced
   PEFT_REQUIRE_THROWS_WITH(SafeTensorsWriter(path, {{"__metadata__", DType::F32, {2}}}), IoError, "invalid tensor name");
   PEFT_REQUIRE_THROWS_WITH(SafeTensorsWriter(path, {{"a", DType::F32, {-1}}}), IoError, "invalid shape");
   CHECK(dir.entries().empty());
+  // A finite value that would round to Inf is refused (NaN and Inf themselves are stored).
+  const double over[3] = {1.0, 65520.0, 1e300};
+  PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"h", {3}, over, DType::F16}}), NumericError,
+                           "value 65520 at element 1 overflows F16");
+  PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"h", {3}, over, DType::BF16}}), NumericError,
+                           "value 1.0000000000000001e+300 at element 2 overflows BF16");
+  PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"h", {3}, over, DType::F32}}), NumericError, "overflows F32");
+  const double edge[3] = {65504.0, -std::numeric_limits<double>::infinity(), 3.4028234663852886e38};
+  CHECK_NOTHROW(save_safetensors<double>(path, {{"h", {2}, edge, DType::F16}}));
+  CHECK_NOTHROW(save_safetensors<double>(path, {{"h", {3}, edge, DType::F32}}));
+  std::remove(path.c_str());
+  CHECK(dir.entries().empty());
   {
     SafeTensorsWriter w(path, {{"a", DType::F32, {2}}, {"b", DType::F32, {1}}});
     const float v[3] = {1, 2, 3};
@@ -220,6 +233,27 @@ TEST_CASE("safetensors reader: the corpus of broken headers is rejected with cle
   expect_rejected(file_with(R"([1,2])", 0), "does not start with '{'");
   expect_rejected(file_with(std::string(100, '[') , 0), "does not start with '{'");
   expect_rejected(file_with("{\"a\":" + std::string(100, '[') + std::string(100, ']') + "}", 0), "nested deeper than");
+}
+
+TEST_CASE("safetensors reader: a header of many tensors parses in n log n, not n^2", "[io][safetensors]") {
+  // 100 000 empty tensors (a hostile header can hold millions): a parser that rescans an object
+  // at each new entry (nlohmann's callback parser, or ordered_json's linear key lookup) would
+  // make 5e9 comparisons here.
+  const int n = 100000;
+  std::string h = "{";
+  for (int i = 0; i < n; ++i) h += (i ? ",\"t" : "\"t") + std::to_string(i) + "\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}";
+  h += ",\"z\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
+  const std::string file = file_with(h, 8);
+  const SafeTensorsHeader parsed =
+      parse_safetensors_header(reinterpret_cast<const unsigned char*>(file.data()), file.size(), "many");
+  CHECK(parsed.tensors.size() == static_cast<std::size_t>(n + 1));
+  CHECK(parsed.tensors.back().name == "z");
+
+  // Configs keep key order (ordered_json, linear lookup): their objects are capped instead.
+  std::string cfg = "{";
+  for (int i = 0; i <= static_cast<int>(kMaxOrderedJsonKeys); ++i) cfg += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":1";
+  cfg += "}";
+  PEFT_REQUIRE_THROWS_WITH(parse_json_strict(cfg, "cfg.json"), IoError, "a JSON object has more than 10000 keys");
 }
 
 TEST_CASE("safetensors reader: errors name the file on disk", "[io][safetensors]") {

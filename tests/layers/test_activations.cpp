@@ -1,7 +1,9 @@
 #include <peft/layers/activations.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "support/test_utils.hpp"
 
@@ -43,6 +45,29 @@ TEMPLATE_TEST_CASE("Activations match their closed forms", "[activations]", floa
       for (Index j = 0; j < zm.cols(); ++j)  // Eigen's vectorised tanh may differ from std::tanh in the last ulps
         CHECK(std::abs(static_cast<double>(y(i, j) - activation_value<T>(a, zm(i, j)))) < 10 * Tolerances<T>::rel);
     CHECK(test::rel_diff(inplace, y) < Tolerances<T>::rel);
+  }
+}
+
+TEMPLATE_TEST_CASE("Vectorised activation kernels match the scalar references over a wide range", "[activations]",
+                   float, double) {
+  // The matrix kernels use SIMD exp / tanh / erf; the scalar functions use the C library.
+  using T = TestType;
+  const double tol = std::is_same<T, float>::value ? 2e-6 : 1e-13;
+  Matrix<T> z(1, 200);
+  for (Index j = 0; j < z.cols(); ++j) z(0, j) = static_cast<T>(-25.0 + 0.25 * static_cast<double>(j) + 0.013);
+  const Matrix<T> ones = Matrix<T>::Ones(1, z.cols());
+  for (Activation a : kAll) {
+    INFO(activation_name(a));
+    Matrix<T> y, d, scratch;
+    activation_forward<T>(a, z, y);
+    activation_backward<T>(a, z, ones, d, scratch);
+    for (Index j = 0; j < z.cols(); ++j) {
+      INFO("z = " << z(0, j));
+      const double fy = static_cast<double>(activation_value<T>(a, z(0, j)));
+      const double fd = static_cast<double>(activation_derivative<T>(a, z(0, j)));
+      CHECK(std::abs(static_cast<double>(y(0, j)) - fy) <= tol * std::max(1.0, std::abs(fy)));
+      CHECK(std::abs(static_cast<double>(d(0, j)) - fd) <= tol * std::max(1.0, std::abs(fd)));
+    }
   }
 }
 

@@ -62,6 +62,13 @@ TEST_CASE("Adapter inits: bert N(0, 0.02), houlsby truncated N(0, 0.01) within 2
   const double sd = std::sqrt((wb.array() - mean).square().mean());
   CHECK(std::abs(mean) < 0.003);
   CHECK(std::abs(sd - 0.02) < 0.002);
+  // N(0, 0.01²) truncated to ±2σ has std 0.01·√(1 − 4φ(2)/(Φ(2) − Φ(−2))) = 0.008796 (a uniform
+  // on ±0.02 would give 0.01155).
+  const auto& wh = houlsby.down.weight.value;
+  const double hmean = wh.mean();
+  const double hsd = std::sqrt((wh.array() - hmean).square().mean());
+  CHECK(std::abs(hmean) < 0.001);
+  CHECK(std::abs(hsd - 0.008796) < 0.0006);
   CHECK(houlsby.down.weight.value.cwiseAbs().maxCoeff() <= 0.02);
   CHECK(houlsby.up.weight.value.cwiseAbs().maxCoeff() <= 0.02);
   CHECK(houlsby.up.weight.value.cwiseAbs().maxCoeff() > 0.0);

@@ -1,4 +1,5 @@
 #include <peft/layers/dropout.hpp>
+#include <peft/train/gradient_check.hpp>
 
 #include "support/test_utils.hpp"
 
@@ -56,6 +57,25 @@ TEMPLATE_TEST_CASE("Dropout is inverted, masks in training and is the identity i
   typename Dropout<T>::Cache cn;
   CHECK(none.forward(x, cn) == x);
   CHECK(cn.keep.size() == 0);
+}
+
+TEST_CASE("Dropout backward matches finite differences with the mask held fixed", "[dropout][gradcheck]") {
+  // A layer seeded the same way draws the same mask, so the loss is a fixed linear map of x.
+  Rng rng(22);
+  Matrix<double> x = test::random_matrix<double>(6, 5, rng);
+  const Matrix<double> g = test::random_matrix<double>(6, 5, rng);
+  auto loss = [&] {
+    Dropout<double> d(0.4, 99);
+    typename Dropout<double>::Cache c;
+    return test::dot(g, d.forward(x, c));
+  };
+  Dropout<double> d(0.4, 99);
+  typename Dropout<double>::Cache c;
+  d.forward(x, c);
+  CHECK((c.keep.array() == 0.0).any());  // some entries are dropped
+  Matrix<double> dx;
+  d.backward(c, g, &dx);
+  CHECK(relative_error(dx, numerical_gradient(x, loss)) < Tolerances<double>::grad);
 }
 
 TEST_CASE("Dropout rejects bad probabilities and gradients", "[dropout][errors]") {

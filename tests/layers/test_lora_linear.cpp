@@ -394,6 +394,8 @@ TEST_CASE("LoRALinear rejects bad configurations with named errors", "[lora][err
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("", cfg(2, 2.0)), ConfigError, "must not be empty");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a.b", cfg(2, 2.0)), ConfigError, "must not contain '.'");
   CHECK(layer.adapters().empty());  // nothing half-added
+  PEFT_REQUIRE_THROWS_WITH(LoRALinear<float>(0, 4, rng, true, "layers.1.q"), ShapeError,
+                           "LoRALinear \"layers.1.q\": features must be > 0, got in=0, out=4");
 
   layer.add_adapter("a", cfg(2, 2.0));
   layer.add_adapter("b", cfg(2, 2.0));
@@ -433,4 +435,66 @@ TEST_CASE("LoRALinear construction is the same under every compiler for a seed",
   Linear<double> lin(5, 3, r2, true);
   CHECK(layer.weight.value == lin.weight.value);
   CHECK(layer.bias.value == lin.bias.value);
+}
+
+TEST_CASE("LoRALinear: only active adapters train (PEFT's set_adapter), and adding one moves none", "[lora][optim]") {
+  Rng rng(90);
+  LoRALinear<double> layer(6, 4, rng, true, "q");
+  layer.freeze_base();
+  LoraConfig cfg;
+  cfg.r = 2;
+  cfg.init = LoraInit::None;
+  layer.add_adapter("a", cfg);
+  CHECK(layer.adapter("a").A.trainable());
+  const Parameter<double>* a_A = &layer.adapter("a").A;
+
+  // Adding an adapter activates it alone: "a" is frozen (no gradient buffer), "b" trains.
+  layer.add_adapter("b", cfg);
+  CHECK(&layer.adapter("a").A == a_A);  // adapters live on the heap: no reallocation moved "a"
+  CHECK_FALSE(layer.adapter("a").A.trainable());
+  CHECK(layer.adapter("a").A.grad.size() == 0);
+  CHECK(layer.adapter("b").B.trainable());
+  layer.set_active({"a", "b"});
+  CHECK(layer.adapter("a").A.trainable());
+  CHECK(layer.adapter("b").A.trainable());
+  layer.set_active("a");
+  CHECK_FALSE(layer.adapter("b").A.trainable());
+  CHECK_FALSE(layer.adapter("b").B.trainable());
+
+  // Parameters an optimizer holds survive adding further adapters.
+  for (int k = 0; k < 20; ++k) layer.add_adapter("extra" + std::to_string(k), cfg);
+  layer.set_active("a");
+  CHECK(&layer.adapter("a").A == a_A);
+  const LoRALinear<double> copy = layer;  // copies are deep
+  CHECK(&copy.adapter("a").A != a_A);
+  CHECK(copy.adapter("a").A.value == layer.adapter("a").A.value);
+  CHECK(copy.adapters().size() == layer.adapters().size());
+}
+
+TEMPLATE_TEST_CASE("forward_inference equals forward and keeps nothing for backward", "[lora]", float, double) {
+  Rng rng(91);
+  LoRALinear<TestType> layer = make_layer<TestType>(7, 5, rng, "q");
+  layer.add_adapter("default", cfg(3, 5.0));
+  LoraConfig dora;
+  dora.r = 2;
+  dora.use_dora = true;
+  dora.init = LoraInit::None;
+  layer.add_adapter("d", dora);
+  layer.set_active({"default", "d"});
+  const Matrix<TestType> x = test::random_matrix<TestType>(4, 7, rng);
+  typename LoRALinear<TestType>::Cache cache;
+  const Matrix<TestType> y = layer.forward(x, cache);
+  CHECK(cache.x.size() > 0);  // trainable A: backward reads x
+  Matrix<TestType> yi;
+  layer.forward_inference(x, yi);
+  CHECK(yi == y);
+  // The training cache is untouched by inference calls in between.
+  Matrix<TestType> dx;
+  layer.backward(cache, Matrix<TestType>::Ones(4, 5), &dx);
+  CHECK(dx.allFinite());
+  Linear<TestType> lin(7, 5, rng, true, "fc");
+  typename Linear<TestType>::Cache lc;
+  Matrix<TestType> yl;
+  lin.forward_inference(x, yl);
+  CHECK(yl == lin.forward(x, lc));
 }

@@ -1,6 +1,7 @@
 // Hot paths allocate nothing after the first call: repeated forward + backward of Linear and
 // LoRALinear (with and without dropout, one and two adapters, frozen base) with reused caches and
-// outputs, plain LoRA and DoRA, under Eigen's EIGEN_RUNTIME_NO_MALLOC guard.
+// outputs, plain LoRA and DoRA, the mixed-adapter batch, and the sequence blocks (attention,
+// feed-forward, layer norm, dropout, embeddings, prefix), under Eigen's EIGEN_RUNTIME_NO_MALLOC guard.
 //
 // Eigen reports a forbidden allocation through eigen_assert, which NDEBUG (Release) compiles out,
 // so this file routes eigen_assert to a counter: each violation is counted (and the allocation
@@ -28,8 +29,18 @@ inline void on_eigen_assert(bool ok) {
 
 #include <Eigen/Core>
 
+#include <peft/layers/attention.hpp>
+#include <peft/layers/dropout.hpp>
+#include <peft/layers/embedding.hpp>
+#include <peft/layers/feed_forward.hpp>
+#include <peft/layers/layer_norm.hpp>
 #include <peft/layers/linear.hpp>
 #include <peft/layers/lora_linear.hpp>
+#include <peft/layers/lora_mixed_batch.hpp>
+#include <peft/layers/prefix_attention.hpp>
+
+#include <string>
+#include <vector>
 
 #include "support/test_utils.hpp"
 
@@ -132,10 +143,82 @@ TEMPLATE_TEST_CASE("LoRALinear forward/backward allocate nothing after warm-up",
           layer.backward(cache2, g, &dx2);
           layer.backward(cache, g, nullptr);
         }) == 0);
+  // Inference: nothing kept, nothing allocated.
+  CHECK(allocations_after_warmup([&] { layer.forward_inference(x, y); }) == 0);
   // eval mode (no dropout), same buffers.
   layer.eval();
   CHECK(allocations_after_warmup([&] {
           layer.forward(x, y, cache);
           layer.backward(cache, g, &dx);
         }) == 0);
+}
+
+TEST_CASE("Sequence blocks allocate nothing after the first forward/backward", "[attention][no_malloc]") {
+  // Positive control: the guard sees an allocation in this build.
+  CHECK(allocations_after_warmup([] {
+          Matrix<float> m(7, 9);
+          m.setZero();
+        }) > 0);
+
+  Rng rng(40);
+  const Index d = 8, S = 5;
+  const SequenceLayout layout(2, S, {5, 3});
+  MultiHeadAttention<float> attn(d, 2, rng, AttentionOptions{true, true}, "attn");
+  LoraConfig lora;
+  lora.r = 2;
+  lora.alpha = 3.0;
+  lora.init = LoraInit::None;
+  attn.q_proj.add_adapter("default", lora, rng);
+  attn.add_ia3();
+  FeedForward<float> ffn(d, 16, Activation::GELU, rng, true, "ffn");
+  ffn.add_ia3();
+  LayerNorm<float> ln(d, 1e-5, true, "ln");
+  Dropout<float> drop(0.1, 3, "drop");
+  Embedding<float> emb(20, d, rng, "emb");
+  PositionalEmbedding<float> pos(S, d, rng, "pos");
+  PrefixAttention<float> prefix(PrefixConfig{3, d, 1, true, 6}, rng, "prefix");
+  const std::vector<Index> ids = {1, 2, 3, 4, 5, 6, 7, 8, 0, 0};
+  const Matrix<float> g = test::random_matrix<float>(2 * S, d, rng);
+
+  typename MultiHeadAttention<float>::Cache ca;
+  typename FeedForward<float>::Cache cf;
+  typename LayerNorm<float>::Cache cl;
+  typename Dropout<float>::Cache cd;
+  typename Embedding<float>::Cache ce;
+  typename PositionalEmbedding<float>::Cache cp;
+  typename PrefixAttention<float>::Cache cpre;
+  Matrix<float> x, h1, h2, h3, y, dy, dx1, dx2, dx3;
+  const long n = allocations_after_warmup([&] {
+    emb.forward(ids, x, ce);
+    pos.forward_inplace(x, layout, cp);
+    ln.forward(x, h1, cl);
+    prefix.forward(cpre);
+    const PrefixKV<float> kv = prefix.layer(cpre, 0);
+    attn.forward(h1, layout, h2, ca, &kv);
+    drop.forward(h2, h3, cd);
+    ffn.forward(h3, y, cf);
+    ffn.backward(cf, g, &dx1);
+    drop.backward(cd, dx1, &dx2);
+    PrefixGrad<float> pg = prefix.layer_grad(cpre, 0);
+    attn.backward(ca, dx2, &dx3, &pg);
+    prefix.backward(cpre);
+    ln.backward(cl, dx3, &dx1);
+    pos.backward(cp, dx1);
+    emb.backward(ce, dx1);
+  });
+  CHECK(n == 0);
+}
+
+TEST_CASE("mixed-adapter batch allocates nothing after warm-up", "[no_malloc][mixed]") {
+  Rng rng(42);
+  LoRALinear<double> layer(10, 7, rng, true, "layers.3.o");
+  layer.add_adapter("a", cfg(2, 4.0, 0.0));
+  layer.add_adapter("b", cfg(3, 6.0, 0.0));
+  layer.add_adapter("c", cfg(1, 0.5, 0.0));
+  const Matrix<double> x = test::random_matrix<double>(16, 10, rng);
+  std::vector<std::string> names;
+  for (int r = 0; r < 16; ++r) names.push_back(r % 4 == 3 ? "none" : std::string(1, static_cast<char>('a' + r % 4)));
+  MixedBatchWorkspace<double> ws;
+  Matrix<double> y;
+  CHECK(allocations_after_warmup([&] { forward_mixed(layer, x, names, y, ws); }) == 0);
 }

@@ -2,6 +2,8 @@
 #include <peft/layers/soft_prompt.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include <cmath>
+
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -60,6 +62,9 @@ TEST_CASE("SoftPrompt inits: random scale, token copies (cyclic), vocabulary sam
   Rng rng(23);
   SoftPrompt<double> sp(5, 16, rng, 0.01);
   CHECK(sp.embedding.value.cwiseAbs().maxCoeff() < 0.1);
+  const double sd = std::sqrt(sp.embedding.value.array().square().mean());  // N(0, 1)·0.01, 80 draws
+  CHECK(std::abs(sd - 0.01) < 0.0025);
+  CHECK(std::abs(sp.embedding.value.mean()) < 0.003);
   Matrix<double> vocab = test::random_matrix<double>(10, 16, rng);
   sp.init_from_tokens(vocab, {7, 2});
   CHECK(sp.embedding.value.row(0) == vocab.row(7));

@@ -99,6 +99,9 @@ TEST_CASE("analyze_adapter sees a rank-deficient adapter", "[merge][analysis]") 
   CHECK(st.singular_values[3] < 1e-12 * st.singular_values[0]);
   CHECK(st.effective_rank < 3.0 + 1e-9);
   CHECK(st.effective_rank > 1.0);
+  CHECK(analyze_adapter(f, 0.5).numerical_rank <= 3);
+  PEFT_REQUIRE_THROWS_WITH(analyze_adapter(f, std::nan("")), ConfigError, "rtol must be in [0, 1]");
+  PEFT_REQUIRE_THROWS_WITH(analyze_adapter(f, 2.0), ConfigError, "got 2");
 }
 
 TEMPLATE_TEST_CASE("inverse-variance weights are normalized inverse squared delta norms", "[merge][analysis]", float,

@@ -49,6 +49,7 @@ TEST_CASE("Targeting primitives follow PEFT's check_target_module_exists", "[tar
   CHECK_FALSE(selector_matches(re, "layers.1.attn.v_proj.x"));   // full match, not search
   CHECK_FALSE(selector_matches(ModuleSelector::pattern("q_proj"), "layers.0.attn.q_proj"));  // a str is a regex
   CHECK(ModuleSelector::pattern("all-linear").all_linear);
+  CHECK(ModuleSelector::pattern("ALL-Linear").all_linear);  // PEFT lower-cases the shorthand
   CHECK(inside_module_to_save("classifier", {"classifier"}));
   CHECK(inside_module_to_save("head.classifier.dense", {"classifier"}));
   CHECK_FALSE(inside_module_to_save("my_classifier", {"classifier"}));

@@ -162,6 +162,35 @@ TEST_CASE("Transformer: token input with soft prompt from token ids, gradients",
         Tolerances<double>::grad);
 }
 
+TEST_CASE("Transformer: soft-prompt rows are never pooled", "[transformer]") {
+  // Causal attention + first-token pooling: the first *real* token sees the prompt and itself, so
+  // the logits depend on input row 0 and on no later row. Pooling a prompt row instead would make
+  // them independent of the input altogether.
+  Rng rng(36);
+  TransformerConfig cfg = small_config(NormPlacement::Pre, Pooling::First);
+  cfg.causal = true;
+  TransformerClassifier<double> model(cfg, rng);
+  PeftConfig pc;
+  PromptTargetConfig sc;
+  sc.num_virtual_tokens = 3;
+  pc.prompt = sc;
+  apply_peft(model, pc, rng);
+  REQUIRE(model.prompt_encoder.has_value());
+  const SequenceLayout layout(2, 4);
+  Matrix<double> x = test::random_matrix<double>(8, 5, rng);
+  typename TransformerClassifier<double>::Cache c;
+  const Matrix<double> base = model.forward(x, layout, c);
+  Matrix<double> later = x;
+  later.row(1).array() += 1.0;  // token 1 of sequence 0: invisible to token 0
+  later.row(7).array() += 1.0;  // token 3 of sequence 1
+  CHECK(test::rel_diff(model.forward(later, layout, c), base) < 1e-14);
+  Matrix<double> first = x;
+  first.row(4).array() += 1.0;  // token 0 of sequence 1: the pooled token
+  const Matrix<double> moved = model.forward(first, layout, c);
+  CHECK(moved.row(0) == base.row(0));
+  CHECK((moved.row(1) - base.row(1)).norm() > 1e-6);
+}
+
 TEMPLATE_TEST_CASE("Transformer: identity at init (LoRA B = 0, zero adapters, IA3 = 1) is exact", "[transformer]",
                    float, double) {
   using T = TestType;

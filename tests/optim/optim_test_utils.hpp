@@ -6,7 +6,12 @@
 #include <peft/core/module.hpp>
 #include <peft/core/parameters.hpp>
 
+#include <cstddef>
 #include <initializer_list>
+#include <type_traits>
+#include <vector>
+
+#include <peft/optim/optimizer.hpp>
 
 #include "support/test_utils.hpp"
 
@@ -52,6 +57,19 @@ struct TwoParams : Module<T> {
 template <class T>
 constexpr double trajectory_tol() {
   return std::is_same<T, float>::value ? 2e-5 : 1e-12;
+}
+
+/// Runs w.size() steps and checks W and b after each against torch's trajectory.
+template <class T>
+void check_trajectory(TwoParams<T>& m, Optimizer<T>& opt, const std::vector<std::vector<double>>& w,
+                      const std::vector<std::vector<double>>& b) {
+  for (std::size_t s = 0; s < w.size(); ++s) {
+    m.compute_grads();
+    opt.step();
+    INFO("step " << s + 1);
+    CHECK(rel_diff(m.weight.value, from_list<T>(2, 2, {w[s][0], w[s][1], w[s][2], w[s][3]})) < trajectory_tol<T>());
+    CHECK(rel_diff(m.bias.value, from_list<T>(1, 2, {b[s][0], b[s][1]})) < trajectory_tol<T>());
+  }
 }
 
 }  // namespace peft::test

@@ -138,7 +138,7 @@ TEST_CASE("layerwise_lr_groups rejects bad options with named errors", "[optim][
   o.layer_regex = "layers\\.\\d+";
   PEFT_REQUIRE_THROWS_WITH(layerwise_lr_groups<double>(s, o), ConfigError, "has no capture group");
   o.layer_regex = "layers\\.(\\d+\\.";
-  PEFT_REQUIRE_THROWS_WITH(layerwise_lr_groups<double>(s, o), ConfigError, "invalid name pattern");
+  PEFT_REQUIRE_THROWS_WITH(layerwise_lr_groups<double>(s, o), ConfigError, "invalid regular expression");
   o.layer_regex = LayerwiseLrOptions{}.layer_regex;
   o.fixed_layers = {{"embedding\\..*", -1}};
   PEFT_REQUIRE_THROWS_WITH(layerwise_lr_groups<double>(s, o), ConfigError,
@@ -161,5 +161,5 @@ TEST_CASE("param_groups_by_rules rejects bad rules with named errors", "[optim][
       param_groups_by_rules<double>(s, {{".*", 0.1, 0.0, "all"}, {"head\\..*", 0.1, 0.0, "head"}}, 1e-3, 0.0),
       ConfigError, "not already taken by an earlier rule");
   PEFT_REQUIRE_THROWS_WITH(param_groups_by_rules<double>(s, {{"(", 0.1, 0.0, ""}}, 1e-3, 0.0), ConfigError,
-                           "invalid name pattern \"(\"");
+                           "invalid regular expression \"(\"");
 }

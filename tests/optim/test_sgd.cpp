@@ -5,22 +5,7 @@
 using namespace peft;
 using test::from_list;
 using test::TwoParams;
-
-namespace {
-// Runs `steps` steps and checks W and b after each against torch 1.13's trajectory.
-template <class T>
-void check_trajectory(TwoParams<T>& m, Optimizer<T>& opt, const std::vector<std::vector<double>>& w,
-                      const std::vector<std::vector<double>>& b) {
-  for (std::size_t s = 0; s < w.size(); ++s) {
-    m.compute_grads();
-    opt.step();
-    INFO("step " << s + 1);
-    CHECK(test::rel_diff(m.weight.value, from_list<T>(2, 2, {w[s][0], w[s][1], w[s][2], w[s][3]})) <
-          test::trajectory_tol<T>());
-    CHECK(test::rel_diff(m.bias.value, from_list<T>(1, 2, {b[s][0], b[s][1]})) < test::trajectory_tol<T>());
-  }
-}
-}  // namespace
+using test::check_trajectory;
 
 // All reference values: torch.optim.SGD (torch 1.13, float64), benchmarks/peer/optim_reference.py.
 TEMPLATE_TEST_CASE("SGD with weight decay matches torch", "[optim][sgd]", float, double) {

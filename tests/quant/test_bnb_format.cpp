@@ -9,10 +9,12 @@
 #include <string>
 #include <vector>
 
+#include "io/io_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
 using namespace peft::quant;
+using peft::test::io::TempDir;
 
 namespace {
 
@@ -20,21 +22,6 @@ std::string fixture_path() {
   const std::filesystem::path here = std::filesystem::path(__FILE__).parent_path();
   return (here / "data" / "bnb_nf4_fixture.safetensors").string();
 }
-
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    Rng rng(static_cast<std::uint64_t>(std::hash<std::string>{}(std::filesystem::current_path().string())) ^
-            static_cast<std::uint64_t>(reinterpret_cast<std::uintptr_t>(this)));
-    path = std::filesystem::temp_directory_path() / ("peft_quant_" + std::to_string(rng.next_u64()));
-    std::filesystem::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-  std::string file(const std::string& name) const { return (path / name).string(); }
-};
 
 std::vector<unsigned char> tensor_bytes(const io::SafeTensorsFile& f, const std::string& name) {
   const io::TensorInfo& t = f.info(name);
@@ -270,6 +257,13 @@ TEST_CASE("Malformed bitsandbytes entries give named errors", "[quant][bnb][erro
   PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"quant_type\"", "\"quant_kind\""))), IoError,
                            "unknown quant_state key \"quant_kind\"");
   PEFT_REQUIRE_THROWS_WITH(read_with(with_json(good.substr(0, good.size() - 5))), IoError, "invalid JSON");
+  // Hostile sizes: a shape whose product overflows int64, a block size that only fits after a cast.
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "[8, 16]", "[3, 6148914691236517206]"))), ShapeError,
+                           "has more than 2^50 values");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"blocksize\": 64", "\"blocksize\": 4294967360"))),
+                           ConfigError, "quant_state \"blocksize\" is 4294967360, expected 1 .. 2^20");
+  PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"nested_blocksize\": 256", "\"nested_blocksize\": -1"))),
+                           ConfigError, "\"nested_blocksize\" is -1");
 
   std::vector<Raw> raws = with_json(good);
   find_raw(raws, ".weight")->bytes.resize(60);  // truncated packed codes
@@ -284,6 +278,11 @@ TEST_CASE("Malformed bitsandbytes entries give named errors", "[quant][bnb][erro
   raws = with_json(good);
   raws.erase(raws.begin() + 3);  // nested_absmax missing
   PEFT_REQUIRE_THROWS_WITH(read_with(raws), IoError, "has no tensor \"m.weight.nested_absmax\"");
+
+  // The code table is bitsandbytes' fixed NF4 list; any other (an FP4 map, a corrupted one) is refused.
+  raws = with_json(good);
+  find_raw(raws, ".quant_map")->bytes[4] ^= 0x01;
+  PEFT_REQUIRE_THROWS_WITH(read_with(raws), ConfigError, "quant_map is not the NF4 code");
 
   raws = with_json(good);
   find_raw(raws, ".absmax")->dtype = io::DType::I8;

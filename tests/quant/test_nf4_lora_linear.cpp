@@ -160,8 +160,11 @@ TEMPLATE_TEST_CASE("NF4LoRALinear merge: dense deq(Q) + sBA, or re-quantized wit
   const Matrix<TestType> x = test::random_matrix<TestType>(3, 64, rng);
   typename NF4LoRALinear<TestType>::Cache c;
   const Matrix<TestType> before = p.q.forward(x, c);
+  const quant::NF4Options layout = p.q.quant_options();
   const auto rep = p.q.merge_and_requantize();
   CHECK(rep.merged == std::vector<std::string>{"default", "other"});
+  CHECK(p.q.quantized_weight().blocksize == layout.blocksize);  // the base's layout is kept
+  CHECK(p.q.quantized_weight().nested == layout.double_quant);
   CHECK(p.q.adapters().empty());
   const Matrix<TestType> requant = p.q.dequantized_weight();
   CHECK(rep.added_error == Approx((requant - merged).template cast<double>().norm()).epsilon(1e-5));
@@ -198,4 +201,8 @@ TEST_CASE("NF4LoRALinear rejects bad input with named errors", "[quant][nf4_lora
                            "NF4LoRALinear \"l\": packed weight has 10 bytes, expected 64");
   PEFT_REQUIRE_THROWS_WITH(NF4LoRALinear<float>(p.q.quantized_weight(), RowVector<float>::Zero(5)), ShapeError,
                            "bias has shape [1, 5], expected [1, 8]");
+  NF4LoRALinear<float> empty;  // no weight: nothing to read, a clear error instead
+  CHECK(empty.in_features() == 0);
+  CHECK(empty.out_features() == 0);
+  PEFT_REQUIRE_THROWS_WITH(empty.forward(Matrix<float>::Zero(2, 1), c), ConfigError, "has no quantized weight");
 }

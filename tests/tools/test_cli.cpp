@@ -1,7 +1,16 @@
 // The `peft` tool, run in-process: every command's output, exit codes, --help, and that failures
 // leave nothing behind.
-#include "../../tools/peft_cli.hpp"
+#include "peft_cli.hpp"
 
+#include <peft/io/peft_format.hpp>
+#include <peft/merge/analysis.hpp>
+#include <peft/merge/combine.hpp>
+#include <peft/io/safetensors.hpp>
+#include <peft/quant/bnb_format.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <iomanip>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -35,7 +44,7 @@ TEST_CASE("peft: help and usage errors", "[tools]") {
   CHECK(has(r.err, "exit codes:"));
   r = peft_run({"--help"});
   CHECK(r.code == cli::kOk);
-  for (const char* c : {"inspect", "merge", "combine", "extract"}) {
+  for (const char* c : {"inspect", "merge", "combine", "extract", "quantize"}) {
     CHECK(has(r.out, c));
     const Result h = peft_run({c, "--help"});
     CHECK(h.code == cli::kOk);
@@ -78,6 +87,28 @@ TEST_CASE("peft inspect: a file and an adapter directory", "[tools]") {
   CHECK(has(r.out, "unknown config keys (kept): unknown_future_key"));
   CHECK(has(r.out, "model.layers.1.attn.v"));
   CHECK(has(r.out, "trainable parameters: 196"));  // 3 modules · 4·14 + 2·14
+  {
+    // Each module's row: |dW|_F and the effective rank equal analyze_adapter's.
+    const PeftAdapter<double> ad = load_peft_adapter<double>(data_dir() + "/tiny_lora");
+    std::istringstream lines(r.out);
+    std::vector<std::string> rows;
+    for (std::string line; std::getline(lines, line);) rows.push_back(line);
+    for (const auto& m : ad.lora) {
+      const AdapterStats st = analyze_adapter(LoraFactors<double>{m.A, m.B, m.scaling, m.path});
+      std::ostringstream norm, eff;
+      norm << std::setprecision(5) << st.frobenius_norm;
+      eff << std::setprecision(3) << st.effective_rank;
+      const std::string suffix = " " + m.path;
+      const auto row = std::find_if(rows.begin(), rows.end(), [&](const std::string& l) {
+        return l.size() > suffix.size() && l.compare(l.size() - suffix.size(), suffix.size(), suffix) == 0;
+      });
+      REQUIRE(row != rows.end());
+      INFO(*row);
+      CHECK(has(*row, " " + norm.str() + " "));
+      CHECK(has(*row, " " + std::to_string(st.numerical_rank) + " "));
+      CHECK(has(*row, " " + eff.str() + " "));
+    }
+  }
   r = peft_run({"inspect", data_dir() + "/tiny_prompt"});
   REQUIRE(r.code == cli::kOk);
   CHECK(has(r.out, "prompt_embeddings: [5, 8] = 40 parameters"));
@@ -178,8 +209,37 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
     CHECK(c->rank() == 4);
     CHECK(test::rel_diff(Matrix<double>(c->scaling * c->B * c->A), Matrix<double>(2.0 * m.scaling * m.B * m.A)) < 1e-6);
   }
-  r = peft_run({"combine", "--method", "ties", "--density", "0.5", a, a, "--out", dir.path + "/ties"});
-  CHECK(r.code == cli::kOk);
+  // The dense methods: the CLI's adapter equals the library's combine() on the same factors (so
+  // --weights, --rank, --density, --seed and --majority-sign reach it).
+  for (const char* method : {"linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"}) {
+    INFO(method);
+    const std::string out = dir.path + "/" + method;
+    r = peft_run({"combine", "--method", method, "--weights", "0.7,-0.4", "--rank", "3", "--density", "0.6", "--seed",
+                  "5", "--majority-sign", "frequency", a, a, "--out", out});
+    REQUIRE(r.code == cli::kOk);
+    const PeftAdapter<double> got = load_peft_adapter<double>(out);
+    CombineOptions opt;
+    parse_combine_method(method, opt.method);
+    opt.rank = 3;
+    opt.density = 0.6;
+    opt.seed = 5;
+    opt.majority_sign = MajoritySign::Frequency;
+    for (const auto& m : src.lora) {
+      const LoraFactors<double> f{m.A, m.B, m.scaling, m.path};
+      const CombineResult<double> want = combine(std::vector<LoraFactors<double>>{f, f}, {0.7, -0.4}, opt);
+      const auto* c = got.find(m.path);
+      REQUIRE(c != nullptr);
+      CHECK(test::rel_diff(Matrix<double>(c->scaling * c->B * c->A), want.factors.delta()) < 1e-6);
+    }
+  }
+  // An adapter with full tensors (modules_to_save) is refused rather than silently dropped.
+  PeftAdapter<double> with_head = src;
+  with_head.full.push_back({"classifier.weight", {2, 8}, Matrix<double>::Ones(2, 8)});
+  save_peft_adapter(dir.path + "/head", with_head);
+  r = peft_run({"combine", "--method", "linear", a, dir.path + "/head", "--out", dir.path + "/dropped"});
+  CHECK(r.code == cli::kConfig);
+  CHECK(has(r.err, "also holds 1 full tensors (modules_to_save, e.g. \"classifier.weight\")"));
+  CHECK(!path_exists(dir.path + "/dropped"));
   r = peft_run({"combine", "--method", "cat", a, data_dir() + "/tiny_dora", "--out", dir.path + "/bad"});
   CHECK(r.code == cli::kConfig);
   CHECK(has(r.err, "DoRA"));

@@ -56,7 +56,9 @@ class Module {
     });
   }
 
-  /// Zeroes the gradient of every trainable parameter in the subtree.
+  /// Zeroes the gradient of every trainable parameter in the subtree. It walks the tree by name
+  /// (building the dotted names allocates): in a training loop prefer the optimizer's zero_grad(),
+  /// which walks its own list.
   void zero_grad() {
     visit_parameters([](const std::string&, Parameter<T>& p) { p.zero_grad(); });
   }

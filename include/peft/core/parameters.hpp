@@ -8,6 +8,7 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/regex.hpp"
 
 namespace peft {
 
@@ -56,11 +57,7 @@ ParameterCount count_parameters(Module<T>& module) {
 
 namespace detail {
 inline std::regex compile_pattern(const std::string& pattern, const char* who) {
-  try {
-    return std::regex(pattern, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    throw ConfigError(std::string(who) + ": invalid name pattern \"" + pattern + "\": " + e.what());
-  }
+  return compile_name_regex(pattern, who);
 }
 
 /// Sets trainable = on for every parameter whose full name matches; throws when none does, so a
@@ -71,7 +68,7 @@ std::size_t set_trainable_matching(Module<T>& module, const std::string& pattern
   std::size_t hits = 0;
   std::vector<std::string> seen;
   module.visit_parameters([&](const std::string& name, Parameter<T>& p) {
-    if (std::regex_match(name, re)) {
+    if (regex_full_match(name, re, who)) {
       p.set_trainable(on);
       ++hits;
     } else if (seen.size() < 8) {

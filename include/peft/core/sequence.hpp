@@ -7,6 +7,8 @@
 //
 // Rows t ≥ lengths[b] are padding. Row-wise layers (Linear, LayerNorm, FeedForward) just process
 // them; attention masks them as keys (key-padding mask), so padding never changes a valid row.
+// Padding content must be finite: its gradient is 0, but a weight gradient Σ_rows dYᵀ X still
+// multiplies it, and 0 · NaN is NaN (as in PyTorch). pack_sequences fills it with zeros.
 // Every layer that mixes positions (attention, pooling) takes the SequenceLayout next to the
 // [batch·seq, dim] matrix, so hidden states stay ordinary Matrix<T> and flow through Eigen::Ref
 // without copies. SequenceBatch<T> bundles the two for callers who want one object.

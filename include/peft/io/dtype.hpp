@@ -215,8 +215,10 @@ void decode_elements(DType d, const unsigned char* src, std::size_t n, T* dst) {
 }
 
 /// Converts `n` values of T into dtype `d` (little-endian) at `dst`. Floats round to nearest even;
-/// integer dtypes require integral values in range (a weight silently truncated to an integer
-/// would be a bug): returns false at the first value that does not fit, with its index in *bad.
+/// a finite value that would round to ±Inf (70000 in F16, 1e300 in F32) does not fit, nor does a
+/// non-integral or out-of-range value for an integer dtype (a weight silently truncated would be
+/// a bug): returns false at the first value that does not fit, with its index in *bad. NaN and
+/// ±Inf themselves are stored as such.
 template <class T>
 bool encode_elements(DType d, const T* src, std::size_t n, unsigned char* dst, std::size_t* bad = nullptr) {
   using detail::store_le;
@@ -239,6 +241,12 @@ bool encode_elements(DType d, const T* src, std::size_t n, unsigned char* dst, s
       return true;
     case DType::F32:
       for (std::size_t i = 0; i < n; ++i) {
+        // Round-to-nearest gives Inf from FLT_MAX + half an ulp (2^103) up; the cast would be UB.
+        const double x = static_cast<double>(src[i]);
+        if (std::isfinite(x) && std::fabs(x) >= 3.4028235677973366e38) {
+          if (bad) *bad = i;
+          return false;
+        }
         const float v = static_cast<float>(src[i]);
         std::uint32_t b;
         std::memcpy(&b, &v, 4);
@@ -246,10 +254,26 @@ bool encode_elements(DType d, const T* src, std::size_t n, unsigned char* dst, s
       }
       return true;
     case DType::F16:
-      for (std::size_t i = 0; i < n; ++i) store_le<std::uint16_t>(dst + 2 * i, double_to_half(static_cast<double>(src[i])));
+      for (std::size_t i = 0; i < n; ++i) {
+        const double x = static_cast<double>(src[i]);
+        const std::uint16_t h = double_to_half(x);
+        if ((h & 0x7fffu) == 0x7c00u && std::isfinite(x)) {  // rounded to ±Inf
+          if (bad) *bad = i;
+          return false;
+        }
+        store_le<std::uint16_t>(dst + 2 * i, h);
+      }
       return true;
     case DType::BF16:
-      for (std::size_t i = 0; i < n; ++i) store_le<std::uint16_t>(dst + 2 * i, double_to_bf16(static_cast<double>(src[i])));
+      for (std::size_t i = 0; i < n; ++i) {
+        const double x = static_cast<double>(src[i]);
+        const std::uint16_t h = double_to_bf16(x);
+        if ((h & 0x7fffu) == 0x7f80u && std::isfinite(x)) {
+          if (bad) *bad = i;
+          return false;
+        }
+        store_le<std::uint16_t>(dst + 2 * i, h);
+      }
       return true;
     case DType::I64:
       for (std::size_t i = 0; i < n; ++i) {

@@ -1,6 +1,6 @@
 #pragma once
-// POSIX file plumbing for peft/io: a read-only memory map, an atomic output file and an atomic
-// output directory.
+// POSIX file plumbing for peft/io: a read-only memory map, an atomic output file and an output
+// directory written all-or-nothing (AtomicDirectory).
 //
 // Atomicity: output goes to a temporary in the destination's own directory (rename(2) is atomic
 // only within one file system), is fsync'ed, renamed over the destination, and the directory is
@@ -253,10 +253,16 @@ class AtomicFile {
   std::uint64_t written_ = 0;
 };
 
-/// Builds a directory atomically: files are written into `<parent>/.<name>.tmp-XXXXXX/`, commit()
-/// renames it to `path`. An existing `path` is replaced: it is first renamed aside, the new one
-/// renamed in, then the old one removed, so `path` is at every instant either the old or the new
-/// complete directory. Without commit() the temporary directory is removed.
+/// Writes a directory of files without ever leaving a half-written state. Files are written into
+/// `<parent>/.<name>.tmp-XXXXXX/` (staging()); until commit() nothing at `path` changes, and
+/// without commit() the staging directory is removed.
+///
+/// commit():
+/// - `path` does not exist: the staging directory is renamed to `path` (atomic as a whole).
+/// - `path` is an existing directory: each staged file is renamed over its namesake in `path`
+///   (each replacement atomic); every other file in `path` is left alone, as Hugging Face's
+///   save_pretrained does (a model folder keeps its README, tokenizer, other adapters). Conflicts
+///   (a staged file where `path` has a directory, or the reverse) are found before anything moves.
 class AtomicDirectory {
  public:
   explicit AtomicDirectory(std::string path) : path_(std::move(path)) {
@@ -282,19 +288,16 @@ class AtomicDirectory {
   void commit() {
     if (tmp_.empty()) throw IoError("\"" + path_ + "\": commit after commit or abort");
     detail::fsync_dir(tmp_);
-    std::string old;
-    if (path_exists(path_)) {
-      old = tmp_ + ".old";
-      if (::rename(path_.c_str(), old.c_str()) != 0)
-        throw IoError("cannot move the existing \"" + path_ + "\" aside: " + detail::errno_text(errno));
+    if (!path_exists(path_)) {
+      if (::rename(tmp_.c_str(), path_.c_str()) != 0)
+        throw IoError("cannot rename the temporary directory to \"" + path_ + "\": " + detail::errno_text(errno));
+      tmp_.clear();
+    } else {
+      check_merge(tmp_, path_);  // every conflict is reported before the first rename
+      merge_into(tmp_, path_);
+      detail::fsync_dir(path_);
+      abort();  // the (now empty) staging tree
     }
-    if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
-      const int err = errno;
-      if (!old.empty()) (void)::rename(old.c_str(), path_.c_str());  // put the old one back
-      throw IoError("cannot rename the temporary directory to \"" + path_ + "\": " + detail::errno_text(err));
-    }
-    tmp_.clear();
-    if (!old.empty()) detail::remove_tree(old);
     detail::fsync_dir(detail::parent_dir(path_));
   }
 
@@ -304,6 +307,44 @@ class AtomicDirectory {
   }
 
  private:
+  static std::vector<std::string> entries(const std::string& dir) {
+    std::vector<std::string> names;
+    if (DIR* d = ::opendir(dir.c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        const std::string n = e->d_name;
+        if (n != "." && n != "..") names.push_back(n);
+      }
+      ::closedir(d);
+    }
+    return names;
+  }
+
+  static void check_merge(const std::string& from, const std::string& to) {
+    for (const std::string& n : entries(from)) {
+      const std::string src = from + "/" + n, dst = to + "/" + n;
+      if (!path_exists(dst)) continue;
+      const bool src_dir = is_directory(src), dst_dir = is_directory(dst);
+      if (src_dir && dst_dir) {
+        check_merge(src, dst);
+      } else if (src_dir != dst_dir) {
+        throw IoError("cannot write \"" + dst + "\": expected a " + (src_dir ? "directory" : "file") +
+                      " there, found a " + (dst_dir ? "directory" : "file") + "; nothing was written");
+      }
+    }
+  }
+
+  static void merge_into(const std::string& from, const std::string& to) {
+    for (const std::string& n : entries(from)) {
+      const std::string src = from + "/" + n, dst = to + "/" + n;
+      if (is_directory(src) && is_directory(dst)) {
+        merge_into(src, dst);
+        detail::fsync_dir(dst);
+      } else if (::rename(src.c_str(), dst.c_str()) != 0) {
+        throw IoError("cannot move \"" + n + "\" into \"" + to + "\": " + detail::errno_text(errno));
+      }
+    }
+  }
+
   std::string path_;
   std::string tmp_;
 };

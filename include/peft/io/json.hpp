@@ -1,11 +1,24 @@
 #pragma once
 // Strict JSON parsing for file headers and configs: valid UTF-8 (nlohmann's lexer rejects bad
 // sequences), no duplicate keys in any object (nlohmann would silently keep the last one, so a
-// hostile file could show one value to us and another to Python), bounded nesting depth. Object
-// key order is kept (ordered_json) because PEFT's rank_pattern is matched in insertion order.
+// hostile file could show one value to us and another to Python), bounded nesting depth.
 // Errors are IoError naming the file and the byte offset.
+//
+// Two passes, both linear in the input (up to a log factor): a SAX pass checks duplicates (one key
+// set per open object) and depth and stops at the first violation, then nlohmann's plain DOM
+// parser builds the value. A parser callback would do both in one pass, but nlohmann's callback
+// parser rescans the whole parent object at every object end, which is quadratic: a 100 MB
+// safetensors header of a million entries would take hours.
+//
+// Configs keep their key order (Json = ordered_json) because PEFT's rank_pattern is matched in
+// insertion order; ordered_json finds keys by linear search, so its objects are capped at
+// kMaxOrderedJsonKeys keys. safetensors headers, whose order is irrelevant (tensors are sorted by
+// offset), parse into the map-based nlohmann::json (parse_json_strict<nlohmann::json>), uncapped.
+#include <cstddef>
+#include <cstdint>
 #include <set>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -16,47 +29,99 @@ namespace peft::io {
 
 using Json = nlohmann::ordered_json;
 
+/// Objects of an ordered_json may hold at most this many keys (its key lookup is linear).
+constexpr std::size_t kMaxOrderedJsonKeys = 10000;
+
+namespace detail {
+
+/// SAX pass: duplicate keys, nesting depth and key counts; builds nothing.
+template <class J>
+class StrictJsonCheck : public nlohmann::json_sax<J> {
+ public:
+  using Base = nlohmann::json_sax<J>;
+  using typename Base::binary_t;
+  using typename Base::number_float_t;
+  using typename Base::number_integer_t;
+  using typename Base::number_unsigned_t;
+  using typename Base::string_t;
+
+  StrictJsonCheck(const std::string& label, std::size_t base_offset, int max_depth, std::size_t max_keys)
+      : label_(label), base_offset_(base_offset), max_depth_(max_depth), max_keys_(max_keys) {}
+
+  bool null() override { return true; }
+  bool boolean(bool) override { return true; }
+  bool number_integer(number_integer_t) override { return true; }
+  bool number_unsigned(number_unsigned_t) override { return true; }
+  bool number_float(number_float_t, const string_t&) override { return true; }
+  bool string(string_t&) override { return true; }
+  bool binary(binary_t&) override { return true; }
+
+  bool start_object(std::size_t) override {
+    enter();
+    keys_.emplace_back();
+    return true;
+  }
+  bool key(string_t& k) override {
+    std::set<std::string>& seen = keys_.back();
+    if (!seen.insert(k).second) throw IoError("\"" + label_ + "\": duplicate JSON key \"" + k + "\"");
+    if (seen.size() > max_keys_)
+      throw IoError("\"" + label_ + "\": a JSON object has more than " + std::to_string(max_keys_) + " keys");
+    return true;
+  }
+  bool end_object() override {
+    keys_.pop_back();
+    --depth_;
+    return true;
+  }
+  bool start_array(std::size_t) override {
+    enter();
+    return true;
+  }
+  bool end_array() override {
+    --depth_;
+    return true;
+  }
+  bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& e) override {
+    throw IoError("\"" + label_ + "\": invalid JSON at byte " + std::to_string(base_offset_ + position) + ": " + e.what());
+  }
+
+ private:
+  void enter() {
+    // Thrown from inside the parser so a hostile "[[[[..." stops at the limit, not at the end.
+    if (++depth_ > max_depth_)
+      throw IoError("\"" + label_ + "\": JSON nested deeper than " + std::to_string(max_depth_) + " levels");
+  }
+
+  const std::string& label_;
+  std::size_t base_offset_;
+  int max_depth_;
+  std::size_t max_keys_;
+  std::vector<std::set<std::string>> keys_;  ///< one key set per open object
+  int depth_ = 0;                            ///< open objects and arrays
+};
+
+}  // namespace detail
+
 /// Parses `text` (the contents of `label`); `base_offset` is added to byte offsets in messages
 /// (the safetensors header starts at byte 8 of its file).
-inline Json parse_json_strict(const char* begin, const char* end, const std::string& label, std::size_t base_offset = 0,
-                              int max_depth = 64) {
-  std::vector<std::set<std::string>> keys;  // one key set per open object
-  Json::parser_callback_t cb = [&](int depth, nlohmann::detail::parse_event_t ev, Json& parsed) -> bool {
-    using E = nlohmann::detail::parse_event_t;
-    // Thrown from inside the parser so a hostile "[[[[..." stops at the limit, not at the end.
-    if (depth > max_depth)
-      throw IoError("\"" + label + "\": JSON nested deeper than " + std::to_string(max_depth) + " levels");
-    switch (ev) {
-      case E::object_start:
-        keys.emplace_back();
-        break;
-      case E::object_end:
-        if (!keys.empty()) keys.pop_back();
-        break;
-      case E::key:
-        if (!keys.empty() && parsed.is_string()) {
-          const std::string& k = parsed.get_ref<const std::string&>();
-          if (!keys.back().insert(k).second) throw IoError("\"" + label + "\": duplicate JSON key \"" + k + "\"");
-        }
-        break;
-      default:
-        break;
-    }
-    return true;
-  };
-  Json j;
+template <class J = Json>
+J parse_json_strict(const char* begin, const char* end, const std::string& label, std::size_t base_offset = 0,
+                    int max_depth = 64,
+                    std::size_t max_keys = std::is_same<J, nlohmann::ordered_json>::value ? kMaxOrderedJsonKeys
+                                                                                          : static_cast<std::size_t>(-1)) {
+  detail::StrictJsonCheck<J> check(label, base_offset, max_depth, max_keys);
   try {
-    j = Json::parse(begin, end, cb, /*allow_exceptions=*/true, /*ignore_comments=*/false);
+    J::sax_parse(begin, end, &check, nlohmann::detail::input_format_t::json, /*strict=*/true);
+    return J::parse(begin, end, nullptr, /*allow_exceptions=*/true, /*ignore_comments=*/false);
   } catch (const nlohmann::json::parse_error& e) {
     throw IoError("\"" + label + "\": invalid JSON at byte " + std::to_string(base_offset + e.byte) + ": " + e.what());
   } catch (const nlohmann::json::exception& e) {
     throw IoError("\"" + label + "\": invalid JSON: " + e.what());
   }
-  return j;
 }
 
 inline Json parse_json_strict(const std::string& text, const std::string& label) {
-  return parse_json_strict(text.data(), text.data() + text.size(), label);
+  return parse_json_strict<Json>(text.data(), text.data() + text.size(), label);
 }
 
 }  // namespace peft::io

@@ -37,7 +37,7 @@ struct MergeFileReport {
   std::size_t merged = 0;    ///< tensors that received a LoRA delta
   std::size_t replaced = 0;  ///< tensors replaced by full tensors from the adapter
   std::size_t copied = 0;    ///< tensors copied unchanged
-  std::uint64_t bytes = 0;   ///< output size
+  std::uint64_t bytes = 0;   ///< size of the written file
 };
 
 /// Merges `adapter` into the safetensors file `base_path`, writing `out_path` atomically.
@@ -146,7 +146,7 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
     base.file().release(static_cast<std::size_t>(file_off), static_cast<std::size_t>(t.nbytes()));
   }
   w.commit();
-  rep.bytes = base.file().size();
+  rep.bytes = w.bytes_written();  // the header is rebuilt, so it may differ in length from the base's
   return rep;
 }
 

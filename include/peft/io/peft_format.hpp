@@ -29,6 +29,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <cctype>
 #include <regex>
 #include <string>
 #include <unordered_map>
@@ -37,6 +38,7 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/regex.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
@@ -56,11 +58,21 @@ struct ModuleSelector {
   std::string regex;
   std::vector<std::string> names;
 
+  /// PEFT's shorthand for every linear layer but the output head (compared case-insensitively,
+  /// as PEFT lower-cases it).
+  bool is_all_linear() const {
+    if (!is_regex || regex.size() != 10) return false;
+    std::string lower = regex;
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    return lower == "all-linear";
+  }
+
   bool matches(const std::string& path) const {
     if (!present) return false;
     if (is_regex) {
-      if (regex == "all-linear") return true;
-      return std::regex_match(path, std::regex(regex, std::regex::ECMAScript));
+      if (is_all_linear()) return true;
+      const char* who = "adapter config: target_modules";
+      return regex_full_match(path, compile_name_regex(regex, who), who);
     }
     for (const auto& n : names) {
       if (path == n) return true;
@@ -120,13 +132,9 @@ struct AdapterConfig {
   /// rank_pattern / alpha_pattern lookup (PEFT's get_pattern_key).
   template <class V>
   static const V* pattern_value(const std::vector<std::pair<std::string, V>>& pattern, const std::string& path) {
-    for (const auto& kv : pattern) {
-      try {
-        if (std::regex_match(path, std::regex("(.*\\.)?(" + kv.first + ")", std::regex::ECMAScript))) return &kv.second;
-      } catch (const std::regex_error&) {
-        throw ConfigError("adapter config: invalid pattern \"" + kv.first + "\"");
-      }
-    }
+    const char* who = "adapter config: rank/alpha pattern";
+    for (const auto& kv : pattern)
+      if (regex_full_match(path, compile_name_regex("(.*\\.)?(" + kv.first + ")", who), who)) return &kv.second;
     return nullptr;
   }
 
@@ -214,10 +222,12 @@ struct ConfigReader {
     if (v.is_string()) {
       out.is_regex = true;
       out.regex = v.get<std::string>();
-      try {
-        (void)std::regex(out.regex, std::regex::ECMAScript);
-      } catch (const std::regex_error&) {
-        throw IoError("\"" + label + "\": key \"" + key + "\" is not a valid regular expression: " + v.dump());
+      if (!out.is_all_linear()) {
+        try {
+          (void)compile_name_regex(out.regex, key);
+        } catch (const ConfigError& e) {
+          throw IoError("\"" + label + "\": key \"" + key + "\" is not a valid regular expression (" + e.what() + ")");
+        }
       }
       return;
     }
@@ -249,9 +259,10 @@ struct ConfigReader {
         throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key() + "\" must be " +
                       (integer ? "a positive integer" : "a positive number") + ", got " + x.dump());
       try {
-        (void)std::regex("(.*\\.)?(" + it.key() + ")", std::regex::ECMAScript);
-      } catch (const std::regex_error&) {
-        throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key() + "\" is not a valid regular expression");
+        (void)compile_name_regex("(.*\\.)?(" + it.key() + ")", key);
+      } catch (const ConfigError& e) {
+        throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key().substr(0, 80) +
+                      "\" is not a valid regular expression (" + e.what() + ")");
       }
       out.emplace_back(it.key(), x.get<V>());
     }
@@ -455,13 +466,20 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
                            (is_m ? "[out]" : "a matrix"));
         LoraModuleWeights<T>& m = mods[path];
         m.path = path;
-        (is_a ? m.A : is_b ? m.B : m.magnitude) = st.load<T>(t.name);
+        Matrix<T>& slot = is_a ? m.A : is_b ? m.B : m.magnitude;
+        if (slot.size() != 0)  // e.g. both "...lora_magnitude_vector" and "...lora_magnitude_vector.weight"
+          throw IoError(who + ": tensor \"" + t.name + "\" is a second " +
+                        (is_a ? "lora_A" : is_b ? "lora_B" : "lora_magnitude_vector") + " for module \"" + path + "\"");
+        slot = st.load<T>(t.name);
         continue;
       }
       if (rest.find("lora_") != std::string::npos)
         throw ConfigError(who + ": tensor \"" + t.name +
                           "\" is a LoRA tensor of a kind we do not support (lora_B bias, embedding or convolution LoRA)");
     }
+    for (const auto& other : ad.full)  // "x" and "base_model.model.x" name the same tensor
+      if (other.name == rest)
+        throw IoError(who + ": tensor \"" + t.name + "\" names \"" + rest + "\", which another tensor already holds");
     FullTensor<T> f{rest, t.shape, st.load<T>(t.name)};
     ad.full.push_back(std::move(f));
   }

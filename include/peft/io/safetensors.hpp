@@ -81,7 +81,10 @@ inline bool mul_overflow_u64(std::uint64_t a, std::uint64_t b, std::uint64_t& ou
   return __builtin_mul_overflow(a, b, &out);
 }
 
-inline std::uint64_t json_u64(const Json& v, const std::string& label, const std::string& key, const char* what) {
+/// Parsed safetensors headers: map-based (see peft/io/json.hpp), key order does not matter.
+using HeaderJson = nlohmann::json;
+
+inline std::uint64_t json_u64(const HeaderJson& v, const std::string& label, const std::string& key, const char* what) {
   if (v.is_number_unsigned()) return v.get<std::uint64_t>();
   if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return static_cast<std::uint64_t>(v.get<std::int64_t>());
   throw IoError("\"" + label + "\": tensor \"" + key + "\": " + what + " must be a non-negative integer, got " + v.dump());
@@ -103,7 +106,7 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
                   std::to_string(size) + "-byte file");
   if (n < 2 || data[8] != '{') throw IoError(who + ": header at byte 8 does not start with '{'");
   const char* hb = reinterpret_cast<const char*>(data + 8);
-  const Json j = parse_json_strict(hb, hb + n, label, 8);
+  const detail::HeaderJson j = parse_json_strict<detail::HeaderJson>(hb, hb + n, label, 8);
   if (!j.is_object()) throw IoError(who + ": header is not a JSON object");
 
   SafeTensorsHeader h;
@@ -111,7 +114,7 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
   const std::uint64_t data_size = size - h.data_offset;
   for (auto it = j.begin(); it != j.end(); ++it) {
     const std::string& key = it.key();
-    const Json& v = it.value();
+    const detail::HeaderJson& v = it.value();
     if (key == "__metadata__") {
       if (!v.is_object()) throw IoError(who + ": \"__metadata__\" must be an object of strings, got " + v.type_name());
       for (auto m = v.begin(); m != v.end(); ++m) {
@@ -132,15 +135,15 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
       throw IoError(tw + ": entry needs \"dtype\", \"shape\" and \"data_offsets\"");
     TensorInfo t;
     t.name = key;
-    const Json& dt = v["dtype"];
+    const detail::HeaderJson& dt = v["dtype"];
     if (!dt.is_string()) throw IoError(tw + ": \"dtype\" must be a string, got " + dt.dump());
     if (!parse_dtype(dt.get<std::string>(), t.dtype))
       throw IoError(tw + ": unknown or unsupported dtype \"" + dt.get<std::string>() +
                     "\" (supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL)");
-    const Json& sh = v["shape"];
+    const detail::HeaderJson& sh = v["shape"];
     if (!sh.is_array()) throw IoError(tw + ": \"shape\" must be an array, got " + sh.dump());
     std::uint64_t numel = 1;
-    for (const Json& d : sh) {
+    for (const detail::HeaderJson& d : sh) {
       const std::uint64_t dim = detail::json_u64(d, label, key, "\"shape\" entry");
       if (dim > static_cast<std::uint64_t>(INT64_MAX) || detail::mul_overflow_u64(numel, dim, numel))
         throw IoError(tw + ": shape " + sh.dump() + " has more elements than fit in 64 bits");
@@ -150,7 +153,7 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
     std::uint64_t nbytes = 0;
     if (detail::mul_overflow_u64(numel, dtype_size(t.dtype), nbytes))
       throw IoError(tw + ": shape " + sh.dump() + " × " + dtype_name(t.dtype) + " overflows 64 bits");
-    const Json& off = v["data_offsets"];
+    const detail::HeaderJson& off = v["data_offsets"];
     if (!off.is_array() || off.size() != 2) throw IoError(tw + ": \"data_offsets\" must be [begin, end], got " + off.dump());
     t.begin = detail::json_u64(off[0], label, key, "data_offsets[0]");
     t.end = detail::json_u64(off[1], label, key, "data_offsets[1]");
@@ -305,6 +308,8 @@ class SafeTensorsWriter {
 
   const std::string& path() const { return out_.path(); }
   bool done() const { return current_ == specs_.size(); }
+  /// Bytes written so far, header included (the file's size once done()).
+  std::uint64_t bytes_written() const { return out_.bytes_written(); }
 
   /// The tensor the next bytes belong to.
   const TensorSpec& next() const {
@@ -346,8 +351,11 @@ class SafeTensorsWriter {
       if (!encode_elements<T>(s.dtype, data + i, k, buffer_.data(), &bad)) {
         char v[32];
         std::snprintf(v, sizeof v, "%.17g", static_cast<double>(data[i + bad]));
-        throw IoError("\"" + path() + "\": tensor \"" + s.name + "\": value " + v +
-                      " at element " + std::to_string(filled_ / item + i + bad) + " does not fit " + dtype_name(s.dtype));
+        const std::string where = "\"" + path() + "\": tensor \"" + s.name + "\": value " + v + " at element " +
+                                  std::to_string(filled_ / item + i + bad);
+        if (dtype_is_float(s.dtype))  // a finite value beyond the dtype's range
+          throw NumericError(where + " overflows " + dtype_name(s.dtype) + " (it would be stored as Inf)");
+        throw IoError(where + " does not fit " + dtype_name(s.dtype));
       }
       write_raw(buffer_.data(), k * item);
     }

@@ -148,7 +148,7 @@ class Adapter : public Module<T> {
     const bool need_input_grad = dx != nullptr || down.weight.trainable() || down.bias.trainable();
     up.backward(cache.up, dz_, need_input_grad ? &da_ : nullptr);  // dW_u += dZᵀ A; dA = dZ W_u
     if (!need_input_grad) return;
-    activation_backward<T>(options_.activation, cache.h, da_, dh_);  // dH = dA ⊙ f'(H)
+    activation_backward<T>(options_.activation, cache.h, da_, dh_, fprime_);  // dH = dA ⊙ f'(H)
     down.backward(cache.down, dh_, dx);                              // dW_d += dHᵀ X; dX = dH W_d
     if (dx != nullptr && residual_) *dx += dy;                       // identity path
   }
@@ -163,6 +163,7 @@ class Adapter : public Module<T> {
   AdapterOptions options_;
   bool residual_ = true;
   Matrix<T> dz_, da_, dh_;  ///< backward scratch, reused
+  Matrix<T> fprime_;        ///< backward scratch f'(H)
 };
 
 }  // namespace peft

@@ -26,10 +26,13 @@
 // Backward (per b, h, with G = ∂L/∂C_b):
 //   dṼ = Aᵀ G,  dA = G Ṽᵀ,  dS = A ⊙ (dA − rowsum(A ⊙ dA)) / √d_h,  dQ_b = dS K̃,  dK̃ = dSᵀ Q_b.
 //
-// Memory: the loop runs over (b, h); each score block [L_b, l + L_b] is written straight into the
-// cache as probabilities, so only one score block is live while computing. Backward needs the
-// probabilities, so the Cache keeps them all: B·H·S·(l + S) scalars (plus Q, K, V [B·S, d] each and
-// the projections' own caches). Backward uses one [S, l + S] scratch block.
+// Memory: the loops run over (b, h) with one [S, l + S] scratch block, so at most one score block
+// is live at a time, in forward and in backward. The Cache does not keep the probabilities
+// (B·H·S·(l + S) scalars, the largest tensor of a long sequence): it keeps each query row's
+// maximum m and normaliser z = Σ exp(s − m) (2·B·H·S scalars), and backward recomputes the block
+// A = exp(s − m) / z from Q and K̃, bit for bit the forward's values (the same products and the
+// same operations), as FlashAttention does (Dao et al., 2022). That costs one Q K̃ᵀ product per
+// block in backward, a small part of the layer's work next to the four projections.
 #include <cmath>
 #include <string>
 #include <vector>
@@ -67,15 +70,16 @@ class MultiHeadAttention : public Module<T> {
  public:
   using LinearCache = typename LoRALinear<T>::Cache;
 
-  /// What backward needs. Probabilities of (b, h) live in rows (b·H + h)·S .. + L_b − 1 of `probs`,
-  /// columns [0, l) for the prefix and [l, l + L_b) for the keys; everything masked is 0.
+  /// What backward needs. The softmax statistics of query t of (b, h) are entry (b·H + h)·S + t
+  /// of row_max and row_sum (padding queries: 0); the probabilities themselves are recomputed.
   struct Cache {
     SequenceLayout layout;
     LinearCache q, k, v, o;
     Matrix<T> Q, K, V;            ///< [B·S, d] projected (K, V after (IA)³ scaling)
     Matrix<T> k_raw, v_raw;       ///< [B·S, d] before (IA)³ scaling; only with trainable (IA)³
     Matrix<T> prefix_k, prefix_v; ///< [l, d] copies of the prefix used; empty without prefix
-    Matrix<T> probs;              ///< [B·H·S, l + S]
+    ColVector<T> row_max;         ///< [B·H·S] m = max of the scaled scores of the row
+    ColVector<T> row_sum;         ///< [B·H·S] z = Σ exp(s − m) over the visible keys
     Index prefix_len = 0;
     bool causal = false;
   };
@@ -182,24 +186,24 @@ class MultiHeadAttention : public Module<T> {
     scale_ia3(ia3_k, cache.K, cache.k_raw);
     scale_ia3(ia3_v, cache.V, cache.v_raw);
 
-    const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-    cache.probs.setZero(B * H * S, l + S);
+    cache.row_max.setZero(B * H * S);
+    cache.row_sum.setZero(B * H * S);
     context_.setZero(B * S, d);  // padding query rows stay 0
+    if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
     for (Index b = 0; b < B; ++b) {
       const Index Lb = layout.length(b);
       for (Index h = 0; h < H; ++h) {
-        const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
-        auto P = cache.probs.block((b * H + h) * S, 0, Lb, l + Lb);
-        if (l > 0) P.leftCols(l).noalias() = q * cache.prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
-        P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();     // Q K_bᵀ
+        auto P = scores_.topLeftCorner(Lb, l + Lb);
+        scaled_scores(cache, b, h, P);
+        const Index first = (b * H + h) * S;
         for (Index t = 0; t < Lb; ++t) {
-          const Index visible = l + (causal_ ? t + 1 : Lb);  // prefix always visible
-          auto row = P.row(t).head(visible);
-          row *= scale;
+          auto row = P.row(t).head(visible_keys(cache, Lb, t));
           const T m = row.maxCoeff();
           row.array() = (row.array() - m).exp();  // exp(s − max s) ≤ 1: no overflow
-          row /= row.sum();
-          if (visible < l + Lb) P.row(t).tail(l + Lb - visible).setZero();
+          const T z = row.sum();
+          row /= z;
+          cache.row_max(first + t) = m;
+          cache.row_sum(first + t) = z;
         }
         auto c = context_.block(b * S, h * hd, Lb, hd);
         c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);          // A_keys V_b
@@ -215,6 +219,29 @@ class MultiHeadAttention : public Module<T> {
     Matrix<T> y;
     forward(x, layout, y, cache, prefix);
     return y;
+  }
+
+  /// Attention probabilities of sequence b and head h [L_b, l + L_b] (prefix keys first; masked
+  /// entries 0), recomputed from the cache exactly as backward does: for inspection (attention
+  /// maps); training never needs them.
+  Matrix<T> attention_probs(const Cache& cache, Index b, Index h) const {
+    const std::string who = describe("MultiHeadAttention", this->name());
+    if (b < 0 || b >= cache.layout.batch || h < 0 || h >= num_heads_)
+      throw ShapeError(who + ": attention_probs(b = " + std::to_string(b) + ", h = " + std::to_string(h) +
+                       ") is outside batch " + std::to_string(cache.layout.batch) + " x heads " + std::to_string(num_heads_));
+    if (cache.row_sum.size() != cache.layout.batch * num_heads_ * cache.layout.seq)
+      throw ConfigError(who + ": attention_probs needs a cache filled by this layer's forward");
+    const Index Lb = cache.layout.length(b), l = cache.prefix_len;
+    Matrix<T> P(Lb, l + Lb);
+    Eigen::Block<Matrix<T>> all = P.topLeftCorner(Lb, l + Lb);
+    scaled_scores(cache, b, h, all);
+    const Index first = (b * num_heads_ + h) * cache.layout.seq;
+    for (Index t = 0; t < Lb; ++t) {
+      auto row = P.row(t).head(visible_keys(cache, Lb, t));
+      row.array() = (row.array() - cache.row_max(first + t)).exp();
+      row /= cache.row_sum(first + t);
+    }
+    return P;
   }
 
   /// Accumulates parameter gradients (LoRA / base / IA3 as trainable), writes dx [B·S, d] unless
@@ -249,16 +276,25 @@ class MultiHeadAttention : public Module<T> {
     dQ_.setZero(B * S, d);
     dK_.setZero(B * S, d);
     dV_.setZero(B * S, d);
-    dprobs_.resize(S, l + S);
+    if (dprobs_.rows() < S || dprobs_.cols() < l + S) dprobs_.resize(S, l + S);
+    if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
     for (Index b = 0; b < B; ++b) {
       const Index Lb = layout.length(b);
       for (Index h = 0; h < H; ++h) {
-        const auto P = cache.probs.block((b * H + h) * S, 0, Lb, l + Lb);
+        // Recompute A = exp(s − m) / z exactly as forward left it (masked entries 0).
+        auto P = scores_.topLeftCorner(Lb, l + Lb);
+        scaled_scores(cache, b, h, P);
+        const Index first = (b * H + h) * S;
+        for (Index t = 0; t < Lb; ++t) {
+          auto row = P.row(t).head(visible_keys(cache, Lb, t));
+          row.array() = (row.array() - cache.row_max(first + t)).exp();
+          row /= cache.row_sum(first + t);
+        }
         const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
         const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
         const auto k = cache.K.block(b * S, h * hd, Lb, hd);
         const auto v = cache.V.block(b * S, h * hd, Lb, hd);
-        auto dS = dprobs_.block(0, 0, Lb, l + Lb);
+        auto dS = dprobs_.topLeftCorner(Lb, l + Lb);
         dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
         dS.middleCols(l, Lb).noalias() = G * v.transpose();                                 // dA_keys = G V_bᵀ
         if (l > 0) {
@@ -305,6 +341,27 @@ class MultiHeadAttention : public Module<T> {
   }
 
  private:
+  /// Keys query t of a length-Lb sequence sees: the whole prefix, then its own keys (all L_b, or
+  /// t + 1 when causal). The rest of its score row is masked.
+  static Index visible_keys(const Cache& cache, Index Lb, Index t) {
+    return cache.prefix_len + (cache.causal ? t + 1 : Lb);
+  }
+
+  /// P [L_b, l + L_b] = (Q_b K̃ᵀ) / √d_h for (b, h), masked entries 0; forward and backward both
+  /// use this, so backward's recomputed probabilities equal forward's bit for bit.
+  void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const {
+    const Index S = cache.layout.seq, hd = head_dim(), l = cache.prefix_len, Lb = P.rows();
+    const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+    const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
+    if (l > 0) P.leftCols(l).noalias() = q * cache.prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
+    P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();     // Q K_bᵀ
+    for (Index t = 0; t < Lb; ++t) {
+      const Index visible = visible_keys(cache, Lb, t);
+      P.row(t).head(visible) *= scale;
+      if (visible < l + Lb) P.row(t).tail(l + Lb - visible).setZero();
+    }
+  }
+
   static void zero_padding_rows(const SequenceLayout& layout, Matrix<T>& m) {
     for (Index b = 0; b < layout.batch; ++b)
       if (layout.length(b) < layout.seq)
@@ -331,6 +388,7 @@ class MultiHeadAttention : public Module<T> {
   Matrix<T> dy_;         ///< backward: dy with padding rows zeroed
   Matrix<T> dcontext_;   ///< backward: dC [B·S, d]
   Matrix<T> dQ_, dK_, dV_;
+  Matrix<T> scores_;     ///< forward and backward: one [S, l + S] probability block, reused for every (b, h)
   Matrix<T> dprobs_;     ///< backward: one [S, l + S] block, reused for every (b, h)
   Matrix<T> dx_part_;    ///< backward: k/v projections' input gradient before summation
 };

@@ -97,7 +97,7 @@ class FeedForward : public Module<T> {
       throw ConfigError(describe("FeedForward", this->name()) + ": cannot train while (IA)^3 is merged; unmerge first");
     fc2.backward(cache.fc2, dy, &dhidden_);                     // dh = dy W_2   [rows, inner]
     if (ia3.enabled()) ia3.backward(cache.act, dhidden_);       // dl += Σ dh ⊙ f(z); dh ← dh ⊙ l
-    activation_backward<T>(activation_, cache.z, dhidden_, dhidden_);  // dz = dh ⊙ f'(z)
+    activation_backward<T>(activation_, cache.z, dhidden_, dhidden_, fprime_);  // dz = dh ⊙ f'(z)
     fc1.backward(cache.fc1, dhidden_, dx);                     // dx = dz W_1
   }
 
@@ -114,6 +114,7 @@ class FeedForward : public Module<T> {
   Activation activation_ = Activation::GELU;
   Matrix<T> hidden_;   ///< forward scratch: h [rows, inner] (fc2 caches what it needs)
   Matrix<T> dhidden_;  ///< backward scratch [rows, inner]
+  Matrix<T> fprime_;   ///< backward scratch f'(z) [rows, inner]
 };
 
 }  // namespace peft

@@ -71,6 +71,14 @@ class Linear : public Module<T> {
       cache.x.resize(0, 0);  // frozen: keep no activation (and never reuse a stale one)
   }
 
+  /// The same output with nothing kept for backward (serving, evaluation).
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) const {
+    check::input_features("Linear", this->name(), x.cols(), in_features());
+    y.resize(x.rows(), out_features());
+    y.noalias() = x * weight.value.transpose();  // [rows, out]
+    if (has_bias()) y.rowwise() += bias.value.row(0);
+  }
+
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
     Matrix<T> y;
     forward(x, y, cache);

@@ -12,10 +12,17 @@
 // Init (as Hugging Face PEFT): A kaiming-uniform(a=√5), B = 0, so the output equals the base
 // exactly; "gaussian" draws A ~ N(0, (1/r)²) (PEFT: normal_(std=1/r)); "none" gives both
 // nn.Linear's default init. Error messages name the owning layer's kind ("LoRALinear \"q\": ...").
+//
+// Trainability follows PEFT's set_adapter: making a set of adapters active makes exactly their
+// parameters trainable and freezes the others (so an optimizer never decays an adapter that got
+// no gradient). Adapters live on the heap: adding one never moves the others, so an optimizer's
+// pointers to existing adapters' parameters stay valid.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -86,6 +93,43 @@ struct LoraForwardCache {
   std::uint64_t generation = 0;  ///< layer state the cache was filled under (0: never filled)
 };
 
+/// A view of a layer's adapters in insertion order (A = LoraAdapter<T> or const LoraAdapter<T>):
+/// size(), [i], front(), back(), range-for. Valid while the layer lives and no adapter is removed.
+template <class A>
+class LoraAdapterList {
+  using Ptr = std::unique_ptr<std::remove_const_t<A>>;
+  using Iter = typename std::vector<Ptr>::const_iterator;
+
+ public:
+  class iterator {
+   public:
+    explicit iterator(Iter it) : it_(it) {}
+    A& operator*() const { return **it_; }
+    A* operator->() const { return it_->get(); }
+    iterator& operator++() {
+      ++it_;
+      return *this;
+    }
+    bool operator==(const iterator& o) const { return it_ == o.it_; }
+    bool operator!=(const iterator& o) const { return it_ != o.it_; }
+
+   private:
+    Iter it_;
+  };
+
+  explicit LoraAdapterList(const std::vector<Ptr>& v) : v_(&v) {}
+  std::size_t size() const { return v_->size(); }
+  bool empty() const { return v_->empty(); }
+  A& operator[](std::size_t i) const { return *(*v_)[i]; }
+  A& front() const { return *v_->front(); }
+  A& back() const { return *v_->back(); }
+  iterator begin() const { return iterator(v_->begin()); }
+  iterator end() const { return iterator(v_->end()); }
+
+ private:
+  const std::vector<Ptr>* v_;
+};
+
 namespace detail {
 
 /// The leading [rows, cols] block of `buf`, growing it only when rows change or cols exceed
@@ -113,6 +157,19 @@ class LoraAdapterSet {
 
   /// `kind` names the owning layer in messages (a string literal: it is kept, not copied).
   LoraAdapterSet(const char* kind, std::uint64_t seed) : kind_(kind), rng_(seed) {}
+  /// Copies are deep (a copied layer owns its own adapters); moves keep the adapters' addresses.
+  LoraAdapterSet(const LoraAdapterSet& o)
+      : kind_(o.kind_), active_(o.active_), generation_(o.generation_), rng_(o.rng_), work_g_(o.work_g_), work_dx_(o.work_dx_) {
+    adapters_.reserve(o.adapters_.size());
+    for (const auto& a : o.adapters_) adapters_.push_back(std::make_unique<LoraAdapter<T>>(*a));
+  }
+  LoraAdapterSet& operator=(const LoraAdapterSet& o) {
+    if (this != &o) *this = LoraAdapterSet(o);
+    return *this;
+  }
+  LoraAdapterSet(LoraAdapterSet&&) noexcept = default;
+  LoraAdapterSet& operator=(LoraAdapterSet&&) noexcept = default;
+  ~LoraAdapterSet() = default;
 
   // ---- adding adapters ----------------------------------------------------------------------
 
@@ -154,12 +211,14 @@ class LoraAdapterSet {
     return a;
   }
 
-  /// Appends an adapter and makes it the only active one (PEFT's add_adapter + set_adapter).
+  /// Appends an adapter and makes it the only active one (PEFT's add_adapter + set_adapter: the
+  /// others are frozen).
   LoraAdapter<T>& add(LoraAdapter<T> a) {
-    adapters_.push_back(std::move(a));
+    adapters_.push_back(std::make_unique<LoraAdapter<T>>(std::move(a)));
     active_ = {adapters_.size() - 1};
+    sync_trainable();
     ++generation_;
-    return adapters_.back();
+    return *adapters_.back();
   }
 
   /// Removes adapter i; drops it from the active list (and from `also`, e.g. a merge list) and
@@ -176,7 +235,8 @@ class LoraAdapterSet {
     ++generation_;
   }
 
-  /// Activates exactly these adapters (duplicates dropped, order kept).
+  /// Activates exactly these adapters (duplicates dropped, order kept); they become trainable and
+  /// every other adapter is frozen, as PEFT's set_adapter does.
   void set_active(const std::string& layer, const std::vector<std::string>& names) {
     std::vector<std::size_t> next;
     for (const auto& n : names) {
@@ -184,6 +244,7 @@ class LoraAdapterSet {
       if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
     }
     active_ = std::move(next);
+    sync_trainable();
     ++generation_;
   }
 
@@ -191,7 +252,7 @@ class LoraAdapterSet {
 
   std::size_t find(const std::string& n) const {
     for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (adapters_[i].name == n) return i;
+      if (adapters_[i]->name == n) return i;
     return npos;
   }
 
@@ -206,21 +267,21 @@ class LoraAdapterSet {
 
   std::vector<std::string> names_of(const std::vector<std::size_t>& idx) const {
     std::vector<std::string> out;
-    for (std::size_t i : idx) out.push_back(adapters_[i].name);
+    for (std::size_t i : idx) out.push_back(adapters_[i]->name);
     return out;
   }
 
   /// "a, b, c" for messages.
   std::string join_names(const std::vector<std::size_t>& idx) const {
     std::string s;
-    for (std::size_t i : idx) s += (s.empty() ? "" : ", ") + adapters_[i].name;
+    for (std::size_t i : idx) s += (s.empty() ? "" : ", ") + adapters_[i]->name;
     return s;
   }
 
-  std::vector<LoraAdapter<T>>& list() { return adapters_; }
-  const std::vector<LoraAdapter<T>>& list() const { return adapters_; }
-  LoraAdapter<T>& operator[](std::size_t i) { return adapters_[i]; }
-  const LoraAdapter<T>& operator[](std::size_t i) const { return adapters_[i]; }
+  LoraAdapterList<LoraAdapter<T>> list() { return LoraAdapterList<LoraAdapter<T>>(adapters_); }
+  LoraAdapterList<const LoraAdapter<T>> list() const { return LoraAdapterList<const LoraAdapter<T>>(adapters_); }
+  LoraAdapter<T>& operator[](std::size_t i) { return *adapters_[i]; }
+  const LoraAdapter<T>& operator[](std::size_t i) const { return *adapters_[i]; }
   const std::vector<std::size_t>& active() const { return active_; }
 
   /// Bumped by every change that invalidates a forward cache (add, erase, set_active, and the
@@ -300,8 +361,19 @@ class LoraAdapterSet {
       for (Index j = 0; j < cols; ++j) keep(i, j) = rng_.uniform() < p ? T(0) : kept;
   }
 
+  /// PEFT's set_adapter: exactly the active adapters' A, B (and DoRA magnitude) are trainable.
+  void sync_trainable() {
+    for (std::size_t i = 0; i < adapters_.size(); ++i) {
+      const bool on = std::find(active_.begin(), active_.end(), i) != active_.end();
+      LoraAdapter<T>& a = *adapters_[i];
+      a.A.set_trainable(on);
+      a.B.set_trainable(on);
+      if (a.magnitude.size() > 0) a.magnitude.set_trainable(on);
+    }
+  }
+
   const char* kind_;
-  std::vector<LoraAdapter<T>> adapters_;
+  std::vector<std::unique_ptr<LoraAdapter<T>>> adapters_;  ///< on the heap: stable addresses
   std::vector<std::size_t> active_;  ///< indices into adapters_, in activation order
   std::uint64_t generation_ = 1;
   Rng rng_;

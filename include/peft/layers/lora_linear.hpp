@@ -60,6 +60,9 @@ class LoRALinear : public Module<T> {
   /// body, not in an argument list whose evaluation order is unspecified).
   LoRALinear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "")
       : Module<T>(std::move(name)) {
+    if (in_features <= 0 || out_features <= 0)
+      throw ShapeError(describe("LoRALinear", this->name()) + ": features must be > 0, got in=" +
+                       std::to_string(in_features) + ", out=" + std::to_string(out_features));
     Linear<T> base(in_features, out_features, rng, with_bias, this->name());
     weight = std::move(base.weight);
     bias = std::move(base.bias);
@@ -144,7 +147,7 @@ class LoRALinear : public Module<T> {
   const LoraAdapter<T>& adapter(const std::string& adapter_name) const {
     return set_[index_of(adapter_name)];
   }
-  const std::vector<LoraAdapter<T>>& adapters() const { return set_.list(); }
+  LoraAdapterList<const LoraAdapter<T>> adapters() const { return set_.list(); }
 
   std::vector<std::string> active_adapters() const { return set_.names_of(set_.active()); }
   std::vector<std::string> merged_adapters() const { return set_.names_of(merged_); }
@@ -187,66 +190,11 @@ class LoRALinear : public Module<T> {
   /// y = x Wᵀ + b + Σ over active, unmerged adapters of  s·(x̃ Aᵀ) Bᵀ  (LoRA) or
   /// (f − 1) ⊙ x̃ Wᵀ + f ⊙ s·(x̃ Aᵀ) Bᵀ  (DoRA). Reuses `y`, `cache` and layer scratch, so repeated
   /// calls with the same shapes do not allocate.
-  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
-    check::input_features("LoRALinear", this->name(), x.cols(), in_features());
-    const Index rows = x.rows(), out = out_features();
-    y.resize(rows, out);
-    y.noalias() = x * weight.value.transpose();  // base: x Wᵀ   [rows, out]
+  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) { forward_into(x, y, cache, true); }
 
-    cache.rows = rows;
-    cache.generation = set_.generation();
-    cache.used = 0;
-    // DoRA without dropout rescales x Wᵀ itself, so keep it (before bias and adapters).
-    bool need_xw = false;
-    if (!disabled_)
-      for (std::size_t i : set_.active())
-        if (!is_merged(i) && set_[i].dora() && !dropout_active(set_[i])) need_xw = true;
-    if (need_xw)
-      cache.xw = y;
-    else
-      cache.xw.resize(0, 0);
-    if (has_bias()) y.rowwise() += bias.value.row(0);
-
-    bool need_x = weight.trainable();
-    if (!disabled_) {
-      for (std::size_t i : set_.active()) {
-        if (is_merged(i)) continue;
-        const LoraAdapter<T>& a = set_[i];
-        AdapterCache& ac = LoraAdapterSet<T>::next_slot(cache.adapters, cache.used, i);
-        const T s = static_cast<T>(a.scaling());
-        const bool drop = dropout_active(a);
-        set_.project(x, a, drop, ac);  // keep, x̃, x̃ Aᵀ
-        if (!drop) need_x = need_x || a.A.trainable();
-        if (!a.dora()) {
-          ac.norm.resize(0);
-          ac.scale.resize(0);
-          ac.xdw.resize(0, 0);
-          y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
-          continue;
-        }
-        // DoRA: f = m / n (n detached), then y += f ⊙ (z̃ + s x̃ Aᵀ Bᵀ) − z̃ with z̃ = x̃ Wᵀ. With
-        // B = 0 and m = n this adds exactly zero, so the zero-init output is the base bit for bit.
-        dora_weight_norm(weight.value, a, ac.norm);
-        ac.scale.resize(out);
-        ac.scale.array() = a.magnitude.value.row(0).array() / ac.norm.array();  // f = m / n   [out]
-        if (drop) {
-          ac.xdw.resize(rows, out);
-          ac.xdw.noalias() = ac.xd * weight.value.transpose();  // z̃ = x̃ Wᵀ   [rows, out]
-        } else {
-          ac.xdw.resize(0, 0);
-        }
-        const Matrix<T>& z = drop ? ac.xdw : cache.xw;
-        work_y_.resize(rows, out);
-        work_y_.noalias() = s * ac.xa * a.B.value.transpose();  // s x̃ Aᵀ Bᵀ   [rows, out]
-        work_y_ += z;                                            // u = z̃ + s x̃ Aᵀ Bᵀ
-        y.array() += work_y_.array().rowwise() * ac.scale.array() - z.array();  // + f ⊙ u − z̃
-      }
-    }
-    if (need_x)
-      cache.x = x;
-    else
-      cache.x.resize(0, 0);  // a frozen base keeps no activation (and a stale x cannot be reused)
-  }
+  /// The same output with nothing kept for backward (no copy of x): serving and evaluation. Uses a
+  /// cache inside the layer, so it allocates nothing after the first call either.
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) { forward_into(x, y, inference_cache_, false); }
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
     Matrix<T> y;
@@ -477,7 +425,70 @@ class LoRALinear : public Module<T> {
     }
   }
 
+  /// forward() and forward_inference(): `keep_input` = whether backward will read x.
+  void forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input) {
+    check::input_features("LoRALinear", this->name(), x.cols(), in_features());
+    const Index rows = x.rows(), out = out_features();
+    y.resize(rows, out);
+    y.noalias() = x * weight.value.transpose();  // base: x Wᵀ   [rows, out]
+
+    cache.rows = rows;
+    cache.generation = set_.generation();
+    cache.used = 0;
+    // DoRA without dropout rescales x Wᵀ itself, so keep it (before bias and adapters).
+    bool need_xw = false;
+    if (!disabled_)
+      for (std::size_t i : set_.active())
+        if (!is_merged(i) && set_[i].dora() && !dropout_active(set_[i])) need_xw = true;
+    if (need_xw)
+      cache.xw = y;
+    else
+      cache.xw.resize(0, 0);
+    if (has_bias()) y.rowwise() += bias.value.row(0);
+
+    bool need_x = weight.trainable();
+    if (!disabled_) {
+      for (std::size_t i : set_.active()) {
+        if (is_merged(i)) continue;
+        const LoraAdapter<T>& a = set_[i];
+        AdapterCache& ac = LoraAdapterSet<T>::next_slot(cache.adapters, cache.used, i);
+        const T s = static_cast<T>(a.scaling());
+        const bool drop = dropout_active(a);
+        set_.project(x, a, drop, ac);  // keep, x̃, x̃ Aᵀ
+        if (!drop) need_x = need_x || a.A.trainable();
+        if (!a.dora()) {
+          ac.norm.resize(0);
+          ac.scale.resize(0);
+          ac.xdw.resize(0, 0);
+          y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
+          continue;
+        }
+        // DoRA: f = m / n (n detached), then y += f ⊙ (z̃ + s x̃ Aᵀ Bᵀ) − z̃ with z̃ = x̃ Wᵀ. With
+        // B = 0 and m = n this adds exactly zero, so the zero-init output is the base bit for bit.
+        dora_weight_norm(weight.value, a, ac.norm);
+        ac.scale.resize(out);
+        ac.scale.array() = a.magnitude.value.row(0).array() / ac.norm.array();  // f = m / n   [out]
+        if (drop) {
+          ac.xdw.resize(rows, out);
+          ac.xdw.noalias() = ac.xd * weight.value.transpose();  // z̃ = x̃ Wᵀ   [rows, out]
+        } else {
+          ac.xdw.resize(0, 0);
+        }
+        const Matrix<T>& z = drop ? ac.xdw : cache.xw;
+        work_y_.resize(rows, out);
+        work_y_.noalias() = s * ac.xa * a.B.value.transpose();  // s x̃ Aᵀ Bᵀ   [rows, out]
+        work_y_ += z;                                            // u = z̃ + s x̃ Aᵀ Bᵀ
+        y.array() += work_y_.array().rowwise() * ac.scale.array() - z.array();  // + f ⊙ u − z̃
+      }
+    }
+    if (keep_input && need_x)
+      cache.x = x;
+    else
+      cache.x.resize(0, 0);  // nothing to keep (frozen base, inference), and a stale x cannot be reused
+  }
+
   LoraAdapterSet<T> set_{"LoRALinear", 0x10a};  ///< adapters, active list, generation, dropout generator
+  Cache inference_cache_;  ///< forward_inference's buffers (x·Aᵀ per adapter); never read by backward
   std::vector<std::size_t> merged_;  ///< merge order; unmerge pops from the back
   bool disabled_ = false;
   std::vector<RowVector<T>> merged_scale_;  ///< DoRA f used by each merge (empty for LoRA); parallel to merged_

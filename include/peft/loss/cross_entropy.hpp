@@ -42,7 +42,7 @@ T cross_entropy(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t>
   if (c == 0) throw ShapeError("cross_entropy: logits of shape " + shape_str(n, c) + " have no classes, expected >= 1");
   const double eps = options.label_smoothing;
   if (!std::isfinite(eps) || eps < 0.0 || eps > 1.0)
-    throw ConfigError("cross_entropy: label_smoothing must be in [0, 1], got " + std::to_string(eps));
+    throw ConfigError("cross_entropy: label_smoothing must be in [0, 1], got " + check::num(eps));
   Index kept = 0;
   for (Index i = 0; i < n; ++i) {
     const std::int64_t y = labels[static_cast<std::size_t>(i)];

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/merge/factors.hpp"
@@ -59,6 +60,8 @@ std::vector<double> delta_singular_values(const LoraFactors<T>& f) {
 /// Spectrum, norms, ranks and sizes of one adapter. rtol < 0 picks max(out, in) · ε(T).
 template <class T>
 AdapterStats analyze_adapter(const LoraFactors<T>& f, double rtol = -1.0) {
+  if (std::isnan(rtol) || rtol > 1.0)
+    throw ConfigError("analyze_adapter: rtol must be in [0, 1] (or < 0 for the default), got " + check::num(rtol));
   AdapterStats st;
   st.singular_values = delta_singular_values(f);
   st.frobenius_norm = delta_frobenius_norm(f);

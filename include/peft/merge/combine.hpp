@@ -36,6 +36,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/rng.hpp"
 #include "peft/core/types.hpp"
@@ -58,6 +59,18 @@ inline const char* to_string(CombineMethod m) {
     case CombineMethod::DareTies: return "dare_ties";
   }
   return "?";
+}
+
+/// The method named `s` as to_string() spells it ("cat", "svd", "linear", "ties", "dare_linear",
+/// "dare_ties", "magnitude_prune"); false for anything else.
+inline bool parse_combine_method(const std::string& s, CombineMethod& m) {
+  for (CombineMethod c : {CombineMethod::Cat, CombineMethod::Svd, CombineMethod::Linear, CombineMethod::Ties,
+                          CombineMethod::DareLinear, CombineMethod::DareTies, CombineMethod::MagnitudePrune})
+    if (s == to_string(c)) {
+      m = c;
+      return true;
+    }
+  return false;
 }
 
 struct CombineOptions {
@@ -159,7 +172,7 @@ Matrix<T> combination_target(const std::vector<LoraFactors<T>>& adapters, const 
   detail::validate_weights(who, weights, adapters.size());
   if (detail::uses_density(opt.method) && (!std::isfinite(opt.density) || opt.density <= 0.0 || opt.density > 1.0))
     throw ConfigError(std::string(who) + " (" + to_string(opt.method) + "): density must be in (0, 1], got " +
-                      std::to_string(opt.density));
+                      check::num(opt.density));
   const Index out = adapters[0].out_features(), in = adapters[0].in_features();
   Matrix<T> acc = Matrix<T>::Zero(out, in);
   Matrix<T> p;
@@ -265,14 +278,16 @@ CombineResult<T> combine(const std::vector<LoraFactors<T>>& adapters, const std:
 }
 
 /// Hugging Face PEFT's add_weighted_adapter, done exactly: combines the named adapters of `layer`
-/// and adds the result as `new_name` (stored with scaling 1). Refuses DoRA sources.
+/// and adds the result as `new_name` (stored with scaling 1). Refuses DoRA sources. Like
+/// add_adapter, the result becomes the only active (and trainable) adapter; the sources stay on
+/// the layer, inactive — set_active() chooses otherwise.
 template <class T>
 CombineResult<T> add_combined_adapter(LoRALinear<T>& layer, const std::string& new_name,
                                       const std::vector<std::string>& sources, const std::vector<double>& weights,
                                       const CombineOptions& opt = {}) {
   std::vector<LoraFactors<T>> fs;
   fs.reserve(sources.size());
-  for (const auto& s : sources) fs.push_back(factors_of(layer.adapter(s)));
+  for (const auto& s : sources) fs.push_back(factors_of(layer.adapter(s), layer.name()));
   CombineResult<T> res = combine(fs, weights, opt);
   add_factors_as_adapter(layer, new_name, res.factors, opt.use_rslora);
   return res;

@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/merge/factors.hpp"
@@ -48,12 +49,12 @@ ExtractResult<T> extract_lora(const ConstMatrixRef<T>& w_finetuned, const ConstM
   const bool by_rank = opt.rank != 0, by_energy = opt.energy != 0.0;
   if (by_rank == by_energy)
     throw ConfigError(std::string(who) + ": set exactly one of rank (got " + std::to_string(opt.rank) +
-                      ") and energy (got " + std::to_string(opt.energy) + ")");
+                      ") and energy (got " + check::num(opt.energy) + ")");
   if (by_rank && (opt.rank < 1 || opt.rank > max_rank))
     throw ConfigError(std::string(who) + ": rank must be in [1, " + std::to_string(max_rank) +
                       "] = [1, min(out, in)], got " + std::to_string(opt.rank));
   if (by_energy && (!std::isfinite(opt.energy) || opt.energy <= 0.0 || opt.energy > 1.0))
-    throw ConfigError(std::string(who) + ": energy threshold must be in (0, 1], got " + std::to_string(opt.energy));
+    throw ConfigError(std::string(who) + ": energy threshold must be in (0, 1], got " + check::num(opt.energy));
 
   Matrix<T> delta(w_base.rows(), w_base.cols());
   delta.noalias() = w_finetuned - w_base;  // ΔW   [out, in]

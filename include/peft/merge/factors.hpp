@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/layers/lora_linear.hpp"
@@ -59,12 +60,13 @@ struct LoraFactors {
   }
 };
 
-/// The factors of a LoRALinear adapter (copies A and B; keeps its scaling). DoRA adapters are refused.
+/// The factors of a LoRALinear adapter (copies A and B; keeps its scaling). DoRA adapters are refused;
+/// `layer` names the owning layer in that message.
 template <class T>
-LoraFactors<T> factors_of(const LoraAdapter<T>& adapter) {
+LoraFactors<T> factors_of(const LoraAdapter<T>& adapter, const std::string& layer = "") {
   if (detail::uses_dora(adapter.config))
-    throw ConfigError("adapter \"" + adapter.name +
-                      "\" uses DoRA: its delta is not s·B·A, so it cannot be treated as plain LoRA factors");
+    throw ConfigError((layer.empty() ? std::string() : describe("LoRALinear", layer) + ": ") + "adapter \"" +
+                      adapter.name + "\" uses DoRA: its delta is not s·B·A, so it cannot be treated as plain LoRA factors");
   return LoraFactors<T>{adapter.A.value, adapter.B.value, adapter.scaling(), adapter.name};
 }
 
@@ -79,30 +81,6 @@ inline LoraConfig unit_scaling_config(Index rank, bool use_rslora = false) {
   c.dropout = 0.0;
   c.init = LoraInit::None;
   return c;
-}
-
-/// Adds `factors` (scaling folded into B first, if it is not 1) to `layer` as a new adapter named
-/// `adapter_name`, stored under unit_scaling_config: layer.delta_weight(adapter_name) equals
-/// factors.delta() up to one rounding of the fold.
-template <class T>
-LoraAdapter<T>& add_factors_as_adapter(LoRALinear<T>& layer, const std::string& adapter_name,
-                                       const LoraFactors<T>& factors, bool use_rslora = false) {
-  const std::string who = describe("LoRALinear", layer.name());
-  if (factors.A.rows() != factors.B.cols())
-    throw ShapeError(who + ": adapter \"" + adapter_name + "\": A has shape " + shape_str(factors.A) +
-                     " but B has shape " + shape_str(factors.B) + " (ranks differ)");
-  if (factors.in_features() != layer.in_features() || factors.out_features() != layer.out_features())
-    throw ShapeError(who + ": adapter \"" + adapter_name + "\" has delta shape " +
-                     shape_str(factors.out_features(), factors.in_features()) + ", layer weight has shape " +
-                     shape_str(layer.out_features(), layer.in_features()));
-  Rng unused(0);  // LoraInit::None draws values that are overwritten below
-  LoraAdapter<T>& a = layer.add_adapter(adapter_name, unit_scaling_config(factors.rank(), use_rslora), unused);
-  a.A.value = factors.A;
-  if (factors.scaling == 1.0)
-    a.B.value = factors.B;
-  else
-    a.B.value = static_cast<T>(factors.scaling) * factors.B;
-  return a;
 }
 
 namespace detail {
@@ -126,7 +104,7 @@ void validate_factors(const char* who, const LoraFactors<T>& f, std::size_t i) {
   if (f.A.cols() == 0 || f.B.rows() == 0)
     throw ShapeError(label + ": empty delta shape " + shape_str(f.B.rows(), f.A.cols()));
   if (!std::isfinite(f.scaling))
-    throw NumericError(label + ": scaling is not finite (" + std::to_string(f.scaling) + ")");
+    throw NumericError(label + ": scaling is not finite (" + check::num(f.scaling) + ")");
   if (!f.A.allFinite()) throw NumericError(label + ": A contains NaN or Inf");
   if (!f.B.allFinite()) throw NumericError(label + ": B contains NaN or Inf");
 }
@@ -154,8 +132,31 @@ inline void validate_weights(const char* who, const std::vector<double>& weights
   for (std::size_t i = 0; i < n; ++i)
     if (!std::isfinite(weights[i]))
       throw ConfigError(std::string(who) + ": weight of adapter " + std::to_string(i) + " is not finite (" +
-                        std::to_string(weights[i]) + ")");
+                        check::num(weights[i]) + ")");
 }
 
 }  // namespace detail
+
+/// Adds `factors` (scaling folded into B first, if it is not 1) to `layer` as a new adapter named
+/// `adapter_name`, stored under unit_scaling_config: layer.delta_weight(adapter_name) equals
+/// factors.delta() up to one rounding of the fold.
+template <class T>
+LoraAdapter<T>& add_factors_as_adapter(LoRALinear<T>& layer, const std::string& adapter_name,
+                                       const LoraFactors<T>& factors, bool use_rslora = false) {
+  const std::string who = describe("LoRALinear", layer.name());
+  detail::validate_factors(who.c_str(), factors, 0);  // consistent, non-empty, finite (scaling too)
+  if (factors.in_features() != layer.in_features() || factors.out_features() != layer.out_features())
+    throw ShapeError(who + ": adapter \"" + adapter_name + "\" has delta shape " +
+                     shape_str(factors.out_features(), factors.in_features()) + ", layer weight has shape " +
+                     shape_str(layer.out_features(), layer.in_features()));
+  Rng unused(0);  // LoraInit::None draws values that are overwritten below
+  LoraAdapter<T>& a = layer.add_adapter(adapter_name, unit_scaling_config(factors.rank(), use_rslora), unused);
+  a.A.value = factors.A;
+  if (factors.scaling == 1.0)
+    a.B.value = factors.B;
+  else
+    a.B.value = static_cast<T>(factors.scaling) * factors.B;
+  return a;
+}
+
 }  // namespace peft

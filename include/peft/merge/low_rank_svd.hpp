@@ -20,6 +20,7 @@
 #include <cmath>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/merge/factors.hpp"
@@ -138,7 +139,7 @@ Truncation<T> truncate(const ThinSvd<T>& svd, Index k) {
 /// Smallest k with Σ_{j≤k} σ_j² ≥ tau · Σ_j σ_j² (tau in (0, 1]); at least 1.
 inline Index rank_for_energy(const std::vector<double>& sigma, double tau) {
   if (!std::isfinite(tau) || tau <= 0.0 || tau > 1.0)
-    throw ConfigError("rank_for_energy: energy threshold must be in (0, 1], got " + std::to_string(tau));
+    throw ConfigError("rank_for_energy: energy threshold must be in (0, 1], got " + check::num(tau));
   double total = 0.0;
   for (double s : sigma) total += s * s;
   double kept = 0.0;

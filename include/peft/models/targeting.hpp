@@ -14,6 +14,7 @@
 //                                     re.match(r"(.*\.)?(p)$", key) gives the module's r / alpha
 //
 // A selection that matches nothing is a ConfigError that lists the available names.
+#include <cctype>
 #include <optional>
 #include <regex>
 #include <string>
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/regex.hpp"
 
 namespace peft {
 
@@ -36,10 +38,13 @@ struct ModuleSelector {
   ModuleSelector(std::initializer_list<std::string> list) : names(list) {}
   explicit ModuleSelector(std::vector<std::string> list) : names(std::move(list)) {}
 
-  /// The single-string form: "all-linear" or a full-match regex (as PEFT treats a str).
+  /// The single-string form: "all-linear" (any case, as PEFT lower-cases it) or a full-match
+  /// regex (as PEFT treats a str).
   static ModuleSelector pattern(const std::string& s) {
     ModuleSelector m;
-    if (s == "all-linear")
+    std::string lower = s;
+    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (lower == "all-linear")
       m.all_linear = true;
     else
       m.regex = s;
@@ -61,11 +66,7 @@ struct ModuleSelector {
 
 namespace detail {
 inline std::regex compile_regex(const std::string& pattern, const std::string& who) {
-  try {
-    return std::regex(pattern, std::regex::ECMAScript);
-  } catch (const std::regex_error& e) {
-    throw ConfigError(who + ": invalid regular expression \"" + pattern + "\": " + e.what());
-  }
+  return compile_name_regex(pattern, who);
 }
 
 inline bool ends_with_dotted(const std::string& key, const std::string& suffix) {
@@ -84,7 +85,7 @@ inline bool module_name_matches(const std::string& key, const std::string& name)
 inline bool selector_matches(const ModuleSelector& sel, const std::string& key, bool is_linear_non_head = true,
                              const std::string& who = "target_modules") {
   if (sel.all_linear) return is_linear_non_head;
-  if (!sel.regex.empty()) return std::regex_match(key, detail::compile_regex(sel.regex, who));
+  if (!sel.regex.empty()) return regex_full_match(key, detail::compile_regex(sel.regex, who), who);
   for (const auto& n : sel.names)
     if (module_name_matches(key, n)) return true;
   return false;
@@ -111,7 +112,7 @@ template <class V>
 std::optional<V> pattern_value(const std::vector<std::pair<std::string, V>>& patterns, const std::string& key,
                                const std::string& who) {
   for (const auto& [p, v] : patterns)
-    if (std::regex_match(key, detail::compile_regex("(.*\\.)?(" + p + ")", who))) return v;
+    if (regex_full_match(key, detail::compile_regex("(.*\\.)?(" + p + ")", who), who)) return v;
   return std::nullopt;
 }
 

@@ -519,6 +519,10 @@ class TransformerClassifier : public Module<T> {
   /// Shared tail of both forwards: x_ holds the embedded input [B·S, d].
   void run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
     cache.layout = layout;
+    // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
+    for (Index b = 0; b < layout.batch; ++b)
+      if (layout.length(b) < layout.seq)
+        x_.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
     if (has_positions()) embed_positions.forward_inplace(x_, layout, cache.positions);  // x + P[t]
     Matrix<T>* cur = &x_;
     Matrix<T>* nxt = &h_;

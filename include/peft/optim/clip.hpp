@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/module.hpp"
 #include "peft/core/parameters.hpp"
@@ -30,11 +31,11 @@ struct ClipOptions {
 template <class T>
 double clip_grad_norm(const std::vector<NamedParameter<T>>& params, double max_norm, const ClipOptions& options = {}) {
   if (!std::isfinite(max_norm) || max_norm <= 0.0)
-    throw ConfigError("clip_grad_norm: max_norm must be finite and > 0, got " + std::to_string(max_norm));
+    throw ConfigError("clip_grad_norm: max_norm must be finite and > 0, got " + check::num(max_norm));
   const double q = options.norm_type;
   const bool inf_norm = std::isinf(q) && q > 0.0;
   if (!inf_norm && (!std::isfinite(q) || q <= 0.0))
-    throw ConfigError("clip_grad_norm: norm_type must be > 0 or infinity, got " + std::to_string(q));
+    throw ConfigError("clip_grad_norm: norm_type must be > 0 or infinity, got " + check::num(q));
   double acc = 0.0;
   for (const NamedParameter<T>& np : params) {
     if (np.param == nullptr) throw ConfigError("clip_grad_norm: parameter \"" + np.name + "\" is null");
@@ -53,7 +54,7 @@ double clip_grad_norm(const std::vector<NamedParameter<T>>& params, double max_n
   }
   const double total = inf_norm ? acc : (q == 2.0 ? std::sqrt(acc) : (q == 1.0 ? acc : std::pow(acc, 1.0 / q)));
   if (!std::isfinite(total) && options.error_if_nonfinite)
-    throw NumericError("clip_grad_norm: the total gradient norm is " + std::to_string(total) +
+    throw NumericError("clip_grad_norm: the total gradient norm is " + check::num(total) +
                        " (NaN or Inf gradients); set ClipOptions::error_if_nonfinite = false to clip anyway");
   const double coef = max_norm / (total + 1e-6);
   if (coef < 1.0 || std::isnan(coef)) {

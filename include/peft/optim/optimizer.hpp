@@ -13,13 +13,16 @@
 //   updated, exactly as torch.optim keeps state["step"]: a parameter that joins late starts its own
 //   bias correction at 1 (tiny-dnn and MiniDNN advance one shared counter per tensor instead).
 // - Parameters are referenced by pointer (NamedParameter): the module that owns them must outlive
-//   the optimizer and must not be moved or resized while the optimizer is in use.
+//   the optimizer and must not be moved while the optimizer is in use. Adding LoRA adapters is
+//   safe (they live on the heap; the new ones are not in this optimizer); deleting an adapter the
+//   optimizer holds is not.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/module.hpp"
 #include "peft/core/parameters.hpp"
@@ -220,7 +223,7 @@ class BasicOptimizer : public Optimizer<T> {
   void check_non_negative(const char* what, double value, const std::string& group) const {
     if (!std::isfinite(value) || value < 0.0)
       throw ConfigError(std::string(kind_) + ": " + what + " of group \"" + group +
-                        "\" must be finite and >= 0, got " + std::to_string(value));
+                        "\" must be finite and >= 0, got " + check::num(value));
   }
 
   const char* kind_;

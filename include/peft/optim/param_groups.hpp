@@ -35,7 +35,7 @@ std::vector<NamedParameter<T>> parameters_matching(Module<T>& module, const std:
   const std::regex re = detail::compile_pattern(pattern, "parameters_matching");
   std::vector<NamedParameter<T>> out;
   module.visit_parameters([&](const std::string& name, Parameter<T>& p) {
-    if ((!trainable_only || p.trainable()) && std::regex_match(name, re)) out.push_back({name, &p});
+    if ((!trainable_only || p.trainable()) && regex_full_match(name, re, "parameters_matching")) out.push_back({name, &p});
   });
   if (out.empty())
     throw ConfigError("parameters_matching: pattern \"" + pattern + "\" matches no " +
@@ -66,7 +66,7 @@ std::vector<ParamGroup<T>> param_groups_by_rules(Module<T>& module, const std::v
   module.visit_parameters([&](const std::string& name, Parameter<T>& p) {
     if (trainable_only && !p.trainable()) return;
     for (std::size_t i = 0; i < rules.size(); ++i) {
-      if (std::regex_match(name, res[i])) {
+      if (regex_full_match(name, res[i], "param_groups_by_rules")) {
         groups[i].params.push_back({name, &p});
         return;
       }
@@ -131,7 +131,7 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
     if (o.trainable_only && !p.trainable()) return;
     Index layer = default_layer;
     std::smatch m;
-    if (std::regex_search(name, m, layer_re) && m[1].matched) {
+    if (regex_search_in(name, m, layer_re, who) && m[1].matched) {
       try {
         layer = static_cast<Index>(std::stoll(m[1].str()));
       } catch (const std::exception&) {
@@ -143,14 +143,14 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
                           std::to_string(layer) + ", expected < num_layers " + std::to_string(o.num_layers));
     } else {
       for (std::size_t i = 0; i < fixed.size(); ++i) {
-        if (std::regex_match(name, fixed[i])) {
+        if (regex_full_match(name, fixed[i], who)) {
           layer = o.fixed_layers[i].layer;
           fixed_used[i] = true;
           break;
         }
       }
     }
-    const bool nd = has_no_decay && std::regex_match(name, no_decay_re);
+    const bool nd = has_no_decay && regex_full_match(name, no_decay_re, who);
     no_decay_used = no_decay_used || nd;
     ParamGroup<T>& g = by_layer[{layer, nd}];
     if (g.params.empty()) {

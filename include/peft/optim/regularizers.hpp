@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameters.hpp"
 
@@ -31,7 +32,7 @@ namespace peft {
 namespace detail {
 inline void check_lambda(const char* kind, double lambda) {
   if (!std::isfinite(lambda) || lambda < 0.0)
-    throw ConfigError(std::string(kind) + ": lambda must be finite and >= 0, got " + std::to_string(lambda));
+    throw ConfigError(std::string(kind) + ": lambda must be finite and >= 0, got " + check::num(lambda));
 }
 
 template <class T>

@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <string>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/optim/optimizer.hpp"
 
@@ -46,7 +47,7 @@ class Schedule {
   }
   static void check_ratio(const char* kind, double r) {
     if (!std::isfinite(r) || r < 0.0 || r > 1.0)
-      throw ConfigError(std::string(kind) + ": min_lr_ratio must be in [0, 1], got " + std::to_string(r));
+      throw ConfigError(std::string(kind) + ": min_lr_ratio must be in [0, 1], got " + check::num(r));
   }
   /// HF: float(step) / float(max(1, W))
   static double warmup_factor(std::int64_t step, std::int64_t warmup) {
@@ -104,7 +105,7 @@ class CosineSchedule : public Schedule {
     check_warmup("CosineSchedule", warmup_, total_);
     check_ratio("CosineSchedule", min_ratio_);
     if (!std::isfinite(cycles_) || cycles_ <= 0.0)
-      throw ConfigError("CosineSchedule: num_cycles must be finite and > 0, got " + std::to_string(cycles_));
+      throw ConfigError("CosineSchedule: num_cycles must be finite and > 0, got " + check::num(cycles_));
   }
   double multiplier(std::int64_t step) const override {
     check_step("CosineSchedule", step);

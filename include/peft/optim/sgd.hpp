@@ -105,10 +105,10 @@ class SGD : public BasicOptimizer<T, SGDState<T>> {
     check::non_negative("SGD", "", "momentum", options_.momentum);
     check::non_negative("SGD", "", "weight_decay", options_.weight_decay);
     if (!std::isfinite(options_.dampening))
-      throw ConfigError("SGD: dampening must be finite, got " + std::to_string(options_.dampening));
+      throw ConfigError("SGD: dampening must be finite, got " + check::num(options_.dampening));
     if (options_.nesterov && (options_.momentum <= 0.0 || options_.dampening != 0.0))
       throw ConfigError("SGD: Nesterov momentum requires momentum > 0 and dampening = 0, got momentum " +
-                        std::to_string(options_.momentum) + " and dampening " + std::to_string(options_.dampening));
+                        check::num(options_.momentum) + " and dampening " + check::num(options_.dampening));
   }
 
   SGDOptions options_;

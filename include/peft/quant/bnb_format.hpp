@@ -111,6 +111,15 @@ std::int64_t json_int(const Json& j, const char* key, const std::string& who) {
   return v.template get<std::int64_t>();
 }
 
+/// An integer key that must fit an int (block sizes): range-checked before the cast.
+template <class Json>
+int json_int_small(const Json& j, const char* key, const std::string& who) {
+  const std::int64_t v = json_int(j, key, who);
+  if (v < 1 || v > (std::int64_t{1} << 20))
+    throw ConfigError(who + ": quant_state \"" + key + "\" is " + std::to_string(v) + ", expected 1 .. 2^20");
+  return static_cast<int>(v);
+}
+
 template <class Json>
 std::string json_str(const Json& j, const char* key, const std::string& who) {
   const Json& v = json_key(j, key, who);
@@ -170,7 +179,7 @@ inline NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& p
     throw IoError(who + ": quant_type \"" + t.quant_type + "\" does not match the tensor name \"" + state_name + "\"");
   if (t.quant_type != "nf4")
     throw ConfigError(who + ": quant_type \"" + t.quant_type + "\" is not supported (only \"nf4\")");
-  t.blocksize = static_cast<int>(detail::json_int(j, "blocksize", who));
+  t.blocksize = detail::json_int_small(j, "blocksize", who);
   check_blocksize(who, "blocksize", t.blocksize);
   t.dtype = detail::json_str(j, "dtype", who);
   if (!detail::known_torch_float(t.dtype))
@@ -194,7 +203,7 @@ inline NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& p
     t.absmax.resize(static_cast<std::size_t>(am.numel));
     f.load_into<float>(am, t.absmax.data());
   } else {
-    t.nested_blocksize = static_cast<int>(detail::json_int(j, "nested_blocksize", who));
+    t.nested_blocksize = detail::json_int_small(j, "nested_blocksize", who);
     t.nested_dtype = detail::json_str(j, "nested_dtype", who);
     if (t.nested_dtype != "float32")
       throw ConfigError(who + ": nested_dtype \"" + t.nested_dtype + "\" is not supported (only float32)");

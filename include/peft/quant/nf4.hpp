@@ -80,6 +80,14 @@ struct NF4Options {
   const char* dtype = "float32";  ///< recorded in quant_state "dtype": float32, float16 or bfloat16
 };
 
+namespace detail {
+inline std::string nf4_shape_str(const std::vector<std::int64_t>& s) {
+  std::string out = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+}  // namespace detail
+
 /// A 4-bit NF4 tensor in bitsandbytes' representation (QuantState + packed data).
 struct NF4Tensor {
   std::vector<std::int64_t> shape;     ///< logical shape, e.g. [out, in]
@@ -98,13 +106,16 @@ struct NF4Tensor {
   float nested_offset = 0.0f;          ///< mean of the absmax vector
   std::string nested_dtype = "float32";
 
+  /// Number of values; 0 for an empty (default-constructed) tensor. validate() checks that the
+  /// product fits, so it cannot overflow on a validated tensor.
   std::int64_t numel() const {
+    if (shape.empty()) return 0;
     std::int64_t n = 1;
     for (auto d : shape) n *= d;
     return n;
   }
   /// 2-D view [rows, cols]: rows = shape[0], cols = product of the rest (1-D: [1, n]).
-  std::int64_t rows() const { return shape.size() >= 2 ? shape[0] : 1; }
+  std::int64_t rows() const { return shape.size() >= 2 ? shape[0] : shape.empty() ? 0 : 1; }
   std::int64_t cols() const {
     if (shape.size() < 2) return numel();
     std::int64_t c = 1;
@@ -150,8 +161,14 @@ struct NF4Tensor {
       throw ConfigError(who + ": quant_type \"" + quant_type + "\" is not supported (only \"nf4\")");
     check_blocksize(who, "blocksize", blocksize);
     if (shape.empty()) throw ShapeError(who + ": shape must have at least one dimension");
-    for (auto d : shape)
+    std::int64_t count = 1;
+    for (auto d : shape) {
       if (d <= 0) throw ShapeError(who + ": shape has a non-positive dimension " + std::to_string(d));
+      if (__builtin_mul_overflow(count, d, &count) || count > (std::int64_t{1} << 50))
+        throw ShapeError(who + ": shape " + detail::nf4_shape_str(shape) + " has more than 2^50 values");
+    }
+    if (quant_map != kNF4Code)
+      throw ConfigError(who + ": quant_map is not the NF4 code (bitsandbytes' get_4bit_type(\"nf4\"))");
     const std::size_t n = static_cast<std::size_t>(numel());
     const std::size_t want_packed = (n + 1) / 2;
     if (packed.size() != want_packed)
@@ -175,14 +192,6 @@ struct NF4Tensor {
                        std::to_string(want_nested));
   }
 };
-
-namespace detail {
-inline std::string nf4_shape_str(const std::vector<std::int64_t>& s) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-}  // namespace detail
 
 /// Quantizes n = Π shape fp32 values (row-major) to NF4 (+ DQ). Non-finite input → NumericError.
 inline NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& shape, const NF4Options& opt = {}) {

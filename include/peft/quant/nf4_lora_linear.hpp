@@ -114,7 +114,7 @@ class NF4LoRALinear : public Module<T> {
   bool has_adapter(const std::string& adapter_name) const { return set_.find(adapter_name) != LoraAdapterSet<T>::npos; }
   LoraAdapter<T>& adapter(const std::string& adapter_name) { return set_[index_of(adapter_name)]; }
   const LoraAdapter<T>& adapter(const std::string& adapter_name) const { return set_[index_of(adapter_name)]; }
-  const std::vector<LoraAdapter<T>>& adapters() const { return set_.list(); }
+  LoraAdapterList<const LoraAdapter<T>> adapters() const { return set_.list(); }
   std::vector<std::string> active_adapters() const { return set_.names_of(set_.active()); }
 
   // ---- dense views and merging --------------------------------------------------------------
@@ -132,10 +132,24 @@ class NF4LoRALinear : public Module<T> {
     return w;
   }
 
-  /// Q ← quantize(deq(Q) + Σ_active s·B·A) with `opt`; the active adapters are removed (their update
-  /// now lives in the base). Reports the error this second rounding adds. Refused (NumericError,
-  /// nothing changed) when the merged weight is not finite.
-  RequantizeReport merge_and_requantize(const quant::NF4Options& opt = {}) {
+  /// The layout of the current base (block sizes, double quantization, dtype): what
+  /// merge_and_requantize() keeps unless told otherwise.
+  quant::NF4Options quant_options() const {
+    quant::NF4Options o;
+    o.blocksize = q_.blocksize;
+    o.double_quant = q_.nested;
+    o.nested_blocksize = q_.nested_blocksize;
+    o.dtype = q_.dtype == "float16" ? "float16" : q_.dtype == "bfloat16" ? "bfloat16" : "float32";
+    return o;
+  }
+
+  /// Q ← quantize(deq(Q) + Σ_active s·B·A) in the current base's layout; the active adapters are
+  /// removed (their update now lives in the base). Reports the error this second rounding adds.
+  /// Refused (NumericError, nothing changed) when the merged weight is not finite.
+  RequantizeReport merge_and_requantize() { return merge_and_requantize(quant_options()); }
+
+  /// Same, re-quantized with `opt` (another block size, with or without double quantization).
+  RequantizeReport merge_and_requantize(const quant::NF4Options& opt) {
     const std::string who = describe("NF4LoRALinear", this->name());
     if (set_.active().empty()) throw ConfigError(who + ": no active adapter to merge");
     const Matrix<T> w = merged_weight();
@@ -156,6 +170,8 @@ class NF4LoRALinear : public Module<T> {
 
   /// y = x deq(Q)ᵀ + b + Σ s·dropout(x) Aᵀ Bᵀ, decoding tile_rows output rows at a time.
   void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
+    if (q_.shape.empty())
+      throw ConfigError(describe("NF4LoRALinear", this->name()) + ": has no quantized weight (default-constructed)");
     check::input_features("NF4LoRALinear", this->name(), x.cols(), in_features());
     const Index rows = x.rows();
     const Index out = out_features();

@@ -6,6 +6,10 @@
 // VmHWM back to the current VmRSS, so a study can report the peak of each phase separately.
 // Elsewhere (macOS, Windows, a kernel without /proc) the readers return -1 and the reset false:
 // callers print "n/a" rather than a made-up number.
+//
+// The kernel's counters are approximate (per-CPU counters since Linux 6.2, folded in lazily), so
+// two separate reads can disagree by a few pages: VmRSS read first may exceed VmHWM read a moment
+// later. resident_memory() reads both from one snapshot, where VmHWM ≥ VmRSS always holds.
 #include <cstdint>
 #include <fstream>
 #include <sstream>
@@ -41,6 +45,18 @@ inline std::string read_proc_self_status() {
   return s.str();
 }
 }  // namespace detail
+
+/// Current and peak resident set size in bytes from one read of /proc/self/status (-1 each when
+/// the platform does not expose them).
+struct ResidentMemory {
+  std::int64_t current = -1;  ///< VmRSS
+  std::int64_t peak = -1;     ///< VmHWM
+};
+
+inline ResidentMemory resident_memory() {
+  const std::string status = detail::read_proc_self_status();
+  return {parse_proc_status_bytes(status, "VmRSS"), parse_proc_status_bytes(status, "VmHWM")};
+}
 
 /// Peak resident set size in bytes (VmHWM), or -1 when the platform does not expose it.
 inline std::int64_t peak_rss_bytes() { return parse_proc_status_bytes(detail::read_proc_self_status(), "VmHWM"); }

@@ -1,0 +1,544 @@
+// The `peft` command-line tool's commands (declared in peft_cli.hpp). Compiled once into
+// peft_cli_lib, which the `peft` executable and the CLI tests both link.
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <iomanip>
+#include <map>
+#include <new>
+#include <ostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <peft/core/error.hpp>
+#include <peft/io/merge_file.hpp>
+#include <peft/io/peft_format.hpp>
+#include <peft/io/safetensors.hpp>
+#include <peft/merge/analysis.hpp>
+#include <peft/merge/combine.hpp>
+#include <peft/merge/extract.hpp>
+#include <peft/quant/bnb_format.hpp>
+
+#include "peft_cli.hpp"
+
+namespace peft::cli {
+
+using namespace peft::io;
+
+/// Bad command line: message printed with the command's usage line.
+class UsageError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// Parsed `--key value` options and positionals.
+struct Args {
+  std::map<std::string, std::vector<std::string>> options;
+  std::vector<std::string> positional;
+  bool help = false;
+
+  bool has(const std::string& k) const { return options.count(k) != 0; }
+  const std::string& get(const std::string& k) const {
+    const auto it = options.find(k);
+    if (it == options.end()) throw UsageError("missing required option --" + k);
+    if (it->second.size() > 1) throw UsageError("option --" + k + " given more than once");
+    return it->second.front();
+  }
+  std::string get_or(const std::string& k, const std::string& dflt) const { return has(k) ? get(k) : dflt; }
+  double number(const std::string& k, double dflt) const {
+    if (!has(k)) return dflt;
+    const std::string& s = get(k);
+    char* end = nullptr;
+    const double v = std::strtod(s.c_str(), &end);
+    if (s.empty() || *end != '\0' || !std::isfinite(v)) throw UsageError("--" + k + " needs a finite number, got \"" + s + "\"");
+    return v;
+  }
+  long long integer(const std::string& k, long long dflt) const {
+    if (!has(k)) return dflt;
+    const std::string& s = get(k);
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(s.c_str(), &end, 10);
+    if (s.empty() || *end != '\0' || errno != 0) throw UsageError("--" + k + " needs an integer, got \"" + s + "\"");
+    return v;
+  }
+};
+
+/// `flags` take no value; every other `--name` takes the next argument (or `--name=value`).
+inline Args parse_args(const std::vector<std::string>& argv, const std::vector<std::string>& known,
+                       const std::vector<std::string>& flags = {}) {
+  Args a;
+  for (std::size_t i = 0; i < argv.size(); ++i) {
+    const std::string& s = argv[i];
+    if (s == "-h" || s == "--help") {
+      a.help = true;
+      continue;
+    }
+    if (s.rfind("--", 0) == 0 && s.size() > 2) {
+      std::string key = s.substr(2), value;
+      const auto eq = key.find('=');
+      const bool inline_value = eq != std::string::npos;
+      if (inline_value) {
+        value = key.substr(eq + 1);
+        key = key.substr(0, eq);
+      }
+      const bool is_flag = std::find(flags.begin(), flags.end(), key) != flags.end();
+      if (!is_flag && std::find(known.begin(), known.end(), key) == known.end())
+        throw UsageError("unknown option --" + key);
+      if (is_flag) {
+        if (inline_value) throw UsageError("option --" + key + " takes no value");
+        a.options[key].push_back("1");
+        continue;
+      }
+      if (!inline_value) {
+        if (i + 1 >= argv.size()) throw UsageError("option --" + key + " needs a value");
+        value = argv[++i];
+      }
+      a.options[key].push_back(value);
+    } else {
+      a.positional.push_back(s);
+    }
+  }
+  return a;
+}
+
+struct Command {
+  const char* name;
+  const char* summary;
+  const char* usage;  ///< full --help text
+  std::function<int(const Args&, std::ostream&, std::ostream&)> run;
+  std::vector<std::string> options;
+  std::vector<std::string> flags;
+};
+
+namespace detail {
+
+inline std::string fmt(double v, int prec = 6) {
+  std::ostringstream s;
+  s << std::setprecision(prec) << v;
+  return s.str();
+}
+
+inline std::string human_bytes(std::uint64_t b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  double v = static_cast<double>(b);
+  int u = 0;
+  while (v >= 1024.0 && u < 4) {
+    v /= 1024.0;
+    ++u;
+  }
+  return fmt(v, 4) + " " + units[u];
+}
+
+inline NameMapping mapping_from(const Args& a) {
+  NameMapping m;
+  if (!a.has("map")) return m;
+  for (const std::string& rule : a.options.at("map")) {
+    const auto eq = rule.find('=');
+    if (eq == std::string::npos) throw UsageError("--map needs FROM=TO (a prefix rewrite), got \"" + rule + "\"");
+    m.prefix_rules.emplace_back(rule.substr(0, eq), rule.substr(eq + 1));
+  }
+  return m;
+}
+
+inline std::vector<double> parse_list(const std::string& s, const char* what) {
+  std::vector<double> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    char* end = nullptr;
+    const double v = std::strtod(item.c_str(), &end);
+    if (item.empty() || *end != '\0' || !std::isfinite(v))
+      throw UsageError(std::string(what) + " must be a comma-separated list of numbers, got \"" + s + "\"");
+    out.push_back(v);
+  }
+  return out;
+}
+
+/// A LoRA config storing unit-scaling factors whose ranks may differ per module: r is the most
+/// common rank, the others go to rank_pattern (alpha = r everywhere, so every scaling is 1).
+inline AdapterConfig unit_scaling_adapter_config(const std::vector<std::pair<std::string, Index>>& ranks,
+                                                 bool use_rslora, const std::string& base_model) {
+  AdapterConfig c;
+  c.peft_type = "LORA";
+  c.use_rslora = use_rslora;
+  c.base_model_name_or_path = base_model;
+  std::map<Index, int> count;
+  for (const auto& r : ranks) ++count[r.second];
+  Index common = 1;
+  int best = -1;
+  for (const auto& kv : count)
+    if (kv.second > best) {
+      best = kv.second;
+      common = kv.first;
+    }
+  auto alpha_of = [&](Index r) { return use_rslora ? std::sqrt(static_cast<double>(r)) : static_cast<double>(r); };
+  c.r = static_cast<int>(common);
+  c.lora_alpha = alpha_of(common);
+  c.target_modules.present = true;
+  for (const auto& r : ranks) {
+    c.target_modules.names.push_back(r.first);
+    if (r.second != common) {
+      // The full module path as key, as PEFT writes it (matched by "(.*\.)?(key)$").
+      c.rank_pattern.emplace_back(r.first, static_cast<int>(r.second));
+      c.alpha_pattern.emplace_back(r.first, alpha_of(r.second));
+    }
+  }
+  c.raw = Json::object();
+  c.raw["task_type"] = nullptr;
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
+  if (a.positional.size() != 1) throw UsageError("inspect takes exactly one FILE or DIR");
+  const std::string& target = a.positional[0];
+  if (!path_exists(target)) throw IoError("\"" + target + "\" does not exist");
+  if (!is_directory(target)) {
+    const SafeTensorsFile f(target);
+    std::uint64_t params = 0;
+    std::map<std::string, std::uint64_t> by_dtype;
+    for (const TensorInfo& t : f.tensors()) {
+      params += t.numel;
+      by_dtype[dtype_name(t.dtype)] += t.numel;
+    }
+    out << "file:       " << target << "\n";
+    out << "size:       " << human_bytes(f.file().size()) << " (header " << f.data_offset() - 8 << " bytes)\n";
+    out << "tensors:    " << f.tensors().size() << "\n";
+    out << "parameters: " << params;
+    for (const auto& kv : by_dtype) out << (kv.first == by_dtype.begin()->first ? " (" : ", ") << kv.first << " " << kv.second;
+    out << (by_dtype.empty() ? "" : ")") << "\n";
+    if (!f.metadata().empty()) {
+      out << "metadata:\n";
+      for (const auto& kv : f.metadata()) out << "  " << kv.first << " = " << kv.second << "\n";
+    }
+    out << "\n" << std::left << std::setw(6) << "dtype" << std::setw(22) << "shape" << "name\n";
+    for (const TensorInfo& t : f.tensors()) out << std::setw(6) << dtype_name(t.dtype) << std::setw(22) << t.shape_string() << t.name << "\n";
+    return kOk;
+  }
+  const PeftAdapter<double> ad = load_peft_adapter<double>(target);
+  const AdapterConfig& c = ad.config;
+  out << "adapter:    " << target << "\n";
+  out << "peft_type:  " << c.peft_type << (c.task_type.empty() ? "" : "  task_type: " + c.task_type) << "\n";
+  if (!c.base_model_name_or_path.empty()) out << "base model: " << c.base_model_name_or_path << "\n";
+  if (!c.unknown_keys.empty()) {
+    out << "unknown config keys (kept):";
+    for (const auto& k : c.unknown_keys) out << " " << k;
+    out << "\n";
+  }
+  for (const auto& w : ad.warnings) out << "warning: " << w << "\n";
+  if (c.is_prompt()) {
+    out << "virtual tokens: " << c.num_virtual_tokens << ", token_dim " << c.token_dim << ", layers " << c.num_layers
+        << ", heads " << c.num_attention_heads << "\n";
+    out << "prompt_embeddings: " << shape_str(ad.prompt_embeddings) << " = " << ad.prompt_embeddings.size() << " parameters, norm "
+        << fmt(ad.prompt_embeddings.norm()) << "\n";
+    return kOk;
+  }
+  out << "r " << c.r << ", lora_alpha " << fmt(c.lora_alpha) << (c.use_rslora ? ", rsLoRA" : "") << (c.use_dora ? ", DoRA" : "")
+      << (c.fan_in_fan_out ? ", fan_in_fan_out" : "") << ", dropout " << fmt(c.lora_dropout) << "\n";
+  out << "modules:    " << ad.lora.size() << "\n\n";
+  out << std::left << std::setw(5) << "r" << std::setw(9) << "alpha" << std::setw(10) << "scaling" << std::setw(10) << "params"
+      << std::setw(13) << "|dW|_F" << std::setw(10) << "num.rank" << std::setw(10) << "eff.rank" << "module\n";
+  Index total = 0, dense = 0;
+  for (const auto& m : ad.lora) {
+    const AdapterStats st = analyze_adapter(LoraFactors<double>{m.A, m.B, m.scaling, m.path});
+    Index p = st.parameters + m.magnitude.size();
+    total += p;
+    dense += st.dense_parameters;
+    out << std::setw(5) << m.rank() << std::setw(9) << fmt(m.alpha, 4) << std::setw(10) << fmt(m.scaling, 4) << std::setw(10) << p
+        << std::setw(13) << fmt(st.frobenius_norm, 5) << std::setw(10) << st.numerical_rank << std::setw(10)
+        << fmt(st.effective_rank, 3) << m.path << "\n";
+  }
+  for (const auto& f : ad.full) total += f.value.size();
+  out << "\ntrainable parameters: " << total << " (the adapted weights hold " << dense << ")\n";
+  if (!ad.full.empty()) out << "full tensors (modules_to_save / bias): " << ad.full.size() << "\n";
+  return kOk;
+}
+
+inline int cmd_merge(const Args& a, std::ostream& out, std::ostream&) {
+  if (!a.positional.empty()) throw UsageError("unexpected argument \"" + a.positional[0] + "\"");
+  const std::string base = a.get("base"), adapter = a.get("adapter"), dst = a.get("out");
+  MergeFileOptions opt;
+  opt.scale = a.number("scale", 1.0);
+  opt.mapping = mapping_from(a);
+  // Compute in double only when the base stores F64 (float is exact enough for F32/F16/BF16).
+  bool f64 = false;
+  {
+    const SafeTensorsFile probe(base);
+    for (const TensorInfo& t : probe.tensors()) f64 = f64 || t.dtype == DType::F64;
+  }
+  MergeFileReport rep;
+  if (f64)
+    rep = merge_adapter_file(base, load_peft_adapter<double>(adapter), dst, opt);
+  else
+    rep = merge_adapter_file(base, load_peft_adapter<float>(adapter), dst, opt);
+  out << "merged " << rep.merged << " tensors, replaced " << rep.replaced << ", copied " << rep.copied << " -> " << dst << " ("
+      << human_bytes(rep.bytes) << ")\n";
+  return kOk;
+}
+
+inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
+  if (a.positional.size() < 1) throw UsageError("combine needs at least one adapter directory");
+  CombineMethod method;
+  const std::string ms = a.get("method");
+  if (!parse_combine_method(ms, method)) throw UsageError("unknown --method \"" + ms + "\"");
+  const std::string dst = a.get("out");
+  const std::size_t n = a.positional.size();
+  std::vector<double> weights = a.has("weights") ? parse_list(a.get("weights"), "--weights") : std::vector<double>(n, 1.0);
+  if (weights.size() != n)
+    throw UsageError("--weights has " + std::to_string(weights.size()) + " values for " + std::to_string(n) + " adapters");
+  CombineOptions opt;
+  opt.method = method;
+  opt.rank = static_cast<Index>(a.integer("rank", 0));
+  opt.density = a.number("density", 1.0);
+  opt.seed = static_cast<std::uint64_t>(a.integer("seed", 0));
+  const std::string sign = a.get_or("majority-sign", "total");
+  if (sign != "total" && sign != "frequency") throw UsageError("--majority-sign must be total or frequency");
+  opt.majority_sign = sign == "total" ? MajoritySign::Total : MajoritySign::Frequency;
+
+  std::vector<PeftAdapter<double>> ads;
+  for (const auto& d : a.positional) {
+    ads.push_back(load_peft_adapter<double>(d));
+    if (!ads.back().config.is_lora()) throw ConfigError("combine: \"" + d + "\" is not a LoRA adapter");
+    if (ads.back().config.use_dora) throw ConfigError("combine: \"" + d + "\" is a DoRA adapter (its delta is not s·B·A)");
+    if (ads.back().config.fan_in_fan_out != ads[0].config.fan_in_fan_out)
+      throw ConfigError("combine: \"" + d + "\" and \"" + a.positional[0] + "\" disagree on fan_in_fan_out");
+    if (!ads.back().full.empty())  // modules_to_save: whole tensors, no factors to combine
+      throw ConfigError("combine: \"" + d + "\" also holds " + std::to_string(ads.back().full.size()) +
+                        " full tensors (modules_to_save, e.g. \"" + ads.back().full.front().name +
+                        "\"); combine works on LoRA factors only and would drop them");
+  }
+  for (std::size_t i = 1; i < n; ++i) {
+    if (ads[i].lora.size() != ads[0].lora.size())
+      throw ConfigError("combine: \"" + a.positional[i] + "\" adapts " + std::to_string(ads[i].lora.size()) + " modules, \"" +
+                        a.positional[0] + "\" adapts " + std::to_string(ads[0].lora.size()));
+    for (const auto& m : ads[0].lora)
+      if (!ads[i].find(m.path))
+        throw ConfigError("combine: \"" + a.positional[i] + "\" has no module \"" + m.path + "\" (adapters must target the same modules)");
+  }
+  PeftAdapter<double> result;
+  std::vector<std::pair<std::string, Index>> ranks;
+  double worst = 0.0;
+  for (const auto& m0 : ads[0].lora) {
+    std::vector<LoraFactors<double>> fs;
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto* m = ads[i].find(m0.path);
+      fs.push_back(LoraFactors<double>{m->A, m->B, m->scaling, a.positional[i] + ":" + m->path});
+    }
+    CombineResult<double> r = combine(fs, weights, opt);
+    LoraModuleWeights<double> w;
+    w.path = m0.path;
+    w.A = std::move(r.factors.A);
+    w.B = std::move(r.factors.B);
+    w.scaling = 1.0;
+    ranks.emplace_back(w.path, w.A.rows());
+    worst = std::max(worst, r.frobenius_error);
+    result.lora.push_back(std::move(w));
+  }
+  result.config = unit_scaling_adapter_config(ranks, false, ads[0].config.base_model_name_or_path);
+  result.config.fan_in_fan_out = ads[0].config.fan_in_fan_out;
+  for (auto& m : result.lora) m.alpha = result.config.alpha_for(m.path);
+  save_peft_adapter(dst, result);
+  out << "combined " << n << " adapters (" << to_string(method) << ") over " << result.lora.size() << " modules -> " << dst
+      << "\nlargest truncation error |dW_target - B'A'|_F = " << fmt(worst) << "\n";
+  return kOk;
+}
+
+inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
+  if (!a.positional.empty()) throw UsageError("unexpected argument \"" + a.positional[0] + "\"");
+  const std::string bp = a.get("base"), tp = a.get("tuned"), dst = a.get("out");
+  ExtractOptions opt;
+  opt.rank = static_cast<Index>(a.integer("rank", 0));
+  opt.energy = a.number("energy", 0.0);
+  opt.use_rslora = a.has("rslora");
+  if ((opt.rank != 0) == (opt.energy != 0.0)) throw UsageError("give exactly one of --rank K and --energy TAU");
+  const SafeTensorsFile base(bp), tuned(tp);
+  for (const TensorInfo& u : tuned.tensors())
+    if (!base.contains(u.name)) throw ShapeError("extract: \"" + bp + "\" has no tensor \"" + u.name + "\"");
+  PeftAdapter<double> ad;
+  std::vector<std::pair<std::string, Index>> ranks;
+  std::size_t skipped_vectors = 0;
+  for (const TensorInfo& t : base.tensors()) {
+    if (!tuned.contains(t.name)) throw ShapeError("extract: \"" + tp + "\" has no tensor \"" + t.name + "\"");
+    const TensorInfo& u = tuned.info(t.name);
+    if (u.shape != t.shape)
+      throw ShapeError("extract: tensor \"" + t.name + "\" is " + t.shape_string() + " in the base but " + u.shape_string() +
+                       " in the tuned model");
+    if (!dtype_is_float(t.dtype)) continue;
+    const bool same_bytes = t.nbytes() == u.nbytes() && u.dtype == t.dtype &&
+                            std::equal(base.bytes(t), base.bytes(t) + t.nbytes(), tuned.bytes(u));
+    if (same_bytes) continue;
+    std::string path;
+    if (t.shape.size() != 2 || !io::detail::ends_with(t.name, ".weight", &path)) {
+      ++skipped_vectors;
+      continue;
+    }
+    const Matrix<double> w0 = base.load<double>(t.name), w1 = tuned.load<double>(t.name);
+    ExtractOptions o = opt;
+    if (o.rank > std::min(w0.rows(), w0.cols())) o.rank = std::min(w0.rows(), w0.cols());
+    ExtractResult<double> r = extract_lora<double>(w1, w0, o);
+    LoraModuleWeights<double> m;
+    m.path = path;
+    m.A = std::move(r.factors.A);
+    m.B = std::move(r.factors.B);
+    m.scaling = 1.0;
+    ranks.emplace_back(path, m.A.rows());
+    out << "  " << path << ": rank " << m.A.rows() << ", energy kept " << fmt(r.energy_kept, 5) << ", |dW - BA|_F "
+        << fmt(r.frobenius_error, 5) << "\n";
+    ad.lora.push_back(std::move(m));
+  }
+  if (ad.lora.empty()) throw ConfigError("extract: no 2-D \".weight\" tensor differs between the two files");
+  ad.config = unit_scaling_adapter_config(ranks, opt.use_rslora, "");
+  for (auto& m : ad.lora) m.alpha = ad.config.alpha_for(m.path);
+  save_peft_adapter(dst, ad);
+  out << "extracted " << ad.lora.size() << " modules -> " << dst << "\n";
+  if (skipped_vectors)
+    out << "note: " << skipped_vectors << " changed tensors are not \".weight\" matrices (biases, norms) and are not captured\n";
+  return kOk;
+}
+
+inline int cmd_quantize(const Args& a, std::ostream& out, std::ostream&) {
+  if (a.positional.size() != 1)
+    throw UsageError("quantize needs exactly one input file, got " + std::to_string(a.positional.size()));
+  const std::string src = a.positional[0], dst = a.get("out");
+  quant::QuantizeFileOptions opt;
+  const long long blocksize = a.integer("blocksize", opt.nf4.blocksize);
+  if (blocksize <= 0 || blocksize > (1 << 20)) throw UsageError("--blocksize must be in [1, 1048576], got " + a.get("blocksize"));
+  opt.nf4.blocksize = static_cast<int>(blocksize);
+  opt.nf4.double_quant = !a.has("no-double-quant");
+  opt.include = a.get_or("include", opt.include);
+  opt.exclude = a.get_or("exclude", opt.exclude);
+  const quant::QuantizeFileReport rep = quant::quantize_safetensors(src, dst, opt);
+  out << "quantized " << rep.quantized.size() << " weights to NF4" << (opt.nf4.double_quant ? " + double quantization" : "")
+      << " (blocksize " << opt.nf4.blocksize << "), copied " << rep.copied.size() << " tensors -> " << dst << "\n";
+  if (rep.input_bytes > 0)
+    out << "quantized tensors: " << human_bytes(rep.input_bytes) << " -> " << human_bytes(rep.output_bytes) << " ("
+        << fmt(static_cast<double>(rep.input_bytes) / static_cast<double>(rep.output_bytes), 4) << "x smaller)\n";
+  return kOk;
+}
+
+}  // namespace detail
+
+/// The command table. New commands (e.g. `quantize`, owned by peft/quant) add one entry here.
+inline const std::vector<Command>& commands() {
+  static const std::vector<Command> table = {
+      {"inspect", "list tensors of a safetensors file, or an adapter's config, ranks, scaling and delta norms",
+       "usage: peft inspect FILE.safetensors|ADAPTER_DIR\n\n"
+       "A file: size, tensor count, parameters per dtype, metadata, then dtype, shape and name of every tensor.\n"
+       "An adapter directory (adapter_config.json + adapter_model.safetensors): the config (unknown keys are\n"
+       "listed), and per LoRA module: r, alpha, scaling, parameter count, |dW|_F = |s B A|_F, numerical rank\n"
+       "and entropy effective rank of dW (computed from the factors, never forming dW).\n",
+       detail::cmd_inspect, {}, {}},
+      {"merge", "merge a LoRA / DoRA adapter into a safetensors model, streaming tensor by tensor",
+       "usage: peft merge --base MODEL.safetensors --adapter ADAPTER_DIR --out MERGED.safetensors\n"
+       "                  [--scale S] [--map FROM=TO]...\n\n"
+       "W' = W + S * s * B A for every adapted module (DoRA: W' = m * V / |V|_row, V = W + S s B A), where the\n"
+       "module \"p\" of the adapter (key base_model.model.p.lora_A.weight) updates the tensor \"p.weight\".\n"
+       "--map FROM=TO rewrites a module-path prefix before the lookup (repeatable; first match wins).\n"
+       "Memory stays bounded by a block of rows, not the model: the base is memory-mapped and the output is\n"
+       "streamed to a temporary file renamed into place. Every tensor keeps its dtype; untouched ones are\n"
+       "copied byte for byte. A NaN/Inf in a merged tensor aborts with nothing written.\n",
+       detail::cmd_merge, {"base", "adapter", "out", "scale", "map"}, {}},
+      {"combine", "combine LoRA adapters (cat, svd, linear, ties, dare_linear, dare_ties, magnitude_prune)",
+       "usage: peft combine --method METHOD [--weights w1,w2,...] [--rank K] [--density D] [--seed N]\n"
+       "                    [--majority-sign total|frequency] ADAPTER_DIR... --out OUT_DIR\n\n"
+       "Methods: cat (exact, rank = sum of ranks), svd (exact sum re-compressed to rank K from the factors),\n"
+       "linear, magnitude_prune, ties, dare_linear, dare_ties (on the dense deltas, as PEFT's\n"
+       "add_weighted_adapter, then truncated SVD to rank K). --rank 0 (default) keeps the lossless rank.\n"
+       "--density is the kept fraction for the pruning methods, --seed the DARE mask seed. Weights default\n"
+       "to 1. The adapters must target the same modules. The result is a PEFT adapter with scaling 1.\n",
+       detail::cmd_combine, {"method", "weights", "rank", "density", "seed", "majority-sign", "out"}, {}},
+      {"quantize", "quantize the linear weights of a safetensors model to NF4 (bitsandbytes / QLoRA layout)",
+       "usage: peft quantize IN.safetensors --out OUT.safetensors [--blocksize N] [--no-double-quant]\n"
+       "                     [--include REGEX] [--exclude REGEX]\n\n"
+       "Every 2-D floating-point tensor whose name fully matches --include (default .*\\.weight) and not\n"
+       "--exclude (default: lm_head and embeddings, kept in full precision as transformers does) is replaced\n"
+       "by blockwise NF4 (blocks of N = 64 values, fp32 absmax each) with double quantization of the absmax\n"
+       "values (8-bit, blocks of 256) unless --no-double-quant, stored as transformers saves a bitsandbytes\n"
+       "4-bit model: <p>.weight (packed uint8), .absmax, .quant_map, .nested_absmax, .nested_quant_map and\n"
+       ".quant_state.bitsandbytes__nf4. Other tensors and the metadata are copied unchanged.\n",
+       detail::cmd_quantize, {"out", "blocksize", "include", "exclude"}, {"no-double-quant"}},
+      {"extract", "extract a LoRA adapter from a full fine-tune (truncated SVD of W_tuned - W_base)",
+       "usage: peft extract --base A.safetensors --tuned B.safetensors (--rank K | --energy TAU) [--rslora]\n"
+       "                    --out OUT_DIR\n\n"
+       "For every 2-D \"*.weight\" tensor that differs, B A is the best rank-K approximation of the difference\n"
+       "(or the smallest rank keeping a fraction TAU of its squared singular values). The result is a PEFT\n"
+       "adapter with scaling 1; unchanged tensors are skipped, changed vectors (biases, norms) reported.\n",
+       detail::cmd_extract, {"base", "tuned", "rank", "energy", "out"}, {"rslora"}},
+  };
+  return table;
+}
+
+inline std::string main_help() {
+  std::string s =
+      "usage: peft COMMAND [OPTIONS]    (peft COMMAND --help for details)\n\ncommands:\n";
+  for (const Command& c : commands()) {
+    std::string name = c.name;
+    name.resize(10, ' ');
+    s += "  " + name + c.summary + "\n";
+  }
+  s +=
+      "\nexit codes:\n"
+      "  0  success\n"
+      "  1  unexpected internal error\n"
+      "  2  usage error (unknown command or option, missing or malformed value)\n"
+      "  3  I/O or file-format error (missing, truncated or malformed file, failed write)\n"
+      "  4  unsupported or inconsistent configuration (e.g. an adapter feature we do not implement)\n"
+      "  5  shapes that do not fit (adapter vs. base model)\n"
+      "  6  NaN or Inf (e.g. produced by a merge)\n"
+      "Outputs are written atomically: after a failure nothing is left behind.\n";
+  return s;
+}
+
+int run(const std::vector<std::string>& argv, std::ostream& out, std::ostream& err) {
+  if (argv.empty() || argv[0] == "-h" || argv[0] == "--help" || argv[0] == "help") {
+    (argv.empty() ? err : out) << main_help();
+    return argv.empty() ? kUsage : kOk;
+  }
+  const Command* cmd = nullptr;
+  for (const Command& c : commands())
+    if (argv[0] == c.name) cmd = &c;
+  if (cmd == nullptr) {
+    err << "peft: unknown command \"" << argv[0] << "\"\n\n" << main_help();
+    return kUsage;
+  }
+  const std::vector<std::string> rest(argv.begin() + 1, argv.end());
+  try {
+    const Args args = parse_args(rest, cmd->options, cmd->flags);
+    if (args.help) {
+      out << cmd->usage;
+      return kOk;
+    }
+    return cmd->run(args, out, err);
+  } catch (const UsageError& e) {
+    err << "peft " << cmd->name << ": " << e.what() << "\n\n" << cmd->usage;
+    return kUsage;
+  } catch (const IoError& e) {
+    err << "peft " << cmd->name << ": I/O error: " << e.what() << "\n";
+    return kIo;
+  } catch (const ConfigError& e) {
+    err << "peft " << cmd->name << ": configuration error: " << e.what() << "\n";
+    return kConfig;
+  } catch (const ShapeError& e) {
+    err << "peft " << cmd->name << ": shape error: " << e.what() << "\n";
+    return kShape;
+  } catch (const NumericError& e) {
+    err << "peft " << cmd->name << ": numeric error: " << e.what() << "\n";
+    return kNumeric;
+  } catch (const std::bad_alloc&) {
+    err << "peft " << cmd->name << ": out of memory\n";
+    return kInternal;
+  } catch (const std::exception& e) {
+    err << "peft " << cmd->name << ": internal error: " << e.what() << "\n";
+    return kInternal;
+  }
+}
+
+}  // namespace peft::cli

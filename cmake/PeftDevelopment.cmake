@@ -8,7 +8,7 @@ if(CMAKE_CXX_COMPILER_ID MATCHES "GNU|Clang")
   target_compile_options(peft_warnings INTERFACE -Wall -Wextra -Wpedantic -Werror)
 endif()
 if(PEFT_SANITIZE AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
-  # GCC 12 with -fsanitize reports false maybe-uninitialized warnings inside <regex> and Eigen.
+  # GCC 12 with -fsanitize reports false maybe-uninitialized warnings inside <regex> (which Catch2 includes) and Eigen.
   target_compile_options(peft_warnings INTERFACE -Wno-maybe-uninitialized)
 endif()
 

@@ -1,53 +1,199 @@
 #include <peft/core/regex.hpp>
 
+#include <chrono>
 #include <string>
+#include <vector>
 
 #include "support/test_utils.hpp"
 
 using namespace peft;
 
-TEST_CASE("compile_name_regex accepts the patterns PEFT configs use", "[regex]") {
-  for (const char* p : {".*\\.(q_proj|v_proj)", "(.*\\.)?(layers\\.0\\.attn\\.q)", "model\\.layers\\.[0-9]+\\.mlp\\..*",
-                        "[^.]+\\.fc{1,2}", "a{3}b{2,}c?", "(?:x|y)+"}) {
-    INFO(p);
-    CHECK_NOTHROW(compile_name_regex(p, "test"));
+namespace {
+const char* const kUnmatched = nullptr;
+
+struct FullCase {
+  const char* pattern;
+  std::string subject;
+  bool expected;
+};
+
+struct SearchCase {
+  const char* pattern;
+  const char* subject;
+  bool expected;
+  std::vector<const char*> groups;  // group 0 first; kUnmatched for a group that took no part
+};
+}  // namespace
+
+// Expected values are what CPython 3.11's re.fullmatch / re.search return for the same inputs.
+TEST_CASE("Regex agrees with Python's re.fullmatch", "[regex]") {
+  const std::vector<FullCase> cases = {
+      {".*\\.(q_proj|v_proj)", std::string("model.layers.3.self_attn.q_proj", 31), true},
+      {".*\\.(q_proj|v_proj)", std::string("model.layers.3.self_attn.k_proj", 31), false},
+      {"(.*\\.)?(layers\\.0\\.attn\\.q)", std::string("layers.0.attn.q", 15), true},
+      {"(.*\\.)?(layers\\.0\\.attn\\.q)", std::string("model.layers.0.attn.q", 21), true},
+      {"(.*\\.)?(layers\\.0\\.attn\\.q)", std::string("model.layers.10.attn.q", 22), false},
+      {"model\\.layers\\.[0-9]+\\.mlp\\..*", std::string("model.layers.12.mlp.down_proj", 29), true},
+      {"[^.]+\\.fc{1,2}", std::string("mlp.fcc", 7), true},
+      {"[^.]+\\.fc{1,2}", std::string("mlp.fccc", 8), false},
+      {"a{3}b{2,}c?", std::string("aaabbb", 6), true},
+      {"a{3}b{2,}c?", std::string("aabbb", 5), false},
+      {"(?:x|y)+", std::string("xyyx", 4), true},
+      {"q_proj", std::string("layers.0.q_proj", 15), false},
+      {"(?P<name>\\w+)\\.\\d", std::string("lin.7", 5), true},
+      {"\\d+", std::string("123", 3), true},
+      {"\\D+", std::string("abc", 3), true},
+      {"\\s\\S", std::string(" x", 2), true},
+      {"[\\w.]+", std::string("a.b_c.9", 7), true},
+      {"[^\\d]+", std::string("abc", 3), true},
+      {"[a\\-z]+", std::string("a-z", 3), true},
+      {"[]a]+", std::string("]a]", 3), true},
+      {"[a-]+", std::string("a--", 3), true},
+      {"x{,2}", std::string("xx", 2), true},
+      {"x{,2}", std::string("xxx", 3), false},
+      {"x{2,}", std::string("x", 1), false},
+      {"x{2,3}?", std::string("xxx", 3), true},
+      {"a{x", std::string("a{x", 3), true},
+      {"a{1,x}", std::string("a{1,x}", 6), true},
+      {"\\x41\\u0042\\t\\0", std::string("AB\t\0", 4), true},
+      {"caf.", std::string("café", 5), true},
+      {"é+", std::string("éé", 4), true},
+      {"[à-ü]x", std::string("éx", 3), true},
+      {"^abc$", std::string("abc", 3), true},
+      {"abc$", std::string("abc\n", 4), false},
+      {"abc\\Z", std::string("abc\n", 4), false},
+      {"\\Aab", std::string("ab", 2), true},
+      {"\\bq\\b.*", std::string("q proj", 6), true},
+      {"a\\Bb", std::string("ab", 2), true},
+      {"(a|ab)(c|bcd)(d*)", std::string("abcd", 4), true},
+      {"", std::string("", 0), true},
+      {"a|", std::string("", 0), true},
+      {"()", std::string("", 0), true},
+      {".", std::string("\n", 1), false},
+      {"[.]", std::string("x", 1), false},
+      {"\\.", std::string("x", 1), false},
+      {"(?:a*)*", std::string("aaa", 3), true},
+      {"(a|b)*?c", std::string("ababc", 5), true},
+  };
+  for (const FullCase& c : cases) {
+    INFO("pattern " << c.pattern << " subject " << c.subject);
+    CHECK(compile_name_regex(c.pattern, "test").full_match(c.subject) == c.expected);
   }
-  const std::regex re = compile_name_regex(".*\\.(q_proj|v_proj)", "test");
-  CHECK(regex_full_match("model.layers.3.self_attn.q_proj", re, "test"));
-  CHECK_FALSE(regex_full_match("model.layers.3.self_attn.k_proj", re, "test"));
-  std::smatch m;
-  const std::string name = "blocks.layers.12.q";
-  CHECK(regex_search_in(name, m, compile_name_regex("layers\\.(\\d+)", "test"), "test"));
-  CHECK(m[1].str() == "12");
 }
 
-TEST_CASE("compile_name_regex refuses hostile patterns before std::regex sees them", "[regex][errors]") {
-  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(", "cfg"), ConfigError, "cfg: invalid regular expression \"(\"");
+TEST_CASE("Regex search agrees with Python's re.search, groups included", "[regex]") {
+  const std::vector<SearchCase> cases = {
+      {"(?:^|\\.)layers\\.(\\d+)\\.", "model.layers.12.attn.q.weight", true, {".layers.12.", "12"}},
+      {"(?:^|\\.)layers\\.(\\d+)\\.", "layers.3.q", true, {"layers.3.", "3"}},
+      {"layers\\.(\\d+)", "blocks.layers.12.q", true, {"layers.12", "12"}},
+      {"(a|ab)(c|bcd)(d*)", "xabcd", true, {"abcd", "a", "bcd", ""}},
+      {"(a+?)(b*)", "xaab", true, {"a", "a", ""}},
+      {"(x)?y", "y", true, {"y", kUnmatched}},
+      {"\\d+", "abc", false, {}},
+      {"$", "ab", true, {""}},
+      {"b*", "abb", true, {""}},
+      {"b+", "abb", true, {"bb"}},
+      {"\\b\\w", ".ab", true, {"a"}},
+  };
+  for (const SearchCase& c : cases) {
+    INFO("pattern " << c.pattern << " subject " << c.subject);
+    RegexMatch m;
+    const bool found = compile_name_regex(c.pattern, "test").search(c.subject, &m);
+    REQUIRE(found == c.expected);
+    if (!found) continue;
+    REQUIRE(m.size() == c.groups.size());
+    for (std::size_t g = 0; g < c.groups.size(); ++g) {
+      INFO("group " << g);
+      CHECK(m[g].matched == (c.groups[g] != kUnmatched));
+      if (c.groups[g] != kUnmatched) CHECK(m[g].str() == c.groups[g]);
+    }
+  }
+  CHECK(compile_name_regex("(?:^|\\.)layers\\.(\\d+)\\.", "t").group_count() == 1);
+}
+
+TEST_CASE("Regex matches in linear time where backtracking engines take exponential time", "[regex]") {
+  // Each of these takes Python's re (and libstdc++'s std::regex) minutes to hours, or overflows the
+  // stack; the Pike VM does |program|·|name| steps.
+  const std::string name = "model.layers.0.self_attn.q_proj.lora_A.default.weight";
+  const auto start = std::chrono::steady_clock::now();
+  CHECK_FALSE(compile_name_regex("(a*)*b", "t").full_match(std::string(1000, 'a') + "c"));
+  CHECK_FALSE(compile_name_regex("(a+)+$", "t").full_match(std::string(1000, 'a') + "!"));
+  CHECK_FALSE(compile_name_regex("(.*.*)*x", "t").full_match(name));
+  CHECK_FALSE(compile_name_regex("(.*\\.)?((.*)*(.*)*(.*)*(.*)*z)", "t").full_match(std::string(1000, '.')));
+  CHECK(compile_name_regex("(.*.*)*weight", "t").full_match(name));
+  RegexMatch m;
+  CHECK_FALSE(compile_name_regex("(x+x+)+y", "t").search(std::string(1000, 'x'), &m));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  CHECK(seconds < 30.0);  // a generous bound (sanitizers, loaded CI); backtracking would never finish
+}
+
+TEST_CASE("compile_name_regex refuses malformed patterns with Python's messages", "[regex][errors]") {
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(", "cfg"), ConfigError,
+                           "cfg: invalid regular expression \"(\": missing ), unterminated subpattern at position 0");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex(")", "cfg"), ConfigError, "unbalanced parenthesis at position 0");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("a**", "cfg"), ConfigError, "multiple repeat at position 2");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("a{2}{3}", "cfg"), ConfigError, "multiple repeat at position 4");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("*a", "cfg"), ConfigError, "nothing to repeat at position 0");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("^*", "cfg"), ConfigError, "nothing to repeat at position 1");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("a{2,1}", "cfg"), ConfigError, "min repeat greater than max repeat");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("[a-", "cfg"), ConfigError, "unterminated character set at position 0");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("[z-a]", "cfg"), ConfigError, "bad character range");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("\\", "cfg"), ConfigError, "bad escape (end of pattern)");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("\\q", "cfg"), ConfigError, "bad escape \\q at position 0");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("\\x4", "cfg"), ConfigError, "incomplete escape");
+}
+
+TEST_CASE("compile_name_regex refuses what it cannot match in linear time, never misreads it", "[regex][errors]") {
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(?=a)a", "cfg"), ConfigError, "uses a look-around assertion");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(?<!a)b", "cfg"), ConfigError, "uses a look-around assertion");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(a)\\1", "cfg"), ConfigError, "uses a back-reference at position 3");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(?P<x>a)(?P=x)", "cfg"), ConfigError, "uses a back-reference");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(?i)a", "cfg"), ConfigError, "uses an inline flag");
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("a*+", "cfg"), ConfigError, "uses a possessive quantifier");
+}
+
+TEST_CASE("compile_name_regex refuses hostile sizes", "[regex][errors]") {
   PEFT_REQUIRE_THROWS_WITH(compile_name_regex(std::string(2000, 'a'), "cfg"), ConfigError,
                            "has 2000 characters, expected at most 1024");
-  // libstdc++ compiles nested groups recursively: thousands of them overflow the stack.
+  // The parser recurses once per group: nesting is bounded.
   PEFT_REQUIRE_THROWS_WITH(compile_name_regex(std::string(500, '(') + "a" + std::string(500, ')'), "cfg"), ConfigError,
                            "nests groups more than 16 deep");
   PEFT_REQUIRE_THROWS_WITH(compile_name_regex(std::string(17, '(') + std::string(17, ')'), "cfg"), ConfigError,
                            "nests groups more than 16 deep");
-  CHECK_NOTHROW(compile_name_regex(std::string(16, '(') + "a" + std::string(16, ')'), "cfg"));
-  // Counted repeats are expanded into copies of the automaton: their product is what counts.
+  CHECK(compile_name_regex(std::string(16, '(') + "a" + std::string(16, ')'), "cfg").full_match("a"));
+  // Counted repeats are expanded into copies of the program: their product is what counts.
   PEFT_REQUIRE_THROWS_WITH(compile_name_regex("(a{1000}){1000}", "cfg"), ConfigError, "expands to more than 10000 states");
   PEFT_REQUIRE_THROWS_WITH(compile_name_regex("((a{30}){30}){30}", "cfg"), ConfigError, "expands to more than");
   PEFT_REQUIRE_THROWS_WITH(compile_name_regex("x{99999}", "cfg"), ConfigError, "expands to more than");
-  CHECK_NOTHROW(compile_name_regex("(a{20}){20}", "cfg"));
+  PEFT_REQUIRE_THROWS_WITH(compile_name_regex("x{99999999999999999999}", "cfg"), ConfigError, "expands to more than");
+  CHECK(compile_name_regex("(a{20}){20}", "cfg").full_match(std::string(400, 'a')));
   // Alternatives add up.
   std::string alts = "a";
   for (int i = 0; i < 60; ++i) alts += "|(b{200})";
   PEFT_REQUIRE_THROWS_WITH(compile_name_regex(alts, "cfg"), ConfigError, "expands to more than");
 }
 
-TEST_CASE("regex matching refuses names too long for the recursive matcher", "[regex][errors]") {
-  const std::regex re = compile_name_regex("(.*\\.)?(q)", "rank_pattern");
+TEST_CASE("regex matching refuses names beyond the subject limit", "[regex][errors]") {
+  const Regex re = compile_name_regex("(.*\\.)?(q)", "rank_pattern");
   CHECK(regex_full_match(std::string(1000, 'a') + ".q", re, "rank_pattern"));
   PEFT_REQUIRE_THROWS_WITH(regex_full_match(std::string(100000, 'a') + ".q", re, "rank_pattern"), ConfigError,
                            "has 100002 characters, expected at most 1024");
-  std::smatch m;
+  RegexMatch m;
   const std::string long_name(5000, 'x');
   PEFT_REQUIRE_THROWS_WITH(regex_search_in(long_name, m, re, "layer_regex"), ConfigError, "layer_regex: name");
+}
+
+TEST_CASE("Regex classes \\d \\w \\s are ASCII (Python's re.ASCII); other characters match literally", "[regex]") {
+  CHECK_FALSE(compile_name_regex("caf\\w", "t").full_match("café"));  // Python without re.ASCII: true
+  CHECK(compile_name_regex("caf\\W", "t").full_match("café"));
+  CHECK(compile_name_regex("caf[é]", "t").full_match("café"));
+}
+
+TEST_CASE("Regex treats invalid UTF-8 bytes as single characters", "[regex]") {
+  const std::string bad = std::string("a") + static_cast<char>(0xFF) + "b";
+  CHECK(compile_name_regex("a.b", "t").full_match(bad));
+  CHECK_FALSE(compile_name_regex("a..b", "t").full_match(bad));
+  const std::string truncated = std::string("x") + static_cast<char>(0xE2) + static_cast<char>(0x82);
+  CHECK(compile_name_regex("x..", "t").full_match(truncated));
+  CHECK_NOTHROW(compile_name_regex(std::string("[") + static_cast<char>(0xC3) + "]", "t"));
 }

@@ -21,7 +21,7 @@ FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
        -fno-sanitize-recover=undefined -I"$ROOT/include" $EIGEN_INC -Wall -Wextra -Werror)
 
 status=0
-for target in fuzz_safetensors fuzz_adapter_config; do
+for target in fuzz_safetensors fuzz_adapter_config fuzz_regex; do
   echo "== building $target"
   "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$target.cpp" -o "$OUT/$target"
   corpus="$OUT/corpus/$target"
@@ -30,6 +30,11 @@ for target in fuzz_safetensors fuzz_adapter_config; do
   rm -rf "$seeds" && mkdir -p "$seeds"
   if [[ $target == fuzz_safetensors ]]; then
     find "$ROOT/tests/data" -name '*.safetensors' -exec cp {} "$seeds/" \;
+  elif [[ $target == fuzz_regex ]]; then
+    i=0
+    for p in '.*\.(q_proj|v_proj)' '(.*\.)?(layers\.0\.attn\.q)' '(?:^|\.)layers\.(\d+)\.' '[^.]+\.fc{1,2}$' '(a|ab)(c|bcd)(d*)'; do
+      printf '%s\0model.layers.0.self_attn.q_proj' "$p" > "$seeds/regex_$((i++))"
+    done
   else
     i=0
     while IFS= read -r f; do cp "$f" "$seeds/config_$((i++)).json"; done < <(find "$ROOT/tests/data" -name '*.json')

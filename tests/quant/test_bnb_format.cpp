@@ -220,7 +220,7 @@ TEST_CASE("Whole-file quantization: Linear weights to NF4, everything else copie
   QuantizeFileOptions bad;
   bad.include = "(";
   PEFT_REQUIRE_THROWS_WITH(quantize_safetensors(dir.file("in.safetensors"), dir.file("x.safetensors"), bad),
-                           ConfigError, "invalid include pattern");
+                           ConfigError, "include pattern: invalid regular expression \"(\"");
 }
 
 TEST_CASE("Malformed bitsandbytes entries give named errors", "[quant][bnb][errors]") {

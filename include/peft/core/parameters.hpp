@@ -2,7 +2,6 @@
 // Whole-model parameter utilities: enumerate by dotted name, count trainable vs. frozen, freeze
 // and unfreeze by name pattern (a regular expression that must match the whole name, like
 // Hugging Face PEFT's string form of target_modules).
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -56,7 +55,7 @@ ParameterCount count_parameters(Module<T>& module) {
 }
 
 namespace detail {
-inline std::regex compile_pattern(const std::string& pattern, const char* who) {
+inline Regex compile_pattern(const std::string& pattern, const char* who) {
   return compile_name_regex(pattern, who);
 }
 
@@ -64,7 +63,7 @@ inline std::regex compile_pattern(const std::string& pattern, const char* who) {
 /// typo cannot silently leave a model fully frozen (or fully trainable).
 template <class T>
 std::size_t set_trainable_matching(Module<T>& module, const std::string& pattern, bool on, const char* who) {
-  const std::regex re = compile_pattern(pattern, who);
+  const Regex re = compile_pattern(pattern, who);
   std::size_t hits = 0;
   std::vector<std::string> seen;
   module.visit_parameters([&](const std::string& name, Parameter<T>& p) {

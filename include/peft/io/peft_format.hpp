@@ -30,7 +30,6 @@
 #include <functional>
 #include <map>
 #include <cctype>
-#include <regex>
 #include <string>
 #include <unordered_map>
 #include <utility>

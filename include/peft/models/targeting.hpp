@@ -16,7 +16,6 @@
 // A selection that matches nothing is a ConfigError that lists the available names.
 #include <cctype>
 #include <optional>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -65,7 +64,7 @@ struct ModuleSelector {
 };
 
 namespace detail {
-inline std::regex compile_regex(const std::string& pattern, const std::string& who) {
+inline Regex compile_regex(const std::string& pattern, const std::string& who) {
   return compile_name_regex(pattern, who);
 }
 

@@ -3,7 +3,7 @@
 //
 // - param_groups_by_rules: regex rules on names, first matching rule wins, unmatched parameters go
 //   to a "default" group; a rule that matches no parameter is an error (a typo must not silently
-//   train everything at the default lr). Patterns must match the WHOLE name (std::regex_match), as
+//   train everything at the default lr). Patterns must match the WHOLE name (Python's re.fullmatch), as
 //   peft::freeze / peft::unfreeze do: write ".*bias" rather than "bias".
 // - layerwise_lr_groups: layer-wise learning-rate decay (Howard & Ruder, 2018, "Universal Language
 //   Model Fine-tuning", discriminative fine-tuning; Clark et al., 2020, ELECTRA, layer-wise decay):
@@ -18,7 +18,6 @@
 #include <cmath>
 #include <map>
 #include <optional>
-#include <regex>
 #include <string>
 #include <vector>
 
@@ -32,7 +31,7 @@ namespace peft {
 template <class T>
 std::vector<NamedParameter<T>> parameters_matching(Module<T>& module, const std::string& pattern,
                                                    bool trainable_only = false) {
-  const std::regex re = detail::compile_pattern(pattern, "parameters_matching");
+  const Regex re = detail::compile_pattern(pattern, "parameters_matching");
   std::vector<NamedParameter<T>> out;
   module.visit_parameters([&](const std::string& name, Parameter<T>& p) {
     if ((!trainable_only || p.trainable()) && regex_full_match(name, re, "parameters_matching")) out.push_back({name, &p});
@@ -56,7 +55,7 @@ template <class T>
 std::vector<ParamGroup<T>> param_groups_by_rules(Module<T>& module, const std::vector<GroupRule>& rules,
                                                  double default_lr, double default_weight_decay,
                                                  bool trainable_only = false) {
-  std::vector<std::regex> res;
+  std::vector<Regex> res;
   std::vector<ParamGroup<T>> groups;
   for (const GroupRule& r : rules) {
     res.push_back(detail::compile_pattern(r.pattern, "param_groups_by_rules"));
@@ -113,15 +112,15 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
   if (!std::isfinite(o.weight_decay) || o.weight_decay < 0.0)
     throw ConfigError(std::string(who) + ": weight_decay must be finite and >= 0, got " +
                       std::to_string(o.weight_decay));
-  const std::regex layer_re = detail::compile_pattern(o.layer_regex, who);
-  if (layer_re.mark_count() < 1)
+  const Regex layer_re = detail::compile_pattern(o.layer_regex, who);
+  if (layer_re.group_count() < 1)
     throw ConfigError(std::string(who) + ": layer_regex \"" + o.layer_regex +
                       "\" has no capture group for the layer index");
-  std::vector<std::regex> fixed;
+  std::vector<Regex> fixed;
   for (const LayerRule& r : o.fixed_layers) fixed.push_back(detail::compile_pattern(r.pattern, who));
   std::vector<bool> fixed_used(fixed.size(), false);
   const bool has_no_decay = !o.no_decay_pattern.empty();
-  const std::regex no_decay_re = detail::compile_pattern(has_no_decay ? o.no_decay_pattern : "$^", who);
+  const Regex no_decay_re = detail::compile_pattern(has_no_decay ? o.no_decay_pattern : "$^", who);
   bool no_decay_used = false;
   const Index default_layer = o.default_layer.value_or(o.num_layers);
 
@@ -130,7 +129,7 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
   module.visit_parameters([&](const std::string& name, Parameter<T>& p) {
     if (o.trainable_only && !p.trainable()) return;
     Index layer = default_layer;
-    std::smatch m;
+    RegexMatch m;
     if (regex_search_in(name, m, layer_re, who) && m[1].matched) {
       try {
         layer = static_cast<Index>(std::stoll(m[1].str()));

@@ -19,12 +19,12 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
-#include <regex>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/regex.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/quant/nf4.hpp"
@@ -290,15 +290,8 @@ struct QuantizeFileReport {
 /// every other tensor (and the metadata) unchanged, and writes `out` atomically.
 inline QuantizeFileReport quantize_safetensors(const std::string& in, const std::string& out,
                                                const QuantizeFileOptions& opt) {
-  const auto compile = [](const std::string& p, const char* what) {
-    try {
-      return std::regex(p, std::regex::ECMAScript);
-    } catch (const std::regex_error& e) {
-      throw ConfigError(std::string("quantize_safetensors: invalid ") + what + " pattern \"" + p + "\": " + e.what());
-    }
-  };
-  const std::regex inc = compile(opt.include, "include");
-  const std::regex exc = compile(opt.exclude, "exclude");
+  const Regex inc = compile_name_regex(opt.include, "quantize_safetensors: include pattern");
+  const Regex exc = compile_name_regex(opt.exclude, "quantize_safetensors: exclude pattern");
   const io::SafeTensorsFile f(in);
   QuantizeFileReport rep;
   struct Item {
@@ -311,7 +304,7 @@ inline QuantizeFileReport quantize_safetensors(const std::string& in, const std:
   for (const io::TensorInfo& t : f.tensors()) {
     Item item{&t, {}};
     const bool selected = t.shape.size() == 2 && io::dtype_is_float(t.dtype) && t.numel > 0 &&
-                          std::regex_match(t.name, inc) && !std::regex_match(t.name, exc) &&
+                          inc.full_match(t.name) && !exc.full_match(t.name) &&
                           t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
     if (selected) {
       buf.resize(static_cast<std::size_t>(t.numel));

@@ -82,6 +82,10 @@ void BM_Memory4096(benchmark::State& state) {
   state.counters["MiB"] = static_cast<double>(q.storage_bytes()) / (1 << 20);
   state.counters["bits/param"] = q.bits_per_parameter();
   state.counters["x_smaller"] = fp32_bytes / static_cast<double>(q.storage_bytes());
+  // While an NF4LoRALinear runs, it also holds its decode tile: tile_rows · in scalars (reused).
+  const double tile_bytes = static_cast<double>(peft::NF4LoRALinear<T>().tile_rows()) * d * sizeof(T);
+  state.counters["tile_MiB"] = tile_bytes / (1 << 20);
+  state.counters["MiB_running"] = (static_cast<double>(q.storage_bytes()) + tile_bytes) / (1 << 20);
 }
 
 void BM_ForwardFP32(benchmark::State& state) {

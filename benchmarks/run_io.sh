@@ -3,8 +3,10 @@
 # ≥ 1 GB model: wall time vs. `cp` of the same file and peak RSS vs. the largest tensor
 # (/usr/bin/time -v). Goals: load ≥ 0.8× read; merge ≤ 2× copy; peak RSS ≤ 2× largest tensor.
 #
-#   benchmarks/run_io.sh BUILD_DIR [LAYERS] [DTYPE]      (BUILD_DIR holds benchmarks/bench_io and tools/peft)
-# The model is generated under /tmp and deleted at exit.
+#   benchmarks/run_io.sh BUILD_DIR [LAYERS] [DTYPE]
+# BUILD_DIR holds benchmarks/bench_io, benchmarks/make_big_model and tools/peft (a release build with
+# benchmarks and examples). The model is generated under /tmp by make_big_model (no Python needed)
+# and deleted at exit.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${1:?usage: run_io.sh BUILD_DIR [LAYERS] [DTYPE]}"
@@ -24,7 +26,7 @@ for k, v in b.items():
 PY
 
 echo "== generating a $LAYERS-layer $DTYPE model in $WORK"
-/usr/bin/python3 "$ROOT/benchmarks/peer/make_big_model.py" "$WORK" "$LAYERS" "$DTYPE"
+"$BUILD/benchmarks/make_big_model" "$WORK" "$LAYERS" "$DTYPE"
 SIZE=$(stat -c %s "$WORK/base.safetensors")
 LARGEST=$(python3 - "$WORK/base.safetensors" <<'PY'
 import json, struct, sys
@@ -36,17 +38,16 @@ cat "$WORK/base.safetensors" > /dev/null  # warm the page cache for both measure
 sync
 t0=$(date +%s.%N); cp "$WORK/base.safetensors" "$WORK/copy.safetensors"; sync; t1=$(date +%s.%N)
 rm -f "$WORK/copy.safetensors"
+sync
+t2=$(date +%s.%N)  # like cp, timed up to the data being on disk (sync)
 /usr/bin/time -v "$BUILD/tools/peft" merge --base "$WORK/base.safetensors" --adapter "$WORK/adapter" \
-  --out "$WORK/merged.safetensors" 2> "$WORK/time.txt"
-sync; t2=$(date +%s.%N)
+  --out "$WORK/merged.safetensors" 2> "$WORK/time.txt" > /dev/null
+sync; t3=$(date +%s.%N)
 RSS_KB=$(grep "Maximum resident set size" "$WORK/time.txt" | awk '{print $NF}')
-MERGE_S=$(grep "Elapsed (wall clock)" "$WORK/time.txt" | awk '{print $NF}')
-python3 - "$SIZE" "$LARGEST" "$t0" "$t1" "$MERGE_S" "$RSS_KB" <<'PY'
+python3 - "$SIZE" "$LARGEST" "$t0" "$t1" "$t2" "$t3" "$RSS_KB" <<'PY'
 import sys
-size, largest, t0, t1, merge, rss_kb = sys.argv[1:]
-size, largest, copy = int(size), int(largest), float(t1) - float(t0)
-parts = [float(p) for p in merge.split(":")]
-m = parts[-1] + (parts[-2] * 60 if len(parts) > 1 else 0) + (parts[-3] * 3600 if len(parts) > 2 else 0)
+size, largest, t0, t1, t2, t3, rss_kb = sys.argv[1:]
+size, largest, copy, m = int(size), int(largest), float(t1) - float(t0), float(t3) - float(t2)
 rss = int(rss_kb) * 1024
 print(f"model {size / 1e9:.2f} GB, largest tensor {largest / 1e6:.1f} MB")
 print(f"cp: {copy:.2f} s   peft merge: {m:.2f} s   ratio {m / copy:.2f}x (goal <= 2)")

@@ -60,22 +60,28 @@ struct Task {
   }
 };
 
-double train(Mlp& model, peft::Optimizer<T>& opt, const Task& task, peft::Rng& rng, int steps, const char* tag) {
+struct Losses {
+  double first = 0.0, last = 0.0;
+};
+
+Losses train(Mlp& model, peft::Optimizer<T>& opt, const Task& task, peft::Rng& rng, int steps, const char* tag) {
   Matrix<T> x, logits, dlogits;
   std::vector<std::int64_t> y;
   Mlp::Cache cache;
-  double loss = 0.0;
+  Losses losses;
   model.train();
   for (int step = 1; step <= steps; ++step) {
     task.sample(rng, 64, x, y);
     opt.zero_grad();  // the optimizer's list of trainable parameters: no name lookups per step
     model.forward(x, logits, cache);
-    loss = peft::cross_entropy<T>(logits, y, &dlogits);
+    const double loss = peft::cross_entropy<T>(logits, y, &dlogits);
     model.backward(cache, dlogits);
     opt.step();
+    if (step == 1) losses.first = loss;
+    losses.last = loss;
     if (step == 1 || step % (steps / 5) == 0) std::printf("  %s step %4d  loss %.4f\n", tag, step, loss);
   }
-  return loss;
+  return losses;
 }
 
 double evaluate(Mlp& model, const Task& task, peft::Rng& rng) {
@@ -102,8 +108,8 @@ int main() {
   std::printf("1) pretraining every weight on the source task\n");
   peft::AdamW<T> pretrain_opt(model, peft::AdamWOptions{3e-3, 0.9, 0.999, 1e-8, 0.0});
   train(model, pretrain_opt, source, rng, 600, "pretrain");
-  std::printf("   source accuracy %.3f, target accuracy %.3f\n", evaluate(model, source, rng),
-              evaluate(model, target, rng));
+  const double target_before = evaluate(model, target, rng);
+  std::printf("   source accuracy %.3f, target accuracy %.3f\n", evaluate(model, source, rng), target_before);
 
   std::printf("2) freezing the model and attaching LoRA (r=4, alpha=8) to fc1 and fc2\n");
   peft::freeze(model);
@@ -116,8 +122,11 @@ int main() {
 
   std::printf("3) training only the adapters on the target task\n");
   peft::AdamW<T> opt(model, peft::AdamWOptions{1e-2, 0.9, 0.999, 1e-8, 0.0});
-  train(model, opt, target, rng, 600, "lora");
-  std::printf("   target accuracy %.3f\n", evaluate(model, target, rng));
+  const Losses lora = train(model, opt, target, rng, 600, "lora");
+  const double target_after = evaluate(model, target, rng);
+  const bool learned = lora.last < 0.5 * lora.first && target_after > target_before + 0.1;
+  std::printf("   target accuracy %.3f (was %.3f), loss %.4f -> %.4f (%s)\n", target_after, target_before, lora.first,
+              lora.last, learned ? "ok" : "NOT LEARNING");
 
   std::printf("4) merging the adapters into the base weights\n");
   Matrix<T> x, before, after;
@@ -131,5 +140,5 @@ int main() {
   model.forward(x, after, cache);
   const double rel = static_cast<double>((after - before).norm() / before.norm());
   std::printf("   merged vs. unmerged logits: relative difference %.2e (%s)\n", rel, rel < 1e-5 ? "ok" : "MISMATCH");
-  return rel < 1e-5 ? 0 : 1;
+  return rel < 1e-5 && learned ? 0 : 1;
 }

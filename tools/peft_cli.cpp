@@ -297,6 +297,7 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
   CombineOptions opt;
   opt.method = method;
   opt.rank = static_cast<Index>(a.integer("rank", 0));
+  if (opt.rank < 0) throw UsageError("--rank must be >= 0 (0: the lossless rank), got " + a.get("rank"));
   opt.density = a.number("density", 1.0);
   opt.seed = static_cast<std::uint64_t>(a.integer("seed", 0));
   const std::string sign = a.get_or("majority-sign", "total");
@@ -351,6 +352,11 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
   return kOk;
 }
 
+/// Default --exclude of extract: embedding tables. PEFT gives an nn.Embedding a LoRA of its own
+/// layout (lora_embedding_A / _B); written as lora_A / lora_B they would load as unexpected keys
+/// and be dropped, so they are left out of the low-rank part (--keep-full saves them whole).
+constexpr const char* kExtractExclude = R"((.*\.)?([a-z_]*embed[a-z_]*|wte|wpe)\.weight)";
+
 inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
   if (!a.positional.empty()) throw UsageError("unexpected argument \"" + a.positional[0] + "\"");
   const std::string bp = a.get("base"), tp = a.get("tuned"), dst = a.get("out");
@@ -358,13 +364,18 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
   opt.rank = static_cast<Index>(a.integer("rank", 0));
   opt.energy = a.number("energy", 0.0);
   opt.use_rslora = a.has("rslora");
+  if (opt.rank < 0) throw UsageError("--rank must be > 0, got " + a.get("rank"));
   if ((opt.rank != 0) == (opt.energy != 0.0)) throw UsageError("give exactly one of --rank K and --energy TAU");
+  const bool fan = a.has("fan-in-fan-out");  // GPT-2 Conv1D: weights stored [in, out]
+  const bool keep_full = a.has("keep-full");
+  const Regex exclude = compile_name_regex(a.get_or("exclude", kExtractExclude), "extract: --exclude");
   const SafeTensorsFile base(bp), tuned(tp);
   for (const TensorInfo& u : tuned.tensors())
     if (!base.contains(u.name)) throw ShapeError("extract: \"" + bp + "\" has no tensor \"" + u.name + "\"");
-  PeftAdapter<double> ad;
-  std::vector<std::pair<std::string, Index>> ranks;
-  std::size_t skipped_vectors = 0;
+
+  // Pass 1: which float tensors changed, and which of them become low-rank modules.
+  std::vector<const TensorInfo*> changed;
+  std::vector<std::string> lora_paths;
   for (const TensorInfo& t : base.tensors()) {
     if (!tuned.contains(t.name)) throw ShapeError("extract: \"" + tp + "\" has no tensor \"" + t.name + "\"");
     const TensorInfo& u = tuned.info(t.name);
@@ -375,12 +386,44 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
     const bool same_bytes = t.nbytes() == u.nbytes() && u.dtype == t.dtype &&
                             std::equal(base.bytes(t), base.bytes(t) + t.nbytes(), tuned.bytes(u));
     if (same_bytes) continue;
+    changed.push_back(&t);
     std::string path;
-    if (t.shape.size() != 2 || !io::detail::ends_with(t.name, ".weight", &path)) {
-      ++skipped_vectors;
+    if (t.shape.size() == 2 && io::detail::ends_with(t.name, ".weight", &path) &&
+        !regex_full_match(t.name, exclude, "extract: --exclude"))
+      lora_paths.push_back(path);
+  }
+
+  // Pass 2: factors for the low-rank modules; everything else changed is saved whole or reported.
+  PeftAdapter<double> ad;
+  std::vector<std::pair<std::string, Index>> ranks;
+  std::vector<std::string> not_captured, modules_to_save;
+  bool lora_biases = false;
+  for (const TensorInfo* t : changed) {
+    std::string path;
+    const bool low_rank = io::detail::ends_with(t->name, ".weight", &path) &&
+                          std::find(lora_paths.begin(), lora_paths.end(), path) != lora_paths.end();
+    if (!low_rank) {
+      if (!keep_full) {
+        not_captured.push_back(t->name);
+        continue;
+      }
+      // A bias of a low-rank module travels with PEFT's bias = "lora_only"; anything else as part
+      // of its module in modules_to_save.
+      const std::size_t dot = t->name.rfind('.');
+      const std::string module = dot == std::string::npos ? t->name : t->name.substr(0, dot);
+      if (io::detail::ends_with(t->name, ".bias", &path) &&
+          std::find(lora_paths.begin(), lora_paths.end(), path) != lora_paths.end())
+        lora_biases = true;
+      else if (std::find(modules_to_save.begin(), modules_to_save.end(), module) == modules_to_save.end())
+        modules_to_save.push_back(module);
+      ad.full.push_back({t->name, t->shape, tuned.load<double>(t->name)});
       continue;
     }
-    const Matrix<double> w0 = base.load<double>(t.name), w1 = tuned.load<double>(t.name);
+    Matrix<double> w0 = base.load<double>(t->name), w1 = tuned.load<double>(t->name);
+    if (fan) {  // ΔW [out, in] is the transpose of the stored difference
+      w0.transposeInPlace();
+      w1.transposeInPlace();
+    }
     ExtractOptions o = opt;
     if (o.rank > std::min(w0.rows(), w0.cols())) o.rank = std::min(w0.rows(), w0.cols());
     ExtractResult<double> r = extract_lora<double>(w1, w0, o);
@@ -391,16 +434,27 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
     m.scaling = 1.0;
     ranks.emplace_back(path, m.A.rows());
     out << "  " << path << ": rank " << m.A.rows() << ", energy kept " << fmt(r.energy_kept, 5) << ", |dW - BA|_F "
-        << fmt(r.frobenius_error, 5) << "\n";
+        << fmt(r.frobenius_error, 5) << ", sigma_k+1 " << fmt(r.sigma_next, 5) << "\n";
     ad.lora.push_back(std::move(m));
   }
-  if (ad.lora.empty()) throw ConfigError("extract: no 2-D \".weight\" tensor differs between the two files");
+  if (ad.lora.empty())
+    throw ConfigError("extract: no 2-D \".weight\" tensor outside --exclude differs between the two files");
   ad.config = unit_scaling_adapter_config(ranks, opt.use_rslora, "");
+  ad.config.fan_in_fan_out = fan;
+  ad.config.modules_to_save = modules_to_save;
+  if (lora_biases) ad.config.bias = "lora_only";
   for (auto& m : ad.lora) m.alpha = ad.config.alpha_for(m.path);
   save_peft_adapter(dst, ad);
-  out << "extracted " << ad.lora.size() << " modules -> " << dst << "\n";
-  if (skipped_vectors)
-    out << "note: " << skipped_vectors << " changed tensors are not \".weight\" matrices (biases, norms) and are not captured\n";
+  out << "extracted " << ad.lora.size() << " modules" << (fan ? " (fan_in_fan_out)" : "");
+  if (!ad.full.empty()) out << ", kept " << ad.full.size() << " changed tensors whole";
+  out << " -> " << dst << "\n";
+  if (!not_captured.empty()) {
+    out << "note: " << not_captured.size() << " changed tensors are not captured (vectors, or excluded by --exclude; "
+        << "--keep-full saves them whole):";
+    for (std::size_t i = 0; i < not_captured.size() && i < 8; ++i) out << (i ? ", " : " ") << not_captured[i];
+    if (not_captured.size() > 8) out << ", ...";
+    out << "\n";
+  }
   return kOk;
 }
 
@@ -420,7 +474,8 @@ inline int cmd_quantize(const Args& a, std::ostream& out, std::ostream&) {
       << " (blocksize " << opt.nf4.blocksize << "), copied " << rep.copied.size() << " tensors -> " << dst << "\n";
   if (rep.input_bytes > 0)
     out << "quantized tensors: " << human_bytes(rep.input_bytes) << " -> " << human_bytes(rep.output_bytes) << " ("
-        << fmt(static_cast<double>(rep.input_bytes) / static_cast<double>(rep.output_bytes), 4) << "x smaller)\n";
+        << fmt(static_cast<double>(rep.input_bytes) / static_cast<double>(rep.output_bytes), 4) << "x smaller, "
+        << fmt(rep.bits_per_parameter(), 4) << " bits per parameter)\n";
   return kOk;
 }
 
@@ -467,11 +522,16 @@ inline const std::vector<Command>& commands() {
        detail::cmd_quantize, {"out", "blocksize", "include", "exclude"}, {"no-double-quant"}},
       {"extract", "extract a LoRA adapter from a full fine-tune (truncated SVD of W_tuned - W_base)",
        "usage: peft extract --base A.safetensors --tuned B.safetensors (--rank K | --energy TAU) [--rslora]\n"
-       "                    --out OUT_DIR\n\n"
+       "                    [--fan-in-fan-out] [--exclude REGEX] [--keep-full] --out OUT_DIR\n\n"
        "For every 2-D \"*.weight\" tensor that differs, B A is the best rank-K approximation of the difference\n"
-       "(or the smallest rank keeping a fraction TAU of its squared singular values). The result is a PEFT\n"
-       "adapter with scaling 1; unchanged tensors are skipped, changed vectors (biases, norms) reported.\n",
-       detail::cmd_extract, {"base", "tuned", "rank", "energy", "out"}, {"rslora"}},
+       "(or the smallest rank keeping a fraction TAU of its squared singular values); each module's error\n"
+       "|dW - BA|_F and the bound sigma_k+1 are printed. The result is a PEFT adapter with scaling 1.\n"
+       "--fan-in-fan-out: the weights are stored [in, out] (GPT-2 Conv1D); the config says so.\n"
+       "--exclude (default: embedding tables, whose PEFT LoRA has another layout) keeps tensors out of the\n"
+       "low-rank part. Changed tensors that are not extracted (biases, norms, excluded weights) are\n"
+       "reported, or with --keep-full saved whole: biases of extracted modules as bias = \"lora_only\", the\n"
+       "rest as modules_to_save, so that merging the adapter gives back the tuned model up to the SVD error.\n",
+       detail::cmd_extract, {"base", "tuned", "rank", "energy", "out", "exclude"}, {"rslora", "fan-in-fan-out", "keep-full"}},
   };
   return table;
 }

@@ -219,9 +219,11 @@ void print_table(std::ostream& out, const Pretrained& pre, const std::vector<Str
   const std::string before = fmt("%.1f", 100.0 * pre.source_acc);
   out << '\n'
       << pad("strategy", 38) << pad("target", 8, true) << pad("source", 16, true) << pad("forget", 8, true)
-      << pad("trainable", 12, true) << pad("%", 8, true) << pad("time", 8, true) << pad("cpu", 8, true) << pad("peak MiB", 10, true) << '\n'
-      << pad("", 38) << pad("acc %", 8, true) << pad("before->after", 16, true) << pad("pts", 8, true) << '\n'
-      << std::string(116, '-') << '\n';
+      << pad("trainable", 12, true) << pad("%", 8, true) << pad("time", 8, true) << pad("cpu", 8, true)
+      << pad("state", 10, true) << pad("peak", 8, true) << '\n'
+      << pad("", 38) << pad("acc %", 8, true) << pad("before->after", 16, true) << pad("pts", 8, true)
+      << pad("", 36) << pad("KiB", 10, true) << pad("MiB", 8, true) << '\n'
+      << std::string(124, '-') << '\n';
   for (const auto& r : results) {
     const std::string src = r.source_measured ? before + " -> " + fmt("%.1f", 100.0 * r.source_acc) : "-";
     const std::string forget = r.source_measured ? fmt("%+.1f", 100.0 * (pre.source_acc - r.source_acc)) : "-";
@@ -229,13 +231,15 @@ void print_table(std::ostream& out, const Pretrained& pre, const std::vector<Str
         << pad(forget, 8, true) << pad(with_commas(r.trainable), 12, true)
         << pad(fmt("%.2f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1))), 8, true)
         << pad(peft::format_duration(r.seconds), 8, true) << pad(peft::format_duration(r.cpu_seconds), 8, true)
-        << pad(mib(r.peak_rss), 10, true) << '\n';
+        << pad(with_commas(static_cast<Index>((r.state_bytes + 1023) / 1024)), 10, true) << pad(mib(r.peak_rss), 8, true) << '\n';
   }
-  out << std::string(116, '-') << '\n'
+  out << std::string(124, '-') << '\n'
       << "target/source acc: 5-way test accuracy on classes 5-9 / 0-4 (official test split); forget = source acc\n"
       << "lost by adapting (percentage points); % = trainable / all parameters of the adapted model; time = wall\n"
-      << "time, cpu = process CPU time (what a busy machine cannot inflate); peak MiB = peak resident memory of\n"
-      << "the process during the strategy (data set included).\n";
+      << "time, cpu = process CPU time (what a busy machine cannot inflate); state = what training adds per\n"
+      << "trainable parameter (its gradient and AdamW's two moments), the memory PEFT saves; peak = peak resident\n"
+      << "memory of the process during the strategy (data set and frozen model included; n/a where the kernel\n"
+      << "cannot reset the high-water mark).\n";
 }
 
 std::vector<std::string> write_outputs(const std::string& dir, const RunInfo& info, const Pretrained& pre,
@@ -312,6 +316,9 @@ std::vector<std::string> check_results(const Pretrained& pre, const std::vector<
       fails.push_back(r.info.id + ": target accuracy " + fmt("%.3f", r.target_acc) + " is not above chance (0.2 + 0.05)");
     if (r.source_measured && (!std::isfinite(r.source_acc) || r.source_acc < 0 || r.source_acc > 1))
       fails.push_back(r.info.id + ": source accuracy " + fmt("%g", r.source_acc) + " outside [0, 1]");
+    else if (r.source_measured && !(r.source_acc > kChance + kMargin))
+      fails.push_back(r.info.id + ": source accuracy after adaptation " + fmt("%.3f", r.source_acc) +
+                      " is not above chance (0.2 + 0.05)");
     if (r.trainable <= 0 || r.trainable > r.total)
       fails.push_back(r.info.id + ": trainable parameters " + std::to_string(r.trainable) + " not in (0, " +
                       std::to_string(r.total) + "]");

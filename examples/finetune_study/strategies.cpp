@@ -255,7 +255,7 @@ StrategyResult run_strategy(const StrategyInfo& info, const Pretrained& pretrain
                             const NetOptions& net_options, const StudyOptions& o) {
   StrategyResult r;
   r.info = info;
-  peft::reset_peak_rss();
+  const bool peak_measurable = peft::reset_peak_rss();  // else VmHWM would include pretraining
   const double t0 = now_s();
   const std::clock_t c0 = std::clock();
   peft::Rng rng(o.seed * 1000003ULL + 99);
@@ -361,7 +361,7 @@ StrategyResult run_strategy(const StrategyInfo& info, const Pretrained& pretrain
   r.source_acc = task_accuracy(m, data, data.source_test, 0);
   r.seconds = now_s() - t0;
   r.cpu_seconds = static_cast<double>(std::clock() - c0) / CLOCKS_PER_SEC;
-  r.peak_rss = peft::peak_rss_bytes();
+  r.peak_rss = peak_measurable ? peft::peak_rss_bytes() : -1;
   return r;
 }
 

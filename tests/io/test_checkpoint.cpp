@@ -4,6 +4,7 @@
 #include <peft/layers/lora_linear.hpp>
 #include <peft/optim/adam.hpp>
 #include <peft/optim/sgd.hpp>
+#include <peft/train/batches.hpp>
 
 #include <limits>
 #include <string>
@@ -75,11 +76,16 @@ TEST_CASE("checkpoint: foreign or tampered files are rejected", "[io][checkpoint
 }
 
 namespace {
-/// One LoRA layer with dropout trained with AdamW on random regression data.
+/// One LoRA layer with dropout trained with AdamW on a fixed regression set, in shuffled
+/// mini-batches (BatchSampler, 5 batches per epoch): what a resumed run must reproduce is the
+/// weights, the optimizer, the step, the dropout generator and the position in the data order.
 struct Run {
   Rng init{42};
   LoRALinear<double> layer{6, 5, init, true, "layer"};
-  Rng data{7};
+  Rng data_rng{7};
+  const Matrix<double> x_all = test::random_matrix<double>(20, 6, data_rng);
+  const Matrix<double> y_all = test::random_matrix<double>(20, 5, data_rng);
+  BatchSampler sampler{20, 4, /*seed=*/9};
   std::int64_t step = 0;
 
   Run() {
@@ -95,10 +101,19 @@ struct Run {
   template <class Opt>
   void train(Opt& opt, int steps) {
     typename LoRALinear<double>::Cache cache;
+    std::vector<Index> batch;
     for (int s = 0; s < steps; ++s, ++step) {
-      const Matrix<double> x = test::random_matrix<double>(4, 6, data);
+      if (!sampler.next(batch)) {  // epoch over: a new permutation
+        sampler.start_epoch();
+        sampler.next(batch);
+      }
+      Matrix<double> x(static_cast<Index>(batch.size()), 6), t(static_cast<Index>(batch.size()), 5);
+      for (std::size_t i = 0; i < batch.size(); ++i) {
+        x.row(static_cast<Index>(i)) = x_all.row(batch[i]);
+        t.row(static_cast<Index>(i)) = y_all.row(batch[i]);
+      }
       const Matrix<double> y = layer.forward(x, cache);
-      const Matrix<double> dy = (y - test::random_matrix<double>(4, 5, data)) / 4.0;
+      const Matrix<double> dy = (y - t) / 4.0;
       opt.zero_grad();
       layer.backward(cache, dy, nullptr);
       opt.step();
@@ -110,9 +125,9 @@ struct Run {
     Checkpoint<double> ck;
     save_parameters(layer, ck);
     save_optimizer_state(opt, ck);
+    save_sampler_state(sampler, ck, "sampler.train");
     ck.put_int("step", step);
     ck.put_rng("rng.dropout", layer.rng());
-    ck.put_rng("rng.data", data);
     return ck;
   }
 
@@ -120,9 +135,9 @@ struct Run {
   void restore(Opt& opt, const Checkpoint<double>& ck) {
     CHECK(restore_parameters(layer, ck) == 2);  // lora_A and lora_B (the base is frozen)
     load_optimizer_state(opt, ck);
+    load_sampler_state(sampler, ck, "sampler.train");
     step = ck.get_int("step");
     ck.get_rng("rng.dropout", layer.rng());
-    ck.get_rng("rng.data", data);
   }
 };
 }  // namespace
@@ -141,6 +156,7 @@ TEST_CASE("checkpoint: resuming AdamW training continues bit-identically", "[io]
   first.snapshot(opt_f).save(dir.path + "/ck.safetensors");
 
   Run resumed;  // same construction, then everything replaced from the file
+  resumed.sampler = BatchSampler(20, 4, /*seed=*/12345);  // even another seed: the file decides
   AdamW<double> opt_r(resumed.layer, AdamWOptions{0.05, 0.9, 0.999, 1e-8, 0.01});
   resumed.restore(opt_r, Checkpoint<double>::load(dir.path + "/ck.safetensors"));
   CHECK(opt_r.lr(0) == 0.03);
@@ -155,6 +171,38 @@ TEST_CASE("checkpoint: resuming AdamW training continues bit-identically", "[io]
   CHECK(opt_r.step_count("lora_A.default.weight") == 8);
   CHECK(opt_r.state("lora_A.default.weight")->exp_avg_sq == opt_s.state("lora_A.default.weight")->exp_avg_sq);
   CHECK(resumed.layer.rng().state() == straight.layer.rng().state());
+  CHECK(resumed.sampler.state().position == straight.sampler.state().position);  // 8 steps: epoch 2, batch 3
+}
+
+TEST_CASE("checkpoint: a batch sampler resumes mid-epoch, then every later epoch is the same", "[io][checkpoint]") {
+  TempDir dir;
+  BatchSampler a(11, 3, 5);
+  std::vector<Index> batch;
+  for (int i = 0; i < 6; ++i)  // one epoch (4 batches) and two batches of the next
+    if (!a.next(batch)) {
+      a.start_epoch();
+      a.next(batch);
+    }
+  Checkpoint<float> ck;
+  save_sampler_state(a, ck);
+  ck.save(dir.path + "/s.safetensors");
+  BatchSampler b(11, 3, 77);
+  load_sampler_state(b, Checkpoint<float>::load(dir.path + "/s.safetensors"));
+  std::vector<Index> next_a, next_b;
+  for (int i = 0; i < 10; ++i) {  // across two epoch boundaries
+    for (auto* s : {&a, &b}) {
+      if (!s->next(batch)) {
+        s->start_epoch();
+        s->next(batch);
+      }
+      auto& out = s == &a ? next_a : next_b;
+      out.insert(out.end(), batch.begin(), batch.end());
+    }
+  }
+  CHECK(next_a == next_b);
+  BatchSampler other(12, 3, 5);
+  PEFT_REQUIRE_THROWS_WITH(load_sampler_state(other, ck), ConfigError,
+                           "checkpoint sampler \"sampler\" is over 11 indices in batches of 3, this one over 12 in batches of 3");
 }
 
 TEST_CASE("checkpoint: SGD momentum state and mismatches", "[io][checkpoint]") {

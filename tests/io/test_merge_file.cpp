@@ -152,6 +152,25 @@ TEST_CASE("merge file: an adapter that does not fit, or a NaN, writes nothing", 
   huge.scale = 1e9;
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(half, loud, out, huge), NumericError, "overflows F16");
   std::remove(half.c_str());
+  // DoRA on a transposed (fan_in_fan_out) base has no per-output-row norm to take; a magnitude of
+  // the wrong length would index out of bounds.
+  PeftAdapter<float> dora = load_peft_adapter<float>(data_dir() + "/tiny_dora");
+  dora.lora = {dora.lora.front()};
+  PeftAdapter<float> dora_fan = dora;
+  dora_fan.config.fan_in_fan_out = true;
+  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", dora_fan, out), ConfigError,
+                           "is DoRA (lora_magnitude_vector) with fan_in_fan_out = true");
+  PeftAdapter<float> dora_short = dora;
+  dora_short.lora[0].magnitude.conservativeResize(1, dora_short.lora[0].magnitude.cols() - 1);
+  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", dora_short, out), ShapeError,
+                           "expected " + std::to_string(dora.lora[0].B.rows()) + " (one per output row)");
+  // A tensor of the right name but the wrong shape.
+  const std::string wrong = dir.path + "/wrong.safetensors";
+  const Matrix<float> w5 = Matrix<float>::Zero(6, 5);
+  save_safetensors<float>(wrong, {{"model.layers.0.attn.v.weight", {6, 5}, w5.data(), DType::F32}});
+  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(wrong, loud, out), ShapeError,
+                           "tensor \"model.layers.0.attn.v.weight\" has shape [6, 5], but adapter module \"model.layers.0.attn.v\" needs [6, 8]");
+  std::remove(wrong.c_str());
   // A prompt adapter has nothing to merge.
   const PeftAdapter<float> prompt = load_peft_adapter<float>(data_dir() + "/tiny_prompt");
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", prompt, out), ConfigError,

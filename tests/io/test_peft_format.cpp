@@ -1,6 +1,7 @@
 // Hugging Face PEFT adapter directories: config parsing (strict, unknown keys kept), the tensor
 // naming conventions, loading into / saving from a model, all-or-nothing behaviour.
 #include <peft/io/peft_format.hpp>
+#include <peft/layers/prefix_attention.hpp>
 
 #include <string>
 #include <vector>
@@ -116,7 +117,22 @@ TEST_CASE("adapter config: wrong types and unsupported features are rejected who
   unsupported(R"({"peft_type":"LORA","layer_replication":[[0,2]]})", "layer_replication");
   unsupported(R"({"peft_type":"LORA","use_dora":true,"fan_in_fan_out":true})", "use_dora together with fan_in_fan_out");
   unsupported(R"({"peft_type":"IA3"})", "peft_type \"IA3\" is not supported");
-  unsupported(R"({"peft_type":"PREFIX_TUNING","num_virtual_tokens":4,"prefix_projection":true})", "prefix_projection");
+  unsupported(R"({"peft_type":"LORA","init_lora_weights":"lora_ga"})", "modifies the base weights");
+  unsupported(R"({"peft_type":"LORA","alora_invocation_tokens":[12,7]})", "alora_invocation_tokens");
+  unsupported(R"({"peft_type":"LORA","arrow_config":{"top_k":3}})", "Arrow routing");
+  unsupported(R"({"peft_type":"LORA","use_bdlora":true})", "BD-LoRA");
+  unsupported(R"({"peft_type":"LORA","monteclora_config":{"n":2}})", "Monte Carlo LoRA");
+  // A key we have never heard of that switches something on is refused, not loaded as plain LoRA.
+  unsupported(R"({"peft_type":"LORA","use_hyper_lora":true})", "unknown key \"use_hyper_lora\" = true looks like a feature");
+  unsupported(R"({"peft_type":"LORA","shiny_config":{"k":1}})", "unknown key \"shiny_config\"");
+  // ... while the same keys switched off, and the newer bookkeeping keys, load.
+  const AdapterConfig off = cfg_from(
+      R"({"peft_type":"LORA","use_hyper_lora":false,"shiny_config":{},"alora_invocation_tokens":null,)"
+      R"("arrow_config":null,"use_bdlora":false,"ensure_weight_tying":true,"velora_config":{"rank":4}})");
+  CHECK(off.unknown_keys == std::vector<std::string>{"use_hyper_lora", "shiny_config"});
+  // Prefix tuning with a projection: PEFT saves the collapsed table, which loads as a flat prefix.
+  const AdapterConfig prefix = cfg_from(R"({"peft_type":"PREFIX_TUNING","num_virtual_tokens":4,"prefix_projection":true})");
+  CHECK(prefix.prefix_projection);
 }
 
 TEST_CASE("adapter config: unknown keys survive a round trip through to_json", "[io][peft]") {
@@ -258,6 +274,55 @@ TEMPLATE_TEST_CASE("PEFT adapter directory: save from a model, load back identic
   CHECK(dir.entries() == std::vector<std::string>{"adapter", "clash"});  // no staging directory left
   CHECK(SafeTensorsFile(out + "/adapter_model.safetensors").info("base_model.model.model.layers.0.q.lora_A.weight").dtype ==
         DType::BF16);
+}
+
+TEST_CASE("PEFT adapter directory: prefix tuning with a projection round-trips as PEFT's collapsed table",
+          "[io][peft][prefix]") {
+  Rng rng(31);
+  PrefixConfig pc{3, 8, 2, /*prefix_projection=*/true, /*encoder_hidden_size=*/4};
+  PrefixAttention<double> trained(pc, rng, "prefix_encoder");  // trained through PEFT's MLP
+
+  // What PEFT writes: the config, and the MLP's output for the l virtual tokens [l, L·2·d].
+  PeftAdapter<double> ad;
+  ad.config = cfg_from(R"({"peft_type":"PREFIX_TUNING","task_type":"SEQ_CLS","num_virtual_tokens":3,"token_dim":8,)"
+                       R"("num_layers":2,"num_attention_heads":2,"prefix_projection":true,"encoder_hidden_size":4})");
+  ad.prompt_embeddings = trained.prompt_embeddings();
+  TempDir dir;
+  save_peft_adapter(dir.path + "/prefix", ad);
+  const PeftAdapter<double> back = load_peft_adapter<double>(dir.path + "/prefix");
+  CHECK(back.config.peft_type == "PREFIX_TUNING");
+  CHECK(back.config.prefix_projection);
+  REQUIRE(back.prompt_embeddings.rows() == 3);
+  REQUIRE(back.prompt_embeddings.cols() == 2 * 2 * 8);
+
+  // Served the way PEFT serves it (inference_mode: a flat table), every layer gets the trained
+  // model's keys and values.
+  pc.prefix_projection = false;
+  PrefixAttention<double> served(pc, rng, "prefix_encoder");
+  NameMapping to_layer;
+  to_layer.prefix_rules = {{"prompt_embeddings", "embedding.weight"}};
+  load_adapter_into(served, back, "default", to_layer);
+  typename PrefixAttention<double>::Cache want, got;
+  trained.forward(want);
+  served.forward(got);
+  for (Index i = 0; i < 2; ++i) {
+    const PrefixKV<double> a = trained.layer(want, i), b = served.layer(got, i);
+    CHECK(test::rel_diff(Matrix<double>(b.key), Matrix<double>(a.key)) < 1e-12);
+    CHECK(test::rel_diff(Matrix<double>(b.value), Matrix<double>(a.value)) < 1e-12);
+  }
+  // A projected prefix collapses when it loads the table.
+  pc.prefix_projection = true;
+  PrefixAttention<double> projected(pc, rng);
+  projected.load_prompt_embeddings(back.prompt_embeddings);
+  CHECK_FALSE(projected.projected());
+  CHECK(test::rel_diff(projected.prompt_embeddings(), ad.prompt_embeddings) < 1e-12);
+
+  // A table whose width is not num_layers·2·token_dim is refused.
+  PeftAdapter<double> narrow = ad;
+  narrow.prompt_embeddings = Matrix<double>::Zero(3, 31);
+  save_peft_adapter(dir.path + "/narrow", narrow);
+  PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<double>(dir.path + "/narrow"), ShapeError,
+                           "prompt_embeddings has 31 columns, expected 32");
 }
 
 TEST_CASE("PEFT adapter directory: broken adapters load nothing", "[io][peft]") {

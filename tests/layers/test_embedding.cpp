@@ -81,6 +81,8 @@ TEST_CASE("Embedding errors name the id, the vocabulary size and max_len", "[emb
   emb.forward(std::vector<Index>{1, 2}, cache);
   PEFT_REQUIRE_THROWS_WITH(emb.backward(cache, Matrix<float>::Zero(3, 2)), ShapeError, "expected [2, 2]");
   PEFT_REQUIRE_THROWS_WITH(Embedding<float>(0, 2, rng, "e"), ShapeError, "num_embeddings and dim must be > 0");
+  PEFT_REQUIRE_THROWS_WITH(Embedding<float>(-3, 2, rng, "e"), ShapeError, "got -3 and 2");
+  PEFT_REQUIRE_THROWS_WITH(PositionalEmbedding<float>(4, -1, rng, "p"), ShapeError, "max_len and dim must be > 0, got 4 and -1");
   PositionalEmbedding<float> pos(3, 2, rng, "pos");
   typename PositionalEmbedding<float>::Cache pc;
   Matrix<float> x = Matrix<float>::Zero(4, 2);

@@ -86,16 +86,6 @@ Eigen::MatrixXd ref_target(const std::vector<LoraFactors<T>>& fs, const std::vec
   return out;
 }
 
-template <class C>
-bool enable_dora(C& config) {
-  if constexpr (detail::config_has_dora<C>::value) {
-    config.use_dora = true;
-    return true;
-  } else {
-    return false;
-  }
-}
-
 template <class T>
 Eigen::MatrixXd result_delta(const CombineResult<T>& r) {
   return test::product_d(r.factors);
@@ -353,9 +343,8 @@ TEST_CASE("combine rejects bad inputs with named errors", "[merge][combine][erro
   PEFT_REQUIRE_THROWS_WITH(unit_scaling_config(0), ConfigError, "rank must be >= 1");
   LoraConfig dora;
   dora.r = 2;
-  if (enable_dora(dora)) {  // only once LoraConfig has DoRA
-    layer.add_adapter("d", dora, lrng);
-    PEFT_REQUIRE_THROWS_WITH(add_combined_adapter(layer, "m", {"a", "d"}, {1.0, 1.0}), ConfigError,
-                             "adapter \"d\" uses DoRA: its delta is not s·B·A");
-  }
+  dora.use_dora = true;
+  layer.add_adapter("d", dora, lrng);
+  PEFT_REQUIRE_THROWS_WITH(add_combined_adapter(layer, "m", {"a", "d"}, {1.0, 1.0}), ConfigError,
+                           "adapter \"d\" uses DoRA: its delta is not s·B·A");
 }

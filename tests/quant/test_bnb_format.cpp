@@ -2,7 +2,9 @@
 // byte, agree with an independent Python implementation (benchmarks/peer/make_bnb_nf4_fixture.py),
 // whole-file quantization, and every malformed input.
 #include <peft/io/safetensors.hpp>
+#include <peft/layers/lora_linear.hpp>
 #include <peft/quant/bnb_format.hpp>
+#include <peft/quant/nf4_lora_linear.hpp>
 
 #include <cstdio>
 #include <filesystem>
@@ -159,6 +161,44 @@ TEST_CASE("A Python-made bitsandbytes file: read, same codes as ours, written ba
     ++compared;
   }
   CHECK(compared == 6 + 4);  // nested: 6 entries, plain: 4
+}
+
+TEST_CASE("A Python-made 4-bit checkpoint is a QLoRA base: NF4LoRALinear on it trains like LoRA on its dequantization",
+          "[quant][bnb][nf4_lora]") {
+  const io::SafeTensorsFile f(fixture_path());
+  const std::string p = "model.layers.0.q_proj";
+  const RowVector<double> b = f.load<double>(p + ".bias");
+  NF4LoRALinear<double> q(read_bnb_nf4(f, p), b, p);
+  q.set_tile_rows(40);  // 96 rows: two full tiles and a ragged one
+  Rng rng(7);
+  LoraConfig c;
+  c.r = 4;
+  c.alpha = 8.0;
+  c.init = LoraInit::None;  // B != 0: the adapter path contributes
+  q.add_adapter("default", c, rng);
+
+  LoRALinear<double> dense(Linear<double>(dequantize_nf4<double>(q.quantized_weight()), b), "dense");
+  dense.freeze_base();
+  LoraAdapter<double>& d = dense.add_adapter("default", c, rng);
+  d.A.value = q.adapter("default").A.value;
+  d.B.value = q.adapter("default").B.value;
+
+  const Matrix<double> x = test::random_matrix<double>(5, q.in_features(), rng);
+  const Matrix<double> dy = test::random_matrix<double>(5, q.out_features(), rng);
+  NF4LoRALinear<double>::Cache cq;
+  LoRALinear<double>::Cache cd;
+  const Matrix<double> yq = q.forward(x, cq), yd = dense.forward(x, cd);
+  CHECK(test::rel_diff(yq, yd) < 1e-12);
+  Matrix<double> dxq, dxd;
+  q.zero_grad();
+  dense.zero_grad();
+  q.backward(cq, dy, &dxq);
+  dense.backward(cd, dy, &dxd);
+  CHECK(test::rel_diff(dxq, dxd) < 1e-12);
+  CHECK(test::rel_diff(q.adapter("default").A.grad, d.A.grad) < 1e-12);
+  CHECK(test::rel_diff(q.adapter("default").B.grad, d.B.grad) < 1e-12);
+  // And the file's base is what it claims: within the NF4 error bound of the original weight.
+  CHECK(test::rel_diff(dequantize_nf4<double>(q.quantized_weight()), f.load<double>("reference." + p + ".weight")) < 0.15);
 }
 
 TEST_CASE("NF4 save -> read is the identity for our own tensors", "[quant][bnb]") {

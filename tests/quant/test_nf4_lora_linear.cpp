@@ -201,6 +201,17 @@ TEST_CASE("NF4LoRALinear rejects bad input with named errors", "[quant][nf4_lora
                            "NF4LoRALinear \"l\": packed weight has 10 bytes, expected 64");
   PEFT_REQUIRE_THROWS_WITH(NF4LoRALinear<float>(p.q.quantized_weight(), RowVector<float>::Zero(5)), ShapeError,
                            "bias has shape [1, 5], expected [1, 8]");
+  typename NF4LoRALinear<float>::Cache never_filled;
+  PEFT_REQUIRE_THROWS_WITH(p.q.backward(never_filled, Matrix<float>::Zero(2, 8), nullptr), ConfigError,
+                           "no forward filled");
+  // A frozen during forward keeps no input; unfreezing it before backward must not reuse a stale
+  // input of the same shape from an earlier call.
+  p.q.forward(Matrix<float>::Ones(2, 16), c);
+  p.q.adapter("default").A.set_trainable(false);
+  p.q.forward(Matrix<float>::Zero(2, 16), c);
+  p.q.adapter("default").A.set_trainable(true);
+  PEFT_REQUIRE_THROWS_WITH(p.q.backward(c, Matrix<float>::Zero(2, 8), nullptr), ShapeError,
+                           "cached input (was A unfrozen after forward?)");
   NF4LoRALinear<float> empty;  // no weight: nothing to read, a clear error instead
   CHECK(empty.in_features() == 0);
   CHECK(empty.out_features() == 0);

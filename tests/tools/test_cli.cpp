@@ -263,12 +263,92 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
   CHECK(!path_exists(dir.path + "/ex2"));
 }
 
+TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge gives the tuned model back", "[tools]") {
+  TempDir dir;
+  Rng rng(12);
+  const Matrix<float> emb0 = test::random_matrix<float>(10, 8, rng), q0 = test::random_matrix<float>(6, 8, rng);
+  const Matrix<float> b0 = test::random_matrix<float>(1, 6, rng), n0 = test::random_matrix<float>(1, 8, rng);
+  const Matrix<float> k0 = test::random_matrix<float>(6, 8, rng);  // unchanged
+  const Matrix<float> delta = test::random_matrix<float>(6, 2, rng) * test::random_matrix<float>(2, 8, rng);  // rank 2
+  const Matrix<float> emb1 = emb0 + test::random_matrix<float>(10, 8, rng, 0.1), q1 = q0 + delta;
+  const Matrix<float> b1 = (b0.array() + 0.5f).matrix(), n1 = (n0.array() * 1.5f).matrix();
+  const auto save = [&](const std::string& path, const Matrix<float>& e, const Matrix<float>& q, const Matrix<float>& b,
+                        const Matrix<float>& n, bool fan) {
+    const Matrix<float> qs = fan ? Matrix<float>(q.transpose()) : q, ks = fan ? Matrix<float>(k0.transpose()) : k0;
+    save_safetensors<float>(path, {{"model.embed_tokens.weight", {10, 8}, e.data(), DType::F32},
+                                   {"model.layers.0.q.weight", {qs.rows(), qs.cols()}, qs.data(), DType::F32},
+                                   {"model.layers.0.q.bias", {6}, b.data(), DType::F32},
+                                   {"model.layers.0.k.weight", {ks.rows(), ks.cols()}, ks.data(), DType::F32},
+                                   {"model.layers.0.norm.weight", {8}, n.data(), DType::F32}});
+  };
+  save(dir.path + "/base.safetensors", emb0, q0, b0, n0, false);
+  save(dir.path + "/tuned.safetensors", emb1, q1, b1, n1, false);
+  const std::string base = dir.path + "/base.safetensors", tuned = dir.path + "/tuned.safetensors";
+
+  // By default only q becomes low rank; the embedding (another LoRA layout in PEFT), the bias and
+  // the norm are named as not captured.
+  Result r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--out", dir.path + "/lowrank"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(has(r.out, "model.layers.0.q: rank 2"));
+  CHECK(has(r.out, "note: 3 changed tensors are not captured"));
+  CHECK(has(r.out, "model.embed_tokens.weight"));
+  const PeftAdapter<double> lowrank = load_peft_adapter<double>(dir.path + "/lowrank");
+  REQUIRE(lowrank.lora.size() == 1);
+  CHECK(lowrank.full.empty());
+
+  // --keep-full: the rest is saved whole (bias as lora_only, embedding and norm as modules_to_save),
+  // and merging the adapter into the base reproduces the tuned file.
+  r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--keep-full", "--out", dir.path + "/full"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(has(r.out, "kept 3 changed tensors whole"));
+  const PeftAdapter<double> full = load_peft_adapter<double>(dir.path + "/full");
+  CHECK(full.config.bias == "lora_only");
+  CHECK(full.config.modules_to_save == std::vector<std::string>{"model.embed_tokens", "model.layers.0.norm"});
+  CHECK(full.full.size() == 3);
+  r = peft_run({"merge", "--base", base, "--adapter", dir.path + "/full", "--out", dir.path + "/merged.safetensors"});
+  REQUIRE(r.code == cli::kOk);
+  const SafeTensorsFile merged(dir.path + "/merged.safetensors"), want(tuned);
+  for (const TensorInfo& t : want.tensors()) {
+    INFO(t.name);
+    CHECK(test::rel_diff(merged.load<double>(t.name), want.load<double>(t.name)) < 1e-5);
+  }
+
+  // GPT-2 Conv1D layout: weights stored [in, out]; the adapter says fan_in_fan_out and merges back.
+  save(dir.path + "/base_t.safetensors", emb0, q0, b0, n0, true);
+  save(dir.path + "/tuned_t.safetensors", emb0, q1, b0, n0, true);
+  r = peft_run({"extract", "--base", dir.path + "/base_t.safetensors", "--tuned", dir.path + "/tuned_t.safetensors", "--rank",
+                "2", "--fan-in-fan-out", "--out", dir.path + "/conv1d"});
+  REQUIRE(r.code == cli::kOk);
+  const PeftAdapter<double> conv = load_peft_adapter<double>(dir.path + "/conv1d");
+  CHECK(conv.config.fan_in_fan_out);
+  REQUIRE(conv.lora.size() == 1);
+  CHECK(conv.lora[0].A.cols() == 8);  // A [r, in], B [out, r] as for any PEFT LoRA
+  CHECK(conv.lora[0].B.rows() == 6);
+  CHECK(test::rel_diff(Matrix<double>(conv.lora[0].B * conv.lora[0].A), delta.cast<double>()) < 1e-5);
+  r = peft_run({"merge", "--base", dir.path + "/base_t.safetensors", "--adapter", dir.path + "/conv1d", "--out",
+                dir.path + "/merged_t.safetensors"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(test::rel_diff(SafeTensorsFile(dir.path + "/merged_t.safetensors").load<double>("model.layers.0.q.weight"),
+                       Matrix<double>(q1.transpose().cast<double>())) < 1e-5);
+
+  // Bad values are usage errors; nothing is written.
+  r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "-1", "--out", dir.path + "/neg"});
+  CHECK(r.code == cli::kUsage);
+  CHECK(has(r.err, "--rank must be > 0, got -1"));
+  r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--exclude", ".*", "--out", dir.path + "/none"});
+  CHECK(r.code == cli::kConfig);
+  CHECK(has(r.err, "outside --exclude"));
+  CHECK(!path_exists(dir.path + "/neg"));
+  CHECK(!path_exists(dir.path + "/none"));
+}
+
 TEST_CASE("peft quantize: NF4 weights in the bitsandbytes layout, other tensors copied", "[tools][quant]") {
   TempDir dir;
   const std::string src = data_dir() + "/tiny_base.safetensors", dst = dir.path + "/q.safetensors";
   Result r = peft_run({"quantize", src, "--out", dst, "--blocksize", "64"});
   REQUIRE(r.code == cli::kOk);
   CHECK(has(r.out, "weights to NF4 + double quantization (blocksize 64)"));
+  CHECK(has(r.out, " bits per parameter)"));
   const SafeTensorsFile in(src), out(dst);
   const std::vector<std::string> prefixes = quant::bnb_4bit_prefixes(out);
   REQUIRE(!prefixes.empty());

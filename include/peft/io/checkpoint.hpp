@@ -8,8 +8,9 @@
 //   "s:<name>"   string
 //   "rng:<name>" the 4 words of a peft::Rng (xoshiro256**) state in hex
 // plus "peft.checkpoint" = "1" (format version). Adapter weights, optimizer state (see
-// save_optimizer_state / load_optimizer_state), the step and every generator's state together
-// make resuming continue bit-identically: the same numbers in the same order.
+// save_optimizer_state / load_optimizer_state), the data order (save_sampler_state), the step and
+// every generator's state together make resuming continue bit-identically: the same numbers in
+// the same order.
 #include <cerrno>
 #include <cinttypes>
 #include <cstdio>
@@ -28,6 +29,7 @@
 #include "peft/optim/adam.hpp"
 #include "peft/optim/optimizer.hpp"
 #include "peft/optim/sgd.hpp"
+#include "peft/train/batches.hpp"
 
 namespace peft::io {
 
@@ -285,6 +287,34 @@ void load_optimizer_state(BasicOptimizer<T, State>& opt, const Checkpoint<T>& ck
     opt.set_lr(g, lr[g]);
     opt.set_weight_decay(g, wd[g]);
   }
+}
+
+/// Stores a BatchSampler's place in the data order: the generator at the start of its epoch
+/// ("rng:<name>.epoch"), the position in the epoch and, to refuse a mismatched restore, its size
+/// and batch size.
+template <class T>
+void save_sampler_state(const BatchSampler& s, Checkpoint<T>& ck, const std::string& name = "sampler") {
+  const BatchSampler::State st = s.state();
+  Rng epoch;
+  epoch.set_state(st.epoch_rng);
+  ck.put_rng(name + ".epoch", epoch);
+  ck.put_int(name + ".position", st.position);
+  ck.put_int(name + ".size", s.size());
+  ck.put_int(name + ".batch_size", s.batch_size());
+}
+
+/// Restores what save_sampler_state wrote into a sampler over as many indices, in batches of the
+/// same size: the rest of the epoch, and every later one, come out as in the saved run.
+template <class T>
+void load_sampler_state(BatchSampler& s, const Checkpoint<T>& ck, const std::string& name = "sampler") {
+  const std::int64_t n = ck.get_int(name + ".size"), b = ck.get_int(name + ".batch_size");
+  if (n != s.size() || b != s.batch_size())
+    throw ConfigError("load_sampler_state: checkpoint sampler \"" + name + "\" is over " + std::to_string(n) +
+                      " indices in batches of " + std::to_string(b) + ", this one over " + std::to_string(s.size()) +
+                      " in batches of " + std::to_string(s.batch_size()));
+  Rng epoch;
+  ck.get_rng(name + ".epoch", epoch);
+  s.set_state(BatchSampler::State{epoch.state(), static_cast<Index>(ck.get_int(name + ".position"))});
 }
 
 }  // namespace peft::io

@@ -64,6 +64,14 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
     if (!dtype_is_float(t.dtype))
       throw ShapeError(who + ": tensor \"" + name + "\" is " + dtype_name(t.dtype) + ", not a float type");
     const Index out = m.B.rows(), in = m.A.cols();
+    if (m.magnitude.size() > 0) {
+      if (fan)  // the magnitude is per output row, which the transposed [in, out] storage does not have
+        throw ConfigError(who + ": adapter module \"" + m.path +
+                          "\" is DoRA (lora_magnitude_vector) with fan_in_fan_out = true, which is not supported");
+      if (m.magnitude.size() != out)
+        throw ShapeError(who + ": adapter module \"" + m.path + "\" has a magnitude of " +
+                         std::to_string(m.magnitude.size()) + " values, expected " + std::to_string(out) + " (one per output row)");
+    }
     const Index er = fan ? in : out, ec = fan ? out : in;
     if (t.shape.size() != 2 || t.rows() != er || t.cols() != ec)
       throw ShapeError(who + ": tensor \"" + name + "\" has shape " + t.shape_string() + ", but adapter module \"" + m.path +

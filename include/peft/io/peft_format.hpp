@@ -20,11 +20,18 @@
 //   * fan_in_fan_out = true (GPT-2 Conv1D) stores the base weight as [in, out]: the factors are
 //     unchanged and merging adds ΔWᵀ.
 //
+//   * prefix tuning with prefix_projection = true: PEFT saves the collapsed table (the output of
+//     its PrefixEncoder's MLP, get_prompt_embedding_to_save), and loads it into a flat
+//     Embedding when inference_mode is set; so does PrefixAttention::load_prompt_embeddings.
+//
 // Strictness: a malformed config (bad JSON, a known key of the wrong type) is an IoError naming
 // the file and the key; a feature that changes the math and that we do not implement (lora_bias,
-// PiSSA / OLoRA / LoftQ / CorDA inits, which need a modified base, layer_replication, prefix
-// projection, other peft types) is a ConfigError and nothing is loaded. Keys we do not know are
-// kept (written back unchanged on save) and listed in AdapterConfig::unknown_keys.
+// PiSSA / OLoRA / LoftQ / CorDA / LoRA-GA inits, which need a modified base, layer_replication,
+// trainable tokens, aLoRA invocation tokens, Arrow routing, block-diagonal or Monte Carlo LoRA,
+// other peft types) is a ConfigError and nothing is loaded. Keys we do not know are kept (written
+// back unchanged on save) and listed in AdapterConfig::unknown_keys, except that an unknown
+// `use_*` = true or a non-empty unknown `*_config` object is taken for a feature we do not know
+// and refused: loading it as plain LoRA would silently compute something else.
 #include <algorithm>
 #include <cmath>
 #include <functional>
@@ -82,18 +89,6 @@ struct ModuleSelector {
     return false;
   }
 };
-
-namespace detail {
-// LoraConfig::use_dora exists once DoRA is in LoRALinear; detected so this header builds either way.
-template <class C>
-auto set_use_dora(C& c, bool on, int) -> decltype(c.use_dora = on, void()) {
-  c.use_dora = on;
-}
-template <class C>
-void set_use_dora(C&, bool on, long) {
-  if (on) throw ConfigError("adapter config: use_dora = true, but this LoRALinear has no DoRA support");
-}
-}  // namespace detail
 
 struct AdapterConfig {
   std::string peft_type = "LORA";
@@ -156,7 +151,7 @@ struct AdapterConfig {
     c.alpha = alpha_for(path);
     c.dropout = lora_dropout;
     c.use_rslora = use_rslora;
-    detail::set_use_dora(c, use_dora, 0);
+    c.use_dora = use_dora;
     return c;
   }
   /// Whether PEFT would put an adapter on `path` (target_modules and not exclude_modules).
@@ -178,7 +173,9 @@ inline const std::vector<std::string>& known_config_keys() {
       "layers_to_transform", "layers_pattern", "layer_replication", "revision", "inference_mode", "auto_mapping",
       "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "runtime_config",
       "use_qalora", "qalora_group_size", "trainable_token_indices", "target_parameters", "peft_version",
-      "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"};
+      "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
+      "ensure_weight_tying", "velora_config", "lora_ga_config", "alora_invocation_tokens", "arrow_config",
+      "use_bdlora", "bdlora_config", "monteclora_config"};
   return k;
 }
 
@@ -280,11 +277,20 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
   rd.get("peft_type", c.peft_type);
   rd.get("task_type", c.task_type);
   rd.get("base_model_name_or_path", c.base_model_name_or_path);
+  const std::string who = "\"" + label + "\"";
   for (auto it = j.begin(); it != j.end(); ++it) {
     const auto& known = detail::known_config_keys();
-    if (std::find(known.begin(), known.end(), it.key()) == known.end()) c.unknown_keys.push_back(it.key());
+    if (std::find(known.begin(), known.end(), it.key()) != known.end()) continue;
+    const std::string& k = it.key();
+    const bool enables = k.rfind("use_", 0) == 0 && it.value().is_boolean() && it.value().get<bool>();
+    const bool configures = k.size() > 7 && k.compare(k.size() - 7, 7, "_config") == 0 && it.value().is_object() &&
+                            !it.value().empty();
+    if (enables || configures)
+      throw ConfigError(who + ": unknown key \"" + k + "\" = " + it.value().dump().substr(0, 80) +
+                        " looks like a feature this version does not implement; refusing the adapter rather than "
+                        "loading it as plain " + c.peft_type);
+    c.unknown_keys.push_back(k);
   }
-  const std::string who = "\"" + label + "\"";
   if (c.is_lora()) {
     rd.get("r", c.r, 1);
     rd.get("lora_alpha", c.lora_alpha);
@@ -315,7 +321,7 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
       throw ConfigError(who + ": use_dora together with fan_in_fan_out = true is not supported");
     if (c.init_lora_weights.is_string()) {
       const std::string init = c.init_lora_weights.get<std::string>();
-      for (const char* p : {"pissa", "olora", "loftq", "corda"})
+      for (const char* p : {"pissa", "olora", "loftq", "corda", "lora_ga"})
         if (init.rfind(p, 0) == 0)
           throw ConfigError(who + ": init_lora_weights = \"" + init +
                             "\" modifies the base weights; such an adapter is not supported (convert it to plain "
@@ -326,6 +332,17 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
     if (rd.has("use_qalora") && j.at("use_qalora").is_boolean() && j.at("use_qalora").get<bool>())
       throw ConfigError(who + ": use_qalora = true is not supported");
     if (rd.has("target_parameters")) throw ConfigError(who + ": target_parameters (LoRA on raw parameters) is not supported");
+    const auto set = [&](const char* k) {  // present and not null / false / empty
+      if (!rd.has(k)) return false;
+      const Json& v = j.at(k);
+      return !(v.is_boolean() && !v.get<bool>()) && !((v.is_array() || v.is_object() || v.is_string()) && v.empty());
+    };
+    if (set("alora_invocation_tokens"))
+      throw ConfigError(who + ": alora_invocation_tokens (activated LoRA: the adapter applies only after the invocation "
+                              "tokens) is not supported");
+    if (set("arrow_config")) throw ConfigError(who + ": arrow_config (Arrow routing between LoRA experts) is not supported");
+    if (set("use_bdlora") || set("bdlora_config")) throw ConfigError(who + ": block-diagonal LoRA (BD-LoRA) is not supported");
+    if (set("monteclora_config")) throw ConfigError(who + ": monteclora_config (Monte Carlo LoRA) is not supported");
   } else if (c.is_prompt()) {
     rd.get("num_virtual_tokens", c.num_virtual_tokens, 1);
     rd.get("token_dim", c.token_dim, 1);
@@ -335,7 +352,6 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
     rd.get("prefix_projection", c.prefix_projection);
     rd.get("modules_to_save", c.modules_to_save);
     if (c.num_virtual_tokens <= 0) throw IoError(who + ": key \"num_virtual_tokens\" is required and must be > 0");
-    if (c.prefix_projection) throw ConfigError(who + ": prefix_projection = true is not supported");
   } else {
     throw ConfigError(who + ": peft_type \"" + c.peft_type + "\" is not supported (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)");
   }

@@ -26,8 +26,9 @@
 // Backward (per b, h, with G = ∂L/∂C_b):
 //   dṼ = Aᵀ G,  dA = G Ṽᵀ,  dS = A ⊙ (dA − rowsum(A ⊙ dA)) / √d_h,  dQ_b = dS K̃,  dK̃ = dSᵀ Q_b.
 //
-// Memory: the loops run over (b, h) with one [S, l + S] scratch block, so at most one score block
-// is live at a time, in forward and in backward. The Cache does not keep the probabilities
+// Memory: the loops run over (b, h) with reused [S, l + S] scratch blocks, so at most one score
+// block is live at a time (forward: the scores; backward: the recomputed probabilities A and their
+// gradient dA, one block each, whatever B and H). The Cache does not keep the probabilities
 // (B·H·S·(l + S) scalars, the largest tensor of a long sequence): it keeps each query row's
 // maximum m and normaliser z = Σ exp(s − m) (2·B·H·S scalars), and backward recomputes the block
 // A = exp(s − m) / z from Q and K̃, bit for bit the forward's values (the same products and the

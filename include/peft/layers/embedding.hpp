@@ -32,10 +32,11 @@ class Embedding : public Module<T> {
 
   /// E ~ N(0, 1) like torch.nn.Embedding.
   Embedding(Index num_embeddings, Index dim, Rng& rng, std::string name = "")
-      : Module<T>(std::move(name)), weight(num_embeddings, dim, true) {
-    if (num_embeddings <= 0 || dim <= 0)
+      : Module<T>(std::move(name)) {
+    if (num_embeddings <= 0 || dim <= 0)  // before any sizing: a negative size would abort in Eigen
       throw ShapeError(describe("Embedding", this->name()) + ": num_embeddings and dim must be > 0, got " +
                        std::to_string(num_embeddings) + " and " + std::to_string(dim));
+    weight = Parameter<T>(num_embeddings, dim, true);
     init::normal<T>(weight.value, rng, 0.0, 1.0);
   }
 
@@ -103,10 +104,11 @@ class PositionalEmbedding : public Module<T> {
 
   /// P ~ N(0, 1) (torch.nn.Embedding's init; BERT re-initialises with N(0, 0.02) — use init:: to change).
   PositionalEmbedding(Index max_len, Index dim, Rng& rng, std::string name = "")
-      : Module<T>(std::move(name)), weight(max_len, dim, true) {
-    if (max_len <= 0 || dim <= 0)
+      : Module<T>(std::move(name)) {
+    if (max_len <= 0 || dim <= 0)  // before any sizing: a negative size would abort in Eigen
       throw ShapeError(describe("PositionalEmbedding", this->name()) + ": max_len and dim must be > 0, got " +
                        std::to_string(max_len) + " and " + std::to_string(dim));
+    weight = Parameter<T>(max_len, dim, true);
     init::normal<T>(weight.value, rng, 0.0, 1.0);
   }
 

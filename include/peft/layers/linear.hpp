@@ -24,12 +24,12 @@ class Linear : public Module<T> {
 
   /// torch.nn.Linear's init: W ~ kaiming_uniform(a=√5) = U(±1/√in), b ~ U(±1/√in).
   Linear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "")
-      : Module<T>(std::move(name)),
-        weight(out_features, in_features, true),
-        bias(with_bias ? 1 : 0, with_bias ? out_features : 0, with_bias, true) {
-    if (in_features <= 0 || out_features <= 0)
+      : Module<T>(std::move(name)) {
+    if (in_features <= 0 || out_features <= 0)  // before any sizing: a negative size would abort in Eigen
       throw ShapeError(describe("Linear", this->name()) + ": features must be > 0, got in=" +
                        std::to_string(in_features) + ", out=" + std::to_string(out_features));
+    weight = Parameter<T>(out_features, in_features, true);
+    if (with_bias) bias = Parameter<T>(1, out_features, true, true);
     init::kaiming_uniform<T>(weight.value, rng);
     if (has_bias()) {
       const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));

@@ -108,7 +108,7 @@ void forward_mixed_impl(const LoRALinear<T>& layer, const ConstMatrixRef<T>& x, 
     ws.start[ua + 1] = ws.start[ua] + ws.count[ua];
     if (ws.count[ua] > 0) {
       const LoraAdapter<T>& ad = adapters[ua];
-      if (uses_dora(ad.config))
+      if (ad.config.use_dora)
         throw ConfigError(describe("LoRALinear", layer.name()) + ": adapter \"" + ad.name +
                           "\" uses DoRA, which mixed batches do not support yet");
       r_max = std::max<Index>(r_max, ad.rank());

@@ -11,7 +11,6 @@
 // would give s = √r: the over-scaling the issue warns about.)
 #include <cmath>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -21,24 +20,6 @@
 #include "peft/layers/lora_linear.hpp"
 
 namespace peft {
-
-namespace detail {
-// DoRA (use_dora on LoraConfig) is being added to LoRALinear separately. Its delta is not s·B·A
-// (the magnitude vector rescales rows), so the factor-level tools must refuse such adapters. The
-// trait compiles whether or not the member exists yet.
-template <class C, class = void>
-struct config_has_dora : std::false_type {};
-template <class C>
-struct config_has_dora<C, std::void_t<decltype(std::declval<const C&>().use_dora)>> : std::true_type {};
-
-template <class C>
-bool uses_dora(const C& config) {
-  if constexpr (config_has_dora<C>::value)
-    return static_cast<bool>(config.use_dora);
-  else
-    return false;
-}
-}  // namespace detail
 
 /// One LoRA adapter as factors: ΔW = scaling · B · A.
 template <class T>
@@ -64,7 +45,7 @@ struct LoraFactors {
 /// `layer` names the owning layer in that message.
 template <class T>
 LoraFactors<T> factors_of(const LoraAdapter<T>& adapter, const std::string& layer = "") {
-  if (detail::uses_dora(adapter.config))
+  if (adapter.config.use_dora)  // the magnitude rescales rows: the delta is not s·B·A
     throw ConfigError((layer.empty() ? std::string() : describe("LoRALinear", layer) + ": ") + "adapter \"" +
                       adapter.name + "\" uses DoRA: its delta is not s·B·A, so it cannot be treated as plain LoRA factors");
   return LoraFactors<T>{adapter.A.value, adapter.B.value, adapter.scaling(), adapter.name};

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/parameters.hpp"
 #include "peft/optim/optimizer.hpp"
@@ -106,12 +107,12 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
   if (o.num_layers <= 0)
     throw ConfigError(std::string(who) + ": num_layers must be > 0, got " + std::to_string(o.num_layers));
   if (!std::isfinite(o.decay) || o.decay <= 0.0 || o.decay > 1.0)
-    throw ConfigError(std::string(who) + ": decay must be in (0, 1], got " + std::to_string(o.decay));
+    throw ConfigError(std::string(who) + ": decay must be in (0, 1], got " + check::num(o.decay));
   if (!std::isfinite(o.base_lr) || o.base_lr < 0.0)
-    throw ConfigError(std::string(who) + ": base_lr must be finite and >= 0, got " + std::to_string(o.base_lr));
+    throw ConfigError(std::string(who) + ": base_lr must be finite and >= 0, got " + check::num(o.base_lr));
   if (!std::isfinite(o.weight_decay) || o.weight_decay < 0.0)
     throw ConfigError(std::string(who) + ": weight_decay must be finite and >= 0, got " +
-                      std::to_string(o.weight_decay));
+                      check::num(o.weight_decay));
   const Regex layer_re = detail::compile_pattern(o.layer_regex, who);
   if (layer_re.group_count() < 1)
     throw ConfigError(std::string(who) + ": layer_regex \"" + o.layer_regex +

@@ -196,7 +196,10 @@ class NF4LoRALinear : public Module<T> {
       if (!drop) need_x = need_x || a.A.trainable();
       y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
     }
-    if (need_x) cache.x = x;
+    if (need_x)
+      cache.x = x;
+    else
+      cache.x.resize(0, 0);  // nothing to keep, and a stale x must not pass backward's shape check
   }
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
@@ -208,11 +211,13 @@ class NF4LoRALinear : public Module<T> {
   /// Accumulates dA_i, dB_i (and db if unfrozen); writes dX into *dx unless dx is null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
     const std::string& nm = this->name();
+    if (cache.generation == 0)
+      throw ConfigError(describe("NF4LoRALinear", nm) + ": backward called with a cache that no forward filled");
     if (cache.generation != set_.generation())
       throw ConfigError(describe("NF4LoRALinear", nm) +
                         ": adapters were added, removed, merged or switched between forward and backward; run forward again");
     check::shape("NF4LoRALinear", nm, "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
-    if (has_bias() && bias.trainable()) bias.grad.row(0) += dy.colwise().sum();  // db = Σ_rows dY
+    if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
     if (dx != nullptr) {
       dx->resize(dy.rows(), in_features());
       const Index out = out_features();

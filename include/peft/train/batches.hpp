@@ -3,6 +3,11 @@
 // consecutive batches (the last one smaller unless drop_last), as torch's DataLoader(shuffle=True)
 // does. The permutation comes from peft::Rng, so the same seed gives the same batches on every
 // compiler and platform.
+//
+// Each epoch shuffles the identity, so the epoch's permutation is a function of the generator's
+// state when the epoch started. That state and the position in the epoch are the whole sampler
+// state (state() / set_state(), saved by io::save_sampler_state): a run resumed mid-epoch from a
+// checkpoint draws the same remaining batches, and every later epoch, as the run never stopped.
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -42,8 +47,28 @@ class BatchSampler {
 
   /// Starts a new epoch (a new permutation when shuffling). The constructor starts the first.
   void start_epoch() {
+    epoch_rng_ = rng_.state();
+    for (Index i = 0; i < n_; ++i) order_[static_cast<std::size_t>(i)] = i;
     if (shuffle_) shuffle(order_, rng_);
     pos_ = 0;
+  }
+
+  /// Where the sampler is: the generator's state at the start of the current epoch and the number
+  /// of indices of the epoch already handed out.
+  struct State {
+    Rng::State epoch_rng{};
+    Index position = 0;
+  };
+  State state() const { return State{epoch_rng_, pos_}; }
+
+  /// Continues from a state() of a sampler with the same size, batch size and flags.
+  void set_state(const State& st) {
+    if (st.position < 0 || st.position > n_)
+      throw ConfigError("BatchSampler: state position " + std::to_string(st.position) + " is outside [0, " +
+                        std::to_string(n_) + "]");
+    rng_.set_state(st.epoch_rng);
+    start_epoch();  // the same permutation again, and the generator where it was after it
+    pos_ = st.position;
   }
 
   /// Fills `batch` with the next indices; false (and `batch` empty) when the epoch is over.
@@ -67,6 +92,7 @@ class BatchSampler {
   bool shuffle_;
   bool drop_last_;
   Rng rng_;
+  Rng::State epoch_rng_{};  ///< rng_ before this epoch's shuffle
   std::vector<Index> order_;
   Index pos_ = 0;
 };

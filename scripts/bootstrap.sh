@@ -4,7 +4,8 @@
 #   scripts/bootstrap.sh            build + tests + examples (default)
 #   scripts/bootstrap.sh --clang    also clang++ and its sanitizer/libFuzzer runtimes (the asan
 #                                   preset and the fuzzers build with clang)
-#   scripts/bootstrap.sh --peer     also python3-torch (PyTorch peer benchmark scripts)
+#   scripts/bootstrap.sh --peer     also python3-torch and OpenBLAS (PyTorch peer benchmark scripts)
+#   scripts/bootstrap.sh --blas     also OpenBLAS for the release-blas preset (PEFT_USE_BLAS)
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev zlib1g-dev
@@ -12,7 +13,11 @@ packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbench
 for arg in "$@"; do
   case "$arg" in
     --clang|--fuzz) packages+=(clang libclang-rt-dev) ;;
-    --peer) packages+=(python3-torch) ;;
+    # Debian's torch calls the system BLAS: without OpenBLAS that is the reference BLAS, ~30x slower
+    # than an optimized GEMM, which would make every comparison meaningless. The OpenMP build
+    # follows torch.set_num_threads.
+    --peer) packages+=(python3-torch libopenblas0-openmp libblas-dev) ;;
+    --blas) packages+=(libopenblas0-openmp libblas-dev) ;;  # the release-blas preset (PEFT_USE_BLAS)
     *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

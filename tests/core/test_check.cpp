@@ -41,3 +41,20 @@ TEST_CASE("check helpers name the object, the expected and the actual value", "[
   PEFT_REQUIRE_THROWS_WITH(check::unit_interval_open("K", "n", "p", -0.1), ConfigError, "got -0.1");
   PEFT_REQUIRE_THROWS_WITH(check::unit_interval_open("K", "n", "p", nan), ConfigError, "[0, 1)");
 }
+
+TEMPLATE_TEST_CASE("all_finite finds any NaN or Inf, and never overflows on large finite values", "[errors]", float,
+                   double) {
+  using T = TestType;
+  Matrix<T> m = Matrix<T>::Constant(7, 9, std::numeric_limits<T>::max());  // a plain sum would overflow
+  CHECK(all_finite(m));
+  CHECK(all_finite(Matrix<T>(0, 3)));
+  for (const T bad : {std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
+                      std::numeric_limits<T>::quiet_NaN()})
+    for (Index i : {Index(0), Index(31), Index(62)}) {
+      Matrix<T> b = m;
+      b.data()[i] = bad;
+      CHECK_FALSE(all_finite(b));
+      CHECK_FALSE(all_finite(b.row(i / 9)));  // expressions and blocks too
+    }
+  CHECK(all_finite(m.block(1, 1, 3, 3) * T(0.5)));
+}

@@ -131,21 +131,18 @@ inline std::uint16_t encode_small_float(double x) {
 inline std::uint16_t double_to_half(double x) { return detail::encode_small_float<5, 10>(x); }
 inline std::uint16_t double_to_bf16(double x) { return detail::encode_small_float<8, 7>(x); }
 
-/// binary16 → float, exact.
+/// binary16 → float, exact. Branch-free (masks, no selects a compiler might turn into jumps), so
+/// that loops over it vectorize: loading an F16 checkpoint is a conversion-bound loop.
 inline float half_to_float(std::uint16_t h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  const std::uint32_t exp = (h >> 10) & 0x1fu;
-  const std::uint32_t frac = h & 0x3ffu;
-  std::uint32_t bits;
-  if (exp == 0) {
-    // Subnormal (or zero): frac · 2^-24, exact in float.
-    const float v = static_cast<float>(frac) * 5.9604644775390625e-8f;
-    return sign ? -v : v;
-  } else if (exp == 31) {
-    bits = sign | 0x7f800000u | (frac << 13);
-  } else {
-    bits = sign | ((exp + 112u) << 23) | (frac << 13);  // rebias 15 → 127
-  }
+  const std::uint32_t em = h & 0x7fffu;                             // exponent and fraction
+  const std::uint32_t inf_nan = 0u - static_cast<std::uint32_t>(em >= 0x7c00u);
+  const std::uint32_t small = 0u - static_cast<std::uint32_t>(em < 0x0400u);
+  const std::uint32_t normal = (em << 13) + (112u << 23) + (inf_nan & (112u << 23));  // rebias 15 → 127 (31 → 255)
+  const float sub = static_cast<float>(static_cast<std::int32_t>(em)) * 5.9604644775390625e-8f;  // em · 2^-24, exact
+  std::uint32_t sub_bits;
+  std::memcpy(&sub_bits, &sub, 4);
+  const std::uint32_t bits = (small & sub_bits) | (~small & normal) | sign;
   float f;
   std::memcpy(&f, &bits, 4);
   return f;

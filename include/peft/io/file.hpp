@@ -152,6 +152,7 @@ class MappedFile {
   const unsigned char* data() const { return data_; }
   std::size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  int fd() const { return fd_; }
 
   /// Lets the kernel drop pages of [offset, offset + n) once they are consumed (streaming merge).
   void release(std::size_t offset, std::size_t n) const {
@@ -219,6 +220,33 @@ class AtomicFile {
     }
   }
 
+  /// Appends bytes [offset, offset + n) of the file open as `in_fd`, copied inside the kernel
+  /// (copy_file_range: no round trip through user memory, as cp does); `same_bytes` is that range
+  /// already in memory (e.g. mapped), written instead where the kernel cannot copy between the two
+  /// files (another file system on old kernels, no copy_file_range).
+  void copy_from(int in_fd, std::uint64_t offset, std::size_t n, const unsigned char* same_bytes) {
+    if (fd_ < 0) throw IoError("\"" + path_ + "\": write after commit or abort");
+#if defined(__linux__)
+    while (n > 0 && kernel_copy_) {
+      loff_t in_off = static_cast<loff_t>(offset);
+      const ssize_t k = ::copy_file_range(in_fd, &in_off, fd_, nullptr, n, 0);
+      if (k < 0 && errno == EINTR) continue;
+      if (k <= 0) {  // not supported here (ENOSYS, EXDEV, EINVAL, ...) or a short source: write
+        kernel_copy_ = false;
+        break;
+      }
+      offset += static_cast<std::uint64_t>(k);
+      same_bytes += k;
+      n -= static_cast<std::size_t>(k);
+      written_ += static_cast<std::uint64_t>(k);
+    }
+#else
+    (void)in_fd;
+    (void)offset;
+#endif
+    if (n > 0) write(same_bytes, n);
+  }
+
   /// fsync + rename over the destination + fsync of the directory.
   void commit() {
     if (fd_ < 0) throw IoError("\"" + path_ + "\": commit after commit or abort");
@@ -251,6 +279,7 @@ class AtomicFile {
   std::string tmp_;
   int fd_ = -1;
   std::uint64_t written_ = 0;
+  bool kernel_copy_ = true;  ///< cleared after copy_file_range fails once
 };
 
 /// Writes a directory of files without ever leaving a half-written state. Files are written into

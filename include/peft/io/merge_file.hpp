@@ -122,7 +122,7 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
           norms = blk.rowwise().norm();  // ‖V_i‖ per output row
           for (Index i = 0; i < n; ++i) blk.row(i) *= m.magnitude(0, i0 + i) / norms(i);
         }
-        if (!blk.allFinite()) {
+        if (!all_finite(blk)) {
           Index bad_r = 0, bad_c = 0;
           for (Index i = 0; i < n; ++i)
             for (Index j = 0; j < cols; ++j)
@@ -140,13 +140,13 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
       ++rep.merged;
     } else if (fit != full_at.end()) {
       const Matrix<T>& v = fit->second->value;
-      if (!v.allFinite()) throw NumericError("merge: the adapter's replacement for \"" + t.name + "\" has NaN or Inf; nothing was written");
+      if (!all_finite(v)) throw NumericError("merge: the adapter's replacement for \"" + t.name + "\" has NaN or Inf; nothing was written");
       w.write<T>(v.data(), static_cast<std::size_t>(v.size()));
       ++rep.replaced;
     } else {
-      for (std::uint64_t done = 0; done < t.nbytes();) {
+      for (std::uint64_t done = 0; done < t.nbytes();) {  // in blocks, so pages can be dropped as we go
         const std::size_t k = static_cast<std::size_t>(std::min<std::uint64_t>(opt.block_bytes, t.nbytes() - done));
-        w.write_raw(src + done, k);
+        w.copy_raw(base.file().fd(), file_off + done, k, src + done);
         done += k;
       }
       ++rep.copied;

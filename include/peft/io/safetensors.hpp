@@ -319,20 +319,14 @@ class SafeTensorsWriter {
 
   /// Appends raw little-endian bytes of the current tensor (may be a part of it).
   void write_raw(const void* data, std::size_t n) {
-    while (n > 0) {
-      if (done()) throw IoError("\"" + path() + "\": more data than the declared tensors hold");
-      const std::uint64_t left = sizes_[current_] - filled_;
-      const std::size_t k = static_cast<std::size_t>(std::min<std::uint64_t>(left, n));
-      out_.write(data, k);
-      data = static_cast<const unsigned char*>(data) + k;
-      n -= k;
-      filled_ += k;
-      if (filled_ == sizes_[current_]) {
-        ++current_;
-        filled_ = 0;
-        skip_empty();
-      }
-    }
+    append(n, [&](std::size_t done, std::size_t k) { out_.write(static_cast<const unsigned char*>(data) + done, k); });
+  }
+
+  /// Appends bytes [offset, offset + n) of an open file (whose bytes are also at `same_bytes`),
+  /// copied by the kernel where it can (AtomicFile::copy_from): how a merge copies the tensors it
+  /// does not change.
+  void copy_raw(int in_fd, std::uint64_t offset, std::size_t n, const unsigned char* same_bytes) {
+    append(n, [&](std::size_t done, std::size_t k) { out_.copy_from(in_fd, offset + done, k, same_bytes + done); });
   }
 
   /// Appends `n` values of T converted to the current tensor's dtype (must not straddle tensors).
@@ -343,6 +337,10 @@ class SafeTensorsWriter {
     if (filled_ % item != 0 || filled_ + n * item > sizes_[current_])
       throw IoError("\"" + path() + "\": " + std::to_string(n) + " values do not fit the remaining part of tensor \"" +
                     s.name + "\"");
+    if (s.dtype == native_dtype<T>() && host_is_little_endian()) {  // the bytes are the file's: no encoding pass
+      write_raw(data, n * item);
+      return;
+    }
     constexpr std::size_t kChunk = 1u << 16;  // bounded scratch, reused
     buffer_.resize(kChunk * 8);
     for (std::size_t i = 0; i < n; i += kChunk) {
@@ -369,6 +367,25 @@ class SafeTensorsWriter {
   }
 
  private:
+  /// Feeds n bytes to `emit(done, k)` in pieces that never cross a tensor boundary, advancing the
+  /// current tensor.
+  template <class Emit>
+  void append(std::size_t n, Emit&& emit) {
+    std::size_t done = 0;
+    while (done < n) {
+      if (this->done()) throw IoError("\"" + path() + "\": more data than the declared tensors hold");
+      const std::uint64_t left = sizes_[current_] - filled_;
+      const std::size_t k = static_cast<std::size_t>(std::min<std::uint64_t>(left, n - done));
+      emit(done, k);
+      done += k;
+      filled_ += k;
+      if (filled_ == sizes_[current_]) {
+        ++current_;
+        filled_ = 0;
+        skip_empty();
+      }
+    }
+  }
   void skip_empty() {
     while (current_ < specs_.size() && sizes_[current_] == 0) ++current_;
   }

@@ -316,7 +316,7 @@ class LoRALinear : public Module<T> {
         }
         w.noalias() += static_cast<T>(a.scaling()) * (a.B.value * a.A.value);  // W + s·B·A
         if (a.dora()) w.array().colwise() *= f.transpose().array();             // DoRA: f ⊙ (W + s·B·A)
-        if (safe && !w.allFinite())
+        if (safe && !all_finite(w))
           throw NumericError(who + ": merging adapter \"" + a.name + "\" gives NaN or Inf in the weight; nothing was merged");
         merged_.push_back(i);
         merged_scale_.push_back(std::move(f));

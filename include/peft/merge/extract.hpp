@@ -43,8 +43,8 @@ ExtractResult<T> extract_lora(const ConstMatrixRef<T>& w_finetuned, const ConstM
     throw ShapeError(std::string(who) + ": fine-tuned weight has shape " + shape_str(w_finetuned) +
                      " but base weight has shape " + shape_str(w_base));
   if (w_base.size() == 0) throw ShapeError(std::string(who) + ": empty weight " + shape_str(w_base));
-  if (!w_finetuned.allFinite()) throw NumericError(std::string(who) + ": fine-tuned weight contains NaN or Inf");
-  if (!w_base.allFinite()) throw NumericError(std::string(who) + ": base weight contains NaN or Inf");
+  if (!all_finite(w_finetuned)) throw NumericError(std::string(who) + ": fine-tuned weight contains NaN or Inf");
+  if (!all_finite(w_base)) throw NumericError(std::string(who) + ": base weight contains NaN or Inf");
   const Index max_rank = std::min(w_base.rows(), w_base.cols());
   const bool by_rank = opt.rank != 0, by_energy = opt.energy != 0.0;
   if (by_rank == by_energy)

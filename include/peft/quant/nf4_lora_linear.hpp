@@ -153,7 +153,7 @@ class NF4LoRALinear : public Module<T> {
     const std::string who = describe("NF4LoRALinear", this->name());
     if (set_.active().empty()) throw ConfigError(who + ": no active adapter to merge");
     const Matrix<T> w = merged_weight();
-    if (!w.allFinite()) throw NumericError(who + ": the merged weight has NaN or Inf; nothing was merged");
+    if (!all_finite(w)) throw NumericError(who + ": the merged weight has NaN or Inf; nothing was merged");
     quant::NF4Tensor next = quant::quantize_nf4<T>(w, opt);
     const Matrix<T> back = quant::dequantize_nf4<T>(next);
     RequantizeReport rep;

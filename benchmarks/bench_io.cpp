@@ -35,7 +35,8 @@ struct Files {
     std::vector<peft::io::NamedTensor<float>> a, b;
     for (int t = 0; t < kTensors; ++t) {
       a.emplace_back("layer." + std::to_string(t) + ".weight", std::vector<std::int64_t>{kRows, kCols}, m.data());
-      b.emplace_back("layer." + std::to_string(t) + ".weight", std::vector<std::int64_t>{kRows, kCols}, m.data(), peft::io::DType::F16);
+      b.emplace_back("layer." + std::to_string(t) + ".weight", std::vector<std::int64_t>{kRows, kCols}, m.data(),
+                     peft::io::DType::F16);
     }
     peft::io::save_safetensors<float>(f32, a);
     peft::io::save_safetensors<float>(f16, b);

@@ -43,8 +43,7 @@ peft::LoRALinear<T> make_layer(const Case& c, bool with_adapter) {
 }
 
 void set_rate(benchmark::State& state, double flops) {
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 /// Times layer.forward_inference on a fixed input with a reused output buffer.

@@ -95,11 +95,15 @@ void BM_ForwardFP32(benchmark::State& state) {
   const Matrix<T> x = Matrix<T>::Random(rows, d);
   Matrix<T> y;
   peft::Linear<T>::Cache cache;
-  timed(state, [&] {
-    layer.forward(x, y, cache);
-    benchmark::DoNotOptimize(y.data());
-  }, key(state, "fwd"), true);
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * rows * d * d * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  timed(
+      state,
+      [&] {
+        layer.forward(x, y, cache);
+        benchmark::DoNotOptimize(y.data());
+      },
+      key(state, "fwd"), true);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * rows * d * d * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void BM_ForwardNF4(benchmark::State& state) {
@@ -109,11 +113,15 @@ void BM_ForwardNF4(benchmark::State& state) {
   const Matrix<T> x = Matrix<T>::Random(rows, d);
   Matrix<T> y;
   peft::NF4LoRALinear<T>::Cache cache;
-  timed(state, [&] {
-    layer.forward(x, y, cache);
-    benchmark::DoNotOptimize(y.data());
-  }, key(state, "fwd"), false);
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * rows * d * d * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  timed(
+      state,
+      [&] {
+        layer.forward(x, y, cache);
+        benchmark::DoNotOptimize(y.data());
+      },
+      key(state, "fwd"), false);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(2.0 * rows * d * d * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["MiB"] = static_cast<double>(layer.quantized_weight().storage_bytes()) / (1 << 20);
 }
 
@@ -128,11 +136,14 @@ void BM_LoraStepFP32(benchmark::State& state) {
   const Matrix<T> dy = Matrix<T>::Random(rows, d);
   Matrix<T> y, dx;
   peft::LoRALinear<T>::Cache cache;
-  timed(state, [&] {
-    layer.forward(x, y, cache);
-    layer.backward(cache, dy, &dx);
-    benchmark::DoNotOptimize(dx.data());
-  }, key(state, "step"), true);
+  timed(
+      state,
+      [&] {
+        layer.forward(x, y, cache);
+        layer.backward(cache, dy, &dx);
+        benchmark::DoNotOptimize(dx.data());
+      },
+      key(state, "step"), true);
 }
 
 void BM_LoraStepNF4(benchmark::State& state) {
@@ -145,11 +156,14 @@ void BM_LoraStepNF4(benchmark::State& state) {
   const Matrix<T> dy = Matrix<T>::Random(rows, d);
   Matrix<T> y, dx;
   peft::NF4LoRALinear<T>::Cache cache;
-  timed(state, [&] {
-    layer.forward(x, y, cache);
-    layer.backward(cache, dy, &dx);
-    benchmark::DoNotOptimize(dx.data());
-  }, key(state, "step"), false);
+  timed(
+      state,
+      [&] {
+        layer.forward(x, y, cache);
+        layer.backward(cache, dy, &dx);
+        benchmark::DoNotOptimize(dx.data());
+      },
+      key(state, "step"), false);
 }
 
 // Decoding alone: how much of the NF4 forward is dequantization.
@@ -162,17 +176,26 @@ void BM_DequantizeRows(benchmark::State& state) {
     for (Index r0 = 0; r0 < d; r0 += tr) peft::quant::dequantize_nf4_rows<T>(q, r0, std::min(tr, d - r0), tile);
     benchmark::DoNotOptimize(tile.data());
   }
-  state.counters["Gvalues/s"] = benchmark::Counter(static_cast<double>(d) * d * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["Gvalues/s"] =
+      benchmark::Counter(static_cast<double>(d) * d * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 }  // namespace
 
 BENCHMARK(BM_Memory4096)->ArgNames({"dq"})->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->Iterations(1);
 BENCHMARK(BM_ForwardFP32)->ArgNames({"rows", "d"})->Args({512, 4096})->Unit(benchmark::kMillisecond)->MinTime(1.0);
-BENCHMARK(BM_ForwardNF4)->ArgNames({"rows", "d", "tile"})->Args({512, 4096, 128})->Args({512, 4096, 256})
-    ->Args({512, 4096, 512})->Unit(benchmark::kMillisecond)->MinTime(1.0);
+BENCHMARK(BM_ForwardNF4)
+    ->ArgNames({"rows", "d", "tile"})
+    ->Args({512, 4096, 128})
+    ->Args({512, 4096, 256})
+    ->Args({512, 4096, 512})
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(1.0);
 BENCHMARK(BM_LoraStepFP32)->ArgNames({"rows", "d"})->Args({512, 4096})->Unit(benchmark::kMillisecond)->MinTime(1.0);
-BENCHMARK(BM_LoraStepNF4)->ArgNames({"rows", "d", "tile"})->Args({512, 4096, 256})->Unit(benchmark::kMillisecond)
+BENCHMARK(BM_LoraStepNF4)
+    ->ArgNames({"rows", "d", "tile"})
+    ->Args({512, 4096, 256})
+    ->Unit(benchmark::kMillisecond)
     ->MinTime(1.0);
 BENCHMARK(BM_DequantizeRows)->ArgNames({"rows", "d", "tile"})->Args({0, 4096, 128})->Unit(benchmark::kMillisecond);
 

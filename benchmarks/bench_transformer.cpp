@@ -94,7 +94,8 @@ void BM_TransformerStep(benchmark::State& state) {
   state.SetLabel(kMethods[method]);
   state.counters["trainable"] = static_cast<double>(pc.trainable);
   state.counters["trainable_%"] = pc.trainable_percent();
-  state.counters["seq/s"] = benchmark::Counter(static_cast<double>(kBatch), benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["seq/s"] =
+      benchmark::Counter(static_cast<double>(kBatch), benchmark::Counter::kIsIterationInvariantRate);
 }
 
 }  // namespace

@@ -71,8 +71,8 @@ int run(const std::string& out, int layers, peft::io::DType dtype) {
       ad.lora.push_back(std::move(m));
     }
   peft::io::save_peft_adapter(out + "/adapter", ad);
-  std::printf("wrote %s/base.safetensors (%.2f GB) and %s/adapter\n", out.c_str(), static_cast<double>(w.bytes_written()) / 1e9,
-              out.c_str());
+  std::printf("wrote %s/base.safetensors (%.2f GB) and %s/adapter\n", out.c_str(),
+              static_cast<double>(w.bytes_written()) / 1e9, out.c_str());
   return 0;
 }
 

@@ -56,7 +56,8 @@ struct Args {
     const std::string& s = get(k);
     char* end = nullptr;
     const double v = std::strtod(s.c_str(), &end);
-    if (s.empty() || *end != '\0' || !std::isfinite(v)) throw UsageError("--" + k + " needs a finite number, got \"" + s + "\"");
+    if (s.empty() || *end != '\0' || !std::isfinite(v))
+      throw UsageError("--" + k + " needs a finite number, got \"" + s + "\"");
     return v;
   }
   long long integer(const std::string& k, long long dflt) const {
@@ -213,14 +214,18 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
     out << "size:       " << human_bytes(f.file().size()) << " (header " << f.data_offset() - 8 << " bytes)\n";
     out << "tensors:    " << f.tensors().size() << "\n";
     out << "parameters: " << params;
-    for (const auto& kv : by_dtype) out << (kv.first == by_dtype.begin()->first ? " (" : ", ") << kv.first << " " << kv.second;
+    for (const auto& kv : by_dtype)
+      out << (kv.first == by_dtype.begin()->first ? " (" : ", ") << kv.first << " " << kv.second;
     out << (by_dtype.empty() ? "" : ")") << "\n";
     if (!f.metadata().empty()) {
       out << "metadata:\n";
       for (const auto& kv : f.metadata()) out << "  " << kv.first << " = " << kv.second << "\n";
     }
-    out << "\n" << std::left << std::setw(6) << "dtype" << std::setw(22) << "shape" << "name\n";
-    for (const TensorInfo& t : f.tensors()) out << std::setw(6) << dtype_name(t.dtype) << std::setw(22) << t.shape_string() << t.name << "\n";
+    out << "\n"
+        << std::left << std::setw(6) << "dtype" << std::setw(22) << "shape"
+        << "name\n";
+    for (const TensorInfo& t : f.tensors())
+      out << std::setw(6) << dtype_name(t.dtype) << std::setw(22) << t.shape_string() << t.name << "\n";
     return kOk;
   }
   const PeftAdapter<double> ad = load_peft_adapter<double>(target);
@@ -237,24 +242,26 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
   if (c.is_prompt()) {
     out << "virtual tokens: " << c.num_virtual_tokens << ", token_dim " << c.token_dim << ", layers " << c.num_layers
         << ", heads " << c.num_attention_heads << "\n";
-    out << "prompt_embeddings: " << shape_str(ad.prompt_embeddings) << " = " << ad.prompt_embeddings.size() << " parameters, norm "
-        << fmt(ad.prompt_embeddings.norm()) << "\n";
+    out << "prompt_embeddings: " << shape_str(ad.prompt_embeddings) << " = " << ad.prompt_embeddings.size()
+        << " parameters, norm " << fmt(ad.prompt_embeddings.norm()) << "\n";
     return kOk;
   }
-  out << "r " << c.r << ", lora_alpha " << fmt(c.lora_alpha) << (c.use_rslora ? ", rsLoRA" : "") << (c.use_dora ? ", DoRA" : "")
-      << (c.fan_in_fan_out ? ", fan_in_fan_out" : "") << ", dropout " << fmt(c.lora_dropout) << "\n";
+  out << "r " << c.r << ", lora_alpha " << fmt(c.lora_alpha) << (c.use_rslora ? ", rsLoRA" : "")
+      << (c.use_dora ? ", DoRA" : "") << (c.fan_in_fan_out ? ", fan_in_fan_out" : "") << ", dropout "
+      << fmt(c.lora_dropout) << "\n";
   out << "modules:    " << ad.lora.size() << "\n\n";
-  out << std::left << std::setw(5) << "r" << std::setw(9) << "alpha" << std::setw(10) << "scaling" << std::setw(10) << "params"
-      << std::setw(13) << "|dW|_F" << std::setw(10) << "num.rank" << std::setw(10) << "eff.rank" << "module\n";
+  out << std::left << std::setw(5) << "r" << std::setw(9) << "alpha" << std::setw(10) << "scaling" << std::setw(10)
+      << "params" << std::setw(13) << "|dW|_F" << std::setw(10) << "num.rank" << std::setw(10) << "eff.rank"
+      << "module\n";
   Index total = 0, dense = 0;
   for (const auto& m : ad.lora) {
     const AdapterStats st = analyze_adapter(LoraFactors<double>{m.A, m.B, m.scaling, m.path});
     Index p = st.parameters + m.magnitude.size();
     total += p;
     dense += st.dense_parameters;
-    out << std::setw(5) << m.rank() << std::setw(9) << fmt(m.alpha, 4) << std::setw(10) << fmt(m.scaling, 4) << std::setw(10) << p
-        << std::setw(13) << fmt(st.frobenius_norm, 5) << std::setw(10) << st.numerical_rank << std::setw(10)
-        << fmt(st.effective_rank, 3) << m.path << "\n";
+    out << std::setw(5) << m.rank() << std::setw(9) << fmt(m.alpha, 4) << std::setw(10) << fmt(m.scaling, 4)
+        << std::setw(10) << p << std::setw(13) << fmt(st.frobenius_norm, 5) << std::setw(10) << st.numerical_rank
+        << std::setw(10) << fmt(st.effective_rank, 3) << m.path << "\n";
   }
   for (const auto& f : ad.full) total += f.value.size();
   out << "\ntrainable parameters: " << total << " (the adapted weights hold " << dense << ")\n";
@@ -288,8 +295,8 @@ inline int cmd_merge(const Args& a, std::ostream& out, std::ostream&) {
     rep = merge_adapter_file(base, load_peft_adapter<double>(adapter), dst, opt);
   else
     rep = merge_adapter_file(base, load_peft_adapter<float>(adapter), dst, opt);
-  out << "merged " << rep.merged << " tensors, replaced " << rep.replaced << ", copied " << rep.copied << " -> " << dst << " ("
-      << human_bytes(rep.bytes) << ")\n";
+  out << "merged " << rep.merged << " tensors, replaced " << rep.replaced << ", copied " << rep.copied << " -> " << dst
+      << " (" << human_bytes(rep.bytes) << ")\n";
   return kOk;
 }
 
@@ -300,9 +307,11 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
   if (!parse_combine_method(ms, method)) throw UsageError("unknown --method \"" + ms + "\"");
   const std::string dst = a.get("out");
   const std::size_t n = a.positional.size();
-  std::vector<double> weights = a.has("weights") ? parse_list(a.get("weights"), "--weights") : std::vector<double>(n, 1.0);
+  std::vector<double> weights =
+      a.has("weights") ? parse_list(a.get("weights"), "--weights") : std::vector<double>(n, 1.0);
   if (weights.size() != n)
-    throw UsageError("--weights has " + std::to_string(weights.size()) + " values for " + std::to_string(n) + " adapters");
+    throw UsageError("--weights has " + std::to_string(weights.size()) + " values for " + std::to_string(n) +
+                     " adapters");
   CombineOptions opt;
   opt.method = method;
   opt.rank = static_cast<Index>(a.integer("rank", 0));
@@ -317,7 +326,8 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
   for (const auto& d : a.positional) {
     ads.push_back(load_peft_adapter<double>(d));
     if (!ads.back().config.is_lora()) throw ConfigError("combine: \"" + d + "\" is not a LoRA adapter");
-    if (ads.back().config.use_dora) throw ConfigError("combine: \"" + d + "\" is a DoRA adapter (its delta is not s·B·A)");
+    if (ads.back().config.use_dora)
+      throw ConfigError("combine: \"" + d + "\" is a DoRA adapter (its delta is not s·B·A)");
     if (ads.back().config.fan_in_fan_out != ads[0].config.fan_in_fan_out)
       throw ConfigError("combine: \"" + d + "\" and \"" + a.positional[0] + "\" disagree on fan_in_fan_out");
     if (!ads.back().full.empty())  // modules_to_save: whole tensors, no factors to combine
@@ -327,11 +337,12 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
   }
   for (std::size_t i = 1; i < n; ++i) {
     if (ads[i].lora.size() != ads[0].lora.size())
-      throw ConfigError("combine: \"" + a.positional[i] + "\" adapts " + std::to_string(ads[i].lora.size()) + " modules, \"" +
-                        a.positional[0] + "\" adapts " + std::to_string(ads[0].lora.size()));
+      throw ConfigError("combine: \"" + a.positional[i] + "\" adapts " + std::to_string(ads[i].lora.size()) +
+                        " modules, \"" + a.positional[0] + "\" adapts " + std::to_string(ads[0].lora.size()));
     for (const auto& m : ads[0].lora)
       if (!ads[i].find(m.path))
-        throw ConfigError("combine: \"" + a.positional[i] + "\" has no module \"" + m.path + "\" (adapters must target the same modules)");
+        throw ConfigError("combine: \"" + a.positional[i] + "\" has no module \"" + m.path +
+                          "\" (adapters must target the same modules)");
   }
   PeftAdapter<double> result;
   std::vector<std::pair<std::string, Index>> ranks;
@@ -356,8 +367,8 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
   result.config.fan_in_fan_out = ads[0].config.fan_in_fan_out;
   for (auto& m : result.lora) m.alpha = result.config.alpha_for(m.path);
   save_peft_adapter(dst, result);
-  out << "combined " << n << " adapters (" << to_string(method) << ") over " << result.lora.size() << " modules -> " << dst
-      << "\nlargest truncation error |dW_target - B'A'|_F = " << fmt(worst) << "\n";
+  out << "combined " << n << " adapters (" << to_string(method) << ") over " << result.lora.size() << " modules -> "
+      << dst << "\nlargest truncation error |dW_target - B'A'|_F = " << fmt(worst) << "\n";
   return kOk;
 }
 
@@ -389,8 +400,8 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
     if (!tuned.contains(t.name)) throw ShapeError("extract: \"" + tp + "\" has no tensor \"" + t.name + "\"");
     const TensorInfo& u = tuned.info(t.name);
     if (u.shape != t.shape)
-      throw ShapeError("extract: tensor \"" + t.name + "\" is " + t.shape_string() + " in the base but " + u.shape_string() +
-                       " in the tuned model");
+      throw ShapeError("extract: tensor \"" + t.name + "\" is " + t.shape_string() + " in the base but " +
+                       u.shape_string() + " in the tuned model");
     if (!dtype_is_float(t.dtype)) continue;
     const bool same_bytes = t.nbytes() == u.nbytes() && u.dtype == t.dtype &&
                             std::equal(base.bytes(t), base.bytes(t) + t.nbytes(), tuned.bytes(u));
@@ -473,14 +484,16 @@ inline int cmd_quantize(const Args& a, std::ostream& out, std::ostream&) {
   const std::string src = a.positional[0], dst = a.get("out");
   quant::QuantizeFileOptions opt;
   const long long blocksize = a.integer("blocksize", opt.nf4.blocksize);
-  if (blocksize <= 0 || blocksize > (1 << 20)) throw UsageError("--blocksize must be in [1, 1048576], got " + a.get("blocksize"));
+  if (blocksize <= 0 || blocksize > (1 << 20))
+    throw UsageError("--blocksize must be in [1, 1048576], got " + a.get("blocksize"));
   opt.nf4.blocksize = static_cast<int>(blocksize);
   opt.nf4.double_quant = !a.has("no-double-quant");
   opt.include = a.get_or("include", opt.include);
   opt.exclude = a.get_or("exclude", opt.exclude);
   const quant::QuantizeFileReport rep = quant::quantize_safetensors(src, dst, opt);
-  out << "quantized " << rep.quantized.size() << " weights to NF4" << (opt.nf4.double_quant ? " + double quantization" : "")
-      << " (blocksize " << opt.nf4.blocksize << "), copied " << rep.copied.size() << " tensors -> " << dst << "\n";
+  out << "quantized " << rep.quantized.size() << " weights to NF4"
+      << (opt.nf4.double_quant ? " + double quantization" : "") << " (blocksize " << opt.nf4.blocksize << "), copied "
+      << rep.copied.size() << " tensors -> " << dst << "\n";
   if (rep.input_bytes > 0)
     out << "quantized tensors: " << human_bytes(rep.input_bytes) << " -> " << human_bytes(rep.output_bytes) << " ("
         << fmt(static_cast<double>(rep.input_bytes) / static_cast<double>(rep.output_bytes), 4) << "x smaller, "
@@ -493,14 +506,18 @@ inline int cmd_quantize(const Args& a, std::ostream& out, std::ostream&) {
 /// The command table. New commands (e.g. `quantize`, owned by peft/quant) add one entry here.
 inline const std::vector<Command>& commands() {
   static const std::vector<Command> table = {
-      {"inspect", "list tensors of a safetensors file, or an adapter's config, ranks, scaling and delta norms",
+      {"inspect",
+       "list tensors of a safetensors file, or an adapter's config, ranks, scaling and delta norms",
        "usage: peft inspect FILE.safetensors|ADAPTER_DIR\n\n"
        "A file: size, tensor count, parameters per dtype, metadata, then dtype, shape and name of every tensor.\n"
        "An adapter directory (adapter_config.json + adapter_model.safetensors): the config (unknown keys are\n"
        "listed), and per LoRA module: r, alpha, scaling, parameter count, |dW|_F = |s B A|_F, numerical rank\n"
        "and entropy effective rank of dW (computed from the factors, never forming dW).\n",
-       detail::cmd_inspect, {}, {}},
-      {"merge", "merge a LoRA / DoRA adapter into a safetensors model, streaming tensor by tensor",
+       detail::cmd_inspect,
+       {},
+       {}},
+      {"merge",
+       "merge a LoRA / DoRA adapter into a safetensors model, streaming tensor by tensor",
        "usage: peft merge --base MODEL.safetensors --adapter ADAPTER_DIR --out MERGED.safetensors\n"
        "                  [--scale S] [--map FROM=TO]...\n\n"
        "W' = W + S * s * B A for every adapted module (DoRA: W' = m * V / |V|_row, V = W + S s B A), where the\n"
@@ -509,8 +526,11 @@ inline const std::vector<Command>& commands() {
        "Memory stays bounded by a block of rows, not the model: the base is memory-mapped and the output is\n"
        "streamed to a temporary file renamed into place. Every tensor keeps its dtype; untouched ones are\n"
        "copied byte for byte. A NaN/Inf in a merged tensor aborts with nothing written.\n",
-       detail::cmd_merge, {"base", "adapter", "out", "scale", "map"}, {}},
-      {"combine", "combine LoRA adapters (cat, svd, linear, ties, dare_linear, dare_ties, magnitude_prune)",
+       detail::cmd_merge,
+       {"base", "adapter", "out", "scale", "map"},
+       {}},
+      {"combine",
+       "combine LoRA adapters (cat, svd, linear, ties, dare_linear, dare_ties, magnitude_prune)",
        "usage: peft combine --method METHOD [--weights w1,w2,...] [--rank K] [--density D] [--seed N]\n"
        "                    [--majority-sign total|frequency] ADAPTER_DIR... --out OUT_DIR\n\n"
        "Methods: cat (exact, rank = sum of ranks), svd (exact sum re-compressed to rank K from the factors),\n"
@@ -518,8 +538,11 @@ inline const std::vector<Command>& commands() {
        "add_weighted_adapter, then truncated SVD to rank K). --rank 0 (default) keeps the lossless rank.\n"
        "--density is the kept fraction for the pruning methods, --seed the DARE mask seed. Weights default\n"
        "to 1. The adapters must target the same modules. The result is a PEFT adapter with scaling 1.\n",
-       detail::cmd_combine, {"method", "weights", "rank", "density", "seed", "majority-sign", "out"}, {}},
-      {"quantize", "quantize the linear weights of a safetensors model to NF4 (bitsandbytes / QLoRA layout)",
+       detail::cmd_combine,
+       {"method", "weights", "rank", "density", "seed", "majority-sign", "out"},
+       {}},
+      {"quantize",
+       "quantize the linear weights of a safetensors model to NF4 (bitsandbytes / QLoRA layout)",
        "usage: peft quantize IN.safetensors --out OUT.safetensors [--blocksize N] [--no-double-quant]\n"
        "                     [--include REGEX] [--exclude REGEX]\n\n"
        "Every 2-D floating-point tensor whose name fully matches --include (default .*\\.weight) and not\n"
@@ -528,8 +551,11 @@ inline const std::vector<Command>& commands() {
        "values (8-bit, blocks of 256) unless --no-double-quant, stored as transformers saves a bitsandbytes\n"
        "4-bit model: <p>.weight (packed uint8), .absmax, .quant_map, .nested_absmax, .nested_quant_map and\n"
        ".quant_state.bitsandbytes__nf4. Other tensors and the metadata are copied unchanged.\n",
-       detail::cmd_quantize, {"out", "blocksize", "include", "exclude"}, {"no-double-quant"}},
-      {"extract", "extract a LoRA adapter from a full fine-tune (truncated SVD of W_tuned - W_base)",
+       detail::cmd_quantize,
+       {"out", "blocksize", "include", "exclude"},
+       {"no-double-quant"}},
+      {"extract",
+       "extract a LoRA adapter from a full fine-tune (truncated SVD of W_tuned - W_base)",
        "usage: peft extract --base A.safetensors --tuned B.safetensors (--rank K | --energy TAU) [--rslora]\n"
        "                    [--fan-in-fan-out] [--exclude REGEX] [--keep-full] --out OUT_DIR\n\n"
        "For every 2-D \"*.weight\" tensor that differs, B A is the best rank-K approximation of the difference\n"
@@ -540,29 +566,29 @@ inline const std::vector<Command>& commands() {
        "low-rank part. Changed tensors that are not extracted (biases, norms, excluded weights) are\n"
        "reported, or with --keep-full saved whole: biases of extracted modules as bias = \"lora_only\", the\n"
        "rest as modules_to_save, so that merging the adapter gives back the tuned model up to the SVD error.\n",
-       detail::cmd_extract, {"base", "tuned", "rank", "energy", "out", "exclude"}, {"rslora", "fan-in-fan-out", "keep-full"}},
+       detail::cmd_extract,
+       {"base", "tuned", "rank", "energy", "out", "exclude"},
+       {"rslora", "fan-in-fan-out", "keep-full"}},
   };
   return table;
 }
 
 inline std::string main_help() {
-  std::string s =
-      "usage: peft COMMAND [OPTIONS]    (peft COMMAND --help for details)\n\ncommands:\n";
+  std::string s = "usage: peft COMMAND [OPTIONS]    (peft COMMAND --help for details)\n\ncommands:\n";
   for (const Command& c : commands()) {
     std::string name = c.name;
     name.resize(10, ' ');
     s += "  " + name + c.summary + "\n";
   }
-  s +=
-      "\nexit codes:\n"
-      "  0  success\n"
-      "  1  unexpected internal error\n"
-      "  2  usage error (unknown command or option, missing or malformed value)\n"
-      "  3  I/O or file-format error (missing, truncated or malformed file, failed write)\n"
-      "  4  unsupported or inconsistent configuration (e.g. an adapter feature we do not implement)\n"
-      "  5  shapes that do not fit (adapter vs. base model)\n"
-      "  6  NaN or Inf (e.g. produced by a merge)\n"
-      "Outputs are written atomically: after a failure nothing is left behind.\n";
+  s += "\nexit codes:\n"
+       "  0  success\n"
+       "  1  unexpected internal error\n"
+       "  2  usage error (unknown command or option, missing or malformed value)\n"
+       "  3  I/O or file-format error (missing, truncated or malformed file, failed write)\n"
+       "  4  unsupported or inconsistent configuration (e.g. an adapter feature we do not implement)\n"
+       "  5  shapes that do not fit (adapter vs. base model)\n"
+       "  6  NaN or Inf (e.g. produced by a merge)\n"
+       "Outputs are written atomically: after a failure nothing is left behind.\n";
   return s;
 }
 

@@ -86,8 +86,8 @@ std::vector<Index> indices_of(const ImageSet& s, int first_class, int last_class
 TransferData load_transfer_data(const DataOptions& o, std::string* why_synthetic) {
   namespace fs = std::filesystem;
   TransferData d;
-  const std::string files[4] = {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"};
+  const std::string files[4] = {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                                "t10k-labels-idx1-ubyte.gz"};
   std::string missing;
   for (const auto& f : files)
     if (!fs::exists(fs::path(o.data_dir) / f)) {
@@ -140,8 +140,10 @@ TransferData load_transfer_data(const DataOptions& o, std::string* why_synthetic
   d.source_test.images = d.target_test.images = &d.test;
   d.source_test.index = indices_of(d.test, 0, kTaskClasses - 1);
   d.target_test.index = indices_of(d.test, kTaskClasses, kNumClasses - 1);
-  if (d.source_test.size() > o.max_test_per_task) d.source_test.index.resize(static_cast<std::size_t>(o.max_test_per_task));
-  if (d.target_test.size() > o.max_test_per_task) d.target_test.index.resize(static_cast<std::size_t>(o.max_test_per_task));
+  if (d.source_test.size() > o.max_test_per_task)
+    d.source_test.index.resize(static_cast<std::size_t>(o.max_test_per_task));
+  if (d.target_test.size() > o.max_test_per_task)
+    d.target_test.index.resize(static_cast<std::size_t>(o.max_test_per_task));
 
   // Pixel mean and standard deviation over the pretraining images (the only data a practitioner
   // would have had when the "pretrained" model was built).

@@ -43,20 +43,20 @@ struct TransferData {
   ImageSet train, test;
   float mean = 0.f, stddev = 1.f;  ///< pixel normalization, estimated on the source training images
 
-  Subset source_train;  ///< pretraining data: training images of classes 0-4 (capped)
-  Subset source_val;    ///< held-out training images of classes 0-4 for the pretraining curve
-  Subset target_budget; ///< the small labelled budget of classes 5-9 (class-balanced)
-  Subset target_val;    ///< held-out training images of classes 5-9 for the learning curves
-  Subset source_test;   ///< official test split, classes 0-4
-  Subset target_test;   ///< official test split, classes 5-9
+  Subset source_train;   ///< pretraining data: training images of classes 0-4 (capped)
+  Subset source_val;     ///< held-out training images of classes 0-4 for the pretraining curve
+  Subset target_budget;  ///< the small labelled budget of classes 5-9 (class-balanced)
+  Subset target_val;     ///< held-out training images of classes 5-9 for the learning curves
+  Subset source_test;    ///< official test split, classes 0-4
+  Subset target_test;    ///< official test split, classes 5-9
 };
 
 struct DataOptions {
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
-  Index budget = 1000;         ///< labelled target images
-  Index target_val = 500;      ///< held-out target images for curves
-  Index max_source = 20000;    ///< cap on pretraining images
-  Index source_val = 500;      ///< held-out source images for the pretraining curve
+  Index budget = 1000;       ///< labelled target images
+  Index target_val = 500;    ///< held-out target images for curves
+  Index max_source = 20000;  ///< cap on pretraining images
+  Index source_val = 500;    ///< held-out source images for the pretraining curve
   Index max_test_per_task = 5000;
   std::uint64_t seed = 1;
 };

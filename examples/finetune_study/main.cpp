@@ -71,7 +71,8 @@ long parse_int(const std::string& flag, const std::string& v, long lo, long hi) 
   char* end = nullptr;
   const long x = std::strtol(v.c_str(), &end, 10);
   if (v.empty() || *end != '\0' || x < lo || x > hi)
-    usage_error(flag + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got \"" + v + "\"");
+    usage_error(flag + " expects an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got \"" + v +
+                "\"");
   return x;
 }
 
@@ -200,8 +201,8 @@ int main(int argc, char** argv) {
 
     study::Pretrained pre = study::pretrain(data, net_opt, opt);
     std::cout << "model: " << pre.net->describe() << "; threads " << Eigen::nbThreads() << "; seed " << opt.seed << '\n'
-              << "pretrained: source test accuracy " << 100.0 * pre.source_acc << " % (" << peft::format_duration(pre.seconds)
-              << ")\n";
+              << "pretrained: source test accuracy " << 100.0 * pre.source_acc << " % ("
+              << peft::format_duration(pre.seconds) << ")\n";
 
     std::vector<study::StrategyResult> results;
     for (const auto& s : chosen) results.push_back(study::run_strategy(s, pre, data, net_opt, opt));

@@ -58,7 +58,7 @@ class MlpBlock : public Module<float> {
       adapter->backward(c.adapter, dy, &scratch_);
       dy.swap(scratch_);
     }
-    if (ia3.enabled()) ia3.backward(c.a, dy);  // dl += Σ dy ⊙ a;  dy ← dy ⊙ l
+    if (ia3.enabled()) ia3.backward(c.a, dy);                               // dl += Σ dy ⊙ a;  dy ← dy ⊙ l
     peft::activation_backward<float>(peft::Activation::ReLU, c.z, dy, dy);  // dz = dy ⊙ 1[z > 0]
     fc.backward(c.fc, dy, dx);
   }

@@ -21,8 +21,7 @@ namespace {
 
 class TransformerNet : public Net {
  public:
-  TransformerNet(Index height, Index width, const NetOptions& o, peft::Rng& rng)
-      : width_(width), patch_(o.patch) {
+  TransformerNet(Index height, Index width, const NetOptions& o, peft::Rng& rng) : width_(width), patch_(o.patch) {
     if (height % o.patch != 0 || width % o.patch != 0)
       throw peft::ConfigError("transformer: image " + std::to_string(height) + "x" + std::to_string(width) +
                               " is not divisible into " + std::to_string(o.patch) + "x" + std::to_string(o.patch) +
@@ -40,8 +39,8 @@ class TransformerNet : public Net {
     c.pooling = peft::Pooling::Mean;
     c.activation = peft::Activation::GELU;
     model_ = peft::TransformerClassifier<float>(c, rng);
-    description_ = "ViT-style transformer: " + std::to_string(tokens_) + " patches of " + std::to_string(o.patch) + "x" +
-                   std::to_string(o.patch) + ", d=" + std::to_string(o.width) + ", " + std::to_string(o.layers) +
+    description_ = "ViT-style transformer: " + std::to_string(tokens_) + " patches of " + std::to_string(o.patch) +
+                   "x" + std::to_string(o.patch) + ", d=" + std::to_string(o.width) + ", " + std::to_string(o.layers) +
                    " pre-norm blocks, " + std::to_string(o.heads) + " heads, FFN " + std::to_string(o.ffn) +
                    " (GELU), mean pooling";
   }

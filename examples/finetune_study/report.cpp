@@ -87,8 +87,9 @@ void svg_open(std::ostream& s, const Frame& f, const std::string& title) {
     << xml(title) << "</text>\n";
 }
 
-void svg_axes(std::ostream& s, const Frame& f, const std::vector<double>& xticks, const std::vector<std::string>& xlabels,
-              const std::vector<double>& yticks, const std::string& xtitle, const std::string& ytitle) {
+void svg_axes(std::ostream& s, const Frame& f, const std::vector<double>& xticks,
+              const std::vector<std::string>& xlabels, const std::vector<double>& yticks, const std::string& xtitle,
+              const std::string& ytitle) {
   const double xa = f.left, xb = f.w - f.right, ya = f.top, yb = f.h - f.bottom;
   for (std::size_t i = 0; i < yticks.size(); ++i) {
     const double y = f.py(yticks[i]);
@@ -104,7 +105,8 @@ void svg_axes(std::ostream& s, const Frame& f, const std::vector<double>& xticks
   }
   s << "<rect x=\"" << xa << "\" y=\"" << ya << "\" width=\"" << xb - xa << "\" height=\"" << yb - ya
     << "\" fill=\"none\" stroke=\"#333\"/>\n"
-    << "<text x=\"" << (xa + xb) / 2 << "\" y=\"" << f.h - 14 << "\" text-anchor=\"middle\">" << xml(xtitle) << "</text>\n"
+    << "<text x=\"" << (xa + xb) / 2 << "\" y=\"" << f.h - 14 << "\" text-anchor=\"middle\">" << xml(xtitle)
+    << "</text>\n"
     << "<text transform=\"translate(18," << (ya + yb) / 2 << ") rotate(-90)\" text-anchor=\"middle\">" << xml(ytitle)
     << "</text>\n";
 }
@@ -198,9 +200,9 @@ void write_accuracy_vs_params(const std::string& path, const std::vector<Strateg
     if (r.source_measured) {
       const double ys = f.py(r.source_acc);
       s << "<line x1=\"" << x << "\" y1=\"" << yt << "\" x2=\"" << x << "\" y2=\"" << ys << "\" stroke=\"" << c
-        << "\" stroke-dasharray=\"2,2\"/>\n<circle cx=\"" << x << "\" cy=\"" << ys << "\" r=\"5\" fill=\"white\" stroke=\""
-        << c << "\" stroke-width=\"2\"><title>" << xml(r.info.label) << ": source after adaptation "
-        << fmt("%.1f", 100 * r.source_acc) << " %</title></circle>\n";
+        << "\" stroke-dasharray=\"2,2\"/>\n<circle cx=\"" << x << "\" cy=\"" << ys
+        << "\" r=\"5\" fill=\"white\" stroke=\"" << c << "\" stroke-width=\"2\"><title>" << xml(r.info.label)
+        << ": source after adaptation " << fmt("%.1f", 100 * r.source_acc) << " %</title></circle>\n";
     }
     legend.emplace_back(r.info.label, c);
   }
@@ -208,8 +210,10 @@ void write_accuracy_vs_params(const std::string& path, const std::vector<Strateg
   const double ly = f.h - f.bottom + 32;
   s << "<circle cx=\"" << f.left + 6 << "\" cy=\"" << ly << "\" r=\"5\" fill=\"#555\"/><text x=\"" << f.left + 16
     << "\" y=\"" << ly + 4 << "\" font-size=\"11\">target accuracy</text>\n"
-    << "<circle cx=\"" << f.left + 136 << "\" cy=\"" << ly << "\" r=\"5\" fill=\"white\" stroke=\"#555\" stroke-width=\"2\"/>"
-    << "<text x=\"" << f.left + 146 << "\" y=\"" << ly + 4 << "\" font-size=\"11\">source accuracy after adaptation</text>\n";
+    << "<circle cx=\"" << f.left + 136 << "\" cy=\"" << ly
+    << "\" r=\"5\" fill=\"white\" stroke=\"#555\" stroke-width=\"2\"/>"
+    << "<text x=\"" << f.left + 146 << "\" y=\"" << ly + 4
+    << "\" font-size=\"11\">source accuracy after adaptation</text>\n";
   s << "</svg>\n";
 }
 
@@ -221,17 +225,19 @@ void print_table(std::ostream& out, const Pretrained& pre, const std::vector<Str
       << pad("strategy", 38) << pad("target", 8, true) << pad("source", 16, true) << pad("forget", 8, true)
       << pad("trainable", 12, true) << pad("%", 8, true) << pad("time", 8, true) << pad("cpu", 8, true)
       << pad("state", 10, true) << pad("peak", 8, true) << '\n'
-      << pad("", 38) << pad("acc %", 8, true) << pad("before->after", 16, true) << pad("pts", 8, true)
-      << pad("", 36) << pad("KiB", 10, true) << pad("MiB", 8, true) << '\n'
+      << pad("", 38) << pad("acc %", 8, true) << pad("before->after", 16, true) << pad("pts", 8, true) << pad("", 36)
+      << pad("KiB", 10, true) << pad("MiB", 8, true) << '\n'
       << std::string(124, '-') << '\n';
   for (const auto& r : results) {
     const std::string src = r.source_measured ? before + " -> " + fmt("%.1f", 100.0 * r.source_acc) : "-";
     const std::string forget = r.source_measured ? fmt("%+.1f", 100.0 * (pre.source_acc - r.source_acc)) : "-";
     out << pad(r.info.label, 38) << pad(fmt("%.1f", 100.0 * r.target_acc), 8, true) << pad(src, 16, true)
         << pad(forget, 8, true) << pad(with_commas(r.trainable), 12, true)
-        << pad(fmt("%.2f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1))), 8, true)
+        << pad(fmt("%.2f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1))),
+               8, true)
         << pad(peft::format_duration(r.seconds), 8, true) << pad(peft::format_duration(r.cpu_seconds), 8, true)
-        << pad(with_commas(static_cast<Index>((r.state_bytes + 1023) / 1024)), 10, true) << pad(mib(r.peak_rss), 8, true) << '\n';
+        << pad(with_commas(static_cast<Index>((r.state_bytes + 1023) / 1024)), 10, true)
+        << pad(mib(r.peak_rss), 8, true) << '\n';
   }
   out << std::string(124, '-') << '\n'
       << "target/source acc: 5-way test accuracy on classes 5-9 / 0-4 (official test split); forget = source acc\n"
@@ -259,13 +265,14 @@ std::vector<std::string> write_outputs(const std::string& dir, const RunInfo& in
       s << r.info.id << ',' << csv_field(r.info.label) << ',' << csv_field(r.info.family) << ','
         << fmt("%.4f", r.target_acc) << ',';
       if (r.source_measured)
-        s << fmt("%.4f", pre.source_acc) << ',' << fmt("%.4f", r.source_acc) << ',' << fmt("%.4f", pre.source_acc - r.source_acc);
+        s << fmt("%.4f", pre.source_acc) << ',' << fmt("%.4f", r.source_acc) << ','
+          << fmt("%.4f", pre.source_acc - r.source_acc);
       else
         s << ",,";
       s << ',' << r.trainable << ',' << r.total << ','
-        << fmt("%.4f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1))) << ','
-        << r.state_bytes << ',' << fmt("%.2f", r.seconds) << ',' << fmt("%.2f", r.cpu_seconds) << ',' << r.peak_rss
-        << '\n';
+        << fmt("%.4f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1)))
+        << ',' << r.state_bytes << ',' << fmt("%.2f", r.seconds) << ',' << fmt("%.2f", r.cpu_seconds) << ','
+        << r.peak_rss << '\n';
     }
     written.push_back(path("results.csv"));
   }
@@ -306,14 +313,17 @@ std::vector<std::string> check_results(const Pretrained& pre, const std::vector<
   if (!(pre.source_acc > kChance + kMargin))
     fails.push_back("pretrained source accuracy " + fmt("%.3f", pre.source_acc) + " is not above chance");
   if (results.size() != expected_ids.size())
-    fails.push_back("table has " + std::to_string(results.size()) + " rows, expected " + std::to_string(expected_ids.size()));
+    fails.push_back("table has " + std::to_string(results.size()) + " rows, expected " +
+                    std::to_string(expected_ids.size()));
   for (std::size_t i = 0; i < results.size() && i < expected_ids.size(); ++i) {
     const StrategyResult& r = results[i];
-    if (r.info.id != expected_ids[i]) fails.push_back("row " + std::to_string(i) + " is " + r.info.id + ", expected " + expected_ids[i]);
+    if (r.info.id != expected_ids[i])
+      fails.push_back("row " + std::to_string(i) + " is " + r.info.id + ", expected " + expected_ids[i]);
     if (!std::isfinite(r.target_acc) || r.target_acc < 0 || r.target_acc > 1)
       fails.push_back(r.info.id + ": target accuracy " + fmt("%g", r.target_acc) + " outside [0, 1]");
     else if (!(r.target_acc > kChance + kMargin))
-      fails.push_back(r.info.id + ": target accuracy " + fmt("%.3f", r.target_acc) + " is not above chance (0.2 + 0.05)");
+      fails.push_back(r.info.id + ": target accuracy " + fmt("%.3f", r.target_acc) +
+                      " is not above chance (0.2 + 0.05)");
     if (r.source_measured && (!std::isfinite(r.source_acc) || r.source_acc < 0 || r.source_acc > 1))
       fails.push_back(r.info.id + ": source accuracy " + fmt("%g", r.source_acc) + " outside [0, 1]");
     else if (r.source_measured && !(r.source_acc > kChance + kMargin))

@@ -10,8 +10,8 @@
 namespace study {
 
 struct RunInfo {
-  std::string data;          ///< data description
-  std::string net;           ///< architecture description
+  std::string data;  ///< data description
+  std::string net;   ///< architecture description
   std::string command_line;
   Index budget = 0;
   int epochs = 0;

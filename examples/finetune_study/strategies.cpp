@@ -11,8 +11,8 @@
 
 #include <algorithm>
 #include <chrono>
-#include <ctime>
 #include <cmath>
+#include <ctime>
 #include <functional>
 #include <iostream>
 
@@ -32,30 +32,28 @@ namespace {
 using peft::NamedParameter;
 using peft::ParamGroup;
 
-constexpr double kHeadLr = 1e-2;      ///< the new task's zero-initialised head, in every strategy
-constexpr double kFullFtLr = 1e-4;    ///< "small LR" for the pretrained backbone
+constexpr double kHeadLr = 1e-2;    ///< the new task's zero-initialised head, in every strategy
+constexpr double kFullFtLr = 1e-4;  ///< "small LR" for the pretrained backbone
 constexpr double kScratchLr = 1e-3;
-constexpr double kPeftLr = 2e-3;      ///< LoRA, adapters
-constexpr double kIa3Lr = 1e-2;       ///< (IA)³ vectors start at 1 and need large steps
-constexpr double kPromptLr = 1e-2;    ///< prompt and prefix tables
+constexpr double kPeftLr = 2e-3;    ///< LoRA, adapters
+constexpr double kIa3Lr = 1e-2;     ///< (IA)³ vectors start at 1 and need large steps
+constexpr double kPromptLr = 1e-2;  ///< prompt and prefix tables
 constexpr double kClipNorm = 1.0;
 constexpr Index kEvalChunk = 500;
 
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 /// Mean cross-entropy of rows [row0, row0 + n) over the five logits of one task; writes the
 /// gradient (scaled by weight) into the same block of dlogits.
 double task_loss(const Mat& logits, const std::vector<std::int64_t>& labels, Index row0, Index n, int offset,
                  double weight, Mat& dlogits, Mat& scratch, std::vector<std::int64_t>& task_labels) {
   task_labels.resize(static_cast<std::size_t>(n));
-  for (Index i = 0; i < n; ++i) task_labels[static_cast<std::size_t>(i)] = labels[static_cast<std::size_t>(row0 + i)] - offset;
+  for (Index i = 0; i < n; ++i)
+    task_labels[static_cast<std::size_t>(i)] = labels[static_cast<std::size_t>(row0 + i)] - offset;
   const float loss = peft::cross_entropy<float>(logits.block(row0, offset, n, kTaskClasses), task_labels, &scratch);
   dlogits.block(row0, offset, n, kTaskClasses) = static_cast<float>(weight) * scratch;
   return static_cast<double>(loss);
 }
-
 
 /// Zeroes the target rows (classes 5-9) of the head: the new task starts from "no opinion", the
 /// source rows stay the pretrained source head.
@@ -71,8 +69,8 @@ std::string head_pattern(const Net& net) { return net.head_name() + "\\..*"; }
 /// Everything a strategy customizes in the shared loop.
 struct Plan {
   std::vector<ParamGroup<float>> groups;
-  std::function<void(int epoch)> on_epoch;                 ///< freezing schedule (gradual unfreezing, LP-FT)
-  std::function<double()> regularize;                      ///< adds a penalty's gradient; returns its value
+  std::function<void(int epoch)> on_epoch;  ///< freezing schedule (gradual unfreezing, LP-FT)
+  std::function<double()> regularize;       ///< adds a penalty's gradient; returns its value
   bool replay = false;
   bool from_scratch = false;
 };
@@ -141,7 +139,8 @@ std::vector<CurvePoint> train_loop(Net& net, Plan& plan, const TransferData& dat
                                    const std::string& phase, const std::string& label) {
   peft::BatchSampler sampler(train.size(), batch, o.seed);
   const Index replay_batch =
-      plan.replay ? std::max<Index>(1, static_cast<Index>(std::lround(o.replay_fraction * static_cast<double>(batch)))) : 0;
+      plan.replay ? std::max<Index>(1, static_cast<Index>(std::lround(o.replay_fraction * static_cast<double>(batch))))
+                  : 0;
   peft::BatchSampler replay_sampler(data.source_train.size(), std::max<Index>(replay_batch, 1), o.seed + 7, true, true);
   peft::AdamW<float> opt(plan.groups, peft::AdamWOptions{kHeadLr, 0.9, 0.999, 1e-8, 0.0});
   const std::int64_t total_steps = static_cast<std::int64_t>(epochs) * sampler.batches_per_epoch();
@@ -243,8 +242,8 @@ Pretrained pretrain(const TransferData& data, const NetOptions& net_options, con
   p.net = make_net(net_options, data.train.height, data.train.width, rng);
   Plan plan;
   plan.groups = {ParamGroup<float>{peft::named_parameters<float>(*p.net), kScratchLr, 0.0, "all"}};
-  p.curve = train_loop(*p.net, plan, data, data.source_train, 0, data.source_val, o.pretrain_epochs, o.pretrain_batch, o,
-                       "pretrain", "pretrain");
+  p.curve = train_loop(*p.net, plan, data, data.source_train, 0, data.source_val, o.pretrain_epochs, o.pretrain_batch,
+                       o, "pretrain", "pretrain");
   p.source_acc = task_accuracy(*p.net, data, data.source_test, 0);
   p.target_acc = task_accuracy(*p.net, data, data.target_test, kTaskClasses);
   p.seconds = now_s() - t0;
@@ -319,7 +318,8 @@ StrategyResult run_strategy(const StrategyInfo& info, const Pretrained& pretrain
       peft::freeze<float>(m);
       peft::unfreeze<float>(m, head_pattern(m));
       const std::vector<std::string> order = m.unfreeze_order();
-      for (int k = 0; k < stage && k < static_cast<int>(order.size()); ++k) peft::unfreeze<float>(m, order[static_cast<std::size_t>(k)]);
+      for (int k = 0; k < stage && k < static_cast<int>(order.size()); ++k)
+        peft::unfreeze<float>(m, order[static_cast<std::size_t>(k)]);
     };
   } else if (id != "scratch") {
     // PEFT: freeze the pretrained network, attach the method, train it and the head (HF PEFT's
@@ -351,8 +351,8 @@ StrategyResult run_strategy(const StrategyInfo& info, const Pretrained& pretrain
     plan.groups = head_and_trainable(m, lr);
   }
 
-  r.curve = train_loop(m, plan, data, data.target_budget, kTaskClasses, data.target_val, epochs, o.batch, o,
-                       "finetune", info.id);
+  r.curve = train_loop(m, plan, data, data.target_budget, kTaskClasses, data.target_val, epochs, o.batch, o, "finetune",
+                       info.id);
   const peft::ParameterCount count = peft::count_parameters<float>(m);
   r.trainable = count.trainable;
   r.total = count.total;

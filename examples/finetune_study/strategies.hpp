@@ -27,17 +27,17 @@ const std::vector<StrategyInfo>& all_strategies();
 
 struct StudyOptions {
   int pretrain_epochs = 2;
-  int epochs = 10;              ///< fine-tuning epochs over the budget
+  int epochs = 10;  ///< fine-tuning epochs over the budget
   Index batch = 32;
   Index pretrain_batch = 64;
   std::uint64_t seed = 1;
   double replay_fraction = 0.25;  ///< source images mixed into each batch, relative to the batch size
   double l2sp_lambda = 1.0;
   double ewc_lambda = 200.0;
-  Index ewc_samples = 200;        ///< source examples (one per backward) for the diagonal Fisher
-  Index val_every = 1;            ///< epochs between learning-curve evaluations
+  Index ewc_samples = 200;  ///< source examples (one per backward) for the diagonal Fisher
+  Index val_every = 1;      ///< epochs between learning-curve evaluations
   peft::ProgressOptions progress;
-  std::ostream* log = nullptr;    ///< progress display target
+  std::ostream* log = nullptr;  ///< progress display target
 };
 
 /// One point of a learning curve: mean training loss over the epoch, validation accuracy after it.
@@ -51,15 +51,15 @@ struct CurvePoint {
 
 struct StrategyResult {
   StrategyInfo info;
-  double target_acc = 0.0;        ///< target test accuracy (5-way, classes 5-9)
-  double source_acc = 0.0;        ///< source test accuracy after adaptation (5-way, classes 0-4)
-  bool source_measured = true;    ///< false for "from scratch", which never saw the source task
+  double target_acc = 0.0;      ///< target test accuracy (5-way, classes 5-9)
+  double source_acc = 0.0;      ///< source test accuracy after adaptation (5-way, classes 0-4)
+  bool source_measured = true;  ///< false for "from scratch", which never saw the source task
   Index trainable = 0;
   Index total = 0;
-  std::int64_t state_bytes = 0;   ///< gradients + optimizer moments of the trainable parameters
+  std::int64_t state_bytes = 0;  ///< gradients + optimizer moments of the trainable parameters
   double seconds = 0.0;
-  double cpu_seconds = 0.0;       ///< process CPU time (all threads): the cost a loaded machine cannot inflate
-  std::int64_t peak_rss = -1;     ///< bytes, -1 when the platform does not expose it
+  double cpu_seconds = 0.0;    ///< process CPU time (all threads): the cost a loaded machine cannot inflate
+  std::int64_t peak_rss = -1;  ///< bytes, -1 when the platform does not expose it
   std::vector<CurvePoint> curve;
 };
 

@@ -54,8 +54,8 @@
 #include "peft/optim/schedule.hpp"
 #include "peft/optim/sgd.hpp"
 
-#include "peft/train/gradient_check.hpp"
 #include "peft/train/batches.hpp"
 #include "peft/train/early_stopping.hpp"
+#include "peft/train/gradient_check.hpp"
 #include "peft/train/memory.hpp"
 #include "peft/train/progress.hpp"

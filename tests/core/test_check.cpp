@@ -48,8 +48,8 @@ TEMPLATE_TEST_CASE("all_finite finds any NaN or Inf, and never overflows on larg
   Matrix<T> m = Matrix<T>::Constant(7, 9, std::numeric_limits<T>::max());  // a plain sum would overflow
   CHECK(all_finite(m));
   CHECK(all_finite(Matrix<T>(0, 3)));
-  for (const T bad : {std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(),
-                      std::numeric_limits<T>::quiet_NaN()})
+  for (const T bad :
+       {std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::quiet_NaN()})
     for (Index i : {Index(0), Index(31), Index(62)}) {
       Matrix<T> b = m;
       b.data()[i] = bad;

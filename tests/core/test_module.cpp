@@ -64,8 +64,8 @@ std::vector<std::string> names(Module<T>& m) {
 TEMPLATE_TEST_CASE("Module names and visits parameters in a stable dotted order", "[module]", float, double) {
   Model<TestType> model;
   const std::vector<std::string> expected = {
-      "layers.0.norm", "layers.0.attn.q.weight", "layers.0.attn.q.bias", "layers.0.attn.v.weight",
-      "layers.0.attn.v.bias", "layers.1.norm", "layers.1.attn.q.weight", "layers.1.attn.q.bias",
+      "layers.0.norm",          "layers.0.attn.q.weight", "layers.0.attn.q.bias",   "layers.0.attn.v.weight",
+      "layers.0.attn.v.bias",   "layers.1.norm",          "layers.1.attn.q.weight", "layers.1.attn.q.bias",
       "layers.1.attn.v.weight", "layers.1.attn.v.bias"};
   CHECK(names(model) == expected);
   // The visitor hands out the real parameters, not copies.

@@ -34,7 +34,8 @@ TEST_CASE("Rng state save/restore continues identically", "[rng]") {
   for (int i = 0; i < 50; ++i) expected.push_back(i % 2 ? rng.normal() : rng.uniform());
   Rng other(999);
   other.set_state(saved);
-  for (int i = 0; i < 50; ++i) CHECK((i % 2 ? other.normal() : other.uniform()) == expected[static_cast<std::size_t>(i)]);
+  for (int i = 0; i < 50; ++i)
+    CHECK((i % 2 ? other.normal() : other.uniform()) == expected[static_cast<std::size_t>(i)]);
 }
 
 TEST_CASE("Rng uniform and normal have the right moments", "[rng]") {

@@ -12,7 +12,8 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   const std::string input(reinterpret_cast<const char*>(data), size);
   const std::size_t nul = input.find('\0');
   const std::string pattern = input.substr(0, nul);
-  const std::string subject = nul == std::string::npos ? std::string("model.layers.0.self_attn.q_proj") : input.substr(nul + 1);
+  const std::string subject =
+      nul == std::string::npos ? std::string("model.layers.0.self_attn.q_proj") : input.substr(nul + 1);
   try {
     const peft::Regex re = peft::compile_name_regex(pattern, "fuzz");
     if (subject.size() > peft::kMaxRegexSubject) return 0;

@@ -57,7 +57,8 @@ TEST_CASE("checkpoint: foreign or tampered files are rejected", "[io][checkpoint
   TempDir dir;
   const Matrix<float> a = Matrix<float>::Ones(2, 2);
   save_safetensors<float>(dir.path + "/plain.safetensors", {{"a", {2, 2}, a.data()}});
-  PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/plain.safetensors"), IoError, "is not a peft checkpoint");
+  PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/plain.safetensors"), IoError,
+                           "is not a peft checkpoint");
   save_safetensors<float>(dir.path + "/v2.safetensors", {{"a", {2, 2}, a.data()}}, {{"peft.checkpoint", "2"}});
   PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/v2.safetensors"), IoError, "format version \"2\"");
   save_safetensors<float>(dir.path + "/bad.safetensors", {{"a", {2, 2}, a.data()}},
@@ -66,7 +67,8 @@ TEST_CASE("checkpoint: foreign or tampered files are rejected", "[io][checkpoint
   PEFT_REQUIRE_THROWS_WITH(c.get_int("step"), IoError, "scalar \"step\" = \"12x\" is not an integer");
   Rng r;
   PEFT_REQUIRE_THROWS_WITH(c.get_rng("r", r), IoError, "is not 64 hex digits");
-  save_safetensors<float>(dir.path + "/tag.safetensors", {{"a", {2, 2}, a.data()}}, {{"peft.checkpoint", "1"}, {"step", "1"}});
+  save_safetensors<float>(dir.path + "/tag.safetensors", {{"a", {2, 2}, a.data()}},
+                          {{"peft.checkpoint", "1"}, {"step", "1"}});
   PEFT_REQUIRE_THROWS_WITH(Checkpoint<float>::load(dir.path + "/tag.safetensors"), IoError, "has no type tag");
   // A double checkpoint does not silently load as float.
   Checkpoint<double> d;
@@ -155,7 +157,7 @@ TEST_CASE("checkpoint: resuming AdamW training continues bit-identically", "[io]
   opt_s.set_lr(0.05);
   first.snapshot(opt_f).save(dir.path + "/ck.safetensors");
 
-  Run resumed;  // same construction, then everything replaced from the file
+  Run resumed;                                            // same construction, then everything replaced from the file
   resumed.sampler = BatchSampler(20, 4, /*seed=*/12345);  // even another seed: the file decides
   AdamW<double> opt_r(resumed.layer, AdamWOptions{0.05, 0.9, 0.999, 1e-8, 0.01});
   resumed.restore(opt_r, Checkpoint<double>::load(dir.path + "/ck.safetensors"));
@@ -201,8 +203,9 @@ TEST_CASE("checkpoint: a batch sampler resumes mid-epoch, then every later epoch
   }
   CHECK(next_a == next_b);
   BatchSampler other(12, 3, 5);
-  PEFT_REQUIRE_THROWS_WITH(load_sampler_state(other, ck), ConfigError,
-                           "checkpoint sampler \"sampler\" is over 11 indices in batches of 3, this one over 12 in batches of 3");
+  PEFT_REQUIRE_THROWS_WITH(
+      load_sampler_state(other, ck), ConfigError,
+      "checkpoint sampler \"sampler\" is over 11 indices in batches of 3, this one over 12 in batches of 3");
 }
 
 TEST_CASE("checkpoint: SGD momentum state and mismatches", "[io][checkpoint]") {
@@ -225,7 +228,8 @@ TEST_CASE("checkpoint: SGD momentum state and mismatches", "[io][checkpoint]") {
   const Matrix<double> before = wide.weight.value;
   Checkpoint<double> full;
   save_parameters(r.layer, full, "param.", false);
-  PEFT_REQUIRE_THROWS_WITH(restore_parameters(wide, full), ShapeError, "parameter \"weight\" has shape [5, 7], checkpoint has [5, 6]");
+  PEFT_REQUIRE_THROWS_WITH(restore_parameters(wide, full), ShapeError,
+                           "parameter \"weight\" has shape [5, 7], checkpoint has [5, 6]");
   CHECK(wide.weight.value == before);
   full.put_tensor("param.nope", Matrix<double>::Ones(1, 1));
   PEFT_REQUIRE_THROWS_WITH(restore_parameters(r.layer, full), ConfigError, "\"param.nope\" names no parameter");

@@ -5,8 +5,8 @@
 // Needs zlib at link time: tests/CMakeLists.txt links ZLIB::ZLIB into peft_tests_io and defines
 // PEFT_HAVE_ZLIB when zlib is found; without it this file compiles to nothing.
 #if defined(PEFT_HAVE_ZLIB)
-#include <peft/io/idx.hpp>
 #include <zlib.h>
+#include <peft/io/idx.hpp>
 
 #include <unistd.h>
 
@@ -45,7 +45,8 @@ Bytes idx_bytes(const std::vector<std::uint32_t>& dims, const Bytes& body) {
 void write_gz(const std::string& path, const Bytes& bytes) {
   gzFile f = gzopen(path.c_str(), "wb9");
   REQUIRE(f != nullptr);
-  if (!bytes.empty()) REQUIRE(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())) == static_cast<int>(bytes.size()));
+  if (!bytes.empty())
+    REQUIRE(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())) == static_cast<int>(bytes.size()));
   REQUIRE(gzclose(f) == Z_OK);
 }
 
@@ -102,8 +103,7 @@ TEST_CASE("read_idx_dataset pairs images with labels and scales pixels", "[io][i
   REQUIRE(x.cols() == 6);
   CHECK(x(0, 0) == 1.0f);
   CHECK(x(0, 1) == 0.0f);
-  for (Index j = 0; j < 6; ++j)
-    CHECK(std::abs(x(1, j) - pixels[static_cast<std::size_t>(4 * 6 + j)] / 255.0f) < 1e-6f);
+  for (Index j = 0; j < 6; ++j) CHECK(std::abs(x(1, j) - pixels[static_cast<std::size_t>(4 * 6 + j)] / 255.0f) < 1e-6f);
   PEFT_REQUIRE_THROWS_WITH(idx_images_to_matrix<float>(ds, {5}), ShapeError, "index 5 is outside [0, 5)");
 }
 
@@ -115,7 +115,8 @@ TEST_CASE("read_idx names the file and the problem for broken headers", "[io][id
   Bytes bad_magic;
   put_be32(bad_magic, 0x12345678u);
   write_gz(dir.file("magic.gz"), bad_magic);
-  PEFT_REQUIRE_THROWS_WITH(read_idx(dir.file("magic.gz")), IoError, "magic.gz\": bad magic number 0x12345678 at byte 0");
+  PEFT_REQUIRE_THROWS_WITH(read_idx(dir.file("magic.gz")), IoError,
+                           "magic.gz\": bad magic number 0x12345678 at byte 0");
 
   Bytes float_type;
   put_be32(float_type, 0x00000D01u);
@@ -194,8 +195,7 @@ TEST_CASE("read_idx_dataset checks counts and label range", "[io][idx][errors]")
   PEFT_REQUIRE_THROWS_WITH(read_idx_dataset(dir.file("img.gz"), dir.file("lab5.gz"), 9), IoError,
                            "label 12 of example 2 (byte 10) is outside [0, 9]");
   // Swapped arguments: the label file is not an image file.
-  PEFT_REQUIRE_THROWS_WITH(read_idx_dataset(dir.file("lab5.gz"), dir.file("img.gz")), IoError,
-                           "has 1 dimensions");
+  PEFT_REQUIRE_THROWS_WITH(read_idx_dataset(dir.file("lab5.gz"), dir.file("img.gz")), IoError, "has 1 dimensions");
 }
 
 TEST_CASE("read_idx reads the installed Fashion-MNIST test split when present", "[io][idx][data]") {

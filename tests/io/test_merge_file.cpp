@@ -10,9 +10,9 @@
 
 using namespace peft;
 using namespace peft::io;
-using peft::test::io::TempDir;
 using peft::test::io::data_dir;
 using peft::test::io::raw_file;
+using peft::test::io::TempDir;
 
 namespace {
 double max_abs_diff(const Matrix<double>& a, const Matrix<double>& b) { return (a - b).cwiseAbs().maxCoeff(); }
@@ -67,19 +67,21 @@ TEST_CASE("merge file: scale 0 reproduces the base; fan_in_fan_out adds the tran
   const SafeTensorsFile base(data_dir() + "/tiny_base.safetensors");
   const Matrix<double> w = base.load<double>("model.layers.0.attn.q.weight");  // [6, 8]
   const Matrix<double> wt = w.transpose();
-  save_safetensors<double>(dir.path + "/conv1d.safetensors", {{"model.layers.0.attn.q.weight", {8, 6}, wt.data(), DType::F32}});
+  save_safetensors<double>(dir.path + "/conv1d.safetensors",
+                           {{"model.layers.0.attn.q.weight", {8, 6}, wt.data(), DType::F32}});
   PeftAdapter<double> one = ad;
   one.lora = {*ad.find("model.layers.0.attn.q")};
   one.config.fan_in_fan_out = true;
   merge_adapter_file(dir.path + "/conv1d.safetensors", one, dir.path + "/conv1d_merged.safetensors");
   const LoraModuleWeights<double>& m = one.lora[0];
   const Matrix<double> expected = (w + m.scaling * m.B * m.A).transpose();
-  CHECK(max_abs_diff(SafeTensorsFile(dir.path + "/conv1d_merged.safetensors").load<double>("model.layers.0.attn.q.weight"),
-                     expected) < 1e-5);
+  CHECK(max_abs_diff(
+            SafeTensorsFile(dir.path + "/conv1d_merged.safetensors").load<double>("model.layers.0.attn.q.weight"),
+            expected) < 1e-5);
   // Without fan_in_fan_out the [8, 6] tensor does not fit.
   one.config.fan_in_fan_out = false;
-  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(dir.path + "/conv1d.safetensors", one, dir.path + "/x.safetensors"), ShapeError,
-                           "has shape [8, 6], but adapter module \"model.layers.0.attn.q\" needs [6, 8]");
+  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(dir.path + "/conv1d.safetensors", one, dir.path + "/x.safetensors"),
+                           ShapeError, "has shape [8, 6], but adapter module \"model.layers.0.attn.q\" needs [6, 8]");
 }
 
 TEST_CASE("merge file: F16 and BF16 bases keep their dtype, rounded once", "[io][merge]") {
@@ -119,18 +121,19 @@ TEST_CASE("merge file: an adapter that does not fit, or a NaN, writes nothing", 
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", two, out, opt), ConfigError,
                            "two adapter modules map to");
   // An integer tensor cannot be merged into.
-  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/small.safetensors",
-                                              [&] {
-                                                PeftAdapter<float> x = ad;
-                                                x.lora = {*ad.find("model.layers.0.attn.q")};
-                                                return x;
-                                              }(),
-                                              out,
-                                              [] {
-                                                MergeFileOptions o;
-                                                o.mapping.custom = [](const std::string&) { return std::string("idx"); };
-                                                return o;
-                                              }()),
+  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(
+                               data_dir() + "/small.safetensors",
+                               [&] {
+                                 PeftAdapter<float> x = ad;
+                                 x.lora = {*ad.find("model.layers.0.attn.q")};
+                                 return x;
+                               }(),
+                               out,
+                               [] {
+                                 MergeFileOptions o;
+                                 o.mapping.custom = [](const std::string&) { return std::string("idx"); };
+                                 return o;
+                               }()),
                            ShapeError, "\"idx.weight\"");
   // NaN produced mid-stream (the last LoRA tensor): the partial output is removed.
   PeftAdapter<float> bad = ad;
@@ -143,7 +146,8 @@ TEST_CASE("merge file: an adapter that does not fit, or a NaN, writes nothing", 
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", ad, out, big), NumericError,
                            "nothing was written");
   // A merged value beyond F16's range would be stored as Inf: refused, nothing written.
-  const Matrix<float> wv = SafeTensorsFile(data_dir() + "/tiny_base.safetensors").load<float>("model.layers.0.attn.v.weight");
+  const Matrix<float> wv =
+      SafeTensorsFile(data_dir() + "/tiny_base.safetensors").load<float>("model.layers.0.attn.v.weight");
   const std::string half = dir.path + "/half.safetensors";
   save_safetensors<float>(half, {{"model.layers.0.attn.v.weight", {6, 8}, wv.data(), DType::F16}});
   PeftAdapter<float> loud = ad;
@@ -169,7 +173,8 @@ TEST_CASE("merge file: an adapter that does not fit, or a NaN, writes nothing", 
   const Matrix<float> w5 = Matrix<float>::Zero(6, 5);
   save_safetensors<float>(wrong, {{"model.layers.0.attn.v.weight", {6, 5}, w5.data(), DType::F32}});
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(wrong, loud, out), ShapeError,
-                           "tensor \"model.layers.0.attn.v.weight\" has shape [6, 5], but adapter module \"model.layers.0.attn.v\" needs [6, 8]");
+                           "tensor \"model.layers.0.attn.v.weight\" has shape [6, 5], but adapter module "
+                           "\"model.layers.0.attn.v\" needs [6, 8]");
   std::remove(wrong.c_str());
   // A prompt adapter has nothing to merge.
   const PeftAdapter<float> prompt = load_peft_adapter<float>(data_dir() + "/tiny_prompt");

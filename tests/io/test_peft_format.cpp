@@ -11,13 +11,15 @@
 
 using namespace peft;
 using namespace peft::io;
-using peft::test::io::TempDir;
 using peft::test::io::data_dir;
 using peft::test::io::raw_file;
+using peft::test::io::TempDir;
 using peft::test::io::write_bytes;
 
 namespace {
-AdapterConfig cfg_from(const std::string& text) { return parse_adapter_config(parse_json_strict(text, "cfg.json"), "cfg.json"); }
+AdapterConfig cfg_from(const std::string& text) {
+  return parse_adapter_config(parse_json_strict(text, "cfg.json"), "cfg.json");
+}
 
 /// A two-layer "model" whose layers are LoRALinear modules named like the fixture's q / v.
 template <class T>
@@ -79,7 +81,7 @@ TEST_CASE("adapter config: PEFT's fields, pattern lookup and scaling", "[io][pef
       "target_modules":"model\\.layers\\.\\d+\\.(q|v)","exclude_modules":["layers.1.q"]})J");
   CHECK(rs.scaling_for("x") == 2.0);  // 8 / √16
   CHECK(rs.targets("model.layers.0.q"));
-  CHECK(!rs.targets("model.layers.1.q"));  // excluded
+  CHECK(!rs.targets("model.layers.1.q"));        // excluded
   CHECK(!rs.targets("model.layers.0.q.extra"));  // a string is a full match
   const LoraConfig lc = rs.lora_config_for("x");
   CHECK(lc.r == 16);
@@ -123,15 +125,17 @@ TEST_CASE("adapter config: wrong types and unsupported features are rejected who
   unsupported(R"({"peft_type":"LORA","use_bdlora":true})", "BD-LoRA");
   unsupported(R"({"peft_type":"LORA","monteclora_config":{"n":2}})", "Monte Carlo LoRA");
   // A key we have never heard of that switches something on is refused, not loaded as plain LoRA.
-  unsupported(R"({"peft_type":"LORA","use_hyper_lora":true})", "unknown key \"use_hyper_lora\" = true looks like a feature");
+  unsupported(R"({"peft_type":"LORA","use_hyper_lora":true})",
+              "unknown key \"use_hyper_lora\" = true looks like a feature");
   unsupported(R"({"peft_type":"LORA","shiny_config":{"k":1}})", "unknown key \"shiny_config\"");
   // ... while the same keys switched off, and the newer bookkeeping keys, load.
-  const AdapterConfig off = cfg_from(
-      R"({"peft_type":"LORA","use_hyper_lora":false,"shiny_config":{},"alora_invocation_tokens":null,)"
-      R"("arrow_config":null,"use_bdlora":false,"ensure_weight_tying":true,"velora_config":{"rank":4}})");
+  const AdapterConfig off =
+      cfg_from(R"({"peft_type":"LORA","use_hyper_lora":false,"shiny_config":{},"alora_invocation_tokens":null,)"
+               R"("arrow_config":null,"use_bdlora":false,"ensure_weight_tying":true,"velora_config":{"rank":4}})");
   CHECK(off.unknown_keys == std::vector<std::string>{"use_hyper_lora", "shiny_config"});
   // Prefix tuning with a projection: PEFT saves the collapsed table, which loads as a flat prefix.
-  const AdapterConfig prefix = cfg_from(R"({"peft_type":"PREFIX_TUNING","num_virtual_tokens":4,"prefix_projection":true})");
+  const AdapterConfig prefix =
+      cfg_from(R"({"peft_type":"PREFIX_TUNING","num_virtual_tokens":4,"prefix_projection":true})");
   CHECK(prefix.prefix_projection);
 }
 
@@ -272,8 +276,9 @@ TEMPLATE_TEST_CASE("PEFT adapter directory: save from a model, load back identic
   PEFT_REQUIRE_THROWS_WITH(save_peft_adapter(clash, back), IoError, "expected a file there, found a directory");
   CHECK(dir.entries("clash") == std::vector<std::string>{"adapter_config.json"});
   CHECK(dir.entries() == std::vector<std::string>{"adapter", "clash"});  // no staging directory left
-  CHECK(SafeTensorsFile(out + "/adapter_model.safetensors").info("base_model.model.model.layers.0.q.lora_A.weight").dtype ==
-        DType::BF16);
+  CHECK(SafeTensorsFile(out + "/adapter_model.safetensors")
+            .info("base_model.model.model.layers.0.q.lora_A.weight")
+            .dtype == DType::BF16);
 }
 
 TEST_CASE("PEFT adapter directory: prefix tuning with a projection round-trips as PEFT's collapsed table",
@@ -334,7 +339,9 @@ TEST_CASE("PEFT adapter directory: broken adapters load nothing", "[io][peft]") 
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "adapter_model.safetensors\" not found");
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(dir.path + "/nope"), IoError, "is not a directory");
 
-  auto with = [&](const std::vector<NamedTensor<float>>& ts) { save_safetensors<float>(d + "/adapter_model.safetensors", ts); };
+  auto with = [&](const std::vector<NamedTensor<float>>& ts) {
+    save_safetensors<float>(d + "/adapter_model.safetensors", ts);
+  };
   const Matrix<float> a = Matrix<float>::Ones(2, 8), b = Matrix<float>::Ones(6, 2), b3 = Matrix<float>::Ones(6, 3);
   const std::string k = "base_model.model.q.";
   with({{k + "lora_A.weight", {2, 8}, a.data()}});
@@ -344,9 +351,13 @@ TEST_CASE("PEFT adapter directory: broken adapters load nothing", "[io][peft]") 
   const Matrix<float> a3 = Matrix<float>::Ones(3, 8);
   with({{k + "lora_A.weight", {3, 8}, a3.data()}, {k + "lora_B.weight", {6, 3}, b3.data()}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), ShapeError, "config (r / rank_pattern) says 2");
-  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()}, {k + "lora_B.bias", {6}, b.data()}});
+  with({{k + "lora_A.weight", {2, 8}, a.data()},
+        {k + "lora_B.weight", {6, 2}, b.data()},
+        {k + "lora_B.bias", {6}, b.data()}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), ConfigError, "LoRA tensor of a kind we do not support");
-  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()}, {k + "lora_magnitude_vector", {6}, b.data()}});
+  with({{k + "lora_A.weight", {2, 8}, a.data()},
+        {k + "lora_B.weight", {6, 2}, b.data()},
+        {k + "lora_magnitude_vector", {6}, b.data()}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), ConfigError, "use_dora = false");
   with({{"q.lora_A.weight", {2, 8}, a.data()}, {"q.lora_B.weight", {6, 2}, b.data()}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "lacks the \"base_model.model.\" prefix");
@@ -355,16 +366,23 @@ TEST_CASE("PEFT adapter directory: broken adapters load nothing", "[io][peft]") 
   with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, nan.data()}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), NumericError, "NaN or Inf");
   const Matrix<float> ids = Matrix<float>::Ones(1, 2);
-  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()}, {"x", {2}, ids.data(), DType::I64}});
+  with({{k + "lora_A.weight", {2, 8}, a.data()},
+        {k + "lora_B.weight", {6, 2}, b.data()},
+        {"x", {2}, ids.data(), DType::I64}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "has dtype I64, expected a float type");
   // One tensor slot filled twice: the second would silently win.
-  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()}, {"q.bias", {2}, ids.data()},
+  with({{k + "lora_A.weight", {2, 8}, a.data()},
+        {k + "lora_B.weight", {6, 2}, b.data()},
+        {"q.bias", {2}, ids.data()},
         {k + "bias", {2}, ids.data()}});
-  PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "names \"q.bias\", which another tensor already holds");
+  PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError,
+                           "names \"q.bias\", which another tensor already holds");
   write_bytes(d + "/adapter_config.json",
               R"({"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q"],"use_dora":true})");
-  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, b.data()},
-        {k + "lora_magnitude_vector", {6}, b.data()}, {k + "lora_magnitude_vector.weight", {6}, b.data()}});
+  with({{k + "lora_A.weight", {2, 8}, a.data()},
+        {k + "lora_B.weight", {6, 2}, b.data()},
+        {k + "lora_magnitude_vector", {6}, b.data()},
+        {k + "lora_magnitude_vector.weight", {6}, b.data()}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "is a second lora_magnitude_vector for module \"q\"");
   write_bytes(d + "/adapter_config.json", R"({"peft_type":"LORA","r":"2"})");
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "adapter_config.json\": key \"r\"");
@@ -396,7 +414,9 @@ TEST_CASE("PEFT adapter directory: a DoRA adapter loaded into LoRALinear equals 
   TinyModel<T> model(rng);
   const SafeTensorsFile base(data_dir() + "/tiny_base.safetensors");
   const SafeTensorsFile merged(data_dir() + "/tiny_dora.merged.safetensors");
-  auto layer_of = [&](int l, char p) -> LoRALinear<T>& { return (p == 'q' ? model.q : model.v)[static_cast<std::size_t>(l)]; };
+  auto layer_of = [&](int l, char p) -> LoRALinear<T>& {
+    return (p == 'q' ? model.q : model.v)[static_cast<std::size_t>(l)];
+  };
   for (int l = 0; l < 2; ++l)
     for (char p : {'q', 'v'}) {
       const std::string path = "model.layers." + std::to_string(l) + ".attn." + p;

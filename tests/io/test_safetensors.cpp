@@ -13,8 +13,8 @@
 
 using namespace peft;
 using namespace peft::io;
-using peft::test::io::TempDir;
 using peft::test::io::raw_file;
+using peft::test::io::TempDir;
 using peft::test::io::write_bytes;
 
 TEST_CASE("half: known encodings round to nearest even", "[io][dtype]") {
@@ -22,9 +22,9 @@ TEST_CASE("half: known encodings round to nearest even", "[io][dtype]") {
   CHECK(double_to_half(-0.0) == 0x8000);
   CHECK(double_to_half(1.0) == 0x3c00);
   CHECK(double_to_half(-2.0) == 0xc000);
-  CHECK(double_to_half(65504.0) == 0x7bff);            // largest finite
-  CHECK(double_to_half(65519.99) == 0x7bff);           // below the rounding midpoint to Inf
-  CHECK(double_to_half(65520.0) == 0x7c00);            // midpoint: ties to even → Inf
+  CHECK(double_to_half(65504.0) == 0x7bff);   // largest finite
+  CHECK(double_to_half(65519.99) == 0x7bff);  // below the rounding midpoint to Inf
+  CHECK(double_to_half(65520.0) == 0x7c00);   // midpoint: ties to even → Inf
   CHECK(double_to_half(1e10) == 0x7c00);
   CHECK(double_to_half(-INFINITY) == 0xfc00);
   CHECK((double_to_half(NAN) & 0x7c00) == 0x7c00);
@@ -64,7 +64,7 @@ TEST_CASE("bfloat16: rounding matches torch's round-to-nearest-even", "[io][dtyp
   CHECK(double_to_bf16(1.0 + std::ldexp(1.0, -8)) == 0x3f80);
   CHECK(double_to_bf16(1.0 + 3 * std::ldexp(1.0, -8)) == 0x3f82);
   CHECK(double_to_bf16(3.4028234663852886e38) == 0x7f80);  // FLT_MAX rounds to Inf in bf16
-  CHECK(double_to_bf16(std::ldexp(1.0, -133)) == 0x0001);   // smallest bf16 subnormal
+  CHECK(double_to_bf16(std::ldexp(1.0, -133)) == 0x0001);  // smallest bf16 subnormal
   // A double just above a bf16 tie but equal to the tie once rounded to float: no double rounding.
   const double x = 1.0 + std::ldexp(1.0, -8) + std::ldexp(1.0, -40);
   CHECK(double_to_bf16(x) == 0x3f81);
@@ -103,7 +103,8 @@ TEMPLATE_TEST_CASE("safetensors: every dtype round-trips through a file", "[io][
   const Matrix<T> b16 = f.load<T>("bf16");
   CHECK(b16.rows() == 1);
   CHECK(b16.cols() == 15);
-  for (Index i = 0; i < 15; ++i) CHECK(std::abs(double(b16(0, i)) - ad(i / 5, i % 5)) <= 1e-2 * std::abs(ad(i / 5, i % 5)));
+  for (Index i = 0; i < 15; ++i)
+    CHECK(std::abs(double(b16(0, i)) - ad(i / 5, i % 5)) <= 1e-2 * std::abs(ad(i / 5, i % 5)));
   CHECK(f.load<T>("i64") == ints);
   const Matrix<T> i32 = f.load<T>("i32");
   REQUIRE(i32.rows() == 1);
@@ -141,7 +142,8 @@ TEST_CASE("safetensors writer: names, shapes and the declared sizes are enforced
   const std::string path = dir.path + "/w.safetensors";
   PEFT_REQUIRE_THROWS_WITH(SafeTensorsWriter(path, {{"a", DType::F32, {2}}, {"a", DType::F32, {2}}}), IoError,
                            "duplicate tensor name \"a\"");
-  PEFT_REQUIRE_THROWS_WITH(SafeTensorsWriter(path, {{"__metadata__", DType::F32, {2}}}), IoError, "invalid tensor name");
+  PEFT_REQUIRE_THROWS_WITH(SafeTensorsWriter(path, {{"__metadata__", DType::F32, {2}}}), IoError,
+                           "invalid tensor name");
   PEFT_REQUIRE_THROWS_WITH(SafeTensorsWriter(path, {{"a", DType::F32, {-1}}}), IoError, "invalid shape");
   CHECK(dir.entries().empty());
   // A finite value that would round to Inf is refused (NaN and Inf themselves are stored).
@@ -150,7 +152,8 @@ TEST_CASE("safetensors writer: names, shapes and the declared sizes are enforced
                            "value 65520 at element 1 overflows F16");
   PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"h", {3}, over, DType::BF16}}), NumericError,
                            "value 1.0000000000000001e+300 at element 2 overflows BF16");
-  PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"h", {3}, over, DType::F32}}), NumericError, "overflows F32");
+  PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"h", {3}, over, DType::F32}}), NumericError,
+                           "overflows F32");
   const double edge[3] = {65504.0, -std::numeric_limits<double>::infinity(), 3.4028234663852886e38};
   CHECK_NOTHROW(save_safetensors<double>(path, {{"h", {2}, edge, DType::F16}}));
   CHECK_NOTHROW(save_safetensors<double>(path, {{"h", {3}, edge, DType::F32}}));
@@ -189,8 +192,9 @@ std::string file_with(const std::string& header, std::size_t data_bytes, std::ui
 
 void expect_rejected(const std::string& bytes, const std::string& needle) {
   INFO("expecting: " << needle);
-  PEFT_REQUIRE_THROWS_WITH(parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), "bad.st"),
-                           IoError, needle);
+  PEFT_REQUIRE_THROWS_WITH(
+      parse_safetensors_header(reinterpret_cast<const unsigned char*>(bytes.data()), bytes.size(), "bad.st"), IoError,
+      needle);
 }
 }  // namespace
 
@@ -198,7 +202,9 @@ TEST_CASE("safetensors reader: the corpus of broken headers is rejected with cle
   const std::string ok = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
   // The valid baseline parses.
   const std::string good = file_with(ok, 8);
-  CHECK(parse_safetensors_header(reinterpret_cast<const unsigned char*>(good.data()), good.size(), "ok").tensors.size() == 1);
+  CHECK(
+      parse_safetensors_header(reinterpret_cast<const unsigned char*>(good.data()), good.size(), "ok").tensors.size() ==
+      1);
 
   expect_rejected(std::string(5, '\0'), "too short for the 8-byte header length");
   expect_rejected(file_with(ok, 8, 200000000), "exceeds the limit of 100000000 bytes");
@@ -207,31 +213,45 @@ TEST_CASE("safetensors reader: the corpus of broken headers is rejected with cle
   expect_rejected(file_with(" " + ok, 8), "does not start with '{'");
   expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})", 8), "invalid JSON at byte");
   expect_rejected(file_with("{\"a\xff\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8), "invalid JSON");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8),
-                  "duplicate JSON key \"a\"");
+  expect_rejected(
+      file_with(
+          R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+          8),
+      "duplicate JSON key \"a\"");
   expect_rejected(file_with(R"({"a":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8),
                   "duplicate JSON key \"dtype\"");
-  expect_rejected(file_with(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8), "unknown or unsupported dtype \"Q4\"");
+  expect_rejected(file_with(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8),
+                  "unknown or unsupported dtype \"Q4\"");
   expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8),
                   "hold 8 bytes, but F32 [3] needs 12");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8), "must be a non-negative integer");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", 8), "must be a non-negative integer");
+  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8),
+                  "must be a non-negative integer");
+  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}})", 8),
+                  "must be a non-negative integer");
   expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8),
                   "more elements than fit in 64 bits");
-  expect_rejected(file_with(R"({"a":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,8]}})", 8), "overflows 64 bits");
+  expect_rejected(file_with(R"({"a":{"dtype":"F64","shape":[4611686018427387904],"data_offsets":[0,8]}})", 8),
+                  "overflows 64 bits");
   expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8), "end before they begin");
   expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8,9]}})", 8), "must be [begin, end]");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12), "gap in the data section: bytes 0..4");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
-                  "overlaps tensor \"a\"");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 11), "3 trailing bytes after the last tensor");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2]}})", 8), "needs \"dtype\", \"shape\" and \"data_offsets\"");
-  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}})", 8), "unexpected field \"x\"");
+  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})", 12),
+                  "gap in the data section: bytes 0..4");
+  expect_rejected(
+      file_with(
+          R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+          12),
+      "overlaps tensor \"a\"");
+  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 11),
+                  "3 trailing bytes after the last tensor");
+  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2]}})", 8),
+                  "needs \"dtype\", \"shape\" and \"data_offsets\"");
+  expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":1}})", 8),
+                  "unexpected field \"x\"");
   expect_rejected(file_with(R"({"a":[1]})", 0), "entry must be an object");
   expect_rejected(file_with(R"({"__metadata__":{"k":1}})", 0), "\"__metadata__\" key \"k\" must map to a string");
   expect_rejected(file_with(R"({"__metadata__":[]})", 0), "\"__metadata__\" must be an object");
   expect_rejected(file_with(R"([1,2])", 0), "does not start with '{'");
-  expect_rejected(file_with(std::string(100, '[') , 0), "does not start with '{'");
+  expect_rejected(file_with(std::string(100, '['), 0), "does not start with '{'");
   expect_rejected(file_with("{\"a\":" + std::string(100, '[') + std::string(100, ']') + "}", 0), "nested deeper than");
 }
 
@@ -241,7 +261,8 @@ TEST_CASE("safetensors reader: a header of many tensors parses in n log n, not n
   // make 5e9 comparisons here.
   const int n = 100000;
   std::string h = "{";
-  for (int i = 0; i < n; ++i) h += (i ? ",\"t" : "\"t") + std::to_string(i) + "\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}";
+  for (int i = 0; i < n; ++i)
+    h += (i ? ",\"t" : "\"t") + std::to_string(i) + "\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]}";
   h += ",\"z\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
   const std::string file = file_with(h, 8);
   const SafeTensorsHeader parsed =
@@ -251,7 +272,8 @@ TEST_CASE("safetensors reader: a header of many tensors parses in n log n, not n
 
   // Configs keep key order (ordered_json, linear lookup): their objects are capped instead.
   std::string cfg = "{";
-  for (int i = 0; i <= static_cast<int>(kMaxOrderedJsonKeys); ++i) cfg += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":1";
+  for (int i = 0; i <= static_cast<int>(kMaxOrderedJsonKeys); ++i)
+    cfg += (i ? ",\"k" : "\"k") + std::to_string(i) + "\":1";
   cfg += "}";
   PEFT_REQUIRE_THROWS_WITH(parse_json_strict(cfg, "cfg.json"), IoError, "a JSON object has more than 10000 keys");
 }
@@ -274,7 +296,7 @@ TEST_CASE("safetensors: files written by hand like the reference implementation 
   REQUIRE(w.rows() == 2);
   REQUIRE(w.cols() == 3);
   for (Index i = 0; i < 6; ++i) CHECK(w(i / 3, i % 3) == static_cast<double>(i) - 2.5);
-  CHECK(f.load<double>("h") == f.load<double>("w"));   // F16 holds these exactly
-  CHECK(f.load<double>("b") == f.load<double>("w"));   // BF16 too
+  CHECK(f.load<double>("h") == f.load<double>("w"));  // F16 holds these exactly
+  CHECK(f.load<double>("b") == f.load<double>("w"));  // BF16 too
   CHECK(f.load<double>("idx")(0, 2) == 9.0);
 }

@@ -104,7 +104,7 @@ TEST_CASE("Activation names parse and errors are named", "[activations][errors]"
   for (Activation a : kAll) CHECK(parse_activation(activation_name(a)) == a);
   PEFT_REQUIRE_THROWS_WITH(parse_activation("sigmoidish"), ConfigError, "unknown name \"sigmoidish\"");
   Matrix<double> dz;
-  PEFT_REQUIRE_THROWS_WITH(activation_backward<double>(Activation::ReLU, Matrix<double>::Zero(2, 3),
-                                                       Matrix<double>::Zero(2, 4), dz),
-                           ShapeError, "activation relu: output gradient has shape [2, 4], expected [2, 3]");
+  PEFT_REQUIRE_THROWS_WITH(
+      activation_backward<double>(Activation::ReLU, Matrix<double>::Zero(2, 3), Matrix<double>::Zero(2, 4), dz),
+      ShapeError, "activation relu: output gradient has shape [2, 4], expected [2, 3]");
 }

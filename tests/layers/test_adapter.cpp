@@ -148,12 +148,14 @@ TEST_CASE("Adapter rejects bad configs and shapes with named errors", "[adapter]
   o.reduction_factor = 100;
   PEFT_REQUIRE_THROWS_WITH(Adapter<float>(64, o, rng, true, "ad"), ConfigError, "leaves no bottleneck for d=64");
   o.reduction_factor = -1;
-  PEFT_REQUIRE_THROWS_WITH(Adapter<float>(64, o, rng, true, "ad"), ConfigError, "reduction_factor must be finite and > 0");
+  PEFT_REQUIRE_THROWS_WITH(Adapter<float>(64, o, rng, true, "ad"), ConfigError,
+                           "reduction_factor must be finite and > 0");
   o.bottleneck = -3;
   PEFT_REQUIRE_THROWS_WITH(Adapter<float>(64, o, rng, true, "ad"), ConfigError, "bottleneck must be > 0");
   o.bottleneck = 4;
   o.scaling = 0;
-  PEFT_REQUIRE_THROWS_WITH(Adapter<float>(64, o, rng, true, "ad"), ConfigError, "scaling must be finite and > 0, got 0");
+  PEFT_REQUIRE_THROWS_WITH(Adapter<float>(64, o, rng, true, "ad"), ConfigError,
+                           "scaling must be finite and > 0, got 0");
   o.scaling = 1;
   PEFT_REQUIRE_THROWS_WITH(Adapter<float>(0, o, rng, true, "ad"), ConfigError, "Adapter \"ad\": dim must be > 0");
   Adapter<float> ad(8, o, rng, true, "ad");

@@ -43,7 +43,8 @@ Matrix<T> reference_attention(MultiHeadAttention<T>& attn, const Matrix<T>& x, c
         for (Index j = 0; j < S; ++j) {
           const bool masked = j >= layout.length(b) || (attn.causal() && j > t);
           s.push_back(masked ? -std::numeric_limits<double>::infinity()
-                             : static_cast<double>(qrow.dot(K.row(b * S + j).segment(h * hd, hd))) / std::sqrt(double(hd)));
+                             : static_cast<double>(qrow.dot(K.row(b * S + j).segment(h * hd, hd))) /
+                                   std::sqrt(double(hd)));
           vals.push_back(&V(b * S + j, h * hd));
         }
         double m = -std::numeric_limits<double>::infinity();
@@ -192,8 +193,8 @@ TEMPLATE_TEST_CASE("Attention softmax is stable with huge logits", "[attention]"
   CHECK(dx.allFinite());
 }
 
-TEMPLATE_TEST_CASE("Causal attention: the prefix is visible to every query, future keys are not", "[attention]",
-                   float, double) {
+TEMPLATE_TEST_CASE("Causal attention: the prefix is visible to every query, future keys are not", "[attention]", float,
+                   double) {
   using T = TestType;
   Rng rng(35);
   MultiHeadAttention<T> attn(6, 3, rng, AttentionOptions{true, true}, "attn");
@@ -320,13 +321,12 @@ TEST_CASE("Attention keeps softmax statistics, not score blocks, for backward", 
     for (Index h = 0; h < H; ++h) {
       const Matrix<double> A = attn.attention_probs(cache, b, h);
       const Index Lb = layout.length(b);
-      context.block(b * S, h * hd, Lb, hd) = A.leftCols(l) * pv.middleCols(h * hd, hd) +
-                                             A.rightCols(Lb) * cache.V.block(b * S, h * hd, Lb, hd);
+      context.block(b * S, h * hd, Lb, hd) =
+          A.leftCols(l) * pv.middleCols(h * hd, hd) + A.rightCols(Lb) * cache.V.block(b * S, h * hd, Lb, hd);
     }
   typename LoRALinear<double>::Cache oc;
   Matrix<double> expected = attn.out_proj.forward(context, oc);
-  for (Index b = 0; b < B; ++b)
-    expected.middleRows(b * S + layout.length(b), S - layout.length(b)).setZero();
+  for (Index b = 0; b < B; ++b) expected.middleRows(b * S + layout.length(b), S - layout.length(b)).setZero();
   CHECK(test::rel_diff(y, expected) < 1e-13);
   PEFT_REQUIRE_THROWS_WITH(attn.attention_probs(cache, 3, 0), ShapeError, "attention_probs(b = 3, h = 0) is outside");
 }
@@ -337,10 +337,9 @@ TEST_CASE("Attention parameters are named like PyTorch / PEFT", "[attention]") {
   attn.add_ia3("task");
   std::vector<std::string> names;
   for (auto& np : named_parameters(attn)) names.push_back(np.name);
-  const std::vector<std::string> expected = {"k_proj.ia3_l.task",  "v_proj.ia3_l.task",  "q_proj.weight",
-                                             "q_proj.bias",        "k_proj.weight",      "k_proj.bias",
-                                             "v_proj.weight",      "v_proj.bias",        "out_proj.weight",
-                                             "out_proj.bias"};
+  const std::vector<std::string> expected = {"k_proj.ia3_l.task", "v_proj.ia3_l.task", "q_proj.weight", "q_proj.bias",
+                                             "k_proj.weight",     "k_proj.bias",       "v_proj.weight", "v_proj.bias",
+                                             "out_proj.weight",   "out_proj.bias"};
   CHECK(names == expected);
   CHECK(attn.k_proj.name() == "encoder.layers.0.attn.k_proj");
   CHECK(attn.ia3_k.ia3_l.shape() == std::vector<std::int64_t>{8, 1});
@@ -358,8 +357,10 @@ TEST_CASE("Attention rejects bad configurations and inputs with named errors", "
   PEFT_REQUIRE_THROWS_WITH(attn.forward(x, SequenceLayout(2, 3, {3, 4}), c), ShapeError,
                            "MultiHeadAttention \"attn\": sequence 1 has length 4, expected 1 <= length <= seq=3");
   PEFT_REQUIRE_THROWS_WITH(attn.forward(x, SequenceLayout(2, 3, {0, 3}), c), ShapeError, "sequence 0 has length 0");
-  PEFT_REQUIRE_THROWS_WITH(attn.forward(x, SequenceLayout(2, 3, {3}), c), ShapeError, "has 1 lengths, expected batch=2");
-  PEFT_REQUIRE_THROWS_WITH(attn.forward(x, SequenceLayout(2, 4), c), ShapeError, "sequence data has 6 rows, expected batch*seq = 2*4 = 8");
+  PEFT_REQUIRE_THROWS_WITH(attn.forward(x, SequenceLayout(2, 3, {3}), c), ShapeError,
+                           "has 1 lengths, expected batch=2");
+  PEFT_REQUIRE_THROWS_WITH(attn.forward(x, SequenceLayout(2, 4), c), ShapeError,
+                           "sequence data has 6 rows, expected batch*seq = 2*4 = 8");
   PEFT_REQUIRE_THROWS_WITH(attn.forward(Matrix<double>::Zero(6, 7), SequenceLayout(2, 3), c), ShapeError,
                            "input has 7 features, expected 8");
   const Matrix<double> pk = Matrix<double>::Zero(2, 6), pv = Matrix<double>::Zero(2, 8);

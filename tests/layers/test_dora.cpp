@@ -117,7 +117,8 @@ TEMPLATE_TEST_CASE("DoRA forward is f * (x W^T + s x A^T B^T) + b with f = m / |
 
   perturb_magnitude(layer, "d", rng);
   const RowVector<TestType> f = layer.adapter("d").magnitude.value.row(0).array() / dense_norm(layer, "d").array();
-  Matrix<TestType> expected = (x * (layer.weight.value + layer.delta_weight("d")).transpose()).array().rowwise() * f.array();
+  Matrix<TestType> expected =
+      (x * (layer.weight.value + layer.delta_weight("d")).transpose()).array().rowwise() * f.array();
   expected.rowwise() += layer.bias.value.row(0);
   const Matrix<TestType> y = layer.forward(x, cache);
   CHECK(test::rel_diff(y, expected) < 10 * Tolerances<TestType>::rel);
@@ -140,8 +141,8 @@ TEMPLATE_TEST_CASE("DoRA with B = 0 gives the base output exactly", "[dora]", fl
   typename LoRALinear<TestType>::Cache cache;
   const Matrix<TestType> base = layer.forward(x, cache);
   layer.add_adapter("k", dora_cfg(2, 8.0, 0.0, LoraInit::KaimingUniform));
-  CHECK(test::rel_diff(layer.adapter("k").magnitude.value, Matrix<TestType>(layer.weight.value.rowwise().norm().transpose())) <
-        Tolerances<TestType>::rel);
+  CHECK(test::rel_diff(layer.adapter("k").magnitude.value,
+                       Matrix<TestType>(layer.weight.value.rowwise().norm().transpose())) < Tolerances<TestType>::rel);
   CHECK(layer.forward(x, cache) == base);
   layer.add_adapter("g", dora_cfg(3, 2.0, 0.0, LoraInit::Gaussian));
   layer.set_active({"k", "g"});
@@ -274,7 +275,8 @@ TEMPLATE_TEST_CASE("DoRA merge == unmerged, unmerge restores W, safe merge refus
     layer.add_adapter("d", dora_cfg(3, 5.0));
     const Matrix<TestType> before = layer.weight.value;
     auto same = [&] {
-      return std::memcmp(before.data(), layer.weight.value.data(), sizeof(TestType) * static_cast<std::size_t>(before.size())) == 0;
+      return std::memcmp(before.data(), layer.weight.value.data(),
+                         sizeof(TestType) * static_cast<std::size_t>(before.size())) == 0;
     };
     layer.adapter("d").magnitude.value(0, 2) = TestType(0);
     PEFT_REQUIRE_THROWS_WITH(layer.safe_merge(), NumericError, "DoRA adapter \"d\" has a zero or non-finite scale");

@@ -9,7 +9,7 @@ using peft::test::Tolerances;
 TEMPLATE_TEST_CASE("Dropout is inverted, masks in training and is the identity in eval", "[dropout]", float, double) {
   using T = TestType;
   Rng rng(21);
-  const Matrix<T> x = test::random_matrix<T>(200, 50, rng) .array() + T(3);  // strictly positive entries
+  const Matrix<T> x = test::random_matrix<T>(200, 50, rng).array() + T(3);  // strictly positive entries
   Dropout<T> drop(0.25, 7, "drop");
   typename Dropout<T>::Cache cache;
   const Matrix<T> y = drop.forward(x, cache);
@@ -19,7 +19,8 @@ TEMPLATE_TEST_CASE("Dropout is inverted, masks in training and is the identity i
       if (y(i, j) == T(0)) {
         ++zeros;
       } else {
-        CHECK(std::abs(static_cast<double>(y(i, j) - x(i, j) / T(0.75))) < 1e-5 * std::abs(static_cast<double>(x(i, j))));
+        CHECK(std::abs(static_cast<double>(y(i, j) - x(i, j) / T(0.75))) <
+              1e-5 * std::abs(static_cast<double>(x(i, j))));
       }
     }
   const double rate = static_cast<double>(zeros) / static_cast<double>(x.size());
@@ -79,7 +80,8 @@ TEST_CASE("Dropout backward matches finite differences with the mask held fixed"
 }
 
 TEST_CASE("Dropout rejects bad probabilities and gradients", "[dropout][errors]") {
-  PEFT_REQUIRE_THROWS_WITH(Dropout<double>(1.0, 1, "enc.drop"), ConfigError, "Dropout \"enc.drop\": p must be in [0, 1)");
+  PEFT_REQUIRE_THROWS_WITH(Dropout<double>(1.0, 1, "enc.drop"), ConfigError,
+                           "Dropout \"enc.drop\": p must be in [0, 1)");
   PEFT_REQUIRE_THROWS_WITH(Dropout<double>(-0.1), ConfigError, "got -0.1");
   Dropout<double> d(0.5, 1, "d");
   Dropout<double>::Cache c;

@@ -53,8 +53,8 @@ TEST_CASE("Positional embedding adds positions and accumulates over the batch", 
   pos.forward(x, layout, y, cache);
   for (Index b = 0; b < 2; ++b)
     for (Index t = 0; t < 4; ++t)
-      CHECK(test::rel_diff(Matrix<double>(y.row(b * 4 + t)), Matrix<double>(x.row(b * 4 + t) + pos.weight.value.row(t))) <
-            1e-15);
+      CHECK(test::rel_diff(Matrix<double>(y.row(b * 4 + t)),
+                           Matrix<double>(x.row(b * 4 + t) + pos.weight.value.row(t))) < 1e-15);
   const Matrix<double> g = test::random_matrix<double>(8, 3, rng);
   auto loss = [&] {
     typename PositionalEmbedding<double>::Cache c;
@@ -75,20 +75,23 @@ TEST_CASE("Embedding errors name the id, the vocabulary size and max_len", "[emb
   Rng rng(44);
   Embedding<float> emb(5, 2, rng, "embeddings.word");
   typename Embedding<float>::Cache cache;
-  PEFT_REQUIRE_THROWS_WITH(emb.forward(std::vector<Index>{1, 5}, cache), ShapeError,
-                           "Embedding \"embeddings.word\": token id 5 at position 1 is out of range for vocabulary size 5");
+  PEFT_REQUIRE_THROWS_WITH(
+      emb.forward(std::vector<Index>{1, 5}, cache), ShapeError,
+      "Embedding \"embeddings.word\": token id 5 at position 1 is out of range for vocabulary size 5");
   PEFT_REQUIRE_THROWS_WITH(emb.forward(std::vector<Index>{-1}, cache), ShapeError, "token id -1");
   emb.forward(std::vector<Index>{1, 2}, cache);
   PEFT_REQUIRE_THROWS_WITH(emb.backward(cache, Matrix<float>::Zero(3, 2)), ShapeError, "expected [2, 2]");
   PEFT_REQUIRE_THROWS_WITH(Embedding<float>(0, 2, rng, "e"), ShapeError, "num_embeddings and dim must be > 0");
   PEFT_REQUIRE_THROWS_WITH(Embedding<float>(-3, 2, rng, "e"), ShapeError, "got -3 and 2");
-  PEFT_REQUIRE_THROWS_WITH(PositionalEmbedding<float>(4, -1, rng, "p"), ShapeError, "max_len and dim must be > 0, got 4 and -1");
+  PEFT_REQUIRE_THROWS_WITH(PositionalEmbedding<float>(4, -1, rng, "p"), ShapeError,
+                           "max_len and dim must be > 0, got 4 and -1");
   PositionalEmbedding<float> pos(3, 2, rng, "pos");
   typename PositionalEmbedding<float>::Cache pc;
   Matrix<float> x = Matrix<float>::Zero(4, 2);
   PEFT_REQUIRE_THROWS_WITH(pos.forward_inplace(x, SequenceLayout(1, 4), pc), ShapeError,
                            "PositionalEmbedding \"pos\": sequence length 4 exceeds max_len 3");
   Matrix<float> x3 = Matrix<float>::Zero(4, 3);
-  PEFT_REQUIRE_THROWS_WITH(pos.forward_inplace(x3, SequenceLayout(2, 2), pc), ShapeError, "input has 3 features, expected 2");
+  PEFT_REQUIRE_THROWS_WITH(pos.forward_inplace(x3, SequenceLayout(2, 2), pc), ShapeError,
+                           "input has 3 features, expected 2");
   CHECK(named_parameters(pos).front().name == "weight");
 }

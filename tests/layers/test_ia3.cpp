@@ -59,8 +59,8 @@ TEMPLATE_TEST_CASE("(IA)^3 merged equals unmerged; unmerge restores the weights"
   CHECK(attn.ia3_merged());
   // Row scaling of W_k and b_k; column scaling of W_2, bias untouched.
   for (Index i = 0; i < 8; ++i) {
-    CHECK(test::rel_diff(Matrix<T>(attn.k_proj.weight.value.row(i)), Matrix<T>(wk.row(i) * attn.ia3_k.ia3_l.value(i, 0))) <
-          Tolerances<T>::rel);
+    CHECK(test::rel_diff(Matrix<T>(attn.k_proj.weight.value.row(i)),
+                         Matrix<T>(wk.row(i) * attn.ia3_k.ia3_l.value(i, 0))) < Tolerances<T>::rel);
     CHECK(std::abs(static_cast<double>(attn.k_proj.bias.value(0, i) - bk(0, i) * attn.ia3_k.ia3_l.value(i, 0))) <
           Tolerances<T>::rel);
   }
@@ -111,8 +111,9 @@ TEST_CASE("(IA)^3 refuses unsafe merges and bad shapes with named errors", "[ia3
   LoraConfig cfg;
   cfg.r = 2;
   lin.add_adapter("default", cfg);
-  PEFT_REQUIRE_THROWS_WITH(out.merge_into(lin), ConfigError,
-                           "IA3 \"blk.attn.k_proj\": cannot merge (IA)^3 into a linear with active or merged LoRA adapters");
+  PEFT_REQUIRE_THROWS_WITH(
+      out.merge_into(lin), ConfigError,
+      "IA3 \"blk.attn.k_proj\": cannot merge (IA)^3 into a linear with active or merged LoRA adapters");
   lin.set_active(std::vector<std::string>{});
   out.merge_into(lin);
   PEFT_REQUIRE_THROWS_WITH(out.merge_into(lin), ConfigError, "adapter \"default\" is already merged");
@@ -126,5 +127,6 @@ TEST_CASE("(IA)^3 refuses unsafe merges and bad shapes with named errors", "[ia3
   Matrix<double> y = Matrix<double>::Zero(2, 5);
   PEFT_REQUIRE_THROWS_WITH(in.apply(y), ShapeError, "activation has 5 features, expected 6");
   PEFT_REQUIRE_THROWS_WITH(IA3Vector<double>(IA3Placement::Input, 0), ShapeError, "features must be > 0, got 0");
-  PEFT_REQUIRE_THROWS_WITH(IA3Vector<double>(IA3Placement::Input, 3, ""), ConfigError, "adapter name must not be empty");
+  PEFT_REQUIRE_THROWS_WITH(IA3Vector<double>(IA3Placement::Input, 3, ""), ConfigError,
+                           "adapter name must not be empty");
 }

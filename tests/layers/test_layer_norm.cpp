@@ -66,8 +66,10 @@ TEST_CASE("LayerNorm backward matches finite differences", "[layer_norm][gradche
 }
 
 TEST_CASE("LayerNorm errors are named", "[layer_norm][errors]") {
-  PEFT_REQUIRE_THROWS_WITH(LayerNorm<double>(0, 1e-5, true, "ln"), ShapeError, "LayerNorm \"ln\": dim must be > 0, got 0");
-  PEFT_REQUIRE_THROWS_WITH(LayerNorm<double>(4, 0.0, true, "ln"), ConfigError, "LayerNorm \"ln\": eps must be finite and > 0");
+  PEFT_REQUIRE_THROWS_WITH(LayerNorm<double>(0, 1e-5, true, "ln"), ShapeError,
+                           "LayerNorm \"ln\": dim must be > 0, got 0");
+  PEFT_REQUIRE_THROWS_WITH(LayerNorm<double>(4, 0.0, true, "ln"), ConfigError,
+                           "LayerNorm \"ln\": eps must be finite and > 0");
   LayerNorm<double> ln(4, 1e-5, true, "enc.ln");
   typename LayerNorm<double>::Cache c;
   PEFT_REQUIRE_THROWS_WITH(ln.forward(Matrix<double>::Zero(2, 3), c), ShapeError,

@@ -61,7 +61,8 @@ TEST_CASE("Linear rejects bad shapes with named errors", "[linear][errors]") {
   layer.forward(Matrix<float>::Zero(2, 6), cache);
   PEFT_REQUIRE_THROWS_WITH(layer.backward(cache, Matrix<float>::Zero(2, 3), nullptr), ShapeError, "expected [2, 4]");
   PEFT_REQUIRE_THROWS_WITH(Linear<float>(0, 4, rng), ShapeError, "in=0");
-  PEFT_REQUIRE_THROWS_WITH(Linear<float>(-1, 4, rng, true, "neg"), ShapeError, "Linear \"neg\": features must be > 0, got in=-1, out=4");
+  PEFT_REQUIRE_THROWS_WITH(Linear<float>(-1, 4, rng, true, "neg"), ShapeError,
+                           "Linear \"neg\": features must be > 0, got in=-1, out=4");
   PEFT_REQUIRE_THROWS_WITH(Linear<float>(3, -2, rng), ShapeError, "out=-2");
 }
 

@@ -128,7 +128,8 @@ TEST_CASE("LoRALinear backward matches finite differences", "[lora][gradcheck]")
   }
 }
 
-TEST_CASE("LoRALinear dropout: mask in the cache, gradient against the explicit formula", "[lora][dropout][gradcheck]") {
+TEST_CASE("LoRALinear dropout: mask in the cache, gradient against the explicit formula",
+          "[lora][dropout][gradcheck]") {
   Rng rng(12);
   LoRALinear<double> layer = make_layer<double>(8, 5, rng);
   const double p = 0.3;
@@ -244,7 +245,8 @@ TEMPLATE_TEST_CASE("LoRALinear merge, unmerge, disable and zero init", "[lora][m
     CHECK(layer.merged_adapters() == std::vector<std::string>{"a"});
     const Matrix<TestType> merged = layer.forward(x, cache);
     CHECK(test::rel_diff(merged, unmerged) < Tolerances<TestType>::rel);
-    CHECK(test::rel_diff(layer.weight.value, Matrix<TestType>(w0 + layer.delta_weight("a"))) < Tolerances<TestType>::rel);
+    CHECK(test::rel_diff(layer.weight.value, Matrix<TestType>(w0 + layer.delta_weight("a"))) <
+          Tolerances<TestType>::rel);
     layer.unmerge();
     CHECK_FALSE(layer.merged());
     CHECK(test::rel_diff(layer.weight.value, w0) < 1e-6);
@@ -258,7 +260,7 @@ TEMPLATE_TEST_CASE("LoRALinear merge, unmerge, disable and zero init", "[lora][m
     const Matrix<TestType> both = layer.forward(x, cache);
     layer.merge({"b"});
     CHECK(test::rel_diff(layer.forward(x, cache), both) < Tolerances<TestType>::rel);  // a still runs unmerged
-    layer.merge();  // the rest of the active set: a
+    layer.merge();                                                                     // the rest of the active set: a
     CHECK(layer.merged_adapters() == std::vector<std::string>{"b", "a"});
     CHECK(test::rel_diff(layer.forward(x, cache), both) < Tolerances<TestType>::rel);
     PEFT_REQUIRE_THROWS_WITH(layer.merge({"a"}), ConfigError, "adapter \"a\" is already merged");
@@ -287,11 +289,13 @@ TEMPLATE_TEST_CASE("LoRALinear merge, unmerge, disable and zero init", "[lora][m
     layer.add_adapter("ok", cfg(2, 2.0));
     layer.add_adapter("bad", cfg(2, 2.0));
     layer.set_active({"ok", "bad"});
-    for (const TestType poison : {std::numeric_limits<TestType>::quiet_NaN(), std::numeric_limits<TestType>::infinity()}) {
+    for (const TestType poison :
+         {std::numeric_limits<TestType>::quiet_NaN(), std::numeric_limits<TestType>::infinity()}) {
       layer.adapter("bad").B.value(1, 1) = poison;
       const Matrix<TestType> before = layer.weight.value;
       PEFT_REQUIRE_THROWS_WITH(layer.safe_merge(), NumericError, "merging adapter \"bad\" gives NaN or Inf");
-      CHECK(std::memcmp(before.data(), layer.weight.value.data(), sizeof(TestType) * static_cast<std::size_t>(before.size())) == 0);
+      CHECK(std::memcmp(before.data(), layer.weight.value.data(),
+                        sizeof(TestType) * static_cast<std::size_t>(before.size())) == 0);
       CHECK_FALSE(layer.merged());
     }
     layer.adapter("bad").B.value(1, 1) = TestType(0.5);
@@ -386,10 +390,12 @@ TEST_CASE("LoRALinear rejects bad configurations with named errors", "[lora][err
                            "LoRALinear \"layers.0.q\": rank r must be in [1, 4] = [1, min(in, out)], got 0");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(-3, 8.0)), ConfigError, "got -3");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(5, 8.0)), ConfigError, "[1, 4]");
-  PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, 0.0)), ConfigError, "lora_alpha must be finite and > 0, got 0");
+  PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, 0.0)), ConfigError,
+                           "lora_alpha must be finite and > 0, got 0");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, -1.0)), ConfigError, "lora_alpha");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, std::nan(""))), ConfigError, "got nan");
-  PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, 2.0, 1.0)), ConfigError, "lora_dropout must be in [0, 1), got 1");
+  PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, 2.0, 1.0)), ConfigError,
+                           "lora_dropout must be in [0, 1), got 1");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, 2.0, -0.1)), ConfigError, "lora_dropout");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("", cfg(2, 2.0)), ConfigError, "must not be empty");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a.b", cfg(2, 2.0)), ConfigError, "must not contain '.'");

@@ -106,7 +106,6 @@ TEST_CASE("mixed batch reuses its workspace and keeps its buffers after warm-up"
   CHECK(y == first);
 }
 
-
 TEST_CASE("mixed batch rejects bad routing, merged layers and wrong shapes", "[lora][mixed][errors]") {
   Rng rng(43);
   LoRALinear<float> layer = make_layer<float>(rng);

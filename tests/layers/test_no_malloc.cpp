@@ -109,7 +109,10 @@ TEMPLATE_TEST_CASE("Linear forward/backward allocate nothing after warm-up", "[n
   CHECK(allocations_after_warmup(step) == 0);
   layer.weight.set_trainable(false);
   CHECK(allocations_after_warmup(step) == 0);
-  CHECK(allocations_after_warmup([&] { layer.forward(x, y, cache); layer.backward(cache, g, nullptr); }) == 0);
+  CHECK(allocations_after_warmup([&] {
+          layer.forward(x, y, cache);
+          layer.backward(cache, g, nullptr);
+        }) == 0);
 }
 
 TEMPLATE_TEST_CASE("LoRALinear forward/backward allocate nothing after warm-up", "[no_malloc]", float, double) {

@@ -148,7 +148,8 @@ TEST_CASE("Prefix errors are named", "[prefix][errors]") {
   typename PrefixAttention<double>::Cache pc;
   PEFT_REQUIRE_THROWS_WITH(prefix.layer(pc, 0), ShapeError, "cached table (call forward first) has shape [0, 0]");
   prefix.forward(pc);
-  PEFT_REQUIRE_THROWS_WITH(prefix.layer(pc, 2), ShapeError, "PrefixAttention \"prefix\": layer 2 is out of range for num_layers 2");
+  PEFT_REQUIRE_THROWS_WITH(prefix.layer(pc, 2), ShapeError,
+                           "PrefixAttention \"prefix\": layer 2 is out of range for num_layers 2");
   PEFT_REQUIRE_THROWS_WITH(prefix.load_prompt_embeddings(Matrix<double>::Zero(2, 12)), ShapeError,
                            "prompt_embeddings has shape [2, 12], expected [2, 24]");
   // token_dim 6 does not fit an attention of dim 8.

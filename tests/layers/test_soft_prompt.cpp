@@ -101,7 +101,8 @@ TEST_CASE("SoftPrompt rejects bad inputs with named errors", "[soft_prompt][erro
                            "sequence data has 5 rows, expected batch*seq");
   PEFT_REQUIRE_THROWS_WITH(sp.init_from_tokens(Matrix<float>::Zero(3, 4), {3}), ConfigError,
                            "init token id 3 is outside the vocabulary [0, 3)");
-  PEFT_REQUIRE_THROWS_WITH(sp.init_from_tokens(Matrix<float>::Zero(3, 4), {}), ConfigError, "init token id list is empty");
+  PEFT_REQUIRE_THROWS_WITH(sp.init_from_tokens(Matrix<float>::Zero(3, 4), {}), ConfigError,
+                           "init token id list is empty");
   PEFT_REQUIRE_THROWS_WITH(sp.init_from_tokens(Matrix<float>::Zero(3, 5), {0}), ShapeError,
                            "vocabulary table has shape [3, 5], expected [vocab > 0, 4]");
   PEFT_REQUIRE_THROWS_WITH(sp.init_random(rng, -1.0), ConfigError, "init scale must be finite and > 0");

@@ -10,8 +10,8 @@ TEMPLATE_TEST_CASE("argmax_rows takes the first maximum and treats NaN as the ma
                    double) {
   using T = TestType;
   Matrix<T> s(4, 3);
-  s << 0.1, 0.7, 0.2,  //
-      5.0, 5.0, 1.0,   // tie: first index, like torch.argmax
+  s << 0.1, 0.7, 0.2,    //
+      5.0, 5.0, 1.0,     // tie: first index, like torch.argmax
       -1.0, -2.0, -0.5,  //
       1.0, std::numeric_limits<T>::quiet_NaN(), 9.0;
   CHECK(argmax_rows<T>(s) == std::vector<std::int64_t>{1, 0, 2, 1});

@@ -14,8 +14,8 @@ namespace {
 template <class T>
 Matrix<T> reference_logits() {
   Matrix<T> z(4, 5);
-  z << 1.0, 2.0, 0.5, -1.0, 0.0,  //
-      0.3, -0.2, 2.5, 1.0, -3.0,  //
+  z << 1.0, 2.0, 0.5, -1.0, 0.0,    //
+      0.3, -0.2, 2.5, 1.0, -3.0,    //
       40.0, 39.0, -40.0, 0.0, 1.0,  // large logits: exp would overflow without the max shift in float
       0.0, 0.1, 0.2, 0.3, 0.4;
   return z;
@@ -37,11 +37,27 @@ TEMPLATE_TEST_CASE("cross_entropy matches torch with ignore_index", "[loss][cros
   Matrix<T> dz;
   const T loss = cross_entropy<T>(z, kLabels, &dz);
   CHECK(static_cast<double>(loss) == Approx(0.7690386528743071).epsilon(Tolerances<T>::rel * 10));
-  const Matrix<T> expected = from_list<T>(
-      4, 5, {0.06904131204248642, -0.14565958939527185, 0.041875672540555076, 0.009343725520297259,
-             0.025398879291933078, 0.0, 0.0, 0.0, 0.0, 0.0, -0.08964714045666503, 0.08964714045666503,
-             4.3981736341222115e-36, 1.0352652744634027e-18, 2.8141427832085333e-18, 0.05404011595619107,
-             0.05972356456421814, 0.06600474668018719, 0.072946526485893, -0.2527149536864894});
+  const Matrix<T> expected = from_list<T>(4, 5,
+                                          {0.06904131204248642,
+                                           -0.14565958939527185,
+                                           0.041875672540555076,
+                                           0.009343725520297259,
+                                           0.025398879291933078,
+                                           0.0,
+                                           0.0,
+                                           0.0,
+                                           0.0,
+                                           0.0,
+                                           -0.08964714045666503,
+                                           0.08964714045666503,
+                                           4.3981736341222115e-36,
+                                           1.0352652744634027e-18,
+                                           2.8141427832085333e-18,
+                                           0.05404011595619107,
+                                           0.05972356456421814,
+                                           0.06600474668018719,
+                                           0.072946526485893,
+                                           -0.2527149536864894});
   CHECK(test::rel_diff(dz, expected) < Tolerances<T>::rel * 10);
   CHECK(dz.row(1).isZero(0));
 }
@@ -52,11 +68,27 @@ TEMPLATE_TEST_CASE("cross_entropy with label smoothing matches torch", "[loss][c
   Matrix<T> dz(1, 1);  // wrong shape on purpose: resized by the call
   const T loss = cross_entropy<T>(z, kLabels, &dz, {0.1, -100});
   CHECK(static_cast<double>(loss) == Approx(1.8923719862076402).epsilon(Tolerances<T>::rel * 10));
-  const Matrix<T> expected = from_list<T>(
-      4, 5, {0.06237464537581974, -0.11899292272860522, 0.0352090058738884, 0.0026770588536305906,
-             0.018732212625266406, 0.0, 0.0, 0.0, 0.0, 0.0, -0.0629804737899984, 0.08298047378999834,
-             -0.006666666666666667, -0.006666666666666666, -0.0066666666666666645, 0.04737344928952439,
-             0.05305689789755146, 0.059338080013520506, 0.06627985981922634, -0.2260482870198227});
+  const Matrix<T> expected = from_list<T>(4, 5,
+                                          {0.06237464537581974,
+                                           -0.11899292272860522,
+                                           0.0352090058738884,
+                                           0.0026770588536305906,
+                                           0.018732212625266406,
+                                           0.0,
+                                           0.0,
+                                           0.0,
+                                           0.0,
+                                           0.0,
+                                           -0.0629804737899984,
+                                           0.08298047378999834,
+                                           -0.006666666666666667,
+                                           -0.006666666666666666,
+                                           -0.0066666666666666645,
+                                           0.04737344928952439,
+                                           0.05305689789755146,
+                                           0.059338080013520506,
+                                           0.06627985981922634,
+                                           -0.2260482870198227});
   CHECK(test::rel_diff(dz, expected) < Tolerances<T>::rel * 10);
   // Without a gradient buffer the value is the same.
   CHECK(cross_entropy<T>(z, kLabels, nullptr, {0.1, -100}) == loss);
@@ -103,7 +135,8 @@ TEST_CASE("cross_entropy with every row ignored is 0 with zero gradient", "[loss
 
 TEST_CASE("cross_entropy rejects bad input with named errors", "[loss][cross_entropy][errors]") {
   const Matrix<double> z = Matrix<double>::Zero(3, 4);
-  PEFT_REQUIRE_THROWS_WITH(cross_entropy<double>(z, {0, 1}, nullptr), ShapeError, "2 labels for logits of shape [3, 4]");
+  PEFT_REQUIRE_THROWS_WITH(cross_entropy<double>(z, {0, 1}, nullptr), ShapeError,
+                           "2 labels for logits of shape [3, 4]");
   PEFT_REQUIRE_THROWS_WITH(cross_entropy<double>(z, {0, 4, 1}, nullptr), ShapeError, "label at row 1 is 4");
   PEFT_REQUIRE_THROWS_WITH(cross_entropy<double>(z, {0, 1, -3}, nullptr), ShapeError, "label at row 2 is -3");
   PEFT_REQUIRE_THROWS_WITH(cross_entropy<double>(z, {0, 1, 2}, nullptr, {1.5, -100}), ConfigError,

@@ -17,8 +17,8 @@ TEMPLATE_TEST_CASE("mse matches torch's mean over all elements", "[loss][mse]", 
   // torch 1.13 F.mse_loss (reduction="mean"), from benchmarks/peer/optim_reference.py
   CHECK(static_cast<double>(mse<T>(pred, target, &dpred)) == Approx(1.46875).epsilon(Tolerances<T>::rel));
   Matrix<T> expected(3, 2);
-  expected << -0.16666666666666666, 0.16666666666666666, 0.6666666666666666, -0.08333333333333333,
-      0.16666666666666666, 0.6666666666666666;
+  expected << -0.16666666666666666, 0.16666666666666666, 0.6666666666666666, -0.08333333333333333, 0.16666666666666666,
+      0.6666666666666666;
   CHECK(test::rel_diff(dpred, expected) < Tolerances<T>::rel);
 }
 

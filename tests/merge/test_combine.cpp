@@ -68,15 +68,10 @@ Eigen::MatrixXd ref_target(const std::vector<LoraFactors<T>>& fs, const std::vec
     const Eigen::MatrixXd d = test::product_d(fs[i]);
     switch (opt.method) {
       case CombineMethod::MagnitudePrune:
-      case CombineMethod::Ties:
-        p.push_back(ref_trim(d, opt.density));
-        break;
+      case CombineMethod::Ties: p.push_back(ref_trim(d, opt.density)); break;
       case CombineMethod::DareLinear:
-      case CombineMethod::DareTies:
-        p.push_back(ref_dare(d, opt.density, opt.seed + i));
-        break;
-      default:
-        p.push_back(d);
+      case CombineMethod::DareTies: p.push_back(ref_dare(d, opt.density, opt.seed + i)); break;
+      default: p.push_back(d);
     }
   }
   if (opt.method == CombineMethod::Ties || opt.method == CombineMethod::DareTies)
@@ -123,8 +118,8 @@ TEMPLATE_TEST_CASE("cat is exact with rank sum r_i and unit scaling", "[merge][c
   }
 }
 
-TEMPLATE_TEST_CASE("svd at full rank is exact, at rank k loses exactly the discarded energy", "[merge][combine]",
-                   float, double) {
+TEMPLATE_TEST_CASE("svd at full rank is exact, at rank k loses exactly the discarded energy", "[merge][combine]", float,
+                   double) {
   Rng rng(12);
   const auto fs = test::make_sources<TestType>(kOut, kIn, rng);
   const auto w = test::mixed_weights();
@@ -147,7 +142,7 @@ TEMPLATE_TEST_CASE("svd at full rank is exact, at rank k loses exactly the disca
     CHECK(r.config.r == k);
     CHECK(r.config.scaling() == 1.0);
     const double measured = (result_delta(r) - target).norm();
-    CHECK(std::abs(measured - r.frobenius_error) < tol);                         // Eckart–Young, our σ
+    CHECK(std::abs(measured - r.frobenius_error) < tol);                                    // Eckart–Young, our σ
     CHECK(std::abs(r.frobenius_error - std::sqrt(test::ref_tail_energy(sigma, k))) < tol);  // reference σ
     CHECK(std::abs(r.spectral_error - sigma(k)) < tol);
     for (Index j = 0; j < 9; ++j) CHECK(std::abs(r.singular_values[static_cast<std::size_t>(j)] - sigma(j)) < tol);
@@ -178,12 +173,9 @@ TEMPLATE_TEST_CASE("pruning methods match the dense reference", "[merge][combine
     double density;
   };
   const std::vector<Case> cases = {
-      {CombineMethod::MagnitudePrune, MajoritySign::Total, 0.3},
-      {CombineMethod::Ties, MajoritySign::Total, 0.4},
-      {CombineMethod::Ties, MajoritySign::Frequency, 0.4},
-      {CombineMethod::Ties, MajoritySign::Total, 1.0},
-      {CombineMethod::DareLinear, MajoritySign::Total, 0.5},
-      {CombineMethod::DareTies, MajoritySign::Total, 0.6},
+      {CombineMethod::MagnitudePrune, MajoritySign::Total, 0.3}, {CombineMethod::Ties, MajoritySign::Total, 0.4},
+      {CombineMethod::Ties, MajoritySign::Frequency, 0.4},       {CombineMethod::Ties, MajoritySign::Total, 1.0},
+      {CombineMethod::DareLinear, MajoritySign::Total, 0.5},     {CombineMethod::DareTies, MajoritySign::Total, 0.6},
       {CombineMethod::DareTies, MajoritySign::Frequency, 0.6},
   };
   for (const Case& c : cases) {
@@ -192,8 +184,7 @@ TEMPLATE_TEST_CASE("pruning methods match the dense reference", "[merge][combine
     opt.majority_sign = c.sign;
     opt.density = c.density;
     opt.seed = 77;
-    INFO(to_string(c.method) << (c.sign == MajoritySign::Total ? " total" : " frequency") << " density "
-                             << c.density);
+    INFO(to_string(c.method) << (c.sign == MajoritySign::Total ? " total" : " frequency") << " density " << c.density);
     const Eigen::MatrixXd target = ref_target(fs, w, opt);
     const double tol = SvdTolerances<TestType>::rel * target.norm();
     // The dense target itself.
@@ -243,8 +234,8 @@ TEMPLATE_TEST_CASE("dare is reproducible for a seed", "[merge][combine]", float,
   CHECK((result_delta(r3) - result_delta(r1)).norm() > 1e-3 * result_delta(r1).norm());
 }
 
-TEMPLATE_TEST_CASE("add_combined_adapter combines layer adapters exactly, rsLoRA sources included",
-                   "[merge][combine]", float, double) {
+TEMPLATE_TEST_CASE("add_combined_adapter combines layer adapters exactly, rsLoRA sources included", "[merge][combine]",
+                   float, double) {
   Rng rng(15);
   LoRALinear<TestType> layer(kIn, kOut, rng, true, "layers.0.v");
   LoraConfig c0;
@@ -324,8 +315,8 @@ TEST_CASE("combine rejects bad inputs with named errors", "[merge][combine][erro
     PEFT_REQUIRE_THROWS_WITH(combine(many, {1.0, 1.0, 1.0, 1.0}, opt), ConfigError,
                              "Σ r_i = 13 exceeds min(out, in) = 11");
   }
-  for (CombineMethod m : {CombineMethod::Ties, CombineMethod::DareLinear, CombineMethod::MagnitudePrune,
-                          CombineMethod::DareTies}) {
+  for (CombineMethod m :
+       {CombineMethod::Ties, CombineMethod::DareLinear, CombineMethod::MagnitudePrune, CombineMethod::DareTies}) {
     opt.method = m;
     for (double d : {0.0, -0.5, 1.5, std::numeric_limits<double>::quiet_NaN()}) {
       opt.density = d;

@@ -20,8 +20,7 @@ Eigen::MatrixXd with_spectrum(Index out, Index in, const std::vector<double>& si
   const Eigen::MatrixXd gv = test::random_matrix<double>(in, m, rng);
   const Eigen::MatrixXd u =
       Eigen::HouseholderQR<Eigen::MatrixXd>(gu).householderQ() * Eigen::MatrixXd::Identity(out, m);
-  const Eigen::MatrixXd v =
-      Eigen::HouseholderQR<Eigen::MatrixXd>(gv).householderQ() * Eigen::MatrixXd::Identity(in, m);
+  const Eigen::MatrixXd v = Eigen::HouseholderQR<Eigen::MatrixXd>(gv).householderQ() * Eigen::MatrixXd::Identity(in, m);
   Eigen::VectorXd s(m);
   for (Index j = 0; j < m; ++j) s(j) = sigma[static_cast<std::size_t>(j)];
   return u * s.asDiagonal() * v.transpose();
@@ -31,8 +30,7 @@ const std::vector<double> kSigma = {6.0, 4.0, 3.0, 1.5, 1.0, 0.5, 0.25, 0.1};
 
 }  // namespace
 
-TEMPLATE_TEST_CASE("extract_lora error equals sigma_{k+1} and the Frobenius tail", "[merge][extract]", float,
-                   double) {
+TEMPLATE_TEST_CASE("extract_lora error equals sigma_{k+1} and the Frobenius tail", "[merge][extract]", float, double) {
   Rng rng(21);
   const Index out = 12, in = 8;
   const Eigen::MatrixXd w0 = test::random_matrix<double>(out, in, rng);

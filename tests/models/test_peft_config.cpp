@@ -42,11 +42,11 @@ TEST_CASE("Targeting primitives follow PEFT's check_target_module_exists", "[tar
   CHECK(module_name_matches("layers.0.attn.q_proj", "q_proj"));
   CHECK(module_name_matches("layers.0.attn.q_proj", "attn.q_proj"));
   CHECK(module_name_matches("q_proj", "q_proj"));
-  CHECK_FALSE(module_name_matches("layers.0.attn.q_proj", "proj"));    // suffix only on a dot boundary
+  CHECK_FALSE(module_name_matches("layers.0.attn.q_proj", "proj"));  // suffix only on a dot boundary
   CHECK_FALSE(module_name_matches("layers.0.attn.xq_proj", "q_proj"));
   const ModuleSelector re = ModuleSelector::pattern(R"(layers\.\d+\.attn\.(q|v)_proj)");
   CHECK(selector_matches(re, "layers.1.attn.v_proj"));
-  CHECK_FALSE(selector_matches(re, "layers.1.attn.v_proj.x"));   // full match, not search
+  CHECK_FALSE(selector_matches(re, "layers.1.attn.v_proj.x"));                               // full match, not search
   CHECK_FALSE(selector_matches(ModuleSelector::pattern("q_proj"), "layers.0.attn.q_proj"));  // a str is a regex
   CHECK(ModuleSelector::pattern("all-linear").all_linear);
   CHECK(ModuleSelector::pattern("ALL-Linear").all_linear);  // PEFT lower-cases the shorthand
@@ -155,7 +155,8 @@ TEST_CASE("apply_peft: adapters, IA3, prefix and prompt parameter counts equal c
   const Index d = 16, L = 2;
   TransformerClassifier<float> base(cfg(d, L), rng);
   const Index total = count_parameters(base).total;
-  for (AdapterPlacement placement : {AdapterPlacement::Houlsby, AdapterPlacement::Pfeiffer, AdapterPlacement::Parallel}) {
+  for (AdapterPlacement placement :
+       {AdapterPlacement::Houlsby, AdapterPlacement::Pfeiffer, AdapterPlacement::Parallel}) {
     auto m = base;
     PeftConfig pc;
     AdapterTargetConfig ac;
@@ -242,7 +243,8 @@ TEST_CASE("apply_peft rejects selections that match nothing, listing the availab
   prompt.prompt = PromptTargetConfig{4, PromptInit::SampleVocab, 1.0, {}};
   PEFT_REQUIRE_THROWS_WITH(apply_peft(m, prompt, rng), ConfigError, "needs a token-input model");
   PeftConfig rank = lora({"patch_embed"}, 13);
-  PEFT_REQUIRE_THROWS_WITH(apply_peft(m, rank, rng), ConfigError, "LoRALinear \"patch_embed\": rank r must be in [1, 12]");
+  PEFT_REQUIRE_THROWS_WITH(apply_peft(m, rank, rng), ConfigError,
+                           "LoRALinear \"patch_embed\": rank r must be in [1, 12]");
   PeftConfig adapter;
   adapter.adapter.emplace();
   adapter.adapter->options.reduction_factor = 64;

@@ -331,11 +331,13 @@ TEST_CASE("Transformer rejects bad configs and inputs with named errors", "[tran
   Rng rng(39);
   TransformerConfig both = small_config(NormPlacement::Pre, Pooling::Mean);
   both.vocab_size = 10;
-  PEFT_REQUIRE_THROWS_WITH(TransformerClassifier<float>(both, rng), ConfigError,
-                           "exactly one of vocab_size (token input) and input_dim (feature input) must be > 0, got 10 and 5");
+  PEFT_REQUIRE_THROWS_WITH(
+      TransformerClassifier<float>(both, rng), ConfigError,
+      "exactly one of vocab_size (token input) and input_dim (feature input) must be > 0, got 10 and 5");
   TransformerConfig bad_layers = small_config(NormPlacement::Pre, Pooling::Mean);
   bad_layers.num_layers = 0;
-  PEFT_REQUIRE_THROWS_WITH(TransformerClassifier<float>(bad_layers, rng), ConfigError, "num_layers and num_classes must be > 0");
+  PEFT_REQUIRE_THROWS_WITH(TransformerClassifier<float>(bad_layers, rng), ConfigError,
+                           "num_layers and num_classes must be > 0");
   TransformerClassifier<float> model(small_config(NormPlacement::Pre, Pooling::Mean), rng, "vit");
   typename TransformerClassifier<float>::Cache cache;
   PEFT_REQUIRE_THROWS_WITH(model.forward(std::vector<Index>{1, 2}, SequenceLayout(1, 2), cache), ConfigError,
@@ -367,10 +369,11 @@ TEST_CASE("Transformer rejects bad configs and inputs with named errors", "[tran
   PEFT_REQUIRE_THROWS_WITH(model.add_soft_prompt(2, rng), ConfigError, "already has a soft prompt");
   model.add_prefix(2, rng);
   PEFT_REQUIRE_THROWS_WITH(model.add_prefix(2, rng), ConfigError, "already has a prefix");
-  model.add_adapters(AdapterPlacement::Pfeiffer, AdapterOptions{4, 16.0, 1.0, Activation::ReLU, AdapterInit::Zero}, rng);
-  PEFT_REQUIRE_THROWS_WITH(
-      model.add_adapters(AdapterPlacement::Pfeiffer, AdapterOptions{4, 16.0, 1.0, Activation::ReLU, AdapterInit::Zero}, rng),
-      ConfigError, "TransformerBlock \"vit.layers.0\": already has adapters");
+  model.add_adapters(AdapterPlacement::Pfeiffer, AdapterOptions{4, 16.0, 1.0, Activation::ReLU, AdapterInit::Zero},
+                     rng);
+  PEFT_REQUIRE_THROWS_WITH(model.add_adapters(AdapterPlacement::Pfeiffer,
+                                              AdapterOptions{4, 16.0, 1.0, Activation::ReLU, AdapterInit::Zero}, rng),
+                           ConfigError, "TransformerBlock \"vit.layers.0\": already has adapters");
 }
 
 TEST_CASE("patchify splits images into row-major patches", "[transformer]") {

@@ -75,30 +75,31 @@ TEST_CASE("add_param_group brings a new head into training", "[optim][groups]") 
 TEST_CASE("Optimizers reject bad groups with named errors", "[optim][groups][errors]") {
   TwoParams<double> m;
   const SGDOptions o{0.1};
-  PEFT_REQUIRE_THROWS_WITH(SGD<double>(std::vector<ParamGroup<double>>{}, o), ConfigError, "SGD: got no parameter groups");
+  PEFT_REQUIRE_THROWS_WITH(SGD<double>(std::vector<ParamGroup<double>>{}, o), ConfigError,
+                           "SGD: got no parameter groups");
   PEFT_REQUIRE_THROWS_WITH(SGD<double>(std::vector<ParamGroup<double>>{{{}, 0.1, 0.0, "empty"}}, o), ConfigError,
                            "group \"empty\" has no parameters");
-  PEFT_REQUIRE_THROWS_WITH(
-      SGD<double>(std::vector<ParamGroup<double>>{{{{"w", &m.weight}}, 0.1, 0.0, "a"}, {{{"w2", &m.weight}}, 0.1, 0.0, "b"}},
-                  o),
-      ConfigError, "parameter \"w2\" appears in more than one group (already listed as \"w\")");
+  PEFT_REQUIRE_THROWS_WITH(SGD<double>(std::vector<ParamGroup<double>>{{{{"w", &m.weight}}, 0.1, 0.0, "a"},
+                                                                       {{{"w2", &m.weight}}, 0.1, 0.0, "b"}},
+                                       o),
+                           ConfigError, "parameter \"w2\" appears in more than one group (already listed as \"w\")");
   PEFT_REQUIRE_THROWS_WITH(
       SGD<double>(std::vector<ParamGroup<double>>{{{{"w", &m.weight}, {"w", &m.weight}}, 0.1, 0.0, "a"}}, o),
       ConfigError, "listed twice in group \"a\"");
   PEFT_REQUIRE_THROWS_WITH(SGD<double>(std::vector<ParamGroup<double>>{{{{"w", nullptr}}, 0.1, 0.0, "a"}}, o),
                            ConfigError, "parameter \"w\" in group \"a\" is null");
+  PEFT_REQUIRE_THROWS_WITH(SGD<double>(std::vector<ParamGroup<double>>{{{{"w", &m.weight}}, -0.1, 0.0, "neg"}}, o),
+                           ConfigError, "lr of group \"neg\" must be finite and >= 0");
   PEFT_REQUIRE_THROWS_WITH(
-      SGD<double>(std::vector<ParamGroup<double>>{{{{"w", &m.weight}}, -0.1, 0.0, "neg"}}, o), ConfigError,
-      "lr of group \"neg\" must be finite and >= 0");
-  PEFT_REQUIRE_THROWS_WITH(
-      SGD<double>(std::vector<ParamGroup<double>>{{{{"w", &m.weight}}, 0.1, 0.0, "x"}, {{{"b", &m.bias}}, 0.1, 0.0, "x"}},
-                  o),
+      SGD<double>(
+          std::vector<ParamGroup<double>>{{{{"w", &m.weight}}, 0.1, 0.0, "x"}, {{{"b", &m.bias}}, 0.1, 0.0, "x"}}, o),
       ConfigError, "two parameter groups are named \"x\"");
   SGD<double> opt(m, o);
   PEFT_REQUIRE_THROWS_WITH(opt.set_lr(0, std::nan("")), ConfigError, "lr of group \"default\"");
   PEFT_REQUIRE_THROWS_WITH(opt.set_weight_decay(0, -1.0), ConfigError, "weight_decay of group \"default\"");
   PEFT_REQUIRE_THROWS_WITH(opt.lr(3), ConfigError, "group index 3 out of range, 1 groups");
-  PEFT_REQUIRE_THROWS_WITH(opt.group_index("head"), ConfigError, "no parameter group named \"head\"; groups are \"default\"");
+  PEFT_REQUIRE_THROWS_WITH(opt.group_index("head"), ConfigError,
+                           "no parameter group named \"head\"; groups are \"default\"");
   PEFT_REQUIRE_THROWS_WITH(opt.state("nope"), ConfigError, "SGD: no parameter named \"nope\"");
   PEFT_REQUIRE_THROWS_WITH(opt.add_param_group({{{"b", &m.bias}}, 0.1, 0.0, "again"}), ConfigError,
                            "appears in more than one group");
@@ -110,14 +111,16 @@ TEST_CASE("step() rejects gradients and parameters whose shapes changed", "[opti
   m.compute_grads();
   m.bias.grad.resize(2, 2);
   const Matrix<double> w_before = m.weight.value;
-  PEFT_REQUIRE_THROWS_WITH(opt.step(), ShapeError, "AdamW: parameter \"bias\" has gradient of shape [2, 2], expected [1, 2]");
+  PEFT_REQUIRE_THROWS_WITH(opt.step(), ShapeError,
+                           "AdamW: parameter \"bias\" has gradient of shape [2, 2], expected [1, 2]");
   CHECK(m.weight.value == w_before);  // validated before anything moved
   CHECK(opt.num_states() == 0);
   m.compute_grads();
   opt.step();
   m.weight.value.resize(3, 2);  // resized behind the optimizer's back
   m.weight.grad.setZero(3, 2);
-  PEFT_REQUIRE_THROWS_WITH(opt.step(), ShapeError, "parameter \"weight\" has shape [3, 2] but its exp_avg has shape [2, 2]");
+  PEFT_REQUIRE_THROWS_WITH(opt.step(), ShapeError,
+                           "parameter \"weight\" has shape [3, 2] but its exp_avg has shape [2, 2]");
 
   TwoParams<double> m2;
   SGD<double> sgd(m2, SGDOptions{0.1, 0.9});

@@ -18,7 +18,8 @@ TEST_CASE("L2-SP value and gradient match λ/2‖θ−θ₀‖² and finite diff
   Rng rng(41);
   m.weight.value += test::random_matrix<double>(2, 2, rng);
   m.bias.value += test::random_matrix<double>(1, 2, rng);
-  const double expected = 0.15 * ((m.weight.value - reg.anchor(0)).squaredNorm() + (m.bias.value - reg.anchor(1)).squaredNorm());
+  const double expected =
+      0.15 * ((m.weight.value - reg.anchor(0)).squaredNorm() + (m.bias.value - reg.anchor(1)).squaredNorm());
   CHECK(reg.value() == Approx(expected).epsilon(1e-14));
   m.zero_grad();
   m.weight.grad.setConstant(1.0);  // added to, not overwritten
@@ -60,9 +61,8 @@ TEST_CASE("EWC Fisher is the mean of squared gradients; value and gradient match
   CHECK(ewc.value() == 0.0);  // θ = θ* still
   m.weight.value += test::random_matrix<double>(2, 2, rng);
   m.bias.value += test::random_matrix<double>(1, 2, rng);
-  const double expected =
-      2.5 * ((fw.array() * (m.weight.value - ewc.anchor(0)).array().square()).sum() +
-             (ewc.fisher(1).array() * (m.bias.value - ewc.anchor(1)).array().square()).sum());
+  const double expected = 2.5 * ((fw.array() * (m.weight.value - ewc.anchor(0)).array().square()).sum() +
+                                 (ewc.fisher(1).array() * (m.bias.value - ewc.anchor(1)).array().square()).sum());
   CHECK(ewc.value() == Approx(expected).epsilon(1e-14));
   m.zero_grad();
   CHECK(ewc.add_to_gradients() == Approx(expected).epsilon(1e-14));
@@ -81,10 +81,12 @@ TEST_CASE("Regularizers reject misuse with named errors", "[optim][regularizers]
   L2SP<double> reg(both(m), 1.0);
   PEFT_REQUIRE_THROWS_WITH(reg.set_lambda(-2.0), ConfigError, "lambda");
   m.weight.grad.resize(1, 1);
-  PEFT_REQUIRE_THROWS_WITH(reg.add_to_gradients(), ShapeError, "L2SP: parameter \"weight\" has a gradient of shape [1, 1]");
+  PEFT_REQUIRE_THROWS_WITH(reg.add_to_gradients(), ShapeError,
+                           "L2SP: parameter \"weight\" has a gradient of shape [1, 1]");
   m.weight.grad.setZero(2, 2);
   m.bias.value.resize(1, 3);
-  PEFT_REQUIRE_THROWS_WITH(reg.value(), ShapeError, "L2SP: parameter \"bias\" has shape [1, 3], its anchor has shape [1, 2]");
+  PEFT_REQUIRE_THROWS_WITH(reg.value(), ShapeError,
+                           "L2SP: parameter \"bias\" has shape [1, 3], its anchor has shape [1, 2]");
 
   TwoParams<double> m2;
   EWC<double> ewc(both(m2), 1.0);
@@ -95,7 +97,8 @@ TEST_CASE("Regularizers reject misuse with named errors", "[optim][regularizers]
   PEFT_REQUIRE_THROWS_WITH(ewc.accumulate(), ConfigError, "parameter \"bias\" has no gradient (frozen)");
   m2.bias.set_trainable(true);
   m2.bias.grad.resize(2, 1);
-  PEFT_REQUIRE_THROWS_WITH(ewc.accumulate(), ShapeError, "EWC: parameter \"bias\" has a gradient of shape [2, 1], expected [1, 2]");
+  PEFT_REQUIRE_THROWS_WITH(ewc.accumulate(), ShapeError,
+                           "EWC: parameter \"bias\" has a gradient of shape [2, 1], expected [1, 2]");
   CHECK(ewc.fisher(0).isZero(0));  // nothing accumulated when one parameter is bad
   m2.bias.grad.setZero(1, 2);
   ewc.accumulate();

@@ -63,7 +63,8 @@ TEST_CASE("apply_schedule reproduces torch LambdaLR with the HF cosine lambda", 
 }
 
 TEST_CASE("Schedules reject bad arguments with named errors", "[optim][schedule][errors]") {
-  PEFT_REQUIRE_THROWS_WITH(LinearSchedule(20, 10), ConfigError, "LinearSchedule: warmup_steps 20 exceeds total_steps 10");
+  PEFT_REQUIRE_THROWS_WITH(LinearSchedule(20, 10), ConfigError,
+                           "LinearSchedule: warmup_steps 20 exceeds total_steps 10");
   PEFT_REQUIRE_THROWS_WITH(CosineSchedule(-1, 10), ConfigError, "CosineSchedule: warmup_steps must be >= 0, got -1");
   PEFT_REQUIRE_THROWS_WITH(CosineSchedule(0, 0), ConfigError, "total_steps must be > 0, got 0");
   PEFT_REQUIRE_THROWS_WITH(CosineSchedule(0, 10, 0.0), ConfigError, "num_cycles must be finite and > 0");

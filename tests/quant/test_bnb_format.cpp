@@ -58,12 +58,17 @@ std::vector<Raw> raw_entries(const std::string& prefix, const NF4Tensor& t, cons
   for (const auto& s : specs) {
     Raw r{s.name, s.dtype, s.shape, {}};
     const std::string suffix = s.name.substr(prefix.size() + 7);
-    if (suffix.empty()) r.bytes.assign(t.packed.begin(), t.packed.end());
-    else if (suffix == ".absmax") r.bytes = t.nested ? std::vector<unsigned char>(t.qabsmax.begin(), t.qabsmax.end())
-                                                     : floats(t.absmax.data(), t.absmax.size());
-    else if (suffix == ".quant_map") r.bytes = floats(t.quant_map.data(), 16);
-    else if (suffix == ".nested_absmax") r.bytes = floats(t.nested_absmax.data(), t.nested_absmax.size());
-    else if (suffix == ".nested_quant_map") r.bytes = floats(t.nested_quant_map.data(), 256);
+    if (suffix.empty())
+      r.bytes.assign(t.packed.begin(), t.packed.end());
+    else if (suffix == ".absmax")
+      r.bytes = t.nested ? std::vector<unsigned char>(t.qabsmax.begin(), t.qabsmax.end())
+                         : floats(t.absmax.data(), t.absmax.size());
+    else if (suffix == ".quant_map")
+      r.bytes = floats(t.quant_map.data(), 16);
+    else if (suffix == ".nested_absmax")
+      r.bytes = floats(t.nested_absmax.data(), t.nested_absmax.size());
+    else if (suffix == ".nested_quant_map")
+      r.bytes = floats(t.nested_quant_map.data(), 256);
     else {
       r.bytes.assign(json.begin(), json.end());
       r.shape = {static_cast<std::int64_t>(json.size())};
@@ -134,7 +139,7 @@ TEST_CASE("A Python-made bitsandbytes file: read, same codes as ours, written ba
       std::size_t differ = 0;
       for (std::size_t b = 0; b < t.qabsmax.size(); ++b) differ += mine.qabsmax[b] != t.qabsmax[b];
       CHECK(differ <= t.qabsmax.size() / 100);  // only values on a boundary may move (1-ulp map / mean)
-      for (std::size_t k = 0; k < 256; ++k)      // torch's float32 linspace: within 1 ulp of our map
+      for (std::size_t k = 0; k < 256; ++k)     // torch's float32 linspace: within 1 ulp of our map
         CHECK(std::abs(t.nested_quant_map[k] - mine.nested_quant_map[k]) <=
               std::abs(mine.nested_quant_map[k]) * 1.2e-7f);
     }
@@ -198,7 +203,8 @@ TEST_CASE("A Python-made 4-bit checkpoint is a QLoRA base: NF4LoRALinear on it t
   CHECK(test::rel_diff(q.adapter("default").A.grad, d.A.grad) < 1e-12);
   CHECK(test::rel_diff(q.adapter("default").B.grad, d.B.grad) < 1e-12);
   // And the file's base is what it claims: within the NF4 error bound of the original weight.
-  CHECK(test::rel_diff(dequantize_nf4<double>(q.quantized_weight()), f.load<double>("reference." + p + ".weight")) < 0.15);
+  CHECK(test::rel_diff(dequantize_nf4<double>(q.quantized_weight()), f.load<double>("reference." + p + ".weight")) <
+        0.15);
 }
 
 TEST_CASE("NF4 save -> read is the identity for our own tensors", "[quant][bnb]") {
@@ -281,8 +287,9 @@ TEST_CASE("Malformed bitsandbytes entries give named errors", "[quant][bnb][erro
     return s;
   };
   // A compact JSON (other writers) still reads.
-  CHECK(read_with(with_json(replace(replace(good, "\"blocksize\": 64", "\"blocksize\":64"), ", \"dtype\"", ",\"dtype\"")))
-            .packed == t.packed);
+  CHECK(
+      read_with(with_json(replace(replace(good, "\"blocksize\": 64", "\"blocksize\":64"), ", \"dtype\"", ",\"dtype\"")))
+          .packed == t.packed);
 
   PEFT_REQUIRE_THROWS_WITH(read_with(with_json(replace(good, "\"blocksize\": 64", "\"blocksize\": 32"))), ConfigError,
                            "blocksize must be one of 64, 128, 256, 512, 1024, 2048, 4096, got 32");

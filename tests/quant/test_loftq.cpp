@@ -23,8 +23,8 @@ TEMPLATE_TEST_CASE("LoftQ lowers ||W - (deq(Q) + sBA)|| below the QLoRA init", "
     const Matrix<double> q0 = dequantize_nf4<double>(quantize_nf4<TestType>(w));
     CHECK(res.qlora_error == Approx((w.template cast<double>() - q0).norm()).epsilon(1e-9));
     // The reported error is the real one for the returned (Q, B, A).
-    const Matrix<double> approx = dequantize_nf4<double>(res.weight) +
-                                  s * res.B.template cast<double>() * res.A.template cast<double>();
+    const Matrix<double> approx =
+        dequantize_nf4<double>(res.weight) + s * res.B.template cast<double>() * res.A.template cast<double>();
     CHECK(res.errors.back() == Approx((w.template cast<double>() - approx).norm()).epsilon(1e-4));
     CHECK(res.errors.front() < res.qlora_error);
     CHECK(res.errors.back() < 0.9 * res.qlora_error);

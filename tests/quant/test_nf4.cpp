@@ -50,7 +50,8 @@ Reference reference_nf4(const std::vector<float>& x, std::size_t bs) {
     float a = 0.0f;
     for (std::size_t i = b * bs; i < std::min(n, (b + 1) * bs); ++i) a = std::max(a, std::abs(x[i]));
     r.absmax.push_back(a);
-    for (std::size_t i = b * bs; i < std::min(n, (b + 1) * bs); ++i) codes[i] = nearest_index(kNF4Code, x[i] * (1.0f / a));
+    for (std::size_t i = b * bs; i < std::min(n, (b + 1) * bs); ++i)
+      codes[i] = nearest_index(kNF4Code, x[i] * (1.0f / a));
   }
   for (std::size_t i = 0; i < n; i += 2) r.packed.push_back(static_cast<std::uint8_t>(codes[i] * 16 + codes[i + 1]));
   return r;
@@ -131,8 +132,7 @@ TEMPLATE_TEST_CASE("NF4 dequantization error is within half the largest code gap
   }
 }
 
-TEST_CASE("Ragged last block: a short block with its own absmax, odd count padded with the code of 0",
-          "[quant][nf4]") {
+TEST_CASE("Ragged last block: a short block with its own absmax, odd count padded with the code of 0", "[quant][nf4]") {
   Rng rng(9);
   std::vector<float> x = random_values(64 + 5, rng);
   x[66] = 3.0f;  // the absmax of the 5-value block only
@@ -144,7 +144,7 @@ TEST_CASE("Ragged last block: a short block with its own absmax, odd count padde
   CHECK(t.absmax[0] < 1.0f);
   REQUIRE(t.packed.size() == 35);
   CHECK((t.packed[34] & 0x0F) == 7);  // code of 0.0
-  CHECK((t.packed[33] >> 4) == 15);    // element 66 (even): high nibble of byte 33, code of +1
+  CHECK((t.packed[33] >> 4) == 15);   // element 66 (even): high nibble of byte 33, code of +1
   std::vector<float> back(69);
   dequantize_nf4_range<float>(t, 0, 69, back.data());
   CHECK(back[66] == 3.0f);
@@ -260,7 +260,8 @@ TEST_CASE("NF4 rejects bad input with named errors", "[quant][nf4][errors]") {
   NF4Tensor t = quantize_nf4(x.data(), {2, 64});
   NF4Tensor bad = t;
   bad.packed.pop_back();
-  PEFT_REQUIRE_THROWS_WITH(bad.validate("layers.0.q"), ShapeError, "layers.0.q: packed weight has 63 bytes, expected 64");
+  PEFT_REQUIRE_THROWS_WITH(bad.validate("layers.0.q"), ShapeError,
+                           "layers.0.q: packed weight has 63 bytes, expected 64");
   bad = t;
   bad.qabsmax.push_back(0);
   PEFT_REQUIRE_THROWS_WITH(bad.validate("w"), ShapeError, "quantized absmax has 3 values, expected 2");

@@ -151,8 +151,7 @@ TEMPLATE_TEST_CASE("NF4LoRALinear merge: dense deq(Q) + sBA, or re-quantized wit
                    float, double) {
   Pair<TestType> p = make_pair<TestType>(64, 10, 4, false, 28);
   Matrix<TestType> expected = p.q.dequantized_weight();
-  for (const auto& a : p.q.adapters())
-    expected += static_cast<TestType>(a.scaling()) * (a.B.value * a.A.value);
+  for (const auto& a : p.q.adapters()) expected += static_cast<TestType>(a.scaling()) * (a.B.value * a.A.value);
   const Matrix<TestType> merged = p.q.merged_weight();
   CHECK(test::rel_diff(merged, expected) < Tolerances<TestType>::rel);
 
@@ -189,7 +188,8 @@ TEST_CASE("NF4LoRALinear rejects bad input with named errors", "[quant][nf4_lora
   PEFT_REQUIRE_THROWS_WITH(p.q.set_tile_rows(0), ConfigError, "tile_rows must be > 0, got 0");
   LoraConfig dora{4, 8.0};
   dora.use_dora = true;
-  PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("dora", dora), ConfigError, "DoRA adapters are not supported on an NF4 base");
+  PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("dora", dora), ConfigError,
+                           "DoRA adapters are not supported on an NF4 base");
   PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("default"), ConfigError, "adapter \"default\" already exists");
   PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("big", config(9, 1.0)), ConfigError, "rank r must be in [1, 8]");
   PEFT_REQUIRE_THROWS_WITH(p.q.adapter("nope"), ConfigError, "unknown adapter \"nope\"; available: [default, other]");

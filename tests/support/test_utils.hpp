@@ -52,15 +52,15 @@ double dot(const Matrix<T>& g, const Matrix<T>& y) {
 }  // namespace peft::test
 
 /// REQUIRE that `expr` throws `Type` and that its message contains `needle`.
-#define PEFT_REQUIRE_THROWS_WITH(expr, Type, needle)                                   \
-  do {                                                                                 \
-    bool peft_thrown_ = false;                                                         \
-    try {                                                                              \
-      (void)(expr);                                                                    \
-    } catch (const Type& e) {                                                          \
-      peft_thrown_ = true;                                                             \
-      INFO("message: " << e.what());                                                   \
-      CHECK(std::string(e.what()).find(needle) != std::string::npos);                  \
-    }                                                                                  \
-    if (!peft_thrown_) FAIL("expected " #Type " from " #expr);                         \
+#define PEFT_REQUIRE_THROWS_WITH(expr, Type, needle)                  \
+  do {                                                                \
+    bool peft_thrown_ = false;                                        \
+    try {                                                             \
+      (void)(expr);                                                   \
+    } catch (const Type& e) {                                         \
+      peft_thrown_ = true;                                            \
+      INFO("message: " << e.what());                                  \
+      CHECK(std::string(e.what()).find(needle) != std::string::npos); \
+    }                                                                 \
+    if (!peft_thrown_) FAIL("expected " #Type " from " #expr);        \
   } while (0)

@@ -3,9 +3,9 @@
 #include "peft_cli.hpp"
 
 #include <peft/io/peft_format.hpp>
+#include <peft/io/safetensors.hpp>
 #include <peft/merge/analysis.hpp>
 #include <peft/merge/combine.hpp>
-#include <peft/io/safetensors.hpp>
 #include <peft/quant/bnb_format.hpp>
 
 #include <algorithm>
@@ -20,9 +20,9 @@
 
 using namespace peft;
 using namespace peft::io;
-using peft::test::io::TempDir;
 using peft::test::io::data_dir;
 using peft::test::io::raw_file;
+using peft::test::io::TempDir;
 using peft::test::io::write_bytes;
 
 namespace {
@@ -120,7 +120,8 @@ TEST_CASE("peft inspect: a file and an adapter directory", "[tools]") {
 TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[tools]") {
   TempDir dir;
   const std::string out = dir.path + "/m.safetensors";
-  Result r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
+  Result r = peft_run(
+      {"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
   REQUIRE(r.code == cli::kOk);
   CHECK(has(r.out, "merged 4 tensors, replaced 0, copied 5"));
   const SafeTensorsFile got(out), want(data_dir() + "/tiny_lora.merged.safetensors");
@@ -138,11 +139,12 @@ TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[to
     renamed.emplace_back(n, t.shape, keep.back().data());
   }
   save_safetensors<float>(dir.path + "/renamed.safetensors", renamed);
-  r = peft_run({"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
+  r = peft_run(
+      {"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
   CHECK(r.code == cli::kShape);
   CHECK(has(r.err, "has no tensor \"model.layers.0.attn.q.weight\""));
-  r = peft_run({"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--map", "model.=net.",
-                "--out", dir.path + "/m2.safetensors"});
+  r = peft_run({"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--map",
+                "model.=net.", "--out", dir.path + "/m2.safetensors"});
   REQUIRE(r.code == cli::kOk);
   CHECK(SafeTensorsFile(dir.path + "/m2.safetensors").load<float>("net.layers.1.attn.v.weight") ==
         got.load<float>("model.layers.1.attn.v.weight"));
@@ -152,24 +154,27 @@ TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[to
   ::mkdir(bad.c_str(), 0755);
   write_bytes(bad + "/adapter_config.json", raw_file(data_dir() + "/tiny_lora/adapter_config.json"));
   PeftAdapter<float> ad = load_peft_adapter<float>(data_dir() + "/tiny_lora");
-  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora", "--scale", "1e38",
-                "--out", dir.path + "/nan.safetensors"});
+  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora",
+                "--scale", "1e38", "--out", dir.path + "/nan.safetensors"});
   CHECK(r.code == cli::kNumeric);
   CHECK(has(r.err, "NaN or Inf"));
   CHECK(!path_exists(dir.path + "/nan.safetensors"));
   // Broken adapter config → exit 3; unsupported feature → exit 4.
   write_bytes(bad + "/adapter_config.json", R"({"peft_type":"LORA","r":[4]})");
   write_bytes(bad + "/adapter_model.safetensors", raw_file(data_dir() + "/tiny_lora/adapter_model.safetensors"));
-  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out", dir.path + "/x.safetensors"});
+  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out",
+                dir.path + "/x.safetensors"});
   CHECK(r.code == cli::kIo);
   CHECK(has(r.err, "key \"r\" must be a positive integer"));
   write_bytes(bad + "/adapter_config.json", R"({"peft_type":"LORA","r":4,"lora_bias":true})");
-  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out", dir.path + "/x.safetensors"});
+  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out",
+                dir.path + "/x.safetensors"});
   CHECK(r.code == cli::kConfig);
   // Truncated base → exit 3.
   const std::string whole = raw_file(data_dir() + "/tiny_base.safetensors");
   write_bytes(dir.path + "/trunc.safetensors", whole.substr(0, whole.size() - 7));
-  r = peft_run({"merge", "--base", dir.path + "/trunc.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", dir.path + "/x.safetensors"});
+  r = peft_run({"merge", "--base", dir.path + "/trunc.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out",
+                dir.path + "/x.safetensors"});
   CHECK(r.code == cli::kIo);
   CHECK(has(r.err, "run past the"));
   CHECK(!path_exists(dir.path + "/x.safetensors"));
@@ -246,8 +251,8 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
   CHECK(!path_exists(dir.path + "/bad"));
 
   // extract: tuned = the merged fixture; rank 4 recovers ΔW (rank ≤ 4) exactly up to float storage.
-  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned", data_dir() + "/tiny_lora.merged.safetensors",
-                "--rank", "4", "--out", dir.path + "/ex"});
+  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned",
+                data_dir() + "/tiny_lora.merged.safetensors", "--rank", "4", "--out", dir.path + "/ex"});
   REQUIRE(r.code == cli::kOk);
   const PeftAdapter<double> ex = load_peft_adapter<double>(dir.path + "/ex");
   CHECK(ex.lora.size() == 4);
@@ -257,8 +262,8 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
     const Matrix<double> expect = m.scaling * m.B * m.A;
     CHECK(test::rel_diff(Matrix<double>(e->scaling * e->B * e->A), expect) < 1e-5);
   }
-  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned", data_dir() + "/small.safetensors", "--rank", "2",
-                "--out", dir.path + "/ex2"});
+  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned",
+                data_dir() + "/small.safetensors", "--rank", "2", "--out", dir.path + "/ex2"});
   CHECK(r.code == cli::kShape);
   CHECK(!path_exists(dir.path + "/ex2"));
 }
@@ -298,7 +303,8 @@ TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge giv
 
   // --keep-full: the rest is saved whole (bias as lora_only, embedding and norm as modules_to_save),
   // and merging the adapter into the base reproduces the tuned file.
-  r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--keep-full", "--out", dir.path + "/full"});
+  r = peft_run(
+      {"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--keep-full", "--out", dir.path + "/full"});
   REQUIRE(r.code == cli::kOk);
   CHECK(has(r.out, "kept 3 changed tensors whole"));
   const PeftAdapter<double> full = load_peft_adapter<double>(dir.path + "/full");
@@ -316,8 +322,8 @@ TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge giv
   // GPT-2 Conv1D layout: weights stored [in, out]; the adapter says fan_in_fan_out and merges back.
   save(dir.path + "/base_t.safetensors", emb0, q0, b0, n0, true);
   save(dir.path + "/tuned_t.safetensors", emb0, q1, b0, n0, true);
-  r = peft_run({"extract", "--base", dir.path + "/base_t.safetensors", "--tuned", dir.path + "/tuned_t.safetensors", "--rank",
-                "2", "--fan-in-fan-out", "--out", dir.path + "/conv1d"});
+  r = peft_run({"extract", "--base", dir.path + "/base_t.safetensors", "--tuned", dir.path + "/tuned_t.safetensors",
+                "--rank", "2", "--fan-in-fan-out", "--out", dir.path + "/conv1d"});
   REQUIRE(r.code == cli::kOk);
   const PeftAdapter<double> conv = load_peft_adapter<double>(dir.path + "/conv1d");
   CHECK(conv.config.fan_in_fan_out);
@@ -335,7 +341,8 @@ TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge giv
   r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "-1", "--out", dir.path + "/neg"});
   CHECK(r.code == cli::kUsage);
   CHECK(has(r.err, "--rank must be > 0, got -1"));
-  r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--exclude", ".*", "--out", dir.path + "/none"});
+  r = peft_run(
+      {"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--exclude", ".*", "--out", dir.path + "/none"});
   CHECK(r.code == cli::kConfig);
   CHECK(has(r.err, "outside --exclude"));
   CHECK(!path_exists(dir.path + "/neg"));

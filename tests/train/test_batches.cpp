@@ -65,5 +65,6 @@ TEST_CASE("shuffle is a permutation", "[train][batches]") {
 TEST_CASE("BatchSampler rejects bad sizes", "[train][batches][errors]") {
   PEFT_REQUIRE_THROWS_WITH(BatchSampler(0, 4, 1), ConfigError, "BatchSampler: dataset size must be > 0, got 0");
   PEFT_REQUIRE_THROWS_WITH(BatchSampler(5, 0, 1), ConfigError, "BatchSampler: batch size must be > 0, got 0");
-  PEFT_REQUIRE_THROWS_WITH(BatchSampler(5, 8, 1, true, true), ConfigError, "drop_last with batch size 8 > dataset size 5");
+  PEFT_REQUIRE_THROWS_WITH(BatchSampler(5, 8, 1, true, true), ConfigError,
+                           "drop_last with batch size 8 > dataset size 5");
 }

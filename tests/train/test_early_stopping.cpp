@@ -42,5 +42,6 @@ TEST_CASE("EarlyStopping maximizes accuracy and treats NaN as no improvement", "
 
 TEST_CASE("EarlyStopping rejects bad options", "[train][early_stopping][errors]") {
   PEFT_REQUIRE_THROWS_WITH(EarlyStopping({0, 0.0, false}), ConfigError, "EarlyStopping: patience must be >= 1, got 0");
-  PEFT_REQUIRE_THROWS_WITH(EarlyStopping({3, -0.1, false}), ConfigError, "EarlyStopping: min_delta must be finite and >= 0");
+  PEFT_REQUIRE_THROWS_WITH(EarlyStopping({3, -0.1, false}), ConfigError,
+                           "EarlyStopping: min_delta must be finite and >= 0");
 }

@@ -34,9 +34,7 @@ class Module {
   /// Renames this module and, recursively, its children (`name.key`).
   void set_name(const std::string& name) {
     name_ = name;
-    visit_children([&](const std::string& key, Module<T>& child) {
-      child.set_name(join(name_, key));
-    });
+    visit_children([&](const std::string& key, Module<T>& child) { child.set_name(join(name_, key)); });
   }
 
   bool training() const { return training_; }
@@ -51,9 +49,7 @@ class Module {
   /// Calls fn(dotted_name, parameter) for every parameter in the subtree, in a stable order.
   void visit_parameters(const ParameterVisitor& fn, const std::string& prefix = "") {
     visit_own_parameters([&](const std::string& local, Parameter<T>& p) { fn(join(prefix, local), p); });
-    visit_children([&](const std::string& key, Module<T>& child) {
-      child.visit_parameters(fn, join(prefix, key));
-    });
+    visit_children([&](const std::string& key, Module<T>& child) { child.visit_parameters(fn, join(prefix, key)); });
   }
 
   /// Zeroes the gradient of every trainable parameter in the subtree. It walks the tree by name

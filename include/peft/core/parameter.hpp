@@ -29,8 +29,7 @@ class Parameter {
   void set_trainable(bool on) {
     trainable_ = on;
     if (on) {
-      if (grad.rows() != value.rows() || grad.cols() != value.cols())
-        grad.setZero(value.rows(), value.cols());
+      if (grad.rows() != value.rows() || grad.cols() != value.cols()) grad.setZero(value.rows(), value.cols());
     } else {
       grad.resize(0, 0);  // frees the buffer
     }

@@ -55,9 +55,7 @@ ParameterCount count_parameters(Module<T>& module) {
 }
 
 namespace detail {
-inline Regex compile_pattern(const std::string& pattern, const char* who) {
-  return compile_name_regex(pattern, who);
-}
+inline Regex compile_pattern(const std::string& pattern, const char* who) { return compile_name_regex(pattern, who); }
 
 /// Sets trainable = on for every parameter whose full name matches; throws when none does, so a
 /// typo cannot silently leave a model fully frozen (or fully trainable).

@@ -97,10 +97,10 @@ struct RxInst {
 struct RxNode {
   enum class Kind : std::uint8_t { kEmpty, kChar, kAny, kClass, kConcat, kAlt, kGroup, kRepeat, kAssert };
   Kind kind = Kind::kEmpty;
-  char32_t c = 0;          // kChar
-  int index = -1;          // kClass: class index; kGroup: capture group number (-1: non-capturing)
-  int min = 0, max = 0;    // kRepeat; max < 0: unbounded
-  bool greedy = true;      // kRepeat
+  char32_t c = 0;        // kChar
+  int index = -1;        // kClass: class index; kGroup: capture group number (-1: non-capturing)
+  int min = 0, max = 0;  // kRepeat; max < 0: unbounded
+  bool greedy = true;    // kRepeat
   RxAssert assertion = RxAssert::kBegin;
   std::vector<RxNode> kids;
 };
@@ -110,7 +110,8 @@ struct RxNode {
 class RxParser {
  public:
   RxParser(std::string_view pattern, std::string who, std::vector<RxClass>& classes)
-      : who_(std::move(who)), shown_(pattern.size() > 80 ? std::string(pattern.substr(0, 80)) + "..." : std::string(pattern)),
+      : who_(std::move(who)),
+        shown_(pattern.size() > 80 ? std::string(pattern.substr(0, 80)) + "..." : std::string(pattern)),
         classes_(classes) {
     for (std::size_t i = 0; i < pattern.size();) {
       const auto [cp, len] = rx_decode(pattern, i);
@@ -263,7 +264,9 @@ class RxParser {
       case '.': ++i_; return leaf(RxNode::Kind::kAny);
       case '^': ++i_; return assertion(RxAssert::kBegin);
       case '$': ++i_; return assertion(RxAssert::kEnd);
-      case '*': case '+': case '?': fail("nothing to repeat");
+      case '*':
+      case '+':
+      case '?': fail("nothing to repeat");
       case '{': {
         int lo = 0, hi = 0;
         const std::size_t at = i_;
@@ -347,9 +350,12 @@ class RxParser {
     for (int k = 0; k < digits; ++k) {
       const char32_t h = peek();
       int d = -1;
-      if (h >= '0' && h <= '9') d = static_cast<int>(h - '0');
-      else if (h >= 'a' && h <= 'f') d = static_cast<int>(h - 'a') + 10;
-      else if (h >= 'A' && h <= 'F') d = static_cast<int>(h - 'A') + 10;
+      if (h >= '0' && h <= '9')
+        d = static_cast<int>(h - '0');
+      else if (h >= 'a' && h <= 'f')
+        d = static_cast<int>(h - 'a') + 10;
+      else if (h >= 'A' && h <= 'F')
+        d = static_cast<int>(h - 'A') + 10;
       if (d < 0) fail("incomplete escape");
       v = v * 16 + static_cast<char32_t>(d);
       ++i_;
@@ -477,7 +483,10 @@ inline double rx_size(const RxNode& n) {
   using K = RxNode::Kind;
   switch (n.kind) {
     case K::kEmpty: return 0;
-    case K::kChar: case K::kAny: case K::kClass: case K::kAssert: return 1;
+    case K::kChar:
+    case K::kAny:
+    case K::kClass:
+    case K::kAssert: return 1;
     case K::kConcat: {
       double s = 0;
       for (const RxNode& k : n.kids) s += rx_size(k);
@@ -660,7 +669,8 @@ class Regex {
     const bool word_before = h.prev != detail::kRxNoChar && detail::rx_is_word(h.prev);
     const bool word_after = h.next != detail::kRxNoChar && detail::rx_is_word(h.next);
     switch (a) {
-      case A::kBegin: case A::kTextBegin: return h.pos == 0;
+      case A::kBegin:
+      case A::kTextBegin: return h.pos == 0;
       case A::kEnd: return h.pos == size || h.before_final_newline;
       case A::kTextEnd: return h.pos == size;
       case A::kWordBoundary: return word_before != word_after;
@@ -672,8 +682,8 @@ class Regex {
   /// Follows the epsilon closure from `pc0` (splits, jumps, saves, assertions) and appends every
   /// reachable consuming instruction to `list` once, in priority order. Explicit stack: no
   /// recursion however large the program.
-  void add_thread(ThreadList& list, int pc0, std::ptrdiff_t* caps, std::size_t nslots, const Here& h,
-                  std::size_t size, std::vector<std::uint32_t>& mark, std::uint32_t stamp,
+  void add_thread(ThreadList& list, int pc0, std::ptrdiff_t* caps, std::size_t nslots, const Here& h, std::size_t size,
+                  std::vector<std::uint32_t>& mark, std::uint32_t stamp,
                   std::vector<std::pair<int, std::ptrdiff_t>>& stack) const {
     // (pc, -1): explore pc; (-2 - slot, old): restore caps[slot] = old once its subtree is done
     stack.clear();

@@ -81,8 +81,8 @@ struct SequenceLayout {
       throw ShapeError(who + ": sequence batch must have batch >= 1 and seq >= 1, got batch=" + std::to_string(batch) +
                        ", seq=" + std::to_string(seq));
     if (static_cast<Index>(lengths.size()) != batch)
-      throw ShapeError(who + ": sequence batch has " + std::to_string(lengths.size()) + " lengths, expected batch=" +
-                       std::to_string(batch));
+      throw ShapeError(who + ": sequence batch has " + std::to_string(lengths.size()) +
+                       " lengths, expected batch=" + std::to_string(batch));
     for (Index b = 0; b < batch; ++b)
       if (length(b) < 1 || length(b) > seq)
         throw ShapeError(who + ": sequence " + std::to_string(b) + " has length " + std::to_string(length(b)) +
@@ -145,7 +145,8 @@ inline std::vector<Index> pack_token_ids(const std::vector<std::vector<Index>>& 
   std::vector<Index> ids(static_cast<std::size_t>(layout.rows()), pad_id);
   for (Index b = 0; b < layout.batch; ++b)
     for (Index t = 0; t < layout.length(b); ++t)
-      ids[static_cast<std::size_t>(layout.row(b, t))] = sequences[static_cast<std::size_t>(b)][static_cast<std::size_t>(t)];
+      ids[static_cast<std::size_t>(layout.row(b, t))] =
+          sequences[static_cast<std::size_t>(b)][static_cast<std::size_t>(t)];
   return ids;
 }
 
@@ -184,14 +185,15 @@ void split_prepended_rows(const ConstMatrixRef<T>& dy, const SequenceLayout& out
                           Matrix<T>* dprefix) {
   out_layout.validate("split_prepended_rows", dy.rows());
   if (n <= 0 || n >= out_layout.seq)
-    throw ShapeError("split_prepended_rows: n=" + std::to_string(n) + " must be in [1, seq) with seq=" +
-                     std::to_string(out_layout.seq));
+    throw ShapeError("split_prepended_rows: n=" + std::to_string(n) +
+                     " must be in [1, seq) with seq=" + std::to_string(out_layout.seq));
   const Index s = out_layout.seq - n;
   if (dprefix != nullptr) {
     const bool shared = dprefix->rows() == n;
     if ((!shared && dprefix->rows() != out_layout.batch * n) || dprefix->cols() != dy.cols())
-      throw ShapeError("split_prepended_rows: prefix gradient has shape " + shape_str(dprefix->rows(), dprefix->cols()) +
-                       ", expected " + shape_str(n, dy.cols()) + " or " + shape_str(out_layout.batch * n, dy.cols()));
+      throw ShapeError("split_prepended_rows: prefix gradient has shape " +
+                       shape_str(dprefix->rows(), dprefix->cols()) + ", expected " + shape_str(n, dy.cols()) + " or " +
+                       shape_str(out_layout.batch * n, dy.cols()));
     for (Index b = 0; b < out_layout.batch; ++b) {
       if (shared)
         *dprefix += dy.middleRows(b * out_layout.seq, n);
@@ -201,8 +203,7 @@ void split_prepended_rows(const ConstMatrixRef<T>& dy, const SequenceLayout& out
   }
   if (dx != nullptr) {
     dx->resize(out_layout.batch * s, dy.cols());
-    for (Index b = 0; b < out_layout.batch; ++b)
-      dx->middleRows(b * s, s) = dy.middleRows(b * out_layout.seq + n, s);
+    for (Index b = 0; b < out_layout.batch; ++b) dx->middleRows(b * s, s) = dy.middleRows(b * out_layout.seq + n, s);
   }
 }
 

@@ -111,9 +111,12 @@ class Checkpoint {
       for (std::size_t k = 0; k < 16; ++k) {
         const char c = s[16 * i + k];
         int d = 0;
-        if (c >= '0' && c <= '9') d = c - '0';
-        else if (c >= 'a' && c <= 'f') d = c - 'a' + 10;
-        else bad_scalar(name, s, "64 hex digits");
+        if (c >= '0' && c <= '9')
+          d = c - '0';
+        else if (c >= 'a' && c <= 'f')
+          d = c - 'a' + 10;
+        else
+          bad_scalar(name, s, "64 hex digits");
         w = (w << 4) | static_cast<std::uint64_t>(d);
       }
       st[i] = w;
@@ -137,8 +140,10 @@ class Checkpoint {
   static Checkpoint load(const std::string& path) {
     const SafeTensorsFile f(path);
     const auto it = f.metadata().find("peft.checkpoint");
-    if (it == f.metadata().end()) throw IoError("\"" + path + "\" is not a peft checkpoint (no \"peft.checkpoint\" metadata)");
-    if (it->second != "1") throw IoError("\"" + path + "\": unsupported checkpoint format version \"" + it->second + "\"");
+    if (it == f.metadata().end())
+      throw IoError("\"" + path + "\" is not a peft checkpoint (no \"peft.checkpoint\" metadata)");
+    if (it->second != "1")
+      throw IoError("\"" + path + "\": unsupported checkpoint format version \"" + it->second + "\"");
     Checkpoint c;
     c.path_ = path;
     for (const auto& kv : f.metadata()) {
@@ -152,7 +157,8 @@ class Checkpoint {
       if (t.dtype != native_dtype<T>())
         throw IoError("\"" + path + "\": tensor \"" + t.name + "\" is " + dtype_name(t.dtype) + ", expected " +
                       dtype_name(native_dtype<T>()) + " (a checkpoint resumes with the scalar type it was saved with)");
-      if (t.shape.size() > 2) throw IoError("\"" + path + "\": tensor \"" + t.name + "\" has rank " + std::to_string(t.shape.size()));
+      if (t.shape.size() > 2)
+        throw IoError("\"" + path + "\": tensor \"" + t.name + "\" has rank " + std::to_string(t.shape.size()));
       c.put_tensor(t.name, f.load<T>(t.name), t.shape.size() == 1);
     }
     return c;
@@ -185,7 +191,8 @@ class Checkpoint {
 /// Stores every parameter of `model` (only the trainable ones when `trainable_only`) as
 /// `<prefix><dotted name>`.
 template <class T>
-void save_parameters(Module<T>& model, Checkpoint<T>& ck, const std::string& prefix = "param.", bool trainable_only = true) {
+void save_parameters(Module<T>& model, Checkpoint<T>& ck, const std::string& prefix = "param.",
+                     bool trainable_only = true) {
   model.visit_parameters([&](const std::string& name, Parameter<T>& p) {
     if (!trainable_only || p.trainable()) ck.put_tensor(prefix + name, p.value, p.is_vector());
   });
@@ -203,7 +210,8 @@ std::size_t restore_parameters(Module<T>& model, const Checkpoint<T>& ck, const 
     if (kv.first.rfind(prefix, 0) != 0) continue;
     const std::string name = kv.first.substr(prefix.size());
     const auto it = idx.find(name);
-    if (it == idx.end()) throw ConfigError("restore_parameters: checkpoint tensor \"" + kv.first + "\" names no parameter of the model");
+    if (it == idx.end())
+      throw ConfigError("restore_parameters: checkpoint tensor \"" + kv.first + "\" names no parameter of the model");
     const Matrix<T>& v = kv.second.value;
     if (it->second->value.rows() != v.rows() || it->second->value.cols() != v.cols())
       throw ShapeError("restore_parameters: parameter \"" + name + "\" has shape " + shape_str(it->second->value) +
@@ -254,7 +262,8 @@ void save_optimizer_state(BasicOptimizer<T, State>& opt, Checkpoint<T>& ck, cons
 /// (same group and parameter names). Everything is validated first: on error the optimizer is
 /// unchanged.
 template <class T, class State>
-void load_optimizer_state(BasicOptimizer<T, State>& opt, const Checkpoint<T>& ck, const std::string& prefix = "optim.") {
+void load_optimizer_state(BasicOptimizer<T, State>& opt, const Checkpoint<T>& ck,
+                          const std::string& prefix = "optim.") {
   using Entry = typename BasicOptimizer<T, State>::Entry;
   std::vector<double> lr(opt.num_groups()), initial(opt.num_groups()), wd(opt.num_groups());
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
@@ -276,8 +285,8 @@ void load_optimizer_state(BasicOptimizer<T, State>& opt, const Checkpoint<T>& ck
           const std::string n = prefix + "state." + e.name + "." + field;
           m = ck.tensor(n);
           if (m.size() != 0 && (m.rows() != e.param->value.rows() || m.cols() != e.param->value.cols()))
-            throw ShapeError("load_optimizer_state: \"" + n + "\" has shape " + shape_str(m) + ", parameter \"" + e.name +
-                             "\" has " + shape_str(e.param->value));
+            throw ShapeError("load_optimizer_state: \"" + n + "\" has shape " + shape_str(m) + ", parameter \"" +
+                             e.name + "\" has " + shape_str(e.param->value));
         });
       plan.emplace_back(&e, std::move(fresh));
     }

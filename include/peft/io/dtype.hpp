@@ -37,10 +37,16 @@ inline const char* dtype_name(DType d) {
 
 inline std::size_t dtype_size(DType d) {
   switch (d) {
-    case DType::F64: case DType::I64: return 8;
-    case DType::F32: case DType::I32: return 4;
-    case DType::F16: case DType::BF16: case DType::I16: return 2;
-    case DType::I8: case DType::U8: case DType::BOOL: return 1;
+    case DType::F64:
+    case DType::I64: return 8;
+    case DType::F32:
+    case DType::I32: return 4;
+    case DType::F16:
+    case DType::BF16:
+    case DType::I16: return 2;
+    case DType::I8:
+    case DType::U8:
+    case DType::BOOL: return 1;
   }
   return 0;
 }
@@ -51,10 +57,12 @@ inline bool dtype_is_float(DType d) {
 
 /// Parses a safetensors dtype string; false for names we do not know or support (F8_*, U16, ...).
 inline bool parse_dtype(const std::string& s, DType& out) {
-  static const struct { const char* n; DType d; } kTable[] = {
-      {"F64", DType::F64}, {"F32", DType::F32}, {"F16", DType::F16}, {"BF16", DType::BF16},
-      {"I64", DType::I64}, {"I32", DType::I32}, {"I16", DType::I16}, {"I8", DType::I8},
-      {"U8", DType::U8},   {"BOOL", DType::BOOL}};
+  static const struct {
+    const char* n;
+    DType d;
+  } kTable[] = {{"F64", DType::F64}, {"F32", DType::F32},  {"F16", DType::F16}, {"BF16", DType::BF16},
+                {"I64", DType::I64}, {"I32", DType::I32},  {"I16", DType::I16}, {"I8", DType::I8},
+                {"U8", DType::U8},   {"BOOL", DType::BOOL}};
   for (const auto& e : kTable)
     if (s == e.n) {
       out = e.d;
@@ -135,7 +143,7 @@ inline std::uint16_t double_to_bf16(double x) { return detail::encode_small_floa
 /// that loops over it vectorize: loading an F16 checkpoint is a conversion-bound loop.
 inline float half_to_float(std::uint16_t h) {
   const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  const std::uint32_t em = h & 0x7fffu;                             // exponent and fraction
+  const std::uint32_t em = h & 0x7fffu;  // exponent and fraction
   const std::uint32_t inf_nan = 0u - static_cast<std::uint32_t>(em >= 0x7c00u);
   const std::uint32_t small = 0u - static_cast<std::uint32_t>(em < 0x0400u);
   const std::uint32_t normal = (em << 13) + (112u << 23) + (inf_nan & (112u << 23));  // rebias 15 → 127 (31 → 255)

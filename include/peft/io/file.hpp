@@ -193,7 +193,8 @@ class AtomicFile {
     std::vector<char> buf(tmpl.begin(), tmpl.end());
     buf.push_back('\0');
     fd_ = ::mkstemp(buf.data());
-    if (fd_ < 0) throw IoError("cannot create a temporary file next to \"" + path_ + "\": " + detail::errno_text(errno));
+    if (fd_ < 0)
+      throw IoError("cannot create a temporary file next to \"" + path_ + "\": " + detail::errno_text(errno));
     tmp_ = buf.data();
     (void)::fchmod(fd_, 0644);  // mkstemp makes 0600; output files are ordinary files
   }

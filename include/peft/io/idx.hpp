@@ -49,8 +49,8 @@ struct IdxArray {
 /// Images [count, rows·cols] with their labels, read from an IDX image file and an IDX label file.
 struct IdxDataset {
   Index count = 0;
-  Index rows = 0;  ///< image height
-  Index cols = 0;  ///< image width
+  Index rows = 0;                    ///< image height
+  Index cols = 0;                    ///< image width
   std::vector<std::uint8_t> pixels;  ///< count · rows · cols, image after image, row-major
   std::vector<std::uint8_t> labels;  ///< count
 
@@ -142,7 +142,8 @@ class GzReader {
   [[noreturn]] void fail_stream() {
     int errnum = Z_OK;
     const char* msg = gzerror(file_, &errnum);
-    throw IoError("IDX file \"" + path_ + "\": corrupt or unreadable data in a read starting at byte " + std::to_string(offset_) +
+    throw IoError("IDX file \"" + path_ + "\": corrupt or unreadable data in a read starting at byte " +
+                  std::to_string(offset_) +
                   " of the uncompressed stream: " + (msg != nullptr && *msg ? msg : "read error"));
   }
 
@@ -201,9 +202,8 @@ inline IdxArray read_idx(const std::string& path, int expected_ndims = 0) {
     if (size == 0) throw IoError(who + ": dimension " + std::to_string(d) + " at byte " + std::to_string(at) + " is 0");
     elements *= static_cast<std::int64_t>(size);
     if (elements > kIdxMaxElements)
-      throw IoError(who + ": header announces more than " + std::to_string(kIdxMaxElements) +
-                    " elements (dimension " + std::to_string(d) + " = " + std::to_string(size) +
-                    "); the file is corrupt or not an IDX file");
+      throw IoError(who + ": header announces more than " + std::to_string(kIdxMaxElements) + " elements (dimension " +
+                    std::to_string(d) + " = " + std::to_string(size) + "); the file is corrupt or not an IDX file");
     out.dims.push_back(static_cast<std::int64_t>(size));
   }
   out.data.resize(static_cast<std::size_t>(elements));
@@ -215,13 +215,12 @@ inline IdxArray read_idx(const std::string& path, int expected_ndims = 0) {
 /// Reads an image file (3 dimensions: count, rows, cols) and a label file (1 dimension: count) and
 /// checks that they describe the same number of examples. `max_label` > 0 also checks every label
 /// is in [0, max_label].
-inline IdxDataset read_idx_dataset(const std::string& images_path, const std::string& labels_path,
-                                   int max_label = 0) {
+inline IdxDataset read_idx_dataset(const std::string& images_path, const std::string& labels_path, int max_label = 0) {
   IdxArray images = read_idx(images_path, 3);
   IdxArray labels = read_idx(labels_path, 1);
   if (images.dims[0] != labels.dims[0])
-    throw IoError("IDX files \"" + images_path + "\" and \"" + labels_path + "\": " +
-                  std::to_string(images.dims[0]) + " images but " + std::to_string(labels.dims[0]) + " labels");
+    throw IoError("IDX files \"" + images_path + "\" and \"" + labels_path + "\": " + std::to_string(images.dims[0]) +
+                  " images but " + std::to_string(labels.dims[0]) + " labels");
   if (max_label > 0) {
     for (std::size_t i = 0; i < labels.data.size(); ++i)
       if (labels.data[i] > max_label)

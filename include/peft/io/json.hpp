@@ -82,7 +82,8 @@ class StrictJsonCheck : public nlohmann::json_sax<J> {
     return true;
   }
   bool parse_error(std::size_t position, const std::string&, const nlohmann::detail::exception& e) override {
-    throw IoError("\"" + label_ + "\": invalid JSON at byte " + std::to_string(base_offset_ + position) + ": " + e.what());
+    throw IoError("\"" + label_ + "\": invalid JSON at byte " + std::to_string(base_offset_ + position) + ": " +
+                  e.what());
   }
 
  private:
@@ -107,8 +108,9 @@ class StrictJsonCheck : public nlohmann::json_sax<J> {
 template <class J = Json>
 J parse_json_strict(const char* begin, const char* end, const std::string& label, std::size_t base_offset = 0,
                     int max_depth = 64,
-                    std::size_t max_keys = std::is_same<J, nlohmann::ordered_json>::value ? kMaxOrderedJsonKeys
-                                                                                          : static_cast<std::size_t>(-1)) {
+                    std::size_t max_keys = std::is_same<J, nlohmann::ordered_json>::value
+                                               ? kMaxOrderedJsonKeys
+                                               : static_cast<std::size_t>(-1)) {
   detail::StrictJsonCheck<J> check(label, base_offset, max_depth, max_keys);
   try {
     J::sax_parse(begin, end, &check, nlohmann::detail::input_format_t::json, /*strict=*/true);

@@ -28,9 +28,9 @@
 namespace peft::io {
 
 struct MergeFileOptions {
-  double scale = 1.0;                 ///< c: multiplies every adapter's scaling
-  NameMapping mapping;                ///< PEFT module path → base tensor prefix
-  std::size_t block_bytes = 8u << 20; ///< working block for merged tensors
+  double scale = 1.0;                  ///< c: multiplies every adapter's scaling
+  NameMapping mapping;                 ///< PEFT module path → base tensor prefix
+  std::size_t block_bytes = 8u << 20;  ///< working block for merged tensors
 };
 
 struct MergeFileReport {
@@ -46,7 +46,8 @@ template <class T>
 MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapter<T>& adapter,
                                    const std::string& out_path, const MergeFileOptions& opt = {}) {
   if (!adapter.config.is_lora())
-    throw ConfigError("merge: a " + adapter.config.peft_type + " adapter adds virtual tokens; it has no weights to merge");
+    throw ConfigError("merge: a " + adapter.config.peft_type +
+                      " adapter adds virtual tokens; it has no weights to merge");
   if (!std::isfinite(opt.scale)) throw ConfigError("merge: scale must be finite, got " + std::to_string(opt.scale));
   const SafeTensorsFile base(base_path);
   const std::string who = "merge: base \"" + base_path + "\"";
@@ -70,12 +71,14 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
                           "\" is DoRA (lora_magnitude_vector) with fan_in_fan_out = true, which is not supported");
       if (m.magnitude.size() != out)
         throw ShapeError(who + ": adapter module \"" + m.path + "\" has a magnitude of " +
-                         std::to_string(m.magnitude.size()) + " values, expected " + std::to_string(out) + " (one per output row)");
+                         std::to_string(m.magnitude.size()) + " values, expected " + std::to_string(out) +
+                         " (one per output row)");
     }
     const Index er = fan ? in : out, ec = fan ? out : in;
     if (t.shape.size() != 2 || t.rows() != er || t.cols() != ec)
-      throw ShapeError(who + ": tensor \"" + name + "\" has shape " + t.shape_string() + ", but adapter module \"" + m.path +
-                       "\" needs " + shape_str(er, ec) + (fan ? " (fan_in_fan_out: [in, out])" : " ([out, in])"));
+      throw ShapeError(who + ": tensor \"" + name + "\" has shape " + t.shape_string() + ", but adapter module \"" +
+                       m.path + "\" needs " + shape_str(er, ec) +
+                       (fan ? " (fan_in_fan_out: [in, out])" : " ([out, in])"));
     if (!lora_at.emplace(name, &m).second) throw ConfigError(who + ": two adapter modules map to \"" + name + "\"");
   }
   for (const auto& f : adapter.full) {
@@ -95,7 +98,7 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
   for (const TensorInfo& t : base.tensors()) specs.push_back({t.name, t.dtype, t.shape});
   SafeTensorsWriter w(out_path, std::move(specs), base.metadata());
   MergeFileReport rep;
-  Matrix<T> blk;      // [rows in block, cols] working block, reused
+  Matrix<T> blk;       // [rows in block, cols] working block, reused
   ColVector<T> norms;  // DoRA row norms
   for (const TensorInfo& t : base.tensors()) {
     const unsigned char* src = base.bytes(t);
@@ -107,13 +110,13 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
       const T s = static_cast<T>(m.scaling * opt.scale);
       const Index rows = t.rows(), cols = t.cols();
       const std::size_t item = dtype_size(t.dtype);
-      const Index per_block =
-          std::max<Index>(1, static_cast<Index>(opt.block_bytes / (sizeof(T) * static_cast<std::size_t>(std::max<Index>(cols, 1)))));
+      const Index per_block = std::max<Index>(
+          1, static_cast<Index>(opt.block_bytes / (sizeof(T) * static_cast<std::size_t>(std::max<Index>(cols, 1)))));
       for (Index i0 = 0; i0 < rows; i0 += per_block) {
         const Index n = std::min(per_block, rows - i0);
         blk.resize(n, cols);
-        decode_elements<T>(t.dtype, src + static_cast<std::size_t>(i0 * cols) * item, static_cast<std::size_t>(n * cols),
-                           blk.data());
+        decode_elements<T>(t.dtype, src + static_cast<std::size_t>(i0 * cols) * item,
+                           static_cast<std::size_t>(n * cols), blk.data());
         if (fan)
           blk.noalias() += s * m.A.middleCols(i0, n).transpose() * m.B.transpose();  // rows i0.. of (B A)ᵀ   [n, out]
         else
@@ -132,15 +135,18 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
                 i = n;
                 break;
               }
-          throw NumericError("merge: tensor \"" + t.name + "\" (adapter module \"" + m.path + "\") gets NaN or Inf at [" +
-                             std::to_string(i0 + bad_r) + ", " + std::to_string(bad_c) + "]; nothing was written");
+          throw NumericError("merge: tensor \"" + t.name + "\" (adapter module \"" + m.path +
+                             "\") gets NaN or Inf at [" + std::to_string(i0 + bad_r) + ", " + std::to_string(bad_c) +
+                             "]; nothing was written");
         }
         w.write<T>(blk.data(), static_cast<std::size_t>(n * cols));
       }
       ++rep.merged;
     } else if (fit != full_at.end()) {
       const Matrix<T>& v = fit->second->value;
-      if (!all_finite(v)) throw NumericError("merge: the adapter's replacement for \"" + t.name + "\" has NaN or Inf; nothing was written");
+      if (!all_finite(v))
+        throw NumericError("merge: the adapter's replacement for \"" + t.name +
+                           "\" has NaN or Inf; nothing was written");
       w.write<T>(v.data(), static_cast<std::size_t>(v.size()));
       ++rep.replaced;
     } else {

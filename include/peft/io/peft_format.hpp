@@ -33,10 +33,10 @@
 // `use_*` = true or a non-empty unknown `*_config` object is taken for a feature we do not know
 // and refused: loading it as plain LoRA would silently compute something else.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <functional>
 #include <map>
-#include <cctype>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -59,8 +59,8 @@ constexpr const char* kPeftKeyPrefix = "base_model.model.";
 
 /// target_modules / exclude_modules.
 struct ModuleSelector {
-  bool present = false;    ///< false: null / absent
-  bool is_regex = false;   ///< a string: regex over the whole path
+  bool present = false;   ///< false: null / absent
+  bool is_regex = false;  ///< a string: regex over the whole path
   std::string regex;
   std::vector<std::string> names;
 
@@ -105,7 +105,7 @@ struct AdapterConfig {
   std::string bias = "none";
   ModuleSelector target_modules;
   ModuleSelector exclude_modules;
-  std::vector<std::pair<std::string, int>> rank_pattern;       ///< file order matters
+  std::vector<std::pair<std::string, int>> rank_pattern;  ///< file order matters
   std::vector<std::pair<std::string, double>> alpha_pattern;
   std::vector<std::string> modules_to_save;
   Json init_lora_weights = true;
@@ -117,7 +117,7 @@ struct AdapterConfig {
   int num_transformer_submodules = 1;
   bool prefix_projection = false;
 
-  Json raw = Json::object();             ///< the file as read; unknown keys survive a save
+  Json raw = Json::object();  ///< the file as read; unknown keys survive a save
   std::vector<std::string> unknown_keys;
 
   bool is_lora() const { return peft_type == "LORA"; }
@@ -155,9 +155,7 @@ struct AdapterConfig {
     return c;
   }
   /// Whether PEFT would put an adapter on `path` (target_modules and not exclude_modules).
-  bool targets(const std::string& path) const {
-    return target_modules.matches(path) && !exclude_modules.matches(path);
-  }
+  bool targets(const std::string& path) const { return target_modules.matches(path) && !exclude_modules.matches(path); }
 };
 
 namespace detail {
@@ -165,17 +163,59 @@ namespace detail {
 inline const std::vector<std::string>& known_config_keys() {
   // Keys we read, plus keys that do not change the math of a trained adapter (bookkeeping,
   // target selection already reflected in the saved tensors, initialisation-only options).
-  static const std::vector<std::string> k = {
-      "peft_type", "task_type", "base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "use_rslora",
-      "use_dora", "fan_in_fan_out", "lora_bias", "bias", "target_modules", "exclude_modules", "rank_pattern",
-      "alpha_pattern", "modules_to_save", "init_lora_weights", "num_virtual_tokens", "token_dim", "num_layers",
-      "num_attention_heads", "num_transformer_submodules", "prefix_projection", "encoder_hidden_size",
-      "layers_to_transform", "layers_pattern", "layer_replication", "revision", "inference_mode", "auto_mapping",
-      "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "runtime_config",
-      "use_qalora", "qalora_group_size", "trainable_token_indices", "target_parameters", "peft_version",
-      "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs",
-      "ensure_weight_tying", "velora_config", "lora_ga_config", "alora_invocation_tokens", "arrow_config",
-      "use_bdlora", "bdlora_config", "monteclora_config"};
+  static const std::vector<std::string> k = {"peft_type",
+                                             "task_type",
+                                             "base_model_name_or_path",
+                                             "r",
+                                             "lora_alpha",
+                                             "lora_dropout",
+                                             "use_rslora",
+                                             "use_dora",
+                                             "fan_in_fan_out",
+                                             "lora_bias",
+                                             "bias",
+                                             "target_modules",
+                                             "exclude_modules",
+                                             "rank_pattern",
+                                             "alpha_pattern",
+                                             "modules_to_save",
+                                             "init_lora_weights",
+                                             "num_virtual_tokens",
+                                             "token_dim",
+                                             "num_layers",
+                                             "num_attention_heads",
+                                             "num_transformer_submodules",
+                                             "prefix_projection",
+                                             "encoder_hidden_size",
+                                             "layers_to_transform",
+                                             "layers_pattern",
+                                             "layer_replication",
+                                             "revision",
+                                             "inference_mode",
+                                             "auto_mapping",
+                                             "megatron_config",
+                                             "megatron_core",
+                                             "loftq_config",
+                                             "eva_config",
+                                             "corda_config",
+                                             "runtime_config",
+                                             "use_qalora",
+                                             "qalora_group_size",
+                                             "trainable_token_indices",
+                                             "target_parameters",
+                                             "peft_version",
+                                             "prompt_tuning_init",
+                                             "prompt_tuning_init_text",
+                                             "tokenizer_name_or_path",
+                                             "tokenizer_kwargs",
+                                             "ensure_weight_tying",
+                                             "velora_config",
+                                             "lora_ga_config",
+                                             "alora_invocation_tokens",
+                                             "arrow_config",
+                                             "use_bdlora",
+                                             "bdlora_config",
+                                             "monteclora_config"};
   return k;
 }
 
@@ -249,8 +289,9 @@ struct ConfigReader {
     if (!v.is_object()) bad(key, integer ? "an object of positive integers" : "an object of numbers");
     for (auto it = v.begin(); it != v.end(); ++it) {
       const Json& x = it.value();
-      const bool ok = integer ? (x.is_number_integer() && x.get<std::int64_t>() > 0 && x.get<std::int64_t>() <= (1 << 30))
-                              : (x.is_number() && std::isfinite(x.get<double>()) && x.get<double>() > 0);
+      const bool ok = integer
+                          ? (x.is_number_integer() && x.get<std::int64_t>() > 0 && x.get<std::int64_t>() <= (1 << 30))
+                          : (x.is_number() && std::isfinite(x.get<double>()) && x.get<double>() > 0);
       if (!ok)
         throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key() + "\" must be " +
                       (integer ? "a positive integer" : "a positive number") + ", got " + x.dump());
@@ -283,12 +324,13 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
     if (std::find(known.begin(), known.end(), it.key()) != known.end()) continue;
     const std::string& k = it.key();
     const bool enables = k.rfind("use_", 0) == 0 && it.value().is_boolean() && it.value().get<bool>();
-    const bool configures = k.size() > 7 && k.compare(k.size() - 7, 7, "_config") == 0 && it.value().is_object() &&
-                            !it.value().empty();
+    const bool configures =
+        k.size() > 7 && k.compare(k.size() - 7, 7, "_config") == 0 && it.value().is_object() && !it.value().empty();
     if (enables || configures)
       throw ConfigError(who + ": unknown key \"" + k + "\" = " + it.value().dump().substr(0, 80) +
                         " looks like a feature this version does not implement; refusing the adapter rather than "
-                        "loading it as plain " + c.peft_type);
+                        "loading it as plain " +
+                        c.peft_type);
     c.unknown_keys.push_back(k);
   }
   if (c.is_lora()) {
@@ -310,7 +352,8 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
       if (!v.is_boolean() && !v.is_string()) rd.bad("init_lora_weights", "true, false or a string");
       c.init_lora_weights = v;
     }
-    if (!(c.lora_alpha > 0)) throw IoError(who + ": key \"lora_alpha\" must be > 0, got " + std::to_string(c.lora_alpha));
+    if (!(c.lora_alpha > 0))
+      throw IoError(who + ": key \"lora_alpha\" must be > 0, got " + std::to_string(c.lora_alpha));
     if (!(c.lora_dropout >= 0 && c.lora_dropout < 1))
       throw IoError(who + ": key \"lora_dropout\" must be in [0, 1), got " + std::to_string(c.lora_dropout));
     // Features that change the math and that we do not implement: refuse the whole adapter.
@@ -331,17 +374,21 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
     if (rd.has("trainable_token_indices")) throw ConfigError(who + ": trainable_token_indices is not supported");
     if (rd.has("use_qalora") && j.at("use_qalora").is_boolean() && j.at("use_qalora").get<bool>())
       throw ConfigError(who + ": use_qalora = true is not supported");
-    if (rd.has("target_parameters")) throw ConfigError(who + ": target_parameters (LoRA on raw parameters) is not supported");
+    if (rd.has("target_parameters"))
+      throw ConfigError(who + ": target_parameters (LoRA on raw parameters) is not supported");
     const auto set = [&](const char* k) {  // present and not null / false / empty
       if (!rd.has(k)) return false;
       const Json& v = j.at(k);
       return !(v.is_boolean() && !v.get<bool>()) && !((v.is_array() || v.is_object() || v.is_string()) && v.empty());
     };
     if (set("alora_invocation_tokens"))
-      throw ConfigError(who + ": alora_invocation_tokens (activated LoRA: the adapter applies only after the invocation "
-                              "tokens) is not supported");
-    if (set("arrow_config")) throw ConfigError(who + ": arrow_config (Arrow routing between LoRA experts) is not supported");
-    if (set("use_bdlora") || set("bdlora_config")) throw ConfigError(who + ": block-diagonal LoRA (BD-LoRA) is not supported");
+      throw ConfigError(who +
+                        ": alora_invocation_tokens (activated LoRA: the adapter applies only after the invocation "
+                        "tokens) is not supported");
+    if (set("arrow_config"))
+      throw ConfigError(who + ": arrow_config (Arrow routing between LoRA experts) is not supported");
+    if (set("use_bdlora") || set("bdlora_config"))
+      throw ConfigError(who + ": block-diagonal LoRA (BD-LoRA) is not supported");
     if (set("monteclora_config")) throw ConfigError(who + ": monteclora_config (Monte Carlo LoRA) is not supported");
   } else if (c.is_prompt()) {
     rd.get("num_virtual_tokens", c.num_virtual_tokens, 1);
@@ -353,7 +400,8 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
     rd.get("modules_to_save", c.modules_to_save);
     if (c.num_virtual_tokens <= 0) throw IoError(who + ": key \"num_virtual_tokens\" is required and must be > 0");
   } else {
-    throw ConfigError(who + ": peft_type \"" + c.peft_type + "\" is not supported (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)");
+    throw ConfigError(who + ": peft_type \"" + c.peft_type +
+                      "\" is not supported (supported: LORA, PROMPT_TUNING, PREFIX_TUNING)");
   }
   return c;
 }
@@ -406,9 +454,9 @@ inline Json to_json(const AdapterConfig& c) {
 /// One LoRA-adapted module: ΔW = scaling · B A (DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row).
 template <class T>
 struct LoraModuleWeights {
-  std::string path;   ///< PEFT module path, without "base_model.model."
-  Matrix<T> A;        ///< [r, in]
-  Matrix<T> B;        ///< [out, r]
+  std::string path;     ///< PEFT module path, without "base_model.model."
+  Matrix<T> A;          ///< [r, in]
+  Matrix<T> B;          ///< [out, r]
   Matrix<T> magnitude;  ///< DoRA m as [1, out]; empty without DoRA
   double alpha = 0.0;
   double scaling = 0.0;
@@ -457,7 +505,8 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
     if (!dtype_is_float(t.dtype))
       throw IoError(who + ": tensor \"" + t.name + "\" has dtype " + dtype_name(t.dtype) + ", expected a float type");
     if (t.name == "prompt_embeddings") {
-      if (!config.is_prompt()) throw ConfigError(who + ": tensor \"prompt_embeddings\" in a " + config.peft_type + " adapter");
+      if (!config.is_prompt())
+        throw ConfigError(who + ": tensor \"prompt_embeddings\" in a " + config.peft_type + " adapter");
       ad.prompt_embeddings = st.load<T>(t.name);
       continue;
     }
@@ -474,7 +523,8 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
         if (t.name.rfind(kPeftKeyPrefix, 0) != 0)
           throw IoError(who + ": tensor \"" + t.name + "\" lacks the \"" + kPeftKeyPrefix + "\" prefix PEFT writes");
         if (is_m && !config.use_dora)
-          throw ConfigError(who + ": tensor \"" + t.name + "\" is a DoRA magnitude but the config has use_dora = false");
+          throw ConfigError(who + ": tensor \"" + t.name +
+                            "\" is a DoRA magnitude but the config has use_dora = false");
         const bool shape_ok = is_m ? t.shape.size() == 1 : t.shape.size() == 2;
         if (!shape_ok)
           throw ShapeError(who + ": tensor \"" + t.name + "\" has shape " + t.shape_string() + ", expected " +
@@ -484,13 +534,17 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
         Matrix<T>& slot = is_a ? m.A : is_b ? m.B : m.magnitude;
         if (slot.size() != 0)  // e.g. both "...lora_magnitude_vector" and "...lora_magnitude_vector.weight"
           throw IoError(who + ": tensor \"" + t.name + "\" is a second " +
-                        (is_a ? "lora_A" : is_b ? "lora_B" : "lora_magnitude_vector") + " for module \"" + path + "\"");
+                        (is_a   ? "lora_A"
+                         : is_b ? "lora_B"
+                                : "lora_magnitude_vector") +
+                        " for module \"" + path + "\"");
         slot = st.load<T>(t.name);
         continue;
       }
       if (rest.find("lora_") != std::string::npos)
-        throw ConfigError(who + ": tensor \"" + t.name +
-                          "\" is a LoRA tensor of a kind we do not support (lora_B bias, embedding or convolution LoRA)");
+        throw ConfigError(
+            who + ": tensor \"" + t.name +
+            "\" is a LoRA tensor of a kind we do not support (lora_B bias, embedding or convolution LoRA)");
     }
     for (const auto& other : ad.full)  // "x" and "base_model.model.x" name the same tensor
       if (other.name == rest)
@@ -505,16 +559,17 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
     if (m.A.rows() == 0 || m.A.cols() == 0) throw ConfigError(mw + ": lora_A.weight is missing or empty");
     if (m.B.rows() == 0 || m.B.cols() == 0) throw ConfigError(mw + ": lora_B.weight is missing or empty");
     if (m.B.cols() != m.A.rows())
-      throw ShapeError(mw + ": lora_B " + shape_str(m.B) + " does not fit lora_A " + shape_str(m.A) + " (ranks differ)");
+      throw ShapeError(mw + ": lora_B " + shape_str(m.B) + " does not fit lora_A " + shape_str(m.A) +
+                       " (ranks differ)");
     const int r = config.rank_for(m.path);
     if (m.A.rows() != r)
-      throw ShapeError(mw + ": lora_A has rank " + std::to_string(m.A.rows()) + ", but the config (r / rank_pattern) says " +
-                       std::to_string(r));
+      throw ShapeError(mw + ": lora_A has rank " + std::to_string(m.A.rows()) +
+                       ", but the config (r / rank_pattern) says " + std::to_string(r));
     if (config.use_dora && m.magnitude.size() == 0)
       throw ConfigError(mw + ": use_dora = true but lora_magnitude_vector is missing");
     if (m.magnitude.size() != 0 && m.magnitude.cols() != m.B.rows())
-      throw ShapeError(mw + ": lora_magnitude_vector has " + std::to_string(m.magnitude.cols()) + " entries, expected " +
-                       std::to_string(m.B.rows()) + " (out features)");
+      throw ShapeError(mw + ": lora_magnitude_vector has " + std::to_string(m.magnitude.cols()) +
+                       " entries, expected " + std::to_string(m.B.rows()) + " (out features)");
     if (!m.A.allFinite() || !m.B.allFinite() || !m.magnitude.allFinite())
       throw NumericError(mw + ": factors contain NaN or Inf");
     m.alpha = config.alpha_for(m.path);
@@ -525,20 +580,21 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
   }
   if (config.is_lora() && ad.lora.empty()) throw ConfigError(who + ": LoRA adapter holds no lora_A / lora_B tensors");
   if (config.is_prompt()) {
-    if (ad.prompt_embeddings.size() == 0) throw ConfigError(who + ": prompt adapter has no \"prompt_embeddings\" tensor");
+    if (ad.prompt_embeddings.size() == 0)
+      throw ConfigError(who + ": prompt adapter has no \"prompt_embeddings\" tensor");
     const Index expected_rows =
         static_cast<Index>(config.num_virtual_tokens) *
         (config.peft_type == "PROMPT_TUNING" ? static_cast<Index>(config.num_transformer_submodules) : 1);
     if (ad.prompt_embeddings.rows() != expected_rows)
-      throw ShapeError(who + ": prompt_embeddings has " + std::to_string(ad.prompt_embeddings.rows()) + " rows, expected " +
-                       std::to_string(expected_rows) + " (num_virtual_tokens" +
+      throw ShapeError(who + ": prompt_embeddings has " + std::to_string(ad.prompt_embeddings.rows()) +
+                       " rows, expected " + std::to_string(expected_rows) + " (num_virtual_tokens" +
                        (config.peft_type == "PROMPT_TUNING" ? " · num_transformer_submodules)" : ")"));
     const Index expected_cols = config.peft_type == "PROMPT_TUNING"
                                     ? static_cast<Index>(config.token_dim)
                                     : static_cast<Index>(config.num_layers) * 2 * static_cast<Index>(config.token_dim);
     if (config.token_dim > 0 && ad.prompt_embeddings.cols() != expected_cols)
-      throw ShapeError(who + ": prompt_embeddings has " + std::to_string(ad.prompt_embeddings.cols()) + " columns, expected " +
-                       std::to_string(expected_cols));
+      throw ShapeError(who + ": prompt_embeddings has " + std::to_string(ad.prompt_embeddings.cols()) +
+                       " columns, expected " + std::to_string(expected_cols));
   }
   return ad;
 }
@@ -596,8 +652,8 @@ Parameter<T>* require_param(std::unordered_map<std::string, Parameter<T>*>& idx,
 template <class T>
 void require_shape(const Parameter<T>& p, const std::string& name, Index rows, Index cols, const char* what) {
   if (p.value.rows() != rows || p.value.cols() != cols)
-    throw ShapeError("model parameter \"" + name + "\" has shape " + shape_str(p.value) + ", but the adapter's " + what +
-                     " is " + shape_str(rows, cols));
+    throw ShapeError("model parameter \"" + name + "\" has shape " + shape_str(p.value) + ", but the adapter's " +
+                     what + " is " + shape_str(rows, cols));
 }
 }  // namespace detail
 
@@ -615,8 +671,9 @@ void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const st
                        const NameMapping& mapping = {}) {
   auto idx = detail::parameter_index(model);
   std::vector<std::pair<Parameter<T>*, const Matrix<T>*>> plan;
-  const std::string hint = "; create the adapter \"" + adapter_name +
-                           "\" first (LoRALinear::add_adapter with config.lora_config_for(path)) or fix the name mapping";
+  const std::string hint =
+      "; create the adapter \"" + adapter_name +
+      "\" first (LoRALinear::add_adapter with config.lora_config_for(path)) or fix the name mapping";
   for (const auto& m : adapter.lora) {
     const std::string p = mapping(m.path);
     if (adapter.config.fan_in_fan_out == false) {
@@ -642,7 +699,8 @@ void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const st
   if (adapter.prompt_embeddings.size() > 0) {
     const std::string n = mapping("prompt_embeddings");
     Parameter<T>* p = detail::require_param(idx, n, " (map \"prompt_embeddings\" to the soft prompt's parameter)");
-    detail::require_shape(*p, n, adapter.prompt_embeddings.rows(), adapter.prompt_embeddings.cols(), "prompt_embeddings");
+    detail::require_shape(*p, n, adapter.prompt_embeddings.rows(), adapter.prompt_embeddings.cols(),
+                          "prompt_embeddings");
     plan.emplace_back(p, &adapter.prompt_embeddings);
   }
   for (const auto& f : adapter.full) {
@@ -677,14 +735,16 @@ PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name
     m.path = mapping(p);
     m.A = idx.at(n)->value;
     m.B = detail::require_param(idx, p + ".lora_B." + adapter_name + ".weight", "")->value;
-    for (const std::string& mn : {p + ".lora_magnitude_vector." + adapter_name, p + ".lora_magnitude_vector." + adapter_name + ".weight"})
+    for (const std::string& mn :
+         {p + ".lora_magnitude_vector." + adapter_name, p + ".lora_magnitude_vector." + adapter_name + ".weight"})
       if (idx.count(mn)) m.magnitude = idx.at(mn)->value;
     if (config.use_dora != (m.magnitude.size() > 0))
       throw ConfigError("collect_adapter: module \"" + p + "\" " + (m.magnitude.size() ? "has" : "lacks") +
                         " a DoRA magnitude but config.use_dora = " + (config.use_dora ? "true" : "false"));
     if (m.A.rows() != config.rank_for(m.path))
       throw ConfigError("collect_adapter: module \"" + m.path + "\" has rank " + std::to_string(m.A.rows()) +
-                        " but the config gives " + std::to_string(config.rank_for(m.path)) + "; add it to rank_pattern");
+                        " but the config gives " + std::to_string(config.rank_for(m.path)) +
+                        "; add it to rank_pattern");
     m.alpha = config.alpha_for(m.path);
     m.scaling = config.scaling_for(m.path);
     ad.lora.push_back(std::move(m));
@@ -698,14 +758,16 @@ PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name
 /// directory renamed into place), in the layout PEFT's PeftModel.from_pretrained reads.
 template <class T>
 void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DType dtype = native_dtype<T>()) {
-  if (!dtype_is_float(dtype)) throw ConfigError(std::string("save_peft_adapter: dtype ") + dtype_name(dtype) + " is not a float type");
+  if (!dtype_is_float(dtype))
+    throw ConfigError(std::string("save_peft_adapter: dtype ") + dtype_name(dtype) + " is not a float type");
   std::vector<NamedTensor<T>> tensors;
   for (const auto& m : adapter.lora) {
     const std::string base = std::string(kPeftKeyPrefix) + m.path;
     tensors.push_back({base + ".lora_A.weight", matrix_shape(m.A.rows(), m.A.cols()), m.A.data(), dtype});
     tensors.push_back({base + ".lora_B.weight", matrix_shape(m.B.rows(), m.B.cols()), m.B.data(), dtype});
     if (m.magnitude.size() > 0)
-      tensors.push_back({base + ".lora_magnitude_vector", matrix_shape(1, m.magnitude.cols(), true), m.magnitude.data(), dtype});
+      tensors.push_back(
+          {base + ".lora_magnitude_vector", matrix_shape(1, m.magnitude.cols(), true), m.magnitude.data(), dtype});
   }
   if (adapter.prompt_embeddings.size() > 0)
     tensors.push_back({"prompt_embeddings",

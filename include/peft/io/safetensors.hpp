@@ -72,7 +72,7 @@ struct TensorInfo {
 struct SafeTensorsHeader {
   std::vector<TensorInfo> tensors;  ///< sorted by data offset (file order)
   std::map<std::string, std::string> metadata;
-  std::uint64_t data_offset = 0;    ///< 8 + N
+  std::uint64_t data_offset = 0;  ///< 8 + N
 };
 
 namespace detail {
@@ -87,13 +87,15 @@ using HeaderJson = nlohmann::json;
 inline std::uint64_t json_u64(const HeaderJson& v, const std::string& label, const std::string& key, const char* what) {
   if (v.is_number_unsigned()) return v.get<std::uint64_t>();
   if (v.is_number_integer() && v.get<std::int64_t>() >= 0) return static_cast<std::uint64_t>(v.get<std::int64_t>());
-  throw IoError("\"" + label + "\": tensor \"" + key + "\": " + what + " must be a non-negative integer, got " + v.dump());
+  throw IoError("\"" + label + "\": tensor \"" + key + "\": " + what + " must be a non-negative integer, got " +
+                v.dump());
 }
 
 }  // namespace detail
 
 /// Validates a complete safetensors file image (`size` bytes at `data`); `label` names it in errors.
-inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size, const std::string& label) {
+inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size,
+                                                  const std::string& label) {
   const std::string who = "\"" + label + "\"";
   if (size < 8)
     throw IoError(who + ": file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
@@ -154,13 +156,15 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
     if (detail::mul_overflow_u64(numel, dtype_size(t.dtype), nbytes))
       throw IoError(tw + ": shape " + sh.dump() + " × " + dtype_name(t.dtype) + " overflows 64 bits");
     const detail::HeaderJson& off = v["data_offsets"];
-    if (!off.is_array() || off.size() != 2) throw IoError(tw + ": \"data_offsets\" must be [begin, end], got " + off.dump());
+    if (!off.is_array() || off.size() != 2)
+      throw IoError(tw + ": \"data_offsets\" must be [begin, end], got " + off.dump());
     t.begin = detail::json_u64(off[0], label, key, "data_offsets[0]");
     t.end = detail::json_u64(off[1], label, key, "data_offsets[1]");
     if (t.end < t.begin) throw IoError(tw + ": data_offsets " + off.dump() + " end before they begin");
     if (t.end > data_size)
       throw IoError(tw + ": data_offsets " + off.dump() + " run past the " + std::to_string(data_size) +
-                    "-byte data section (file bytes " + std::to_string(h.data_offset) + ".." + std::to_string(size) + ")");
+                    "-byte data section (file bytes " + std::to_string(h.data_offset) + ".." + std::to_string(size) +
+                    ")");
     if (t.end - t.begin != nbytes)
       throw IoError(tw + ": data_offsets " + off.dump() + " hold " + std::to_string(t.end - t.begin) + " bytes, but " +
                     dtype_name(t.dtype) + " " + t.shape_string() + " needs " + std::to_string(nbytes));
@@ -177,14 +181,15 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
                     std::to_string(t.end) + ") overlaps tensor \"" + prev->name + "\" (ending at " +
                     std::to_string(expected) + ")");
     if (t.begin > expected)
-      throw IoError(who + ": gap in the data section: bytes " + std::to_string(expected) + ".." + std::to_string(t.begin) +
-                    " before tensor \"" + t.name + "\" belong to no tensor");
+      throw IoError(who + ": gap in the data section: bytes " + std::to_string(expected) + ".." +
+                    std::to_string(t.begin) + " before tensor \"" + t.name + "\" belong to no tensor");
     expected = t.end;
     prev = &t;
   }
   if (expected != data_size)
-    throw IoError(who + ": " + std::to_string(data_size - expected) + " trailing bytes after the last tensor (file byte " +
-                  std::to_string(h.data_offset + expected) + " of " + std::to_string(size) + ")");
+    throw IoError(who + ": " + std::to_string(data_size - expected) +
+                  " trailing bytes after the last tensor (file byte " + std::to_string(h.data_offset + expected) +
+                  " of " + std::to_string(size) + ")");
   return h;
 }
 

@@ -61,9 +61,9 @@ inline Activation parse_activation(const std::string& name) {
 }
 
 namespace detail {
-constexpr double kSqrt2OverPi = 0.7978845608028654;   // √(2/π)
-constexpr double kInvSqrt2 = 0.7071067811865476;      // 1/√2
-constexpr double kInvSqrt2Pi = 0.3989422804014327;    // 1/√(2π)
+constexpr double kSqrt2OverPi = 0.7978845608028654;  // √(2/π)
+constexpr double kInvSqrt2 = 0.7071067811865476;     // 1/√2
+constexpr double kInvSqrt2Pi = 0.3989422804014327;   // 1/√(2π)
 constexpr double kGeluTanhCoeff = 0.044715;
 }  // namespace detail
 

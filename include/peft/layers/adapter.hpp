@@ -45,7 +45,7 @@ enum class AdapterPlacement {
 };
 
 struct AdapterOptions {
-  Index bottleneck = 0;           ///< b; when 0 it is ⌊d / reduction_factor⌋
+  Index bottleneck = 0;            ///< b; when 0 it is ⌊d / reduction_factor⌋
   double reduction_factor = 16.0;  ///< used only when bottleneck == 0
   double scaling = 1.0;            ///< s
   Activation activation = Activation::ReLU;
@@ -60,8 +60,8 @@ struct AdapterOptions {
     check::positive("Adapter", who, "reduction_factor", reduction_factor);
     const Index b = static_cast<Index>(static_cast<double>(d) / reduction_factor);
     if (b < 1)
-      throw ConfigError(who + ": reduction_factor " + std::to_string(reduction_factor) + " leaves no bottleneck for d=" +
-                        std::to_string(d) + " (d / factor < 1)");
+      throw ConfigError(who + ": reduction_factor " + std::to_string(reduction_factor) +
+                        " leaves no bottleneck for d=" + std::to_string(d) + " (d / factor < 1)");
     return b;
   }
 };
@@ -84,7 +84,8 @@ class Adapter : public Module<T> {
   /// `residual` = true: sequential adapter (y = x + s·g(x)); false: parallel (y = s·g(x)).
   Adapter(Index dim, const AdapterOptions& options, Rng& rng, bool residual = true, std::string name = "")
       : Module<T>(std::move(name)), options_(options), residual_(residual) {
-    if (dim <= 0) throw ConfigError(describe("Adapter", this->name()) + ": dim must be > 0, got " + std::to_string(dim));
+    if (dim <= 0)
+      throw ConfigError(describe("Adapter", this->name()) + ": dim must be > 0, got " + std::to_string(dim));
     check::positive("Adapter", this->name(), "scaling", options.scaling);
     const Index b = options.bottleneck_for(dim, describe("Adapter", this->name()));
     down = Linear<T>(dim, b, rng, true);
@@ -124,9 +125,9 @@ class Adapter : public Module<T> {
   void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
     check::input_features("Adapter", this->name(), x.cols(), dim());
     cache.rows = x.rows();
-    down.forward(x, cache.h, cache.down);                       // H = x W_dᵀ + b_d   [rows, b]
+    down.forward(x, cache.h, cache.down);                          // H = x W_dᵀ + b_d   [rows, b]
     activation_forward<T>(options_.activation, cache.h, cache.a);  // A = f(H)
-    up.forward(cache.a, y, cache.up);                           // Z = A W_uᵀ + b_u   [rows, d]
+    up.forward(cache.a, y, cache.up);                              // Z = A W_uᵀ + b_u   [rows, d]
     const T s = static_cast<T>(options_.scaling);
     if (residual_)
       y = x + s * y;  // y = x + s Z (coefficient-wise: no aliasing hazard)
@@ -144,13 +145,13 @@ class Adapter : public Module<T> {
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
     check::shape("Adapter", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, dim());
     const T s = static_cast<T>(options_.scaling);
-    dz_ = s * dy;                               // dZ = s dY   [rows, d]
+    dz_ = s * dy;  // dZ = s dY   [rows, d]
     const bool need_input_grad = dx != nullptr || down.weight.trainable() || down.bias.trainable();
     up.backward(cache.up, dz_, need_input_grad ? &da_ : nullptr);  // dW_u += dZᵀ A; dA = dZ W_u
     if (!need_input_grad) return;
     activation_backward<T>(options_.activation, cache.h, da_, dh_, fprime_);  // dH = dA ⊙ f'(H)
-    down.backward(cache.down, dh_, dx);                              // dW_d += dHᵀ X; dX = dH W_d
-    if (dx != nullptr && residual_) *dx += dy;                       // identity path
+    down.backward(cache.down, dh_, dx);                                       // dW_d += dHᵀ X; dX = dH W_d
+    if (dx != nullptr && residual_) *dx += dy;                                // identity path
   }
 
  protected:

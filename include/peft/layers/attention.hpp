@@ -76,11 +76,11 @@ class MultiHeadAttention : public Module<T> {
   struct Cache {
     SequenceLayout layout;
     LinearCache q, k, v, o;
-    Matrix<T> Q, K, V;            ///< [B·S, d] projected (K, V after (IA)³ scaling)
-    Matrix<T> k_raw, v_raw;       ///< [B·S, d] before (IA)³ scaling; only with trainable (IA)³
-    Matrix<T> prefix_k, prefix_v; ///< [l, d] copies of the prefix used; empty without prefix
-    ColVector<T> row_max;         ///< [B·H·S] m = max of the scaled scores of the row
-    ColVector<T> row_sum;         ///< [B·H·S] z = Σ exp(s − m) over the visible keys
+    Matrix<T> Q, K, V;             ///< [B·S, d] projected (K, V after (IA)³ scaling)
+    Matrix<T> k_raw, v_raw;        ///< [B·S, d] before (IA)³ scaling; only with trainable (IA)³
+    Matrix<T> prefix_k, prefix_v;  ///< [l, d] copies of the prefix used; empty without prefix
+    ColVector<T> row_max;          ///< [B·H·S] m = max of the scaled scores of the row
+    ColVector<T> row_sum;          ///< [B·H·S] z = Σ exp(s − m) over the visible keys
     Index prefix_len = 0;
     bool causal = false;
   };
@@ -146,7 +146,8 @@ class MultiHeadAttention : public Module<T> {
   }
   /// Folds l_k, l_v into the rows of W_k, b_k and W_v, b_v; forward then skips the scaling.
   void merge_ia3() {
-    if (!has_ia3()) throw ConfigError(describe("MultiHeadAttention", this->name()) + ": has no (IA)^3 adapter to merge");
+    if (!has_ia3())
+      throw ConfigError(describe("MultiHeadAttention", this->name()) + ": has no (IA)^3 adapter to merge");
     if (ia3_k.enabled()) ia3_k.merge_into(k_proj);
     if (ia3_v.enabled()) ia3_v.merge_into(v_proj);
   }
@@ -170,7 +171,8 @@ class MultiHeadAttention : public Module<T> {
         throw ShapeError(describe("MultiHeadAttention", this->name()) +
                          ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
       check::shape("MultiHeadAttention", this->name(), "prefix key", prefix->key.rows(), prefix->key.cols(), l, d);
-      check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l, d);
+      check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l,
+                   d);
       cache.prefix_k = prefix->key;
       cache.prefix_v = prefix->value;
     } else {
@@ -207,7 +209,7 @@ class MultiHeadAttention : public Module<T> {
           cache.row_sum(first + t) = z;
         }
         auto c = context_.block(b * S, h * hd, Lb, hd);
-        c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);          // A_keys V_b
+        c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);         // A_keys V_b
         if (l > 0) c.noalias() += P.leftCols(l) * cache.prefix_v.middleCols(h * hd, hd);  // + A_prefix P_V
       }
     }
@@ -229,7 +231,8 @@ class MultiHeadAttention : public Module<T> {
     const std::string who = describe("MultiHeadAttention", this->name());
     if (b < 0 || b >= cache.layout.batch || h < 0 || h >= num_heads_)
       throw ShapeError(who + ": attention_probs(b = " + std::to_string(b) + ", h = " + std::to_string(h) +
-                       ") is outside batch " + std::to_string(cache.layout.batch) + " x heads " + std::to_string(num_heads_));
+                       ") is outside batch " + std::to_string(cache.layout.batch) + " x heads " +
+                       std::to_string(num_heads_));
     if (cache.row_sum.size() != cache.layout.batch * num_heads_ * cache.layout.seq)
       throw ConfigError(who + ": attention_probs needs a cache filled by this layer's forward");
     const Index Lb = cache.layout.length(b), l = cache.prefix_len;
@@ -259,7 +262,8 @@ class MultiHeadAttention : public Module<T> {
       if (l == 0)
         throw ConfigError(describe("MultiHeadAttention", this->name()) +
                           ": prefix gradients requested but the forward pass had no prefix");
-      check::shape("MultiHeadAttention", this->name(), "prefix key gradient", dprefix->key.rows(), dprefix->key.cols(), l, d);
+      check::shape("MultiHeadAttention", this->name(), "prefix key gradient", dprefix->key.rows(), dprefix->key.cols(),
+                   l, d);
       check::shape("MultiHeadAttention", this->name(), "prefix value gradient", dprefix->value.rows(),
                    dprefix->value.cols(), l, d);
     }
@@ -297,19 +301,19 @@ class MultiHeadAttention : public Module<T> {
         const auto v = cache.V.block(b * S, h * hd, Lb, hd);
         auto dS = dprobs_.topLeftCorner(Lb, l + Lb);
         dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
-        dS.middleCols(l, Lb).noalias() = G * v.transpose();                                 // dA_keys = G V_bᵀ
+        dS.middleCols(l, Lb).noalias() = G * v.transpose();                                // dA_keys = G V_bᵀ
         if (l > 0) {
           const auto pv = cache.prefix_v.middleCols(h * hd, hd);
           if (dprefix != nullptr)
             dprefix->value.middleCols(h * hd, hd).noalias() += P.leftCols(l).transpose() * G;  // dP_V += A_prefixᵀ G
-          dS.leftCols(l).noalias() = G * pv.transpose();  // dA_prefix = G P_Vᵀ
+          dS.leftCols(l).noalias() = G * pv.transpose();                                       // dA_prefix = G P_Vᵀ
         }
         for (Index t = 0; t < Lb; ++t) {  // softmax backward: dS = A ⊙ (dA − Σ A ⊙ dA) · scale
           const T dot = (P.row(t).array() * dS.row(t).array()).sum();
           dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
         }
         auto dq = dQ_.block(b * S, h * hd, Lb, hd);
-        dq.noalias() = dS.middleCols(l, Lb) * k;  // dQ_b = dS_keys K_b
+        dq.noalias() = dS.middleCols(l, Lb) * k;                                            // dQ_b = dS_keys K_b
         dK_.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
         if (l > 0) {
           dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K
@@ -355,7 +359,7 @@ class MultiHeadAttention : public Module<T> {
     const T scale = T(1) / std::sqrt(static_cast<T>(hd));
     const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
     if (l > 0) P.leftCols(l).noalias() = q * cache.prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
-    P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();     // Q K_bᵀ
+    P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();        // Q K_bᵀ
     for (Index t = 0; t < Lb; ++t) {
       const Index visible = visible_keys(cache, Lb, t);
       P.row(t).head(visible) *= scale;
@@ -385,13 +389,13 @@ class MultiHeadAttention : public Module<T> {
   Index num_heads_ = 1;
   bool causal_ = false;
   // Scratch reused across calls (the Cache holds everything backward needs).
-  Matrix<T> context_;    ///< forward: C [B·S, d]
-  Matrix<T> dy_;         ///< backward: dy with padding rows zeroed
-  Matrix<T> dcontext_;   ///< backward: dC [B·S, d]
+  Matrix<T> context_;   ///< forward: C [B·S, d]
+  Matrix<T> dy_;        ///< backward: dy with padding rows zeroed
+  Matrix<T> dcontext_;  ///< backward: dC [B·S, d]
   Matrix<T> dQ_, dK_, dV_;
-  Matrix<T> scores_;     ///< forward and backward: one [S, l + S] probability block, reused for every (b, h)
-  Matrix<T> dprobs_;     ///< backward: one [S, l + S] block, reused for every (b, h)
-  Matrix<T> dx_part_;    ///< backward: k/v projections' input gradient before summation
+  Matrix<T> scores_;   ///< forward and backward: one [S, l + S] probability block, reused for every (b, h)
+  Matrix<T> dprobs_;   ///< backward: one [S, l + S] block, reused for every (b, h)
+  Matrix<T> dx_part_;  ///< backward: k/v projections' input gradient before summation
 };
 
 }  // namespace peft

@@ -31,8 +31,7 @@ class Embedding : public Module<T> {
   Embedding() = default;
 
   /// E ~ N(0, 1) like torch.nn.Embedding.
-  Embedding(Index num_embeddings, Index dim, Rng& rng, std::string name = "")
-      : Module<T>(std::move(name)) {
+  Embedding(Index num_embeddings, Index dim, Rng& rng, std::string name = "") : Module<T>(std::move(name)) {
     if (num_embeddings <= 0 || dim <= 0)  // before any sizing: a negative size would abort in Eigen
       throw ShapeError(describe("Embedding", this->name()) + ": num_embeddings and dim must be > 0, got " +
                        std::to_string(num_embeddings) + " and " + std::to_string(dim));
@@ -103,8 +102,7 @@ class PositionalEmbedding : public Module<T> {
   PositionalEmbedding() = default;
 
   /// P ~ N(0, 1) (torch.nn.Embedding's init; BERT re-initialises with N(0, 0.02) — use init:: to change).
-  PositionalEmbedding(Index max_len, Index dim, Rng& rng, std::string name = "")
-      : Module<T>(std::move(name)) {
+  PositionalEmbedding(Index max_len, Index dim, Rng& rng, std::string name = "") : Module<T>(std::move(name)) {
     if (max_len <= 0 || dim <= 0)  // before any sizing: a negative size would abort in Eigen
       throw ShapeError(describe("PositionalEmbedding", this->name()) + ": max_len and dim must be > 0, got " +
                        std::to_string(max_len) + " and " + std::to_string(dim));
@@ -122,9 +120,10 @@ class PositionalEmbedding : public Module<T> {
     layout.validate("PositionalEmbedding", this->name(), x.rows());
     check::input_features("PositionalEmbedding", this->name(), x.cols(), dim());
     if (layout.seq > max_len())
-      throw ShapeError(describe("PositionalEmbedding", this->name()) + ": sequence length " + std::to_string(layout.seq) + " exceeds max_len " +
-                       std::to_string(max_len()));
-    for (Index b = 0; b < layout.batch; ++b) x.middleRows(b * layout.seq, layout.seq) += weight.value.topRows(layout.seq);
+      throw ShapeError(describe("PositionalEmbedding", this->name()) + ": sequence length " +
+                       std::to_string(layout.seq) + " exceeds max_len " + std::to_string(max_len()));
+    for (Index b = 0; b < layout.batch; ++b)
+      x.middleRows(b * layout.seq, layout.seq) += weight.value.topRows(layout.seq);
     cache.batch = layout.batch;
     cache.seq = layout.seq;
   }

@@ -27,8 +27,8 @@ class FeedForward : public Module<T> {
   /// What backward needs: z (pre-activation), f(z) when (IA)³ trains, and the linears' caches.
   struct Cache {
     LinearCache fc1, fc2;
-    Matrix<T> z;        ///< [rows, inner]
-    Matrix<T> act;      ///< f(z) [rows, inner]; only with trainable, unmerged (IA)³
+    Matrix<T> z;    ///< [rows, inner]
+    Matrix<T> act;  ///< f(z) [rows, inner]; only with trainable, unmerged (IA)³
   };
 
   FeedForward() = default;
@@ -82,7 +82,7 @@ class FeedForward : public Module<T> {
       cache.act = hidden_;
     else
       cache.act.resize(0, 0);
-    if (scale) ia3.apply(hidden_);        // h = f(z) ⊙ l
+    if (scale) ia3.apply(hidden_);       // h = f(z) ⊙ l
     fc2.forward(hidden_, y, cache.fc2);  // y = h W_2ᵀ + b_2
   }
 
@@ -95,10 +95,10 @@ class FeedForward : public Module<T> {
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
     if (ia3.merged())
       throw ConfigError(describe("FeedForward", this->name()) + ": cannot train while (IA)^3 is merged; unmerge first");
-    fc2.backward(cache.fc2, dy, &dhidden_);                     // dh = dy W_2   [rows, inner]
-    if (ia3.enabled()) ia3.backward(cache.act, dhidden_);       // dl += Σ dh ⊙ f(z); dh ← dh ⊙ l
+    fc2.backward(cache.fc2, dy, &dhidden_);                                     // dh = dy W_2   [rows, inner]
+    if (ia3.enabled()) ia3.backward(cache.act, dhidden_);                       // dl += Σ dh ⊙ f(z); dh ← dh ⊙ l
     activation_backward<T>(activation_, cache.z, dhidden_, dhidden_, fprime_);  // dz = dh ⊙ f'(z)
-    fc1.backward(cache.fc1, dhidden_, dx);                     // dx = dz W_1
+    fc1.backward(cache.fc1, dhidden_, dx);                                      // dx = dz W_1
   }
 
  protected:

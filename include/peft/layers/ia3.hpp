@@ -60,7 +60,9 @@ class IA3Vector {
   std::string parameter_name() const { return "ia3_l." + adapter_; }
 
   /// l as a [1, n] row (a view; the storage is contiguous in both placements).
-  Eigen::Map<const RowVector<T>> scales() const { return Eigen::Map<const RowVector<T>>(ia3_l.value.data(), features()); }
+  Eigen::Map<const RowVector<T>> scales() const {
+    return Eigen::Map<const RowVector<T>>(ia3_l.value.data(), features());
+  }
 
   /// Y ← Y ⊙ l on every row (Y [rows, n]).
   void apply(MatrixRef<T> y) const {
@@ -89,7 +91,7 @@ class IA3Vector {
     check_linear_shape(linear, who);
     if (placement_ == IA3Placement::Output) {
       linear.weight.value.array().colwise() *= scales().transpose().array();  // W_i· ← l_i W_i·
-      if (linear.has_bias()) linear.bias.value.array() *= scales().array();  // b_i ← l_i b_i
+      if (linear.has_bias()) linear.bias.value.array() *= scales().array();   // b_i ← l_i b_i
     } else {
       linear.weight.value.array().rowwise() *= scales().array();  // W_·j ← l_j W_·j
     }
@@ -117,8 +119,8 @@ class IA3Vector {
  private:
   void check_features(Index n) const {
     if (n != features())
-      throw ShapeError(describe("IA3Vector", adapter_) + ": activation has " + std::to_string(n) + " features, expected " +
-                       std::to_string(features()));
+      throw ShapeError(describe("IA3Vector", adapter_) + ": activation has " + std::to_string(n) +
+                       " features, expected " + std::to_string(features()));
   }
 
   void check_linear_shape(const LoRALinear<T>& linear, const std::string& who) const {

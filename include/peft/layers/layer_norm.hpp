@@ -20,7 +20,7 @@ class LayerNorm : public Module<T> {
  public:
   /// What backward needs: x̂ and r per row.
   struct Cache {
-    Matrix<T> xhat;   ///< [rows, d]
+    Matrix<T> xhat;     ///< [rows, d]
     ColVector<T> rstd;  ///< r [rows]
   };
 
@@ -78,7 +78,7 @@ class LayerNorm : public Module<T> {
     check::shape("LayerNorm", this->name(), "output gradient", dy.rows(), dy.cols(), cache.xhat.rows(), dim_);
     if (affine()) {
       if (weight.trainable()) weight.grad.row(0) += (dy.array() * cache.xhat.array()).matrix().colwise().sum();  // dγ
-      if (bias.trainable()) bias.grad.row(0) += dy.colwise().sum();                                               // dβ
+      if (bias.trainable()) bias.grad.row(0) += dy.colwise().sum();                                              // dβ
     }
     if (dx == nullptr) return;
     dx->resize(dy.rows(), dim_);

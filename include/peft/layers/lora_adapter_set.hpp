@@ -159,7 +159,12 @@ class LoraAdapterSet {
   LoraAdapterSet(const char* kind, std::uint64_t seed) : kind_(kind), rng_(seed) {}
   /// Copies are deep (a copied layer owns its own adapters); moves keep the adapters' addresses.
   LoraAdapterSet(const LoraAdapterSet& o)
-      : kind_(o.kind_), active_(o.active_), generation_(o.generation_), rng_(o.rng_), work_g_(o.work_g_), work_dx_(o.work_dx_) {
+      : kind_(o.kind_),
+        active_(o.active_),
+        generation_(o.generation_),
+        rng_(o.rng_),
+        work_g_(o.work_g_),
+        work_dx_(o.work_dx_) {
     adapters_.reserve(o.adapters_.size());
     for (const auto& a : o.adapters_) adapters_.push_back(std::make_unique<LoraAdapter<T>>(*a));
   }
@@ -181,7 +186,8 @@ class LoraAdapterSet {
     const std::string who = describe(kind_, layer);
     if (adapter_name.empty()) throw ConfigError(who + ": adapter name must not be empty");
     if (adapter_name.find('.') != std::string::npos)
-      throw ConfigError(who + ": adapter name \"" + adapter_name + "\" must not contain '.' (it is part of parameter names)");
+      throw ConfigError(who + ": adapter name \"" + adapter_name +
+                        "\" must not contain '.' (it is part of parameter names)");
     if (find(adapter_name) != npos) throw ConfigError(who + ": adapter \"" + adapter_name + "\" already exists");
     const Index max_rank = std::min(in, out);
     if (config.r <= 0 || config.r > max_rank)
@@ -197,12 +203,8 @@ class LoraAdapterSet {
                                Rng& rng) {
     LoraAdapter<T> a{adapter_name, config, Parameter<T>(config.r, in), Parameter<T>(out, config.r)};
     switch (config.init) {
-      case LoraInit::KaimingUniform:
-        init::kaiming_uniform<T>(a.A.value, rng);
-        break;
-      case LoraInit::Gaussian:
-        init::normal<T>(a.A.value, rng, 0.0, 1.0 / config.r);
-        break;
+      case LoraInit::KaimingUniform: init::kaiming_uniform<T>(a.A.value, rng); break;
+      case LoraInit::Gaussian: init::normal<T>(a.A.value, rng, 0.0, 1.0 / config.r); break;
       case LoraInit::None:
         init::kaiming_uniform<T>(a.A.value, rng);
         init::kaiming_uniform<T>(a.B.value, rng);
@@ -322,13 +324,13 @@ class LoraAdapterSet {
 
   /// Backward of one plain-LoRA term s·(x̃ Aᵀ) Bᵀ; `xt` is x̃ (ac.xd with dropout, else the cached
   /// x, only read when A is trainable). Accumulates dB, dA (those trainable), adds into *dx.
-  void backward_lora(LoraAdapter<T>& a, const LoraAdapterCache<T>& ac, const Matrix<T>& xt,
-                     const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  void backward_lora(LoraAdapter<T>& a, const LoraAdapterCache<T>& ac, const Matrix<T>& xt, const ConstMatrixRef<T>& dy,
+                     Matrix<T>* dx) {
     const T s = static_cast<T>(a.scaling());
     if (a.B.trainable()) a.B.accumulator().noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
     if (!a.A.trainable() && dx == nullptr) return;
     Eigen::Block<Matrix<T>> G = scratch_g(dy.rows(), a.rank());
-    G.noalias() = dy * a.B.value;  // G = dY B   [rows, r]
+    G.noalias() = dy * a.B.value;                                                // G = dY B   [rows, r]
     if (a.A.trainable()) a.A.accumulator().noalias() += s * G.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
     if (dx == nullptr) return;
     if (ac.keep.size() > 0) {
@@ -374,7 +376,7 @@ class LoraAdapterSet {
 
   const char* kind_;
   std::vector<std::unique_ptr<LoraAdapter<T>>> adapters_;  ///< on the heap: stable addresses
-  std::vector<std::size_t> active_;  ///< indices into adapters_, in activation order
+  std::vector<std::size_t> active_;                        ///< indices into adapters_, in activation order
   std::uint64_t generation_ = 1;
   Rng rng_;
   Matrix<T> work_g_;   ///< backward G = dY B [rows, ≥ r]

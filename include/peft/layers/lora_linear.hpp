@@ -144,9 +144,7 @@ class LoRALinear : public Module<T> {
 
   bool has_adapter(const std::string& adapter_name) const { return set_.find(adapter_name) != LoraAdapterSet<T>::npos; }
   LoraAdapter<T>& adapter(const std::string& adapter_name) { return set_[index_of(adapter_name)]; }
-  const LoraAdapter<T>& adapter(const std::string& adapter_name) const {
-    return set_[index_of(adapter_name)];
-  }
+  const LoraAdapter<T>& adapter(const std::string& adapter_name) const { return set_[index_of(adapter_name)]; }
   LoraAdapterList<const LoraAdapter<T>> adapters() const { return set_.list(); }
 
   std::vector<std::string> active_adapters() const { return set_.names_of(set_.active()); }
@@ -247,7 +245,8 @@ class LoRALinear : public Module<T> {
     } else {
       backward_base(dy, cache, dx);
     }
-    if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY (never rescaled)
+    if (has_bias() && bias.trainable())
+      bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY (never rescaled)
 
     for (std::size_t k = 0; k < cache.used; ++k) {
       const AdapterCache& ac = cache.adapters[k];
@@ -281,7 +280,8 @@ class LoRALinear : public Module<T> {
   void merge_impl(const std::vector<std::string>& names, bool safe) {
     const std::string who = describe("LoRALinear", this->name());
     if (disabled_)
-      throw ConfigError(who + ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
+      throw ConfigError(who +
+                        ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
     std::vector<std::size_t> pending;
     if (names.empty()) {
       for (std::size_t i : set_.active())
@@ -315,9 +315,10 @@ class LoRALinear : public Module<T> {
                                "nothing was merged");
         }
         w.noalias() += static_cast<T>(a.scaling()) * (a.B.value * a.A.value);  // W + s·B·A
-        if (a.dora()) w.array().colwise() *= f.transpose().array();             // DoRA: f ⊙ (W + s·B·A)
+        if (a.dora()) w.array().colwise() *= f.transpose().array();            // DoRA: f ⊙ (W + s·B·A)
         if (safe && !all_finite(w))
-          throw NumericError(who + ": merging adapter \"" + a.name + "\" gives NaN or Inf in the weight; nothing was merged");
+          throw NumericError(who + ": merging adapter \"" + a.name +
+                             "\" gives NaN or Inf in the weight; nothing was merged");
         merged_.push_back(i);
         merged_scale_.push_back(std::move(f));
         ++done;
@@ -365,7 +366,7 @@ class LoRALinear : public Module<T> {
                      Matrix<T>* dx) {
     const T s = static_cast<T>(a.scaling());
     const bool dropped = ac.keep.size() > 0;
-    const Matrix<T>& xt = dropped ? ac.xd : cache.x;   // x̃   [rows, in]
+    const Matrix<T>& xt = dropped ? ac.xd : cache.x;    // x̃   [rows, in]
     const Matrix<T>& zt = dropped ? ac.xdw : cache.xw;  // z̃ = x̃ Wᵀ   [rows, out]
     const Index out = out_features(), r = a.rank();
 
@@ -386,7 +387,7 @@ class LoRALinear : public Module<T> {
     Eigen::Block<Matrix<T>> BF = detail::lora_scratch<T>(work_bf_, out, r);
     BF = a.B.value.array().colwise() * ac.scale.transpose().array();  // diag(f) B   [out, r]
     Eigen::Block<Matrix<T>> G = set_.scratch_g(dy.rows(), r);
-    G.noalias() = dy * BF;  // G = (dY ⊙ f) B   [rows, r]
+    G.noalias() = dy * BF;                                                       // G = (dY ⊙ f) B   [rows, r]
     if (a.A.trainable()) a.A.accumulator().noalias() += s * G.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
     if (!dropped) {
       if (dx != nullptr) dx->noalias() += s * G * a.A.value;  // dX += s G A (the W path went through E)
@@ -399,8 +400,8 @@ class LoRALinear : public Module<T> {
     if (weight.trainable()) weight.accumulator().noalias() += work_f_.transpose() * xt;  // dW += Dᵀ x̃   [out, in]
     if (dx != nullptr) {
       Matrix<T>& t = set_.scratch_dx(dy.rows(), in_features());
-      t.noalias() = work_f_ * weight.value;         // D W   [rows, in]
-      t.noalias() += s * G * a.A.value;             // + s G A
+      t.noalias() = work_f_ * weight.value;        // D W   [rows, in]
+      t.noalias() += s * G * a.A.value;            // + s G A
       dx->array() += t.array() * ac.keep.array();  // dropout backward: ⊙ keep
     }
   }
@@ -476,8 +477,8 @@ class LoRALinear : public Module<T> {
         }
         const Matrix<T>& z = drop ? ac.xdw : cache.xw;
         work_y_.resize(rows, out);
-        work_y_.noalias() = s * ac.xa * a.B.value.transpose();  // s x̃ Aᵀ Bᵀ   [rows, out]
-        work_y_ += z;                                            // u = z̃ + s x̃ Aᵀ Bᵀ
+        work_y_.noalias() = s * ac.xa * a.B.value.transpose();                  // s x̃ Aᵀ Bᵀ   [rows, out]
+        work_y_ += z;                                                           // u = z̃ + s x̃ Aᵀ Bᵀ
         y.array() += work_y_.array().rowwise() * ac.scale.array() - z.array();  // + f ⊙ u − z̃
       }
     }
@@ -488,19 +489,19 @@ class LoRALinear : public Module<T> {
   }
 
   LoraAdapterSet<T> set_{"LoRALinear", 0x10a};  ///< adapters, active list, generation, dropout generator
-  Cache inference_cache_;  ///< forward_inference's buffers (x·Aᵀ per adapter); never read by backward
+  Cache inference_cache_;            ///< forward_inference's buffers (x·Aᵀ per adapter); never read by backward
   std::vector<std::size_t> merged_;  ///< merge order; unmerge pops from the back
   bool disabled_ = false;
   std::vector<RowVector<T>> merged_scale_;  ///< DoRA f used by each merge (empty for LoRA); parallel to merged_
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
-  Matrix<T> work_y_;   ///< DoRA forward [rows, out]
-  Matrix<T> work_e_;   ///< DoRA backward E [rows, out]
-  Matrix<T> work_f_;   ///< DoRA backward D [rows, out] (dropout only)
-  Matrix<T> work_db_;  ///< DoRA backward dYᵀ x̃Aᵀ [out, ≥ r]
-  Matrix<T> work_bf_;  ///< DoRA backward diag(f) B [out, ≥ r]
-  Matrix<T> work_wa_;  ///< DoRA norm W Aᵀ [out, ≥ r]
-  Matrix<T> work_aa_;  ///< DoRA norm A Aᵀ [≥ r, ≥ r]
-  Matrix<T> work_bq_;  ///< DoRA norm B A Aᵀ [out, ≥ r]
+  Matrix<T> work_y_;       ///< DoRA forward [rows, out]
+  Matrix<T> work_e_;       ///< DoRA backward E [rows, out]
+  Matrix<T> work_f_;       ///< DoRA backward D [rows, out] (dropout only)
+  Matrix<T> work_db_;      ///< DoRA backward dYᵀ x̃Aᵀ [out, ≥ r]
+  Matrix<T> work_bf_;      ///< DoRA backward diag(f) B [out, ≥ r]
+  Matrix<T> work_wa_;      ///< DoRA norm W Aᵀ [out, ≥ r]
+  Matrix<T> work_aa_;      ///< DoRA norm A Aᵀ [≥ r, ≥ r]
+  Matrix<T> work_bq_;      ///< DoRA norm B A Aᵀ [out, ≥ r]
   RowVector<T> work_m_;    ///< DoRA backward Σ_rows dY ⊙ z̃ [out]
   RowVector<T> work_fm1_;  ///< DoRA backward f − 1 [out]
 };

@@ -35,13 +35,13 @@ inline const char* const kNoAdapterName = "none";
 
 template <class T>
 struct MixedBatchWorkspace {
-  std::vector<int> routing;   ///< per row: adapter index or kNoAdapter (filled from names)
-  std::vector<Index> count;   ///< rows per adapter
-  std::vector<Index> start;   ///< first slot of each adapter in `order`
-  std::vector<Index> order;   ///< row indices grouped by adapter
-  Matrix<T> xg;               ///< gathered inputs [rows, in]
-  Matrix<T> xa;               ///< X_a A_aᵀ [rows, r_max]
-  Matrix<T> up;               ///< s_a (X_a A_aᵀ) B_aᵀ [rows, out]
+  std::vector<int> routing;  ///< per row: adapter index or kNoAdapter (filled from names)
+  std::vector<Index> count;  ///< rows per adapter
+  std::vector<Index> start;  ///< first slot of each adapter in `order`
+  std::vector<Index> order;  ///< row indices grouped by adapter
+  Matrix<T> xg;              ///< gathered inputs [rows, in]
+  Matrix<T> xa;              ///< X_a A_aᵀ [rows, r_max]
+  Matrix<T> up;              ///< s_a (X_a A_aᵀ) B_aᵀ [rows, out]
 };
 
 /// Adapter index per row (kNoAdapter for "none"); ConfigError for an unknown name (lists the
@@ -145,9 +145,9 @@ void forward_mixed_impl(const LoRALinear<T>& layer, const ConstMatrixRef<T>& x, 
     for (Index j = 0; j < m; ++j) ws.xg.row(j) = x.row(rows_a[j]);  // X_a = x[R_a]   [m, in]
     auto xa = ws.xa.topLeftCorner(m, r);
     auto up = ws.up.topRows(m);
-    xa.noalias() = ws.xg.topRows(m) * ad.A.value.transpose();               // X_a Aᵀ   [m, r]
+    xa.noalias() = ws.xg.topRows(m) * ad.A.value.transpose();                   // X_a Aᵀ   [m, r]
     up.noalias() = static_cast<T>(ad.scaling()) * xa * ad.B.value.transpose();  // s (X_a Aᵀ) Bᵀ   [m, out]
-    for (Index j = 0; j < m; ++j) y.row(rows_a[j]) += up.row(j);          // y[R_a] += U_a
+    for (Index j = 0; j < m; ++j) y.row(rows_a[j]) += up.row(j);                // y[R_a] += U_a
   }
 }
 
@@ -155,11 +155,13 @@ template <class T>
 void check_mixed(const LoRALinear<T>& layer, const ConstMatrixRef<T>& x, std::size_t routing_size) {
   if (layer.merged())
     throw ConfigError(describe("LoRALinear", layer.name()) +
-                      ": mixed-adapter batches need an unmerged layer (merged: " + [&] {
+                      ": mixed-adapter batches need an unmerged layer (merged: " +
+                      [&] {
                         std::string s;
                         for (const auto& n : layer.merged_adapters()) s += (s.empty() ? "" : ", ") + n;
                         return s;
-                      }() + "); unmerge first");
+                      }() +
+                      "); unmerge first");
   check::input_features("LoRALinear", layer.name(), x.cols(), layer.in_features());
   if (static_cast<Index>(routing_size) != x.rows())
     throw ShapeError(describe("LoRALinear", layer.name()) + ": mixed batch has " + std::to_string(x.rows()) +

@@ -80,7 +80,8 @@ class PrefixAttention : public Module<T> {
   }
 
   /// A flat prefix from PEFT's `prompt_embeddings` [l, L·2·d].
-  static PrefixAttention from_prompt_embeddings(const ConstMatrixRef<T>& table, Index num_layers, std::string name = "") {
+  static PrefixAttention from_prompt_embeddings(const ConstMatrixRef<T>& table, Index num_layers,
+                                                std::string name = "") {
     const std::string who = describe("PrefixAttention", name);
     if (num_layers <= 0 || table.rows() <= 0 || table.cols() <= 0 || table.cols() % (2 * num_layers) != 0)
       throw ShapeError(who + ": prompt_embeddings of shape " + shape_str(table.rows(), table.cols()) +
@@ -93,7 +94,7 @@ class PrefixAttention : public Module<T> {
     return p;
   }
 
-  Parameter<T> embedding;          ///< "embedding.weight": T (flat) or E (projected)
+  Parameter<T> embedding;              ///< "embedding.weight": T (flat) or E (projected)
   Linear<T> transform_0, transform_2;  ///< "transform.0", "transform.2" (projected only)
 
   const PrefixConfig& config() const { return config_; }
@@ -139,10 +140,10 @@ class PrefixAttention : public Module<T> {
       if (embedding.trainable()) embedding.grad += cache.dtable;  // dT is the gradient of the table itself
       return;
     }
-    transform_2.backward(cache.c2, cache.dtable, &dhidden_);                       // dH = dT W_2   [l, h]
-    dhidden_.array() *= T(1) - cache.hidden.array().square();                     // dZ = dH ⊙ (1 − H²)
+    transform_2.backward(cache.c2, cache.dtable, &dhidden_);   // dH = dT W_2   [l, h]
+    dhidden_.array() *= T(1) - cache.hidden.array().square();  // dZ = dH ⊙ (1 − H²)
     Matrix<T>* dE = embedding.trainable() ? &dembedding_ : nullptr;
-    transform_0.backward(cache.c0, dhidden_, dE);                                  // dE = dZ W_0   [l, d]
+    transform_0.backward(cache.c0, dhidden_, dE);  // dE = dZ W_0   [l, d]
     if (dE != nullptr) embedding.grad += dembedding_;
   }
 
@@ -176,7 +177,9 @@ class PrefixAttention : public Module<T> {
   }
 
  protected:
-  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override { fn("embedding.weight", embedding); }
+  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
+    fn("embedding.weight", embedding);
+  }
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
     if (!projected()) return;
     fn("transform.0", transform_0);

@@ -85,7 +85,8 @@ class SoftPrompt : public Module<T> {
         throw ConfigError(describe("SoftPrompt", this->name()) + ": init token id " + std::to_string(id) +
                           " is outside the vocabulary [0, " + std::to_string(vocab.rows()) + ")");
     const Index count = static_cast<Index>(ids.size());
-    for (Index i = 0; i < num_virtual_tokens(); ++i) embedding.value.row(i) = vocab.row(ids[static_cast<std::size_t>(i % count)]);
+    for (Index i = 0; i < num_virtual_tokens(); ++i)
+      embedding.value.row(i) = vocab.row(ids[static_cast<std::size_t>(i % count)]);
   }
 
   /// P_i = E[u_i], u_i uniform over the vocabulary (with replacement; PEFT's SAMPLE_VOCAB).
@@ -140,7 +141,9 @@ class SoftPrompt : public Module<T> {
   }
 
  protected:
-  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override { fn("embedding.weight", embedding); }
+  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
+    fn("embedding.weight", embedding);
+  }
 
  private:
   void check_vocab(const ConstMatrixRef<T>& vocab) const {
@@ -148,7 +151,6 @@ class SoftPrompt : public Module<T> {
       throw ShapeError(describe("SoftPrompt", this->name()) + ": vocabulary table has shape " +
                        shape_str(vocab.rows(), vocab.cols()) + ", expected [vocab > 0, " + std::to_string(dim()) + "]");
   }
-
 };
 
 }  // namespace peft

@@ -25,8 +25,8 @@
 namespace peft {
 
 struct CrossEntropyOptions {
-  double label_smoothing = 0.0;       ///< ε in [0, 1]
-  std::int64_t ignore_index = -100;   ///< rows with this label contribute nothing (torch default)
+  double label_smoothing = 0.0;      ///< ε in [0, 1]
+  std::int64_t ignore_index = -100;  ///< rows with this label contribute nothing (torch default)
 };
 
 /// Mean softmax cross-entropy over the non-ignored rows of `logits` [rows, classes]; writes

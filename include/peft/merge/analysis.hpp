@@ -43,8 +43,8 @@ template <class T>
 double delta_frobenius_norm(const LoraFactors<T>& f) {
   detail::validate_factors("delta_frobenius_norm", f, 0);
   Matrix<T> btb(f.rank(), f.rank()), aat(f.rank(), f.rank());
-  btb.noalias() = f.B.transpose() * f.B;  // BᵀB   [r, r]
-  aat.noalias() = f.A * f.A.transpose();  // AAᵀ   [r, r]
+  btb.noalias() = f.B.transpose() * f.B;                                     // BᵀB   [r, r]
+  aat.noalias() = f.A * f.A.transpose();                                     // AAᵀ   [r, r]
   const double tr = static_cast<double>((btb.array() * aat.array()).sum());  // tr((BᵀB)(AAᵀ)), both symmetric
   return std::abs(f.scaling) * std::sqrt(std::max(0.0, tr));
 }

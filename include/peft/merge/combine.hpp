@@ -87,12 +87,12 @@ struct CombineOptions {
 
 template <class T>
 struct CombineResult {
-  LoraFactors<T> factors;              ///< scaling 1
-  LoraConfig config;                   ///< r = rank, alpha = r (√r with rsLoRA): config.scaling() == 1
-  std::vector<double> singular_values; ///< of the target ΔW, descending (empty for Cat)
-  double discarded_energy = 0.0;       ///< Σ_{j>k} σ_j² of the target ΔW (0 for Cat)
-  double frobenius_error = 0.0;        ///< √(discarded energy) = ‖ΔW_target − B'A'‖_F (Eckart–Young)
-  double spectral_error = 0.0;         ///< σ_{k+1}
+  LoraFactors<T> factors;               ///< scaling 1
+  LoraConfig config;                    ///< r = rank, alpha = r (√r with rsLoRA): config.scaling() == 1
+  std::vector<double> singular_values;  ///< of the target ΔW, descending (empty for Cat)
+  double discarded_energy = 0.0;        ///< Σ_{j>k} σ_j² of the target ΔW (0 for Cat)
+  double frobenius_error = 0.0;         ///< √(discarded energy) = ‖ΔW_target − B'A'‖_F (Eckart–Young)
+  double spectral_error = 0.0;          ///< σ_{k+1}
 };
 
 namespace detail {
@@ -148,15 +148,10 @@ void task_tensor(const LoraFactors<T>& f, std::size_t i, const CombineOptions& o
   dense_delta(f, d);
   switch (opt.method) {
     case CombineMethod::MagnitudePrune:
-    case CombineMethod::Ties:
-      trim_in_place(d, opt.density, order);
-      break;
+    case CombineMethod::Ties: trim_in_place(d, opt.density, order); break;
     case CombineMethod::DareLinear:
-    case CombineMethod::DareTies:
-      dare_in_place(d, opt.density, opt.seed + static_cast<std::uint64_t>(i));
-      break;
-    default:
-      break;
+    case CombineMethod::DareTies: dare_in_place(d, opt.density, opt.seed + static_cast<std::uint64_t>(i)); break;
+    default: break;
   }
 }
 
@@ -190,9 +185,9 @@ Matrix<T> combination_target(const std::vector<LoraFactors<T>>& adapters, const 
   for (std::size_t i = 0; i < adapters.size(); ++i) {
     detail::task_tensor(adapters[i], i, opt, p, order);
     if (opt.majority_sign == MajoritySign::Total)
-      elect += p;                                                        // Σ_i P_i
+      elect += p;  // Σ_i P_i
     else
-      elect += p.unaryExpr([](T x) { return detail::sign_of(x); });     // Σ_i sign(P_i)
+      elect += p.unaryExpr([](T x) { return detail::sign_of(x); });  // Σ_i sign(P_i)
   }
   elect = elect.unaryExpr([](T x) { return x >= T(0) ? T(1) : T(-1); });  // e ∈ {+1, −1}
   // Pass 2 (the same P_i: trim is deterministic, dare reseeds per adapter): disjoint weighted mean.
@@ -233,14 +228,14 @@ CombineResult<T> combine(const std::vector<LoraFactors<T>>& adapters, const std:
       throw ConfigError(who + ": the rank of a concatenation is Σ r_i = " + std::to_string(total_rank) +
                         "; leave rank = 0 (got " + std::to_string(opt.rank) + ") or use svd to choose it");
     if (total_rank > max_rank)
-      throw ConfigError(who + ": Σ r_i = " + std::to_string(total_rank) + " exceeds min(out, in) = " +
-                        std::to_string(max_rank) + "; use svd to re-compress");
+      throw ConfigError(who + ": Σ r_i = " + std::to_string(total_rank) +
+                        " exceeds min(out, in) = " + std::to_string(max_rank) + "; use svd to re-compress");
     res.factors.A.resize(total_rank, in);
     res.factors.B.resize(out, total_rank);
     Index at = 0;
     for (std::size_t i = 0; i < adapters.size(); ++i) {
       const LoraFactors<T>& f = adapters[i];
-      res.factors.A.middleRows(at, f.rank()) = f.A;                                         // A' = [A_1; …]
+      res.factors.A.middleRows(at, f.rank()) = f.A;                                           // A' = [A_1; …]
       res.factors.B.middleCols(at, f.rank()) = static_cast<T>(weights[i] * f.scaling) * f.B;  // w_i s_i B_i
       at += f.rank();
     }

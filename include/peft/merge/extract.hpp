@@ -20,8 +20,8 @@
 namespace peft {
 
 struct ExtractOptions {
-  Index rank = 0;         ///< k; exactly one of rank and energy must be set
-  double energy = 0.0;    ///< τ in (0, 1]: smallest k with Σ_{j≤k} σ_j² ≥ τ Σ_j σ_j²
+  Index rank = 0;       ///< k; exactly one of rank and energy must be set
+  double energy = 0.0;  ///< τ in (0, 1]: smallest k with Σ_{j≤k} σ_j² ≥ τ Σ_j σ_j²
   bool use_rslora = false;
 };
 

@@ -24,10 +24,10 @@ namespace peft {
 /// One LoRA adapter as factors: ΔW = scaling · B · A.
 template <class T>
 struct LoraFactors {
-  Matrix<T> A;            ///< [r, in]
-  Matrix<T> B;            ///< [out, r]
-  double scaling = 1.0;   ///< s (alpha / r or alpha / √r for a trained adapter; 1 for results here)
-  std::string name;       ///< optional, used in error messages
+  Matrix<T> A;           ///< [r, in]
+  Matrix<T> B;           ///< [out, r]
+  double scaling = 1.0;  ///< s (alpha / r or alpha / √r for a trained adapter; 1 for results here)
+  std::string name;      ///< optional, used in error messages
 
   Index rank() const { return A.rows(); }
   Index in_features() const { return A.cols(); }
@@ -47,7 +47,8 @@ template <class T>
 LoraFactors<T> factors_of(const LoraAdapter<T>& adapter, const std::string& layer = "") {
   if (adapter.config.use_dora)  // the magnitude rescales rows: the delta is not s·B·A
     throw ConfigError((layer.empty() ? std::string() : describe("LoRALinear", layer) + ": ") + "adapter \"" +
-                      adapter.name + "\" uses DoRA: its delta is not s·B·A, so it cannot be treated as plain LoRA factors");
+                      adapter.name +
+                      "\" uses DoRA: its delta is not s·B·A, so it cannot be treated as plain LoRA factors");
   return LoraFactors<T>{adapter.A.value, adapter.B.value, adapter.scaling(), adapter.name};
 }
 
@@ -84,8 +85,7 @@ void validate_factors(const char* who, const LoraFactors<T>& f, std::size_t i) {
   if (f.A.rows() == 0) throw ShapeError(label + ": rank is 0 (A has shape " + shape_str(f.A) + ")");
   if (f.A.cols() == 0 || f.B.rows() == 0)
     throw ShapeError(label + ": empty delta shape " + shape_str(f.B.rows(), f.A.cols()));
-  if (!std::isfinite(f.scaling))
-    throw NumericError(label + ": scaling is not finite (" + check::num(f.scaling) + ")");
+  if (!std::isfinite(f.scaling)) throw NumericError(label + ": scaling is not finite (" + check::num(f.scaling) + ")");
   if (!f.A.allFinite()) throw NumericError(label + ": A contains NaN or Inf");
   if (!f.B.allFinite()) throw NumericError(label + ": B contains NaN or Inf");
 }

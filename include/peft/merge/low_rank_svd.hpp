@@ -82,17 +82,17 @@ ThinSvd<T> factored_svd(const ConstMatrixRef<T>& Bt, const ConstMatrixRef<T>& At
                      "; B must have as many columns as A has rows");
   using CM = detail::ColMajor<T>;
   CM qb, rb, qa, ra;
-  detail::thin_qr<T>(CM(Bt), qb, rb);               // B̃ = Q_B R_B
-  detail::thin_qr<T>(CM(At.transpose()), qa, ra);   // Ãᵀ = Q_A R_A
+  detail::thin_qr<T>(CM(Bt), qb, rb);              // B̃ = Q_B R_B
+  detail::thin_qr<T>(CM(At.transpose()), qa, ra);  // Ãᵀ = Q_A R_A
   CM core(rb.rows(), ra.rows());
-  core.noalias() = rb * ra.transpose();             // C = R_B R_Aᵀ   [m_B, m_A]
+  core.noalias() = rb * ra.transpose();  // C = R_B R_Aᵀ   [m_B, m_A]
   CM u, v;
   ThinSvd<T> out;
-  detail::svd_of<T>(core, u, out.sigma, v);         // C = U Σ Vᵀ
+  detail::svd_of<T>(core, u, out.sigma, v);  // C = U Σ Vᵀ
   out.U.resize(qb.rows(), u.cols());
-  out.U.noalias() = qb * u;                         // Q_B U   [out, m]
+  out.U.noalias() = qb * u;  // Q_B U   [out, m]
   out.V.resize(qa.rows(), v.cols());
-  out.V.noalias() = qa * v;                         // Q_A V   [in, m]
+  out.V.noalias() = qa * v;  // Q_A V   [in, m]
   return out;
 }
 

@@ -64,8 +64,8 @@ struct PrefixTargetConfig {
 struct PromptTargetConfig {
   Index num_virtual_tokens = 10;
   PromptInit init = PromptInit::Random;
-  double scale = 1.0;                  ///< RANDOM: N(0, 1)·scale
-  std::vector<Index> init_token_ids;   ///< FromTokens: ids whose embeddings seed the prompt
+  double scale = 1.0;                 ///< RANDOM: N(0, 1)·scale
+  std::vector<Index> init_token_ids;  ///< FromTokens: ids whose embeddings seed the prompt
 };
 
 struct PeftConfig {
@@ -123,8 +123,8 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
         report.saved_modules.push_back(key);
       }
     if (!hit)
-      throw ConfigError(who + ": modules_to_save entry \"" + m + "\" matches no module; available modules: " +
-                        join_names(modules));
+      throw ConfigError(who + ": modules_to_save entry \"" + m +
+                        "\" matches no module; available modules: " + join_names(modules));
   }
 
   model.freeze_all();
@@ -158,7 +158,8 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
         if (key == p + "ffn.fc2" && feedforward) ffn[i] = placed = true;
       }
       if (!placed)
-        throw ConfigError(who + " ((IA)^3): cannot scale \"" + key + "\"" + (feedforward ? " as a feed-forward module" : "") +
+        throw ConfigError(who + " ((IA)^3): cannot scale \"" + key + "\"" +
+                          (feedforward ? " as a feed-forward module" : "") +
                           "; this model supports attn.k_proj, attn.v_proj (output scaling, not in feedforward_modules) "
                           "and ffn.fc2 (input scaling, in feedforward_modules)");
     }
@@ -175,8 +176,9 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
   if (config.prompt) {
     const PromptTargetConfig& pc = *config.prompt;
     if (pc.init != PromptInit::Random && !model.token_input())
-      throw ConfigError(who + " (prompt tuning): init from token embeddings needs a token-input model; this one "
-                              "takes features, use PromptInit::Random");
+      throw ConfigError(who +
+                        " (prompt tuning): init from token embeddings needs a token-input model; this one "
+                        "takes features, use PromptInit::Random");
     SoftPrompt<T>& sp = model.add_soft_prompt(pc.num_virtual_tokens, rng, pc.scale);
     if (pc.init == PromptInit::FromTokens) sp.init_from_tokens(model.embed_tokens.weight.value, pc.init_token_ids);
     if (pc.init == PromptInit::SampleVocab) sp.init_from_vocab_sample(model.embed_tokens.weight.value, rng);

@@ -138,9 +138,9 @@ inline std::vector<std::string> select_modules(const std::vector<std::pair<std::
     if (selector_matches(target, name, linear_non_head, who + " target_modules")) out.push_back(name);
   }
   if (out.empty())
-    throw ConfigError(who + ": target_modules " + target.describe() +
-                      " matches no module (after exclude_modules and modules_to_save); available modules: " +
-                      join_names(all));
+    throw ConfigError(
+        who + ": target_modules " + target.describe() +
+        " matches no module (after exclude_modules and modules_to_save); available modules: " + join_names(all));
   return out;
 }
 

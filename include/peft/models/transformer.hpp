@@ -61,8 +61,8 @@ struct TransformerConfig {
   Pooling pooling = Pooling::Mean;
   Activation activation = Activation::GELU;
   double norm_eps = 1e-5;
-  bool causal = false;      ///< causal self-attention (prefix rows stay visible)
-  bool final_norm = true;   ///< LayerNorm `norm` after the last block
+  bool causal = false;     ///< causal self-attention (prefix rows stay visible)
+  bool final_norm = true;  ///< LayerNorm `norm` after the last block
 };
 
 /// ViT-style patch extraction for single-channel images (Dosovitskiy et al., 2021): images
@@ -71,10 +71,12 @@ struct TransformerConfig {
 /// a patch row-major. Feed `out` with SequenceLayout(N, G) to a feature-input TransformerClassifier
 /// (input_dim = p_h·p_w). Fashion-MNIST 28×28: 4×4 patches → G = 49 tokens of 16 px; 7×7 → 16 of 49.
 template <class T>
-void patchify(const ConstMatrixRef<T>& images, Index height, Index width, Index patch_h, Index patch_w, Matrix<T>& out) {
+void patchify(const ConstMatrixRef<T>& images, Index height, Index width, Index patch_h, Index patch_w,
+              Matrix<T>& out) {
   if (height <= 0 || width <= 0 || patch_h <= 0 || patch_w <= 0 || height % patch_h != 0 || width % patch_w != 0)
     throw ShapeError("patchify: image " + std::to_string(height) + "x" + std::to_string(width) +
-                     " does not split into whole " + std::to_string(patch_h) + "x" + std::to_string(patch_w) + " patches");
+                     " does not split into whole " + std::to_string(patch_h) + "x" + std::to_string(patch_w) +
+                     " patches");
   if (images.cols() != height * width)
     throw ShapeError("patchify: images have " + std::to_string(images.cols()) + " pixels, expected " +
                      std::to_string(height) + "x" + std::to_string(width) + " = " + std::to_string(height * width));
@@ -141,21 +143,21 @@ class TransformerBlock : public Module<T> {
                const PrefixKV<T>* prefix = nullptr) {
     check::input_features("TransformerBlock", this->name(), x.cols(), dim());
     if (pre_norm_) {
-      norm1.forward(x, u_, cache.norm1);                        // u = LN1(x)
-      attn.forward(u_, layout, a_, cache.attn, prefix);         // a = Attn(u)
-      const Matrix<T>& a = attend_adapter(cache);               // a ← Ad_attn(a)
-      h_ = x + a;                                               // h = x + a
-      norm2.forward(h_, v_, cache.norm2);                       // v = LN2(h)
-      const Matrix<T>& f = ffn_branch(v_, cache);               // f = FFN(v) (+ adapters)
-      y = h_ + f;                                               // y = h + f
+      norm1.forward(x, u_, cache.norm1);                 // u = LN1(x)
+      attn.forward(u_, layout, a_, cache.attn, prefix);  // a = Attn(u)
+      const Matrix<T>& a = attend_adapter(cache);        // a ← Ad_attn(a)
+      h_ = x + a;                                        // h = x + a
+      norm2.forward(h_, v_, cache.norm2);                // v = LN2(h)
+      const Matrix<T>& f = ffn_branch(v_, cache);        // f = FFN(v) (+ adapters)
+      y = h_ + f;                                        // y = h + f
     } else {
-      attn.forward(x, layout, a_, cache.attn, prefix);          // a = Attn(x)
+      attn.forward(x, layout, a_, cache.attn, prefix);  // a = Attn(x)
       const Matrix<T>& a = attend_adapter(cache);
       s_ = x + a;
-      norm1.forward(s_, h_, cache.norm1);                       // h = LN1(x + a)
+      norm1.forward(s_, h_, cache.norm1);  // h = LN1(x + a)
       const Matrix<T>& f = ffn_branch(h_, cache);
       s_ = h_ + f;
-      norm2.forward(s_, y, cache.norm2);                        // y = LN2(h + f)
+      norm2.forward(s_, y, cache.norm2);  // y = LN2(h + f)
     }
   }
 
@@ -165,30 +167,30 @@ class TransformerBlock : public Module<T> {
     check::shape("TransformerBlock", this->name(), "output gradient", dy.rows(), dy.cols(), cache.attn.layout.rows(),
                  dim());
     if (pre_norm_) {
-      dh_ = dy;                                   // y = h + f: dh = dy, df = dy
-      ffn_branch_backward(cache, dy, dv_);        // dv = ∂f/∂v ᵀ dy
-      norm2.backward(cache.norm2, dv_, &dtmp_);   // v = LN2(h)
-      dh_ += dtmp_;                               // dh = dy + LN2ᵀ(dv)
-      attend_adapter_backward(cache, dh_);        // da = Ad_attnᵀ(dh)  (in da_)
+      dh_ = dy;                                  // y = h + f: dh = dy, df = dy
+      ffn_branch_backward(cache, dy, dv_);       // dv = ∂f/∂v ᵀ dy
+      norm2.backward(cache.norm2, dv_, &dtmp_);  // v = LN2(h)
+      dh_ += dtmp_;                              // dh = dy + LN2ᵀ(dv)
+      attend_adapter_backward(cache, dh_);       // da = Ad_attnᵀ(dh)  (in da_)
       // du = Attnᵀ(da) is needed only for dx or LN1's own gradients: skipping it saves the
       // q/k/v input-gradient GEMMs in the lowest block of a PEFT model.
       const bool need_du = dx != nullptr || norm1.weight.trainable() || norm1.bias.trainable();
       attn.backward(cache.attn, da_, need_du ? &du_ : nullptr, dprefix);
       if (!need_du) return;
       if (dx != nullptr) {
-        norm1.backward(cache.norm1, du_, dx);     // dx = LN1ᵀ(du) + dh
+        norm1.backward(cache.norm1, du_, dx);  // dx = LN1ᵀ(du) + dh
         *dx += dh_;
       } else {
         norm1.backward(cache.norm1, du_, nullptr);
       }
     } else {
-      norm2.backward(cache.norm2, dy, &ds_);      // ds2 = LN2ᵀ(dy);  s2 = h + f
-      ffn_branch_backward(cache, ds_, dv_);       // dv (v = h)
-      ds_ += dv_;                                 // dh = ds2 + dv
-      norm1.backward(cache.norm1, ds_, &dh_);     // ds1 = LN1ᵀ(dh);  s1 = x + a
-      attend_adapter_backward(cache, dh_);        // da = Ad_attnᵀ(ds1)
+      norm2.backward(cache.norm2, dy, &ds_);   // ds2 = LN2ᵀ(dy);  s2 = h + f
+      ffn_branch_backward(cache, ds_, dv_);    // dv (v = h)
+      ds_ += dv_;                              // dh = ds2 + dv
+      norm1.backward(cache.norm1, ds_, &dh_);  // ds1 = LN1ᵀ(dh);  s1 = x + a
+      attend_adapter_backward(cache, dh_);     // da = Ad_attnᵀ(ds1)
       attn.backward(cache.attn, da_, dx, dprefix);
-      if (dx != nullptr) *dx += dh_;              // dx = Attnᵀ(da) + ds1
+      if (dx != nullptr) *dx += dh_;  // dx = Attnᵀ(da) + ds1
     }
   }
 
@@ -228,11 +230,11 @@ class TransformerBlock : public Module<T> {
     if (!adapter_ffn) {
       ffn.backward(cache.ffn, df, &dv);
     } else if (parallel_adapter()) {
-      ffn.backward(cache.ffn, df, &dv);                        // FFNᵀ(df)
-      adapter_ffn->backward(cache.adapter_ffn, df, &dtmp_);    // + Ad_parᵀ(df)
+      ffn.backward(cache.ffn, df, &dv);                      // FFNᵀ(df)
+      adapter_ffn->backward(cache.adapter_ffn, df, &dtmp_);  // + Ad_parᵀ(df)
       dv += dtmp_;
     } else {
-      adapter_ffn->backward(cache.adapter_ffn, df, &df2_);     // d(FFN out) = Ad_ffnᵀ(df)
+      adapter_ffn->backward(cache.adapter_ffn, df, &df2_);  // d(FFN out) = Ad_ffnᵀ(df)
       ffn.backward(cache.ffn, df2_, &dv);
     }
   }
@@ -278,7 +280,8 @@ class TransformerClassifier : public Module<T> {
       : Module<T>(std::move(name)), config_(config) {
     const std::string who = describe("TransformerClassifier", this->name());
     if ((config.vocab_size > 0) == (config.input_dim > 0))
-      throw ConfigError(who + ": exactly one of vocab_size (token input) and input_dim (feature input) must be > 0, got " +
+      throw ConfigError(who +
+                        ": exactly one of vocab_size (token input) and input_dim (feature input) must be > 0, got " +
                         std::to_string(config.vocab_size) + " and " + std::to_string(config.input_dim));
     if (config.num_layers <= 0 || config.num_classes <= 0 || config.max_seq_len < 0)
       throw ConfigError(who + ": num_layers and num_classes must be > 0 and max_seq_len >= 0, got " +
@@ -298,13 +301,13 @@ class TransformerClassifier : public Module<T> {
     this->set_name(this->name());
   }
 
-  Embedding<T> embed_tokens;                 ///< token input only
-  LoRALinear<T> patch_embed;                 ///< feature input only
-  PositionalEmbedding<T> embed_positions;    ///< when max_seq_len > 0
+  Embedding<T> embed_tokens;               ///< token input only
+  LoRALinear<T> patch_embed;               ///< feature input only
+  PositionalEmbedding<T> embed_positions;  ///< when max_seq_len > 0
   std::optional<SoftPrompt<T>> prompt_encoder;
   std::optional<PrefixAttention<T>> prefix_encoder;
   std::vector<TransformerBlock<T>> layers;
-  LayerNorm<T> norm;                         ///< when final_norm
+  LayerNorm<T> norm;  ///< when final_norm
   LoRALinear<T> classifier;
 
   const TransformerConfig& config() const { return config_; }
@@ -387,7 +390,8 @@ class TransformerClassifier : public Module<T> {
 
   /// Prompt tuning: n virtual tokens at the input, N(0, 1)·scale init (see SoftPrompt for others).
   SoftPrompt<T>& add_soft_prompt(Index num_virtual_tokens, Rng& rng, double scale = 1.0) {
-    if (prompt_encoder) throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a soft prompt");
+    if (prompt_encoder)
+      throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a soft prompt");
     prompt_encoder.emplace(num_virtual_tokens, dim(), rng, scale);
     this->set_name(this->name());
     return *prompt_encoder;
@@ -436,7 +440,8 @@ class TransformerClassifier : public Module<T> {
     const SequenceLayout& ml = cache.model_layout;
     check::shape("TransformerClassifier", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(), ml.batch,
                  num_classes());
-    if (dx != nullptr && !cache.features) throw ConfigError(who + ": token ids have no input gradient; pass dx = nullptr");
+    if (dx != nullptr && !cache.features)
+      throw ConfigError(who + ": token ids have no input gradient; pass dx = nullptr");
     if (static_cast<Index>(cache.blocks.size()) != num_layers())
       throw ConfigError(who + ": cache does not come from a forward of this model");
 

@@ -22,7 +22,7 @@
 namespace peft {
 
 struct ClipOptions {
-  double norm_type = 2.0;            ///< q > 0, or std::numeric_limits<double>::infinity()
+  double norm_type = 2.0;  ///< q > 0, or std::numeric_limits<double>::infinity()
   bool error_if_nonfinite = true;
 };
 

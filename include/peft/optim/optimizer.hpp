@@ -161,11 +161,12 @@ class BasicOptimizer : public Optimizer<T> {
     g.entries.reserve(group.params.size());
     for (const NamedParameter<T>& np : group.params) {
       if (np.param == nullptr)
-        throw ConfigError(std::string(kind_) + ": parameter \"" + np.name + "\" in group \"" + g.name +
-                          "\" is null");
+        throw ConfigError(std::string(kind_) + ": parameter \"" + np.name + "\" in group \"" + g.name + "\" is null");
       if (const Entry* dup = find_entry(np.param))
-        throw ConfigError(std::string(kind_) + ": parameter \"" + np.name + "\" appears in more than one group"
-                          " (already listed as \"" + dup->name + "\")");
+        throw ConfigError(std::string(kind_) + ": parameter \"" + np.name +
+                          "\" appears in more than one group"
+                          " (already listed as \"" +
+                          dup->name + "\")");
       for (const Entry& e : g.entries)
         if (e.param == np.param)
           throw ConfigError(std::string(kind_) + ": parameter \"" + np.name + "\" is listed twice in group \"" +
@@ -222,8 +223,8 @@ class BasicOptimizer : public Optimizer<T> {
 
   void check_non_negative(const char* what, double value, const std::string& group) const {
     if (!std::isfinite(value) || value < 0.0)
-      throw ConfigError(std::string(kind_) + ": " + what + " of group \"" + group +
-                        "\" must be finite and >= 0, got " + check::num(value));
+      throw ConfigError(std::string(kind_) + ": " + what + " of group \"" + group + "\" must be finite and >= 0, got " +
+                        check::num(value));
   }
 
   const char* kind_;

@@ -35,7 +35,8 @@ std::vector<NamedParameter<T>> parameters_matching(Module<T>& module, const std:
   const Regex re = detail::compile_pattern(pattern, "parameters_matching");
   std::vector<NamedParameter<T>> out;
   module.visit_parameters([&](const std::string& name, Parameter<T>& p) {
-    if ((!trainable_only || p.trainable()) && regex_full_match(name, re, "parameters_matching")) out.push_back({name, &p});
+    if ((!trainable_only || p.trainable()) && regex_full_match(name, re, "parameters_matching"))
+      out.push_back({name, &p});
   });
   if (out.empty())
     throw ConfigError("parameters_matching: pattern \"" + pattern + "\" matches no " +
@@ -47,7 +48,7 @@ struct GroupRule {
   std::string pattern;  ///< regex matched against the whole dotted name
   double lr = 1e-3;
   double weight_decay = 0.0;
-  std::string name;     ///< group name; defaults to the pattern
+  std::string name;  ///< group name; defaults to the pattern
 };
 
 /// One group per rule (in rule order), then "default" (default_lr, default_weight_decay) for the
@@ -76,26 +77,26 @@ std::vector<ParamGroup<T>> param_groups_by_rules(Module<T>& module, const std::v
   for (std::size_t i = 0; i < rules.size(); ++i)
     if (groups[i].params.empty())
       throw ConfigError("param_groups_by_rules: rule \"" + rules[i].pattern + "\" matches no " +
-                        (trainable_only ? "trainable " : "") + "parameter of " +
-                        describe("module", module.name()) + " not already taken by an earlier rule");
+                        (trainable_only ? "trainable " : "") + "parameter of " + describe("module", module.name()) +
+                        " not already taken by an earlier rule");
   if (!rest.params.empty()) groups.push_back(std::move(rest));
   return groups;
 }
 
 struct LayerRule {
   std::string pattern;  ///< regex matched against the whole dotted name
-  Index layer = 0;       ///< layer index assigned to matching parameters
+  Index layer = 0;      ///< layer index assigned to matching parameters
 };
 
 struct LayerwiseLrOptions {
   double base_lr = 1e-3;
-  double decay = 0.8;                                        ///< in (0, 1]
-  Index num_layers = 0;                                       ///< L > 0
+  double decay = 0.8;    ///< in (0, 1]
+  Index num_layers = 0;  ///< L > 0
   double weight_decay = 0.0;
   std::string layer_regex = R"((?:^|\.)layers\.(\d+)\.)";  ///< searched; capture 1 = index
-  std::vector<LayerRule> fixed_layers;                       ///< for names without a layer index
-  std::optional<Index> default_layer;  ///< index for everything else; unset: num_layers
-  std::string no_decay_pattern;     ///< e.g. ".*bias|.*norm.*": weight decay 0 (empty: none)
+  std::vector<LayerRule> fixed_layers;                     ///< for names without a layer index
+  std::optional<Index> default_layer;                      ///< index for everything else; unset: num_layers
+  std::string no_decay_pattern;                            ///< e.g. ".*bias|.*norm.*": weight decay 0 (empty: none)
   bool trainable_only = false;
 };
 
@@ -111,8 +112,7 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
   if (!std::isfinite(o.base_lr) || o.base_lr < 0.0)
     throw ConfigError(std::string(who) + ": base_lr must be finite and >= 0, got " + check::num(o.base_lr));
   if (!std::isfinite(o.weight_decay) || o.weight_decay < 0.0)
-    throw ConfigError(std::string(who) + ": weight_decay must be finite and >= 0, got " +
-                      check::num(o.weight_decay));
+    throw ConfigError(std::string(who) + ": weight_decay must be finite and >= 0, got " + check::num(o.weight_decay));
   const Regex layer_re = detail::compile_pattern(o.layer_regex, who);
   if (layer_re.group_count() < 1)
     throw ConfigError(std::string(who) + ": layer_regex \"" + o.layer_regex +
@@ -135,12 +135,12 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
       try {
         layer = static_cast<Index>(std::stoll(m[1].str()));
       } catch (const std::exception&) {
-        throw ConfigError(std::string(who) + ": cannot read a layer index from \"" + m[1].str() + "\" in \"" +
-                          name + "\"");
+        throw ConfigError(std::string(who) + ": cannot read a layer index from \"" + m[1].str() + "\" in \"" + name +
+                          "\"");
       }
       if (layer >= o.num_layers)  // blocks are layers.0 … layers.{L−1}
-        throw ConfigError(std::string(who) + ": parameter \"" + name + "\" has layer index " +
-                          std::to_string(layer) + ", expected < num_layers " + std::to_string(o.num_layers));
+        throw ConfigError(std::string(who) + ": parameter \"" + name + "\" has layer index " + std::to_string(layer) +
+                          ", expected < num_layers " + std::to_string(o.num_layers));
     } else {
       for (std::size_t i = 0; i < fixed.size(); ++i) {
         if (regex_full_match(name, fixed[i], who)) {
@@ -165,8 +165,8 @@ std::vector<ParamGroup<T>> layerwise_lr_groups(Module<T>& module, const Layerwis
       throw ConfigError(std::string(who) + ": fixed_layers rule \"" + o.fixed_layers[i].pattern +
                         "\" matches no parameter without a layer index in " + describe("module", module.name()));
   if (has_no_decay && !no_decay_used)
-    throw ConfigError(std::string(who) + ": no_decay_pattern \"" + o.no_decay_pattern +
-                      "\" matches no parameter of " + describe("module", module.name()));
+    throw ConfigError(std::string(who) + ": no_decay_pattern \"" + o.no_decay_pattern + "\" matches no parameter of " +
+                      describe("module", module.name()));
   if (by_layer.empty())
     throw ConfigError(std::string(who) + ": " + describe("module", module.name()) + " has no " +
                       (o.trainable_only ? "trainable " : "") + "parameters");

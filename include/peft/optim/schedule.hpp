@@ -39,8 +39,7 @@ class Schedule {
   }
   static void check_warmup(const char* kind, std::int64_t warmup, std::int64_t total) {
     if (warmup < 0) throw ConfigError(std::string(kind) + ": warmup_steps must be >= 0, got " + std::to_string(warmup));
-    if (total <= 0)
-      throw ConfigError(std::string(kind) + ": total_steps must be > 0, got " + std::to_string(total));
+    if (total <= 0) throw ConfigError(std::string(kind) + ": total_steps must be > 0, got " + std::to_string(total));
     if (warmup > total)
       throw ConfigError(std::string(kind) + ": warmup_steps " + std::to_string(warmup) + " exceeds total_steps " +
                         std::to_string(total));
@@ -60,8 +59,7 @@ class Schedule {
 class ConstantSchedule : public Schedule {
  public:
   explicit ConstantSchedule(std::int64_t warmup_steps = 0) : warmup_(warmup_steps) {
-    if (warmup_ < 0)
-      throw ConfigError("ConstantSchedule: warmup_steps must be >= 0, got " + std::to_string(warmup_));
+    if (warmup_ < 0) throw ConfigError("ConstantSchedule: warmup_steps must be >= 0, got " + std::to_string(warmup_));
   }
   double multiplier(std::int64_t step) const override {
     check_step("ConstantSchedule", step);
@@ -84,8 +82,8 @@ class LinearSchedule : public Schedule {
   double multiplier(std::int64_t step) const override {
     check_step("LinearSchedule", step);
     if (step < warmup_) return warmup_factor(step, warmup_);
-    const double f = std::max(0.0, static_cast<double>(total_ - step) /
-                                       static_cast<double>(std::max<std::int64_t>(1, total_ - warmup_)));
+    const double f = std::max(
+        0.0, static_cast<double>(total_ - step) / static_cast<double>(std::max<std::int64_t>(1, total_ - warmup_)));
     return min_ratio_ == 0.0 ? f : f * (1.0 - min_ratio_) + min_ratio_;
   }
 
@@ -111,8 +109,8 @@ class CosineSchedule : public Schedule {
     check_step("CosineSchedule", step);
     if (step < warmup_) return warmup_factor(step, warmup_);
     constexpr double kPi = 3.14159265358979323846;
-    const double progress = static_cast<double>(step - warmup_) /
-                            static_cast<double>(std::max<std::int64_t>(1, total_ - warmup_));
+    const double progress =
+        static_cast<double>(step - warmup_) / static_cast<double>(std::max<std::int64_t>(1, total_ - warmup_));
     double f = 0.5 * (1.0 + std::cos(kPi * cycles_ * 2.0 * progress));
     if (min_ratio_ != 0.0) f = f * (1.0 - min_ratio_) + min_ratio_;
     return std::max(0.0, f);

@@ -84,9 +84,7 @@ inline std::string bnb_name(const std::string& prefix, const std::string& suffix
 
 inline const char* kQuantStateSuffix = ".quant_state.bitsandbytes__";
 
-inline bool known_torch_float(const std::string& d) {
-  return d == "float32" || d == "float16" || d == "bfloat16";
-}
+inline bool known_torch_float(const std::string& d) { return d == "float32" || d == "float16" || d == "bfloat16"; }
 
 inline const io::TensorInfo& bnb_tensor(const io::SafeTensorsFile& f, const std::string& name, io::DType dtype,
                                         const std::string& who) {
@@ -107,7 +105,8 @@ const Json& json_key(const Json& j, const char* key, const std::string& who) {
 template <class Json>
 std::int64_t json_int(const Json& j, const char* key, const std::string& who) {
   const Json& v = json_key(j, key, who);
-  if (!v.is_number_integer()) throw IoError(who + ": quant_state key \"" + key + "\" must be an integer, got " + v.dump());
+  if (!v.is_number_integer())
+    throw IoError(who + ": quant_state key \"" + key + "\" must be an integer, got " + v.dump());
   return v.template get<std::int64_t>();
 }
 
@@ -164,8 +163,8 @@ inline NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& p
   const char* text = reinterpret_cast<const char*>(f.bytes(st));
   const io::Json j = io::parse_json_strict(text, text + st.numel, who + " quant_state");
   if (!j.is_object()) throw IoError(who + ": quant_state JSON is not an object");
-  static const char* kKnown[] = {"quant_type", "blocksize", "dtype", "shape", "nested_blocksize", "nested_dtype",
-                                 "nested_offset"};
+  static const char* kKnown[] = {"quant_type",       "blocksize",    "dtype",        "shape",
+                                 "nested_blocksize", "nested_dtype", "nested_offset"};
   for (auto it = j.begin(); it != j.end(); ++it) {
     bool ok = false;
     for (const char* k : kKnown) ok = ok || it.key() == k;
@@ -215,7 +214,8 @@ inline NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& p
     const io::TensorInfo& na = detail::bnb_tensor(f, detail::bnb_name(prefix, ".nested_absmax"), io::DType::F32, who);
     t.nested_absmax.resize(static_cast<std::size_t>(na.numel));
     f.load_into<float>(na, t.nested_absmax.data());
-    const io::TensorInfo& nq = detail::bnb_tensor(f, detail::bnb_name(prefix, ".nested_quant_map"), io::DType::F32, who);
+    const io::TensorInfo& nq =
+        detail::bnb_tensor(f, detail::bnb_name(prefix, ".nested_quant_map"), io::DType::F32, who);
     if (nq.numel != 256)
       throw ShapeError(who + ": nested_quant_map has " + std::to_string(nq.numel) + " values, expected 256");
     f.load_into<float>(nq, t.nested_quant_map.data());
@@ -229,16 +229,20 @@ inline void add_bnb_nf4_specs(const std::string& prefix, const NF4Tensor& t, std
   t.validate("add_bnb_nf4_specs \"" + prefix + "\"");
   specs.push_back({detail::bnb_name(prefix, ""), io::DType::U8, {static_cast<std::int64_t>(t.packed.size()), 1}});
   if (t.nested)
-    specs.push_back({detail::bnb_name(prefix, ".absmax"), io::DType::U8, {static_cast<std::int64_t>(t.qabsmax.size())}});
+    specs.push_back(
+        {detail::bnb_name(prefix, ".absmax"), io::DType::U8, {static_cast<std::int64_t>(t.qabsmax.size())}});
   else
-    specs.push_back({detail::bnb_name(prefix, ".absmax"), io::DType::F32, {static_cast<std::int64_t>(t.absmax.size())}});
+    specs.push_back(
+        {detail::bnb_name(prefix, ".absmax"), io::DType::F32, {static_cast<std::int64_t>(t.absmax.size())}});
   specs.push_back({detail::bnb_name(prefix, ".quant_map"), io::DType::F32, {16}});
   if (t.nested) {
-    specs.push_back(
-        {detail::bnb_name(prefix, ".nested_absmax"), io::DType::F32, {static_cast<std::int64_t>(t.nested_absmax.size())}});
+    specs.push_back({detail::bnb_name(prefix, ".nested_absmax"),
+                     io::DType::F32,
+                     {static_cast<std::int64_t>(t.nested_absmax.size())}});
     specs.push_back({detail::bnb_name(prefix, ".nested_quant_map"), io::DType::F32, {256}});
   }
-  specs.push_back({detail::bnb_name(prefix, std::string(detail::kQuantStateSuffix) + t.quant_type), io::DType::U8,
+  specs.push_back({detail::bnb_name(prefix, std::string(detail::kQuantStateSuffix) + t.quant_type),
+                   io::DType::U8,
                    {static_cast<std::int64_t>(quant_state_json(t).size())}});
 }
 
@@ -310,9 +314,9 @@ inline QuantizeFileReport quantize_safetensors(const std::string& in, const std:
   std::vector<float> buf;
   for (const io::TensorInfo& t : f.tensors()) {
     Item item{&t, {}};
-    const bool selected = t.shape.size() == 2 && io::dtype_is_float(t.dtype) && t.numel > 0 &&
-                          inc.full_match(t.name) && !exc.full_match(t.name) &&
-                          t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
+    const bool selected = t.shape.size() == 2 && io::dtype_is_float(t.dtype) && t.numel > 0 && inc.full_match(t.name) &&
+                          !exc.full_match(t.name) && t.name.size() > 7 &&
+                          t.name.compare(t.name.size() - 7, 7, ".weight") == 0;
     if (selected) {
       buf.resize(static_cast<std::size_t>(t.numel));
       f.load_into<float>(t, buf.data());

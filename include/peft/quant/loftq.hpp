@@ -57,9 +57,9 @@ LoftQResult<T> loftq_init(const ConstMatrixRef<T>& w, int r, double scaling, int
     const MatD resid = wd - deq;  // R_t = W − deq(Q_t)
     if (t == 0) res.qlora_error = resid.norm();
     Eigen::BDCSVD<MatD> svd(resid, Eigen::ComputeThinU | Eigen::ComputeThinV);
-    const Eigen::VectorXd root = (svd.singularValues().head(r) / scaling).cwiseSqrt();  // √(σ / s)
-    res.B = (svd.matrixU().leftCols(r) * root.asDiagonal()).template cast<T>();                // [out, r]
-    res.A = (root.asDiagonal() * svd.matrixV().leftCols(r).transpose()).template cast<T>();    // [r, in]
+    const Eigen::VectorXd root = (svd.singularValues().head(r) / scaling).cwiseSqrt();       // √(σ / s)
+    res.B = (svd.matrixU().leftCols(r) * root.asDiagonal()).template cast<T>();              // [out, r]
+    res.A = (root.asDiagonal() * svd.matrixV().leftCols(r).transpose()).template cast<T>();  // [r, in]
     low = scaling * (res.B.template cast<double>() * res.A.template cast<double>());
     res.errors.push_back((resid - low).norm());
   }

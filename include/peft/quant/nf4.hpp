@@ -36,30 +36,28 @@
 namespace peft::quant {
 
 /// The NF4 code (bitsandbytes get_4bit_type("nf4")), index k ↦ q_k.
-inline constexpr std::array<float, 16> kNF4Code = {
-    -1.0f,
-    -0.6961928009986877f,
-    -0.5250730514526367f,
-    -0.39491748809814453f,
-    -0.28444138169288635f,
-    -0.18477343022823334f,
-    -0.09105003625154495f,
-    0.0f,
-    0.07958029955625534f,
-    0.16093020141124725f,
-    0.24611230194568634f,
-    0.33791524171829224f,
-    0.44070982933044434f,
-    0.5626170039176941f,
-    0.7229568362236023f,
-    1.0f};
+inline constexpr std::array<float, 16> kNF4Code = {-1.0f,
+                                                   -0.6961928009986877f,
+                                                   -0.5250730514526367f,
+                                                   -0.39491748809814453f,
+                                                   -0.28444138169288635f,
+                                                   -0.18477343022823334f,
+                                                   -0.09105003625154495f,
+                                                   0.0f,
+                                                   0.07958029955625534f,
+                                                   0.16093020141124725f,
+                                                   0.24611230194568634f,
+                                                   0.33791524171829224f,
+                                                   0.44070982933044434f,
+                                                   0.5626170039176941f,
+                                                   0.7229568362236023f,
+                                                   1.0f};
 
 /// Decision thresholds of dQuantizeNF4, t_k between q_k and q_{k+1} (fp32 literals from the kernel).
 inline constexpr std::array<float, 15> kNF4Thresholds = {
-    -0.8480964004993439f, -0.6106329262256622f, -0.4599952697753906f, -0.33967943489551544f,
-    -0.23460740596055984f, -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f,
-    0.1202552504837513f,  0.2035212516784668f,  0.2920137718319893f,  0.3893125355243683f,
-    0.5016634166240692f,  0.6427869200706482f,  0.8614784181118011f};
+    -0.8480964004993439f,  -0.6106329262256622f,   -0.4599952697753906f, -0.33967943489551544f, -0.23460740596055984f,
+    -0.13791173323988914f, -0.045525018125772476f, 0.03979014977812767f, 0.1202552504837513f,   0.2035212516784668f,
+    0.2920137718319893f,   0.3893125355243683f,    0.5016634166240692f,  0.6427869200706482f,   0.8614784181118011f};
 
 /// The NF4 code index of a normalized value x: the number of thresholds t with x > t, i.e. the
 /// kernel's 4-level tree (ties go to the lower index; NaN goes to 0 like on the GPU).
@@ -74,9 +72,9 @@ inline std::uint8_t quantize_nf4_value(float x) {
 }
 
 struct NF4Options {
-  int blocksize = 64;           ///< values per absmax block (bitsandbytes: 64 .. 4096)
-  bool double_quant = true;     ///< compress_statistics: quantize the absmax vector (QLoRA's DQ)
-  int nested_blocksize = 256;   ///< absmax values per second-level block
+  int blocksize = 64;             ///< values per absmax block (bitsandbytes: 64 .. 4096)
+  bool double_quant = true;       ///< compress_statistics: quantize the absmax vector (QLoRA's DQ)
+  int nested_blocksize = 256;     ///< absmax values per second-level block
   const char* dtype = "float32";  ///< recorded in quant_state "dtype": float32, float16 or bfloat16
 };
 
@@ -90,20 +88,20 @@ inline std::string nf4_shape_str(const std::vector<std::int64_t>& s) {
 
 /// A 4-bit NF4 tensor in bitsandbytes' representation (QuantState + packed data).
 struct NF4Tensor {
-  std::vector<std::int64_t> shape;     ///< logical shape, e.g. [out, in]
-  std::string dtype = "float32";       ///< quant_state "dtype"
+  std::vector<std::int64_t> shape;  ///< logical shape, e.g. [out, in]
+  std::string dtype = "float32";    ///< quant_state "dtype"
   std::string quant_type = "nf4";
   int blocksize = 64;
-  std::vector<std::uint8_t> packed;    ///< ⌈n/2⌉ bytes, element 2i in the high nibble
+  std::vector<std::uint8_t> packed;  ///< ⌈n/2⌉ bytes, element 2i in the high nibble
   std::array<float, 16> quant_map = kNF4Code;
-  std::vector<float> absmax;           ///< plain: one fp32 per block; empty when nested
+  std::vector<float> absmax;  ///< plain: one fp32 per block; empty when nested
 
-  bool nested = false;                 ///< double quantized
-  std::vector<std::uint8_t> qabsmax;   ///< nested: one 8-bit code per block
-  std::vector<float> nested_absmax;    ///< nested: one fp32 scale per nested block
+  bool nested = false;                ///< double quantized
+  std::vector<std::uint8_t> qabsmax;  ///< nested: one 8-bit code per block
+  std::vector<float> nested_absmax;   ///< nested: one fp32 scale per nested block
   std::array<float, 256> nested_quant_map{};
   int nested_blocksize = 256;
-  float nested_offset = 0.0f;          ///< mean of the absmax vector
+  float nested_offset = 0.0f;  ///< mean of the absmax vector
   std::string nested_dtype = "float32";
 
   /// Number of values; 0 for an empty (default-constructed) tensor. validate() checks that the
@@ -134,7 +132,8 @@ struct NF4Tensor {
     // Two roundings, as dequantize_blockwise then `absmax += offset` in torch. `volatile` keeps a
     // build with FMA (-march=native, fp-contract=fast) from fusing them into one; it costs one
     // store per block of 64 values.
-    volatile float scaled = nested_quant_map[qabsmax[b]] * nested_absmax[b / static_cast<std::size_t>(nested_blocksize)];
+    volatile float scaled =
+        nested_quant_map[qabsmax[b]] * nested_absmax[b / static_cast<std::size_t>(nested_blocksize)];
     return scaled + nested_offset;
   }
 
@@ -203,7 +202,8 @@ inline NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& s
   if (opt.double_quant) check_blocksize("quantize_nf4", "nested_blocksize", opt.nested_blocksize);
   if (shape.empty()) throw ShapeError("quantize_nf4: shape must have at least one dimension");
   for (auto d : shape)
-    if (d <= 0) throw ShapeError("quantize_nf4: shape " + detail::nf4_shape_str(shape) + " has a non-positive dimension");
+    if (d <= 0)
+      throw ShapeError("quantize_nf4: shape " + detail::nf4_shape_str(shape) + " has a non-positive dimension");
   const std::size_t n = static_cast<std::size_t>(t.numel());
   for (std::size_t i = 0; i < n; ++i)
     if (!std::isfinite(x[i]))

@@ -42,8 +42,8 @@ class NF4LoRALinear : public Module<T> {
 
   /// Statistics of merge_and_requantize().
   struct RequantizeReport {
-    double added_error = 0.0;     ///< ‖deq(Q') − (deq(Q) + ΔW)‖_F
-    double relative_error = 0.0;  ///< added_error / ‖deq(Q) + ΔW‖_F
+    double added_error = 0.0;         ///< ‖deq(Q') − (deq(Q) + ΔW)‖_F
+    double relative_error = 0.0;      ///< added_error / ‖deq(Q) + ΔW‖_F
     std::vector<std::string> merged;  ///< adapters folded into the base (and removed)
   };
 
@@ -56,7 +56,8 @@ class NF4LoRALinear : public Module<T> {
     const std::string who = describe("NF4LoRALinear", this->name());
     q_.validate(who);
     if (q_.shape.size() != 2)
-      throw ShapeError(who + ": quantized weight must be 2-D [out, in], got shape " + quant::detail::nf4_shape_str(q_.shape));
+      throw ShapeError(who + ": quantized weight must be 2-D [out, in], got shape " +
+                       quant::detail::nf4_shape_str(q_.shape));
     if (b.size() > 0) {
       check::shape("NF4LoRALinear", this->name(), "bias", 1, b.size(), 1, out_features());
       bias = Parameter<T>(1, b.size(), false, true);
@@ -82,7 +83,8 @@ class NF4LoRALinear : public Module<T> {
   /// buffer is 4 MiB of fp32, 1/16 of the dense weight). Memory: tile_rows · in scalars.
   void set_tile_rows(Index rows) {
     if (rows <= 0)
-      throw ConfigError(describe("NF4LoRALinear", this->name()) + ": tile_rows must be > 0, got " + std::to_string(rows));
+      throw ConfigError(describe("NF4LoRALinear", this->name()) + ": tile_rows must be > 0, got " +
+                        std::to_string(rows));
     tile_rows_ = rows;
   }
   Index tile_rows() const { return tile_rows_; }
@@ -107,9 +109,7 @@ class NF4LoRALinear : public Module<T> {
   /// `set_active({"a", "b"})` (as LoRALinear: avoids std::string's iterator-pair constructor).
   void set_active(std::initializer_list<std::string> names) { set_active(std::vector<std::string>(names)); }
 
-  void delete_adapter(const std::string& adapter_name) {
-    set_.erase(index_of(adapter_name));
-  }
+  void delete_adapter(const std::string& adapter_name) { set_.erase(index_of(adapter_name)); }
 
   bool has_adapter(const std::string& adapter_name) const { return set_.find(adapter_name) != LoraAdapterSet<T>::npos; }
   LoraAdapter<T>& adapter(const std::string& adapter_name) { return set_[index_of(adapter_name)]; }
@@ -178,7 +178,7 @@ class NF4LoRALinear : public Module<T> {
     y.resize(rows, out);
     for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
       const Index n = std::min(tile_rows_, out - r0);
-      decode_tile(r0, n);                                               // W_t [n, in]
+      decode_tile(r0, n);                                                // W_t [n, in]
       y.middleCols(r0, n).noalias() = x * tile_.topRows(n).transpose();  // y[:, t] = x W_tᵀ   [rows, n]
     }
     if (has_bias()) y.rowwise() += bias.value.row(0);
@@ -214,8 +214,9 @@ class NF4LoRALinear : public Module<T> {
     if (cache.generation == 0)
       throw ConfigError(describe("NF4LoRALinear", nm) + ": backward called with a cache that no forward filled");
     if (cache.generation != set_.generation())
-      throw ConfigError(describe("NF4LoRALinear", nm) +
-                        ": adapters were added, removed, merged or switched between forward and backward; run forward again");
+      throw ConfigError(
+          describe("NF4LoRALinear", nm) +
+          ": adapters were added, removed, merged or switched between forward and backward; run forward again");
     check::shape("NF4LoRALinear", nm, "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
     if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
     if (dx != nullptr) {
@@ -268,7 +269,7 @@ class NF4LoRALinear : public Module<T> {
   }
 
   Index tile_rows_ = 256;
-  Matrix<T> tile_;     ///< decoded rows of the base [tile_rows, in], reused by forward and backward
+  Matrix<T> tile_;  ///< decoded rows of the base [tile_rows, in], reused by forward and backward
 };
 
 }  // namespace peft

@@ -35,8 +35,8 @@ class BatchSampler {
     if (n <= 0) throw ConfigError("BatchSampler: dataset size must be > 0, got " + std::to_string(n));
     if (batch_size <= 0) throw ConfigError("BatchSampler: batch size must be > 0, got " + std::to_string(batch_size));
     if (drop_last && batch_size > n)
-      throw ConfigError("BatchSampler: drop_last with batch size " + std::to_string(batch_size) +
-                        " > dataset size " + std::to_string(n) + " yields no batch");
+      throw ConfigError("BatchSampler: drop_last with batch size " + std::to_string(batch_size) + " > dataset size " +
+                        std::to_string(n) + " yields no batch");
     order_.resize(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) order_[static_cast<std::size_t>(i)] = i;
     start_epoch();

@@ -18,9 +18,9 @@
 namespace peft {
 
 struct EarlyStoppingOptions {
-  int patience = 5;         ///< evaluations without improvement before stopping (≥ 1)
-  double min_delta = 0.0;   ///< smallest change that counts as an improvement (≥ 0)
-  bool maximize = false;    ///< true for accuracy-like metrics, false for losses
+  int patience = 5;        ///< evaluations without improvement before stopping (≥ 1)
+  double min_delta = 0.0;  ///< smallest change that counts as an improvement (≥ 0)
+  bool maximize = false;   ///< true for accuracy-like metrics, false for losses
 };
 
 class EarlyStopping {
@@ -35,8 +35,8 @@ class EarlyStopping {
   /// Records one evaluation; returns true when it is the new best.
   bool update(double metric) {
     ++evaluations_;
-    const bool better = !std::isnan(metric) &&
-                        (opt_.maximize ? metric > best_ + opt_.min_delta : metric < best_ - opt_.min_delta);
+    const bool better =
+        !std::isnan(metric) && (opt_.maximize ? metric > best_ + opt_.min_delta : metric < best_ - opt_.min_delta);
     if (better) {
       best_ = metric;
       best_evaluation_ = evaluations_;

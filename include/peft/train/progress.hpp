@@ -34,8 +34,10 @@ namespace peft {
 inline bool is_terminal(const std::ostream& out) {
 #if defined(__unix__) || defined(__APPLE__)
   int fd = -1;
-  if (&out == &std::cout) fd = STDOUT_FILENO;
-  else if (&out == &std::cerr || &out == &std::clog) fd = STDERR_FILENO;
+  if (&out == &std::cout)
+    fd = STDOUT_FILENO;
+  else if (&out == &std::cerr || &out == &std::clog)
+    fd = STDERR_FILENO;
   if (fd < 0 || isatty(fd) == 0) return false;
   const char* term = std::getenv("TERM");
   return term == nullptr || std::string(term) != "dumb";
@@ -150,8 +152,7 @@ class Progress {
         }
         break;
       }
-      default:
-        break;
+      default: break;
     }
   }
 

@@ -12,6 +12,7 @@
 #include <map>
 #include <new>
 #include <ostream>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -395,7 +396,7 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
 
   // Pass 1: which float tensors changed, and which of them become low-rank modules.
   std::vector<const TensorInfo*> changed;
-  std::vector<std::string> lora_paths;
+  std::set<std::string> lora_paths;  // modules that become low rank
   for (const TensorInfo& t : base.tensors()) {
     if (!tuned.contains(t.name)) throw ShapeError("extract: \"" + tp + "\" has no tensor \"" + t.name + "\"");
     const TensorInfo& u = tuned.info(t.name);
@@ -410,7 +411,7 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
     std::string path;
     if (t.shape.size() == 2 && io::detail::ends_with(t.name, ".weight", &path) &&
         !regex_full_match(t.name, exclude, "extract: --exclude"))
-      lora_paths.push_back(path);
+      lora_paths.insert(path);
   }
 
   // Pass 2: factors for the low-rank modules; everything else changed is saved whole or reported.
@@ -420,8 +421,7 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
   bool lora_biases = false;
   for (const TensorInfo* t : changed) {
     std::string path;
-    const bool low_rank = io::detail::ends_with(t->name, ".weight", &path) &&
-                          std::find(lora_paths.begin(), lora_paths.end(), path) != lora_paths.end();
+    const bool low_rank = io::detail::ends_with(t->name, ".weight", &path) && lora_paths.count(path) != 0;
     if (!low_rank) {
       if (!keep_full) {
         not_captured.push_back(t->name);
@@ -431,8 +431,7 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
       // of its module in modules_to_save.
       const std::size_t dot = t->name.rfind('.');
       const std::string module = dot == std::string::npos ? t->name : t->name.substr(0, dot);
-      if (io::detail::ends_with(t->name, ".bias", &path) &&
-          std::find(lora_paths.begin(), lora_paths.end(), path) != lora_paths.end())
+      if (io::detail::ends_with(t->name, ".bias", &path) && lora_paths.count(path) != 0)
         lora_biases = true;
       else if (std::find(modules_to_save.begin(), modules_to_save.end(), module) == modules_to_save.end())
         modules_to_save.push_back(module);

@@ -1,6 +1,5 @@
 #include <peft/core/regex.hpp>
 
-#include <chrono>
 #include <string>
 #include <vector>
 
@@ -113,9 +112,9 @@ TEST_CASE("Regex search agrees with Python's re.search, groups included", "[rege
 
 TEST_CASE("Regex matches in linear time where backtracking engines take exponential time", "[regex]") {
   // Each of these takes Python's re (and libstdc++'s std::regex) minutes to hours, or overflows the
-  // stack; the Pike VM does |program|·|name| steps.
+  // stack; the Pike VM does |program|·|name| steps. Finishing is the check: a backtracking engine
+  // would run into the test timeout.
   const std::string name = "model.layers.0.self_attn.q_proj.lora_A.default.weight";
-  const auto start = std::chrono::steady_clock::now();
   CHECK_FALSE(compile_name_regex("(a*)*b", "t").full_match(std::string(1000, 'a') + "c"));
   CHECK_FALSE(compile_name_regex("(a+)+$", "t").full_match(std::string(1000, 'a') + "!"));
   CHECK_FALSE(compile_name_regex("(.*.*)*x", "t").full_match(name));
@@ -123,8 +122,6 @@ TEST_CASE("Regex matches in linear time where backtracking engines take exponent
   CHECK(compile_name_regex("(.*.*)*weight", "t").full_match(name));
   RegexMatch m;
   CHECK_FALSE(compile_name_regex("(x+x+)+y", "t").search(std::string(1000, 'x'), &m));
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  CHECK(seconds < 30.0);  // a generous bound (sanitizers, loaded CI); backtracking would never finish
 }
 
 TEST_CASE("compile_name_regex refuses malformed and unsupported patterns, never misreads them", "[regex][errors]") {

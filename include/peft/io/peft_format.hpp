@@ -370,26 +370,27 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
                             "\" modifies the base weights; such an adapter is not supported (convert it to plain "
                             "LoRA in PEFT first)");
     }
-    if (rd.has("layer_replication")) throw ConfigError(who + ": layer_replication is not supported");
-    if (rd.has("trainable_token_indices")) throw ConfigError(who + ": trainable_token_indices is not supported");
-    if (rd.has("use_qalora") && j.at("use_qalora").is_boolean() && j.at("use_qalora").get<bool>())
-      throw ConfigError(who + ": use_qalora = true is not supported");
-    if (rd.has("target_parameters"))
-      throw ConfigError(who + ": target_parameters (LoRA on raw parameters) is not supported");
-    const auto set = [&](const char* k) {  // present and not null / false / empty
-      if (!rd.has(k)) return false;
-      const Json& v = j.at(k);
-      return !(v.is_boolean() && !v.get<bool>()) && !((v.is_array() || v.is_object() || v.is_string()) && v.empty());
+    // Keys that switch on a feature we do not implement: refused when set (not null, false or empty).
+    static const std::pair<const char*, const char*> kRefused[] = {
+        {"layer_replication", "layer_replication"},
+        {"trainable_token_indices", "trainable_token_indices"},
+        {"use_qalora", "use_qalora = true"},
+        {"target_parameters", "target_parameters (LoRA on raw parameters)"},
+        {"alora_invocation_tokens",
+         "alora_invocation_tokens (activated LoRA: the adapter applies only after the "
+         "invocation tokens)"},
+        {"arrow_config", "arrow_config (Arrow routing between LoRA experts)"},
+        {"use_bdlora", "block-diagonal LoRA (BD-LoRA)"},
+        {"bdlora_config", "block-diagonal LoRA (BD-LoRA)"},
+        {"monteclora_config", "monteclora_config (Monte Carlo LoRA)"},
     };
-    if (set("alora_invocation_tokens"))
-      throw ConfigError(who +
-                        ": alora_invocation_tokens (activated LoRA: the adapter applies only after the invocation "
-                        "tokens) is not supported");
-    if (set("arrow_config"))
-      throw ConfigError(who + ": arrow_config (Arrow routing between LoRA experts) is not supported");
-    if (set("use_bdlora") || set("bdlora_config"))
-      throw ConfigError(who + ": block-diagonal LoRA (BD-LoRA) is not supported");
-    if (set("monteclora_config")) throw ConfigError(who + ": monteclora_config (Monte Carlo LoRA) is not supported");
+    for (const auto& [key, feature] : kRefused) {
+      if (!rd.has(key)) continue;
+      const Json& v = j.at(key);
+      const bool off =
+          (v.is_boolean() && !v.get<bool>()) || ((v.is_array() || v.is_object() || v.is_string()) && v.empty());
+      if (!off) throw ConfigError(who + ": " + feature + " is not supported");
+    }
   } else if (c.is_prompt()) {
     rd.get("num_virtual_tokens", c.num_virtual_tokens, 1);
     rd.get("token_dim", c.token_dim, 1);

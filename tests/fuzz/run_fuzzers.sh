@@ -21,7 +21,7 @@ FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
        -fno-sanitize-recover=undefined -I"$ROOT/include" $EIGEN_INC -Wall -Wextra -Werror)
 
 status=0
-for target in fuzz_safetensors fuzz_adapter_config fuzz_regex; do
+for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge; do
   echo "== building $target"
   "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$target.cpp" -o "$OUT/$target"
   corpus="$OUT/corpus/$target"
@@ -30,6 +30,18 @@ for target in fuzz_safetensors fuzz_adapter_config fuzz_regex; do
   rm -rf "$seeds" && mkdir -p "$seeds"
   if [[ $target == fuzz_safetensors ]]; then
     find "$ROOT/tests/data" -name '*.safetensors' -exec cp {} "$seeds/" \;
+  elif [[ $target == fuzz_checkpoint ]]; then
+    cp "$ROOT/tests/data/fuzz/checkpoint_seed.safetensors" "$seeds/"
+  elif [[ $target == fuzz_adapter_merge ]]; then
+    i=0  # each adapter directory as one input: a 2-byte little-endian config length, config, weights
+    for d in "$ROOT"/tests/data/*/; do
+      [[ -f $d/adapter_config.json && -f $d/adapter_model.safetensors ]] || continue
+      n=$(stat -c %s "$d/adapter_config.json")
+      printf "\\x$(printf %02x $((n & 255)))\\x$(printf %02x $((n >> 8)))" > "$seeds/dir_$((i++))"
+      cat "$d/adapter_config.json" "$d/adapter_model.safetensors" >> "$seeds/dir_$((i - 1))"
+    done
+  elif [[ $target == fuzz_bnb_nf4 ]]; then
+    find "$ROOT/tests/quant/data" -name '*.safetensors' -exec cp {} "$seeds/" \;
   elif [[ $target == fuzz_regex ]]; then
     i=0
     for p in '.*\.(q_proj|v_proj)' '(.*\.)?(layers\.0\.attn\.q)' '(?:^|\.)layers\.(\d+)\.' '[^.]+\.fc{1,2}$' '(a|ab)(c|bcd)(d*)'; do

@@ -154,7 +154,7 @@ TEST_CASE("safetensors writer: names, shapes and the declared sizes are enforced
                            "value 1.0000000000000001e+300 at element 2 overflows BF16");
   PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"h", {3}, over, DType::F32}}), NumericError,
                            "overflows F32");
-  const double edge[3] = {65504.0, -std::numeric_limits<double>::infinity(), 3.4028234663852886e38};
+  const double edge[3] = {65504.0, -65504.0, 3.4028234663852886e38};
   CHECK_NOTHROW(save_safetensors<double>(path, {{"h", {2}, edge, DType::F16}}));
   CHECK_NOTHROW(save_safetensors<double>(path, {{"h", {3}, edge, DType::F32}}));
   std::remove(path.c_str());
@@ -212,7 +212,8 @@ TEST_CASE("safetensors reader: the corpus of broken headers is rejected with cle
   expect_rejected(file_with(ok, 4), "run past the 4-byte data section");  // truncated data
   expect_rejected(file_with(" " + ok, 8), "does not start with '{'");
   expect_rejected(file_with(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]})", 8), "invalid JSON at byte");
-  expect_rejected(file_with("{\"a\xff\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8), "invalid JSON");
+  expect_rejected(file_with("{\"a\xff\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8),
+                  "invalid UTF-8 (not a lead byte) at byte 11");
   expect_rejected(
       file_with(
           R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
@@ -252,7 +253,11 @@ TEST_CASE("safetensors reader: the corpus of broken headers is rejected with cle
   expect_rejected(file_with(R"({"__metadata__":[]})", 0), "\"__metadata__\" must be an object");
   expect_rejected(file_with(R"([1,2])", 0), "does not start with '{'");
   expect_rejected(file_with(std::string(100, '['), 0), "does not start with '{'");
-  expect_rejected(file_with("{\"a\":" + std::string(100, '[') + std::string(100, ']') + "}", 0), "nested deeper than");
+  // Nesting cannot go past the schema's three levels (object → entry → shape), so depth is bounded.
+  expect_rejected(file_with("{\"a\":" + std::string(100, '[') + std::string(100, ']') + "}", 0),
+                  "tensor \"a\": entry must be an object, got an array");
+  expect_rejected(file_with("{\"a\":{\"shape\":" + std::string(100, '[') + std::string(100, ']') + "}}", 0),
+                  "tensor \"a\": \"shape\" entry must be a non-negative integer, got an array");
 }
 
 TEST_CASE("safetensors reader: a header of many tensors parses in n log n, not n^2", "[io][safetensors]") {
@@ -299,4 +304,105 @@ TEST_CASE("safetensors: files written by hand like the reference implementation 
   CHECK(f.load<double>("h") == f.load<double>("w"));  // F16 holds these exactly
   CHECK(f.load<double>("b") == f.load<double>("w"));  // BF16 too
   CHECK(f.load<double>("idx")(0, 2) == 9.0);
+}
+
+TEST_CASE("safetensors reader: every byte of the declared header is checked, not just up to a NUL",
+          "[io][safetensors]") {
+  // nlohmann's lexer ends the input at a NUL byte: without the byte scan, the header below parsed
+  // as its first 55 bytes and the garbage after the NUL was never looked at.
+  const std::string ok = R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})";
+  expect_rejected(file_with(ok + std::string(1, '\0') + "garbage, {\"x\": 1", 8),
+                  "NUL byte (not allowed in JSON text) at byte " + std::to_string(8 + ok.size()));
+  expect_rejected(file_with(ok + "   " + std::string(1, '\0'), 8), "NUL byte");  // even a NUL as padding
+  // Invalid UTF-8 anywhere, including the padding, names its byte offset (header starts at byte 8).
+  const std::string key = "{\"x";
+  expect_rejected(file_with(key + "\xc0\xaf\":" + ok.substr(5), 8),
+                  "invalid UTF-8 (not a lead byte) at byte 11");  // overlong '/'
+  expect_rejected(file_with(key + "\xed\xa0\x80\":" + ok.substr(5), 8),
+                  "invalid UTF-8 (bad continuation byte) at byte 11");  // surrogate
+  expect_rejected(file_with(key + "\xf4\x90\x80\x80\":" + ok.substr(5), 8),
+                  "invalid UTF-8 (bad continuation byte) at byte 11");  // > U+10FFFF
+  expect_rejected(file_with(key + "\xe2\x82\":" + ok.substr(5), 8), "invalid UTF-8 (bad continuation byte) at byte 11");
+  expect_rejected(file_with(ok + "  \xe2\x82", 8),
+                  "invalid UTF-8 (truncated sequence) at byte " + std::to_string(10 + ok.size()));
+  expect_rejected(file_with(ok + " \x80", 8), "invalid UTF-8 (not a lead byte)");
+  expect_rejected(file_with(ok + " x", 8), "invalid JSON at byte");  // non-space garbage after the object
+  // Valid multi-byte UTF-8 names and padding with spaces (and other JSON whitespace) are accepted.
+  const std::string utf8 =
+      "{\"\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}";
+  for (const std::string& h : {utf8, utf8 + "       ", ok + " \n\t\r "}) {
+    const std::string f = file_with(h, 8);
+    const SafeTensorsHeader parsed =
+        parse_safetensors_header(reinterpret_cast<const unsigned char*>(f.data()), f.size(), "ok");
+    REQUIRE(parsed.tensors.size() == 1);
+  }
+  // Configs go through the same scan.
+  PEFT_REQUIRE_THROWS_WITH(parse_json_strict(std::string("{\"peft_type\":\"LORA\"}\0{\"r\":-1}", 29), "c.json"),
+                           IoError, "\"c.json\": NUL byte (not allowed in JSON text) at byte 20");
+  PEFT_REQUIRE_THROWS_WITH(parse_json_strict("{\"k\":\"\xff\"}", "c.json"), IoError,
+                           "invalid UTF-8 (not a lead byte) at byte 6");
+}
+
+TEST_CASE("safetensors writer: NaN and Inf are refused and nothing is written", "[io][safetensors]") {
+  TempDir dir;
+  const std::string path = dir.path + "/nf.safetensors";
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  Matrix<float> a = Matrix<float>::Ones(2, 3);
+  a(1, 2) = nan;
+  // Native dtype (no encoding pass), and every converted float dtype, through save_safetensors.
+  for (DType dt : {DType::F32, DType::F64, DType::F16, DType::BF16}) {
+    INFO(dtype_name(dt));
+    PEFT_REQUIRE_THROWS_WITH(save_safetensors<float>(path, {{"ok", {2}, a.data(), dt}, {"w", {2, 3}, a.data(), dt}}),
+                             NumericError, "\"" + path + "\": tensor \"w\": element 5 is nan");
+    CHECK(dir.entries().empty());  // the temporary is gone, no file at `path`
+  }
+  const double minus_inf[2] = {1.0, -std::numeric_limits<double>::infinity()};
+  PEFT_REQUIRE_THROWS_WITH(save_safetensors<double>(path, {{"d", {2}, minus_inf, DType::F16}}), NumericError,
+                           "tensor \"d\": element 1 is -inf");
+  CHECK(dir.entries().empty());
+  // Integer dtypes hold no NaN: the bits of a float NaN are an ordinary I32 (and U8) value.
+  const unsigned char nan_bits[4] = {0x00, 0x00, 0xc0, 0x7f};
+  {
+    SafeTensorsWriter w(path, {{"i", DType::I32, {1}}, {"u", DType::U8, {4}}});
+    w.write_raw(nan_bits, 4);
+    w.write_raw(nan_bits, 4);
+    w.commit();
+  }
+  CHECK(SafeTensorsFile(path).load<double>("i")(0, 0) == 2143289344.0);
+  std::remove(path.c_str());
+  // Streaming: raw bytes are checked on their bits, even an element split between two calls
+  // (element 1 of "h" is the F16 NaN 0x7e00, written one byte at a time); a caller that catches
+  // the error and carries on cannot commit.
+  {
+    SafeTensorsWriter w(path, {{"g", DType::F32, {1}}, {"h", DType::F16, {3}}});
+    const float one = 1.0f;
+    w.write<float>(&one, 1);
+    const unsigned char h[6] = {0x00, 0x3c, 0x00, 0x7e, 0x00, 0x3c};
+    w.write_raw(h, 3);
+    PEFT_REQUIRE_THROWS_WITH(w.write_raw(h + 3, 1), NumericError, "tensor \"h\": element 1 is nan");
+    w.write_raw(h + 4, 2);  // a careless caller goes on...
+    PEFT_REQUIRE_THROWS_WITH(w.commit(), NumericError, "tensor \"h\": element 1 is nan");  // ...and is refused
+  }
+  CHECK(dir.entries().empty());
+  // copy_raw passes an input's bytes through unchanged, -inf included (a tensor a merge does not
+  // touch is the base model's own value, not something we computed).
+  const std::string src = dir.path + "/src.bin";
+  const unsigned char bf[4] = {0x80, 0x3f, 0x80, 0xff};  // BF16 1.0, -Inf
+  write_bytes(src, std::string(reinterpret_cast<const char*>(bf), 4));
+  {
+    const MappedFile in(src);
+    SafeTensorsWriter w(path, {{"b", DType::BF16, {2}}});
+    w.copy_raw(in.fd(), 0, 4, in.data());
+    w.commit();
+  }
+  {
+    const SafeTensorsFile copied(path);
+    CHECK(std::memcmp(copied.bytes(copied.info("b")), bf, 4) == 0);
+  }
+  ::unlink(path.c_str());
+  // Finite values next to the limits are written.
+  const float edge[4] = {std::numeric_limits<float>::max(), -std::numeric_limits<float>::max(),
+                         std::numeric_limits<float>::denorm_min(), 0.0f};
+  save_safetensors<float>(path, {{"e", {4}, edge}});
+  CHECK(SafeTensorsFile(path).load<float>("e")(0, 0) == std::numeric_limits<float>::max());
 }

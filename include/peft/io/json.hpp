@@ -1,21 +1,29 @@
 #pragma once
-// Strict JSON parsing for file headers and configs: valid UTF-8 (nlohmann's lexer rejects bad
-// sequences), no duplicate keys in any object (nlohmann would silently keep the last one, so a
-// hostile file could show one value to us and another to Python), bounded nesting depth.
-// Errors are IoError naming the file and the byte offset.
+// Strict JSON parsing for file headers and configs: the whole text is valid UTF-8 without NUL
+// bytes, no duplicate keys in any object (nlohmann would silently keep the last one, so a hostile
+// file could show one value to us and another to Python), bounded nesting depth. Errors are
+// IoError naming the file and the byte offset.
+//
+// The UTF-8 / NUL scan (check_json_text) runs over every byte first because nlohmann's lexer
+// treats a NUL byte as the end of the input: `{"a":1}\0<anything>` would parse as `{"a":1}` and
+// the bytes after the NUL would never be looked at. Raw NUL cannot occur in valid JSON (control
+// characters in strings must be escaped, and NUL is not whitespace), so refusing it costs nothing.
+// nlohmann validates UTF-8 only inside strings; the scan makes the rule hold for every byte.
 //
 // Two passes, both linear in the input (up to a log factor): a SAX pass checks duplicates (one key
 // set per open object) and depth and stops at the first violation, then nlohmann's plain DOM
 // parser builds the value. A parser callback would do both in one pass, but nlohmann's callback
-// parser rescans the whole parent object at every object end, which is quadratic: a 100 MB
-// safetensors header of a million entries would take hours.
+// parser rescans the whole parent object at every object end, which is quadratic: an object of a
+// million keys would take hours.
 //
 // Configs keep their key order (Json = ordered_json) because PEFT's rank_pattern is matched in
 // insertion order; ordered_json finds keys by linear search, so its objects are capped at
-// kMaxOrderedJsonKeys keys. safetensors headers, whose order is irrelevant (tensors are sorted by
-// offset), parse into the map-based nlohmann::json (parse_json_strict<nlohmann::json>), uncapped.
+// kMaxOrderedJsonKeys keys; parse_json_strict<nlohmann::json> gives the map-based, uncapped
+// variant. safetensors headers use neither: peft/io/safetensors.hpp parses them by SAX straight
+// into its own structs (no DOM), with check_json_text first.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <set>
 #include <string>
 #include <type_traits>
@@ -33,6 +41,58 @@ using Json = nlohmann::ordered_json;
 constexpr std::size_t kMaxOrderedJsonKeys = 10000;
 
 namespace detail {
+
+/// Throws IoError at the first NUL byte or invalid UTF-8 sequence of [begin, end) (RFC 3629:
+/// no overlong forms, no surrogates U+D800..DFFF, nothing above U+10FFFF). `base_offset` is added
+/// to the byte offset in the message. Runs at memory speed on ASCII (8 bytes per step).
+inline void check_json_text(const char* begin, const char* end, const std::string& label, std::size_t base_offset = 0) {
+  const auto* p = reinterpret_cast<const unsigned char*>(begin);
+  const auto* const e = reinterpret_cast<const unsigned char*>(end);
+  const auto fail = [&](const unsigned char* at, const char* what) {
+    throw IoError(
+        "\"" + label + "\": " + what + " at byte " +
+        std::to_string(base_offset + static_cast<std::size_t>(at - reinterpret_cast<const unsigned char*>(begin))));
+  };
+  constexpr std::uint64_t kOnes = 0x0101010101010101ull, kHighs = 0x8080808080808080ull;
+  while (p < e) {
+    if (e - p >= 8) {
+      std::uint64_t w;
+      std::memcpy(&w, p, 8);
+      // No byte ≥ 0x80 and no zero byte ((w − 1…1) & ~w & 0x80…80 is non-zero iff a byte is 0).
+      if (((w | ((w - kOnes) & ~w)) & kHighs) == 0) {
+        p += 8;
+        continue;
+      }
+    }
+    const unsigned char c = *p;
+    if (c == 0) fail(p, "NUL byte (not allowed in JSON text)");
+    if (c < 0x80) {
+      ++p;
+      continue;
+    }
+    // Lead byte → sequence length and the allowed range of the first continuation byte.
+    std::size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xbf;
+    if (c >= 0xc2 && c <= 0xdf) {
+      len = 2;
+    } else if (c >= 0xe0 && c <= 0xef) {
+      len = 3;
+      if (c == 0xe0) lo = 0xa0;  // overlong below U+0800
+      if (c == 0xed) hi = 0x9f;  // surrogates
+    } else if (c >= 0xf0 && c <= 0xf4) {
+      len = 4;
+      if (c == 0xf0) lo = 0x90;  // overlong below U+10000
+      if (c == 0xf4) hi = 0x8f;  // above U+10FFFF
+    } else {
+      fail(p, "invalid UTF-8 (not a lead byte)");
+    }
+    if (static_cast<std::size_t>(e - p) < len) fail(p, "invalid UTF-8 (truncated sequence)");
+    if (p[1] < lo || p[1] > hi) fail(p, "invalid UTF-8 (bad continuation byte)");
+    for (std::size_t k = 2; k < len; ++k)
+      if (p[k] < 0x80 || p[k] > 0xbf) fail(p, "invalid UTF-8 (bad continuation byte)");
+    p += len;
+  }
+}
 
 /// SAX pass: duplicate keys, nesting depth and key counts; builds nothing.
 template <class J>
@@ -111,6 +171,7 @@ J parse_json_strict(const char* begin, const char* end, const std::string& label
                     std::size_t max_keys = std::is_same<J, nlohmann::ordered_json>::value
                                                ? kMaxOrderedJsonKeys
                                                : static_cast<std::size_t>(-1)) {
+  detail::check_json_text(begin, end, label, base_offset);
   detail::StrictJsonCheck<J> check(label, base_offset, max_depth, max_keys);
   try {
     J::sax_parse(begin, end, &check, nlohmann::detail::input_format_t::json, /*strict=*/true);

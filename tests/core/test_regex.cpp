@@ -1,5 +1,6 @@
 #include <peft/core/regex.hpp>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -197,4 +198,15 @@ TEST_CASE("Regex treats invalid UTF-8 bytes as single characters", "[regex]") {
   const std::string truncated = std::string("x") + static_cast<char>(0xE2) + static_cast<char>(0x82);
   CHECK(compile_name_regex("x..", "t").full_match(truncated));
   CHECK_NOTHROW(compile_name_regex(std::string("[") + static_cast<char>(0xC3) + "]", "t"));
+}
+
+TEST_CASE("Regex counts its compilations and match runs (the test hook patterns rely on)", "[regex]") {
+  const std::uint64_t compiled = detail::regex_counters().compiled.load();
+  const std::uint64_t runs = detail::regex_counters().runs.load();
+  const Regex re = compile_name_regex("(.*\\.)?(q)", "t");
+  const Regex copy = re;  // copying is not compiling
+  CHECK(detail::regex_counters().compiled.load() - compiled == 1);
+  CHECK(copy.full_match("a.q"));
+  CHECK_FALSE(re.search("x"));
+  CHECK(detail::regex_counters().runs.load() - runs == 2);
 }

@@ -361,10 +361,8 @@ TEST_CASE("PEFT adapter directory: broken adapters load nothing", "[io][peft]") 
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), ConfigError, "use_dora = false");
   with({{"q.lora_A.weight", {2, 8}, a.data()}, {"q.lora_B.weight", {6, 2}, b.data()}});
   PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), IoError, "lacks the \"base_model.model.\" prefix");
-  Matrix<float> nan = b;
-  nan(1, 1) = std::numeric_limits<float>::quiet_NaN();
-  with({{k + "lora_A.weight", {2, 8}, a.data()}, {k + "lora_B.weight", {6, 2}, nan.data()}});
-  PEFT_REQUIRE_THROWS_WITH(load_peft_adapter<float>(d), NumericError, "NaN or Inf");
+  // NaN / Inf in every kind of tensor: test_peft_format_hardening.cpp (save_safetensors refuses to
+  // write them, so those files are written byte by byte).
   const Matrix<float> ids = Matrix<float>::Ones(1, 2);
   with({{k + "lora_A.weight", {2, 8}, a.data()},
         {k + "lora_B.weight", {6, 2}, b.data()},

@@ -5,6 +5,7 @@
 #include "support/test_utils.hpp"
 
 #include <algorithm>
+#include <cstdint>
 
 using namespace peft;
 
@@ -53,7 +54,7 @@ TEST_CASE("Targeting primitives follow PEFT's check_target_module_exists", "[tar
   CHECK(inside_module_to_save("classifier", {"classifier"}));
   CHECK(inside_module_to_save("head.classifier.dense", {"classifier"}));
   CHECK_FALSE(inside_module_to_save("my_classifier", {"classifier"}));
-  const std::vector<std::pair<std::string, int>> ranks{{"layers.1.attn.q_proj", 7}, {"q_proj", 5}, {"fc.", 9}};
+  const PatternMap<int> ranks{{"layers.1.attn.q_proj", 7}, {"q_proj", 5}, {"fc.", 9}};
   CHECK(pattern_value(ranks, "layers.1.attn.q_proj", "t").value() == 7);  // first match wins
   CHECK(pattern_value(ranks, "layers.0.attn.q_proj", "t").value() == 5);
   CHECK(pattern_value(ranks, "layers.0.ffn.fc1", "t").value() == 9);  // keys are regex fragments
@@ -126,6 +127,30 @@ TEST_CASE("apply_peft LoRA: exclude_modules, rank/alpha patterns, rslora", "[pef
   pc2.lora->exclude_modules = ModuleSelector::pattern(R"(layers\.0\..*)");
   CHECK(apply_peft(m2, pc2, rng).lora_modules ==
         std::vector<std::string>{"layers.1.attn.q_proj", "layers.1.attn.v_proj"});
+}
+
+TEST_CASE("apply_peft compiles each pattern once, not once per module", "[peft_config]") {
+  Rng rng(44);
+  const TransformerClassifier<double> base(cfg(), rng);
+  auto m = base;
+  PeftConfig pc = lora(ModuleSelector::pattern(R"(layers\.\d+\..*_proj)"));
+  pc.lora->exclude_modules = ModuleSelector::pattern(R"(layers\.9\..*)");
+  const std::uint64_t before_keys = peft::detail::regex_counters().compiled.load();
+  for (int i = 0; i < 50; ++i) {
+    pc.lora->rank_pattern.add("blocks." + std::to_string(i) + ".q_proj", 3);
+    pc.lora->alpha_pattern.add(R"(blocks\.)" + std::to_string(i) + R"(\.q_proj)", 6.0);
+  }
+  pc.lora->rank_pattern.add("attn.q_proj", 5);
+  const std::uint64_t compiled = peft::detail::regex_counters().compiled.load();
+  CHECK(compiled - before_keys == 50);  // on insertion, the 50 keys with regex syntax (plain ones need none)
+  const std::uint64_t tests = peft::detail::pattern_key_tests().load();
+  const auto rep = apply_peft(m, pc, rng);
+  REQUIRE(rep.lora_modules.size() == 8);  // q, k, v, out per layer
+  CHECK(m.layers[1].attn.q_proj.adapter("default").rank() == 5);
+  CHECK(m.layers[1].attn.k_proj.adapter("default").rank() == 2);
+  // target_modules and exclude_modules once each; the pattern keys not again.
+  CHECK(peft::detail::regex_counters().compiled.load() - compiled == 2);
+  CHECK(peft::detail::pattern_key_tests().load() - tests <= 8u * (51 + 50));
 }
 
 TEST_CASE("apply_peft: modules_to_save stays trainable and is never targeted", "[peft_config]") {

@@ -52,6 +52,14 @@ class Module {
     visit_children([&](const std::string& key, Module<T>& child) { child.visit_parameters(fn, join(prefix, key)); });
   }
 
+  using ModuleVisitor = std::function<void(const std::string& path, Module<T>& module)>;
+  /// Calls fn(dotted_path, module) for this module (path `prefix`) and every module below it, parents
+  /// before children, with the paths visit_parameters uses ("layers.0.attn.q").
+  void visit_modules(const ModuleVisitor& fn, const std::string& prefix = "") {
+    fn(prefix, *this);
+    visit_children([&](const std::string& key, Module<T>& child) { child.visit_modules(fn, join(prefix, key)); });
+  }
+
   /// Zeroes the gradient of every trainable parameter in the subtree. It walks the tree by name
   /// (building the dotted names allocates): in a training loop prefer the optimizer's zero_grad(),
   /// which walks its own list.

@@ -25,6 +25,7 @@
 // kMaxRegexNesting nested groups (the parser recurses per group), kMaxRegexProgram instructions
 // after counted repeats are expanded (`(a{1000}){1000}` is a million), and names of at most
 // kMaxRegexSubject characters (bounds the matching time at |program| · |name| steps).
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -587,6 +588,19 @@ class RxEmitter {
   std::vector<RxInst>& prog_;
 };
 
+/// Process-wide counts of pattern compilations and of match runs (full or search), for tests that
+/// bound how often a config's patterns are compiled and tried (a config with thousands of
+/// rank_pattern keys must compile each once, not once per module). Relaxed atomics: a count, not
+/// a synchronisation point.
+struct RegexCounters {
+  std::atomic<std::uint64_t> compiled{0};
+  std::atomic<std::uint64_t> runs{0};
+};
+inline RegexCounters& regex_counters() {
+  static RegexCounters counters;
+  return counters;
+}
+
 }  // namespace detail
 
 /// The text of capture group i of a search, if it took part in the match.
@@ -625,6 +639,7 @@ class Regex {
     detail::RxEmitter(prog_).emit(root);
     prog_.push_back(detail::RxInst{detail::RxOp::kSave, {}, 0, 1, 0});
     prog_.push_back(detail::RxInst{});
+    detail::regex_counters().compiled.fetch_add(1, std::memory_order_relaxed);
   }
 
   const std::string& pattern() const { return pattern_; }
@@ -743,6 +758,7 @@ class Regex {
   /// The Pike VM. `full`: a match must end at the end of the text and start at 0 (fullmatch);
   /// otherwise the leftmost-first match anywhere (search). `slots`: captures of the match.
   bool run(std::string_view s, bool full, std::vector<std::ptrdiff_t>* slots) const {
+    detail::regex_counters().runs.fetch_add(1, std::memory_order_relaxed);
     const std::size_t nslots = slots ? 2 * (static_cast<std::size_t>(groups_) + 1) : 0;
     std::vector<std::uint32_t> mark(prog_.size(), 0);
     std::vector<std::pair<int, std::ptrdiff_t>> stack;

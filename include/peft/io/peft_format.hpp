@@ -13,7 +13,8 @@
 //     any other key (modules_to_save copies, biases with bias="all") is a full tensor.
 //   * scaling s = lora_alpha / r, or lora_alpha / √r with use_rslora; ΔW = s · B A.
 //   * rank_pattern / alpha_pattern: the first key k, in file order, for which the module path
-//     matches the regex `(.*\.)?(k)$` from its start (PEFT's get_pattern_key) overrides r / alpha.
+//     matches the regex `(.*\.)?(k)$` from its start (PEFT's get_pattern_key) overrides r / alpha
+//     (PatternMap, core/patterns.hpp: each key compiled once per config, tried once per module).
 //   * target_modules / exclude_modules: a string is a regex that must match the whole path
 //     (re.fullmatch); a list matches a path equal to an entry or ending in "." + entry;
 //     "all-linear" selects every linear layer.
@@ -23,6 +24,19 @@
 //   * prefix tuning with prefix_projection = true: PEFT saves the collapsed table (the output of
 //     its PrefixEncoder's MLP, get_prompt_embedding_to_save), and loads it into a flat
 //     Embedding when inference_mode is set; so does PrefixAttention::load_prompt_embeddings.
+//
+//   * modules_to_save: PEFT saves the trained copy of each listed module under the module's own
+//     state-dict keys, the adapter name removed: base_model.model.<path>.weight / .bias.
+//   * every tensor must be finite on load (NumericError naming the tensor and the file).
+//
+// Torn writes: rename(2) cannot replace a non-empty directory, and a directory may hold files of
+// its own (a README, other adapters), so saving into an existing directory replaces the two files
+// one at a time: the weights first, the config last. The config names the weights it belongs to,
+//   "peft_cpp": {"weights_file": "adapter_model.safetensors", "weights_sha256": "<64 hex>"},
+// and a loader refuses a pair whose weights hash differently (a crash between the two renames
+// leaves new weights next to an old config: loading it would scale every delta by the old
+// alpha / r). A config without the key (as PEFT writes it) loads unchecked. PEFT ≥ 0.14 drops
+// the unknown key with a warning (PeftConfig.from_peft_type); older PEFT raises a TypeError on it.
 //
 // Strictness: a malformed config (bad JSON, a known key of the wrong type) is an IoError naming
 // the file and the key; a feature that changes the math and that we do not implement (lora_bias,
@@ -37,25 +51,32 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/patterns.hpp"
 #include "peft/core/regex.hpp"
+#include "peft/core/sha256.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/quant/nf4_lora_linear.hpp"
 
 namespace peft::io {
 
 constexpr const char* kAdapterConfigFile = "adapter_config.json";
 constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
 constexpr const char* kPeftKeyPrefix = "base_model.model.";
+constexpr const char* kPeftCppConfigKey = "peft_cpp";  ///< our namespace in adapter_config.json
 
 /// target_modules / exclude_modules.
 struct ModuleSelector {
@@ -63,6 +84,9 @@ struct ModuleSelector {
   bool is_regex = false;  ///< a string: regex over the whole path
   std::string regex;
   std::vector<std::string> names;
+  /// `regex` compiled, set by the parser; used while it still belongs to `regex` (a selector
+  /// built or edited by hand compiles on each call instead).
+  std::shared_ptr<const Regex> compiled;
 
   /// PEFT's shorthand for every linear layer but the output head (compared case-insensitively,
   /// as PEFT lower-cases it).
@@ -78,6 +102,7 @@ struct ModuleSelector {
     if (is_regex) {
       if (is_all_linear()) return true;
       const char* who = "adapter config: target_modules";
+      if (compiled && compiled->pattern() == regex) return regex_full_match(path, *compiled, who);
       return regex_full_match(path, compile_name_regex(regex, who), who);
     }
     for (const auto& n : names) {
@@ -105,8 +130,8 @@ struct AdapterConfig {
   std::string bias = "none";
   ModuleSelector target_modules;
   ModuleSelector exclude_modules;
-  std::vector<std::pair<std::string, int>> rank_pattern;  ///< file order matters
-  std::vector<std::pair<std::string, double>> alpha_pattern;
+  PatternMap<int> rank_pattern;  ///< file order matters
+  PatternMap<double> alpha_pattern;
   std::vector<std::string> modules_to_save;
   Json init_lora_weights = true;
   // prompt / prefix tuning
@@ -117,33 +142,31 @@ struct AdapterConfig {
   int num_transformer_submodules = 1;
   bool prefix_projection = false;
 
+  /// SHA-256 of adapter_model.safetensors as the config states it ("peft_cpp" object); empty when
+  /// the config has none (PEFT's own). Loading checks it; saving writes the digest of the new file.
+  std::string weights_sha256;
+
   Json raw = Json::object();  ///< the file as read; unknown keys survive a save
   std::vector<std::string> unknown_keys;
 
   bool is_lora() const { return peft_type == "LORA"; }
   bool is_prompt() const { return peft_type == "PROMPT_TUNING" || peft_type == "PREFIX_TUNING"; }
 
-  /// rank_pattern / alpha_pattern lookup (PEFT's get_pattern_key).
-  template <class V>
-  static const V* pattern_value(const std::vector<std::pair<std::string, V>>& pattern, const std::string& path) {
-    const char* who = "adapter config: rank/alpha pattern";
-    for (const auto& kv : pattern)
-      if (regex_full_match(path, compile_name_regex("(.*\\.)?(" + kv.first + ")", who), who)) return &kv.second;
-    return nullptr;
-  }
-
+  /// r and lora_alpha for the module at `path` (rank_pattern / alpha_pattern, PEFT's
+  /// get_pattern_key): each pattern is tried once.
   int rank_for(const std::string& path) const {
-    const int* v = pattern_value(rank_pattern, path);
+    const int* v = rank_pattern.find(path, "adapter config: rank_pattern");
     return v ? *v : r;
   }
   double alpha_for(const std::string& path) const {
-    const double* v = pattern_value(alpha_pattern, path);
+    const double* v = alpha_pattern.find(path, "adapter config: alpha_pattern");
     return v ? *v : lora_alpha;
   }
-  double scaling_for(const std::string& path) const {
-    const double rank = static_cast<double>(rank_for(path));
-    return use_rslora ? alpha_for(path) / std::sqrt(rank) : alpha_for(path) / rank;
+  /// s = alpha / r, or alpha / √r with use_rslora.
+  double scaling_of(int rank, double alpha) const {
+    return use_rslora ? alpha / std::sqrt(static_cast<double>(rank)) : alpha / static_cast<double>(rank);
   }
+  double scaling_for(const std::string& path) const { return scaling_of(rank_for(path), alpha_for(path)); }
   /// What to pass to LoRALinear::add_adapter for the module at `path`.
   LoraConfig lora_config_for(const std::string& path) const {
     LoraConfig c;
@@ -215,7 +238,8 @@ inline const std::vector<std::string>& known_config_keys() {
                                              "arrow_config",
                                              "use_bdlora",
                                              "bdlora_config",
-                                             "monteclora_config"};
+                                             "monteclora_config",
+                                             kPeftCppConfigKey};
   return k;
 }
 
@@ -260,7 +284,7 @@ struct ConfigReader {
       out.regex = v.get<std::string>();
       if (!out.is_all_linear()) {
         try {
-          (void)compile_name_regex(out.regex, key);
+          out.compiled = std::make_shared<const Regex>(compile_name_regex(out.regex, key));
         } catch (const ConfigError& e) {
           throw IoError("\"" + label + "\": key \"" + key + "\" is not a valid regular expression (" + e.what() + ")");
         }
@@ -283,7 +307,7 @@ struct ConfigReader {
     }
   }
   template <class V>
-  void get_pattern(const std::string& key, std::vector<std::pair<std::string, V>>& out, bool integer) const {
+  void get_pattern(const std::string& key, PatternMap<V>& out, bool integer) const {
     if (!has(key)) return;
     const Json& v = j.at(key);
     if (!v.is_object()) bad(key, integer ? "an object of positive integers" : "an object of numbers");
@@ -296,12 +320,11 @@ struct ConfigReader {
         throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key() + "\" must be " +
                       (integer ? "a positive integer" : "a positive number") + ", got " + x.dump());
       try {
-        (void)compile_name_regex("(.*\\.)?(" + it.key() + ")", key);
+        out.add(it.key(), x.get<V>(), key);  // compiled here, once for the life of the config
       } catch (const ConfigError& e) {
         throw IoError("\"" + label + "\": key \"" + key + "\" entry \"" + it.key().substr(0, 80) +
                       "\" is not a valid regular expression (" + e.what() + ")");
       }
-      out.emplace_back(it.key(), x.get<V>());
     }
   }
 };
@@ -319,6 +342,25 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
   rd.get("task_type", c.task_type);
   rd.get("base_model_name_or_path", c.base_model_name_or_path);
   const std::string who = "\"" + label + "\"";
+  if (rd.has(kPeftCppConfigKey)) {
+    const Json& ours = j.at(kPeftCppConfigKey);
+    if (!ours.is_object()) rd.bad(kPeftCppConfigKey, "an object");
+    if (ours.contains("weights_file")) {
+      const Json& f = ours.at("weights_file");
+      if (!f.is_string() || f.get<std::string>() != kAdapterWeightsFile)
+        throw IoError(who + ": key \"" + kPeftCppConfigKey + "\" entry \"weights_file\" must be \"" +
+                      kAdapterWeightsFile + "\", got " + f.dump().substr(0, 80));
+    }
+    if (ours.contains("weights_sha256")) {
+      const Json& h = ours.at("weights_sha256");
+      const bool ok = h.is_string() && h.get<std::string>().size() == 64 &&
+                      h.get<std::string>().find_first_not_of("0123456789abcdef") == std::string::npos;
+      if (!ok)
+        throw IoError(who + ": key \"" + kPeftCppConfigKey +
+                      "\" entry \"weights_sha256\" must be 64 lower-case hex digits, got " + h.dump().substr(0, 80));
+      c.weights_sha256 = h.get<std::string>();
+    }
+  }
   for (auto it = j.begin(); it != j.end(); ++it) {
     const auto& known = detail::known_config_keys();
     if (std::find(known.begin(), known.end(), it.key()) != known.end()) continue;
@@ -449,6 +491,15 @@ inline Json to_json(const AdapterConfig& c) {
     j["num_transformer_submodules"] = c.num_transformer_submodules;
   }
   j["modules_to_save"] = c.modules_to_save.empty() ? Json() : Json(c.modules_to_save);
+  if (c.weights_sha256.empty()) {
+    j.erase(kPeftCppConfigKey);
+  } else {
+    Json ours =
+        j.contains(kPeftCppConfigKey) && j.at(kPeftCppConfigKey).is_object() ? j.at(kPeftCppConfigKey) : Json::object();
+    ours["weights_file"] = kAdapterWeightsFile;
+    ours["weights_sha256"] = c.weights_sha256;
+    j[kPeftCppConfigKey] = ours;
+  }
   return j;
 }
 
@@ -493,6 +544,21 @@ inline bool ends_with(const std::string& s, const std::string& suffix, std::stri
   if (head) *head = s.substr(0, s.size() - suffix.size());
   return true;
 }
+
+/// Loads tensor `key` and refuses a NaN or Inf in it (also one produced by the conversion to T,
+/// e.g. a float64 1e300 read as float), naming the tensor, the file and the first bad element.
+template <class T>
+Matrix<T> load_finite(const SafeTensorsFile& st, const std::string& key) {
+  Matrix<T> m = st.load<T>(key);
+  if (all_finite(m)) return m;
+  for (Index i = 0; i < m.rows(); ++i)
+    for (Index k = 0; k < m.cols(); ++k)
+      if (!std::isfinite(static_cast<double>(m(i, k))))
+        throw NumericError("\"" + st.path() + "\": tensor \"" + key + "\" holds " +
+                           (std::isnan(static_cast<double>(m(i, k))) ? "NaN" : "Inf") + " (a NaN or Inf value) at [" +
+                           std::to_string(i) + ", " + std::to_string(k) + "]");
+  return m;
+}
 }  // namespace detail
 
 /// Builds and validates an adapter from a config and a safetensors file's tensors.
@@ -508,7 +574,7 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
     if (t.name == "prompt_embeddings") {
       if (!config.is_prompt())
         throw ConfigError(who + ": tensor \"prompt_embeddings\" in a " + config.peft_type + " adapter");
-      ad.prompt_embeddings = st.load<T>(t.name);
+      ad.prompt_embeddings = detail::load_finite<T>(st, t.name);
       continue;
     }
     std::string rest = t.name;
@@ -539,7 +605,7 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
                          : is_b ? "lora_B"
                                 : "lora_magnitude_vector") +
                         " for module \"" + path + "\"");
-        slot = st.load<T>(t.name);
+        slot = detail::load_finite<T>(st, t.name);
         continue;
       }
       if (rest.find("lora_") != std::string::npos)
@@ -550,7 +616,7 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
     for (const auto& other : ad.full)  // "x" and "base_model.model.x" name the same tensor
       if (other.name == rest)
         throw IoError(who + ": tensor \"" + t.name + "\" names \"" + rest + "\", which another tensor already holds");
-    FullTensor<T> f{rest, t.shape, st.load<T>(t.name)};
+    FullTensor<T> f{rest, t.shape, detail::load_finite<T>(st, t.name)};
     ad.full.push_back(std::move(f));
   }
   for (auto& kv : mods) {
@@ -562,6 +628,7 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
     if (m.B.cols() != m.A.rows())
       throw ShapeError(mw + ": lora_B " + shape_str(m.B) + " does not fit lora_A " + shape_str(m.A) +
                        " (ranks differ)");
+    // One pattern lookup per module: r and alpha are each resolved once.
     const int r = config.rank_for(m.path);
     if (m.A.rows() != r)
       throw ShapeError(mw + ": lora_A has rank " + std::to_string(m.A.rows()) +
@@ -571,10 +638,8 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
     if (m.magnitude.size() != 0 && m.magnitude.cols() != m.B.rows())
       throw ShapeError(mw + ": lora_magnitude_vector has " + std::to_string(m.magnitude.cols()) +
                        " entries, expected " + std::to_string(m.B.rows()) + " (out features)");
-    if (!m.A.allFinite() || !m.B.allFinite() || !m.magnitude.allFinite())
-      throw NumericError(mw + ": factors contain NaN or Inf");
     m.alpha = config.alpha_for(m.path);
-    m.scaling = config.scaling_for(m.path);
+    m.scaling = config.scaling_of(r, m.alpha);
     if (config.target_modules.present && !config.targets(m.path))
       ad.warnings.push_back("module \"" + m.path + "\" is not selected by target_modules / exclude_modules");
     ad.lora.push_back(std::move(m));
@@ -609,6 +674,15 @@ PeftAdapter<T> load_peft_adapter(const std::string& dir) {
   if (!path_exists(weights))
     throw IoError("\"" + weights + "\" not found (only the safetensors format is read; adapter_model.bin is pickle)");
   const SafeTensorsFile st(weights);
+  if (!config.weights_sha256.empty()) {
+    // The bytes being loaded (the mapping), not a second read of the path.
+    const std::string actual = sha256_hex(st.file().data(), st.file().size());
+    if (actual != config.weights_sha256)
+      throw IoError("\"" + dir + "/" + kAdapterConfigFile + "\" belongs to weights with SHA-256 " +
+                    config.weights_sha256 + ", but \"" + weights + "\" has SHA-256 " + actual +
+                    " (an interrupted save left a new weights file next to an old config, or one of the two "
+                    "was replaced); refusing the pair");
+  }
   return adapter_from_file<T>(config, st);
 }
 
@@ -713,50 +787,231 @@ void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const st
   for (auto& step : plan) step.first->value = *step.second;
 }
 
+namespace detail {
+
+/// The layer's adapter `name` when `m` hosts LoRA adapters (LoRALinear, NF4LoRALinear) and has it.
+template <class T>
+const LoraAdapter<T>* hosted_adapter(Module<T>& m, const std::string& name) {
+  if (auto* l = dynamic_cast<LoRALinear<T>*>(&m)) return l->has_adapter(name) ? &l->adapter(name) : nullptr;
+  if (auto* q = dynamic_cast<NF4LoRALinear<T>*>(&m)) return q->has_adapter(name) ? &q->adapter(name) : nullptr;
+  return nullptr;
+}
+
+inline bool is_lora_parameter_name(const std::string& n) {
+  for (const char* part : {".lora_A.", ".lora_B.", ".lora_magnitude_vector."})
+    if (n.find(part) != std::string::npos) return true;
+  return false;
+}
+
+/// A module path as a rank_pattern / alpha_pattern key that matches that path: dots escaped (a
+/// bare `.` would match any character); `anchored` also stops it matching a longer path that ends
+/// in it (`(.*\.)?(^k)$` can only match from the start).
+inline std::string exact_pattern_key(const std::string& path, bool anchored) {
+  std::string k = anchored ? "^" : "";
+  for (const char c : path) {
+    if (std::string_view(".^$*+?{}[]\\|()").find(c) != std::string_view::npos) k += '\\';
+    k += c;
+  }
+  return k;
+}
+
+template <class V>
+V most_common(const std::vector<V>& values) {
+  std::map<V, std::size_t> count;
+  for (const V& v : values) ++count[v];
+  V best = values.front();
+  std::size_t n = 0;
+  for (const auto& kv : count)
+    if (kv.second > n) {
+      n = kv.second;
+      best = kv.first;
+    }
+  return best;
+}
+
+inline std::string sha256_of_file(const std::string& path) {
+  const MappedFile f(path);
+  return sha256_hex(f.data(), f.size());
+}
+
+}  // namespace detail
+
 /// Collects the adapter `adapter_name` from a model into a PeftAdapter (the inverse of
-/// load_adapter_into): every parameter `<p>.lora_A.<adapter_name>.weight` and its lora_B (and DoRA
-/// magnitude) becomes module `mapping(p)`. The config supplies alpha, rsLoRA and the selection
-/// fields; each module's rank must agree with config.rank_for(path) (set rank_pattern otherwise).
+/// load_adapter_into), so that the file computes what the model computes:
+///   * each module `mapping(p)` whose layer (LoRALinear, NF4LoRALinear) holds the adapter gives
+///     lora_A / lora_B (and the DoRA magnitude);
+///   * r, lora_alpha, use_rslora, use_dora and lora_dropout come from the layers, not from
+///     `config`: when the config's r / lora_alpha / rank_pattern / alpha_pattern do not give
+///     every module its layer's values, r and lora_alpha become the most common values and the
+///     other modules are listed in rank_pattern / alpha_pattern by their full path; a change to
+///     the config is reported in `warnings`. use_rslora, use_dora and lora_dropout are single
+///     values in PEFT's config: layers that differ are a ConfigError naming both modules;
+///   * target_modules lists the modules unless the config's selection already covers them;
+///   * modules_to_save: every parameter of each model module whose PEFT path ends with an entry
+///     of config.modules_to_save (PEFT's rule) is saved as a full tensor under its PEFT name
+///     (base_model.model.<path>.weight in the file, as PEFT's get_peft_model_state_dict writes it).
+///     An entry that matches nothing is a ConfigError. Other trainable parameters that are not
+///     saved are reported in `warnings`.
+/// `config` supplies everything else (peft_type, task_type, base model, unknown keys).
 template <class T>
 PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name, const AdapterConfig& config,
                                const NameMapping& mapping = {}) {
-  if (!config.is_lora()) throw ConfigError("collect_adapter: only LoRA adapters are collected from a model");
+  const std::string who = "collect_adapter";
+  if (!config.is_lora()) throw ConfigError(who + ": only LoRA adapters are collected from a model");
+  // The layers hosting the adapter, by the address of their lora_A parameter.
+  std::map<const Parameter<T>*, const LoraAdapter<T>*> hosts;
+  model.visit_modules([&](const std::string&, Module<T>& m) {
+    if (const LoraAdapter<T>* a = detail::hosted_adapter(m, adapter_name)) hosts[&a->A] = a;
+  });
   auto idx = detail::parameter_index(model);
   std::vector<std::string> names;
   names.reserve(idx.size());
   for (const auto& kv : idx) names.push_back(kv.first);
   std::sort(names.begin(), names.end());
+
   PeftAdapter<T> ad;
   ad.config = config;
+  AdapterConfig& out = ad.config;
+  std::vector<LoraConfig> layer_configs;
   const std::string a_suffix = ".lora_A." + adapter_name + ".weight";
   for (const auto& n : names) {
     std::string p;
     if (!detail::ends_with(n, a_suffix, &p)) continue;
+    const auto host = hosts.find(idx.at(n));
+    if (host == hosts.end())
+      throw ConfigError(who + ": module \"" + p + "\" has \"" + n +
+                        "\" but is not a LoRALinear / NF4LoRALinear, so its alpha, rsLoRA and dropout cannot be read");
+    const LoraAdapter<T>& la = *host->second;
     LoraModuleWeights<T> m;
     m.path = mapping(p);
-    m.A = idx.at(n)->value;
-    m.B = detail::require_param(idx, p + ".lora_B." + adapter_name + ".weight", "")->value;
-    for (const std::string& mn :
-         {p + ".lora_magnitude_vector." + adapter_name, p + ".lora_magnitude_vector." + adapter_name + ".weight"})
-      if (idx.count(mn)) m.magnitude = idx.at(mn)->value;
-    if (config.use_dora != (m.magnitude.size() > 0))
-      throw ConfigError("collect_adapter: module \"" + p + "\" " + (m.magnitude.size() ? "has" : "lacks") +
-                        " a DoRA magnitude but config.use_dora = " + (config.use_dora ? "true" : "false"));
-    if (m.A.rows() != config.rank_for(m.path))
-      throw ConfigError("collect_adapter: module \"" + m.path + "\" has rank " + std::to_string(m.A.rows()) +
-                        " but the config gives " + std::to_string(config.rank_for(m.path)) +
-                        "; add it to rank_pattern");
-    m.alpha = config.alpha_for(m.path);
-    m.scaling = config.scaling_for(m.path);
+    m.A = la.A.value;
+    m.B = la.B.value;
+    if (la.config.use_dora) m.magnitude = la.magnitude.value;
+    m.alpha = la.config.alpha;
+    m.scaling = la.config.scaling();
+    layer_configs.push_back(la.config);
     ad.lora.push_back(std::move(m));
   }
-  if (ad.lora.empty()) throw ConfigError("collect_adapter: the model has no adapter named \"" + adapter_name + "\"");
+  if (ad.lora.empty()) throw ConfigError(who + ": the model has no adapter named \"" + adapter_name + "\"");
+
+  // One value per config in PEFT: every layer must agree with the first.
+  const LoraConfig& first = layer_configs.front();
+  for (std::size_t i = 1; i < layer_configs.size(); ++i) {
+    const LoraConfig& c = layer_configs[i];
+    auto differ = [&](const char* field, const std::string& a, const std::string& b) {
+      throw ConfigError(who + ": module \"" + ad.lora[i].path + "\" has " + field + " = " + b + " but module \"" +
+                        ad.lora[0].path + "\" has " + a + "; a PEFT config holds one " + field);
+    };
+    auto tf = [](bool b) { return std::string(b ? "true" : "false"); };
+    if (c.use_rslora != first.use_rslora) differ("use_rslora", tf(first.use_rslora), tf(c.use_rslora));
+    if (c.use_dora != first.use_dora) differ("use_dora", tf(first.use_dora), tf(c.use_dora));
+    if (c.dropout != first.dropout) differ("lora_dropout", check::num(first.dropout), check::num(c.dropout));
+  }
+  auto changed = [&](const std::string& field, const std::string& was, const std::string& now) {
+    ad.warnings.push_back("config " + field + " = " + was + " replaced by the layers' " + now);
+  };
+  if (out.use_rslora != first.use_rslora)
+    changed("use_rslora", out.use_rslora ? "true" : "false", first.use_rslora ? "true" : "false");
+  if (out.use_dora != first.use_dora)
+    changed("use_dora", out.use_dora ? "true" : "false", first.use_dora ? "true" : "false");
+  if (out.lora_dropout != first.dropout)
+    changed("lora_dropout", check::num(out.lora_dropout), check::num(first.dropout));
+  out.use_rslora = first.use_rslora;
+  out.use_dora = first.use_dora;
+  out.lora_dropout = first.dropout;
+
+  // r / lora_alpha: keep the config's values and patterns when they give every module its own.
+  auto reproduces = [&](const AdapterConfig& c) {
+    for (const auto& m : ad.lora)
+      if (c.rank_for(m.path) != m.rank() || c.alpha_for(m.path) != m.alpha) return false;
+    return true;
+  };
+  if (!reproduces(out)) {
+    for (const auto& m : ad.lora) {
+      const int cr = out.rank_for(m.path);
+      const double ca = out.alpha_for(m.path);
+      if (cr != m.rank()) changed("r for \"" + m.path + "\"", std::to_string(cr), std::to_string(m.rank()));
+      if (ca != m.alpha) changed("lora_alpha for \"" + m.path + "\"", check::num(ca), check::num(m.alpha));
+    }
+    std::vector<int> ranks;
+    std::vector<double> alphas;
+    for (const auto& m : ad.lora) {
+      ranks.push_back(static_cast<int>(m.rank()));
+      alphas.push_back(m.alpha);
+    }
+    out.r = detail::most_common(ranks);
+    out.lora_alpha = detail::most_common(alphas);
+    for (const bool anchored : {false, true}) {  // anchored keys only if a plain one reaches another module
+      out.rank_pattern.clear();
+      out.alpha_pattern.clear();
+      for (const auto& m : ad.lora) {
+        if (m.rank() != out.r)
+          out.rank_pattern.add(detail::exact_pattern_key(m.path, anchored), static_cast<int>(m.rank()), who);
+        if (m.alpha != out.lora_alpha) out.alpha_pattern.add(detail::exact_pattern_key(m.path, anchored), m.alpha, who);
+      }
+      if (reproduces(out)) break;
+    }
+    if (!reproduces(out))
+      throw ConfigError(who + ": cannot express the layers' ranks / alphas as rank_pattern / alpha_pattern");
+  }
+
+  // target_modules / exclude_modules: keep a selection that covers every module.
+  bool covered = out.target_modules.present;
+  for (const auto& m : ad.lora) covered = covered && out.targets(m.path);
+  if (!covered) {
+    if (out.target_modules.present) ad.warnings.push_back("config target_modules replaced by the adapter's modules");
+    out.target_modules = ModuleSelector{};
+    out.target_modules.present = true;
+    for (const auto& m : ad.lora) out.target_modules.names.push_back(m.path);
+    out.exclude_modules = ModuleSelector{};
+  }
+
+  // modules_to_save: PEFT wraps every module whose name ends with an entry (key.endswith).
+  std::vector<bool> used(out.modules_to_save.size(), false);
+  for (const auto& n : names) {
+    if (detail::is_lora_parameter_name(n)) continue;
+    const std::string peft_name = mapping(n);
+    bool save = false;
+    for (std::size_t dot = peft_name.find('.'); dot != std::string::npos && !save; dot = peft_name.find('.', dot + 1))
+      for (std::size_t e = 0; e < out.modules_to_save.size(); ++e)
+        if (detail::ends_with(peft_name.substr(0, dot), out.modules_to_save[e])) {
+          used[e] = true;
+          save = true;
+        }
+    const Parameter<T>& p = *idx.at(n);
+    if (save)
+      ad.full.push_back(FullTensor<T>{peft_name, p.shape(), p.value});
+    else if (p.trainable())
+      ad.warnings.push_back("parameter \"" + n +
+                            "\" is trainable but not saved (list its module in modules_to_save to save it)");
+  }
+  for (std::size_t e = 0; e < used.size(); ++e)
+    if (!used[e])
+      throw ConfigError(who + ": modules_to_save entry \"" + out.modules_to_save[e] +
+                        "\" matches no module of the model");
   std::sort(ad.lora.begin(), ad.lora.end(), [](const auto& x, const auto& y) { return x.path < y.path; });
   return ad;
 }
 
-/// Writes `dir`/adapter_config.json and `dir`/adapter_model.safetensors atomically (a temporary
-/// directory renamed into place), in the layout PEFT's PeftModel.from_pretrained reads.
+/// Writes `dir`/adapter_model.safetensors and `dir`/adapter_config.json in the layout PEFT's
+/// PeftModel.from_pretrained reads; the config carries the SHA-256 of the weights file (see the
+/// file comment). A new directory appears whole (a temporary directory renamed into place). An
+/// existing one gets the weights first and the config last, each replaced atomically; other
+/// files in it are kept. Nothing is written when either name is taken by a directory.
+namespace detail {
+/// Whether the adapter_config.json at `path` carries our weights digest (false if unreadable).
+inline bool config_has_digest(const std::string& path) {
+  try {
+    const std::string text = read_text_file(path, 1u << 20);
+    const Json j = parse_json_strict(text.data(), text.data() + text.size(), path);
+    return j.is_object() && j.contains("peft_cpp") && j.at("peft_cpp").is_object() &&
+           j.at("peft_cpp").contains("weights_sha256") && j.at("peft_cpp").at("weights_sha256").is_string();
+  } catch (const Error&) {
+    return false;
+  }
+}
+}  // namespace detail
+
 template <class T>
 void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DType dtype = native_dtype<T>()) {
   if (!dtype_is_float(dtype))
@@ -776,10 +1031,37 @@ void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DT
                        adapter.prompt_embeddings.data(), dtype});
   for (const auto& f : adapter.full)
     tensors.push_back({std::string(kPeftKeyPrefix) + f.name, f.shape, f.value.data(), dtype});
-  AtomicDirectory out(dir);
-  save_safetensors<T>(out.staging() + "/" + kAdapterWeightsFile, tensors, {{"format", "pt"}});
-  write_file_atomic(out.staging() + "/" + kAdapterConfigFile, to_json(adapter.config).dump(2) + "\n");
-  out.commit();
+  auto config_text = [&](const std::string& weights_path) {
+    AdapterConfig c = adapter.config;
+    c.weights_sha256 = detail::sha256_of_file(weights_path);
+    return to_json(c).dump(2) + "\n";
+  };
+  std::string d = dir;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  if (!path_exists(d)) {
+    AtomicDirectory out(d);
+    const std::string weights = out.staging() + "/" + kAdapterWeightsFile;
+    save_safetensors<T>(weights, tensors, {{"format", "pt"}});
+    write_file_atomic(out.staging() + "/" + kAdapterConfigFile, config_text(weights));
+    out.commit();
+    return;
+  }
+  if (!is_directory(d)) throw IoError("cannot write directory \"" + d + "\": a file of that name exists");
+  const std::string weights = d + "/" + kAdapterWeightsFile, config = d + "/" + kAdapterConfigFile;
+  for (const std::string& f : {weights, config})
+    if (is_directory(f))
+      throw IoError("cannot write \"" + f + "\": expected a file there, found a directory; nothing was written");
+  // Weights first: a crash before the config's rename leaves the old config, whose digest no longer
+  // matches, so the torn pair is refused rather than loaded with the old scaling. An old config
+  // without a digest (as PEFT writes it) could not tell: it is removed once the new weights are
+  // complete and just before they replace the old ones, so such a crash leaves a directory that
+  // fails to load ("no adapter_config.json"), never one that loads wrong. A failure before that
+  // point (a NaN refused, a full disk) leaves the old pair as it was.
+  SafeTensorsWriter w(weights, tensor_specs(tensors), {{"format", "pt"}});
+  write_tensors(w, tensors);
+  if (path_exists(config) && !detail::config_has_digest(config)) ::unlink(config.c_str());
+  w.commit();
+  write_file_atomic(config, config_text(weights));
 }
 
 }  // namespace peft::io

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "peft/core/parameters.hpp"
+#include "peft/core/patterns.hpp"
 #include "peft/layers/lora_linear.hpp"
 #include "peft/models/targeting.hpp"
 #include "peft/models/transformer.hpp"
@@ -36,8 +37,8 @@ struct LoraTargetConfig {
   ModuleSelector target_modules;
   ModuleSelector exclude_modules;
   LoraConfig lora;
-  std::vector<std::pair<std::string, int>> rank_pattern;      ///< key → r, PEFT's get_pattern_key order
-  std::vector<std::pair<std::string, double>> alpha_pattern;  ///< key → lora_alpha
+  PatternMap<int> rank_pattern;      ///< key → r, PEFT's get_pattern_key order (compiled once per key)
+  PatternMap<double> alpha_pattern;  ///< key → lora_alpha
 };
 
 /// Bottleneck adapters (AdapterHub-style config): placement + size / reduction factor / init.
@@ -148,8 +149,9 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
     report.ia3_modules = select_modules(model.linear_names(), ic.target_modules, ic.exclude_modules,
                                         config.modules_to_save, who + " ((IA)^3)");
     std::vector<char> keys(model.layers.size(), 0), values(model.layers.size(), 0), ffn(model.layers.size(), 0);
+    const CompiledSelector feedforward_modules(ic.feedforward_modules, who + " feedforward_modules");
     for (const auto& key : report.ia3_modules) {
-      const bool feedforward = selector_matches(ic.feedforward_modules, key, true, who + " feedforward_modules");
+      const bool feedforward = feedforward_modules.matches(key);
       bool placed = false;
       for (std::size_t i = 0; i < model.layers.size() && !placed; ++i) {
         const std::string p = "layers." + std::to_string(i) + ".";

@@ -12,15 +12,19 @@
 //                                     targeted either (PEFT does not put adapters inside them)
 //   rank_pattern / alpha_pattern:     the first pattern p (in insertion order) with
 //                                     re.match(r"(.*\.)?(p)$", key) gives the module's r / alpha
+//                                     (PatternMap, core/patterns.hpp: compiled once per key)
 //
+// Every regex is compiled once per selection, not once per module.
 // A selection that matches nothing is a ConfigError that lists the available names.
 #include <cctype>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/patterns.hpp"
 #include "peft/core/regex.hpp"
 
 namespace peft {
@@ -79,15 +83,33 @@ inline bool module_name_matches(const std::string& key, const std::string& name)
   return key == name || detail::ends_with_dotted(key, name);
 }
 
-/// Whether `key` is selected. `is_linear_non_head` is what "all-linear" selects (every linear but
-/// the output head); list and regex forms look at the name only.
+/// A ModuleSelector with its regex compiled once, for matching many keys.
+class CompiledSelector {
+ public:
+  CompiledSelector(const ModuleSelector& sel, const std::string& who) : sel_(&sel), who_(who) {
+    if (!sel.all_linear && !sel.regex.empty())
+      re_ = std::make_shared<const Regex>(detail::compile_regex(sel.regex, who));
+  }
+  /// Whether `key` is selected. `is_linear_non_head` is what "all-linear" selects (every linear
+  /// but the output head); list and regex forms look at the name only.
+  bool matches(const std::string& key, bool is_linear_non_head = true) const {
+    if (sel_->all_linear) return is_linear_non_head;
+    if (re_) return regex_full_match(key, *re_, who_);
+    for (const auto& n : sel_->names)
+      if (module_name_matches(key, n)) return true;
+    return false;
+  }
+
+ private:
+  const ModuleSelector* sel_;
+  std::string who_;
+  std::shared_ptr<const Regex> re_;
+};
+
+/// Whether `key` is selected (one-shot; CompiledSelector for many keys).
 inline bool selector_matches(const ModuleSelector& sel, const std::string& key, bool is_linear_non_head = true,
                              const std::string& who = "target_modules") {
-  if (sel.all_linear) return is_linear_non_head;
-  if (!sel.regex.empty()) return regex_full_match(key, detail::compile_regex(sel.regex, who), who);
-  for (const auto& n : sel.names)
-    if (module_name_matches(key, n)) return true;
-  return false;
+  return CompiledSelector(sel, who).matches(key, is_linear_non_head);
 }
 
 /// Whether `key` lies inside (or is) one of the modules to save: PEFT's `(^|.*\.)m($|\..*)`.
@@ -105,13 +127,11 @@ inline bool inside_module_to_save(const std::string& key, const std::vector<std:
   return false;
 }
 
-/// PEFT's get_pattern_key: the first pattern p (insertion order) such that the whole key matches
-/// `(.*\.)?(p)` ; empty when none does.
+/// PEFT's rank_pattern / alpha_pattern lookup (get_pattern_key, then the dict lookup): the value
+/// for `key`, empty when no pattern applies. The patterns were compiled when added.
 template <class V>
-std::optional<V> pattern_value(const std::vector<std::pair<std::string, V>>& patterns, const std::string& key,
-                               const std::string& who) {
-  for (const auto& [p, v] : patterns)
-    if (regex_full_match(key, detail::compile_regex("(.*\\.)?(" + p + ")", who), who)) return v;
+std::optional<V> pattern_value(const PatternMap<V>& patterns, const std::string& key, const std::string& who) {
+  if (const V* v = patterns.find(key, who)) return *v;
   return std::nullopt;
 }
 
@@ -131,11 +151,13 @@ inline std::vector<std::string> select_modules(const std::vector<std::pair<std::
                                                const std::string& who) {
   if (target.empty()) throw ConfigError(who + ": target_modules is empty");
   std::vector<std::string> out, all;
+  const CompiledSelector targets(target, who + " target_modules");
+  const CompiledSelector excludes(exclude, who + " exclude_modules");
   for (const auto& [name, linear_non_head] : candidates) {
     all.push_back(name);
-    if (!exclude.empty() && selector_matches(exclude, name, linear_non_head, who + " exclude_modules")) continue;
+    if (!exclude.empty() && excludes.matches(name, linear_non_head)) continue;
     if (inside_module_to_save(name, modules_to_save)) continue;
-    if (selector_matches(target, name, linear_non_head, who + " target_modules")) out.push_back(name);
+    if (targets.matches(name, linear_non_head)) out.push_back(name);
   }
   if (out.empty())
     throw ConfigError(

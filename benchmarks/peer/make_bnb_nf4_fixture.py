@@ -1,119 +1,84 @@
-"""Writes tests/quant/data/bnb_nf4_fixture.safetensors: NF4 weights in the layout transformers saves
-for a bitsandbytes 4-bit model, produced by an independent Python re-implementation of bitsandbytes'
-quantize_4bit (nearest NF4 code of w * (1/absmax) per block of 64, element 2i in the high nibble)
-and of compress_statistics (mean offset, 8-bit dynamic map in blocks of 256, map built with
-bitsandbytes' create_dynamic_map code on torch). Also stores the float weights as `reference.<name>`.
+"""Writes tests/quant/data/bnb_nf4_fixture.safetensors with the REAL bitsandbytes on CPU.
 
-Run with the PyTorch interpreter: /usr/bin/python3 benchmarks/peer/make_bnb_nf4_fixture.py
-(no bitsandbytes or safetensors package needed: the safetensors container is written by hand).
+Each module is a bitsandbytes.nn.Linear4bit (quant_type="nf4", blocksize 64) quantized by moving it to
+the CPU device; the file is its state_dict() written with safetensors.torch.save_file, i.e. exactly the
+entries transformers' save_pretrained writes for a 4-bit model (Linear4bit._save_to_state_dict with
+QuantState.as_dict(packed=True)): `<p>.weight`, `<p>.weight.absmax`, `<p>.weight.quant_map`,
+`<p>.weight.nested_absmax`, `<p>.weight.nested_quant_map`, `<p>.weight.quant_state.bitsandbytes__nf4`.
+The float weights are stored as `reference.<p>.weight` so a test can re-quantize them.
+
+It also stores `torch_cpu_sum`: torch.sum of a deterministic float32 vector of 100003 values
+(x_i = ((i · 2654435761 mod 2^32) mod 2^20 + 2^16) / 2^27, exact in float32) computed with 1, 2, 3, 4
+and 8 intra-op threads, to pin torch's CPU cascade summation (the double-quantization offset is mean(absmax)).
+
+Run inside the peer venv (benchmarks/peer/requirements.txt, see benchmarks/peer/README.md):
+    ~/.cache/peft-peer/bin/python benchmarks/peer/make_bnb_nf4_fixture.py
 """
-import json
 import os
-import struct
+import platform
+import sys
 
+import bitsandbytes as bnb
+import safetensors.torch
 import torch
 
-NF4 = torch.tensor([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-                    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-                    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-                    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=torch.float32)
+N_SUM = 100003
+SUM_THREADS = (1, 2, 3, 4, 8)
 
 
-def create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8):
-    # bitsandbytes.functional.create_dynamic_map, same arithmetic on torch float32.
-    data = []
-    non_sign_bits = total_bits - 1
-    for i in range(max_exponent_bits):
-        fraction_items = int(2 ** (i + non_sign_bits - max_exponent_bits) + 1)
-        boundaries = torch.linspace(0.1, 1, fraction_items)
-        means = (boundaries[:-1] + boundaries[1:]) / 2.0
-        data += ((10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-        data += (-(10 ** (-(max_exponent_bits - 1) + i)) * means).tolist()
-    data.append(0)
-    data.append(1.0)
-    data.sort()
-    return torch.tensor(data, dtype=torch.float32)
+def linear4bit(w, bias, nested):
+    out_f, in_f = w.shape
+    lin = bnb.nn.Linear4bit(in_f, out_f, bias=bias is not None, compress_statistics=nested, quant_type="nf4",
+                            compute_dtype=torch.float32)
+    lin.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, compress_statistics=nested, quant_type="nf4",
+                                   blocksize=64)
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
+    return lin.to("cpu")  # quantizes on the CPU backend
 
 
-def nearest(code, x):
-    # argmin |x - code| takes the first (lower) index on a tie.
-    return torch.argmin((x.reshape(-1, 1) - code.reshape(1, -1)).abs(), dim=1)
+def weights():
+    g = torch.Generator().manual_seed(1234)
+    q = torch.randn(96, 201, generator=g) * 0.02  # 19296 values: 302 blocks, the last one 32 long
+    flat = q.view(-1)
+    flat[640:704] = 0.0  # block 10 all zero
+    flat[19264:] = 0.0  # ragged last block all zero
+    v = torch.randn(11, 33, generator=g) * 0.05  # 363 values: odd count, ragged last block of 43
+    k = torch.randn(7, 9, generator=g) * 0.1  # 63 values: one block, so the centered absmax is all zero
+    o = (torch.randn(40, 64, generator=g) * 0.03).to(torch.bfloat16)  # bf16 weights: quant_state dtype bfloat16
+    return {
+        "model.layers.0.self_attn.q_proj": (q, torch.randn(96, generator=g) * 0.1, True),
+        "model.layers.0.self_attn.v_proj": (v, None, False),
+        "model.layers.0.self_attn.k_proj": (k, None, True),
+        "model.layers.0.self_attn.o_proj": (o, None, True),
+    }
 
 
-def blockwise_absmax(x, bs):
-    n = x.numel()
-    blocks = (n + bs - 1) // bs
-    pad = torch.zeros(blocks * bs, dtype=torch.float32)
-    pad[:n] = x
-    return pad.reshape(blocks, bs).abs().max(dim=1).values
-
-
-def quantize_nf4(w, blocksize=64, nested=True):
-    x = w.reshape(-1).to(torch.float32)
-    n = x.numel()
-    absmax = blockwise_absmax(x, blocksize)
-    inv = (1.0 / absmax).repeat_interleave(blocksize)[:n]
-    codes = nearest(NF4, x * inv).to(torch.uint8)
-    if n % 2:
-        codes = torch.cat([codes, nearest(NF4, torch.zeros(1))])
-    packed = (codes[0::2] * 16 + codes[1::2]).to(torch.uint8).reshape(-1, 1)
-    tensors = {"": packed}
-    state = {"quant_type": "nf4", "blocksize": blocksize, "dtype": "float32", "shape": list(w.shape)}
-    if nested:
-        offset = absmax.mean()
-        centered = absmax - offset
-        amax2 = blockwise_absmax(centered, 256)
-        inv2 = (1.0 / amax2).repeat_interleave(256)[:centered.numel()]
-        dmap = create_dynamic_map()
-        qabs = nearest(dmap, centered * inv2).to(torch.uint8)
-        tensors[".absmax"] = qabs
-        tensors[".quant_map"] = NF4.clone()
-        tensors[".nested_absmax"] = amax2
-        tensors[".nested_quant_map"] = dmap
-        state.update({"nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": offset.item()})
-    else:
-        tensors[".absmax"] = absmax
-        tensors[".quant_map"] = NF4.clone()
-    blob = json.dumps(state).encode("utf-8")
-    tensors[".quant_state.bitsandbytes__nf4"] = torch.tensor(list(blob), dtype=torch.uint8)
-    return tensors
-
-
-def save_safetensors(path, tensors):
-    names = list(tensors)
-    header, offset, chunks = {}, 0, []
-    for name in names:
-        t = tensors[name].contiguous()
-        raw = t.numpy().tobytes()
-        dtype = {torch.uint8: "U8", torch.float32: "F32"}[t.dtype]
-        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        offset += len(raw)
-        chunks.append(raw)
-    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * ((8 - len(text) % 8) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for c in chunks:
-            f.write(c)
+def torch_sums():
+    x = torch.tensor([((i * 2654435761) % 2**32 % 2**20 + 2**16) / 2**27 for i in range(N_SUM)], dtype=torch.float32)
+    before = torch.get_num_threads()
+    sums = []
+    for t in SUM_THREADS:
+        torch.set_num_threads(t)
+        sums.append(x.sum().item())
+    torch.set_num_threads(before)
+    return torch.tensor(sums, dtype=torch.float32)
 
 
 def main():
-    torch.manual_seed(1234)
-    weights = {
-        "model.layers.0.q_proj": (torch.randn(96, 200) * 0.02, True),   # 300 blocks: two nested blocks
-        "model.layers.0.v_proj": (torch.randn(10, 33) * 0.05, False),   # ragged last block, odd count
-    }
     out = {}
-    for prefix, (w, nested) in weights.items():
-        for suffix, t in quantize_nf4(w, nested=nested).items():
-            out[prefix + ".weight" + suffix] = t
-        out["reference." + prefix + ".weight"] = w.to(torch.float32)
-    out["model.layers.0.q_proj.bias"] = torch.randn(96) * 0.1
+    for prefix, (w, bias, nested) in weights().items():
+        for name, t in linear4bit(w, bias, nested).state_dict().items():
+            out[prefix + "." + name] = t.detach().contiguous()
+        out["reference." + prefix + ".weight"] = w.contiguous()
+    out["torch_cpu_sum"] = torch_sums()
     here = os.path.dirname(os.path.abspath(__file__))
-    path = os.path.join(here, "..", "..", "tests", "quant", "data", "bnb_nf4_fixture.safetensors")
-    save_safetensors(os.path.normpath(path), out)
-    print("wrote", os.path.normpath(path))
+    path = os.path.normpath(os.path.join(here, "..", "..", "tests", "quant", "data", "bnb_nf4_fixture.safetensors"))
+    safetensors.torch.save_file(out, path, metadata={"format": "pt"})
+    print("wrote", path)
+    print("python", sys.version.split()[0], "torch", torch.__version__, "bitsandbytes", bnb.__version__,
+          "cpu capability", torch.backends.cpu.get_cpu_capability(), "threads", torch.get_num_threads(),
+          "machine", platform.machine())
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 // The bitsandbytes / transformers safetensors layout of NF4 weights: read, write back byte for
-// byte, agree with an independent Python implementation (benchmarks/peer/make_bnb_nf4_fixture.py),
-// whole-file quantization, and every malformed input.
+// byte, reproduce the real bitsandbytes byte for byte (tests/quant/data/bnb_nf4_fixture.safetensors,
+// made by benchmarks/peer/make_bnb_nf4_fixture.py with bitsandbytes 0.50.2 on CPU, see
+// tests/quant/data/README.md), whole-file quantization, and every malformed input.
 #include <peft/io/safetensors.hpp>
 #include <peft/layers/lora_linear.hpp>
 #include <peft/quant/bnb_format.hpp>
 #include <peft/quant/nf4_lora_linear.hpp>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -116,33 +119,46 @@ TEST_CASE("quant_state JSON is json.dumps of QuantState.as_dict's non-tensor fie
   CHECK(quant_state_json(t) == R"({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [7, 33]})");
 }
 
-TEST_CASE("A Python-made bitsandbytes file: read, same codes as ours, written back byte for byte", "[quant][bnb]") {
+const std::vector<std::string> kFixtureModules = {"model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.o_proj",
+                                                  "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"};
+
+// Bit patterns, so that a 1-ulp difference (or −0 against +0) fails loudly.
+std::vector<std::uint32_t> float_bits(const float* p, std::size_t n) {
+  std::vector<std::uint32_t> out(n);
+  std::memcpy(out.data(), p, 4 * n);
+  return out;
+}
+
+TEST_CASE("bitsandbytes' own file is read exactly and our quantizer reproduces every field bit for bit",
+          "[quant][bnb][bnb_exact]") {
   const io::SafeTensorsFile f(fixture_path());
-  const std::vector<std::string> prefixes = bnb_4bit_prefixes(f);
-  REQUIRE(prefixes == std::vector<std::string>{"model.layers.0.q_proj", "model.layers.0.v_proj"});
+  std::vector<std::string> prefixes = bnb_4bit_prefixes(f);
+  std::sort(prefixes.begin(), prefixes.end());
+  REQUIRE(prefixes == kFixtureModules);
   for (const std::string& p : prefixes) {
     INFO(p);
     const NF4Tensor t = read_bnb_nf4(f, p);
+    const io::TensorInfo& ref_info = f.info("reference." + p + ".weight");
+    CHECK(t.shape == ref_info.shape);
+    CHECK(t.dtype == (ref_info.dtype == io::DType::BF16 ? "bfloat16" : "float32"));
+    // The reader keeps every byte of bnb's file: the quant_state JSON it would write is bnb's.
+    const std::vector<unsigned char> js = tensor_bytes(f, p + ".weight.quant_state.bitsandbytes__nf4");
+    CHECK(quant_state_json(t) == std::string(js.begin(), js.end()));
+
     const Matrix<float> ref = f.load<float>("reference." + p + ".weight");
-    CHECK(t.rows() == ref.rows());
-    CHECK(t.cols() == ref.cols());
-    // Our quantizer reproduces the packed codes and the scales of the independent implementation.
     NF4Options opt;
     opt.double_quant = t.nested;
-    const NF4Tensor mine = quantize_nf4<float>(ref, opt);
+    opt.dtype = t.dtype == "bfloat16" ? "bfloat16" : "float32";
+    const NF4Tensor mine = quantize_nf4(ref.data(), t.shape, opt);
     CHECK(mine.packed == t.packed);
-    if (!t.nested) {
-      CHECK(mine.absmax == t.absmax);
-    } else {
-      CHECK(std::abs(mine.nested_offset - t.nested_offset) <= 1e-7f * t.nested_offset);  // float32 mean vs ours
-      CHECK(mine.nested_absmax.size() == t.nested_absmax.size());
-      std::size_t differ = 0;
-      for (std::size_t b = 0; b < t.qabsmax.size(); ++b) differ += mine.qabsmax[b] != t.qabsmax[b];
-      CHECK(differ <= t.qabsmax.size() / 100);  // only values on a boundary may move (1-ulp map / mean)
-      for (std::size_t k = 0; k < 256; ++k)     // torch's float32 linspace: within 1 ulp of our map
-        CHECK(std::abs(t.nested_quant_map[k] - mine.nested_quant_map[k]) <=
-              std::abs(mine.nested_quant_map[k]) * 1.2e-7f);
-    }
+    CHECK(float_bits(mine.absmax.data(), mine.absmax.size()) == float_bits(t.absmax.data(), t.absmax.size()));
+    CHECK(mine.nested == t.nested);
+    CHECK(mine.qabsmax == t.qabsmax);
+    CHECK(float_bits(mine.nested_absmax.data(), mine.nested_absmax.size()) ==
+          float_bits(t.nested_absmax.data(), t.nested_absmax.size()));
+    CHECK(float_bits(&mine.nested_offset, 1) == float_bits(&t.nested_offset, 1));
+    if (t.nested) CHECK(float_bits(mine.nested_quant_map.data(), 256) == float_bits(t.nested_quant_map.data(), 256));
+    CHECK(quant_state_json(mine) == quant_state_json(t));
     // Dequantized weights are within the NF4 bound of the originals.
     const Matrix<float> deq = dequantize_nf4<float>(t);
     for (Index i = 0; i < ref.size(); ++i) {
@@ -150,28 +166,86 @@ TEST_CASE("A Python-made bitsandbytes file: read, same codes as ours, written ba
       CHECK(std::abs(deq.data()[i] - ref.data()[i]) <= 0.16f * a + 1e-6f);
     }
   }
-  // Write both back: every entry, JSON included, is identical to the Python file's.
-  TempDir dir;
-  const NF4Tensor q = read_bnb_nf4(f, prefixes[0]);
-  const NF4Tensor v = read_bnb_nf4(f, prefixes[1]);
-  save_bnb_nf4(dir.file("out.safetensors"), {{prefixes[0], &q}, {prefixes[1], &v}});
-  const io::SafeTensorsFile g(dir.file("out.safetensors"));
-  std::size_t compared = 0;
-  for (const io::TensorInfo& t : g.tensors()) {
-    INFO(t.name);
-    REQUIRE(f.contains(t.name));
-    CHECK(f.info(t.name).shape == t.shape);
-    CHECK(f.info(t.name).dtype == t.dtype);
-    CHECK(tensor_bytes(f, t.name) == tensor_bytes(g, t.name));
-    ++compared;
-  }
-  CHECK(compared == 6 + 4);  // nested: 6 entries, plain: 4
+  // The corner cases the fixture was built to hold are there.
+  const NF4Tensor q = read_bnb_nf4(f, "model.layers.0.self_attn.q_proj");
+  CHECK(q.qabsmax.size() == 302);    // 301 full blocks and a ragged one of 32: a ragged nested group of 46
+  CHECK((q.packed[320] >> 4) == 7);  // block 10 is all zero: the CPU kernel writes the code of 0
+  CHECK(q.packed.back() == 0x77);    // the ragged last block is all zero too
+  const NF4Tensor k = read_bnb_nf4(f, "model.layers.0.self_attn.k_proj");
+  CHECK(k.nested_absmax == std::vector<float>{0.0f});  // one block: absmax − mean(absmax) = 0
+  CHECK(k.qabsmax == std::vector<std::uint8_t>{0});
+  const NF4Tensor v = read_bnb_nf4(f, "model.layers.0.self_attn.v_proj");
+  CHECK(!v.nested);
+  CHECK(v.numel() % 2 == 1);
 }
 
-TEST_CASE("A Python-made 4-bit checkpoint is a QLoRA base: NF4LoRALinear on it trains like LoRA on its dequantization",
+TEST_CASE("peft quantize writes the bytes transformers + bitsandbytes save for the same weights",
+          "[quant][bnb][bnb_exact]") {
+  const io::SafeTensorsFile f(fixture_path());
+  TempDir dir;
+  // The input checkpoint: the reference weights under their module names, the bias as it is.
+  std::vector<io::TensorSpec> specs;
+  std::vector<const io::TensorInfo*> sources;
+  for (const std::string& p : kFixtureModules) {
+    const io::TensorInfo& r = f.info("reference." + p + ".weight");
+    specs.push_back({p + ".weight", r.dtype, r.shape});
+    sources.push_back(&r);
+  }
+  const io::TensorInfo& bias = f.info("model.layers.0.self_attn.q_proj.bias");
+  specs.push_back({bias.name, bias.dtype, bias.shape});
+  sources.push_back(&bias);
+  {
+    io::SafeTensorsWriter w(dir.file("in.safetensors"), specs, {{"format", "pt"}});
+    for (const io::TensorInfo* s : sources) w.write_raw(f.bytes(*s), static_cast<std::size_t>(s->nbytes()));
+    w.commit();
+  }
+  // v_proj is the one module bitsandbytes stored without double quantization.
+  QuantizeFileOptions opt;
+  opt.exclude = R"(.*v_proj\.weight)";
+  quantize_safetensors(dir.file("in.safetensors"), dir.file("dq.safetensors"), opt);
+  opt.exclude = "";
+  opt.include = R"(.*v_proj\.weight)";
+  opt.nf4.double_quant = false;
+  quantize_safetensors(dir.file("in.safetensors"), dir.file("plain.safetensors"), opt);
+  const io::SafeTensorsFile dq(dir.file("dq.safetensors"));
+  const io::SafeTensorsFile plain(dir.file("plain.safetensors"));
+  std::size_t compared = 0;
+  for (const io::TensorInfo& t : f.tensors()) {
+    if (t.name.rfind("reference.", 0) == 0 || t.name == "torch_cpu_sum") continue;
+    INFO(t.name);
+    const io::SafeTensorsFile& out = t.name.find("v_proj") != std::string::npos ? plain : dq;
+    REQUIRE(out.contains(t.name));
+    CHECK(out.info(t.name).dtype == t.dtype);
+    CHECK(out.info(t.name).shape == t.shape);
+    CHECK(tensor_bytes(out, t.name) == tensor_bytes(f, t.name));
+    ++compared;
+  }
+  CHECK(compared == 3 * 6 + 4 + 1);  // three DQ modules, one plain, the bias
+}
+
+TEST_CASE("torch_cpu_sum is torch.sum on CPU bit for bit, serial and split over threads", "[quant][bnb][bnb_exact]") {
+  // The vector and thread counts of benchmarks/peer/make_bnb_nf4_fixture.py (torch_sums()).
+  const io::SafeTensorsFile f(fixture_path());
+  const Matrix<float> sums = f.load<float>("torch_cpu_sum");
+  const int threads[] = {1, 2, 3, 4, 8};
+  REQUIRE(sums.size() == 5);
+  std::vector<float> x(100003);
+  for (std::size_t i = 0; i < x.size(); ++i)
+    x[i] = static_cast<float>(static_cast<double>((i * 2654435761ULL) % 4294967296ULL % 1048576ULL + 65536ULL) /
+                              134217728.0);  // exact: 21 significant bits over 2^27
+  for (int k = 0; k < 5; ++k) {
+    INFO("threads " << threads[k]);
+    const float mine = torch_cpu_sum(x.data(), x.size(), threads[k]);
+    CHECK(float_bits(&mine, 1) == float_bits(sums.data() + k, 1));
+  }
+  // The chunking matters: the serial sum and the sum split over two threads differ.
+  CHECK(sums.data()[0] != sums.data()[1]);
+}
+
+TEST_CASE("A bitsandbytes 4-bit checkpoint is a QLoRA base: NF4LoRALinear on it trains like LoRA on its dequantization",
           "[quant][bnb][nf4_lora]") {
   const io::SafeTensorsFile f(fixture_path());
-  const std::string p = "model.layers.0.q_proj";
+  const std::string p = "model.layers.0.self_attn.q_proj";
   const RowVector<double> b = f.load<double>(p + ".bias");
   NF4LoRALinear<double> q(read_bnb_nf4(f, p), b, p);
   q.set_tile_rows(40);  // 96 rows: two full tiles and a ragged one

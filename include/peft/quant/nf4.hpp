@@ -8,21 +8,32 @@
 //   a_b = max_{i∈b} |w_i|                     (fp32 absmax)
 //   k_i = NF4(w_i · (1/a_b))                  (the kernel multiplies by the fp32 reciprocal)
 //   ŵ_i = q_{k_i} · a_b                       (fp32)
-// NF4(x) is the CUDA kernel's decision tree dQuantizeNF4: each threshold is the fp32 literal of the
-// midpoint between adjacent codes and the test is `x > t`, so a value on a threshold takes the LOWER
-// index. Two codes per byte, element 2i in the high nibble, element 2i+1 in the low nibble; with an
-// odd count the last low nibble holds the code of 0 (the kernel pads its load with zeros).
+// NF4(x) = #{t_k : x > t_k}, t_k = fl((q_k + q_{k+1}) / 2), the fp32 midpoints (the CUDA kernel's
+// dQuantizeNF4 literals and the CPU backend's torch.bucketize bounds are the same 15 floats), so a
+// value on a threshold takes the LOWER index. Two codes per byte, element 2i in the high nibble,
+// element 2i+1 in the low nibble; with an odd count the last low nibble holds the code of 0.
+// The two bitsandbytes kernels (NF4Options::kernel) differ only in corner cases:
+//   BnbKernel::Cpu (bitsandbytes 0.50 CPU backend, torch ops): full blocks use x · fl(1/a_b), the
+//     ragged last block uses x / a_b; a_b is clamped to ≥ 1e-38f before scaling, so an all-zero
+//     block gets code 7 (the 0 entry) and, for the ragged block only, the STORED absmax is the
+//     clamped 1e-38f.
+//   BnbKernel::Cuda (kQuantizeBlockwise): every block uses x · fl(1/a_b); an all-zero block gives
+//     0 · ∞ = NaN → code 0, decoded as −1 · 0 = −0.
 //
 // Double quantization (compress_statistics=True): the absmax vector a is itself quantized,
-//   c = mean(a),  a' = a − c,  a' → 8-bit blockwise with the dynamic map, blocks of 256,
+//   c = mean(a),  a' = fl(a − c),  a' → 8-bit blockwise with the dynamic map, blocks of 256,
 // leaving one code byte per block plus one fp32 scale per 256 blocks and the fp32 offset c:
 //   â_b = fl(fl(d_{k_b} · s_j) + c),   j = ⌊b / 256⌋.
 // Storage: 4 + 32/64 = 4.5 bits per parameter plain; 4 + 8/64 + 32/(64·256) ≈ 4.127 with DQ
 // (plus the two code tables, 64 + 1024 bytes per tensor); see NF4Tensor::bits_per_parameter().
 //
-// The mean c is accumulated in double and rounded once; torch's GPU float32 reduction may differ
-// from it in the last bit, which can move the DQ codes of values sitting on a decision boundary.
-// Decoding a tensor read from a file uses its stored offset and maps and is exact.
+// The mean is torch's float32 `absmax.mean()` on CPU, reproduced bit for bit: sum / n with the sum
+// of aten's cascade_sum (SumKernel.cpp), see torch_cpu_sum(). torch sums in 8-lane float vectors on
+// x86-64 (DEFAULT, AVX2 and AVX512 builds alike) and, above 32768 values, splits the vector over its
+// intra-op threads (NF4Options::torch_threads). A mean taken on a GPU (CUDA bitsandbytes) has its
+// own order and may differ from this one in the last bit, which can move a DQ code whose value
+// sits on a decision boundary; decoding a tensor read from a file uses its stored offset and maps
+// and is always exact.
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -72,11 +83,111 @@ inline std::uint8_t quantize_nf4_value(float x) {
 }
 
 struct NF4Options {
-  int blocksize = 64;             ///< values per absmax block (bitsandbytes: 64 .. 4096)
-  bool double_quant = true;       ///< compress_statistics: quantize the absmax vector (QLoRA's DQ)
-  int nested_blocksize = 256;     ///< absmax values per second-level block
-  const char* dtype = "float32";  ///< recorded in quant_state "dtype": float32, float16 or bfloat16
+  int blocksize = 64;                 ///< values per absmax block (bitsandbytes: 64 .. 4096)
+  bool double_quant = true;           ///< compress_statistics: quantize the absmax vector (QLoRA's DQ)
+  int nested_blocksize = 256;         ///< absmax values per second-level block
+  const char* dtype = "float32";      ///< recorded in quant_state "dtype": float32, float16 or bfloat16
+  BnbKernel kernel = BnbKernel::Cpu;  ///< whose corner cases and 8-bit rounding to reproduce
+  /// torch.get_num_threads() of the run to reproduce: the DQ offset (mean of the absmax) depends on
+  /// it only for tensors with at least 32768 blocks (2^21 values at blocksize 64).
+  int torch_threads = 1;
 };
+
+namespace detail {
+// torch's cascade_sum for a contiguous float32 vector (aten/src/ATen/native/cpu/SumKernel.cpp),
+// operation for operation. W is the lane count (8: Vectorized<float> as the sum kernel uses it on
+// x86-64; 1: the scalar path). Lane l of row i, column k sits at p[i·row_stride + k·col_stride + l].
+template <int W>
+struct TorchLanes {
+  float v[W] = {};
+  void add(const float* p) {
+    for (int l = 0; l < W; ++l) v[l] += p[l];
+  }
+  void add(const TorchLanes& o) {
+    for (int l = 0; l < W; ++l) v[l] += o.v[l];
+  }
+};
+
+inline std::int64_t torch_ceil_log2(std::int64_t x) {
+  std::int64_t r = 0;
+  while ((std::int64_t{1} << r) < x) ++r;
+  return r;
+}
+
+// multi_row_sum with nrows = 4: four running sums, each a cascade of 4 levels whose level j is
+// flushed into level j + 1 every level_step^j rows (level_step = 2^max(4, ⌈log2 size⌉ / 4)).
+template <int W>
+std::array<TorchLanes<W>, 4> torch_multi_row_sum(const float* p, std::int64_t row_stride, std::int64_t col_stride,
+                                                 std::int64_t size) {
+  constexpr int kLevels = 4;
+  const std::int64_t level_power = std::max<std::int64_t>(4, torch_ceil_log2(size) / kLevels);
+  const std::int64_t level_step = std::int64_t{1} << level_power;
+  const std::int64_t level_mask = level_step - 1;
+  std::array<std::array<TorchLanes<W>, 4>, kLevels> acc{};
+  std::int64_t i = 0;
+  while (i + level_step <= size) {
+    for (std::int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < 4; ++k) acc[0][static_cast<std::size_t>(k)].add(p + i * row_stride + k * col_stride);
+    for (int j = 1; j < kLevels; ++j) {
+      for (std::size_t k = 0; k < 4; ++k) {
+        acc[static_cast<std::size_t>(j)][k].add(acc[static_cast<std::size_t>(j - 1)][k]);
+        acc[static_cast<std::size_t>(j - 1)][k] = TorchLanes<W>{};
+      }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < 4; ++k) acc[0][static_cast<std::size_t>(k)].add(p + i * row_stride + k * col_stride);
+  for (std::size_t j = 1; j < kLevels; ++j)
+    for (std::size_t k = 0; k < 4; ++k) acc[0][k].add(acc[j][k]);
+  return acc[0];
+}
+
+// row_sum: the row seen as [size / 4, 4] (four interleaved partial sums), the rest added to the first.
+template <int W>
+TorchLanes<W> torch_row_sum(const float* p, std::int64_t stride, std::int64_t size) {
+  const std::int64_t size_ilp = size / 4;
+  std::array<TorchLanes<W>, 4> part = torch_multi_row_sum<W>(p, 4 * stride, stride, size_ilp);
+  for (std::int64_t i = size_ilp * 4; i < size; ++i) part[0].add(p + i * stride);
+  for (std::size_t k = 1; k < 4; ++k) part[0].add(part[k]);
+  return part[0];
+}
+
+// One serial pass: 8-lane vectors over ⌊n/8⌋·8 values, then the scalar tail, then the lanes in order.
+inline float torch_serial_sum(const float* x, std::int64_t n) {
+  constexpr int kLanes = 8;
+  if (n < kLanes) return torch_row_sum<1>(x, 1, n).v[0];
+  const std::int64_t vecs = n / kLanes;
+  const TorchLanes<kLanes> lanes = torch_row_sum<kLanes>(x, kLanes, vecs);
+  float acc = 0.0f;
+  for (std::int64_t k = vecs * kLanes; k < n; ++k) acc += x[k];
+  for (int l = 0; l < kLanes; ++l) acc += lanes.v[l];
+  return acc;
+}
+}  // namespace detail
+
+/// torch.sum of a contiguous float32 CPU vector, bit for bit (torch 2.x, x86-64). From 32768 values
+/// on, torch splits the vector into min(threads, ⌈n/32768⌉) chunks of ⌈n/chunks⌉ values (at::parallel_for),
+/// sums each, and sums the per-thread results (one slot per thread, zeros for idle ones) again.
+inline float torch_cpu_sum(const float* x, std::size_t n, int threads = 1) {
+  const std::int64_t count = static_cast<std::int64_t>(n);
+  constexpr std::int64_t kGrain = 32768;  // at::internal::GRAIN_SIZE
+  if (threads <= 1 || count < kGrain) return detail::torch_serial_sum(x, count);
+  const std::int64_t used = std::min<std::int64_t>(threads, (count + kGrain - 1) / kGrain);
+  const std::int64_t chunk = (count + used - 1) / used;
+  std::vector<float> partial(static_cast<std::size_t>(threads), 0.0f);
+  for (std::int64_t t = 0; t < used; ++t) {
+    const std::int64_t begin = t * chunk;
+    const std::int64_t len = std::min(count, begin + chunk) - begin;
+    partial[static_cast<std::size_t>(t)] = detail::torch_serial_sum(x + begin, len);
+  }
+  return detail::torch_serial_sum(partial.data(), threads);
+}
+
+/// torch's float32 mean on CPU: fl(sum / n) with the cascade sum above.
+inline float torch_cpu_mean(const float* x, std::size_t n, int threads = 1) {
+  return torch_cpu_sum(x, n, threads) / static_cast<float>(n);
+}
 
 namespace detail {
 inline std::string nf4_shape_str(const std::vector<std::int64_t>& s) {
@@ -211,6 +322,7 @@ inline NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& s
 
   const std::size_t bs = static_cast<std::size_t>(opt.blocksize);
   const std::size_t blocks = t.num_blocks();
+  const bool cpu = opt.kernel == BnbKernel::Cpu;
   std::vector<float> amax(blocks);
   t.packed.assign((n + 1) / 2, 0);
   for (std::size_t b = 0; b < blocks; ++b) {
@@ -218,10 +330,15 @@ inline NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& s
     const std::size_t end = std::min(n, begin + bs);
     float a = 0.0f;
     for (std::size_t i = begin; i < end; ++i) a = std::fmax(a, std::fabs(x[i]));
-    amax[b] = a;
-    const float inv = 1.0f / a;  // ∞ for an all-zero block: 0·∞ = NaN → code 0, decoded as −1·0 = −0
+    // CPU: absmax.clamp(min=1e-38) scales (an all-zero block → 0 · 1e38 = 0 → code 7); the ragged
+    // block keeps the clamped value as its absmax and divides. CUDA: 1/0 = ∞, 0·∞ = NaN → code 0.
+    const bool ragged = end - begin < bs;
+    const float scale = cpu ? std::fmax(a, 1e-38f) : a;
+    amax[b] = cpu && ragged ? scale : a;
+    const bool divide = cpu && ragged;
+    const float inv = 1.0f / scale;
     for (std::size_t i = begin; i < end; ++i) {
-      const std::uint8_t k = quantize_nf4_value(x[i] * inv);
+      const std::uint8_t k = quantize_nf4_value(divide ? x[i] / scale : x[i] * inv);
       t.packed[i >> 1] |= static_cast<std::uint8_t>((i & 1) ? k : (k << 4));
     }
   }
@@ -233,11 +350,9 @@ inline NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& s
   }
   t.nested = true;
   t.nested_blocksize = opt.nested_blocksize;
-  double sum = 0.0;
-  for (float a : amax) sum += a;
-  t.nested_offset = static_cast<float>(sum / static_cast<double>(blocks));
+  t.nested_offset = torch_cpu_mean(amax.data(), blocks, opt.torch_threads);
   for (float& a : amax) a -= t.nested_offset;
-  Blockwise8 q = quantize_blockwise8(amax.data(), blocks, opt.nested_blocksize);
+  Blockwise8 q = quantize_blockwise8(amax.data(), blocks, opt.nested_blocksize, opt.kernel);
   t.qabsmax = std::move(q.codes);
   t.nested_absmax = std::move(q.absmax);
   t.nested_quant_map = dynamic_map_signed();

@@ -6,8 +6,11 @@
 #include <peft/optim/sgd.hpp>
 #include <peft/train/batches.hpp>
 
+#include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "io_test_utils.hpp"
 #include "support/test_utils.hpp"
@@ -235,4 +238,149 @@ TEST_CASE("checkpoint: SGD momentum state and mismatches", "[io][checkpoint]") {
   PEFT_REQUIRE_THROWS_WITH(restore_parameters(r.layer, full), ConfigError, "\"param.nope\" names no parameter");
   Checkpoint<double> empty;
   PEFT_REQUIRE_THROWS_WITH(load_optimizer_state(opt2, empty), ConfigError, "no scalar \"optim.group.default.lr\"");
+}
+
+namespace {
+
+/// A deep, bit-exact copy of an Adam optimizer's state: per group lr / initial lr / weight decay,
+/// per parameter steps, has_state and both moments.
+struct AdamSnapshot {
+  std::vector<double> hyper;
+  std::vector<std::int64_t> counts;
+  std::vector<Matrix<double>> moments;
+
+  template <class Opt>
+  explicit AdamSnapshot(const Opt& opt) {
+    for (std::size_t g = 0; g < opt.num_groups(); ++g) {
+      hyper.push_back(opt.lr(g));
+      hyper.push_back(opt.initial_lr(g));
+      hyper.push_back(opt.weight_decay(g));
+      for (const auto& e : opt.groups()[g].entries) {
+        counts.push_back(e.steps);
+        counts.push_back(e.has_state ? 1 : 0);
+        moments.push_back(e.state.exp_avg);
+        moments.push_back(e.state.exp_avg_sq);
+      }
+    }
+  }
+};
+
+bool bit_identical(const Matrix<double>& a, const Matrix<double>& b) {
+  return a.rows() == b.rows() && a.cols() == b.cols() &&
+         std::memcmp(a.data(), b.data(), sizeof(double) * static_cast<std::size_t>(a.size())) == 0;
+}
+
+bool bit_identical(const AdamSnapshot& a, const AdamSnapshot& b) {
+  bool same = std::memcmp(a.hyper.data(), b.hyper.data(), sizeof(double) * a.hyper.size()) == 0 &&
+              a.hyper.size() == b.hyper.size() && a.counts == b.counts && a.moments.size() == b.moments.size();
+  for (std::size_t i = 0; same && i < a.moments.size(); ++i) same = bit_identical(a.moments[i], b.moments[i]);
+  return same;
+}
+
+}  // namespace
+
+TEST_CASE("checkpoint: a failing optimizer load leaves the optimizer bit-identical", "[io][checkpoint]") {
+  Run r;
+  AdamW<double> opt(r.layer, AdamWOptions{0.05, 0.9, 0.999, 1e-8, 0.01});
+  r.train(opt, 3);
+  const Checkpoint<double> good = r.snapshot(opt);
+  r.train(opt, 2);  // the live state now differs from the file in every field a load replaces
+  opt.set_lr(0.02);
+  opt.set_weight_decay(0, 0.03);
+  const AdamSnapshot before(opt);
+  REQUIRE(before.counts.size() == 8);                // weight, bias (frozen: no state), lora_A, lora_B
+  const std::string last = "lora_B.default.weight";  // the last entry: every other one is read before it
+
+  struct Tamper {
+    const char* what;
+    std::function<void(Checkpoint<double>&)> edit;
+    const char* message;
+  };
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const std::vector<Tamper> cases = {
+      {"NaN lr", [&](Checkpoint<double>& c) { c.put_double("optim.group.default.lr", nan); },
+       "\"optim.group.default.lr\" must be finite and >= 0, got nan"},
+      {"negative lr", [&](Checkpoint<double>& c) { c.put_double("optim.group.default.lr", -0.1); },
+       "\"optim.group.default.lr\" must be finite and >= 0, got -0.1"},
+      {"negative initial lr", [&](Checkpoint<double>& c) { c.put_double("optim.group.default.initial_lr", -1.0); },
+       "\"optim.group.default.initial_lr\" must be finite and >= 0"},
+      {"infinite weight decay",
+       [&](Checkpoint<double>& c) {
+         c.put_double("optim.group.default.weight_decay", std::numeric_limits<double>::infinity());
+       },
+       "\"optim.group.default.weight_decay\" must be finite and >= 0"},
+      {"negative step count", [&](Checkpoint<double>& c) { c.put_int("optim.steps." + last, -3); },
+       "\"optim.steps.lora_B.default.weight\" must be >= 0, got -3"},
+      {"has_state 2", [&](Checkpoint<double>& c) { c.put_int("optim.has_state." + last, 2); }, "must be 0 or 1, got 2"},
+      {"NaN moment",
+       [&](Checkpoint<double>& c) {
+         Matrix<double> m = c.tensor("optim.state." + last + ".exp_avg_sq");
+         m(1, 0) = nan;
+         c.put_tensor("optim.state." + last + ".exp_avg_sq", m);
+       },
+       "\"optim.state.lora_B.default.weight.exp_avg_sq\" contains NaN or Inf"},
+      {"moment of another shape",
+       [&](Checkpoint<double>& c) { c.put_tensor("optim.state." + last + ".exp_avg", Matrix<double>::Zero(2, 2)); },
+       "has shape [2, 2], parameter \"lora_B.default.weight\" has [5, 2]"},
+  };
+  for (const Tamper& t : cases) {
+    INFO(t.what);
+    Checkpoint<double> bad = good;
+    t.edit(bad);
+    PEFT_REQUIRE_THROWS_WITH(load_optimizer_state(opt, bad), peft::Error, t.message);
+    CHECK(bit_identical(AdamSnapshot(opt), before));
+  }
+  // The untampered file loads, and then the optimizer holds the file's state.
+  load_optimizer_state(opt, good);
+  CHECK(opt.lr(0) == 0.05);
+  CHECK(opt.step_count(last) == 3);
+}
+
+TEST_CASE("checkpoint: failing parameter, generator and sampler loads change nothing", "[io][checkpoint]") {
+  Run r;
+  SGD<double> opt(r.layer, SGDOptions{0.1, 0.9});
+  r.train(opt, 2);
+  const Checkpoint<double> good = r.snapshot(opt);
+  r.train(opt, 3);
+  const auto& a = r.layer.adapters()[0];
+  const Matrix<double> a_before = a.A.value, b_before = a.B.value;
+
+  // Parameters: the valid lora_A and lora_B come first in the file; the bad tensor after them.
+  Checkpoint<double> bad = good;
+  bad.put_tensor("param.lora_A.default.weight", Matrix<double>::Zero(2, 6));  // valid, different values
+  bad.put_tensor("param.zzz", Matrix<double>::Ones(1, 1));
+  PEFT_REQUIRE_THROWS_WITH(restore_parameters(r.layer, bad), ConfigError, "\"param.zzz\" names no parameter");
+  CHECK(bit_identical(a.A.value, a_before));
+  CHECK(bit_identical(a.B.value, b_before));
+
+  // Generator: an all-zero xoshiro state (it would output zeros forever) is refused.
+  Rng zero_rng;
+  zero_rng.set_state(Rng::State{});
+  Checkpoint<double> zc = good;
+  zc.put_rng("zero", zero_rng);
+  zc.put_rng("sampler.train.epoch", zero_rng);
+  Rng g(5);
+  const Rng::State g_before = g.state();
+  PEFT_REQUIRE_THROWS_WITH(
+      zc.get_rng("zero", g), IoError,
+      "scalar \"zero\" = \"" + std::string(64, '0') + "\" is not a generator state (all zero is not one)");
+  CHECK(g.state() == g_before);
+
+  // Sampler: a position outside the epoch, a mismatched size, a bad generator: state unchanged.
+  const BatchSampler::State s_before = r.sampler.state();
+  const auto sampler_same = [&] {
+    const BatchSampler::State s = r.sampler.state();
+    return s.position == s_before.position && s.epoch_rng == s_before.epoch_rng;
+  };
+  bad = good;
+  bad.put_int("sampler.train.position", 21);
+  PEFT_REQUIRE_THROWS_WITH(load_sampler_state(r.sampler, bad, "sampler.train"), ConfigError,
+                           "state position 21 is outside [0, 20]");
+  CHECK(sampler_same());
+  bad = good;
+  bad.put_int("sampler.train.size", 19);
+  PEFT_REQUIRE_THROWS_WITH(load_sampler_state(r.sampler, bad, "sampler.train"), ConfigError, "is over 19 indices");
+  CHECK(sampler_same());
+  PEFT_REQUIRE_THROWS_WITH(load_sampler_state(r.sampler, zc, "sampler.train"), IoError, "all zero is not one");
+  CHECK(sampler_same());
 }

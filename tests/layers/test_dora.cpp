@@ -10,6 +10,7 @@
 #include <peft/layers/lora_linear.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -37,6 +38,14 @@ template <class T>
 RowVector<T> dense_norm(const LoRALinear<T>& layer, const std::string& name) {
   const auto& a = layer.adapter(name);
   const Matrix<T> wd = layer.weight.value + static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
+  return wd.rowwise().norm().transpose();
+}
+
+/// Row norms of the dense w0 + s·B·A for a given base w0.
+template <class T>
+RowVector<T> dense_norm_on(const Matrix<T>& w0, const LoRALinear<T>& layer, const std::string& name) {
+  const auto& a = layer.adapter(name);
+  const Matrix<T> wd = w0 + static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
   return wd.rowwise().norm().transpose();
 }
 
@@ -253,22 +262,26 @@ TEMPLATE_TEST_CASE("DoRA merge == unmerged, unmerge restores W, safe merge refus
     }
   }
 
-  SECTION("LoRA then DoRA merged, LIFO unmerge restores W") {
+  SECTION("LoRA merged first: the DoRA norm stays on W, unmerge restores W") {
     LoraConfig plain = dora_cfg(2, 4.0);
     plain.use_dora = false;
     layer.add_adapter("l", plain);
     layer.add_adapter("d", dora_cfg(3, 5.0));
     perturb_magnitude(layer, "d", rng);
     layer.set_active({"l", "d"});
+    const Matrix<TestType> unmerged = layer.forward(x, cache);
+    const RowVector<TestType> n = dense_norm(layer, "d");  // on W, nothing merged
     layer.merge({"l"});
     PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("d2", dora_cfg(2, 1.0)), ConfigError,
                              "cannot add DoRA adapter \"d2\" while adapters are merged (l)");
-    // After merging l, DoRA normalizes W + s_l B_l A_l: the merged model is f ⊙ (W' + s B A).
-    const Matrix<TestType> before = layer.forward(x, cache);
+    // d still runs unmerged, and its norm is still ‖W + s_d B_d A_d‖, not taken on W + s_l B_l A_l.
+    CHECK(test::rel_diff(layer.dora_weight_norm("d"), n) < 10 * Tolerances<TestType>::rel);
+    CHECK(test::rel_diff(layer.forward(x, cache), unmerged) < 10 * Tolerances<TestType>::rel);
+    CHECK(test::rel_diff(cache.adapters[0].norm, n) < 10 * Tolerances<TestType>::rel);
     layer.merge({"d"});
-    CHECK(test::rel_diff(layer.forward(x, cache), before) < Tolerances<TestType>::rel);
+    CHECK(test::rel_diff(layer.forward(x, cache), unmerged) < 10 * Tolerances<TestType>::rel);
     layer.unmerge();
-    CHECK(test::rel_diff(layer.weight.value, w0) < 1e-6);
+    CHECK(test::rel_diff(layer.weight.value, w0) < 10 * Tolerances<TestType>::rel);
   }
 
   SECTION("a zero magnitude or a poisoned factor is refused and W stays bit-identical") {
@@ -302,6 +315,138 @@ TEMPLATE_TEST_CASE("DoRA merge == unmerged, unmerge restores W, safe merge refus
     CHECK_FALSE(layer.merged());
     CHECK(test::rel_diff(layer.weight.value, w0) < 1e-6);
   }
+}
+
+namespace {
+
+/// The unmerged forward by its definition (see lora_linear.hpp): every DoRA norm on W₀,
+///   y = x W₀ᵀ + b + Σ_LoRA s x Aᵀ Bᵀ + Σ_DoRA [(f − 1) ⊙ x W₀ᵀ + f ⊙ s x Aᵀ Bᵀ],  f = m / ‖W₀ + sBA‖.
+template <class T>
+Matrix<T> reference_forward(const LoRALinear<T>& layer, const Matrix<T>& w0, const Matrix<T>& x,
+                            const std::vector<std::string>& names) {
+  Matrix<T> y = x * w0.transpose();
+  y.rowwise() += layer.bias.value.row(0);
+  for (const auto& name : names) {
+    const auto& a = layer.adapter(name);
+    const Matrix<T> d = static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
+    if (!a.dora()) {
+      y += x * d.transpose();
+      continue;
+    }
+    const RowVector<T> f = a.magnitude.value.row(0).array() / dense_norm_on(w0, layer, name).array();
+    const Matrix<T> z = x * w0.transpose();
+    const Matrix<T> u = z + x * d.transpose();
+    y.array() += u.array().rowwise() * f.array() - z.array();
+  }
+  return y;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("DoRA merged == unmerged for every order and sequence of merges of {lora, dora1, dora2}",
+                   "[dora][merge]", float, double) {
+  Rng rng(38);
+  LoRALinear<TestType> layer(9, 7, rng, true, "k");
+  const Matrix<TestType> w0 = layer.weight.value;
+  const Matrix<TestType> x = test::random_matrix<TestType>(5, 9, rng);
+  LoraConfig plain = dora_cfg(2, 4.0);
+  plain.use_dora = false;
+  layer.add_adapter("l", plain);
+  layer.add_adapter("d1", dora_cfg(3, 5.0));
+  layer.add_adapter("d2", dora_cfg(2, 3.0, 0.0, LoraInit::None, true));
+  perturb_magnitude(layer, "d1", rng);
+  perturb_magnitude(layer, "d2", rng);
+  layer.adapter("d2").B.value *= TestType(2);  // a large update: norms on W₀ and on W₀ + Δ differ a lot
+  const std::vector<std::string> all{"l", "d1", "d2"};
+  layer.set_active(all);
+  typename LoRALinear<TestType>::Cache cache;
+  const Matrix<TestType> unmerged = layer.forward(x, cache);
+  REQUIRE(test::rel_diff(unmerged, reference_forward(layer, w0, x, all)) < 10 * Tolerances<TestType>::rel);
+  // The merged weight by its definition: W₀ + Σ C_i, C = Δ (LoRA), f ⊙ (W₀ + Δ) − W₀ (DoRA).
+  Matrix<TestType> w_eff = w0;
+  for (const auto& name : all) {
+    const auto& a = layer.adapter(name);
+    const Matrix<TestType> d = layer.delta_weight(name);
+    if (!a.dora()) {
+      w_eff += d;
+      continue;
+    }
+    const RowVector<TestType> f = a.magnitude.value.row(0).array() / dense_norm_on(w0, layer, name).array();
+    w_eff.array() += (w0 + d).array().colwise() * f.transpose().array() - w0.array();
+  }
+  // The old rule (each DoRA norm on the weight with the earlier merges in it) is far from this.
+  CHECK(test::rel_diff(reference_forward(layer, Matrix<TestType>(w0 + layer.delta_weight("l")), x, {"d1"}),
+                       reference_forward(layer, w0, x, {"l", "d1"})) > 1e-3);
+  const double tol = 100 * Tolerances<TestType>::rel;
+
+  std::vector<std::string> order = all;
+  std::sort(order.begin(), order.end());
+  int orders = 0;
+  do {
+    INFO("order " << order[0] << ", " << order[1] << ", " << order[2]);
+    for (bool safe : {false, true}) {
+      INFO("safe " << safe);
+      // One merge call with the adapters in this order.
+      if (safe)
+        layer.safe_merge(order);
+      else
+        layer.merge(order);
+      CHECK(layer.merged_adapters() == order);
+      CHECK(test::rel_diff(layer.weight.value, w_eff) < tol);
+      CHECK(test::rel_diff(layer.forward(x, cache), unmerged) < tol);
+      layer.unmerge();
+      CHECK(test::rel_diff(layer.weight.value, w0) < tol);
+      CHECK(test::rel_diff(layer.forward(x, cache), unmerged) < tol);
+      // The same order as a sequence of single merge calls: every partial state equals unmerged.
+      for (std::size_t k = 0; k < order.size(); ++k) {
+        if (safe)
+          layer.safe_merge({order[k]});
+        else
+          layer.merge({order[k]});
+        CHECK(layer.merged_adapters() ==
+              std::vector<std::string>(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(k + 1)));
+        CHECK(test::rel_diff(layer.forward(x, cache), unmerged) < tol);
+        for (const char* d : {"d1", "d2"})
+          CHECK(test::rel_diff(layer.dora_weight_norm(d), dense_norm_on(w0, layer, d)) < tol);
+      }
+      CHECK(test::rel_diff(layer.weight.value, w_eff) < tol);
+      layer.unmerge();
+      CHECK(test::rel_diff(layer.weight.value, w0) < tol);
+      // One adapter first, then the rest of the active set in one call.
+      layer.merge({order[0]});
+      layer.merge();
+      CHECK(test::rel_diff(layer.forward(x, cache), unmerged) < tol);
+      CHECK(test::rel_diff(layer.weight.value, w_eff) < tol);
+      layer.unmerge();
+      CHECK(test::rel_diff(layer.weight.value, w0) < tol);
+    }
+    ++orders;
+  } while (std::next_permutation(order.begin(), order.end()));
+  CHECK(orders == 6);
+  CHECK(test::rel_diff(layer.forward(x, cache), unmerged) < tol);
+}
+
+TEMPLATE_TEST_CASE("DoRA: a merge whose row scale 1 + sum(f - 1) is zero is refused, W unchanged", "[dora][merge]",
+                   float, double) {
+  Rng rng(39);
+  LoRALinear<TestType> layer(6, 4, rng, true, "k");
+  layer.add_adapter("d1", dora_cfg(2, 3.0));
+  layer.add_adapter("d2", dora_cfg(2, 2.0));
+  layer.set_active({"d1", "d2"});
+  // f1 = f2 = 1/2 in row 1: g = 1 + (f1 − 1) + (f2 − 1) = 0 there, so the merged row would no
+  // longer depend on W₀ and unmerge could not restore it.
+  layer.adapter("d1").magnitude.value(0, 1) = layer.dora_weight_norm("d1")(1) / TestType(2);
+  layer.adapter("d2").magnitude.value(0, 1) = layer.dora_weight_norm("d2")(1) / TestType(2);
+  const Matrix<TestType> before = layer.weight.value;
+  PEFT_REQUIRE_THROWS_WITH(layer.merge(), NumericError, "DoRA adapters \"d1\", \"d2\" have a zero or non-finite scale");
+  CHECK(layer.weight.value == before);
+  CHECK_FALSE(layer.merged());
+  layer.merge({"d1"});  // alone: g = f1 = 1/2, invertible
+  PEFT_REQUIRE_THROWS_WITH(layer.safe_merge({"d2"}), NumericError, "in row 1");
+  PEFT_REQUIRE_THROWS_WITH(layer.merge({"d2"}), NumericError, "nothing was merged");
+  CHECK(layer.merged_adapters() == std::vector<std::string>{"d1"});
+  layer.unmerge();
+  CHECK(test::rel_diff(layer.weight.value, before) < 10 * Tolerances<TestType>::rel);
 }
 
 TEST_CASE("DoRA parameters are named like PEFT's files", "[dora]") {

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "merge_test_utils.hpp"
@@ -338,4 +339,116 @@ TEST_CASE("combine rejects bad inputs with named errors", "[merge][combine][erro
   layer.add_adapter("d", dora, lrng);
   PEFT_REQUIRE_THROWS_WITH(add_combined_adapter(layer, "m", {"a", "d"}, {1.0, 1.0}), ConfigError,
                            "adapter \"d\" uses DoRA: its delta is not s·B·A");
+}
+
+namespace {
+
+const std::vector<CombineMethod> kAllMethods = {
+    CombineMethod::Cat,  CombineMethod::Svd,        CombineMethod::Linear,  CombineMethod::MagnitudePrune,
+    CombineMethod::Ties, CombineMethod::DareLinear, CombineMethod::DareTies};
+
+CombineOptions options_for(CombineMethod m) {
+  CombineOptions opt;
+  opt.method = m;
+  if (detail::uses_density(m)) opt.density = 0.6;
+  opt.seed = 5;
+  return opt;
+}
+
+/// Everything a combine result reports is finite.
+template <class T>
+bool finite_result(const CombineResult<T>& r) {
+  bool ok = r.factors.A.allFinite() && r.factors.B.allFinite() && std::isfinite(r.discarded_energy) &&
+            std::isfinite(r.frobenius_error) && std::isfinite(r.spectral_error);
+  for (double s : r.singular_values) ok = ok && std::isfinite(s);
+  return ok;
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("combine refuses a weight x scaling that overflows T (a huge lora_alpha), every method",
+                   "[merge][combine][errors]", float, double) {
+  Rng rng(40);
+  auto fs = test::make_sources<TestType>(kOut, kIn, rng);
+  fs[1].name = "b:layers.0.q";
+  fs[1].scaling = static_cast<double>(std::numeric_limits<TestType>::max()) / 2;  // finite in T
+  const std::vector<double> w{1.0, 4.0, 1.0};                                     // w·s = 2·max: not
+  for (CombineMethod m : kAllMethods) {
+    INFO(to_string(m));
+    const std::string method = std::string("combine (") + to_string(m) + ")";
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, w, options_for(m)), NumericError, method);
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, w, options_for(m)), NumericError, "adapter 1 (\"b:layers.0.q\") has scaling");
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, w, options_for(m), "layers.0.q"), NumericError,
+                             method + " of module \"layers.0.q\"");
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, w, options_for(m)), NumericError, "lora_alpha too large");
+  }
+  // A scaling that is finite in double but not in float (alpha = 1e39).
+  if (std::is_same<TestType, float>::value) {
+    fs[1].scaling = 1e39;
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, {1.0, 1.0, 1.0}, options_for(CombineMethod::Svd)), NumericError,
+                             "is not finite in float");
+  }
+}
+
+TEMPLATE_TEST_CASE("combine refuses scaled factors and deltas that overflow T, every method",
+                   "[merge][combine][errors]", float, double) {
+  Rng rng(41);
+  auto fs = test::make_sources<TestType>(kOut, kIn, rng);
+  fs[0].scaling = static_cast<double>(std::numeric_limits<TestType>::max()) / 2;  // w·s finite
+  fs[0].B(3, 1) = TestType(4);                                                    // but w·s·B and s·B·A overflow
+  fs[0].A.row(1).setConstant(TestType(1));
+  for (CombineMethod m : kAllMethods) {
+    INFO(to_string(m));
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, {1.0, 1.0, 1.0}, options_for(m), "layers.3.v"), NumericError,
+                             std::string("combine (") + to_string(m) + ") of module \"layers.3.v\"");
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, {1.0, 1.0, 1.0}, options_for(m)), NumericError, "is not finite");
+    if (m != CombineMethod::Cat && m != CombineMethod::Svd) {
+      PEFT_REQUIRE_THROWS_WITH(combination_target(fs, {1.0, 1.0, 1.0}, options_for(m)), NumericError,
+                               "the delta s·B·A of adapter 0 is not finite");
+    }
+  }
+}
+
+TEMPLATE_TEST_CASE("combine never returns a non-finite adapter or error: refuses or succeeds finitely",
+                   "[merge][combine][errors]", float, double) {
+  // Scalings from ordinary to near the overflow of T (and of Σ σ² in double): every method either
+  // throws NumericError or returns finite factors, singular values and truncation errors.
+  Rng rng(42);
+  const auto base = test::make_sources<TestType>(kOut, kIn, rng);
+  int refused = 0, done = 0;
+  for (double s : {1.0, 1e10, 1e19, 1e30, 1e36, 1e100, 1e154, 1e160, 1e200, 1e300}) {
+    auto fs = base;
+    for (auto& f : fs) f.scaling = s;
+    for (CombineMethod m : kAllMethods) {
+      INFO("scaling " << s << ", " << to_string(m));
+      try {
+        const CombineResult<TestType> r = combine(fs, test::mixed_weights(), options_for(m));
+        CHECK(finite_result(r));
+        ++done;
+      } catch (const NumericError& e) {
+        CHECK(std::string(e.what()).find(to_string(m)) != std::string::npos);
+        ++refused;
+      }
+    }
+  }
+  CHECK(refused > 0);
+  CHECK(done > 0);
+}
+
+TEST_CASE("combine refuses a target whose singular values overflow (double)", "[merge][combine][errors]") {
+  // Every input and every delta entry is finite (≈ 1e200), but Σ σ² (the discarded energy) and the
+  // norms inside the SVD are not: the methods that report a truncation error refuse.
+  Rng rng(43);
+  auto fs = test::make_sources<double>(kOut, kIn, rng);
+  for (auto& f : fs) f.scaling = 1e200;
+  for (CombineMethod m : kAllMethods) {
+    if (m == CombineMethod::Cat) continue;  // no SVD: its factors w_i s_i B_i are finite and exact
+    INFO(to_string(m));
+    CombineOptions opt = options_for(m);
+    opt.rank = 1;
+    PEFT_REQUIRE_THROWS_WITH(combine(fs, test::mixed_weights(), opt, "fc"), NumericError,
+                             std::string("combine (") + to_string(m) + ") of module \"fc\"");
+  }
+  const CombineResult<double> cat = combine(fs, test::mixed_weights(), options_for(CombineMethod::Cat));
+  CHECK(finite_result(cat));
 }

@@ -122,3 +122,43 @@ TEST_CASE("extract_lora rejects bad inputs", "[merge][extract][errors]") {
   opt.energy = -0.1;
   PEFT_REQUIRE_THROWS_WITH(extract_lora<double>(w, w, opt), ConfigError, "energy threshold must be in (0, 1]");
 }
+
+TEMPLATE_TEST_CASE("extract_lora refuses a difference that overflows T, naming the tensor", "[merge][extract][errors]",
+                   float, double) {
+  // Both weights are finite, their difference is not: W_ft − W_0 = 2·(0.9·max) at (2, 1).
+  Rng rng(25);
+  const Matrix<TestType> w0 = test::random_matrix<TestType>(5, 4, rng);
+  Matrix<TestType> w0b = w0, w1 = w0;
+  const TestType big = TestType(0.9) * std::numeric_limits<TestType>::max();
+  w1(2, 1) = big;
+  w0b(2, 1) = -big;
+  w1(0, 0) += TestType(1);  // other entries differ normally
+  ExtractOptions opt;
+  opt.rank = 2;
+  PEFT_REQUIRE_THROWS_WITH(extract_lora<TestType>(w1, w0b, opt, "layers.0.q.weight"), NumericError,
+                           "extract_lora (tensor \"layers.0.q.weight\"): the difference W_ft − W_0 overflows");
+  PEFT_REQUIRE_THROWS_WITH(extract_lora<TestType>(w1, w0b, opt), NumericError, "at (2, 1)");
+  opt.rank = 0;
+  opt.energy = 0.9;
+  PEFT_REQUIRE_THROWS_WITH(extract_lora<TestType>(w0b, w1, opt), NumericError, "is not finite");
+}
+
+TEST_CASE("extract_lora refuses a finite difference whose SVD or energy overflows (double)",
+          "[merge][extract][errors]") {
+  // Entries ≈ ±1e200: ΔW is finite but Σ σ² = ‖ΔW‖_F² is not; no adapter with a zero error comes out.
+  Rng rng(26);
+  const Matrix<double> w0 = Matrix<double>::Zero(6, 5);
+  const Matrix<double> w1 = 1e200 * test::random_matrix<double>(6, 5, rng);
+  ExtractOptions opt;
+  opt.rank = 2;
+  PEFT_REQUIRE_THROWS_WITH(extract_lora<double>(w1, w0, opt, "fc.weight"), NumericError,
+                           "extract_lora (tensor \"fc.weight\")");
+  opt.rank = 0;
+  opt.energy = 0.5;
+  PEFT_REQUIRE_THROWS_WITH(extract_lora<double>(w1, w0, opt), NumericError, "not finite");
+  // The same matrix scaled into range is extracted normally (the refusal is about overflow only).
+  const ExtractResult<double> ok = extract_lora<double>(Matrix<double>(1e-200 * w1), w0, opt);
+  CHECK(ok.factors.A.allFinite());
+  CHECK(std::isfinite(ok.frobenius_error));
+  CHECK(ok.energy_kept >= 0.5);
+}

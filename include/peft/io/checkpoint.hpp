@@ -13,6 +13,7 @@
 // the same order.
 #include <cerrno>
 #include <cinttypes>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -21,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/module.hpp"
 #include "peft/core/rng.hpp"
@@ -121,6 +123,9 @@ class Checkpoint {
       }
       st[i] = w;
     }
+    // xoshiro256** from the all-zero state outputs zeros forever: never a state a run saved.
+    if (st[0] == 0 && st[1] == 0 && st[2] == 0 && st[3] == 0)
+      bad_scalar(name, s, "a generator state (all zero is not one)");
     rng.set_state(st);
   }
 
@@ -259,18 +264,28 @@ void save_optimizer_state(BasicOptimizer<T, State>& opt, Checkpoint<T>& ck, cons
 }
 
 /// Restores what save_optimizer_state wrote into an optimizer built over the same parameters
-/// (same group and parameter names). Everything is validated first: on error the optimizer is
-/// unchanged.
+/// (same group and parameter names). Everything is read and validated first (lr, initial lr and
+/// weight decay finite and >= 0, step counts >= 0, has_state 0 or 1, state tensors of the
+/// parameter's shape and finite); only then is anything replaced, by operations that cannot fail:
+/// on error the optimizer is unchanged, bit for bit.
 template <class T, class State>
 void load_optimizer_state(BasicOptimizer<T, State>& opt, const Checkpoint<T>& ck,
                           const std::string& prefix = "optim.") {
   using Entry = typename BasicOptimizer<T, State>::Entry;
+  const char* who = "load_optimizer_state";
+  const auto hyper = [&](const std::string& key) {
+    const double v = ck.get_double(key);
+    if (!std::isfinite(v) || v < 0.0)
+      throw ConfigError(std::string(who) + ": checkpoint scalar \"" + key + "\" must be finite and >= 0, got " +
+                        check::num(v));
+    return v;
+  };
   std::vector<double> lr(opt.num_groups()), initial(opt.num_groups()), wd(opt.num_groups());
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     const std::string gp = prefix + "group." + opt.group_name(g) + ".";
-    lr[g] = ck.get_double(gp + "lr");
-    initial[g] = ck.get_double(gp + "initial_lr");
-    wd[g] = ck.get_double(gp + "weight_decay");
+    lr[g] = hyper(gp + "lr");
+    initial[g] = hyper(gp + "initial_lr");
+    wd[g] = hyper(gp + "weight_decay");
   }
   std::vector<std::pair<Entry*, Entry>> plan;
   for (auto& group : opt.groups())
@@ -278,18 +293,28 @@ void load_optimizer_state(BasicOptimizer<T, State>& opt, const Checkpoint<T>& ck
       Entry fresh;
       fresh.name = e.name;
       fresh.param = e.param;
-      fresh.steps = ck.get_int(prefix + "steps." + e.name);
-      fresh.has_state = ck.get_int(prefix + "has_state." + e.name) != 0;
+      const std::string steps_key = prefix + "steps." + e.name, has_key = prefix + "has_state." + e.name;
+      fresh.steps = ck.get_int(steps_key);
+      if (fresh.steps < 0)
+        throw ConfigError(std::string(who) + ": checkpoint scalar \"" + steps_key + "\" must be >= 0, got " +
+                          std::to_string(fresh.steps));
+      const std::int64_t has = ck.get_int(has_key);
+      if (has != 0 && has != 1)
+        throw ConfigError(std::string(who) + ": checkpoint scalar \"" + has_key + "\" must be 0 or 1, got " +
+                          std::to_string(has));
+      fresh.has_state = has == 1;
       if (fresh.has_state)
         optimizer_state_tensors(fresh.state, [&](const char* field, Matrix<T>& m) {
           const std::string n = prefix + "state." + e.name + "." + field;
           m = ck.tensor(n);
           if (m.size() != 0 && (m.rows() != e.param->value.rows() || m.cols() != e.param->value.cols()))
-            throw ShapeError("load_optimizer_state: \"" + n + "\" has shape " + shape_str(m) + ", parameter \"" +
+            throw ShapeError(std::string(who) + ": \"" + n + "\" has shape " + shape_str(m) + ", parameter \"" +
                              e.name + "\" has " + shape_str(e.param->value));
+          if (!all_finite(m)) throw NumericError(std::string(who) + ": \"" + n + "\" contains NaN or Inf");
         });
       plan.emplace_back(&e, std::move(fresh));
     }
+  // Nothing below throws: moves of validated entries, and lr / weight decay already checked.
   for (auto& p : plan) *p.first = std::move(p.second);
   for (std::size_t g = 0; g < opt.num_groups(); ++g) {
     opt.groups()[g].initial_lr = initial[g];

@@ -18,13 +18,28 @@
 //
 // Init (as Hugging Face PEFT): A kaiming-uniform(a=√5), B = 0, so the output equals the base
 // exactly; "gaussian" draws A ~ N(0, (1/r)²) (PEFT: normal_(std=1/r)); "none" gives both
-// nn.Linear's default init. Merge adds s·B·A into W (DoRA: W ← f ⊙ (W + s·B·A), keeping f so
-// unmerge can invert it) and skips the adapter in forward; unmerge undoes merges last-first.
-// Backward while anything is merged is refused: the gradients would be wrong.
+// nn.Linear's default init.
+//
+// Several active adapters, W₀ the base weight with nothing merged, Δ_i = s_i·B_i·A_i:
+//   y = x W₀ᵀ + b + Σ_LoRA x Δ_iᵀ + Σ_DoRA [(f_k − 1) ⊙ x W₀ᵀ + f_k ⊙ x Δ_kᵀ],  f_k = m_k / ‖W₀ + Δ_k‖_row
+// a sum of independent terms: every DoRA norm is taken on W₀, whatever else is active. The same
+// model as one weight is
+//   W_eff = W₀ + Σ_i C_i,   C_i = Δ_i (LoRA),   C_k = (f_k − 1) ⊙ W₀ + f_k ⊙ Δ_k (DoRA)
+// (⊙ scales rows), so merging any subset M, in any order and over any number of merge calls, is
+// W ← W + Σ_{i∈M} C_i with every C_i computed on W₀, and the adapters left unmerged still see W₀ in
+// forward. With M merged, W = diag(g) W₀ + Σ_{i∈M} f_i ⊙ Δ_i with g = 1 + Σ_{k∈M, DoRA} (f_k − 1)
+// (f_i = 1 for LoRA), so
+//   W₀ = diag(1/g) (W − Σ_{i∈M} f_i ⊙ Δ_i)
+// which is how merge and forward recover W₀ and how unmerge restores it; the merge stack keeps the
+// f_k used at merge time (a magnitude edited while merged cannot corrupt the inversion). A merge
+// that would make a row of g zero (or any f non-finite) is refused: W₀ could not be recovered.
+// Merged adapters are skipped in forward. Backward while anything is merged is refused: the
+// gradients would be wrong.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -153,24 +168,35 @@ class LoRALinear : public Module<T> {
 
   // ---- merge / unmerge ----------------------------------------------------------------------
 
-  /// W += s·B·A for each named adapter (default: the active ones not yet merged).
+  /// W += C_i for each named adapter (default: the active ones not yet merged), C_i = s·B·A for LoRA
+  /// and f ⊙ (W₀ + s·B·A) − W₀ for DoRA, with W₀ the weight with nothing merged (see the header).
   void merge(const std::vector<std::string>& names = {}) { merge_impl(names, false); }
 
   /// As merge, but computes the new W aside and refuses (NumericError) if any entry is NaN or Inf;
   /// W is left untouched on failure.
   void safe_merge(const std::vector<std::string>& names = {}) { merge_impl(names, true); }
 
-  /// Undoes every merge, last merged first: W −= s·B·A; DoRA: W ← W / f − s·B·A with the f
-  /// stored at merge time (so a magnitude edited while merged cannot corrupt the inversion).
+  /// Undoes every merge: W ← W₀ = diag(1/g) (W − Σ_merged f_i ⊙ s_i·B_i·A_i) with the f stored at
+  /// merge time (plain LoRA only: W −= s·B·A, last merged first).
   void unmerge() {
-    while (!merged_.empty()) unmerge_last();
+    if (merged_.empty()) return;
+    remove_merged(weight.value);
+    merged_.clear();
+    merged_scale_.clear();
     set_.touch();
   }
 
-  /// DoRA's row norm n = ‖W + s·B·A‖_row of an adapter, from the current W [1, out].
+  /// DoRA's row norm n = ‖W₀ + s·B·A‖_row of an adapter [1, out], W₀ the weight with nothing merged.
   RowVector<T> dora_weight_norm(const std::string& adapter_name) {
+    const LoraAdapter<T>& a = adapter(adapter_name);
     RowVector<T> n;
-    dora_weight_norm(weight.value, adapter(adapter_name), n);
+    if (merged_.empty()) {
+      dora_weight_norm(weight.value, a, n);
+    } else {
+      Matrix<T> w0 = weight.value;
+      remove_merged(w0);
+      dora_weight_norm(w0, a, n);
+    }
     return n;
   }
 
@@ -294,58 +320,130 @@ class LoRALinear : public Module<T> {
         pending.push_back(i);
       }
     }
-    // Safe: build the merged weight aside and swap it in only if every step succeeded. Plain: merge
-    // in place; a DoRA step that cannot be merged is detected before W changes, and the steps
-    // already done in this call are undone, so both leave no partial merge behind.
-    Matrix<T> aside;
-    if (safe) aside = weight.value;
-    Matrix<T>& w = safe ? aside : weight.value;
-    std::size_t done = 0;
-    try {
-      for (std::size_t i : pending) {
-        const LoraAdapter<T>& a = set_[i];
-        RowVector<T> f;
-        if (a.dora()) {
-          RowVector<T> n;
-          dora_weight_norm(w, a, n);
-          f = a.magnitude.value.row(0).array() / n.array();  // f = m / ‖W + s·B·A‖_row
-          if (!f.allFinite() || (f.array() == T(0)).any())
-            throw NumericError(who + ": DoRA adapter \"" + a.name +
-                               "\" has a zero or non-finite scale m / ‖W + s·B·A‖; its merge could not be undone; "
-                               "nothing was merged");
-        }
-        w.noalias() += static_cast<T>(a.scaling()) * (a.B.value * a.A.value);  // W + s·B·A
-        if (a.dora()) w.array().colwise() *= f.transpose().array();            // DoRA: f ⊙ (W + s·B·A)
-        if (safe && !all_finite(w))
-          throw NumericError(who + ": merging adapter \"" + a.name +
-                             "\" gives NaN or Inf in the weight; nothing was merged");
-        merged_.push_back(i);
-        merged_scale_.push_back(std::move(f));
-        ++done;
-      }
-    } catch (...) {
-      for (; done > 0; --done) {
-        if (safe) {
-          merged_.pop_back();
-          merged_scale_.pop_back();
-        } else {
-          unmerge_last();
-        }
-      }
-      set_.touch();
-      throw;
+    bool dora_pending = false;
+    for (std::size_t i : pending) dora_pending = dora_pending || set_[i].dora();
+
+    // Every DoRA term is computed on W₀ (nothing merged): recovered from W when something is.
+    Matrix<T> w0_store;
+    const Matrix<T>* w0 = &weight.value;
+    if (dora_pending && !merged_.empty()) {
+      w0_store = weight.value;
+      remove_merged(w0_store);
+      w0 = &w0_store;
     }
-    if (safe) weight.value.swap(aside);
+    // All checks before W changes: f finite, and the row scale g' = 1 + Σ_{merged ∪ pending DoRA}
+    // (f − 1) finite and non-zero, so that W₀ stays recoverable (unmerge, later DoRA merges).
+    std::vector<RowVector<T>> scales(pending.size());
+    RowVector<T> g;
+    bool any_dora = merged_gain(g);
+    for (std::size_t k = 0; k < pending.size(); ++k) {
+      const LoraAdapter<T>& a = set_[pending[k]];
+      if (!a.dora()) continue;
+      RowVector<T> n;
+      dora_weight_norm(*w0, a, n);
+      scales[k] = a.magnitude.value.row(0).array() / n.array();  // f = m / ‖W₀ + s·B·A‖_row
+      if (!scales[k].allFinite())
+        throw NumericError(
+            who + ": DoRA adapter \"" + a.name +
+            "\" has a zero or non-finite scale m / ‖W + s·B·A‖ (a zero row norm or a non-finite magnitude); "
+            "nothing was merged");
+      if (!any_dora) g = RowVector<T>::Ones(out_features());
+      any_dora = true;
+      g.array() += scales[k].array() - T(1);
+    }
+    // Recovering W₀ divides row j by g_j, which amplifies the rounding of that row by 1/|g_j|:
+    // |g_j| < √ε would leave fewer than half the digits of W₀, so it counts as zero.
+    const T g_min = std::sqrt(std::numeric_limits<T>::epsilon());
+    if (dora_pending)
+      for (Index j = 0; j < g.size(); ++j)
+        if (!std::isfinite(g(j)) || std::abs(g(j)) < g_min) {
+          std::vector<std::size_t> dora;
+          for (std::size_t i : merged_)
+            if (set_[i].dora()) dora.push_back(i);
+          for (std::size_t i : pending)
+            if (set_[i].dora()) dora.push_back(i);
+          throw NumericError(who + ": DoRA adapter" + (dora.size() > 1 ? "s " : " ") + quoted_names(dora) +
+                             (dora.size() > 1 ? " have" : " has") +
+                             " a zero or non-finite scale: 1 + Σ (m / ‖W + s·B·A‖ − 1) is " + check::num(g(j)) +
+                             " in row " + std::to_string(j) + " (|scale| < √ε = " + check::num(g_min) +
+                             " counts as 0)" +
+                             ", so the weight with nothing merged could not be recovered and the merge could not be "
+                             "undone; nothing was merged");
+        }
+
+    // Safe: W + C_1 + C_2 + … built aside, checked after each adapter, swapped in at the end.
+    // Plain: U = Σ C_i built aside (every allocation happens here), then W += U, which cannot fail:
+    // both leave no partial merge behind.
+    Matrix<T> acc;
+    if (safe)
+      acc = weight.value;
+    else
+      acc = Matrix<T>::Zero(out_features(), in_features());
+    for (std::size_t k = 0; k < pending.size(); ++k) {
+      const LoraAdapter<T>& a = set_[pending[k]];
+      add_contribution(a, scales[k], *w0, acc);
+      if (safe && !all_finite(acc))
+        throw NumericError(who + ": merging adapter \"" + a.name +
+                           "\" gives NaN or Inf in the weight; nothing was merged");
+    }
+    if (safe)
+      weight.value.swap(acc);
+    else
+      weight.value += acc;
+    for (std::size_t k = 0; k < pending.size(); ++k) {
+      merged_.push_back(pending[k]);
+      merged_scale_.push_back(std::move(scales[k]));
+    }
     set_.touch();
   }
 
-  /// Undoes the most recent merge: W −= s·B·A; DoRA: W ← W / f − s·B·A.
-  void unmerge_last() {
-    const LoraAdapter<T>& a = set_[merged_.back()];
-    if (a.dora()) weight.value.array().colwise() /= merged_scale_.back().transpose().array();
-    weight.value.noalias() -= static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
-    merged_.pop_back();
-    merged_scale_.pop_back();
+  /// acc += C = s·B·A (LoRA, f empty) or (f − 1) ⊙ W₀ + f ⊙ s·B·A (DoRA).
+  void add_contribution(const LoraAdapter<T>& a, const RowVector<T>& f, const Matrix<T>& w0, Matrix<T>& acc) {
+    const T s = static_cast<T>(a.scaling());
+    if (!a.dora()) {
+      acc.noalias() += s * (a.B.value * a.A.value);  // + s·B·A   [out, in]
+      return;
+    }
+    Eigen::Block<Matrix<T>> BF = detail::lora_scratch<T>(work_bf_, out_features(), a.rank());
+    BF = a.B.value.array().colwise() * f.transpose().array();  // diag(f) B   [out, r]
+    acc.noalias() += s * (BF * a.A.value);                     // + f ⊙ s·B·A
+    work_fm1_ = f.array() - T(1);
+    acc.array() += w0.array().colwise() * work_fm1_.transpose().array();  // + (f − 1) ⊙ W₀
+  }
+
+  /// g = 1 + Σ over merged DoRA adapters of (f − 1) [out]; false (g untouched) when none is merged.
+  bool merged_gain(RowVector<T>& g) const {
+    bool any = false;
+    for (std::size_t k = 0; k < merged_.size(); ++k) {
+      if (!set_[merged_[k]].dora()) continue;
+      if (!any) g = RowVector<T>::Ones(out_features());
+      any = true;
+      g.array() += merged_scale_[k].array() - T(1);
+    }
+    return any;
+  }
+
+  /// w holds the current W on entry and W₀ = diag(1/g) (W − Σ_merged f_i ⊙ s_i·B_i·A_i) on exit.
+  void remove_merged(Matrix<T>& w) {
+    for (std::size_t k = merged_.size(); k-- > 0;) {  // last merged first
+      const LoraAdapter<T>& a = set_[merged_[k]];
+      const T s = static_cast<T>(a.scaling());
+      if (!a.dora()) {
+        w.noalias() -= s * (a.B.value * a.A.value);  // − s·B·A
+        continue;
+      }
+      Eigen::Block<Matrix<T>> BF = detail::lora_scratch<T>(work_bf_, out_features(), a.rank());
+      BF = a.B.value.array().colwise() * merged_scale_[k].transpose().array();  // diag(f) B   [out, r]
+      w.noalias() -= s * (BF * a.A.value);                                      // − f ⊙ s·B·A
+    }
+    if (merged_gain(work_g_)) w.array().colwise() /= work_g_.transpose().array();  // diag(1/g)
+  }
+
+  /// "\"a\", \"b\"" for messages.
+  std::string quoted_names(const std::vector<std::size_t>& idx) const {
+    std::string s;
+    for (std::size_t i : idx) s += (s.empty() ? "\"" : ", \"") + set_[i].name + "\"";
+    return s;
   }
 
   bool dropout_active(const LoraAdapter<T>& a) const { return this->training() && a.config.dropout > 0.0; }
@@ -436,15 +534,29 @@ class LoRALinear : public Module<T> {
     cache.rows = rows;
     cache.generation = set_.generation();
     cache.used = 0;
-    // DoRA without dropout rescales x Wᵀ itself, so keep it (before bias and adapters).
-    bool need_xw = false;
+    // DoRA without dropout rescales x W₀ᵀ itself, so keep it (before bias and adapters). W₀ is W
+    // unless adapters are merged; then it is recovered (see the header) for the unmerged DoRA terms.
+    bool need_xw = false, any_dora = false;
     if (!disabled_)
       for (std::size_t i : set_.active())
-        if (!is_merged(i) && set_[i].dora() && !dropout_active(set_[i])) need_xw = true;
-    if (need_xw)
-      cache.xw = y;
-    else
+        if (!is_merged(i) && set_[i].dora()) {
+          any_dora = true;
+          if (!dropout_active(set_[i])) need_xw = true;
+        }
+    const Matrix<T>* w0 = &weight.value;
+    if (any_dora && !merged_.empty()) {
+      work_w0_ = weight.value;
+      remove_merged(work_w0_);
+      w0 = &work_w0_;
+    }
+    if (!need_xw) {
       cache.xw.resize(0, 0);
+    } else if (w0 == &weight.value) {
+      cache.xw = y;
+    } else {
+      cache.xw.resize(rows, out);
+      cache.xw.noalias() = x * w0->transpose();  // x W₀ᵀ   [rows, out]
+    }
     if (has_bias()) y.rowwise() += bias.value.row(0);
 
     bool need_x = weight.trainable();
@@ -464,14 +576,14 @@ class LoRALinear : public Module<T> {
           y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
           continue;
         }
-        // DoRA: f = m / n (n detached), then y += f ⊙ (z̃ + s x̃ Aᵀ Bᵀ) − z̃ with z̃ = x̃ Wᵀ. With
+        // DoRA: f = m / n (n detached), then y += f ⊙ (z̃ + s x̃ Aᵀ Bᵀ) − z̃ with z̃ = x̃ W₀ᵀ. With
         // B = 0 and m = n this adds exactly zero, so the zero-init output is the base bit for bit.
-        dora_weight_norm(weight.value, a, ac.norm);
+        dora_weight_norm(*w0, a, ac.norm);
         ac.scale.resize(out);
         ac.scale.array() = a.magnitude.value.row(0).array() / ac.norm.array();  // f = m / n   [out]
         if (drop) {
           ac.xdw.resize(rows, out);
-          ac.xdw.noalias() = ac.xd * weight.value.transpose();  // z̃ = x̃ Wᵀ   [rows, out]
+          ac.xdw.noalias() = ac.xd * w0->transpose();  // z̃ = x̃ W₀ᵀ   [rows, out]
         } else {
           ac.xdw.resize(0, 0);
         }
@@ -492,7 +604,7 @@ class LoRALinear : public Module<T> {
   Cache inference_cache_;            ///< forward_inference's buffers (x·Aᵀ per adapter); never read by backward
   std::vector<std::size_t> merged_;  ///< merge order; unmerge pops from the back
   bool disabled_ = false;
-  std::vector<RowVector<T>> merged_scale_;  ///< DoRA f used by each merge (empty for LoRA); parallel to merged_
+  std::vector<RowVector<T>> merged_scale_;  ///< DoRA f (on W₀) of each merge (empty for LoRA); parallel to merged_
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
   Matrix<T> work_y_;       ///< DoRA forward [rows, out]
   Matrix<T> work_e_;       ///< DoRA backward E [rows, out]
@@ -503,7 +615,9 @@ class LoRALinear : public Module<T> {
   Matrix<T> work_aa_;      ///< DoRA norm A Aᵀ [≥ r, ≥ r]
   Matrix<T> work_bq_;      ///< DoRA norm B A Aᵀ [out, ≥ r]
   RowVector<T> work_m_;    ///< DoRA backward Σ_rows dY ⊙ z̃ [out]
-  RowVector<T> work_fm1_;  ///< DoRA backward f − 1 [out]
+  RowVector<T> work_fm1_;  ///< DoRA backward and merge: f − 1 [out]
+  RowVector<T> work_g_;    ///< merged DoRA row scale g = 1 + Σ (f − 1) [out]
+  Matrix<T> work_w0_;      ///< W₀ recovered for forward while adapters are merged [out, in]
 };
 
 }  // namespace peft

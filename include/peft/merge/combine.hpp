@@ -26,6 +26,11 @@
 // The dense methods materialize one out × in accumulator at a time (two passes for TIES) and cost a
 // dense SVD; Svd and Cat work on the factors only.
 //
+// Non-finite numbers are refused (NumericError naming the method and the module or sources), never
+// written: a weight × scaling or a scaled factor that overflows T (e.g. a huge lora_alpha), a task
+// delta or target ΔW that overflows, and a result (factors, singular values, truncation errors) that
+// is not finite.
+//
 // The result has scaling 1 (everything folded into B) and the LoraConfig to store it with
 // (peft/merge/factors.hpp: alpha = r, or √r with rsLoRA): the combined adapter's scaling is explicit,
 // whatever the sources' ranks, alphas or rsLoRA flags were.
@@ -97,6 +102,39 @@ struct CombineResult {
 
 namespace detail {
 
+/// "combine (svd) of module \"m\"", or without a module name the sources: "combine (svd) of
+/// adapter 0 (\"a:m\"), adapter 1 (\"b:m\")" (their names carry the module when read from files).
+template <class T>
+std::string combine_who(CombineMethod method, const std::string& module, const std::vector<LoraFactors<T>>& adapters) {
+  std::string who = std::string("combine (") + to_string(method) + ") of ";
+  if (!module.empty()) return who + "module \"" + module + "\"";
+  for (std::size_t i = 0; i < adapters.size(); ++i) who += (i ? ", " : "") + adapter_label(adapters[i], i);
+  return who;
+}
+
+/// w_i·s_i, the factor each method applies to B_i (Cat, Svd) or to B_i A_i (dense methods), must be
+/// finite in T: a huge lora_alpha overflows here (float: |w·s| > 3.4e38) before any product does.
+template <class T>
+void check_weighted_scalings(const std::string& who, const std::vector<LoraFactors<T>>& adapters,
+                             const std::vector<double>& weights) {
+  for (std::size_t i = 0; i < adapters.size(); ++i) {
+    const double ws = weights[i] * adapters[i].scaling;
+    if (!std::isfinite(static_cast<T>(adapters[i].scaling)) || !std::isfinite(static_cast<T>(ws)))
+      throw NumericError(who + ": " + adapter_label(adapters[i], i) + " has scaling " +
+                         check::num(adapters[i].scaling) + " (lora_alpha / r) and weight " + check::num(weights[i]) +
+                         ": their product " + check::num(ws) + " is not finite in " + scalar_name<T>() +
+                         " (lora_alpha too large?)");
+  }
+}
+
+/// NumericError unless every entry of `m` is finite.
+template <class T>
+void require_finite(const std::string& who, const ConstMatrixRef<T>& m, const std::string& what) {
+  if (!all_finite(m))
+    throw NumericError(who + ": " + what + " is not finite (NaN or Inf: the values overflow " + scalar_name<T>() +
+                       "); nothing is combined");
+}
+
 inline bool uses_density(CombineMethod m) {
   return m == CombineMethod::MagnitudePrune || m == CombineMethod::Ties || m == CombineMethod::DareLinear ||
          m == CombineMethod::DareTies;
@@ -159,15 +197,24 @@ void task_tensor(const LoraFactors<T>& f, std::size_t i, const CombineOptions& o
 
 /// The dense target ΔW [out, in] of a dense method (Linear, MagnitudePrune, Ties, DareLinear,
 /// DareTies) before re-factoring; for Cat and Svd, the exact Σ w_i D_i. Validates like combine().
+/// Refuses (NumericError) a task delta P_i or a target that is not finite in T. `module` names the
+/// module in messages (optional).
 template <class T>
 Matrix<T> combination_target(const std::vector<LoraFactors<T>>& adapters, const std::vector<double>& weights,
-                             const CombineOptions& opt) {
+                             const CombineOptions& opt, const std::string& module = "") {
   const char* who = "combine";
   detail::validate_sources(who, adapters);
   detail::validate_weights(who, weights, adapters.size());
   if (detail::uses_density(opt.method) && (!std::isfinite(opt.density) || opt.density <= 0.0 || opt.density > 1.0))
     throw ConfigError(std::string(who) + " (" + to_string(opt.method) + "): density must be in (0, 1], got " +
                       check::num(opt.density));
+  const std::string where = detail::combine_who(opt.method, module, adapters);
+  detail::check_weighted_scalings(where, adapters, weights);
+  // Every P_i (and so every term w_i P_i and the sum) is checked: the first overflow is named.
+  const auto task = [&](std::size_t i, Matrix<T>& p, std::vector<Index>& order) {
+    detail::task_tensor(adapters[i], i, opt, p, order);
+    detail::require_finite<T>(where, p, "the delta s·B·A of " + detail::adapter_label(adapters[i], i));
+  };
   const Index out = adapters[0].out_features(), in = adapters[0].in_features();
   Matrix<T> acc = Matrix<T>::Zero(out, in);
   Matrix<T> p;
@@ -175,20 +222,23 @@ Matrix<T> combination_target(const std::vector<LoraFactors<T>>& adapters, const 
   const bool ties = opt.method == CombineMethod::Ties || opt.method == CombineMethod::DareTies;
   if (!ties) {
     for (std::size_t i = 0; i < adapters.size(); ++i) {
-      detail::task_tensor(adapters[i], i, opt, p, order);
+      task(i, p, order);
       acc.noalias() += static_cast<T>(weights[i]) * p;  // Σ w_i P_i
     }
+    detail::require_finite<T>(where, acc, "the combined delta Σ w_i P_i");
     return acc;
   }
   // Pass 1: elect the sign per entry from the unweighted pruned deltas.
   Matrix<T> elect = Matrix<T>::Zero(out, in);
   for (std::size_t i = 0; i < adapters.size(); ++i) {
-    detail::task_tensor(adapters[i], i, opt, p, order);
+    task(i, p, order);
     if (opt.majority_sign == MajoritySign::Total)
       elect += p;  // Σ_i P_i
     else
       elect += p.unaryExpr([](T x) { return detail::sign_of(x); });  // Σ_i sign(P_i)
   }
+  // Σ_i P_i of finite P_i can still overflow (and an Inf would elect its sign arbitrarily).
+  detail::require_finite<T>(where, elect, "the sign election Σ_i P_i");
   elect = elect.unaryExpr([](T x) { return x >= T(0) ? T(1) : T(-1); });  // e ∈ {+1, −1}
   // Pass 2 (the same P_i: trim is deterministic, dare reseeds per adapter): disjoint weighted mean.
   Matrix<T> count = Matrix<T>::Zero(out, in);
@@ -204,16 +254,40 @@ Matrix<T> combination_target(const std::vector<LoraFactors<T>>& adapters, const 
     }
   }
   acc.array() /= count.array().max(T(1));
+  detail::require_finite<T>(where, acc, "the combined delta (disjoint mean)");
   return acc;
 }
 
-/// Combines adapters into one new adapter (see the header comment for each method).
+namespace detail {
+
+/// The last check before a result leaves combine: finite factors, singular values and errors.
+template <class T>
+void require_finite_result(const std::string& who, const CombineResult<T>& r) {
+  require_finite<T>(who, r.factors.A, "the combined factor A'");
+  require_finite<T>(who, r.factors.B, "the combined factor B'");
+  for (double v : r.singular_values)
+    if (!std::isfinite(v))
+      throw NumericError(who + ": a singular value of the target ΔW is not finite (" + check::num(v) +
+                         "): the values overflow " + scalar_name<T>() + "; nothing is combined");
+  for (double v : {r.discarded_energy, r.frobenius_error, r.spectral_error})
+    if (!std::isfinite(v))
+      throw NumericError(who + ": the truncation error is not finite (" + check::num(v) +
+                         "): the values overflow; nothing is combined");
+}
+
+}  // namespace detail
+
+/// Combines adapters into one new adapter (see the header comment for each method). `module`
+/// names the module in error messages (optional; without it the sources are named). Non-finite
+/// inputs or results are refused with NumericError.
 template <class T>
 CombineResult<T> combine(const std::vector<LoraFactors<T>>& adapters, const std::vector<double>& weights,
-                         const CombineOptions& opt = {}) {
+                         const CombineOptions& opt = {}, const std::string& module = "") {
   const std::string who = std::string("combine (") + to_string(opt.method) + ")";
   detail::validate_sources("combine", adapters);
   detail::validate_weights("combine", weights, adapters.size());
+  const std::string where = detail::combine_who(opt.method, module, adapters);
+  detail::check_weighted_scalings(where, adapters, weights);
   const Index out = adapters[0].out_features(), in = adapters[0].in_features();
   const Index max_rank = std::min(out, in);
   Index total_rank = 0;
@@ -241,6 +315,7 @@ CombineResult<T> combine(const std::vector<LoraFactors<T>>& adapters, const std:
     }
     res.factors.scaling = 1.0;
     res.config = unit_scaling_config(total_rank, opt.use_rslora);
+    detail::require_finite_result(where, res);
     return res;
   }
 
@@ -256,10 +331,11 @@ CombineResult<T> combine(const std::vector<LoraFactors<T>>& adapters, const std:
       Bt.middleCols(at, f.rank()) = static_cast<T>(weights[i] * f.scaling) * f.B;
       at += f.rank();
     }
+    detail::require_finite<T>(where, Bt, "a weighted factor w_i s_i B_i");
     svd = factored_svd<T>(Bt, At);
     if (k == 0) k = std::min(total_rank, max_rank);
   } else {
-    svd = dense_svd<T>(combination_target(adapters, weights, opt));
+    svd = dense_svd<T>(combination_target(adapters, weights, opt, module));
     if (k == 0) k = opt.method == CombineMethod::Linear ? std::min(total_rank, max_rank) : max_rank;
   }
   Truncation<T> t = truncate(svd, k);
@@ -269,6 +345,7 @@ CombineResult<T> combine(const std::vector<LoraFactors<T>>& adapters, const std:
   res.discarded_energy = t.discarded_energy;
   res.frobenius_error = t.frobenius_error;
   res.spectral_error = t.spectral_error;
+  detail::require_finite_result(where, res);
   return res;
 }
 
@@ -283,7 +360,7 @@ CombineResult<T> add_combined_adapter(LoRALinear<T>& layer, const std::string& n
   std::vector<LoraFactors<T>> fs;
   fs.reserve(sources.size());
   for (const auto& s : sources) fs.push_back(factors_of(layer.adapter(s), layer.name()));
-  CombineResult<T> res = combine(fs, weights, opt);
+  CombineResult<T> res = combine(fs, weights, opt, layer.name());
   add_factors_as_adapter(layer, new_name, res.factors, opt.use_rslora);
   return res;
 }

@@ -67,6 +67,12 @@ inline LoraConfig unit_scaling_config(Index rank, bool use_rslora = false) {
 
 namespace detail {
 
+/// "float" or "double", for messages about values that overflow T.
+template <class T>
+const char* scalar_name() {
+  return sizeof(T) == sizeof(float) ? "float" : "double";
+}
+
 /// "adapter 2" or "adapter 2 (\"name\")" for messages.
 template <class T>
 std::string adapter_label(const LoraFactors<T>& f, std::size_t i) {

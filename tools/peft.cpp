@@ -6,6 +6,7 @@
 #include "peft_cli.hpp"
 
 int main(int argc, char** argv) {
+  peft::cli::install_signal_handlers();  // temporaries are removed on SIGINT / SIGTERM / SIGHUP / SIGBUS
   std::vector<std::string> args(argv + 1, argv + argc);
   return peft::cli::run(args, std::cout, std::cerr);
 }

@@ -1,16 +1,21 @@
 // The `peft` command-line tool's commands (declared in peft_cli.hpp). Compiled once into
 // peft_cli_lib, which the `peft` executable and the CLI tests both link.
+#include <signal.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <iomanip>
 #include <map>
 #include <new>
+#include <optional>
 #include <ostream>
 #include <set>
 #include <sstream>
@@ -25,6 +30,8 @@
 #include <peft/merge/combine.hpp>
 #include <peft/merge/extract.hpp>
 #include <peft/quant/bnb_format.hpp>
+#include <peft/train/progress.hpp>
+#include <peft/version.hpp>
 
 #include "peft_cli.hpp"
 
@@ -163,6 +170,68 @@ inline std::vector<double> parse_list(const std::string& s, const char* what) {
   return out;
 }
 
+/// Natural order of dotted names: runs of digits compare as numbers, so "layers.2" < "layers.10"
+/// (equal numbers with more leading zeros come later, so the order is total).
+inline bool natural_less(const std::string& a, const std::string& b) {
+  auto digit = [](char c) { return c >= '0' && c <= '9'; };
+  std::size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (digit(a[i]) && digit(b[j])) {
+      std::size_t i1 = i, j1 = j;
+      while (i1 < a.size() && digit(a[i1])) ++i1;
+      while (j1 < b.size() && digit(b[j1])) ++j1;
+      std::size_t i0 = i, j0 = j;  // skip leading zeros, then the longer number is the larger
+      while (i0 + 1 < i1 && a[i0] == '0') ++i0;
+      while (j0 + 1 < j1 && b[j0] == '0') ++j0;
+      if (i1 - i0 != j1 - j0) return i1 - i0 < j1 - j0;
+      const int c = a.compare(i0, i1 - i0, b, j0, j1 - j0);
+      if (c != 0) return c < 0;
+      if (i1 - i != j1 - j) return i1 - i < j1 - j;
+      i = i1;
+      j = j1;
+    } else {
+      if (a[i] != b[j]) return static_cast<unsigned char>(a[i]) < static_cast<unsigned char>(b[j]);
+      ++i;
+      ++j;
+    }
+  }
+  return a.size() - i < b.size() - j;
+}
+
+/// Opens a safetensors file; a file that is JSON text (an adapter_config.json, say) gets a message
+/// saying what was expected instead of the parser's complaint about an absurd header length.
+inline SafeTensorsFile open_safetensors(const std::string& path, const char* hint) {
+  try {
+    return SafeTensorsFile(path);
+  } catch (const IoError&) {
+    const InputFile f(path);
+    unsigned char first = 0;
+    if (f.size() > 0) f.read_at(0, 1, &first);
+    if (first == '{' || first == '[')
+      throw IoError("\"" + path + "\" is a JSON file, not a safetensors file (which starts with an 8-byte header " +
+                    "length); expected " + hint);
+    throw;
+  }
+}
+
+/// The base's header read with pread (see read_safetensors_header), with open_safetensors' message.
+inline SafeTensorsHeader base_header(const std::string& path) {
+  const InputFile f(path);
+  unsigned char first = 0;
+  if (f.size() > 0) f.read_at(0, 1, &first);
+  if (first == '{' || first == '[')
+    throw IoError("\"" + path + "\" is a JSON file, not a safetensors file (which starts with an 8-byte header " +
+                  "length); expected the base model's .safetensors file");
+  return read_safetensors_header(f);
+}
+
+/// A progress line on stderr when it is a terminal; nothing otherwise (logs, pipes, tests).
+inline ProgressOptions terminal_progress(const std::ostream& err) {
+  ProgressOptions o;
+  o.mode = is_terminal(err) ? ProgressOptions::Mode::Interactive : ProgressOptions::Mode::Silent;
+  return o;
+}
+
 /// A LoRA config storing unit-scaling factors whose ranks may differ per module: r is the most
 /// common rank, the others go to rank_pattern (alpha = r everywhere, so every scaling is 1).
 inline AdapterConfig unit_scaling_adapter_config(const std::vector<std::pair<std::string, Index>>& ranks,
@@ -204,7 +273,8 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
   const std::string& target = a.positional[0];
   if (!path_exists(target)) throw IoError("\"" + target + "\" does not exist");
   if (!is_directory(target)) {
-    const SafeTensorsFile f(target);
+    const SafeTensorsFile f = open_safetensors(
+        target, "a .safetensors file or an adapter directory (the folder holding adapter_config.json)");
     std::uint64_t params = 0;
     std::map<std::string, std::uint64_t> by_dtype;
     for (const TensorInfo& t : f.tensors()) {
@@ -225,8 +295,12 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
     out << "\n"
         << std::left << std::setw(6) << "dtype" << std::setw(22) << "shape"
         << "name\n";
-    for (const TensorInfo& t : f.tensors())
-      out << std::setw(6) << dtype_name(t.dtype) << std::setw(22) << t.shape_string() << t.name << "\n";
+    std::vector<const TensorInfo*> sorted;
+    for (const TensorInfo& t : f.tensors()) sorted.push_back(&t);
+    std::sort(sorted.begin(), sorted.end(),
+              [](const TensorInfo* x, const TensorInfo* y) { return natural_less(x->name, y->name); });
+    for (const TensorInfo* t : sorted)
+      out << std::setw(6) << dtype_name(t->dtype) << std::setw(22) << t->shape_string() << t->name << "\n";
     return kOk;
   }
   const PeftAdapter<double> ad = load_peft_adapter<double>(target);
@@ -255,7 +329,13 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
       << "params" << std::setw(13) << "|dW|_F" << std::setw(10) << "num.rank" << std::setw(10) << "eff.rank"
       << "module\n";
   Index total = 0, dense = 0;
-  for (const auto& m : ad.lora) {
+  std::vector<const LoraModuleWeights<double>*> modules;
+  for (const auto& m : ad.lora) modules.push_back(&m);
+  std::sort(modules.begin(), modules.end(), [](const LoraModuleWeights<double>* x, const LoraModuleWeights<double>* y) {
+    return natural_less(x->path, y->path);
+  });
+  for (const LoraModuleWeights<double>* mp : modules) {
+    const LoraModuleWeights<double>& m = *mp;
     const AdapterStats st = analyze_adapter(LoraFactors<double>{m.A, m.B, m.scaling, m.path});
     Index p = st.parameters + m.magnitude.size();
     total += p;
@@ -270,7 +350,7 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
   return kOk;
 }
 
-inline int cmd_merge(const Args& a, std::ostream& out, std::ostream&) {
+inline int cmd_merge(const Args& a, std::ostream& out, std::ostream& err) {
   if (!a.positional.empty()) throw UsageError("unexpected argument \"" + a.positional[0] + "\"");
   const std::string base = a.get("base"), adapter = a.get("adapter"), dst = a.get("out");
   MergeFileOptions opt;
@@ -287,21 +367,27 @@ inline int cmd_merge(const Args& a, std::ostream& out, std::ostream&) {
   } restore_threads{threads};
   // Compute in double only when the base stores F64 (float is exact enough for F32/F16/BF16).
   bool f64 = false;
-  {
-    const SafeTensorsFile probe(base);
-    for (const TensorInfo& t : probe.tensors()) f64 = f64 || t.dtype == DType::F64;
-  }
+  for (const TensorInfo& t : base_header(base).tensors) f64 = f64 || t.dtype == DType::F64;
+  std::optional<Progress> progress;
+  opt.on_tensor = [&](std::size_t i, std::size_t count, const TensorInfo&) {
+    if (!progress) progress.emplace("merge", static_cast<Index>(count), err, terminal_progress(err));
+    progress->update(static_cast<Index>(i));
+  };
   MergeFileReport rep;
   if (f64)
     rep = merge_adapter_file(base, load_peft_adapter<double>(adapter), dst, opt);
   else
     rep = merge_adapter_file(base, load_peft_adapter<float>(adapter), dst, opt);
+  if (progress) {
+    progress->update(progress->total());
+    progress->finish();
+  }
   out << "merged " << rep.merged << " tensors, replaced " << rep.replaced << ", copied " << rep.copied << " -> " << dst
       << " (" << human_bytes(rep.bytes) << ")\n";
   return kOk;
 }
 
-inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
+inline int cmd_combine(const Args& a, std::ostream& out, std::ostream& err) {
   if (a.positional.size() < 1) throw UsageError("combine needs at least one adapter directory");
   CombineMethod method;
   const std::string ms = a.get("method");
@@ -348,13 +434,17 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
   PeftAdapter<double> result;
   std::vector<std::pair<std::string, Index>> ranks;
   double worst = 0.0;
+  // Dense methods take seconds per large module: a progress line on a terminal.
+  std::optional<Progress> progress;
+  if (!ads[0].lora.empty())
+    progress.emplace("combine", static_cast<Index>(ads[0].lora.size()), err, terminal_progress(err));
   for (const auto& m0 : ads[0].lora) {
     std::vector<LoraFactors<double>> fs;
     for (std::size_t i = 0; i < n; ++i) {
       const auto* m = ads[i].find(m0.path);
       fs.push_back(LoraFactors<double>{m->A, m->B, m->scaling, a.positional[i] + ":" + m->path});
     }
-    CombineResult<double> r = combine(fs, weights, opt);
+    CombineResult<double> r = combine(fs, weights, opt, m0.path);
     LoraModuleWeights<double> w;
     w.path = m0.path;
     w.A = std::move(r.factors.A);
@@ -363,7 +453,9 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream&) {
     ranks.emplace_back(w.path, w.A.rows());
     worst = std::max(worst, r.frobenius_error);
     result.lora.push_back(std::move(w));
+    progress->update(static_cast<Index>(result.lora.size()));
   }
+  if (progress) progress->finish();
   result.config = unit_scaling_adapter_config(ranks, false, ads[0].config.base_model_name_or_path);
   result.config.fan_in_fan_out = ads[0].config.fan_in_fan_out;
   for (auto& m : result.lora) m.alpha = result.config.alpha_for(m.path);
@@ -390,15 +482,18 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
   const bool fan = a.has("fan-in-fan-out");  // GPT-2 Conv1D: weights stored [in, out]
   const bool keep_full = a.has("keep-full");
   const Regex exclude = compile_name_regex(a.get_or("exclude", kExtractExclude), "extract: --exclude");
-  const SafeTensorsFile base(bp), tuned(tp);
+  const SafeTensorsFile base = open_safetensors(bp, "the base model's .safetensors file");
+  const SafeTensorsFile tuned = open_safetensors(tp, "the tuned model's .safetensors file");
   for (const TensorInfo& u : tuned.tensors())
-    if (!base.contains(u.name)) throw ShapeError("extract: \"" + bp + "\" has no tensor \"" + u.name + "\"");
+    if (!base.contains(u.name))
+      throw ConfigError("extract: the base \"" + bp + "\" has no tensor \"" + u.name + "\" (the tuned model has it)");
 
   // Pass 1: which float tensors changed, and which of them become low-rank modules.
   std::vector<const TensorInfo*> changed;
   std::set<std::string> lora_paths;  // modules that become low rank
   for (const TensorInfo& t : base.tensors()) {
-    if (!tuned.contains(t.name)) throw ShapeError("extract: \"" + tp + "\" has no tensor \"" + t.name + "\"");
+    if (!tuned.contains(t.name))
+      throw ConfigError("extract: the tuned model \"" + tp + "\" has no tensor \"" + t.name + "\" (the base has it)");
     const TensorInfo& u = tuned.info(t.name);
     if (u.shape != t.shape)
       throw ShapeError("extract: tensor \"" + t.name + "\" is " + t.shape_string() + " in the base but " +
@@ -445,7 +540,7 @@ inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
     }
     ExtractOptions o = opt;
     if (o.rank > std::min(w0.rows(), w0.cols())) o.rank = std::min(w0.rows(), w0.cols());
-    ExtractResult<double> r = extract_lora<double>(w1, w0, o);
+    ExtractResult<double> r = extract_lora<double>(w1, w0, o, t->name);
     LoraModuleWeights<double> m;
     m.path = path;
     m.A = std::move(r.factors.A);
@@ -508,10 +603,12 @@ inline const std::vector<Command>& commands() {
       {"inspect",
        "list tensors of a safetensors file, or an adapter's config, ranks, scaling and delta norms",
        "usage: peft inspect FILE.safetensors|ADAPTER_DIR\n\n"
-       "A file: size, tensor count, parameters per dtype, metadata, then dtype, shape and name of every tensor.\n"
+       "A file: size, tensor count, parameters per dtype, metadata, then dtype, shape and name of every tensor\n"
+       "(in natural order: layers.2 before layers.10).\n"
        "An adapter directory (adapter_config.json + adapter_model.safetensors): the config (unknown keys are\n"
        "listed), and per LoRA module: r, alpha, scaling, parameter count, |dW|_F = |s B A|_F, numerical rank\n"
-       "and entropy effective rank of dW (computed from the factors, never forming dW).\n",
+       "and entropy effective rank of dW (computed from the factors, never forming dW), in natural order.\n"
+       "Only regular files are read: a FIFO or a device is refused (exit 3).\n",
        detail::cmd_inspect,
        {},
        {}},
@@ -522,9 +619,13 @@ inline const std::vector<Command>& commands() {
        "W' = W + S * s * B A for every adapted module (DoRA: W' = m * V / |V|_row, V = W + S s B A), where the\n"
        "module \"p\" of the adapter (key base_model.model.p.lora_A.weight) updates the tensor \"p.weight\".\n"
        "--map FROM=TO rewrites a module-path prefix before the lookup (repeatable; first match wins).\n"
-       "Memory stays bounded by a block of rows, not the model: the base is memory-mapped and the output is\n"
-       "streamed to a temporary file renamed into place. Every tensor keeps its dtype; untouched ones are\n"
-       "copied byte for byte. A NaN/Inf in a merged tensor aborts with nothing written.\n",
+       "Memory stays bounded by a block of rows, not the model: the base is read once, front to back (pread,\n"
+       "never memory-mapped), and the output is streamed to a temporary file renamed into place. Every tensor\n"
+       "keeps its dtype; untouched ones are copied byte for byte. A NaN/Inf in a merged tensor aborts with\n"
+       "nothing written (exit 6); so does a base truncated by another process during the merge (exit 3). A\n"
+       "module whose tensor the base lacks is exit 4 (the wrong base, or a --map is needed). --out may name\n"
+       "the base itself: it is replaced only at the end, and keeps its mode and owner. When stderr is a\n"
+       "terminal, a progress line counts the tensors done.\n",
        detail::cmd_merge,
        {"base", "adapter", "out", "scale", "map"},
        {}},
@@ -536,7 +637,8 @@ inline const std::vector<Command>& commands() {
        "linear, magnitude_prune, ties, dare_linear, dare_ties (on the dense deltas, as PEFT's\n"
        "add_weighted_adapter, then truncated SVD to rank K). --rank 0 (default) keeps the lossless rank.\n"
        "--density is the kept fraction for the pruning methods, --seed the DARE mask seed. Weights default\n"
-       "to 1. The adapters must target the same modules. The result is a PEFT adapter with scaling 1.\n",
+       "to 1. The adapters must target the same modules. The result is a PEFT adapter with scaling 1.\n"
+       "When stderr is a terminal, a progress line counts the modules done.\n",
        detail::cmd_combine,
        {"method", "weights", "rank", "density", "seed", "majority-sign", "out"},
        {}},
@@ -573,7 +675,9 @@ inline const std::vector<Command>& commands() {
 }
 
 inline std::string main_help() {
-  std::string s = "usage: peft COMMAND [OPTIONS]    (peft COMMAND --help for details)\n\ncommands:\n";
+  std::string s =
+      "usage: peft COMMAND [OPTIONS]    (peft COMMAND --help for details)\n"
+      "       peft --version\n\ncommands:\n";
   for (const Command& c : commands()) {
     std::string name = c.name;
     name.resize(10, ' ');
@@ -583,11 +687,22 @@ inline std::string main_help() {
        "  0  success\n"
        "  1  unexpected internal error\n"
        "  2  usage error (unknown command or option, missing or malformed value)\n"
-       "  3  I/O or file-format error (missing, truncated or malformed file, failed write)\n"
-       "  4  unsupported or inconsistent configuration (e.g. an adapter feature we do not implement)\n"
+       "  3  I/O or file-format error (missing, truncated or malformed file, not a regular file, an input\n"
+       "     truncated while being read, failed write)\n"
+       "  4  unsupported or inconsistent configuration (e.g. an adapter feature we do not implement, or a\n"
+       "     tensor the adapter targets that the base lacks: the wrong base, or a --map is needed)\n"
        "  5  shapes that do not fit (adapter vs. base model)\n"
        "  6  NaN or Inf (e.g. produced by a merge)\n"
-       "Outputs are written atomically: after a failure nothing is left behind.\n";
+       "  7  out of memory\n"
+       "\n"
+       "Outputs are written atomically: into a temporary next to the output (.NAME.tmp-PID-XXXXXX), renamed\n"
+       "into place once complete (an existing output directory is updated file by file, each file replaced\n"
+       "atomically). After an error, or on SIGINT, SIGTERM or SIGHUP, the temporary is removed and what was\n"
+       "there before is left as it was (a signal ends the tool with that signal's status). SIGKILL\n"
+       "cannot be caught: it may leave the temporary, which the next run writing the same output removes.\n"
+       "A replaced file keeps its mode and owner; new files and directories follow the umask. An existing\n"
+       "output must be a regular file (a symbolic link there is replaced, its target is not written) or, for\n"
+       "an output directory, a directory (or a link to one); anything else (e.g. /dev/null) is refused.\n";
   return s;
 }
 
@@ -595,6 +710,10 @@ int run(const std::vector<std::string>& argv, std::ostream& out, std::ostream& e
   if (argv.empty() || argv[0] == "-h" || argv[0] == "--help" || argv[0] == "help") {
     (argv.empty() ? err : out) << main_help();
     return argv.empty() ? kUsage : kOk;
+  }
+  if (argv[0] == "--version" || argv[0] == "-V") {
+    out << "peft " << kVersionMajor << "." << kVersionMinor << "." << kVersionPatch << "\n";
+    return kOk;
   }
   const Command* cmd = nullptr;
   for (const Command& c : commands())
@@ -627,11 +746,46 @@ int run(const std::vector<std::string>& argv, std::ostream& out, std::ostream& e
     err << "peft " << cmd->name << ": numeric error: " << e.what() << "\n";
     return kNumeric;
   } catch (const std::bad_alloc&) {
-    err << "peft " << cmd->name << ": out of memory\n";
-    return kInternal;
+    err << "peft " << cmd->name << ": out of memory (nothing was written)\n";
+    return kOutOfMemory;
   } catch (const std::exception& e) {
     err << "peft " << cmd->name << ": internal error: " << e.what() << "\n";
     return kInternal;
+  }
+}
+
+namespace {
+
+/// SIGINT / SIGTERM / SIGHUP: remove the temporaries, then die of the same signal (SA_RESETHAND
+/// has restored its default action; raised inside the handler it is pending until the handler
+/// returns). SIGBUS: an input mapping lost its pages (the file was truncated): remove the
+/// temporaries and exit as an I/O error. Only async-signal-safe calls.
+void on_fatal_signal(int sig) {
+  peft::io::remove_live_temporaries();
+  if (sig == SIGBUS) {
+    static const char msg[] =
+        "peft: I/O error: an input file shrank while it was being read (SIGBUS); nothing was written\n";
+    (void)!::write(STDERR_FILENO, msg, sizeof msg - 1);
+    ::_exit(kIo);
+  }
+  (void)::raise(sig);
+}
+
+}  // namespace
+
+void install_signal_handlers() {
+  struct sigaction sa;
+  std::memset(&sa, 0, sizeof sa);
+  sa.sa_handler = on_fatal_signal;
+  sa.sa_flags = SA_RESETHAND;
+  sigemptyset(&sa.sa_mask);
+  const int sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGBUS};
+  for (int sig : sigs) sigaddset(&sa.sa_mask, sig);  // one cleanup at a time
+  for (int sig : sigs) {
+    struct sigaction old;
+    // A signal ignored at start (nohup, a shell's background job) stays ignored.
+    if (sig != SIGBUS && ::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+    (void)::sigaction(sig, &sa, nullptr);
   }
 }
 

@@ -210,3 +210,25 @@ TEST_CASE("Regex counts its compilations and match runs (the test hook patterns 
   CHECK_FALSE(re.search("x"));
   CHECK(detail::regex_counters().runs.load() - runs == 2);
 }
+
+// Python's re.match: anchored at the start, ending anywhere (what PEFT's get_pattern_key uses).
+// Expected values from CPython 3.11.
+TEST_CASE("Regex::match agrees with Python's re.match", "[regex]") {
+  const std::vector<FullCase> cases = {
+      {"ab", "abc", true},
+      {"ab", "xab", false},
+      {"a|ab", "abx", true},
+      {"b*", "ccc", true},
+      {"a$", "a\n", true},
+      {"(a|b)+c", "ababcx", true},
+      {"x", "", false},
+      {"(.*\\.)?(self_attn)|(x)$", "model.layers.0.self_attn.q_proj", true},
+      {"(.*\\.)?(self_attn)|(x)$", "model.mlp.fc1", false},
+      {"(.*\\.)?(q_(proj))$", "model.q_proj\n", true},
+      {"(.*\\.)?(q_(proj))$", "model.q_proj\nx", false},
+  };
+  for (const auto& c : cases) {
+    INFO(c.pattern << " on " << c.subject);
+    CHECK(Regex(c.pattern, "test").match(c.subject) == c.expected);
+  }
+}

@@ -322,3 +322,21 @@ TEST_CASE("hostile inputs: adapter_config.json through read_adapter_config", "[i
   };
   run_hostile_table(rows, kAdapterConfigFile, [](const std::string& path) { (void)read_adapter_config(path); });
 }
+
+TEST_CASE("hostile inputs: a JSON document is bounded in values before any tree is built", "[io][json][hostile]") {
+  // "[0,0,...]" with n zeros holds n + 1 values (the array and its elements).
+  const auto zeros = [](std::size_t n) {
+    std::string t = "[0";
+    t.reserve(2 * n + 2);
+    for (std::size_t i = 1; i < n; ++i) t += ",0";
+    return t + "]";
+  };
+  std::string many = zeros(kMaxJsonValues - 1);
+  CHECK(parse_json_strict(many, "at the limit").size() == kMaxJsonValues - 1);
+  many = zeros(kMaxJsonValues);
+  PEFT_REQUIRE_THROWS_WITH(parse_json_strict(many, "over the limit"), IoError,
+                           "more than " + std::to_string(kMaxJsonValues) + " values");
+  TempDir dir;
+  write_bytes(dir.path + "/adapter_config.json", "{\"peft_type\":\"LORA\",\"x\":" + many + "}");
+  PEFT_REQUIRE_THROWS_WITH(read_adapter_config(dir.path + "/adapter_config.json"), IoError, "values (kMaxJsonValues)");
+}

@@ -324,6 +324,17 @@ TEST_CASE("PatternMap follows PEFT's get_pattern_key on both of its paths", "[io
   CHECK(uni.find("m.a\xC3\xA9\xC3\xA9"
                  "c") == nullptr);
   PEFT_REQUIRE_THROWS_WITH(PatternMap<int>({{"(q", 1}}), ConfigError, "invalid regular expression");
+
+  // PEFT runs re.match on the text (.*\.)?(key)$, not a fullmatch of (.*\.)?(key): a key may close
+  // the group itself, and `$` also matches before a final newline. Values from CPython 3.11:
+  //   re.match(r"(.*\.)?(self_attn)|(x)$", "model.layers.0.self_attn.q_proj") -> a match
+  const PatternMap<int> breakout{{"self_attn)|(x", 32}};
+  CHECK(*breakout.find("model.layers.0.self_attn.q_proj") == 32);
+  CHECK(*breakout.find("x") == 32);
+  CHECK(breakout.find("model.mlp.fc1") == nullptr);
+  const PatternMap<int> newline{{"q_(proj)", 5}};
+  CHECK(*newline.find("model.q_proj\n") == 5);  //   re.match(r"(.*\.)?(q_(proj))$", "model.q_proj\n")
+  CHECK(newline.find("model.q_proj\nx") == nullptr);
 }
 
 TEMPLATE_TEST_CASE("collect_adapter saves the layers' alpha, rank and rsLoRA, not the config's", "[io][peft][collect]",

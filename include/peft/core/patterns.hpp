@@ -120,11 +120,11 @@ class PatternMap {
       const Compiled& c = compiled_[i];
       bool m = false;
       if (!c.plain)
-        m = c.re->full_match(path);
+        m = c.re->match(path);
       else if (plain_path)
         m = detail::plain_pattern_key_matches(entries_[i].first, path);
       else
-        m = compile_name_regex(wrapped(entries_[i].first), who).full_match(path);
+        m = compile_name_regex(wrapped(entries_[i].first), who).match(path);
       if (m) hit = &entries_[i].second;
     }
     detail::pattern_key_tests().fetch_add(tests, std::memory_order_relaxed);
@@ -137,8 +137,10 @@ class PatternMap {
   friend bool operator!=(const PatternMap& a, const PatternMap& b) { return !(a == b); }
 
  private:
-  /// PEFT's get_pattern_key regex for `key`: re.match(r"(.*\.)?(key)$", path) as a full match.
-  static std::string wrapped(const std::string& key) { return "(.*\\.)?(" + key + ")"; }
+  /// PEFT's get_pattern_key regex for `key`, the same text: re.match(rf"(.*\.)?({key})$", path). Not
+  /// a fullmatch of "(.*\.)?(key)": a key may close the group itself ("a)|(b"), and Python's `$`
+  /// also matches before a final newline.
+  static std::string wrapped(const std::string& key) { return "(.*\\.)?(" + key + ")$"; }
 
   struct Compiled {
     std::shared_ptr<const Regex> re;  // null for plain keys; shared: copying a config copies no programs

@@ -647,12 +647,15 @@ class Regex {
   int group_count() const { return groups_; }
 
   /// Whether the whole subject matches (Python's re.fullmatch).
-  bool full_match(std::string_view subject) const { return run(subject, true, nullptr); }
+  bool full_match(std::string_view subject) const { return run(subject, Mode::kFull, nullptr); }
+
+  /// Whether a prefix of the subject matches (Python's re.match: anchored at the start only).
+  bool match(std::string_view subject) const { return run(subject, Mode::kMatch, nullptr); }
 
   /// Whether some substring matches (Python's re.search); fills `m` with the leftmost-first match.
   bool search(std::string_view subject, RegexMatch* m = nullptr) const {
     std::vector<std::ptrdiff_t> slots;
-    if (!run(subject, false, m ? &slots : nullptr)) return false;
+    if (!run(subject, Mode::kSearch, m ? &slots : nullptr)) return false;
     if (m) {
       m->groups.assign(static_cast<std::size_t>(groups_) + 1, RegexGroup{});
       for (std::size_t g = 0; g < m->groups.size(); ++g) {
@@ -755,9 +758,13 @@ class Regex {
     return Here{pos, prev, next, pos + 1 == s.size() && s[pos] == '\n'};
   }
 
-  /// The Pike VM. `full`: a match must end at the end of the text and start at 0 (fullmatch);
-  /// otherwise the leftmost-first match anywhere (search). `slots`: captures of the match.
-  bool run(std::string_view s, bool full, std::vector<std::ptrdiff_t>* slots) const {
+  /// kFull: a match starts at 0 and ends at the end (fullmatch); kMatch: starts at 0, ends anywhere
+  /// (match); kSearch: starts anywhere (search). Leftmost-first in each.
+  enum class Mode { kFull, kMatch, kSearch };
+
+  /// The Pike VM for `mode`. `slots`: captures of the match.
+  bool run(std::string_view s, Mode mode, std::vector<std::ptrdiff_t>* slots) const {
+    const bool full = mode == Mode::kFull, search = mode == Mode::kSearch;
     detail::regex_counters().runs.fetch_add(1, std::memory_order_relaxed);
     const std::size_t nslots = slots ? 2 * (static_cast<std::size_t>(groups_) + 1) : 0;
     std::vector<std::uint32_t> mark(prog_.size(), 0);
@@ -794,9 +801,9 @@ class Regex {
       std::swap(cur, next);
       pos += len;
       prev = c;
-      if (!full && !matched)  // search: a new attempt starting here, below every running thread
+      if (search && !matched)  // search: a new attempt starting here, below every running thread
         add_thread(cur, 0, fresh.data(), nslots, after, s.size(), mark, stamp, stack);
-      if (cur.pcs.empty() && (full || matched)) break;  // nothing left to run or to try
+      if (cur.pcs.empty() && (!search || matched)) break;  // nothing left to run or to try
     }
     return matched;
   }

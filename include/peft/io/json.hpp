@@ -40,6 +40,13 @@ using Json = nlohmann::ordered_json;
 /// Objects of an ordered_json may hold at most this many keys (its key lookup is linear).
 constexpr std::size_t kMaxOrderedJsonKeys = 10000;
 
+/// A document may hold at most this many values (objects, arrays, strings, numbers, ...), counted
+/// by the SAX pre-pass before any tree is built: the tree of `[[],[],...]` costs ~70 bytes a value,
+/// so a hostile 100 MB file would otherwise take gigabytes (and a bad_alloc while nlohmann destroys
+/// a half-built tree is thrown inside a noexcept destructor: an abort, not an error). An
+/// adapter_config.json with 10 000 rank_pattern and alpha_pattern keys holds ~40 000.
+constexpr std::size_t kMaxJsonValues = 1000000;
+
 namespace detail {
 
 /// Throws IoError at the first NUL byte or invalid UTF-8 sequence of [begin, end) (RFC 3629:
@@ -108,15 +115,16 @@ class StrictJsonCheck : public nlohmann::json_sax<J> {
   StrictJsonCheck(const std::string& label, std::size_t base_offset, int max_depth, std::size_t max_keys)
       : label_(label), base_offset_(base_offset), max_depth_(max_depth), max_keys_(max_keys) {}
 
-  bool null() override { return true; }
-  bool boolean(bool) override { return true; }
-  bool number_integer(number_integer_t) override { return true; }
-  bool number_unsigned(number_unsigned_t) override { return true; }
-  bool number_float(number_float_t, const string_t&) override { return true; }
-  bool string(string_t&) override { return true; }
-  bool binary(binary_t&) override { return true; }
+  bool null() override { return value(); }
+  bool boolean(bool) override { return value(); }
+  bool number_integer(number_integer_t) override { return value(); }
+  bool number_unsigned(number_unsigned_t) override { return value(); }
+  bool number_float(number_float_t, const string_t&) override { return value(); }
+  bool string(string_t&) override { return value(); }
+  bool binary(binary_t&) override { return value(); }
 
   bool start_object(std::size_t) override {
+    value();
     enter();
     keys_.emplace_back();
     return true;
@@ -134,6 +142,7 @@ class StrictJsonCheck : public nlohmann::json_sax<J> {
     return true;
   }
   bool start_array(std::size_t) override {
+    value();
     enter();
     return true;
   }
@@ -147,6 +156,12 @@ class StrictJsonCheck : public nlohmann::json_sax<J> {
   }
 
  private:
+  bool value() {
+    if (++values_ > kMaxJsonValues)
+      throw IoError("\"" + label_ + "\": the JSON holds more than " + std::to_string(kMaxJsonValues) +
+                    " values (kMaxJsonValues)");
+    return true;
+  }
   void enter() {
     // Thrown from inside the parser so a hostile "[[[[..." stops at the limit, not at the end.
     if (++depth_ > max_depth_)
@@ -159,6 +174,7 @@ class StrictJsonCheck : public nlohmann::json_sax<J> {
   std::size_t max_keys_;
   std::vector<std::set<std::string>> keys_;  ///< one key set per open object
   int depth_ = 0;                            ///< open objects and arrays
+  std::size_t values_ = 0;                   ///< values seen so far
 };
 
 }  // namespace detail

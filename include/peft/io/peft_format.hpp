@@ -665,7 +665,9 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
   return ad;
 }
 
-/// Reads a PEFT adapter directory. Nothing is returned unless everything validates.
+/// Reads a PEFT adapter directory. Nothing is returned unless everything validates. The weights
+/// file is memory-mapped while it is read (SafeTensorsFile: a file truncated meanwhile by another
+/// process raises SIGBUS).
 template <class T>
 PeftAdapter<T> load_peft_adapter(const std::string& dir) {
   if (!is_directory(dir)) throw IoError("\"" + dir + "\" is not a directory");
@@ -1046,22 +1048,35 @@ void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DT
     out.commit();
     return;
   }
-  if (!is_directory(d)) throw IoError("cannot write directory \"" + d + "\": a file of that name exists");
+  struct stat st;
+  if (::stat(d.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
+    throw IoError("cannot write directory \"" + d + "\": " + detail::file_type_name(st.st_mode) +
+                  " of that name exists");
   const std::string weights = d + "/" + kAdapterWeightsFile, config = d + "/" + kAdapterConfigFile;
   for (const std::string& f : {weights, config})
     if (is_directory(f))
       throw IoError("cannot write \"" + f + "\": expected a file there, found a directory; nothing was written");
   // Weights first: a crash before the config's rename leaves the old config, whose digest no longer
   // matches, so the torn pair is refused rather than loaded with the old scaling. An old config
-  // without a digest (as PEFT writes it) could not tell: it is removed once the new weights are
-  // complete and just before they replace the old ones, so such a crash leaves a directory that
-  // fails to load ("no adapter_config.json"), never one that loads wrong. A failure before that
-  // point (a NaN refused, a full disk) leaves the old pair as it was.
+  // without a digest (as PEFT writes it) could not tell: it is moved aside (a hidden file) once the
+  // new weights are complete, just before they replace the old ones, so such a crash leaves a
+  // directory that fails to load ("no adapter_config.json"), never one that loads wrong. A failure
+  // (a NaN refused, a full disk, a failed rename) puts it back: the old pair stays as it was.
   SafeTensorsWriter w(weights, tensor_specs(tensors), {{"format", "pt"}});
   write_tensors(w, tensors);
-  if (path_exists(config) && !detail::config_has_digest(config)) ::unlink(config.c_str());
-  w.commit();
+  const std::string aside = d + "/." + kAdapterConfigFile + ".replaced";
+  const bool set_aside = path_exists(config) && !detail::config_has_digest(config);
+  if (set_aside && ::rename(config.c_str(), aside.c_str()) != 0)
+    throw IoError("cannot move \"" + config + "\" aside before replacing its weights: " + detail::errno_text(errno) +
+                  "; nothing was written");
+  try {
+    w.commit();
+  } catch (...) {
+    if (set_aside) (void)::rename(aside.c_str(), config.c_str());  // the old pair, as it was
+    throw;
+  }
   write_file_atomic(config, config_text(weights));
+  if (set_aside) ::unlink(aside.c_str());
 }
 
 }  // namespace peft::io

@@ -362,7 +362,10 @@ class HeaderParser : public nlohmann::json_sax<nlohmann::json> {
 }  // namespace detail
 
 /// Validates a complete safetensors file image (`size` bytes at `data`); `label` names it in errors.
-/// This is also the in-memory entry point (a buffer need not come from a file).
+/// This is also the in-memory entry point (a buffer need not come from a file). Only the first
+/// 8 + N bytes (the length prefix and the header) are read; `size` is used for the bounds of the
+/// data section, so a caller that reads the header with pread may pass a buffer holding just those
+/// bytes together with the file's real size.
 inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size,
                                                   const std::string& label) {
   const std::string who = "\"" + label + "\"";
@@ -424,7 +427,9 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
   return h;
 }
 
-/// A memory-mapped, validated safetensors file.
+/// A memory-mapped, validated safetensors file. Truncation: if another process truncates the file
+/// while it is open, reading a tensor from the missing pages raises SIGBUS (see MappedFile); the
+/// library installs no signal handler. The streaming merge (merge_file.hpp) reads with pread instead.
 class SafeTensorsFile {
  public:
   explicit SafeTensorsFile(const std::string& path) : file_(path) {
@@ -534,8 +539,8 @@ inline std::string build_safetensors_header(const std::vector<TensorSpec>& specs
 /// place. Destroyed without commit() (an exception, a NaN found half-way) it leaves nothing.
 ///
 /// Float tensors must be finite: every value is checked as it is written (write<T> with
-/// all_finite, write_raw / copy_raw on the stored bits), a NaN or Inf throws NumericError naming
-/// the file, the tensor and the element, and commit() refuses a writer that ever saw one, so no
+/// all_finite, write_raw on the stored bits; copy_raw passes an input's bytes through), a NaN or Inf throws
+/// NumericError naming the file, the tensor and the element, and commit() refuses a writer that ever saw one, so no
 /// file holding NaN or Inf weights is ever produced. Integer dtypes have no such values.
 class SafeTensorsWriter {
  public:
@@ -568,13 +573,21 @@ class SafeTensorsWriter {
     });
   }
 
-  /// Appends bytes [offset, offset + n) of an open file (whose bytes are also at `same_bytes`),
+  /// Appends bytes [offset, offset + n) of an open file (whose bytes are also at `same_bytes`, or
+  /// nullptr: then what the kernel cannot copy is read with pread),
   /// copied by the kernel where it can (AtomicFile::copy_from): how a merge copies the tensors it
   /// does not change. These bytes are not checked for NaN / Inf: they are the input's own values,
   /// passed through unchanged (a model may legitimately store -inf, e.g. in a mask buffer), not
   /// something this library computed; every tensor a writer is given to encode is checked.
   void copy_raw(int in_fd, std::uint64_t offset, std::size_t n, const unsigned char* same_bytes) {
-    append(n, [&](std::size_t done, std::size_t k) { out_.copy_from(in_fd, offset + done, k, same_bytes + done); });
+    append(n, [&](std::size_t done, std::size_t k) {
+      // Whole elements only: a partial one would leave write_raw's element carry out of step.
+      const std::size_t item = dtype_size(specs_[current_].dtype);
+      if (carry_n_ != 0 || filled_ % item != 0 || k % item != 0)
+        throw IoError("\"" + path() + "\": copy_raw into tensor \"" + specs_[current_].name + "\" must copy whole " +
+                      std::to_string(item) + "-byte elements");
+      out_.copy_from(in_fd, offset + done, k, same_bytes != nullptr ? same_bytes + done : nullptr);
+    });
   }
 
   /// Appends `n` values of T converted to the current tensor's dtype (must not straddle tensors).

@@ -160,6 +160,11 @@ inline NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& p
                   "\"");
   }
   const io::TensorInfo& st = detail::bnb_tensor(f, state_name, io::DType::U8, who);
+  // bitsandbytes writes ~200 bytes of JSON here; a larger one is not a quant state.
+  constexpr std::uint64_t kMaxQuantStateBytes = 64 * 1024;
+  if (st.numel > kMaxQuantStateBytes)
+    throw IoError(who + ": quant_state holds " + std::to_string(st.numel) + " bytes, expected at most " +
+                  std::to_string(kMaxQuantStateBytes) + " (a few hundred bytes of JSON)");
   const char* text = reinterpret_cast<const char*>(f.bytes(st));
   const io::Json j = io::parse_json_strict(text, text + st.numel, who + " quant_state");
   if (!j.is_object()) throw IoError(who + ": quant_state JSON is not an object");
@@ -348,8 +353,9 @@ inline QuantizeFileReport quantize_safetensors(const std::string& in, const std:
   for (const Item& it : items) {
     if (!it.q.shape.empty())
       write_bnb_nf4_data(w, it.q);
-    else if (it.info->nbytes() > 0)
-      w.write_raw(f.bytes(*it.info), static_cast<std::size_t>(it.info->nbytes()));
+    else if (it.info->nbytes() > 0)  // passed through unchanged (a -inf mask buffer stays as it is)
+      w.copy_raw(f.file().fd(), f.data_offset() + it.info->begin, static_cast<std::size_t>(it.info->nbytes()),
+                 f.bytes(*it.info));
   }
   w.commit();
   return rep;

@@ -120,21 +120,21 @@ TEST_CASE("merge file: an adapter that does not fit, or a NaN, writes nothing", 
   two.lora[1].path = "other";
   PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(data_dir() + "/tiny_base.safetensors", two, out, opt), ConfigError,
                            "two adapter modules map to");
-  // An integer tensor cannot be merged into.
-  PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(
-                               data_dir() + "/small.safetensors",
-                               [&] {
-                                 PeftAdapter<float> x = ad;
-                                 x.lora = {*ad.find("model.layers.0.attn.q")};
-                                 return x;
-                               }(),
-                               out,
-                               [] {
-                                 MergeFileOptions o;
-                                 o.mapping.custom = [](const std::string&) { return std::string("idx"); };
-                                 return o;
-                               }()),
-                           ShapeError, "\"idx.weight\"");
+  // An integer tensor cannot be merged into: a base whose targeted weight is I32.
+  {
+    const LoraModuleWeights<float>& q = *ad.find("model.layers.0.attn.q");
+    const std::vector<std::int64_t> shape{q.B.rows(), q.A.cols()};
+    TempDir int_dir;  // not `dir`: the test ends by checking that nothing was left there
+    const std::string int_base = int_dir.path + "/int.safetensors";
+    SafeTensorsWriter w(int_base, {{"model.layers.0.attn.q.weight", DType::I32, shape}});
+    const std::vector<std::int32_t> zeros(static_cast<std::size_t>(shape[0] * shape[1]), 0);
+    w.write_raw(zeros.data(), zeros.size() * sizeof(std::int32_t));
+    w.commit();
+    PeftAdapter<float> only_q = ad;
+    only_q.lora = {q};
+    PEFT_REQUIRE_THROWS_WITH(merge_adapter_file(int_base, only_q, out), ShapeError,
+                             "tensor \"model.layers.0.attn.q.weight\" is I32, not a float type");
+  }
   // NaN produced mid-stream (the last LoRA tensor): the partial output is removed.
   PeftAdapter<float> bad = ad;
   bad.lora.back().B(0, 0) = std::numeric_limits<float>::infinity();

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../io/io_test_utils.hpp"
+#include "cli_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -26,67 +27,61 @@ using peft::test::io::TempDir;
 using peft::test::io::write_bytes;
 
 namespace {
-struct Result {
-  int code;
-  std::string out, err;
-};
-Result peft_run(const std::vector<std::string>& args) {
-  std::ostringstream out, err;
-  const int code = peft::cli::run(args, out, err);
-  return {code, out.str(), err.str()};
-}
-bool has(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+
+using peft::test::cli::CliResult;
+using peft::test::cli::contains;
+using peft::test::cli::run_cli;
 }  // namespace
 
 TEST_CASE("peft: help and usage errors", "[tools]") {
-  Result r = peft_run({});
+  CliResult r = run_cli({});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "exit codes:"));
-  r = peft_run({"--help"});
+  CHECK(contains(r.err, "exit codes:"));
+  r = run_cli({"--help"});
   CHECK(r.code == cli::kOk);
   for (const char* c : {"inspect", "merge", "combine", "extract", "quantize"}) {
-    CHECK(has(r.out, c));
-    const Result h = peft_run({c, "--help"});
+    CHECK(contains(r.out, c));
+    const CliResult h = run_cli({c, "--help"});
     CHECK(h.code == cli::kOk);
-    CHECK(has(h.out, std::string("usage: peft ") + c));
+    CHECK(contains(h.out, std::string("usage: peft ") + c));
   }
-  r = peft_run({"frobnicate"});
+  r = run_cli({"frobnicate"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "unknown command \"frobnicate\""));
-  r = peft_run({"merge", "--base", "x", "--bogus", "1"});
+  CHECK(contains(r.err, "unknown command \"frobnicate\""));
+  r = run_cli({"merge", "--base", "x", "--bogus", "1"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "unknown option --bogus"));
-  CHECK(has(r.err, "usage: peft merge"));
-  r = peft_run({"merge", "--base", "x", "--adapter"});
+  CHECK(contains(r.err, "unknown option --bogus"));
+  CHECK(contains(r.err, "usage: peft merge"));
+  r = run_cli({"merge", "--base", "x", "--adapter"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "--adapter needs a value"));
-  r = peft_run({"merge", "--base", "x", "--adapter", "y"});
+  CHECK(contains(r.err, "--adapter needs a value"));
+  r = run_cli({"merge", "--base", "x", "--adapter", "y"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "missing required option --out"));
-  r = peft_run({"merge", "--base=x", "--adapter=y", "--out=z", "--scale=abc"});
+  CHECK(contains(r.err, "missing required option --out"));
+  r = run_cli({"merge", "--base=x", "--adapter=y", "--out=z", "--scale=abc"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "--scale needs a finite number"));
-  r = peft_run({"extract", "--base", "a", "--tuned", "b", "--out", "c"});
+  CHECK(contains(r.err, "--scale needs a finite number"));
+  r = run_cli({"extract", "--base", "a", "--tuned", "b", "--out", "c"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "exactly one of --rank K and --energy TAU"));
-  r = peft_run({"combine", "--method", "average", "a", "--out", "c"});
+  CHECK(contains(r.err, "exactly one of --rank K and --energy TAU"));
+  r = run_cli({"combine", "--method", "average", "a", "--out", "c"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "unknown --method \"average\""));
+  CHECK(contains(r.err, "unknown --method \"average\""));
 }
 
 TEST_CASE("peft inspect: a file and an adapter directory", "[tools]") {
-  Result r = peft_run({"inspect", data_dir() + "/tiny_base.safetensors"});
+  CliResult r = run_cli({"inspect", data_dir() + "/tiny_base.safetensors"});
   REQUIRE(r.code == cli::kOk);
-  CHECK(has(r.out, "tensors:    9"));
-  CHECK(has(r.out, "parameters: 384 (F32 384)"));
-  CHECK(has(r.out, "format = pt"));
-  CHECK(has(r.out, "[10, 8]"));
-  r = peft_run({"inspect", data_dir() + "/tiny_lora"});
+  CHECK(contains(r.out, "tensors:    9"));
+  CHECK(contains(r.out, "parameters: 384 (F32 384)"));
+  CHECK(contains(r.out, "format = pt"));
+  CHECK(contains(r.out, "[10, 8]"));
+  r = run_cli({"inspect", data_dir() + "/tiny_lora"});
   REQUIRE(r.code == cli::kOk);
-  CHECK(has(r.out, "peft_type:  LORA"));
-  CHECK(has(r.out, "unknown config keys (kept): unknown_future_key"));
-  CHECK(has(r.out, "model.layers.1.attn.v"));
-  CHECK(has(r.out, "trainable parameters: 196"));  // 3 modules · 4·14 + 2·14
+  CHECK(contains(r.out, "peft_type:  LORA"));
+  CHECK(contains(r.out, "unknown config keys (kept): unknown_future_key"));
+  CHECK(contains(r.out, "model.layers.1.attn.v"));
+  CHECK(contains(r.out, "trainable parameters: 196"));  // 3 modules · 4·14 + 2·14
   {
     // Each module's row: |dW|_F and the effective rank equal analyze_adapter's.
     const PeftAdapter<double> ad = load_peft_adapter<double>(data_dir() + "/tiny_lora");
@@ -104,26 +99,26 @@ TEST_CASE("peft inspect: a file and an adapter directory", "[tools]") {
       });
       REQUIRE(row != rows.end());
       INFO(*row);
-      CHECK(has(*row, " " + norm.str() + " "));
-      CHECK(has(*row, " " + std::to_string(st.numerical_rank) + " "));
-      CHECK(has(*row, " " + eff.str() + " "));
+      CHECK(contains(*row, " " + norm.str() + " "));
+      CHECK(contains(*row, " " + std::to_string(st.numerical_rank) + " "));
+      CHECK(contains(*row, " " + eff.str() + " "));
     }
   }
-  r = peft_run({"inspect", data_dir() + "/tiny_prompt"});
+  r = run_cli({"inspect", data_dir() + "/tiny_prompt"});
   REQUIRE(r.code == cli::kOk);
-  CHECK(has(r.out, "prompt_embeddings: [5, 8] = 40 parameters"));
-  r = peft_run({"inspect", data_dir() + "/nope.safetensors"});
+  CHECK(contains(r.out, "prompt_embeddings: [5, 8] = 40 parameters"));
+  r = run_cli({"inspect", data_dir() + "/nope.safetensors"});
   CHECK(r.code == cli::kIo);
-  CHECK(has(r.err, "does not exist"));
+  CHECK(contains(r.err, "does not exist"));
 }
 
 TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[tools]") {
   TempDir dir;
   const std::string out = dir.path + "/m.safetensors";
-  Result r = peft_run(
+  CliResult r = run_cli(
       {"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
   REQUIRE(r.code == cli::kOk);
-  CHECK(has(r.out, "merged 4 tensors, replaced 0, copied 5"));
+  CHECK(contains(r.out, "merged 4 tensors, replaced 0, copied 5"));
   const SafeTensorsFile got(out), want(data_dir() + "/tiny_lora.merged.safetensors");
   for (const auto& t : want.tensors())
     CHECK((got.load<double>(t.name) - want.load<double>(t.name)).cwiseAbs().maxCoeff() < 1e-5);
@@ -139,15 +134,15 @@ TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[to
     renamed.emplace_back(n, t.shape, keep.back().data());
   }
   save_safetensors<float>(dir.path + "/renamed.safetensors", renamed);
-  r = peft_run(
+  r = run_cli(
       {"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out", out});
   CHECK(r.code == cli::kConfig);  // a missing tensor: the wrong base, or a --map is needed
-  CHECK(has(r.err, "configuration error: merge: base \"" + dir.path +
-                       "/renamed.safetensors\" has no tensor "
-                       "\"model.layers.0.attn.q.weight\" for adapter module \"model.layers.0.attn.q\""));
-  CHECK(has(r.err, "a name mapping is needed"));
-  r = peft_run({"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--map",
-                "model.=net.", "--out", dir.path + "/m2.safetensors"});
+  CHECK(contains(r.err, "configuration error: merge: base \"" + dir.path +
+                            "/renamed.safetensors\" has no tensor "
+                            "\"model.layers.0.attn.q.weight\" for adapter module \"model.layers.0.attn.q\""));
+  CHECK(contains(r.err, "a name mapping is needed"));
+  r = run_cli({"merge", "--base", dir.path + "/renamed.safetensors", "--adapter", data_dir() + "/tiny_lora", "--map",
+               "model.=net.", "--out", dir.path + "/m2.safetensors"});
   REQUIRE(r.code == cli::kOk);
   CHECK(SafeTensorsFile(dir.path + "/m2.safetensors").load<float>("net.layers.1.attn.v.weight") ==
         got.load<float>("model.layers.1.attn.v.weight"));
@@ -157,29 +152,29 @@ TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[to
   ::mkdir(bad.c_str(), 0755);
   write_bytes(bad + "/adapter_config.json", raw_file(data_dir() + "/tiny_lora/adapter_config.json"));
   PeftAdapter<float> ad = load_peft_adapter<float>(data_dir() + "/tiny_lora");
-  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora",
-                "--scale", "1e38", "--out", dir.path + "/nan.safetensors"});
+  r = run_cli({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", data_dir() + "/tiny_lora",
+               "--scale", "1e38", "--out", dir.path + "/nan.safetensors"});
   CHECK(r.code == cli::kNumeric);
-  CHECK(has(r.err, "NaN or Inf"));
+  CHECK(contains(r.err, "NaN or Inf"));
   CHECK(!path_exists(dir.path + "/nan.safetensors"));
   // Broken adapter config → exit 3; unsupported feature → exit 4.
   write_bytes(bad + "/adapter_config.json", R"({"peft_type":"LORA","r":[4]})");
   write_bytes(bad + "/adapter_model.safetensors", raw_file(data_dir() + "/tiny_lora/adapter_model.safetensors"));
-  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out",
-                dir.path + "/x.safetensors"});
+  r = run_cli({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out",
+               dir.path + "/x.safetensors"});
   CHECK(r.code == cli::kIo);
-  CHECK(has(r.err, "key \"r\" must be a positive integer"));
+  CHECK(contains(r.err, "key \"r\" must be a positive integer"));
   write_bytes(bad + "/adapter_config.json", R"({"peft_type":"LORA","r":4,"lora_bias":true})");
-  r = peft_run({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out",
-                dir.path + "/x.safetensors"});
+  r = run_cli({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", bad, "--out",
+               dir.path + "/x.safetensors"});
   CHECK(r.code == cli::kConfig);
   // Truncated base → exit 3.
   const std::string whole = raw_file(data_dir() + "/tiny_base.safetensors");
   write_bytes(dir.path + "/trunc.safetensors", whole.substr(0, whole.size() - 7));
-  r = peft_run({"merge", "--base", dir.path + "/trunc.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out",
-                dir.path + "/x.safetensors"});
+  r = run_cli({"merge", "--base", dir.path + "/trunc.safetensors", "--adapter", data_dir() + "/tiny_lora", "--out",
+               dir.path + "/x.safetensors"});
   CHECK(r.code == cli::kIo);
-  CHECK(has(r.err, "run past the"));
+  CHECK(contains(r.err, "run past the"));
   CHECK(!path_exists(dir.path + "/x.safetensors"));
   const auto entries = dir.entries();
   for (const auto& e : entries) CHECK(e.find(".tmp-") == std::string::npos);
@@ -189,11 +184,11 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
   TempDir dir;
   const std::string a = data_dir() + "/tiny_lora";
   // Two rank-4 adapters on [6, 8] layers: Σ r = 8 > min(out, in) = 6, so cat refuses (exit 4).
-  Result r = peft_run({"combine", "--method", "cat", "--weights", "0.5,2", a, a, "--out", dir.path + "/cat"});
+  CliResult r = run_cli({"combine", "--method", "cat", "--weights", "0.5,2", a, a, "--out", dir.path + "/cat"});
   CHECK(r.code == cli::kConfig);
-  CHECK(has(r.err, "exceeds min(out, in) = 6"));
+  CHECK(contains(r.err, "exceeds min(out, in) = 6"));
   CHECK(!path_exists(dir.path + "/cat"));
-  r = peft_run({"combine", "--method", "cat", "--weights", "2.5", a, "--out", dir.path + "/cat"});
+  r = run_cli({"combine", "--method", "cat", "--weights", "2.5", a, "--out", dir.path + "/cat"});
   REQUIRE(r.code == cli::kOk);
   const PeftAdapter<double> src = load_peft_adapter<double>(a);
   const PeftAdapter<double> cat = load_peft_adapter<double>(dir.path + "/cat");
@@ -208,7 +203,7 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
     CHECK(test::rel_diff(Matrix<double>(c->B * c->A), expect) < 1e-6);
   }
   // svd to rank 4: Σ w_i ΔW = 2 ΔW has rank ≤ 4, so the re-compression is exact.
-  r = peft_run({"combine", "--method", "svd", "--rank", "4", a, a, "--out", dir.path + "/svd"});
+  r = run_cli({"combine", "--method", "svd", "--rank", "4", a, a, "--out", dir.path + "/svd"});
   REQUIRE(r.code == cli::kOk);
   const PeftAdapter<double> svd = load_peft_adapter<double>(dir.path + "/svd");
   for (const auto& m : src.lora) {
@@ -222,8 +217,8 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
   for (const char* method : {"linear", "magnitude_prune", "ties", "dare_linear", "dare_ties"}) {
     INFO(method);
     const std::string out = dir.path + "/" + method;
-    r = peft_run({"combine", "--method", method, "--weights", "0.7,-0.4", "--rank", "3", "--density", "0.6", "--seed",
-                  "5", "--majority-sign", "frequency", a, a, "--out", out});
+    r = run_cli({"combine", "--method", method, "--weights", "0.7,-0.4", "--rank", "3", "--density", "0.6", "--seed",
+                 "5", "--majority-sign", "frequency", a, a, "--out", out});
     REQUIRE(r.code == cli::kOk);
     const PeftAdapter<double> got = load_peft_adapter<double>(out);
     CombineOptions opt;
@@ -244,18 +239,18 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
   PeftAdapter<double> with_head = src;
   with_head.full.push_back({"classifier.weight", {2, 8}, Matrix<double>::Ones(2, 8)});
   save_peft_adapter(dir.path + "/head", with_head);
-  r = peft_run({"combine", "--method", "linear", a, dir.path + "/head", "--out", dir.path + "/dropped"});
+  r = run_cli({"combine", "--method", "linear", a, dir.path + "/head", "--out", dir.path + "/dropped"});
   CHECK(r.code == cli::kConfig);
-  CHECK(has(r.err, "also holds 1 full tensors (modules_to_save, e.g. \"classifier.weight\")"));
+  CHECK(contains(r.err, "also holds 1 full tensors (modules_to_save, e.g. \"classifier.weight\")"));
   CHECK(!path_exists(dir.path + "/dropped"));
-  r = peft_run({"combine", "--method", "cat", a, data_dir() + "/tiny_dora", "--out", dir.path + "/bad"});
+  r = run_cli({"combine", "--method", "cat", a, data_dir() + "/tiny_dora", "--out", dir.path + "/bad"});
   CHECK(r.code == cli::kConfig);
-  CHECK(has(r.err, "DoRA"));
+  CHECK(contains(r.err, "DoRA"));
   CHECK(!path_exists(dir.path + "/bad"));
 
   // extract: tuned = the merged fixture; rank 4 recovers ΔW (rank ≤ 4) exactly up to float storage.
-  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned",
-                data_dir() + "/tiny_lora.merged.safetensors", "--rank", "4", "--out", dir.path + "/ex"});
+  r = run_cli({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned",
+               data_dir() + "/tiny_lora.merged.safetensors", "--rank", "4", "--out", dir.path + "/ex"});
   REQUIRE(r.code == cli::kOk);
   const PeftAdapter<double> ex = load_peft_adapter<double>(dir.path + "/ex");
   CHECK(ex.lora.size() == 4);
@@ -265,10 +260,10 @@ TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the m
     const Matrix<double> expect = m.scaling * m.B * m.A;
     CHECK(test::rel_diff(Matrix<double>(e->scaling * e->B * e->A), expect) < 1e-5);
   }
-  r = peft_run({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned",
-                data_dir() + "/small.safetensors", "--rank", "2", "--out", dir.path + "/ex2"});
+  r = run_cli({"extract", "--base", data_dir() + "/tiny_base.safetensors", "--tuned", data_dir() + "/small.safetensors",
+               "--rank", "2", "--out", dir.path + "/ex2"});
   CHECK(r.code == cli::kConfig);  // the two files hold different tensors
-  CHECK(has(r.err, "has no tensor"));
+  CHECK(contains(r.err, "has no tensor"));
   CHECK(!path_exists(dir.path + "/ex2"));
 }
 
@@ -296,26 +291,25 @@ TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge giv
 
   // By default only q becomes low rank; the embedding (another LoRA layout in PEFT), the bias and
   // the norm are named as not captured.
-  Result r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--out", dir.path + "/lowrank"});
+  CliResult r = run_cli({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--out", dir.path + "/lowrank"});
   REQUIRE(r.code == cli::kOk);
-  CHECK(has(r.out, "model.layers.0.q: rank 2"));
-  CHECK(has(r.out, "note: 3 changed tensors are not captured"));
-  CHECK(has(r.out, "model.embed_tokens.weight"));
+  CHECK(contains(r.out, "model.layers.0.q: rank 2"));
+  CHECK(contains(r.out, "note: 3 changed tensors are not captured"));
+  CHECK(contains(r.out, "model.embed_tokens.weight"));
   const PeftAdapter<double> lowrank = load_peft_adapter<double>(dir.path + "/lowrank");
   REQUIRE(lowrank.lora.size() == 1);
   CHECK(lowrank.full.empty());
 
   // --keep-full: the rest is saved whole (bias as lora_only, embedding and norm as modules_to_save),
   // and merging the adapter into the base reproduces the tuned file.
-  r = peft_run(
-      {"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--keep-full", "--out", dir.path + "/full"});
+  r = run_cli({"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--keep-full", "--out", dir.path + "/full"});
   REQUIRE(r.code == cli::kOk);
-  CHECK(has(r.out, "kept 3 changed tensors whole"));
+  CHECK(contains(r.out, "kept 3 changed tensors whole"));
   const PeftAdapter<double> full = load_peft_adapter<double>(dir.path + "/full");
   CHECK(full.config.bias == "lora_only");
   CHECK(full.config.modules_to_save == std::vector<std::string>{"model.embed_tokens", "model.layers.0.norm"});
   CHECK(full.full.size() == 3);
-  r = peft_run({"merge", "--base", base, "--adapter", dir.path + "/full", "--out", dir.path + "/merged.safetensors"});
+  r = run_cli({"merge", "--base", base, "--adapter", dir.path + "/full", "--out", dir.path + "/merged.safetensors"});
   REQUIRE(r.code == cli::kOk);
   const SafeTensorsFile merged(dir.path + "/merged.safetensors"), want(tuned);
   for (const TensorInfo& t : want.tensors()) {
@@ -326,8 +320,8 @@ TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge giv
   // GPT-2 Conv1D layout: weights stored [in, out]; the adapter says fan_in_fan_out and merges back.
   save(dir.path + "/base_t.safetensors", emb0, q0, b0, n0, true);
   save(dir.path + "/tuned_t.safetensors", emb0, q1, b0, n0, true);
-  r = peft_run({"extract", "--base", dir.path + "/base_t.safetensors", "--tuned", dir.path + "/tuned_t.safetensors",
-                "--rank", "2", "--fan-in-fan-out", "--out", dir.path + "/conv1d"});
+  r = run_cli({"extract", "--base", dir.path + "/base_t.safetensors", "--tuned", dir.path + "/tuned_t.safetensors",
+               "--rank", "2", "--fan-in-fan-out", "--out", dir.path + "/conv1d"});
   REQUIRE(r.code == cli::kOk);
   const PeftAdapter<double> conv = load_peft_adapter<double>(dir.path + "/conv1d");
   CHECK(conv.config.fan_in_fan_out);
@@ -335,20 +329,20 @@ TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge giv
   CHECK(conv.lora[0].A.cols() == 8);  // A [r, in], B [out, r] as for any PEFT LoRA
   CHECK(conv.lora[0].B.rows() == 6);
   CHECK(test::rel_diff(Matrix<double>(conv.lora[0].B * conv.lora[0].A), delta.cast<double>()) < 1e-5);
-  r = peft_run({"merge", "--base", dir.path + "/base_t.safetensors", "--adapter", dir.path + "/conv1d", "--out",
-                dir.path + "/merged_t.safetensors"});
+  r = run_cli({"merge", "--base", dir.path + "/base_t.safetensors", "--adapter", dir.path + "/conv1d", "--out",
+               dir.path + "/merged_t.safetensors"});
   REQUIRE(r.code == cli::kOk);
   CHECK(test::rel_diff(SafeTensorsFile(dir.path + "/merged_t.safetensors").load<double>("model.layers.0.q.weight"),
                        Matrix<double>(q1.transpose().cast<double>())) < 1e-5);
 
   // Bad values are usage errors; nothing is written.
-  r = peft_run({"extract", "--base", base, "--tuned", tuned, "--rank", "-1", "--out", dir.path + "/neg"});
+  r = run_cli({"extract", "--base", base, "--tuned", tuned, "--rank", "-1", "--out", dir.path + "/neg"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "--rank must be > 0, got -1"));
-  r = peft_run(
+  CHECK(contains(r.err, "--rank must be > 0, got -1"));
+  r = run_cli(
       {"extract", "--base", base, "--tuned", tuned, "--rank", "2", "--exclude", ".*", "--out", dir.path + "/none"});
   CHECK(r.code == cli::kConfig);
-  CHECK(has(r.err, "outside --exclude"));
+  CHECK(contains(r.err, "outside --exclude"));
   CHECK(!path_exists(dir.path + "/neg"));
   CHECK(!path_exists(dir.path + "/none"));
 }
@@ -356,10 +350,10 @@ TEST_CASE("peft extract: embeddings, biases and norms; fan_in_fan_out; merge giv
 TEST_CASE("peft quantize: NF4 weights in the bitsandbytes layout, other tensors copied", "[tools][quant]") {
   TempDir dir;
   const std::string src = data_dir() + "/tiny_base.safetensors", dst = dir.path + "/q.safetensors";
-  Result r = peft_run({"quantize", src, "--out", dst, "--blocksize", "64"});
+  CliResult r = run_cli({"quantize", src, "--out", dst, "--blocksize", "64"});
   REQUIRE(r.code == cli::kOk);
-  CHECK(has(r.out, "weights to NF4 + double quantization (blocksize 64)"));
-  CHECK(has(r.out, " bits per parameter)"));
+  CHECK(contains(r.out, "weights to NF4 + double quantization (blocksize 64)"));
+  CHECK(contains(r.out, " bits per parameter)"));
   const SafeTensorsFile in(src), out(dst);
   const std::vector<std::string> prefixes = quant::bnb_4bit_prefixes(out);
   REQUIRE(!prefixes.empty());
@@ -376,12 +370,12 @@ TEST_CASE("peft quantize: NF4 weights in the bitsandbytes layout, other tensors 
     if (std::find(prefixes.begin(), prefixes.end(), t.name.substr(0, t.name.rfind('.'))) == prefixes.end())
       CHECK(out.load<double>(t.name) == in.load<double>(t.name));
 
-  r = peft_run({"quantize", src, "--out", dir.path + "/x.safetensors", "--blocksize", "0"});
+  r = run_cli({"quantize", src, "--out", dir.path + "/x.safetensors", "--blocksize", "0"});
   CHECK(r.code == cli::kUsage);
-  CHECK(has(r.err, "--blocksize must be in [1, 1048576], got 0"));
-  r = peft_run({"quantize", dir.path + "/missing.safetensors", "--out", dir.path + "/x.safetensors"});
+  CHECK(contains(r.err, "--blocksize must be in [1, 1048576], got 0"));
+  r = run_cli({"quantize", dir.path + "/missing.safetensors", "--out", dir.path + "/x.safetensors"});
   CHECK(r.code == cli::kIo);
-  r = peft_run({"quantize", src, "--out", dir.path + "/x.safetensors", "--include", "("});
+  r = run_cli({"quantize", src, "--out", dir.path + "/x.safetensors", "--include", "("});
   CHECK(r.code == cli::kConfig);
   CHECK(!std::ifstream(dir.path + "/x.safetensors").good());
 }

@@ -27,6 +27,7 @@
 #include <peft/version.hpp>
 
 #include "../io/io_test_utils.hpp"
+#include "cli_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -38,18 +39,9 @@ using peft::test::io::write_bytes;
 
 namespace {
 
-struct CliResult {
-  int code;
-  std::string out, err;
-};
-
-CliResult run_cli(const std::vector<std::string>& args) {
-  std::ostringstream out, err;
-  const int code = peft::cli::run(args, out, err);
-  return {code, out.str(), err.str()};
-}
-
-bool contains(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+using peft::test::cli::CliResult;
+using peft::test::cli::contains;
+using peft::test::cli::run_cli;
 
 bool any_temporary(const TempDir& dir) {
   for (const std::string& e : dir.entries())

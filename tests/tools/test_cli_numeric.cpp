@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../io/io_test_utils.hpp"
+#include "cli_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -26,18 +27,9 @@ using peft::test::io::write_bytes;
 
 namespace {
 
-struct NumericResult {
-  int code;
-  std::string out, err;
-};
-
-NumericResult run_numeric(const std::vector<std::string>& args) {
-  std::ostringstream out, err;
-  const int code = peft::cli::run(args, out, err);
-  return {code, out.str(), err.str()};
-}
-
-bool contains(const std::string& s, const std::string& needle) { return s.find(needle) != std::string::npos; }
+using peft::test::cli::CliResult;
+using peft::test::cli::contains;
+using peft::test::cli::run_cli;
 
 /// A copy of the adapter directory `src` as `dst`, with the config's lora_alpha (16) and the
 /// alpha_pattern entry of q (8) both set to `alpha`.
@@ -58,7 +50,7 @@ void copy_adapter_with_alpha(const std::string& src, const std::string& dst, con
 void require_numeric_and_nothing_written(const TempDir& dir, const std::vector<std::string>& args,
                                          const std::string& name, const std::vector<std::string>& needles) {
   const std::string out = dir.file(name);
-  NumericResult r = run_numeric(args);
+  CliResult r = run_cli(args);
   INFO("stderr: " << r.err);
   CHECK(r.code == cli::kNumeric);
   CHECK(contains(r.err, "numeric error"));
@@ -68,7 +60,7 @@ void require_numeric_and_nothing_written(const TempDir& dir, const std::vector<s
   // The same command over an existing --out directory leaves it untouched.
   REQUIRE(::mkdir(out.c_str(), 0755) == 0);
   write_bytes(out + "/keep.txt", "precious");
-  r = run_numeric(args);
+  r = run_cli(args);
   CHECK(r.code == cli::kNumeric);
   CHECK(dir.entries(name) == std::vector<std::string>{"keep.txt"});
   CHECK(raw_file(out + "/keep.txt") == "precious");
@@ -142,8 +134,8 @@ TEST_CASE("peft extract: a difference that overflows is refused, exit 6, nothing
     save_safetensors<float>(dir.file("tuned32.safetensors"), {{"model.q.weight", {6, 8}, q1.data(), DType::F32},
                                                               {"model.k.weight", {6, 8}, kf.data(), DType::F32}});
     const std::string out = dir.path + "/ex32";
-    const NumericResult r = run_numeric({"extract", "--base", dir.file("base32.safetensors"), "--tuned",
-                                         dir.file("tuned32.safetensors"), "--rank", "1", "--out", out});
+    const CliResult r = run_cli({"extract", "--base", dir.file("base32.safetensors"), "--tuned",
+                                 dir.file("tuned32.safetensors"), "--rank", "1", "--out", out});
     INFO("stdout: " << r.out << "\nstderr: " << r.err);
     if (r.code == cli::kOk) {
       // ΔW = −6e38 everywhere is rank 1 and finite in double: then the adapter must reproduce it,

@@ -1,12 +1,16 @@
 #pragma once
 // Helpers for file tests: a self-removing temporary directory, raw file access, the fixture folder.
 #include <dirent.h>
+#include <fcntl.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
+#include <future>
 #include <iterator>
 #include <string>
 #include <vector>
@@ -63,6 +67,23 @@ inline std::string data_dir() {
   std::string here = __FILE__;
   here = here.substr(0, here.find_last_of('/'));
   return here.substr(0, here.find_last_of('/')) + "/data";
+}
+
+/// Runs `fn` on another thread (a peft::Error it throws is swallowed); if it is still blocked
+/// after a few seconds (in open() of the FIFO `fifo`), a non-blocking writer is opened to release
+/// it and false is returned. A reader that refuses a FIFO returns at once.
+inline bool returns_without_blocking(const std::string& fifo, const std::function<void()>& fn) {
+  auto done = std::async(std::launch::async, [&] {
+    try {
+      fn();
+    } catch (const peft::Error&) {
+    }
+  });
+  if (done.wait_for(std::chrono::seconds(5)) == std::future_status::ready) return true;
+  const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // unblocks the reader's open()
+  done.wait();
+  if (w >= 0) ::close(w);
+  return false;
 }
 
 }  // namespace peft::test::io

@@ -267,7 +267,8 @@ struct AdamSnapshot {
 
 bool bit_identical(const Matrix<double>& a, const Matrix<double>& b) {
   return a.rows() == b.rows() && a.cols() == b.cols() &&
-         std::memcmp(a.data(), b.data(), sizeof(double) * static_cast<std::size_t>(a.size())) == 0;
+         (a.size() == 0 ||  // an empty matrix has no data pointer
+          std::memcmp(a.data(), b.data(), sizeof(double) * static_cast<std::size_t>(a.size())) == 0);
 }
 
 bool bit_identical(const AdamSnapshot& a, const AdamSnapshot& b) {

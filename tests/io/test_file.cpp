@@ -28,21 +28,7 @@ using peft::test::io::write_bytes;
 
 namespace {
 
-/// Runs `fn` on another thread; if it is still blocked after a few seconds in open() of the FIFO
-/// `fifo`, a non-blocking writer is opened to release it, and false is returned.
-bool returns_without_blocking(const std::string& fifo, const std::function<void()>& fn) {
-  auto done = std::async(std::launch::async, [&] {
-    try {
-      fn();
-    } catch (const Error&) {
-    }
-  });
-  if (done.wait_for(std::chrono::seconds(5)) == std::future_status::ready) return true;
-  const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);  // unblocks the reader's open()
-  done.wait();
-  if (w >= 0) ::close(w);
-  return false;
-}
+using peft::test::io::returns_without_blocking;
 
 mode_t file_mode(const std::string& path) {
   struct stat st;

@@ -4,7 +4,6 @@
 #include <peft/io/peft_format.hpp>
 #include <peft/layers/linear.hpp>
 
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -243,7 +242,6 @@ TEST_CASE("adapter config: 10 000 rank / alpha pattern keys compile once and mat
   j["rank_pattern"] = rp;
   j["alpha_pattern"] = ap;
 
-  const auto t0 = std::chrono::steady_clock::now();
   const std::uint64_t compiled0 = peft::detail::regex_counters().compiled.load();
   const AdapterConfig c = parse_adapter_config(j, "big.json");
   const std::uint64_t compiled1 = peft::detail::regex_counters().compiled.load();
@@ -259,13 +257,11 @@ TEST_CASE("adapter config: 10 000 rank / alpha pattern keys compile once and mat
     REQUIRE(c.alpha_for(path) == 2.0);
     REQUIRE(c.targets(path));
   }
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   CHECK(peft::detail::regex_counters().compiled.load() == compiled1);  // nothing recompiled per module
   // Exactly one test per key per module for each pattern (the last key matches).
   CHECK(peft::detail::pattern_key_tests().load() - tests0 == static_cast<std::uint64_t>(2 * keys * modules));
   // The regex engine runs only for the regex keys (10 per pattern) and target_modules.
   CHECK(peft::detail::regex_counters().runs.load() - runs0 == static_cast<std::uint64_t>((2 * 10 + 1) * modules));
-  CHECK(seconds < 2.0);
 }
 
 TEST_CASE("PEFT adapter directory: loading resolves each module's r and alpha with one pass over the patterns",

@@ -7,7 +7,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <string>
 
 #include "support/test_utils.hpp"
@@ -52,7 +51,6 @@ std::string metadata_header(std::size_t keys) {
 
 TEST_CASE("safetensors limits: tensor count, just under and just over kMaxTensors", "[io][safetensors][limits]") {
   static_assert(kMaxTensors == 1000000, "the tests below are written for this limit");
-  const auto t0 = std::chrono::steady_clock::now();
   // Exactly kMaxTensors entries (metadata keys do not count as tensors) are accepted.
   std::string h = empty_entries(kMaxTensors);
   const std::string meta = ",\"__metadata__\":{\"format\":\"pt\"}}";
@@ -68,9 +66,6 @@ TEST_CASE("safetensors limits: tensor count, just under and just over kMaxTensor
   PEFT_REQUIRE_THROWS_WITH(parse_image(limits_file(h + meta)), IoError,
                            "\"limits.st\": header declares 1000002 tensors, more than the limit of 1000000 "
                            "(kMaxTensors)");
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  INFO("two headers of a million entries: " << seconds << " s");
-  CHECK(seconds < 30);  // ~2 s at -O1; a quadratic parse would take hours
 }
 
 TEST_CASE("safetensors limits: metadata keys, just under and just over kMaxMetadataKeys", "[io][safetensors][limits]") {

@@ -13,6 +13,7 @@
 #include <iterator>
 #include <map>
 
+#include "method_fixtures.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -20,40 +21,10 @@ using peft::test::Tolerances;
 
 namespace lokr_test {
 
-std::string data_dir() {
-  if (const char* d = std::getenv("PEFT_TEST_DATA")) return d;
-  std::string here = __FILE__;
-  here = here.substr(0, here.find_last_of('/'));
-  return here.substr(0, here.find_last_of('/')) + "/data";
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-struct ModuleShape {
-  const char* path;
-  Index in, out;
-};
-const ModuleShape kModules[] = {{"model.layers.0.self_attn.q_proj", 12, 8},
-                                {"model.layers.0.self_attn.v_proj", 8, 12},
-                                {"model.layers.0.mlp.fc1", 12, 16},
-                                {"model.layers.0.mlp.fc2", 16, 12}};
-
-/// PEFT's pattern rule for plain-name keys: the first key k (JSON order) with path == k or
-/// path ending in "." + k.
-template <class V>
-bool match_pattern(const io::Json& patterns, const std::string& path, V& value) {
-  for (auto it = patterns.begin(); it != patterns.end(); ++it) {
-    const std::string& k = it.key();
-    if (path == k || (path.size() > k.size() && path.compare(path.size() - k.size() - 1, k.size() + 1, "." + k) == 0)) {
-      value = it.value().template get<V>();
-      return true;
-    }
-  }
-  return false;
-}
+using peft::test::methods::data_dir;
+using peft::test::methods::kModules;
+using peft::test::methods::match_pattern;
+using peft::test::methods::read_text;
 
 LokrConfig config_for(const io::Json& j, const std::string& path) {
   LokrConfig c;

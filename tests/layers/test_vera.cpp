@@ -12,6 +12,7 @@
 #include <fstream>
 #include <iterator>
 
+#include "method_fixtures.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -19,26 +20,9 @@ using peft::test::Tolerances;
 
 namespace vera_test {
 
-std::string data_dir() {
-  if (const char* d = std::getenv("PEFT_TEST_DATA")) return d;
-  std::string here = __FILE__;
-  here = here.substr(0, here.find_last_of('/'));
-  return here.substr(0, here.find_last_of('/')) + "/data";
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
-}
-
-struct ModuleShape {
-  const char* path;
-  Index in, out;
-};
-const ModuleShape kModules[] = {{"model.layers.0.self_attn.q_proj", 12, 8},
-                                {"model.layers.0.self_attn.v_proj", 8, 12},
-                                {"model.layers.0.mlp.fc1", 12, 16},
-                                {"model.layers.0.mlp.fc2", 16, 12}};
+using peft::test::methods::data_dir;
+using peft::test::methods::kModules;
+using peft::test::methods::read_text;
 
 VeraConfig config_from(const io::Json& j) {
   VeraConfig c;

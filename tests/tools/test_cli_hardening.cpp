@@ -34,6 +34,7 @@ using namespace peft;
 using namespace peft::io;
 using peft::test::io::data_dir;
 using peft::test::io::raw_file;
+using peft::test::io::returns_without_blocking;
 using peft::test::io::TempDir;
 using peft::test::io::write_bytes;
 
@@ -94,17 +95,6 @@ void write_model(const std::string& base, const std::string& adapter, int layers
   }
   save_safetensors<float>(base, ts);
   save_peft_adapter(adapter, lora_adapter(paths, rows, cols, 2, rng));
-}
-
-/// Runs `fn` on another thread; false if it is still blocked on the FIFO after a few seconds
-/// (a non-blocking writer then releases it).
-bool finishes_without_blocking(const std::string& fifo, const std::function<void()>& fn) {
-  auto done = std::async(std::launch::async, fn);
-  if (done.wait_for(std::chrono::seconds(5)) == std::future_status::ready) return true;
-  const int w = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK);
-  done.wait();
-  if (w >= 0) ::close(w);
-  return false;
 }
 
 /// Forks; the child restores default signal actions, installs the tool's handlers and runs `body`,
@@ -191,10 +181,10 @@ TEST_CASE("peft: a FIFO as input is refused (exit 3) without blocking", "[tools]
   const std::string fifo = dir.file("pipe.safetensors");
   REQUIRE(::mkfifo(fifo.c_str(), 0600) == 0);
   CliResult r{};
-  CHECK(finishes_without_blocking(fifo, [&] { r = run_cli({"inspect", fifo}); }));
+  CHECK(returns_without_blocking(fifo, [&] { r = run_cli({"inspect", fifo}); }));
   CHECK(r.code == cli::kIo);
   CHECK(contains(r.err, "is not a regular file (it is a FIFO (named pipe))"));
-  CHECK(finishes_without_blocking(fifo, [&] {
+  CHECK(returns_without_blocking(fifo, [&] {
     r = run_cli({"merge", "--base", fifo, "--adapter", data_dir() + "/tiny_lora", "--out", dir.file("m.safetensors")});
   }));
   CHECK(r.code == cli::kIo);
@@ -203,9 +193,9 @@ TEST_CASE("peft: a FIFO as input is refused (exit 3) without blocking", "[tools]
   write_bytes(dir.file("ad/adapter_model.safetensors"), raw_file(data_dir() + "/tiny_lora/adapter_model.safetensors"));
   const std::string cfg = dir.file("ad/adapter_config.json");
   REQUIRE(::mkfifo(cfg.c_str(), 0600) == 0);
-  CHECK(finishes_without_blocking(cfg, [&] { r = run_cli({"inspect", dir.file("ad")}); }));
+  CHECK(returns_without_blocking(cfg, [&] { r = run_cli({"inspect", dir.file("ad")}); }));
   CHECK(r.code == cli::kIo);
-  CHECK(finishes_without_blocking(cfg, [&] {
+  CHECK(returns_without_blocking(cfg, [&] {
     r = run_cli({"merge", "--base", data_dir() + "/tiny_base.safetensors", "--adapter", dir.file("ad"), "--out",
                  dir.file("m.safetensors")});
   }));

@@ -91,7 +91,7 @@ struct VeraProjections {
 inline std::string vera_A_file_key() { return "base_model.vera_A"; }
 inline std::string vera_B_file_key() { return "base_model.vera_B"; }
 
-/// Refuses what this library cannot load faithfully: options whose math is not implemented
+/// Refuses what this library cannot load faithfully: options whose math this library does not compute
 /// (fan_in_fan_out, bias != "none") and files without the projections (save_projection=false, or
 /// either `base_model.vera_A` / `base_model.vera_B` missing among `tensor_names`). `label` names the
 /// adapter directory in messages.

@@ -24,6 +24,7 @@
 
 #include <peft/core/error.hpp>
 #include <peft/io/merge_file.hpp>
+#include <peft/io/methods.hpp>
 #include <peft/io/peft_format.hpp>
 #include <peft/io/safetensors.hpp>
 #include <peft/merge/analysis.hpp>
@@ -268,6 +269,50 @@ inline AdapterConfig unit_scaling_adapter_config(const std::vector<std::pair<std
 
 // ---------------------------------------------------------------------------------------------
 
+/// The peft_type of an adapter directory's config when it is a method of the table (VERA, LOHA,
+/// LOKR, IA3); empty otherwise (LoRA and prompt methods take the PEFT-adapter path).
+inline std::string table_method_of(const std::string& dir) {
+  const std::string path = dir + "/" + kAdapterConfigFile;
+  if (!path_exists(path)) return "";
+  const std::string text = read_text_file(path, 1u << 20);
+  const Json j = parse_json_strict(text, path);
+  if (!j.is_object() || !j.contains("peft_type") || !j.at("peft_type").is_string()) return "";
+  const std::string type = j.at("peft_type").get<std::string>();
+  return find_method_format<double>(type) != nullptr ? type : "";
+}
+
+/// `peft inspect DIR` for a table method: its config keys, then per module its tensors.
+inline int inspect_method_dir(const std::string& dir, std::ostream& out) {
+  const MethodAdapterFile<double> f = read_method_adapter<double>(dir);
+  out << "adapter:    " << dir << "\n";
+  out << "peft_type:  " << f.format->peft_type << " (" << f.format->kind << ")\n";
+  for (const std::string& k : f.format->config_keys)
+    if (f.config.contains(k) && !f.config.at(k).is_null()) out << k << ": " << f.config.at(k).dump() << "\n";
+  for (const auto& kv : f.model_tensors) out << "model tensor " << kv.first << " " << shape_str(kv.second) << "\n";
+  out << "modules:    " << f.modules.size() << "\n\n";
+  out << std::left << std::setw(10) << "params" << std::setw(13) << "norm" << std::setw(44) << "tensors"
+      << "module\n";
+  std::vector<std::string> paths;
+  for (const auto& kv : f.modules) paths.push_back(kv.first);
+  std::sort(paths.begin(), paths.end(), natural_less);
+  Index total = 0;
+  for (const std::string& p : paths) {
+    Index n = 0;
+    double sq = 0;
+    std::string names;
+    for (const auto& t : f.modules.at(p)) {
+      n += t.second.size();
+      sq += t.second.squaredNorm();
+      names += (names.empty() ? "" : " ") + t.first + shape_str(t.second);
+    }
+    total += n;
+    out << std::setw(10) << n << std::setw(13) << fmt(std::sqrt(sq), 5) << std::setw(44) << names << p << "\n";
+  }
+  for (const auto& kv : f.model_tensors) total += kv.second.size();
+  out << "\nparameters in the file: " << total << "\n";
+  return kOk;
+}
+
 inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
   if (a.positional.size() != 1) throw UsageError("inspect takes exactly one FILE or DIR");
   const std::string& target = a.positional[0];
@@ -303,6 +348,7 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
       out << std::setw(6) << dtype_name(t->dtype) << std::setw(22) << t->shape_string() << t->name << "\n";
     return kOk;
   }
+  if (!table_method_of(target).empty()) return inspect_method_dir(target, out);
   const PeftAdapter<double> ad = load_peft_adapter<double>(target);
   const AdapterConfig& c = ad.config;
   out << "adapter:    " << target << "\n";
@@ -374,7 +420,12 @@ inline int cmd_merge(const Args& a, std::ostream& out, std::ostream& err) {
     progress->update(static_cast<Index>(i));
   };
   MergeFileReport rep;
-  if (f64)
+  const bool table = is_directory(adapter) && !table_method_of(adapter).empty();
+  if (table && f64)
+    rep = merge_method_file(base, read_method_adapter<double>(adapter), dst, opt);
+  else if (table)
+    rep = merge_method_file(base, read_method_adapter<float>(adapter), dst, opt);
+  else if (f64)
     rep = merge_adapter_file(base, load_peft_adapter<double>(adapter), dst, opt);
   else
     rep = merge_adapter_file(base, load_peft_adapter<float>(adapter), dst, opt);

@@ -27,13 +27,11 @@ class MlpBlock : public Module<float> {
 
   peft::LoRALinear<float> fc;
   std::optional<peft::Adapter<float>> adapter;
-  peft::IA3Vector<float> ia3;  ///< disabled until add_ia3 (scales the block's activation)
 
   struct Cache {
     peft::LoRALinear<float>::Cache fc;
     Mat z;  ///< pre-activation
-    Mat a;  ///< relu(z) (before the (IA)³ scaling)
-    Mat s;  ///< relu(z) ⊙ l, the adapter's input (only with both)
+    Mat a;  ///< relu(z)
     peft::Adapter<float>::Cache adapter;
   };
 
@@ -41,11 +39,6 @@ class MlpBlock : public Module<float> {
     fc.forward(x, c.z, c.fc);
     peft::activation_forward<float>(peft::Activation::ReLU, c.z, c.a);
     const Mat* out = &c.a;
-    if (ia3.enabled()) {
-      c.s = c.a;
-      ia3.apply(c.s);
-      out = &c.s;
-    }
     if (adapter)
       adapter->forward(*out, y, c.adapter);
     else
@@ -58,15 +51,11 @@ class MlpBlock : public Module<float> {
       adapter->backward(c.adapter, dy, &scratch_);
       dy.swap(scratch_);
     }
-    if (ia3.enabled()) ia3.backward(c.a, dy);                               // dl += Σ dy ⊙ a;  dy ← dy ⊙ l
     peft::activation_backward<float>(peft::Activation::ReLU, c.z, dy, dy);  // dz = dy ⊙ 1[z > 0]
     fc.backward(c.fc, dy, dx);
   }
 
  protected:
-  void visit_own_parameters(const ParameterVisitor& fn) override {
-    if (ia3.enabled()) fn("fc." + ia3.parameter_name(), ia3.ia3_l);
-  }
   void visit_children(const ChildVisitor& fn) override {
     fn("fc", fc);
     if (adapter) fn("adapter", *adapter);
@@ -134,8 +123,9 @@ class MlpNet : public Net {
     set_name("");
   }
   void add_ia3() override {
-    embed_.ia3 = peft::IA3Vector<float>(peft::IA3Placement::Input, embed_.fc.out_features());
-    for (auto& l : layers_) l.ia3 = peft::IA3Vector<float>(peft::IA3Placement::Input, l.fc.out_features());
+    // (IA)³ on each block's linear, scaling its output before the ReLU (PEFT's is_feedforward=false).
+    peft::add_ia3_adapter(embed_.fc, "default", false);
+    for (auto& l : layers_) peft::add_ia3_adapter(l.fc, "default", false);
   }
   std::string head_name() const override { return "head"; }
   std::vector<std::string> unfreeze_order() const override {

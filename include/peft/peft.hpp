@@ -12,7 +12,17 @@
 #include "peft/core/sequence.hpp"
 #include "peft/core/types.hpp"
 
+// The kinds of adapter a linear layer hosts (the method table, io/methods.hpp, lists them with
+// their PEFT file formats): LoRA and DoRA, (IA)³, VeRA, LoHa, LoKr.
+#include "peft/adapters/ia3.hpp"
+#include "peft/adapters/loha.hpp"
+#include "peft/adapters/lokr.hpp"
+#include "peft/adapters/lora.hpp"
+#include "peft/adapters/method.hpp"
+#include "peft/adapters/vera.hpp"
+
 #include "peft/layers/activations.hpp"
+#include "peft/layers/adapted_linear.hpp"
 #include "peft/layers/adapter.hpp"
 #include "peft/layers/attention.hpp"
 #include "peft/layers/dropout.hpp"
@@ -35,6 +45,7 @@
 #include "peft/merge/combine.hpp"
 #include "peft/merge/extract.hpp"
 #include "peft/merge/factors.hpp"
+#include "peft/merge/lora_factors.hpp"
 #include "peft/merge/low_rank_svd.hpp"
 
 #include "peft/models/peft_config.hpp"

@@ -38,7 +38,7 @@ inline const ModuleShape kModules[] = {{"model.layers.0.self_attn.q_proj", 12, 8
 /// Sets `value` from a config's rank_pattern / alpha_pattern object for module `path` when a key
 /// matches (PEFT's rule); returns whether one did.
 template <class V>
-bool match_pattern(const io::Json& patterns, const std::string& path, V& value) {
+bool match_pattern(const peft::io::Json& patterns, const std::string& path, V& value) {
   PatternMap<V> map;
   for (auto it = patterns.begin(); it != patterns.end(); ++it) map.emplace_back(it.key(), it.value().template get<V>());
   const V* v = map.find(path);

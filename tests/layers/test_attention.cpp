@@ -24,10 +24,6 @@ Matrix<T> reference_attention(MultiHeadAttention<T>& attn, const Matrix<T>& x, c
                               const Matrix<T>* pk, const Matrix<T>* pv) {
   typename LoRALinear<T>::Cache c;
   Matrix<T> Q = attn.q_proj.forward(x, c), K = attn.k_proj.forward(x, c), V = attn.v_proj.forward(x, c);
-  if (attn.ia3_k.enabled() && !attn.ia3_k.merged())
-    for (Index i = 0; i < K.rows(); ++i) K.row(i).array() *= attn.ia3_k.scales().array();
-  if (attn.ia3_v.enabled() && !attn.ia3_v.merged())
-    for (Index i = 0; i < V.rows(); ++i) V.row(i).array() *= attn.ia3_v.scales().array();
   const Index H = attn.num_heads(), hd = attn.head_dim(), S = layout.seq, l = pk ? pk->rows() : 0;
   Matrix<T> ctx = Matrix<T>::Zero(x.rows(), attn.dim());
   for (Index b = 0; b < layout.batch; ++b)
@@ -71,8 +67,8 @@ void add_lora(LoRALinear<T>& lin, Rng& rng) {
 
 template <class T>
 void randomize_ia3(MultiHeadAttention<T>& attn, Rng& rng) {
-  attn.ia3_k.ia3_l.value.array() += test::random_matrix<T>(attn.dim(), 1, rng, 0.3).array();
-  attn.ia3_v.ia3_l.value.array() += test::random_matrix<T>(attn.dim(), 1, rng, 0.3).array();
+  attn.ia3_k()->l.value.array() += test::random_matrix<T>(attn.dim(), 1, rng, 0.3).array();
+  attn.ia3_v()->l.value.array() += test::random_matrix<T>(attn.dim(), 1, rng, 0.3).array();
 }
 
 }  // namespace
@@ -337,12 +333,12 @@ TEST_CASE("Attention parameters are named like PyTorch / PEFT", "[attention]") {
   attn.add_ia3("task");
   std::vector<std::string> names;
   for (auto& np : named_parameters(attn)) names.push_back(np.name);
-  const std::vector<std::string> expected = {"k_proj.ia3_l.task", "v_proj.ia3_l.task", "q_proj.weight", "q_proj.bias",
-                                             "k_proj.weight",     "k_proj.bias",       "v_proj.weight", "v_proj.bias",
+  const std::vector<std::string> expected = {"q_proj.weight",     "q_proj.bias",   "k_proj.weight", "k_proj.bias",
+                                             "k_proj.ia3_l.task", "v_proj.weight", "v_proj.bias",   "v_proj.ia3_l.task",
                                              "out_proj.weight",   "out_proj.bias"};
   CHECK(names == expected);
   CHECK(attn.k_proj.name() == "encoder.layers.0.attn.k_proj");
-  CHECK(attn.ia3_k.ia3_l.shape() == std::vector<std::int64_t>{8, 1});
+  CHECK(attn.ia3_k()->l.shape() == std::vector<std::int64_t>{8, 1});
   CHECK(count_parameters(attn).total == 4 * (8 * 8 + 8) + 2 * 8);
 }
 

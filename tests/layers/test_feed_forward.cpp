@@ -12,7 +12,7 @@ TEMPLATE_TEST_CASE("FeedForward forward is fc2(f(fc1 x) ⊙ l)", "[feed_forward]
   Rng rng(61);
   FeedForward<T> ffn(4, 10, Activation::GELU, rng, true, "layers.0.ffn");
   ffn.add_ia3();
-  ffn.ia3.ia3_l.value = test::random_matrix<T>(1, 10, rng);
+  ffn.ia3()->l.value = test::random_matrix<T>(1, 10, rng);
   const Matrix<T> x = test::random_matrix<T>(5, 4, rng);
   typename FeedForward<T>::Cache cache;
   const Matrix<T> y = ffn.forward(x, cache);
@@ -20,7 +20,7 @@ TEMPLATE_TEST_CASE("FeedForward forward is fc2(f(fc1 x) ⊙ l)", "[feed_forward]
   z.rowwise() += ffn.fc1.bias.value.row(0);
   Matrix<T> h(5, 10);
   for (Index i = 0; i < 5; ++i)
-    for (Index j = 0; j < 10; ++j) h(i, j) = activation_value<T>(Activation::GELU, z(i, j)) * ffn.ia3.ia3_l.value(0, j);
+    for (Index j = 0; j < 10; ++j) h(i, j) = activation_value<T>(Activation::GELU, z(i, j)) * ffn.ia3()->l.value(0, j);
   Matrix<T> expected = h * ffn.fc2.weight.value.transpose();
   expected.rowwise() += ffn.fc2.bias.value.row(0);
   CHECK(test::rel_diff(y, expected) < 10 * Tolerances<T>::rel);
@@ -42,7 +42,7 @@ TEST_CASE("FeedForward backward matches finite differences for every activation,
     ffn.fc1.adapter("default").B.value = test::random_matrix<double>(7, 2, rng, 0.5);
     ffn.fc2.adapter("default").B.value = test::random_matrix<double>(5, 2, rng, 0.5);
     ffn.add_ia3();
-    ffn.ia3.ia3_l.value.array() += test::random_matrix<double>(1, 7, rng, 0.3).array();
+    ffn.ia3()->l.value.array() += test::random_matrix<double>(1, 7, rng, 0.3).array();
     Matrix<double> x = test::random_matrix<double>(4, 5, rng);
     const Matrix<double> g = test::random_matrix<double>(4, 5, rng);
     auto loss = [&] {
@@ -74,8 +74,8 @@ TEST_CASE("FeedForward naming, counts and errors", "[feed_forward][errors]") {
   ffn.add_ia3("task");
   std::vector<std::string> names;
   for (auto& np : named_parameters(ffn)) names.push_back(np.name);
-  CHECK(names == std::vector<std::string>{"fc2.ia3_l.task", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"});
-  CHECK(ffn.ia3.ia3_l.shape() == std::vector<std::int64_t>{1, 32});
+  CHECK(names == std::vector<std::string>{"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc2.ia3_l.task"});
+  CHECK(ffn.ia3()->l.shape() == std::vector<std::int64_t>{1, 32});
   CHECK(count_parameters(ffn).total == 8 * 32 + 32 + 32 * 8 + 8 + 32);
   PEFT_REQUIRE_THROWS_WITH(ffn.add_ia3(), ConfigError, "FeedForward \"ffn\": already has an (IA)^3 adapter \"task\"");
   PEFT_REQUIRE_THROWS_WITH(FeedForward<float>(0, 4, Activation::ReLU, rng, true, "f"), ConfigError,

@@ -22,8 +22,8 @@ TEMPLATE_TEST_CASE("(IA)^3 is the identity at init, exactly", "[ia3]", float, do
   const Matrix<T> yf = ffn.forward(x, cf);
   attn.add_ia3();
   ffn.add_ia3();
-  CHECK(attn.ia3_k.ia3_l.value.isOnes(0));
-  CHECK(ffn.ia3.ia3_l.value.isOnes(0));
+  CHECK(attn.ia3_k()->l.value.isOnes(0));
+  CHECK(ffn.ia3()->l.value.isOnes(0));
   CHECK(attn.forward(x, layout, ca) == ya);
   CHECK(ffn.forward(x, cf) == yf);
   // Parameter counts: 2·d on attention (k, v), inner on the feed-forward.
@@ -41,9 +41,9 @@ TEMPLATE_TEST_CASE("(IA)^3 merged equals unmerged; unmerge restores the weights"
   FeedForward<T> ffn(8, 12, Activation::SiLU, rng, true, "ffn");
   attn.add_ia3();
   ffn.add_ia3();
-  attn.ia3_k.ia3_l.value = test::random_matrix<T>(8, 1, rng);
-  attn.ia3_v.ia3_l.value = test::random_matrix<T>(8, 1, rng);
-  ffn.ia3.ia3_l.value = test::random_matrix<T>(1, 12, rng);
+  attn.ia3_k()->l.value = test::random_matrix<T>(8, 1, rng);
+  attn.ia3_v()->l.value = test::random_matrix<T>(8, 1, rng);
+  ffn.ia3()->l.value = test::random_matrix<T>(1, 12, rng);
   const SequenceLayout layout(2, 4, {4, 3});
   const Matrix<T> x = test::random_matrix<T>(8, 8, rng);
   const Matrix<T> pk = test::random_matrix<T>(2, 8, rng), pv = test::random_matrix<T>(2, 8, rng);
@@ -60,12 +60,12 @@ TEMPLATE_TEST_CASE("(IA)^3 merged equals unmerged; unmerge restores the weights"
   // Row scaling of W_k and b_k; column scaling of W_2, bias untouched.
   for (Index i = 0; i < 8; ++i) {
     CHECK(test::rel_diff(Matrix<T>(attn.k_proj.weight.value.row(i)),
-                         Matrix<T>(wk.row(i) * attn.ia3_k.ia3_l.value(i, 0))) < Tolerances<T>::rel);
-    CHECK(std::abs(static_cast<double>(attn.k_proj.bias.value(0, i) - bk(0, i) * attn.ia3_k.ia3_l.value(i, 0))) <
+                         Matrix<T>(wk.row(i) * attn.ia3_k()->l.value(i, 0))) < Tolerances<T>::rel);
+    CHECK(std::abs(static_cast<double>(attn.k_proj.bias.value(0, i) - bk(0, i) * attn.ia3_k()->l.value(i, 0))) <
           Tolerances<T>::rel);
   }
   for (Index j = 0; j < 12; ++j)
-    CHECK(test::rel_diff(Matrix<T>(ffn.fc2.weight.value.col(j)), Matrix<T>(w2.col(j) * ffn.ia3.ia3_l.value(0, j))) <
+    CHECK(test::rel_diff(Matrix<T>(ffn.fc2.weight.value.col(j)), Matrix<T>(w2.col(j) * ffn.ia3()->l.value(0, j))) <
           Tolerances<T>::rel);
   CHECK(ffn.fc2.bias.value == b2);
   CHECK(test::rel_diff(attn.forward(x, layout, ca, &prefix), ya) < 10 * Tolerances<T>::rel);
@@ -79,54 +79,83 @@ TEMPLATE_TEST_CASE("(IA)^3 merged equals unmerged; unmerge restores the weights"
   CHECK(test::rel_diff(ffn.forward(x, cf), yf) < 10 * Tolerances<T>::rel);
 }
 
-TEST_CASE("IA3Vector backward matches finite differences in both placements", "[ia3][gradcheck]") {
+TEST_CASE("(IA)^3 on a linear: PEFT's formulas, gradients against finite differences", "[ia3][gradcheck]") {
   Rng rng(73);
-  for (IA3Placement placement : {IA3Placement::Output, IA3Placement::Input}) {
-    IA3Vector<double> v(placement, 5, "default");
-    v.ia3_l.value = test::random_matrix<double>(v.ia3_l.value.rows(), v.ia3_l.value.cols(), rng);
-    Matrix<double> u = test::random_matrix<double>(3, 5, rng);
-    const Matrix<double> g = test::random_matrix<double>(3, 5, rng);
-    auto loss = [&] {
-      Matrix<double> y = u;
-      v.apply(y);
-      return test::dot(g, y);
-    };
-    Matrix<double> du = g;
-    v.backward(u, du);
-    CHECK(relative_error(du, numerical_gradient(u, loss)) < Tolerances<double>::grad);
-    CHECK(relative_error(v.ia3_l.grad, numerical_gradient(v.ia3_l.value, loss)) < Tolerances<double>::grad);
+  for (bool feedforward : {false, true}) {
+    for (bool train_base : {false, true}) {
+      INFO("feedforward " << feedforward << ", trainable base " << train_base);
+      LoRALinear<double> lin(5, 4, rng, true, "blk.k_proj");
+      if (!train_base) lin.freeze_base();
+      IA3Config config;
+      config.feedforward = feedforward;
+      auto& m = static_cast<IA3Method<double>&>(
+          lin.add_adapter(std::make_unique<IA3Method<double>>("default", config, 5, 4)));
+      CHECK(m.l.shape() == (feedforward ? std::vector<std::int64_t>{1, 5} : std::vector<std::int64_t>{4, 1}));
+      m.l.value = test::random_matrix<double>(m.l.value.rows(), m.l.value.cols(), rng);
+      Matrix<double> x = test::random_matrix<double>(3, 5, rng);
+      const Matrix<double> g = test::random_matrix<double>(3, 4, rng);
+      // PEFT's IA3 Linear: output scaling (x Wᵀ + b) ⊙ l, input scaling (x ⊙ l) Wᵀ + b.
+      const RowVector<double> l = Eigen::Map<const RowVector<double>>(m.l.value.data(), m.l.size());
+      Matrix<double> expected;
+      if (feedforward) {
+        expected = (x.array().rowwise() * l.array()).matrix() * lin.weight.value.transpose();
+        expected.rowwise() += lin.bias.value.row(0);
+      } else {
+        Matrix<double> base = x * lin.weight.value.transpose();
+        base.rowwise() += lin.bias.value.row(0);
+        expected = base.array().rowwise() * l.array();
+      }
+      typename LoRALinear<double>::Cache cache;
+      CHECK(test::rel_diff(lin.forward(x, cache), expected) < 1e-14);
+      auto loss = [&] {
+        typename LoRALinear<double>::Cache c;
+        return test::dot(g, lin.forward(x, c));
+      };
+      lin.zero_grad();
+      Matrix<double> dx;
+      lin.forward(x, cache);
+      lin.backward(cache, g, &dx);
+      CHECK(relative_error(dx, numerical_gradient(x, loss)) < Tolerances<double>::grad);
+      for (auto& np : trainable_parameters(lin)) {
+        INFO(np.name);
+        CHECK(relative_error(np.param->grad, numerical_gradient(np.param->value, loss)) < Tolerances<double>::grad);
+      }
+    }
   }
-  // Frozen vectors need no cached activation and accumulate nothing.
-  IA3Vector<double> frozen(IA3Placement::Input, 3);
-  frozen.ia3_l.set_trainable(false);
-  Matrix<double> g = Matrix<double>::Ones(2, 3);
-  frozen.backward(Matrix<double>(), g);
-  CHECK(g.isOnes(0));
 }
 
-TEST_CASE("(IA)^3 refuses unsafe merges and bad shapes with named errors", "[ia3][errors]") {
+TEST_CASE("(IA)^3 merges next to LoRA and refuses a zero scale with a named error", "[ia3][errors]") {
   Rng rng(74);
   LoRALinear<double> lin(4, 6, rng, true, "blk.attn.k_proj");
-  IA3Vector<double> out(IA3Placement::Output, 6, "default");
   LoraConfig cfg;
   cfg.r = 2;
-  lin.add_adapter("default", cfg);
-  PEFT_REQUIRE_THROWS_WITH(
-      out.merge_into(lin), ConfigError,
-      "IA3 \"blk.attn.k_proj\": cannot merge (IA)^3 into a linear with active or merged LoRA adapters");
-  lin.set_active(std::vector<std::string>{});
-  out.merge_into(lin);
-  PEFT_REQUIRE_THROWS_WITH(out.merge_into(lin), ConfigError, "adapter \"default\" is already merged");
-  out.unmerge_from(lin);
-  PEFT_REQUIRE_THROWS_WITH(out.unmerge_from(lin), ConfigError, "is not merged");
-  out.ia3_l.value(2, 0) = 0.0;
-  out.merge_into(lin);
-  PEFT_REQUIRE_THROWS_WITH(out.unmerge_from(lin), NumericError, "ia3_l[2] is 0, the scaling is not invertible");
-  IA3Vector<double> in(IA3Placement::Input, 6, "default");
-  PEFT_REQUIRE_THROWS_WITH(in.merge_into(lin), ShapeError, "ia3_l has 6 entries, the linear's in_features is 4");
-  Matrix<double> y = Matrix<double>::Zero(2, 5);
-  PEFT_REQUIRE_THROWS_WITH(in.apply(y), ShapeError, "activation has 5 features, expected 6");
-  PEFT_REQUIRE_THROWS_WITH(IA3Vector<double>(IA3Placement::Input, 0), ShapeError, "features must be > 0, got 0");
-  PEFT_REQUIRE_THROWS_WITH(IA3Vector<double>(IA3Placement::Input, 3, ""), ConfigError,
-                           "adapter name must not be empty");
+  cfg.init = LoraInit::None;
+  lin.add_adapter("lora", cfg);
+  auto& m = add_ia3_adapter(lin, "ia3", false);
+  m.l.value = test::random_matrix<double>(6, 1, rng);
+  CHECK(lin.active_adapters() == std::vector<std::string>{"lora", "ia3"});
+  const Matrix<double> x = test::random_matrix<double>(3, 4, rng);
+  const Matrix<double> w = lin.weight.value, b = lin.bias.value;
+  typename LoRALinear<double>::Cache cache;
+  const Matrix<double> y = lin.forward(x, cache);
+  lin.merge({"ia3"});  // W ← diag(l) W₀, b ← l ⊙ b₀ (PEFT's IA3 merge), LoRA still unmerged
+  for (Index i = 0; i < 6; ++i) CHECK(std::abs(lin.bias.value(0, i) - b(0, i) * m.l.value(i, 0)) < 1e-15);
+  CHECK(test::rel_diff(lin.forward(x, cache), y) < 1e-14);
+  lin.merge({"lora"});
+  CHECK(test::rel_diff(lin.forward(x, cache), y) < 1e-14);
+  lin.unmerge();
+  CHECK(test::rel_diff(lin.weight.value, w) < 1e-15);
+  CHECK(test::rel_diff(lin.bias.value, b) < 1e-15);
+  const Matrix<double> w_unmerged = lin.weight.value;  // W₀ to rounding
+  m.l.value(2, 0) = 0.0;                               // W₀'s row 2 could not be recovered from the merged weight
+  PEFT_REQUIRE_THROWS_WITH(lin.merge({"ia3"}), NumericError,
+                           "LoRALinear \"blk.attn.k_proj\": (IA)^3 adapter \"ia3\" has a zero or non-finite scale");
+  CHECK_FALSE(lin.merged());
+  CHECK(lin.weight.value == w_unmerged);
+  PEFT_REQUIRE_THROWS_WITH(add_ia3_adapter(lin, "ia3", true), ConfigError, "adapter \"ia3\" already exists");
+  // A name is unique per method: an (IA)³ "lora" next to the LoRA "lora" (PEFT keeps one dict per method).
+  add_ia3_adapter(lin, "lora", true);
+  CHECK(lin.adapter("lora").rank() == 2);
+  CHECK(std::string(lin.method("lora").kind()) == "LoRA");
+  PEFT_REQUIRE_THROWS_WITH(IA3Method<double>("x", IA3Config{}, 0, 3), ShapeError, "base shape [3, 0] is empty");
 }

@@ -142,7 +142,7 @@ TEST_CASE("LoRALinear dropout: mask in the cache, gradient against the explicit 
   typename LoRALinear<double>::Cache cache;
   const Matrix<double> y = layer.forward(x, cache);
   REQUIRE(cache.used == 2);
-  const Matrix<double> keep_a = cache.adapters[0].keep, keep_b = cache.adapters[1].keep;
+  const Matrix<double> keep_a = cache.lora(0).keep, keep_b = cache.lora(1).keep;
   REQUIRE(keep_a.rows() == 40);
   REQUIRE(keep_a.cols() == 8);
   // Entries are 0 or 1/(1−p), dropped with probability p; the two adapters draw independent masks.
@@ -179,7 +179,7 @@ TEST_CASE("LoRALinear dropout: mask in the cache, gradient against the explicit 
   // eval() turns dropout off: the output is the plain formula again.
   layer.eval();
   CHECK(test::rel_diff(layer.forward(x, cache), reference(layer, x, {"a", "b"})) < 1e-14);
-  CHECK(cache.adapters[0].keep.size() == 0);
+  CHECK(cache.lora(0).keep.size() == 0);
 }
 
 TEST_CASE("LoRALinear with a frozen base keeps no x unless dA needs it", "[lora]") {
@@ -199,7 +199,7 @@ TEST_CASE("LoRALinear with a frozen base keeps no x unless dA needs it", "[lora]
   layer.train();  // dropout: dA reads dropout(x) from the adapter cache; x itself is not kept
   layer.forward(x, cache);
   CHECK(cache.x.size() == 0);
-  CHECK(cache.adapters[0].xd.size() == x.size());
+  CHECK(cache.lora(0).xd.size() == x.size());
   layer.backward(cache, g, nullptr);
   CHECK(layer.weight.grad.size() == 0);
   CHECK(layer.adapter("a").A.grad.cwiseAbs().maxCoeff() > 0);

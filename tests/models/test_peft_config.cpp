@@ -214,7 +214,7 @@ TEST_CASE("apply_peft: adapters, IA3, prefix and prompt parameter counts equal c
     pc.ia3.emplace();
     pc.ia3->target_modules = {"v_proj"};
     CHECK(apply_peft(m, pc, rng).parameters.trainable == L * d);
-    CHECK_FALSE(m.layers[0].attn.ia3_k.enabled());
+    CHECK(m.layers[0].attn.ia3_k() == nullptr);
   }
   {
     auto m = base;

@@ -27,6 +27,7 @@ struct AdapterTensor {
   std::string file_key;    ///< key in adapter_model.safetensors: `base_model.model.<module>.<param>`
   std::string model_name;  ///< name in PEFT's model state dict: `<module>.<param>.<adapter>`
   Parameter<T>* parameter = nullptr;
+  bool vector = false;  ///< saved 1-D ([n], stored [1, n]) as PEFT saves it
 };
 
 /// `base_model.model.<module_path>.<param>`: the key PEFT writes for a module's adapter tensor.

@@ -19,16 +19,18 @@
 // Training only (identity in eval): rank_dropout multiplies the rows of ΔW by a 0/1 mask divided
 // by its mean; module_dropout skips the whole term with probability p.
 #include <cmath>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "peft/adapters/common.hpp"
+#include "peft/adapters/method.hpp"
 #include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/rng.hpp"
-#include "peft/merge/factors.hpp"
+#include "peft/merge/lora_factors.hpp"
 
 namespace peft {
 
@@ -50,6 +52,9 @@ struct LohaConfig {
 template <class T>
 class LohaAdapter {
  public:
+  static constexpr const char* kPeftType = "LOHA";  ///< Hugging Face PEFT's peft_type
+  static constexpr const char* kKind = "LoHa";
+
   /// What backward needs from one forward.
   struct Cache {
     Index rows = 0;
@@ -214,5 +219,12 @@ class LohaAdapter {
   // Scratch reused across calls (backward rebuilds what it needs from the parameters).
   Matrix<T> w1_, w2_, dw_, term_, g_, d_, e_;
 };
+
+/// The adapter as a kind of adapter for AdaptedLinear::add_adapter (`layer` names the host in messages).
+template <class T>
+std::unique_ptr<AdapterMethod<T>> make_loha(const std::string& adapter_name, Index in, Index out,
+                                            const LohaConfig& config, Rng& rng, const std::string& layer = "") {
+  return std::make_unique<KernelMethod<T, LohaAdapter<T>>>(adapter_name, LohaAdapter<T>(in, out, config, rng, layer));
+}
 
 }  // namespace peft

@@ -28,17 +28,19 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include "peft/adapters/common.hpp"
+#include "peft/adapters/method.hpp"
 #include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/rng.hpp"
-#include "peft/merge/factors.hpp"
+#include "peft/merge/lora_factors.hpp"
 
 namespace peft {
 
@@ -157,6 +159,9 @@ inline LokrLayout lokr_layout_from_shapes(Index in, Index out, int r,
 template <class T>
 class LokrAdapter {
  public:
+  static constexpr const char* kPeftType = "LOKR";  ///< Hugging Face PEFT's peft_type
+  static constexpr const char* kKind = "LoKr";
+
   /// What backward needs from one forward.
   struct Cache {
     Index rows = 0;
@@ -215,6 +220,7 @@ class LokrAdapter {
   Index in_features() const { return in_; }
   Index out_features() const { return out_; }
   double scaling() const { return config_.scaling(); }
+  int rank() const { return config_.r; }
 
   void train(bool on = true) { training_ = on; }
   void eval() { training_ = false; }
@@ -433,5 +439,12 @@ class LokrAdapter {
   // Scratch reused across calls (backward rebuilds what it needs from the parameters).
   Matrix<T> w1_buf_, w2_buf_, term_, g_, gw1_, gw2_, h_;
 };
+
+/// The adapter as a kind of adapter for AdaptedLinear::add_adapter (`layer` names the host in messages).
+template <class T>
+std::unique_ptr<AdapterMethod<T>> make_lokr(const std::string& adapter_name, Index in, Index out,
+                                            const LokrConfig& config, Rng& rng, const std::string& layer = "") {
+  return std::make_unique<KernelMethod<T, LokrAdapter<T>>>(adapter_name, LokrAdapter<T>(in, out, config, rng, layer));
+}
 
 }  // namespace peft

@@ -31,11 +31,12 @@
 #include <vector>
 
 #include "peft/adapters/common.hpp"
+#include "peft/adapters/method.hpp"
 #include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/rng.hpp"
-#include "peft/merge/factors.hpp"
+#include "peft/merge/lora_factors.hpp"
 
 namespace peft {
 
@@ -125,6 +126,9 @@ inline void check_vera_file(const VeraConfig& config, const std::vector<std::str
 template <class T>
 class VeraAdapter {
  public:
+  static constexpr const char* kPeftType = "VERA";  ///< Hugging Face PEFT's peft_type
+  static constexpr const char* kKind = "VeRA";
+
   /// What backward needs from one forward.
   struct Cache {
     Index rows = 0;
@@ -173,9 +177,9 @@ class VeraAdapter {
   /// shared projections are model-level tensors (vera_A_file_key(), vera_B_file_key()).
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path, const std::string& adapter) {
     return {{peft_file_key(module_path, "vera_lambda_b"), peft_model_name(module_path, "vera_lambda_b", adapter),
-             &lambda_b},
+             &lambda_b, true},
             {peft_file_key(module_path, "vera_lambda_d"), peft_model_name(module_path, "vera_lambda_d", adapter),
-             &lambda_d}};
+             &lambda_d, true}};
   }
 
   /// y += ((x̃ A_lᵀ) ⊙ λ_d) B_lᵀ ⊙ λ_b;  x [rows, in], y [rows, out] (holds the base output).
@@ -294,5 +298,15 @@ class VeraAdapter {
   // Scratch reused across calls (no state between forward and backward lives here).
   Matrix<T> v_, w_, gw_, dv_, gx_;
 };
+
+/// The adapter as a kind of adapter for AdaptedLinear::add_adapter (`layer` names the host in messages).
+template <class T>
+std::unique_ptr<AdapterMethod<T>> make_vera(const std::string& adapter_name, Index in, Index out,
+                                            const VeraConfig& config,
+                                            std::shared_ptr<const VeraProjections<T>> projections, Rng& rng,
+                                            const std::string& layer = "") {
+  return std::make_unique<KernelMethod<T, VeraAdapter<T>>>(
+      adapter_name, VeraAdapter<T>(in, out, config, std::move(projections), rng, layer));
+}
 
 }  // namespace peft

@@ -1014,30 +1014,13 @@ inline bool config_has_digest(const std::string& path) {
 }
 }  // namespace detail
 
-template <class T>
-void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DType dtype = native_dtype<T>()) {
-  if (!dtype_is_float(dtype))
-    throw ConfigError(std::string("save_peft_adapter: dtype ") + dtype_name(dtype) + " is not a float type");
-  std::vector<NamedTensor<T>> tensors;
-  for (const auto& m : adapter.lora) {
-    const std::string base = std::string(kPeftKeyPrefix) + m.path;
-    tensors.push_back({base + ".lora_A.weight", matrix_shape(m.A.rows(), m.A.cols()), m.A.data(), dtype});
-    tensors.push_back({base + ".lora_B.weight", matrix_shape(m.B.rows(), m.B.cols()), m.B.data(), dtype});
-    if (m.magnitude.size() > 0)
-      tensors.push_back(
-          {base + ".lora_magnitude_vector", matrix_shape(1, m.magnitude.cols(), true), m.magnitude.data(), dtype});
-  }
-  if (adapter.prompt_embeddings.size() > 0)
-    tensors.push_back({"prompt_embeddings",
-                       matrix_shape(adapter.prompt_embeddings.rows(), adapter.prompt_embeddings.cols()),
-                       adapter.prompt_embeddings.data(), dtype});
-  for (const auto& f : adapter.full)
-    tensors.push_back({std::string(kPeftKeyPrefix) + f.name, f.shape, f.value.data(), dtype});
-  auto config_text = [&](const std::string& weights_path) {
-    AdapterConfig c = adapter.config;
-    c.weights_sha256 = detail::sha256_of_file(weights_path);
-    return to_json(c).dump(2) + "\n";
-  };
+namespace detail {
+/// Writes `tensors` as adapter_model.safetensors and config_text(weights path) as
+/// adapter_config.json into `dir`: a new directory appears complete or not at all; an existing one
+/// gets the weights first and the config last (see the file comment on torn writes).
+template <class T, class ConfigText>
+void write_adapter_dir(const std::string& dir, const std::vector<NamedTensor<T>>& tensors,
+                       const ConfigText& config_text) {
   std::string d = dir;
   while (d.size() > 1 && d.back() == '/') d.pop_back();
   if (!path_exists(d)) {
@@ -1077,6 +1060,34 @@ void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DT
   }
   write_file_atomic(config, config_text(weights));
   if (set_aside) ::unlink(aside.c_str());
+}
+}  // namespace detail
+
+template <class T>
+void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DType dtype = native_dtype<T>()) {
+  if (!dtype_is_float(dtype))
+    throw ConfigError(std::string("save_peft_adapter: dtype ") + dtype_name(dtype) + " is not a float type");
+  std::vector<NamedTensor<T>> tensors;
+  for (const auto& m : adapter.lora) {
+    const std::string base = std::string(kPeftKeyPrefix) + m.path;
+    tensors.push_back({base + ".lora_A.weight", matrix_shape(m.A.rows(), m.A.cols()), m.A.data(), dtype});
+    tensors.push_back({base + ".lora_B.weight", matrix_shape(m.B.rows(), m.B.cols()), m.B.data(), dtype});
+    if (m.magnitude.size() > 0)
+      tensors.push_back(
+          {base + ".lora_magnitude_vector", matrix_shape(1, m.magnitude.cols(), true), m.magnitude.data(), dtype});
+  }
+  if (adapter.prompt_embeddings.size() > 0)
+    tensors.push_back({"prompt_embeddings",
+                       matrix_shape(adapter.prompt_embeddings.rows(), adapter.prompt_embeddings.cols()),
+                       adapter.prompt_embeddings.data(), dtype});
+  for (const auto& f : adapter.full)
+    tensors.push_back({std::string(kPeftKeyPrefix) + f.name, f.shape, f.value.data(), dtype});
+  auto config_text = [&](const std::string& weights_path) {
+    AdapterConfig c = adapter.config;
+    c.weights_sha256 = detail::sha256_of_file(weights_path);
+    return to_json(c).dump(2) + "\n";
+  };
+  detail::write_adapter_dir<T>(dir, tensors, config_text);
 }
 
 }  // namespace peft::io

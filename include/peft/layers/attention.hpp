@@ -2,17 +2,17 @@
 // Multi-head scaled dot-product attention over a batch of sequences (Vaswani et al., 2017,
 // "Attention Is All You Need"), with the hooks PEFT methods need:
 //
-//   Q = x W_qᵀ + b_q,  K = (x W_kᵀ + b_k) ⊙ l_k,  V = (x W_vᵀ + b_v) ⊙ l_v     [B·S, d]
+//   Q = q_proj(x),  K = k_proj(x),  V = v_proj(x)                             [B·S, d]
 //   per sequence b (valid length L_b) and head h (columns h·d_h .. h·d_h + d_h − 1, d_h = d / H):
 //     K̃ = [P_K; K_b],  Ṽ = [P_V; V_b]                        [l + L_b, d_h]
 //     A = softmax_row(Q_b K̃ᵀ / √d_h  + mask)                 [L_b, l + L_b]
 //     C_b = A Ṽ                                               [L_b, d_h]
 //   y = C W_oᵀ + b_o                                          [B·S, d]
 //
-// - q_proj, k_proj, v_proj, out_proj are LoRALinear children (LoRA targets them by name).
-// - l_k, l_v: optional (IA)³ vectors (Liu et al., 2022; see ia3.hpp), named
-//   `k_proj.ia3_l.<adapter>` and `v_proj.ia3_l.<adapter>`. They scale the projected keys/values only,
-//   never the prefix (PEFT's prefix K/V bypass k_proj as well).
+// - q_proj, k_proj, v_proj, out_proj are adapted linears (LoRALinear): any method targets them by
+//   name. add_ia3 places (IA)³ adapters on k_proj and v_proj (K = (x W_kᵀ + b_k) ⊙ l_k, named
+//   `k_proj.ia3_l.<adapter>`); they scale the projected keys/values only, never the prefix (PEFT's
+//   prefix K/V bypass k_proj as well).
 // - P_K, P_V [l, d]: optional prefix keys/values (Li & Liang, 2021, "Prefix-Tuning"), passed per call
 //   (PrefixKV) by their owner (PrefixAttention); they are always visible: neither the causal mask nor
 //   the key-padding mask ever hides them, and they emit no queries. Backward returns their gradients
@@ -76,8 +76,7 @@ class MultiHeadAttention : public Module<T> {
   struct Cache {
     SequenceLayout layout;
     LinearCache q, k, v, o;
-    Matrix<T> Q, K, V;             ///< [B·S, d] projected (K, V after (IA)³ scaling)
-    Matrix<T> k_raw, v_raw;        ///< [B·S, d] before (IA)³ scaling; only with trainable (IA)³
+    Matrix<T> Q, K, V;             ///< [B·S, d] projected (by the adapted linears, (IA)³ included)
     Matrix<T> prefix_k, prefix_v;  ///< [l, d] copies of the prefix used; empty without prefix
     ColVector<T> row_max;          ///< [B·H·S] m = max of the scaled scores of the row
     ColVector<T> row_sum;          ///< [B·H·S] z = Σ exp(s − m) over the visible keys
@@ -105,8 +104,6 @@ class MultiHeadAttention : public Module<T> {
   }
 
   LoRALinear<T> q_proj, k_proj, v_proj, out_proj;
-  IA3Vector<T> ia3_k;  ///< (IA)³ on the keys; disabled (empty) until add_ia3
-  IA3Vector<T> ia3_v;  ///< (IA)³ on the values
 
   Index dim() const { return q_proj.out_features(); }
   Index num_heads() const { return num_heads_; }
@@ -124,36 +121,47 @@ class MultiHeadAttention : public Module<T> {
 
   // ---- (IA)³ --------------------------------------------------------------------------------
 
-  /// Adds trainable (IA)³ vectors (ones) on the keys and/or values. One (IA)³ adapter per layer.
+  /// Adds (IA)³ adapters (ones) on the keys and/or values (k_proj, v_proj: output scaling), next to
+  /// the adapters active there. One (IA)³ adapter per attention layer.
   void add_ia3(const std::string& adapter = "default", bool keys = true, bool values = true) {
     const std::string who = describe("MultiHeadAttention", this->name());
-    if (ia3_k.enabled() || ia3_v.enabled())
-      throw ConfigError(who + ": already has an (IA)^3 adapter \"" + ia3_adapter_name() + "\"");
+    if (has_ia3()) throw ConfigError(who + ": already has an (IA)^3 adapter \"" + ia3_adapter_name() + "\"");
     if (!keys && !values) throw ConfigError(who + ": add_ia3 needs keys and/or values");
-    if (keys) ia3_k = IA3Vector<T>(IA3Placement::Output, dim(), adapter);
-    if (values) ia3_v = IA3Vector<T>(IA3Placement::Output, dim(), adapter);
+    if (keys) add_ia3_adapter(k_proj, adapter, false);
+    if (values) add_ia3_adapter(v_proj, adapter, false);
   }
   void remove_ia3() {
     if (ia3_merged())
       throw ConfigError(describe("MultiHeadAttention", this->name()) + ": unmerge (IA)^3 before removing it");
-    ia3_k = IA3Vector<T>();
-    ia3_v = IA3Vector<T>();
+    const std::string n = ia3_adapter_name();
+    for (LoRALinear<T>* p : {&k_proj, &v_proj})
+      if (ia3_adapter_of(*p) != nullptr) p->delete_adapter(n, "IA3");
   }
-  bool has_ia3() const { return ia3_k.enabled() || ia3_v.enabled(); }
-  bool ia3_merged() const { return ia3_k.merged() || ia3_v.merged(); }
+  /// The (IA)³ adapters on k_proj / v_proj (nullptr when absent).
+  IA3Method<T>* ia3_k() { return ia3_adapter_of(k_proj); }
+  IA3Method<T>* ia3_v() { return ia3_adapter_of(v_proj); }
+  bool has_ia3() const { return ia3_adapter_of(k_proj) != nullptr || ia3_adapter_of(v_proj) != nullptr; }
+  bool ia3_merged() const {
+    const std::string n = ia3_adapter_name();
+    return !n.empty() && (ia3_merged_in(k_proj) || ia3_merged_in(v_proj));
+  }
   std::string ia3_adapter_name() const {
-    return ia3_k.enabled() ? ia3_k.adapter_name() : ia3_v.enabled() ? ia3_v.adapter_name() : std::string();
+    if (const auto* k = ia3_adapter_of(k_proj)) return k->name();
+    if (const auto* v = ia3_adapter_of(v_proj)) return v->name();
+    return std::string();
   }
   /// Folds l_k, l_v into the rows of W_k, b_k and W_v, b_v; forward then skips the scaling.
   void merge_ia3() {
     if (!has_ia3())
       throw ConfigError(describe("MultiHeadAttention", this->name()) + ": has no (IA)^3 adapter to merge");
-    if (ia3_k.enabled()) ia3_k.merge_into(k_proj);
-    if (ia3_v.enabled()) ia3_v.merge_into(v_proj);
+    const std::string n = ia3_adapter_name();
+    for (LoRALinear<T>* p : {&k_proj, &v_proj})
+      if (ia3_adapter_of(*p) != nullptr) p->merge({n}, "IA3");
   }
+  /// Unmerges k_proj and v_proj (every adapter merged there).
   void unmerge_ia3() {
-    if (ia3_k.enabled()) ia3_k.unmerge_from(k_proj);
-    if (ia3_v.enabled()) ia3_v.unmerge_from(v_proj);
+    k_proj.unmerge();
+    v_proj.unmerge();
   }
 
   // ---- forward / backward -------------------------------------------------------------------
@@ -186,8 +194,6 @@ class MultiHeadAttention : public Module<T> {
     q_proj.forward(x, cache.Q, cache.q);
     k_proj.forward(x, cache.K, cache.k);
     v_proj.forward(x, cache.V, cache.v);
-    scale_ia3(ia3_k, cache.K, cache.k_raw);
-    scale_ia3(ia3_v, cache.V, cache.v_raw);
 
     cache.row_max.setZero(B * H * S);
     cache.row_sum.setZero(B * H * S);
@@ -322,8 +328,6 @@ class MultiHeadAttention : public Module<T> {
         }
       }
     }
-    if (ia3_k.enabled()) ia3_k.backward(cache.k_raw, dK_);  // dl_k += Σ dK ⊙ K_raw; dK_raw = dK ⊙ l_k
-    if (ia3_v.enabled()) ia3_v.backward(cache.v_raw, dV_);
 
     q_proj.backward(cache.q, dQ_, dx);
     Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
@@ -334,10 +338,6 @@ class MultiHeadAttention : public Module<T> {
   }
 
  protected:
-  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
-    if (ia3_k.enabled()) fn("k_proj." + ia3_k.parameter_name(), ia3_k.ia3_l);
-    if (ia3_v.enabled()) fn("v_proj." + ia3_v.parameter_name(), ia3_v.ia3_l);
-  }
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
     fn("q_proj", q_proj);
     fn("k_proj", k_proj);
@@ -371,19 +371,6 @@ class MultiHeadAttention : public Module<T> {
     for (Index b = 0; b < layout.batch; ++b)
       if (layout.length(b) < layout.seq)
         m.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
-  }
-
-  /// Applies an enabled, unmerged (IA)³ vector to `y` in place, keeping the unscaled copy when l trains.
-  static void scale_ia3(const IA3Vector<T>& ia3, Matrix<T>& y, Matrix<T>& raw) {
-    if (!ia3.enabled() || ia3.merged()) {
-      raw.resize(0, 0);
-      return;
-    }
-    if (ia3.ia3_l.trainable())
-      raw = y;
-    else
-      raw.resize(0, 0);
-    ia3.apply(y);
   }
 
   Index num_heads_ = 1;

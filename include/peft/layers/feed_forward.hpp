@@ -2,13 +2,13 @@
 // Position-wise feed-forward block of a transformer (Vaswani et al., 2017):
 //
 //   z = x W_1ᵀ + b_1            [rows, inner]   (fc1, LoRA-capable)
-//   h = f(z) ⊙ l_ff             [rows, inner]   (f from activations.hpp; l_ff optional (IA)³, init 1)
-//   y = h W_2ᵀ + b_2            [rows, d]       (fc2, LoRA-capable)
+//   h = f(z)                    [rows, inner]   (f from activations.hpp)
+//   y = fc2(h)                  [rows, d]       (adapted linear: with add_ia3, (h ⊙ l_ff) W_2ᵀ + b_2)
 //
 // l_ff is (IA)³'s feed-forward vector (Liu et al., 2022): PEFT's is_feedforward=true scaling of
-// fc2's input, named `fc2.ia3_l.<adapter>`, mergeable into fc2's weight columns.
+// fc2's input, an (IA)³ adapter of fc2 named `fc2.ia3_l.<adapter>`, merged into fc2's columns.
 //
-// Backward: dh = fc2ᵀ(dy); dl_ff += Σ_rows dh ⊙ f(z); dz = (dh ⊙ l_ff) ⊙ f'(z); dx = fc1ᵀ(dz).
+// Backward: dh = fc2ᵀ(dy) (with dl_ff); dz = dh ⊙ f'(z); dx = fc1ᵀ(dz).
 // No residual and no dropout here: the model wires those (Dropout in dropout.hpp).
 #include <string>
 
@@ -24,11 +24,10 @@ class FeedForward : public Module<T> {
  public:
   using LinearCache = typename LoRALinear<T>::Cache;
 
-  /// What backward needs: z (pre-activation), f(z) when (IA)³ trains, and the linears' caches.
+  /// What backward needs: z (pre-activation) and the linears' caches.
   struct Cache {
     LinearCache fc1, fc2;
-    Matrix<T> z;    ///< [rows, inner]
-    Matrix<T> act;  ///< f(z) [rows, inner]; only with trainable, unmerged (IA)³
+    Matrix<T> z;  ///< [rows, inner]
   };
 
   FeedForward() = default;
@@ -44,7 +43,6 @@ class FeedForward : public Module<T> {
   }
 
   LoRALinear<T> fc1, fc2;
-  IA3Vector<T> ia3;  ///< (IA)³ on fc2's input; disabled (empty) until add_ia3
 
   Index dim() const { return fc1.in_features(); }
   Index inner_dim() const { return fc1.out_features(); }
@@ -55,34 +53,35 @@ class FeedForward : public Module<T> {
     fc2.freeze_base();
   }
 
-  /// Adds a trainable (IA)³ vector of ones scaling the inner activation (fc2's input).
+  /// Adds an (IA)³ adapter (ones) scaling the inner activation (fc2's input), next to the adapters
+  /// active on fc2. One (IA)³ adapter per block.
   void add_ia3(const std::string& adapter = "default") {
-    if (ia3.enabled())
-      throw ConfigError(describe("FeedForward", this->name()) + ": already has an (IA)^3 adapter \"" +
-                        ia3.adapter_name() + "\"");
-    ia3 = IA3Vector<T>(IA3Placement::Input, inner_dim(), adapter);
+    if (const auto* m = ia3())
+      throw ConfigError(describe("FeedForward", this->name()) + ": already has an (IA)^3 adapter \"" + m->name() +
+                        "\"");
+    add_ia3_adapter(fc2, adapter, true);
   }
   void remove_ia3() {
-    if (ia3.merged()) throw ConfigError(describe("FeedForward", this->name()) + ": unmerge (IA)^3 before removing it");
-    ia3 = IA3Vector<T>();
+    if (ia3_merged()) throw ConfigError(describe("FeedForward", this->name()) + ": unmerge (IA)^3 before removing it");
+    if (const auto* m = ia3()) fc2.delete_adapter(std::string(m->name()), "IA3");
   }
-  bool has_ia3() const { return ia3.enabled(); }
+  /// The (IA)³ adapter on fc2 (nullptr when absent).
+  IA3Method<T>* ia3() { return ia3_adapter_of(fc2); }
+  const IA3Method<T>* ia3() const { return ia3_adapter_of(fc2); }
+  bool has_ia3() const { return ia3() != nullptr; }
+  bool ia3_merged() const { return ia3_merged_in(fc2); }
   /// Folds l_ff into fc2's weight columns; forward then skips the scaling.
   void merge_ia3() {
-    if (!ia3.enabled()) throw ConfigError(describe("FeedForward", this->name()) + ": has no (IA)^3 adapter to merge");
-    ia3.merge_into(fc2);
+    const auto* m = ia3();
+    if (m == nullptr) throw ConfigError(describe("FeedForward", this->name()) + ": has no (IA)^3 adapter to merge");
+    fc2.merge({m->name()}, "IA3");
   }
-  void unmerge_ia3() { ia3.unmerge_from(fc2); }
+  /// Unmerges fc2 (every adapter merged there).
+  void unmerge_ia3() { fc2.unmerge(); }
 
   void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
     fc1.forward(x, cache.z, cache.fc1);  // z = x W_1ᵀ + b_1
     activation_forward<T>(activation_, cache.z, hidden_);
-    const bool scale = ia3.enabled() && !ia3.merged();
-    if (scale && ia3.ia3_l.trainable())
-      cache.act = hidden_;
-    else
-      cache.act.resize(0, 0);
-    if (scale) ia3.apply(hidden_);       // h = f(z) ⊙ l
     fc2.forward(hidden_, y, cache.fc2);  // y = h W_2ᵀ + b_2
   }
 
@@ -93,18 +92,14 @@ class FeedForward : public Module<T> {
   }
 
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-    if (ia3.merged())
+    if (ia3_merged())
       throw ConfigError(describe("FeedForward", this->name()) + ": cannot train while (IA)^3 is merged; unmerge first");
     fc2.backward(cache.fc2, dy, &dhidden_);                                     // dh = dy W_2   [rows, inner]
-    if (ia3.enabled()) ia3.backward(cache.act, dhidden_);                       // dl += Σ dh ⊙ f(z); dh ← dh ⊙ l
     activation_backward<T>(activation_, cache.z, dhidden_, dhidden_, fprime_);  // dz = dh ⊙ f'(z)
     fc1.backward(cache.fc1, dhidden_, dx);                                      // dx = dz W_1
   }
 
  protected:
-  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
-    if (ia3.enabled()) fn("fc2." + ia3.parameter_name(), ia3.ia3_l);
-  }
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
     fn("fc1", fc1);
     fn("fc2", fc2);

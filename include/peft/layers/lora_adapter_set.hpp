@@ -1,8 +1,9 @@
 #pragma once
 // LoraAdapterSet: the named low-rank adapters of one layer, and the part of LoRA that does not
 // depend on how the base weight is stored (Hu et al., 2021, "LoRA: Low-Rank Adaptation of Large
-// Language Models"; rsLoRA: Kalajdzievski, 2023). LoRALinear (dense base) and NF4LoRALinear (4-bit
-// base, QLoRA) both hold one; each adds its base path around it.
+// Language Models"; rsLoRA: Kalajdzievski, 2023), for NF4LoRALinear (4-bit base, QLoRA), which adds
+// its base path around it. The dense host (AdaptedLinear) holds LoRA as a kind of adapter instead
+// (adapters/lora.hpp); both share LoraMethod::create and check_lora_config.
 //
 //   adapter i:  A_i [r, in], B_i [out, r], s_i = alpha/r (alpha/√r with rsLoRA)
 //   forward:    x̃ = dropout(x) = x ⊙ keep,  keep_jk ∈ {0, 1/(1−p)};   xa = x̃ Aᵀ [rows, r];
@@ -26,52 +27,12 @@
 #include <utility>
 #include <vector>
 
+#include "peft/adapters/lora.hpp"
 #include "peft/core/check.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
 
 namespace peft {
-
-enum class LoraInit {
-  KaimingUniform,  ///< A ~ kaiming_uniform(a=√5), B = 0 (identity at init; PEFT's default)
-  Gaussian,        ///< A ~ N(0, (1/r)²), B = 0 (PEFT's init_lora_weights="gaussian")
-  None,            ///< A and B keep nn.Linear's default init: NOT identity at init (for tests)
-};
-
-struct LoraConfig {
-  int r = 8;
-  double alpha = 8.0;
-  double dropout = 0.0;
-  bool use_rslora = false;
-  LoraInit init = LoraInit::KaimingUniform;
-  /// DoRA: adds a trainable magnitude vector m (`lora_magnitude_vector.<adapter>`) and
-  /// normalizes each output row of W + s·B·A (see lora_linear.hpp).
-  bool use_dora = false;
-
-  /// s = alpha / r, or alpha / √r with rsLoRA.
-  double scaling() const {
-    return use_rslora ? alpha / std::sqrt(static_cast<double>(r)) : alpha / static_cast<double>(r);
-  }
-};
-
-template <class T>
-struct LoraAdapter {
-  LoraAdapter() = default;
-  /// Keeps `LoraAdapter<T>{name, config, A, B}` working now that DoRA added a member.
-  LoraAdapter(std::string name_, LoraConfig config_, Parameter<T> A_, Parameter<T> B_, Parameter<T> magnitude_ = {})
-      : name(std::move(name_)), config(config_), A(std::move(A_)), B(std::move(B_)), magnitude(std::move(magnitude_)) {}
-
-  std::string name;
-  LoraConfig config;
-  Parameter<T> A;  ///< [r, in]
-  Parameter<T> B;  ///< [out, r]
-  /// DoRA magnitude m [out] (stored [1, out]); empty unless config.use_dora.
-  Parameter<T> magnitude;
-
-  int rank() const { return config.r; }
-  double scaling() const { return config.scaling(); }
-  bool dora() const { return config.use_dora; }
-};
 
 /// Per-adapter forward state of the low-rank path (a layer may derive to add its own fields).
 template <class T>
@@ -184,33 +145,15 @@ class LoraAdapterSet {
   void check_new(const std::string& layer, const std::string& adapter_name, const LoraConfig& config, Index in,
                  Index out) const {
     const std::string who = describe(kind_, layer);
-    if (adapter_name.empty()) throw ConfigError(who + ": adapter name must not be empty");
-    if (adapter_name.find('.') != std::string::npos)
-      throw ConfigError(who + ": adapter name \"" + adapter_name +
-                        "\" must not contain '.' (it is part of parameter names)");
+    check_adapter_name(who, adapter_name);
     if (find(adapter_name) != npos) throw ConfigError(who + ": adapter \"" + adapter_name + "\" already exists");
-    const Index max_rank = std::min(in, out);
-    if (config.r <= 0 || config.r > max_rank)
-      throw ConfigError(who + ": rank r must be in [1, " + std::to_string(max_rank) + "] = [1, min(in, out)], got " +
-                        std::to_string(config.r));
-    check::positive(kind_, layer, "lora_alpha", config.alpha);
-    check::unit_interval_open(kind_, layer, "lora_dropout", config.dropout);
+    check_lora_config(kind_, layer, config, in, out);
   }
 
-  /// A fresh adapter [r, in] / [out, r] initialized per config.init, drawing from `rng` (A first,
-  /// then B for LoraInit::None). The magnitude is left empty.
+  /// A fresh adapter [r, in] / [out, r] initialized per config.init (LoraMethod::create).
   static LoraAdapter<T> create(const std::string& adapter_name, const LoraConfig& config, Index in, Index out,
                                Rng& rng) {
-    LoraAdapter<T> a{adapter_name, config, Parameter<T>(config.r, in), Parameter<T>(out, config.r)};
-    switch (config.init) {
-      case LoraInit::KaimingUniform: init::kaiming_uniform<T>(a.A.value, rng); break;
-      case LoraInit::Gaussian: init::normal<T>(a.A.value, rng, 0.0, 1.0 / config.r); break;
-      case LoraInit::None:
-        init::kaiming_uniform<T>(a.A.value, rng);
-        init::kaiming_uniform<T>(a.B.value, rng);
-        break;
-    }
-    return a;
+    return LoraMethod<T>::create(adapter_name, config, in, out, rng);
   }
 
   /// Appends an adapter and makes it the only active one (PEFT's add_adapter + set_adapter: the

@@ -18,28 +18,9 @@
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/merge/lora_factors.hpp"
 
 namespace peft {
-
-/// One LoRA adapter as factors: ΔW = scaling · B · A.
-template <class T>
-struct LoraFactors {
-  Matrix<T> A;           ///< [r, in]
-  Matrix<T> B;           ///< [out, r]
-  double scaling = 1.0;  ///< s (alpha / r or alpha / √r for a trained adapter; 1 for results here)
-  std::string name;      ///< optional, used in error messages
-
-  Index rank() const { return A.rows(); }
-  Index in_features() const { return A.cols(); }
-  Index out_features() const { return B.rows(); }
-
-  /// The dense update s · B · A [out, in]. Materializes out × in numbers: for tests and small layers.
-  Matrix<T> delta() const {
-    Matrix<T> d(out_features(), in_features());
-    d.noalias() = static_cast<T>(scaling) * (B * A);
-    return d;
-  }
-};
 
 /// The factors of a LoRALinear adapter (copies A and B; keeps its scaling). DoRA adapters are refused;
 /// `layer` names the owning layer in that message.

@@ -1,0 +1,702 @@
+#pragma once
+// The method table: one row per kind of adapter that lives on a model's linears, with what
+// adapter_config.json and adapter_model.safetensors hold for it in Hugging Face PEFT (its
+// peft_type, its config keys and how they become a module's options, its tensor keys, its
+// model-level tensors). Applying a method to any model, loading a PEFT directory onto a model,
+// saving one, merging one into a base file and `peft inspect` dispatch through this table.
+//
+// Adding a method: its header under adapters/ (the kind of adapter, adapters/method.hpp), one row
+// here (method_formats), and its cases in tests/layers/conformance_cases.hpp.
+//
+// Models are plain Module trees: every AdaptedLinear (LoRALinear) in the tree is a slot, named by
+// its dotted path (Module::visit_modules), which is PEFT's module path when the model uses the
+// checkpoint's names. Rows, per peft_type:
+//   VERA  r, vera_dropout, d_initial, projection_prng_key, save_projection (false refused: see
+//         adapters/vera.hpp), fan_in_fan_out / bias refused; tensors vera_lambda_b [out],
+//         vera_lambda_d [r]; model tensors base_model.vera_A [r, in_max], base_model.vera_B [out_max, r]
+//   LOHA  r, alpha, rank_pattern, alpha_pattern, rank_dropout, module_dropout, init_weights;
+//         use_effective_conv2d ignored (Conv only); tensors hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b
+//   LOKR  r, alpha, rank_pattern, alpha_pattern, decompose_both, decompose_factor, rank_dropout,
+//         rank_dropout_scale, module_dropout, init_weights; tensors lokr_w1 | lokr_w1_a + lokr_w1_b,
+//         lokr_w2 | lokr_w2_a + lokr_w2_b (lokr_t2: Conv only, refused)
+//   IA3   feedforward_modules (input scaling), init_ia3_weights; tensor ia3_l ([out, 1] or [1, in])
+// Every row: target_modules / exclude_modules select the linears (a list entry matches a path
+// equal to it or ending in "." + it; a string is a full-match regex).
+#include <algorithm>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/ia3.hpp"
+#include "peft/adapters/loha.hpp"
+#include "peft/adapters/lokr.hpp"
+#include "peft/adapters/vera.hpp"
+#include "peft/core/patterns.hpp"
+#include "peft/io/merge_file.hpp"
+#include "peft/io/peft_format.hpp"
+#include "peft/layers/adapted_linear.hpp"
+
+namespace peft::io {
+
+/// Model-level state a method shares between the adapters of one application or file (VeRA's
+/// projections), by peft_type.
+struct MethodState {
+  std::map<std::string, std::shared_ptr<const void>> shared;
+};
+
+/// One module's tensors from a file: parameter name (e.g. "hada_w1_a") → [rows, cols].
+template <class T>
+using ModuleTensors = std::map<std::string, Matrix<T>>;
+
+/// A method's row of the table.
+template <class T>
+struct MethodFormat {
+  std::string peft_type;                 ///< PEFT's peft_type: "VERA", "LOHA", "LOKR", "IA3"
+  std::string kind;                      ///< for messages: "VeRA", ...
+  std::vector<std::string> config_keys;  ///< the method's own keys of adapter_config.json
+  std::vector<std::string> params;       ///< tensor names below a module (file key suffixes)
+  /// Refuses options this library does not implement, naming them (`label`: the config file).
+  std::function<void(const Json& config, const std::string& label)> check;
+  /// Prepares model-level state before any module: from the targeted modules' shapes [out, in]
+  /// (apply) or from the file's model tensors (load). May be null.
+  std::function<void(const Json& config, const std::vector<std::pair<Index, Index>>& shapes, Rng& rng,
+                     MethodState& state)>
+      prepare;
+  std::function<void(const Json& config, const std::map<std::string, Matrix<T>>& model_tensors,
+                     const std::string& label, MethodState& state)>
+      load_model;
+  /// Model-level tensor keys a file holds (read into load_model's map).
+  std::vector<std::string> model_tensors;
+  /// Writes model-level tensors for `adapters` (the named adapter of every module). May be null.
+  std::function<std::vector<std::pair<std::string, Matrix<T>>>(const std::vector<AdapterMethod<T>*>& adapters)>
+      save_model;
+  /// A fresh adapter for the module at `path` [out, in] (init per config).
+  std::function<std::unique_ptr<AdapterMethod<T>>(const Json& config, const std::string& path,
+                                                  const std::string& adapter, Index in, Index out, MethodState& state,
+                                                  Rng& rng)>
+      create;
+  /// The layout a file's tensors of one module imply, when it can differ from create's (LoKr's
+  /// factorisation): returns an adapter shaped for them (values are then copied in). May be null.
+  std::function<std::unique_ptr<AdapterMethod<T>>(const Json& config, const std::string& path,
+                                                  const std::string& adapter, Index in, Index out,
+                                                  const ModuleTensors<T>& tensors, MethodState& state, Rng& rng)>
+      shaped;
+};
+
+namespace detail {
+
+/// "a, b, c" (the first 64, then a count).
+inline std::string join_list(const std::vector<std::string>& names) {
+  std::string s;
+  for (std::size_t i = 0; i < names.size() && i < 64; ++i) s += (i ? ", " : "") + names[i];
+  if (names.size() > 64) s += ", ... (" + std::to_string(names.size() - 64) + " more)";
+  return s;
+}
+
+/// config[key] as V, or `fallback` when absent or null; IoError naming the key when mistyped.
+template <class V>
+V json_value(const Json& config, const std::string& key, V fallback, const std::string& label) {
+  if (!config.contains(key) || config.at(key).is_null()) return fallback;
+  try {
+    return config.at(key).template get<V>();
+  } catch (const std::exception&) {
+    throw IoError("\"" + label + "\": key \"" + key + "\" has the wrong type: " + config.at(key).dump().substr(0, 80));
+  }
+}
+
+/// PEFT's rank_pattern / alpha_pattern lookup (get_pattern_key) for one module path.
+template <class V>
+V pattern_or(const Json& config, const char* key, const std::string& path, V fallback) {
+  if (!config.contains(key) || !config.at(key).is_object()) return fallback;
+  PatternMap<V> map;
+  for (auto it = config.at(key).begin(); it != config.at(key).end(); ++it) map.add(it.key(), it.value().get<V>());
+  const V* v = map.find(path, std::string("adapter config: ") + key);
+  return v ? *v : fallback;
+}
+
+inline std::string label_of(const Json& config) {
+  return detail::json_value<std::string>(config, "peft_type", "adapter config", "adapter config") + " config";
+}
+
+inline VeraConfig vera_config(const Json& c, const std::string& label) {
+  VeraConfig v;
+  v.r = json_value<int>(c, "r", v.r, label);
+  v.vera_dropout = json_value<double>(c, "vera_dropout", v.vera_dropout, label);
+  v.d_initial = json_value<double>(c, "d_initial", v.d_initial, label);
+  v.init_weights = json_value<bool>(c, "init_weights", v.init_weights, label);
+  v.save_projection = json_value<bool>(c, "save_projection", v.save_projection, label);
+  v.projection_prng_key = json_value<std::uint64_t>(c, "projection_prng_key", v.projection_prng_key, label);
+  v.fan_in_fan_out = json_value<bool>(c, "fan_in_fan_out", v.fan_in_fan_out, label);
+  v.bias = json_value<std::string>(c, "bias", v.bias, label);
+  return v;
+}
+
+inline LohaConfig loha_config(const Json& c, const std::string& path, const std::string& label) {
+  LohaConfig h;
+  h.r = pattern_or<int>(c, "rank_pattern", path, json_value<int>(c, "r", h.r, label));
+  h.alpha = pattern_or<double>(c, "alpha_pattern", path, json_value<double>(c, "alpha", h.alpha, label));
+  h.rank_dropout = json_value<double>(c, "rank_dropout", h.rank_dropout, label);
+  h.module_dropout = json_value<double>(c, "module_dropout", h.module_dropout, label);
+  h.use_effective_conv2d = json_value<bool>(c, "use_effective_conv2d", h.use_effective_conv2d, label);
+  h.init_weights = json_value<bool>(c, "init_weights", h.init_weights, label);
+  return h;
+}
+
+inline LokrConfig lokr_config(const Json& c, const std::string& path, const std::string& label) {
+  LokrConfig k;
+  k.r = pattern_or<int>(c, "rank_pattern", path, json_value<int>(c, "r", k.r, label));
+  k.alpha = pattern_or<double>(c, "alpha_pattern", path, json_value<double>(c, "alpha", k.alpha, label));
+  k.decompose_both = json_value<bool>(c, "decompose_both", k.decompose_both, label);
+  k.decompose_factor = json_value<int>(c, "decompose_factor", k.decompose_factor, label);
+  k.rank_dropout = json_value<double>(c, "rank_dropout", k.rank_dropout, label);
+  k.rank_dropout_scale = json_value<bool>(c, "rank_dropout_scale", k.rank_dropout_scale, label);
+  k.module_dropout = json_value<double>(c, "module_dropout", k.module_dropout, label);
+  k.use_effective_conv2d = json_value<bool>(c, "use_effective_conv2d", k.use_effective_conv2d, label);
+  if (c.contains("init_weights") && c.at("init_weights").is_string()) {
+    const std::string s = c.at("init_weights").get<std::string>();
+    if (s != "lycoris") throw ConfigError("\"" + label + "\": LoKr init_weights = \"" + s + "\" is not supported");
+    k.init_weights = LokrInit::Lycoris;
+  } else {
+    k.init_weights = json_value<bool>(c, "init_weights", true, label) ? LokrInit::Default : LokrInit::Random;
+  }
+  return k;
+}
+
+/// Whether `path` is in feedforward_modules (IA3), by the same rule as target_modules.
+inline bool ia3_feedforward(const Json& c, const std::string& path) {
+  if (!c.contains("feedforward_modules") || c.at("feedforward_modules").is_null()) return false;
+  const Json& f = c.at("feedforward_modules");
+  if (f.is_string())
+    return regex_full_match(path, compile_name_regex(f.get<std::string>(), "feedforward_modules"),
+                            "feedforward_modules");
+  for (const auto& n : f) {
+    const std::string s = n.get<std::string>();
+    if (path == s || (path.size() > s.size() && path.compare(path.size() - s.size(), s.size(), s) == 0 &&
+                      path[path.size() - s.size() - 1] == '.'))
+      return true;
+  }
+  return false;
+}
+
+template <class T>
+std::shared_ptr<const VeraProjections<T>> vera_projections(const MethodState& state, const std::string& who) {
+  const auto it = state.shared.find("VERA");
+  if (it == state.shared.end()) throw ConfigError(who + ": VeRA's shared projections were not prepared");
+  return std::static_pointer_cast<const VeraProjections<T>>(it->second);
+}
+
+}  // namespace detail
+
+/// The table (one row per method, in PEFT's peft_type spelling).
+template <class T>
+const std::vector<MethodFormat<T>>& method_formats() {
+  static const std::vector<MethodFormat<T>> table = [] {
+    std::vector<MethodFormat<T>> t;
+
+    MethodFormat<T> vera;
+    vera.peft_type = "VERA";
+    vera.kind = "VeRA";
+    vera.config_keys = {"r", "vera_dropout", "d_initial", "projection_prng_key", "save_projection", "init_weights"};
+    vera.params = {"vera_lambda_b", "vera_lambda_d"};
+    vera.model_tensors = {vera_A_file_key(), vera_B_file_key()};
+    vera.check = [](const Json& c, const std::string& label) {
+      check_vera_file(detail::vera_config(c, label), {vera_A_file_key(), vera_B_file_key()}, label);
+    };
+    vera.prepare = [](const Json& c, const std::vector<std::pair<Index, Index>>& shapes, Rng& rng, MethodState& s) {
+      Index in_max = 0, out_max = 0;
+      for (const auto& [out, in] : shapes) {
+        out_max = std::max(out_max, out);
+        in_max = std::max(in_max, in);
+      }
+      const VeraConfig v = detail::vera_config(c, detail::label_of(c));
+      s.shared["VERA"] = VeraProjections<T>::generate(v.r, in_max, out_max, rng);  // PEFT: A first, then B
+    };
+    vera.load_model = [](const Json& c, const std::map<std::string, Matrix<T>>& m, const std::string& label,
+                         MethodState& s) {
+      std::vector<std::string> names;
+      for (const auto& kv : m) names.push_back(kv.first);
+      check_vera_file(detail::vera_config(c, label), names, label);
+      s.shared["VERA"] = VeraProjections<T>::make(m.at(vera_A_file_key()), m.at(vera_B_file_key()));
+    };
+    vera.save_model = [](const std::vector<AdapterMethod<T>*>& adapters) {
+      std::vector<std::pair<std::string, Matrix<T>>> out;
+      for (AdapterMethod<T>* a : adapters)
+        if (auto* k = dynamic_cast<KernelMethod<T, VeraAdapter<T>>*>(a)) {
+          out.emplace_back(vera_A_file_key(), k->kernel().projections()->A);
+          out.emplace_back(vera_B_file_key(), k->kernel().projections()->B);
+          break;
+        }
+      return out;
+    };
+    vera.create = [](const Json& c, const std::string& path, const std::string& adapter, Index in, Index out,
+                     MethodState& s, Rng& rng) {
+      return make_vera<T>(adapter, in, out, detail::vera_config(c, detail::label_of(c)),
+                          detail::vera_projections<T>(s, path), rng, path);
+    };
+    t.push_back(std::move(vera));
+
+    MethodFormat<T> loha;
+    loha.peft_type = "LOHA";
+    loha.kind = "LoHa";
+    loha.config_keys = {"r",
+                        "alpha",
+                        "rank_pattern",
+                        "alpha_pattern",
+                        "rank_dropout",
+                        "module_dropout",
+                        "use_effective_conv2d",
+                        "init_weights"};
+    loha.params = {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"};
+    loha.check = [](const Json& c, const std::string& label) { (void)detail::loha_config(c, "", label); };
+    loha.create = [](const Json& c, const std::string& path, const std::string& adapter, Index in, Index out,
+                     MethodState&, Rng& rng) {
+      return make_loha<T>(adapter, in, out, detail::loha_config(c, path, detail::label_of(c)), rng, path);
+    };
+    t.push_back(std::move(loha));
+
+    MethodFormat<T> lokr;
+    lokr.peft_type = "LOKR";
+    lokr.kind = "LoKr";
+    lokr.config_keys = {"r",
+                        "alpha",
+                        "rank_pattern",
+                        "alpha_pattern",
+                        "decompose_both",
+                        "decompose_factor",
+                        "rank_dropout",
+                        "rank_dropout_scale",
+                        "module_dropout",
+                        "use_effective_conv2d",
+                        "init_weights"};
+    lokr.params = {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"};
+    lokr.check = [](const Json& c, const std::string& label) { (void)detail::lokr_config(c, "", label); };
+    lokr.create = [](const Json& c, const std::string& path, const std::string& adapter, Index in, Index out,
+                     MethodState&, Rng& rng) {
+      return make_lokr<T>(adapter, in, out, detail::lokr_config(c, path, detail::label_of(c)), rng, path);
+    };
+    lokr.shaped = [](const Json& c, const std::string& path, const std::string& adapter, Index in, Index out,
+                     const ModuleTensors<T>& tensors, MethodState&, Rng& rng) -> std::unique_ptr<AdapterMethod<T>> {
+      const LokrConfig k = detail::lokr_config(c, path, detail::label_of(c));
+      std::map<std::string, std::pair<Index, Index>> shapes;
+      for (const auto& kv : tensors) shapes[kv.first] = {kv.second.rows(), kv.second.cols()};
+      const LokrLayout layout = lokr_layout_from_shapes(in, out, k.r, shapes, path);
+      return std::make_unique<KernelMethod<T, LokrAdapter<T>>>(adapter, LokrAdapter<T>(in, out, k, layout, rng, path));
+    };
+    t.push_back(std::move(lokr));
+
+    MethodFormat<T> ia3;
+    ia3.peft_type = "IA3";
+    ia3.kind = "(IA)^3";
+    ia3.config_keys = {"feedforward_modules", "init_ia3_weights", "fan_in_fan_out"};
+    ia3.params = {"ia3_l"};
+    ia3.check = [](const Json& c, const std::string& label) {
+      if (detail::json_value<bool>(c, "fan_in_fan_out", false, label))
+        throw ConfigError("\"" + label + "\": (IA)^3 with fan_in_fan_out = true (Conv1D weights) is not supported");
+    };
+    ia3.create = [](const Json& c, const std::string& path, const std::string& adapter, Index in, Index out,
+                    MethodState&, Rng& rng) -> std::unique_ptr<AdapterMethod<T>> {
+      IA3Config config;
+      config.feedforward = detail::ia3_feedforward(c, path);
+      config.init_ia3_weights = detail::json_value<bool>(c, "init_ia3_weights", true, detail::label_of(c));
+      return std::make_unique<IA3Method<T>>(adapter, config, in, out, &rng);
+    };
+    t.push_back(std::move(ia3));
+    return t;
+  }();
+  return table;
+}
+
+/// The row of `peft_type`, or nullptr.
+template <class T>
+const MethodFormat<T>* find_method_format(const std::string& peft_type) {
+  for (const auto& f : method_formats<T>())
+    if (f.peft_type == peft_type) return &f;
+  return nullptr;
+}
+
+/// "VERA, LOHA, LOKR, IA3".
+template <class T>
+std::string method_format_names() {
+  std::string s;
+  for (const auto& f : method_formats<T>()) s += (s.empty() ? "" : ", ") + f.peft_type;
+  return s;
+}
+
+/// Every adapted linear of a model with its dotted path (the model's slots).
+template <class T>
+std::vector<std::pair<std::string, AdaptedLinear<T>*>> adapted_linears(Module<T>& model) {
+  std::vector<std::pair<std::string, AdaptedLinear<T>*>> out;
+  model.visit_modules([&](const std::string& path, Module<T>& m) {
+    if (auto* l = dynamic_cast<AdaptedLinear<T>*>(&m)) out.emplace_back(path, l);
+  });
+  return out;
+}
+
+namespace detail {
+
+/// PEFT's target rule for one path under config's target_modules / exclude_modules (a list entry
+/// matches the path or a "."-suffix; a string is a full-match regex; "all-linear": every slot).
+inline bool json_selects(const Json& sel, const std::string& path, const char* who) {
+  if (sel.is_null()) return false;
+  if (sel.is_string()) {
+    std::string lower = sel.get<std::string>();
+    for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+    if (lower == "all-linear") return true;
+    return regex_full_match(path, compile_name_regex(sel.get<std::string>(), who), who);
+  }
+  for (const auto& n : sel) {
+    const std::string s = n.get<std::string>();
+    if (path == s || (path.size() > s.size() && path.compare(path.size() - s.size(), s.size(), s) == 0 &&
+                      path[path.size() - s.size() - 1] == '.'))
+      return true;
+  }
+  return false;
+}
+
+inline bool targets(const Json& c, const std::string& path) {
+  if (!c.contains("target_modules")) return false;
+  if (c.contains("exclude_modules") && json_selects(c.at("exclude_modules"), path, "exclude_modules")) return false;
+  return json_selects(c.at("target_modules"), path, "target_modules");
+}
+
+}  // namespace detail
+
+/// Adds a `config["peft_type"]` adapter named `adapter_name` to every linear of `model` that
+/// target_modules selects (PEFT's get_peft_model / add_adapter for that method), and returns
+/// their paths. ConfigError when nothing matches (listing the model's linears).
+template <class T>
+std::vector<std::string> apply_method(Module<T>& model, const Json& config, const std::string& adapter_name, Rng& rng) {
+  const std::string type = detail::json_value<std::string>(config, "peft_type", "", "adapter config");
+  const MethodFormat<T>* f = find_method_format<T>(type);
+  if (f == nullptr)
+    throw ConfigError("apply_method: peft_type \"" + type + "\" is not in the method table (" +
+                      method_format_names<T>() + ")");
+  const std::string label = detail::label_of(config);
+  f->check(config, label);
+  std::vector<std::pair<std::string, AdaptedLinear<T>*>> chosen, all = adapted_linears(model);
+  for (auto& s : all)
+    if (detail::targets(config, s.first)) chosen.push_back(s);
+  if (chosen.empty()) {
+    std::vector<std::string> names;
+    for (auto& s : all) names.push_back(s.first);
+    throw ConfigError("apply_method (" + f->kind +
+                      "): target_modules matches no linear; the model's linears: " + detail::join_list(names));
+  }
+  MethodState state;
+  if (f->prepare) {
+    std::vector<std::pair<Index, Index>> shapes;
+    for (auto& s : chosen) shapes.emplace_back(s.second->out_features(), s.second->in_features());
+    f->prepare(config, shapes, rng, state);
+  }
+  std::vector<std::string> paths;
+  for (auto& [path, linear] : chosen) {
+    linear->add_adapter(
+        f->create(config, path, adapter_name, linear->in_features(), linear->out_features(), state, rng));
+    paths.push_back(path);
+  }
+  return paths;
+}
+
+/// A PEFT adapter directory of a table method, read and checked (not yet attached to a model).
+template <class T>
+struct MethodAdapterFile {
+  Json config;                                      ///< adapter_config.json
+  const MethodFormat<T>* format = nullptr;          ///< its row
+  std::map<std::string, ModuleTensors<T>> modules;  ///< module path → its tensors
+  std::map<std::string, Matrix<T>> model_tensors;   ///< e.g. base_model.vera_A
+};
+
+/// Reads `dir` (adapter_config.json + adapter_model.safetensors) for a method of the table:
+/// checks the config's options and the weights' digest, groups the tensors by module and refuses
+/// unknown or non-finite tensors, naming them.
+template <class T>
+MethodAdapterFile<T> read_method_adapter(const std::string& dir) {
+  if (!is_directory(dir)) throw IoError("\"" + dir + "\" is not a directory");
+  const std::string config_path = dir + "/" + kAdapterConfigFile, weights = dir + "/" + kAdapterWeightsFile;
+  MethodAdapterFile<T> out;
+  const std::string text = read_text_file(config_path, 1u << 20);
+  out.config = parse_json_strict(text, config_path);
+  if (!out.config.is_object()) throw IoError("\"" + config_path + "\": adapter config must be a JSON object");
+  const std::string type = detail::json_value<std::string>(out.config, "peft_type", "", config_path);
+  out.format = find_method_format<T>(type);
+  if (out.format == nullptr)
+    throw ConfigError("\"" + config_path + "\": peft_type \"" + type + "\" is not a method of the table (" +
+                      method_format_names<T>() + ")");
+  out.format->check(out.config, config_path);
+  if (!path_exists(weights)) throw IoError("\"" + weights + "\" not found");
+  const SafeTensorsFile st(weights);
+  if (out.config.contains(kPeftCppConfigKey) && out.config.at(kPeftCppConfigKey).is_object() &&
+      out.config.at(kPeftCppConfigKey).contains("weights_sha256")) {
+    const std::string want = out.config.at(kPeftCppConfigKey).at("weights_sha256").template get<std::string>();
+    const std::string actual = sha256_hex(st.file().data(), st.file().size());
+    if (actual != want)
+      throw IoError("\"" + config_path + "\" belongs to weights with SHA-256 " + want + ", but \"" + weights +
+                    "\" has SHA-256 " + actual + "; refusing the pair");
+  }
+  for (const TensorInfo& t : st.tensors()) {
+    const auto& mt = out.format->model_tensors;
+    if (std::find(mt.begin(), mt.end(), t.name) != mt.end()) {
+      out.model_tensors[t.name] = detail::load_finite<T>(st, t.name);
+      continue;
+    }
+    bool placed = false;
+    if (t.name.rfind(kPeftKeyPrefix, 0) == 0) {
+      const std::string rest = t.name.substr(std::char_traits<char>::length(kPeftKeyPrefix));
+      for (const std::string& p : out.format->params) {
+        std::string path;
+        if (detail::ends_with(rest, "." + p, &path) && !path.empty()) {
+          ModuleTensors<T>& m = out.modules[path];
+          Matrix<T> v = detail::load_finite<T>(st, t.name);
+          if (t.shape.size() == 1) v.resize(1, v.size());  // 1-D [n] is kept as [1, n]
+          m[p] = std::move(v);
+          placed = true;
+          break;
+        }
+      }
+    }
+    if (!placed)
+      throw ConfigError("\"" + weights + "\": tensor \"" + t.name + "\" is not a " + out.format->kind +
+                        " tensor (expected base_model.model.<module>.{" + detail::join_list(out.format->params) + "}" +
+                        (mt.empty() ? std::string() : " or " + detail::join_list(mt)) + ")");
+  }
+  if (out.modules.empty()) throw ConfigError("\"" + weights + "\": holds no " + out.format->kind + " module");
+  return out;
+}
+
+/// Attaches a read adapter to `model` under `adapter_name` (active, as add_adapter makes it): every
+/// module of the file must be an adapted linear of the model with the file's shapes; the values are
+/// copied exactly. Returns the module paths.
+template <class T>
+std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapterFile<T>& file,
+                                             const std::string& adapter_name) {
+  const MethodFormat<T>& f = *file.format;
+  const std::string label = "adapter (" + f.kind + ")";
+  std::map<std::string, AdaptedLinear<T>*> slots;
+  for (auto& s : adapted_linears(model)) slots[s.first] = s.second;
+  MethodState state;
+  if (f.load_model) f.load_model(file.config, file.model_tensors, label, state);
+  Rng rng(0);  // the values drawn at construction are overwritten below
+  std::vector<std::unique_ptr<AdapterMethod<T>>> made;
+  std::vector<AdaptedLinear<T>*> hosts;
+  for (const auto& [path, tensors] : file.modules) {
+    const auto it = slots.find(path);
+    if (it == slots.end()) {
+      std::vector<std::string> names;
+      for (const auto& s : slots) names.push_back(s.first);
+      throw ConfigError(label + ": module \"" + path +
+                        "\" is not an adapted linear of the model; its linears: " + detail::join_list(names));
+    }
+    AdaptedLinear<T>& linear = *it->second;
+    const Index in = linear.in_features(), out = linear.out_features();
+    std::unique_ptr<AdapterMethod<T>> m = f.shaped
+                                              ? f.shaped(file.config, path, adapter_name, in, out, tensors, state, rng)
+                                              : f.create(file.config, path, adapter_name, in, out, state, rng);
+    std::vector<AdapterTensor<T>> want = m->tensors(path);
+    for (const AdapterTensor<T>& t : want) {
+      const std::string param = t.file_key.substr(t.file_key.rfind('.') + 1);
+      const auto v = tensors.find(param);
+      if (v == tensors.end())
+        throw ConfigError(label + ": module \"" + path + "\" has no tensor \"" + param + "\" in the file");
+      check::shape(f.kind.c_str(), path, param.c_str(), v->second.rows(), v->second.cols(), t.parameter->value.rows(),
+                   t.parameter->value.cols());
+    }
+    if (want.size() != tensors.size())
+      throw ConfigError(label + ": module \"" + path + "\" has " + std::to_string(tensors.size()) +
+                        " tensors in the file, its layout uses " + std::to_string(want.size()));
+    for (const AdapterTensor<T>& t : want)
+      t.parameter->value = tensors.at(t.file_key.substr(t.file_key.rfind('.') + 1));
+    made.push_back(std::move(m));
+    hosts.push_back(&linear);
+  }
+  // Everything checked: attach (a name clash is refused before any layer changes).
+  for (std::size_t i = 0; i < hosts.size(); ++i)
+    if (hosts[i]->has_adapter(adapter_name))
+      throw ConfigError(label + ": module \"" + hosts[i]->name() + "\" already has an adapter \"" + adapter_name +
+                        "\"; nothing was loaded");
+  std::vector<std::string> paths;
+  for (std::size_t i = 0; i < hosts.size(); ++i) hosts[i]->add_adapter(std::move(made[i]));
+  for (const auto& kv : file.modules) paths.push_back(kv.first);
+  return paths;
+}
+
+/// Saves the adapter `adapter_name` of every adapted linear of `model` that has one as a PEFT
+/// directory: `config` (the method's keys, e.g. as given to apply_method or read from a file) is
+/// written as adapter_config.json with peft_type and the digest of the weights; tensors under PEFT's
+/// keys. Weights first, config last (see peft_format.hpp).
+template <class T>
+void save_method_adapter(const std::string& dir, Module<T>& model, const std::string& adapter_name, Json config,
+                         DType dtype = native_dtype<T>()) {
+  const std::string type = detail::json_value<std::string>(config, "peft_type", "", "adapter config");
+  const MethodFormat<T>* f = find_method_format<T>(type);
+  if (f == nullptr)
+    throw ConfigError("save_method_adapter: peft_type \"" + type + "\" is not in the method table (" +
+                      method_format_names<T>() + ")");
+  std::vector<std::pair<std::string, Matrix<T>>> owned;
+  std::vector<NamedTensor<T>> tensors;
+  std::vector<AdapterMethod<T>*> adapters;
+  std::vector<std::string> paths;
+  for (auto& [path, linear] : adapted_linears(model)) {
+    if (!linear->has_adapter(adapter_name)) continue;
+    AdapterMethod<T>& m = linear->method(adapter_name);
+    if (m.peft_type() != type)
+      throw ConfigError("save_method_adapter: adapter \"" + adapter_name + "\" of \"" + path + "\" is " + m.kind() +
+                        ", the config says " + type);
+    adapters.push_back(&m);
+    paths.push_back(path);
+    for (const AdapterTensor<T>& t : m.tensors(path)) {
+      const Matrix<T>& v = t.parameter->value;
+      tensors.push_back({t.file_key, matrix_shape(v.rows(), v.cols(), t.vector), v.data(), dtype});
+    }
+  }
+  if (adapters.empty())
+    throw ConfigError("save_method_adapter: no adapted linear of the model has an adapter \"" + adapter_name + "\"");
+  if (f->save_model) owned = f->save_model(adapters);
+  for (const auto& [key, value] : owned)
+    tensors.push_back({key, matrix_shape(value.rows(), value.cols()), value.data(), dtype});
+  config["peft_type"] = type;
+  if (!config.contains("target_modules") || config.at("target_modules").is_null()) config["target_modules"] = paths;
+  detail::write_adapter_dir<T>(dir, tensors, [&](const std::string& weights) {
+    Json c = config;
+    c[kPeftCppConfigKey] =
+        Json{{"weights_file", kAdapterWeightsFile}, {"weights_sha256", detail::sha256_of_file(weights)}};
+    return c.dump(2) + "\n";
+  });
+}
+
+/// Merges a table method's adapter into a safetensors model file (`peft merge`): every module's
+/// merged weight (and bias, where the method changes it: (IA)³ on outputs) is what the adapted
+/// linear holds after merge() with the base loaded from the file, i.e. PEFT's merge_and_unload.
+/// The other tensors are copied unchanged (copy_file_range). One module's weight is in memory at a
+/// time. Everything is checked before the output is created; a NaN or Inf aborts the write and
+/// nothing is left at `out_path`. opt.scale must be 1 (the methods' gains do not scale linearly).
+template <class T>
+MergeFileReport merge_method_file(const std::string& base_path, const MethodAdapterFile<T>& file,
+                                  const std::string& out_path, const MergeFileOptions& opt = {}) {
+  const MethodFormat<T>& f = *file.format;
+  if (opt.scale != 1.0)
+    throw ConfigError("merge: --scale applies to LoRA deltas only; a " + f.kind + " adapter merges as a whole");
+  const InputFile base(base_path);
+  const SafeTensorsHeader header = read_safetensors_header(base);
+  std::map<std::string, const TensorInfo*> by_name;
+  for (const TensorInfo& t : header.tensors) by_name[t.name] = &t;
+  const std::string who = "merge: base \"" + base_path + "\"";
+
+  // ---- plan: each module's base weight (and bias, if any), shapes checked ----
+  struct Target {
+    std::string path;  ///< module path in the adapter
+    const TensorInfo* w = nullptr;
+    const TensorInfo* b = nullptr;
+    Matrix<T> merged_w, merged_b;  ///< computed when the first of its tensors is reached
+    bool done = false;
+  };
+  std::vector<Target> targets;
+  std::map<std::string, std::size_t> at;  // base tensor name → target
+  for (const auto& kv : file.modules) {
+    Target tg;
+    tg.path = kv.first;
+    const std::string wname = opt.mapping(kv.first) + ".weight", bname = opt.mapping(kv.first) + ".bias";
+    const auto wf = by_name.find(wname);
+    if (wf == by_name.end())
+      throw ConfigError(who + " has no tensor \"" + wname + "\" for adapter module \"" + kv.first +
+                        "\" (wrong base model, or a name mapping is needed)");
+    tg.w = wf->second;
+    if (!dtype_is_float(tg.w->dtype) || tg.w->shape.size() != 2)
+      throw ShapeError(who + ": tensor \"" + wname + "\" is " + dtype_name(tg.w->dtype) + " " + tg.w->shape_string() +
+                       ", expected a float [out, in] weight");
+    const auto bf = by_name.find(bname);
+    if (bf != by_name.end()) {
+      tg.b = bf->second;
+      if (!dtype_is_float(tg.b->dtype) || tg.b->numel != static_cast<std::uint64_t>(tg.w->rows()))
+        throw ShapeError(who + ": tensor \"" + bname + "\" is " + dtype_name(tg.b->dtype) + " " + tg.b->shape_string() +
+                         ", expected a float bias of " + std::to_string(tg.w->rows()));
+    }
+    at[wname] = targets.size();
+    if (tg.b != nullptr) at[bname] = targets.size();
+    targets.push_back(std::move(tg));
+  }
+  // Every module's adapter builds and fits its base (shapes, layout) before anything is written.
+  MethodState state;
+  if (f.load_model) f.load_model(file.config, file.model_tensors, "adapter (" + f.kind + ")", state);
+  auto build = [&](Target& tg, bool keep) {
+    const Index out = tg.w->rows(), in = tg.w->cols();
+    Linear<T> lin;
+    lin.weight = Parameter<T>(out, in, false);
+    if (keep) {
+      std::vector<unsigned char> raw(static_cast<std::size_t>(tg.w->nbytes()));
+      base.read_at(header.data_offset + tg.w->begin, raw.size(), raw.data());
+      decode_elements<T>(tg.w->dtype, raw.data(), static_cast<std::size_t>(tg.w->numel), lin.weight.value.data());
+      if (tg.b != nullptr) {
+        lin.bias = Parameter<T>(1, out, false);
+        raw.resize(static_cast<std::size_t>(tg.b->nbytes()));
+        base.read_at(header.data_offset + tg.b->begin, raw.size(), raw.data());
+        decode_elements<T>(tg.b->dtype, raw.data(), static_cast<std::size_t>(tg.b->numel), lin.bias.value.data());
+      }
+    } else {
+      lin.weight.value.setZero();
+      if (tg.b != nullptr) {
+        lin.bias = Parameter<T>(1, out, false);
+        lin.bias.value.setZero();
+      }
+    }
+    AdaptedLinear<T> host(std::move(lin), tg.path);
+    Rng rng(0);
+    const ModuleTensors<T>& tensors = file.modules.at(tg.path);
+    std::unique_ptr<AdapterMethod<T>> m = f.shaped
+                                              ? f.shaped(file.config, tg.path, "default", in, out, tensors, state, rng)
+                                              : f.create(file.config, tg.path, "default", in, out, state, rng);
+    for (const AdapterTensor<T>& t : m->tensors(tg.path)) {
+      const std::string param = t.file_key.substr(t.file_key.rfind('.') + 1);
+      const auto v = tensors.find(param);
+      if (v == tensors.end())
+        throw ConfigError(who + ": adapter module \"" + tg.path + "\" has no tensor \"" + param + "\"");
+      check::shape(f.kind.c_str(), tg.path, param.c_str(), v->second.rows(), v->second.cols(),
+                   t.parameter->value.rows(), t.parameter->value.cols());
+      t.parameter->value = v->second;
+    }
+    host.add_adapter(std::move(m));
+    if (!keep) return;
+    host.safe_merge();
+    tg.merged_w = std::move(host.weight.value);
+    if (tg.b != nullptr) tg.merged_b = std::move(host.bias.value);
+  };
+  for (Target& tg : targets) build(tg, false);  // checks only
+
+  // ---- stream ----
+  std::vector<TensorSpec> specs;
+  specs.reserve(header.tensors.size());
+  for (const TensorInfo& t : header.tensors) specs.push_back({t.name, t.dtype, t.shape});
+  SafeTensorsWriter w(out_path, std::move(specs), header.metadata);
+  MergeFileReport rep;
+  const std::size_t count = header.tensors.size();
+  for (std::size_t ti = 0; ti < count; ++ti) {
+    const TensorInfo& t = header.tensors[ti];
+    if (opt.on_tensor) opt.on_tensor(ti, count, t);
+    const auto it = at.find(t.name);
+    if (it == at.end()) {
+      w.copy_raw(base.fd(), header.data_offset + t.begin, static_cast<std::size_t>(t.nbytes()), nullptr);
+      ++rep.copied;
+      continue;
+    }
+    Target& tg = targets[it->second];
+    if (!tg.done) {
+      try {
+        build(tg, true);
+      } catch (const NumericError& e) {
+        throw NumericError(std::string(e.what()) + " (adapter module \"" + tg.path + "\"); nothing was written");
+      }
+      tg.done = true;
+    }
+    const Matrix<T>& v = &t == tg.w ? tg.merged_w : tg.merged_b;
+    w.write<T>(v.data(), static_cast<std::size_t>(v.size()));
+    ++rep.merged;
+    if (&t == tg.w) tg.merged_w.resize(0, 0);  // one module in memory at a time
+  }
+  w.commit();
+  rep.bytes = w.bytes_written();
+  return rep;
+}
+
+}  // namespace peft::io

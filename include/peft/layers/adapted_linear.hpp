@@ -1,0 +1,873 @@
+#pragma once
+// AdaptedLinear: a linear layer y = x Wᵀ + b that hosts any number of named adapters of any method
+// (LoRA, DoRA, VeRA, LoHa, LoKr, (IA)³: adapters/*.hpp), the one hook every base matmul of a model
+// goes through (llama.cpp's build_lora_mm, PEFT's BaseTunerLayer). With no adapter it costs what
+// Linear costs. `LoRALinear<T>` is this class (layers/lora_linear.hpp).
+//
+// The host owns the base weight W [out, in] and bias b [out], the adapters (in insertion order, on
+// the heap: adding one never moves another, so optimizers keep valid pointers), the active set
+// (PEFT's set_adapter: active adapters train, the others are frozen), the merge stack, a
+// generation counter that invalidates caches, and the typed caches. Each adapter adds one term:
+//
+//   y = x W₀ᵀ + b₀ + Σ_active t_i(x; W₀, b₀)                   (W₀, b₀: nothing merged)
+//
+// and declares what merging it means (adapters/method.hpp): W = W₀ + Σ_merged C_i with
+// C_i = diag(f_i − 1) W₀ + W₀ diag(h_i − 1) + D_i, b = b₀ + Σ diag(g_i − 1) b₀. Every C_i is
+// affine in W₀, so W₀ is recovered from any merged state by
+//
+//   W₀_jk = (W − Σ_merged D_i)_jk / (1 + Σ (f_i − 1)_j + Σ (h_i − 1)_k),   b₀ = b / (1 + Σ (g_i − 1))
+//
+// which is how unmerge restores the base (to rounding: about 1e-16 relative, not bit for bit) and
+// how forward runs unmerged adapters that read W₀ (DoRA's norm, (IA)³'s scaled base) while others
+// are merged. Merging any subset, in any order, over any number of calls gives the unmerged
+// forward's outputs (to rounding), and a merge that would
+// make a divisor smaller than √ε (W₀ unrecoverable) is refused with nothing changed. Merged
+// adapters are skipped in forward; backward while anything is merged is refused.
+//
+// Backward: the host does the base GEMMs, dX = E W and dW = Eᵀ X with E = dY ⊙ (1 + Σ (f − 1))
+// over the adapters that scale x W₀ᵀ (add_base_gain: DoRA without dropout, (IA)³ on outputs), so
+// those terms cost no GEMM of their own; then each adapter adds its own gradients.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/adapters/lora.hpp"
+#include "peft/adapters/method.hpp"
+#include "peft/core/check.hpp"
+#include "peft/core/module.hpp"
+#include "peft/layers/linear.hpp"
+
+namespace peft {
+
+/// A view of some of a layer's adapters (size(), [i], front(), back(), range-for over references).
+/// Valid while the layer lives and no adapter is added or removed.
+template <class A>
+class AdapterRefs {
+ public:
+  class iterator {
+   public:
+    explicit iterator(typename std::vector<A*>::const_iterator it) : it_(it) {}
+    A& operator*() const { return **it_; }
+    A* operator->() const { return *it_; }
+    iterator& operator++() {
+      ++it_;
+      return *this;
+    }
+    bool operator==(const iterator& o) const { return it_ == o.it_; }
+    bool operator!=(const iterator& o) const { return it_ != o.it_; }
+
+   private:
+    typename std::vector<A*>::const_iterator it_;
+  };
+
+  explicit AdapterRefs(std::vector<A*> v) : v_(std::move(v)) {}
+  std::size_t size() const { return v_.size(); }
+  bool empty() const { return v_.empty(); }
+  A& operator[](std::size_t i) const { return *v_[i]; }
+  A& front() const { return *v_.front(); }
+  A& back() const { return *v_.back(); }
+  iterator begin() const { return iterator(v_.begin()); }
+  iterator end() const { return iterator(v_.end()); }
+
+ private:
+  std::vector<A*> v_;
+};
+
+/// Reused buffers of forward_routed (mixed-adapter batches): they grow to the largest batch seen.
+template <class T>
+struct RoutedWorkspace {
+  std::vector<int> routing;  ///< per row: adapter index or -1 (filled from names)
+  std::vector<Index> count;  ///< rows per adapter
+  std::vector<Index> start;  ///< first slot of each adapter in `order`
+  std::vector<Index> order;  ///< row indices grouped by adapter
+  Matrix<T> z;               ///< x W₀ᵀ [rows, out] when some routed adapter reads it
+  // Per adapter (so that a repeated routing reallocates nothing): its rows' inputs X_a [m_a, in],
+  // their x W₀ᵀ [m_a, out] when it reads them, and its term [m_a, out].
+  std::vector<Matrix<T>> xg, zg, up;
+};
+
+template <class T>
+class AdaptedLinear : public Module<T> {
+ public:
+  /// One active adapter's forward state (its method's cache type).
+  struct Slot {
+    std::size_t adapter = 0;             ///< index into methods()
+    std::unique_ptr<MethodCache> state;  ///< the method's cache, reused across calls
+    Slot() = default;
+    Slot(const Slot& o) : adapter(o.adapter), state(o.state ? o.state->clone() : nullptr) {}
+    Slot& operator=(const Slot& o) {
+      if (this != &o) {
+        adapter = o.adapter;
+        state = o.state ? o.state->clone() : nullptr;
+      }
+      return *this;
+    }
+    Slot(Slot&&) noexcept = default;
+    Slot& operator=(Slot&&) noexcept = default;
+    ~Slot() = default;
+  };
+
+  /// What backward needs: x (when the base weight or an adapter's gradient needs it), x W₀ᵀ (when
+  /// an adapter scales it) and one Slot per active adapter. Reused across calls.
+  struct Cache {
+    Matrix<T> x;                   ///< the input, when backward needs it; else empty
+    Matrix<T> z;                   ///< x W₀ᵀ [rows, out] when an active adapter reads it; else empty
+    Index rows = 0;                ///< rows of the input of the last forward
+    std::vector<Slot> slots;       ///< grows to the largest active set, then is reused
+    std::size_t used = 0;          ///< entries of `slots` filled by the last forward
+    std::uint64_t generation = 0;  ///< layer state the cache was filled under (0: never filled)
+
+    /// Slot k's state as the method's cache type C (std::bad_cast if it is another method's).
+    template <class C>
+    const C& state(std::size_t k) const {
+      return dynamic_cast<const C&>(*slots.at(k).state);
+    }
+    const LoraCache<T>& lora(std::size_t k) const { return state<LoraCache<T>>(k); }
+    const DoraCache<T>& dora(std::size_t k) const { return state<DoraCache<T>>(k); }
+  };
+
+  AdaptedLinear() = default;
+
+  /// A fresh base with nn.Linear's init and no adapters. The base is drawn from `rng` first, then
+  /// the dropout generator's seed (in this order on every compiler: the draws are sequenced in the
+  /// body, not in an argument list whose evaluation order is unspecified).
+  AdaptedLinear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "")
+      : Module<T>(std::move(name)) {
+    if (in_features <= 0 || out_features <= 0)
+      throw ShapeError(describe(kKind, this->name()) + ": features must be > 0, got in=" + std::to_string(in_features) +
+                       ", out=" + std::to_string(out_features));
+    Linear<T> base(in_features, out_features, rng, with_bias, this->name());
+    weight = std::move(base.weight);
+    bias = std::move(base.bias);
+    rng_.reseed(rng.next_u64());
+  }
+
+  /// Wraps an existing Linear (weights moved in, trainable flags kept).
+  explicit AdaptedLinear(Linear<T> base, std::string name = "", std::uint64_t dropout_seed = 0x10a)
+      : Module<T>(std::move(name)), weight(std::move(base.weight)), bias(std::move(base.bias)), rng_(dropout_seed) {}
+
+  AdaptedLinear(const AdaptedLinear& o)
+      : Module<T>(o),
+        weight(o.weight),
+        bias(o.bias),
+        active_(o.active_),
+        merged_(o.merged_),
+        disabled_(o.disabled_),
+        generation_(o.generation_),
+        rng_(o.rng_) {
+    adapters_.reserve(o.adapters_.size());
+    for (const auto& m : o.adapters_) adapters_.push_back(m->clone());
+  }
+  AdaptedLinear& operator=(const AdaptedLinear& o) {
+    if (this != &o) *this = AdaptedLinear(o);
+    return *this;
+  }
+  AdaptedLinear(AdaptedLinear&&) noexcept = default;
+  AdaptedLinear& operator=(AdaptedLinear&&) noexcept = default;
+  ~AdaptedLinear() override = default;
+
+  Parameter<T> weight;  ///< W [out, in]
+  Parameter<T> bias;    ///< b [out] (stored [1, out]); empty when the layer has no bias
+
+  Index in_features() const { return weight.value.cols(); }
+  Index out_features() const { return weight.value.rows(); }
+  bool has_bias() const { return bias.size() > 0; }
+
+  /// Freezes W and b (what get_peft_model does to every non-adapter weight).
+  void freeze_base() {
+    weight.set_trainable(false);
+    if (has_bias()) bias.set_trainable(false);
+  }
+
+  // ---- adapter management -------------------------------------------------------------------
+
+  /// Adds a LoRA (or, with config.use_dora, DoRA) adapter and makes it the only active one (PEFT's
+  /// add_adapter + set_adapter). DoRA is refused while adapters are merged (its magnitude is
+  /// initialised from W₀'s norm, which the merged weight is not).
+  LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
+    check_new_name(adapter_name, "LORA");
+    if (config.use_dora && !merged_.empty())
+      throw ConfigError(who() + ": cannot add DoRA adapter \"" + adapter_name + "\" while adapters are merged (" +
+                        join(merged_indices()) + "); its magnitude would be taken from the merged weight");
+    auto m = make_lora<T>(adapter_name, config, weight.value, rng, kKind, this->name());
+    LoraAdapter<T>& a = m->adapter();
+    push(std::move(m));
+    return a;
+  }
+
+  /// Same, with the layer's generator (seeded at construction).
+  LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config = {}) {
+    return add_adapter(adapter_name, config, rng_);
+  }
+
+  /// Adds an adapter of any method (built for this layer's [out, in]) and makes it the only active one.
+  AdapterMethod<T>& add_adapter(std::unique_ptr<AdapterMethod<T>> method) {
+    if (!method) throw ConfigError(who() + ": add_adapter got no adapter");
+    check_new_name(method->name(), method->peft_type());
+    AdapterMethod<T>& m = *method;
+    push(std::move(method));
+    return m;
+  }
+
+  /// Removes an adapter. Refused while it is merged.
+  /// Removes the adapter(s) of that name (one per method; only `peft_type`'s when given). Refused
+  /// while merged.
+  void delete_adapter(const std::string& adapter_name, const std::string& peft_type = "") {
+    const std::vector<std::size_t> idx = indices_of(adapter_name, peft_type);
+    for (std::size_t i : idx)
+      if (is_merged(i))
+        throw ConfigError(who() + ": adapter \"" + adapter_name + "\" is merged; unmerge before deleting it");
+    for (std::size_t k = idx.size(); k-- > 0;) {  // highest index first
+      const std::size_t i = idx[k];
+      adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+      active_.erase(std::remove(active_.begin(), active_.end(), i), active_.end());
+      for (auto& a : active_)
+        if (a > i) --a;
+      for (auto& e : merged_)
+        if (e.adapter > i) --e.adapter;
+    }
+    ++generation_;
+  }
+
+  /// Activates exactly these adapters (duplicates dropped, order kept); they become trainable and
+  /// every other adapter is frozen, as PEFT's set_adapter does. An empty list leaves the base alone.
+  void set_active(const std::vector<std::string>& names) {
+    std::vector<std::size_t> next;
+    for (const auto& n : names)
+      for (std::size_t i : indices_of(n))
+        if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
+    active_ = std::move(next);
+    sync_trainable();
+    ++generation_;
+  }
+  void set_active(const std::string& adapter_name) { set_active(std::vector<std::string>{adapter_name}); }
+  /// `set_active({"a", "b"})`: without this overload the braces would also match std::string's
+  /// iterator-pair constructor (two const char*), an ambiguous call at best.
+  void set_active(std::initializer_list<std::string> names) { set_active(std::vector<std::string>(names)); }
+
+  /// While disabled, forward is the base layer alone (PEFT's disable_adapter()). Refused while merged.
+  void disable_adapters(bool disabled = true) {
+    if (disabled && !merged_.empty())
+      throw ConfigError(who() + ": cannot disable adapters while some are merged; unmerge first");
+    disabled_ = disabled;
+    ++generation_;
+  }
+  bool adapters_disabled() const { return disabled_; }
+
+  bool has_adapter(const std::string& adapter_name) const { return find(adapter_name) != npos; }
+  /// The index of an adapter in methods(), or -1.
+  int adapter_index(const std::string& adapter_name) const {
+    const std::size_t i = find(adapter_name);
+    return i == npos ? -1 : static_cast<int>(i);
+  }
+  std::size_t num_adapters() const { return adapters_.size(); }
+
+  /// An adapter by name (the first of that name: a name is unique per method, so a layer may hold a
+  /// LoRA "default" and an (IA)³ "default", as PEFT keeps one dict per method; set_active, merge
+  /// and delete_adapter act on every adapter of the name).
+  AdapterMethod<T>& method(const std::string& adapter_name) { return *adapters_[index_of(adapter_name)]; }
+  const AdapterMethod<T>& method(const std::string& adapter_name) const { return *adapters_[index_of(adapter_name)]; }
+
+  /// A LoRA or DoRA adapter's factors and config by name (ConfigError for another method's).
+  LoraAdapter<T>& adapter(const std::string& adapter_name) { return lora_of(adapter_name); }
+  const LoraAdapter<T>& adapter(const std::string& adapter_name) const {
+    return const_cast<AdaptedLinear*>(this)->lora_of(adapter_name);
+  }
+
+  /// Every adapter, in insertion order.
+  AdapterRefs<AdapterMethod<T>> methods() {
+    std::vector<AdapterMethod<T>*> v;
+    for (auto& m : adapters_) v.push_back(m.get());
+    return AdapterRefs<AdapterMethod<T>>(std::move(v));
+  }
+  AdapterRefs<const AdapterMethod<T>> methods() const {
+    std::vector<const AdapterMethod<T>*> v;
+    for (const auto& m : adapters_) v.push_back(m.get());
+    return AdapterRefs<const AdapterMethod<T>>(std::move(v));
+  }
+
+  /// The LoRA and DoRA adapters, in insertion order (other methods: methods()).
+  AdapterRefs<const LoraAdapter<T>> adapters() const {
+    std::vector<const LoraAdapter<T>*> v;
+    for (const auto& m : adapters_)
+      if (auto* l = dynamic_cast<const LoraMethod<T>*>(m.get())) v.push_back(&l->adapter());
+    return AdapterRefs<const LoraAdapter<T>>(std::move(v));
+  }
+
+  std::vector<std::string> active_adapters() const { return names_of(active_); }
+  std::vector<std::string> merged_adapters() const { return names_of(merged_indices()); }
+  /// The merged adapters themselves (in merge order).
+  std::vector<const AdapterMethod<T>*> merged_methods() const {
+    std::vector<const AdapterMethod<T>*> v;
+    for (const auto& e : merged_) v.push_back(adapters_[e.adapter].get());
+    return v;
+  }
+  bool merged() const { return !merged_.empty(); }
+
+  // ---- merge / unmerge ----------------------------------------------------------------------
+
+  /// W += C_i (and b += its bias part) for each named adapter (default: the active ones not yet
+  /// merged), every C_i computed on W₀ (see the file comment).
+  /// With `peft_type`, only that method's adapters of those names.
+  void merge(const std::vector<std::string>& names = {}, const std::string& peft_type = "") {
+    merge_impl(names, false, peft_type);
+  }
+
+  /// As merge, but builds the new W aside and refuses (NumericError) if any entry is NaN or Inf;
+  /// W is left untouched on failure.
+  void safe_merge(const std::vector<std::string>& names = {}, const std::string& peft_type = "") {
+    merge_impl(names, true, peft_type);
+  }
+
+  /// Undoes every merge: W ← W₀, b ← b₀ (see the file comment).
+  void unmerge() {
+    if (merged_.empty()) return;
+    recover_base(weight.value, has_bias() ? &bias.value : nullptr);
+    merged_.clear();
+    ++generation_;
+  }
+
+  /// DoRA's row norm n = ‖W₀ + s·B·A‖_row of a DoRA adapter [1, out], W₀ the weight with nothing merged.
+  RowVector<T> dora_weight_norm(const std::string& adapter_name) {
+    DoraMethod<T>* d = nullptr;
+    for (std::size_t i : indices_of(adapter_name))
+      if (d == nullptr) d = dynamic_cast<DoraMethod<T>*>(adapters_[i].get());
+    if (d == nullptr) throw ConfigError(who() + ": adapter \"" + adapter_name + "\" is not a DoRA adapter");
+    RowVector<T> n;
+    d->weight_norm(w0(), n);
+    return n;
+  }
+
+  /// The low-rank update of one adapter [out, in]: s·B·A for LoRA and DoRA (for DoRA the effective
+  /// change is f ⊙ (W₀ + s·B·A) − W₀: effective_delta), ΔW for VeRA, LoHa and LoKr, 0 for (IA)³.
+  Matrix<T> delta_weight(const std::string& adapter_name) const {
+    const std::size_t i = index_of(adapter_name);
+    Matrix<T> d = Matrix<T>::Zero(out_features(), in_features());
+    if (const auto* l = dynamic_cast<const LoraMethod<T>*>(adapters_[i].get())) {
+      const LoraAdapter<T>& a = l->adapter();
+      d.noalias() = static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
+      return d;
+    }
+    adapters_[i]->add_delta(MergeRecord<T>{}, T(1), d);
+    return d;
+  }
+
+  /// What merging this adapter alone would add to W₀: C = diag(f − 1) W₀ + W₀ diag(h − 1) + D [out, in].
+  Matrix<T> effective_delta(const std::string& adapter_name) {
+    const std::size_t i = index_of(adapter_name);
+    const Matrix<T> base = w0();
+    MergeRecord<T> rec;
+    adapters_[i]->merge_record(base, nullptr, rec);
+    Matrix<T> c = Matrix<T>::Zero(out_features(), in_features());
+    add_contribution(*adapters_[i], rec, base, c);
+    return c;
+  }
+
+  // ---- forward / backward -------------------------------------------------------------------
+
+  /// y = x Wᵀ + b + Σ over active, unmerged adapters of their terms. Reuses `y`, `cache` and the
+  /// adapters' scratch, so repeated calls with the same shapes do not allocate.
+  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) { forward_into(x, y, cache, true); }
+
+  /// The same output with nothing kept for backward (no copy of x): serving and evaluation.
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) { forward_into(x, y, inference_cache_, false); }
+
+  Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
+    Matrix<T> y;
+    forward(x, y, cache);
+    return y;
+  }
+
+  /// Accumulates dW, db and every active adapter's gradients (those trainable), writes dX into *dx
+  /// unless dx is null.
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+    if (cache.generation == 0) throw ConfigError(who() + ": backward called with a cache that no forward filled");
+    if (!merged_.empty())
+      throw ConfigError(who() + ": cannot train while adapters are merged (" + join(merged_indices()) +
+                        "); unmerge first");
+    if (cache.generation != generation_)
+      throw ConfigError(who() +
+                        ": adapters were added, removed, (un)merged or switched between forward and backward; run "
+                        "forward again");
+    check::shape(kKind, this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
+    if (weight.trainable())
+      check::shape(kKind, this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
+                   cache.x.cols(), cache.rows, in_features());
+
+    // Base path: E = dY ⊙ (1 + Σ (f − 1)) over the adapters that scale x W₀ᵀ (E = dY otherwise):
+    // dW = Eᵀ X [out, in], dX = E W [rows, in], db = Σ_rows dY ⊙ (1 + Σ (g − 1)).
+    gain_.has_z = gain_.has_b = false;
+    for (std::size_t k = 0; k < cache.used; ++k)
+      adapters_[cache.slots[k].adapter]->add_base_gain(*cache.slots[k].state, gain_);
+    const Matrix<T>* e = nullptr;
+    if (gain_.has_z) {
+      work_e_ = dy;
+      work_e_.array() += dy.array().rowwise() * gain_.z.array();  // + dY ⊙ Σ (f − 1)
+      e = &work_e_;
+    }
+    const ConstMatrixRef<T> E = e != nullptr ? ConstMatrixRef<T>(*e) : dy;
+    if (weight.trainable()) weight.accumulator().noalias() += E.transpose() * cache.x;  // dW = Eᵀ X   [out, in]
+    if (dx != nullptr) {
+      dx->resize(dy.rows(), in_features());
+      dx->noalias() = E * weight.value;  // dX = E W   [rows, in]
+    }
+    if (has_bias() && bias.trainable()) {
+      if (gain_.has_b)
+        bias.accumulator().row(0).array() += dy.colwise().sum().array() * (gain_.b.array() + T(1));
+      else
+        bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
+    }
+
+    GradInput<T> in;
+    in.x = &cache.x;
+    in.z = &cache.z;
+    in.w0 = &weight.value;
+    in.b0 = has_bias() ? &bias.value : nullptr;
+    in.dw = weight.trainable() ? &weight.accumulator() : nullptr;
+    for (std::size_t k = 0; k < cache.used; ++k)
+      adapters_[cache.slots[k].adapter]->backward(in, *cache.slots[k].state, dy, dx);
+  }
+
+  /// y = base(x) plus, on each row r, the term of adapter routing[r] (an index into methods(), or
+  /// -1 for none): many adapters served in one batch (S-LoRA, Punica; PEFT's `adapter_names=`).
+  /// One base GEMM covers all rows; each adapter's term runs on its gathered rows only. Inference:
+  /// no dropout, no cache; ignores the active set and the disable flag. Refused while merged.
+  void forward_routed(const ConstMatrixRef<T>& x, const std::vector<int>& routing, Matrix<T>& y,
+                      RoutedWorkspace<T>& ws) {
+    if (!merged_.empty())
+      throw ConfigError(who() + ": mixed-adapter batches need an unmerged layer (merged: " + join(merged_indices()) +
+                        "); unmerge first");
+    check::input_features(kKind, this->name(), x.cols(), in_features());
+    if (static_cast<Index>(routing.size()) != x.rows())
+      throw ShapeError(who() + ": mixed batch has " + std::to_string(x.rows()) + " rows but " +
+                       std::to_string(routing.size()) + " row adapter entries");
+    const Index rows = x.rows(), in = in_features(), out = out_features();
+    const std::size_t n = adapters_.size();
+    for (std::size_t r = 0; r < routing.size(); ++r)
+      if (routing[r] != -1 && (routing[r] < 0 || static_cast<std::size_t>(routing[r]) >= n))
+        throw ConfigError(who() + ": row " + std::to_string(r) + " is routed to adapter " + std::to_string(routing[r]) +
+                          ", expected -1 (none) or an index in [0, " + std::to_string(n) + ")");
+
+    // Group rows by adapter (counting sort: stable, O(rows + n)).
+    ws.count.assign(n, 0);
+    for (int a : routing)
+      if (a >= 0) ++ws.count[static_cast<std::size_t>(a)];
+    ws.start.resize(n + 1);
+    ws.start[0] = 0;
+    bool need_z = false;
+    for (std::size_t a = 0; a < n; ++a) {
+      ws.start[a + 1] = ws.start[a] + ws.count[a];
+      if (ws.count[a] > 0) need_z = need_z || adapters_[a]->needs_base_output(false);
+    }
+    ws.order.resize(static_cast<std::size_t>(ws.start[n]));
+    std::fill(ws.count.begin(), ws.count.end(), 0);  // reused as fill cursor
+    for (Index r = 0; r < rows; ++r) {
+      const int a = routing[static_cast<std::size_t>(r)];
+      if (a < 0) continue;
+      const std::size_t ua = static_cast<std::size_t>(a);
+      ws.order[static_cast<std::size_t>(ws.start[ua] + ws.count[ua]++)] = r;
+    }
+
+    y.resize(rows, out);
+    y.noalias() = x * weight.value.transpose();  // x Wᵀ   [rows, out]
+    if (need_z) ws.z = y;
+    if (has_bias()) y.rowwise() += bias.value.row(0);
+    if (ws.xg.size() < n) {
+      ws.xg.resize(n);
+      ws.zg.resize(n);
+      ws.up.resize(n);
+    }
+    for (std::size_t a = 0; a < n; ++a) {
+      const Index m = ws.start[a + 1] - ws.start[a];
+      if (m == 0) continue;
+      const Index* rows_a = ws.order.data() + ws.start[a];
+      Matrix<T>& xg = ws.xg[a];
+      Matrix<T>& up = ws.up[a];
+      xg.resize(m, in);
+      for (Index j = 0; j < m; ++j) xg.row(j) = x.row(rows_a[j]);  // X_a = x[R_a]   [m, in]
+      TermInput<T> tin{ConstMatrixRef<T>(xg)};
+      if (adapters_[a]->needs_base_output(false)) {
+        ws.zg[a].resize(m, out);
+        for (Index j = 0; j < m; ++j) ws.zg[a].row(j) = ws.z.row(rows_a[j]);
+        tin.z = &ws.zg[a];
+      }
+      tin.w0 = &weight.value;
+      tin.b0 = has_bias() ? &bias.value : nullptr;
+      tin.training = false;
+      tin.rng = &rng_;
+      up.setZero(m, out);
+      adapters_[a]->forward(tin, up, nullptr);                      // U_a = t_a(X_a)   [m, out]
+      for (Index j = 0; j < m; ++j) y.row(rows_a[j]) += up.row(j);  // y[R_a] += U_a
+    }
+  }
+
+  /// Generator used for dropout masks (and by add_adapter without an explicit one); checkpointable.
+  Rng& rng() { return rng_; }
+
+ protected:
+  void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
+    fn("weight", weight);
+    if (has_bias()) fn("bias", bias);
+    for (auto& m : adapters_) m->visit_parameters(fn);
+  }
+
+ private:
+  static constexpr const char* kKind = "LoRALinear";
+  static constexpr std::size_t npos = static_cast<std::size_t>(-1);
+
+  struct Merged {
+    std::size_t adapter = 0;
+    MergeRecord<T> record;  ///< gains and data fixed at merge time
+  };
+
+  std::string who() const { return describe(kKind, this->name()); }
+
+  std::size_t find(const std::string& n) const {
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      if (adapters_[i]->name() == n) return i;
+    return npos;
+  }
+
+  std::size_t index_of(const std::string& n) const {
+    const std::size_t i = find(n);
+    if (i == npos) {
+      std::vector<std::size_t> all(adapters_.size());
+      for (std::size_t k = 0; k < all.size(); ++k) all[k] = k;
+      throw ConfigError(who() + ": unknown adapter \"" + n + "\"; available: [" + join(all) + "]");
+    }
+    return i;
+  }
+
+  /// Every adapter named n (of `peft_type` when not empty): at least one, else ConfigError.
+  std::vector<std::size_t> indices_of(const std::string& n, const std::string& peft_type = "") const {
+    std::vector<std::size_t> v;
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      if (adapters_[i]->name() == n && (peft_type.empty() || adapters_[i]->peft_type() == peft_type)) v.push_back(i);
+    if (v.empty() && !peft_type.empty() && find(n) != npos)
+      throw ConfigError(who() + ": adapter \"" + n + "\" is not a " + peft_type + " adapter");
+    if (v.empty()) (void)index_of(n);
+    return v;
+  }
+
+  LoraAdapter<T>& lora_of(const std::string& n) {
+    const std::vector<std::size_t> idx = indices_of(n);
+    for (std::size_t i : idx)
+      if (auto* l = dynamic_cast<LoraMethod<T>*>(adapters_[i].get())) return l->adapter();
+    throw ConfigError(who() + ": adapter \"" + n + "\" is a " + adapters_[idx.front()]->kind() +
+                      " adapter, not LoRA; use method()");
+  }
+
+  /// A name is unique per method (peft_type).
+  void check_new_name(const std::string& n, const std::string& peft_type) const {
+    check_adapter_name(who(), n);
+    for (const auto& m : adapters_)
+      if (m->name() == n && m->peft_type() == peft_type)
+        throw ConfigError(who() + ": adapter \"" + n + "\" already exists");
+  }
+
+  void push(std::unique_ptr<AdapterMethod<T>> m) {
+    adapters_.push_back(std::move(m));
+    active_ = {adapters_.size() - 1};
+    sync_trainable();
+    ++generation_;
+  }
+
+  void sync_trainable() {
+    for (std::size_t i = 0; i < adapters_.size(); ++i)
+      adapters_[i]->set_trainable(std::find(active_.begin(), active_.end(), i) != active_.end());
+  }
+
+  bool is_merged(std::size_t i) const {
+    for (const auto& e : merged_)
+      if (e.adapter == i) return true;
+    return false;
+  }
+
+  std::vector<std::size_t> merged_indices() const {
+    std::vector<std::size_t> v;
+    for (const auto& e : merged_) v.push_back(e.adapter);
+    return v;
+  }
+
+  std::vector<std::string> names_of(const std::vector<std::size_t>& idx) const {
+    std::vector<std::string> out;
+    for (std::size_t i : idx) out.push_back(adapters_[i]->name());
+    return out;
+  }
+
+  /// "a, b, c" for messages.
+  std::string join(const std::vector<std::size_t>& idx) const {
+    std::string s;
+    for (std::size_t i : idx) s += (s.empty() ? "" : ", ") + adapters_[i]->name();
+    return s;
+  }
+
+  /// W₀ (a copy when something is merged).
+  Matrix<T> w0() {
+    Matrix<T> w = weight.value;
+    if (!merged_.empty()) recover_base(w, nullptr);
+    return w;
+  }
+
+  /// The gains of the merged adapters, plus those of `extra`: row Σ (f − 1) [out], column Σ (h − 1)
+  /// [in], bias Σ (g − 1) [out]; each flag false when no adapter has that gain.
+  struct Gains {
+    RowVector<T> row, col, bias;
+    bool has_row = false, has_col = false, has_bias = false;
+    void add(const MergeRecord<T>& r) {
+      auto acc = [](RowVector<T>& v, bool& has, const RowVector<T>& g) {
+        if (g.size() == 0) return;
+        if (!has) v.setZero(g.size());
+        has = true;
+        v += g;
+      };
+      acc(row, has_row, r.row_gain);
+      acc(col, has_col, r.col_gain);
+      acc(bias, has_bias, r.bias_gain);
+    }
+  };
+
+  Gains merged_gains() const {
+    Gains g;
+    for (const auto& e : merged_) g.add(e.record);
+    return g;
+  }
+
+  /// w, b hold the current W, b on entry and W₀, b₀ on exit:
+  ///   W₀ = (W − Σ_merged D_i) ⊘ (1 + Σ(f − 1)_j + Σ(h − 1)_k),  b₀ = b ⊘ (1 + Σ(g − 1)).
+  void recover_base(Matrix<T>& w, Matrix<T>* b) {
+    for (std::size_t k = merged_.size(); k-- > 0;)  // last merged first
+      adapters_[merged_[k].adapter]->add_delta(merged_[k].record, T(-1), w);
+    const Gains g = merged_gains();
+    if (g.has_row && g.has_col) {
+      for (Index j = 0; j < w.rows(); ++j) w.row(j).array() /= (g.col.array() + (T(1) + g.row(j)));
+    } else if (g.has_row) {
+      work_g_ = g.row.array() + T(1);
+      w.array().colwise() /= work_g_.transpose().array();
+    } else if (g.has_col) {
+      work_g_ = g.col.array() + T(1);
+      w.array().rowwise() /= work_g_.array();
+    }
+    if (b != nullptr && g.has_bias) b->row(0).array() /= (g.bias.array() + T(1));
+  }
+
+  /// acc += C = diag(f − 1) W₀ + W₀ diag(h − 1) + D of one adapter under `rec`.
+  void add_contribution(AdapterMethod<T>& m, const MergeRecord<T>& rec, const Matrix<T>& base, Matrix<T>& acc) {
+    if (rec.row_gain.size() > 0) acc.array() += base.array().colwise() * rec.row_gain.transpose().array();
+    if (rec.col_gain.size() > 0) acc.array() += base.array().rowwise() * rec.col_gain.array();
+    m.add_delta(rec, T(1), acc);
+  }
+
+  void merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type) {
+    if (disabled_)
+      throw ConfigError(who() +
+                        ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
+    std::vector<std::size_t> pending;
+    if (names.empty()) {
+      for (std::size_t i : active_)
+        if (!is_merged(i) && (peft_type.empty() || adapters_[i]->peft_type() == peft_type)) pending.push_back(i);
+    } else {
+      for (const auto& n : names)
+        for (std::size_t i : indices_of(n, peft_type)) {
+          if (is_merged(i) || std::find(pending.begin(), pending.end(), i) != pending.end())
+            throw ConfigError(who() + ": adapter \"" + n + "\" is already merged");
+          pending.push_back(i);
+        }
+    }
+    if (pending.empty()) return;
+
+    // W₀ and b₀: W and b unless something is merged, else recovered (every term is on W₀).
+    Matrix<T> w0_store, b0_store;
+    const Matrix<T>* w0 = &weight.value;
+    const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
+    if (!merged_.empty()) {
+      w0_store = weight.value;
+      if (has_bias()) b0_store = bias.value;
+      recover_base(w0_store, has_bias() ? &b0_store : nullptr);
+      w0 = &w0_store;
+      if (has_bias()) b0 = &b0_store;
+    }
+    // All checks before W changes: every record finite, and the divisors of recover_base
+    // (1 + Σ row + Σ col, 1 + Σ bias over merged ∪ pending) at least √ε in magnitude, so W₀ stays
+    // recoverable. Dividing by d amplifies rounding by 1/|d|: |d| < √ε would leave fewer than half
+    // the digits of W₀, so it counts as zero.
+    std::vector<MergeRecord<T>> records(pending.size());
+    Gains g = merged_gains();
+    bool pending_gain = false;
+    for (std::size_t k = 0; k < pending.size(); ++k) {
+      try {
+        adapters_[pending[k]]->merge_record(*w0, b0, records[k]);
+      } catch (const NumericError& e) {
+        throw NumericError(who() + ": " + e.what());
+      }
+      const MergeRecord<T>& r = records[k];
+      pending_gain = pending_gain || r.row_gain.size() > 0 || r.col_gain.size() > 0 || r.bias_gain.size() > 0;
+      g.add(r);
+    }
+    if (pending_gain) check_divisors(g, pending);
+
+    // Safe: W + C_1 + C_2 + … built aside, checked after each adapter, swapped in at the end.
+    // Plain: U = Σ C_i built aside (every allocation happens here), then W += U, which cannot fail:
+    // both leave no partial merge behind.
+    Matrix<T> acc = safe ? weight.value : Matrix<T>::Zero(out_features(), in_features());
+    for (std::size_t k = 0; k < pending.size(); ++k) {
+      add_contribution(*adapters_[pending[k]], records[k], *w0, acc);
+      if (safe && !all_finite(acc))
+        throw NumericError(who() + ": merging adapter \"" + adapters_[pending[k]]->name() +
+                           "\" gives NaN or Inf in the weight; nothing was merged");
+    }
+    Matrix<T> new_bias;
+    if (has_bias()) {
+      new_bias = bias.value;
+      for (const auto& r : records)
+        if (r.bias_gain.size() > 0) new_bias.row(0).array() += b0->row(0).array() * r.bias_gain.array();
+      if (safe && !all_finite(new_bias))
+        throw NumericError(who() + ": merging gives NaN or Inf in the bias; nothing was merged");
+    }
+    if (safe)
+      weight.value.swap(acc);
+    else
+      weight.value += acc;
+    if (has_bias()) bias.value.swap(new_bias);
+    for (std::size_t k = 0; k < pending.size(); ++k) merged_.push_back({pending[k], std::move(records[k])});
+    ++generation_;
+  }
+
+  /// NumericError unless every divisor of recover_base under gains g is finite with |d| ≥ √ε.
+  void check_divisors(const Gains& g, const std::vector<std::size_t>& pending) const {
+    const T g_min = std::sqrt(std::numeric_limits<T>::epsilon());
+    auto bad = [&](T d) { return !std::isfinite(d) || std::abs(d) < g_min; };
+    T value = T(0);
+    std::string where;
+    if (g.has_row || g.has_col) {
+      const Index rows = g.has_row ? g.row.size() : 1, cols = g.has_col ? g.col.size() : 1;
+      for (Index j = 0; j < rows && where.empty(); ++j)
+        for (Index k = 0; k < cols; ++k) {
+          const T d = T(1) + (g.has_row ? g.row(j) : T(0)) + (g.has_col ? g.col(k) : T(0));
+          if (bad(d)) {
+            value = d;
+            where = g.has_row && g.has_col ? "in row " + std::to_string(j) + ", column " + std::to_string(k)
+                    : g.has_row            ? "in row " + std::to_string(j)
+                                           : "in column " + std::to_string(k);
+            break;
+          }
+        }
+    }
+    if (where.empty() && g.has_bias)
+      for (Index j = 0; j < g.bias.size(); ++j)
+        if (bad(T(1) + g.bias(j))) {
+          value = T(1) + g.bias(j);
+          where = "in bias entry " + std::to_string(j);
+          break;
+        }
+    if (where.empty()) return;
+    // The adapters with a gain, merged ones first.
+    std::vector<std::size_t> scaled;
+    std::string kinds;
+    auto note = [&](std::size_t i, const MergeRecord<T>& r) {
+      if (r.row_gain.size() == 0 && r.col_gain.size() == 0 && r.bias_gain.size() == 0) return;
+      scaled.push_back(i);
+      const std::string k = adapters_[i]->kind();
+      if (kinds.empty())
+        kinds = k;
+      else if (kinds != k)
+        kinds = "scaling";
+    };
+    for (const auto& e : merged_) note(e.adapter, e.record);
+    for (std::size_t i : pending) {
+      MergeRecord<T> r;
+      const_cast<AdapterMethod<T>&>(*adapters_[i]).merge_record(weight.value, nullptr, r);
+      note(i, r);
+    }
+    std::string quoted;
+    for (std::size_t i : scaled) quoted += (quoted.empty() ? "\"" : ", \"") + adapters_[i]->name() + "\"";
+    const bool many = scaled.size() > 1;
+    throw NumericError(who() + ": " + kinds + " adapter" + (many ? "s " : " ") + quoted + (many ? " have" : " has") +
+                       " a zero or non-finite scale: 1 + Σ (scale − 1) is " + check::num(value) + " " + where +
+                       " (|scale| < √ε = " + check::num(g_min) +
+                       " counts as 0), so the weight with nothing merged could not be recovered and the merge could "
+                       "not be undone; nothing was merged");
+  }
+
+  /// forward() and forward_inference(): `keep_input` = whether backward will read x.
+  void forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input) {
+    check::input_features(kKind, this->name(), x.cols(), in_features());
+    const Index rows = x.rows();
+    y.resize(rows, out_features());
+    y.noalias() = x * weight.value.transpose();  // base: x Wᵀ   [rows, out]
+
+    cache.rows = rows;
+    cache.generation = generation_;
+    cache.used = 0;
+    const bool training = this->training();
+    bool need_z = false, any = false;
+    if (!disabled_)
+      for (std::size_t i : active_)
+        if (!is_merged(i)) {
+          any = true;
+          need_z = need_z || adapters_[i]->needs_base_output(training);
+        }
+    // Unmerged adapters read W₀ and b₀: W and b unless something is merged, else recovered.
+    const Matrix<T>* w0 = &weight.value;
+    const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
+    if (any && !merged_.empty()) {
+      work_w0_ = weight.value;
+      if (has_bias()) work_b0_ = bias.value;
+      recover_base(work_w0_, has_bias() ? &work_b0_ : nullptr);
+      w0 = &work_w0_;
+      if (has_bias()) b0 = &work_b0_;
+    }
+    if (!need_z) {
+      cache.z.resize(0, 0);
+    } else if (w0 == &weight.value) {
+      cache.z = y;
+    } else {
+      cache.z.resize(rows, out_features());
+      cache.z.noalias() = x * w0->transpose();  // x W₀ᵀ   [rows, out]
+    }
+    if (has_bias()) y.rowwise() += bias.value.row(0);
+
+    bool need_x = weight.trainable();
+    if (any) {
+      TermInput<T> in(x);
+      in.z = need_z ? &cache.z : nullptr;
+      in.w0 = w0;
+      in.b0 = b0;
+      in.training = training;
+      in.rng = &rng_;
+      for (std::size_t i : active_) {
+        if (is_merged(i)) continue;
+        if (cache.slots.size() <= cache.used) cache.slots.emplace_back();
+        Slot& slot = cache.slots[cache.used++];
+        slot.adapter = i;
+        need_x = adapters_[i]->forward(in, y, &slot.state) || need_x;
+      }
+    }
+    if (keep_input && need_x)
+      cache.x = x;
+    else
+      cache.x.resize(0, 0);  // nothing to keep (frozen base, inference), and a stale x cannot be reused
+  }
+
+  std::vector<std::unique_ptr<AdapterMethod<T>>> adapters_;  ///< on the heap: stable addresses
+  std::vector<std::size_t> active_;                          ///< indices into adapters_, in activation order
+  std::vector<Merged> merged_;                               ///< merge order
+  bool disabled_ = false;
+  std::uint64_t generation_ = 1;
+  Rng rng_{0x10a};
+  Cache inference_cache_;  ///< forward_inference's buffers; never read by backward
+  // Scratch, reused across calls (never part of a call's state: that lives in Cache).
+  BaseGain<T> gain_;     ///< backward's base-path gains
+  Matrix<T> work_e_;     ///< backward E [rows, out]
+  Matrix<T> work_w0_;    ///< W₀ recovered for forward while adapters are merged [out, in]
+  Matrix<T> work_b0_;    ///< b₀ likewise [1, out]
+  RowVector<T> work_g_;  ///< recover_base divisors
+};
+
+}  // namespace peft

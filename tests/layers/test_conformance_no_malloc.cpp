@@ -1,0 +1,139 @@
+// Every row of the conformance table (conformance_cases.hpp) allocates nothing after warm-up:
+// forward + backward (frozen and trainable base, with and without dx), forward_inference and the
+// mixed-adapter batch, in eval mode and in train mode (dropout masks, rank / module dropout), under
+// Eigen's EIGEN_RUNTIME_NO_MALLOC guard. Same approach as test_no_malloc.cpp: eigen_assert is
+// routed to a counter (Release compiles eigen_assert out), so a forbidden allocation is counted,
+// then proceeds; a positive control proves the guard is live for the layer's own code.
+//
+// Warm-up: a few calls, not one, since module dropout may skip the term on a call (its buffers are
+// then sized by a later one). Each mode is warmed up on its own: switching eval ↔ train resizes the
+// dropout buffers once, by design ("no allocation after the first call with a given shape").
+//
+// What Eigen's guard cannot see: std::string / std::vector allocations (reviewed by eye, as in
+// test_no_malloc.cpp).
+#include <atomic>
+
+namespace conformance_no_malloc {
+inline std::atomic<long> violations{0};
+inline void on_eigen_assert(bool ok) {
+  if (!ok) ++violations;
+}
+}  // namespace conformance_no_malloc
+
+#define EIGEN_RUNTIME_NO_MALLOC
+#define eigen_assert(x) ::conformance_no_malloc::on_eigen_assert(static_cast<bool>(x))
+
+#include <Eigen/Core>
+
+#include <peft/layers/lora_mixed_batch.hpp>
+
+#include <string>
+#include <vector>
+
+#include "layers/conformance_cases.hpp"
+
+namespace conformance_no_malloc {
+
+using namespace conformance;
+
+/// Runs fn `warmup` times with allocation allowed, then `reps` times forbidden; returns the number
+/// of forbidden allocations.
+template <class Fn>
+long allocations_after_warmup(Fn&& fn, int warmup = 6, int reps = 4) {
+  for (int i = 0; i < warmup; ++i) fn();
+  violations = 0;
+  Eigen::internal::set_is_malloc_allowed(false);
+  for (int i = 0; i < reps; ++i) fn();
+  Eigen::internal::set_is_malloc_allowed(true);
+  return violations.load();
+}
+
+template <class T>
+void check_case(const Case& c) {
+  Rng rng(9);
+  AdaptedLinear<T> layer = make_base<T>(rng);
+  layer.add_adapter("lora2", second_lora(), rng);
+  perturb(layer, "lora2", rng);
+  c.add(layer, "case", rng);
+  perturb(layer, "case", rng);
+  const Matrix<T> x = peft::test::random_matrix<T>(kRows, kIn, rng);
+  const Matrix<T> g = peft::test::random_matrix<T>(kRows, kOut, rng);
+  typename AdaptedLinear<T>::Cache cache, cache2;
+  Matrix<T> y, y2, dx, dx2;
+
+  for (const bool train : {false, true}) {
+    INFO((train ? "train mode" : "eval mode"));
+    layer.train(train);
+    for (const bool frozen_base : {true, false}) {
+      INFO((frozen_base ? "frozen base" : "trainable base"));
+      if (frozen_base) {
+        layer.freeze_base();
+      } else {
+        layer.weight.set_trainable(true);
+        layer.bias.set_trainable(true);
+      }
+      for (const bool both : {false, true}) {
+        INFO((both ? "case + LoRA active" : "case active"));
+        if (both)
+          layer.set_active({"case", "lora2"});
+        else
+          layer.set_active("case");
+        {
+          INFO("forward + backward");
+          CHECK(allocations_after_warmup([&] {
+                  layer.forward(x, y, cache);
+                  layer.backward(cache, g, &dx);
+                }) == 0);
+        }
+        {
+          INFO("two caches in flight, backward without dx");
+          CHECK(allocations_after_warmup([&] {
+                  layer.forward(x, y, cache);
+                  layer.forward(x, y2, cache2);
+                  layer.backward(cache2, g, &dx2);
+                  layer.backward(cache, g, nullptr);
+                }) == 0);
+        }
+        {
+          INFO("forward_inference");
+          CHECK(allocations_after_warmup([&] { layer.forward_inference(x, y); }) == 0);
+        }
+      }
+    }
+  }
+  {
+    INFO("mixed batch");
+    const std::vector<std::string> rows = {"case", "lora2", "none", "case", "lora2"};
+    peft::MixedBatchWorkspace<T> ws;
+    CHECK(allocations_after_warmup([&] { peft::forward_mixed(layer, x, rows, y, ws); }) == 0);
+  }
+}
+
+}  // namespace conformance_no_malloc
+
+TEST_CASE("conformance: the no-malloc guard is live for the layer's code", "[conformance][no_malloc]") {
+  using namespace conformance_no_malloc;
+  CHECK(allocations_after_warmup([] {
+          peft::Matrix<double> m(7, 9);
+          m.setZero();
+        }) > 0);
+  // A forward into fresh buffers allocates: if not, the linker took the layer's code from a TU
+  // built without EIGEN_RUNTIME_NO_MALLOC (this file must be its own executable).
+  Rng rng(0);
+  AdaptedLinear<double> layer = make_base<double>(rng);
+  cases().front().add(layer, "case", rng);
+  const peft::Matrix<double> x = peft::Matrix<double>::Ones(kRows, kIn);
+  CHECK(allocations_after_warmup([&] {
+          typename AdaptedLinear<double>::Cache fresh;
+          peft::Matrix<double> y;
+          layer.forward(x, y, fresh);
+        }) > 0);
+}
+
+TEMPLATE_TEST_CASE("conformance: no allocation after warm-up, every method", "[conformance][no_malloc]", float,
+                   double) {
+  for (const conformance::Case& c : conformance::cases()) {
+    INFO("case " << c.name);
+    conformance_no_malloc::check_case<TestType>(c);
+  }
+}

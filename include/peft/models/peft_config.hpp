@@ -69,6 +69,8 @@ struct PromptTargetConfig {
   std::vector<Index> init_token_ids;  ///< FromTokens: ids whose embeddings seed the prompt
 };
 
+/// What apply_peft applies. Its LoRA part and adapter_config.json (io::AdapterConfig) convert into
+/// each other in one place: to_adapter_config / to_peft_config (models/peft_config_io.hpp).
 struct PeftConfig {
   std::string adapter_name = "default";
   std::optional<LoraTargetConfig> lora;

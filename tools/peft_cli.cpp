@@ -253,15 +253,16 @@ inline AdapterConfig unit_scaling_adapter_config(const std::vector<std::pair<std
   auto alpha_of = [&](Index r) { return use_rslora ? std::sqrt(static_cast<double>(r)) : static_cast<double>(r); };
   c.r = static_cast<int>(common);
   c.lora_alpha = alpha_of(common);
-  c.target_modules.present = true;
+  std::vector<std::string> paths;
   for (const auto& r : ranks) {
-    c.target_modules.names.push_back(r.first);
+    paths.push_back(r.first);
     if (r.second != common) {
       // The full module path as key, as PEFT writes it (matched by "(.*\.)?(key)$").
       c.rank_pattern.emplace_back(r.first, static_cast<int>(r.second));
       c.alpha_pattern.emplace_back(r.first, alpha_of(r.second));
     }
   }
+  c.target_modules = ModuleSelector::list(std::move(paths));
   c.raw = Json::object();
   c.raw["task_type"] = nullptr;
   return c;

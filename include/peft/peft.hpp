@@ -10,6 +10,7 @@
 #include "peft/core/parameters.hpp"
 #include "peft/core/rng.hpp"
 #include "peft/core/sequence.hpp"
+#include "peft/core/targeting.hpp"
 #include "peft/core/types.hpp"
 
 // The kinds of adapter a linear layer hosts (the method table, io/methods.hpp, lists them with
@@ -49,7 +50,6 @@
 #include "peft/merge/low_rank_svd.hpp"
 
 #include "peft/models/peft_config.hpp"
-#include "peft/models/targeting.hpp"
 #include "peft/models/transformer.hpp"
 
 #include "peft/quant/blockwise8.hpp"

@@ -3,6 +3,7 @@
 #include <peft/io/peft_format.hpp>
 #include <peft/layers/prefix_attention.hpp>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -86,6 +87,71 @@ TEST_CASE("adapter config: PEFT's fields, pattern lookup and scaling", "[io][pef
   const LoraConfig lc = rs.lora_config_for("x");
   CHECK(lc.r == 16);
   CHECK(lc.use_rslora);
+}
+
+TEST_CASE("adapter config: targeting is core/targeting.hpp's, all-linear leaves out the output layer by name",
+          "[io][peft][targeting]") {
+  // A list: the whole path or a dotted suffix; a string: a full-match regex.
+  const AdapterConfig list = cfg_from(R"({"peft_type":"LORA","target_modules":["q_proj","mlp.up_proj"]})");
+  CHECK(list.target_modules == ModuleSelector{"q_proj", "mlp.up_proj"});
+  CHECK(list.targets("model.layers.0.self_attn.q_proj"));
+  CHECK(list.targets("model.layers.0.mlp.up_proj"));
+  CHECK_FALSE(list.targets("model.layers.0.self_attn.xq_proj"));
+  CHECK_FALSE(list.targets("model.layers.0.mlp.down_proj"));
+  const AdapterConfig regex = cfg_from(R"({"peft_type":"LORA","target_modules":".*q_proj"})");
+  CHECK(regex.target_modules.is_regex());
+  CHECK(regex.targets("model.layers.0.self_attn.q_proj"));
+  CHECK_FALSE(regex.targets("model.layers.0.self_attn.q_proj.base"));
+
+  // "all-linear": every linear but lm_head (any depth) and the top-level score / classifier.
+  const AdapterConfig all = cfg_from(R"({"peft_type":"LORA","target_modules":"all-linear",
+      "exclude_modules":["layers.1.mlp.up_proj"],"modules_to_save":["pooler"]})");
+  CHECK(all.target_modules.is_all_linear());
+  CHECK(all.targets("model.layers.0.self_attn.q_proj"));
+  CHECK(all.targets("model.layers.0.mlp.up_proj"));
+  CHECK_FALSE(all.targets("lm_head"));
+  CHECK_FALSE(all.targets("language_model.lm_head"));
+  CHECK_FALSE(all.targets("score"));
+  CHECK_FALSE(all.targets("classifier"));
+  CHECK(all.targets("model.layers.0.mlp.score"));            // not the head: a nested module so named
+  CHECK_FALSE(all.targets("model.layers.1.mlp.up_proj"));    // exclude_modules
+  CHECK_FALSE(all.targets("pooler.dense"));                  // inside a module to save
+  CHECK(to_json(all).at("target_modules") == "all-linear");  // the file keeps the shorthand
+  const AdapterConfig named = cfg_from(R"({"peft_type":"LORA","target_modules":["lm_head"]})");
+  CHECK(named.targets("lm_head"));  // only the shorthand leaves the head out
+  const AdapterConfig none = cfg_from(R"({"peft_type":"LORA","target_modules":null})");
+  CHECK_FALSE(none.target_modules.present());
+  CHECK_FALSE(none.targets("model.layers.0.self_attn.q_proj"));
+  CHECK(to_json(none).at("target_modules").is_null());
+}
+
+TEST_CASE("collect_adapter: an all-linear config does not cover an adapter on the output layer",
+          "[io][peft][targeting]") {
+  class WithHead : public Module<double> {
+   public:
+    explicit WithHead(Rng& rng) : body(8, 8, rng, false), lm_head(8, 12, rng, false) { set_name(""); }
+    LoRALinear<double> body, lm_head;
+
+   protected:
+    void visit_children(const ChildVisitor& fn) override {
+      fn("body", body);
+      fn("lm_head", lm_head);
+    }
+  };
+  Rng rng(5);
+  WithHead model(rng);
+  LoraConfig lc;  // r = 8 as the config's default, so the config's ranks stay
+  lc.r = 8;
+  lc.alpha = 8.0;
+  model.body.add_adapter("default", lc, rng);
+  const AdapterConfig all = cfg_from(R"({"peft_type":"LORA","target_modules":"all-linear"})");
+  const PeftAdapter<double> body_only = collect_adapter(model, "default", all);
+  CHECK(body_only.config.target_modules.is_all_linear());  // covers "body": kept
+  model.lm_head.add_adapter("default", lc, rng);
+  const PeftAdapter<double> with_head = collect_adapter(model, "default", all);
+  CHECK(with_head.config.target_modules == ModuleSelector{"body", "lm_head"});  // PEFT would skip lm_head
+  CHECK(std::find(with_head.warnings.begin(), with_head.warnings.end(),
+                  "config target_modules replaced by the adapter's modules") != with_head.warnings.end());
 }
 
 TEST_CASE("adapter config: wrong types and unsupported features are rejected whole", "[io][peft]") {

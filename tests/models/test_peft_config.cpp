@@ -1,6 +1,5 @@
 #include <peft/core/parameters.hpp>
 #include <peft/models/peft_config.hpp>
-#include <peft/models/targeting.hpp>
 
 #include "support/test_utils.hpp"
 
@@ -38,31 +37,6 @@ bool contains(const std::vector<std::string>& v, const std::string& s) {
 }
 
 }  // namespace
-
-TEST_CASE("Targeting primitives follow PEFT's check_target_module_exists", "[targeting]") {
-  CHECK(module_name_matches("layers.0.attn.q_proj", "q_proj"));
-  CHECK(module_name_matches("layers.0.attn.q_proj", "attn.q_proj"));
-  CHECK(module_name_matches("q_proj", "q_proj"));
-  CHECK_FALSE(module_name_matches("layers.0.attn.q_proj", "proj"));  // suffix only on a dot boundary
-  CHECK_FALSE(module_name_matches("layers.0.attn.xq_proj", "q_proj"));
-  const ModuleSelector re = ModuleSelector::pattern(R"(layers\.\d+\.attn\.(q|v)_proj)");
-  CHECK(selector_matches(re, "layers.1.attn.v_proj"));
-  CHECK_FALSE(selector_matches(re, "layers.1.attn.v_proj.x"));                               // full match, not search
-  CHECK_FALSE(selector_matches(ModuleSelector::pattern("q_proj"), "layers.0.attn.q_proj"));  // a str is a regex
-  CHECK(ModuleSelector::pattern("all-linear").all_linear);
-  CHECK(ModuleSelector::pattern("ALL-Linear").all_linear);  // PEFT lower-cases the shorthand
-  CHECK(inside_module_to_save("classifier", {"classifier"}));
-  CHECK(inside_module_to_save("head.classifier.dense", {"classifier"}));
-  CHECK_FALSE(inside_module_to_save("my_classifier", {"classifier"}));
-  const PatternMap<int> ranks{{"layers.1.attn.q_proj", 7}, {"q_proj", 5}, {"fc.", 9}};
-  CHECK(pattern_value(ranks, "layers.1.attn.q_proj", "t").value() == 7);  // first match wins
-  CHECK(pattern_value(ranks, "layers.0.attn.q_proj", "t").value() == 5);
-  CHECK(pattern_value(ranks, "layers.0.ffn.fc1", "t").value() == 9);  // keys are regex fragments
-  CHECK_FALSE(pattern_value(ranks, "layers.0.attn.k_proj", "t").has_value());
-  CHECK_FALSE(pattern_value(ranks, "layers.0.attn.xq_proj", "t").has_value());
-  PEFT_REQUIRE_THROWS_WITH(selector_matches(ModuleSelector::pattern("(unclosed"), "a"), ConfigError,
-                           "invalid regular expression \"(unclosed\"");
-}
 
 TEST_CASE("apply_peft LoRA: exact, suffix, regex and all-linear targets; everything else frozen", "[peft_config]") {
   Rng rng(41);
@@ -133,9 +107,11 @@ TEST_CASE("apply_peft compiles each pattern once, not once per module", "[peft_c
   Rng rng(44);
   const TransformerClassifier<double> base(cfg(), rng);
   auto m = base;
+  const std::uint64_t before_selectors = peft::detail::regex_counters().compiled.load();
   PeftConfig pc = lora(ModuleSelector::pattern(R"(layers\.\d+\..*_proj)"));
   pc.lora->exclude_modules = ModuleSelector::pattern(R"(layers\.9\..*)");
   const std::uint64_t before_keys = peft::detail::regex_counters().compiled.load();
+  CHECK(before_keys - before_selectors == 2);  // target_modules and exclude_modules, when made
   for (int i = 0; i < 50; ++i) {
     pc.lora->rank_pattern.add("blocks." + std::to_string(i) + ".q_proj", 3);
     pc.lora->alpha_pattern.add(R"(blocks\.)" + std::to_string(i) + R"(\.q_proj)", 6.0);
@@ -148,8 +124,8 @@ TEST_CASE("apply_peft compiles each pattern once, not once per module", "[peft_c
   REQUIRE(rep.lora_modules.size() == 8);  // q, k, v, out per layer
   CHECK(m.layers[1].attn.q_proj.adapter("default").rank() == 5);
   CHECK(m.layers[1].attn.k_proj.adapter("default").rank() == 2);
-  // target_modules and exclude_modules once each; the pattern keys not again.
-  CHECK(peft::detail::regex_counters().compiled.load() - compiled == 2);
+  // Nothing is compiled again: not the selectors (nor their copies), not the pattern keys.
+  CHECK(peft::detail::regex_counters().compiled.load() - compiled == 0);
   CHECK(peft::detail::pattern_key_tests().load() - tests <= 8u * (51 + 50));
 }
 

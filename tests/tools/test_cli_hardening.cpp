@@ -68,10 +68,9 @@ PeftAdapter<double> lora_adapter(const std::vector<std::string>& paths, Index ou
   ad.config.peft_type = "LORA";
   ad.config.r = static_cast<int>(r);
   ad.config.lora_alpha = static_cast<double>(r);
-  ad.config.target_modules.present = true;
+  ad.config.target_modules = ModuleSelector::list(paths);
   ad.config.raw = Json::object();
   for (const std::string& p : paths) {
-    ad.config.target_modules.names.push_back(p);
     LoraModuleWeights<double> m;
     m.path = p;
     m.A = test::random_matrix<double>(r, in, rng, 0.01);

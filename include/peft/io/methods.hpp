@@ -165,20 +165,36 @@ inline LokrConfig lokr_config(const Json& c, const std::string& path, const std:
   return k;
 }
 
-/// Whether `path` is in feedforward_modules (IA3), by the same rule as target_modules.
+/// A selector key of the config (target_modules, exclude_modules, feedforward_modules) as the one
+/// ModuleSelector of core/targeting.hpp: a list, a full-match regex, "all-linear", or absent.
+inline ModuleSelector json_selector(const Json& c, const char* key, const std::string& label) {
+  if (!c.contains(key) || c.at(key).is_null()) return ModuleSelector();
+  const Json& v = c.at(key);
+  if (v.is_string()) return ModuleSelector::pattern(v.get<std::string>(), label + ": " + key);
+  std::vector<std::string> names;
+  if (v.is_array())
+    for (const Json& e : v)
+      if (e.is_string()) names.push_back(e.get<std::string>());
+  if (!v.is_array() || names.size() != v.size())
+    throw IoError("\"" + label + "\": key \"" + key + "\" must be a string or a list of strings");
+  return ModuleSelector::list(std::move(names));
+}
+
+/// PEFT's target decision for one module of a model (core/targeting.hpp: module_targeted), the
+/// model's output layer recognised by name for "all-linear".
+inline bool targets(const Json& c, const std::string& path) {
+  std::vector<std::string> modules_to_save;
+  if (c.contains("modules_to_save") && c.at("modules_to_save").is_array())
+    for (const Json& e : c.at("modules_to_save"))
+      if (e.is_string()) modules_to_save.push_back(e.get<std::string>());
+  const std::string label = label_of(c);
+  return module_targeted(path, !is_output_layer_name(path), json_selector(c, "target_modules", label),
+                         json_selector(c, "exclude_modules", label), modules_to_save);
+}
+
+/// Whether `path` is in feedforward_modules (IA3), by the selector rule of target_modules.
 inline bool ia3_feedforward(const Json& c, const std::string& path) {
-  if (!c.contains("feedforward_modules") || c.at("feedforward_modules").is_null()) return false;
-  const Json& f = c.at("feedforward_modules");
-  if (f.is_string())
-    return regex_full_match(path, compile_name_regex(f.get<std::string>(), "feedforward_modules"),
-                            "feedforward_modules");
-  for (const auto& n : f) {
-    const std::string s = n.get<std::string>();
-    if (path == s || (path.size() > s.size() && path.compare(path.size() - s.size(), s.size(), s) == 0 &&
-                      path[path.size() - s.size() - 1] == '.'))
-      return true;
-  }
-  return false;
+  return json_selector(c, "feedforward_modules", label_of(c)).matches_linear_by_name(path);
 }
 
 template <class T>
@@ -334,35 +350,6 @@ std::vector<std::pair<std::string, AdaptedLinear<T>*>> adapted_linears(Module<T>
   });
   return out;
 }
-
-namespace detail {
-
-/// PEFT's target rule for one path under config's target_modules / exclude_modules (a list entry
-/// matches the path or a "."-suffix; a string is a full-match regex; "all-linear": every slot).
-inline bool json_selects(const Json& sel, const std::string& path, const char* who) {
-  if (sel.is_null()) return false;
-  if (sel.is_string()) {
-    std::string lower = sel.get<std::string>();
-    for (char& ch : lower) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-    if (lower == "all-linear") return true;
-    return regex_full_match(path, compile_name_regex(sel.get<std::string>(), who), who);
-  }
-  for (const auto& n : sel) {
-    const std::string s = n.get<std::string>();
-    if (path == s || (path.size() > s.size() && path.compare(path.size() - s.size(), s.size(), s) == 0 &&
-                      path[path.size() - s.size() - 1] == '.'))
-      return true;
-  }
-  return false;
-}
-
-inline bool targets(const Json& c, const std::string& path) {
-  if (!c.contains("target_modules")) return false;
-  if (c.contains("exclude_modules") && json_selects(c.at("exclude_modules"), path, "exclude_modules")) return false;
-  return json_selects(c.at("target_modules"), path, "target_modules");
-}
-
-}  // namespace detail
 
 /// Adds a `config["peft_type"]` adapter named `adapter_name` to every linear of `model` that
 /// target_modules selects (PEFT's get_peft_model / add_adapter for that method), and returns

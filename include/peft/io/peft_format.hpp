@@ -15,9 +15,11 @@
 //   * rank_pattern / alpha_pattern: the first key k, in file order, for which the module path
 //     matches the regex `(.*\.)?(k)$` from its start (PEFT's get_pattern_key) overrides r / alpha
 //     (PatternMap, core/patterns.hpp: each key compiled once per config, tried once per module).
-//   * target_modules / exclude_modules: a string is a regex that must match the whole path
+//   * target_modules / exclude_modules: peft::ModuleSelector (core/targeting.hpp), the same type
+//     and rules as the in-memory PeftConfig: a string is a regex that must match the whole path
 //     (re.fullmatch); a list matches a path equal to an entry or ending in "." + entry;
-//     "all-linear" selects every linear layer.
+//     "all-linear" selects every linear layer but the output layer, which a file, knowing only
+//     names, recognises with is_output_layer_name (`lm_head`, top-level `score` / `classifier`).
 //   * fan_in_fan_out = true (GPT-2 Conv1D) stores the base weight as [in, out]: the factors are
 //     unchanged and merging adds ΔWᵀ.
 //
@@ -47,11 +49,9 @@
 // `use_*` = true or a non-empty unknown `*_config` object is taken for a feature we do not know
 // and refused: loading it as plain LoRA would silently compute something else.
 #include <algorithm>
-#include <cctype>
 #include <cmath>
 #include <functional>
 #include <map>
-#include <memory>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -64,6 +64,7 @@
 #include "peft/core/patterns.hpp"
 #include "peft/core/regex.hpp"
 #include "peft/core/sha256.hpp"
+#include "peft/core/targeting.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
@@ -77,43 +78,6 @@ constexpr const char* kAdapterConfigFile = "adapter_config.json";
 constexpr const char* kAdapterWeightsFile = "adapter_model.safetensors";
 constexpr const char* kPeftKeyPrefix = "base_model.model.";
 constexpr const char* kPeftCppConfigKey = "peft_cpp";  ///< our namespace in adapter_config.json
-
-/// target_modules / exclude_modules.
-struct ModuleSelector {
-  bool present = false;   ///< false: null / absent
-  bool is_regex = false;  ///< a string: regex over the whole path
-  std::string regex;
-  std::vector<std::string> names;
-  /// `regex` compiled, set by the parser; used while it still belongs to `regex` (a selector
-  /// built or edited by hand compiles on each call instead).
-  std::shared_ptr<const Regex> compiled;
-
-  /// PEFT's shorthand for every linear layer but the output head (compared case-insensitively,
-  /// as PEFT lower-cases it).
-  bool is_all_linear() const {
-    if (!is_regex || regex.size() != 10) return false;
-    std::string lower = regex;
-    for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-    return lower == "all-linear";
-  }
-
-  bool matches(const std::string& path) const {
-    if (!present) return false;
-    if (is_regex) {
-      if (is_all_linear()) return true;
-      const char* who = "adapter config: target_modules";
-      if (compiled && compiled->pattern() == regex) return regex_full_match(path, *compiled, who);
-      return regex_full_match(path, compile_name_regex(regex, who), who);
-    }
-    for (const auto& n : names) {
-      if (path == n) return true;
-      if (path.size() > n.size() && path.compare(path.size() - n.size(), n.size(), n) == 0 &&
-          path[path.size() - n.size() - 1] == '.')
-        return true;
-    }
-    return false;
-  }
-};
 
 struct AdapterConfig {
   std::string peft_type = "LORA";
@@ -177,8 +141,12 @@ struct AdapterConfig {
     c.use_dora = use_dora;
     return c;
   }
-  /// Whether PEFT would put an adapter on `path` (target_modules and not exclude_modules).
-  bool targets(const std::string& path) const { return target_modules.matches(path) && !exclude_modules.matches(path); }
+  /// Whether PEFT would put an adapter on the linear at `path` (module_targeted: target_modules, not
+  /// exclude_modules, not inside modules_to_save); "all-linear" leaves out the output layer, known
+  /// here by name only (is_output_layer_name).
+  bool targets(const std::string& path) const {
+    return module_targeted(path, !is_output_layer_name(path), target_modules, exclude_modules, modules_to_save);
+  }
 };
 
 namespace detail {
@@ -278,24 +246,21 @@ struct ConfigReader {
   void get(const std::string& key, ModuleSelector& out) const {
     if (!has(key)) return;
     const Json& v = j.at(key);
-    out.present = true;
     if (v.is_string()) {
-      out.is_regex = true;
-      out.regex = v.get<std::string>();
-      if (!out.is_all_linear()) {
-        try {
-          out.compiled = std::make_shared<const Regex>(compile_name_regex(out.regex, key));
-        } catch (const ConfigError& e) {
-          throw IoError("\"" + label + "\": key \"" + key + "\" is not a valid regular expression (" + e.what() + ")");
-        }
+      try {
+        out = ModuleSelector::pattern(v.get<std::string>(), "adapter config: " + key);  // compiled once, here
+      } catch (const ConfigError& e) {
+        throw IoError("\"" + label + "\": key \"" + key + "\" is not a valid regular expression (" + e.what() + ")");
       }
       return;
     }
     if (!v.is_array()) bad(key, "a string or a list of strings");
+    std::vector<std::string> names;
     for (const Json& e : v) {
       if (!e.is_string()) bad(key, "a string or a list of strings");
-      out.names.push_back(e.get<std::string>());
+      names.push_back(e.get<std::string>());
     }
+    out = ModuleSelector::list(std::move(names));
   }
   void get(const std::string& key, std::vector<std::string>& out) const {
     if (!has(key)) return;
@@ -461,9 +426,9 @@ inline Json to_json(const AdapterConfig& c) {
   if (!c.task_type.empty()) j["task_type"] = c.task_type;
   j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? Json() : Json(c.base_model_name_or_path);
   auto selector = [](const ModuleSelector& s) -> Json {
-    if (!s.present) return Json();
-    if (s.is_regex) return Json(s.regex);
-    return Json(s.names);
+    if (!s.present()) return Json();
+    if (s.form() == ModuleSelector::Form::String) return Json(s.text());
+    return Json(s.names());
   };
   if (c.is_lora()) {
     j["r"] = c.r;
@@ -640,8 +605,9 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
                        " entries, expected " + std::to_string(m.B.rows()) + " (out features)");
     m.alpha = config.alpha_for(m.path);
     m.scaling = config.scaling_of(r, m.alpha);
-    if (config.target_modules.present && !config.targets(m.path))
-      ad.warnings.push_back("module \"" + m.path + "\" is not selected by target_modules / exclude_modules");
+    if (config.target_modules.present() && !config.targets(m.path))
+      ad.warnings.push_back("module \"" + m.path +
+                            "\" is not selected by target_modules / exclude_modules / modules_to_save");
     ad.lora.push_back(std::move(m));
   }
   if (config.is_lora() && ad.lora.empty()) throw ConfigError(who + ": LoRA adapter holds no lora_A / lora_B tensors");
@@ -958,13 +924,13 @@ PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name
   }
 
   // target_modules / exclude_modules: keep a selection that covers every module.
-  bool covered = out.target_modules.present;
+  bool covered = out.target_modules.present();
   for (const auto& m : ad.lora) covered = covered && out.targets(m.path);
   if (!covered) {
-    if (out.target_modules.present) ad.warnings.push_back("config target_modules replaced by the adapter's modules");
-    out.target_modules = ModuleSelector{};
-    out.target_modules.present = true;
-    for (const auto& m : ad.lora) out.target_modules.names.push_back(m.path);
+    if (out.target_modules.present()) ad.warnings.push_back("config target_modules replaced by the adapter's modules");
+    std::vector<std::string> paths;
+    for (const auto& m : ad.lora) paths.push_back(m.path);
+    out.target_modules = ModuleSelector::list(std::move(paths));
     out.exclude_modules = ModuleSelector{};
   }
 

@@ -4,7 +4,7 @@
 //
 //   1. every existing parameter is frozen;
 //   2. each configured method attaches its (trainable) parameters:
-//        LoRA     — on the linears selected by target_modules / exclude_modules (targeting.hpp),
+//        LoRA     — on the linears selected by target_modules / exclude_modules (core/targeting.hpp),
 //                   r and alpha per module from rank_pattern / alpha_pattern (first match wins);
 //        Adapter  — bottleneck adapters in every block at a placement (Houlsby / Pfeiffer / Parallel);
 //        (IA)³    — target_modules among `k_proj`, `v_proj` (output scaling) and `fc2` (listed in
@@ -25,8 +25,8 @@
 
 #include "peft/core/parameters.hpp"
 #include "peft/core/patterns.hpp"
+#include "peft/core/targeting.hpp"
 #include "peft/layers/lora_linear.hpp"
-#include "peft/models/targeting.hpp"
 #include "peft/models/transformer.hpp"
 
 namespace peft {
@@ -69,6 +69,8 @@ struct PromptTargetConfig {
   std::vector<Index> init_token_ids;  ///< FromTokens: ids whose embeddings seed the prompt
 };
 
+/// What apply_peft applies. Its LoRA part and adapter_config.json (io::AdapterConfig) convert into
+/// each other in one place: to_adapter_config / to_peft_config (models/peft_config_io.hpp).
 struct PeftConfig {
   std::string adapter_name = "default";
   std::optional<LoraTargetConfig> lora;
@@ -136,8 +138,8 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
                                          config.modules_to_save, who + " (LoRA)");
     for (const auto& key : report.lora_modules) {
       LoraConfig c = lc.lora;
-      if (auto r = pattern_value(lc.rank_pattern, key, who + " rank_pattern")) c.r = *r;
-      if (auto a = pattern_value(lc.alpha_pattern, key, who + " alpha_pattern")) c.alpha = *a;
+      if (const int* r = lc.rank_pattern.find(key, who + " rank_pattern")) c.r = *r;
+      if (const double* a = lc.alpha_pattern.find(key, who + " alpha_pattern")) c.alpha = *a;
       model.linear(key).add_adapter(config.adapter_name, c, rng);
     }
   }
@@ -149,9 +151,8 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
     report.ia3_modules = select_modules(model.linear_names(), ic.target_modules, ic.exclude_modules,
                                         config.modules_to_save, who + " ((IA)^3)");
     std::vector<char> keys(model.layers.size(), 0), values(model.layers.size(), 0), ffn(model.layers.size(), 0);
-    const CompiledSelector feedforward_modules(ic.feedforward_modules, who + " feedforward_modules");
     for (const auto& key : report.ia3_modules) {
-      const bool feedforward = feedforward_modules.matches(key);
+      const bool feedforward = ic.feedforward_modules.matches_linear_by_name(key);
       bool placed = false;
       for (std::size_t i = 0; i < model.layers.size() && !placed; ++i) {
         const std::string p = "layers." + std::to_string(i) + ".";

@@ -1,6 +1,7 @@
 // Hugging Face PEFT adapter directories: config parsing (strict, unknown keys kept), the tensor
 // naming conventions, loading into / saving from a model, all-or-nothing behaviour.
 #include <peft/io/peft_format.hpp>
+#include <peft/layers/ia3.hpp>
 #include <peft/layers/prefix_attention.hpp>
 
 #include <algorithm>
@@ -152,6 +153,32 @@ TEST_CASE("collect_adapter: an all-linear config does not cover an adapter on th
   CHECK(with_head.config.target_modules == ModuleSelector{"body", "lm_head"});  // PEFT would skip lm_head
   CHECK(std::find(with_head.warnings.begin(), with_head.warnings.end(),
                   "config target_modules replaced by the adapter's modules") != with_head.warnings.end());
+}
+
+TEST_CASE("collect_adapter: an (IA)^3 adapter of the same name is not mistaken for LoRA", "[io][peft]") {
+  class TwoLinears : public Module<double> {
+   public:
+    explicit TwoLinears(Rng& rng) : a(8, 8, rng, false), b(8, 6, rng, false) { set_name(""); }
+    LoRALinear<double> a, b;
+
+   protected:
+    void visit_children(const ChildVisitor& fn) override {
+      fn("a", a);
+      fn("b", b);
+    }
+  };
+  Rng rng(6);
+  TwoLinears model(rng);
+  LoraConfig lc;
+  lc.r = 8;
+  model.a.add_adapter("default", lc, rng);
+  add_ia3_adapter(model.a, "default", false);  // same name, another method, on the LoRA layer
+  add_ia3_adapter(model.b, "default", true);   // and alone on a layer without LoRA
+  const AdapterConfig config = cfg_from(R"({"peft_type":"LORA","target_modules":["a"]})");
+  const PeftAdapter<double> ad = collect_adapter(model, "default", config);
+  REQUIRE(ad.lora.size() == 1);
+  CHECK(ad.lora[0].path == "a");
+  CHECK(ad.lora[0].A == model.a.adapter("default").A.value);
 }
 
 TEST_CASE("adapter config: wrong types and unsupported features are rejected whole", "[io][peft]") {

@@ -50,6 +50,11 @@ struct MethodCacheOf : MethodCache {
   std::unique_ptr<MethodCache> clone() const override { return std::make_unique<C>(static_cast<const C&>(*this)); }
 };
 
+/// The state of a method that keeps nothing for backward ((IA)³ reads the host's x and x W₀ᵀ).
+struct NoCache final : MethodCache {
+  std::unique_ptr<MethodCache> clone() const override { return std::make_unique<NoCache>(); }
+};
+
 /// The cache in `slot` as a C, created on first use (or when the slot held another method's):
 /// after the first call with a given adapter this neither allocates nor moves anything.
 template <class C>

@@ -760,7 +760,11 @@ namespace detail {
 /// The layer's adapter `name` when `m` hosts LoRA adapters (LoRALinear, NF4LoRALinear) and has it.
 template <class T>
 const LoraAdapter<T>* hosted_adapter(Module<T>& m, const std::string& name) {
-  if (auto* l = dynamic_cast<LoRALinear<T>*>(&m)) return l->has_adapter(name) ? &l->adapter(name) : nullptr;
+  if (auto* l = dynamic_cast<LoRALinear<T>*>(&m)) {  // the LoRA adapter of that name (an (IA)³ one may share it)
+    for (auto& a : l->methods())
+      if (auto* lora = dynamic_cast<LoraMethod<T>*>(&a); lora != nullptr && a.name() == name) return &lora->adapter();
+    return nullptr;
+  }
   if (auto* q = dynamic_cast<NF4LoRALinear<T>*>(&m)) return q->has_adapter(name) ? &q->adapter(name) : nullptr;
   return nullptr;
 }

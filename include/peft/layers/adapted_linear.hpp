@@ -847,6 +847,7 @@ class AdaptedLinear : public Module<T> {
         Slot& slot = cache.slots[cache.used++];
         slot.adapter = i;
         need_x = adapters_[i]->forward(in, y, &slot.state) || need_x;
+        if (!slot.state) slot.state = std::make_unique<NoCache>();  // backward always gets a state (once per slot)
       }
     }
     if (keep_input && need_x)

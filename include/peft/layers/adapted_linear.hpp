@@ -710,7 +710,7 @@ class AdaptedLinear : public Module<T> {
       pending_gain = pending_gain || r.row_gain.size() > 0 || r.col_gain.size() > 0 || r.bias_gain.size() > 0;
       g.add(r);
     }
-    if (pending_gain) check_divisors(g, pending);
+    if (pending_gain) check_divisors(g, pending, records);
 
     // Safe: W + C_1 + C_2 + … built aside, checked after each adapter, swapped in at the end.
     // Plain: U = Σ C_i built aside (every allocation happens here), then W += U, which cannot fail:
@@ -740,7 +740,8 @@ class AdaptedLinear : public Module<T> {
   }
 
   /// NumericError unless every divisor of recover_base under gains g is finite with |d| ≥ √ε.
-  void check_divisors(const Gains& g, const std::vector<std::size_t>& pending) const {
+  void check_divisors(const Gains& g, const std::vector<std::size_t>& pending,
+                      const std::vector<MergeRecord<T>>& records) const {
     const T g_min = std::sqrt(std::numeric_limits<T>::epsilon());
     auto bad = [&](T d) { return !std::isfinite(d) || std::abs(d) < g_min; };
     T value = T(0);
@@ -780,11 +781,7 @@ class AdaptedLinear : public Module<T> {
         kinds = "scaling";
     };
     for (const auto& e : merged_) note(e.adapter, e.record);
-    for (std::size_t i : pending) {
-      MergeRecord<T> r;
-      const_cast<AdapterMethod<T>&>(*adapters_[i]).merge_record(weight.value, nullptr, r);
-      note(i, r);
-    }
+    for (std::size_t k = 0; k < pending.size(); ++k) note(pending[k], records[k]);
     std::string quoted;
     for (std::size_t i : scaled) quoted += (quoted.empty() ? "\"" : ", \"") + adapters_[i]->name() + "\"";
     const bool many = scaled.size() > 1;

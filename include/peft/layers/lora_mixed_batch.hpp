@@ -23,7 +23,6 @@
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
 #include "peft/layers/lora_linear.hpp"
-#include "peft/merge/factors.hpp"
 
 namespace peft {
 

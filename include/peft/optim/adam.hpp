@@ -38,6 +38,13 @@ template <class T>
 struct AdamState {
   Matrix<T> exp_avg;     ///< m, first moment
   Matrix<T> exp_avg_sq;  ///< v, second moment
+
+  /// Calls fn(field, tensor) for each state tensor, by torch's state-dict name (checkpoints use this).
+  template <class F>
+  void visit_tensors(F&& fn) {
+    fn("exp_avg", exp_avg);
+    fn("exp_avg_sq", exp_avg_sq);
+  }
 };
 
 namespace detail {
@@ -139,3 +146,4 @@ class AdamW : public detail::AdamImpl<T, true> {
 };
 
 }  // namespace peft
+

@@ -77,7 +77,8 @@ class Optimizer {
 };
 
 /// Groups of entries {parameter, state, step count}; the derived class supplies the state type
-/// and the update rule.
+/// and the update rule. A State lists its own tensors with `visit_tensors(fn)`, fn(field, Matrix<T>&)
+/// by torch's state-dict field names: that is how checkpoints save and restore any optimizer.
 template <class T, class State>
 class BasicOptimizer : public Optimizer<T> {
  public:
@@ -271,3 +272,4 @@ std::vector<ParamGroup<T>> single_group(std::vector<NamedParameter<T>> params, d
 }  // namespace detail
 
 }  // namespace peft
+

@@ -27,6 +27,12 @@ struct SGDOptions {
 template <class T>
 struct SGDState {
   Matrix<T> momentum_buffer;  ///< empty when momentum = 0
+
+  /// Calls fn(field, tensor) for each state tensor, by torch's state-dict name (checkpoints use this).
+  template <class F>
+  void visit_tensors(F&& fn) {
+    fn("momentum_buffer", momentum_buffer);
+  }
 };
 
 template <class T>
@@ -115,3 +121,4 @@ class SGD : public BasicOptimizer<T, SGDState<T>> {
 };
 
 }  // namespace peft
+

@@ -168,3 +168,11 @@ class Adapter : public Module<T> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Adapter<float>;
+extern template class Adapter<double>;
+}  // namespace peft
+#endif

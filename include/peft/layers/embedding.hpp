@@ -147,3 +147,13 @@ class PositionalEmbedding : public Module<T> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Embedding<float>;
+extern template class Embedding<double>;
+extern template class PositionalEmbedding<float>;
+extern template class PositionalEmbedding<double>;
+}  // namespace peft
+#endif

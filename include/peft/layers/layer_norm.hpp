@@ -109,3 +109,11 @@ class LayerNorm : public Module<T> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class LayerNorm<float>;
+extern template class LayerNorm<double>;
+}  // namespace peft
+#endif

@@ -107,3 +107,11 @@ class Linear : public Module<T> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Linear<float>;
+extern template class Linear<double>;
+}  // namespace peft
+#endif

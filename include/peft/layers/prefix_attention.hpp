@@ -203,3 +203,11 @@ class PrefixAttention : public Module<T> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class PrefixAttention<float>;
+extern template class PrefixAttention<double>;
+}  // namespace peft
+#endif

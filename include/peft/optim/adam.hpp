@@ -147,3 +147,18 @@ class AdamW : public detail::AdamImpl<T, true> {
 
 }  // namespace peft
 
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class BasicOptimizer<float, AdamState<float>>;
+extern template class BasicOptimizer<double, AdamState<double>>;
+extern template class detail::AdamImpl<float, false>;
+extern template class detail::AdamImpl<double, false>;
+extern template class detail::AdamImpl<float, true>;
+extern template class detail::AdamImpl<double, true>;
+extern template class Adam<float>;
+extern template class Adam<double>;
+extern template class AdamW<float>;
+extern template class AdamW<double>;
+}  // namespace peft
+#endif

@@ -273,3 +273,10 @@ std::vector<ParamGroup<T>> single_group(std::vector<NamedParameter<T>> params, d
 
 }  // namespace peft
 
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Optimizer<float>;
+extern template class Optimizer<double>;
+}  // namespace peft
+#endif

@@ -122,3 +122,12 @@ class SGD : public BasicOptimizer<T, SGDState<T>> {
 
 }  // namespace peft
 
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class BasicOptimizer<float, SGDState<float>>;
+extern template class BasicOptimizer<double, SGDState<double>>;
+extern template class SGD<float>;
+extern template class SGD<double>;
+}  // namespace peft
+#endif

@@ -9,7 +9,6 @@
 #include "peft/layers/linear.hpp"
 #include "peft/layers/lora_adapter_set.hpp"
 #include "peft/layers/lora_linear.hpp"
-#include "peft/quant/nf4_lora_linear.hpp"
 
 namespace peft {
 template class Module<float>;
@@ -20,8 +19,6 @@ template class LoraAdapterSet<float>;
 template class LoraAdapterSet<double>;
 template class LoRALinear<float>;
 template class LoRALinear<double>;
-template class NF4LoRALinear<float>;
-template class NF4LoRALinear<double>;
 template class IA3Vector<float>;
 template class IA3Vector<double>;
 template class LayerNorm<float>;

@@ -1,10 +1,8 @@
-// Test build only: the one compiled copy of the composite layers and the transformer for float and
+// Test build only: the one compiled copy of the composite layers for float and
 // double (see instantiations_layers.cpp).
 #include "peft/layers/attention.hpp"
 #include "peft/layers/feed_forward.hpp"
 #include "peft/layers/prefix_attention.hpp"
-#include "peft/layers/soft_prompt.hpp"
-#include "peft/models/transformer.hpp"
 
 namespace peft {
 template class MultiHeadAttention<float>;
@@ -13,10 +11,4 @@ template class FeedForward<float>;
 template class FeedForward<double>;
 template class PrefixAttention<float>;
 template class PrefixAttention<double>;
-template class SoftPrompt<float>;
-template class SoftPrompt<double>;
-template class TransformerBlock<float>;
-template class TransformerBlock<double>;
-template class TransformerClassifier<float>;
-template class TransformerClassifier<double>;
 }  // namespace peft

@@ -1,6 +1,5 @@
-// Test build only: the one compiled copy of the optimizers and checkpoints for float and double
+// Test build only: the one compiled copy of the optimizers for float and double
 // (see instantiations_layers.cpp).
-#include "peft/io/checkpoint.hpp"
 #include "peft/optim/adam.hpp"
 #include "peft/optim/optimizer.hpp"
 #include "peft/optim/sgd.hpp"
@@ -22,6 +21,4 @@ template class AdamW<float>;
 template class AdamW<double>;
 template class SGD<float>;
 template class SGD<double>;
-template class io::Checkpoint<float>;
-template class io::Checkpoint<double>;
 }  // namespace peft

@@ -337,11 +337,3 @@ void load_sampler_state(BatchSampler& s, const Checkpoint<T>& ck, const std::str
 }
 
 }  // namespace peft::io
-
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
-#ifdef PEFT_EXTERN_TEMPLATES
-namespace peft {
-extern template class io::Checkpoint<float>;
-extern template class io::Checkpoint<double>;
-}  // namespace peft
-#endif

@@ -154,11 +154,3 @@ class SoftPrompt : public Module<T> {
 };
 
 }  // namespace peft
-
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
-#ifdef PEFT_EXTERN_TEMPLATES
-namespace peft {
-extern template class SoftPrompt<float>;
-extern template class SoftPrompt<double>;
-}  // namespace peft
-#endif

@@ -575,13 +575,3 @@ class TransformerClassifier : public Module<T> {
 };
 
 }  // namespace peft
-
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
-#ifdef PEFT_EXTERN_TEMPLATES
-namespace peft {
-extern template class TransformerBlock<float>;
-extern template class TransformerBlock<double>;
-extern template class TransformerClassifier<float>;
-extern template class TransformerClassifier<double>;
-}  // namespace peft
-#endif

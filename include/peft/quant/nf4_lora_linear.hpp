@@ -273,11 +273,3 @@ class NF4LoRALinear : public Module<T> {
 };
 
 }  // namespace peft
-
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
-#ifdef PEFT_EXTERN_TEMPLATES
-namespace peft {
-extern template class NF4LoRALinear<float>;
-extern template class NF4LoRALinear<double>;
-}  // namespace peft
-#endif

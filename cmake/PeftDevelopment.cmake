@@ -37,3 +37,8 @@ if(PEFT_USE_BLAS)
   target_link_libraries(peft_blas INTERFACE BLAS::BLAS)
 endif()
 target_link_libraries(peft_openmp INTERFACE peft_blas)
+
+# Optimisation of what ctest runs: -O1 in Release (tests/CMakeLists.txt says why). The examples'
+# and the tool's -O3 builds are what users run; ctest runs -O1 copies of them (a test build
+# compiles no -O3 target).
+set(PEFT_TEST_O1 $<$<CONFIG:Release>:-O1>)

@@ -3,9 +3,9 @@
 include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
-install(TARGETS peft EXPORT peftTargets)
-install(DIRECTORY include/peft DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
-install(EXPORT peftTargets NAMESPACE peft:: DESTINATION ${CMAKE_INSTALL_DATADIR}/cmake/peft)
+install(TARGETS peft EXPORT peftTargets COMPONENT peft_library)
+install(DIRECTORY include/peft DESTINATION ${CMAKE_INSTALL_INCLUDEDIR} COMPONENT peft_library)
+install(EXPORT peftTargets NAMESPACE peft:: DESTINATION ${CMAKE_INSTALL_DATADIR}/cmake/peft COMPONENT peft_library)
 
 configure_package_config_file(${CMAKE_CURRENT_LIST_DIR}/peftConfig.cmake.in
   ${CMAKE_CURRENT_BINARY_DIR}/peftConfig.cmake
@@ -13,5 +13,5 @@ configure_package_config_file(${CMAKE_CURRENT_LIST_DIR}/peftConfig.cmake.in
 write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/peftConfigVersion.cmake
   COMPATIBILITY SameMajorVersion ARCH_INDEPENDENT)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/peftConfig.cmake ${CMAKE_CURRENT_BINARY_DIR}/peftConfigVersion.cmake
-  DESTINATION ${CMAKE_INSTALL_DATADIR}/cmake/peft)
-install(FILES LICENSE README.md DESTINATION ${CMAKE_INSTALL_DATADIR}/doc/peft)
+  DESTINATION ${CMAKE_INSTALL_DATADIR}/cmake/peft COMPONENT peft_library)
+install(FILES LICENSE README.md DESTINATION ${CMAKE_INSTALL_DATADIR}/doc/peft COMPONENT peft_library)

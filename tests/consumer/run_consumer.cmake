@@ -1,7 +1,9 @@
 # Builds and runs tests/consumer against peft, either installed (find_package) or as a subdirectory.
 file(REMOVE_RECURSE ${WORK_DIR})
 if(MODE STREQUAL "find_package")
+  # The library's component only: the `peft` tool (component peft_tool) is not part of the test build.
   execute_process(COMMAND ${CMAKE_COMMAND} --install ${PEFT_BUILD_DIR} --prefix ${WORK_DIR}/prefix
+                          --component peft_library
                   RESULT_VARIABLE rc)
   if(rc)
     message(FATAL_ERROR "cmake --install failed (${rc})")

@@ -4,6 +4,7 @@
 // throws must leave what it was restoring into unchanged (validate first, then mutate).
 #include <peft/io/checkpoint.hpp>
 #include <peft/layers/linear.hpp>
+#include <peft/optim/adam.hpp>
 
 #include <cstdint>
 #include <cstdlib>

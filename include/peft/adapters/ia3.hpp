@@ -145,3 +145,11 @@ class IA3Method final : public AdapterMethod<T> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class IA3Method<float>;
+extern template class IA3Method<double>;
+}  // namespace peft
+#endif

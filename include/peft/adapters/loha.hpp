@@ -228,3 +228,13 @@ std::unique_ptr<AdapterMethod<T>> make_loha(const std::string& adapter_name, Ind
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class LohaAdapter<float>;
+extern template class LohaAdapter<double>;
+extern template class KernelMethod<float, LohaAdapter<float>>;
+extern template class KernelMethod<double, LohaAdapter<double>>;
+}  // namespace peft
+#endif

@@ -448,3 +448,13 @@ std::unique_ptr<AdapterMethod<T>> make_lokr(const std::string& adapter_name, Ind
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class LokrAdapter<float>;
+extern template class LokrAdapter<double>;
+extern template class KernelMethod<float, LokrAdapter<float>>;
+extern template class KernelMethod<double, LokrAdapter<double>>;
+}  // namespace peft
+#endif

@@ -310,3 +310,13 @@ std::unique_ptr<AdapterMethod<T>> make_vera(const std::string& adapter_name, Ind
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class VeraAdapter<float>;
+extern template class VeraAdapter<double>;
+extern template class KernelMethod<float, VeraAdapter<float>>;
+extern template class KernelMethod<double, VeraAdapter<double>>;
+}  // namespace peft
+#endif

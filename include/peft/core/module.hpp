@@ -85,3 +85,11 @@ class Module {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Module<float>;
+extern template class Module<double>;
+}  // namespace peft
+#endif

@@ -28,9 +28,7 @@
 #include "peft/core/rng.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/safetensors.hpp"
-#include "peft/optim/adam.hpp"
 #include "peft/optim/optimizer.hpp"
-#include "peft/optim/sgd.hpp"
 #include "peft/train/batches.hpp"
 
 namespace peft::io {
@@ -227,20 +225,8 @@ std::size_t restore_parameters(Module<T>& model, const Checkpoint<T>& ck, const 
   return plan.size();
 }
 
-/// The tensors of one parameter's optimizer state, by field name (torch's state-dict names).
-/// Overload for a new optimizer's State to make it checkpointable.
-template <class T, class F>
-void optimizer_state_tensors(AdamState<T>& s, F&& fn) {
-  fn("exp_avg", s.exp_avg);
-  fn("exp_avg_sq", s.exp_avg_sq);
-}
-template <class T, class F>
-void optimizer_state_tensors(SGDState<T>& s, F&& fn) {
-  fn("momentum_buffer", s.momentum_buffer);
-}
-
 /// Stores the optimizer's per-group lr / initial lr / weight decay (schedules change them) and,
-/// per parameter, its step count and state tensors:
+/// per parameter, its step count and state tensors (State::visit_tensors names them):
 ///   <prefix>group.<group>.lr|initial_lr|weight_decay   (doubles)
 ///   <prefix>steps.<param>, <prefix>has_state.<param>   (ints)
 ///   <prefix>state.<param>.<field>                      (tensors)
@@ -257,9 +243,8 @@ void save_optimizer_state(BasicOptimizer<T, State>& opt, Checkpoint<T>& ck, cons
       ck.put_int(prefix + "steps." + e.name, e.steps);
       ck.put_int(prefix + "has_state." + e.name, e.has_state ? 1 : 0);
       if (e.has_state)
-        optimizer_state_tensors(e.state, [&](const char* field, Matrix<T>& m) {
-          ck.put_tensor(prefix + "state." + e.name + "." + field, m);
-        });
+        e.state.visit_tensors(
+            [&](const char* field, Matrix<T>& m) { ck.put_tensor(prefix + "state." + e.name + "." + field, m); });
     }
 }
 
@@ -304,7 +289,7 @@ void load_optimizer_state(BasicOptimizer<T, State>& opt, const Checkpoint<T>& ck
                           std::to_string(has));
       fresh.has_state = has == 1;
       if (fresh.has_state)
-        optimizer_state_tensors(fresh.state, [&](const char* field, Matrix<T>& m) {
+        fresh.state.visit_tensors([&](const char* field, Matrix<T>& m) {
           const std::string n = prefix + "state." + e.name + "." + field;
           m = ck.tensor(n);
           if (m.size() != 0 && (m.rows() != e.param->value.rows() || m.cols() != e.param->value.cols()))

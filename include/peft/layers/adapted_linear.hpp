@@ -190,16 +190,7 @@ class AdaptedLinear : public Module<T> {
   /// Adds a LoRA (or, with config.use_dora, DoRA) adapter and makes it the only active one (PEFT's
   /// add_adapter + set_adapter). DoRA is refused while adapters are merged (its magnitude is
   /// initialised from W₀'s norm, which the merged weight is not).
-  LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
-    check_new_name(adapter_name, "LORA");
-    if (config.use_dora && !merged_.empty())
-      throw ConfigError(who() + ": cannot add DoRA adapter \"" + adapter_name + "\" while adapters are merged (" +
-                        join(merged_indices()) + "); its magnitude would be taken from the merged weight");
-    auto m = make_lora<T>(adapter_name, config, weight.value, rng, kKind, this->name());
-    LoraAdapter<T>& a = m->adapter();
-    push(std::move(m));
-    return a;
-  }
+  LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng);
 
   /// Same, with the layer's generator (seeded at construction).
   LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config = {}) {
@@ -207,45 +198,16 @@ class AdaptedLinear : public Module<T> {
   }
 
   /// Adds an adapter of any method (built for this layer's [out, in]) and makes it the only active one.
-  AdapterMethod<T>& add_adapter(std::unique_ptr<AdapterMethod<T>> method) {
-    if (!method) throw ConfigError(who() + ": add_adapter got no adapter");
-    check_new_name(method->name(), method->peft_type());
-    AdapterMethod<T>& m = *method;
-    push(std::move(method));
-    return m;
-  }
+  AdapterMethod<T>& add_adapter(std::unique_ptr<AdapterMethod<T>> method);
 
   /// Removes an adapter. Refused while it is merged.
   /// Removes the adapter(s) of that name (one per method; only `peft_type`'s when given). Refused
   /// while merged.
-  void delete_adapter(const std::string& adapter_name, const std::string& peft_type = "") {
-    const std::vector<std::size_t> idx = indices_of(adapter_name, peft_type);
-    for (std::size_t i : idx)
-      if (is_merged(i))
-        throw ConfigError(who() + ": adapter \"" + adapter_name + "\" is merged; unmerge before deleting it");
-    for (std::size_t k = idx.size(); k-- > 0;) {  // highest index first
-      const std::size_t i = idx[k];
-      adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
-      active_.erase(std::remove(active_.begin(), active_.end(), i), active_.end());
-      for (auto& a : active_)
-        if (a > i) --a;
-      for (auto& e : merged_)
-        if (e.adapter > i) --e.adapter;
-    }
-    ++generation_;
-  }
+  void delete_adapter(const std::string& adapter_name, const std::string& peft_type = "");
 
   /// Activates exactly these adapters (duplicates dropped, order kept); they become trainable and
   /// every other adapter is frozen, as PEFT's set_adapter does. An empty list leaves the base alone.
-  void set_active(const std::vector<std::string>& names) {
-    std::vector<std::size_t> next;
-    for (const auto& n : names)
-      for (std::size_t i : indices_of(n))
-        if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
-    active_ = std::move(next);
-    sync_trainable();
-    ++generation_;
-  }
+  void set_active(const std::vector<std::string>& names);
   void set_active(const std::string& adapter_name) { set_active(std::vector<std::string>{adapter_name}); }
   /// `set_active({"a", "b"})`: without this overload the braces would also match std::string's
   /// iterator-pair constructor (two const char*), an ambiguous call at best.
@@ -334,40 +296,14 @@ class AdaptedLinear : public Module<T> {
   }
 
   /// DoRA's row norm n = ‖W₀ + s·B·A‖_row of a DoRA adapter [1, out], W₀ the weight with nothing merged.
-  RowVector<T> dora_weight_norm(const std::string& adapter_name) {
-    DoraMethod<T>* d = nullptr;
-    for (std::size_t i : indices_of(adapter_name))
-      if (d == nullptr) d = dynamic_cast<DoraMethod<T>*>(adapters_[i].get());
-    if (d == nullptr) throw ConfigError(who() + ": adapter \"" + adapter_name + "\" is not a DoRA adapter");
-    RowVector<T> n;
-    d->weight_norm(w0(), n);
-    return n;
-  }
+  RowVector<T> dora_weight_norm(const std::string& adapter_name);
 
   /// The low-rank update of one adapter [out, in]: s·B·A for LoRA and DoRA (for DoRA the effective
   /// change is f ⊙ (W₀ + s·B·A) − W₀: effective_delta), ΔW for VeRA, LoHa and LoKr, 0 for (IA)³.
-  Matrix<T> delta_weight(const std::string& adapter_name) const {
-    const std::size_t i = index_of(adapter_name);
-    Matrix<T> d = Matrix<T>::Zero(out_features(), in_features());
-    if (const auto* l = dynamic_cast<const LoraMethod<T>*>(adapters_[i].get())) {
-      const LoraAdapter<T>& a = l->adapter();
-      d.noalias() = static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
-      return d;
-    }
-    adapters_[i]->add_delta(MergeRecord<T>{}, T(1), d);
-    return d;
-  }
+  Matrix<T> delta_weight(const std::string& adapter_name) const;
 
   /// What merging this adapter alone would add to W₀: C = diag(f − 1) W₀ + W₀ diag(h − 1) + D [out, in].
-  Matrix<T> effective_delta(const std::string& adapter_name) {
-    const std::size_t i = index_of(adapter_name);
-    const Matrix<T> base = w0();
-    MergeRecord<T> rec;
-    adapters_[i]->merge_record(base, nullptr, rec);
-    Matrix<T> c = Matrix<T>::Zero(out_features(), in_features());
-    add_contribution(*adapters_[i], rec, base, c);
-    return c;
-  }
+  Matrix<T> effective_delta(const std::string& adapter_name);
 
   // ---- forward / backward -------------------------------------------------------------------
 
@@ -386,126 +322,14 @@ class AdaptedLinear : public Module<T> {
 
   /// Accumulates dW, db and every active adapter's gradients (those trainable), writes dX into *dx
   /// unless dx is null.
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-    if (cache.generation == 0) throw ConfigError(who() + ": backward called with a cache that no forward filled");
-    if (!merged_.empty())
-      throw ConfigError(who() + ": cannot train while adapters are merged (" + join(merged_indices()) +
-                        "); unmerge first");
-    if (cache.generation != generation_)
-      throw ConfigError(who() +
-                        ": adapters were added, removed, (un)merged or switched between forward and backward; run "
-                        "forward again");
-    check::shape(kKind, this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
-    if (weight.trainable())
-      check::shape(kKind, this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
-                   cache.x.cols(), cache.rows, in_features());
-
-    // Base path: E = dY ⊙ (1 + Σ (f − 1)) over the adapters that scale x W₀ᵀ (E = dY otherwise):
-    // dW = Eᵀ X [out, in], dX = E W [rows, in], db = Σ_rows dY ⊙ (1 + Σ (g − 1)).
-    gain_.has_z = gain_.has_b = false;
-    for (std::size_t k = 0; k < cache.used; ++k)
-      adapters_[cache.slots[k].adapter]->add_base_gain(*cache.slots[k].state, gain_);
-    const Matrix<T>* e = nullptr;
-    if (gain_.has_z) {
-      work_e_ = dy;
-      work_e_.array() += dy.array().rowwise() * gain_.z.array();  // + dY ⊙ Σ (f − 1)
-      e = &work_e_;
-    }
-    const ConstMatrixRef<T> E = e != nullptr ? ConstMatrixRef<T>(*e) : dy;
-    if (weight.trainable()) weight.accumulator().noalias() += E.transpose() * cache.x;  // dW = Eᵀ X   [out, in]
-    if (dx != nullptr) {
-      dx->resize(dy.rows(), in_features());
-      dx->noalias() = E * weight.value;  // dX = E W   [rows, in]
-    }
-    if (has_bias() && bias.trainable()) {
-      if (gain_.has_b)
-        bias.accumulator().row(0).array() += dy.colwise().sum().array() * (gain_.b.array() + T(1));
-      else
-        bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
-    }
-
-    GradInput<T> in;
-    in.x = &cache.x;
-    in.z = &cache.z;
-    in.w0 = &weight.value;
-    in.b0 = has_bias() ? &bias.value : nullptr;
-    in.dw = weight.trainable() ? &weight.accumulator() : nullptr;
-    for (std::size_t k = 0; k < cache.used; ++k)
-      adapters_[cache.slots[k].adapter]->backward(in, *cache.slots[k].state, dy, dx);
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
   /// y = base(x) plus, on each row r, the term of adapter routing[r] (an index into methods(), or
   /// -1 for none): many adapters served in one batch (S-LoRA, Punica; PEFT's `adapter_names=`).
   /// One base GEMM covers all rows; each adapter's term runs on its gathered rows only. Inference:
   /// no dropout, no cache; ignores the active set and the disable flag. Refused while merged.
   void forward_routed(const ConstMatrixRef<T>& x, const std::vector<int>& routing, Matrix<T>& y,
-                      RoutedWorkspace<T>& ws) {
-    if (!merged_.empty())
-      throw ConfigError(who() + ": mixed-adapter batches need an unmerged layer (merged: " + join(merged_indices()) +
-                        "); unmerge first");
-    check::input_features(kKind, this->name(), x.cols(), in_features());
-    if (static_cast<Index>(routing.size()) != x.rows())
-      throw ShapeError(who() + ": mixed batch has " + std::to_string(x.rows()) + " rows but " +
-                       std::to_string(routing.size()) + " row adapter entries");
-    const Index rows = x.rows(), in = in_features(), out = out_features();
-    const std::size_t n = adapters_.size();
-    for (std::size_t r = 0; r < routing.size(); ++r)
-      if (routing[r] != -1 && (routing[r] < 0 || static_cast<std::size_t>(routing[r]) >= n))
-        throw ConfigError(who() + ": row " + std::to_string(r) + " is routed to adapter " + std::to_string(routing[r]) +
-                          ", expected -1 (none) or an index in [0, " + std::to_string(n) + ")");
-
-    // Group rows by adapter (counting sort: stable, O(rows + n)).
-    ws.count.assign(n, 0);
-    for (int a : routing)
-      if (a >= 0) ++ws.count[static_cast<std::size_t>(a)];
-    ws.start.resize(n + 1);
-    ws.start[0] = 0;
-    bool need_z = false;
-    for (std::size_t a = 0; a < n; ++a) {
-      ws.start[a + 1] = ws.start[a] + ws.count[a];
-      if (ws.count[a] > 0) need_z = need_z || adapters_[a]->needs_base_output(false);
-    }
-    ws.order.resize(static_cast<std::size_t>(ws.start[n]));
-    std::fill(ws.count.begin(), ws.count.end(), 0);  // reused as fill cursor
-    for (Index r = 0; r < rows; ++r) {
-      const int a = routing[static_cast<std::size_t>(r)];
-      if (a < 0) continue;
-      const std::size_t ua = static_cast<std::size_t>(a);
-      ws.order[static_cast<std::size_t>(ws.start[ua] + ws.count[ua]++)] = r;
-    }
-
-    y.resize(rows, out);
-    y.noalias() = x * weight.value.transpose();  // x Wᵀ   [rows, out]
-    if (need_z) ws.z = y;
-    if (has_bias()) y.rowwise() += bias.value.row(0);
-    if (ws.xg.size() < n) {
-      ws.xg.resize(n);
-      ws.zg.resize(n);
-      ws.up.resize(n);
-    }
-    for (std::size_t a = 0; a < n; ++a) {
-      const Index m = ws.start[a + 1] - ws.start[a];
-      if (m == 0) continue;
-      const Index* rows_a = ws.order.data() + ws.start[a];
-      Matrix<T>& xg = ws.xg[a];
-      Matrix<T>& up = ws.up[a];
-      xg.resize(m, in);
-      for (Index j = 0; j < m; ++j) xg.row(j) = x.row(rows_a[j]);  // X_a = x[R_a]   [m, in]
-      TermInput<T> tin{ConstMatrixRef<T>(xg)};
-      if (adapters_[a]->needs_base_output(false)) {
-        ws.zg[a].resize(m, out);
-        for (Index j = 0; j < m; ++j) ws.zg[a].row(j) = ws.z.row(rows_a[j]);
-        tin.z = &ws.zg[a];
-      }
-      tin.w0 = &weight.value;
-      tin.b0 = has_bias() ? &bias.value : nullptr;
-      tin.training = false;
-      tin.rng = &rng_;
-      up.setZero(m, out);
-      adapters_[a]->forward(tin, up, nullptr);                      // U_a = t_a(X_a)   [m, out]
-      for (Index j = 0; j < m; ++j) y.row(rows_a[j]) += up.row(j);  // y[R_a] += U_a
-    }
-  }
+                      RoutedWorkspace<T>& ws);
 
   /// Generator used for dropout masks (and by add_adapter without an explicit one); checkpointable.
   Rng& rng() { return rng_; }
@@ -534,34 +358,12 @@ class AdaptedLinear : public Module<T> {
     return npos;
   }
 
-  std::size_t index_of(const std::string& n) const {
-    const std::size_t i = find(n);
-    if (i == npos) {
-      std::vector<std::size_t> all(adapters_.size());
-      for (std::size_t k = 0; k < all.size(); ++k) all[k] = k;
-      throw ConfigError(who() + ": unknown adapter \"" + n + "\"; available: [" + join(all) + "]");
-    }
-    return i;
-  }
+  std::size_t index_of(const std::string& n) const;
 
   /// Every adapter named n (of `peft_type` when not empty): at least one, else ConfigError.
-  std::vector<std::size_t> indices_of(const std::string& n, const std::string& peft_type = "") const {
-    std::vector<std::size_t> v;
-    for (std::size_t i = 0; i < adapters_.size(); ++i)
-      if (adapters_[i]->name() == n && (peft_type.empty() || adapters_[i]->peft_type() == peft_type)) v.push_back(i);
-    if (v.empty() && !peft_type.empty() && find(n) != npos)
-      throw ConfigError(who() + ": adapter \"" + n + "\" is not a " + peft_type + " adapter");
-    if (v.empty()) (void)index_of(n);
-    return v;
-  }
+  std::vector<std::size_t> indices_of(const std::string& n, const std::string& peft_type = "") const;
 
-  LoraAdapter<T>& lora_of(const std::string& n) {
-    const std::vector<std::size_t> idx = indices_of(n);
-    for (std::size_t i : idx)
-      if (auto* l = dynamic_cast<LoraMethod<T>*>(adapters_[i].get())) return l->adapter();
-    throw ConfigError(who() + ": adapter \"" + n + "\" is a " + adapters_[idx.front()]->kind() +
-                      " adapter, not LoRA; use method()");
-  }
+  LoraAdapter<T>& lora_of(const std::string& n);
 
   /// A name is unique per method (peft_type).
   void check_new_name(const std::string& n, const std::string& peft_type) const {
@@ -641,21 +443,7 @@ class AdaptedLinear : public Module<T> {
 
   /// w, b hold the current W, b on entry and W₀, b₀ on exit:
   ///   W₀ = (W − Σ_merged D_i) ⊘ (1 + Σ(f − 1)_j + Σ(h − 1)_k),  b₀ = b ⊘ (1 + Σ(g − 1)).
-  void recover_base(Matrix<T>& w, Matrix<T>* b) {
-    for (std::size_t k = merged_.size(); k-- > 0;)  // last merged first
-      adapters_[merged_[k].adapter]->add_delta(merged_[k].record, T(-1), w);
-    const Gains g = merged_gains();
-    if (g.has_row && g.has_col) {
-      for (Index j = 0; j < w.rows(); ++j) w.row(j).array() /= (g.col.array() + (T(1) + g.row(j)));
-    } else if (g.has_row) {
-      work_g_ = g.row.array() + T(1);
-      w.array().colwise() /= work_g_.transpose().array();
-    } else if (g.has_col) {
-      work_g_ = g.col.array() + T(1);
-      w.array().rowwise() /= work_g_.array();
-    }
-    if (b != nullptr && g.has_bias) b->row(0).array() /= (g.bias.array() + T(1));
-  }
+  void recover_base(Matrix<T>& w, Matrix<T>* b);
 
   /// acc += C = diag(f − 1) W₀ + W₀ diag(h − 1) + D of one adapter under `rec`.
   void add_contribution(AdapterMethod<T>& m, const MergeRecord<T>& rec, const Matrix<T>& base, Matrix<T>& acc) {
@@ -664,194 +452,14 @@ class AdaptedLinear : public Module<T> {
     m.add_delta(rec, T(1), acc);
   }
 
-  void merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type) {
-    if (disabled_)
-      throw ConfigError(who() +
-                        ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
-    std::vector<std::size_t> pending;
-    if (names.empty()) {
-      for (std::size_t i : active_)
-        if (!is_merged(i) && (peft_type.empty() || adapters_[i]->peft_type() == peft_type)) pending.push_back(i);
-    } else {
-      for (const auto& n : names)
-        for (std::size_t i : indices_of(n, peft_type)) {
-          if (is_merged(i) || std::find(pending.begin(), pending.end(), i) != pending.end())
-            throw ConfigError(who() + ": adapter \"" + n + "\" is already merged");
-          pending.push_back(i);
-        }
-    }
-    if (pending.empty()) return;
-
-    // W₀ and b₀: W and b unless something is merged, else recovered (every term is on W₀).
-    Matrix<T> w0_store, b0_store;
-    const Matrix<T>* w0 = &weight.value;
-    const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
-    if (!merged_.empty()) {
-      w0_store = weight.value;
-      if (has_bias()) b0_store = bias.value;
-      recover_base(w0_store, has_bias() ? &b0_store : nullptr);
-      w0 = &w0_store;
-      if (has_bias()) b0 = &b0_store;
-    }
-    // All checks before W changes: every record finite, and the divisors of recover_base
-    // (1 + Σ row + Σ col, 1 + Σ bias over merged ∪ pending) at least √ε in magnitude, so W₀ stays
-    // recoverable. Dividing by d amplifies rounding by 1/|d|: |d| < √ε would leave fewer than half
-    // the digits of W₀, so it counts as zero.
-    std::vector<MergeRecord<T>> records(pending.size());
-    Gains g = merged_gains();
-    bool pending_gain = false;
-    for (std::size_t k = 0; k < pending.size(); ++k) {
-      try {
-        adapters_[pending[k]]->merge_record(*w0, b0, records[k]);
-      } catch (const NumericError& e) {
-        throw NumericError(who() + ": " + e.what());
-      }
-      const MergeRecord<T>& r = records[k];
-      pending_gain = pending_gain || r.row_gain.size() > 0 || r.col_gain.size() > 0 || r.bias_gain.size() > 0;
-      g.add(r);
-    }
-    if (pending_gain) check_divisors(g, pending, records);
-
-    // Safe: W + C_1 + C_2 + … built aside, checked after each adapter, swapped in at the end.
-    // Plain: U = Σ C_i built aside (every allocation happens here), then W += U, which cannot fail:
-    // both leave no partial merge behind.
-    Matrix<T> acc = safe ? weight.value : Matrix<T>::Zero(out_features(), in_features());
-    for (std::size_t k = 0; k < pending.size(); ++k) {
-      add_contribution(*adapters_[pending[k]], records[k], *w0, acc);
-      if (safe && !all_finite(acc))
-        throw NumericError(who() + ": merging adapter \"" + adapters_[pending[k]]->name() +
-                           "\" gives NaN or Inf in the weight; nothing was merged");
-    }
-    Matrix<T> new_bias;
-    if (has_bias()) {
-      new_bias = bias.value;
-      for (const auto& r : records)
-        if (r.bias_gain.size() > 0) new_bias.row(0).array() += b0->row(0).array() * r.bias_gain.array();
-      if (safe && !all_finite(new_bias))
-        throw NumericError(who() + ": merging gives NaN or Inf in the bias; nothing was merged");
-    }
-    if (safe)
-      weight.value.swap(acc);
-    else
-      weight.value += acc;
-    if (has_bias()) bias.value.swap(new_bias);
-    for (std::size_t k = 0; k < pending.size(); ++k) merged_.push_back({pending[k], std::move(records[k])});
-    ++generation_;
-  }
+  void merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type);
 
   /// NumericError unless every divisor of recover_base under gains g is finite with |d| ≥ √ε.
   void check_divisors(const Gains& g, const std::vector<std::size_t>& pending,
-                      const std::vector<MergeRecord<T>>& records) const {
-    const T g_min = std::sqrt(std::numeric_limits<T>::epsilon());
-    auto bad = [&](T d) { return !std::isfinite(d) || std::abs(d) < g_min; };
-    T value = T(0);
-    std::string where;
-    if (g.has_row || g.has_col) {
-      const Index rows = g.has_row ? g.row.size() : 1, cols = g.has_col ? g.col.size() : 1;
-      for (Index j = 0; j < rows && where.empty(); ++j)
-        for (Index k = 0; k < cols; ++k) {
-          const T d = T(1) + (g.has_row ? g.row(j) : T(0)) + (g.has_col ? g.col(k) : T(0));
-          if (bad(d)) {
-            value = d;
-            where = g.has_row && g.has_col ? "in row " + std::to_string(j) + ", column " + std::to_string(k)
-                    : g.has_row            ? "in row " + std::to_string(j)
-                                           : "in column " + std::to_string(k);
-            break;
-          }
-        }
-    }
-    if (where.empty() && g.has_bias)
-      for (Index j = 0; j < g.bias.size(); ++j)
-        if (bad(T(1) + g.bias(j))) {
-          value = T(1) + g.bias(j);
-          where = "in bias entry " + std::to_string(j);
-          break;
-        }
-    if (where.empty()) return;
-    // The adapters with a gain, merged ones first.
-    std::vector<std::size_t> scaled;
-    std::string kinds;
-    auto note = [&](std::size_t i, const MergeRecord<T>& r) {
-      if (r.row_gain.size() == 0 && r.col_gain.size() == 0 && r.bias_gain.size() == 0) return;
-      scaled.push_back(i);
-      const std::string k = adapters_[i]->kind();
-      if (kinds.empty())
-        kinds = k;
-      else if (kinds != k)
-        kinds = "scaling";
-    };
-    for (const auto& e : merged_) note(e.adapter, e.record);
-    for (std::size_t k = 0; k < pending.size(); ++k) note(pending[k], records[k]);
-    std::string quoted;
-    for (std::size_t i : scaled) quoted += (quoted.empty() ? "\"" : ", \"") + adapters_[i]->name() + "\"";
-    const bool many = scaled.size() > 1;
-    throw NumericError(who() + ": " + kinds + " adapter" + (many ? "s " : " ") + quoted + (many ? " have" : " has") +
-                       " a zero or non-finite scale: 1 + Σ (scale − 1) is " + check::num(value) + " " + where +
-                       " (|scale| < √ε = " + check::num(g_min) +
-                       " counts as 0), so the weight with nothing merged could not be recovered and the merge could "
-                       "not be undone; nothing was merged");
-  }
+                      const std::vector<MergeRecord<T>>& records) const;
 
   /// forward() and forward_inference(): `keep_input` = whether backward will read x.
-  void forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input) {
-    check::input_features(kKind, this->name(), x.cols(), in_features());
-    const Index rows = x.rows();
-    y.resize(rows, out_features());
-    y.noalias() = x * weight.value.transpose();  // base: x Wᵀ   [rows, out]
-
-    cache.rows = rows;
-    cache.generation = generation_;
-    cache.used = 0;
-    const bool training = this->training();
-    bool need_z = false, any = false;
-    if (!disabled_)
-      for (std::size_t i : active_)
-        if (!is_merged(i)) {
-          any = true;
-          need_z = need_z || adapters_[i]->needs_base_output(training);
-        }
-    // Unmerged adapters read W₀ and b₀: W and b unless something is merged, else recovered.
-    const Matrix<T>* w0 = &weight.value;
-    const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
-    if (any && !merged_.empty()) {
-      work_w0_ = weight.value;
-      if (has_bias()) work_b0_ = bias.value;
-      recover_base(work_w0_, has_bias() ? &work_b0_ : nullptr);
-      w0 = &work_w0_;
-      if (has_bias()) b0 = &work_b0_;
-    }
-    if (!need_z) {
-      cache.z.resize(0, 0);
-    } else if (w0 == &weight.value) {
-      cache.z = y;
-    } else {
-      cache.z.resize(rows, out_features());
-      cache.z.noalias() = x * w0->transpose();  // x W₀ᵀ   [rows, out]
-    }
-    if (has_bias()) y.rowwise() += bias.value.row(0);
-
-    bool need_x = weight.trainable();
-    if (any) {
-      TermInput<T> in(x);
-      in.z = need_z ? &cache.z : nullptr;
-      in.w0 = w0;
-      in.b0 = b0;
-      in.training = training;
-      in.rng = &rng_;
-      for (std::size_t i : active_) {
-        if (is_merged(i)) continue;
-        if (cache.slots.size() <= cache.used) cache.slots.emplace_back();
-        Slot& slot = cache.slots[cache.used++];
-        slot.adapter = i;
-        need_x = adapters_[i]->forward(in, y, &slot.state) || need_x;
-        if (!slot.state) slot.state = std::make_unique<NoCache>();  // backward always gets a state (once per slot)
-      }
-    }
-    if (keep_input && need_x)
-      cache.x = x;
-    else
-      cache.x.resize(0, 0);  // nothing to keep (frozen base, inference), and a stale x cannot be reused
-  }
+  void forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input);
 
   std::vector<std::unique_ptr<AdapterMethod<T>>> adapters_;  ///< on the heap: stable addresses
   std::vector<std::size_t> active_;                          ///< indices into adapters_, in activation order
@@ -868,4 +476,454 @@ class AdaptedLinear : public Module<T> {
   RowVector<T> work_g_;  ///< recover_base divisors
 };
 
+template <class T>
+LoraAdapter<T>& AdaptedLinear<T>::add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
+  check_new_name(adapter_name, "LORA");
+  if (config.use_dora && !merged_.empty())
+    throw ConfigError(who() + ": cannot add DoRA adapter \"" + adapter_name + "\" while adapters are merged (" +
+                      join(merged_indices()) + "); its magnitude would be taken from the merged weight");
+  auto m = make_lora<T>(adapter_name, config, weight.value, rng, kKind, this->name());
+  LoraAdapter<T>& a = m->adapter();
+  push(std::move(m));
+  return a;
+}
+
+template <class T>
+AdapterMethod<T>& AdaptedLinear<T>::add_adapter(std::unique_ptr<AdapterMethod<T>> method) {
+  if (!method) throw ConfigError(who() + ": add_adapter got no adapter");
+  check_new_name(method->name(), method->peft_type());
+  AdapterMethod<T>& m = *method;
+  push(std::move(method));
+  return m;
+}
+
+template <class T>
+void AdaptedLinear<T>::delete_adapter(const std::string& adapter_name, const std::string& peft_type) {
+  const std::vector<std::size_t> idx = indices_of(adapter_name, peft_type);
+  for (std::size_t i : idx)
+    if (is_merged(i))
+      throw ConfigError(who() + ": adapter \"" + adapter_name + "\" is merged; unmerge before deleting it");
+  for (std::size_t k = idx.size(); k-- > 0;) {  // highest index first
+    const std::size_t i = idx[k];
+    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+    active_.erase(std::remove(active_.begin(), active_.end(), i), active_.end());
+    for (auto& a : active_)
+      if (a > i) --a;
+    for (auto& e : merged_)
+      if (e.adapter > i) --e.adapter;
+  }
+  ++generation_;
+}
+
+template <class T>
+void AdaptedLinear<T>::set_active(const std::vector<std::string>& names) {
+  std::vector<std::size_t> next;
+  for (const auto& n : names)
+    for (std::size_t i : indices_of(n))
+      if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
+  active_ = std::move(next);
+  sync_trainable();
+  ++generation_;
+}
+
+template <class T>
+RowVector<T> AdaptedLinear<T>::dora_weight_norm(const std::string& adapter_name) {
+  DoraMethod<T>* d = nullptr;
+  for (std::size_t i : indices_of(adapter_name))
+    if (d == nullptr) d = dynamic_cast<DoraMethod<T>*>(adapters_[i].get());
+  if (d == nullptr) throw ConfigError(who() + ": adapter \"" + adapter_name + "\" is not a DoRA adapter");
+  RowVector<T> n;
+  d->weight_norm(w0(), n);
+  return n;
+}
+
+template <class T>
+Matrix<T> AdaptedLinear<T>::delta_weight(const std::string& adapter_name) const {
+  const std::size_t i = index_of(adapter_name);
+  Matrix<T> d = Matrix<T>::Zero(out_features(), in_features());
+  if (const auto* l = dynamic_cast<const LoraMethod<T>*>(adapters_[i].get())) {
+    const LoraAdapter<T>& a = l->adapter();
+    d.noalias() = static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
+    return d;
+  }
+  adapters_[i]->add_delta(MergeRecord<T>{}, T(1), d);
+  return d;
+}
+
+template <class T>
+Matrix<T> AdaptedLinear<T>::effective_delta(const std::string& adapter_name) {
+  const std::size_t i = index_of(adapter_name);
+  const Matrix<T> base = w0();
+  MergeRecord<T> rec;
+  adapters_[i]->merge_record(base, nullptr, rec);
+  Matrix<T> c = Matrix<T>::Zero(out_features(), in_features());
+  add_contribution(*adapters_[i], rec, base, c);
+  return c;
+}
+
+template <class T>
+void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  if (cache.generation == 0) throw ConfigError(who() + ": backward called with a cache that no forward filled");
+  if (!merged_.empty())
+    throw ConfigError(who() + ": cannot train while adapters are merged (" + join(merged_indices()) +
+                      "); unmerge first");
+  if (cache.generation != generation_)
+    throw ConfigError(who() +
+                      ": adapters were added, removed, (un)merged or switched between forward and backward; run "
+                      "forward again");
+  check::shape(kKind, this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
+  if (weight.trainable())
+    check::shape(kKind, this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
+                 cache.x.cols(), cache.rows, in_features());
+
+  // Base path: E = dY ⊙ (1 + Σ (f − 1)) over the adapters that scale x W₀ᵀ (E = dY otherwise):
+  // dW = Eᵀ X [out, in], dX = E W [rows, in], db = Σ_rows dY ⊙ (1 + Σ (g − 1)).
+  gain_.has_z = gain_.has_b = false;
+  for (std::size_t k = 0; k < cache.used; ++k)
+    adapters_[cache.slots[k].adapter]->add_base_gain(*cache.slots[k].state, gain_);
+  const Matrix<T>* e = nullptr;
+  if (gain_.has_z) {
+    work_e_ = dy;
+    work_e_.array() += dy.array().rowwise() * gain_.z.array();  // + dY ⊙ Σ (f − 1)
+    e = &work_e_;
+  }
+  const ConstMatrixRef<T> E = e != nullptr ? ConstMatrixRef<T>(*e) : dy;
+  if (weight.trainable()) weight.accumulator().noalias() += E.transpose() * cache.x;  // dW = Eᵀ X   [out, in]
+  if (dx != nullptr) {
+    dx->resize(dy.rows(), in_features());
+    dx->noalias() = E * weight.value;  // dX = E W   [rows, in]
+  }
+  if (has_bias() && bias.trainable()) {
+    if (gain_.has_b)
+      bias.accumulator().row(0).array() += dy.colwise().sum().array() * (gain_.b.array() + T(1));
+    else
+      bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
+  }
+
+  GradInput<T> in;
+  in.x = &cache.x;
+  in.z = &cache.z;
+  in.w0 = &weight.value;
+  in.b0 = has_bias() ? &bias.value : nullptr;
+  in.dw = weight.trainable() ? &weight.accumulator() : nullptr;
+  for (std::size_t k = 0; k < cache.used; ++k)
+    adapters_[cache.slots[k].adapter]->backward(in, *cache.slots[k].state, dy, dx);
+}
+
+template <class T>
+void AdaptedLinear<T>::forward_routed(const ConstMatrixRef<T>& x, const std::vector<int>& routing, Matrix<T>& y,
+                                      RoutedWorkspace<T>& ws) {
+  if (!merged_.empty())
+    throw ConfigError(who() + ": mixed-adapter batches need an unmerged layer (merged: " + join(merged_indices()) +
+                      "); unmerge first");
+  check::input_features(kKind, this->name(), x.cols(), in_features());
+  if (static_cast<Index>(routing.size()) != x.rows())
+    throw ShapeError(who() + ": mixed batch has " + std::to_string(x.rows()) + " rows but " +
+                     std::to_string(routing.size()) + " row adapter entries");
+  const Index rows = x.rows(), in = in_features(), out = out_features();
+  const std::size_t n = adapters_.size();
+  for (std::size_t r = 0; r < routing.size(); ++r)
+    if (routing[r] != -1 && (routing[r] < 0 || static_cast<std::size_t>(routing[r]) >= n))
+      throw ConfigError(who() + ": row " + std::to_string(r) + " is routed to adapter " + std::to_string(routing[r]) +
+                        ", expected -1 (none) or an index in [0, " + std::to_string(n) + ")");
+
+  // Group rows by adapter (counting sort: stable, O(rows + n)).
+  ws.count.assign(n, 0);
+  for (int a : routing)
+    if (a >= 0) ++ws.count[static_cast<std::size_t>(a)];
+  ws.start.resize(n + 1);
+  ws.start[0] = 0;
+  bool need_z = false;
+  for (std::size_t a = 0; a < n; ++a) {
+    ws.start[a + 1] = ws.start[a] + ws.count[a];
+    if (ws.count[a] > 0) need_z = need_z || adapters_[a]->needs_base_output(false);
+  }
+  ws.order.resize(static_cast<std::size_t>(ws.start[n]));
+  std::fill(ws.count.begin(), ws.count.end(), 0);  // reused as fill cursor
+  for (Index r = 0; r < rows; ++r) {
+    const int a = routing[static_cast<std::size_t>(r)];
+    if (a < 0) continue;
+    const std::size_t ua = static_cast<std::size_t>(a);
+    ws.order[static_cast<std::size_t>(ws.start[ua] + ws.count[ua]++)] = r;
+  }
+
+  y.resize(rows, out);
+  y.noalias() = x * weight.value.transpose();  // x Wᵀ   [rows, out]
+  if (need_z) ws.z = y;
+  if (has_bias()) y.rowwise() += bias.value.row(0);
+  if (ws.xg.size() < n) {
+    ws.xg.resize(n);
+    ws.zg.resize(n);
+    ws.up.resize(n);
+  }
+  for (std::size_t a = 0; a < n; ++a) {
+    const Index m = ws.start[a + 1] - ws.start[a];
+    if (m == 0) continue;
+    const Index* rows_a = ws.order.data() + ws.start[a];
+    Matrix<T>& xg = ws.xg[a];
+    Matrix<T>& up = ws.up[a];
+    xg.resize(m, in);
+    for (Index j = 0; j < m; ++j) xg.row(j) = x.row(rows_a[j]);  // X_a = x[R_a]   [m, in]
+    TermInput<T> tin{ConstMatrixRef<T>(xg)};
+    if (adapters_[a]->needs_base_output(false)) {
+      ws.zg[a].resize(m, out);
+      for (Index j = 0; j < m; ++j) ws.zg[a].row(j) = ws.z.row(rows_a[j]);
+      tin.z = &ws.zg[a];
+    }
+    tin.w0 = &weight.value;
+    tin.b0 = has_bias() ? &bias.value : nullptr;
+    tin.training = false;
+    tin.rng = &rng_;
+    up.setZero(m, out);
+    adapters_[a]->forward(tin, up, nullptr);                      // U_a = t_a(X_a)   [m, out]
+    for (Index j = 0; j < m; ++j) y.row(rows_a[j]) += up.row(j);  // y[R_a] += U_a
+  }
+}
+
+template <class T>
+std::size_t AdaptedLinear<T>::index_of(const std::string& n) const {
+  const std::size_t i = find(n);
+  if (i == npos) {
+    std::vector<std::size_t> all(adapters_.size());
+    for (std::size_t k = 0; k < all.size(); ++k) all[k] = k;
+    throw ConfigError(who() + ": unknown adapter \"" + n + "\"; available: [" + join(all) + "]");
+  }
+  return i;
+}
+
+template <class T>
+std::vector<std::size_t> AdaptedLinear<T>::indices_of(const std::string& n, const std::string& peft_type) const {
+  std::vector<std::size_t> v;
+  for (std::size_t i = 0; i < adapters_.size(); ++i)
+    if (adapters_[i]->name() == n && (peft_type.empty() || adapters_[i]->peft_type() == peft_type)) v.push_back(i);
+  if (v.empty() && !peft_type.empty() && find(n) != npos)
+    throw ConfigError(who() + ": adapter \"" + n + "\" is not a " + peft_type + " adapter");
+  if (v.empty()) (void)index_of(n);
+  return v;
+}
+
+template <class T>
+LoraAdapter<T>& AdaptedLinear<T>::lora_of(const std::string& n) {
+  const std::vector<std::size_t> idx = indices_of(n);
+  for (std::size_t i : idx)
+    if (auto* l = dynamic_cast<LoraMethod<T>*>(adapters_[i].get())) return l->adapter();
+  throw ConfigError(who() + ": adapter \"" + n + "\" is a " + adapters_[idx.front()]->kind() +
+                    " adapter, not LoRA; use method()");
+}
+
+template <class T>
+void AdaptedLinear<T>::recover_base(Matrix<T>& w, Matrix<T>* b) {
+  for (std::size_t k = merged_.size(); k-- > 0;)  // last merged first
+    adapters_[merged_[k].adapter]->add_delta(merged_[k].record, T(-1), w);
+  const Gains g = merged_gains();
+  if (g.has_row && g.has_col) {
+    for (Index j = 0; j < w.rows(); ++j) w.row(j).array() /= (g.col.array() + (T(1) + g.row(j)));
+  } else if (g.has_row) {
+    work_g_ = g.row.array() + T(1);
+    w.array().colwise() /= work_g_.transpose().array();
+  } else if (g.has_col) {
+    work_g_ = g.col.array() + T(1);
+    w.array().rowwise() /= work_g_.array();
+  }
+  if (b != nullptr && g.has_bias) b->row(0).array() /= (g.bias.array() + T(1));
+}
+
+template <class T>
+void AdaptedLinear<T>::merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type) {
+  if (disabled_)
+    throw ConfigError(who() +
+                      ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
+  std::vector<std::size_t> pending;
+  if (names.empty()) {
+    for (std::size_t i : active_)
+      if (!is_merged(i) && (peft_type.empty() || adapters_[i]->peft_type() == peft_type)) pending.push_back(i);
+  } else {
+    for (const auto& n : names)
+      for (std::size_t i : indices_of(n, peft_type)) {
+        if (is_merged(i) || std::find(pending.begin(), pending.end(), i) != pending.end())
+          throw ConfigError(who() + ": adapter \"" + n + "\" is already merged");
+        pending.push_back(i);
+      }
+  }
+  if (pending.empty()) return;
+
+  // W₀ and b₀: W and b unless something is merged, else recovered (every term is on W₀).
+  Matrix<T> w0_store, b0_store;
+  const Matrix<T>* w0 = &weight.value;
+  const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
+  if (!merged_.empty()) {
+    w0_store = weight.value;
+    if (has_bias()) b0_store = bias.value;
+    recover_base(w0_store, has_bias() ? &b0_store : nullptr);
+    w0 = &w0_store;
+    if (has_bias()) b0 = &b0_store;
+  }
+  // All checks before W changes: every record finite, and the divisors of recover_base
+  // (1 + Σ row + Σ col, 1 + Σ bias over merged ∪ pending) at least √ε in magnitude, so W₀ stays
+  // recoverable. Dividing by d amplifies rounding by 1/|d|: |d| < √ε would leave fewer than half
+  // the digits of W₀, so it counts as zero.
+  std::vector<MergeRecord<T>> records(pending.size());
+  Gains g = merged_gains();
+  bool pending_gain = false;
+  for (std::size_t k = 0; k < pending.size(); ++k) {
+    try {
+      adapters_[pending[k]]->merge_record(*w0, b0, records[k]);
+    } catch (const NumericError& e) {
+      throw NumericError(who() + ": " + e.what());
+    }
+    const MergeRecord<T>& r = records[k];
+    pending_gain = pending_gain || r.row_gain.size() > 0 || r.col_gain.size() > 0 || r.bias_gain.size() > 0;
+    g.add(r);
+  }
+  if (pending_gain) check_divisors(g, pending, records);
+
+  // Safe: W + C_1 + C_2 + … built aside, checked after each adapter, swapped in at the end.
+  // Plain: U = Σ C_i built aside (every allocation happens here), then W += U, which cannot fail:
+  // both leave no partial merge behind.
+  Matrix<T> acc = safe ? weight.value : Matrix<T>::Zero(out_features(), in_features());
+  for (std::size_t k = 0; k < pending.size(); ++k) {
+    add_contribution(*adapters_[pending[k]], records[k], *w0, acc);
+    if (safe && !all_finite(acc))
+      throw NumericError(who() + ": merging adapter \"" + adapters_[pending[k]]->name() +
+                         "\" gives NaN or Inf in the weight; nothing was merged");
+  }
+  Matrix<T> new_bias;
+  if (has_bias()) {
+    new_bias = bias.value;
+    for (const auto& r : records)
+      if (r.bias_gain.size() > 0) new_bias.row(0).array() += b0->row(0).array() * r.bias_gain.array();
+    if (safe && !all_finite(new_bias))
+      throw NumericError(who() + ": merging gives NaN or Inf in the bias; nothing was merged");
+  }
+  if (safe)
+    weight.value.swap(acc);
+  else
+    weight.value += acc;
+  if (has_bias()) bias.value.swap(new_bias);
+  for (std::size_t k = 0; k < pending.size(); ++k) merged_.push_back({pending[k], std::move(records[k])});
+  ++generation_;
+}
+
+template <class T>
+void AdaptedLinear<T>::check_divisors(const Gains& g, const std::vector<std::size_t>& pending,
+                                      const std::vector<MergeRecord<T>>& records) const {
+  const T g_min = std::sqrt(std::numeric_limits<T>::epsilon());
+  auto bad = [&](T d) { return !std::isfinite(d) || std::abs(d) < g_min; };
+  T value = T(0);
+  std::string where;
+  if (g.has_row || g.has_col) {
+    const Index rows = g.has_row ? g.row.size() : 1, cols = g.has_col ? g.col.size() : 1;
+    for (Index j = 0; j < rows && where.empty(); ++j)
+      for (Index k = 0; k < cols; ++k) {
+        const T d = T(1) + (g.has_row ? g.row(j) : T(0)) + (g.has_col ? g.col(k) : T(0));
+        if (bad(d)) {
+          value = d;
+          where = g.has_row && g.has_col ? "in row " + std::to_string(j) + ", column " + std::to_string(k)
+                  : g.has_row            ? "in row " + std::to_string(j)
+                                         : "in column " + std::to_string(k);
+          break;
+        }
+      }
+  }
+  if (where.empty() && g.has_bias)
+    for (Index j = 0; j < g.bias.size(); ++j)
+      if (bad(T(1) + g.bias(j))) {
+        value = T(1) + g.bias(j);
+        where = "in bias entry " + std::to_string(j);
+        break;
+      }
+  if (where.empty()) return;
+  // The adapters with a gain, merged ones first.
+  std::vector<std::size_t> scaled;
+  std::string kinds;
+  auto note = [&](std::size_t i, const MergeRecord<T>& r) {
+    if (r.row_gain.size() == 0 && r.col_gain.size() == 0 && r.bias_gain.size() == 0) return;
+    scaled.push_back(i);
+    const std::string k = adapters_[i]->kind();
+    if (kinds.empty())
+      kinds = k;
+    else if (kinds != k)
+      kinds = "scaling";
+  };
+  for (const auto& e : merged_) note(e.adapter, e.record);
+  for (std::size_t k = 0; k < pending.size(); ++k) note(pending[k], records[k]);
+  std::string quoted;
+  for (std::size_t i : scaled) quoted += (quoted.empty() ? "\"" : ", \"") + adapters_[i]->name() + "\"";
+  const bool many = scaled.size() > 1;
+  throw NumericError(who() + ": " + kinds + " adapter" + (many ? "s " : " ") + quoted + (many ? " have" : " has") +
+                     " a zero or non-finite scale: 1 + Σ (scale − 1) is " + check::num(value) + " " + where +
+                     " (|scale| < √ε = " + check::num(g_min) +
+                     " counts as 0), so the weight with nothing merged could not be recovered and the merge could "
+                     "not be undone; nothing was merged");
+}
+
+template <class T>
+void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input) {
+  check::input_features(kKind, this->name(), x.cols(), in_features());
+  const Index rows = x.rows();
+  y.resize(rows, out_features());
+  y.noalias() = x * weight.value.transpose();  // base: x Wᵀ   [rows, out]
+
+  cache.rows = rows;
+  cache.generation = generation_;
+  cache.used = 0;
+  const bool training = this->training();
+  bool need_z = false, any = false;
+  if (!disabled_)
+    for (std::size_t i : active_)
+      if (!is_merged(i)) {
+        any = true;
+        need_z = need_z || adapters_[i]->needs_base_output(training);
+      }
+  // Unmerged adapters read W₀ and b₀: W and b unless something is merged, else recovered.
+  const Matrix<T>* w0 = &weight.value;
+  const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
+  if (any && !merged_.empty()) {
+    work_w0_ = weight.value;
+    if (has_bias()) work_b0_ = bias.value;
+    recover_base(work_w0_, has_bias() ? &work_b0_ : nullptr);
+    w0 = &work_w0_;
+    if (has_bias()) b0 = &work_b0_;
+  }
+  if (!need_z) {
+    cache.z.resize(0, 0);
+  } else if (w0 == &weight.value) {
+    cache.z = y;
+  } else {
+    cache.z.resize(rows, out_features());
+    cache.z.noalias() = x * w0->transpose();  // x W₀ᵀ   [rows, out]
+  }
+  if (has_bias()) y.rowwise() += bias.value.row(0);
+
+  bool need_x = weight.trainable();
+  if (any) {
+    TermInput<T> in(x);
+    in.z = need_z ? &cache.z : nullptr;
+    in.w0 = w0;
+    in.b0 = b0;
+    in.training = training;
+    in.rng = &rng_;
+    for (std::size_t i : active_) {
+      if (is_merged(i)) continue;
+      if (cache.slots.size() <= cache.used) cache.slots.emplace_back();
+      Slot& slot = cache.slots[cache.used++];
+      slot.adapter = i;
+      need_x = adapters_[i]->forward(in, y, &slot.state) || need_x;
+      if (!slot.state) slot.state = std::make_unique<NoCache>();  // backward always gets a state (once per slot)
+    }
+  }
+  if (keep_input && need_x)
+    cache.x = x;
+  else
+    cache.x.resize(0, 0);  // nothing to keep (frozen base, inference), and a stale x cannot be reused
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class AdaptedLinear<float>;
+extern template class AdaptedLinear<double>;
+}  // namespace peft
+#endif

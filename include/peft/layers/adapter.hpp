@@ -122,18 +122,7 @@ class Adapter : public Module<T> {
 
   /// y = [x +] s · (f(x W_dᵀ + b_d) W_uᵀ + b_u). Buffers are reused across calls; `y` must not
   /// share storage with `x`.
-  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
-    check::input_features("Adapter", this->name(), x.cols(), dim());
-    cache.rows = x.rows();
-    down.forward(x, cache.h, cache.down);                          // H = x W_dᵀ + b_d   [rows, b]
-    activation_forward<T>(options_.activation, cache.h, cache.a);  // A = f(H)
-    up.forward(cache.a, y, cache.up);                              // Z = A W_uᵀ + b_u   [rows, d]
-    const T s = static_cast<T>(options_.scaling);
-    if (residual_)
-      y = x + s * y;  // y = x + s Z (coefficient-wise: no aliasing hazard)
-    else if (s != T(1))
-      y *= s;
-  }
+  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache);
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
     Matrix<T> y;
@@ -142,17 +131,7 @@ class Adapter : public Module<T> {
   }
 
   /// Accumulates the gradients of the trainable projections; *dx = ∂L/∂x unless dx is null.
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-    check::shape("Adapter", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, dim());
-    const T s = static_cast<T>(options_.scaling);
-    dz_ = s * dy;  // dZ = s dY   [rows, d]
-    const bool need_input_grad = dx != nullptr || down.weight.trainable() || down.bias.trainable();
-    up.backward(cache.up, dz_, need_input_grad ? &da_ : nullptr);  // dW_u += dZᵀ A; dA = dZ W_u
-    if (!need_input_grad) return;
-    activation_backward<T>(options_.activation, cache.h, da_, dh_, fprime_);  // dH = dA ⊙ f'(H)
-    down.backward(cache.down, dh_, dx);                                       // dW_d += dHᵀ X; dX = dH W_d
-    if (dx != nullptr && residual_) *dx += dy;                                // identity path
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -167,4 +146,39 @@ class Adapter : public Module<T> {
   Matrix<T> fprime_;        ///< backward scratch f'(H)
 };
 
+template <class T>
+void Adapter<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
+  check::input_features("Adapter", this->name(), x.cols(), dim());
+  cache.rows = x.rows();
+  down.forward(x, cache.h, cache.down);                          // H = x W_dᵀ + b_d   [rows, b]
+  activation_forward<T>(options_.activation, cache.h, cache.a);  // A = f(H)
+  up.forward(cache.a, y, cache.up);                              // Z = A W_uᵀ + b_u   [rows, d]
+  const T s = static_cast<T>(options_.scaling);
+  if (residual_)
+    y = x + s * y;  // y = x + s Z (coefficient-wise: no aliasing hazard)
+  else if (s != T(1))
+    y *= s;
+}
+
+template <class T>
+void Adapter<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  check::shape("Adapter", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, dim());
+  const T s = static_cast<T>(options_.scaling);
+  dz_ = s * dy;  // dZ = s dY   [rows, d]
+  const bool need_input_grad = dx != nullptr || down.weight.trainable() || down.bias.trainable();
+  up.backward(cache.up, dz_, need_input_grad ? &da_ : nullptr);  // dW_u += dZᵀ A; dA = dZ W_u
+  if (!need_input_grad) return;
+  activation_backward<T>(options_.activation, cache.h, da_, dh_, fprime_);  // dH = dA ⊙ f'(H)
+  down.backward(cache.down, dh_, dx);                                       // dW_d += dHᵀ X; dX = dH W_d
+  if (dx != nullptr && residual_) *dx += dy;                                // identity path
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Adapter<float>;
+extern template class Adapter<double>;
+}  // namespace peft
+#endif

@@ -123,20 +123,8 @@ class MultiHeadAttention : public Module<T> {
 
   /// Adds (IA)³ adapters (ones) on the keys and/or values (k_proj, v_proj: output scaling), next to
   /// the adapters active there. One (IA)³ adapter per attention layer.
-  void add_ia3(const std::string& adapter = "default", bool keys = true, bool values = true) {
-    const std::string who = describe("MultiHeadAttention", this->name());
-    if (has_ia3()) throw ConfigError(who + ": already has an (IA)^3 adapter \"" + ia3_adapter_name() + "\"");
-    if (!keys && !values) throw ConfigError(who + ": add_ia3 needs keys and/or values");
-    if (keys) add_ia3_adapter(k_proj, adapter, false);
-    if (values) add_ia3_adapter(v_proj, adapter, false);
-  }
-  void remove_ia3() {
-    if (ia3_merged())
-      throw ConfigError(describe("MultiHeadAttention", this->name()) + ": unmerge (IA)^3 before removing it");
-    const std::string n = ia3_adapter_name();
-    for (LoRALinear<T>* p : {&k_proj, &v_proj})
-      if (ia3_adapter_of(*p) != nullptr) p->delete_adapter(n, "IA3");
-  }
+  void add_ia3(const std::string& adapter = "default", bool keys = true, bool values = true);
+  void remove_ia3();
   /// The (IA)³ adapters on k_proj / v_proj (nullptr when absent).
   IA3Method<T>* ia3_k() { return ia3_adapter_of(k_proj); }
   IA3Method<T>* ia3_v() { return ia3_adapter_of(v_proj); }
@@ -151,13 +139,7 @@ class MultiHeadAttention : public Module<T> {
     return std::string();
   }
   /// Folds l_k, l_v into the rows of W_k, b_k and W_v, b_v; forward then skips the scaling.
-  void merge_ia3() {
-    if (!has_ia3())
-      throw ConfigError(describe("MultiHeadAttention", this->name()) + ": has no (IA)^3 adapter to merge");
-    const std::string n = ia3_adapter_name();
-    for (LoRALinear<T>* p : {&k_proj, &v_proj})
-      if (ia3_adapter_of(*p) != nullptr) p->merge({n}, "IA3");
-  }
+  void merge_ia3();
   /// Unmerges k_proj and v_proj (every adapter merged there).
   void unmerge_ia3() {
     k_proj.unmerge();
@@ -168,60 +150,7 @@ class MultiHeadAttention : public Module<T> {
 
   /// x [B·S, d] laid out as `layout`; y [B·S, d] (resized only if needed). `prefix` may be null.
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
-               const PrefixKV<T>* prefix = nullptr) {
-    layout.validate("MultiHeadAttention", this->name(), x.rows());
-    check::input_features("MultiHeadAttention", this->name(), x.cols(), dim());
-    const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
-    Index l = 0;
-    if (prefix != nullptr) {
-      l = prefix->key.rows();
-      if (l < 1)
-        throw ShapeError(describe("MultiHeadAttention", this->name()) +
-                         ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
-      check::shape("MultiHeadAttention", this->name(), "prefix key", prefix->key.rows(), prefix->key.cols(), l, d);
-      check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l,
-                   d);
-      cache.prefix_k = prefix->key;
-      cache.prefix_v = prefix->value;
-    } else {
-      cache.prefix_k.resize(0, 0);
-      cache.prefix_v.resize(0, 0);
-    }
-    cache.layout = layout;
-    cache.prefix_len = l;
-    cache.causal = causal_;
-
-    q_proj.forward(x, cache.Q, cache.q);
-    k_proj.forward(x, cache.K, cache.k);
-    v_proj.forward(x, cache.V, cache.v);
-
-    cache.row_max.setZero(B * H * S);
-    cache.row_sum.setZero(B * H * S);
-    context_.setZero(B * S, d);  // padding query rows stay 0
-    if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
-    for (Index b = 0; b < B; ++b) {
-      const Index Lb = layout.length(b);
-      for (Index h = 0; h < H; ++h) {
-        auto P = scores_.topLeftCorner(Lb, l + Lb);
-        scaled_scores(cache, b, h, P);
-        const Index first = (b * H + h) * S;
-        for (Index t = 0; t < Lb; ++t) {
-          auto row = P.row(t).head(visible_keys(cache, Lb, t));
-          const T m = row.maxCoeff();
-          row.array() = (row.array() - m).exp();  // exp(s − max s) ≤ 1: no overflow
-          const T z = row.sum();
-          row /= z;
-          cache.row_max(first + t) = m;
-          cache.row_sum(first + t) = z;
-        }
-        auto c = context_.block(b * S, h * hd, Lb, hd);
-        c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);         // A_keys V_b
-        if (l > 0) c.noalias() += P.leftCols(l) * cache.prefix_v.middleCols(h * hd, hd);  // + A_prefix P_V
-      }
-    }
-    out_proj.forward(context_, y, cache.o);
-    zero_padding_rows(layout, y);
-  }
+               const PrefixKV<T>* prefix = nullptr);
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Cache& cache,
                     const PrefixKV<T>* prefix = nullptr) {
@@ -233,109 +162,11 @@ class MultiHeadAttention : public Module<T> {
   /// Attention probabilities of sequence b and head h [L_b, l + L_b] (prefix keys first; masked
   /// entries 0), recomputed from the cache exactly as backward does: for inspection (attention
   /// maps); training never needs them.
-  Matrix<T> attention_probs(const Cache& cache, Index b, Index h) const {
-    const std::string who = describe("MultiHeadAttention", this->name());
-    if (b < 0 || b >= cache.layout.batch || h < 0 || h >= num_heads_)
-      throw ShapeError(who + ": attention_probs(b = " + std::to_string(b) + ", h = " + std::to_string(h) +
-                       ") is outside batch " + std::to_string(cache.layout.batch) + " x heads " +
-                       std::to_string(num_heads_));
-    if (cache.row_sum.size() != cache.layout.batch * num_heads_ * cache.layout.seq)
-      throw ConfigError(who + ": attention_probs needs a cache filled by this layer's forward");
-    const Index Lb = cache.layout.length(b), l = cache.prefix_len;
-    Matrix<T> P(Lb, l + Lb);
-    Eigen::Block<Matrix<T>> all = P.topLeftCorner(Lb, l + Lb);
-    scaled_scores(cache, b, h, all);
-    const Index first = (b * num_heads_ + h) * cache.layout.seq;
-    for (Index t = 0; t < Lb; ++t) {
-      auto row = P.row(t).head(visible_keys(cache, Lb, t));
-      row.array() = (row.array() - cache.row_max(first + t)).exp();
-      row /= cache.row_sum(first + t);
-    }
-    return P;
-  }
+  Matrix<T> attention_probs(const Cache& cache, Index b, Index h) const;
 
   /// Accumulates parameter gradients (LoRA / base / IA3 as trainable), writes dx [B·S, d] unless
   /// null, and accumulates the prefix gradients into *dprefix unless null.
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr) {
-    const SequenceLayout& layout = cache.layout;
-    const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
-    const Index l = cache.prefix_len;
-    check::shape("MultiHeadAttention", this->name(), "output gradient", dy.rows(), dy.cols(), layout.rows(), d);
-    if (ia3_merged())
-      throw ConfigError(describe("MultiHeadAttention", this->name()) +
-                        ": cannot train while (IA)^3 is merged; unmerge first");
-    if (dprefix != nullptr) {
-      if (l == 0)
-        throw ConfigError(describe("MultiHeadAttention", this->name()) +
-                          ": prefix gradients requested but the forward pass had no prefix");
-      check::shape("MultiHeadAttention", this->name(), "prefix key gradient", dprefix->key.rows(), dprefix->key.cols(),
-                   l, d);
-      check::shape("MultiHeadAttention", this->name(), "prefix value gradient", dprefix->value.rows(),
-                   dprefix->value.cols(), l, d);
-    }
-
-    // Padding rows of y are constant 0: their incoming gradient is dropped.
-    if (layout.padded()) {
-      dy_ = dy;
-      zero_padding_rows(layout, dy_);
-      out_proj.backward(cache.o, dy_, &dcontext_);  // dC = dY W_o   [B·S, d]
-    } else {
-      out_proj.backward(cache.o, dy, &dcontext_);
-    }
-
-    const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-    dQ_.setZero(B * S, d);
-    dK_.setZero(B * S, d);
-    dV_.setZero(B * S, d);
-    if (dprobs_.rows() < S || dprobs_.cols() < l + S) dprobs_.resize(S, l + S);
-    if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
-    for (Index b = 0; b < B; ++b) {
-      const Index Lb = layout.length(b);
-      for (Index h = 0; h < H; ++h) {
-        // Recompute A = exp(s − m) / z exactly as forward left it (masked entries 0).
-        auto P = scores_.topLeftCorner(Lb, l + Lb);
-        scaled_scores(cache, b, h, P);
-        const Index first = (b * H + h) * S;
-        for (Index t = 0; t < Lb; ++t) {
-          auto row = P.row(t).head(visible_keys(cache, Lb, t));
-          row.array() = (row.array() - cache.row_max(first + t)).exp();
-          row /= cache.row_sum(first + t);
-        }
-        const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
-        const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
-        const auto k = cache.K.block(b * S, h * hd, Lb, hd);
-        const auto v = cache.V.block(b * S, h * hd, Lb, hd);
-        auto dS = dprobs_.topLeftCorner(Lb, l + Lb);
-        dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
-        dS.middleCols(l, Lb).noalias() = G * v.transpose();                                // dA_keys = G V_bᵀ
-        if (l > 0) {
-          const auto pv = cache.prefix_v.middleCols(h * hd, hd);
-          if (dprefix != nullptr)
-            dprefix->value.middleCols(h * hd, hd).noalias() += P.leftCols(l).transpose() * G;  // dP_V += A_prefixᵀ G
-          dS.leftCols(l).noalias() = G * pv.transpose();                                       // dA_prefix = G P_Vᵀ
-        }
-        for (Index t = 0; t < Lb; ++t) {  // softmax backward: dS = A ⊙ (dA − Σ A ⊙ dA) · scale
-          const T dot = (P.row(t).array() * dS.row(t).array()).sum();
-          dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
-        }
-        auto dq = dQ_.block(b * S, h * hd, Lb, hd);
-        dq.noalias() = dS.middleCols(l, Lb) * k;                                            // dQ_b = dS_keys K_b
-        dK_.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
-        if (l > 0) {
-          dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K
-          if (dprefix != nullptr)
-            dprefix->key.middleCols(h * hd, hd).noalias() += dS.leftCols(l).transpose() * q;  // dP_K += dS_prefixᵀ Q_b
-        }
-      }
-    }
-
-    q_proj.backward(cache.q, dQ_, dx);
-    Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
-    k_proj.backward(cache.k, dK_, part);
-    if (dx != nullptr) *dx += dx_part_;
-    v_proj.backward(cache.v, dV_, part);
-    if (dx != nullptr) *dx += dx_part_;
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -354,18 +185,7 @@ class MultiHeadAttention : public Module<T> {
 
   /// P [L_b, l + L_b] = (Q_b K̃ᵀ) / √d_h for (b, h), masked entries 0; forward and backward both
   /// use this, so backward's recomputed probabilities equal forward's bit for bit.
-  void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const {
-    const Index S = cache.layout.seq, hd = head_dim(), l = cache.prefix_len, Lb = P.rows();
-    const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-    const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
-    if (l > 0) P.leftCols(l).noalias() = q * cache.prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
-    P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();        // Q K_bᵀ
-    for (Index t = 0; t < Lb; ++t) {
-      const Index visible = visible_keys(cache, Lb, t);
-      P.row(t).head(visible) *= scale;
-      if (visible < l + Lb) P.row(t).tail(l + Lb - visible).setZero();
-    }
-  }
+  void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const;
 
   static void zero_padding_rows(const SequenceLayout& layout, Matrix<T>& m) {
     for (Index b = 0; b < layout.batch; ++b)
@@ -385,4 +205,213 @@ class MultiHeadAttention : public Module<T> {
   Matrix<T> dx_part_;  ///< backward: k/v projections' input gradient before summation
 };
 
+template <class T>
+void MultiHeadAttention<T>::add_ia3(const std::string& adapter, bool keys, bool values) {
+  const std::string who = describe("MultiHeadAttention", this->name());
+  if (has_ia3()) throw ConfigError(who + ": already has an (IA)^3 adapter \"" + ia3_adapter_name() + "\"");
+  if (!keys && !values) throw ConfigError(who + ": add_ia3 needs keys and/or values");
+  if (keys) add_ia3_adapter(k_proj, adapter, false);
+  if (values) add_ia3_adapter(v_proj, adapter, false);
+}
+
+template <class T>
+void MultiHeadAttention<T>::remove_ia3() {
+  if (ia3_merged())
+    throw ConfigError(describe("MultiHeadAttention", this->name()) + ": unmerge (IA)^3 before removing it");
+  const std::string n = ia3_adapter_name();
+  for (LoRALinear<T>* p : {&k_proj, &v_proj})
+    if (ia3_adapter_of(*p) != nullptr) p->delete_adapter(n, "IA3");
+}
+
+template <class T>
+void MultiHeadAttention<T>::merge_ia3() {
+  if (!has_ia3()) throw ConfigError(describe("MultiHeadAttention", this->name()) + ": has no (IA)^3 adapter to merge");
+  const std::string n = ia3_adapter_name();
+  for (LoRALinear<T>* p : {&k_proj, &v_proj})
+    if (ia3_adapter_of(*p) != nullptr) p->merge({n}, "IA3");
+}
+
+template <class T>
+void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                                    Cache& cache, const PrefixKV<T>* prefix) {
+  layout.validate("MultiHeadAttention", this->name(), x.rows());
+  check::input_features("MultiHeadAttention", this->name(), x.cols(), dim());
+  const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
+  Index l = 0;
+  if (prefix != nullptr) {
+    l = prefix->key.rows();
+    if (l < 1)
+      throw ShapeError(describe("MultiHeadAttention", this->name()) +
+                       ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
+    check::shape("MultiHeadAttention", this->name(), "prefix key", prefix->key.rows(), prefix->key.cols(), l, d);
+    check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l, d);
+    cache.prefix_k = prefix->key;
+    cache.prefix_v = prefix->value;
+  } else {
+    cache.prefix_k.resize(0, 0);
+    cache.prefix_v.resize(0, 0);
+  }
+  cache.layout = layout;
+  cache.prefix_len = l;
+  cache.causal = causal_;
+
+  q_proj.forward(x, cache.Q, cache.q);
+  k_proj.forward(x, cache.K, cache.k);
+  v_proj.forward(x, cache.V, cache.v);
+
+  cache.row_max.setZero(B * H * S);
+  cache.row_sum.setZero(B * H * S);
+  context_.setZero(B * S, d);  // padding query rows stay 0
+  if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
+  for (Index b = 0; b < B; ++b) {
+    const Index Lb = layout.length(b);
+    for (Index h = 0; h < H; ++h) {
+      auto P = scores_.topLeftCorner(Lb, l + Lb);
+      scaled_scores(cache, b, h, P);
+      const Index first = (b * H + h) * S;
+      for (Index t = 0; t < Lb; ++t) {
+        auto row = P.row(t).head(visible_keys(cache, Lb, t));
+        const T m = row.maxCoeff();
+        row.array() = (row.array() - m).exp();  // exp(s − max s) ≤ 1: no overflow
+        const T z = row.sum();
+        row /= z;
+        cache.row_max(first + t) = m;
+        cache.row_sum(first + t) = z;
+      }
+      auto c = context_.block(b * S, h * hd, Lb, hd);
+      c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);         // A_keys V_b
+      if (l > 0) c.noalias() += P.leftCols(l) * cache.prefix_v.middleCols(h * hd, hd);  // + A_prefix P_V
+    }
+  }
+  out_proj.forward(context_, y, cache.o);
+  zero_padding_rows(layout, y);
+}
+
+template <class T>
+Matrix<T> MultiHeadAttention<T>::attention_probs(const Cache& cache, Index b, Index h) const {
+  const std::string who = describe("MultiHeadAttention", this->name());
+  if (b < 0 || b >= cache.layout.batch || h < 0 || h >= num_heads_)
+    throw ShapeError(who + ": attention_probs(b = " + std::to_string(b) + ", h = " + std::to_string(h) +
+                     ") is outside batch " + std::to_string(cache.layout.batch) + " x heads " +
+                     std::to_string(num_heads_));
+  if (cache.row_sum.size() != cache.layout.batch * num_heads_ * cache.layout.seq)
+    throw ConfigError(who + ": attention_probs needs a cache filled by this layer's forward");
+  const Index Lb = cache.layout.length(b), l = cache.prefix_len;
+  Matrix<T> P(Lb, l + Lb);
+  Eigen::Block<Matrix<T>> all = P.topLeftCorner(Lb, l + Lb);
+  scaled_scores(cache, b, h, all);
+  const Index first = (b * num_heads_ + h) * cache.layout.seq;
+  for (Index t = 0; t < Lb; ++t) {
+    auto row = P.row(t).head(visible_keys(cache, Lb, t));
+    row.array() = (row.array() - cache.row_max(first + t)).exp();
+    row /= cache.row_sum(first + t);
+  }
+  return P;
+}
+
+template <class T>
+void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx,
+                                     PrefixGrad<T>* dprefix) {
+  const SequenceLayout& layout = cache.layout;
+  const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
+  const Index l = cache.prefix_len;
+  check::shape("MultiHeadAttention", this->name(), "output gradient", dy.rows(), dy.cols(), layout.rows(), d);
+  if (ia3_merged())
+    throw ConfigError(describe("MultiHeadAttention", this->name()) +
+                      ": cannot train while (IA)^3 is merged; unmerge first");
+  if (dprefix != nullptr) {
+    if (l == 0)
+      throw ConfigError(describe("MultiHeadAttention", this->name()) +
+                        ": prefix gradients requested but the forward pass had no prefix");
+    check::shape("MultiHeadAttention", this->name(), "prefix key gradient", dprefix->key.rows(), dprefix->key.cols(), l,
+                 d);
+    check::shape("MultiHeadAttention", this->name(), "prefix value gradient", dprefix->value.rows(),
+                 dprefix->value.cols(), l, d);
+  }
+
+  // Padding rows of y are constant 0: their incoming gradient is dropped.
+  if (layout.padded()) {
+    dy_ = dy;
+    zero_padding_rows(layout, dy_);
+    out_proj.backward(cache.o, dy_, &dcontext_);  // dC = dY W_o   [B·S, d]
+  } else {
+    out_proj.backward(cache.o, dy, &dcontext_);
+  }
+
+  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+  dQ_.setZero(B * S, d);
+  dK_.setZero(B * S, d);
+  dV_.setZero(B * S, d);
+  if (dprobs_.rows() < S || dprobs_.cols() < l + S) dprobs_.resize(S, l + S);
+  if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
+  for (Index b = 0; b < B; ++b) {
+    const Index Lb = layout.length(b);
+    for (Index h = 0; h < H; ++h) {
+      // Recompute A = exp(s − m) / z exactly as forward left it (masked entries 0).
+      auto P = scores_.topLeftCorner(Lb, l + Lb);
+      scaled_scores(cache, b, h, P);
+      const Index first = (b * H + h) * S;
+      for (Index t = 0; t < Lb; ++t) {
+        auto row = P.row(t).head(visible_keys(cache, Lb, t));
+        row.array() = (row.array() - cache.row_max(first + t)).exp();
+        row /= cache.row_sum(first + t);
+      }
+      const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
+      const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
+      const auto k = cache.K.block(b * S, h * hd, Lb, hd);
+      const auto v = cache.V.block(b * S, h * hd, Lb, hd);
+      auto dS = dprobs_.topLeftCorner(Lb, l + Lb);
+      dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
+      dS.middleCols(l, Lb).noalias() = G * v.transpose();                                // dA_keys = G V_bᵀ
+      if (l > 0) {
+        const auto pv = cache.prefix_v.middleCols(h * hd, hd);
+        if (dprefix != nullptr)
+          dprefix->value.middleCols(h * hd, hd).noalias() += P.leftCols(l).transpose() * G;  // dP_V += A_prefixᵀ G
+        dS.leftCols(l).noalias() = G * pv.transpose();                                       // dA_prefix = G P_Vᵀ
+      }
+      for (Index t = 0; t < Lb; ++t) {  // softmax backward: dS = A ⊙ (dA − Σ A ⊙ dA) · scale
+        const T dot = (P.row(t).array() * dS.row(t).array()).sum();
+        dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
+      }
+      auto dq = dQ_.block(b * S, h * hd, Lb, hd);
+      dq.noalias() = dS.middleCols(l, Lb) * k;                                            // dQ_b = dS_keys K_b
+      dK_.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
+      if (l > 0) {
+        dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K
+        if (dprefix != nullptr)
+          dprefix->key.middleCols(h * hd, hd).noalias() += dS.leftCols(l).transpose() * q;  // dP_K += dS_prefixᵀ Q_b
+      }
+    }
+  }
+
+  q_proj.backward(cache.q, dQ_, dx);
+  Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
+  k_proj.backward(cache.k, dK_, part);
+  if (dx != nullptr) *dx += dx_part_;
+  v_proj.backward(cache.v, dV_, part);
+  if (dx != nullptr) *dx += dx_part_;
+}
+
+template <class T>
+void MultiHeadAttention<T>::scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const {
+  const Index S = cache.layout.seq, hd = head_dim(), l = cache.prefix_len, Lb = P.rows();
+  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+  const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
+  if (l > 0) P.leftCols(l).noalias() = q * cache.prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
+  P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();        // Q K_bᵀ
+  for (Index t = 0; t < Lb; ++t) {
+    const Index visible = visible_keys(cache, Lb, t);
+    P.row(t).head(visible) *= scale;
+    if (visible < l + Lb) P.row(t).tail(l + Lb - visible).setZero();
+  }
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class MultiHeadAttention<float>;
+extern template class MultiHeadAttention<double>;
+}  // namespace peft
+#endif

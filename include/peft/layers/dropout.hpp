@@ -82,3 +82,11 @@ class Dropout : public Module<T> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Dropout<float>;
+extern template class Dropout<double>;
+}  // namespace peft
+#endif

@@ -80,14 +80,16 @@ class Embedding : public Module<T> {
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override { fn("weight", weight); }
 
  private:
-  void check_ids(const Index* ids, Index count) const {
-    for (Index r = 0; r < count; ++r)
-      if (ids[r] < 0 || ids[r] >= num_embeddings())
-        throw ShapeError(describe("Embedding", this->name()) + ": token id " + std::to_string(ids[r]) +
-                         " at position " + std::to_string(r) + " is out of range for vocabulary size " +
-                         std::to_string(num_embeddings()));
-  }
+  void check_ids(const Index* ids, Index count) const;
 };
+
+template <class T>
+void Embedding<T>::check_ids(const Index* ids, Index count) const {
+  for (Index r = 0; r < count; ++r)
+    if (ids[r] < 0 || ids[r] >= num_embeddings())
+      throw ShapeError(describe("Embedding", this->name()) + ": token id " + std::to_string(ids[r]) + " at position " +
+                       std::to_string(r) + " is out of range for vocabulary size " + std::to_string(num_embeddings()));
+}
 
 /// Learned absolute positions: adds P[t] to token t of every sequence.
 template <class T>
@@ -116,17 +118,7 @@ class PositionalEmbedding : public Module<T> {
   Index dim() const { return weight.value.cols(); }
 
   /// x += P[t] for token t of every sequence (padding rows too; attention masks them anyway).
-  void forward_inplace(MatrixRef<T> x, const SequenceLayout& layout, Cache& cache) {
-    layout.validate("PositionalEmbedding", this->name(), x.rows());
-    check::input_features("PositionalEmbedding", this->name(), x.cols(), dim());
-    if (layout.seq > max_len())
-      throw ShapeError(describe("PositionalEmbedding", this->name()) + ": sequence length " +
-                       std::to_string(layout.seq) + " exceeds max_len " + std::to_string(max_len()));
-    for (Index b = 0; b < layout.batch; ++b)
-      x.middleRows(b * layout.seq, layout.seq) += weight.value.topRows(layout.seq);
-    cache.batch = layout.batch;
-    cache.seq = layout.seq;
-  }
+  void forward_inplace(MatrixRef<T> x, const SequenceLayout& layout, Cache& cache);
 
   /// y = x + P[positions] (copying form of forward_inplace).
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache) {
@@ -146,4 +138,26 @@ class PositionalEmbedding : public Module<T> {
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override { fn("weight", weight); }
 };
 
+template <class T>
+void PositionalEmbedding<T>::forward_inplace(MatrixRef<T> x, const SequenceLayout& layout, Cache& cache) {
+  layout.validate("PositionalEmbedding", this->name(), x.rows());
+  check::input_features("PositionalEmbedding", this->name(), x.cols(), dim());
+  if (layout.seq > max_len())
+    throw ShapeError(describe("PositionalEmbedding", this->name()) + ": sequence length " + std::to_string(layout.seq) +
+                     " exceeds max_len " + std::to_string(max_len()));
+  for (Index b = 0; b < layout.batch; ++b) x.middleRows(b * layout.seq, layout.seq) += weight.value.topRows(layout.seq);
+  cache.batch = layout.batch;
+  cache.seq = layout.seq;
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Embedding<float>;
+extern template class Embedding<double>;
+extern template class PositionalEmbedding<float>;
+extern template class PositionalEmbedding<double>;
+}  // namespace peft
+#endif

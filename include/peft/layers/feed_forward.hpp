@@ -91,13 +91,7 @@ class FeedForward : public Module<T> {
     return y;
   }
 
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-    if (ia3_merged())
-      throw ConfigError(describe("FeedForward", this->name()) + ": cannot train while (IA)^3 is merged; unmerge first");
-    fc2.backward(cache.fc2, dy, &dhidden_);                                     // dh = dy W_2   [rows, inner]
-    activation_backward<T>(activation_, cache.z, dhidden_, dhidden_, fprime_);  // dz = dh ⊙ f'(z)
-    fc1.backward(cache.fc1, dhidden_, dx);                                      // dx = dz W_1
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -112,4 +106,21 @@ class FeedForward : public Module<T> {
   Matrix<T> fprime_;   ///< backward scratch f'(z) [rows, inner]
 };
 
+template <class T>
+void FeedForward<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  if (ia3_merged())
+    throw ConfigError(describe("FeedForward", this->name()) + ": cannot train while (IA)^3 is merged; unmerge first");
+  fc2.backward(cache.fc2, dy, &dhidden_);                                     // dh = dy W_2   [rows, inner]
+  activation_backward<T>(activation_, cache.z, dhidden_, dhidden_, fprime_);  // dz = dh ⊙ f'(z)
+  fc1.backward(cache.fc1, dhidden_, dx);                                      // dx = dz W_1
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class FeedForward<float>;
+extern template class FeedForward<double>;
+}  // namespace peft
+#endif

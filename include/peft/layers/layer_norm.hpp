@@ -45,28 +45,7 @@ class LayerNorm : public Module<T> {
   double eps() const { return eps_; }
   bool affine() const { return weight.size() > 0; }
 
-  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
-    check::input_features("LayerNorm", this->name(), x.cols(), dim_);
-    const Index rows = x.rows();
-    const T inv_d = T(1) / static_cast<T>(dim_);
-    cache.xhat.resize(rows, dim_);
-    cache.rstd.resize(rows);
-    for (Index i = 0; i < rows; ++i) {
-      const T mu = x.row(i).sum() * inv_d;
-      cache.xhat.row(i).array() = x.row(i).array() - mu;
-      const T var = cache.xhat.row(i).squaredNorm() * inv_d;  // biased, as torch
-      const T r = T(1) / std::sqrt(var + static_cast<T>(eps_));
-      cache.rstd(i) = r;
-      cache.xhat.row(i) *= r;
-    }
-    y.resize(rows, dim_);
-    if (affine()) {
-      y.array() = cache.xhat.array().rowwise() * weight.value.row(0).array();
-      y.rowwise() += bias.value.row(0);
-    } else {
-      y = cache.xhat;
-    }
-  }
+  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache);
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
     Matrix<T> y;
@@ -74,26 +53,7 @@ class LayerNorm : public Module<T> {
     return y;
   }
 
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-    check::shape("LayerNorm", this->name(), "output gradient", dy.rows(), dy.cols(), cache.xhat.rows(), dim_);
-    if (affine()) {
-      if (weight.trainable()) weight.grad.row(0) += (dy.array() * cache.xhat.array()).matrix().colwise().sum();  // dγ
-      if (bias.trainable()) bias.grad.row(0) += dy.colwise().sum();                                              // dβ
-    }
-    if (dx == nullptr) return;
-    dx->resize(dy.rows(), dim_);
-    const T inv_d = T(1) / static_cast<T>(dim_);
-    if (affine())
-      dx->array() = dy.array().rowwise() * weight.value.row(0).array();  // g = dy ⊙ γ
-    else
-      *dx = dy;
-    for (Index i = 0; i < dy.rows(); ++i) {
-      const T mean_g = dx->row(i).sum() * inv_d;
-      const T mean_gx = dx->row(i).dot(cache.xhat.row(i)) * inv_d;
-      dx->row(i).array() =
-          cache.rstd(i) * (dx->row(i).array() - mean_g - cache.xhat.row(i).array() * mean_gx);  // r (g − ḡ − x̂ ⟨g x̂⟩)
-    }
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
  protected:
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
@@ -108,4 +68,58 @@ class LayerNorm : public Module<T> {
   Index dim_ = 0;
 };
 
+template <class T>
+void LayerNorm<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
+  check::input_features("LayerNorm", this->name(), x.cols(), dim_);
+  const Index rows = x.rows();
+  const T inv_d = T(1) / static_cast<T>(dim_);
+  cache.xhat.resize(rows, dim_);
+  cache.rstd.resize(rows);
+  for (Index i = 0; i < rows; ++i) {
+    const T mu = x.row(i).sum() * inv_d;
+    cache.xhat.row(i).array() = x.row(i).array() - mu;
+    const T var = cache.xhat.row(i).squaredNorm() * inv_d;  // biased, as torch
+    const T r = T(1) / std::sqrt(var + static_cast<T>(eps_));
+    cache.rstd(i) = r;
+    cache.xhat.row(i) *= r;
+  }
+  y.resize(rows, dim_);
+  if (affine()) {
+    y.array() = cache.xhat.array().rowwise() * weight.value.row(0).array();
+    y.rowwise() += bias.value.row(0);
+  } else {
+    y = cache.xhat;
+  }
+}
+
+template <class T>
+void LayerNorm<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  check::shape("LayerNorm", this->name(), "output gradient", dy.rows(), dy.cols(), cache.xhat.rows(), dim_);
+  if (affine()) {
+    if (weight.trainable()) weight.grad.row(0) += (dy.array() * cache.xhat.array()).matrix().colwise().sum();  // dγ
+    if (bias.trainable()) bias.grad.row(0) += dy.colwise().sum();                                              // dβ
+  }
+  if (dx == nullptr) return;
+  dx->resize(dy.rows(), dim_);
+  const T inv_d = T(1) / static_cast<T>(dim_);
+  if (affine())
+    dx->array() = dy.array().rowwise() * weight.value.row(0).array();  // g = dy ⊙ γ
+  else
+    *dx = dy;
+  for (Index i = 0; i < dy.rows(); ++i) {
+    const T mean_g = dx->row(i).sum() * inv_d;
+    const T mean_gx = dx->row(i).dot(cache.xhat.row(i)) * inv_d;
+    dx->row(i).array() =
+        cache.rstd(i) * (dx->row(i).array() - mean_g - cache.xhat.row(i).array() * mean_gx);  // r (g − ḡ − x̂ ⟨g x̂⟩)
+  }
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class LayerNorm<float>;
+extern template class LayerNorm<double>;
+}  // namespace peft
+#endif

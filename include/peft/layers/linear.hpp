@@ -59,17 +59,7 @@ class Linear : public Module<T> {
   bool has_bias() const { return bias.size() > 0; }
 
   /// y = x Wᵀ + b. `y` is resized only when its shape changes, so a reused buffer never reallocates.
-  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
-    check::input_features("Linear", this->name(), x.cols(), in_features());
-    y.resize(x.rows(), out_features());
-    y.noalias() = x * weight.value.transpose();  // [rows, out]
-    if (has_bias()) y.rowwise() += bias.value.row(0);
-    cache.rows = x.rows();
-    if (weight.trainable())
-      cache.x = x;
-    else
-      cache.x.resize(0, 0);  // frozen: keep no activation (and never reuse a stale one)
-  }
+  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache);
 
   /// The same output with nothing kept for backward (serving, evaluation).
   void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) const {
@@ -86,18 +76,7 @@ class Linear : public Module<T> {
   }
 
   /// Accumulates dW, db (when trainable) and writes dX into *dx unless dx is null.
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-    check::shape("Linear", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
-    if (weight.trainable()) {
-      check::shape("Linear", this->name(), "cached input", cache.x.rows(), cache.x.cols(), cache.rows, in_features());
-      weight.accumulator().noalias() += dy.transpose() * cache.x;  // dW = dYᵀ X   [out, in]
-    }
-    if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
-    if (dx != nullptr) {
-      dx->resize(dy.rows(), in_features());
-      dx->noalias() = dy * weight.value;  // dX = dY W   [rows, in]
-    }
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
  protected:
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
@@ -106,4 +85,39 @@ class Linear : public Module<T> {
   }
 };
 
+template <class T>
+void Linear<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
+  check::input_features("Linear", this->name(), x.cols(), in_features());
+  y.resize(x.rows(), out_features());
+  y.noalias() = x * weight.value.transpose();  // [rows, out]
+  if (has_bias()) y.rowwise() += bias.value.row(0);
+  cache.rows = x.rows();
+  if (weight.trainable())
+    cache.x = x;
+  else
+    cache.x.resize(0, 0);  // frozen: keep no activation (and never reuse a stale one)
+}
+
+template <class T>
+void Linear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  check::shape("Linear", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
+  if (weight.trainable()) {
+    check::shape("Linear", this->name(), "cached input", cache.x.rows(), cache.x.cols(), cache.rows, in_features());
+    weight.accumulator().noalias() += dy.transpose() * cache.x;  // dW = dYᵀ X   [out, in]
+  }
+  if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
+  if (dx != nullptr) {
+    dx->resize(dy.rows(), in_features());
+    dx->noalias() = dy * weight.value;  // dX = dY W   [rows, in]
+  }
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Linear<float>;
+extern template class Linear<double>;
+}  // namespace peft
+#endif

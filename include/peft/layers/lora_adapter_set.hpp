@@ -158,40 +158,15 @@ class LoraAdapterSet {
 
   /// Appends an adapter and makes it the only active one (PEFT's add_adapter + set_adapter: the
   /// others are frozen).
-  LoraAdapter<T>& add(LoraAdapter<T> a) {
-    adapters_.push_back(std::make_unique<LoraAdapter<T>>(std::move(a)));
-    active_ = {adapters_.size() - 1};
-    sync_trainable();
-    ++generation_;
-    return *adapters_.back();
-  }
+  LoraAdapter<T>& add(LoraAdapter<T> a);
 
   /// Removes adapter i; drops it from the active list (and from `also`, e.g. a merge list) and
   /// renumbers the indices after it.
-  void erase(std::size_t i, std::vector<std::size_t>* also = nullptr) {
-    adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
-    auto fix = [i](std::vector<std::size_t>& v) {
-      v.erase(std::remove(v.begin(), v.end(), i), v.end());
-      for (auto& k : v)
-        if (k > i) --k;
-    };
-    fix(active_);
-    if (also != nullptr) fix(*also);
-    ++generation_;
-  }
+  void erase(std::size_t i, std::vector<std::size_t>* also = nullptr);
 
   /// Activates exactly these adapters (duplicates dropped, order kept); they become trainable and
   /// every other adapter is frozen, as PEFT's set_adapter does.
-  void set_active(const std::string& layer, const std::vector<std::string>& names) {
-    std::vector<std::size_t> next;
-    for (const auto& n : names) {
-      const std::size_t i = index_of(layer, n);
-      if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
-    }
-    active_ = std::move(next);
-    sync_trainable();
-    ++generation_;
-  }
+  void set_active(const std::string& layer, const std::vector<std::string>& names);
 
   // ---- lookup -------------------------------------------------------------------------------
 
@@ -202,13 +177,7 @@ class LoraAdapterSet {
   }
 
   /// find(), or ConfigError naming the layer and listing the adapters it has.
-  std::size_t index_of(const std::string& layer, const std::string& n) const {
-    const std::size_t i = find(n);
-    if (i == npos)
-      throw ConfigError(describe(kind_, layer) + ": unknown adapter \"" + n + "\"; available: [" + join_names(all()) +
-                        "]");
-    return i;
-  }
+  std::size_t index_of(const std::string& layer, const std::string& n) const;
 
   std::vector<std::string> names_of(const std::vector<std::size_t>& idx) const {
     std::vector<std::string> out;
@@ -251,39 +220,12 @@ class LoraAdapterSet {
 
   /// xa = x̃ Aᵀ [rows, r] with x̃ = x ⊙ keep when `drop` (a fresh mask from rng()), else x̃ = x and
   /// keep, xd are emptied. Reuses ac's buffers.
-  void project(const ConstMatrixRef<T>& x, const LoraAdapter<T>& a, bool drop, LoraAdapterCache<T>& ac) {
-    ac.xa.resize(x.rows(), a.rank());
-    if (drop) {
-      fill_dropout_mask(ac.keep, x.rows(), x.cols(), a.config.dropout);
-      ac.xd.resize(x.rows(), x.cols());
-      ac.xd.array() = x.array() * ac.keep.array();
-      ac.xa.noalias() = ac.xd * a.A.value.transpose();  // x̃ Aᵀ   [rows, r]
-    } else {
-      ac.keep.resize(0, 0);
-      ac.xd.resize(0, 0);
-      ac.xa.noalias() = x * a.A.value.transpose();  // x Aᵀ   [rows, r]
-    }
-  }
+  void project(const ConstMatrixRef<T>& x, const LoraAdapter<T>& a, bool drop, LoraAdapterCache<T>& ac);
 
   /// Backward of one plain-LoRA term s·(x̃ Aᵀ) Bᵀ; `xt` is x̃ (ac.xd with dropout, else the cached
   /// x, only read when A is trainable). Accumulates dB, dA (those trainable), adds into *dx.
   void backward_lora(LoraAdapter<T>& a, const LoraAdapterCache<T>& ac, const Matrix<T>& xt, const ConstMatrixRef<T>& dy,
-                     Matrix<T>* dx) {
-    const T s = static_cast<T>(a.scaling());
-    if (a.B.trainable()) a.B.accumulator().noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
-    if (!a.A.trainable() && dx == nullptr) return;
-    Eigen::Block<Matrix<T>> G = scratch_g(dy.rows(), a.rank());
-    G.noalias() = dy * a.B.value;                                                // G = dY B   [rows, r]
-    if (a.A.trainable()) a.A.accumulator().noalias() += s * G.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
-    if (dx == nullptr) return;
-    if (ac.keep.size() > 0) {
-      Matrix<T>& t = scratch_dx(dy.rows(), a.A.value.cols());
-      t.noalias() = s * G * a.A.value;             // s G A   [rows, in]
-      dx->array() += t.array() * ac.keep.array();  // dropout backward: ⊙ keep
-    } else {
-      dx->noalias() += s * G * a.A.value;  // dX += s G A   [rows, in]
-    }
-  }
+                     Matrix<T>* dx);
 
   /// Backward scratch shared by every adapter of the layer (reused across calls).
   Eigen::Block<Matrix<T>> scratch_g(Index rows, Index r) { return detail::lora_scratch<T>(work_g_, rows, r); }
@@ -307,15 +249,7 @@ class LoraAdapterSet {
   }
 
   /// PEFT's set_adapter: exactly the active adapters' A, B (and DoRA magnitude) are trainable.
-  void sync_trainable() {
-    for (std::size_t i = 0; i < adapters_.size(); ++i) {
-      const bool on = std::find(active_.begin(), active_.end(), i) != active_.end();
-      LoraAdapter<T>& a = *adapters_[i];
-      a.A.set_trainable(on);
-      a.B.set_trainable(on);
-      if (a.magnitude.size() > 0) a.magnitude.set_trainable(on);
-    }
-  }
+  void sync_trainable();
 
   const char* kind_;
   std::vector<std::unique_ptr<LoraAdapter<T>>> adapters_;  ///< on the heap: stable addresses
@@ -326,4 +260,101 @@ class LoraAdapterSet {
   Matrix<T> work_dx_;  ///< backward s G A [rows, in] (dropout only)
 };
 
+template <class T>
+LoraAdapter<T>& LoraAdapterSet<T>::add(LoraAdapter<T> a) {
+  adapters_.push_back(std::make_unique<LoraAdapter<T>>(std::move(a)));
+  active_ = {adapters_.size() - 1};
+  sync_trainable();
+  ++generation_;
+  return *adapters_.back();
+}
+
+template <class T>
+void LoraAdapterSet<T>::erase(std::size_t i, std::vector<std::size_t>* also) {
+  adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+  auto fix = [i](std::vector<std::size_t>& v) {
+    v.erase(std::remove(v.begin(), v.end(), i), v.end());
+    for (auto& k : v)
+      if (k > i) --k;
+  };
+  fix(active_);
+  if (also != nullptr) fix(*also);
+  ++generation_;
+}
+
+template <class T>
+void LoraAdapterSet<T>::set_active(const std::string& layer, const std::vector<std::string>& names) {
+  std::vector<std::size_t> next;
+  for (const auto& n : names) {
+    const std::size_t i = index_of(layer, n);
+    if (std::find(next.begin(), next.end(), i) == next.end()) next.push_back(i);
+  }
+  active_ = std::move(next);
+  sync_trainable();
+  ++generation_;
+}
+
+template <class T>
+std::size_t LoraAdapterSet<T>::index_of(const std::string& layer, const std::string& n) const {
+  const std::size_t i = find(n);
+  if (i == npos)
+    throw ConfigError(describe(kind_, layer) + ": unknown adapter \"" + n + "\"; available: [" + join_names(all()) +
+                      "]");
+  return i;
+}
+
+template <class T>
+void LoraAdapterSet<T>::project(const ConstMatrixRef<T>& x, const LoraAdapter<T>& a, bool drop,
+                                LoraAdapterCache<T>& ac) {
+  ac.xa.resize(x.rows(), a.rank());
+  if (drop) {
+    fill_dropout_mask(ac.keep, x.rows(), x.cols(), a.config.dropout);
+    ac.xd.resize(x.rows(), x.cols());
+    ac.xd.array() = x.array() * ac.keep.array();
+    ac.xa.noalias() = ac.xd * a.A.value.transpose();  // x̃ Aᵀ   [rows, r]
+  } else {
+    ac.keep.resize(0, 0);
+    ac.xd.resize(0, 0);
+    ac.xa.noalias() = x * a.A.value.transpose();  // x Aᵀ   [rows, r]
+  }
+}
+
+template <class T>
+void LoraAdapterSet<T>::backward_lora(LoraAdapter<T>& a, const LoraAdapterCache<T>& ac, const Matrix<T>& xt,
+                                      const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  const T s = static_cast<T>(a.scaling());
+  if (a.B.trainable()) a.B.accumulator().noalias() += s * dy.transpose() * ac.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
+  if (!a.A.trainable() && dx == nullptr) return;
+  Eigen::Block<Matrix<T>> G = scratch_g(dy.rows(), a.rank());
+  G.noalias() = dy * a.B.value;                                                // G = dY B   [rows, r]
+  if (a.A.trainable()) a.A.accumulator().noalias() += s * G.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
+  if (dx == nullptr) return;
+  if (ac.keep.size() > 0) {
+    Matrix<T>& t = scratch_dx(dy.rows(), a.A.value.cols());
+    t.noalias() = s * G * a.A.value;             // s G A   [rows, in]
+    dx->array() += t.array() * ac.keep.array();  // dropout backward: ⊙ keep
+  } else {
+    dx->noalias() += s * G * a.A.value;  // dX += s G A   [rows, in]
+  }
+}
+
+template <class T>
+void LoraAdapterSet<T>::sync_trainable() {
+  for (std::size_t i = 0; i < adapters_.size(); ++i) {
+    const bool on = std::find(active_.begin(), active_.end(), i) != active_.end();
+    LoraAdapter<T>& a = *adapters_[i];
+    a.A.set_trainable(on);
+    a.B.set_trainable(on);
+    if (a.magnitude.size() > 0) a.magnitude.set_trainable(on);
+  }
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class LoraAdapterSet<float>;
+extern template class LoraAdapterSet<double>;
+}  // namespace peft
+#endif

@@ -81,18 +81,7 @@ class PrefixAttention : public Module<T> {
 
   /// A flat prefix from PEFT's `prompt_embeddings` [l, L·2·d].
   static PrefixAttention from_prompt_embeddings(const ConstMatrixRef<T>& table, Index num_layers,
-                                                std::string name = "") {
-    const std::string who = describe("PrefixAttention", name);
-    if (num_layers <= 0 || table.rows() <= 0 || table.cols() <= 0 || table.cols() % (2 * num_layers) != 0)
-      throw ShapeError(who + ": prompt_embeddings of shape " + shape_str(table.rows(), table.cols()) +
-                       " do not split into num_layers=" + std::to_string(num_layers) + " x 2 x token_dim columns");
-    PrefixAttention p;
-    p.config_ = PrefixConfig{table.rows(), table.cols() / (2 * num_layers), num_layers, false, 0};
-    p.embedding = Parameter<T>(table.rows(), table.cols(), true);
-    p.embedding.value = table;
-    p.set_name(name);
-    return p;
-  }
+                                                std::string name = "");
 
   Parameter<T> embedding;              ///< "embedding.weight": T (flat) or E (projected)
   Linear<T> transform_0, transform_2;  ///< "transform.0", "transform.2" (projected only)
@@ -106,16 +95,7 @@ class PrefixAttention : public Module<T> {
   Index table_cols() const { return config_.num_layers * 2 * config_.token_dim; }
 
   /// Computes T [l, L·2·d] into the cache and zeroes the cache's gradient table.
-  void forward(Cache& cache) {
-    if (projected()) {
-      transform_0.forward(embedding.value, cache.hidden, cache.c0);  // Z = E W_0ᵀ + b_0   [l, h]
-      cache.hidden.array() = cache.hidden.array().tanh();            // H = tanh Z
-      transform_2.forward(cache.hidden, cache.table, cache.c2);      // T = H W_2ᵀ + b_2   [l, L·2·d]
-    } else {
-      cache.table = embedding.value;
-    }
-    cache.dtable.setZero(num_virtual_tokens(), table_cols());
-  }
+  void forward(Cache& cache);
 
   /// Views of layer i's P_K, P_V [l, d] in the cache's table.
   PrefixKV<T> layer(const Cache& cache, Index i) const {
@@ -134,18 +114,7 @@ class PrefixAttention : public Module<T> {
   }
 
   /// Propagates cache.dtable into the trainable parameters' gradients (+=).
-  void backward(const Cache& cache) {
-    check_cache(cache.dtable);
-    if (!projected()) {
-      if (embedding.trainable()) embedding.grad += cache.dtable;  // dT is the gradient of the table itself
-      return;
-    }
-    transform_2.backward(cache.c2, cache.dtable, &dhidden_);   // dH = dT W_2   [l, h]
-    dhidden_.array() *= T(1) - cache.hidden.array().square();  // dZ = dH ⊙ (1 − H²)
-    Matrix<T>* dE = embedding.trainable() ? &dembedding_ : nullptr;
-    transform_0.backward(cache.c0, dhidden_, dE);  // dE = dZ W_0   [l, d]
-    if (dE != nullptr) embedding.grad += dembedding_;
-  }
+  void backward(const Cache& cache);
 
   /// The flat table T [l, L·2·d] = PEFT's saved `prompt_embeddings` (collapses the projection).
   Matrix<T> prompt_embeddings() {
@@ -156,17 +125,7 @@ class PrefixAttention : public Module<T> {
 
   /// Replaces the reparameterisation by its flat table (for inference / export). Keeps the
   /// embedding's trainable flag; the transform layers are dropped.
-  void collapse() {
-    if (!projected()) return;
-    const bool trainable = embedding.trainable();
-    Matrix<T> table = prompt_embeddings();
-    embedding = Parameter<T>(table.rows(), table.cols(), trainable);
-    embedding.value = std::move(table);
-    transform_0 = Linear<T>();
-    transform_2 = Linear<T>();
-    config_.prefix_projection = false;
-    config_.encoder_hidden_size = 0;
-  }
+  void collapse();
 
   /// Loads PEFT's `prompt_embeddings` [l, L·2·d]; a projected prefix becomes flat.
   void load_prompt_embeddings(const ConstMatrixRef<T>& table) {
@@ -202,4 +161,66 @@ class PrefixAttention : public Module<T> {
   Matrix<T> dembedding_;  ///< backward scratch [l, d]
 };
 
+template <class T>
+PrefixAttention<T> PrefixAttention<T>::from_prompt_embeddings(const ConstMatrixRef<T>& table, Index num_layers,
+                                                              std::string name) {
+  const std::string who = describe("PrefixAttention", name);
+  if (num_layers <= 0 || table.rows() <= 0 || table.cols() <= 0 || table.cols() % (2 * num_layers) != 0)
+    throw ShapeError(who + ": prompt_embeddings of shape " + shape_str(table.rows(), table.cols()) +
+                     " do not split into num_layers=" + std::to_string(num_layers) + " x 2 x token_dim columns");
+  PrefixAttention p;
+  p.config_ = PrefixConfig{table.rows(), table.cols() / (2 * num_layers), num_layers, false, 0};
+  p.embedding = Parameter<T>(table.rows(), table.cols(), true);
+  p.embedding.value = table;
+  p.set_name(name);
+  return p;
+}
+
+template <class T>
+void PrefixAttention<T>::forward(Cache& cache) {
+  if (projected()) {
+    transform_0.forward(embedding.value, cache.hidden, cache.c0);  // Z = E W_0ᵀ + b_0   [l, h]
+    cache.hidden.array() = cache.hidden.array().tanh();            // H = tanh Z
+    transform_2.forward(cache.hidden, cache.table, cache.c2);      // T = H W_2ᵀ + b_2   [l, L·2·d]
+  } else {
+    cache.table = embedding.value;
+  }
+  cache.dtable.setZero(num_virtual_tokens(), table_cols());
+}
+
+template <class T>
+void PrefixAttention<T>::backward(const Cache& cache) {
+  check_cache(cache.dtable);
+  if (!projected()) {
+    if (embedding.trainable()) embedding.grad += cache.dtable;  // dT is the gradient of the table itself
+    return;
+  }
+  transform_2.backward(cache.c2, cache.dtable, &dhidden_);   // dH = dT W_2   [l, h]
+  dhidden_.array() *= T(1) - cache.hidden.array().square();  // dZ = dH ⊙ (1 − H²)
+  Matrix<T>* dE = embedding.trainable() ? &dembedding_ : nullptr;
+  transform_0.backward(cache.c0, dhidden_, dE);  // dE = dZ W_0   [l, d]
+  if (dE != nullptr) embedding.grad += dembedding_;
+}
+
+template <class T>
+void PrefixAttention<T>::collapse() {
+  if (!projected()) return;
+  const bool trainable = embedding.trainable();
+  Matrix<T> table = prompt_embeddings();
+  embedding = Parameter<T>(table.rows(), table.cols(), trainable);
+  embedding.value = std::move(table);
+  transform_0 = Linear<T>();
+  transform_2 = Linear<T>();
+  config_.prefix_projection = false;
+  config_.encoder_hidden_size = 0;
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class PrefixAttention<float>;
+extern template class PrefixAttention<double>;
+}  // namespace peft
+#endif

@@ -77,17 +77,7 @@ class SoftPrompt : public Module<T> {
 
   /// P_i = E[ids[i mod |ids|]]: the embeddings of the given tokens, repeated cyclically when there
   /// are fewer ids than virtual tokens and truncated when there are more (PEFT's TEXT init).
-  void init_from_tokens(const ConstMatrixRef<T>& vocab, const std::vector<Index>& ids) {
-    check_vocab(vocab);
-    if (ids.empty()) throw ConfigError(describe("SoftPrompt", this->name()) + ": init token id list is empty");
-    for (Index id : ids)
-      if (id < 0 || id >= vocab.rows())
-        throw ConfigError(describe("SoftPrompt", this->name()) + ": init token id " + std::to_string(id) +
-                          " is outside the vocabulary [0, " + std::to_string(vocab.rows()) + ")");
-    const Index count = static_cast<Index>(ids.size());
-    for (Index i = 0; i < num_virtual_tokens(); ++i)
-      embedding.value.row(i) = vocab.row(ids[static_cast<std::size_t>(i % count)]);
-  }
+  void init_from_tokens(const ConstMatrixRef<T>& vocab, const std::vector<Index>& ids);
 
   /// P_i = E[u_i], u_i uniform over the vocabulary (with replacement; PEFT's SAMPLE_VOCAB).
   void init_from_vocab_sample(const ConstMatrixRef<T>& vocab, Rng& rng) {
@@ -128,17 +118,7 @@ class SoftPrompt : public Module<T> {
   /// Per-position labels [batch·seq] → [batch·(n + seq)] with `ignore_index` (PEFT/torch: -100)
   /// at the prompt positions, so a token-level loss never scores them.
   std::vector<Index> extend_labels(const std::vector<Index>& labels, const SequenceLayout& layout,
-                                   Index ignore_index = -100) const {
-    layout.validate(describe("SoftPrompt", this->name()), static_cast<Index>(labels.size()));
-    const Index n = num_virtual_tokens();
-    const Index seq = layout.seq;
-    std::vector<Index> out(static_cast<std::size_t>(layout.batch * (n + seq)), ignore_index);
-    const auto src = labels.begin();
-    const auto dst = out.begin();
-    for (Index b = 0; b < layout.batch; ++b)  // each sequence's labels shift right by n
-      std::copy_n(src + b * seq, seq, dst + b * (n + seq) + n);
-    return out;
-  }
+                                   Index ignore_index = -100) const;
 
  protected:
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
@@ -153,4 +133,39 @@ class SoftPrompt : public Module<T> {
   }
 };
 
+template <class T>
+void SoftPrompt<T>::init_from_tokens(const ConstMatrixRef<T>& vocab, const std::vector<Index>& ids) {
+  check_vocab(vocab);
+  if (ids.empty()) throw ConfigError(describe("SoftPrompt", this->name()) + ": init token id list is empty");
+  for (Index id : ids)
+    if (id < 0 || id >= vocab.rows())
+      throw ConfigError(describe("SoftPrompt", this->name()) + ": init token id " + std::to_string(id) +
+                        " is outside the vocabulary [0, " + std::to_string(vocab.rows()) + ")");
+  const Index count = static_cast<Index>(ids.size());
+  for (Index i = 0; i < num_virtual_tokens(); ++i)
+    embedding.value.row(i) = vocab.row(ids[static_cast<std::size_t>(i % count)]);
+}
+
+template <class T>
+std::vector<Index> SoftPrompt<T>::extend_labels(const std::vector<Index>& labels, const SequenceLayout& layout,
+                                                Index ignore_index) const {
+  layout.validate(describe("SoftPrompt", this->name()), static_cast<Index>(labels.size()));
+  const Index n = num_virtual_tokens();
+  const Index seq = layout.seq;
+  std::vector<Index> out(static_cast<std::size_t>(layout.batch * (n + seq)), ignore_index);
+  const auto src = labels.begin();
+  const auto dst = out.begin();
+  for (Index b = 0; b < layout.batch; ++b)  // each sequence's labels shift right by n
+    std::copy_n(src + b * seq, seq, dst + b * (n + seq) + n);
+  return out;
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class SoftPrompt<float>;
+extern template class SoftPrompt<double>;
+}  // namespace peft
+#endif

@@ -129,70 +129,16 @@ class TransformerBlock : public Module<T> {
   bool parallel_adapter() const { return adapter_ffn.has_value() && !adapter_ffn->residual(); }
 
   /// Adds this block's adapters for a placement. Refused when the block already has adapters.
-  void add_adapters(AdapterPlacement placement, const AdapterOptions& options, Rng& rng) {
-    if (adapter_attn || adapter_ffn)
-      throw ConfigError(describe("TransformerBlock", this->name()) + ": already has adapters");
-    if (placement == AdapterPlacement::Houlsby) adapter_attn.emplace(dim(), options, rng, true);
-    adapter_ffn.emplace(dim(), options, rng, placement != AdapterPlacement::Parallel);
-    this->set_name(this->name());
-  }
+  void add_adapters(AdapterPlacement placement, const AdapterOptions& options, Rng& rng);
 
   /// x [B·S, d] laid out by `layout` → y [B·S, d]; `prefix` (may be null) feeds the attention.
   /// `y` must not share storage with `x`.
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
-               const PrefixKV<T>* prefix = nullptr) {
-    check::input_features("TransformerBlock", this->name(), x.cols(), dim());
-    if (pre_norm_) {
-      norm1.forward(x, u_, cache.norm1);                 // u = LN1(x)
-      attn.forward(u_, layout, a_, cache.attn, prefix);  // a = Attn(u)
-      const Matrix<T>& a = attend_adapter(cache);        // a ← Ad_attn(a)
-      h_ = x + a;                                        // h = x + a
-      norm2.forward(h_, v_, cache.norm2);                // v = LN2(h)
-      const Matrix<T>& f = ffn_branch(v_, cache);        // f = FFN(v) (+ adapters)
-      y = h_ + f;                                        // y = h + f
-    } else {
-      attn.forward(x, layout, a_, cache.attn, prefix);  // a = Attn(x)
-      const Matrix<T>& a = attend_adapter(cache);
-      s_ = x + a;
-      norm1.forward(s_, h_, cache.norm1);  // h = LN1(x + a)
-      const Matrix<T>& f = ffn_branch(h_, cache);
-      s_ = h_ + f;
-      norm2.forward(s_, y, cache.norm2);  // y = LN2(h + f)
-    }
-  }
+               const PrefixKV<T>* prefix = nullptr);
 
   /// Accumulates trainable gradients, writes dx unless null; the attention's prefix gradients go
   /// to *dprefix unless null.
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr) {
-    check::shape("TransformerBlock", this->name(), "output gradient", dy.rows(), dy.cols(), cache.attn.layout.rows(),
-                 dim());
-    if (pre_norm_) {
-      dh_ = dy;                                  // y = h + f: dh = dy, df = dy
-      ffn_branch_backward(cache, dy, dv_);       // dv = ∂f/∂v ᵀ dy
-      norm2.backward(cache.norm2, dv_, &dtmp_);  // v = LN2(h)
-      dh_ += dtmp_;                              // dh = dy + LN2ᵀ(dv)
-      attend_adapter_backward(cache, dh_);       // da = Ad_attnᵀ(dh)  (in da_)
-      // du = Attnᵀ(da) is needed only for dx or LN1's own gradients: skipping it saves the
-      // q/k/v input-gradient GEMMs in the lowest block of a PEFT model.
-      const bool need_du = dx != nullptr || norm1.weight.trainable() || norm1.bias.trainable();
-      attn.backward(cache.attn, da_, need_du ? &du_ : nullptr, dprefix);
-      if (!need_du) return;
-      if (dx != nullptr) {
-        norm1.backward(cache.norm1, du_, dx);  // dx = LN1ᵀ(du) + dh
-        *dx += dh_;
-      } else {
-        norm1.backward(cache.norm1, du_, nullptr);
-      }
-    } else {
-      norm2.backward(cache.norm2, dy, &ds_);   // ds2 = LN2ᵀ(dy);  s2 = h + f
-      ffn_branch_backward(cache, ds_, dv_);    // dv (v = h)
-      ds_ += dv_;                              // dh = ds2 + dv
-      norm1.backward(cache.norm1, ds_, &dh_);  // ds1 = LN1ᵀ(dh);  s1 = x + a
-      attend_adapter_backward(cache, dh_);     // da = Ad_attnᵀ(ds1)
-      attn.backward(cache.attn, da_, dx, dprefix);
-      if (dx != nullptr) *dx += dh_;  // dx = Attnᵀ(da) + ds1
-    }
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -213,31 +159,10 @@ class TransformerBlock : public Module<T> {
   }
 
   /// FFN(v) with the FFN-side adapter: sequential Ad_ffn(FFN(v)) or parallel FFN(v) + s·Ad_par(v).
-  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache& cache) {
-    ffn.forward(v, f_, cache.ffn);
-    if (!adapter_ffn) return f_;
-    if (parallel_adapter()) {
-      adapter_ffn->forward(v, f2_, cache.adapter_ffn);  // s·g(v)
-      f2_ += f_;
-    } else {
-      adapter_ffn->forward(f_, f2_, cache.adapter_ffn);  // f + s·g(f)
-    }
-    return f2_;
-  }
+  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache& cache);
 
   /// dv = ∂(ffn branch)/∂v ᵀ df.
-  void ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv) {
-    if (!adapter_ffn) {
-      ffn.backward(cache.ffn, df, &dv);
-    } else if (parallel_adapter()) {
-      ffn.backward(cache.ffn, df, &dv);                      // FFNᵀ(df)
-      adapter_ffn->backward(cache.adapter_ffn, df, &dtmp_);  // + Ad_parᵀ(df)
-      dv += dtmp_;
-    } else {
-      adapter_ffn->backward(cache.adapter_ffn, df, &df2_);  // d(FFN out) = Ad_ffnᵀ(df)
-      ffn.backward(cache.ffn, df2_, &dv);
-    }
-  }
+  void ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv);
 
   /// da_ = Ad_attnᵀ(d) or d.
   void attend_adapter_backward(const Cache& cache, const Matrix<T>& d) {
@@ -253,6 +178,98 @@ class TransformerBlock : public Module<T> {
   // backward scratch
   Matrix<T> dh_, dv_, du_, da_, ds_, df2_, dtmp_;
 };
+
+template <class T>
+void TransformerBlock<T>::add_adapters(AdapterPlacement placement, const AdapterOptions& options, Rng& rng) {
+  if (adapter_attn || adapter_ffn)
+    throw ConfigError(describe("TransformerBlock", this->name()) + ": already has adapters");
+  if (placement == AdapterPlacement::Houlsby) adapter_attn.emplace(dim(), options, rng, true);
+  adapter_ffn.emplace(dim(), options, rng, placement != AdapterPlacement::Parallel);
+  this->set_name(this->name());
+}
+
+template <class T>
+void TransformerBlock<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
+                                  const PrefixKV<T>* prefix) {
+  check::input_features("TransformerBlock", this->name(), x.cols(), dim());
+  if (pre_norm_) {
+    norm1.forward(x, u_, cache.norm1);                 // u = LN1(x)
+    attn.forward(u_, layout, a_, cache.attn, prefix);  // a = Attn(u)
+    const Matrix<T>& a = attend_adapter(cache);        // a ← Ad_attn(a)
+    h_ = x + a;                                        // h = x + a
+    norm2.forward(h_, v_, cache.norm2);                // v = LN2(h)
+    const Matrix<T>& f = ffn_branch(v_, cache);        // f = FFN(v) (+ adapters)
+    y = h_ + f;                                        // y = h + f
+  } else {
+    attn.forward(x, layout, a_, cache.attn, prefix);  // a = Attn(x)
+    const Matrix<T>& a = attend_adapter(cache);
+    s_ = x + a;
+    norm1.forward(s_, h_, cache.norm1);  // h = LN1(x + a)
+    const Matrix<T>& f = ffn_branch(h_, cache);
+    s_ = h_ + f;
+    norm2.forward(s_, y, cache.norm2);  // y = LN2(h + f)
+  }
+}
+
+template <class T>
+void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx,
+                                   PrefixGrad<T>* dprefix) {
+  check::shape("TransformerBlock", this->name(), "output gradient", dy.rows(), dy.cols(), cache.attn.layout.rows(),
+               dim());
+  if (pre_norm_) {
+    dh_ = dy;                                  // y = h + f: dh = dy, df = dy
+    ffn_branch_backward(cache, dy, dv_);       // dv = ∂f/∂v ᵀ dy
+    norm2.backward(cache.norm2, dv_, &dtmp_);  // v = LN2(h)
+    dh_ += dtmp_;                              // dh = dy + LN2ᵀ(dv)
+    attend_adapter_backward(cache, dh_);       // da = Ad_attnᵀ(dh)  (in da_)
+    // du = Attnᵀ(da) is needed only for dx or LN1's own gradients: skipping it saves the
+    // q/k/v input-gradient GEMMs in the lowest block of a PEFT model.
+    const bool need_du = dx != nullptr || norm1.weight.trainable() || norm1.bias.trainable();
+    attn.backward(cache.attn, da_, need_du ? &du_ : nullptr, dprefix);
+    if (!need_du) return;
+    if (dx != nullptr) {
+      norm1.backward(cache.norm1, du_, dx);  // dx = LN1ᵀ(du) + dh
+      *dx += dh_;
+    } else {
+      norm1.backward(cache.norm1, du_, nullptr);
+    }
+  } else {
+    norm2.backward(cache.norm2, dy, &ds_);   // ds2 = LN2ᵀ(dy);  s2 = h + f
+    ffn_branch_backward(cache, ds_, dv_);    // dv (v = h)
+    ds_ += dv_;                              // dh = ds2 + dv
+    norm1.backward(cache.norm1, ds_, &dh_);  // ds1 = LN1ᵀ(dh);  s1 = x + a
+    attend_adapter_backward(cache, dh_);     // da = Ad_attnᵀ(ds1)
+    attn.backward(cache.attn, da_, dx, dprefix);
+    if (dx != nullptr) *dx += dh_;  // dx = Attnᵀ(da) + ds1
+  }
+}
+
+template <class T>
+const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache& cache) {
+  ffn.forward(v, f_, cache.ffn);
+  if (!adapter_ffn) return f_;
+  if (parallel_adapter()) {
+    adapter_ffn->forward(v, f2_, cache.adapter_ffn);  // s·g(v)
+    f2_ += f_;
+  } else {
+    adapter_ffn->forward(f_, f2_, cache.adapter_ffn);  // f + s·g(f)
+  }
+  return f2_;
+}
+
+template <class T>
+void TransformerBlock<T>::ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv) {
+  if (!adapter_ffn) {
+    ffn.backward(cache.ffn, df, &dv);
+  } else if (parallel_adapter()) {
+    ffn.backward(cache.ffn, df, &dv);                      // FFNᵀ(df)
+    adapter_ffn->backward(cache.adapter_ffn, df, &dtmp_);  // + Ad_parᵀ(df)
+    dv += dtmp_;
+  } else {
+    adapter_ffn->backward(cache.adapter_ffn, df, &df2_);  // d(FFN out) = Ad_ffnᵀ(df)
+    ffn.backward(cache.ffn, df2_, &dv);
+  }
+}
 
 // ------------------------------------------------------------------------------------------------
 // The classifier model.
@@ -335,21 +352,7 @@ class TransformerClassifier : public Module<T> {
   }
 
   /// The linear with dotted name `key` (relative to this model); ConfigError listing names if none.
-  LoRALinear<T>& linear(const std::string& key) {
-    LoRALinear<T>* found = nullptr;
-    std::vector<std::string> names;
-    for_each_linear([&](const std::string& n, LoRALinear<T>& l, bool) {
-      names.push_back(n);
-      if (n == key) found = &l;
-    });
-    if (found == nullptr) {
-      std::string s;
-      for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
-      throw ConfigError(describe("TransformerClassifier", this->name()) + ": no linear named \"" + key +
-                        "\"; available: " + s);
-    }
-    return *found;
-  }
+  LoRALinear<T>& linear(const std::string& key);
 
   /// Calls fn(name, linear, is_head) for every linear.
   template <class Fn>
@@ -376,50 +379,19 @@ class TransformerClassifier : public Module<T> {
 
   /// Prefix tuning on every layer: l virtual tokens, optionally reparameterized through an MLP of
   /// width `encoder_hidden_size` (PEFT's prefix_projection).
-  void add_prefix(Index num_virtual_tokens, Rng& rng, bool prefix_projection = false, Index encoder_hidden_size = 0) {
-    if (prefix_encoder) throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a prefix");
-    PrefixConfig pc;
-    pc.num_virtual_tokens = num_virtual_tokens;
-    pc.token_dim = dim();
-    pc.num_layers = num_layers();
-    pc.prefix_projection = prefix_projection;
-    pc.encoder_hidden_size = encoder_hidden_size;
-    prefix_encoder.emplace(pc, rng);
-    this->set_name(this->name());
-  }
+  void add_prefix(Index num_virtual_tokens, Rng& rng, bool prefix_projection = false, Index encoder_hidden_size = 0);
 
   /// Prompt tuning: n virtual tokens at the input, N(0, 1)·scale init (see SoftPrompt for others).
-  SoftPrompt<T>& add_soft_prompt(Index num_virtual_tokens, Rng& rng, double scale = 1.0) {
-    if (prompt_encoder)
-      throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a soft prompt");
-    prompt_encoder.emplace(num_virtual_tokens, dim(), rng, scale);
-    this->set_name(this->name());
-    return *prompt_encoder;
-  }
+  SoftPrompt<T>& add_soft_prompt(Index num_virtual_tokens, Rng& rng, double scale = 1.0);
 
   // ---- forward / backward -------------------------------------------------------------------
 
   /// Token input: ids [B·S] laid out by `layout` (padding ids must still be valid ids, e.g. 0).
   /// logits [B, num_classes].
-  void forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
-    const std::string who = describe("TransformerClassifier", this->name());
-    if (!token_input()) throw ConfigError(who + ": model takes feature input (input_dim > 0), not token ids");
-    layout.validate(who, static_cast<Index>(ids.size()));
-    cache.features = false;
-    embed_tokens.forward(ids, x_, cache.tokens);
-    run(layout, logits, cache);
-  }
+  void forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits, Cache& cache);
 
   /// Feature input: x [B·S, input_dim] (e.g. image patches) laid out by `layout`.
-  void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
-    const std::string who = describe("TransformerClassifier", this->name());
-    if (token_input()) throw ConfigError(who + ": model takes token ids (vocab_size > 0), not features");
-    layout.validate(who, x.rows());
-    check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
-    cache.features = true;
-    patch_embed.forward(x, x_, cache.patch);
-    run(layout, logits, cache);
-  }
+  void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits, Cache& cache);
 
   Matrix<T> forward(const std::vector<Index>& ids, const SequenceLayout& layout, Cache& cache) {
     Matrix<T> logits;
@@ -435,59 +407,7 @@ class TransformerClassifier : public Module<T> {
   /// dlogits [B, num_classes] → accumulates every trainable gradient. With feature input, writes
   /// ∂L/∂x [B·S, input_dim] into *dx unless null (token input: dx must be null). The cache is
   /// non-const because the prefix gradients are gathered in it.
-  void backward(Cache& cache, const ConstMatrixRef<T>& dlogits, Matrix<T>* dx = nullptr) {
-    const std::string who = describe("TransformerClassifier", this->name());
-    const SequenceLayout& ml = cache.model_layout;
-    check::shape("TransformerClassifier", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(), ml.batch,
-                 num_classes());
-    if (dx != nullptr && !cache.features)
-      throw ConfigError(who + ": token ids have no input gradient; pass dx = nullptr");
-    if (static_cast<Index>(cache.blocks.size()) != num_layers())
-      throw ConfigError(who + ": cache does not come from a forward of this model");
-
-    classifier.backward(cache.head, dlogits, &dpooled_);  // dp = dlogits W_c   [B, d]
-    // pooling backward: spread dp over the pooled rows
-    dh_a_.setZero(ml.rows(), dim());
-    const Index n = cache.model_layout.seq - cache.layout.seq;
-    for (Index b = 0; b < ml.batch; ++b) {
-      if (config_.pooling == Pooling::First) {
-        dh_a_.row(ml.row(b, n)) = dpooled_.row(b);
-      } else {
-        const Index len = cache.layout.length(b);
-        const T inv = T(1) / static_cast<T>(len);
-        for (Index t = 0; t < len; ++t) dh_a_.row(ml.row(b, n + t)) = inv * dpooled_.row(b);  // d mean = dp / len
-      }
-    }
-    Matrix<T>* cur = &dh_a_;
-    Matrix<T>* nxt = &dh_b_;
-    if (config_.final_norm) {
-      norm.backward(cache.norm, *cur, nxt);
-      std::swap(cur, nxt);
-    }
-    // Below the blocks: is any gradient needed at all? (Frozen embeddings and no prompt: no.)
-    const bool need_below = dx != nullptr || input_side_trainable();
-    for (Index i = num_layers() - 1; i >= 0; --i) {
-      Matrix<T>* out = (i > 0 || need_below) ? nxt : nullptr;
-      if (prefix_encoder) {
-        PrefixGrad<T> g = prefix_encoder->layer_grad(cache.prefix, i);
-        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, out, &g);
-      } else {
-        layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, out);
-      }
-      std::swap(cur, nxt);
-    }
-    if (prefix_encoder) prefix_encoder->backward(cache.prefix);
-    if (!need_below) return;
-    if (prompt_encoder) {
-      prompt_encoder->backward(cache.prompt, *cur, nxt);  // strip the prompt rows, dP += Σ_b
-      std::swap(cur, nxt);
-    }
-    if (has_positions()) embed_positions.backward(cache.positions, *cur);  // dx_embed = d(x + P) (identity)
-    if (cache.features)
-      patch_embed.backward(cache.patch, *cur, dx);
-    else
-      embed_tokens.backward(cache.tokens, *cur);
-  }
+  void backward(Cache& cache, const ConstMatrixRef<T>& dlogits, Matrix<T>* dx = nullptr);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -505,67 +425,10 @@ class TransformerClassifier : public Module<T> {
 
  private:
   /// Whether anything below the first block trains (embeddings, positions, patch LoRA, prompt).
-  bool input_side_trainable() {
-    // Checked member by member (not via visit_parameters, which builds name strings): no
-    // allocation on the backward path.
-    bool any = false;
-    if (token_input()) {
-      any = embed_tokens.weight.trainable();
-    } else {
-      any = patch_embed.weight.trainable() || (patch_embed.has_bias() && patch_embed.bias.trainable());
-      for (const auto& a : patch_embed.adapters())
-        any = any || a.A.trainable() || a.B.trainable() || (a.magnitude.size() > 0 && a.magnitude.trainable());
-    }
-    if (has_positions()) any = any || embed_positions.weight.trainable();
-    if (prompt_encoder) any = any || prompt_encoder->embedding.trainable();
-    return any;
-  }
+  bool input_side_trainable();
 
   /// Shared tail of both forwards: x_ holds the embedded input [B·S, d].
-  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
-    cache.layout = layout;
-    // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
-    for (Index b = 0; b < layout.batch; ++b)
-      if (layout.length(b) < layout.seq)
-        x_.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
-    if (has_positions()) embed_positions.forward_inplace(x_, layout, cache.positions);  // x + P[t]
-    Matrix<T>* cur = &x_;
-    Matrix<T>* nxt = &h_;
-    if (prompt_encoder) {
-      prompt_encoder->forward(*cur, layout, *nxt, cache.model_layout, cache.prompt);  // [P; x_b]
-      std::swap(cur, nxt);
-    } else {
-      cache.model_layout = layout;
-    }
-    const SequenceLayout& ml = cache.model_layout;
-    if (prefix_encoder) prefix_encoder->forward(cache.prefix);
-    cache.blocks.resize(layers.size());
-    for (std::size_t i = 0; i < layers.size(); ++i) {
-      if (prefix_encoder) {
-        const PrefixKV<T> kv = prefix_encoder->layer(cache.prefix, static_cast<Index>(i));
-        layers[i].forward(*cur, ml, *nxt, cache.blocks[i], &kv);
-      } else {
-        layers[i].forward(*cur, ml, *nxt, cache.blocks[i]);
-      }
-      std::swap(cur, nxt);
-    }
-    if (config_.final_norm) {
-      norm.forward(*cur, *nxt, cache.norm);
-      std::swap(cur, nxt);
-    }
-    // pooling over real, valid tokens: rows n .. n + len_b − 1 of each sequence
-    const Index n = ml.seq - layout.seq;
-    pooled_.resize(ml.batch, dim());
-    for (Index b = 0; b < ml.batch; ++b) {
-      if (config_.pooling == Pooling::First) {
-        pooled_.row(b) = cur->row(ml.row(b, n));
-      } else {
-        const Index len = layout.length(b);
-        pooled_.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
-      }
-    }
-    classifier.forward(pooled_, logits, cache.head);
-  }
+  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache);
 
   TransformerConfig config_;
   // forward temporaries
@@ -574,4 +437,195 @@ class TransformerClassifier : public Module<T> {
   Matrix<T> dpooled_, dh_a_, dh_b_;
 };
 
+template <class T>
+LoRALinear<T>& TransformerClassifier<T>::linear(const std::string& key) {
+  LoRALinear<T>* found = nullptr;
+  std::vector<std::string> names;
+  for_each_linear([&](const std::string& n, LoRALinear<T>& l, bool) {
+    names.push_back(n);
+    if (n == key) found = &l;
+  });
+  if (found == nullptr) {
+    std::string s;
+    for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
+    throw ConfigError(describe("TransformerClassifier", this->name()) + ": no linear named \"" + key +
+                      "\"; available: " + s);
+  }
+  return *found;
+}
+
+template <class T>
+void TransformerClassifier<T>::add_prefix(Index num_virtual_tokens, Rng& rng, bool prefix_projection,
+                                          Index encoder_hidden_size) {
+  if (prefix_encoder) throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a prefix");
+  PrefixConfig pc;
+  pc.num_virtual_tokens = num_virtual_tokens;
+  pc.token_dim = dim();
+  pc.num_layers = num_layers();
+  pc.prefix_projection = prefix_projection;
+  pc.encoder_hidden_size = encoder_hidden_size;
+  prefix_encoder.emplace(pc, rng);
+  this->set_name(this->name());
+}
+
+template <class T>
+SoftPrompt<T>& TransformerClassifier<T>::add_soft_prompt(Index num_virtual_tokens, Rng& rng, double scale) {
+  if (prompt_encoder)
+    throw ConfigError(describe("TransformerClassifier", this->name()) + ": already has a soft prompt");
+  prompt_encoder.emplace(num_virtual_tokens, dim(), rng, scale);
+  this->set_name(this->name());
+  return *prompt_encoder;
+}
+
+template <class T>
+void TransformerClassifier<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits,
+                                       Cache& cache) {
+  const std::string who = describe("TransformerClassifier", this->name());
+  if (!token_input()) throw ConfigError(who + ": model takes feature input (input_dim > 0), not token ids");
+  layout.validate(who, static_cast<Index>(ids.size()));
+  cache.features = false;
+  embed_tokens.forward(ids, x_, cache.tokens);
+  run(layout, logits, cache);
+}
+
+template <class T>
+void TransformerClassifier<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits,
+                                       Cache& cache) {
+  const std::string who = describe("TransformerClassifier", this->name());
+  if (token_input()) throw ConfigError(who + ": model takes token ids (vocab_size > 0), not features");
+  layout.validate(who, x.rows());
+  check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
+  cache.features = true;
+  patch_embed.forward(x, x_, cache.patch);
+  run(layout, logits, cache);
+}
+
+template <class T>
+void TransformerClassifier<T>::backward(Cache& cache, const ConstMatrixRef<T>& dlogits, Matrix<T>* dx) {
+  const std::string who = describe("TransformerClassifier", this->name());
+  const SequenceLayout& ml = cache.model_layout;
+  check::shape("TransformerClassifier", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(), ml.batch,
+               num_classes());
+  if (dx != nullptr && !cache.features)
+    throw ConfigError(who + ": token ids have no input gradient; pass dx = nullptr");
+  if (static_cast<Index>(cache.blocks.size()) != num_layers())
+    throw ConfigError(who + ": cache does not come from a forward of this model");
+
+  classifier.backward(cache.head, dlogits, &dpooled_);  // dp = dlogits W_c   [B, d]
+  // pooling backward: spread dp over the pooled rows
+  dh_a_.setZero(ml.rows(), dim());
+  const Index n = cache.model_layout.seq - cache.layout.seq;
+  for (Index b = 0; b < ml.batch; ++b) {
+    if (config_.pooling == Pooling::First) {
+      dh_a_.row(ml.row(b, n)) = dpooled_.row(b);
+    } else {
+      const Index len = cache.layout.length(b);
+      const T inv = T(1) / static_cast<T>(len);
+      for (Index t = 0; t < len; ++t) dh_a_.row(ml.row(b, n + t)) = inv * dpooled_.row(b);  // d mean = dp / len
+    }
+  }
+  Matrix<T>* cur = &dh_a_;
+  Matrix<T>* nxt = &dh_b_;
+  if (config_.final_norm) {
+    norm.backward(cache.norm, *cur, nxt);
+    std::swap(cur, nxt);
+  }
+  // Below the blocks: is any gradient needed at all? (Frozen embeddings and no prompt: no.)
+  const bool need_below = dx != nullptr || input_side_trainable();
+  for (Index i = num_layers() - 1; i >= 0; --i) {
+    Matrix<T>* out = (i > 0 || need_below) ? nxt : nullptr;
+    if (prefix_encoder) {
+      PrefixGrad<T> g = prefix_encoder->layer_grad(cache.prefix, i);
+      layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, out, &g);
+    } else {
+      layers[static_cast<std::size_t>(i)].backward(cache.blocks[static_cast<std::size_t>(i)], *cur, out);
+    }
+    std::swap(cur, nxt);
+  }
+  if (prefix_encoder) prefix_encoder->backward(cache.prefix);
+  if (!need_below) return;
+  if (prompt_encoder) {
+    prompt_encoder->backward(cache.prompt, *cur, nxt);  // strip the prompt rows, dP += Σ_b
+    std::swap(cur, nxt);
+  }
+  if (has_positions()) embed_positions.backward(cache.positions, *cur);  // dx_embed = d(x + P) (identity)
+  if (cache.features)
+    patch_embed.backward(cache.patch, *cur, dx);
+  else
+    embed_tokens.backward(cache.tokens, *cur);
+}
+
+template <class T>
+bool TransformerClassifier<T>::input_side_trainable() {
+  // Checked member by member (not via visit_parameters, which builds name strings): no
+  // allocation on the backward path.
+  bool any = false;
+  if (token_input()) {
+    any = embed_tokens.weight.trainable();
+  } else {
+    any = patch_embed.weight.trainable() || (patch_embed.has_bias() && patch_embed.bias.trainable());
+    for (const auto& a : patch_embed.adapters())
+      any = any || a.A.trainable() || a.B.trainable() || (a.magnitude.size() > 0 && a.magnitude.trainable());
+  }
+  if (has_positions()) any = any || embed_positions.weight.trainable();
+  if (prompt_encoder) any = any || prompt_encoder->embedding.trainable();
+  return any;
+}
+
+template <class T>
+void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
+  cache.layout = layout;
+  // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
+  for (Index b = 0; b < layout.batch; ++b)
+    if (layout.length(b) < layout.seq)
+      x_.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
+  if (has_positions()) embed_positions.forward_inplace(x_, layout, cache.positions);  // x + P[t]
+  Matrix<T>* cur = &x_;
+  Matrix<T>* nxt = &h_;
+  if (prompt_encoder) {
+    prompt_encoder->forward(*cur, layout, *nxt, cache.model_layout, cache.prompt);  // [P; x_b]
+    std::swap(cur, nxt);
+  } else {
+    cache.model_layout = layout;
+  }
+  const SequenceLayout& ml = cache.model_layout;
+  if (prefix_encoder) prefix_encoder->forward(cache.prefix);
+  cache.blocks.resize(layers.size());
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    if (prefix_encoder) {
+      const PrefixKV<T> kv = prefix_encoder->layer(cache.prefix, static_cast<Index>(i));
+      layers[i].forward(*cur, ml, *nxt, cache.blocks[i], &kv);
+    } else {
+      layers[i].forward(*cur, ml, *nxt, cache.blocks[i]);
+    }
+    std::swap(cur, nxt);
+  }
+  if (config_.final_norm) {
+    norm.forward(*cur, *nxt, cache.norm);
+    std::swap(cur, nxt);
+  }
+  // pooling over real, valid tokens: rows n .. n + len_b − 1 of each sequence
+  const Index n = ml.seq - layout.seq;
+  pooled_.resize(ml.batch, dim());
+  for (Index b = 0; b < ml.batch; ++b) {
+    if (config_.pooling == Pooling::First) {
+      pooled_.row(b) = cur->row(ml.row(b, n));
+    } else {
+      const Index len = layout.length(b);
+      pooled_.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
+    }
+  }
+  classifier.forward(pooled_, logits, cache.head);
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class TransformerBlock<float>;
+extern template class TransformerBlock<double>;
+extern template class TransformerClassifier<float>;
+extern template class TransformerClassifier<double>;
+}  // namespace peft
+#endif

@@ -38,6 +38,13 @@ template <class T>
 struct AdamState {
   Matrix<T> exp_avg;     ///< m, first moment
   Matrix<T> exp_avg_sq;  ///< v, second moment
+
+  /// Calls fn(field, tensor) for each state tensor, by torch's state-dict name (checkpoints use this).
+  template <class F>
+  void visit_tensors(F&& fn) {
+    fn("exp_avg", exp_avg);
+    fn("exp_avg_sq", exp_avg_sq);
+  }
 };
 
 namespace detail {
@@ -139,3 +146,19 @@ class AdamW : public detail::AdamImpl<T, true> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class BasicOptimizer<float, AdamState<float>>;
+extern template class BasicOptimizer<double, AdamState<double>>;
+extern template class detail::AdamImpl<float, false>;
+extern template class detail::AdamImpl<double, false>;
+extern template class detail::AdamImpl<float, true>;
+extern template class detail::AdamImpl<double, true>;
+extern template class Adam<float>;
+extern template class Adam<double>;
+extern template class AdamW<float>;
+extern template class AdamW<double>;
+}  // namespace peft
+#endif

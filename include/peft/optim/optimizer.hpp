@@ -77,7 +77,8 @@ class Optimizer {
 };
 
 /// Groups of entries {parameter, state, step count}; the derived class supplies the state type
-/// and the update rule.
+/// and the update rule. A State lists its own tensors with `visit_tensors(fn)`, fn(field, Matrix<T>&)
+/// by torch's state-dict field names: that is how checkpoints save and restore any optimizer.
 template <class T, class State>
 class BasicOptimizer : public Optimizer<T> {
  public:
@@ -271,3 +272,11 @@ std::vector<ParamGroup<T>> single_group(std::vector<NamedParameter<T>> params, d
 }  // namespace detail
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class Optimizer<float>;
+extern template class Optimizer<double>;
+}  // namespace peft
+#endif

@@ -27,6 +27,12 @@ struct SGDOptions {
 template <class T>
 struct SGDState {
   Matrix<T> momentum_buffer;  ///< empty when momentum = 0
+
+  /// Calls fn(field, tensor) for each state tensor, by torch's state-dict name (checkpoints use this).
+  template <class F>
+  void visit_tensors(F&& fn) {
+    fn("momentum_buffer", momentum_buffer);
+  }
 };
 
 template <class T>
@@ -115,3 +121,13 @@ class SGD : public BasicOptimizer<T, SGDState<T>> {
 };
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class BasicOptimizer<float, SGDState<float>>;
+extern template class BasicOptimizer<double, SGDState<double>>;
+extern template class SGD<float>;
+extern template class SGD<double>;
+}  // namespace peft
+#endif

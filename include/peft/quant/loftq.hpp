@@ -19,7 +19,6 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/types.hpp"
-#include "peft/layers/lora_linear.hpp"
 #include "peft/quant/nf4.hpp"
 
 namespace peft::quant {

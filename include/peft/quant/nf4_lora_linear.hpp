@@ -92,14 +92,7 @@ class NF4LoRALinear : public Module<T> {
   // ---- adapters -----------------------------------------------------------------------------
 
   /// Adds a trainable adapter (A, B initialized as LoRALinear does) and makes it the active one.
-  LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
-    set_.check_new(this->name(), adapter_name, config, in_features(), out_features());
-    if (config.use_dora)
-      throw ConfigError(describe("NF4LoRALinear", this->name()) +
-                        ": DoRA adapters are not supported on an NF4 base (adapter \"" + adapter_name +
-                        "\"); use a LoRALinear on the dequantized weight");
-    return set_.add(LoraAdapterSet<T>::create(adapter_name, config, in_features(), out_features(), rng));
-  }
+  LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng);
   LoraAdapter<T>& add_adapter(const std::string& adapter_name, const LoraConfig& config = {}) {
     return add_adapter(adapter_name, config, set_.rng());
   }
@@ -123,25 +116,11 @@ class NF4LoRALinear : public Module<T> {
   Matrix<T> dequantized_weight() const { return quant::dequantize_nf4<T>(q_); }
 
   /// deq(Q) + Σ_active s·B·A [out, in].
-  Matrix<T> merged_weight() const {
-    Matrix<T> w = dequantized_weight();
-    for (std::size_t i : set_.active()) {
-      const LoraAdapter<T>& a = set_[i];
-      w.noalias() += static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
-    }
-    return w;
-  }
+  Matrix<T> merged_weight() const;
 
   /// The layout of the current base (block sizes, double quantization, dtype): what
   /// merge_and_requantize() keeps unless told otherwise.
-  quant::NF4Options quant_options() const {
-    quant::NF4Options o;
-    o.blocksize = q_.blocksize;
-    o.double_quant = q_.nested;
-    o.nested_blocksize = q_.nested_blocksize;
-    o.dtype = q_.dtype == "float16" ? "float16" : q_.dtype == "bfloat16" ? "bfloat16" : "float32";
-    return o;
-  }
+  quant::NF4Options quant_options() const;
 
   /// Q ← quantize(deq(Q) + Σ_active s·B·A) in the current base's layout; the active adapters are
   /// removed (their update now lives in the base). Reports the error this second rounding adds.
@@ -149,58 +128,12 @@ class NF4LoRALinear : public Module<T> {
   RequantizeReport merge_and_requantize() { return merge_and_requantize(quant_options()); }
 
   /// Same, re-quantized with `opt` (another block size, with or without double quantization).
-  RequantizeReport merge_and_requantize(const quant::NF4Options& opt) {
-    const std::string who = describe("NF4LoRALinear", this->name());
-    if (set_.active().empty()) throw ConfigError(who + ": no active adapter to merge");
-    const Matrix<T> w = merged_weight();
-    if (!all_finite(w)) throw NumericError(who + ": the merged weight has NaN or Inf; nothing was merged");
-    quant::NF4Tensor next = quant::quantize_nf4<T>(w, opt);
-    const Matrix<T> back = quant::dequantize_nf4<T>(next);
-    RequantizeReport rep;
-    rep.added_error = (back - w).template cast<double>().norm();
-    const double wn = w.template cast<double>().norm();
-    rep.relative_error = wn > 0.0 ? rep.added_error / wn : rep.added_error;
-    rep.merged = active_adapters();
-    q_ = std::move(next);
-    for (const auto& n : rep.merged) delete_adapter(n);
-    return rep;
-  }
+  RequantizeReport merge_and_requantize(const quant::NF4Options& opt);
 
   // ---- forward / backward -------------------------------------------------------------------
 
   /// y = x deq(Q)ᵀ + b + Σ s·dropout(x) Aᵀ Bᵀ, decoding tile_rows output rows at a time.
-  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
-    if (q_.shape.empty())
-      throw ConfigError(describe("NF4LoRALinear", this->name()) + ": has no quantized weight (default-constructed)");
-    check::input_features("NF4LoRALinear", this->name(), x.cols(), in_features());
-    const Index rows = x.rows();
-    const Index out = out_features();
-    y.resize(rows, out);
-    for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
-      const Index n = std::min(tile_rows_, out - r0);
-      decode_tile(r0, n);                                                // W_t [n, in]
-      y.middleCols(r0, n).noalias() = x * tile_.topRows(n).transpose();  // y[:, t] = x W_tᵀ   [rows, n]
-    }
-    if (has_bias()) y.rowwise() += bias.value.row(0);
-
-    cache.rows = rows;
-    cache.generation = set_.generation();
-    cache.used = 0;
-    bool need_x = false;
-    for (std::size_t i : set_.active()) {
-      const LoraAdapter<T>& a = set_[i];
-      AdapterCache& ac = LoraAdapterSet<T>::next_slot(cache.adapters, cache.used, i);
-      const T s = static_cast<T>(a.scaling());
-      const bool drop = this->training() && a.config.dropout > 0.0;
-      set_.project(x, a, drop, ac);  // keep, x̃, x̃ Aᵀ
-      if (!drop) need_x = need_x || a.A.trainable();
-      y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
-    }
-    if (need_x)
-      cache.x = x;
-    else
-      cache.x.resize(0, 0);  // nothing to keep, and a stale x must not pass backward's shape check
-  }
+  void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache);
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
     Matrix<T> y;
@@ -209,38 +142,7 @@ class NF4LoRALinear : public Module<T> {
   }
 
   /// Accumulates dA_i, dB_i (and db if unfrozen); writes dX into *dx unless dx is null.
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-    const std::string& nm = this->name();
-    if (cache.generation == 0)
-      throw ConfigError(describe("NF4LoRALinear", nm) + ": backward called with a cache that no forward filled");
-    if (cache.generation != set_.generation())
-      throw ConfigError(
-          describe("NF4LoRALinear", nm) +
-          ": adapters were added, removed, merged or switched between forward and backward; run forward again");
-    check::shape("NF4LoRALinear", nm, "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
-    if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
-    if (dx != nullptr) {
-      dx->resize(dy.rows(), in_features());
-      const Index out = out_features();
-      for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
-        const Index n = std::min(tile_rows_, out - r0);
-        decode_tile(r0, n);  // W_t [n, in]
-        if (r0 == 0)
-          dx->noalias() = dy.middleCols(r0, n) * tile_.topRows(n);  // dX = dY[:, t] W_t   [rows, in]
-        else
-          dx->noalias() += dy.middleCols(r0, n) * tile_.topRows(n);
-      }
-    }
-    for (std::size_t k = 0; k < cache.used; ++k) {
-      const AdapterCache& ac = cache.adapters[k];
-      LoraAdapter<T>& a = set_[ac.adapter];
-      const bool dropped = ac.keep.size() > 0;
-      if (!dropped && a.A.trainable())
-        check::shape("NF4LoRALinear", nm, "cached input (was A unfrozen after forward?)", cache.x.rows(),
-                     cache.x.cols(), cache.rows, in_features());
-      set_.backward_lora(a, ac, dropped ? ac.xd : cache.x, dy, dx);  // x̃: the input the adapter saw
-    }
-  }
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
   Rng& rng() { return set_.rng(); }
 
@@ -272,4 +174,128 @@ class NF4LoRALinear : public Module<T> {
   Matrix<T> tile_;  ///< decoded rows of the base [tile_rows, in], reused by forward and backward
 };
 
+template <class T>
+LoraAdapter<T>& NF4LoRALinear<T>::add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
+  set_.check_new(this->name(), adapter_name, config, in_features(), out_features());
+  if (config.use_dora)
+    throw ConfigError(describe("NF4LoRALinear", this->name()) +
+                      ": DoRA adapters are not supported on an NF4 base (adapter \"" + adapter_name +
+                      "\"); use a LoRALinear on the dequantized weight");
+  return set_.add(LoraAdapterSet<T>::create(adapter_name, config, in_features(), out_features(), rng));
+}
+
+template <class T>
+Matrix<T> NF4LoRALinear<T>::merged_weight() const {
+  Matrix<T> w = dequantized_weight();
+  for (std::size_t i : set_.active()) {
+    const LoraAdapter<T>& a = set_[i];
+    w.noalias() += static_cast<T>(a.scaling()) * (a.B.value * a.A.value);
+  }
+  return w;
+}
+
+template <class T>
+quant::NF4Options NF4LoRALinear<T>::quant_options() const {
+  quant::NF4Options o;
+  o.blocksize = q_.blocksize;
+  o.double_quant = q_.nested;
+  o.nested_blocksize = q_.nested_blocksize;
+  o.dtype = q_.dtype == "float16" ? "float16" : q_.dtype == "bfloat16" ? "bfloat16" : "float32";
+  return o;
+}
+
+template <class T>
+typename NF4LoRALinear<T>::RequantizeReport NF4LoRALinear<T>::merge_and_requantize(const quant::NF4Options& opt) {
+  const std::string who = describe("NF4LoRALinear", this->name());
+  if (set_.active().empty()) throw ConfigError(who + ": no active adapter to merge");
+  const Matrix<T> w = merged_weight();
+  if (!all_finite(w)) throw NumericError(who + ": the merged weight has NaN or Inf; nothing was merged");
+  quant::NF4Tensor next = quant::quantize_nf4<T>(w, opt);
+  const Matrix<T> back = quant::dequantize_nf4<T>(next);
+  RequantizeReport rep;
+  rep.added_error = (back - w).template cast<double>().norm();
+  const double wn = w.template cast<double>().norm();
+  rep.relative_error = wn > 0.0 ? rep.added_error / wn : rep.added_error;
+  rep.merged = active_adapters();
+  q_ = std::move(next);
+  for (const auto& n : rep.merged) delete_adapter(n);
+  return rep;
+}
+
+template <class T>
+void NF4LoRALinear<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
+  if (q_.shape.empty())
+    throw ConfigError(describe("NF4LoRALinear", this->name()) + ": has no quantized weight (default-constructed)");
+  check::input_features("NF4LoRALinear", this->name(), x.cols(), in_features());
+  const Index rows = x.rows();
+  const Index out = out_features();
+  y.resize(rows, out);
+  for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
+    const Index n = std::min(tile_rows_, out - r0);
+    decode_tile(r0, n);                                                // W_t [n, in]
+    y.middleCols(r0, n).noalias() = x * tile_.topRows(n).transpose();  // y[:, t] = x W_tᵀ   [rows, n]
+  }
+  if (has_bias()) y.rowwise() += bias.value.row(0);
+
+  cache.rows = rows;
+  cache.generation = set_.generation();
+  cache.used = 0;
+  bool need_x = false;
+  for (std::size_t i : set_.active()) {
+    const LoraAdapter<T>& a = set_[i];
+    AdapterCache& ac = LoraAdapterSet<T>::next_slot(cache.adapters, cache.used, i);
+    const T s = static_cast<T>(a.scaling());
+    const bool drop = this->training() && a.config.dropout > 0.0;
+    set_.project(x, a, drop, ac);  // keep, x̃, x̃ Aᵀ
+    if (!drop) need_x = need_x || a.A.trainable();
+    y.noalias() += s * ac.xa * a.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
+  }
+  if (need_x)
+    cache.x = x;
+  else
+    cache.x.resize(0, 0);  // nothing to keep, and a stale x must not pass backward's shape check
+}
+
+template <class T>
+void NF4LoRALinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  const std::string& nm = this->name();
+  if (cache.generation == 0)
+    throw ConfigError(describe("NF4LoRALinear", nm) + ": backward called with a cache that no forward filled");
+  if (cache.generation != set_.generation())
+    throw ConfigError(
+        describe("NF4LoRALinear", nm) +
+        ": adapters were added, removed, merged or switched between forward and backward; run forward again");
+  check::shape("NF4LoRALinear", nm, "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
+  if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
+  if (dx != nullptr) {
+    dx->resize(dy.rows(), in_features());
+    const Index out = out_features();
+    for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
+      const Index n = std::min(tile_rows_, out - r0);
+      decode_tile(r0, n);  // W_t [n, in]
+      if (r0 == 0)
+        dx->noalias() = dy.middleCols(r0, n) * tile_.topRows(n);  // dX = dY[:, t] W_t   [rows, in]
+      else
+        dx->noalias() += dy.middleCols(r0, n) * tile_.topRows(n);
+    }
+  }
+  for (std::size_t k = 0; k < cache.used; ++k) {
+    const AdapterCache& ac = cache.adapters[k];
+    LoraAdapter<T>& a = set_[ac.adapter];
+    const bool dropped = ac.keep.size() > 0;
+    if (!dropped && a.A.trainable())
+      check::shape("NF4LoRALinear", nm, "cached input (was A unfrozen after forward?)", cache.x.rows(), cache.x.cols(),
+                   cache.rows, in_features());
+    set_.backward_lora(a, ac, dropped ? ac.xd : cache.x, dy, dx);  // x̃: the input the adapter saw
+  }
+}
+
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class NF4LoRALinear<float>;
+extern template class NF4LoRALinear<double>;
+}  // namespace peft
+#endif

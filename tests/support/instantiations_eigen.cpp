@@ -1,0 +1,14 @@
+// Test build only: the one compiled copy of the Eigen decompositions several test TUs use (their
+// `extern template` declarations are in support/extern_templates.hpp).
+#include <Eigen/QR>
+#include <Eigen/SVD>
+
+#if !EIGEN_VERSION_AT_LEAST(3, 4, 90)
+namespace Eigen {
+template class BDCSVD<MatrixXf>;
+template class BDCSVD<MatrixXd>;
+template class JacobiSVD<Matrix<double, Dynamic, Dynamic, RowMajor>>;
+template class HouseholderQR<MatrixXf>;
+template class HouseholderQR<MatrixXd>;
+}  // namespace Eigen
+#endif

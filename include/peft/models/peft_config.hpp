@@ -271,6 +271,8 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
       }
   }
 
+  // Prefix and prompt tuning add virtual tokens (not a term of a linear): they are not rows of the
+  // method table and stay here, as do bottleneck adapters above.
   if (config.prefix)
     model.add_prefix(config.prefix->num_virtual_tokens, rng, config.prefix->prefix_projection,
                      config.prefix->encoder_hidden_size);

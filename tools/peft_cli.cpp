@@ -270,8 +270,9 @@ inline AdapterConfig unit_scaling_adapter_config(const std::vector<std::pair<std
 
 // ---------------------------------------------------------------------------------------------
 
-/// The peft_type of an adapter directory's config when it is a method of the table (VERA, LOHA,
-/// LOKR, IA3); empty otherwise (LoRA and prompt methods take the PEFT-adapter path).
+/// The peft_type of an adapter directory's config when it is a method of the table (LORA, VERA,
+/// LOHA, LOKR, IA3); empty otherwise (prompt and prefix tuning, which add virtual tokens, not a term
+/// of a linear, take the PEFT-adapter path of io/peft_format.hpp).
 inline std::string table_method_of(const std::string& dir) {
   const std::string path = dir + "/" + kAdapterConfigFile;
   if (!path_exists(path)) return "";
@@ -283,8 +284,7 @@ inline std::string table_method_of(const std::string& dir) {
 }
 
 /// `peft inspect DIR` for a table method: its config keys, then per module its tensors.
-inline int inspect_method_dir(const std::string& dir, std::ostream& out) {
-  const MethodAdapterFile<double> f = read_method_adapter<double>(dir);
+inline int inspect_method_dir(const std::string& dir, const MethodAdapterFile<double>& f, std::ostream& out) {
   out << "adapter:    " << dir << "\n";
   out << "peft_type:  " << f.format->peft_type << " (" << f.format->kind << ")\n";
   for (const std::string& k : f.format->config_keys)
@@ -313,6 +313,8 @@ inline int inspect_method_dir(const std::string& dir, std::ostream& out) {
   out << "\nparameters in the file: " << total << "\n";
   return kOk;
 }
+
+inline int inspect_peft_adapter(const std::string& target, const PeftAdapter<double>& ad, std::ostream& out);
 
 inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
   if (a.positional.size() != 1) throw UsageError("inspect takes exactly one FILE or DIR");
@@ -349,8 +351,15 @@ inline int cmd_inspect(const Args& a, std::ostream& out, std::ostream&) {
       out << std::setw(6) << dtype_name(t->dtype) << std::setw(22) << t->shape_string() << t->name << "\n";
     return kOk;
   }
-  if (!table_method_of(target).empty()) return inspect_method_dir(target, out);
-  const PeftAdapter<double> ad = load_peft_adapter<double>(target);
+  if (table_method_of(target).empty()) return inspect_peft_adapter(target, load_peft_adapter<double>(target), out);
+  const MethodAdapterFile<double> f = read_method_adapter<double>(target);
+  // LoRA's rows are factors: r, alpha, scaling and the analysis of s·B·A per module.
+  if (f.format->peft_type == "LORA") return inspect_peft_adapter(target, lora_adapter_of(f), out);
+  return inspect_method_dir(target, f, out);
+}
+
+/// `peft inspect DIR` for LoRA (a PeftAdapter of the table's LoRA row) and prompt / prefix tuning.
+inline int inspect_peft_adapter(const std::string& target, const PeftAdapter<double>& ad, std::ostream& out) {
   const AdapterConfig& c = ad.config;
   out << "adapter:    " << target << "\n";
   out << "peft_type:  " << c.peft_type << (c.task_type.empty() ? "" : "  task_type: " + c.task_type) << "\n";
@@ -421,15 +430,12 @@ inline int cmd_merge(const Args& a, std::ostream& out, std::ostream& err) {
     progress->update(static_cast<Index>(i));
   };
   MergeFileReport rep;
-  const bool table = is_directory(adapter) && !table_method_of(adapter).empty();
-  if (table && f64)
-    rep = merge_method_file(base, read_method_adapter<double>(adapter), dst, opt);
-  else if (table)
-    rep = merge_method_file(base, read_method_adapter<float>(adapter), dst, opt);
-  else if (f64)
-    rep = merge_adapter_file(base, load_peft_adapter<double>(adapter), dst, opt);
-  else
+  if (!is_directory(adapter) || table_method_of(adapter).empty())  // refused there: no weights to merge
     rep = merge_adapter_file(base, load_peft_adapter<float>(adapter), dst, opt);
+  else if (f64)
+    rep = merge_method_file(base, read_method_adapter<double>(adapter), dst, opt);
+  else
+    rep = merge_method_file(base, read_method_adapter<float>(adapter), dst, opt);
   if (progress) {
     progress->update(progress->total());
     progress->finish();

@@ -1,5 +1,6 @@
 #pragma once
-// Umbrella header: everything in peft-cpp except file I/O (peft/io/*.hpp, needs nlohmann-json).
+// Umbrella header: everything in peft-cpp except what needs nlohmann-json: file I/O (peft/io/*.hpp)
+// and apply_peft (peft/models/peft_config.hpp, which applies LoRA and (IA)^3 through the io method table).
 #include "peft/version.hpp"
 
 #include "peft/core/check.hpp"
@@ -49,7 +50,6 @@
 #include "peft/merge/lora_factors.hpp"
 #include "peft/merge/low_rank_svd.hpp"
 
-#include "peft/models/peft_config.hpp"
 #include "peft/models/transformer.hpp"
 
 #include "peft/quant/blockwise8.hpp"

@@ -105,6 +105,40 @@ TEST_CASE("module_targeted / select_modules: exclude_modules and modules_to_save
       "available modules: embed, layers.0.fc");
 }
 
+TEST_CASE("LayerFilter: layers_to_transform / layers_pattern read the layer index as PEFT does", "[targeting]") {
+  const LayerFilter plain({1, 3}, {});
+  // PEFT: re.match(r".*\.[^.]*\.(\d+)\.", key): the last number with a component before it (itself after
+  // a dot) and a component after it.
+  CHECK(plain.layer_index("model.layers.3.mlp.fc1") == 3);
+  CHECK(plain.layer_index("model.encoder.layer.12.attention.self.query") == 12);
+  CHECK(plain.layer_index("model.layers.0.experts.7.w1") == 7);
+  CHECK(plain.layer_index("layers.3.mlp.fc1") == -1);  // no dot before "layers": PEFT finds none
+  CHECK(plain.layer_index("model.layers.3") == -1);    // nothing after the number
+  CHECK(plain.keeps("model.layers.1.fc"));
+  CHECK_FALSE(plain.keeps("model.layers.2.fc"));
+  CHECK_FALSE(plain.keeps("lm_head"));
+  const LayerFilter pattern({0}, {"layers"});
+  CHECK(pattern.layer_index("model.layers.0.experts.7.w1") == 0);  // `.*\.layers\.(\d+)\.`
+  CHECK(pattern.layer_index("model.h.0.attn") == -1);
+  CHECK(LayerFilter({0}, {"h", "layers"}).layer_index("model.h.4.attn") == 4);
+  CHECK_FALSE(LayerFilter().active());
+  PEFT_REQUIRE_THROWS_WITH(LayerFilter({0}, {"(x"}, "cfg: layers_pattern"), ConfigError, "cfg: layers_pattern");
+
+  // A suffix (or all-linear) is filtered; a key named exactly, or a regex, is not (as in PEFT).
+  const ModuleSelector fc{"fc", "model.layers.2.fc"};
+  CHECK(module_targeted("model.layers.1.fc", true, fc, {}, {}, plain));
+  CHECK_FALSE(module_targeted("model.layers.0.fc", true, fc, {}, {}, plain));
+  CHECK(module_targeted("model.layers.2.fc", true, fc, {}, {}, plain));
+  CHECK_FALSE(module_targeted("model.layers.0.fc", true, ModuleSelector::pattern("all-linear"), {}, {}, plain));
+  CHECK(module_targeted("model.layers.0.fc", true, ModuleSelector::pattern(R"(.*\.fc)"), {}, {}, plain));
+  const std::vector<std::pair<std::string, bool>> candidates = {{"model.layers.0.fc", true},
+                                                                {"model.layers.1.fc", true}};
+  CHECK(select_modules(candidates, ModuleSelector{"fc"}, {}, {}, "t", plain) ==
+        std::vector<std::string>{"model.layers.1.fc"});
+  PEFT_REQUIRE_THROWS_WITH(select_modules(candidates, ModuleSelector{"fc"}, {}, {}, "t", LayerFilter({5}, {})),
+                           ConfigError, "matches no module (after exclude_modules, layers_to_transform and");
+}
+
 TEST_CASE("rank_pattern / alpha_pattern: PatternMap::find is the one lookup", "[targeting]") {
   const PatternMap<int> ranks{{"layers.1.attn.q_proj", 7}, {"q_proj", 5}, {"fc.", 9}};
   CHECK(*ranks.find("layers.1.attn.q_proj") == 7);  // first match wins

@@ -216,7 +216,7 @@ TEST_CASE("apply_method and the loader refuse what they cannot do, naming it", "
   Rng rng(9);
   method_dirs::TinyModel<float> model(rng);
   PEFT_REQUIRE_THROWS_WITH(io::apply_method(model, io::Json{{"peft_type", "OFT"}}, "a", rng), ConfigError,
-                           "peft_type \"OFT\" is not in the method table (VERA, LOHA, LOKR, IA3)");
+                           "peft_type \"OFT\" is not in the method table (LORA, VERA, LOHA, LOKR, IA3)");
   PEFT_REQUIRE_THROWS_WITH(
       io::apply_method(model, io::Json{{"peft_type", "LOHA"}, {"target_modules", {"nothing"}}}, "a", rng), ConfigError,
       "target_modules matches no linear; the model's linears: model.layers.0.self_attn.q_proj");

@@ -13,6 +13,15 @@
 //   modules_to_save:     a key equal to or inside a module to save (`(^|.*\.)m($|\..*)`) is never
 //                        targeted (PEFT puts no adapter inside a ModulesToSaveWrapper)
 //   rank_pattern / alpha_pattern: PatternMap (core/patterns.hpp), PEFT's get_pattern_key.
+//   layers_to_transform / layers_pattern (LayerFilter): when set, a module selected by a list
+//                        entry as a suffix (or by "all-linear", which PEFT turns into such a list)
+//                        is kept only if its layer index is listed. The index is the number in
+//                        PEFT's `re.match(r".*\.[^.]*\.(\d+)\.", key)`, or, with layers_pattern p,
+//                        `.*\.{p}\.(\d+)\.` (the first p that matches): the last numeric component
+//                        that has a component before it and one after it, and a dot before that
+//                        (`model.layers.3.mlp.fc` is layer 3; `layers.3.mlp.fc` has none, so it is
+//                        not kept, as in PEFT). A key equal to a list entry, or selected by a regex,
+//                        is not filtered (PEFT checks layers only on the suffix branch).
 //
 // The output layer. PEFT drops the model's output embedding (get_output_embeddings(): `lm_head` in
 // causal and seq2seq LMs) and, for sequence classification, the top-level head named "score" or
@@ -26,6 +35,7 @@
 //
 // A regex is compiled once, when the selector is made (copies share the compiled program); an
 // invalid one is a ConfigError at that point.
+#include <algorithm>
 #include <cctype>
 #include <initializer_list>
 #include <memory>
@@ -134,6 +144,59 @@ class ModuleSelector {
   std::shared_ptr<const Regex> re_;  // String form but "all-linear"; shared: copies compile nothing
 };
 
+/// PEFT's layers_to_transform / layers_pattern (see the file comment). Empty `indexes`: no filter.
+class LayerFilter {
+ public:
+  LayerFilter() = default;
+  /// `patterns` are regexes (layers_pattern), compiled here; ConfigError naming `who` if invalid.
+  LayerFilter(std::vector<long long> indexes, const std::vector<std::string>& patterns,
+              const std::string& who = "layers_pattern")
+      : indexes_(std::move(indexes)), who_(who) {
+    for (const auto& p : patterns)
+      if (!p.empty()) patterns_.push_back(std::make_shared<const Regex>(compile_name_regex(".*\\.(?:" + p + ")", who)));
+  }
+
+  bool active() const { return !indexes_.empty(); }
+  const std::vector<long long>& indexes() const { return indexes_; }
+
+  /// The layer index PEFT reads from `key`, or -1 when none matches.
+  long long layer_index(const std::string& key) const {
+    std::vector<std::size_t> starts{0};  // start of each dotted component
+    for (std::size_t i = 0; i < key.size(); ++i)
+      if (key[i] == '.') starts.push_back(i + 1);
+    const std::size_t n = starts.size();
+    auto end_of = [&](std::size_t c) { return c + 1 < n ? starts[c + 1] - 1 : key.size(); };
+    auto patterns_at = [&](std::size_t c) {  // the key before ".<component c>" ends with "." + a pattern
+      if (patterns_.empty()) return c >= 2;  // default: ".*\.[^.]*\." before the digits
+      const std::string head = key.substr(0, starts[c] - 1);
+      for (const auto& re : patterns_)
+        if (regex_full_match(head, *re, who_)) return true;
+      return false;
+    };
+    // Greedy `.*`: the last numeric component followed by a dot that fits.
+    for (std::size_t c = n >= 2 ? n - 1 : 0; c-- > 1;) {
+      const std::size_t b = starts[c], e = end_of(c);
+      if (e == b || e - b > 18) continue;
+      bool digits = true;
+      for (std::size_t i = b; i < e && digits; ++i) digits = key[i] >= '0' && key[i] <= '9';
+      if (digits && patterns_at(c)) return std::stoll(key.substr(b, e - b));
+    }
+    return -1;
+  }
+
+  /// Whether a module selected as a suffix is kept.
+  bool keeps(const std::string& key) const {
+    if (!active()) return true;
+    const long long i = layer_index(key);
+    return i >= 0 && std::find(indexes_.begin(), indexes_.end(), i) != indexes_.end();
+  }
+
+ private:
+  std::vector<long long> indexes_;
+  std::vector<std::shared_ptr<const Regex>> patterns_;
+  std::string who_;
+};
+
 /// Whether `key` lies inside (or is) one of the modules to save: PEFT's `(^|.*\.)m($|\..*)`.
 inline bool inside_module_to_save(const std::string& key, const std::vector<std::string>& modules_to_save) {
   for (const auto& m : modules_to_save) {
@@ -151,11 +214,18 @@ inline bool inside_module_to_save(const std::string& key, const std::vector<std:
 
 /// PEFT's decision for one module: selected by `target`, not by `exclude`, and not inside a module
 /// to save. `linear_non_head` as in ModuleSelector::matches.
+/// `layers` filters what a list entry selects as a suffix, or "all-linear" (see LayerFilter).
 inline bool module_targeted(const std::string& key, bool linear_non_head, const ModuleSelector& target,
-                            const ModuleSelector& exclude, const std::vector<std::string>& modules_to_save) {
+                            const ModuleSelector& exclude, const std::vector<std::string>& modules_to_save,
+                            const LayerFilter& layers = {}) {
   if (exclude.matches(key, linear_non_head)) return false;
   if (inside_module_to_save(key, modules_to_save)) return false;
-  return target.matches(key, linear_non_head);
+  if (!target.matches(key, linear_non_head)) return false;
+  if (!layers.active() || target.is_regex()) return true;
+  if (target.is_list())
+    for (const auto& n : target.names())
+      if (key == n) return true;  // named exactly: PEFT does not look at layers
+  return layers.keeps(key);
 }
 
 /// "a, b, c" (at most `limit` names, then "… (N more)").
@@ -170,18 +240,18 @@ inline std::string join_names(const std::vector<std::string>& names, std::size_t
 /// module_targeted() accepts. ConfigError naming `who` when `target` is empty or the selection is.
 inline std::vector<std::string> select_modules(const std::vector<std::pair<std::string, bool>>& candidates,
                                                const ModuleSelector& target, const ModuleSelector& exclude,
-                                               const std::vector<std::string>& modules_to_save,
-                                               const std::string& who) {
+                                               const std::vector<std::string>& modules_to_save, const std::string& who,
+                                               const LayerFilter& layers = {}) {
   if (target.empty()) throw ConfigError(who + ": target_modules is empty");
   std::vector<std::string> out, all;
   for (const auto& [name, linear_non_head] : candidates) {
     all.push_back(name);
-    if (module_targeted(name, linear_non_head, target, exclude, modules_to_save)) out.push_back(name);
+    if (module_targeted(name, linear_non_head, target, exclude, modules_to_save, layers)) out.push_back(name);
   }
   if (out.empty())
-    throw ConfigError(
-        who + ": target_modules " + target.describe() +
-        " matches no module (after exclude_modules and modules_to_save); available modules: " + join_names(all));
+    throw ConfigError(who + ": target_modules " + target.describe() + " matches no module (after exclude_modules" +
+                      (layers.active() ? ", layers_to_transform" : "") +
+                      " and modules_to_save); available modules: " + join_names(all));
   return out;
 }
 

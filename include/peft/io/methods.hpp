@@ -11,6 +11,15 @@
 // Models are plain Module trees: every AdaptedLinear (LoRALinear) in the tree is a slot, named by
 // its dotted path (Module::visit_modules), which is PEFT's module path when the model uses the
 // checkpoint's names. Rows, per peft_type:
+//   LORA  (and DoRA: use_dora) r, lora_alpha, lora_dropout, use_rslora, use_dora, rank_pattern,
+//         alpha_pattern, init_lora_weights, modules_to_save, bias, fan_in_fan_out; tensors
+//         lora_A.weight [r, in], lora_B.weight [out, r], lora_magnitude_vector [out]. The row is
+//         the LoRA code of io/peft_format.hpp and io/merge_file.hpp: its directory reader
+//         (load_peft_adapter: strict config, refused features, digest, modules_to_save / bias full
+//         tensors), its writer (collect_adapter + save_peft_adapter: r / alpha reconciled with the
+//         layers, byte for byte what they write) and its streaming merge (merge_adapter_file:
+//         --scale, fan_in_fan_out). Applying refuses fan_in_fan_out = true (the hosts are [out, in])
+//         and bias != "none" (biases are not trained here).
 //   VERA  r, vera_dropout, d_initial, projection_prng_key, save_projection (false refused: see
 //         adapters/vera.hpp), fan_in_fan_out / bias refused; tensors vera_lambda_b [out],
 //         vera_lambda_d [r]; model tensors base_model.vera_A [r, in_max], base_model.vera_B [out_max, r]
@@ -21,7 +30,10 @@
 //         lokr_w2 | lokr_w2_a + lokr_w2_b (lokr_t2: Conv only, refused)
 //   IA3   feedforward_modules (input scaling), init_ia3_weights; tensor ia3_l ([out, 1] or [1, in])
 // Every row: target_modules / exclude_modules select the linears (a list entry matches a path
-// equal to it or ending in "." + it; a string is a full-match regex).
+// equal to it or ending in "." + it; a string is a full-match regex; "all-linear"),
+// layers_to_transform / layers_pattern keep the listed layers (core/targeting.hpp: LayerFilter).
+// Prompt and prefix tuning are not rows: they add virtual tokens, not a term of a linear
+// (io/peft_format.hpp reads and writes their directories).
 #include <algorithm>
 #include <functional>
 #include <map>
@@ -50,6 +62,23 @@ struct MethodState {
 /// One module's tensors from a file: parameter name (e.g. "hada_w1_a") → [rows, cols].
 template <class T>
 using ModuleTensors = std::map<std::string, Matrix<T>>;
+
+template <class T>
+struct MethodFormat;
+
+/// A PEFT adapter directory of a table method, read and checked (not yet attached to a model).
+template <class T>
+struct MethodAdapterFile {
+  Json config;                                      ///< adapter_config.json
+  const MethodFormat<T>* format = nullptr;          ///< its row
+  std::map<std::string, ModuleTensors<T>> modules;  ///< module path → its tensors (names below the module)
+  std::map<std::string, Matrix<T>> model_tensors;   ///< e.g. base_model.vera_A
+  /// Whole tensors besides the adapters (LoRA's modules_to_save copies and biases with bias = "all" /
+  /// "lora_only"), by model-relative name: copied into the model on load, replacing the base's
+  /// tensor on merge.
+  std::vector<FullTensor<T>> full;
+  std::vector<std::string> warnings;  ///< e.g. a module target_modules does not select
+};
 
 /// A method's row of the table.
 template <class T>
@@ -84,6 +113,25 @@ struct MethodFormat {
                                                   const std::string& adapter, Index in, Index out,
                                                   const ModuleTensors<T>& tensors, MethodState& state, Rng& rng)>
       shaped;
+  /// A fresh adapter that depends on its host (DoRA's magnitude starts at ‖W₀ + s·B·A‖_row): used
+  /// instead of `create` where set. May be null.
+  std::function<std::unique_ptr<AdapterMethod<T>>(const Json& config, const std::string& path,
+                                                  const std::string& adapter, const AdaptedLinear<T>& host,
+                                                  MethodState& state, Rng& rng)>
+      create_on;
+  /// The method's own directory reader, where it has one (LoRA: load_peft_adapter); the table's
+  /// reader (tensors grouped by `params`) otherwise. May be null.
+  std::function<MethodAdapterFile<T>(const std::string& dir)> read;
+  /// The method's own directory writer, where it has one (LoRA: collect_adapter + save_peft_adapter);
+  /// returns its warnings. May be null.
+  std::function<std::vector<std::string>(const std::string& dir, Module<T>& model, const std::string& adapter,
+                                         const Json& config, DType dtype)>
+      save;
+  /// The method's own merge into a safetensors file, where it has one (LoRA: merge_adapter_file,
+  /// streaming by blocks of rows, with --scale and fan_in_fan_out). May be null.
+  std::function<MergeFileReport(const std::string& base, const MethodAdapterFile<T>& file, const std::string& out,
+                                const MergeFileOptions& opt)>
+      merge;
 };
 
 namespace detail {
@@ -180,21 +228,77 @@ inline ModuleSelector json_selector(const Json& c, const char* key, const std::s
   return ModuleSelector::list(std::move(names));
 }
 
-/// PEFT's target decision for one module of a model (core/targeting.hpp: module_targeted), the
-/// model's output layer recognised by name for "all-linear".
-inline bool targets(const Json& c, const std::string& path) {
+/// What a config selects (core/targeting.hpp: module_targeted), read once per application.
+struct Targeting {
+  ModuleSelector target, exclude;
   std::vector<std::string> modules_to_save;
-  if (c.contains("modules_to_save") && c.at("modules_to_save").is_array())
-    for (const Json& e : c.at("modules_to_save"))
-      if (e.is_string()) modules_to_save.push_back(e.get<std::string>());
-  const std::string label = label_of(c);
-  return module_targeted(path, !is_output_layer_name(path), json_selector(c, "target_modules", label),
-                         json_selector(c, "exclude_modules", label), modules_to_save);
-}
+  LayerFilter layers;
+
+  Targeting() = default;
+  Targeting(const Json& c, const std::string& label)
+      : target(json_selector(c, "target_modules", label)), exclude(json_selector(c, "exclude_modules", label)) {
+    if (c.contains("modules_to_save") && c.at("modules_to_save").is_array())
+      for (const Json& e : c.at("modules_to_save"))
+        if (e.is_string()) modules_to_save.push_back(e.get<std::string>());
+    std::vector<long long> indexes;
+    if (c.contains("layers_to_transform") && !c.at("layers_to_transform").is_null()) {
+      const Json& v = c.at("layers_to_transform");
+      for (const Json& e : v.is_array() ? v : Json::array({v})) {
+        if (!e.is_number_integer() || e.get<std::int64_t>() < 0)
+          throw IoError("\"" + label +
+                        "\": key \"layers_to_transform\" must be a non-negative integer or a list of them");
+        indexes.push_back(e.get<std::int64_t>());
+      }
+    }
+    std::vector<std::string> patterns;
+    if (c.contains("layers_pattern") && !c.at("layers_pattern").is_null()) {
+      const Json& v = c.at("layers_pattern");
+      for (const Json& e : v.is_array() ? v : Json::array({v})) {
+        if (!e.is_string())
+          throw IoError("\"" + label + "\": key \"layers_pattern\" must be a string or a list of strings");
+        patterns.push_back(e.get<std::string>());
+      }
+    }
+    layers = LayerFilter(std::move(indexes), patterns, label + ": layers_pattern");
+  }
+  /// PEFT's decision for the linear at `path`; `linear_non_head`: what "all-linear" may select.
+  bool operator()(const std::string& path, bool linear_non_head) const {
+    return module_targeted(path, linear_non_head, target, exclude, modules_to_save, layers);
+  }
+};
 
 /// Whether `path` is in feedforward_modules (IA3), by the selector rule of target_modules.
 inline bool ia3_feedforward(const Json& c, const std::string& path) {
   return json_selector(c, "feedforward_modules", label_of(c)).matches_linear_by_name(path);
+}
+
+/// The LoRA row's config, parsed once per application or file (io/peft_format.hpp's reader).
+struct LoraState {
+  AdapterConfig config;
+  bool fresh = false;  ///< applying (init per init_lora_weights), not loading (values copied in)
+};
+
+inline const LoraState& lora_state(MethodState& s, const Json& c, bool fresh) {
+  auto it = s.shared.find("LORA");
+  if (it == s.shared.end()) {
+    auto st = std::make_shared<LoraState>();
+    st->config = parse_adapter_config(c, label_of(c));
+    st->fresh = fresh;
+    it = s.shared.emplace("LORA", std::move(st)).first;
+  }
+  return *std::static_pointer_cast<const LoraState>(it->second);
+}
+
+/// Refuses what applying LoRA to [out, in] hosts cannot honour (loading such a file is fine).
+inline void check_lora_apply(const AdapterConfig& c, const std::string& who) {
+  if (c.fan_in_fan_out)
+    throw ConfigError(who +
+                      ": fan_in_fan_out = true describes a base stored [in, out] (GPT-2 Conv1D); "
+                      "the adapted linears store weights [out, in], expected false");
+  if (c.bias != "none")
+    throw ConfigError(who + ": bias = \"" + c.bias +
+                      "\" trains biases, which applying LoRA does not do; expected \"none\"");
+  (void)lora_init_of(c.init_lora_weights, who);
 }
 
 template <class T>
@@ -206,11 +310,101 @@ std::shared_ptr<const VeraProjections<T>> vera_projections(const MethodState& st
 
 }  // namespace detail
 
+/// A LoRA file of the table (peft_type LORA) as the PeftAdapter of io/peft_format.hpp: the config
+/// parsed, per module A, B (and DoRA's magnitude) with alpha and scaling from the config, the full
+/// tensors. What `peft inspect` reports and merge_adapter_file streams.
+template <class T>
+PeftAdapter<T> lora_adapter_of(const MethodAdapterFile<T>& file) {
+  PeftAdapter<T> ad;
+  ad.config = parse_adapter_config(file.config, "adapter config");
+  if (!ad.config.is_lora())
+    throw ConfigError("lora_adapter_of: peft_type is \"" + ad.config.peft_type + "\", not LORA");
+  for (const auto& [path, tensors] : file.modules) {
+    LoraModuleWeights<T> m;
+    m.path = path;
+    for (const auto& [param, value] : tensors) {
+      if (param == "lora_A.weight")
+        m.A = value;
+      else if (param == "lora_B.weight")
+        m.B = value;
+      else if (param == "lora_magnitude_vector")
+        m.magnitude = value;
+      else
+        throw ConfigError("lora_adapter_of: module \"" + path + "\" has a tensor \"" + param + "\" that is not LoRA's");
+    }
+    m.alpha = ad.config.alpha_for(path);
+    m.scaling = ad.config.scaling_of(static_cast<int>(m.rank()), m.alpha);
+    ad.lora.push_back(std::move(m));
+  }
+  ad.full = file.full;
+  ad.warnings = file.warnings;
+  return ad;
+}
+
 /// The table (one row per method, in PEFT's peft_type spelling).
 template <class T>
 const std::vector<MethodFormat<T>>& method_formats() {
   static const std::vector<MethodFormat<T>> table = [] {
     std::vector<MethodFormat<T>> t;
+
+    MethodFormat<T> lora;
+    lora.peft_type = "LORA";
+    lora.kind = "LoRA";
+    lora.config_keys = {"r",
+                        "lora_alpha",
+                        "lora_dropout",
+                        "use_rslora",
+                        "use_dora",
+                        "rank_pattern",
+                        "alpha_pattern",
+                        "init_lora_weights",
+                        "modules_to_save",
+                        "bias",
+                        "fan_in_fan_out"};
+    lora.params = {"lora_A.weight", "lora_B.weight", "lora_magnitude_vector"};
+    lora.check = [](const Json& c, const std::string& label) { (void)parse_adapter_config(c, label); };
+    lora.prepare = [](const Json& c, const std::vector<std::pair<Index, Index>>&, Rng&, MethodState& s) {
+      detail::check_lora_apply(detail::lora_state(s, c, true).config, "apply_method (LoRA)");
+    };
+    lora.load_model = [](const Json& c, const std::map<std::string, Matrix<T>>&, const std::string&, MethodState& s) {
+      (void)detail::lora_state(s, c, false);
+    };
+    lora.create = [](const Json&, const std::string& path, const std::string&, Index, Index, MethodState&,
+                     Rng&) -> std::unique_ptr<AdapterMethod<T>> {
+      throw ConfigError("LoRA adapter for \"" + path + "\": needs its host (create_on)");
+    };
+    lora.create_on = [](const Json& c, const std::string& path, const std::string& adapter,
+                        const AdaptedLinear<T>& host, MethodState& s, Rng& rng) -> std::unique_ptr<AdapterMethod<T>> {
+      const detail::LoraState& st = detail::lora_state(s, c, true);
+      LoraConfig lc = st.config.lora_config_for(path);
+      lc.init = st.fresh ? lora_init_of(st.config.init_lora_weights, detail::label_of(c)) : LoraInit::KaimingUniform;
+      if (lc.use_dora && !host.merged_adapters().empty())
+        throw ConfigError(describe("LoRALinear", host.name()) + ": cannot add DoRA adapter \"" + adapter +
+                          "\" while adapters are merged; its magnitude would be taken from the merged weight");
+      return make_lora<T>(adapter, lc, host.weight.value, rng, "LoRALinear", host.name());
+    };
+    lora.read = [](const std::string& dir) {
+      PeftAdapter<T> ad = load_peft_adapter<T>(dir);
+      MethodAdapterFile<T> f;
+      f.config = ad.config.raw;
+      for (LoraModuleWeights<T>& m : ad.lora) {
+        ModuleTensors<T>& mt = f.modules[m.path];
+        mt["lora_A.weight"] = std::move(m.A);
+        mt["lora_B.weight"] = std::move(m.B);
+        if (m.magnitude.size() > 0) mt["lora_magnitude_vector"] = std::move(m.magnitude);
+      }
+      f.full = std::move(ad.full);
+      f.warnings = std::move(ad.warnings);
+      return f;
+    };
+    lora.save = [](const std::string& dir, Module<T>& model, const std::string& adapter, const Json& c, DType dtype) {
+      const PeftAdapter<T> ad = collect_adapter(model, adapter, parse_adapter_config(c, "save_method_adapter: config"));
+      save_peft_adapter(dir, ad, dtype);
+      return ad.warnings;
+    };
+    lora.merge = [](const std::string& base, const MethodAdapterFile<T>& file, const std::string& out,
+                    const MergeFileOptions& opt) { return merge_adapter_file(base, lora_adapter_of(file), out, opt); };
+    t.push_back(std::move(lora));
 
     MethodFormat<T> vera;
     vera.peft_type = "VERA";
@@ -333,7 +527,7 @@ const MethodFormat<T>* find_method_format(const std::string& peft_type) {
   return nullptr;
 }
 
-/// "VERA, LOHA, LOKR, IA3".
+/// "LORA, VERA, LOHA, LOKR, IA3".
 template <class T>
 std::string method_format_names() {
   std::string s;
@@ -351,11 +545,106 @@ std::vector<std::pair<std::string, AdaptedLinear<T>*>> adapted_linears(Module<T>
   return out;
 }
 
-/// Adds a `config["peft_type"]` adapter named `adapter_name` to every linear of `model` that
-/// target_modules selects (PEFT's get_peft_model / add_adapter for that method), and returns
-/// their paths. ConfigError when nothing matches (listing the model's linears).
+/// A linear the table may adapt: its dotted path, its host, and whether "all-linear" selects it (a
+/// linear that is not the model's output layer).
 template <class T>
-std::vector<std::string> apply_method(Module<T>& model, const Json& config, const std::string& adapter_name, Rng& rng) {
+struct LinearSlot {
+  std::string path;
+  AdaptedLinear<T>* host = nullptr;
+  bool linear_non_head = true;
+};
+
+/// The slots of any model: every adapted linear, the output layer recognised by its name
+/// (is_output_layer_name). A model that knows its head lists its slots itself (apply_peft).
+template <class T>
+std::vector<LinearSlot<T>> linear_slots(Module<T>& model) {
+  std::vector<LinearSlot<T>> out;
+  for (auto& [path, host] : adapted_linears(model)) out.push_back({path, host, !is_output_layer_name(path)});
+  return out;
+}
+
+namespace detail {
+/// A fresh adapter of row `f` for `host` at `path`; shaped for a file's `tensors` where given and
+/// the row has such a layout (LoKr).
+template <class T>
+std::unique_ptr<AdapterMethod<T>> fresh_adapter(const MethodFormat<T>& f, const Json& config, const std::string& path,
+                                                const std::string& adapter, const AdaptedLinear<T>& host,
+                                                const ModuleTensors<T>* tensors, MethodState& state, Rng& rng) {
+  const Index in = host.in_features(), out = host.out_features();
+  if (tensors != nullptr && f.shaped) return f.shaped(config, path, adapter, in, out, *tensors, state, rng);
+  if (f.create_on) return f.create_on(config, path, adapter, host, state, rng);
+  return f.create(config, path, adapter, in, out, state, rng);
+}
+
+/// The name of a method tensor below its module: its file key without "base_model.model.<path>.".
+inline std::string param_name(const std::string& file_key, const std::string& path) {
+  const std::string head = std::string(kPeftKeyPrefix) + path + ".";
+  return file_key.rfind(head, 0) == 0 ? file_key.substr(head.size()) : file_key.substr(file_key.rfind('.') + 1);
+}
+
+/// Whether `host` already has an adapter `name` of method `type` (another method may share the name).
+template <class T>
+bool has_method(const AdaptedLinear<T>& host, const std::string& name, const std::string& type) {
+  for (const auto& m : host.methods())
+    if (m.name() == name && type == m.peft_type()) return true;
+  return false;
+}
+}  // namespace detail
+
+namespace detail {
+/// apply_method's work for row `f` once the config is checked and its selection read.
+template <class T>
+std::vector<std::string> apply_row(const MethodFormat<T>& f, const std::vector<LinearSlot<T>>& slots,
+                                   const Json& config, const Targeting& targets, MethodState& state,
+                                   const std::string& adapter_name, Rng& rng, const std::string& who) {
+  std::vector<const LinearSlot<T>*> chosen;
+  if (!who.empty()) {
+    std::vector<std::pair<std::string, bool>> candidates;
+    for (const auto& s : slots) candidates.emplace_back(s.path, s.linear_non_head);
+    const std::vector<std::string> names =
+        select_modules(candidates, targets.target, targets.exclude, targets.modules_to_save, who, targets.layers);
+    for (const auto& s : slots)
+      if (std::find(names.begin(), names.end(), s.path) != names.end()) chosen.push_back(&s);
+  } else {
+    for (const auto& s : slots)
+      if (targets(s.path, s.linear_non_head)) chosen.push_back(&s);
+    if (chosen.empty()) {
+      std::vector<std::string> names;
+      for (const auto& s : slots) names.push_back(s.path);
+      throw ConfigError("apply_method (" + f.kind +
+                        "): target_modules matches no linear; the model's linears: " + join_list(names));
+    }
+  }
+  if (f.prepare) {
+    std::vector<std::pair<Index, Index>> shapes;
+    for (const LinearSlot<T>* s : chosen) shapes.emplace_back(s->host->out_features(), s->host->in_features());
+    f.prepare(config, shapes, rng, state);
+  }
+  std::vector<std::unique_ptr<AdapterMethod<T>>> made;
+  for (const LinearSlot<T>* s : chosen) {
+    if (has_method(*s->host, adapter_name, f.peft_type))
+      throw ConfigError("apply_method (" + f.kind + "): module \"" + s->path + "\" already has a " + f.kind +
+                        " adapter \"" + adapter_name + "\"; nothing was applied");
+    made.push_back(fresh_adapter<T>(f, config, s->path, adapter_name, *s->host, nullptr, state, rng));
+  }
+  std::vector<std::string> paths;
+  for (std::size_t i = 0; i < chosen.size(); ++i) {
+    chosen[i]->host->add_adapter(std::move(made[i]));
+    paths.push_back(chosen[i]->path);
+  }
+  return paths;
+}
+}  // namespace detail
+
+/// Adds a `config["peft_type"]` adapter named `adapter_name` to every slot that the config selects
+/// (target_modules, exclude_modules, modules_to_save, layers_to_transform: PEFT's get_peft_model /
+/// add_adapter for that method), and returns their paths, in slot order. Each new adapter becomes
+/// its host's only active one. Every adapter is built before the first is attached, so an error
+/// leaves the hosts as they were. ConfigError when nothing matches: listing the model's linears, or,
+/// when `who` names a caller, select_modules' message (core/targeting.hpp) in its words.
+template <class T>
+std::vector<std::string> apply_method(const std::vector<LinearSlot<T>>& slots, const Json& config,
+                                      const std::string& adapter_name, Rng& rng, const std::string& who = "") {
   const std::string type = detail::json_value<std::string>(config, "peft_type", "", "adapter config");
   const MethodFormat<T>* f = find_method_format<T>(type);
   if (f == nullptr)
@@ -363,38 +652,36 @@ std::vector<std::string> apply_method(Module<T>& model, const Json& config, cons
                       method_format_names<T>() + ")");
   const std::string label = detail::label_of(config);
   f->check(config, label);
-  std::vector<std::pair<std::string, AdaptedLinear<T>*>> chosen, all = adapted_linears(model);
-  for (auto& s : all)
-    if (detail::targets(config, s.first)) chosen.push_back(s);
-  if (chosen.empty()) {
-    std::vector<std::string> names;
-    for (auto& s : all) names.push_back(s.first);
-    throw ConfigError("apply_method (" + f->kind +
-                      "): target_modules matches no linear; the model's linears: " + detail::join_list(names));
-  }
   MethodState state;
-  if (f->prepare) {
-    std::vector<std::pair<Index, Index>> shapes;
-    for (auto& s : chosen) shapes.emplace_back(s.second->out_features(), s.second->in_features());
-    f->prepare(config, shapes, rng, state);
-  }
-  std::vector<std::string> paths;
-  for (auto& [path, linear] : chosen) {
-    linear->add_adapter(
-        f->create(config, path, adapter_name, linear->in_features(), linear->out_features(), state, rng));
-    paths.push_back(path);
-  }
-  return paths;
+  return detail::apply_row(*f, slots, config, detail::Targeting(config, label), state, adapter_name, rng, who);
 }
 
-/// A PEFT adapter directory of a table method, read and checked (not yet attached to a model).
+/// apply_method with the LoRA row's config already parsed (io::AdapterConfig, e.g. apply_peft's):
+/// its selectors and rank / alpha pattern keys were compiled when it was made and are not again.
 template <class T>
-struct MethodAdapterFile {
-  Json config;                                      ///< adapter_config.json
-  const MethodFormat<T>* format = nullptr;          ///< its row
-  std::map<std::string, ModuleTensors<T>> modules;  ///< module path → its tensors
-  std::map<std::string, Matrix<T>> model_tensors;   ///< e.g. base_model.vera_A
-};
+std::vector<std::string> apply_method(const std::vector<LinearSlot<T>>& slots, const AdapterConfig& config,
+                                      const std::string& adapter_name, Rng& rng, const std::string& who = "") {
+  if (!config.is_lora())
+    throw ConfigError("apply_method: an AdapterConfig applies as LORA, got peft_type \"" + config.peft_type + "\"");
+  auto st = std::make_shared<detail::LoraState>();
+  st->config = config;
+  st->fresh = true;
+  MethodState state;
+  state.shared["LORA"] = std::move(st);
+  detail::Targeting targets;
+  targets.target = config.target_modules;
+  targets.exclude = config.exclude_modules;
+  targets.modules_to_save = config.modules_to_save;
+  targets.layers = config.layers;
+  return detail::apply_row(*find_method_format<T>("LORA"), slots, to_json(config), targets, state, adapter_name, rng,
+                           who);
+}
+
+/// apply_method on every adapted linear of `model` (linear_slots).
+template <class T>
+std::vector<std::string> apply_method(Module<T>& model, const Json& config, const std::string& adapter_name, Rng& rng) {
+  return apply_method(linear_slots(model), config, adapter_name, rng);
+}
 
 /// Reads `dir` (adapter_config.json + adapter_model.safetensors) for a method of the table:
 /// checks the config's options and the weights' digest, groups the tensors by module and refuses
@@ -412,6 +699,12 @@ MethodAdapterFile<T> read_method_adapter(const std::string& dir) {
   if (out.format == nullptr)
     throw ConfigError("\"" + config_path + "\": peft_type \"" + type + "\" is not a method of the table (" +
                       method_format_names<T>() + ")");
+  if (out.format->read) {  // the method's own reader (LoRA's, which also checks the digest)
+    const MethodFormat<T>* f = out.format;
+    out = f->read(dir);
+    out.format = f;
+    return out;
+  }
   out.format->check(out.config, config_path);
   if (!path_exists(weights)) throw IoError("\"" + weights + "\" not found");
   const SafeTensorsFile st(weights);
@@ -455,7 +748,9 @@ MethodAdapterFile<T> read_method_adapter(const std::string& dir) {
 
 /// Attaches a read adapter to `model` under `adapter_name` (active, as add_adapter makes it): every
 /// module of the file must be an adapted linear of the model with the file's shapes; the values are
-/// copied exactly. Returns the module paths.
+/// copied exactly, and so are the file's full tensors (modules_to_save, biases) into the model's
+/// parameters of those names. Everything is checked before the model changes. Returns the module
+/// paths.
 template <class T>
 std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapterFile<T>& file,
                                              const std::string& adapter_name) {
@@ -477,13 +772,11 @@ std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapt
                         "\" is not an adapted linear of the model; its linears: " + detail::join_list(names));
     }
     AdaptedLinear<T>& linear = *it->second;
-    const Index in = linear.in_features(), out = linear.out_features();
-    std::unique_ptr<AdapterMethod<T>> m = f.shaped
-                                              ? f.shaped(file.config, path, adapter_name, in, out, tensors, state, rng)
-                                              : f.create(file.config, path, adapter_name, in, out, state, rng);
+    std::unique_ptr<AdapterMethod<T>> m =
+        detail::fresh_adapter(f, file.config, path, adapter_name, linear, &tensors, state, rng);
     std::vector<AdapterTensor<T>> want = m->tensors(path);
     for (const AdapterTensor<T>& t : want) {
-      const std::string param = t.file_key.substr(t.file_key.rfind('.') + 1);
+      const std::string param = detail::param_name(t.file_key, path);
       const auto v = tensors.find(param);
       if (v == tensors.end())
         throw ConfigError(label + ": module \"" + path + "\" has no tensor \"" + param + "\" in the file");
@@ -493,18 +786,26 @@ std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapt
     if (want.size() != tensors.size())
       throw ConfigError(label + ": module \"" + path + "\" has " + std::to_string(tensors.size()) +
                         " tensors in the file, its layout uses " + std::to_string(want.size()));
-    for (const AdapterTensor<T>& t : want)
-      t.parameter->value = tensors.at(t.file_key.substr(t.file_key.rfind('.') + 1));
+    for (const AdapterTensor<T>& t : want) t.parameter->value = tensors.at(detail::param_name(t.file_key, path));
     made.push_back(std::move(m));
     hosts.push_back(&linear);
   }
+  // Full tensors: the model's parameters of those names, shapes checked.
+  auto idx = detail::parameter_index(model);
+  std::vector<std::pair<Parameter<T>*, const Matrix<T>*>> full;
+  for (const FullTensor<T>& t : file.full) {
+    Parameter<T>* p = detail::require_param(idx, t.name, " (a full tensor of the adapter: modules_to_save or a bias)");
+    detail::require_shape(*p, t.name, t.value.rows(), t.value.cols(), "full tensor");
+    full.emplace_back(p, &t.value);
+  }
   // Everything checked: attach (a name clash is refused before any layer changes).
   for (std::size_t i = 0; i < hosts.size(); ++i)
-    if (hosts[i]->has_adapter(adapter_name))
+    if (detail::has_method(*hosts[i], adapter_name, f.peft_type))
       throw ConfigError(label + ": module \"" + hosts[i]->name() + "\" already has an adapter \"" + adapter_name +
                         "\"; nothing was loaded");
   std::vector<std::string> paths;
   for (std::size_t i = 0; i < hosts.size(); ++i) hosts[i]->add_adapter(std::move(made[i]));
+  for (auto& [p, v] : full) p->value = *v;
   for (const auto& kv : file.modules) paths.push_back(kv.first);
   return paths;
 }
@@ -513,14 +814,18 @@ std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapt
 /// directory: `config` (the method's keys, e.g. as given to apply_method or read from a file) is
 /// written as adapter_config.json with peft_type and the digest of the weights; tensors under PEFT's
 /// keys. Weights first, config last (see peft_format.hpp).
+/// A method with its own writer (LoRA: collect_adapter + save_peft_adapter, which reconcile r /
+/// lora_alpha with the layers and save modules_to_save) writes through it. Returns the writer's
+/// warnings (e.g. a config value replaced by the layers').
 template <class T>
-void save_method_adapter(const std::string& dir, Module<T>& model, const std::string& adapter_name, Json config,
-                         DType dtype = native_dtype<T>()) {
+std::vector<std::string> save_method_adapter(const std::string& dir, Module<T>& model, const std::string& adapter_name,
+                                             Json config, DType dtype = native_dtype<T>()) {
   const std::string type = detail::json_value<std::string>(config, "peft_type", "", "adapter config");
   const MethodFormat<T>* f = find_method_format<T>(type);
   if (f == nullptr)
     throw ConfigError("save_method_adapter: peft_type \"" + type + "\" is not in the method table (" +
                       method_format_names<T>() + ")");
+  if (f->save) return f->save(dir, model, adapter_name, config, dtype);
   std::vector<std::pair<std::string, Matrix<T>>> owned;
   std::vector<NamedTensor<T>> tensors;
   std::vector<AdapterMethod<T>*> adapters;
@@ -551,6 +856,7 @@ void save_method_adapter(const std::string& dir, Module<T>& model, const std::st
         Json{{"weights_file", kAdapterWeightsFile}, {"weights_sha256", detail::sha256_of_file(weights)}};
     return c.dump(2) + "\n";
   });
+  return {};
 }
 
 /// Merges a table method's adapter into a safetensors model file (`peft merge`): every module's
@@ -563,6 +869,10 @@ template <class T>
 MergeFileReport merge_method_file(const std::string& base_path, const MethodAdapterFile<T>& file,
                                   const std::string& out_path, const MergeFileOptions& opt = {}) {
   const MethodFormat<T>& f = *file.format;
+  if (f.merge) return f.merge(base_path, file, out_path, opt);  // the method's own streaming merge (LoRA)
+  if (!file.full.empty())
+    throw ConfigError("merge: the " + f.kind + " adapter holds full tensors (e.g. \"" + file.full.front().name +
+                      "\"), which this method's merge does not write");
   if (opt.scale != 1.0)
     throw ConfigError("merge: --scale applies to LoRA deltas only; a " + f.kind + " adapter merges as a whole");
   const InputFile base(base_path);
@@ -631,11 +941,10 @@ MergeFileReport merge_method_file(const std::string& base_path, const MethodAdap
     AdaptedLinear<T> host(std::move(lin), tg.path);
     Rng rng(0);
     const ModuleTensors<T>& tensors = file.modules.at(tg.path);
-    std::unique_ptr<AdapterMethod<T>> m = f.shaped
-                                              ? f.shaped(file.config, tg.path, "default", in, out, tensors, state, rng)
-                                              : f.create(file.config, tg.path, "default", in, out, state, rng);
+    std::unique_ptr<AdapterMethod<T>> m =
+        detail::fresh_adapter(f, file.config, tg.path, "default", host, &tensors, state, rng);
     for (const AdapterTensor<T>& t : m->tensors(tg.path)) {
-      const std::string param = t.file_key.substr(t.file_key.rfind('.') + 1);
+      const std::string param = detail::param_name(t.file_key, tg.path);
       const auto v = tensors.find(param);
       if (v == tensors.end())
         throw ConfigError(who + ": adapter module \"" + tg.path + "\" has no tensor \"" + param + "\"");

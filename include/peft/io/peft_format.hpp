@@ -94,6 +94,7 @@ struct AdapterConfig {
   std::string bias = "none";
   ModuleSelector target_modules;
   ModuleSelector exclude_modules;
+  LayerFilter layers;            ///< layers_to_transform / layers_pattern (core/targeting.hpp)
   PatternMap<int> rank_pattern;  ///< file order matters
   PatternMap<double> alpha_pattern;
   std::vector<std::string> modules_to_save;
@@ -145,7 +146,7 @@ struct AdapterConfig {
   /// exclude_modules, not inside modules_to_save); "all-linear" leaves out the output layer, known
   /// here by name only (is_output_layer_name).
   bool targets(const std::string& path) const {
-    return module_targeted(path, !is_output_layer_name(path), target_modules, exclude_modules, modules_to_save);
+    return module_targeted(path, !is_output_layer_name(path), target_modules, exclude_modules, modules_to_save, layers);
   }
 };
 
@@ -271,6 +272,35 @@ struct ConfigReader {
       out.push_back(e.get<std::string>());
     }
   }
+  /// layers_to_transform (an index or a list of indexes >= 0) and layers_pattern (a regex or a list).
+  void get_layers(LayerFilter& out) const {
+    std::vector<long long> indexes;
+    if (has("layers_to_transform")) {
+      const Json& v = j.at("layers_to_transform");
+      auto index = [&](const Json& e) {
+        if (!e.is_number_integer() || e.get<std::int64_t>() < 0 || e.get<std::int64_t>() > (1 << 30))
+          bad("layers_to_transform", "a non-negative integer or a list of them");
+        indexes.push_back(e.get<std::int64_t>());
+      };
+      if (v.is_array())
+        for (const Json& e : v) index(e);
+      else
+        index(v);
+    }
+    std::vector<std::string> patterns;
+    if (has("layers_pattern")) {
+      const Json& v = j.at("layers_pattern");
+      if (v.is_string())
+        patterns.push_back(v.get<std::string>());
+      else
+        get("layers_pattern", patterns);
+    }
+    try {
+      out = LayerFilter(std::move(indexes), patterns, "adapter config: layers_pattern");
+    } catch (const ConfigError& e) {
+      throw IoError("\"" + label + "\": key \"layers_pattern\" is not a valid regular expression (" + e.what() + ")");
+    }
+  }
   template <class V>
   void get_pattern(const std::string& key, PatternMap<V>& out, bool integer) const {
     if (!has(key)) return;
@@ -354,6 +384,7 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
     rd.get_pattern("rank_pattern", c.rank_pattern, true);
     rd.get_pattern("alpha_pattern", c.alpha_pattern, false);
     rd.get("modules_to_save", c.modules_to_save);
+    rd.get_layers(c.layers);
     if (rd.has("init_lora_weights")) {
       const Json& v = j.at("init_lora_weights");
       if (!v.is_boolean() && !v.is_string()) rd.bad("init_lora_weights", "true, false or a string");
@@ -419,17 +450,38 @@ inline AdapterConfig read_adapter_config(const std::string& path) {
   return parse_adapter_config(parse_json_strict(text, path), path);
 }
 
+/// A selector as adapter_config.json writes it: null, a string (regex or "all-linear") or a list.
+inline Json selector_json(const ModuleSelector& s) {
+  if (!s.present()) return Json();
+  if (s.form() == ModuleSelector::Form::String) return Json(s.text());
+  return Json(s.names());
+}
+
+/// init_lora_weights as LoraInit: true = KaimingUniform, "gaussian" = Gaussian, false = None;
+/// ConfigError naming `who` for anything else (PiSSA, OLoRA, ... modify the base).
+inline LoraInit lora_init_of(const Json& init, const std::string& who) {
+  if (init.is_boolean()) return init.get<bool>() ? LoraInit::KaimingUniform : LoraInit::None;
+  if (init.is_string() && init.get<std::string>() == "gaussian") return LoraInit::Gaussian;
+  throw ConfigError(who + ": init_lora_weights = " + init.dump().substr(0, 80) +
+                    " is not supported; expected true, false or \"gaussian\"");
+}
+/// The inverse of lora_init_of.
+inline Json lora_init_json(LoraInit init) {
+  switch (init) {
+    case LoraInit::KaimingUniform: return true;
+    case LoraInit::Gaussian: return "gaussian";
+    case LoraInit::None: return false;
+  }
+  return true;
+}
+
 /// The config as JSON: the keys read from the file (unknown ones too), updated with the fields.
 inline Json to_json(const AdapterConfig& c) {
   Json j = c.raw.is_object() ? c.raw : Json::object();
   j["peft_type"] = c.peft_type;
   if (!c.task_type.empty()) j["task_type"] = c.task_type;
   j["base_model_name_or_path"] = c.base_model_name_or_path.empty() ? Json() : Json(c.base_model_name_or_path);
-  auto selector = [](const ModuleSelector& s) -> Json {
-    if (!s.present()) return Json();
-    if (s.form() == ModuleSelector::Form::String) return Json(s.text());
-    return Json(s.names());
-  };
+  auto selector = [](const ModuleSelector& s) { return selector_json(s); };
   if (c.is_lora()) {
     j["r"] = c.r;
     j["lora_alpha"] = c.lora_alpha;

@@ -18,6 +18,32 @@
 //
 // Several methods may be combined in one config (all are applied, in the order listed above).
 // A selection that matches nothing throws ConfigError listing the available names.
+//
+// LoRA (with DoRA) and (IA)³ are rows of the method table (io/methods.hpp): apply_peft converts its
+// part of the config into adapter_config.json's form (to_adapter_config below; the (IA)³ keys) and
+// hands it to io::apply_method on the model's linears, the same code that applies, loads, saves and
+// merges those methods on any model. Bottleneck adapters, prefix and prompt tuning stay here: they
+// are not terms of a linear layer (no host of the table holds them).
+//
+// The in-memory config and adapter_config.json (io::AdapterConfig, io/peft_format.hpp) convert into
+// each other here, in one place (to_adapter_config / to_peft_config); both hold the same selector
+// (ModuleSelector) and pattern maps (PatternMap), so targeting means the same on both sides:
+//
+//   PeftConfig.lora.target_modules / exclude_modules   <->  target_modules / exclude_modules
+//   PeftConfig.lora.lora.r / alpha / dropout           <->  r / lora_alpha / lora_dropout
+//   PeftConfig.lora.lora.use_rslora / use_dora         <->  use_rslora / use_dora
+//   PeftConfig.lora.lora.init                          <->  init_lora_weights: KaimingUniform = true,
+//                                                           Gaussian = "gaussian", None = false
+//   PeftConfig.lora.rank_pattern / alpha_pattern       <->  rank_pattern / alpha_pattern (same order)
+//   PeftConfig.modules_to_save                         <->  modules_to_save
+//
+// An adapter_config.json describes one method: a PeftConfig with another method (bottleneck
+// adapters, (IA)³, prefix or prompt tuning) or without LoRA is a ConfigError in
+// to_adapter_config, and so is, in to_peft_config, a file whose settings apply_peft cannot honour
+// (a non-LoRA peft_type, fan_in_fan_out, bias other than "none", an init other than the three above).
+//
+// Needs nlohmann-json (through io/methods.hpp), so it is not in the umbrella header.
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <utility>
@@ -26,6 +52,7 @@
 #include "peft/core/parameters.hpp"
 #include "peft/core/patterns.hpp"
 #include "peft/core/targeting.hpp"
+#include "peft/io/methods.hpp"
 #include "peft/layers/lora_linear.hpp"
 #include "peft/models/transformer.hpp"
 
@@ -70,7 +97,7 @@ struct PromptTargetConfig {
 };
 
 /// What apply_peft applies. Its LoRA part and adapter_config.json (io::AdapterConfig) convert into
-/// each other in one place: to_adapter_config / to_peft_config (models/peft_config_io.hpp).
+/// each other in one place: to_adapter_config / to_peft_config (below).
 struct PeftConfig {
   std::string adapter_name = "default";
   std::optional<LoraTargetConfig> lora;
@@ -88,6 +115,72 @@ struct PeftReport {
   std::vector<std::string> saved_modules;  ///< modules_to_save as resolved
   ParameterCount parameters;               ///< after application
 };
+
+namespace detail {
+/// The adapter_config.json of a LoRA part (modules_to_save: the PeftConfig's).
+inline io::AdapterConfig lora_adapter_config(const LoraTargetConfig& lc,
+                                             const std::vector<std::string>& modules_to_save,
+                                             const std::string& base_model = "") {
+  io::AdapterConfig c;
+  c.peft_type = "LORA";
+  c.base_model_name_or_path = base_model;
+  c.r = lc.lora.r;
+  c.lora_alpha = lc.lora.alpha;
+  c.lora_dropout = lc.lora.dropout;
+  c.use_rslora = lc.lora.use_rslora;
+  c.use_dora = lc.lora.use_dora;
+  c.init_lora_weights = io::lora_init_json(lc.lora.init);
+  c.target_modules = lc.target_modules;
+  c.exclude_modules = lc.exclude_modules;
+  c.rank_pattern = lc.rank_pattern;
+  c.alpha_pattern = lc.alpha_pattern;
+  c.modules_to_save = modules_to_save;
+  return c;
+}
+}  // namespace detail
+
+/// The adapter_config.json of `config`'s LoRA (see the file comment); `base_model` fills
+/// base_model_name_or_path.
+inline io::AdapterConfig to_adapter_config(const PeftConfig& config, const std::string& base_model = "") {
+  const std::string who = "to_adapter_config";
+  if (!config.lora)
+    throw ConfigError(who + ": the PeftConfig has no LoRA part; an adapter_config.json here holds LoRA");
+  const char* other = config.adapter  ? "bottleneck adapters"
+                      : config.ia3    ? "(IA)^3"
+                      : config.prefix ? "prefix tuning"
+                      : config.prompt ? "prompt tuning"
+                                      : nullptr;
+  if (other)
+    throw ConfigError(who + ": the PeftConfig combines LoRA with " + other +
+                      "; an adapter_config.json describes one method");
+  return detail::lora_adapter_config(*config.lora, config.modules_to_save, base_model);
+}
+
+/// The PeftConfig (LoRA only) that apply_peft needs to reproduce the adapter described by `c`
+/// (see the file comment). `adapter_name` names the adapter in the model.
+inline PeftConfig to_peft_config(const io::AdapterConfig& c, const std::string& adapter_name = "default") {
+  const std::string who = "to_peft_config";
+  if (!c.is_lora())
+    throw ConfigError(who + ": peft_type is \"" + c.peft_type + "\", expected \"LORA\" (apply_peft takes such a " +
+                      "config only as LoRA)");
+  io::detail::check_lora_apply(c, who);
+  LoraTargetConfig lc;
+  lc.target_modules = c.target_modules;
+  lc.exclude_modules = c.exclude_modules;
+  lc.lora.r = c.r;
+  lc.lora.alpha = c.lora_alpha;
+  lc.lora.dropout = c.lora_dropout;
+  lc.lora.use_rslora = c.use_rslora;
+  lc.lora.use_dora = c.use_dora;
+  lc.lora.init = io::lora_init_of(c.init_lora_weights, who);
+  lc.rank_pattern = c.rank_pattern;
+  lc.alpha_pattern = c.alpha_pattern;
+  PeftConfig pc;
+  pc.adapter_name = adapter_name;
+  pc.lora = std::move(lc);
+  pc.modules_to_save = c.modules_to_save;
+  return pc;
+}
 
 namespace detail {
 /// Every module path of the model, derived from its parameter names ("layers.0.norm1.weight" gives
@@ -132,33 +225,37 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
 
   model.freeze_all();
 
-  if (config.lora) {
-    const LoraTargetConfig& lc = *config.lora;
-    report.lora_modules = select_modules(model.linear_names(), lc.target_modules, lc.exclude_modules,
-                                         config.modules_to_save, who + " (LoRA)");
-    for (const auto& key : report.lora_modules) {
-      LoraConfig c = lc.lora;
-      if (const int* r = lc.rank_pattern.find(key, who + " rank_pattern")) c.r = *r;
-      if (const double* a = lc.alpha_pattern.find(key, who + " alpha_pattern")) c.alpha = *a;
-      model.linear(key).add_adapter(config.adapter_name, c, rng);
-    }
-  }
+  // LoRA and (IA)³ through the method table, on this model's linears (it knows its head).
+  auto slots = [&model] {
+    std::vector<io::LinearSlot<T>> out;
+    model.for_each_linear([&](const std::string& n, LoRALinear<T>& l, bool head) { out.push_back({n, &l, !head}); });
+    return out;
+  };
+  if (config.lora)
+    report.lora_modules = io::apply_method(slots(), detail::lora_adapter_config(*config.lora, config.modules_to_save),
+                                           config.adapter_name, rng, who + " (LoRA)");
 
   if (config.adapter) model.add_adapters(config.adapter->placement, config.adapter->options, rng);
 
   if (config.ia3) {
     const IA3TargetConfig& ic = *config.ia3;
-    report.ia3_modules = select_modules(model.linear_names(), ic.target_modules, ic.exclude_modules,
-                                        config.modules_to_save, who + " ((IA)^3)");
-    std::vector<char> keys(model.layers.size(), 0), values(model.layers.size(), 0), ffn(model.layers.size(), 0);
+    const io::Json ia3 = {{"peft_type", "IA3"},
+                          {"target_modules", io::selector_json(ic.target_modules)},
+                          {"exclude_modules", io::selector_json(ic.exclude_modules)},
+                          {"feedforward_modules", io::selector_json(ic.feedforward_modules)},
+                          {"modules_to_save", config.modules_to_save}};
+    const std::vector<io::LinearSlot<T>> at = slots();
+    std::vector<std::vector<std::string>> active;  // each linear's active adapters before (IA)³ joins them
+    for (const auto& s : at) active.push_back(s.host->active_adapters());
+    report.ia3_modules = io::apply_method(at, ia3, config.adapter_name, rng, who + " ((IA)^3)");
+    // This model scales keys and values in attention and fc2's input (the prefix is never scaled).
     for (const auto& key : report.ia3_modules) {
       const bool feedforward = ic.feedforward_modules.matches_linear_by_name(key);
       bool placed = false;
       for (std::size_t i = 0; i < model.layers.size() && !placed; ++i) {
         const std::string p = "layers." + std::to_string(i) + ".";
-        if (key == p + "attn.k_proj" && !feedforward) keys[i] = placed = true;
-        if (key == p + "attn.v_proj" && !feedforward) values[i] = placed = true;
-        if (key == p + "ffn.fc2" && feedforward) ffn[i] = placed = true;
+        placed = ((key == p + "attn.k_proj" || key == p + "attn.v_proj") && !feedforward) ||
+                 (key == p + "ffn.fc2" && feedforward);
       }
       if (!placed)
         throw ConfigError(who + " ((IA)^3): cannot scale \"" + key + "\"" +
@@ -166,12 +263,16 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
                           "; this model supports attn.k_proj, attn.v_proj (output scaling, not in feedforward_modules) "
                           "and ffn.fc2 (input scaling, in feedforward_modules)");
     }
-    for (std::size_t i = 0; i < model.layers.size(); ++i) {
-      if (keys[i] || values[i]) model.layers[i].attn.add_ia3(config.adapter_name, keys[i] != 0, values[i] != 0);
-      if (ffn[i]) model.layers[i].ffn.add_ia3(config.adapter_name);
-    }
+    // (IA)³ joins the adapters active there (a LoRA adapter of the same config stays on).
+    for (std::size_t i = 0; i < at.size(); ++i)
+      if (std::find(report.ia3_modules.begin(), report.ia3_modules.end(), at[i].path) != report.ia3_modules.end()) {
+        active[i].push_back(config.adapter_name);
+        at[i].host->set_active(active[i]);
+      }
   }
 
+  // Prefix and prompt tuning add virtual tokens (not a term of a linear): they are not rows of the
+  // method table and stay here, as do bottleneck adapters above.
   if (config.prefix)
     model.add_prefix(config.prefix->num_virtual_tokens, rng, config.prefix->prefix_projection,
                      config.prefix->encoder_hidden_size);

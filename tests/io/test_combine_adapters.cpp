@@ -223,7 +223,7 @@ TEST_CASE("combine_adapter_dirs refuses (IA)^3, DoRA, an unknown VeRA input size
   io::CombineAdaptersOptions wide = opt;
   wide.shapes["enc.0.attn.v"] = {12, 13};
   PEFT_REQUIRE_THROWS_WITH(io::combine_adapter_dirs({dir.file("vera")}, dir.file("o"), wide), ShapeError,
-                           "has input size 13 elsewhere, but its shared projection has 12 columns");
+                           "is given input size 13, but its shared projection has 12 columns");
   CHECK_FALSE(io::path_exists(dir.file("o")));
 }
 

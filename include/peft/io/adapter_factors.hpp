@@ -54,8 +54,8 @@ template <class T>
 void fit_input_size(AdapterFactors<T>& f, const std::string& path, Index in, const std::string& who) {
   LoraFactors<T>& m = f.modules.at(path);
   if (in <= 0 || in > m.A.cols())
-    throw ShapeError(who + ": " + f.kind + " module \"" + path + "\" of \"" + f.source + "\" has input size " +
-                     std::to_string(in) + " elsewhere, but its shared projection has " + std::to_string(m.A.cols()) +
+    throw ShapeError(who + ": " + f.kind + " module \"" + path + "\" of \"" + f.source + "\" is given input size " +
+                     std::to_string(in) + ", but its shared projection has " + std::to_string(m.A.cols()) +
                      " columns (in_max); expected 1 <= in <= " + std::to_string(m.A.cols()));
   if (in < m.A.cols()) m.A = Matrix<T>(m.A.leftCols(in));
   f.open_in.erase(path);

@@ -118,12 +118,12 @@ PeftAdapter<T> combine_adapters(std::vector<AdapterFactors<T>> sources, const Co
     for (AdapterFactors<T>& s : sources) {
       if (s.open_in.count(path) == 0) continue;
       if (in == 0)
-        throw ConfigError("combine: " + s.kind + " module \"" + path + "\" of \"" + s.source +
-                          "\": its input size is not stored in the adapter directory (the shared vera_A [r, in_max] "
-                          "has " +
-                          std::to_string(s.modules.at(path).in_features()) +
-                          " columns for modules of several sizes); give the base model's shapes (peft combine "
-                          "--base MODEL.safetensors) or combine it with an adapter of another method on that module");
+        throw ConfigError(
+            "combine: " + s.kind + " module \"" + path + "\" of \"" + s.source +
+            "\": its input size is not stored in the adapter directory (the shared vera_A [r, in_max] has " +
+            std::to_string(s.modules.at(path).in_features()) +
+            " columns, in_max over all its modules); give the base model's shapes (peft combine --base "
+            "MODEL.safetensors) or combine it with an adapter of another method on that module");
       fit_input_size(s, path, in, "combine");
     }
   }

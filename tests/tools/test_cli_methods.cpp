@@ -1,8 +1,10 @@
-// `peft inspect` and `peft merge` on adapter directories of the table's methods (VeRA, LoHa, LoKr,
-// (IA)³) written by Hugging Face PEFT 0.21.2 (tests/data/methods): the merged file equals PEFT's
-// merge_and_unload (base + get_delta_weight, or (IA)³'s scaled weights and biases).
+// `peft inspect`, `peft merge` and `peft combine` on adapter directories of the table's methods
+// (VeRA, LoHa, LoKr, (IA)³) written by Hugging Face PEFT 0.21.2 (tests/data/methods): the merged
+// file equals PEFT's merge_and_unload (base + get_delta_weight, or (IA)³'s scaled weights and
+// biases); the combined LoRA adapter's update is the weighted sum of PEFT's deltas.
 #include "peft_cli.hpp"
 
+#include <peft/io/peft_format.hpp>
 #include <peft/io/safetensors.hpp>
 
 #include <string>

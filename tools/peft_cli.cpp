@@ -23,6 +23,8 @@
 #include <vector>
 
 #include <peft/core/error.hpp>
+#include <peft/io/adapter_factors.hpp>
+#include <peft/io/combine_adapters.hpp>
 #include <peft/io/merge_file.hpp>
 #include <peft/io/methods.hpp>
 #include <peft/io/peft_format.hpp>
@@ -233,53 +235,13 @@ inline ProgressOptions terminal_progress(const std::ostream& err) {
   return o;
 }
 
-/// A LoRA config storing unit-scaling factors whose ranks may differ per module: r is the most
-/// common rank, the others go to rank_pattern (alpha = r everywhere, so every scaling is 1).
-inline AdapterConfig unit_scaling_adapter_config(const std::vector<std::pair<std::string, Index>>& ranks,
-                                                 bool use_rslora, const std::string& base_model) {
-  AdapterConfig c;
-  c.peft_type = "LORA";
-  c.use_rslora = use_rslora;
-  c.base_model_name_or_path = base_model;
-  std::map<Index, int> count;
-  for (const auto& r : ranks) ++count[r.second];
-  Index common = 1;
-  int best = -1;
-  for (const auto& kv : count)
-    if (kv.second > best) {
-      best = kv.second;
-      common = kv.first;
-    }
-  auto alpha_of = [&](Index r) { return use_rslora ? std::sqrt(static_cast<double>(r)) : static_cast<double>(r); };
-  c.r = static_cast<int>(common);
-  c.lora_alpha = alpha_of(common);
-  std::vector<std::string> paths;
-  for (const auto& r : ranks) {
-    paths.push_back(r.first);
-    if (r.second != common) {
-      // The full module path as key, as PEFT writes it (matched by "(.*\.)?(key)$").
-      c.rank_pattern.emplace_back(r.first, static_cast<int>(r.second));
-      c.alpha_pattern.emplace_back(r.first, alpha_of(r.second));
-    }
-  }
-  c.target_modules = ModuleSelector::list(std::move(paths));
-  c.raw = Json::object();
-  c.raw["task_type"] = nullptr;
-  return c;
-}
-
 // ---------------------------------------------------------------------------------------------
 
 /// The peft_type of an adapter directory's config when it is a method of the table (LORA, VERA,
 /// LOHA, LOKR, IA3); empty otherwise (prompt and prefix tuning, which add virtual tokens, not a term
 /// of a linear, take the PEFT-adapter path of io/peft_format.hpp).
 inline std::string table_method_of(const std::string& dir) {
-  const std::string path = dir + "/" + kAdapterConfigFile;
-  if (!path_exists(path)) return "";
-  const std::string text = read_text_file(path, 1u << 20);
-  const Json j = parse_json_strict(text, path);
-  if (!j.is_object() || !j.contains("peft_type") || !j.at("peft_type").is_string()) return "";
-  const std::string type = j.at("peft_type").get<std::string>();
+  const std::string type = adapter_dir_peft_type(dir);
   return find_method_format<double>(type) != nullptr ? type : "";
 }
 
@@ -447,79 +409,38 @@ inline int cmd_merge(const Args& a, std::ostream& out, std::ostream& err) {
 
 inline int cmd_combine(const Args& a, std::ostream& out, std::ostream& err) {
   if (a.positional.size() < 1) throw UsageError("combine needs at least one adapter directory");
-  CombineMethod method;
+  CombineAdaptersOptions opt;
   const std::string ms = a.get("method");
-  if (!parse_combine_method(ms, method)) throw UsageError("unknown --method \"" + ms + "\"");
+  if (!parse_combine_method(ms, opt.combine.method)) throw UsageError("unknown --method \"" + ms + "\"");
   const std::string dst = a.get("out");
   const std::size_t n = a.positional.size();
-  std::vector<double> weights =
-      a.has("weights") ? parse_list(a.get("weights"), "--weights") : std::vector<double>(n, 1.0);
-  if (weights.size() != n)
-    throw UsageError("--weights has " + std::to_string(weights.size()) + " values for " + std::to_string(n) +
+  opt.weights = a.has("weights") ? parse_list(a.get("weights"), "--weights") : std::vector<double>(n, 1.0);
+  if (opt.weights.size() != n)
+    throw UsageError("--weights has " + std::to_string(opt.weights.size()) + " values for " + std::to_string(n) +
                      " adapters");
-  CombineOptions opt;
-  opt.method = method;
-  opt.rank = static_cast<Index>(a.integer("rank", 0));
-  if (opt.rank < 0) throw UsageError("--rank must be >= 0 (0: the lossless rank), got " + a.get("rank"));
-  opt.density = a.number("density", 1.0);
-  opt.seed = static_cast<std::uint64_t>(a.integer("seed", 0));
+  opt.combine.rank = static_cast<Index>(a.integer("rank", 0));
+  if (opt.combine.rank < 0) throw UsageError("--rank must be >= 0 (0: the lossless rank), got " + a.get("rank"));
+  opt.combine.density = a.number("density", 1.0);
+  opt.combine.seed = static_cast<std::uint64_t>(a.integer("seed", 0));
   const std::string sign = a.get_or("majority-sign", "total");
   if (sign != "total" && sign != "frequency") throw UsageError("--majority-sign must be total or frequency");
-  opt.majority_sign = sign == "total" ? MajoritySign::Total : MajoritySign::Frequency;
-
-  std::vector<PeftAdapter<double>> ads;
-  for (const auto& d : a.positional) {
-    ads.push_back(load_peft_adapter<double>(d));
-    if (!ads.back().config.is_lora()) throw ConfigError("combine: \"" + d + "\" is not a LoRA adapter");
-    if (ads.back().config.use_dora)
-      throw ConfigError("combine: \"" + d + "\" is a DoRA adapter (its delta is not s·B·A)");
-    if (ads.back().config.fan_in_fan_out != ads[0].config.fan_in_fan_out)
-      throw ConfigError("combine: \"" + d + "\" and \"" + a.positional[0] + "\" disagree on fan_in_fan_out");
-    if (!ads.back().full.empty())  // modules_to_save: whole tensors, no factors to combine
-      throw ConfigError("combine: \"" + d + "\" also holds " + std::to_string(ads.back().full.size()) +
-                        " full tensors (modules_to_save, e.g. \"" + ads.back().full.front().name +
-                        "\"); combine works on LoRA factors only and would drop them");
+  opt.combine.majority_sign = sign == "total" ? MajoritySign::Total : MajoritySign::Frequency;
+  if (a.has("base")) {
+    const std::string base = a.get("base");
+    (void)base_header(base);  // a JSON file given by mistake gets base_header's message
+    opt.shapes = module_shapes_of_safetensors(base);
   }
-  for (std::size_t i = 1; i < n; ++i) {
-    if (ads[i].lora.size() != ads[0].lora.size())
-      throw ConfigError("combine: \"" + a.positional[i] + "\" adapts " + std::to_string(ads[i].lora.size()) +
-                        " modules, \"" + a.positional[0] + "\" adapts " + std::to_string(ads[0].lora.size()));
-    for (const auto& m : ads[0].lora)
-      if (!ads[i].find(m.path))
-        throw ConfigError("combine: \"" + a.positional[i] + "\" has no module \"" + m.path +
-                          "\" (adapters must target the same modules)");
-  }
-  PeftAdapter<double> result;
-  std::vector<std::pair<std::string, Index>> ranks;
-  double worst = 0.0;
   // Dense methods take seconds per large module: a progress line on a terminal.
   std::optional<Progress> progress;
-  if (!ads[0].lora.empty())
-    progress.emplace("combine", static_cast<Index>(ads[0].lora.size()), err, terminal_progress(err));
-  for (const auto& m0 : ads[0].lora) {
-    std::vector<LoraFactors<double>> fs;
-    for (std::size_t i = 0; i < n; ++i) {
-      const auto* m = ads[i].find(m0.path);
-      fs.push_back(LoraFactors<double>{m->A, m->B, m->scaling, a.positional[i] + ":" + m->path});
-    }
-    CombineResult<double> r = combine(fs, weights, opt, m0.path);
-    LoraModuleWeights<double> w;
-    w.path = m0.path;
-    w.A = std::move(r.factors.A);
-    w.B = std::move(r.factors.B);
-    w.scaling = 1.0;
-    ranks.emplace_back(w.path, w.A.rows());
-    worst = std::max(worst, r.frobenius_error);
-    result.lora.push_back(std::move(w));
-    progress->update(static_cast<Index>(result.lora.size()));
-  }
+  opt.on_module = [&](std::size_t done, std::size_t count) {
+    if (!progress) progress.emplace("combine", static_cast<Index>(count), err, terminal_progress(err));
+    progress->update(static_cast<Index>(done));
+  };
+  const CombineAdaptersReport rep = combine_adapter_dirs<double>(a.positional, dst, opt);
   if (progress) progress->finish();
-  result.config = unit_scaling_adapter_config(ranks, false, ads[0].config.base_model_name_or_path);
-  result.config.fan_in_fan_out = ads[0].config.fan_in_fan_out;
-  for (auto& m : result.lora) m.alpha = result.config.alpha_for(m.path);
-  save_peft_adapter(dst, result);
-  out << "combined " << n << " adapters (" << to_string(method) << ") over " << result.lora.size() << " modules -> "
-      << dst << "\nlargest truncation error |dW_target - B'A'|_F = " << fmt(worst) << "\n";
+  out << "combined " << n << " adapters (" << to_string(opt.combine.method) << ") over " << rep.modules
+      << " modules -> " << dst << "\nlargest truncation error |dW_target - B'A'|_F = " << fmt(rep.largest_error)
+      << "\n";
   return kOk;
 }
 
@@ -688,17 +609,22 @@ inline const std::vector<Command>& commands() {
        {"base", "adapter", "out", "scale", "map"},
        {}},
       {"combine",
-       "combine LoRA adapters (cat, svd, linear, ties, dare_linear, dare_ties, magnitude_prune)",
+       "combine LoRA, VeRA, LoHa or LoKr adapters into one LoRA adapter (cat, svd, linear, ties, dare, ...)",
        "usage: peft combine --method METHOD [--weights w1,w2,...] [--rank K] [--density D] [--seed N]\n"
-       "                    [--majority-sign total|frequency] ADAPTER_DIR... --out OUT_DIR\n\n"
+       "                    [--majority-sign total|frequency] [--base MODEL.safetensors]\n"
+       "                    ADAPTER_DIR... --out OUT_DIR\n\n"
        "Methods: cat (exact, rank = sum of ranks), svd (exact sum re-compressed to rank K from the factors),\n"
        "linear, magnitude_prune, ties, dare_linear, dare_ties (on the dense deltas, as PEFT's\n"
        "add_weighted_adapter, then truncated SVD to rank K). --rank 0 (default) keeps the lossless rank.\n"
        "--density is the kept fraction for the pruning methods, --seed the DARE mask seed. Weights default\n"
-       "to 1. The adapters must target the same modules. The result is a PEFT adapter with scaling 1.\n"
+       "to 1. The adapters must target the same modules. The result is a PEFT LoRA adapter with scaling 1.\n"
+       "Sources may be LoRA, VeRA, LoHa or LoKr directories, mixed: each module's update is converted to LoRA\n"
+       "factors exactly (VeRA at rank r, LoHa at rank <= r^2, LoKr at rank <= rank(W1) r). DoRA and (IA)^3 are\n"
+       "refused (their update is not an additive s B A). A VeRA directory does not store each module's input\n"
+       "size: another source of the module, or --base (the base model, read for its shapes only), gives it.\n"
        "When stderr is a terminal, a progress line counts the modules done.\n",
        detail::cmd_combine,
-       {"method", "weights", "rank", "density", "seed", "majority-sign", "out"},
+       {"method", "weights", "rank", "density", "seed", "majority-sign", "out", "base"},
        {}},
       {"quantize",
        "quantize the linear weights of a safetensors model to NF4 (bitsandbytes / QLoRA layout)",

@@ -1,9 +1,8 @@
 // Every row of the conformance table (conformance_cases.hpp) allocates nothing after warm-up:
 // forward + backward (frozen and trainable base, with and without dx), forward_inference and the
 // mixed-adapter batch, in eval mode and in train mode (dropout masks, rank / module dropout), under
-// Eigen's EIGEN_RUNTIME_NO_MALLOC guard. Same approach as test_no_malloc.cpp: eigen_assert is
-// routed to a counter (Release compiles eigen_assert out), so a forbidden allocation is counted,
-// then proceeds; a positive control proves the guard is live for the layer's own code.
+// Eigen's EIGEN_RUNTIME_NO_MALLOC guard with a counter (support/no_malloc.hpp); a positive control
+// proves the guard is live for the layer's own code.
 //
 // Warm-up: a few calls, not one, since module dropout may skip the term on a call (its buffers are
 // then sized by a later one). Each mode is warmed up on its own: switching eval ↔ train resizes the
@@ -11,19 +10,7 @@
 //
 // What Eigen's guard cannot see: std::string / std::vector allocations (reviewed by eye, as in
 // test_no_malloc.cpp).
-#include <atomic>
-
-namespace conformance_no_malloc {
-inline std::atomic<long> violations{0};
-inline void on_eigen_assert(bool ok) {
-  if (!ok) ++violations;
-}
-}  // namespace conformance_no_malloc
-
-#define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x) ::conformance_no_malloc::on_eigen_assert(static_cast<bool>(x))
-
-#include <Eigen/Core>
+#include "support/no_malloc.hpp"
 
 #include <peft/layers/lora_mixed_batch.hpp>
 
@@ -36,16 +23,10 @@ namespace conformance_no_malloc {
 
 using namespace conformance;
 
-/// Runs fn `warmup` times with allocation allowed, then `reps` times forbidden; returns the number
-/// of forbidden allocations.
+/// Module dropout may skip the term on a call: a few warm-up calls, not one (see above).
 template <class Fn>
-long allocations_after_warmup(Fn&& fn, int warmup = 6, int reps = 4) {
-  for (int i = 0; i < warmup; ++i) fn();
-  violations = 0;
-  Eigen::internal::set_is_malloc_allowed(false);
-  for (int i = 0; i < reps; ++i) fn();
-  Eigen::internal::set_is_malloc_allowed(true);
-  return violations.load();
+long allocations_after_warmup(Fn&& fn) {
+  return peft::test::no_malloc::allocations_after_warmup(fn, 6, 4);
 }
 
 template <class T>

@@ -3,10 +3,8 @@
 // outputs, plain LoRA and DoRA, the mixed-adapter batch, and the sequence blocks (attention,
 // feed-forward, layer norm, dropout, embeddings, prefix), under Eigen's EIGEN_RUNTIME_NO_MALLOC guard.
 //
-// Eigen reports a forbidden allocation through eigen_assert, which NDEBUG (Release) compiles out,
-// so this file routes eigen_assert to a counter: each violation is counted (and the allocation
-// then proceeds normally, so a violation is a test failure, never a crash). The macros must come
-// before the first Eigen include. A positive control proves the guard is live in this build.
+// The guard and its counter: support/no_malloc.hpp (included first). A positive control proves the
+// guard is live in this build.
 //
 // What Eigen's guard cannot see: std::string / std::vector allocations. Those were reviewed by
 // eye on these paths: error messages are built only on failure (peft::check), the adapter cache
@@ -15,19 +13,7 @@
 // Note: a GEMM whose packing blocks exceed EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) allocates its
 // workspace on the heap on every call (Eigen's design); the sizes here stay below that, as the
 // guarantee we test is about our code, not Eigen's large-GEMM workspace.
-#include <atomic>
-
-namespace peft_no_malloc {
-inline std::atomic<long> violations{0};
-inline void on_eigen_assert(bool ok) {
-  if (!ok) ++violations;
-}
-}  // namespace peft_no_malloc
-
-#define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x) ::peft_no_malloc::on_eigen_assert(static_cast<bool>(x))
-
-#include <Eigen/Core>
+#include "support/no_malloc.hpp"
 
 #include <peft/layers/attention.hpp>
 #include <peft/layers/dropout.hpp>
@@ -48,17 +34,7 @@ using namespace peft;
 
 namespace {
 
-/// Runs fn once with allocation allowed (warm-up: buffers reach their final size), then `reps`
-/// times with Eigen's allocator forbidden; returns the number of forbidden allocations.
-template <class Fn>
-long allocations_after_warmup(Fn&& fn, int reps = 3) {
-  fn();
-  peft_no_malloc::violations = 0;
-  Eigen::internal::set_is_malloc_allowed(false);
-  for (int i = 0; i < reps; ++i) fn();
-  Eigen::internal::set_is_malloc_allowed(true);
-  return peft_no_malloc::violations.load();
-}
+using peft::test::no_malloc::allocations_after_warmup;
 
 LoraConfig cfg(int r, double alpha, double dropout, bool dora = false) {
   LoraConfig c;

@@ -1,8 +1,7 @@
 // Repeated optimizer steps (and the losses, clipping, schedules and regularizers called around
-// them) allocate nothing after the first step: Eigen aborts on any heap allocation while
-// set_is_malloc_allowed(false) is in force.
-#define EIGEN_RUNTIME_NO_MALLOC
-#include <Eigen/Core>
+// them) allocate nothing after the first step: Eigen's guard with a counter (support/no_malloc.hpp;
+// Release compiles eigen_assert out, so without the counter a forbidden allocation went unseen).
+#include "support/no_malloc.hpp"
 
 #include <peft/loss/bradley_terry.hpp>
 #include <peft/loss/cross_entropy.hpp>
@@ -19,12 +18,10 @@ using namespace peft;
 using test::TwoParams;
 
 namespace {
-/// Runs `fn` five times with Eigen allocations forbidden; returns after re-allowing them.
+/// Runs `fn` five times with Eigen allocations forbidden; returns the forbidden allocations.
 template <class Fn>
-void without_malloc(Fn&& fn) {
-  Eigen::internal::set_is_malloc_allowed(false);
-  for (int i = 0; i < 5; ++i) fn();
-  Eigen::internal::set_is_malloc_allowed(true);
+long without_malloc(Fn&& fn) {
+  return peft::test::no_malloc::allocations_after_warmup(fn, 0, 5);
 }
 
 template <class T>
@@ -33,6 +30,13 @@ void set_grads(TwoParams<T>& m, T value) {
   m.bias.grad.setConstant(-value);
 }
 }  // namespace
+
+TEST_CASE("optim: the no-malloc guard is live in this build", "[optim][alloc]") {
+  CHECK(without_malloc([] {
+          Matrix<double> m(7, 9);
+          m.setZero();
+        }) > 0);
+}
 
 TEMPLATE_TEST_CASE("Optimizer steps allocate nothing after the first", "[optim][alloc]", float, double) {
   using T = TestType;
@@ -50,7 +54,7 @@ TEMPLATE_TEST_CASE("Optimizer steps allocate nothing after the first", "[optim][
   partly_frozen.step();
   const Matrix<T> before = c.weight.value;
   std::int64_t k = 1;
-  without_malloc([&] {
+  const long allocations = without_malloc([&] {
     for (auto* m : {&a, &b, &c}) set_grads<T>(*m, T(0.5));
     d.weight.grad.setConstant(T(0.5));
     apply_schedule(adamw, schedule, k++);
@@ -60,6 +64,7 @@ TEMPLATE_TEST_CASE("Optimizer steps allocate nothing after the first", "[optim][
     partly_frozen.step();
     sgd.zero_grad();
   });
+  CHECK(allocations == 0);
   CHECK(adamw.step_count("weight") == 6);
   CHECK(c.weight.value != before);
   CHECK(partly_frozen.num_states() == 1);
@@ -82,7 +87,7 @@ TEMPLATE_TEST_CASE("Losses, clipping and regularizers allocate nothing with reus
   const Matrix<T> target = test::random_matrix<T>(8, 1, rng);
   Matrix<T> dlogits(8, 5), dpred(8, 1), dc(8, 1), dr(8, 1);
   T total = 0;
-  without_malloc([&] {
+  const long allocations = without_malloc([&] {
     total += cross_entropy<T>(logits, labels, &dlogits, {0.1, -100});
     total += mse<T>(pred, target, &dpred);
     total += bradley_terry<T>(pred, target, &dc, &dr);
@@ -91,5 +96,6 @@ TEMPLATE_TEST_CASE("Losses, clipping and regularizers allocate nothing with reus
     total += l2sp.add_to_gradients();
     total += ewc.add_to_gradients();
   });
+  CHECK(allocations == 0);
   CHECK(std::isfinite(static_cast<double>(total)));
 }

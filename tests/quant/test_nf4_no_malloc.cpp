@@ -1,23 +1,10 @@
 // NF4LoRALinear's hot path allocates nothing after the first call with a given shape: forward
 // decodes into a reused tile, backward reuses its scratch and the cache.
 //
-// Eigen reports a forbidden allocation through eigen_assert, which NDEBUG (Release) compiles out,
-// so eigen_assert is routed to a counter (the macros come before the first Eigen include), and a
-// positive control proves the guard is live. Sizes stay small so Eigen's GEMM blocking lives on
-// the stack (above EIGEN_STACK_ALLOCATION_LIMIT Eigen itself heap-allocates its GEMM workspace).
-#include <atomic>
-
-namespace peft_quant_no_malloc {
-inline std::atomic<long> violations{0};
-inline void on_eigen_assert(bool ok) {
-  if (!ok) ++violations;
-}
-}  // namespace peft_quant_no_malloc
-
-#define EIGEN_RUNTIME_NO_MALLOC
-#define eigen_assert(x) ::peft_quant_no_malloc::on_eigen_assert(static_cast<bool>(x))
-
-#include <Eigen/Core>
+// The guard and its counter: support/no_malloc.hpp (included first); a positive control proves the
+// guard is live. Sizes stay small so Eigen's GEMM blocking lives on the stack (above
+// EIGEN_STACK_ALLOCATION_LIMIT Eigen itself heap-allocates its GEMM workspace).
+#include "support/no_malloc.hpp"
 
 #include <peft/quant/nf4_lora_linear.hpp>
 
@@ -25,16 +12,7 @@ inline void on_eigen_assert(bool ok) {
 
 using namespace peft;
 
-namespace {
-template <class Fn>
-long count_allocations(Fn&& fn) {
-  peft_quant_no_malloc::violations = 0;
-  Eigen::internal::set_is_malloc_allowed(false);
-  fn();
-  Eigen::internal::set_is_malloc_allowed(true);
-  return peft_quant_no_malloc::violations.load();
-}
-}  // namespace
+using peft::test::no_malloc::count_allocations;
 
 TEST_CASE("The allocation guard is live in this build", "[quant][alloc]") {
   Matrix<float> m;

@@ -34,6 +34,9 @@
 // layers_to_transform / layers_pattern keep the listed layers (core/targeting.hpp: LayerFilter).
 // Prompt and prefix tuning are not rows: they add virtual tokens, not a term of a linear
 // (io/peft_format.hpp reads and writes their directories).
+// A row with a LoRA-factor form also says how a file gives a module's [out, in] (file_shape), so
+// that a directory reads as factors without its base model (io/adapter_factors.hpp: peft combine);
+// a row without one says why (no_factors: (IA)³).
 #include <algorithm>
 #include <functional>
 #include <map>
@@ -78,6 +81,15 @@ struct MethodAdapterFile {
   /// tensor on merge.
   std::vector<FullTensor<T>> full;
   std::vector<std::string> warnings;  ///< e.g. a module target_modules does not select
+};
+
+/// A module's [out, in] as a file's tensors tell it, without the base model.
+struct ModuleFileShape {
+  Index out = 0;
+  Index in = 0;
+  /// false where the file bounds the input size only (VeRA: in <= vera_A's columns, the module's A
+  /// being the leading in columns of the shared projection); `in` is then that bound.
+  bool in_exact = true;
 };
 
 /// A method's row of the table.
@@ -132,6 +144,13 @@ struct MethodFormat {
   std::function<MergeFileReport(const std::string& base, const MethodAdapterFile<T>& file, const std::string& out,
                                 const MergeFileOptions& opt)>
       merge;
+  /// The [out, in] of module `path` as the file's tensors imply it (0 where they do not), for
+  /// reading a directory without its base model (peft combine). Null for a method with no
+  /// LoRA-factor form.
+  std::function<ModuleFileShape(const MethodAdapterFile<T>& file, const std::string& path)> file_shape;
+  /// Why the method's update has no LoRA-factor form ΔW = s·B·A (combine refuses it with this
+  /// reason); empty when every adapter of the method converts (AdapterMethod::to_factors).
+  std::string no_factors;
 };
 
 namespace detail {
@@ -182,27 +201,30 @@ inline VeraConfig vera_config(const Json& c, const std::string& label) {
   return v;
 }
 
+/// The options LoHa and LoKr share (LyCORIS' rank, alpha, dropouts), as their config structs
+/// spell them: r and alpha per module (rank_pattern / alpha_pattern).
+template <class C>
+void lycoris_common_config(const Json& c, const std::string& path, const std::string& label, C& k) {
+  k.r = pattern_or<int>(c, "rank_pattern", path, json_value<int>(c, "r", k.r, label));
+  k.alpha = pattern_or<double>(c, "alpha_pattern", path, json_value<double>(c, "alpha", k.alpha, label));
+  k.rank_dropout = json_value<double>(c, "rank_dropout", k.rank_dropout, label);
+  k.module_dropout = json_value<double>(c, "module_dropout", k.module_dropout, label);
+  k.use_effective_conv2d = json_value<bool>(c, "use_effective_conv2d", k.use_effective_conv2d, label);
+}
+
 inline LohaConfig loha_config(const Json& c, const std::string& path, const std::string& label) {
   LohaConfig h;
-  h.r = pattern_or<int>(c, "rank_pattern", path, json_value<int>(c, "r", h.r, label));
-  h.alpha = pattern_or<double>(c, "alpha_pattern", path, json_value<double>(c, "alpha", h.alpha, label));
-  h.rank_dropout = json_value<double>(c, "rank_dropout", h.rank_dropout, label);
-  h.module_dropout = json_value<double>(c, "module_dropout", h.module_dropout, label);
-  h.use_effective_conv2d = json_value<bool>(c, "use_effective_conv2d", h.use_effective_conv2d, label);
+  lycoris_common_config(c, path, label, h);
   h.init_weights = json_value<bool>(c, "init_weights", h.init_weights, label);
   return h;
 }
 
 inline LokrConfig lokr_config(const Json& c, const std::string& path, const std::string& label) {
   LokrConfig k;
-  k.r = pattern_or<int>(c, "rank_pattern", path, json_value<int>(c, "r", k.r, label));
-  k.alpha = pattern_or<double>(c, "alpha_pattern", path, json_value<double>(c, "alpha", k.alpha, label));
+  lycoris_common_config(c, path, label, k);
   k.decompose_both = json_value<bool>(c, "decompose_both", k.decompose_both, label);
   k.decompose_factor = json_value<int>(c, "decompose_factor", k.decompose_factor, label);
-  k.rank_dropout = json_value<double>(c, "rank_dropout", k.rank_dropout, label);
   k.rank_dropout_scale = json_value<bool>(c, "rank_dropout_scale", k.rank_dropout_scale, label);
-  k.module_dropout = json_value<double>(c, "module_dropout", k.module_dropout, label);
-  k.use_effective_conv2d = json_value<bool>(c, "use_effective_conv2d", k.use_effective_conv2d, label);
   if (c.contains("init_weights") && c.at("init_weights").is_string()) {
     const std::string s = c.at("init_weights").get<std::string>();
     if (s != "lycoris") throw ConfigError("\"" + label + "\": LoKr init_weights = \"" + s + "\" is not supported");
@@ -446,6 +468,16 @@ const std::vector<MethodFormat<T>>& method_formats() {
       return make_vera<T>(adapter, in, out, detail::vera_config(c, detail::label_of(c)),
                           detail::vera_projections<T>(s, path), rng, path);
     };
+    vera.file_shape = [](const MethodAdapterFile<T>& f, const std::string& path) {
+      ModuleFileShape shape;
+      const ModuleTensors<T>& m = f.modules.at(path);
+      if (m.count("vera_lambda_b")) shape.out = m.at("vera_lambda_b").size();
+      if (f.model_tensors.count(vera_A_file_key())) shape.in = f.model_tensors.at(vera_A_file_key()).cols();
+      // vera_A is [r, in_max], in_max over the modules of the file (PEFT's _find_dim): a module's own
+      // input size is stored nowhere, unless it is the file's only module.
+      shape.in_exact = f.modules.size() == 1;
+      return shape;
+    };
     t.push_back(std::move(vera));
 
     MethodFormat<T> loha;
@@ -464,6 +496,13 @@ const std::vector<MethodFormat<T>>& method_formats() {
     loha.create = [](const Json& c, const std::string& path, const std::string& adapter, Index in, Index out,
                      MethodState&, Rng& rng) {
       return make_loha<T>(adapter, in, out, detail::loha_config(c, path, detail::label_of(c)), rng, path);
+    };
+    loha.file_shape = [](const MethodAdapterFile<T>& f, const std::string& path) {
+      ModuleFileShape shape;  // w1_a [out, r], w1_b [r, in]
+      const ModuleTensors<T>& m = f.modules.at(path);
+      if (m.count("hada_w1_a")) shape.out = m.at("hada_w1_a").rows();
+      if (m.count("hada_w1_b")) shape.in = m.at("hada_w1_b").cols();
+      return shape;
     };
     t.push_back(std::move(loha));
 
@@ -495,6 +534,23 @@ const std::vector<MethodFormat<T>>& method_formats() {
       const LokrLayout layout = lokr_layout_from_shapes(in, out, k.r, shapes, path);
       return std::make_unique<KernelMethod<T, LokrAdapter<T>>>(adapter, LokrAdapter<T>(in, out, k, layout, rng, path));
     };
+    lokr.file_shape = [](const MethodAdapterFile<T>& f, const std::string& path) {
+      // ΔW = W1 ⊗ W2: [out, in] = [rows(W1)·rows(W2), cols(W1)·cols(W2)], each factor full or w_a w_b.
+      const ModuleTensors<T>& m = f.modules.at(path);
+      auto dims = [&](const std::string& w, Index& rows, Index& cols) {
+        if (m.count(w)) {
+          rows = m.at(w).rows();
+          cols = m.at(w).cols();
+        } else if (m.count(w + "_a") && m.count(w + "_b")) {
+          rows = m.at(w + "_a").rows();
+          cols = m.at(w + "_b").cols();
+        }
+      };
+      Index r1 = 0, c1 = 0, r2 = 0, c2 = 0;
+      dims("lokr_w1", r1, c1);
+      dims("lokr_w2", r2, c2);
+      return ModuleFileShape{r1 * r2, c1 * c2, true};
+    };
     t.push_back(std::move(lokr));
 
     MethodFormat<T> ia3;
@@ -513,6 +569,9 @@ const std::vector<MethodFormat<T>>& method_formats() {
       config.init_ia3_weights = detail::json_value<bool>(c, "init_ia3_weights", true, detail::label_of(c));
       return std::make_unique<IA3Method<T>>(adapter, config, in, out, &rng);
     };
+    ia3.no_factors =
+        "it scales the base weight's rows or columns (a gain on W, not an additive low-rank delta), so it has no "
+        "LoRA-factor form";
     t.push_back(std::move(ia3));
     return t;
   }();
@@ -746,6 +805,40 @@ MethodAdapterFile<T> read_method_adapter(const std::string& dir) {
   return out;
 }
 
+namespace detail {
+
+/// The adapter of module `path` of `file` on an [out, in] base, holding the file's values: every
+/// tensor its layout uses is in the file with that layout's shape, and there is no other. `where`
+/// names the module in messages. `state`: the file's model-level state (MethodFormat::load_model).
+template <class T>
+std::unique_ptr<AdapterMethod<T>> method_module(const MethodAdapterFile<T>& file, const std::string& path,
+                                                const std::string& adapter_name, Index in, Index out,
+                                                MethodState& state, const std::string& where,
+                                                const AdaptedLinear<T>* host = nullptr) {
+  const MethodFormat<T>& f = *file.format;
+  const ModuleTensors<T>& tensors = file.modules.at(path);
+  Rng rng(0);  // the values drawn at construction are overwritten below
+  std::unique_ptr<AdapterMethod<T>> m =
+      f.shaped ? f.shaped(file.config, path, adapter_name, in, out, tensors, state, rng)
+      : (host != nullptr && f.create_on) ? f.create_on(file.config, path, adapter_name, *host, state, rng)
+                                         : f.create(file.config, path, adapter_name, in, out, state, rng);
+  const std::vector<AdapterTensor<T>> want = m->tensors(path);
+  for (const AdapterTensor<T>& t : want) {
+    const std::string param = param_name(t.file_key, path);
+    const auto v = tensors.find(param);
+    if (v == tensors.end()) throw ConfigError(where + " has no tensor \"" + param + "\" in the file");
+    check::shape(f.kind.c_str(), path, param.c_str(), v->second.rows(), v->second.cols(), t.parameter->value.rows(),
+                 t.parameter->value.cols());
+  }
+  if (want.size() != tensors.size())
+    throw ConfigError(where + " has " + std::to_string(tensors.size()) + " tensors in the file, its layout uses " +
+                      std::to_string(want.size()));
+  for (const AdapterTensor<T>& t : want) t.parameter->value = tensors.at(param_name(t.file_key, path));
+  return m;
+}
+
+}  // namespace detail
+
 /// Attaches a read adapter to `model` under `adapter_name` (active, as add_adapter makes it): every
 /// module of the file must be an adapted linear of the model with the file's shapes; the values are
 /// copied exactly, and so are the file's full tensors (modules_to_save, biases) into the model's
@@ -760,10 +853,10 @@ std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapt
   for (auto& s : adapted_linears(model)) slots[s.first] = s.second;
   MethodState state;
   if (f.load_model) f.load_model(file.config, file.model_tensors, label, state);
-  Rng rng(0);  // the values drawn at construction are overwritten below
   std::vector<std::unique_ptr<AdapterMethod<T>>> made;
   std::vector<AdaptedLinear<T>*> hosts;
-  for (const auto& [path, tensors] : file.modules) {
+  for (const auto& kv : file.modules) {
+    const std::string& path = kv.first;
     const auto it = slots.find(path);
     if (it == slots.end()) {
       std::vector<std::string> names;
@@ -773,20 +866,8 @@ std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapt
     }
     AdaptedLinear<T>& linear = *it->second;
     std::unique_ptr<AdapterMethod<T>> m =
-        detail::fresh_adapter(f, file.config, path, adapter_name, linear, &tensors, state, rng);
-    std::vector<AdapterTensor<T>> want = m->tensors(path);
-    for (const AdapterTensor<T>& t : want) {
-      const std::string param = detail::param_name(t.file_key, path);
-      const auto v = tensors.find(param);
-      if (v == tensors.end())
-        throw ConfigError(label + ": module \"" + path + "\" has no tensor \"" + param + "\" in the file");
-      check::shape(f.kind.c_str(), path, param.c_str(), v->second.rows(), v->second.cols(), t.parameter->value.rows(),
-                   t.parameter->value.cols());
-    }
-    if (want.size() != tensors.size())
-      throw ConfigError(label + ": module \"" + path + "\" has " + std::to_string(tensors.size()) +
-                        " tensors in the file, its layout uses " + std::to_string(want.size()));
-    for (const AdapterTensor<T>& t : want) t.parameter->value = tensors.at(detail::param_name(t.file_key, path));
+        detail::method_module(file, path, adapter_name, linear.in_features(), linear.out_features(), state,
+                              label + ": module \"" + path + "\"", &linear);
     made.push_back(std::move(m));
     hosts.push_back(&linear);
   }
@@ -939,20 +1020,8 @@ MergeFileReport merge_method_file(const std::string& base_path, const MethodAdap
       }
     }
     AdaptedLinear<T> host(std::move(lin), tg.path);
-    Rng rng(0);
-    const ModuleTensors<T>& tensors = file.modules.at(tg.path);
-    std::unique_ptr<AdapterMethod<T>> m =
-        detail::fresh_adapter(f, file.config, tg.path, "default", host, &tensors, state, rng);
-    for (const AdapterTensor<T>& t : m->tensors(tg.path)) {
-      const std::string param = detail::param_name(t.file_key, tg.path);
-      const auto v = tensors.find(param);
-      if (v == tensors.end())
-        throw ConfigError(who + ": adapter module \"" + tg.path + "\" has no tensor \"" + param + "\"");
-      check::shape(f.kind.c_str(), tg.path, param.c_str(), v->second.rows(), v->second.cols(),
-                   t.parameter->value.rows(), t.parameter->value.cols());
-      t.parameter->value = v->second;
-    }
-    host.add_adapter(std::move(m));
+    host.add_adapter(detail::method_module(file, tg.path, "default", in, out, state,
+                                           who + ": adapter module \"" + tg.path + "\"", &host));
     if (!keep) return;
     host.safe_merge();
     tg.merged_w = std::move(host.weight.value);

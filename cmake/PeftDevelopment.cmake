@@ -12,15 +12,11 @@ if(PEFT_SANITIZE AND CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   target_compile_options(peft_warnings INTERFACE -Wno-maybe-uninitialized)
 endif()
 
-# Optional OpenMP: Eigen's GEMM parallelizes over it (thread count from OMP_NUM_THREADS or
-# Eigen::setNbThreads). The core itself starts no threads. peft_openmp carries the compute
-# back-end settings (OpenMP, and BLAS below) into every target of this build.
+# Optional OpenMP (found in PeftComponents.cmake): peft_openmp carries the compute back-end settings
+# (OpenMP, and BLAS below) into the examples, the tool and the benchmarks of this build.
 add_library(peft_openmp INTERFACE)
-if(PEFT_USE_OPENMP)
-  find_package(OpenMP QUIET)
-  if(OpenMP_CXX_FOUND)
-    target_link_libraries(peft_openmp INTERFACE OpenMP::OpenMP_CXX)
-  endif()
+if(PEFT_OPENMP_FOUND)
+  target_link_libraries(peft_openmp INTERFACE OpenMP::OpenMP_CXX)
 endif()
 
 # Optional BLAS for Eigen's large products (EIGEN_USE_BLAS: GEMM and GEMV go to sgemm_/dgemm_).

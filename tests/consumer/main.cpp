@@ -3,6 +3,13 @@
 
 #include <cstdio>
 
+// peft::peft brings OpenMP exactly when the peft build under test was configured with it.
+#if PEFT_CONSUMER_OPENMP && !defined(_OPENMP)
+#error "peft was built with OpenMP (PEFT_USE_OPENMP), but peft::peft did not pass it on"
+#elif !PEFT_CONSUMER_OPENMP && defined(_OPENMP)
+#error "peft was built without OpenMP, but peft::peft brought it"
+#endif
+
 int main() {
   peft::Rng rng(1);
   peft::LoRALinear<float> layer(16, 8, rng, true, "consumer.proj");

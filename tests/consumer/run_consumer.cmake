@@ -1,27 +1,101 @@
-# Builds and runs tests/consumer against peft, either installed (find_package) or as a subdirectory.
+# Builds and runs tests/consumer against peft: installed (MODE find_package, or pkg-config), or as a
+# subdirectory (MODE add_subdirectory). Passed by tests/CMakeLists.txt: PEFT_SOURCE_DIR,
+# PEFT_BUILD_DIR, WORK_DIR, MODE, CONSUMER_IO / CONSUMER_IDX (build consumer_io on peft::io /
+# peft::idx), CONSUMER_OPENMP (peft::peft must bring OpenMP), USE_OPENMP (the build's
+# PEFT_USE_OPENMP, for the subproject), and for pkg-config CXX (the compiler).
 file(REMOVE_RECURSE ${WORK_DIR})
-if(MODE STREQUAL "find_package")
-  # The library's component only: the `peft` tool (component peft_tool) is not part of the test build.
-  execute_process(COMMAND ${CMAKE_COMMAND} --install ${PEFT_BUILD_DIR} --prefix ${WORK_DIR}/prefix
-                          --component peft_library
-                  RESULT_VARIABLE rc)
+file(MAKE_DIRECTORY ${WORK_DIR})
+function(run)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc)
   if(rc)
-    message(FATAL_ERROR "cmake --install failed (${rc})")
+    list(JOIN ARGN " " cmd)
+    message(FATAL_ERROR "failed (${rc}): ${cmd}")
   endif()
+endfunction()
+
+if(MODE STREQUAL "find_package" OR MODE STREQUAL "pkg-config")
+  if(MODE STREQUAL "pkg-config")
+    find_program(PKG_CONFIG NAMES pkg-config pkgconf)
+    if(NOT PKG_CONFIG)
+      message("PEFT_SKIP: pkg-config not found (Debian: pkgconf)")  # the test's SKIP_REGULAR_EXPRESSION
+      return()
+    endif()
+  endif()
+  # The library's component only: the `peft` tool (component peft_tool) is not part of the test build.
+  run(${CMAKE_COMMAND} --install ${PEFT_BUILD_DIR} --prefix ${WORK_DIR}/prefix --component peft_library)
+endif()
+
+if(MODE STREQUAL "pkg-config")
+  file(GLOB_RECURSE pc_file ${WORK_DIR}/prefix/*/pkgconfig/peft.pc)
+  if(NOT pc_file)
+    message(FATAL_ERROR "no pkgconfig/peft.pc under ${WORK_DIR}/prefix")
+  endif()
+  get_filename_component(pc_dir ${pc_file} DIRECTORY)
+  set(ENV{PKG_CONFIG_PATH} "${pc_dir}")
+  execute_process(COMMAND ${PKG_CONFIG} --modversion peft OUTPUT_VARIABLE version OUTPUT_STRIP_TRAILING_WHITESPACE
+                  RESULT_VARIABLE rc)
+  file(STRINGS ${PEFT_SOURCE_DIR}/include/peft/version.hpp v REGEX "#define PEFT_VERSION_(MAJOR|MINOR|PATCH) ")
+  string(REGEX REPLACE "[^0-9;]*#define PEFT_VERSION_[A-Z]+ ([0-9]+)" "\\1" v "${v}")
+  list(JOIN v "." expected)
+  if(rc OR NOT version STREQUAL expected)
+    message(FATAL_ERROR "pkg-config --modversion peft: '${version}' (${rc}), expected '${expected}'")
+  endif()
+  execute_process(COMMAND ${PKG_CONFIG} --cflags peft OUTPUT_VARIABLE cflags OUTPUT_STRIP_TRAILING_WHITESPACE
+                  RESULT_VARIABLE rc)
+  execute_process(COMMAND ${PKG_CONFIG} --libs peft OUTPUT_VARIABLE libs OUTPUT_STRIP_TRAILING_WHITESPACE
+                  RESULT_VARIABLE rc2)
+  if(rc OR rc2)
+    message(FATAL_ERROR "pkg-config --cflags/--libs peft failed (${rc}, ${rc2})")
+  endif()
+  message("pkg-config --cflags peft: ${cflags}\npkg-config --libs peft: ${libs}")
+  # The include directory must be the installed one (the .pc file finds its prefix from its place).
+  string(REGEX MATCHALL "-I[^ ]+" includes "${cflags}")
+  set(found_include OFF)
+  foreach(inc IN LISTS includes)
+    string(SUBSTRING "${inc}" 2 -1 inc)
+    if(EXISTS "${inc}/peft/peft.hpp")
+      file(REAL_PATH "${inc}" inc)
+      file(REAL_PATH "${WORK_DIR}/prefix" prefix)
+      string(FIND "${inc}" "${prefix}/" at)
+      if(at EQUAL 0)
+        set(found_include ON)
+      endif()
+    endif()
+  endforeach()
+  if(NOT found_include)
+    message(FATAL_ERROR "pkg-config --cflags peft names no include directory of ${WORK_DIR}/prefix: ${cflags}")
+  endif()
+  # The components resolve where their dependencies ship .pc files (Debian: nlohmann_json, zlib).
+  foreach(pc IN ITEMS peft-io peft-idx)
+    if(pc STREQUAL "peft-io" AND NOT CONSUMER_IO OR pc STREQUAL "peft-idx" AND NOT CONSUMER_IDX)
+      continue()
+    endif()
+    run(${PKG_CONFIG} --print-errors --cflags --libs ${pc})
+  endforeach()
+  # Compile and run the consumer with the flags pkg-config gives, nothing else but C++17.
+  separate_arguments(cflags UNIX_COMMAND "${cflags}")
+  separate_arguments(libs UNIX_COMMAND "${libs}")
+  if(CONSUMER_OPENMP)
+    set(openmp 1)
+  else()
+    set(openmp 0)
+  endif()
+  run(${CXX} -std=c++17 ${cflags} -DPEFT_CONSUMER_OPENMP=${openmp} ${PEFT_SOURCE_DIR}/tests/consumer/main.cpp
+      ${libs} -o ${WORK_DIR}/consumer)
+  run(${WORK_DIR}/consumer)
+  return()
+endif()
+
+if(MODE STREQUAL "find_package")
   set(args -DCMAKE_PREFIX_PATH=${WORK_DIR}/prefix -DPEFT_CONSUMER_MODE=find_package)
 else()
-  set(args -DPEFT_SOURCE_DIR=${PEFT_SOURCE_DIR} -DPEFT_CONSUMER_MODE=add_subdirectory)
+  set(args -DPEFT_SOURCE_DIR=${PEFT_SOURCE_DIR} -DPEFT_CONSUMER_MODE=add_subdirectory -DPEFT_USE_OPENMP=${USE_OPENMP})
 endif()
-execute_process(COMMAND ${CMAKE_COMMAND} -S ${PEFT_SOURCE_DIR}/tests/consumer -B ${WORK_DIR}/build ${args}
-                RESULT_VARIABLE rc)
-if(rc)
-  message(FATAL_ERROR "configuring the consumer failed (${rc})")
-endif()
-execute_process(COMMAND ${CMAKE_COMMAND} --build ${WORK_DIR}/build RESULT_VARIABLE rc)
-if(rc)
-  message(FATAL_ERROR "building the consumer failed (${rc})")
-endif()
-execute_process(COMMAND ${WORK_DIR}/build/consumer RESULT_VARIABLE rc)
-if(rc)
-  message(FATAL_ERROR "the consumer failed (${rc})")
+list(APPEND args -DPEFT_CONSUMER_IO=${CONSUMER_IO} -DPEFT_CONSUMER_IDX=${CONSUMER_IDX}
+     -DPEFT_CONSUMER_OPENMP=${CONSUMER_OPENMP})
+run(${CMAKE_COMMAND} -S ${PEFT_SOURCE_DIR}/tests/consumer -B ${WORK_DIR}/build ${args})
+run(${CMAKE_COMMAND} --build ${WORK_DIR}/build)
+run(${WORK_DIR}/build/consumer)
+if(CONSUMER_IO)
+  run(${WORK_DIR}/build/consumer_io ${PEFT_SOURCE_DIR}/tests/data/small.safetensors ${WORK_DIR})
 endif()

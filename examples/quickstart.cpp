@@ -97,6 +97,7 @@ double evaluate(Mlp& model, const Task& task, peft::Rng& rng) {
 }  // namespace
 
 int main() {
+  peft::set_warning_handler(peft::stderr_warning_handler());  // the library's warnings: "warning: ..." on stderr
   Eigen::setNbThreads(1);  // matrices this small run faster on one thread than with OpenMP's barriers
   peft::Rng rng(7);
   Mlp model(rng);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include <peft/core/error.hpp>
+#include <peft/core/warnings.hpp>
 #include <peft/io/adapter_factors.hpp>
 #include <peft/io/combine_adapters.hpp>
 #include <peft/io/merge_file.hpp>
@@ -331,7 +332,6 @@ inline int inspect_peft_adapter(const std::string& target, const PeftAdapter<dou
     for (const auto& k : c.unknown_keys) out << " " << k;
     out << "\n";
   }
-  for (const auto& w : ad.warnings) out << "warning: " << w << "\n";
   if (c.is_prompt()) {
     out << "virtual tokens: " << c.num_virtual_tokens << ", token_dim " << c.token_dim << ", layers " << c.num_layers
         << ", heads " << c.num_attention_heads << "\n";
@@ -707,6 +707,8 @@ int run(const std::vector<std::string>& argv, std::ostream& out, std::ostream& e
     return kUsage;
   }
   const std::vector<std::string> rest(argv.begin() + 1, argv.end());
+  // The library's warnings (core/warnings.hpp) go to this run's stderr, one "warning: ..." line each.
+  const ScopedWarningHandler warnings([&err](const std::string& message) { err << "warning: " << message << "\n"; });
   try {
     const Args args = parse_args(rest, cmd->options, cmd->flags);
     if (args.help) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include <peft/core/error.hpp>
+#include <peft/core/warnings.hpp>
 #include <peft/train/progress.hpp>
 #include <peft/version.hpp>
 
@@ -88,6 +89,7 @@ std::vector<std::string> split(const std::string& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  peft::set_warning_handler(peft::stderr_warning_handler());  // the library's warnings: "warning: ..." on stderr
   study::DataOptions data_opt;
   study::NetOptions net_opt;
   study::StudyOptions opt;

@@ -13,6 +13,7 @@
 #include "peft/core/sequence.hpp"
 #include "peft/core/targeting.hpp"
 #include "peft/core/types.hpp"
+#include "peft/core/warnings.hpp"
 
 // The kinds of adapter a linear layer hosts (the method table, io/methods.hpp, lists them with
 // their PEFT file formats): LoRA and DoRA, (IA)³, VeRA, LoHa, LoKr.

@@ -145,6 +145,9 @@ inline const std::vector<Case>& cases() {
       lora_case("LoRA/dropout", 4, 6.0, 0.25),
       lora_case("DoRA/plain", 4, 6.0, 0.0, false, LoraInit::KaimingUniform, true),
       lora_case("DoRA/dropout", 4, 6.0, 0.25, false, LoraInit::KaimingUniform, true),
+      // r = 10 > min(in, out) = 8: legal as in PEFT (a warning through the sink), exact all the same.
+      lora_case("LoRA/r > min(in, out)", 10, 6.0),
+      lora_case("DoRA/r > min(in, out)", 10, 6.0, 0.0, false, LoraInit::KaimingUniform, true),
       ia3_case("IA3/output", false),
       ia3_case("IA3/input (feedforward)", true),
       vera_case("VeRA/plain", 4, 0.0),

@@ -383,13 +383,58 @@ TEST_CASE("LoRALinear refuses stale caches and training while merged", "[lora][e
   layer.backward(cache, g, nullptr);  // and the happy path still works
 }
 
+TEST_CASE("LoRALinear: rank above min(in, out) is legal (as in PEFT), warned, and exact", "[lora][gradcheck][merge]") {
+  Rng rng(19);
+  std::vector<std::string> seen;
+  const ScopedWarningHandler guard([&](const std::string& m) { seen.push_back(m); });
+  LoRALinear<double> layer = make_layer<double>(7, 4, rng, "layers.0.q");  // [out, in] = [4, 7]
+  layer.add_adapter("wide", cfg(6, 5.0));                                  // r = 6 > min(7, 4) = 4
+  REQUIRE(seen.size() == 1);
+  CHECK(seen[0] ==
+        "LoRALinear \"layers.0.q\": rank r = 6 exceeds min(in, out) = min(7, 4) = 4; s·B·A has rank at most 4, so "
+        "the extra rank only costs parameters");
+  CHECK(layer.adapter("wide").A.value.rows() == 6);
+  layer.add_adapter("ok", cfg(4, 2.0));  // r = min(in, out): no warning
+  CHECK(seen.size() == 1);
+  layer.set_active({"wide", "ok"});
+
+  Matrix<double> x = test::random_matrix<double>(5, 7, rng);
+  const Matrix<double> g = test::random_matrix<double>(5, 4, rng);
+  auto fwd = [&](LoRALinear<double>& l) {
+    typename LoRALinear<double>::Cache c;
+    return Matrix<double>(l.forward(x, c));
+  };
+  CHECK(test::rel_diff(fwd(layer), reference(layer, x, {"wide", "ok"})) < Tolerances<double>::rel);
+  gradcheck_all(layer, x, g);  // dX, dW, db, dA, dB of both adapters
+
+  // merged ≡ unmerged, and unmerge restores W₀.
+  const Matrix<double> w0 = layer.weight.value;
+  const Matrix<double> unmerged = fwd(layer);
+  layer.merge();
+  CHECK(test::rel_diff(fwd(layer), unmerged) < Tolerances<double>::rel);
+  CHECK(test::rel_diff(layer.weight.value, Matrix<double>(w0 + layer.delta_weight("wide") + layer.delta_weight("ok"))) <
+        Tolerances<double>::rel);
+  layer.unmerge();
+  CHECK(test::rel_diff(layer.weight.value, w0) < Tolerances<double>::rel);
+  CHECK(test::rel_diff(fwd(layer), unmerged) < Tolerances<double>::rel);
+
+  // DoRA at the same rank: accepted, identity at init.
+  LoRALinear<double> dora_layer = make_layer<double>(7, 4, rng, "layers.0.v");
+  LoraConfig dora = cfg(5, 3.0, 0.0, false, LoraInit::KaimingUniform);
+  dora.use_dora = true;
+  const Matrix<double> base = fwd(dora_layer);
+  dora_layer.add_adapter("d", dora);
+  CHECK(seen.size() == 2);
+  CHECK(seen[1].find("LoRALinear \"layers.0.v\": rank r = 5 exceeds min(in, out) = min(7, 4) = 4") == 0);
+  CHECK(test::rel_diff(fwd(dora_layer), base) < Tolerances<double>::rel);
+}
+
 TEST_CASE("LoRALinear rejects bad configurations with named errors", "[lora][errors]") {
   Rng rng(18);
   LoRALinear<float> layer = make_layer<float>(6, 4, rng, "layers.0.q");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(0, 8.0)), ConfigError,
-                           "LoRALinear \"layers.0.q\": rank r must be in [1, 4] = [1, min(in, out)], got 0");
+                           "LoRALinear \"layers.0.q\": rank r must be >= 1, got 0");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(-3, 8.0)), ConfigError, "got -3");
-  PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(5, 8.0)), ConfigError, "[1, 4]");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, 0.0)), ConfigError,
                            "lora_alpha must be finite and > 0, got 0");
   PEFT_REQUIRE_THROWS_WITH(layer.add_adapter("a", cfg(2, -1.0)), ConfigError, "lora_alpha");

@@ -243,9 +243,16 @@ TEST_CASE("apply_peft rejects selections that match nothing, listing the availab
   PeftConfig prompt;
   prompt.prompt = PromptTargetConfig{4, PromptInit::SampleVocab, 1.0, {}};
   PEFT_REQUIRE_THROWS_WITH(apply_peft(m, prompt, rng), ConfigError, "needs a token-input model");
-  PeftConfig rank = lora({"patch_embed"}, 13);
-  PEFT_REQUIRE_THROWS_WITH(apply_peft(m, rank, rng), ConfigError,
-                           "LoRALinear \"patch_embed\": rank r must be in [1, 12]");
+  PeftConfig rank = lora({"patch_embed"}, 0);
+  PEFT_REQUIRE_THROWS_WITH(apply_peft(m, rank, rng), ConfigError, "LoRALinear \"patch_embed\": rank r must be >= 1");
+  {  // r above min(in, out) is legal, as in PEFT: applied, and reported through the warning sink
+    std::vector<std::string> seen;
+    const ScopedWarningHandler guard([&](const std::string& w) { seen.push_back(w); });
+    auto wide = base;
+    apply_peft(wide, lora({"patch_embed"}, 13), rng);
+    REQUIRE(seen.size() == 1);
+    CHECK(seen[0].find("LoRALinear \"patch_embed\": rank r = 13 exceeds min(in, out)") == 0);
+  }
   PeftConfig adapter;
   adapter.adapter.emplace();
   adapter.adapter->options.reduction_factor = 64;

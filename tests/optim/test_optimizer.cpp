@@ -1,6 +1,11 @@
 // Parameter groups, lazy state and the error paths shared by every optimizer (BasicOptimizer).
+#include <peft/layers/lora_linear.hpp>
 #include <peft/optim/adam.hpp>
 #include <peft/optim/sgd.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
 
 #include "optim_test_utils.hpp"
 
@@ -129,4 +134,113 @@ TEST_CASE("step() rejects gradients and parameters whose shapes changed", "[opti
   m2.bias.value.resize(1, 3);
   m2.bias.grad.setZero(1, 3);
   PEFT_REQUIRE_THROWS_WITH(sgd.step(), ShapeError, "momentum buffer has shape [1, 2]");
+}
+
+// ---- nothing trainable, and parameters that appear or vanish after the optimizer was built ----
+
+TEST_CASE("An optimizer with nothing trainable is a ConfigError (torch: empty parameter list)", "[optim][errors]") {
+  TwoParams<double> m;
+  m.weight.set_trainable(false);
+  m.bias.set_trainable(false);
+  PEFT_REQUIRE_THROWS_WITH(SGD<double>(m, SGDOptions{0.1}), ConfigError,
+                           "SGD: none of the 2 parameters given is trainable, so there is nothing to optimize; add "
+                           "adapters or unfreeze parameters before building the optimizer");
+  PEFT_REQUIRE_THROWS_WITH(Adam<double>(m, AdamOptions{}), ConfigError, "Adam: none of the 2 parameters");
+  PEFT_REQUIRE_THROWS_WITH(AdamW<double>(std::vector<NamedParameter<double>>{{"weight", &m.weight}}, AdamWOptions{}),
+                           ConfigError, "AdamW: none of the 1 parameters given is trainable");
+  PEFT_REQUIRE_THROWS_WITH(SGD<double>(std::vector<NamedParameter<double>>{}, SGDOptions{}), ConfigError,
+                           "SGD: got an empty parameter list: parameter group \"default\" has no parameters");
+  m.bias.set_trainable(true);  // one trainable parameter is enough; the frozen one joins when unfrozen
+  SGD<double> opt(m, SGDOptions{0.1});
+  CHECK(opt.watched_module() == &m);
+}
+
+TEST_CASE("A LoRA adapter added after the optimizer was built is reported at step()", "[optim][errors][lora]") {
+  Rng rng(3);
+  LoRALinear<double> layer(5, 4, rng, true, "layers.0.q");
+  layer.add_adapter("a", LoraConfig{2, 4.0});
+  layer.freeze_base();
+  AdamW<double> opt(layer, AdamWOptions{});
+  const Matrix<double> x = test::random_matrix<double>(3, 5, rng);
+  const Matrix<double> g = test::random_matrix<double>(3, 4, rng);
+  auto train_step = [&](Optimizer<double>& o) {
+    o.zero_grad();
+    typename LoRALinear<double>::Cache c;
+    layer.forward(x, c);
+    layer.backward(c, g, nullptr);
+    o.step();
+  };
+  train_step(opt);
+  CHECK(opt.step_count("lora_A.a.weight") == 1);
+
+  layer.add_adapter("b", LoraConfig{2, 4.0});  // "b" is trainable now, "a" frozen
+  const Matrix<double> a_before = layer.adapter("a").A.value;
+  const std::string expected =
+      "AdamW: trainable parameters \"lora_A.b.weight\", \"lora_B.b.weight\" of module \"layers.0.q\" are not in this "
+      "optimizer (an adapter added, or a parameter unfrozen, after the optimizer was built); rebuild the optimizer, or "
+      "pass the new parameters to add_param_group";
+  PEFT_REQUIRE_THROWS_WITH(opt.step(), ConfigError, expected);
+  PEFT_REQUIRE_THROWS_WITH(opt.zero_grad(), ConfigError, expected);
+  CHECK(layer.adapter("a").A.value == a_before);  // nothing was stepped
+
+  // torch's remedy: add the new parameters as a group; then training goes on.
+  opt.add_param_group(
+      {{{"lora_A.b.weight", &layer.adapter("b").A}, {"lora_B.b.weight", &layer.adapter("b").B}}, 1e-3, 0.0, "b"});
+  train_step(opt);
+  CHECK(opt.step_count("lora_A.b.weight") == 1);
+  CHECK(opt.step_count("lora_A.a.weight") == 1);  // frozen since "b" became the active adapter
+
+  // Or rebuild the optimizer.
+  AdamW<double> rebuilt(layer, AdamWOptions{});
+  train_step(rebuilt);
+  CHECK(rebuilt.step_count("lora_B.b.weight") == 1);
+}
+
+TEST_CASE("A deleted adapter or an unfrozen parameter outside the optimizer is reported at step()",
+          "[optim][errors][lora]") {
+  Rng rng(4);
+  LoRALinear<double> layer(5, 4, rng, true, "q");
+  layer.add_adapter("a", LoraConfig{2, 4.0});
+  layer.add_adapter("b", LoraConfig{3, 4.0});
+  layer.set_active({"a", "b"});
+  layer.freeze_base();
+  SGD<double> opt(layer, SGDOptions{0.1});
+  opt.zero_grad();
+  layer.delete_adapter("a");  // the optimizer's pointers to a's parameters would dangle
+  PEFT_REQUIRE_THROWS_WITH(
+      opt.step(), ConfigError,
+      "SGD: parameters \"lora_A.a.weight\", \"lora_B.a.weight\" of this optimizer are no longer in "
+      "module \"q\" (an adapter deleted or replaced after the optimizer was built); rebuild "
+      "the optimizer");
+
+  // Built from groups of trainable parameters only, then the base is unfrozen: with the module
+  // given, the optimizer sees it; without it, the caller chose the parameters and nothing is checked.
+  SGD<double> watched(layer, std::vector<ParamGroup<double>>{{trainable_parameters(layer), 0.1, 0.0, "adapters"}},
+                      SGDOptions{});
+  SGD<double> unwatched(std::vector<ParamGroup<double>>{{trainable_parameters(layer), 0.1, 0.0, "adapters"}},
+                        SGDOptions{});
+  CHECK(unwatched.watched_module() == nullptr);
+  layer.weight.set_trainable(true);
+  PEFT_REQUIRE_THROWS_WITH(watched.step(), ConfigError, "trainable parameter \"weight\" of module \"q\" is not");
+  layer.zero_grad();
+  unwatched.step();
+  CHECK(unwatched.step_count("lora_A.b.weight") == 1);
+}
+
+TEST_CASE("A step checks the module only after parameters changed (parameter_epoch)", "[optim]") {
+  TwoParams<double> m;
+  SGD<double> opt(m, SGDOptions{0.1});
+  const std::uint64_t e0 = parameter_epoch();
+  m.compute_grads();
+  opt.step();
+  opt.step();
+  CHECK(parameter_epoch() == e0);  // steps create, destroy and (un)freeze nothing
+  m.bias.set_trainable(true);      // no change of the flag: no new epoch
+  CHECK(parameter_epoch() == e0);
+  m.bias.set_trainable(false);
+  CHECK(parameter_epoch() != e0);
+  const std::uint64_t e1 = parameter_epoch();
+  { const Parameter<double> p(2, 2, false); }  // created and destroyed
+  CHECK(parameter_epoch() != e1);
+  opt.step();  // re-checks the module, finds it consistent
 }

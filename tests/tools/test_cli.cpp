@@ -183,11 +183,13 @@ TEST_CASE("peft merge: equals the torch reference; failures write nothing", "[to
 TEST_CASE("peft combine and extract: adapters that PEFT can load, equal to the math", "[tools]") {
   TempDir dir;
   const std::string a = data_dir() + "/tiny_lora";
-  // Two rank-4 adapters on [6, 8] layers: Σ r = 8 > min(out, in) = 6, so cat refuses (exit 4).
-  CliResult r = run_cli({"combine", "--method", "cat", "--weights", "0.5,2", a, a, "--out", dir.path + "/cat"});
-  CHECK(r.code == cli::kConfig);
+  // Two rank-4 adapters on [6, 8] layers: Σ r = 8 > min(out, in) = 6 is legal (as in PEFT), exact
+  // but wasteful, so cat warns on stderr through the library's warning sink.
+  CliResult r = run_cli({"combine", "--method", "cat", "--weights", "0.5,2", a, a, "--out", dir.path + "/cat8"});
+  REQUIRE(r.code == cli::kOk);
+  CHECK(contains(r.err, "warning: "));
   CHECK(contains(r.err, "exceeds min(out, in) = 6"));
-  CHECK(!path_exists(dir.path + "/cat"));
+  CHECK(load_peft_adapter<double>(dir.path + "/cat8").config.r == 8);
   r = run_cli({"combine", "--method", "cat", "--weights", "2.5", a, "--out", dir.path + "/cat"});
   REQUIRE(r.code == cli::kOk);
   const PeftAdapter<double> src = load_peft_adapter<double>(a);

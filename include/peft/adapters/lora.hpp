@@ -34,6 +34,7 @@
 #include "peft/adapters/method.hpp"
 #include "peft/core/check.hpp"
 #include "peft/core/init.hpp"
+#include "peft/core/warnings.hpp"
 
 namespace peft {
 
@@ -96,15 +97,21 @@ struct DoraCache : LoraCache<T> {
   std::unique_ptr<MethodCache> clone() const override { return std::make_unique<DoraCache>(*this); }
 };
 
-/// Checks a LoRA config against an [out, in] base: 1 ≤ r ≤ min(in, out), alpha > 0, dropout in [0, 1).
+/// Checks a LoRA config against an [out, in] base: r ≥ 1, alpha > 0, dropout in [0, 1).
+/// r > min(in, out) is legal, as in Hugging Face PEFT: the update s·B·A then has rank at most
+/// min(in, out), so the extra rank only costs parameters and compute. It is accepted and reported
+/// through the warning sink (core/warnings.hpp).
 inline void check_lora_config(const char* kind, const std::string& layer, const LoraConfig& config, Index in,
                               Index out) {
-  const Index max_rank = std::min(in, out);
-  if (config.r <= 0 || config.r > max_rank)
-    throw ConfigError(describe(kind, layer) + ": rank r must be in [1, " + std::to_string(max_rank) +
-                      "] = [1, min(in, out)], got " + std::to_string(config.r));
+  if (config.r <= 0)
+    throw ConfigError(describe(kind, layer) + ": rank r must be >= 1, got " + std::to_string(config.r));
   check::positive(kind, layer, "lora_alpha", config.alpha);
   check::unit_interval_open(kind, layer, "lora_dropout", config.dropout);
+  const Index max_rank = std::min(in, out);
+  if (config.r > max_rank)
+    warn(describe(kind, layer) + ": rank r = " + std::to_string(config.r) + " exceeds min(in, out) = min(" +
+         std::to_string(in) + ", " + std::to_string(out) + ") = " + std::to_string(max_rank) +
+         "; s·B·A has rank at most " + std::to_string(max_rank) + ", so the extra rank only costs parameters");
 }
 
 namespace detail {

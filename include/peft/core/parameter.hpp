@@ -1,17 +1,53 @@
 #pragma once
 // A trainable tensor: value, gradient and a trainable flag. The gradient buffer exists only while
 // the parameter is trainable, so a frozen base weight costs no gradient memory (the point of PEFT).
+#include <atomic>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "peft/core/types.hpp"
 
 namespace peft {
 
+namespace detail {
+/// Advanced whenever the set of trainable parameters may have changed anywhere in the program.
+inline std::atomic<std::uint64_t> parameter_epoch_counter{0};
+inline void touch_parameters() { parameter_epoch_counter.fetch_add(1, std::memory_order_relaxed); }
+}  // namespace detail
+
+/// A number that changes whenever a Parameter is created (copied, moved), destroyed, or changes
+/// trainability, anywhere in the program. An optimizer compares it with the value at its last check
+/// of the model, so that a step re-checks the model only after such a change and otherwise costs
+/// one load (see optim/optimizer.hpp).
+inline std::uint64_t parameter_epoch() { return detail::parameter_epoch_counter.load(std::memory_order_relaxed); }
+
 template <class T>
 class Parameter {
  public:
-  Parameter() = default;
+  Parameter() = default;  // empty and frozen: nothing for an optimizer to miss
+  Parameter(const Parameter& o) : value(o.value), grad(o.grad), trainable_(o.trainable_), vector_(o.vector_) {
+    detail::touch_parameters();
+  }
+  Parameter(Parameter&& o) noexcept
+      : value(std::move(o.value)), grad(std::move(o.grad)), trainable_(o.trainable_), vector_(o.vector_) {
+    detail::touch_parameters();
+  }
+  Parameter& operator=(const Parameter& o) {
+    if (this != &o) assign(o.value, o.grad, o.trainable_, o.vector_);
+    return *this;
+  }
+  Parameter& operator=(Parameter&& o) noexcept {
+    if (this != &o) {
+      if (trainable_ != o.trainable_) detail::touch_parameters();
+      value = std::move(o.value);
+      grad = std::move(o.grad);
+      trainable_ = o.trainable_;
+      vector_ = o.vector_;
+    }
+    return *this;
+  }
+  ~Parameter() { detail::touch_parameters(); }
 
   /// A [rows, cols] parameter; `vector = true` marks a 1-D tensor stored as a [1, cols] row
   /// (bias, norm scale), so files see the shape PyTorch uses.
@@ -27,6 +63,7 @@ class Parameter {
   bool trainable() const { return trainable_; }
 
   void set_trainable(bool on) {
+    if (on != trainable_) detail::touch_parameters();
     trainable_ = on;
     if (on) {
       if (grad.rows() != value.rows() || grad.cols() != value.cols()) grad.setZero(value.rows(), value.cols());
@@ -60,6 +97,14 @@ class Parameter {
   }
 
  private:
+  void assign(const Matrix<T>& v, const Matrix<T>& g, bool trainable, bool vector) {
+    if (trainable_ != trainable) detail::touch_parameters();
+    value = v;
+    grad = g;
+    trainable_ = trainable;
+    vector_ = vector;
+  }
+
   bool trainable_ = false;
   bool vector_ = false;
 };

@@ -66,6 +66,7 @@
 #include "peft/core/sha256.hpp"
 #include "peft/core/targeting.hpp"
 #include "peft/core/types.hpp"
+#include "peft/core/warnings.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
@@ -546,7 +547,7 @@ struct PeftAdapter {
   std::vector<LoraModuleWeights<T>> lora;  ///< sorted by path
   Matrix<T> prompt_embeddings;             ///< prompt / prefix tuning; empty otherwise
   std::vector<FullTensor<T>> full;         ///< other tensors
-  std::vector<std::string> warnings;       ///< e.g. a module target_modules does not select
+  std::vector<std::string> warnings;       ///< e.g. a module target_modules does not select; also sent to peft::warn
 
   const LoraModuleWeights<T>* find(const std::string& path) const {
     for (const auto& m : lora)
@@ -703,7 +704,9 @@ PeftAdapter<T> load_peft_adapter(const std::string& dir) {
                     " (an interrupted save left a new weights file next to an old config, or one of the two "
                     "was replaced); refusing the pair");
   }
-  return adapter_from_file<T>(config, st);
+  PeftAdapter<T> ad = adapter_from_file<T>(config, st);
+  for (const std::string& w : ad.warnings) warn("load_peft_adapter \"" + dir + "\": " + w);  // also the sink
+  return ad;
 }
 
 /// Maps PEFT module paths to the user's model (and back, for saving).
@@ -1014,6 +1017,7 @@ PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name
       throw ConfigError(who + ": modules_to_save entry \"" + out.modules_to_save[e] +
                         "\" matches no module of the model");
   std::sort(ad.lora.begin(), ad.lora.end(), [](const auto& x, const auto& y) { return x.path < y.path; });
+  for (const std::string& w : ad.warnings) warn(who + " \"" + adapter_name + "\": " + w);  // also the sink
   return ad;
 }
 

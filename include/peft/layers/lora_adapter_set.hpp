@@ -140,7 +140,7 @@ class LoraAdapterSet {
   // ---- adding adapters ----------------------------------------------------------------------
 
   /// Checks what every layer requires of a new adapter on an [out, in] base: a non-empty name
-  /// without '.' (it becomes part of parameter names) not in use, 1 ≤ r ≤ min(in, out),
+  /// without '.' (it becomes part of parameter names) not in use, r ≥ 1 (r > min(in, out) is warned about),
   /// alpha > 0, dropout in [0, 1).
   void check_new(const std::string& layer, const std::string& adapter_name, const LoraConfig& config, Index in,
                  Index out) const {

@@ -45,6 +45,7 @@
 #include "peft/core/error.hpp"
 #include "peft/core/rng.hpp"
 #include "peft/core/types.hpp"
+#include "peft/core/warnings.hpp"
 #include "peft/merge/factors.hpp"
 #include "peft/merge/low_rank_svd.hpp"
 
@@ -301,9 +302,9 @@ CombineResult<T> combine(const std::vector<LoraFactors<T>>& adapters, const std:
     if (opt.rank != 0)
       throw ConfigError(who + ": the rank of a concatenation is Σ r_i = " + std::to_string(total_rank) +
                         "; leave rank = 0 (got " + std::to_string(opt.rank) + ") or use svd to choose it");
-    if (total_rank > max_rank)
-      throw ConfigError(who + ": Σ r_i = " + std::to_string(total_rank) +
-                        " exceeds min(out, in) = " + std::to_string(max_rank) + "; use svd to re-compress");
+    if (total_rank > max_rank)  // legal (as a LoRA rank above min(in, out)), exact, but wasteful
+      warn(where + ": Σ r_i = " + std::to_string(total_rank) + " exceeds min(out, in) = " + std::to_string(max_rank) +
+           "; the concatenation is exact but holds more rank than ΔW can have (svd re-compresses it)");
     res.factors.A.resize(total_rank, in);
     res.factors.B.resize(out, total_rank);
     Index at = 0;

@@ -131,7 +131,12 @@ class Adam : public detail::AdamImpl<T, false> {
       : detail::AdamImpl<T, false>("Adam", groups, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay) {}
   Adam(std::vector<NamedParameter<T>> params, const AdamOptions& o)
       : Adam(detail::single_group(std::move(params), o.lr, o.weight_decay), o) {}
-  Adam(Module<T>& module, const AdamOptions& o) : Adam(named_parameters(module), o) {}
+  /// Every parameter of `module`, watching it (a trainable parameter added later is reported at step()).
+  Adam(Module<T>& module, const AdamOptions& o) : Adam(named_parameters(module), o) { this->watch(module); }
+  /// Groups taken from `module`, watching it: every trainable parameter of it must be in a group.
+  Adam(Module<T>& module, const std::vector<ParamGroup<T>>& groups, const AdamOptions& o) : Adam(groups, o) {
+    this->watch(module);
+  }
 };
 
 /// AdamW: decoupled weight decay θ ← θ(1 − lr·wd) before the Adam update (torch.optim.AdamW).
@@ -142,7 +147,12 @@ class AdamW : public detail::AdamImpl<T, true> {
       : detail::AdamImpl<T, true>("AdamW", groups, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay) {}
   AdamW(std::vector<NamedParameter<T>> params, const AdamWOptions& o)
       : AdamW(detail::single_group(std::move(params), o.lr, o.weight_decay), o) {}
-  AdamW(Module<T>& module, const AdamWOptions& o) : AdamW(named_parameters(module), o) {}
+  /// Every parameter of `module`, watching it (a trainable parameter added later is reported at step()).
+  AdamW(Module<T>& module, const AdamWOptions& o) : AdamW(named_parameters(module), o) { this->watch(module); }
+  /// Groups taken from `module`, watching it: every trainable parameter of it must be in a group.
+  AdamW(Module<T>& module, const std::vector<ParamGroup<T>>& groups, const AdamWOptions& o) : AdamW(groups, o) {
+    this->watch(module);
+  }
 };
 
 }  // namespace peft

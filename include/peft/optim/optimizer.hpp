@@ -13,13 +13,25 @@
 //   updated, exactly as torch.optim keeps state["step"]: a parameter that joins late starts its own
 //   bias correction at 1 (tiny-dnn and MiniDNN advance one shared counter per tensor instead).
 // - Parameters are referenced by pointer (NamedParameter): the module that owns them must outlive
-//   the optimizer and must not be moved while the optimizer is in use. Adding LoRA adapters is
-//   safe (they live on the heap; the new ones are not in this optimizer); deleting an adapter the
-//   optimizer holds is not.
+//   the optimizer and must not be moved while the optimizer is in use.
+// - Nothing trainable is skipped silently. Building an optimizer with no trainable parameter is a
+//   ConfigError (torch: "optimizer got an empty parameter list"). An optimizer built from a module
+//   (or given one with watch()) keeps watching it: step() and zero_grad() check, before touching
+//   any parameter, that every trainable parameter of the module is in the optimizer and that every
+//   parameter it took from the module is still there under the same name. So an adapter added (or
+//   a parameter unfrozen) after the optimizer was built, or an adapter deleted, is a ConfigError
+//   telling the user to rebuild the optimizer or to call add_param_group, instead of a parameter
+//   that never trains or a dangling pointer. The check walks the module only when
+//   peft::parameter_epoch() (core/parameter.hpp) moved since the last one, i.e. after parameters
+//   were created, destroyed or (un)frozen; a training loop's steps cost one atomic load and
+//   allocate nothing. An optimizer built from groups or a parameter list without a module checks
+//   nothing: the caller chose its parameters.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "peft/core/check.hpp"
@@ -88,6 +100,7 @@ class BasicOptimizer : public Optimizer<T> {
     State state{};
     std::int64_t steps = 0;  ///< torch's state["step"]: updates applied to this parameter so far
     bool has_state = false;
+    bool from_module = false;  ///< found in the watched module at a check (then it must stay there)
   };
 
   struct Group {
@@ -99,6 +112,7 @@ class BasicOptimizer : public Optimizer<T> {
   };
 
   void step() override {
+    check_watched();
     // Validate every parameter first, so that a bad shape leaves all parameters untouched
     // rather than half of them stepped.
     for (const Group& group : groups_) {
@@ -126,6 +140,7 @@ class BasicOptimizer : public Optimizer<T> {
   }
 
   void zero_grad() override {
+    check_watched();
     for (Group& group : groups_)
       for (Entry& e : group.entries) e.param->zero_grad();
   }
@@ -178,7 +193,23 @@ class BasicOptimizer : public Optimizer<T> {
       g.entries.push_back(std::move(e));
     }
     groups_.push_back(std::move(g));
+    checked_epoch_ = kNeverChecked;  // the next step checks the watched module against the new group
   }
+
+  /// Watches `module` from now on (the module constructors do this): step() and zero_grad() throw a
+  /// ConfigError when a trainable parameter of the module is not in this optimizer (an adapter
+  /// added or a parameter unfrozen after it was built), or when a parameter the optimizer took from
+  /// the module is gone or renamed (an adapter deleted). Checks once now. Parameters given from
+  /// outside the module (add_param_group) are not checked. The module must outlive the optimizer.
+  void watch(Module<T>& module) {
+    watched_ = &module;
+    for (Group& g : groups_)
+      for (Entry& e : g.entries) e.from_module = false;
+    checked_epoch_ = kNeverChecked;
+    check_watched();
+  }
+  /// The module watched, or null.
+  const Module<T>* watched_module() const { return watched_; }
 
   /// Groups with their entries (for inspection and checkpointing).
   const std::vector<Group>& groups() const { return groups_; }
@@ -202,9 +233,24 @@ class BasicOptimizer : public Optimizer<T> {
  protected:
   explicit BasicOptimizer(const char* kind) : kind_(kind) {}
 
+  /// The constructors' groups: at least one parameter, and at least one of them trainable.
   void add_groups(const std::vector<ParamGroup<T>>& groups) {
     if (groups.empty()) throw ConfigError(std::string(kind_) + ": got no parameter groups");
+    std::size_t total = 0, trainable = 0;
+    for (const auto& g : groups)
+      for (const NamedParameter<T>& np : g.params) {
+        ++total;
+        if (np.param != nullptr && np.param->trainable()) ++trainable;
+      }
+    if (total == 0)
+      throw ConfigError(std::string(kind_) + ": got an empty parameter list: parameter group \"" +
+                        (groups.front().name.empty() ? std::string("group0") : groups.front().name) +
+                        "\" has no parameters");
     for (const auto& g : groups) add_param_group(g);
+    if (trainable == 0)
+      throw ConfigError(std::string(kind_) + ": none of the " + std::to_string(total) +
+                        " parameters given is trainable, so there is nothing to optimize; add adapters or unfreeze "
+                        "parameters before building the optimizer");
   }
 
   /// Allocates the state of a parameter that becomes trainable for the first time.
@@ -259,7 +305,66 @@ class BasicOptimizer : public Optimizer<T> {
     throw ConfigError(std::string(kind_) + ": no parameter named \"" + name + "\"");
   }
 
+  static constexpr std::uint64_t kNeverChecked = ~std::uint64_t{0};
+
+  /// The watched module's check (see the top of this file); one atomic load unless parameters
+  /// were created, destroyed or (un)frozen since the last check.
+  void check_watched() {
+    if (watched_ == nullptr) return;
+    const std::uint64_t epoch = parameter_epoch();
+    if (epoch == checked_epoch_) return;
+    std::vector<std::pair<const Parameter<T>*, Entry*>> held;  // sorted by address, for lookup
+    for (Group& g : groups_)
+      for (Entry& e : g.entries) held.emplace_back(e.param, &e);
+    std::sort(held.begin(), held.end(),
+              [](const auto& x, const auto& y) { return std::less<const Parameter<T>*>()(x.first, y.first); });
+    std::vector<char> seen(held.size(), 0);
+    std::vector<std::string> missing, renamed;
+    watched_->visit_parameters([&](const std::string& name, Parameter<T>& p) {
+      const auto it = std::lower_bound(held.begin(), held.end(), &p, [](const auto& x, const Parameter<T>* q) {
+        return std::less<const Parameter<T>*>()(x.first, q);
+      });
+      if (it == held.end() || it->first != &p) {
+        if (p.trainable()) missing.push_back(name);
+        return;
+      }
+      seen[static_cast<std::size_t>(it - held.begin())] = 1;
+      if (it->second->from_module && it->second->name != name)
+        renamed.push_back("\"" + it->second->name + "\" (now \"" + name + "\")");
+    });
+    const std::string where = describe("module", watched_->name());
+    std::vector<std::string> gone;
+    for (std::size_t i = 0; i < held.size(); ++i)
+      if (!seen[i] && held[i].second->from_module) gone.push_back("\"" + held[i].second->name + "\"");
+    for (const std::string& r : renamed) gone.push_back(r);
+    auto list = [](const std::vector<std::string>& v, bool quote) {
+      std::string out;
+      const std::size_t shown = std::min<std::size_t>(v.size(), 5);
+      for (std::size_t i = 0; i < shown; ++i) out += (i ? ", " : "") + (quote ? "\"" + v[i] + "\"" : v[i]);
+      if (v.size() > shown) out += ", ... (" + std::to_string(v.size()) + " in all)";
+      return out;
+    };
+    if (!gone.empty()) {
+      const bool one = gone.size() == 1;
+      throw ConfigError(std::string(kind_) + (one ? ": parameter " : ": parameters ") + list(gone, false) +
+                        " of this optimizer " + (one ? "is" : "are") + " no longer in " + where +
+                        " (an adapter deleted or replaced after the optimizer was built); rebuild the optimizer");
+    }
+    if (!missing.empty()) {
+      const bool one = missing.size() == 1;
+      throw ConfigError(std::string(kind_) + (one ? ": trainable parameter " : ": trainable parameters ") +
+                        list(missing, true) + " of " + where + (one ? " is" : " are") +
+                        " not in this optimizer (an adapter added, or a parameter unfrozen, after the optimizer was "
+                        "built); rebuild the optimizer, or pass the new parameters to add_param_group");
+    }
+    for (std::size_t i = 0; i < held.size(); ++i)
+      if (seen[i]) held[i].second->from_module = true;
+    checked_epoch_ = epoch;
+  }
+
   std::vector<Group> groups_;
+  Module<T>* watched_ = nullptr;
+  std::uint64_t checked_epoch_ = kNeverChecked;
 };
 
 namespace detail {

@@ -54,8 +54,14 @@ class SGD : public BasicOptimizer<T, SGDState<T>> {
   SGD(std::vector<NamedParameter<T>> params, const SGDOptions& options)
       : SGD(detail::single_group(std::move(params), options.lr, options.weight_decay), options) {}
 
-  /// One group with every parameter of `module`, frozen ones included.
-  SGD(Module<T>& module, const SGDOptions& options) : SGD(named_parameters(module), options) {}
+  /// One group with every parameter of `module`, frozen ones included; the optimizer watches the
+  /// module (a trainable parameter added later is reported at step(), see optimizer.hpp).
+  SGD(Module<T>& module, const SGDOptions& options) : SGD(named_parameters(module), options) { this->watch(module); }
+  /// Groups taken from `module` (e.g. param_groups_by_rules), watching the module: every trainable
+  /// parameter of it must be in a group, now and at every step.
+  SGD(Module<T>& module, const std::vector<ParamGroup<T>>& groups, const SGDOptions& options) : SGD(groups, options) {
+    this->watch(module);
+  }
 
   const SGDOptions& options() const { return options_; }
 

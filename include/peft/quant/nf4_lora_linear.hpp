@@ -176,11 +176,11 @@ class NF4LoRALinear : public Module<T> {
 
 template <class T>
 LoraAdapter<T>& NF4LoRALinear<T>::add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
-  set_.check_new(this->name(), adapter_name, config, in_features(), out_features());
-  if (config.use_dora)
+  if (config.use_dora)  // refused before check_new, which may warn about the rank
     throw ConfigError(describe("NF4LoRALinear", this->name()) +
                       ": DoRA adapters are not supported on an NF4 base (adapter \"" + adapter_name +
                       "\"); use a LoRALinear on the dequantized weight");
+  set_.check_new(this->name(), adapter_name, config, in_features(), out_features());
   return set_.add(LoraAdapterSet<T>::create(adapter_name, config, in_features(), out_features(), rng));
 }
 

@@ -476,6 +476,8 @@ class AdaptedLinear : public Module<T> {
   RowVector<T> work_g_;  ///< recover_base divisors
 };
 
+// ---- AdaptedLinear members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 LoraAdapter<T>& AdaptedLinear<T>::add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
   check_new_name(adapter_name, "LORA");

@@ -146,6 +146,8 @@ class Adapter : public Module<T> {
   Matrix<T> fprime_;        ///< backward scratch f'(H)
 };
 
+// ---- Adapter members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void Adapter<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
   check::input_features("Adapter", this->name(), x.cols(), dim());

@@ -205,6 +205,8 @@ class MultiHeadAttention : public Module<T> {
   Matrix<T> dx_part_;  ///< backward: k/v projections' input gradient before summation
 };
 
+// ---- MultiHeadAttention members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void MultiHeadAttention<T>::add_ia3(const std::string& adapter, bool keys, bool values) {
   const std::string who = describe("MultiHeadAttention", this->name());

@@ -83,6 +83,8 @@ class Embedding : public Module<T> {
   void check_ids(const Index* ids, Index count) const;
 };
 
+// ---- Embedding members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void Embedding<T>::check_ids(const Index* ids, Index count) const {
   for (Index r = 0; r < count; ++r)
@@ -138,6 +140,8 @@ class PositionalEmbedding : public Module<T> {
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override { fn("weight", weight); }
 };
 
+// ---- PositionalEmbedding members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void PositionalEmbedding<T>::forward_inplace(MatrixRef<T> x, const SequenceLayout& layout, Cache& cache) {
   layout.validate("PositionalEmbedding", this->name(), x.rows());

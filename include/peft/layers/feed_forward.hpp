@@ -106,6 +106,8 @@ class FeedForward : public Module<T> {
   Matrix<T> fprime_;   ///< backward scratch f'(z) [rows, inner]
 };
 
+// ---- FeedForward members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void FeedForward<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
   if (ia3_merged())

@@ -68,6 +68,8 @@ class LayerNorm : public Module<T> {
   Index dim_ = 0;
 };
 
+// ---- LayerNorm members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void LayerNorm<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
   check::input_features("LayerNorm", this->name(), x.cols(), dim_);

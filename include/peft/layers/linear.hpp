@@ -85,6 +85,8 @@ class Linear : public Module<T> {
   }
 };
 
+// ---- Linear members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void Linear<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
   check::input_features("Linear", this->name(), x.cols(), in_features());

@@ -260,6 +260,8 @@ class LoraAdapterSet {
   Matrix<T> work_dx_;  ///< backward s G A [rows, in] (dropout only)
 };
 
+// ---- LoraAdapterSet members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 LoraAdapter<T>& LoraAdapterSet<T>::add(LoraAdapter<T> a) {
   adapters_.push_back(std::make_unique<LoraAdapter<T>>(std::move(a)));

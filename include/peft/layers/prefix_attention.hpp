@@ -161,6 +161,8 @@ class PrefixAttention : public Module<T> {
   Matrix<T> dembedding_;  ///< backward scratch [l, d]
 };
 
+// ---- PrefixAttention members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 PrefixAttention<T> PrefixAttention<T>::from_prompt_embeddings(const ConstMatrixRef<T>& table, Index num_layers,
                                                               std::string name) {

@@ -133,6 +133,8 @@ class SoftPrompt : public Module<T> {
   }
 };
 
+// ---- SoftPrompt members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void SoftPrompt<T>::init_from_tokens(const ConstMatrixRef<T>& vocab, const std::vector<Index>& ids) {
   check_vocab(vocab);

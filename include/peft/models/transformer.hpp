@@ -179,6 +179,8 @@ class TransformerBlock : public Module<T> {
   Matrix<T> dh_, dv_, du_, da_, ds_, df2_, dtmp_;
 };
 
+// ---- TransformerBlock members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void TransformerBlock<T>::add_adapters(AdapterPlacement placement, const AdapterOptions& options, Rng& rng) {
   if (adapter_attn || adapter_ffn)
@@ -437,6 +439,8 @@ class TransformerClassifier : public Module<T> {
   Matrix<T> dpooled_, dh_a_, dh_b_;
 };
 
+// ---- TransformerClassifier members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 LoRALinear<T>& TransformerClassifier<T>::linear(const std::string& key) {
   LoRALinear<T>* found = nullptr;

@@ -174,6 +174,8 @@ class NF4LoRALinear : public Module<T> {
   Matrix<T> tile_;  ///< decoded rows of the base [tile_rows, in], reused by forward and backward
 };
 
+// ---- NF4LoRALinear members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 LoraAdapter<T>& NF4LoRALinear<T>::add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
   if (config.use_dora)  // refused before check_new, which may warn about the rank

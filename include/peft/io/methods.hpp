@@ -623,15 +623,16 @@ std::vector<LinearSlot<T>> linear_slots(Module<T>& model) {
 }
 
 namespace detail {
-/// A fresh adapter of row `f` for `host` at `path`; shaped for a file's `tensors` where given and
-/// the row has such a layout (LoKr).
+/// A fresh adapter of row `f` for the [out, in] module at `path`: shaped for a file's `tensors`
+/// where given and the row has such a layout (LoKr), else built on its `host` where given and the
+/// row needs one (DoRA's magnitude), else from the config alone.
 template <class T>
 std::unique_ptr<AdapterMethod<T>> fresh_adapter(const MethodFormat<T>& f, const Json& config, const std::string& path,
-                                                const std::string& adapter, const AdaptedLinear<T>& host,
-                                                const ModuleTensors<T>* tensors, MethodState& state, Rng& rng) {
-  const Index in = host.in_features(), out = host.out_features();
+                                                const std::string& adapter, Index in, Index out,
+                                                const AdaptedLinear<T>* host, const ModuleTensors<T>* tensors,
+                                                MethodState& state, Rng& rng) {
   if (tensors != nullptr && f.shaped) return f.shaped(config, path, adapter, in, out, *tensors, state, rng);
-  if (f.create_on) return f.create_on(config, path, adapter, host, state, rng);
+  if (host != nullptr && f.create_on) return f.create_on(config, path, adapter, *host, state, rng);
   return f.create(config, path, adapter, in, out, state, rng);
 }
 
@@ -684,7 +685,8 @@ std::vector<std::string> apply_row(const MethodFormat<T>& f, const std::vector<L
     if (has_method(*s->host, adapter_name, f.peft_type))
       throw ConfigError("apply_method (" + f.kind + "): module \"" + s->path + "\" already has a " + f.kind +
                         " adapter \"" + adapter_name + "\"; nothing was applied");
-    made.push_back(fresh_adapter<T>(f, config, s->path, adapter_name, *s->host, nullptr, state, rng));
+    made.push_back(fresh_adapter<T>(f, config, s->path, adapter_name, s->host->in_features(), s->host->out_features(),
+                                    s->host, nullptr, state, rng));
   }
   std::vector<std::string> paths;
   for (std::size_t i = 0; i < chosen.size(); ++i) {
@@ -819,9 +821,7 @@ std::unique_ptr<AdapterMethod<T>> method_module(const MethodAdapterFile<T>& file
   const ModuleTensors<T>& tensors = file.modules.at(path);
   Rng rng(0);  // the values drawn at construction are overwritten below
   std::unique_ptr<AdapterMethod<T>> m =
-      f.shaped ? f.shaped(file.config, path, adapter_name, in, out, tensors, state, rng)
-      : (host != nullptr && f.create_on) ? f.create_on(file.config, path, adapter_name, *host, state, rng)
-                                         : f.create(file.config, path, adapter_name, in, out, state, rng);
+      fresh_adapter(f, file.config, path, adapter_name, in, out, host, &tensors, state, rng);
   const std::vector<AdapterTensor<T>> want = m->tensors(path);
   for (const AdapterTensor<T>& t : want) {
     const std::string param = param_name(t.file_key, path);

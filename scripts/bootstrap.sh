@@ -6,6 +6,7 @@
 #                                   preset and the fuzzers build with clang)
 #   scripts/bootstrap.sh --peer     also python3-torch and OpenBLAS (PyTorch peer benchmark scripts)
 #   scripts/bootstrap.sh --blas     also OpenBLAS for the release-blas preset (PEFT_USE_BLAS)
+#   scripts/bootstrap.sh --docs     also Doxygen (the peft_docs target: API reference from the headers)
 set -euo pipefail
 
 packages=(cmake ninja-build g++ libeigen3-dev catch2 nlohmann-json3-dev libbenchmark-dev zlib1g-dev
@@ -18,6 +19,7 @@ for arg in "$@"; do
     # follows torch.set_num_threads.
     --peer) packages+=(python3-torch libopenblas0-openmp libblas-dev) ;;
     --blas) packages+=(libopenblas0-openmp libblas-dev) ;;  # the release-blas preset (PEFT_USE_BLAS)
+    --docs) packages+=(doxygen) ;;  # the peft_docs target
     *) echo "bootstrap.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done

@@ -310,6 +310,15 @@ TEST_CASE("load_safetensors: a base checkpoint into AdaptedLinear hosts with ada
   copy.forward(x, y2, c2);
   CHECK(y1 == y2);
 
+  // A predicate of the caller's decides what an adapter parameter is.
+  LoRALinear<double> other(8, 6, rng);
+  other.add_adapter("default", lc, rng);
+  opt.is_adapter_parameter = [](const std::string& n) { return n.find(".default.") != std::string::npos; };
+  CHECK(load_safetensors(other, dir.file("base.safetensors"), opt).ignored_adapter.size() == 2);
+  opt.is_adapter_parameter = [](const std::string& n) { return n.rfind("lora_A", 0) == 0; };
+  PEFT_REQUIRE_THROWS_WITH(load_safetensors(other, dir.file("base.safetensors"), opt), ConfigError,
+                           "1 missing (model parameters the file lacks): \"lora_B.default.weight\"");
+
   CHECK(is_peft_adapter_parameter("layers.0.attn.q_proj.lora_B.default.weight"));
   CHECK(is_peft_adapter_parameter("lora_magnitude_vector.default"));
   CHECK(is_peft_adapter_parameter("layers.1.adapter_attn.adapter_up.weight"));
@@ -343,6 +352,16 @@ TEST_CASE("load_safetensors: a sharded checkpoint (model.safetensors.index.json)
   peft::test::io::write_bytes(index, R"({"weight_map": {"fc1.weight": "model-00001-of-00002.safetensors"}})");
   PEFT_REQUIRE_THROWS_WITH(load_safetensors(dst, index), IoError,
                            "holds \"fc1.bias\", which the weight_map does not list there");
+  peft::test::io::write_bytes(index, R"({"weight_map": {"fc1.weight": 3}})");
+  PEFT_REQUIRE_THROWS_WITH(load_safetensors(dst, index), IoError,
+                           "weight_map[\"fc1.weight\"] must be a shard file name, got 3");
+  peft::test::io::write_bytes(index, R"({"weight_map": {"fc1.weight": "missing.safetensors"}})");
+  CHECK_THROWS_AS(load_safetensors(dst, index), IoError);
+  peft::test::io::write_bytes(index, R"({"weight_map": {"fc1.weight": "a", "fc1.weight": "b"}})");
+  PEFT_REQUIRE_THROWS_WITH(load_safetensors(dst, index), IoError, "duplicate");
+  peft::test::io::write_bytes(index, R"({"weight_map": [)");
+  PEFT_REQUIRE_THROWS_WITH(load_safetensors(dst, index), IoError, "invalid JSON");
+  CHECK(same_state(dst, state_values(src)));  // every refusal above left the model as loaded
   peft::test::io::write_bytes(index, R"({"metadata": {}})");
   PEFT_REQUIRE_THROWS_WITH(load_safetensors(dst, index), IoError, "needs an object \"weight_map\"");
 }

@@ -323,6 +323,7 @@ TEST_CASE("load_safetensors: a base checkpoint into AdaptedLinear hosts with ada
   CHECK(is_peft_adapter_parameter("lora_magnitude_vector.default"));
   CHECK(is_peft_adapter_parameter("layers.1.adapter_attn.adapter_up.weight"));
   CHECK(is_peft_adapter_parameter("ia3_l.default"));
+  CHECK(is_peft_adapter_parameter("classifier.modules_to_save.default.weight"));
   CHECK(!is_peft_adapter_parameter("layers.0.attn.q_proj.weight"));
   CHECK(!is_peft_adapter_parameter("floral_head.weight"));  // a segment must start with the prefix
 }

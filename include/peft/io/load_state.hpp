@@ -28,8 +28,9 @@
 // of `missing` (as PEFT loads the base before the adapters; report.ignored_adapter lists them).
 // Which names are an adapter's is decided by is_adapter_parameter (default: a dotted segment that
 // starts with a PEFT tuner prefix: lora_, vera_lambda_, hada_, lokr_, ia3_l, adapter_down,
-// adapter_up, adapter_attn, prompt_encoder, prefix_encoder). Load a base before merging adapters
-// into it: the host's weight then holds W₀ + ΔW, and a loaded weight replaces that sum.
+// adapter_up, adapter_attn, prompt_encoder, prefix_encoder, and modules_to_save: PEFT's per-adapter
+// copies of a head). Load a base before merging adapters into it: the host's weight then holds
+// W₀ + ΔW, and a loaded weight replaces that sum.
 //
 // Sharded checkpoints: a path ending in ".json" is read as transformers' index
 // (`{"metadata": {...}, "weight_map": {key: "model-00001-of-00002.safetensors", ...}}`); every shard
@@ -82,9 +83,9 @@ inline NameMap rename_prefixes(std::vector<std::pair<std::string, std::string>> 
 /// True for a name with a dotted segment that starts with a PEFT tuner prefix (see the file
 /// comment): "layers.0.q.lora_A.default.weight", "ia3_l.default", "adapter_attn.adapter_down".
 inline bool is_peft_adapter_parameter(const std::string& name) {
-  static const char* const kPrefixes[] = {"lora_",          "vera_lambda_",  "hada_",      "lokr_",
-                                          "ia3_l",          "adapter_down",  "adapter_up", "adapter_attn",
-                                          "prompt_encoder", "prefix_encoder"};
+  static const char* const kPrefixes[] = {"lora_",          "vera_lambda_",   "hada_",          "lokr_",
+                                          "ia3_l",          "adapter_down",   "adapter_up",     "adapter_attn",
+                                          "prompt_encoder", "prefix_encoder", "modules_to_save"};
   std::size_t start = 0;
   while (start <= name.size()) {
     for (const char* p : kPrefixes)

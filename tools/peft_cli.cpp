@@ -17,7 +17,6 @@
 #include <new>
 #include <optional>
 #include <ostream>
-#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -26,6 +25,7 @@
 #include <peft/core/warnings.hpp>
 #include <peft/io/adapter_factors.hpp>
 #include <peft/io/combine_adapters.hpp>
+#include <peft/io/extract_adapter.hpp>
 #include <peft/io/merge_file.hpp>
 #include <peft/io/methods.hpp>
 #include <peft/io/peft_format.hpp>
@@ -202,23 +202,7 @@ inline bool natural_less(const std::string& a, const std::string& b) {
   return a.size() - i < b.size() - j;
 }
 
-/// Opens a safetensors file; a file that is JSON text (an adapter_config.json, say) gets a message
-/// saying what was expected instead of the parser's complaint about an absurd header length.
-inline SafeTensorsFile open_safetensors(const std::string& path, const char* hint) {
-  try {
-    return SafeTensorsFile(path);
-  } catch (const IoError&) {
-    const InputFile f(path);
-    unsigned char first = 0;
-    if (f.size() > 0) f.read_at(0, 1, &first);
-    if (first == '{' || first == '[')
-      throw IoError("\"" + path + "\" is a JSON file, not a safetensors file (which starts with an 8-byte header " +
-                    "length); expected " + hint);
-    throw;
-  }
-}
-
-/// The base's header read with pread (see read_safetensors_header), with open_safetensors' message.
+/// The base's header read with pread (see read_safetensors_header), with io::open_safetensors' message.
 inline SafeTensorsHeader base_header(const std::string& path) {
   const InputFile f(path);
   unsigned char first = 0;
@@ -444,108 +428,31 @@ inline int cmd_combine(const Args& a, std::ostream& out, std::ostream& err) {
   return kOk;
 }
 
-/// Default --exclude of extract: embedding tables. PEFT gives an nn.Embedding a LoRA of its own
-/// layout (lora_embedding_A / _B); written as lora_A / lora_B they would load as unexpected keys
-/// and be dropped, so they are left out of the low-rank part (--keep-full saves them whole).
-constexpr const char* kExtractExclude = R"((.*\.)?([a-z_]*embed[a-z_]*|wte|wpe)\.weight)";
-
 inline int cmd_extract(const Args& a, std::ostream& out, std::ostream&) {
   if (!a.positional.empty()) throw UsageError("unexpected argument \"" + a.positional[0] + "\"");
   const std::string bp = a.get("base"), tp = a.get("tuned"), dst = a.get("out");
-  ExtractOptions opt;
-  opt.rank = static_cast<Index>(a.integer("rank", 0));
-  opt.energy = a.number("energy", 0.0);
-  opt.use_rslora = a.has("rslora");
-  if (opt.rank < 0) throw UsageError("--rank must be > 0, got " + a.get("rank"));
-  if ((opt.rank != 0) == (opt.energy != 0.0)) throw UsageError("give exactly one of --rank K and --energy TAU");
-  const bool fan = a.has("fan-in-fan-out");  // GPT-2 Conv1D: weights stored [in, out]
-  const bool keep_full = a.has("keep-full");
-  const Regex exclude = compile_name_regex(a.get_or("exclude", kExtractExclude), "extract: --exclude");
-  const SafeTensorsFile base = open_safetensors(bp, "the base model's .safetensors file");
-  const SafeTensorsFile tuned = open_safetensors(tp, "the tuned model's .safetensors file");
-  for (const TensorInfo& u : tuned.tensors())
-    if (!base.contains(u.name))
-      throw ConfigError("extract: the base \"" + bp + "\" has no tensor \"" + u.name + "\" (the tuned model has it)");
-
-  // Pass 1: which float tensors changed, and which of them become low-rank modules.
-  std::vector<const TensorInfo*> changed;
-  std::set<std::string> lora_paths;  // modules that become low rank
-  for (const TensorInfo& t : base.tensors()) {
-    if (!tuned.contains(t.name))
-      throw ConfigError("extract: the tuned model \"" + tp + "\" has no tensor \"" + t.name + "\" (the base has it)");
-    const TensorInfo& u = tuned.info(t.name);
-    if (u.shape != t.shape)
-      throw ShapeError("extract: tensor \"" + t.name + "\" is " + t.shape_string() + " in the base but " +
-                       u.shape_string() + " in the tuned model");
-    if (!dtype_is_float(t.dtype)) continue;
-    const bool same_bytes = t.nbytes() == u.nbytes() && u.dtype == t.dtype &&
-                            std::equal(base.bytes(t), base.bytes(t) + t.nbytes(), tuned.bytes(u));
-    if (same_bytes) continue;
-    changed.push_back(&t);
-    std::string path;
-    if (t.shape.size() == 2 && io::detail::ends_with(t.name, ".weight", &path) &&
-        !regex_full_match(t.name, exclude, "extract: --exclude"))
-      lora_paths.insert(path);
-  }
-
-  // Pass 2: factors for the low-rank modules; everything else changed is saved whole or reported.
-  PeftAdapter<double> ad;
-  std::vector<std::pair<std::string, Index>> ranks;
-  std::vector<std::string> not_captured, modules_to_save;
-  bool lora_biases = false;
-  for (const TensorInfo* t : changed) {
-    std::string path;
-    const bool low_rank = io::detail::ends_with(t->name, ".weight", &path) && lora_paths.count(path) != 0;
-    if (!low_rank) {
-      if (!keep_full) {
-        not_captured.push_back(t->name);
-        continue;
-      }
-      // A bias of a low-rank module travels with PEFT's bias = "lora_only"; anything else as part
-      // of its module in modules_to_save.
-      const std::size_t dot = t->name.rfind('.');
-      const std::string module = dot == std::string::npos ? t->name : t->name.substr(0, dot);
-      if (io::detail::ends_with(t->name, ".bias", &path) && lora_paths.count(path) != 0)
-        lora_biases = true;
-      else if (std::find(modules_to_save.begin(), modules_to_save.end(), module) == modules_to_save.end())
-        modules_to_save.push_back(module);
-      ad.full.push_back({t->name, t->shape, tuned.load<double>(t->name)});
-      continue;
-    }
-    Matrix<double> w0 = base.load<double>(t->name), w1 = tuned.load<double>(t->name);
-    if (fan) {  // ΔW [out, in] is the transpose of the stored difference
-      w0.transposeInPlace();
-      w1.transposeInPlace();
-    }
-    ExtractOptions o = opt;
-    if (o.rank > std::min(w0.rows(), w0.cols())) o.rank = std::min(w0.rows(), w0.cols());
-    ExtractResult<double> r = extract_lora<double>(w1, w0, o, t->name);
-    LoraModuleWeights<double> m;
-    m.path = path;
-    m.A = std::move(r.factors.A);
-    m.B = std::move(r.factors.B);
-    m.scaling = 1.0;
-    ranks.emplace_back(path, m.A.rows());
-    out << "  " << path << ": rank " << m.A.rows() << ", energy kept " << fmt(r.energy_kept, 5) << ", |dW - BA|_F "
-        << fmt(r.frobenius_error, 5) << ", sigma_k+1 " << fmt(r.sigma_next, 5) << "\n";
-    ad.lora.push_back(std::move(m));
-  }
-  if (ad.lora.empty())
-    throw ConfigError("extract: no 2-D \".weight\" tensor outside --exclude differs between the two files");
-  ad.config = unit_scaling_adapter_config(ranks, opt.use_rslora, "");
-  ad.config.fan_in_fan_out = fan;
-  ad.config.modules_to_save = modules_to_save;
-  if (lora_biases) ad.config.bias = "lora_only";
-  for (auto& m : ad.lora) m.alpha = ad.config.alpha_for(m.path);
-  save_peft_adapter(dst, ad);
-  out << "extracted " << ad.lora.size() << " modules" << (fan ? " (fan_in_fan_out)" : "");
-  if (!ad.full.empty()) out << ", kept " << ad.full.size() << " changed tensors whole";
+  ExtractAdapterOptions opt;
+  opt.svd.rank = static_cast<Index>(a.integer("rank", 0));
+  opt.svd.energy = a.number("energy", 0.0);
+  opt.svd.use_rslora = a.has("rslora");
+  if (opt.svd.rank < 0) throw UsageError("--rank must be > 0, got " + a.get("rank"));
+  if ((opt.svd.rank != 0) == (opt.svd.energy != 0.0)) throw UsageError("give exactly one of --rank K and --energy TAU");
+  opt.fan_in_fan_out = a.has("fan-in-fan-out");
+  opt.keep_full = a.has("keep-full");
+  opt.exclude = a.get_or("exclude", kExtractExclude);
+  opt.exclude_label = "--exclude";
+  const ExtractAdapterReport rep = extract_adapter_dir(bp, tp, dst, opt);
+  for (const ExtractedModule& m : rep.modules)
+    out << "  " << m.path << ": rank " << m.rank << ", energy kept " << fmt(m.energy_kept, 5) << ", |dW - BA|_F "
+        << fmt(m.frobenius_error, 5) << ", sigma_k+1 " << fmt(m.sigma_next, 5) << "\n";
+  out << "extracted " << rep.modules.size() << " modules" << (opt.fan_in_fan_out ? " (fan_in_fan_out)" : "");
+  if (!rep.kept_full.empty()) out << ", kept " << rep.kept_full.size() << " changed tensors whole";
   out << " -> " << dst << "\n";
-  if (!not_captured.empty()) {
-    out << "note: " << not_captured.size() << " changed tensors are not captured (vectors, or excluded by --exclude; "
-        << "--keep-full saves them whole):";
-    for (std::size_t i = 0; i < not_captured.size() && i < 8; ++i) out << (i ? ", " : " ") << not_captured[i];
-    if (not_captured.size() > 8) out << ", ...";
+  if (!rep.not_captured.empty()) {
+    out << "note: " << rep.not_captured.size()
+        << " changed tensors are not captured (vectors, or excluded by --exclude; --keep-full saves them whole):";
+    for (std::size_t i = 0; i < rep.not_captured.size() && i < 8; ++i) out << (i ? ", " : " ") << rep.not_captured[i];
+    if (rep.not_captured.size() > 8) out << ", ...";
     out << "\n";
   }
   return kOk;

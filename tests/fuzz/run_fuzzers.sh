@@ -21,14 +21,14 @@ FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
        -fno-sanitize-recover=undefined -I"$ROOT/include" $EIGEN_INC -Wall -Wextra -Werror)
 
 status=0
-for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge; do
+for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge fuzz_load_state; do
   echo "== building $target"
   "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$target.cpp" -o "$OUT/$target"
   corpus="$OUT/corpus/$target"
   mkdir -p "$corpus"
   seeds="$OUT/seeds/$target"
   rm -rf "$seeds" && mkdir -p "$seeds"
-  if [[ $target == fuzz_safetensors ]]; then
+  if [[ $target == fuzz_safetensors || $target == fuzz_load_state ]]; then
     find "$ROOT/tests/data" -name '*.safetensors' -exec cp {} "$seeds/" \;
   elif [[ $target == fuzz_checkpoint ]]; then
     cp "$ROOT/tests/data/fuzz/checkpoint_seed.safetensors" "$seeds/"

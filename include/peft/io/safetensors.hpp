@@ -493,6 +493,23 @@ class SafeTensorsFile {
   std::unordered_map<std::string, std::size_t> index_;
 };
 
+/// Opens a safetensors file given as input for `what` (e.g. "the base model's .safetensors file");
+/// a file that is JSON text (an adapter_config.json, an index given by mistake) gets a message
+/// saying what was expected instead of the parser's complaint about an absurd header length.
+inline SafeTensorsFile open_safetensors(const std::string& path, const std::string& what) {
+  try {
+    return SafeTensorsFile(path);
+  } catch (const IoError&) {
+    const InputFile f(path);
+    unsigned char first = 0;
+    if (f.size() > 0) f.read_at(0, 1, &first);
+    if (first == '{' || first == '[')
+      throw IoError("\"" + path + "\" is a JSON file, not a safetensors file (which starts with an 8-byte header " +
+                    "length); expected " + what);
+    throw;
+  }
+}
+
 struct TensorSpec {
   std::string name;
   DType dtype = DType::F32;

@@ -17,10 +17,10 @@
 //
 //   W₀_jk = (W − Σ_merged D_i)_jk / (1 + Σ (f_i − 1)_j + Σ (h_i − 1)_k),   b₀ = b / (1 + Σ (g_i − 1))
 //
-// which is how unmerge restores the base (to rounding: about 1e-16 relative, not bit for bit) and
-// how forward runs unmerged adapters that read W₀ (DoRA's norm, (IA)³'s scaled base) while others
-// are merged. Merging any subset, in any order, over any number of calls gives the unmerged
-// forward's outputs (to rounding), and a merge that would
+// which is how unmerge restores the base (to rounding: about 1e-16 relative, not bit for bit; on an
+// NF4 base to the re-quantization error, see below) and how forward runs unmerged adapters that read
+// W₀ (DoRA's norm, (IA)³'s scaled base) while others are merged. Merging any subset, in any order,
+// over any number of calls gives the unmerged forward's outputs (to rounding), and a merge that would
 // make a divisor smaller than √ε (W₀ unrecoverable) is refused with nothing changed. Merged
 // adapters are skipped in forward; backward while anything is merged is refused.
 //
@@ -36,7 +36,8 @@
 // so LoRA, VeRA, LoHa, LoKr and (IA)³ on outputs cost tile_rows·in extra scalars. A method that
 // reads W₀ itself (needs_base_weight: DoRA's row norm, (IA)³ on inputs) gets a dense deq(Q) kept in
 // one reused [out, in] buffer (re-decoded only after the base or the adapter set changed), as PEFT's
-// bitsandbytes DoRA dequantizes: that costs out·in scalars while such an adapter is active. The
+// bitsandbytes DoRA dequantizes: out·in scalars, allocated on first use and kept (so is it for a
+// forward with unmerged adapters while others are merged: W₀ is then recovered densely). The
 // dense `weight` Parameter is then empty, frozen and not visited (optimizers never see it); making it
 // trainable is refused. Merge and unmerge on NF4 are lossy, as PEFT's bnb merge (w = deq(Q) + ΔW,
 // then re-quantize): deq(Q) goes through the dense algebra above and is re-quantized in the base's
@@ -349,7 +350,8 @@ class AdaptedLinear : public Module<T> {
   // ---- merge / unmerge ----------------------------------------------------------------------
 
   /// W += C_i (and b += its bias part) for each named adapter (default: the active ones not yet
-  /// merged), every C_i computed on W₀ (see the file comment).
+  /// merged), every C_i computed on W₀ (see the file comment). On an NF4 base W = deq(Q) + Σ C_i is
+  /// re-quantized in the base's layout (lossy: last_requantize() has the error it added).
   /// With `peft_type`, only that method's adapters of those names.
   void merge(const std::vector<std::string>& names = {}, const std::string& peft_type = "") {
     merge_impl(names, false, peft_type);

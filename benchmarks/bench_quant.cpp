@@ -82,7 +82,7 @@ void BM_Memory4096(benchmark::State& state) {
   state.counters["MiB"] = static_cast<double>(q.storage_bytes()) / (1 << 20);
   state.counters["bits/param"] = q.bits_per_parameter();
   state.counters["x_smaller"] = fp32_bytes / static_cast<double>(q.storage_bytes());
-  // While an NF4LoRALinear runs, it also holds its decode tile: tile_rows · in scalars (reused).
+  // While an NF4 host runs LoRA, it also holds its decode tile: tile_rows · in scalars (reused).
   const double tile_bytes = static_cast<double>(peft::NF4LoRALinear<T>().tile_rows()) * d * sizeof(T);
   state.counters["tile_MiB"] = tile_bytes / (1 << 20);
   state.counters["MiB_running"] = (static_cast<double>(q.storage_bytes()) + tile_bytes) / (1 << 20);
@@ -108,7 +108,7 @@ void BM_ForwardFP32(benchmark::State& state) {
 
 void BM_ForwardNF4(benchmark::State& state) {
   const Index rows = state.range(0), d = state.range(1);
-  peft::NF4LoRALinear<T> layer = peft::NF4LoRALinear<T>::from_linear(dense(d));
+  peft::NF4LoRALinear<T> layer = peft::quantize_linear(dense(d));
   layer.set_tile_rows(state.range(2));
   const Matrix<T> x = Matrix<T>::Random(rows, d);
   Matrix<T> y;
@@ -148,7 +148,7 @@ void BM_LoraStepFP32(benchmark::State& state) {
 
 void BM_LoraStepNF4(benchmark::State& state) {
   const Index rows = state.range(0), d = state.range(1);
-  peft::NF4LoRALinear<T> layer = peft::NF4LoRALinear<T>::from_linear(dense(d));
+  peft::NF4LoRALinear<T> layer = peft::quantize_linear(dense(d));
   layer.set_tile_rows(state.range(2));
   peft::Rng rng(7);
   layer.add_adapter("default", lora(16), rng);

@@ -1,10 +1,14 @@
-// NF4LoRALinear against LoRALinear built on the dequantized weight (the equivalence that defines
-// QLoRA's layer), finite-difference gradients, merge/re-quantize and error paths.
+// NF4LoRALinear (the adapted-linear host on an NF4 base) against LoRALinear built on the
+// dequantized weight (the equivalence that defines QLoRA's layer), finite-difference gradients,
+// merge/re-quantize and error paths; then every method of the conformance table on an NF4 base.
+#include <map>
+
 #include <peft/core/parameters.hpp>
 #include <peft/layers/lora_linear.hpp>
 #include <peft/quant/nf4_lora_linear.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include "layers/conformance_cases.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -34,7 +38,7 @@ Pair<T> make_pair(Index in, Index out, Index tile, bool with_bias, std::uint64_t
   const Linear<T> base(in, out, rng, with_bias);
   quant::NF4Options opt;
   opt.double_quant = dq;
-  NF4LoRALinear<T> q = NF4LoRALinear<T>::from_linear(base, opt, "layers.0.q");
+  NF4LoRALinear<T> q = quantize_linear(base, opt, "layers.0.q");
   q.set_tile_rows(tile);
   q.add_adapter("default", config(3, 5.0), rng);
   q.add_adapter("other", config(2, 2.0), rng);
@@ -103,18 +107,18 @@ TEST_CASE("NF4LoRALinear backward matches finite differences", "[quant][nf4_lora
 TEST_CASE("NF4LoRALinear with dropout: gradients are those of the masked forward", "[quant][nf4_lora][gradcheck]") {
   Rng rng(25);
   const Linear<double> base(8, 6, rng, false);
-  NF4LoRALinear<double> q = NF4LoRALinear<double>::from_linear(base);
+  NF4LoRALinear<double> q = quantize_linear(base);
   q.add_adapter("d", config(2, 3.0, 0.5), rng);
   Matrix<double> x = test::random_matrix<double>(3, 8, rng);
   const Matrix<double> g = test::random_matrix<double>(3, 6, rng);
   typename NF4LoRALinear<double>::Cache cache;
   q.forward(x, cache);
-  REQUIRE(cache.adapters[0].keep.size() == 24);
+  REQUIRE(cache.lora(0).keep.size() == 24);
   Matrix<double> dx;
   q.backward(cache, g, &dx);
   // The same mask, applied by hand: y = x Wᵀ + s ((x ⊙ M) Aᵀ) Bᵀ.
   const Matrix<double> w = q.dequantized_weight();
-  const Matrix<double> mask = cache.adapters[0].keep;
+  const Matrix<double> mask = cache.lora(0).keep;
   const LoraAdapter<double>& a = q.adapter("d");
   auto loss = [&] {
     const Matrix<double> xm = x.cwiseProduct(mask);
@@ -221,8 +225,19 @@ TEST_CASE("NF4LoRALinear rejects bad input with named errors", "[quant][nf4_lora
   PEFT_REQUIRE_THROWS_WITH(p.q.set_tile_rows(0), ConfigError, "tile_rows must be > 0, got 0");
   LoraConfig dora{4, 8.0};
   dora.use_dora = true;
-  PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("dora", dora), ConfigError,
-                           "DoRA adapters are not supported on an NF4 base");
+  CHECK(std::string(p.q.add_adapter("dora", dora).config.use_dora ? "DoRA" : "LoRA") == "DoRA");  // now hosted
+  CHECK(std::string(p.q.method("dora").kind()) == "DoRA");
+  p.q.delete_adapter("dora");
+  p.q.set_active("default");
+  p.q.forward(Matrix<float>::Zero(2, 16), c);
+  p.q.weight.set_trainable(true);  // the empty dense weight: training it is refused, not crashed on
+  PEFT_REQUIRE_THROWS_WITH(p.q.forward(Matrix<float>::Zero(2, 16), c), ConfigError,
+                           "NF4LoRALinear \"layers.0.q\": the NF4 base is frozen");
+  p.q.weight.set_trainable(false);
+  PEFT_REQUIRE_THROWS_WITH(LoRALinear<float>().quant_options(), ConfigError, "the base is dense, not NF4");
+  PEFT_REQUIRE_THROWS_WITH(
+      LoRALinear<float>(Linear<float>(Matrix<float>::Ones(2, 3), RowVector<float>())).merge_and_requantize(),
+      ConfigError, "merge_and_requantize needs an NF4 base");
   PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("default"), ConfigError, "adapter \"default\" already exists");
   PEFT_REQUIRE_THROWS_WITH(p.q.add_adapter("zero", config(0, 1.0)), ConfigError, "rank r must be >= 1, got 0");
   PEFT_REQUIRE_THROWS_WITH(p.q.adapter("nope"), ConfigError, "unknown adapter \"nope\"; available: [default, other]");
@@ -244,9 +259,232 @@ TEST_CASE("NF4LoRALinear rejects bad input with named errors", "[quant][nf4_lora
   p.q.forward(Matrix<float>::Zero(2, 16), c);
   p.q.adapter("default").A.set_trainable(true);
   PEFT_REQUIRE_THROWS_WITH(p.q.backward(c, Matrix<float>::Zero(2, 8), nullptr), ShapeError,
-                           "cached input (was A unfrozen after forward?)");
+                           "cached input (was a parameter unfrozen after forward?)");
   NF4LoRALinear<float> empty;  // no weight: nothing to read, a clear error instead
   CHECK(empty.in_features() == 0);
   CHECK(empty.out_features() == 0);
-  PEFT_REQUIRE_THROWS_WITH(empty.forward(Matrix<float>::Zero(2, 1), c), ConfigError, "has no quantized weight");
+  PEFT_REQUIRE_THROWS_WITH(empty.forward(Matrix<float>::Zero(2, 1), c), ConfigError, "has no weight");
+}
+
+// ---- every method on an NF4 base (the conformance table's rows) ----------------------------------
+
+namespace nf4_methods {
+
+using conformance::Case;
+using conformance::kIn;
+using conformance::kOut;
+using conformance::kRows;
+
+constexpr std::uint64_t kSeed = 0x4f4;  // both hosts' dropout generator: the same masks
+
+/// An NF4 host [8, 12] with bias (tile of 3 rows: ragged tiles), a perturbed plain LoRA "lora2" and
+/// the row's adapter "case" (perturbed), both active; and the dense host on deq(Q) with clones of
+/// both adapters (same values, same generators).
+template <class T>
+struct Hosts {
+  AdaptedLinear<T> q, dense;
+  Matrix<T> x;
+  Hosts(const Case& c, std::uint64_t seed) {
+    Rng rng(seed);
+    const Linear<T> base(kIn, kOut, rng, true);
+    q = quantize_linear(base, quant::NF4Options{}, "layers.0.q");
+    q.set_tile_rows(3);
+    q.add_adapter("lora2", conformance::second_lora(), rng);
+    conformance::perturb(q, "lora2", rng);
+    c.add(q, "case", rng);
+    conformance::perturb(q, "case", rng);
+    q.set_active({"case", "lora2"});
+    dense = AdaptedLinear<T>(Linear<T>(q.dequantized_weight(), base.bias.value.row(0)), "dense", kSeed);
+    dense.freeze_base();
+    for (const auto& m : q.methods()) dense.add_adapter(m.clone());
+    dense.set_active({"case", "lora2"});
+    x = test::random_matrix<T>(kRows, kIn, rng);
+  }
+};
+
+/// Gradients of every trainable parameter, by name.
+template <class T>
+std::map<std::string, Matrix<T>> nf4_grads(AdaptedLinear<T>& layer) {
+  std::map<std::string, Matrix<T>> g;
+  layer.visit_parameters([&](const std::string& n, Parameter<T>& p) {
+    if (p.trainable()) g[n] = p.grad;
+  });
+  return g;
+}
+
+}  // namespace nf4_methods
+
+TEMPLATE_TEST_CASE("NF4 base: every method's forward and gradients equal the dense host's on deq(Q)",
+                   "[quant][nf4_lora][conformance]", float, double) {
+  using T = TestType;
+  for (const conformance::Case& c : conformance::cases()) {
+    for (const bool train : {false, true}) {
+      INFO("case " << c.name << (train ? ", train mode" : ", eval mode"));
+      nf4_methods::Hosts<T> h(c, 41);
+      h.q.train(train);
+      h.dense.train(train);
+      Rng grng(42);
+      const Matrix<T> g = test::random_matrix<T>(nf4_methods::kRows, nf4_methods::kOut, grng);
+      typename AdaptedLinear<T>::Cache cq, cd;
+      Matrix<T> yq, yd, dxq, dxd;
+      h.q.forward(h.x, yq, cq);
+      h.dense.forward(h.x, yd, cd);
+      CHECK(test::rel_diff(yq, yd) < 10 * Tolerances<T>::rel);
+      h.q.backward(cq, g, &dxq);
+      h.dense.backward(cd, g, &dxd);
+      CHECK(test::rel_diff(dxq, dxd) < 10 * Tolerances<T>::rel);
+      const auto gq = nf4_methods::nf4_grads(h.q);
+      const auto gd = nf4_methods::nf4_grads(h.dense);
+      REQUIRE(gq.size() == gd.size());
+      for (const auto& kv : gq) {
+        INFO("parameter " << kv.first);
+        REQUIRE(gd.count(kv.first) == 1);
+        CHECK(test::rel_diff(kv.second, gd.at(kv.first)) < 10 * Tolerances<T>::rel);
+      }
+      // Inference path too.
+      Matrix<T> yi;
+      h.q.forward_inference(h.x, yi);
+      if (!train) CHECK(test::rel_diff(yi, yd) < 10 * Tolerances<T>::rel);
+    }
+  }
+}
+
+TEST_CASE("NF4 base: every method's backward matches finite differences", "[quant][nf4_lora][conformance][gradcheck]") {
+  for (const conformance::Case& c : conformance::cases()) {
+    INFO("case " << c.name);
+    nf4_methods::Hosts<double> h(c, 43);
+    AdaptedLinear<double>& snapshot = h.q;
+    snapshot.eval();  // deterministic (dropout off); the masked paths are compared with the dense host above
+    Rng rng(44);
+    Matrix<double> x = test::random_matrix<double>(nf4_methods::kRows, nf4_methods::kIn, rng);
+    const Matrix<double> g = test::random_matrix<double>(nf4_methods::kRows, nf4_methods::kOut, rng);
+    RowVector<double> n0;
+    if (c.detached_norm) n0 = snapshot.dora_weight_norm("case");
+    auto evaluate = [&]() {
+      AdaptedLinear<double> layer = snapshot;
+      if (c.detached_norm) {  // DoRA's norm is a constant in backward (PEFT's detach): hold it at n₀
+        const RowVector<double> n = layer.dora_weight_norm("case");
+        layer.adapter("case").magnitude.value.row(0).array() *= n.array() / n0.array();
+      }
+      typename AdaptedLinear<double>::Cache cc;
+      return test::dot(g, layer.forward(x, cc));
+    };
+    AdaptedLinear<double> layer = snapshot;
+    layer.zero_grad();
+    typename AdaptedLinear<double>::Cache cache;
+    Matrix<double> y, dx;
+    layer.forward(x, y, cache);
+    layer.backward(cache, g, &dx);
+    CHECK(relative_error(dx, numerical_gradient(x, evaluate)) < Tolerances<double>::grad);
+    const auto grads = nf4_methods::nf4_grads(layer);
+    snapshot.visit_parameters([&](const std::string& n, Parameter<double>& p) {
+      if (!p.trainable()) return;
+      INFO("parameter " << n);
+      REQUIRE(grads.count(n) == 1);
+      CHECK(relative_error(grads.at(n), numerical_gradient(p.value, evaluate)) < Tolerances<double>::grad);
+      CHECK(grads.at(n).norm() > 1e-6);  // not vacuous
+    });
+  }
+}
+
+TEMPLATE_TEST_CASE("NF4 base: merge and unmerge re-quantize within the measured rounding error",
+                   "[quant][nf4_lora][conformance][merge]", float, double) {
+  using T = TestType;
+  for (const conformance::Case& c : conformance::cases()) {
+    INFO("case " << c.name);
+    nf4_methods::Hosts<T> h(c, 45);
+    h.q.eval();
+    const Matrix<T> q0 = h.q.dequantized_weight(), b0 = h.q.bias.value;
+    Matrix<T> y_unmerged, y_merged, y_back;
+    h.q.forward_inference(h.x, y_unmerged);
+    const Matrix<T> expect = h.q.merged_weight();  // W₀ + Σ C_i, what the dense host merges to
+    h.dense.merge();
+    CHECK(test::rel_diff(expect, h.dense.weight.value) < 10 * Tolerances<T>::rel);
+
+    h.q.merge();
+    CHECK(h.q.merged_adapters() == std::vector<std::string>{"case", "lora2"});
+    const double merge_err = h.q.last_requantize().added_error;
+    CHECK(merge_err == Approx((h.q.dequantized_weight() - expect).template cast<double>().norm()).epsilon(1e-4));
+    CHECK(h.q.last_requantize().relative_error < 0.2);
+    // y_merged − y_unmerged = x (deq(Q') − W)ᵀ: bounded by ‖x‖_F · added_error.
+    h.q.forward_inference(h.x, y_merged);
+    const double bound = h.x.template cast<double>().norm() * merge_err +
+                         10 * Tolerances<T>::rel * y_unmerged.template cast<double>().norm();
+    CHECK((y_merged - y_unmerged).template cast<double>().norm() <= bound);
+    // The bias is dense: merged exactly as on the dense host.
+    CHECK(test::rel_diff(h.q.bias.value, h.dense.bias.value) < 10 * Tolerances<T>::rel);
+
+    h.q.unmerge();
+    CHECK(!h.q.merged());
+    const double unmerge_err = h.q.last_requantize().added_error;
+    // Back to deq(Q₀) within the two roundings (each divided by at most the gains' divisor).
+    const double back = (h.q.dequantized_weight() - q0).template cast<double>().norm();
+    CHECK(back <= 3.0 * (merge_err + unmerge_err) + 10 * Tolerances<T>::rel * q0.template cast<double>().norm());
+    CHECK(test::rel_diff(h.q.bias.value, b0) < 10 * Tolerances<T>::rel);
+    h.q.forward_inference(h.x, y_back);
+    CHECK((y_back - y_unmerged).template cast<double>().norm() <=
+          h.x.template cast<double>().norm() * back +
+              10 * Tolerances<T>::rel * y_unmerged.template cast<double>().norm());
+    // Training on the (re-quantized) unmerged base works again.
+    typename AdaptedLinear<T>::Cache cache;
+    Matrix<T> y, dx;
+    h.q.forward(h.x, y, cache);
+    h.q.backward(cache, y, &dx);
+    CHECK(dx.allFinite());
+  }
+}
+
+TEST_CASE("NF4 base: one adapter merged while another runs unmerged reads the recovered W0",
+          "[quant][nf4_lora][conformance][merge]") {
+  for (const conformance::Case& c : conformance::cases()) {
+    INFO("case " << c.name);
+    nf4_methods::Hosts<double> h(c, 46);
+    h.q.eval();
+    Matrix<double> y0, y1;
+    h.q.forward_inference(h.x, y0);
+    h.q.merge({"lora2"});
+    const double err = h.q.last_requantize().added_error;
+    h.q.forward_inference(h.x, y1);  // "case" unmerged on W₀ recovered from deq(Q')
+    // Both terms see W₀ off by the rounding: a loose, measured bound (DoRA's and (IA)³'s gains ~1).
+    CHECK((y1 - y0).norm() <= 3.0 * h.x.norm() * err + 1e-9 * y0.norm());
+    h.q.unmerge();
+  }
+}
+
+TEMPLATE_TEST_CASE("NF4 base: merge_and_requantize folds any method into the base",
+                   "[quant][nf4_lora][conformance][merge]", float, double) {
+  using T = TestType;
+  for (const conformance::Case& c : conformance::cases()) {
+    INFO("case " << c.name);
+    nf4_methods::Hosts<T> h(c, 47);
+    h.q.eval();
+    Matrix<T> before, after;
+    h.q.forward_inference(h.x, before);
+    const Matrix<T> w = h.q.merged_weight();
+    const auto rep = h.q.merge_and_requantize();
+    CHECK(rep.merged == std::vector<std::string>{"lora2", "case"});  // insertion order
+    CHECK(h.q.num_adapters() == 0);
+    CHECK(!h.q.merged());
+    CHECK(rep.added_error == Approx((h.q.dequantized_weight() - w).template cast<double>().norm()).epsilon(1e-4));
+    h.q.forward_inference(h.x, after);
+    CHECK((after - before).template cast<double>().norm() <=
+          h.x.template cast<double>().norm() * rep.added_error +
+              10 * Tolerances<T>::rel * before.template cast<double>().norm());
+  }
+}
+
+TEMPLATE_TEST_CASE("NF4 base: mixed-adapter batches equal the dense host's", "[quant][nf4_lora][conformance][mixed]",
+                   float, double) {
+  using T = TestType;
+  for (const conformance::Case& c : conformance::cases()) {
+    INFO("case " << c.name);
+    nf4_methods::Hosts<T> h(c, 48);
+    const std::vector<int> routing = {h.q.adapter_index("case"), -1, h.q.adapter_index("lora2"),
+                                      h.q.adapter_index("case"), -1};
+    RoutedWorkspace<T> wq, wd;
+    Matrix<T> yq, yd;
+    h.q.forward_routed(h.x, routing, yq, wq);
+    h.dense.forward_routed(h.x, routing, yd, wd);
+    CHECK(test::rel_diff(yq, yd) < 10 * Tolerances<T>::rel);
+  }
 }

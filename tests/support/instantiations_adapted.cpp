@@ -3,7 +3,6 @@
 #include "peft/adapters/ia3.hpp"
 #include "peft/adapters/lora.hpp"
 #include "peft/layers/adapted_linear.hpp"
-#include "peft/layers/lora_adapter_set.hpp"
 
 namespace peft {
 template class AdaptedLinear<float>;
@@ -14,6 +13,4 @@ template class DoraMethod<float>;
 template class DoraMethod<double>;
 template class IA3Method<float>;
 template class IA3Method<double>;
-template class LoraAdapterSet<float>;
-template class LoraAdapterSet<double>;
 }  // namespace peft

@@ -1,9 +1,8 @@
-// Test build only: the one compiled copy of the kernel methods (VeRA, LoHa, LoKr) and the NF4 host
-// (see instantiations_layers.cpp).
+// Test build only: the one compiled copy of the kernel methods (VeRA, LoHa, LoKr) (see
+// instantiations_layers.cpp). The NF4 host is AdaptedLinear (instantiations_adapted.cpp).
 #include "peft/adapters/loha.hpp"
 #include "peft/adapters/lokr.hpp"
 #include "peft/adapters/vera.hpp"
-#include "peft/quant/nf4_lora_linear.hpp"
 
 namespace peft {
 template class VeraAdapter<float>;
@@ -18,6 +17,4 @@ template class LokrAdapter<float>;
 template class LokrAdapter<double>;
 template class KernelMethod<float, LokrAdapter<float>>;
 template class KernelMethod<double, LokrAdapter<double>>;
-template class NF4LoRALinear<float>;
-template class NF4LoRALinear<double>;
 }  // namespace peft

@@ -63,6 +63,7 @@ class IA3Method final : public AdapterMethod<T> {
   const char* kind() const override { return "(IA)^3"; }
 
   bool needs_base_output(bool) const override { return !config_.feedforward; }
+  bool needs_base_weight(bool) const override { return config_.feedforward; }  // (x ⊙ (l − 1)) W₀ᵀ, dY W₀
 
   bool forward(const TermInput<T>& in, Matrix<T>& y, std::unique_ptr<MethodCache>*) override {
     lm1_ = scales().array() - T(1);  // l − 1

@@ -252,6 +252,7 @@ class DoraMethod final : public LoraMethod<T> {
   const char* kind() const override { return "DoRA"; }
 
   bool needs_base_output(bool training) const override { return !dropout(training); }
+  bool needs_base_weight(bool) const override { return true; }  // ‖W₀ + s·B·A‖_row; D W₀ with dropout
 
   bool forward(const TermInput<T>& in, Matrix<T>& y, std::unique_ptr<MethodCache>* cache) override {
     DoraCache<T>& c = cache != nullptr ? cache_as<DoraCache<T>>(*cache) : scratch_;
@@ -414,6 +415,18 @@ std::unique_ptr<LoraMethod<T>> make_lora(const std::string& adapter_name, const 
   d->weight_norm(w0, n);
   d->adapter().magnitude.value = n;
   return d;
+}
+
+/// A plain LoRA adapter for an [out, in] base that the caller does not hold densely (an NF4 base):
+/// DoRA needs W₀ (use the overload above).
+template <class T>
+std::unique_ptr<LoraMethod<T>> make_lora(const std::string& adapter_name, const LoraConfig& config, Index in, Index out,
+                                         Rng& rng, const char* kind = "LoRALinear", const std::string& layer = "") {
+  if (config.use_dora)
+    throw ConfigError(describe(kind, layer) + ": DoRA adapter \"" + adapter_name +
+                      "\" needs the base weight W₀ (its magnitude starts at ‖W₀ + s·B·A‖_row)");
+  check_lora_config(kind, layer, config, in, out);
+  return std::make_unique<LoraMethod<T>>(LoraMethod<T>::create(adapter_name, config, in, out, rng));
 }
 
 }  // namespace peft

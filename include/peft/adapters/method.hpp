@@ -74,7 +74,8 @@ struct TermInput {
   explicit TermInput(const ConstMatrixRef<T>& x_) : x(x_) {}
   ConstMatrixRef<T> x;            ///< input [rows, in]
   const Matrix<T>* z = nullptr;   ///< x W₀ᵀ [rows, out] without bias, when the method asked (needs_base_output)
-  const Matrix<T>* w0 = nullptr;  ///< W₀ [out, in], the weight with nothing merged
+  const Matrix<T>* w0 = nullptr;  ///< W₀ [out, in], the weight with nothing merged (on an NF4 base: only
+                                  ///< when the method asked, needs_base_weight; else nullptr)
   const Matrix<T>* b0 = nullptr;  ///< b₀ [1, out]; nullptr when the layer has no bias
   bool training = false;          ///< train mode: dropouts are drawn
   Rng* rng = nullptr;             ///< the layer's generator (dropout masks)
@@ -85,7 +86,7 @@ template <class T>
 struct GradInput {
   const Matrix<T>* x = nullptr;   ///< the cached input [rows, in] (empty when forward said it is not needed)
   const Matrix<T>* z = nullptr;   ///< x W₀ᵀ [rows, out] when some adapter asked for it; else empty
-  const Matrix<T>* w0 = nullptr;  ///< W₀ [out, in]
+  const Matrix<T>* w0 = nullptr;  ///< W₀ [out, in] (on an NF4 base: only when needs_base_weight; else nullptr)
   const Matrix<T>* b0 = nullptr;  ///< b₀ [1, out] or nullptr
   Matrix<T>* dw = nullptr;        ///< the base weight's gradient accumulator when W is trainable; else nullptr
 };
@@ -132,6 +133,10 @@ class AdapterMethod {
 
   /// Whether forward needs z = x W₀ᵀ (the host computes it once for every adapter).
   virtual bool needs_base_output(bool /*training*/) const { return false; }
+  /// Whether forward or backward reads the dense W₀ itself (TermInput::w0, GradInput::w0): DoRA's
+  /// row norm, (IA)³ on inputs. A host whose base is quantized (NF4) dequantizes W₀ only when an
+  /// active adapter says so; otherwise it passes w0 = nullptr.
+  virtual bool needs_base_weight(bool /*training*/) const { return false; }
   /// y += t(x). With a cache (training forward) keeps what backward needs there; with none
   /// (inference, routed rows) keeps nothing. Returns whether backward will read the layer's input x.
   virtual bool forward(const TermInput<T>& in, Matrix<T>& y, std::unique_ptr<MethodCache>* cache) = 0;

@@ -403,7 +403,9 @@ const std::vector<MethodFormat<T>>& method_formats() {
       if (lc.use_dora && !host.merged_adapters().empty())
         throw ConfigError(describe("LoRALinear", host.name()) + ": cannot add DoRA adapter \"" + adapter +
                           "\" while adapters are merged; its magnitude would be taken from the merged weight");
-      return make_lora<T>(adapter, lc, host.weight.value, rng, "LoRALinear", host.name());
+      if (!lc.use_dora)  // plain LoRA needs only the shape (an NF4 base is not dequantized for it)
+        return make_lora<T>(adapter, lc, host.in_features(), host.out_features(), rng, "LoRALinear", host.name());
+      return make_lora<T>(adapter, lc, host.base_weight(), rng, "LoRALinear", host.name());
     };
     lora.read = [](const std::string& dir) {
       PeftAdapter<T> ad = load_peft_adapter<T>(dir);

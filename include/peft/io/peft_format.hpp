@@ -71,7 +71,6 @@
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/layers/lora_linear.hpp"
-#include "peft/quant/nf4_lora_linear.hpp"
 
 namespace peft::io {
 
@@ -812,7 +811,7 @@ void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const st
 
 namespace detail {
 
-/// The layer's adapter `name` when `m` hosts LoRA adapters (LoRALinear, NF4LoRALinear) and has it.
+/// The layer's adapter `name` when `m` hosts LoRA adapters (LoRALinear, on a dense or an NF4 base) and has it.
 template <class T>
 const LoraAdapter<T>* hosted_adapter(Module<T>& m, const std::string& name) {
   if (auto* l = dynamic_cast<LoRALinear<T>*>(&m)) {  // the LoRA adapter of that name (an (IA)³ one may share it)
@@ -820,7 +819,6 @@ const LoraAdapter<T>* hosted_adapter(Module<T>& m, const std::string& name) {
       if (auto* lora = dynamic_cast<LoraMethod<T>*>(&a); lora != nullptr && a.name() == name) return &lora->adapter();
     return nullptr;
   }
-  if (auto* q = dynamic_cast<NF4LoRALinear<T>*>(&m)) return q->has_adapter(name) ? &q->adapter(name) : nullptr;
   return nullptr;
 }
 

@@ -17,16 +17,31 @@
 //
 //   W₀_jk = (W − Σ_merged D_i)_jk / (1 + Σ (f_i − 1)_j + Σ (h_i − 1)_k),   b₀ = b / (1 + Σ (g_i − 1))
 //
-// which is how unmerge restores the base (to rounding: about 1e-16 relative, not bit for bit) and
-// how forward runs unmerged adapters that read W₀ (DoRA's norm, (IA)³'s scaled base) while others
-// are merged. Merging any subset, in any order, over any number of calls gives the unmerged
-// forward's outputs (to rounding), and a merge that would
+// which is how unmerge restores the base (to rounding: about 1e-16 relative, not bit for bit; on an
+// NF4 base to the re-quantization error, see below) and how forward runs unmerged adapters that read
+// W₀ (DoRA's norm, (IA)³'s scaled base) while others are merged. Merging any subset, in any order,
+// over any number of calls gives the unmerged forward's outputs (to rounding), and a merge that would
 // make a divisor smaller than √ε (W₀ unrecoverable) is refused with nothing changed. Merged
 // adapters are skipped in forward; backward while anything is merged is refused.
 //
 // Backward: the host does the base GEMMs, dX = E W and dW = Eᵀ X with E = dY ⊙ (1 + Σ (f − 1))
 // over the adapters that scale x W₀ᵀ (add_base_gain: DoRA without dropout, (IA)³ on outputs), so
 // those terms cost no GEMM of their own; then each adapter adds its own gradients.
+//
+// The base is dense (`weight`) or 4-bit NF4 (QLoRA, Dettmers et al. 2023: the constructor from a
+// quant::NF4Tensor, `quantize_linear`, `NF4LoRALinear<T>` in quant/nf4_lora_linear.hpp). On an NF4
+// base W = deq(Q) is frozen and never formed whole on the hot path: the base products decode
+// `tile_rows` output rows at a time into one reused [tile, in] buffer,
+//   y[:, t] = x · W_tᵀ,   dX += E[:, t] · W_t      (per tile t of output rows; no dW: Q is frozen)
+// so LoRA, VeRA, LoHa, LoKr and (IA)³ on outputs cost tile_rows·in extra scalars. A method that
+// reads W₀ itself (needs_base_weight: DoRA's row norm, (IA)³ on inputs) gets a dense deq(Q) kept in
+// one reused [out, in] buffer (re-decoded only after the base or the adapter set changed), as PEFT's
+// bitsandbytes DoRA dequantizes: out·in scalars, allocated on first use and kept (so is it for a
+// forward with unmerged adapters while others are merged: W₀ is then recovered densely). The
+// dense `weight` Parameter is then empty, frozen and not visited (optimizers never see it); making it
+// trainable is refused. Merge and unmerge on NF4 are lossy, as PEFT's bnb merge (w = deq(Q) + ΔW,
+// then re-quantize): deq(Q) goes through the dense algebra above and is re-quantized in the base's
+// layout, one extra rounding per call (last_requantize() reports the error it added).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -42,6 +57,7 @@
 #include "peft/core/check.hpp"
 #include "peft/core/module.hpp"
 #include "peft/layers/linear.hpp"
+#include "peft/quant/nf4.hpp"
 
 namespace peft {
 
@@ -92,9 +108,18 @@ struct RoutedWorkspace {
   std::vector<Matrix<T>> xg, zg, up;
 };
 
+/// What a re-quantization of an NF4 base added (merge, unmerge, merge_and_requantize).
+struct RequantizeReport {
+  double added_error = 0.0;         ///< ‖deq(Q') − W‖_F, W the dense weight that was re-quantized
+  double relative_error = 0.0;      ///< added_error / ‖W‖_F
+  std::vector<std::string> merged;  ///< merge_and_requantize: the adapters folded into the base (and removed)
+};
+
 template <class T>
 class AdaptedLinear : public Module<T> {
  public:
+  using RequantizeReport = peft::RequantizeReport;
+
   /// One active adapter's forward state (its method's cache type).
   struct Slot {
     std::size_t adapter = 0;             ///< index into methods()
@@ -140,8 +165,8 @@ class AdaptedLinear : public Module<T> {
   AdaptedLinear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "")
       : Module<T>(std::move(name)) {
     if (in_features <= 0 || out_features <= 0)
-      throw ShapeError(describe(kKind, this->name()) + ": features must be > 0, got in=" + std::to_string(in_features) +
-                       ", out=" + std::to_string(out_features));
+      throw ShapeError(describe(kind_name(), this->name()) + ": features must be > 0, got in=" +
+                       std::to_string(in_features) + ", out=" + std::to_string(out_features));
     Linear<T> base(in_features, out_features, rng, with_bias, this->name());
     weight = std::move(base.weight);
     bias = std::move(base.bias);
@@ -152,10 +177,18 @@ class AdaptedLinear : public Module<T> {
   explicit AdaptedLinear(Linear<T> base, std::string name = "", std::uint64_t dropout_seed = 0x10a)
       : Module<T>(std::move(name)), weight(std::move(base.weight)), bias(std::move(base.bias)), rng_(dropout_seed) {}
 
+  /// A frozen 4-bit NF4 base [out, in] (QLoRA) and an optional bias (frozen; unfreeze it if wanted).
+  /// `weight` stays empty: the base lives in quantized_weight().
+  explicit AdaptedLinear(quant::NF4Tensor q, const RowVector<T>& b = RowVector<T>(), std::string name = "",
+                         std::uint64_t dropout_seed = 0x4f4);
+
   AdaptedLinear(const AdaptedLinear& o)
       : Module<T>(o),
         weight(o.weight),
         bias(o.bias),
+        q_(o.q_),
+        tile_rows_(o.tile_rows_),
+        last_requantize_(o.last_requantize_),
         active_(o.active_),
         merged_(o.merged_),
         disabled_(o.disabled_),
@@ -172,14 +205,56 @@ class AdaptedLinear : public Module<T> {
   AdaptedLinear& operator=(AdaptedLinear&&) noexcept = default;
   ~AdaptedLinear() override = default;
 
-  Parameter<T> weight;  ///< W [out, in]
+  Parameter<T> weight;  ///< W [out, in]; empty (and frozen) on an NF4 base
   Parameter<T> bias;    ///< b [out] (stored [1, out]); empty when the layer has no bias
 
-  Index in_features() const { return weight.value.cols(); }
-  Index out_features() const { return weight.value.rows(); }
+  Index in_features() const { return quantized() ? static_cast<Index>(q_.cols()) : weight.value.cols(); }
+  Index out_features() const { return quantized() ? static_cast<Index>(q_.rows()) : weight.value.rows(); }
   bool has_bias() const { return bias.size() > 0; }
 
-  /// Freezes W and b (what get_peft_model does to every non-adapter weight).
+  // ---- the base ------------------------------------------------------------------------------
+
+  /// Whether the base is a 4-bit NF4 tensor (QLoRA) rather than the dense `weight`.
+  bool quantized() const { return !q_.shape.empty(); }
+  /// The NF4 base (empty shape on a dense layer).
+  const quant::NF4Tensor& quantized_weight() const { return q_; }
+
+  /// The current base weight W as a dense matrix [out, in]: `weight.value`, or deq(Q) on an NF4
+  /// base (merged adapters included).
+  Matrix<T> dequantized_weight() const { return quantized() ? quant::dequantize_nf4<T>(q_) : weight.value; }
+
+  /// W₀ [out, in], the base with nothing merged, dense (dequantized on an NF4 base).
+  Matrix<T> base_weight() const { return const_cast<AdaptedLinear*>(this)->w0(); }
+
+  /// W₀ + Σ over active, unmerged adapters of C_i [out, in]: the weight merge() would give (before
+  /// any re-quantization). For LoRA, deq(Q) + Σ s·B·A on an NF4 base.
+  Matrix<T> merged_weight() const { return const_cast<AdaptedLinear*>(this)->merged_weight_impl(); }
+
+  /// Output rows decoded per tile on an NF4 base (default 256: one GEMM per tile stays efficient,
+  /// and at in = 4096 the buffer is 4 MiB of fp32, 1/16 of the dense weight). Memory: tile_rows · in.
+  void set_tile_rows(Index rows) {
+    if (rows <= 0) throw ConfigError(who() + ": tile_rows must be > 0, got " + std::to_string(rows));
+    tile_rows_ = rows;
+  }
+  Index tile_rows() const { return tile_rows_; }
+
+  /// The layout of the NF4 base (block sizes, double quantization, dtype): what merge, unmerge and
+  /// merge_and_requantize() keep. ConfigError on a dense base.
+  quant::NF4Options quant_options() const;
+
+  /// What the last re-quantization (merge, unmerge, merge_and_requantize on an NF4 base) added.
+  const RequantizeReport& last_requantize() const { return last_requantize_; }
+
+  /// PEFT's merge_and_unload on a 4-bit base: Q ← quantize(W₀ + Σ_active C_i) in the base's layout
+  /// (or `opt`'s), the active adapters removed (their update now lives in the base). Reports the
+  /// error this second rounding adds. Refused (ConfigError) on a dense base, with nothing active or
+  /// while adapters are merged; NumericError (nothing changed) when the merged weight is not finite.
+  RequantizeReport merge_and_requantize() {
+    return merge_and_requantize(quantized() ? quant_options() : quant::NF4Options{});  // dense: refused below
+  }
+  RequantizeReport merge_and_requantize(const quant::NF4Options& opt);
+
+  /// Freezes W and b (what get_peft_model does to every non-adapter weight; an NF4 base is frozen anyway).
   void freeze_base() {
     weight.set_trainable(false);
     if (has_bias()) bias.set_trainable(false);
@@ -275,7 +350,8 @@ class AdaptedLinear : public Module<T> {
   // ---- merge / unmerge ----------------------------------------------------------------------
 
   /// W += C_i (and b += its bias part) for each named adapter (default: the active ones not yet
-  /// merged), every C_i computed on W₀ (see the file comment).
+  /// merged), every C_i computed on W₀ (see the file comment). On an NF4 base W = deq(Q) + Σ C_i is
+  /// re-quantized in the base's layout (lossy: last_requantize() has the error it added).
   /// With `peft_type`, only that method's adapters of those names.
   void merge(const std::vector<std::string>& names = {}, const std::string& peft_type = "") {
     merge_impl(names, false, peft_type);
@@ -288,12 +364,8 @@ class AdaptedLinear : public Module<T> {
   }
 
   /// Undoes every merge: W ← W₀, b ← b₀ (see the file comment).
-  void unmerge() {
-    if (merged_.empty()) return;
-    recover_base(weight.value, has_bias() ? &bias.value : nullptr);
-    merged_.clear();
-    ++generation_;
-  }
+  /// On an NF4 base: deq(Q) → W₀ → re-quantized (lossy: one more rounding, see last_requantize()).
+  void unmerge();
 
   /// DoRA's row norm n = ‖W₀ + s·B·A‖_row of a DoRA adapter [1, out], W₀ the weight with nothing merged.
   RowVector<T> dora_weight_norm(const std::string& adapter_name);
@@ -336,13 +408,14 @@ class AdaptedLinear : public Module<T> {
 
  protected:
   void visit_own_parameters(const typename Module<T>::ParameterVisitor& fn) override {
-    fn("weight", weight);
+    if (!quantized()) fn("weight", weight);  // an NF4 base is no parameter (see quantized_weight())
     if (has_bias()) fn("bias", bias);
     for (auto& m : adapters_) m->visit_parameters(fn);
   }
 
  private:
-  static constexpr const char* kKind = "LoRALinear";
+  /// The layer's kind in messages: "LoRALinear", or "NF4LoRALinear" on an NF4 base.
+  const char* kind_name() const { return quantized() ? "NF4LoRALinear" : "LoRALinear"; }
   static constexpr std::size_t npos = static_cast<std::size_t>(-1);
 
   struct Merged {
@@ -350,7 +423,7 @@ class AdaptedLinear : public Module<T> {
     MergeRecord<T> record;  ///< gains and data fixed at merge time
   };
 
-  std::string who() const { return describe(kKind, this->name()); }
+  std::string who() const { return describe(kind_name(), this->name()); }
 
   std::size_t find(const std::string& n) const {
     for (std::size_t i = 0; i < adapters_.size(); ++i)
@@ -410,12 +483,31 @@ class AdaptedLinear : public Module<T> {
     return s;
   }
 
-  /// W₀ (a copy when something is merged).
+  /// W₀ (a copy; dequantized on an NF4 base, recovered when something is merged).
   Matrix<T> w0() {
-    Matrix<T> w = weight.value;
+    Matrix<T> w = dequantized_weight();
     if (!merged_.empty()) recover_base(w, nullptr);
     return w;
   }
+
+  Matrix<T> merged_weight_impl();
+
+  // ---- the NF4 base's products (tile-wise; nothing dense of size [out, in]) ----
+
+  /// ConfigError unless the layer has a base and an NF4 base is frozen.
+  void check_base() const;
+  /// y = x Wᵀ   [rows, out] (y already sized).
+  void base_forward(const ConstMatrixRef<T>& x, Matrix<T>& y);
+  /// dx = E W   [rows, in] (dx already sized).
+  void base_input_grad(const ConstMatrixRef<T>& e, Matrix<T>& dx);
+  /// Decodes base rows [r0, r0 + n) into the first n rows of tile_ (sized once to min(tile, out)
+  /// rows, so a ragged last tile neither shrinks nor regrows it).
+  void decode_tile(Index r0, Index n);
+  /// W₀ dense for the methods that read it, on an NF4 base: deq(Q), recovered when merged; decoded
+  /// into work_q_ once per layer state (generation).
+  const Matrix<T>& nf4_w0();
+  /// Q ← quantize(w) in `opt`'s layout; returns the error added.
+  RequantizeReport requantize(const Matrix<T>& w, const quant::NF4Options& opt);
 
   /// The gains of the merged adapters, plus those of `extra`: row Σ (f − 1) [out], column Σ (h − 1)
   /// [in], bias Σ (g − 1) [out]; each flag false when no adapter has that gain.
@@ -452,7 +544,9 @@ class AdaptedLinear : public Module<T> {
     m.add_delta(rec, T(1), acc);
   }
 
-  void merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type);
+  /// `fold`: merge_and_requantize (requantize in `opt`'s layout and delete the merged adapters).
+  void merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type,
+                  const quant::NF4Options* fold = nullptr);
 
   /// NumericError unless every divisor of recover_base under gains g is finite with |d| ≥ √ε.
   void check_divisors(const Gains& g, const std::vector<std::size_t>& pending,
@@ -461,6 +555,9 @@ class AdaptedLinear : public Module<T> {
   /// forward() and forward_inference(): `keep_input` = whether backward will read x.
   void forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input);
 
+  quant::NF4Tensor q_;     ///< the NF4 base; empty shape on a dense layer
+  Index tile_rows_ = 256;  ///< NF4 base rows decoded per tile
+  RequantizeReport last_requantize_;
   std::vector<std::unique_ptr<AdapterMethod<T>>> adapters_;  ///< on the heap: stable addresses
   std::vector<std::size_t> active_;                          ///< indices into adapters_, in activation order
   std::vector<Merged> merged_;                               ///< merge order
@@ -469,11 +566,14 @@ class AdaptedLinear : public Module<T> {
   Rng rng_{0x10a};
   Cache inference_cache_;  ///< forward_inference's buffers; never read by backward
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
-  BaseGain<T> gain_;     ///< backward's base-path gains
-  Matrix<T> work_e_;     ///< backward E [rows, out]
-  Matrix<T> work_w0_;    ///< W₀ recovered for forward while adapters are merged [out, in]
-  Matrix<T> work_b0_;    ///< b₀ likewise [1, out]
-  RowVector<T> work_g_;  ///< recover_base divisors
+  BaseGain<T> gain_;                     ///< backward's base-path gains
+  Matrix<T> work_e_;                     ///< backward E [rows, out]
+  Matrix<T> work_w0_;                    ///< W₀ recovered for forward while adapters are merged [out, in]
+  Matrix<T> work_b0_;                    ///< b₀ likewise [1, out]
+  RowVector<T> work_g_;                  ///< recover_base divisors
+  Matrix<T> tile_;                       ///< NF4 base: decoded rows [tile_rows, in], reused by forward and backward
+  Matrix<T> work_q_;                     ///< NF4 base: dense W₀ for the methods that read it [out, in] (else empty)
+  std::uint64_t work_q_generation_ = 0;  ///< generation work_q_ was decoded under (0: never)
 };
 
 // ---- AdaptedLinear members defined outside the class body (the test build's extern template declaration
@@ -484,7 +584,11 @@ LoraAdapter<T>& AdaptedLinear<T>::add_adapter(const std::string& adapter_name, c
   if (config.use_dora && !merged_.empty())
     throw ConfigError(who() + ": cannot add DoRA adapter \"" + adapter_name + "\" while adapters are merged (" +
                       join(merged_indices()) + "); its magnitude would be taken from the merged weight");
-  auto m = make_lora<T>(adapter_name, config, weight.value, rng, kKind, this->name());
+  // On an NF4 base only DoRA reads W₀ (its magnitude): plain LoRA needs the shape alone.
+  auto m = !quantized() ? make_lora<T>(adapter_name, config, weight.value, rng, kind_name(), this->name())
+           : config.use_dora
+               ? make_lora<T>(adapter_name, config, nf4_w0(), rng, kind_name(), this->name())
+               : make_lora<T>(adapter_name, config, in_features(), out_features(), rng, kind_name(), this->name());
   LoraAdapter<T>& a = m->adapter();
   push(std::move(m));
   return a;
@@ -573,9 +677,10 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
     throw ConfigError(who() +
                       ": adapters were added, removed, (un)merged or switched between forward and backward; run "
                       "forward again");
-  check::shape(kKind, this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
+  check::shape(kind_name(), this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
+  check_base();
   if (weight.trainable())
-    check::shape(kKind, this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
+    check::shape(kind_name(), this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
                  cache.x.cols(), cache.rows, in_features());
 
   // Base path: E = dY ⊙ (1 + Σ (f − 1)) over the adapters that scale x W₀ᵀ (E = dY otherwise):
@@ -593,7 +698,7 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   if (weight.trainable()) weight.accumulator().noalias() += E.transpose() * cache.x;  // dW = Eᵀ X   [out, in]
   if (dx != nullptr) {
     dx->resize(dy.rows(), in_features());
-    dx->noalias() = E * weight.value;  // dX = E W   [rows, in]
+    base_input_grad(E, *dx);  // dX = E W   [rows, in] (tile-wise on an NF4 base)
   }
   if (has_bias() && bias.trainable()) {
     if (gain_.has_b)
@@ -605,7 +710,12 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   GradInput<T> in;
   in.x = &cache.x;
   in.z = &cache.z;
-  in.w0 = &weight.value;
+  if (!quantized()) {
+    in.w0 = &weight.value;
+  } else {
+    for (std::size_t k = 0; k < cache.used && in.w0 == nullptr; ++k)
+      if (adapters_[cache.slots[k].adapter]->needs_base_weight(this->training())) in.w0 = &nf4_w0();
+  }
   in.b0 = has_bias() ? &bias.value : nullptr;
   in.dw = weight.trainable() ? &weight.accumulator() : nullptr;
   for (std::size_t k = 0; k < cache.used; ++k)
@@ -618,7 +728,7 @@ void AdaptedLinear<T>::forward_routed(const ConstMatrixRef<T>& x, const std::vec
   if (!merged_.empty())
     throw ConfigError(who() + ": mixed-adapter batches need an unmerged layer (merged: " + join(merged_indices()) +
                       "); unmerge first");
-  check::input_features(kKind, this->name(), x.cols(), in_features());
+  check::input_features(kind_name(), this->name(), x.cols(), in_features());
   if (static_cast<Index>(routing.size()) != x.rows())
     throw ShapeError(who() + ": mixed batch has " + std::to_string(x.rows()) + " rows but " +
                      std::to_string(routing.size()) + " row adapter entries");
@@ -635,10 +745,12 @@ void AdaptedLinear<T>::forward_routed(const ConstMatrixRef<T>& x, const std::vec
     if (a >= 0) ++ws.count[static_cast<std::size_t>(a)];
   ws.start.resize(n + 1);
   ws.start[0] = 0;
-  bool need_z = false;
+  bool need_z = false, need_w = false;  // need_w: an NF4 base is decoded densely only for methods that read W₀
   for (std::size_t a = 0; a < n; ++a) {
     ws.start[a + 1] = ws.start[a] + ws.count[a];
-    if (ws.count[a] > 0) need_z = need_z || adapters_[a]->needs_base_output(false);
+    if (ws.count[a] == 0) continue;
+    need_z = need_z || adapters_[a]->needs_base_output(false);
+    need_w = need_w || adapters_[a]->needs_base_weight(false);
   }
   ws.order.resize(static_cast<std::size_t>(ws.start[n]));
   std::fill(ws.count.begin(), ws.count.end(), 0);  // reused as fill cursor
@@ -649,8 +761,10 @@ void AdaptedLinear<T>::forward_routed(const ConstMatrixRef<T>& x, const std::vec
     ws.order[static_cast<std::size_t>(ws.start[ua] + ws.count[ua]++)] = r;
   }
 
+  check_base();
+  const Matrix<T>* w0 = !quantized() ? &weight.value : need_w ? &nf4_w0() : nullptr;
   y.resize(rows, out);
-  y.noalias() = x * weight.value.transpose();  // x Wᵀ   [rows, out]
+  base_forward(x, y);  // x Wᵀ   [rows, out]
   if (need_z) ws.z = y;
   if (has_bias()) y.rowwise() += bias.value.row(0);
   if (ws.xg.size() < n) {
@@ -672,7 +786,7 @@ void AdaptedLinear<T>::forward_routed(const ConstMatrixRef<T>& x, const std::vec
       for (Index j = 0; j < m; ++j) ws.zg[a].row(j) = ws.z.row(rows_a[j]);
       tin.z = &ws.zg[a];
     }
-    tin.w0 = &weight.value;
+    tin.w0 = w0;
     tin.b0 = has_bias() ? &bias.value : nullptr;
     tin.training = false;
     tin.rng = &rng_;
@@ -731,7 +845,8 @@ void AdaptedLinear<T>::recover_base(Matrix<T>& w, Matrix<T>* b) {
 }
 
 template <class T>
-void AdaptedLinear<T>::merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type) {
+void AdaptedLinear<T>::merge_impl(const std::vector<std::string>& names, bool safe, const std::string& peft_type,
+                                  const quant::NF4Options* fold) {
   if (disabled_)
     throw ConfigError(who() +
                       ": adapters are disabled; enable them before merging (a merged adapter cannot be disabled)");
@@ -747,14 +862,22 @@ void AdaptedLinear<T>::merge_impl(const std::vector<std::string>& names, bool sa
         pending.push_back(i);
       }
   }
-  if (pending.empty()) return;
+  if (pending.empty()) {
+    if (fold != nullptr) throw ConfigError(who() + ": no active adapter to merge");
+    return;
+  }
+
+  // The current W, dense: the weight itself, or deq(Q) on an NF4 base (merged there and re-quantized).
+  Matrix<T> w_nf4;
+  if (quantized()) w_nf4 = quant::dequantize_nf4<T>(q_);
+  Matrix<T>& w = quantized() ? w_nf4 : weight.value;
 
   // W₀ and b₀: W and b unless something is merged, else recovered (every term is on W₀).
   Matrix<T> w0_store, b0_store;
-  const Matrix<T>* w0 = &weight.value;
+  const Matrix<T>* w0 = &w;
   const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
   if (!merged_.empty()) {
-    w0_store = weight.value;
+    w0_store = w;
     if (has_bias()) b0_store = bias.value;
     recover_base(w0_store, has_bias() ? &b0_store : nullptr);
     w0 = &w0_store;
@@ -777,12 +900,13 @@ void AdaptedLinear<T>::merge_impl(const std::vector<std::string>& names, bool sa
     pending_gain = pending_gain || r.row_gain.size() > 0 || r.col_gain.size() > 0 || r.bias_gain.size() > 0;
     g.add(r);
   }
-  if (pending_gain) check_divisors(g, pending, records);
+  // Folded adapters leave the merge stack: W₀ need not be recoverable afterwards.
+  if (pending_gain && fold == nullptr) check_divisors(g, pending, records);
 
   // Safe: W + C_1 + C_2 + … built aside, checked after each adapter, swapped in at the end.
   // Plain: U = Σ C_i built aside (every allocation happens here), then W += U, which cannot fail:
-  // both leave no partial merge behind.
-  Matrix<T> acc = safe ? weight.value : Matrix<T>::Zero(out_features(), in_features());
+  // both leave no partial merge behind. An NF4 base is re-quantized from W + U before anything changes.
+  Matrix<T> acc = safe ? w : Matrix<T>::Zero(out_features(), in_features());
   for (std::size_t k = 0; k < pending.size(); ++k) {
     add_contribution(*adapters_[pending[k]], records[k], *w0, acc);
     if (safe && !all_finite(acc))
@@ -797,13 +921,168 @@ void AdaptedLinear<T>::merge_impl(const std::vector<std::string>& names, bool sa
     if (safe && !all_finite(new_bias))
       throw NumericError(who() + ": merging gives NaN or Inf in the bias; nothing was merged");
   }
-  if (safe)
+  if (quantized()) {
+    if (!safe) acc += w;  // W + U
+    if (!all_finite(acc))
+      throw NumericError(who() + ": the merged weight has NaN or Inf; nothing was merged (an NF4 base cannot hold it)");
+    last_requantize_ = requantize(acc, fold != nullptr ? *fold : quant_options());
+  } else if (safe) {
     weight.value.swap(acc);
-  else
+  } else {
     weight.value += acc;
+  }
   if (has_bias()) bias.value.swap(new_bias);
-  for (std::size_t k = 0; k < pending.size(); ++k) merged_.push_back({pending[k], std::move(records[k])});
   ++generation_;
+  if (fold != nullptr) {  // the update now lives in the base: the adapters go
+    std::sort(pending.begin(), pending.end());
+    last_requantize_.merged = names_of(pending);
+    for (std::size_t k = pending.size(); k-- > 0;) {
+      const std::size_t i = pending[k];
+      adapters_.erase(adapters_.begin() + static_cast<std::ptrdiff_t>(i));
+      active_.erase(std::remove(active_.begin(), active_.end(), i), active_.end());
+      for (auto& a : active_)
+        if (a > i) --a;
+    }
+    return;
+  }
+  for (std::size_t k = 0; k < pending.size(); ++k) merged_.push_back({pending[k], std::move(records[k])});
+}
+
+template <class T>
+void AdaptedLinear<T>::unmerge() {
+  if (merged_.empty()) return;
+  if (quantized()) {
+    Matrix<T> w = quant::dequantize_nf4<T>(q_);
+    recover_base(w, has_bias() ? &bias.value : nullptr);
+    last_requantize_ = requantize(w, quant_options());
+  } else {
+    recover_base(weight.value, has_bias() ? &bias.value : nullptr);
+  }
+  merged_.clear();
+  ++generation_;
+}
+
+template <class T>
+typename AdaptedLinear<T>::RequantizeReport AdaptedLinear<T>::merge_and_requantize(const quant::NF4Options& opt) {
+  if (!quantized())
+    throw ConfigError(who() +
+                      ": merge_and_requantize needs an NF4 base; on a dense base use merge() and delete_adapter()");
+  if (!merged_.empty())
+    throw ConfigError(who() + ": adapters are merged (" + join(merged_indices()) +
+                      "); unmerge them before folding the active adapters into the base");
+  merge_impl({}, true, "", &opt);
+  return last_requantize_;
+}
+
+template <class T>
+typename AdaptedLinear<T>::RequantizeReport AdaptedLinear<T>::requantize(const Matrix<T>& w,
+                                                                         const quant::NF4Options& opt) {
+  quant::NF4Tensor next = quant::quantize_nf4<T>(w, opt);
+  RequantizeReport rep;
+  const Matrix<T> back = quant::dequantize_nf4<T>(next);
+  rep.added_error = (back - w).template cast<double>().norm();
+  const double wn = w.template cast<double>().norm();
+  rep.relative_error = wn > 0.0 ? rep.added_error / wn : rep.added_error;
+  q_ = std::move(next);
+  return rep;
+}
+
+template <class T>
+quant::NF4Options AdaptedLinear<T>::quant_options() const {
+  if (!quantized()) throw ConfigError(who() + ": the base is dense, not NF4; it has no quantization layout");
+  quant::NF4Options o;
+  o.blocksize = q_.blocksize;
+  o.double_quant = q_.nested;
+  o.nested_blocksize = q_.nested_blocksize;
+  o.dtype = q_.dtype == "float16" ? "float16" : q_.dtype == "bfloat16" ? "bfloat16" : "float32";
+  return o;
+}
+
+template <class T>
+Matrix<T> AdaptedLinear<T>::merged_weight_impl() {
+  Matrix<T> w = dequantized_weight();
+  Matrix<T> base = w;
+  if (!merged_.empty()) recover_base(base, nullptr);
+  if (disabled_) return w;
+  for (std::size_t i : active_) {
+    if (is_merged(i)) continue;
+    MergeRecord<T> rec;
+    adapters_[i]->merge_record(base, nullptr, rec);
+    add_contribution(*adapters_[i], rec, base, w);
+  }
+  return w;
+}
+
+template <class T>
+AdaptedLinear<T>::AdaptedLinear(quant::NF4Tensor q, const RowVector<T>& b, std::string name, std::uint64_t dropout_seed)
+    : Module<T>(std::move(name)), rng_(dropout_seed) {
+  const std::string w = describe("NF4LoRALinear", this->name());
+  q.validate(w);
+  if (q.shape.size() != 2)
+    throw ShapeError(w + ": quantized weight must be 2-D [out, in], got shape " +
+                     quant::detail::nf4_shape_str(q.shape));
+  if (b.size() > 0) {
+    check::shape("NF4LoRALinear", this->name(), "bias", 1, b.size(), 1, static_cast<Index>(q.rows()));
+    bias = Parameter<T>(1, b.size(), false, true);
+    bias.value = b;
+  }
+  q_ = std::move(q);
+}
+
+template <class T>
+void AdaptedLinear<T>::check_base() const {
+  if (!quantized() && weight.value.size() == 0) throw ConfigError(who() + ": has no weight (default-constructed)");
+  if (quantized() && weight.trainable())
+    throw ConfigError(who() + ": the NF4 base is frozen (4-bit codes get no gradient); `weight` must stay frozen");
+}
+
+template <class T>
+void AdaptedLinear<T>::decode_tile(Index r0, Index n) {
+  const Index cap = std::min(tile_rows_, out_features());
+  if (tile_.rows() != cap || tile_.cols() != in_features()) tile_.resize(cap, in_features());
+  quant::dequantize_nf4_range<T>(q_, static_cast<std::int64_t>(r0) * in_features(),
+                                 static_cast<std::int64_t>(n) * in_features(), tile_.data());
+}
+
+template <class T>
+void AdaptedLinear<T>::base_forward(const ConstMatrixRef<T>& x, Matrix<T>& y) {
+  if (!quantized()) {
+    y.noalias() = x * weight.value.transpose();  // x Wᵀ   [rows, out]
+    return;
+  }
+  const Index out = out_features();
+  for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
+    const Index n = std::min(tile_rows_, out - r0);
+    decode_tile(r0, n);                                                // W_t [n, in]
+    y.middleCols(r0, n).noalias() = x * tile_.topRows(n).transpose();  // y[:, t] = x W_tᵀ   [rows, n]
+  }
+}
+
+template <class T>
+void AdaptedLinear<T>::base_input_grad(const ConstMatrixRef<T>& e, Matrix<T>& dx) {
+  if (!quantized()) {
+    dx.noalias() = e * weight.value;  // dX = E W   [rows, in]
+    return;
+  }
+  const Index out = out_features();
+  for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
+    const Index n = std::min(tile_rows_, out - r0);
+    decode_tile(r0, n);  // W_t [n, in]
+    if (r0 == 0)
+      dx.noalias() = e.middleCols(r0, n) * tile_.topRows(n);  // dX = E[:, t] W_t   [rows, in]
+    else
+      dx.noalias() += e.middleCols(r0, n) * tile_.topRows(n);
+  }
+}
+
+template <class T>
+const Matrix<T>& AdaptedLinear<T>::nf4_w0() {
+  if (work_q_generation_ != generation_) {
+    quant::dequantize_nf4_rows<T>(q_, 0, out_features(), work_q_);  // deq(Q)   [out, in]
+    if (!merged_.empty()) recover_base(work_q_, nullptr);
+    work_q_generation_ = generation_;
+  }
+  return work_q_;
 }
 
 template <class T>
@@ -861,36 +1140,49 @@ void AdaptedLinear<T>::check_divisors(const Gains& g, const std::vector<std::siz
 
 template <class T>
 void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input) {
-  check::input_features(kKind, this->name(), x.cols(), in_features());
+  check_base();
+  check::input_features(kind_name(), this->name(), x.cols(), in_features());
   const Index rows = x.rows();
   y.resize(rows, out_features());
-  y.noalias() = x * weight.value.transpose();  // base: x Wᵀ   [rows, out]
+  base_forward(x, y);  // base: x Wᵀ   [rows, out] (tile-wise on an NF4 base)
 
   cache.rows = rows;
   cache.generation = generation_;
   cache.used = 0;
   const bool training = this->training();
-  bool need_z = false, any = false;
+  bool need_z = false, need_w = false, any = false;
   if (!disabled_)
     for (std::size_t i : active_)
       if (!is_merged(i)) {
         any = true;
         need_z = need_z || adapters_[i]->needs_base_output(training);
+        need_w = need_w || adapters_[i]->needs_base_weight(training);
       }
-  // Unmerged adapters read W₀ and b₀: W and b unless something is merged, else recovered.
-  const Matrix<T>* w0 = &weight.value;
+  // Unmerged adapters read W₀ and b₀: W and b unless something is merged, else recovered. On an
+  // NF4 base, W₀ dense only when a method reads it or something is merged (then x W₀ᵀ needs it too).
+  const Matrix<T>* w0 = quantized() ? nullptr : &weight.value;
   const Matrix<T>* b0 = has_bias() ? &bias.value : nullptr;
   if (any && !merged_.empty()) {
-    work_w0_ = weight.value;
-    if (has_bias()) work_b0_ = bias.value;
-    recover_base(work_w0_, has_bias() ? &work_b0_ : nullptr);
-    w0 = &work_w0_;
-    if (has_bias()) b0 = &work_b0_;
+    if (quantized()) {
+      w0 = &nf4_w0();
+    } else {
+      work_w0_ = weight.value;
+      recover_base(work_w0_, nullptr);
+      w0 = &work_w0_;
+    }
+    if (has_bias()) {
+      work_b0_ = bias.value;
+      const Gains g = merged_gains();
+      if (g.has_bias) work_b0_.row(0).array() /= (g.bias.array() + T(1));  // b₀ = b ⊘ (1 + Σ (g − 1))
+      b0 = &work_b0_;
+    }
+  } else if (any && need_w && quantized()) {
+    w0 = &nf4_w0();
   }
   if (!need_z) {
     cache.z.resize(0, 0);
-  } else if (w0 == &weight.value) {
-    cache.z = y;
+  } else if (merged_.empty()) {
+    cache.z = y;  // x W₀ᵀ: the base product before the bias
   } else {
     cache.z.resize(rows, out_features());
     cache.z.noalias() = x * w0->transpose();  // x W₀ᵀ   [rows, out]

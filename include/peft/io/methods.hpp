@@ -853,7 +853,8 @@ std::unique_ptr<AdapterMethod<T>> method_module(const MethodAdapterFile<T>& file
 /// Attaches a read adapter to `model` under `adapter_name` (active, as add_adapter makes it): every
 /// module of the file must be an adapted linear of the model with the file's shapes; the values are
 /// copied exactly, and so are the file's full tensors (modules_to_save, biases) into the model's
-/// parameters of those names. Everything is checked before the model changes. Returns the module
+/// parameters of those names (a ModulesToSave host's into the copy of `adapter_name`, made when
+/// missing). Everything is checked before the model changes. Returns the module
 /// paths.
 template <class T>
 std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapterFile<T>& file,

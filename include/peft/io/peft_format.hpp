@@ -28,7 +28,11 @@
 //     Embedding when inference_mode is set; so does PrefixAttention::load_prompt_embeddings.
 //
 //   * modules_to_save: PEFT saves the trained copy of each listed module under the module's own
-//     state-dict keys, the adapter name removed: base_model.model.<path>.weight / .bias.
+//     state-dict keys, the adapter name removed: base_model.model.<path>.weight / .bias. A module
+//     declared as ModulesToSave (layers/modules_to_save.hpp) saves the copy of the adapter being
+//     saved ("<path>.modules_to_save.<adapter>.weight" → "<path>.weight"; its original and other
+//     adapters' copies are not saved), and a load puts those tensors into the copy of the adapter
+//     being loaded, made from the original when missing; a plain module is saved and loaded as is.
 //   * every tensor must be finite on load (NumericError naming the tensor and the file).
 //
 // Torn writes: rename(2) cannot replace a non-empty directory, and a directory may hold files of
@@ -817,6 +821,7 @@ class FullTensorLoader {
 ///   <mapped path>.lora_B.<adapter_name>.weight   ← B
 ///   <mapped path>.lora_magnitude_vector.<adapter_name>[.weight]  ← m (DoRA)
 ///   mapping("prompt_embeddings"), mapping(full tensor name)        ← prompt / full tensors
+///     (a full tensor of a ModulesToSave host goes to the copy of `adapter_name`, made when missing)
 /// Every target is checked before the first copy: on any error the model is unchanged.
 template <class T>
 void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const std::string& adapter_name,
@@ -927,7 +932,8 @@ inline std::string sha256_of_file(const std::string& path) {
 ///   * target_modules lists the modules unless the config's selection already covers them;
 ///   * modules_to_save: every parameter of each model module whose PEFT path ends with an entry
 ///     of config.modules_to_save (PEFT's rule) is saved as a full tensor under its PEFT name
-///     (base_model.model.<path>.weight in the file, as PEFT's get_peft_model_state_dict writes it).
+///     (base_model.model.<path>.weight in the file, as PEFT's get_peft_model_state_dict writes it);
+///     of a ModulesToSave host, the copy of `adapter_name` under the module's own names.
 ///     An entry that matches nothing is a ConfigError. Other trainable parameters that are not
 ///     saved are reported in `warnings`.
 /// `config` supplies everything else (peft_type, task_type, base model, unknown keys).

@@ -1,6 +1,7 @@
 #pragma once
 // Umbrella header: everything in peft-cpp except what needs nlohmann-json: file I/O (peft/io/*.hpp)
-// and apply_peft (peft/models/peft_config.hpp, which applies LoRA and (IA)^3 through the io method table).
+// and apply_peft (peft/models/peft_config.hpp, which applies LoRA and (IA)^3 through the io method table)
+// and PeftModel (peft/models/peft_model.hpp, the model-level handle on the same table).
 #include "peft/version.hpp"
 
 #include "peft/core/check.hpp"
@@ -36,6 +37,7 @@
 #include "peft/layers/linear.hpp"
 #include "peft/layers/lora_linear.hpp"
 #include "peft/layers/lora_mixed_batch.hpp"
+#include "peft/layers/modules_to_save.hpp"
 #include "peft/layers/prefix_attention.hpp"
 #include "peft/layers/soft_prompt.hpp"
 

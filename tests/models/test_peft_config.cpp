@@ -139,8 +139,10 @@ TEST_CASE("apply_peft: modules_to_save stays trainable and is never targeted", "
   const auto rep = apply_peft(m, pc, rng);
   CHECK_FALSE(contains(rep.lora_modules, "classifier"));  // ... but modules to save are skipped
   CHECK(rep.saved_modules == std::vector<std::string>{"classifier"});
-  CHECK(m.classifier.weight.trainable());
-  CHECK(m.classifier.bias.trainable());
+  // the head is a ModulesToSave host: the adapter's copy trains, the original stays frozen
+  CHECK(m.classifier.copy("default").weight.trainable());
+  CHECK(m.classifier.copy("default").bias.trainable());
+  CHECK_FALSE(m.classifier.original().weight.trainable());
   CHECK(rep.parameters.trainable == 2 * 2 * (16 + 16) + 4 * 16 + 4);
   // a suffix names nested modules; their whole subtree trains
   auto m2 = base;

@@ -16,4 +16,6 @@ template class TransformerBlock<float>;
 template class TransformerBlock<double>;
 template class TransformerClassifier<float>;
 template class TransformerClassifier<double>;
+template class ModulesToSave<float, LoRALinear<float>>;
+template class ModulesToSave<double, LoRALinear<double>>;
 }  // namespace peft

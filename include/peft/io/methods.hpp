@@ -596,12 +596,15 @@ std::string method_format_names() {
   return s;
 }
 
-/// Every adapted linear of a model with its dotted path (the model's slots).
+/// Every adapted linear of a model with its dotted path (the model's slots), but the originals and
+/// copies inside a ModulesToSave host that holds copies.
 template <class T>
 std::vector<std::pair<std::string, AdaptedLinear<T>*>> adapted_linears(Module<T>& model) {
   std::vector<std::pair<std::string, AdaptedLinear<T>*>> out;
+  const auto hosts = modules_to_save_hosts(model);  // a module to save and its copies are no slots
   model.visit_modules([&](const std::string& path, Module<T>& m) {
-    if (auto* l = dynamic_cast<AdaptedLinear<T>*>(&m)) out.emplace_back(path, l);
+    if (auto* l = dynamic_cast<AdaptedLinear<T>*>(&m); l != nullptr && !inside_module_copies(hosts, path))
+      out.emplace_back(path, l);
   });
   return out;
 }
@@ -740,10 +743,18 @@ std::vector<std::string> apply_method(const std::vector<LinearSlot<T>>& slots, c
                            who);
 }
 
-/// apply_method on every adapted linear of `model` (linear_slots).
+/// apply_method on every adapted linear of `model` (linear_slots), and config["modules_to_save"]
+/// (PEFT's _set_trainable): a ModulesToSave host gets a copy for the adapter (active, trainable),
+/// a plain module trains in place, shared by every adapter (reported through peft::warn); an
+/// entry that matches no module is reported through peft::warn.
 template <class T>
 std::vector<std::string> apply_method(Module<T>& model, const Json& config, const std::string& adapter_name, Rng& rng) {
-  return apply_method(linear_slots(model), config, adapter_name, rng);
+  const std::string who = "apply_method";
+  const std::vector<SavedModule<T>> saved = resolve_modules_to_save(
+      model, detail::Targeting(config, detail::label_of(config)).modules_to_save, adapter_name, who, false);
+  std::vector<std::string> paths = apply_method(linear_slots(model), config, adapter_name, rng);
+  add_modules_to_save(saved, adapter_name, who);
+  return paths;
 }
 
 /// Reads `dir` (adapter_config.json + adapter_model.safetensors) for a method of the table:
@@ -844,7 +855,8 @@ std::unique_ptr<AdapterMethod<T>> method_module(const MethodAdapterFile<T>& file
 /// Attaches a read adapter to `model` under `adapter_name` (active, as add_adapter makes it): every
 /// module of the file must be an adapted linear of the model with the file's shapes; the values are
 /// copied exactly, and so are the file's full tensors (modules_to_save, biases) into the model's
-/// parameters of those names. Everything is checked before the model changes. Returns the module
+/// parameters of those names (a ModulesToSave host's into the copy of `adapter_name`, made when
+/// missing). Everything is checked before the model changes. Returns the module
 /// paths.
 template <class T>
 std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapterFile<T>& file,
@@ -873,14 +885,11 @@ std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapt
     made.push_back(std::move(m));
     hosts.push_back(&linear);
   }
-  // Full tensors: the model's parameters of those names, shapes checked.
-  auto idx = detail::parameter_index(model);
-  std::vector<std::pair<Parameter<T>*, const Matrix<T>*>> full;
-  for (const FullTensor<T>& t : file.full) {
-    Parameter<T>* p = detail::require_param(idx, t.name, " (a full tensor of the adapter: modules_to_save or a bias)");
-    detail::require_shape(*p, t.name, t.value.rows(), t.value.cols(), "full tensor");
-    full.emplace_back(p, &t.value);
-  }
+  // Full tensors: the model's parameters of those names, shapes checked; a module to save's go to
+  // the copy of this adapter (made when missing).
+  detail::FullTensorLoader<T> full(model, adapter_name);
+  for (const FullTensor<T>& t : file.full)
+    full.add(t.name, t.value, " (a full tensor of the adapter: modules_to_save or a bias)");
   // Everything checked: attach (a name clash is refused before any layer changes).
   for (std::size_t i = 0; i < hosts.size(); ++i)
     if (detail::has_method(*hosts[i], adapter_name, f.peft_type))
@@ -888,7 +897,7 @@ std::vector<std::string> load_method_adapter(Module<T>& model, const MethodAdapt
                         "\"; nothing was loaded");
   std::vector<std::string> paths;
   for (std::size_t i = 0; i < hosts.size(); ++i) hosts[i]->add_adapter(std::move(made[i]));
-  for (auto& [p, v] : full) p->value = *v;
+  full.apply();
   for (const auto& kv : file.modules) paths.push_back(kv.first);
   return paths;
 }

@@ -28,7 +28,11 @@
 //     Embedding when inference_mode is set; so does PrefixAttention::load_prompt_embeddings.
 //
 //   * modules_to_save: PEFT saves the trained copy of each listed module under the module's own
-//     state-dict keys, the adapter name removed: base_model.model.<path>.weight / .bias.
+//     state-dict keys, the adapter name removed: base_model.model.<path>.weight / .bias. A module
+//     declared as ModulesToSave (layers/modules_to_save.hpp) saves the copy of the adapter being
+//     saved ("<path>.modules_to_save.<adapter>.weight" → "<path>.weight"; its original and other
+//     adapters' copies are not saved), and a load puts those tensors into the copy of the adapter
+//     being loaded, made from the original when missing; a plain module is saved and loaded as is.
 //   * every tensor must be finite on load (NumericError naming the tensor and the file).
 //
 // Torn writes: rename(2) cannot replace a non-empty directory, and a directory may hold files of
@@ -71,6 +75,7 @@
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/layers/modules_to_save.hpp"
 
 namespace peft::io {
 
@@ -752,6 +757,59 @@ void require_shape(const Parameter<T>& p, const std::string& name, Index rows, I
     throw ShapeError("model parameter \"" + name + "\" has shape " + shape_str(p.value) + ", but the adapter's " +
                      what + " is " + shape_str(rows, cols));
 }
+
+/// The full tensors of adapter `adapter` (modules_to_save, biases), by model parameter name, checked
+/// against the model and then copied in (PEFT's set_peft_model_state_dict): a tensor under a
+/// ModulesToSave host ("head.weight") goes to that adapter's copy ("head.modules_to_save.<adapter>.
+/// weight"), which is made (from the original, and activated) when the host has none; any other
+/// tensor to the parameter of its name. check() validates everything without changing the model.
+template <class T>
+class FullTensorLoader {
+ public:
+  FullTensorLoader(Module<T>& model, std::string adapter) : model_(model), adapter_(std::move(adapter)) {
+    hosts_ = modules_to_save_hosts(model);
+    idx_ = parameter_index(model);
+  }
+
+  /// Checks that `name` exists with the value's shape (for a host: in the original or the copy).
+  void add(const std::string& name, const Matrix<T>& value, const std::string& hint) {
+    std::string path, rest;
+    Item item{name, name, nullptr, &value};
+    if (ModulesToSaveBase* h = module_to_save_of(hosts_, name, &path, &rest)) {
+      const std::string head = path.empty() ? std::string() : path + ".";
+      item.target = head + "modules_to_save." + adapter_ + "." + rest;
+      item.check = h->has_copy(adapter_) ? item.target : h->has_copies() ? head + "original_module." + rest : name;
+      item.host = h;
+    }
+    Parameter<T>* p = require_param(idx_, item.check, hint);
+    require_shape(*p, item.check, value.rows(), value.cols(), "full tensor");
+    items_.push_back(item);
+  }
+
+  /// Makes the missing copies and copies every value in.
+  void apply() {
+    bool made = false;
+    for (const Item& it : items_)
+      if (it.host != nullptr && !it.host->has_copy(adapter_)) {
+        it.host->add_copy(adapter_);
+        made = true;
+      }
+    if (made) idx_ = parameter_index(model_);
+    for (const Item& it : items_) idx_.at(it.target)->value = *it.value;
+  }
+
+ private:
+  struct Item {
+    std::string check, target;
+    ModulesToSaveBase* host;
+    const Matrix<T>* value;
+  };
+  Module<T>& model_;
+  std::string adapter_;
+  std::vector<std::pair<std::string, ModulesToSaveBase*>> hosts_;
+  std::unordered_map<std::string, Parameter<T>*> idx_;
+  std::vector<Item> items_;
+};
 }  // namespace detail
 
 /// Copies a loaded adapter into a model whose LoRALinear layers already hold an adapter named
@@ -762,6 +820,7 @@ void require_shape(const Parameter<T>& p, const std::string& name, Index rows, I
 ///   <mapped path>.lora_B.<adapter_name>.weight   ← B
 ///   <mapped path>.lora_magnitude_vector.<adapter_name>[.weight]  ← m (DoRA)
 ///   mapping("prompt_embeddings"), mapping(full tensor name)        ← prompt / full tensors
+///     (a full tensor of a ModulesToSave host goes to the copy of `adapter_name`, made when missing)
 /// Every target is checked before the first copy: on any error the model is unchanged.
 template <class T>
 void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const std::string& adapter_name,
@@ -800,13 +859,10 @@ void load_adapter_into(Module<T>& model, const PeftAdapter<T>& adapter, const st
                           "prompt_embeddings");
     plan.emplace_back(p, &adapter.prompt_embeddings);
   }
-  for (const auto& f : adapter.full) {
-    const std::string n = mapping(f.name);
-    Parameter<T>* p = detail::require_param(idx, n, " (full tensor from the adapter)");
-    detail::require_shape(*p, n, f.value.rows(), f.value.cols(), "full tensor");
-    plan.emplace_back(p, &f.value);
-  }
+  detail::FullTensorLoader<T> full(model, adapter_name);
+  for (const auto& f : adapter.full) full.add(mapping(f.name), f.value, " (full tensor from the adapter)");
   for (auto& step : plan) step.first->value = *step.second;
+  full.apply();
 }
 
 namespace detail {
@@ -874,7 +930,8 @@ inline std::string sha256_of_file(const std::string& path) {
 ///   * target_modules lists the modules unless the config's selection already covers them;
 ///   * modules_to_save: every parameter of each model module whose PEFT path ends with an entry
 ///     of config.modules_to_save (PEFT's rule) is saved as a full tensor under its PEFT name
-///     (base_model.model.<path>.weight in the file, as PEFT's get_peft_model_state_dict writes it).
+///     (base_model.model.<path>.weight in the file, as PEFT's get_peft_model_state_dict writes it);
+///     of a ModulesToSave host, the copy of `adapter_name` under the module's own names.
 ///     An entry that matches nothing is a ConfigError. Other trainable parameters that are not
 ///     saved are reported in `warnings`.
 /// `config` supplies everything else (peft_type, task_type, base model, unknown keys).
@@ -991,11 +1048,16 @@ PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name
     out.exclude_modules = ModuleSelector{};
   }
 
-  // modules_to_save: PEFT wraps every module whose name ends with an entry (key.endswith).
+  // modules_to_save: PEFT wraps every module whose name ends with an entry (key.endswith). A
+  // ModulesToSave host saves this adapter's copy under the module's own names ("head.weight"), not
+  // its original or other adapters' copies (get_peft_model_state_dict).
+  const auto save_hosts = modules_to_save_hosts(model);
   std::vector<bool> used(out.modules_to_save.size(), false);
   for (const auto& n : names) {
     if (detail::is_lora_parameter_name(n)) continue;
-    const std::string peft_name = mapping(n);
+    std::string model_name;
+    if (!saved_tensor_name(save_hosts, n, adapter_name, &model_name)) continue;
+    const std::string peft_name = mapping(model_name);
     bool save = false;
     for (std::size_t dot = peft_name.find('.'); dot != std::string::npos && !save; dot = peft_name.find('.', dot + 1))
       for (std::size_t e = 0; e < out.modules_to_save.size(); ++e)

@@ -367,6 +367,20 @@ class AdaptedLinear : public Module<T> {
   /// On an NF4 base: deq(Q) → W₀ → re-quantized (lossy: one more rounding, see last_requantize()).
   void unmerge();
 
+  /// PEFT's merge_and_unload on this layer: merges the named adapters (default: the active ones not
+  /// yet merged), then drops every adapter, leaving W = W₀ + Σ_merged C_i and b: forward then costs
+  /// what Linear costs. Refused (nothing changed) where merge refuses.
+  void merge_and_unload(const std::vector<std::string>& names = {}) {
+    merge(names);
+    drop_adapters();
+  }
+
+  /// PEFT's unload: unmerges, then drops every adapter (the layer is its base again).
+  void unload() {
+    unmerge();
+    drop_adapters();
+  }
+
   /// DoRA's row norm n = ‖W₀ + s·B·A‖_row of a DoRA adapter [1, out], W₀ the weight with nothing merged.
   RowVector<T> dora_weight_norm(const std::string& adapter_name);
 
@@ -444,6 +458,14 @@ class AdaptedLinear : public Module<T> {
     for (const auto& m : adapters_)
       if (m->name() == n && m->peft_type() == peft_type)
         throw ConfigError(who() + ": adapter \"" + n + "\" already exists");
+  }
+
+  void drop_adapters() {
+    adapters_.clear();
+    active_.clear();
+    merged_.clear();
+    disabled_ = false;
+    ++generation_;
   }
 
   void push(std::unique_ptr<AdapterMethod<T>> m) {

@@ -11,9 +11,10 @@
 //                   feedforward_modules: input scaling), PEFT's IA3Config semantics;
 //        prefix   — PrefixAttention over all layers (num_virtual_tokens, optional projection);
 //        prompt   — SoftPrompt at the input (num_virtual_tokens, init RANDOM / token ids / vocab sample);
-//   3. modules_to_save (e.g. {"classifier"}) become trainable again. PEFT wraps them in a
-//      ModulesToSaveWrapper holding a trainable copy next to the frozen original; we train the
-//      module in place instead (the original values are the caller's to keep if needed). As in
+//   3. modules_to_save (e.g. {"classifier"}): a module declared as ModulesToSave<T, M> (the
+//      built-in classifier head; layers/modules_to_save.hpp) gets a trainable copy for this
+//      adapter next to the frozen original, as PEFT's ModulesToSaveWrapper; any other module is
+//      trained in place, shared by every adapter, and a warning (peft::warn) says so. As in
 //      PEFT, a module to save is never itself targeted by LoRA / (IA)³.
 //
 // Several methods may be combined in one config (all are applied, in the order listed above).
@@ -223,6 +224,9 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
                         "\" matches no module; available modules: " + join_names(modules));
   }
 
+  // Hosts (ModulesToSave) get a copy for this adapter; plain modules train in place (with a warning).
+  const std::vector<SavedModule<T>> saved =
+      resolve_modules_to_save(model, config.modules_to_save, config.adapter_name, who);
   model.freeze_all();
 
   // LoRA and (IA)³ through the method table, on this model's linears (it knows its head).
@@ -288,12 +292,9 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
     if (pc.init == PromptInit::SampleVocab) sp.init_from_vocab_sample(model.embed_tokens.weight.value, rng);
   }
 
-  // modules_to_save: everything inside the resolved modules trains again.
-  if (!report.saved_modules.empty())
-    model.visit_parameters([&](const std::string& name, Parameter<T>& p) {
-      for (const auto& m : report.saved_modules)
-        if (name.compare(0, m.size() + 1, m + ".") == 0) p.set_trainable(true);
-    });
+  // modules_to_save: a ModulesToSave host gets this adapter's copy (active, trainable; the original
+  // stays frozen); everything inside a plain module trains again, shared by every adapter.
+  add_modules_to_save(saved, config.adapter_name, who);
 
   report.parameters = count_parameters(model);
   target = std::move(model);

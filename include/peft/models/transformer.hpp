@@ -18,7 +18,9 @@
 //   norm    final LayerNorm `norm` (optional; standard with pre-norm)
 //   pool    mean over the valid real tokens of each sequence, or its first real token; prompt
 //           positions are never pooled ("never scored") and padding never is either
-//   head    Linear `classifier`  → logits [B, num_classes]
+//   head    Linear `classifier`  → logits [B, num_classes]; a ModulesToSave host
+//           (layers/modules_to_save.hpp): with modules_to_save = {"classifier"} each adapter trains
+//           its own copy (`classifier.modules_to_save.<adapter>.weight`), the original stays frozen
 //
 // Every linear is a LoRALinear with a dotted name: `patch_embed`, `layers.i.attn.{q,k,v,out}_proj`,
 // `layers.i.ffn.fc1`, `layers.i.ffn.fc2`, `classifier` (see linear_names()).
@@ -40,6 +42,7 @@
 #include "peft/layers/feed_forward.hpp"
 #include "peft/layers/layer_norm.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/layers/modules_to_save.hpp"
 #include "peft/layers/prefix_attention.hpp"
 #include "peft/layers/soft_prompt.hpp"
 
@@ -316,7 +319,7 @@ class TransformerClassifier : public Module<T> {
     }
     for (Index i = 0; i < config.num_layers; ++i) layers.emplace_back(config, rng);
     if (config.final_norm) norm = LayerNorm<T>(config.dim, config.norm_eps);
-    classifier = LoRALinear<T>(config.dim, config.num_classes, rng);
+    classifier = LoRALinear<T>(config.dim, config.num_classes, rng);  // the host's original
     this->set_name(this->name());
   }
 
@@ -327,7 +330,8 @@ class TransformerClassifier : public Module<T> {
   std::optional<PrefixAttention<T>> prefix_encoder;
   std::vector<TransformerBlock<T>> layers;
   LayerNorm<T> norm;  ///< when final_norm
-  LoRALinear<T> classifier;
+  /// The head: a modules_to_save target, so one copy per adapter (active() is what forward uses).
+  ModulesToSave<T, LoRALinear<T>> classifier;
 
   const TransformerConfig& config() const { return config_; }
   Index dim() const { return config_.dim; }
@@ -369,7 +373,8 @@ class TransformerClassifier : public Module<T> {
       fn(p + "ffn.fc1", layers[i].ffn.fc1, false);
       fn(p + "ffn.fc2", layers[i].ffn.fc2, false);
     }
-    fn(std::string("classifier"), classifier, true);
+    // The head's original, a LoRA target while it has no copies (a module to save is not one).
+    if (!classifier.has_copies()) fn(std::string("classifier"), classifier.original(), true);
   }
 
   /// Adapters in every block for a placement (Houlsby: after attention and FFN; Pfeiffer: after
@@ -515,7 +520,7 @@ void TransformerClassifier<T>::backward(Cache& cache, const ConstMatrixRef<T>& d
   if (static_cast<Index>(cache.blocks.size()) != num_layers())
     throw ConfigError(who + ": cache does not come from a forward of this model");
 
-  classifier.backward(cache.head, dlogits, &dpooled_);  // dp = dlogits W_c   [B, d]
+  classifier.active().backward(cache.head, dlogits, &dpooled_);  // dp = dlogits W_c   [B, d]
   // pooling backward: spread dp over the pooled rows
   dh_a_.setZero(ml.rows(), dim());
   const Index n = cache.model_layout.seq - cache.layout.seq;
@@ -619,7 +624,7 @@ void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logi
       pooled_.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
     }
   }
-  classifier.forward(pooled_, logits, cache.head);
+  classifier.active().forward(pooled_, logits, cache.head);
 }
 
 }  // namespace peft
@@ -631,5 +636,7 @@ extern template class TransformerBlock<float>;
 extern template class TransformerBlock<double>;
 extern template class TransformerClassifier<float>;
 extern template class TransformerClassifier<double>;
+extern template class ModulesToSave<float, LoRALinear<float>>;
+extern template class ModulesToSave<double, LoRALinear<double>>;
 }  // namespace peft
 #endif

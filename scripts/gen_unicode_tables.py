@@ -6,9 +6,11 @@ Classes (one per code point, from Unicode's own data files, no Python unicodedat
   number      General_Category N* (Nd Nl No)                  -- regex \\p{N}, Rust char::is_numeric
   space       the White_Space property (PropList.txt)          -- regex \\s of Oniguruma (tokenizers' engine)
                                                                   and Rust char::is_whitespace: the same set
-  mark        General_Category M* (Mn Mc Me)                   -- part of Rust regex \\w (single_word tokens)
-  connector   General_Category Pc                              -- part of Rust regex \\w
-No White_Space character is L, N or M, so one class per code point suffices.
+  mark        General_Category M* (Mn Mc Me)
+  connector   General_Category Pc
+No White_Space character is L, N or M, so one class per code point suffices. A flag (kWord, 0x10) marks
+the code points of Rust regex \\w (UTS #18: Alphabetic, M*, Nd, Pc, Join_Control), which tokenizers uses
+for added tokens with single_word.
 
 Usage: python3 scripts/gen_unicode_tables.py [/usr/share/unicode] > include/peft/io/unicode_tables.hpp
 (Debian: apt-get install unicode-data; bookworm ships UCD 15.0.0.)
@@ -29,12 +31,15 @@ if version is None:  # the ReadMe names the version in its URL lines
         version = re.search(r"DerivedAge-(\d+\.\d+\.\d+)", f.read()).group(1)
 
 cls = {}
+digits = set()
 first = None
 with open(os.path.join(ucd, "UnicodeData.txt"), encoding="utf-8") as f:
     for line in f:
         fields = line.split(";")
         cp = int(fields[0], 16)
         name, gc = fields[1], fields[2]
+        if gc == "Nd":
+            digits.update(range(first, cp + 1) if name.endswith(", Last>") else [cp])
         if gc[0] in "LNM":
             c = CLASSES[gc[0]]
         elif gc == "Pc":
@@ -53,18 +58,29 @@ with open(os.path.join(ucd, "UnicodeData.txt"), encoding="utf-8") as f:
         if c:
             cls[cp] = c
 
-with open(os.path.join(ucd, "PropList.txt"), encoding="utf-8") as f:
-    for line in f:
-        line = line.split("#")[0].strip()
-        if not line:
-            continue
-        rng, prop = [s.strip() for s in line.split(";")]
-        if prop != "White_Space":
-            continue
-        lo, _, hi = rng.partition("..")
-        for x in range(int(lo, 16), int(hi or lo, 16) + 1):
-            assert x not in cls, hex(x)
-            cls[x] = 3
+
+def read_property(filename, wanted):
+    out = set()
+    with open(os.path.join(ucd, filename), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#")[0].strip()
+            if not line:
+                continue
+            rng, prop = [s.strip() for s in line.split(";")]
+            if prop != wanted:
+                continue
+            lo, _, hi = rng.partition("..")
+            out.update(range(int(lo, 16), int(hi or lo, 16) + 1))
+    return out
+
+
+for x in read_property("PropList.txt", "White_Space"):
+    assert x not in cls, hex(x)
+    cls[x] = 3
+word = read_property("DerivedCoreProperties.txt", "Alphabetic") | read_property("PropList.txt", "Join_Control")
+word |= set(x for x, c in cls.items() if c in (4, 5)) | digits
+for x in word:
+    cls[x] = cls.get(x, 0) | 0x10
 
 ranges = []
 for cp in sorted(cls):
@@ -90,23 +106,29 @@ out.append('/// Unicode version of these tables.')
 out.append('constexpr const char* kTablesVersion = "%s";' % version)
 out.append("")
 out.append("enum CharClass : std::uint8_t { kOther = 0, kLetter = 1, kNumber = 2, kSpace = 3, kMark = 4, kConnector = 5 };")
+out.append("/// Flag or-ed into ClassRange::cls: the code point is in Rust regex \\\\w.")
+out.append("constexpr std::uint8_t kWord = 0x10;")
 out.append("")
 out.append("struct ClassRange {")
 out.append("  std::uint32_t lo, hi;")
 out.append("  std::uint8_t cls;")
 out.append("};")
 out.append("")
-out.append("/// Sorted, disjoint ranges [lo, hi] of code points with a class; every other code point is kOther.")
+out.append("/// Sorted, disjoint ranges [lo, hi] of code points with a class (low 4 bits) and the kWord flag;")
+out.append("/// every other code point is kOther.")
+out.append("// clang-format off")
 out.append("inline constexpr ClassRange kClassRanges[] = {")
 line = "   "
 for lo, hi, c in ranges:
-    item = " {0x%X, 0x%X, %s}," % (lo, hi, NAMES[c])
+    name = NAMES[c & 0x0F] if c & 0x0F else "kOther"
+    item = " {0x%X, 0x%X, %s}," % (lo, hi, name + " | kWord" if c & 0x10 else name)
     if len(line) + len(item) > 118:
         out.append(line)
         line = "   "
     line += item
 out.append(line)
 out.append("};")
+out.append("// clang-format on")
 out.append("")
 out.append("inline constexpr std::size_t kClassRangeCount = sizeof(kClassRanges) / sizeof(kClassRanges[0]);")
 out.append("")

@@ -63,7 +63,7 @@ FIXED = [
     "trailing spaces   ", "   leading", "\u00a0nbsp\u00a0\u3000ideographic\u2003em", "zero\u200bwidth\u200djoin",
     "<|endoftext|>", "Hello<|endoftext|>world", "a <|endoftext|> b", "<s>Hello</s>", "hi <s> there </s> ok",
     "<|begin_of_text|>Hi<|eot_id|>", "<|im_start|>user\nhi<|im_end|>", "use <tool>  now", "x<tool>y",
-    "the dog, a hotdog, dog.", " zzzzqq", "zzzzqq", "<unk>", "~!@#$%^&*()_+`-={}[]|\\:;\"'<>,.?/",
+    "the dog, a hotdog, dog.", "\fdog½ dog٣ dogé Ⓐdog dog_ dog‍", " zzzzqq", "zzzzqq", "<unk>", "~!@#$%^&*()_+`-={}[]|\\:;\"'<>,.?/",
     "MixedCASE camelCase snake_case kebab-case", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
     "\U0001F600\U0001F600\U0001F600", "végétal\n\n\n   \t x", "١٢٣ ٤٥٦ Ⅻ ½ ²",
 ]

@@ -30,7 +30,8 @@ struct FixtureCounts {
 /// mismatches.
 FixtureCounts check_tokenizer_fixture(const std::string& name) {
   const Tokenizer tok = peft::io::load_tokenizer(tokenizer_dir(name) + "/tokenizer.json");
-  const nlohmann::json expected = nlohmann::json::parse(peft::io::read_text_file(tokenizer_dir(name) + "/expected.json"));
+  const nlohmann::json expected =
+      nlohmann::json::parse(peft::io::read_text_file(tokenizer_dir(name) + "/expected.json"));
   FixtureCounts counts;
   std::string mismatches;
   std::size_t n_bad = 0;
@@ -48,7 +49,8 @@ FixtureCounts check_tokenizer_fixture(const std::string& name) {
       bad(name + " ids+special of \"" + text + "\": " + show_ids(got_special) + " expected " + show_ids(ids_special));
     const std::string decoded = tok.decode(ids_special, false), decoded_skip = tok.decode(ids_special, true);
     if (decoded != c.at("decoded").get<std::string>())
-      bad(name + " decode of \"" + text + "\": \"" + decoded + "\" expected \"" + c.at("decoded").get<std::string>() + "\"");
+      bad(name + " decode of \"" + text + "\": \"" + decoded + "\" expected \"" + c.at("decoded").get<std::string>() +
+          "\"");
     if (decoded_skip != c.at("decoded_skip").get<std::string>())
       bad(name + " decode(skip) of \"" + text + "\": \"" + decoded_skip + "\" expected \"" +
           c.at("decoded_skip").get<std::string>() + "\"");
@@ -74,13 +76,13 @@ FixtureCounts check_tokenizer_fixture(const std::string& name) {
 }  // namespace
 
 TEST_CASE("tokenizer: ids, decodes and pre-tokens equal Hugging Face tokenizers on every fixture", "[io][tokenizer]") {
-  FixtureCounts total;
+  const std::size_t n_strings = nlohmann::json::parse(peft::io::read_text_file(tokenizer_dir("strings.json"))).size();
+  REQUIRE(n_strings > 90);
   for (const char* name : {"gpt2", "llama3", "qwen2", "smollm", "llama2", "mistral"}) {
     SECTION(name) {
       const FixtureCounts c = check_tokenizer_fixture(name);
-      REQUIRE(c.strings == 93);
+      REQUIRE(c.strings == n_strings);
       REQUIRE(c.ids > 2000);
-      total.ids += c.ids;
     }
   }
 }
@@ -165,14 +167,13 @@ TEST_CASE("tokenizer: components it does not implement are refused by name", "[i
       peft::ConfigError, "pre_tokenizer Split regex \"\\w+\"");
   PEFT_REQUIRE_THROWS_WITH(Tokenizer::from_file(with(bpe, R"(, "decoder": {"type": "WordPiece", "prefix": "##"})")),
                            peft::ConfigError, "decoder \"WordPiece\"");
-  PEFT_REQUIRE_THROWS_WITH(Tokenizer::from_file(with(bpe, R"(, "post_processor": {"type": "Foo"})")),
-                           peft::ConfigError, "post_processor \"Foo\"");
+  PEFT_REQUIRE_THROWS_WITH(Tokenizer::from_file(with(bpe, R"(, "post_processor": {"type": "Foo"})")), peft::ConfigError,
+                           "post_processor \"Foo\"");
   PEFT_REQUIRE_THROWS_WITH(
       Tokenizer::from_file(with(R"({"type": "BPE", "vocab": {"a": 0}, "merges": [], "dropout": 0.1})", "")),
       peft::ConfigError, "BPE dropout");
-  PEFT_REQUIRE_THROWS_WITH(
-      Tokenizer::from_file(with(R"({"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]})", "")), peft::IoError,
-      "merge 0 (\"a\", \"b\") uses a token not in the vocabulary");
+  PEFT_REQUIRE_THROWS_WITH(Tokenizer::from_file(with(R"({"type": "BPE", "vocab": {"a": 0}, "merges": ["a b"]})", "")),
+                           peft::IoError, "merge 0 (\"a\", \"b\") uses a token not in the vocabulary");
   PEFT_REQUIRE_THROWS_WITH(Tokenizer::from_file(with(R"({"type": "BPE", "vocab": {"a": -1}, "merges": []})", "")),
                            peft::IoError, "token id is not an integer");
   PEFT_REQUIRE_THROWS_WITH(Tokenizer::from_file(with("[]", "")), peft::ConfigError, "model \"\"");

@@ -36,8 +36,8 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <optional>
@@ -170,12 +170,13 @@ inline std::size_t first_invalid_utf8(std::string_view bytes) {
   return std::string_view::npos;
 }
 
-inline unicode::CharClass char_class(char32_t c) {
+/// The table entry of a code point: class (low 4 bits) | unicode::kWord.
+inline std::uint8_t class_bits(char32_t c) {
   if (c < 0x80) {
-    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return unicode::kLetter;
-    if (c >= '0' && c <= '9') return unicode::kNumber;
+    if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return unicode::kLetter | unicode::kWord;
+    if (c >= '0' && c <= '9') return unicode::kNumber | unicode::kWord;
     if (c == ' ' || (c >= 0x09 && c <= 0x0D)) return unicode::kSpace;
-    if (c == '_') return unicode::kConnector;
+    if (c == '_') return unicode::kConnector | unicode::kWord;
     return unicode::kOther;
   }
   const unicode::ClassRange* begin = unicode::kClassRanges;
@@ -185,15 +186,15 @@ inline unicode::CharClass char_class(char32_t c) {
                        [](std::uint32_t v, const unicode::ClassRange& r) { return v < r.lo; });
   if (it == begin) return unicode::kOther;
   --it;
-  return static_cast<std::uint32_t>(c) <= it->hi ? static_cast<unicode::CharClass>(it->cls) : unicode::kOther;
+  return static_cast<std::uint32_t>(c) <= it->hi ? it->cls : static_cast<std::uint8_t>(unicode::kOther);
 }
 
-/// Rust regex `\w` (UTS #18: Alphabetic, marks, digits, connector punctuation), approximated by
-/// L, N, M and Pc; used only for added tokens with single_word.
-inline bool is_word_char(char32_t c) {
-  const unicode::CharClass k = char_class(c);
-  return k == unicode::kLetter || k == unicode::kNumber || k == unicode::kMark || k == unicode::kConnector;
-}
+/// \p{L} -> kLetter, \p{N} -> kNumber, White_Space (\s) -> kSpace, ...
+inline unicode::CharClass char_class(char32_t c) { return static_cast<unicode::CharClass>(class_bits(c) & 0x0F); }
+
+/// Rust regex `\w` (UTS #18: Alphabetic, M*, Nd, Pc, Join_Control); used for added tokens with
+/// single_word.
+inline bool is_word_char(char32_t c) { return (class_bits(c) & unicode::kWord) != 0; }
 
 /// A decoded string: code points and their byte offsets (offsets has one more entry, the size).
 struct Chars {
@@ -223,7 +224,8 @@ inline const std::vector<std::string>& byte_to_unicode() {
     int n = 0;
     for (int b = 0; b < 256; ++b) {
       const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
-      append_utf8(t[static_cast<std::size_t>(b)], printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
+      append_utf8(t[static_cast<std::size_t>(b)],
+                  printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + n++));
     }
     return t;
   }();
@@ -384,7 +386,9 @@ inline std::vector<std::pair<std::size_t, std::size_t>> scan_split_regex(std::st
     while (k < n && pred(k)) ++k;
     return k;
   };
-  const auto letters = [&](std::size_t k) { return run(k, [&](std::size_t j) { return c.cls[j] == unicode::kLetter; }); };
+  const auto letters = [&](std::size_t k) {
+    return run(k, [&](std::size_t j) { return c.cls[j] == unicode::kLetter; });
+  };
   const auto spaces = [&](std::size_t k) { return run(k, [&](std::size_t j) { return c.cls[j] == unicode::kSpace; }); };
   const auto is_crlf = [&](std::size_t k) { return k < n && (c.cp[k] == U'\r' || c.cp[k] == U'\n'); };
   const bool llama = kind != SplitRegex::kGpt2;
@@ -495,7 +499,8 @@ struct Ctx {
     return obj.at(key).get<bool>();
   }
   std::int32_t id(const JsonMap& v, const std::string& where) const {
-    if (!v.is_number_integer() || v.get<std::int64_t>() < 0 || v.get<std::int64_t>() > std::numeric_limits<std::int32_t>::max())
+    if (!v.is_number_integer() || v.get<std::int64_t>() < 0 ||
+        v.get<std::int64_t>() > std::numeric_limits<std::int32_t>::max())
       bad(where + ": token id is not an integer in [0, 2^31)");
     return static_cast<std::int32_t>(v.get<std::int64_t>());
   }
@@ -513,8 +518,10 @@ struct PatternSpec {
 
 inline PatternSpec read_pattern(const Ctx& ctx, const JsonMap& obj, const std::string& where) {
   const JsonMap& p = ctx.get(obj, "pattern", where);
-  if (p.is_object() && p.contains("String") && p.at("String").is_string()) return {false, p.at("String").get<std::string>()};
-  if (p.is_object() && p.contains("Regex") && p.at("Regex").is_string()) return {true, p.at("Regex").get<std::string>()};
+  if (p.is_object() && p.contains("String") && p.at("String").is_string())
+    return {false, p.at("String").get<std::string>()};
+  if (p.is_object() && p.contains("Regex") && p.at("Regex").is_string())
+    return {true, p.at("Regex").get<std::string>()};
   ctx.bad(where + ": \"pattern\" is neither {\"String\": ...} nor {\"Regex\": ...}");
 }
 
@@ -556,15 +563,15 @@ struct Piece {
 
 struct PreTokenizer {
   enum Kind { kByteLevel, kSplitRegex, kSplitLiteral, kDigits, kMetaspace } kind;
-  bool add_prefix_space = false, use_regex = true;        // ByteLevel
-  SplitRegex regex = SplitRegex::kGpt2;                   // Split (Regex)
-  std::string literal;                                    // Split (String)
-  Behavior behavior = Behavior::kIsolated;                // Split
-  bool invert = false;                                    // Split
-  bool individual_digits = false;                         // Digits
-  std::string replacement;                                // Metaspace
+  bool add_prefix_space = false, use_regex = true;             // ByteLevel
+  SplitRegex regex = SplitRegex::kGpt2;                        // Split (Regex)
+  std::string literal;                                         // Split (String)
+  Behavior behavior = Behavior::kIsolated;                     // Split
+  bool invert = false;                                         // Split
+  bool individual_digits = false;                              // Digits
+  std::string replacement;                                     // Metaspace
   enum Prepend { kAlways, kFirst, kNever } prepend = kAlways;  // Metaspace
-  bool split = true;                                      // Metaspace
+  bool split = true;                                           // Metaspace
 };
 
 struct Decoder {
@@ -815,7 +822,8 @@ inline void read_decoder(const Ctx& ctx, const JsonMap& n, std::vector<Decoder>&
       ctx.bad("decoder Strip: \"content\" is not one character");
     const JsonMap& start = ctx.get(n, "start", "decoder Strip");
     const JsonMap& stop = ctx.get(n, "stop", "decoder Strip");
-    if (!start.is_number_unsigned() || !stop.is_number_unsigned()) ctx.bad("decoder Strip: start / stop are not counts");
+    if (!start.is_number_unsigned() || !stop.is_number_unsigned())
+      ctx.bad("decoder Strip: start / stop are not counts");
     d.start = start.get<std::size_t>();
     d.stop = stop.get<std::size_t>();
   } else {
@@ -825,7 +833,8 @@ inline void read_decoder(const Ctx& ctx, const JsonMap& n, std::vector<Decoder>&
 }
 
 /// The ids a post-processor adds around a single sequence.
-inline void read_post_processor(const Ctx& ctx, const JsonMap& n, const std::function<std::int32_t(const std::string&)>& lookup,
+inline void read_post_processor(const Ctx& ctx, const JsonMap& n,
+                                const std::function<std::int32_t(const std::string&)>& lookup,
                                 std::vector<std::int32_t>& prefix, std::vector<std::int32_t>& suffix) {
   if (n.is_null()) return;
   const std::string type = ctx.type(n, "post_processor");
@@ -847,7 +856,8 @@ inline void read_post_processor(const Ctx& ctx, const JsonMap& n, const std::fun
         seen_sequence = true;
       } else if (piece.is_object() && piece.contains("SpecialToken")) {
         const std::string name = ctx.str(piece.at("SpecialToken"), "id", "post_processor TemplateProcessing");
-        if (!specials.contains(name)) ctx.bad("post_processor TemplateProcessing: special token \"" + name + "\" undefined");
+        if (!specials.contains(name))
+          ctx.bad("post_processor TemplateProcessing: special token \"" + name + "\" undefined");
         const JsonMap& ids = ctx.get(specials.at(name), "ids", "post_processor special token \"" + name + "\"");
         if (!ids.is_array()) ctx.bad("post_processor special token \"" + name + "\": \"ids\" is not a list");
         for (const JsonMap& id : ids) (seen_sequence ? suffix : prefix).push_back(ctx.id(id, "post_processor"));
@@ -976,9 +986,11 @@ inline Tokenizer Tokenizer::from_json(const std::string& text, const std::string
   }
   t.finish();
   for (std::int32_t id : t.prefix_)
-    if (static_cast<std::size_t>(id) >= t.id_to_token_.size()) ctx.bad("post_processor: id " + std::to_string(id) + " out of range");
+    if (static_cast<std::size_t>(id) >= t.id_to_token_.size())
+      ctx.bad("post_processor: id " + std::to_string(id) + " out of range");
   for (std::int32_t id : t.suffix_)
-    if (static_cast<std::size_t>(id) >= t.id_to_token_.size()) ctx.bad("post_processor: id " + std::to_string(id) + " out of range");
+    if (static_cast<std::size_t>(id) >= t.id_to_token_.size())
+      ctx.bad("post_processor: id " + std::to_string(id) + " out of range");
   return t;
 }
 
@@ -1244,7 +1256,8 @@ inline void Tokenizer::encode_piece(const std::string& w, std::vector<std::int32
   };
   std::vector<Merge> heap_storage;
   heap_storage.reserve(sym.size());
-  std::priority_queue<Merge, std::vector<Merge>, std::greater<Merge>> queue(std::greater<Merge>(), std::move(heap_storage));
+  std::priority_queue<Merge, std::vector<Merge>, std::greater<Merge>> queue(std::greater<Merge>(),
+                                                                            std::move(heap_storage));
   for (std::size_t k = 0; k + 1 < sym.size(); ++k)
     if (const auto* m = find(sym[k].id, sym[k + 1].id)) queue.push({m->rank, k, m->new_id});
   while (!queue.empty()) {
@@ -1297,7 +1310,8 @@ inline std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool a
         out.push_back(added_[static_cast<std::size_t>(part.added)].id);
         continue;
       }
-      for (const detail::tok::Piece& piece : run_pre_tokenizer({{part.text, part.at_start}})) encode_piece(piece.text, out);
+      for (const detail::tok::Piece& piece : run_pre_tokenizer({{part.text, part.at_start}}))
+        encode_piece(piece.text, out);
     }
   }
   if (add_special_tokens) out.insert(out.end(), suffix_.begin(), suffix_.end());
@@ -1372,8 +1386,10 @@ inline std::string Tokenizer::decode(const std::vector<std::int32_t>& ids, bool 
           for (std::size_t i = 0; i < t.size() && ok;) {
             std::size_t len = 0;
             const int b = unicode_to_byte(utf8_at(t, i, &len));
-            if (b < 0) ok = false;
-            else mapped.push_back(static_cast<char>(b));
+            if (b < 0)
+              ok = false;
+            else
+              mapped.push_back(static_cast<char>(b));
             i += len;
           }
           bytes += ok ? mapped : t;

@@ -28,6 +28,10 @@ Kinds:
            Fuse, Strip], TemplateProcessing adding <s>
   mistral  Metaspace pre-tokenizer (prepend_scheme first, split false) and Metaspace decoder,
            byte_fallback false and fuse_unk true (so <unk> is produced and fused), <s> added
+  gpt2_prefix      gpt2 with ByteLevel add_prefix_space=true and a normalized added token "hello world"
+  llama2_added     llama2 plus a normalized added token "day" (matched as "▁day") and a special <pad>
+  metaspace_split  mistral's model under Sequence[Digits(contiguous), Metaspace(always, split=true)],
+                   Metaspace decoder (always), a normalized added token "[DAY]"
 
 Usage: ~/.cache/peft-peer/bin/python benchmarks/peer/make_tokenizer_fixtures.py tests/data/tokenizers
 """
@@ -66,11 +70,13 @@ FIXED = [
     "the dog, a hotdog, dog.", "\fdog½ dog٣ dogé Ⓐdog dog_ dog‍", " zzzzqq", "zzzzqq", "<unk>", "~!@#$%^&*()_+`-={}[]|\\:;\"'<>,.?/",
     "MixedCASE camelCase snake_case kebab-case", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
     "\U0001F600\U0001F600\U0001F600", "végétal\n\n\n   \t x", "١٢٣ ٤٥٦ Ⅻ ½ ²",
+    "say hello world, hello  world", "one day, [DAY] a daydream [DAY]", "pad<pad><pad> x",
 ]
 
 POOL = list("aAbBzZ eE0189 '’\t\n\r.,!?-_()<>|") + ["'s", "'LL", "ſ", "é", "e\u0301", "ß", "Ж", "λ", "中", "文", "あ",
                                                      "ا", "न", "ि", "ก", "😀", "👍🏽", "👨‍👩‍👧", "\u00a0", "\u3000", "½", "Ⅻ",
-                                                     "٣", "<s>", "</s>", "<|endoftext|>", "<tool>", "dog", "  ", "\r\n"]
+                                                     "٣", "<s>", "</s>", "<|endoftext|>", "<tool>", "dog", "  ", "\r\n",
+                                                     "hello world", "day", "[DAY]", "<pad>", "42"]
 
 
 def corpus_lines():
@@ -204,6 +210,35 @@ def make_mistral():
     return tok
 
 
+def make_gpt2_prefix():
+    """gpt2 with ByteLevel add_prefix_space=true and a normalized (non-special) added token."""
+    data = json.loads(make_gpt2().to_str())
+    data["pre_tokenizer"]["add_prefix_space"] = True
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_tokens([AddedToken("hello world", normalized=True)])
+    return tok
+
+
+def make_llama2_added():
+    """llama2 plus a normalized added token (matched against its normalized form "▁day") and a special <pad>."""
+    tok = make_llama2()
+    tok.add_tokens([AddedToken("day", normalized=True)])
+    tok.add_special_tokens([AddedToken("<pad>", special=True, normalized=False)])
+    return tok
+
+
+def make_metaspace_split():
+    """mistral's model with Sequence[Digits(contiguous), Metaspace(always, split)], a normalized [DAY] token."""
+    data = json.loads(make_mistral().to_str())
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Digits", "individual_digits": False},
+        {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}]}
+    data["decoder"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}
+    tok = Tokenizer.from_str(json.dumps(data))
+    tok.add_tokens([AddedToken("[DAY]", normalized=True)])
+    return tok
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "tests/data/tokenizers"
     texts = strings()
@@ -211,7 +246,8 @@ def main():
         json.dump(texts, f, ensure_ascii=False, indent=0)
         f.write("\n")
     makers = dict(gpt2=make_gpt2, llama3=make_llama3, qwen2=make_qwen2, smollm=make_smollm, llama2=make_llama2,
-                  mistral=make_mistral)
+                  mistral=make_mistral, gpt2_prefix=make_gpt2_prefix, llama2_added=make_llama2_added,
+                  metaspace_split=make_metaspace_split)
     for name, make in makers.items():
         tok = make()
         d = os.path.join(out_dir, name)

@@ -78,7 +78,8 @@ FixtureCounts check_tokenizer_fixture(const std::string& name) {
 TEST_CASE("tokenizer: ids, decodes and pre-tokens equal Hugging Face tokenizers on every fixture", "[io][tokenizer]") {
   const std::size_t n_strings = nlohmann::json::parse(peft::io::read_text_file(tokenizer_dir("strings.json"))).size();
   REQUIRE(n_strings > 90);
-  for (const char* name : {"gpt2", "llama3", "qwen2", "smollm", "llama2", "mistral"}) {
+  for (const char* name :
+       {"gpt2", "llama3", "qwen2", "smollm", "llama2", "mistral", "gpt2_prefix", "llama2_added", "metaspace_split"}) {
     SECTION(name) {
       const FixtureCounts c = check_tokenizer_fixture(name);
       REQUIRE(c.strings == n_strings);

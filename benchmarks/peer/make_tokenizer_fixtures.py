@@ -5,7 +5,7 @@ Trains small BPE tokenizers offline (no Hugging Face hub) on a local corpus (Deb
 under /usr/share/common-licenses plus a few lines of several scripts), configured like the
 tokenizer.json files of real Llama-family models, and writes for each one
 
-  tests/data/tokenizers/<name>/tokenizer.json   Tokenizer.to_str() (pretty), as tokenizers saves it
+  tests/data/tokenizers/<name>/tokenizer.json   Tokenizer.save(pretty=False), as tokenizers writes it
   tests/data/tokenizers/<name>/expected.json    for every string of strings.json: ids without and with
                                                 special tokens (add_special_tokens False / True),
                                                 decode(ids_with_specials) with skip_special_tokens
@@ -34,6 +34,9 @@ Kinds:
                    Metaspace decoder (always), a normalized added token "[DAY]"
 
 Usage: ~/.cache/peft-peer/bin/python benchmarks/peer/make_tokenizer_fixtures.py tests/data/tokenizers
+       ~/.cache/peft-peer/bin/python benchmarks/peer/make_tokenizer_fixtures.py --unicode-diff [/usr/share/unicode]
+         lists the code points where tokenizers' regex engine (Oniguruma) classes \\p{L}, \\p{N}, \\s differ
+         from the UCD that scripts/gen_unicode_tables.py reads (~10 s)
 """
 import glob
 import json
@@ -239,11 +242,61 @@ def make_metaspace_split():
     return tok
 
 
+def unicode_diff(ucd):
+    cps = [c for c in range(0x110000) if not (0xD800 <= c <= 0xDFFF)]
+    text = "".join(map(chr, cps))
+
+    def matched(rx):  # the code points the reference engine matches with rx
+        pieces = pre_tokenizers.Split(Regex(rx), behavior="removed").pre_tokenize_str(text)
+        covered = bytearray(len(cps))
+        for _, (a, b) in pieces:
+            covered[a:b] = b"\x01" * (b - a)
+        return set(cps[k] for k in range(len(cps)) if not covered[k])
+
+    ref = {k: matched(rx) for k, rx in [("L", r"\p{L}"), ("N", r"\p{N}"), ("White_Space", r"\s")]}
+    ours = {"L": set(), "N": set(), "White_Space": set()}
+    first = None
+    with open(os.path.join(ucd, "UnicodeData.txt"), encoding="utf-8") as f:
+        for line in f:
+            fields = line.split(";")
+            cp, name, gc = int(fields[0], 16), fields[1], fields[2]
+            if name.endswith(", First>"):
+                first = cp
+                continue
+            if gc[0] in "LN":
+                ours[gc[0]].update(range(first, cp + 1) if name.endswith(", Last>") else [cp])
+    with open(os.path.join(ucd, "PropList.txt"), encoding="utf-8") as f:
+        for line in f:
+            line = line.split("#")[0].strip()
+            if line and line.split(";")[1].strip() == "White_Space":
+                lo, _, hi = line.split(";")[0].strip().partition("..")
+                ours["White_Space"].update(range(int(lo, 16), int(hi or lo, 16) + 1))
+
+    def ranges(points):
+        out = []
+        for c in sorted(points):
+            if out and out[-1][1] == c - 1:
+                out[-1][1] = c
+            else:
+                out.append([c, c])
+        return ", ".join("U+%04X" % a if a == b else "U+%04X..%04X" % (a, b) for a, b in out)
+
+    for k in ref:
+        print("%s: %d only in tokenizers' engine, %d only in the UCD tables" % (k, len(ref[k] - ours[k]),
+                                                                             len(ours[k] - ref[k])))
+        for label, points in (("  engine only: ", ref[k] - ours[k]), ("  tables only: ", ours[k] - ref[k])):
+            if points:
+                print(label + ranges(points))
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--unicode-diff":
+        unicode_diff(sys.argv[2] if len(sys.argv) > 2 else "/usr/share/unicode")
+        return
     out_dir = sys.argv[1] if len(sys.argv) > 1 else "tests/data/tokenizers"
     texts = strings()
     with open(os.path.join(out_dir, "strings.json"), "w", encoding="utf-8") as f:
-        json.dump(texts, f, ensure_ascii=False, indent=0)
+        json.dump(texts, f, ensure_ascii=False, indent=0)  # one string a line
         f.write("\n")
     makers = dict(gpt2=make_gpt2, llama3=make_llama3, qwen2=make_qwen2, smollm=make_smollm, llama2=make_llama2,
                   mistral=make_mistral, gpt2_prefix=make_gpt2_prefix, llama2_added=make_llama2_added,
@@ -252,7 +305,7 @@ def main():
         tok = make()
         d = os.path.join(out_dir, name)
         os.makedirs(d, exist_ok=True)
-        tok.save(os.path.join(d, "tokenizer.json"), pretty=True)
+        tok.save(os.path.join(d, "tokenizer.json"), pretty=False)  # compact: the fixture stays small
         tok = Tokenizer.from_file(os.path.join(d, "tokenizer.json"))  # reference from the file as committed
         rows = []
         n_ids = 0
@@ -266,9 +319,10 @@ def main():
                 row["pre"] = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
             rows.append(row)
             n_ids += len(plain) + len(special)
-        with open(os.path.join(d, "expected.json"), "w", encoding="utf-8") as f:
-            json.dump(dict(tokenizers=tokenizers.__version__, cases=rows), f, ensure_ascii=False, indent=0)
-            f.write("\n")
+        with open(os.path.join(d, "expected.json"), "w", encoding="utf-8") as f:  # one case a line
+            f.write('{"tokenizers": %s, "cases": [\n' % json.dumps(tokenizers.__version__))
+            f.write(",\n".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in rows))
+            f.write("\n]}\n")
         print("%s: vocab %d, %d strings, %d ids" % (name, tok.get_vocab_size(), len(rows), n_ids))
 
 

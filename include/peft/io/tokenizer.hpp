@@ -66,6 +66,11 @@ struct AddedToken {
   bool normalized = false;
 };
 
+/// A tokenizer.json's largest id may exceed its number of tokens by at most this much (real
+/// vocabularies are dense; the id -> token table is sized by the largest id, so a hostile
+/// `"a": 2000000000` would otherwise allocate gigabytes).
+constexpr std::size_t kMaxTokenizerIdSlack = std::size_t{1} << 20;
+
 namespace detail::tok {
 
 // ---- UTF-8 and character classes -------------------------------------------------------------
@@ -891,6 +896,7 @@ inline Tokenizer Tokenizer::from_json(const std::string& text, const std::string
 
   // model
   const JsonMap& model = ctx.get(root, "model", "the document");
+  if (!model.is_object()) ctx.bad("\"model\" is not an object");
   std::string model_type = model.is_object() && model.contains("type") && model.at("type").is_string()
                                ? model.at("type").get<std::string>()
                                : std::string();
@@ -978,6 +984,10 @@ inline Tokenizer Tokenizer::from_json(const std::string& text, const std::string
   for (const char* key : {"truncation", "padding"})
     if (root.contains(key) && !root.at(key).is_null()) ctx.refuse(std::string("\"") + key + "\" (set it to null)");
 
+  const std::size_t n_tokens = t.vocab_.size() + t.added_.size();
+  if (max_id >= 0 && static_cast<std::size_t>(max_id) >= n_tokens + kMaxTokenizerIdSlack)
+    ctx.bad("token id " + std::to_string(max_id) + " is beyond the " + std::to_string(n_tokens) +
+            " tokens of the file by more than kMaxTokenizerIdSlack (" + std::to_string(kMaxTokenizerIdSlack) + ")");
   t.id_to_token_.assign(static_cast<std::size_t>(max_id + 1), std::string());
   t.present_.assign(t.id_to_token_.size(), false);
   for (const auto& kv : t.vocab_) {

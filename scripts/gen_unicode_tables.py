@@ -12,6 +12,13 @@ No White_Space character is L, N or M, so one class per code point suffices. A f
 the code points of Rust regex \\w (UTS #18: Alphabetic, M*, Nd, Pc, Join_Control), which tokenizers uses
 for added tokens with single_word.
 
+NFC (the NFC normalizer of tokenizers, e.g. in Qwen2's tokenizer.json): canonical combining classes, full
+canonical decompositions and primary composites (canonical pairs minus Full_Composition_Exclusion), from
+UnicodeData.txt and DerivedNormalizationProps.txt, restricted by DerivedAge.txt to characters assigned in
+Unicode <= NFC_AGE: tokenizers normalizes with the unicode-normalization-alignments crate, whose tables
+are Unicode 9.0 (measured: marks of 9.0 reorder there and those of 10.0 do not; no composite of 10.0..12.1
+exists, the one of 13.0 does not compose). Hangul is algorithmic (not in the tables).
+
 Usage: python3 scripts/gen_unicode_tables.py [/usr/share/unicode] > include/peft/io/unicode_tables.hpp
 (Debian: apt-get install unicode-data; bookworm ships UCD 15.0.0.)
 """
@@ -82,6 +89,56 @@ word |= set(x for x, c in cls.items() if c in (4, 5)) | digits
 for x in word:
     cls[x] = cls.get(x, 0) | 0x10
 
+NFC_AGE = (9, 0)
+age = {}
+with open(os.path.join(ucd, "DerivedAge.txt"), encoding="utf-8") as f:
+    for line in f:
+        line = line.split("#")[0].strip()
+        if not line:
+            continue
+        rng, a = [x.strip() for x in line.split(";")]
+        lo, _, hi = rng.partition("..")
+        for x in range(int(lo, 16), int(hi or lo, 16) + 1):
+            age[x] = tuple(int(v) for v in a.split("."))
+ccc, decomp = {}, {}
+with open(os.path.join(ucd, "UnicodeData.txt"), encoding="utf-8") as f:
+    for line in f:
+        fields = line.split(";")
+        cp = int(fields[0], 16)
+        if age.get(cp, (99, 0)) > NFC_AGE:
+            continue
+        if int(fields[3]):
+            ccc[cp] = int(fields[3])
+        if fields[5] and not fields[5].startswith("<"):
+            decomp[cp] = [int(x, 16) for x in fields[5].split()]
+full_exclusion = set()
+with open(os.path.join(ucd, "DerivedNormalizationProps.txt"), encoding="utf-8") as f:
+    for line in f:
+        line = line.split("#")[0].strip()
+        if line and line.split(";")[1].strip() == "Full_Composition_Exclusion":
+            lo, _, hi = line.split(";")[0].strip().partition("..")
+            full_exclusion.update(range(int(lo, 16), int(hi or lo, 16) + 1))
+
+
+def full_decomposition(cp):
+    if cp not in decomp:
+        return [cp]
+    return [x for part in decomp[cp] for x in full_decomposition(part)]
+
+
+compositions = sorted((d[0], d[1], cp) for cp, d in decomp.items() if len(d) == 2 and cp not in full_exclusion)
+ccc_ranges = []
+for cp in sorted(ccc):
+    if ccc_ranges and ccc_ranges[-1][1] == cp - 1 and ccc_ranges[-1][2] == ccc[cp]:
+        ccc_ranges[-1][1] = cp
+    else:
+        ccc_ranges.append([cp, cp, ccc[cp]])
+pool, decomp_rows = [], []
+for cp in sorted(decomp):
+    full = full_decomposition(cp)
+    decomp_rows.append((cp, len(pool), len(full)))
+    pool.extend(full)
+
 ranges = []
 for cp in sorted(cls):
     c = cls[cp]
@@ -132,6 +189,50 @@ out.append("// clang-format on")
 out.append("")
 out.append("inline constexpr std::size_t kClassRangeCount = sizeof(kClassRanges) / sizeof(kClassRanges[0]);")
 out.append("")
+out.append("/// NFC tables: characters assigned in Unicode <= %d.%d (tokenizers' NFC normalizer)." % NFC_AGE)
+out.append('constexpr const char* kNfcVersion = "%d.%d";' % NFC_AGE)
+out.append("")
+out.append("struct CccRange {")
+out.append("  std::uint32_t lo, hi;")
+out.append("  std::uint8_t ccc;")
+out.append("};")
+out.append("struct Decomposition {")
+out.append("  std::uint32_t cp;")
+out.append("  std::uint16_t offset, length;  // into kDecompositionPool")
+out.append("};")
+out.append("struct Composition {")
+out.append("  std::uint32_t first, second, composite;")
+out.append("};")
+out.append("")
+
+
+def emit(name, typ, items):
+    out.append("// clang-format off")
+    out.append("inline constexpr %s %s[] = {" % (typ, name))
+    line = "   "
+    for item in items:
+        item = " " + item + ","
+        if len(line) + len(item) > 118:
+            out.append(line)
+            line = "   "
+        line += item
+    out.append(line)
+    out.append("};")
+    out.append("// clang-format on")
+
+
+out.append("/// Non-zero canonical combining classes, sorted ranges.")
+emit("kCccRanges", "CccRange", ["{0x%X, 0x%X, %d}" % tuple(r) for r in ccc_ranges])
+out.append("/// Full canonical decompositions, sorted by code point.")
+emit("kDecompositions", "Decomposition", ["{0x%X, %d, %d}" % r for r in decomp_rows])
+emit("kDecompositionPool", "std::uint32_t", ["0x%X" % x for x in pool])
+out.append("/// Primary composites, sorted by (first, second).")
+emit("kCompositions", "Composition", ["{0x%X, 0x%X, 0x%X}" % c for c in compositions])
+out.append("inline constexpr std::size_t kCccRangeCount = sizeof(kCccRanges) / sizeof(kCccRanges[0]);")
+out.append("inline constexpr std::size_t kDecompositionCount = sizeof(kDecompositions) / sizeof(kDecompositions[0]);")
+out.append("inline constexpr std::size_t kCompositionCount = sizeof(kCompositions) / sizeof(kCompositions[0]);")
+out.append("")
 out.append("}  // namespace peft::io::unicode")
 print("\n".join(out))
-print("%d ranges" % len(ranges), file=sys.stderr)
+print("%d class ranges, %d ccc ranges, %d decompositions (%d code points), %d compositions" %
+      (len(ranges), len(ccc_ranges), len(decomp_rows), len(pool), len(compositions)), file=sys.stderr)

@@ -20,8 +20,7 @@ Kinds:
   llama3   Split(Llama 3 regex, Isolated) + ByteLevel(use_regex=false), ignore_merges, TemplateProcessing
            adding <|begin_of_text|>; special tokens incl. one not in text; an added token with lstrip/rstrip;
            a vocab entry reachable only through ignore_merges
-  qwen2    Split(Qwen2 regex: \\p{N} one digit) + ByteLevel(use_regex=false); no normalizer (real Qwen2
-           files have NFC, which the C++ loader refuses by name)
+  qwen2    NFC normalizer, Split(Qwen2 regex: \\p{N} one digit) + ByteLevel(use_regex=false)
   smollm   Sequence[Digits(individual_digits), ByteLevel(use_regex=true)], <|im_start|> / <|im_end|>
   llama2   normalizer Sequence[Prepend(▁), Replace(" ", ▁)], no pre-tokenizer, BPE byte_fallback + fuse_unk,
            <unk> <s> </s> then <0x00>..<0xFF> first in the vocab, decoder Sequence[Replace, ByteFallback,
@@ -74,12 +73,14 @@ FIXED = [
     "MixedCASE camelCase snake_case kebab-case", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
     "\U0001F600\U0001F600\U0001F600", "végétal\n\n\n   \t x", "١٢٣ ٤٥٦ Ⅻ ½ ²",
     "say hello world, hello  world", "one day, [DAY] a daydream [DAY]", "pad<pad><pad> x",
+    "NFC: A\u030a \u212b \u1100\u1161\u11a8 \uac00\u11a8 q\u0307\u0323 \u0344 \U00011935\U00011930 \ufb01 \u2126",
 ]
 
 POOL = list("aAbBzZ eE0189 '’\t\n\r.,!?-_()<>|") + ["'s", "'LL", "ſ", "é", "e\u0301", "ß", "Ж", "λ", "中", "文", "あ",
                                                      "ا", "न", "ि", "ก", "😀", "👍🏽", "👨‍👩‍👧", "\u00a0", "\u3000", "½", "Ⅻ",
                                                      "٣", "<s>", "</s>", "<|endoftext|>", "<tool>", "dog", "  ", "\r\n",
-                                                     "hello world", "day", "[DAY]", "<pad>", "42"]
+                                                     "hello world", "day", "[DAY]", "<pad>", "42",
+                                                     "\u0301", "\u0323", "\u1100", "\u1161", "\u11a8", "\u212b"]
 
 
 def corpus_lines():
@@ -153,7 +154,9 @@ def make_llama3():
 
 
 def make_qwen2():
-    return make_split_bytelevel(QWEN2_RE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, 600, False)
+    tok = make_split_bytelevel(QWEN2_RE, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, 600, False)
+    tok.normalizer = normalizers.NFC()  # as in Qwen2's tokenizer.json
+    return tok
 
 
 def make_smollm():

@@ -12,7 +12,7 @@
 // Pipeline (as tokenizers' TokenizerImpl::encode_single_sequence):
 //   1. added tokens with normalized=false are cut out of the raw text (leftmost-longest, with
 //      single_word / lstrip / rstrip);
-//   2. each remaining segment is normalized (Prepend, Replace, Sequence), then added tokens with
+//   2. each remaining segment is normalized (Prepend, Replace, NFC, Sequence), then added tokens with
 //      normalized=true are cut out of it (matched against their normalized form);
 //   3. each remaining segment is pre-tokenized (ByteLevel, Split, Digits, Metaspace, Sequence);
 //   4. each piece goes through the BPE model (merges by rank with a heap over a linked list of
@@ -200,6 +200,112 @@ inline unicode::CharClass char_class(char32_t c) { return static_cast<unicode::C
 /// Rust regex `\w` (UTS #18: Alphabetic, M*, Nd, Pc, Join_Control); used for added tokens with
 /// single_word.
 inline bool is_word_char(char32_t c) { return (class_bits(c) & unicode::kWord) != 0; }
+
+/// Canonical combining class (tables of Unicode <= unicode::kNfcVersion).
+inline std::uint8_t ccc(char32_t c) {
+  if (c < 0x300) return 0;
+  const unicode::CccRange* begin = unicode::kCccRanges;
+  const unicode::CccRange* end = begin + unicode::kCccRangeCount;
+  const unicode::CccRange* it = std::upper_bound(begin, end, static_cast<std::uint32_t>(c),
+                                                 [](std::uint32_t v, const unicode::CccRange& r) { return v < r.lo; });
+  if (it == begin) return 0;
+  --it;
+  return static_cast<std::uint32_t>(c) <= it->hi ? it->ccc : 0;
+}
+
+constexpr char32_t kHangulS = 0xAC00, kHangulL = 0x1100, kHangulV = 0x1161, kHangulT = 0x11A7;
+constexpr char32_t kHangulLCount = 19, kHangulVCount = 21, kHangulTCount = 28;
+constexpr char32_t kHangulNCount = kHangulVCount * kHangulTCount, kHangulSCount = kHangulLCount * kHangulNCount;
+
+inline void decompose(char32_t c, std::vector<char32_t>& out) {
+  if (c >= kHangulS && c < kHangulS + kHangulSCount) {
+    const char32_t s = c - kHangulS;
+    out.push_back(kHangulL + s / kHangulNCount);
+    out.push_back(kHangulV + (s % kHangulNCount) / kHangulTCount);
+    if (s % kHangulTCount) out.push_back(kHangulT + s % kHangulTCount);
+    return;
+  }
+  const unicode::Decomposition* begin = unicode::kDecompositions;
+  const unicode::Decomposition* end = begin + unicode::kDecompositionCount;
+  const unicode::Decomposition* it =
+      std::lower_bound(begin, end, static_cast<std::uint32_t>(c),
+                       [](const unicode::Decomposition& d, std::uint32_t v) { return d.cp < v; });
+  if (it == end || it->cp != static_cast<std::uint32_t>(c)) {
+    out.push_back(c);
+    return;
+  }
+  for (std::size_t k = 0; k < it->length; ++k) out.push_back(unicode::kDecompositionPool[it->offset + k]);
+}
+
+/// The primary composite of (a, b), or 0.
+inline char32_t compose(char32_t a, char32_t b) {
+  if (a >= kHangulL && a < kHangulL + kHangulLCount && b >= kHangulV && b < kHangulV + kHangulVCount)
+    return kHangulS + ((a - kHangulL) * kHangulVCount + (b - kHangulV)) * kHangulTCount;
+  if (a >= kHangulS && a < kHangulS + kHangulSCount && (a - kHangulS) % kHangulTCount == 0 && b > kHangulT &&
+      b < kHangulT + kHangulTCount)
+    return a + (b - kHangulT);
+  const unicode::Composition* begin = unicode::kCompositions;
+  const unicode::Composition* end = begin + unicode::kCompositionCount;
+  const unicode::Composition* it =
+      std::lower_bound(begin, end, std::make_pair(static_cast<std::uint32_t>(a), static_cast<std::uint32_t>(b)),
+                       [](const unicode::Composition& x, const std::pair<std::uint32_t, std::uint32_t>& v) {
+                         return x.first != v.first ? x.first < v.first : x.second < v.second;
+                       });
+  if (it == end || it->first != static_cast<std::uint32_t>(a) || it->second != static_cast<std::uint32_t>(b)) return 0;
+  return it->composite;
+}
+
+/// Unicode Normalization Form C (UAX #15): canonical decomposition, canonical ordering, composition.
+inline std::string nfc(const std::string& s) {
+  bool ascii = true;
+  for (char ch : s) ascii = ascii && static_cast<unsigned char>(ch) < 0x80;
+  if (ascii) return s;
+  std::vector<char32_t> d;
+  d.reserve(s.size());
+  for (std::size_t i = 0; i < s.size();) {
+    std::size_t len = 0;
+    decompose(utf8_at(s, i, &len), d);
+    i += len;
+  }
+  for (std::size_t i = 0; i < d.size();) {  // stable sort of each run of non-starters by class
+    if (!ccc(d[i])) {
+      ++i;
+      continue;
+    }
+    std::size_t j = i;
+    while (j < d.size() && ccc(d[j])) ++j;
+    std::stable_sort(d.begin() + static_cast<std::ptrdiff_t>(i), d.begin() + static_cast<std::ptrdiff_t>(j),
+                     [](char32_t a, char32_t b) { return ccc(a) < ccc(b); });
+    i = j;
+  }
+  std::vector<char32_t> out;
+  out.reserve(d.size());
+  std::ptrdiff_t starter = -1;
+  int last_cc = 0;
+  for (char32_t c : d) {
+    const int cc = ccc(c);
+    if (starter >= 0) {
+      const bool adjacent = static_cast<std::ptrdiff_t>(out.size()) == starter + 1;
+      if (adjacent || (last_cc != 0 && last_cc < cc)) {
+        if (const char32_t composite = compose(out[static_cast<std::size_t>(starter)], c)) {
+          out[static_cast<std::size_t>(starter)] = composite;
+          continue;
+        }
+      }
+    }
+    if (cc == 0) {
+      starter = static_cast<std::ptrdiff_t>(out.size());
+      last_cc = 0;
+    } else {
+      last_cc = cc;
+    }
+    out.push_back(c);
+  }
+  std::string r;
+  r.reserve(s.size());
+  for (char32_t c : out) append_utf8(r, c);
+  return r;
+}
 
 /// A decoded string: code points and their byte offsets (offsets has one more entry, the size).
 struct Chars {
@@ -555,7 +661,7 @@ inline std::string replace_all(std::string_view s, const std::string& from, cons
 // ---- components --------------------------------------------------------------------------------
 
 struct Normalizer {
-  enum Kind { kPrepend, kReplace } kind;
+  enum Kind { kPrepend, kReplace, kNfc } kind;
   std::string a, b;  // Prepend: a = prepend; Replace: a -> b
 };
 
@@ -715,6 +821,8 @@ inline void read_normalizer(const Ctx& ctx, const JsonMap& n, std::vector<Normal
     for (const JsonMap& item : list) read_normalizer(ctx, item, out);
   } else if (type == "Prepend") {
     out.push_back({Normalizer::kPrepend, ctx.str(n, "prepend", "normalizer Prepend"), {}});
+  } else if (type == "NFC") {
+    out.push_back({Normalizer::kNfc, {}, {}});
   } else if (type == "Replace") {
     const PatternSpec p = read_pattern(ctx, n, "normalizer Replace");
     if (p.regex) ctx.refuse("normalizer Replace with a Regex pattern (\"" + p.text + "\")");
@@ -1064,6 +1172,8 @@ inline std::string Tokenizer::normalize(std::string s) const {
   for (const detail::tok::Normalizer& n : normalizers_) {
     if (n.kind == detail::tok::Normalizer::kPrepend) {
       if (!s.empty()) s = n.a + s;
+    } else if (n.kind == detail::tok::Normalizer::kNfc) {
+      s = detail::tok::nfc(s);
     } else {
       s = detail::tok::replace_all(s, n.a, n.b);
     }

@@ -1038,9 +1038,12 @@ inline Tokenizer Tokenizer::from_json(const std::string& text, const std::string
   if (!merges.is_array()) ctx.bad("model: \"merges\" is not a list");
   std::uint32_t rank = 0;
   for (const JsonMap& m : merges) {
+    if (m.is_string() != merges.front().is_string())  // tokenizers takes all strings or all pairs
+      ctx.bad("merges mix the \"a b\" and [a, b] forms");
     std::string a, b;
     if (m.is_string()) {  // "a b"
       const std::string s = m.get<std::string>();
+      if (s.compare(0, 8, "#version") == 0) continue;  // as tokenizers' convert_merges_to_hashmap
       const std::size_t space = s.find(' ');
       if (space == std::string::npos || s.find(' ', space + 1) != std::string::npos)
         ctx.bad("merge " + std::to_string(rank) + " \"" + s + "\" is not two tokens separated by one space");

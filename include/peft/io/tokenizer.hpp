@@ -946,15 +946,14 @@ inline void read_decoder(const Ctx& ctx, const JsonMap& n, std::vector<Decoder>&
 }
 
 /// The ids a post-processor adds around a single sequence.
-inline void read_post_processor(const Ctx& ctx, const JsonMap& n,
-                                const std::function<std::int32_t(const std::string&)>& lookup,
-                                std::vector<std::int32_t>& prefix, std::vector<std::int32_t>& suffix) {
+inline void read_post_processor(const Ctx& ctx, const JsonMap& n, std::vector<std::int32_t>& prefix,
+                                std::vector<std::int32_t>& suffix) {
   if (n.is_null()) return;
   const std::string type = ctx.type(n, "post_processor");
   if (type == "Sequence") {
     const JsonMap& list = ctx.get(n, "processors", "post_processor Sequence");
     if (!list.is_array()) ctx.bad("post_processor Sequence: \"processors\" is not a list");
-    for (const JsonMap& item : list) read_post_processor(ctx, item, lookup, prefix, suffix);
+    for (const JsonMap& item : list) read_post_processor(ctx, item, prefix, suffix);
   } else if (type == "ByteLevel") {
     // offsets only
   } else if (type == "TemplateProcessing") {
@@ -989,7 +988,6 @@ inline void read_post_processor(const Ctx& ctx, const JsonMap& n,
   } else {
     ctx.refuse("post_processor \"" + type + "\"");
   }
-  (void)lookup;
 }
 
 }  // namespace detail::tok
@@ -1089,9 +1087,8 @@ inline Tokenizer Tokenizer::from_json(const std::string& text, const std::string
     detail::tok::read_decoder(ctx, root.at("decoder"), t.decoders_);
     t.has_decoder_ = true;
   }
-  detail::tok::read_post_processor(
-      ctx, root.contains("post_processor") ? root.at("post_processor") : JsonMap(),
-      [&](const std::string& s) { return t.vocab_.count(s) ? t.vocab_.at(s) : -1; }, t.prefix_, t.suffix_);
+  detail::tok::read_post_processor(ctx, root.contains("post_processor") ? root.at("post_processor") : JsonMap(),
+                                   t.prefix_, t.suffix_);
   for (const char* key : {"truncation", "padding"})
     if (root.contains(key) && !root.at(key).is_null()) ctx.refuse(std::string("\"") + key + "\" (set it to null)");
 

@@ -30,6 +30,10 @@
 // peft/io/unicode_tables.hpp. Any other pattern, model, normalizer, pre-tokenizer, post-processor or
 // decoder is refused with a ConfigError naming the component and the file.
 //
+// Only single sequences are encoded (a template's "pair" is read past). Unicode: the classes are
+// UCD 15.0 (tokenizers' Oniguruma has 16.0: the 4 924 letters and 80 numbers assigned since then are
+// "other" here), NFC is restricted to Unicode 9.0 like tokenizers' own (tests/data/tokenizers/README.md).
+//
 // Input text must be valid UTF-8 (IoError otherwise: Python's str cannot hold anything else, so there
 // is no reference behaviour to follow). The object is immutable after loading: encode / decode are
 // const and thread-safe (no per-word cache).

@@ -21,7 +21,7 @@ FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
        -fno-sanitize-recover=undefined -I"$ROOT/include" $EIGEN_INC -Wall -Wextra -Werror)
 
 status=0
-for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge fuzz_load_state; do
+for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge fuzz_load_state fuzz_tokenizer; do
   echo "== building $target"
   "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$target.cpp" -o "$OUT/$target"
   corpus="$OUT/corpus/$target"
@@ -42,6 +42,14 @@ for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fu
     done
   elif [[ $target == fuzz_bnb_nf4 ]]; then
     find "$ROOT/tests/quant/data" -name '*.safetensors' -exec cp {} "$seeds/" \;
+  elif [[ $target == fuzz_tokenizer ]]; then
+    i=0  # the fixture files (JSON mode) and a few texts (text mode)
+    for f in "$ROOT"/tests/data/tokenizers/*/tokenizer.json; do cp "$f" "$seeds/tokenizer_$((i++)).json"; done
+    i=0
+    for t in "Hello world, I'LL be there" $'tabs\t\tand\r\n\n  spaces  ' "12345 3.14 \xc3\xa9t\xc3\xa9 \xf0\x9f\x98\x80" \
+             "<|endoftext|>x<s>y</s><|begin_of_text|><tool> dog"; do
+      printf '%b' "$t" > "$seeds/text_$((i++))"
+    done
   elif [[ $target == fuzz_regex ]]; then
     i=0
     for p in '.*\.(q_proj|v_proj)' '(.*\.)?(layers\.0\.attn\.q)' '(?:^|\.)layers\.(\d+)\.' '[^.]+\.fc{1,2}$' '(a|ab)(c|bcd)(d*)'; do

@@ -5,6 +5,7 @@
 // cleanly when the table was written; a row that starts crashing or accepting is a regression.
 #include <peft/io/peft_format.hpp>
 #include <peft/io/safetensors.hpp>
+#include <peft/io/tokenizer.hpp>
 
 #include <string>
 #include <typeinfo>
@@ -339,4 +340,73 @@ TEST_CASE("hostile inputs: a JSON document is bounded in values before any tree 
   TempDir dir;
   write_bytes(dir.path + "/adapter_config.json", "{\"peft_type\":\"LORA\",\"x\":" + many + "}");
   PEFT_REQUIRE_THROWS_WITH(read_adapter_config(dir.path + "/adapter_config.json"), IoError, "values (kMaxJsonValues)");
+}
+
+TEST_CASE("hostile inputs: tokenizer.json through load_tokenizer", "[io][tokenizer][hostile]") {
+  const auto doc = [](const std::string& model, const std::string& rest = "") {
+    return "{\"model\":" + model + rest + "}";
+  };
+  const std::string ab = R"({"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":["a b"]})";
+  const std::vector<HostileRow> rows = {
+      {"valid", doc(ab), Outcome::Accept, ""},
+      {"empty file", "", Outcome::Io, "invalid JSON"},
+      {"array", "[]", Outcome::Io, "the document is not an object"},
+      {"no model", "{}", Outcome::Io, "the document has no \"model\""},
+      {"model is a number", doc("3"), Outcome::Io, "\"model\" is not an object"},
+      {"vocab is a list", doc(R"({"type":"BPE","vocab":[],"merges":[]})"), Outcome::Io, "\"vocab\" is not an object"},
+      {"negative id", doc(R"({"type":"BPE","vocab":{"a":-1},"merges":[]})"), Outcome::Io, "token id is not an integer"},
+      {"fractional id", doc(R"({"type":"BPE","vocab":{"a":0.5},"merges":[]})"), Outcome::Io,
+       "token id is not an integer"},
+      {"id 2^40", doc(R"({"type":"BPE","vocab":{"a":1099511627776},"merges":[]})"), Outcome::Io,
+       "token id is not an integer"},
+      {"sparse id 2e9 (gigabytes of table)", doc(R"({"type":"BPE","vocab":{"a":2000000000},"merges":[]})"), Outcome::Io,
+       "kMaxTokenizerIdSlack"},
+      {"duplicate vocab key", doc(R"({"type":"BPE","vocab":{"a":0,"a":1},"merges":[]})"), Outcome::Io, "duplicate"},
+      {"merge is a number", doc(R"({"type":"BPE","vocab":{"a":0},"merges":[7]})"), Outcome::Io,
+       "neither \"a b\" nor [a, b]"},
+      {"merge without a space", doc(R"({"type":"BPE","vocab":{"a":0},"merges":["ab"]})"), Outcome::Io,
+       "not two tokens separated by one space"},
+      {"merge of three tokens", doc(R"({"type":"BPE","vocab":{"a":0},"merges":["a b c"]})"), Outcome::Io,
+       "not two tokens"},
+      {"merge of unknown tokens", doc(R"({"type":"BPE","vocab":{"a":0},"merges":[["a","z"]]})"), Outcome::Io,
+       "uses a token not in the vocabulary"},
+      {"merges of both forms", doc(R"({"type":"BPE","vocab":{"a":0,"b":1,"ab":2},"merges":["a b",["a","b"]]})"),
+       Outcome::Io, "merges mix the \"a b\" and [a, b] forms"},
+      {"a #version line is skipped (valid)", doc(R"({"type":"BPE","vocab":{"a":0},"merges":["#version: 0.2"]})"),
+       Outcome::Accept, ""},
+      {"unk_token not in vocab", doc(R"({"type":"BPE","vocab":{"a":0},"merges":[],"unk_token":"<unk>"})"), Outcome::Io,
+       "unk_token \"<unk>\" is not in the vocabulary"},
+      {"added_tokens not a list", doc(ab, R"(,"added_tokens":{})"), Outcome::Io, "\"added_tokens\" is not a list"},
+      {"added token without id", doc(ab, R"(,"added_tokens":[{"content":"<s>"}])"), Outcome::Io, "has no \"id\""},
+      {"added token content not a string", doc(ab, R"(,"added_tokens":[{"id":3,"content":5}])"), Outcome::Io,
+       "\"content\" is not a string"},
+      {"added token flag not a boolean", doc(ab, R"(,"added_tokens":[{"id":3,"content":"x","special":1}])"),
+       Outcome::Io, "\"special\" is not a boolean"},
+      {"template id out of range",
+       doc(ab,
+           R"(,"post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<s>","type_id":0}},)"
+           R"({"Sequence":{"id":"A","type_id":0}}],"special_tokens":{"<s>":{"id":"<s>","ids":[99],"tokens":["<s>"]}}})"),
+       Outcome::Io, "id 99 out of range"},
+      {"template token undefined",
+       doc(ab, R"(,"post_processor":{"type":"TemplateProcessing","single":[{"SpecialToken":{"id":"<s>","type_id":0}}],)"
+               R"("special_tokens":{}})"),
+       Outcome::Io, "special token \"<s>\" undefined"},
+      {"Metaspace replacement of two characters",
+       doc(ab, R"(,"pre_tokenizer":{"type":"Metaspace","replacement":"ab","prepend_scheme":"always","split":true})"),
+       Outcome::Io, "\"replacement\" is not one character"},
+      {"Strip with a negative count", doc(ab, R"(,"decoder":{"type":"Strip","content":" ","start":-1,"stop":0})"),
+       Outcome::Io, "start / stop are not counts"},
+      {"Split pattern neither String nor Regex",
+       doc(ab, R"(,"pre_tokenizer":{"type":"Split","pattern":{"Glob":"*"},"behavior":"Isolated","invert":false})"),
+       Outcome::Io, "neither {\"String\": ...} nor {\"Regex\": ...}"},
+      {"unknown Split behavior",
+       doc(ab, R"(,"pre_tokenizer":{"type":"Split","pattern":{"String":" "},"behavior":"Sideways","invert":false})"),
+       Outcome::Config, "behavior \"Sideways\""},
+      {"WordPiece model", doc(R"({"type":"WordPiece","vocab":{"a":0}})"), Outcome::Config, "model \"WordPiece\""},
+      {"NFKC normalizer", doc(ab, R"(,"normalizer":{"type":"NFKC"})"), Outcome::Config, "normalizer \"NFKC\""},
+      {"padding set", doc(ab, R"(,"padding":{"strategy":"BatchLongest"})"), Outcome::Config, "\"padding\""},
+      {"normalizers nested past the depth limit",
+       doc(ab, ",\"normalizer\":" + std::string(70, '[') + std::string(70, ']')), Outcome::Io, "nested deeper than 64"},
+  };
+  run_hostile_table(rows, "tokenizer.json", [](const std::string& path) { (void)peft::io::load_tokenizer(path); });
 }

@@ -39,7 +39,7 @@ LohaConfig config_for(const io::Json& j, const std::string& path) {
 
 /// #{σ_j > rtol · σ_1}.
 Index numerical_rank(const Matrix<double>& m, double rtol) {
-  Eigen::JacobiSVD<Matrix<double>> svd(m);
+  Eigen::JacobiSVD<Eigen::MatrixXd> svd(m);
   const auto& s = svd.singularValues();
   Index k = 0;
   for (Index i = 0; i < s.size(); ++i) k += s(i) > rtol * s(0) ? 1 : 0;

@@ -103,7 +103,7 @@ TEST_CASE("VeRA reproduces PEFT on every fixture module", "[vera][peft]") {
     a.delta(dW);
     const Matrix<float> ref = expected.load<float>("delta." + path);
     CHECK(test::rel_diff(dW, ref) < 1e-6);
-    Eigen::JacobiSVD<Matrix<double>> svd(ref.cast<double>());
+    Eigen::JacobiSVD<Eigen::MatrixXd> svd(ref.cast<double>());
     const auto& s = svd.singularValues();
     CHECK((s.array() > 1e-5 * s(0)).count() == 4);  // rank exactly r
     const LoraFactors<float> f = a.to_factors();

@@ -11,10 +11,8 @@
 
 #if defined(PEFT_EXTERN_TEMPLATES) && !EIGEN_VERSION_AT_LEAST(3, 4, 90)
 namespace Eigen {
-extern template class BDCSVD<MatrixXf>;
-extern template class BDCSVD<MatrixXd>;
-extern template class JacobiSVD<Matrix<double, Dynamic, Dynamic, RowMajor>>;
-extern template class HouseholderQR<MatrixXf>;
+extern template class BDCSVD<MatrixXd>;     // the library's SVDs run in double (merge/low_rank_svd.hpp)
+extern template class JacobiSVD<MatrixXd>;  // BDCSVD's small-block solver, and the tests' reference SVD
 extern template class HouseholderQR<MatrixXd>;
 }  // namespace Eigen
 #endif

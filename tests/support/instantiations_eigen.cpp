@@ -5,10 +5,8 @@
 
 #if !EIGEN_VERSION_AT_LEAST(3, 4, 90)
 namespace Eigen {
-template class BDCSVD<MatrixXf>;
 template class BDCSVD<MatrixXd>;
-template class JacobiSVD<Matrix<double, Dynamic, Dynamic, RowMajor>>;
-template class HouseholderQR<MatrixXf>;
+template class JacobiSVD<MatrixXd>;
 template class HouseholderQR<MatrixXd>;
 }  // namespace Eigen
 #endif

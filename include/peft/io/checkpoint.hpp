@@ -337,3 +337,15 @@ void load_sampler_state(BatchSampler& s, const Checkpoint<T>& ck, const std::str
 }
 
 }  // namespace peft::io
+
+// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_IO_CHECKPOINT_TEMPLATES(KW, T) \
+  KW template class Checkpoint<T>;                                                                       \
+  KW template void save_parameters<T>(Module<T>&, Checkpoint<T>&, const std::string&, bool);             \
+  KW template std::size_t restore_parameters<T>(Module<T>&, const Checkpoint<T>&, const std::string&);
+namespace peft::io {
+PEFT_IO_CHECKPOINT_TEMPLATES(extern, float)
+PEFT_IO_CHECKPOINT_TEMPLATES(extern, double)
+}  // namespace peft::io
+#endif

@@ -202,3 +202,14 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
 }
 
 }  // namespace peft::io
+
+// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_IO_MERGE_FILE_TEMPLATES(KW, T) \
+  KW template MergeFileReport merge_adapter_file<T>(const std::string&, const PeftAdapter<T>&, const std::string&, \
+                                                    const MergeFileOptions&);
+namespace peft::io {
+PEFT_IO_MERGE_FILE_TEMPLATES(extern, float)
+PEFT_IO_MERGE_FILE_TEMPLATES(extern, double)
+}  // namespace peft::io
+#endif

@@ -1076,3 +1076,28 @@ MergeFileReport merge_method_file(const std::string& base_path, const MethodAdap
 }
 
 }  // namespace peft::io
+
+// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_IO_METHODS_TEMPLATES(KW, T) \
+  KW template const std::vector<MethodFormat<T>>& method_formats<T>();                                          \
+  KW template const MethodFormat<T>* find_method_format<T>(const std::string&);                                  \
+  KW template std::string method_format_names<T>();                                                              \
+  KW template std::vector<LinearSlot<T>> linear_slots<T>(Module<T>&);                                            \
+  KW template std::vector<std::string> apply_method<T>(const std::vector<LinearSlot<T>>&, const Json&,           \
+                                                       const std::string&, Rng&, const std::string&);           \
+  KW template std::vector<std::string> apply_method<T>(const std::vector<LinearSlot<T>>&, const AdapterConfig&,  \
+                                                       const std::string&, Rng&, const std::string&);           \
+  KW template std::vector<std::string> apply_method<T>(Module<T>&, const Json&, const std::string&, Rng&);       \
+  KW template MethodAdapterFile<T> read_method_adapter<T>(const std::string&);                                   \
+  KW template std::vector<std::string> load_method_adapter<T>(Module<T>&, const MethodAdapterFile<T>&,           \
+                                                              const std::string&);                              \
+  KW template std::vector<std::string> save_method_adapter<T>(const std::string&, Module<T>&, const std::string&, \
+                                                              Json, DType);                                     \
+  KW template MergeFileReport merge_method_file<T>(const std::string&, const MethodAdapterFile<T>&,              \
+                                                   const std::string&, const MergeFileOptions&);
+namespace peft::io {
+PEFT_IO_METHODS_TEMPLATES(extern, float)
+PEFT_IO_METHODS_TEMPLATES(extern, double)
+}  // namespace peft::io
+#endif

@@ -1177,3 +1177,18 @@ void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DT
 }
 
 }  // namespace peft::io
+
+// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_IO_PEFT_FORMAT_TEMPLATES(KW, T) \
+  KW template PeftAdapter<T> load_peft_adapter<T>(const std::string&);                                   \
+  KW template void load_adapter_into<T>(Module<T>&, const PeftAdapter<T>&, const std::string&,            \
+                                        const NameMapping&);                                               \
+  KW template PeftAdapter<T> collect_adapter<T>(Module<T>&, const std::string&, const AdapterConfig&,      \
+                                                const NameMapping&);                                       \
+  KW template void save_peft_adapter<T>(const std::string&, const PeftAdapter<T>&, DType);
+namespace peft::io {
+PEFT_IO_PEFT_FORMAT_TEMPLATES(extern, float)
+PEFT_IO_PEFT_FORMAT_TEMPLATES(extern, double)
+}  // namespace peft::io
+#endif

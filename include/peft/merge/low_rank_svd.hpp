@@ -13,6 +13,10 @@
 //   ‖M − M_k‖_F² = Σ_{j>k} σ_j²  (the discarded energy),   ‖M − M_k‖_2 = σ_{k+1}.
 // The factors are balanced: B' = U_k √Σ_k, A' = √Σ_k V_kᵀ (equal column/row norms, so a later
 // fine-tune of the combined adapter sees both factors on the same scale).
+//
+// The decompositions run in double whatever T is (a float input is widened, the factors are
+// narrowed back): float results gain precision, and a program instantiates Eigen's QR and SVD once
+// (they are among the slowest templates to compile), not once per scalar type.
 #include <Eigen/QR>
 #include <Eigen/SVD>
 
@@ -48,27 +52,26 @@ namespace detail {
 
 template <class T>
 using ColMajor = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+using ColMajorD = ColMajor<double>;
 
-template <class T>
-void svd_of(const ColMajor<T>& m, ColMajor<T>& u, std::vector<double>& sigma, ColMajor<T>& v) {
+inline void svd_of(const ColMajorD& m, ColMajorD& u, std::vector<double>& sigma, ColMajorD& v) {
 #if EIGEN_VERSION_AT_LEAST(3, 4, 90)
-  Eigen::BDCSVD<ColMajor<T>, Eigen::ComputeThinU | Eigen::ComputeThinV> svd(m);
+  Eigen::BDCSVD<ColMajorD, Eigen::ComputeThinU | Eigen::ComputeThinV> svd(m);
 #else
-  Eigen::BDCSVD<ColMajor<T>> svd(m, Eigen::ComputeThinU | Eigen::ComputeThinV);
+  Eigen::BDCSVD<ColMajorD> svd(m, Eigen::ComputeThinU | Eigen::ComputeThinV);
 #endif
   u = svd.matrixU();
   v = svd.matrixV();
   const auto& s = svd.singularValues();
   sigma.resize(static_cast<std::size_t>(s.size()));
-  for (Index j = 0; j < s.size(); ++j) sigma[static_cast<std::size_t>(j)] = static_cast<double>(s(j));
+  for (Index j = 0; j < s.size(); ++j) sigma[static_cast<std::size_t>(j)] = s(j);
 }
 
 /// Thin QR of a tall-or-wide [n, R] matrix: Q [n, m], Rf [m, R] upper trapezoidal, m = min(n, R).
-template <class T>
-void thin_qr(const ColMajor<T>& x, ColMajor<T>& q, ColMajor<T>& r) {
+inline void thin_qr(const ColMajorD& x, ColMajorD& q, ColMajorD& r) {
   const Index m = std::min(x.rows(), x.cols());
-  Eigen::HouseholderQR<ColMajor<T>> qr(x);
-  q = qr.householderQ() * ColMajor<T>::Identity(x.rows(), m);
+  Eigen::HouseholderQR<ColMajorD> qr(x);
+  q = qr.householderQ() * ColMajorD::Identity(x.rows(), m);
   r = qr.matrixQR().topRows(m).template triangularView<Eigen::Upper>();
 }
 
@@ -80,31 +83,28 @@ ThinSvd<T> factored_svd(const ConstMatrixRef<T>& Bt, const ConstMatrixRef<T>& At
   if (Bt.cols() != At.rows())
     throw ShapeError("factored_svd: B has shape " + shape_str(Bt) + " and A has shape " + shape_str(At) +
                      "; B must have as many columns as A has rows");
-  using CM = detail::ColMajor<T>;
+  using CM = detail::ColMajorD;
   CM qb, rb, qa, ra;
-  detail::thin_qr<T>(CM(Bt), qb, rb);              // B̃ = Q_B R_B
-  detail::thin_qr<T>(CM(At.transpose()), qa, ra);  // Ãᵀ = Q_A R_A
+  detail::thin_qr(Bt.template cast<double>(), qb, rb);              // B̃ = Q_B R_B
+  detail::thin_qr(At.transpose().template cast<double>(), qa, ra);  // Ãᵀ = Q_A R_A
   CM core(rb.rows(), ra.rows());
   core.noalias() = rb * ra.transpose();  // C = R_B R_Aᵀ   [m_B, m_A]
   CM u, v;
   ThinSvd<T> out;
-  detail::svd_of<T>(core, u, out.sigma, v);  // C = U Σ Vᵀ
-  out.U.resize(qb.rows(), u.cols());
-  out.U.noalias() = qb * u;  // Q_B U   [out, m]
-  out.V.resize(qa.rows(), v.cols());
-  out.V.noalias() = qa * v;  // Q_A V   [in, m]
+  detail::svd_of(core, u, out.sigma, v);  // C = U Σ Vᵀ
+  out.U = (qb * u).template cast<T>();    // Q_B U   [out, m]
+  out.V = (qa * v).template cast<T>();    // Q_A V   [in, m]
   return out;
 }
 
 /// Thin SVD of a dense matrix (divide-and-conquer BDCSVD).
 template <class T>
 ThinSvd<T> dense_svd(const ConstMatrixRef<T>& M) {
-  using CM = detail::ColMajor<T>;
-  CM u, v;
+  detail::ColMajorD u, v;
   ThinSvd<T> out;
-  detail::svd_of<T>(CM(M), u, out.sigma, v);
-  out.U = u;
-  out.V = v;
+  detail::svd_of(M.template cast<double>(), u, out.sigma, v);
+  out.U = u.template cast<T>();
+  out.V = v.template cast<T>();
   return out;
 }
 

@@ -303,3 +303,13 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_PEFT_CONFIG_TEMPLATES(KW, T) \
+  KW template PeftReport apply_peft<T>(TransformerClassifier<T>&, const PeftConfig&, Rng&);
+namespace peft {
+PEFT_PEFT_CONFIG_TEMPLATES(extern, float)
+PEFT_PEFT_CONFIG_TEMPLATES(extern, double)
+}  // namespace peft
+#endif

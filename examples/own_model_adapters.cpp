@@ -3,11 +3,22 @@
 // set_adapter, the base model back in a scope with disable_adapters(), one adapter deleted, and
 // the last one merged into plain weights with merge_and_unload(). Exits non-zero unless every
 // check holds. Runs in about a second.
+//
+//   own_model_adapters [--save-for-peft DIR]
+//
+// With --save-for-peft, also writes what Hugging Face PEFT needs to check this library's files
+// (benchmarks/peer/check_peft_interop.py): DIR/base.safetensors (the pretrained weights under
+// torch's names), DIR/adapters/ (save_pretrained: adapters "a" and "b", each with its own head)
+// and DIR/probe.safetensors (an input and this program's outputs with a, with b, and disabled).
+#include <peft/io/load_state.hpp>
 #include <peft/models/peft_model.hpp>
 #include <peft/peft.hpp>
 
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <iostream>
+#include <string>
 #include <vector>
 
 namespace {
@@ -103,7 +114,16 @@ bool report(const char* what, bool ok) {
 
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
+  std::string peft_dir;  // --save-for-peft DIR
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--save-for-peft") == 0 && i + 1 < argc) {
+      peft_dir = argv[++i];
+    } else {
+      std::fprintf(stderr, "usage: %s [--save-for-peft DIR]\n", argv[0]);
+      return 2;
+    }
+  }
   peft::set_warning_handler(peft::stderr_warning_handler());
   Eigen::setNbThreads(1);
   peft::Rng rng(11);
@@ -120,6 +140,10 @@ int main() {
   std::vector<std::int64_t> unused;
   source.sample(rng, 128, probe, unused);
   const Matrix<T> base_out = model.forward(probe);
+  if (!peft_dir.empty()) {
+    std::filesystem::create_directories(peft_dir);
+    peft::io::save_safetensors(model, peft_dir + "/base.safetensors");  // fc1.weight, ..., head.bias
+  }
 
   std::printf("2) adapters \"a\" and \"b\" (LoRA r=4 on fc1, fc2; each its own head copy)\n");
   const peft::io::Json lora = {{"peft_type", "LORA"},
@@ -140,6 +164,19 @@ int main() {
   bool ok = true;
   pm.set_adapter("a");
   ok &= report("training b left adapter a (and a's head) bit-identical", model.forward(probe) == out_a);
+  if (!peft_dir.empty()) {  // for benchmarks/peer/check_peft_interop.py
+    pm.save_pretrained(peft_dir + "/adapters");
+    pm.set_adapter("b");
+    const Matrix<T> out_b_saved = model.forward(probe);
+    pm.set_adapter("a");
+    using peft::io::matrix_shape;
+    peft::io::save_safetensors<T>(peft_dir + "/probe.safetensors",
+                                  {{"x", matrix_shape(probe.rows(), probe.cols()), probe.data()},
+                                   {"out_a", matrix_shape(out_a.rows(), out_a.cols()), out_a.data()},
+                                   {"out_b", matrix_shape(out_b_saved.rows(), out_b_saved.cols()), out_b_saved.data()},
+                                   {"out_base", matrix_shape(base_out.rows(), base_out.cols()), base_out.data()}});
+    std::printf("   saved base, adapters a and b, and probe outputs under %s\n", peft_dir.c_str());
+  }
   const double acc_aa = evaluate(model, task_a, rng);
   pm.set_adapter("b");
   const double acc_bb = evaluate(model, task_b, rng);

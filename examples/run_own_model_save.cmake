@@ -1,0 +1,22 @@
+# ctest's run of the save walkthrough (examples/own_model_save.cpp): train and save, `peft inspect`,
+# `peft merge`, then load the merged file into a plain model and compare. Each step must succeed.
+#   cmake -DEXAMPLE=<own_model_save> -DCLI=<peft> -DDIR=<scratch dir> -P run_own_model_save.cmake
+file(REMOVE_RECURSE "${DIR}")
+function(step)
+  execute_process(COMMAND ${ARGN} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  message(STATUS "$ ${ARGN}\n${out}${err}")
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "step failed (exit ${rc}): ${ARGN}")
+  endif()
+  set(last_output "${out}" PARENT_SCOPE)
+endfunction()
+step("${EXAMPLE}" "${DIR}")
+step("${CLI}" inspect "${DIR}/adapter")
+foreach(expected "LORA" "fc1" "fc2" "head")
+  string(FIND "${last_output}" "${expected}" at)
+  if(at EQUAL -1)
+    message(FATAL_ERROR "peft inspect does not mention ${expected}")
+  endif()
+endforeach()
+step("${CLI}" merge --base "${DIR}/base.safetensors" --adapter "${DIR}/adapter" --out "${DIR}/merged.safetensors")
+step("${EXAMPLE}" --check "${DIR}")

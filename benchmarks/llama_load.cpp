@@ -74,15 +74,17 @@ int load(const std::string& dir) {
   peft::LlamaForCausalLM<T> model = peft::io::load_llama<T>(dir, &r);
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::size_t params = 0;
-  model.visit_parameters([&](const std::string&, peft::Parameter<T>& p) { params += static_cast<std::size_t>(p.size()); });
+  model.visit_parameters(
+      [&](const std::string&, peft::Parameter<T>& p) { params += static_cast<std::size_t>(p.size()); });
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);
   const double peak = static_cast<double>(ru.ru_maxrss) / 1024.0;  // MB (ru_maxrss is in KiB)
   const double bound = (static_cast<double>(r.file_bytes) + static_cast<double>(params * sizeof(T))) * 1.1 / 1048576.0;
-  std::printf("loaded %zu parameters (%zu tensors, %.1f MB of files) as %s in %.2f s (weights %.2f s); "
-              "peak RSS %.0f MiB, bound (file + weights) x 1.1 = %.0f MiB\n",
-              params, r.tensors, static_cast<double>(r.file_bytes) / 1e6, sizeof(T) == 4 ? "float" : "double", total,
-              r.seconds, peak, bound);
+  std::printf(
+      "loaded %zu parameters (%zu tensors, %.1f MB of files) as %s in %.2f s (weights %.2f s); "
+      "peak RSS %.0f MiB, bound (file + weights) x 1.1 = %.0f MiB\n",
+      params, r.tensors, static_cast<double>(r.file_bytes) / 1e6, sizeof(T) == 4 ? "float" : "double", total, r.seconds,
+      peak, bound);
   return peak <= bound ? 0 : 3;
 }
 

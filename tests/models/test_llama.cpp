@@ -1,17 +1,18 @@
 // Llama-family causal LMs (models/llama.hpp, io/llama_checkpoint.hpp, loss/causal_lm.hpp) against
 // fixtures written by transformers + peft (benchmarks/peer/make_llama_fixtures.py, tests/data/llama/).
+#include <unistd.h>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <map>
 #include <string>
-#include <unistd.h>
 #include <vector>
 
 #include <peft/io/llama_checkpoint.hpp>
 #include <peft/io/methods.hpp>
 #include <peft/loss/causal_lm.hpp>
 #include <peft/loss/cross_entropy.hpp>
+#include <peft/models/generation.hpp>
 #include <peft/models/llama.hpp>
 #include <peft/train/gradient_check.hpp>
 
@@ -123,7 +124,7 @@ TEST_CASE("llama: rope llama3 frequencies follow HF's three bands", "[llama]") {
   r.original_max_position_embeddings = 64;
   const std::vector<double> f = rope_inverse_frequencies(r, 16);
   REQUIRE(f.size() == 8);
-  CHECK(f[0] == 1.0);                                              // wavelength 6.3 < 16: kept
+  CHECK(f[0] == 1.0);                                                         // wavelength 6.3 < 16: kept
   CHECK(f[7] == Approx(std::pow(10000.0, -14.0 / 16) / 8.0).epsilon(1e-15));  // long wavelength: / factor
   const double f1 = std::pow(10000.0, -2.0 / 16), wl = 2 * 3.14159265358979323846 / f1;
   const double s = (64.0 / wl - 1.0) / 3.0;
@@ -132,8 +133,8 @@ TEST_CASE("llama: rope llama3 frequencies follow HF's three bands", "[llama]") {
   PEFT_REQUIRE_THROWS_WITH(rope_inverse_frequencies(r, 16), ConfigError, "rope_type \"yarn\"");
 }
 
-TEMPLATE_TEST_CASE("llama: fixture logits and loss (llama, single file; qwen2, sharded + tied + bias)", "[llama]", float,
-                   double) {
+TEMPLATE_TEST_CASE("llama: fixture logits and loss (llama, single file; qwen2, sharded + tied + bias)", "[llama]",
+                   float, double) {
   using T = TestType;
   const bool f32 = std::is_same<T, float>::value;
   for (const std::string name : {"llama", "qwen2"}) {
@@ -236,7 +237,8 @@ TEST_CASE("llama: gradient check in double (GQA, biases, llama3 rope, padding, t
     io::Json cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 3}, {"target_modules", {"q_proj", "down_proj"}}};
     io::apply_method<double>(model, cfg, "default", rng);
     model.visit_parameters([&](const std::string& n, Parameter<double>& p) {
-      if (n.find("lora_B") != std::string::npos) p.value = peft::test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.5);
+      if (n.find("lora_B") != std::string::npos)
+        p.value = peft::test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.5);
       p.set_trainable(true);
     });
     const SequenceLayout layout(2, 5, {5, 3});
@@ -286,7 +288,8 @@ TEST_CASE("llama: two forwards with two caches, then two backwards", "[llama]") 
   model.backward(c1, d1);
   model.forward(i2, l2, z2, c2);
   model.backward(c2, d2);
-  model.visit_parameters([&](const std::string& n, Parameter<double>& p) { CHECK(peft::test::rel_diff(p.grad, both[n]) < 1e-13); });
+  model.visit_parameters(
+      [&](const std::string& n, Parameter<double>& p) { CHECK(peft::test::rel_diff(p.grad, both[n]) < 1e-13); });
 }
 
 TEST_CASE("llama: causal LM loss is transformers' shifted mean; perplexity, bits per byte", "[llama]") {
@@ -395,7 +398,114 @@ TEST_CASE("llama: checkpoint refusals name the key", "[llama]") {
   bad_tensors([](auto& m) { m["model.layers.0.extra.weight"] = Matrix<float>::Zero(2, 2); },
               "unexpected tensor \"model.layers.0.extra.weight\"", false);
   bad_tensors([](auto& m) { m["model.layers.0.self_attn.k_proj.weight"] = Matrix<float>::Zero(16, 32); },
-              "tensor \"model.layers.0.self_attn.k_proj.weight\" has shape [16, 32], the model expects [32, 32]",
-              true);
+              "tensor \"model.layers.0.self_attn.k_proj.weight\" has shape [16, 32], the model expects [32, 32]", true);
   PEFT_REQUIRE_THROWS_WITH(io::load_llama<float>(llama_data("nope")), IoError, "is not a directory");
+}
+
+TEST_CASE("llama: KV-cached forward equals the full forward", "[llama][generate]") {
+  Rng rng(8);
+  for (const bool tied : {false, true}) {
+    LlamaForCausalLM<double> model(tiny_llama_config(tied), rng);
+    randomize_llama(model, rng);
+    io::Json cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 3}, {"target_modules", "all-linear"}};
+    io::apply_method<double>(model, cfg, "default", rng);
+    model.visit_parameters([&](const std::string& n, Parameter<double>& p) {
+      if (n.find("lora_B") != std::string::npos)
+        p.value = peft::test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.5);
+    });
+    const std::vector<Index> ids = {3, 1, 4, 1, 5, 9, 2};
+    typename LlamaForCausalLM<double>::Cache cache;
+    const Matrix<double> full = model.forward(ids, SequenceLayout(1, 7), cache);
+    LlamaKVCache<double> kv = model.make_kv_cache(7);
+    Matrix<double> a, b;
+    model.forward_cached({3, 1, 4}, kv, a);  // a prompt, then one token at a time
+    CHECK(peft::test::rel_diff(a, Matrix<double>(full.topRows(3))) < 1e-13);
+    for (Index t = 3; t < 7; ++t) {
+      model.forward_cached({ids[static_cast<std::size_t>(t)]}, kv, b);
+      CHECK(peft::test::rel_diff(b, Matrix<double>(full.row(t))) < 1e-13);
+    }
+    PEFT_REQUIRE_THROWS_WITH(model.forward_cached({1}, kv, b), ShapeError, "exceed the KV cache capacity 7");
+  }
+}
+
+TEST_CASE("llama: greedy generation reproduces transformers' generate (adapter active, disabled, merged)",
+          "[llama][generate]") {
+  for (const std::string name : {"llama", "qwen2"}) {
+    INFO(name);
+    const LlamaFixture fx(name);
+    const Matrix<double> p = fx.st.load<double>("greedy_prompt"), g = fx.st.load<double>("greedy_ids"),
+                         lg = fx.st.load<double>("lora_greedy_ids");
+    std::vector<Index> prompt, want, want_lora;
+    for (Index i = 0; i < p.cols(); ++i) prompt.push_back(static_cast<Index>(p(0, i)));
+    for (Index i = 0; i < g.cols(); ++i) want.push_back(static_cast<Index>(g(0, i)));
+    for (Index i = 0; i < lg.cols(); ++i) want_lora.push_back(static_cast<Index>(lg(0, i)));
+    GenerationConfig gc;
+    gc.max_new_tokens = g.cols() - p.cols();
+    Rng rng(1);
+    LlamaForCausalLM<float> model = io::load_llama<float>(llama_data(name));
+    CHECK(generate(model, prompt, gc, rng) == want);
+    io::load_method_adapter(model, io::read_method_adapter<float>(llama_data(name + "_lora")), "default");
+    CHECK(generate(model, prompt, gc, rng) == want_lora);
+    auto hosts = io::adapted_linears<float>(model);
+    for (auto& [path, host] : hosts) host->disable_adapters(true);
+    CHECK(generate(model, prompt, gc, rng) == want);
+    for (auto& [path, host] : hosts) {
+      host->disable_adapters(false);
+      if (host->num_adapters() > 0) host->merge();
+    }
+    CHECK(generate(model, prompt, gc, rng) == want_lora);
+    // Stops at an eos id (kept in the output): the first generated occurrence of want_lora[5].
+    gc.eos_token_ids = {want_lora[5]};
+    std::size_t stop = prompt.size();
+    while (want_lora[stop] != want_lora[5]) ++stop;
+    CHECK(generate(model, prompt, gc, rng) == std::vector<Index>(want_lora.begin(), want_lora.begin() + stop + 1));
+  }
+}
+
+TEST_CASE("llama: sampling processors (repetition penalty, temperature, top-k, top-p) and seeded draws",
+          "[llama][generate]") {
+  GenerationConfig gc;
+  Rng rng(3);
+  RowVector<double> z(5);
+  z << 2.0, -1.0, 0.5, 1.9, -3.0;
+  gc.repetition_penalty = 2.0;
+  RowVector<double> r = z;
+  CHECK(next_token(r, {0, 1, 0}, gc, rng) == 3);  // 2 → 1, −1 → −2: token 3 wins
+  CHECK(r(0) == 1.0);
+  CHECK(r(1) == -2.0);
+  CHECK(r(2) == 0.5);
+  gc.repetition_penalty = 1.0;
+  gc.do_sample = true;
+  gc.top_k = 1;  // top-1 sampling is greedy
+  for (int i = 0; i < 20; ++i) {
+    r = z;
+    CHECK(next_token(r, {}, gc, rng) == 0);
+  }
+  gc.top_k = 2;
+  int counts[5] = {0, 0, 0, 0, 0};
+  for (int i = 0; i < 2000; ++i) {
+    r = z;
+    ++counts[next_token(r, {}, gc, rng)];
+  }
+  CHECK(counts[1] + counts[2] + counts[4] == 0);
+  CHECK(std::abs(counts[0] / 2000.0 - 1.0 / (1.0 + std::exp(-0.1))) < 0.04);  // p0 = σ(2 − 1.9)
+  // top-p: probabilities of z; with p = 0.5 only the most probable ids up to mass 0.5 survive.
+  gc.top_k = 0;
+  gc.top_p = 0.5;
+  r = z;
+  next_token(r, {}, gc, rng);
+  CHECK(std::isfinite(r(0)));
+  CHECK(std::isfinite(r(3)));  // ascending cumulative mass 0.003, 0.026, 0.128, 0.542: ids 3 and 0 kept
+  CHECK(!std::isfinite(r(2)));
+  CHECK(!std::isfinite(r(4)));
+  // Seeded: the same seed gives the same sequence.
+  Rng a(42), b(42);
+  LlamaForCausalLM<float> model = io::load_llama<float>(llama_data("llama"));
+  gc.top_p = 0.9;
+  gc.temperature = 0.7;
+  gc.top_k = 20;
+  gc.max_new_tokens = 8;
+  CHECK(generate(model, {1, 2, 3}, gc, a) == generate(model, {1, 2, 3}, gc, b));
+  gc.temperature = 0.0;
+  PEFT_REQUIRE_THROWS_WITH(generate(model, {1}, gc, a), ConfigError, "temperature must be > 0");
 }

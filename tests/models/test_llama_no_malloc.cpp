@@ -52,9 +52,8 @@ TEST_CASE("no-malloc: llama forward + causal LM loss + backward", "[llama][no_ma
       CHECK(n == 0);
       CHECK(std::isfinite(loss));
       // Positive control: the guard sees the model's own code.
-      const long control = peft::test::no_malloc::count_allocations([&] {
-        model.forward(ids, SequenceLayout(1, 12), logits, cache);
-      });
+      const long control =
+          peft::test::no_malloc::count_allocations([&] { model.forward(ids, SequenceLayout(1, 12), logits, cache); });
       CHECK(control > 0);
     }
 }

@@ -135,8 +135,9 @@ inline LlamaConfig llama_config_from_json(const Json& j, const std::string& labe
   c.intermediate_size = detail::json_index(j, "intermediate_size", label);
   c.num_hidden_layers = detail::json_index(j, "num_hidden_layers", label);
   c.num_attention_heads = detail::json_index(j, "num_attention_heads", label);
-  c.num_key_value_heads = detail::json_has(j, "num_key_value_heads") ? detail::json_index(j, "num_key_value_heads", label)
-                                                                     : c.num_attention_heads;
+  c.num_key_value_heads = detail::json_has(j, "num_key_value_heads")
+                              ? detail::json_index(j, "num_key_value_heads", label)
+                              : c.num_attention_heads;
   c.head_dim = detail::json_has(j, "head_dim") ? detail::json_index(j, "head_dim", label) : 0;
   c.rms_norm_eps = detail::json_get_or<double>(j, "rms_norm_eps", 1e-6, label);
   c.max_position_embeddings =
@@ -229,8 +230,8 @@ LlamaLoadReport load_llama_weights(LlamaForCausalLM<T>& model, const std::string
       if (!weight_map.empty()) {
         const auto w = weight_map.find(key);
         if (w == weight_map.end() || w->second != name)
-          throw ConfigError("\"" + path + "\": tensor \"" + key + "\" is not listed for this shard in \"" +
-                            index_path + "\"");
+          throw ConfigError("\"" + path + "\": tensor \"" + key + "\" is not listed for this shard in \"" + index_path +
+                            "\"");
       }
       const bool inv_freq = key.size() > 20 && key.compare(key.size() - 20, 20, ".rotary_emb.inv_freq") == 0;
       if (inv_freq || (tied && key == "lm_head.weight")) continue;  // HF's buffer / HF re-ties it

@@ -68,7 +68,7 @@ void RMSNorm<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache)
   for (Index i = 0; i < rows; ++i) {
     const T r = T(1) / std::sqrt(x.row(i).squaredNorm() * inv_d + eps);  // 1/√(mean x² + eps)
     cache.rstd(i) = r;
-    cache.xhat.row(i) = x.row(i) * r;                                     // x̂ = x r
+    cache.xhat.row(i) = x.row(i) * r;                                            // x̂ = x r
     y.row(i).array() = cache.xhat.row(i).array() * weight.value.row(0).array();  // y = γ ⊙ x̂
   }
 }

@@ -45,8 +45,9 @@ inline std::vector<double> rope_inverse_frequencies(const RopeConfig& c, Index h
     throw ConfigError("rotary embedding: rope_type \"" + c.type + "\" is not supported (default, llama3)");
   if (!(c.factor > 0.0) || !(c.high_freq_factor > c.low_freq_factor) || !(c.low_freq_factor > 0.0) ||
       !(c.original_max_position_embeddings > 0.0))
-    throw ConfigError("rotary embedding: llama3 rope scaling needs factor > 0, high_freq_factor > low_freq_factor > 0 "
-                      "and original_max_position_embeddings > 0");
+    throw ConfigError(
+        "rotary embedding: llama3 rope scaling needs factor > 0, high_freq_factor > low_freq_factor > 0 "
+        "and original_max_position_embeddings > 0");
   const double L = c.original_max_position_embeddings;
   const double low_wl = L / c.low_freq_factor, high_wl = L / c.high_freq_factor;
   for (double& fi : f) {

@@ -33,9 +33,8 @@ struct CausalLMStats {
 /// ignore_index where nothing is to be predicted), laid out by `layout`. Writes ∂L/∂logits into
 /// *dlogits unless null (resized only when its shape differs) and the sums into *stats unless null.
 template <class T>
-T causal_lm_loss(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t>& labels,
-                 const SequenceLayout& layout, Matrix<T>* dlogits, CausalLMStats* stats = nullptr,
-                 std::int64_t ignore_index = -100) {
+T causal_lm_loss(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t>& labels, const SequenceLayout& layout,
+                 Matrix<T>* dlogits, CausalLMStats* stats = nullptr, std::int64_t ignore_index = -100) {
   const Index n = logits.rows(), V = logits.cols();
   layout.validate("causal_lm_loss", n);
   if (static_cast<Index>(labels.size()) != n)
@@ -81,7 +80,7 @@ T causal_lm_loss(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t
       total += static_cast<double>(lse - z(static_cast<Index>(y)));
       if (dlogits != nullptr) {
         dlogits->row(r).array() = (z.array() - lse).exp() * inv_n;  // softmax / N
-        (*dlogits)(r, static_cast<Index>(y)) -= inv_n;                // − onehot / N
+        (*dlogits)(r, static_cast<Index>(y)) -= inv_n;              // − onehot / N
       }
     }
   if (stats != nullptr) stats->nll_sum = total;

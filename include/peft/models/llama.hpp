@@ -60,9 +60,9 @@ struct LlamaConfig {
   double rms_norm_eps = 1e-6;
   RopeConfig rope;
   Index max_position_embeddings = 2048;
-  bool qkv_bias = false;     ///< biases on q/k/v (Qwen2; Llama's attention_bias)
-  bool o_bias = false;       ///< bias on o_proj (Llama's attention_bias)
-  bool mlp_bias = false;     ///< biases on gate/up/down (Llama's mlp_bias)
+  bool qkv_bias = false;  ///< biases on q/k/v (Qwen2; Llama's attention_bias)
+  bool o_bias = false;    ///< bias on o_proj (Llama's attention_bias)
+  bool mlp_bias = false;  ///< biases on gate/up/down (Llama's mlp_bias)
   bool tie_word_embeddings = false;
   Index sliding_window = 0;  ///< > 0: Mistral's window; a longer sequence is refused (not implemented)
   double initializer_range = 0.02;
@@ -109,6 +109,16 @@ AdaptedLinear<T> llama_linear(Index in, Index out, bool bias, std::uint64_t seed
 }
 }  // namespace detail
 
+/// Keys (rotated) and values of the positions generated so far, per layer, for one sequence
+/// (LlamaForCausalLM::make_kv_cache / forward_cached). Filled up to `length` of `capacity` rows.
+template <class T>
+struct LlamaKVCache {
+  std::vector<Matrix<T>> k, v;  ///< per layer [capacity, KV·hd]
+  Index length = 0;
+  Index capacity() const { return k.empty() ? 0 : k.front().rows(); }
+  void reset() { length = 0; }
+};
+
 // ------------------------------------------------------------------------------------------------
 // Grouped-query self-attention with rotary embeddings.
 // ------------------------------------------------------------------------------------------------
@@ -149,6 +159,12 @@ class LlamaAttention : public Module<T> {
   /// Accumulates trainable gradients; writes dx [B·S, d] unless null.
   void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
+  /// Inference on m new rows x [m, d] of one sequence at positions n .. n + m − 1 (n = rows already
+  /// in k_cache / v_cache [capacity, KV·hd], which receive the new keys and values): causal
+  /// attention over positions 0 .. n + r. Keeps nothing for backward.
+  void forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope, Matrix<T>& k_cache,
+                      Matrix<T>& v_cache, Matrix<T>& y);
+
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
     fn("q_proj", q_proj);
@@ -162,6 +178,8 @@ class LlamaAttention : public Module<T> {
   void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const;
 
   Index num_heads_ = 1, num_kv_heads_ = 1, head_dim_ = 2;
+  Matrix<T> q_inf_, k_inf_, v_inf_;  // forward_cached scratch
+  RowVector<T> p_inf_;
   Matrix<T> context_, dy_, dcontext_, dQ_, dK_, dV_, scores_, dprobs_, dx_part_;
 };
 
@@ -189,6 +207,8 @@ class LlamaMLP : public Module<T> {
 
   void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache);
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
+  /// Inference: keeps nothing for backward.
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -198,7 +218,7 @@ class LlamaMLP : public Module<T> {
   }
 
  private:
-  Matrix<T> h_, dh_, dg_, du_, dx_part_;
+  Matrix<T> h_, dh_, dg_, du_, dx_part_, g_inf_, u_inf_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -233,6 +253,9 @@ class LlamaDecoderLayer : public Module<T> {
                Cache& cache);
   /// dx written unless null (then the attention's input gradient is skipped unless norm1 trains).
   void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
+  /// Inference on m new rows of one sequence (see LlamaAttention::forward_cached).
+  void forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope, Matrix<T>& k_cache,
+                      Matrix<T>& v_cache, Matrix<T>& y);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -244,6 +267,7 @@ class LlamaDecoderLayer : public Module<T> {
 
  private:
   Matrix<T> u_, a_, v_, f_, dh_, dv_, du_, dtmp_;
+  typename RMSNorm<T>::Cache norm_inf_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -277,6 +301,9 @@ class LlamaModel : public Module<T> {
                Matrix<T>& hidden, Cache& cache);
   /// dhidden [B·S, d] → every trainable gradient (embedding table included).
   void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dhidden);
+  /// Inference on m new tokens of one sequence: hidden [m, d]; appends to `kv`.
+  void forward_cached(const std::vector<Index>& ids, const RotaryEmbedding<T>& rope, LlamaKVCache<T>& kv,
+                      Matrix<T>& hidden);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -288,6 +315,8 @@ class LlamaModel : public Module<T> {
  private:
   bool below_trainable() const;
   Matrix<T> x_, y_, da_, db_;
+  typename Embedding<T>::Cache embed_inf_;
+  typename RMSNorm<T>::Cache norm_inf_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -356,6 +385,15 @@ class LlamaForCausalLM : public Module<T> {
   /// dlogits [B·S, vocab] → every trainable gradient (+=).
   void backward(const Cache& cache, const ConstMatrixRef<T>& dlogits);
 
+  // ---- inference with a KV cache (one sequence; models/generation.hpp samples from it) ---------
+
+  /// A KV cache for up to `capacity` positions.
+  LlamaKVCache<T> make_kv_cache(Index capacity) const;
+  /// Appends `ids` (m ≥ 1 tokens) to the sequence held by `kv` and writes their logits [m, vocab]
+  /// (row r: the distribution of the token after ids[r]). Adapters apply as in forward (active,
+  /// disabled or merged); dropout is off whatever the mode. Keeps nothing for backward.
+  void forward_cached(const std::vector<Index>& ids, LlamaKVCache<T>& kv, Matrix<T>& logits);
+
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
     fn("model", model);
@@ -365,7 +403,7 @@ class LlamaForCausalLM : public Module<T> {
  private:
   LlamaConfig config_;
   RotaryEmbedding<T> rope_;
-  Matrix<T> dhidden_;
+  Matrix<T> dhidden_, hidden_inf_;
 };
 
 // ---- members defined outside the class bodies (the test build's extern template declaration then
@@ -377,7 +415,7 @@ void LlamaAttention<T>::scaled_scores(const Cache& cache, Index b, Index h, Eige
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
   P.noalias() = cache.Q.block(b * S, h * hd, L, hd) * cache.K.block(b * S, g * hd, L, hd).transpose();  // Q Kᵀ
   for (Index t = 0; t < L; ++t) {
-    P.row(t).head(t + 1) *= scale;                        // causal: keys t' ≤ t
+    P.row(t).head(t + 1) *= scale;                      // causal: keys t' ≤ t
     if (t + 1 < L) P.row(t).tail(L - t - 1).setZero();  // masked
   }
 }
@@ -463,14 +501,15 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
       }
       const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
       auto dS = dprobs_.topLeftCorner(Lb, Lb);
-      dV_.block(b * S, g * hd, Lb, hd).noalias() += P.transpose() * G;           // dV_g += Aᵀ G   [L, hd]
-      dS.noalias() = G * cache.V.block(b * S, g * hd, Lb, hd).transpose();        // dA = G V_gᵀ   [L, L]
+      dV_.block(b * S, g * hd, Lb, hd).noalias() += P.transpose() * G;      // dV_g += Aᵀ G   [L, hd]
+      dS.noalias() = G * cache.V.block(b * S, g * hd, Lb, hd).transpose();  // dA = G V_gᵀ   [L, L]
       for (Index t = 0; t < Lb; ++t) {  // softmax: dS = A ⊙ (dA − Σ A ⊙ dA) / √hd
         const T dot = (P.row(t).array() * dS.row(t).array()).sum();
         dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
       }
-      dQ_.block(b * S, h * hd, Lb, hd).noalias() = dS * cache.K.block(b * S, g * hd, Lb, hd);              // dQ_h = dS K_g
-      dK_.block(b * S, g * hd, Lb, hd).noalias() += dS.transpose() * cache.Q.block(b * S, h * hd, Lb, hd);  // dK_g += dSᵀ Q_h
+      dQ_.block(b * S, h * hd, Lb, hd).noalias() = dS * cache.K.block(b * S, g * hd, Lb, hd);  // dQ_h = dS K_g
+      dK_.block(b * S, g * hd, Lb, hd).noalias() +=
+          dS.transpose() * cache.Q.block(b * S, h * hd, Lb, hd);  // dK_g += dSᵀ Q_h
     }
     // RoPE backward (transpose rotation) on the valid rows: d(pre-rotation) = Rᵀ d(rotated).
     for (Index h = 0; h < H; ++h) rope.rotate(dQ_.block(b * S, h * hd, Lb, hd), 0, true);
@@ -499,10 +538,11 @@ void LlamaMLP<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matr
   dg_.resize(dh_.rows(), dh_.cols());
   du_.resize(dh_.rows(), dh_.cols());
   const auto& g = cache.g.array();
-  dg_.array() = T(1) / (T(1) + (-g).exp());                   // σ(g)
-  du_.array() = dh_.array() * g * dg_.array();                // du = dh ⊙ silu(g)
-  dg_.array() = dh_.array() * cache.u.array() * dg_.array() * (T(1) + g * (T(1) - dg_.array()));  // dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))
-  gate_proj.backward(cache.gate, dg_, dx);  // dx = dg W_g + du W_u
+  dg_.array() = T(1) / (T(1) + (-g).exp());     // σ(g)
+  du_.array() = dh_.array() * g * dg_.array();  // du = dh ⊙ silu(g)
+  dg_.array() =
+      dh_.array() * cache.u.array() * dg_.array() * (T(1) + g * (T(1) - dg_.array()));  // dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))
+  gate_proj.backward(cache.gate, dg_, dx);                                              // dx = dg W_g + du W_u
   up_proj.backward(cache.up, du_, dx != nullptr ? &dx_part_ : nullptr);
   if (dx != nullptr) *dx += dx_part_;
 }
@@ -521,9 +561,9 @@ void LlamaDecoderLayer<T>::forward(const ConstMatrixRef<T>& x, const SequenceLay
 template <class T>
 void LlamaDecoderLayer<T>::backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy,
                                     Matrix<T>* dx) {
-  mlp.backward(cache.mlp, dy, &dv_);                             // dv = MLPᵀ(dy)
-  post_attention_layernorm.backward(cache.norm2, dv_, &dh_);     // RMSNorm₂ᵀ(dv)
-  dh_ += dy;                                                     // dh = dy + RMSNorm₂ᵀ(dv)
+  mlp.backward(cache.mlp, dy, &dv_);                          // dv = MLPᵀ(dy)
+  post_attention_layernorm.backward(cache.norm2, dv_, &dh_);  // RMSNorm₂ᵀ(dv)
+  dh_ += dy;                                                  // dh = dy + RMSNorm₂ᵀ(dv)
   const bool need_du = dx != nullptr || input_layernorm.weight.trainable();
   self_attn.backward(cache.attn, rope, dh_, need_du ? &du_ : nullptr);  // du = Attnᵀ(dh)
   if (!need_du) return;
@@ -532,8 +572,8 @@ void LlamaDecoderLayer<T>::backward(const Cache& cache, const RotaryEmbedding<T>
 }
 
 template <class T>
-void LlamaModel<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout,
-                            const RotaryEmbedding<T>& rope, Matrix<T>& hidden, Cache& cache) {
+void LlamaModel<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout, const RotaryEmbedding<T>& rope,
+                            Matrix<T>& hidden, Cache& cache) {
   layout.validate("LlamaModel", this->name(), static_cast<Index>(ids.size()));
   cache.layout = layout;
   embed_tokens.forward(ids, x_, cache.embed);  // x = E[ids]   [B·S, d]
@@ -579,11 +619,11 @@ std::vector<std::pair<std::string, bool>> LlamaForCausalLM<T>::linear_names() {
 template <class T>
 void LlamaForCausalLM<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits,
                                   Cache& cache) {
-  const std::string who = describe("LlamaForCausalLM", this->name());
-  layout.validate(who, static_cast<Index>(ids.size()));
+  layout.validate("LlamaForCausalLM", this->name(), static_cast<Index>(ids.size()));  // message built on failure only
   if (config_.sliding_window > 0 && layout.seq > config_.sliding_window)
-    throw ConfigError(who + ": sequence length " + std::to_string(layout.seq) + " exceeds sliding_window " +
-                      std::to_string(config_.sliding_window) + " (sliding-window attention is not implemented)");
+    throw ConfigError(describe("LlamaForCausalLM", this->name()) + ": sequence length " + std::to_string(layout.seq) +
+                      " exceeds sliding_window " + std::to_string(config_.sliding_window) +
+                      " (sliding-window attention is not implemented)");
   rope_.reserve(layout.seq);
   model.forward(ids, layout, rope_, cache.hidden, cache.model);
   if (tied()) {
@@ -596,8 +636,8 @@ void LlamaForCausalLM<T>::forward(const std::vector<Index>& ids, const SequenceL
 
 template <class T>
 void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dlogits) {
-  check::shape("LlamaForCausalLM", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(),
-               cache.hidden.rows(), vocab_size());
+  check::shape("LlamaForCausalLM", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(), cache.hidden.rows(),
+               vocab_size());
   if (tied()) {
     Parameter<T>& E = model.embed_tokens.weight;
     if (E.trainable()) E.accumulator().noalias() += dlogits.transpose() * cache.hidden;  // dE += dLᵀ h   [V, d]
@@ -607,6 +647,119 @@ void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
     lm_head.backward(cache.head, dlogits, &dhidden_);  // dh = dL W_head
   }
   model.backward(cache.model, rope_, dhidden_);
+}
+
+template <class T>
+void LlamaAttention<T>::forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope,
+                                       Matrix<T>& k_cache, Matrix<T>& v_cache, Matrix<T>& y) {
+  const Index H = num_heads_, KV = num_kv_heads_, hd = head_dim_, m = x.rows(), rep = H / KV;
+  check::input_features("LlamaAttention", this->name(), x.cols(), dim());
+  if (n + m > k_cache.rows() || rope.positions() < n + m)
+    throw ShapeError(describe("LlamaAttention", this->name()) + ": " + std::to_string(n) + " cached + " +
+                     std::to_string(m) + " new positions exceed the KV cache capacity " +
+                     std::to_string(k_cache.rows()));
+  q_proj.forward_inference(x, q_inf_);  // [m, H·hd]
+  k_proj.forward_inference(x, k_inf_);  // [m, KV·hd]
+  v_proj.forward_inference(x, v_inf_);
+  for (Index h = 0; h < H; ++h) rope.rotate(q_inf_.block(0, h * hd, m, hd), n);
+  for (Index g = 0; g < KV; ++g) rope.rotate(k_inf_.block(0, g * hd, m, hd), n);
+  k_cache.middleRows(n, m) = k_inf_;
+  v_cache.middleRows(n, m) = v_inf_;
+  const T scale = T(1) / std::sqrt(static_cast<T>(hd));
+  context_.resize(m, H * hd);
+  if (p_inf_.size() < n + m) p_inf_.resize(n + m);
+  for (Index r = 0; r < m; ++r) {
+    const Index visible = n + r + 1;  // causal: positions 0 .. n + r
+    for (Index h = 0; h < H; ++h) {
+      const Index g = h / rep;
+      auto p = p_inf_.head(visible);
+      p.noalias() = q_inf_.block(r, h * hd, 1, hd) * k_cache.block(0, g * hd, visible, hd).transpose();
+      p *= scale;
+      const T mx = p.maxCoeff();
+      p.array() = (p.array() - mx).exp();
+      p /= p.sum();
+      context_.block(r, h * hd, 1, hd).noalias() = p * v_cache.block(0, g * hd, visible, hd);
+    }
+  }
+  o_proj.forward_inference(context_, y);
+}
+
+template <class T>
+void LlamaMLP<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) {
+  gate_proj.forward_inference(x, g_inf_);
+  up_proj.forward_inference(x, u_inf_);
+  h_.resize(g_inf_.rows(), g_inf_.cols());
+  h_.array() = g_inf_.array() / (T(1) + (-g_inf_.array()).exp()) * u_inf_.array();  // silu(g) ⊙ u
+  down_proj.forward_inference(h_, y);
+}
+
+template <class T>
+void LlamaDecoderLayer<T>::forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope,
+                                          Matrix<T>& k_cache, Matrix<T>& v_cache, Matrix<T>& y) {
+  input_layernorm.forward(x, u_, norm_inf_);
+  self_attn.forward_cached(u_, n, rope, k_cache, v_cache, a_);
+  y = x + a_;
+  post_attention_layernorm.forward(y, v_, norm_inf_);
+  mlp.forward_inference(v_, f_);
+  y += f_;
+}
+
+template <class T>
+void LlamaModel<T>::forward_cached(const std::vector<Index>& ids, const RotaryEmbedding<T>& rope, LlamaKVCache<T>& kv,
+                                   Matrix<T>& hidden) {
+  if (kv.k.size() != layers.size() || kv.v.size() != layers.size())
+    throw ConfigError(describe("LlamaModel", this->name()) + ": KV cache has " + std::to_string(kv.k.size()) +
+                      " layers, the model " + std::to_string(layers.size()) + " (use make_kv_cache)");
+  embed_tokens.forward(ids, x_, embed_inf_);
+  Matrix<T>* cur = &x_;
+  Matrix<T>* nxt = &y_;
+  for (std::size_t i = 0; i < layers.size(); ++i) {
+    layers[i].forward_cached(*cur, kv.length, rope, kv.k[i], kv.v[i], *nxt);
+    std::swap(cur, nxt);
+  }
+  norm.forward(*cur, hidden, norm_inf_);
+  kv.length += static_cast<Index>(ids.size());
+}
+
+template <class T>
+LlamaKVCache<T> LlamaForCausalLM<T>::make_kv_cache(Index capacity) const {
+  if (capacity <= 0) throw ConfigError("make_kv_cache: capacity must be > 0, got " + std::to_string(capacity));
+  LlamaKVCache<T> kv;
+  const Index w = config_.kv_heads() * config_.resolved_head_dim();
+  for (std::size_t i = 0; i < model.layers.size(); ++i) {
+    kv.k.emplace_back(capacity, w);
+    kv.v.emplace_back(capacity, w);
+  }
+  return kv;
+}
+
+template <class T>
+void LlamaForCausalLM<T>::forward_cached(const std::vector<Index>& ids, LlamaKVCache<T>& kv, Matrix<T>& logits) {
+  const std::string who = describe("LlamaForCausalLM", this->name());
+  if (ids.empty()) throw ShapeError(who + ": forward_cached needs at least one token");
+  const Index end = kv.length + static_cast<Index>(ids.size());
+  if (end > kv.capacity())
+    throw ShapeError(who + ": " + std::to_string(end) + " positions exceed the KV cache capacity " +
+                     std::to_string(kv.capacity()));
+  if (config_.sliding_window > 0 && end > config_.sliding_window)
+    throw ConfigError(who + ": sequence length " + std::to_string(end) + " exceeds sliding_window " +
+                      std::to_string(config_.sliding_window) + " (sliding-window attention is not implemented)");
+  const bool was_training = this->training();
+  if (was_training) this->eval();  // no dropout in inference
+  rope_.reserve(end);
+  try {
+    model.forward_cached(ids, rope_, kv, hidden_inf_);
+  } catch (...) {
+    if (was_training) this->train();
+    throw;
+  }
+  if (tied()) {
+    logits.resize(hidden_inf_.rows(), vocab_size());
+    logits.noalias() = hidden_inf_ * model.embed_tokens.weight.value.transpose();
+  } else {
+    lm_head.forward_inference(hidden_inf_, logits);
+  }
+  if (was_training) this->train();
 }
 
 }  // namespace peft

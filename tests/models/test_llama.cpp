@@ -357,6 +357,12 @@ TEST_CASE("llama: checkpoint refusals name the key", "[llama]") {
   refuses([](io::Json& c) { c["use_sliding_window"] = true; }, "use_sliding_window");
   refuses([](io::Json& c) { c["rope_parameters"].erase("factor"); }, "needs \"factor\"");
   refuses([](io::Json& c) { c["num_key_value_heads"] = 3; }, "not a multiple of num_key_value_heads");
+  refuses([](io::Json& c) { c["vocab_size"] = std::int64_t(1) << 40; }, "vocab_size must be in [1, kMaxDimension");
+  {
+    const std::string dir = edited_checkpoint([](io::Json& c) { c["hidden_size"] = 32.5; });
+    PEFT_REQUIRE_THROWS_WITH(io::load_llama<float>(dir), IoError, "key \"hidden_size\" must be an integer");
+    io::detail::remove_tree(dir);
+  }
 
   // 4.x style rope keys load too; BF16 weights are converted (to the BF16-rounded values).
   const std::string v4 = edited_checkpoint([](io::Json& c) {

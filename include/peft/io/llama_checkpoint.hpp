@@ -55,9 +55,14 @@ V json_get_or(const Json& j, const char* key, V fallback, const std::string& lab
   return json_has(j, key) ? json_get<V>(j, key, label) : fallback;
 }
 
+/// An integer key (a JSON integer, not a float: a float outside int64 would not convert).
 inline Index json_index(const Json& j, const char* key, const std::string& label) {
   if (!json_has(j, key)) throw ConfigError(label + ": required key \"" + key + "\" is missing");
+  if (!j.at(key).is_number_integer()) throw IoError(label + ": key \"" + key + "\" must be an integer");
   return static_cast<Index>(json_get<std::int64_t>(j, key, label));
+}
+inline Index json_index_or(const Json& j, const char* key, Index fallback, const std::string& label) {
+  return json_has(j, key) ? json_index(j, key, label) : fallback;
 }
 
 /// The rope settings of a config: transformers 5's rope_parameters or 4.x's rope_theta + rope_scaling.
@@ -140,8 +145,7 @@ inline LlamaConfig llama_config_from_json(const Json& j, const std::string& labe
                               : c.num_attention_heads;
   c.head_dim = detail::json_has(j, "head_dim") ? detail::json_index(j, "head_dim", label) : 0;
   c.rms_norm_eps = detail::json_get_or<double>(j, "rms_norm_eps", 1e-6, label);
-  c.max_position_embeddings =
-      static_cast<Index>(detail::json_get_or<std::int64_t>(j, "max_position_embeddings", 2048, label));
+  c.max_position_embeddings = detail::json_index_or(j, "max_position_embeddings", 2048, label);
   c.tie_word_embeddings = detail::json_get_or<bool>(j, "tie_word_embeddings", false, label);
   c.initializer_range = detail::json_get_or<double>(j, "initializer_range", 0.02, label);
   c.rope = detail::llama_rope(j, label);
@@ -152,7 +156,7 @@ inline LlamaConfig llama_config_from_json(const Json& j, const std::string& labe
     c.mlp_bias = detail::json_get_or<bool>(j, "mlp_bias", false, label);
   }
   if (c.model_type == "mistral" && detail::json_has(j, "sliding_window"))
-    c.sliding_window = static_cast<Index>(detail::json_get<std::int64_t>(j, "sliding_window", label));
+    c.sliding_window = detail::json_index(j, "sliding_window", label);
   const double dropout = detail::json_get_or<double>(j, "attention_dropout", 0.0, label);
   if (dropout != 0.0)
     warn(label + ": attention_dropout " + check::num(dropout) + " is ignored (no attention dropout is applied)");

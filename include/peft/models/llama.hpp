@@ -72,11 +72,17 @@ struct LlamaConfig {
     return head_dim > 0 ? head_dim : (num_attention_heads > 0 ? hidden_size / num_attention_heads : 0);
   }
 
+  /// Largest accepted size of any one dimension (a config is input: sizes are bounded before any
+  /// allocation; the largest real checkpoints are far below).
+  static constexpr Index kMaxDimension = Index(1) << 24;
+
   /// ConfigError naming the first invalid field.
   void validate() const {
     const std::string who = "LlamaConfig";
     auto pos = [&](const char* key, Index v) {
-      if (v <= 0) throw ConfigError(who + ": " + key + " must be > 0, got " + std::to_string(v));
+      if (v <= 0 || v > kMaxDimension)
+        throw ConfigError(who + ": " + key + " must be in [1, kMaxDimension = " + std::to_string(kMaxDimension) +
+                          "], got " + std::to_string(v));
     };
     pos("vocab_size", vocab_size);
     pos("hidden_size", hidden_size);
@@ -84,6 +90,8 @@ struct LlamaConfig {
     pos("num_hidden_layers", num_hidden_layers);
     pos("num_attention_heads", num_attention_heads);
     pos("num_key_value_heads", kv_heads());
+    if (head_dim != 0) pos("head_dim", head_dim);
+    if (sliding_window < 0) throw ConfigError(who + ": sliding_window must be >= 0");
     if (num_attention_heads % kv_heads() != 0)
       throw ConfigError(who + ": num_attention_heads " + std::to_string(num_attention_heads) +
                         " is not a multiple of num_key_value_heads " + std::to_string(kv_heads()));

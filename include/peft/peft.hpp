@@ -54,6 +54,7 @@
 #include "peft/merge/lora_factors.hpp"
 #include "peft/merge/low_rank_svd.hpp"
 
+#include "peft/models/generation.hpp"
 #include "peft/models/llama.hpp"
 #include "peft/models/transformer.hpp"
 

@@ -39,10 +39,13 @@
 #include "peft/layers/lora_mixed_batch.hpp"
 #include "peft/layers/modules_to_save.hpp"
 #include "peft/layers/prefix_attention.hpp"
+#include "peft/layers/rms_norm.hpp"
+#include "peft/layers/rotary.hpp"
 #include "peft/layers/soft_prompt.hpp"
 
 #include "peft/loss/accuracy.hpp"
 #include "peft/loss/bradley_terry.hpp"
+#include "peft/loss/causal_lm.hpp"
 #include "peft/loss/cross_entropy.hpp"
 #include "peft/loss/mse.hpp"
 
@@ -53,6 +56,8 @@
 #include "peft/merge/lora_factors.hpp"
 #include "peft/merge/low_rank_svd.hpp"
 
+#include "peft/models/generation.hpp"
+#include "peft/models/llama.hpp"
 #include "peft/models/transformer.hpp"
 
 #include "peft/quant/blockwise8.hpp"

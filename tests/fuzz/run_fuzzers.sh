@@ -21,7 +21,8 @@ FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undef
        -fno-sanitize-recover=undefined -I"$ROOT/include" $EIGEN_INC -Wall -Wextra -Werror)
 
 status=0
-for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge fuzz_load_state fuzz_tokenizer; do
+for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge \
+              fuzz_load_state fuzz_tokenizer fuzz_llama_config; do
   echo "== building $target"
   "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$target.cpp" -o "$OUT/$target"
   corpus="$OUT/corpus/$target"

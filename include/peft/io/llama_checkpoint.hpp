@@ -1,0 +1,283 @@
+#pragma once
+// Loading a Hugging Face Llama-family checkpoint directory (save_pretrained's layout) into
+// models/llama.hpp's LlamaForCausalLM:
+//
+//   config.json                      model_type llama / mistral / qwen2; rope as transformers 5 writes
+//                                    it (rope_parameters: rope_theta, rope_type, llama3 keys) or as 4.x
+//                                    did (rope_theta + rope_scaling {rope_type | type, ...})
+//   model.safetensors                one file, or
+//   model.safetensors.index.json     {"weight_map": {tensor: shard file}} + the shards
+//
+// Refused by name (ConfigError, nothing loaded): another model_type, hidden_act other than silu,
+// a rope type other than default / llama3, partial_rotary_factor ≠ 1, Qwen2's use_sliding_window,
+// layer_types other than full_attention, MoE keys (num_local_experts, num_experts), a
+// quantization_config. Mistral's sliding_window is kept: a forward longer than the window is
+// refused (below it, sliding-window attention is plain causal attention).
+//
+// Tensors: every parameter of the model must be in the files with its shape (1-D for norms and
+// biases), F32 / F16 / BF16 / F64, converted to T; a missing, unexpected, mis-shaped or
+// wrongly-typed tensor is a ConfigError / ShapeError naming its key, raised after the headers are
+// read and before anything is converted. Accepted and skipped: `*.rotary_emb.inv_freq` (older
+// checkpoints store the buffer) and `lm_head.weight` when the embeddings are tied (HF ties it).
+// The files are memory-mapped (io::SafeTensorsFile) and each tensor is decoded straight into its
+// parameter, so peak memory is about the files' pages plus the model in T.
+#include <algorithm>
+#include <chrono>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "peft/core/warnings.hpp"
+#include "peft/io/file.hpp"
+#include "peft/io/json.hpp"
+#include "peft/io/safetensors.hpp"
+#include "peft/models/llama.hpp"
+
+namespace peft::io {
+
+namespace detail {
+inline bool json_has(const Json& j, const char* key) { return j.contains(key) && !j.at(key).is_null(); }
+
+template <class V>
+V json_get(const Json& j, const char* key, const std::string& label) {
+  try {
+    return j.at(key).template get<V>();
+  } catch (const std::exception& e) {
+    throw IoError(label + ": key \"" + key + "\" has the wrong type or value (" + e.what() + ")");
+  }
+}
+
+template <class V>
+V json_get_or(const Json& j, const char* key, V fallback, const std::string& label) {
+  return json_has(j, key) ? json_get<V>(j, key, label) : fallback;
+}
+
+/// An integer key (a JSON integer, not a float: a float outside int64 would not convert).
+inline Index json_index(const Json& j, const char* key, const std::string& label) {
+  if (!json_has(j, key)) throw ConfigError(label + ": required key \"" + key + "\" is missing");
+  if (!j.at(key).is_number_integer()) throw IoError(label + ": key \"" + key + "\" must be an integer");
+  return static_cast<Index>(json_get<std::int64_t>(j, key, label));
+}
+inline Index json_index_or(const Json& j, const char* key, Index fallback, const std::string& label) {
+  return json_has(j, key) ? json_index(j, key, label) : fallback;
+}
+
+/// The rope settings of a config: transformers 5's rope_parameters or 4.x's rope_theta + rope_scaling.
+inline RopeConfig llama_rope(const Json& j, const std::string& label) {
+  RopeConfig r;
+  const Json* scaling = nullptr;
+  std::string where;
+  if (json_has(j, "rope_parameters")) {
+    scaling = &j.at("rope_parameters");
+    where = "rope_parameters";
+    if (!scaling->is_object()) throw IoError(label + ": \"rope_parameters\" must be an object");
+    r.theta = json_get_or<double>(*scaling, "rope_theta", json_get_or<double>(j, "rope_theta", 10000.0, label), label);
+  } else {
+    r.theta = json_get_or<double>(j, "rope_theta", 10000.0, label);
+    if (json_has(j, "rope_scaling")) {
+      scaling = &j.at("rope_scaling");
+      where = "rope_scaling";
+      if (!scaling->is_object()) throw IoError(label + ": \"rope_scaling\" must be an object");
+    }
+  }
+  if (scaling != nullptr) {
+    std::string type = json_get_or<std::string>(*scaling, "rope_type", "", label);
+    if (type.empty()) type = json_get_or<std::string>(*scaling, "type", "default", label);
+    if (type != "default" && type != "llama3")
+      throw ConfigError(label + ": " + where + ".rope_type \"" + type +
+                        "\" is not supported (default and llama3 are); refusing the checkpoint");
+    const double partial = json_get_or<double>(*scaling, "partial_rotary_factor", 1.0, label);
+    if (partial != 1.0)
+      throw ConfigError(label + ": " + where + ".partial_rotary_factor " + check::num(partial) +
+                        " is not supported (1 only)");
+    r.type = type;
+    if (type == "llama3") {
+      for (const char* k : {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"})
+        if (!json_has(*scaling, k)) throw ConfigError(label + ": " + where + " (llama3) needs \"" + k + "\"");
+      r.factor = json_get<double>(*scaling, "factor", label);
+      r.low_freq_factor = json_get<double>(*scaling, "low_freq_factor", label);
+      r.high_freq_factor = json_get<double>(*scaling, "high_freq_factor", label);
+      r.original_max_position_embeddings = json_get<double>(*scaling, "original_max_position_embeddings", label);
+    }
+  }
+  const double partial = json_get_or<double>(j, "partial_rotary_factor", 1.0, label);
+  if (partial != 1.0)
+    throw ConfigError(label + ": partial_rotary_factor " + check::num(partial) + " is not supported (1 only)");
+  return r;
+}
+}  // namespace detail
+
+/// A LlamaConfig from a parsed config.json (label names the file in messages).
+inline LlamaConfig llama_config_from_json(const Json& j, const std::string& label) {
+  if (!j.is_object()) throw IoError(label + ": config must be a JSON object");
+  LlamaConfig c;
+  c.model_type = detail::json_get_or<std::string>(j, "model_type", "", label);
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "qwen2")
+    throw ConfigError(label + ": model_type \"" + c.model_type +
+                      "\" is not supported (llama, mistral, qwen2); refusing the checkpoint");
+  const std::string act = detail::json_get_or<std::string>(j, "hidden_act", "silu", label);
+  if (act != "silu") throw ConfigError(label + ": hidden_act \"" + act + "\" is not supported (silu only)");
+  for (const char* k : {"num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size"})
+    if (detail::json_has(j, k) && !(j.at(k).is_number() && j.at(k).get<double>() == 0.0))
+      throw ConfigError(label + ": \"" + k + "\" is set: mixture-of-experts models are not supported");
+  if (detail::json_has(j, "quantization_config"))
+    throw ConfigError(label + ": \"quantization_config\" is set: quantized checkpoints are not supported");
+  if (detail::json_has(j, "layer_types")) {
+    const Json& lt = j.at("layer_types");
+    if (!lt.is_array()) throw IoError(label + ": \"layer_types\" must be an array");
+    for (const Json& t : lt)
+      if (!t.is_string() || t.get<std::string>() != "full_attention")
+        throw ConfigError(label + ": layer_types holds \"" + (t.is_string() ? t.get<std::string>() : t.dump()) +
+                          "\": only full_attention layers are supported");
+  }
+  if (detail::json_get_or<bool>(j, "use_sliding_window", false, label))
+    throw ConfigError(label + ": use_sliding_window is true: sliding-window attention is not supported");
+  c.vocab_size = detail::json_index(j, "vocab_size", label);
+  c.hidden_size = detail::json_index(j, "hidden_size", label);
+  c.intermediate_size = detail::json_index(j, "intermediate_size", label);
+  c.num_hidden_layers = detail::json_index(j, "num_hidden_layers", label);
+  c.num_attention_heads = detail::json_index(j, "num_attention_heads", label);
+  c.num_key_value_heads = detail::json_has(j, "num_key_value_heads")
+                              ? detail::json_index(j, "num_key_value_heads", label)
+                              : c.num_attention_heads;
+  c.head_dim = detail::json_has(j, "head_dim") ? detail::json_index(j, "head_dim", label) : 0;
+  c.rms_norm_eps = detail::json_get_or<double>(j, "rms_norm_eps", 1e-6, label);
+  c.max_position_embeddings = detail::json_index_or(j, "max_position_embeddings", 2048, label);
+  c.tie_word_embeddings = detail::json_get_or<bool>(j, "tie_word_embeddings", false, label);
+  c.initializer_range = detail::json_get_or<double>(j, "initializer_range", 0.02, label);
+  c.rope = detail::llama_rope(j, label);
+  if (c.model_type == "qwen2") {
+    c.qkv_bias = true;  // Qwen2Attention: q/k/v always biased, o_proj never
+  } else {
+    c.qkv_bias = c.o_bias = detail::json_get_or<bool>(j, "attention_bias", false, label);
+    c.mlp_bias = detail::json_get_or<bool>(j, "mlp_bias", false, label);
+  }
+  if (c.model_type == "mistral" && detail::json_has(j, "sliding_window"))
+    c.sliding_window = detail::json_index(j, "sliding_window", label);
+  const double dropout = detail::json_get_or<double>(j, "attention_dropout", 0.0, label);
+  if (dropout != 0.0)
+    warn(label + ": attention_dropout " + check::num(dropout) + " is ignored (no attention dropout is applied)");
+  try {
+    c.validate();
+  } catch (const ConfigError& e) {
+    throw ConfigError(label + ": " + e.what());
+  }
+  return c;
+}
+
+/// Reads and checks a config.json.
+inline LlamaConfig read_llama_config(const std::string& path) {
+  return llama_config_from_json(parse_json_strict(read_text_file(path, 1u << 20), path), path);
+}
+
+/// What a load did.
+struct LlamaLoadReport {
+  std::vector<std::string> files;  ///< the safetensors files read
+  std::uint64_t file_bytes = 0;    ///< their total size
+  std::size_t tensors = 0;         ///< tensors converted
+  double seconds = 0.0;            ///< wall time of the weight conversion (headers included)
+};
+
+/// Fills every parameter of `model` (built from the checkpoint's config, no adapters yet) from the
+/// safetensors files of `dir`. All tensors are checked (names, shapes, dtypes) before any is
+/// converted; on error the model is unchanged. Trainable flags are left as they are.
+template <class T>
+LlamaLoadReport load_llama_weights(LlamaForCausalLM<T>& model, const std::string& dir) {
+  const auto t0 = std::chrono::steady_clock::now();
+  LlamaLoadReport report;
+  const std::string index_path = dir + "/model.safetensors.index.json";
+  const std::string single = dir + "/model.safetensors";
+  std::vector<std::string> shard_names;
+  std::map<std::string, std::string> weight_map;  // tensor → shard (sharded checkpoints)
+  if (path_exists(index_path)) {
+    const Json idx = parse_json_strict(read_text_file(index_path, 64u << 20), index_path);
+    if (!idx.is_object() || !idx.contains("weight_map") || !idx.at("weight_map").is_object())
+      throw IoError("\"" + index_path + "\": expected an object with a \"weight_map\" object");
+    for (const auto& kv : idx.at("weight_map").items()) {
+      if (!kv.value().is_string())
+        throw IoError("\"" + index_path + "\": weight_map entry \"" + kv.key() + "\" is not a file name");
+      const std::string f = kv.value().template get<std::string>();
+      if (f.empty() || f.find('/') != std::string::npos || f == "." || f == "..")
+        throw IoError("\"" + index_path + "\": weight_map entry \"" + kv.key() + "\" names \"" + f +
+                      "\", expected a file name in the checkpoint directory");
+      weight_map[kv.key()] = f;
+      if (std::find(shard_names.begin(), shard_names.end(), f) == shard_names.end()) shard_names.push_back(f);
+    }
+  } else if (path_exists(single)) {
+    shard_names.push_back("model.safetensors");
+  } else {
+    throw IoError("\"" + dir + "\": neither model.safetensors nor model.safetensors.index.json found");
+  }
+
+  std::map<std::string, Parameter<T>*> params;
+  model.visit_parameters([&](const std::string& n, Parameter<T>& p) { params[n] = &p; });
+  const bool tied = model.tied();
+  struct Plan {
+    const SafeTensorsFile* file;
+    const TensorInfo* info;
+    Parameter<T>* param;
+  };
+  std::vector<std::unique_ptr<SafeTensorsFile>> files;
+  std::vector<Plan> plan;
+  std::set<std::string> seen;
+  for (const std::string& name : shard_names) {
+    const std::string path = dir + "/" + name;
+    files.push_back(std::make_unique<SafeTensorsFile>(path));
+    const SafeTensorsFile& st = *files.back();
+    report.files.push_back(path);
+    report.file_bytes += st.file().size();
+    for (const TensorInfo& t : st.tensors()) {
+      const std::string& key = t.name;
+      if (!weight_map.empty()) {
+        const auto w = weight_map.find(key);
+        if (w == weight_map.end() || w->second != name)
+          throw ConfigError("\"" + path + "\": tensor \"" + key + "\" is not listed for this shard in \"" + index_path +
+                            "\"");
+      }
+      const bool inv_freq = key.size() > 20 && key.compare(key.size() - 20, 20, ".rotary_emb.inv_freq") == 0;
+      if (inv_freq || (tied && key == "lm_head.weight")) continue;  // HF's buffer / HF re-ties it
+      const auto it = params.find(key);
+      if (it == params.end())
+        throw ConfigError("\"" + path + "\": unexpected tensor \"" + key + "\" " + t.shape_string() +
+                          ": the model (model_type " + model.config().model_type + ") has no such parameter");
+      if (!seen.insert(key).second) throw ConfigError("\"" + path + "\": tensor \"" + key + "\" appears twice");
+      Parameter<T>& p = *it->second;
+      const std::vector<std::int64_t> want = p.shape();
+      if (t.shape != want) {
+        std::string w = "[";
+        for (std::size_t i = 0; i < want.size(); ++i) w += (i ? ", " : "") + std::to_string(want[i]);
+        throw ShapeError("\"" + path + "\": tensor \"" + key + "\" has shape " + t.shape_string() +
+                         ", the model expects " + w + "]");
+      }
+      if (t.dtype != DType::F32 && t.dtype != DType::F16 && t.dtype != DType::BF16 && t.dtype != DType::F64)
+        throw ConfigError("\"" + path + "\": tensor \"" + key + "\" has dtype " + dtype_name(t.dtype) +
+                          ", expected F32, F16, BF16 or F64");
+      plan.push_back({&st, &t, &p});
+    }
+  }
+  for (const auto& kv : params)
+    if (!seen.count(kv.first))
+      throw ConfigError("\"" + dir + "\": missing tensor \"" + kv.first + "\" (shape " +
+                        shape_str(kv.second->value.rows(), kv.second->value.cols()) + ")");
+  for (const Plan& s : plan) s.file->template load_into<T>(*s.info, s.param->value.data());  // decode straight into W
+  report.tensors = plan.size();
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return report;
+}
+
+/// Builds the model of `dir`/config.json and loads its weights. The model comes frozen (every
+/// parameter; PEFT's get_peft_model freezes the base anyway): adapters added afterwards train, and
+/// Parameter::set_trainable(true) makes any base parameter train.
+template <class T>
+LlamaForCausalLM<T> load_llama(const std::string& dir, LlamaLoadReport* report = nullptr) {
+  if (!is_directory(dir)) throw IoError("\"" + dir + "\" is not a directory");
+  LlamaForCausalLM<T> model(read_llama_config(dir + "/config.json"));
+  const LlamaLoadReport r = load_llama_weights(model, dir);
+  if (report != nullptr) *report = r;
+  return model;
+}
+
+}  // namespace peft::io

@@ -95,24 +95,23 @@ void check_case(const Case& c) {
 TEST_CASE("conformance: the no-malloc guard is live for the layer's code", "[conformance][no_malloc]") {
   using namespace conformance_no_malloc;
   CHECK(allocations_after_warmup([] {
-          peft::Matrix<double> m(7, 9);
+          peft::Matrix<float> m(7, 9);
           m.setZero();
         }) > 0);
   // A forward into fresh buffers allocates: if not, the linker took the layer's code from a TU
   // built without EIGEN_RUNTIME_NO_MALLOC (this file must be its own executable).
   Rng rng(0);
-  AdaptedLinear<double> layer = make_base<double>(rng);
+  AdaptedLinear<float> layer = make_base<float>(rng);
   cases().front().add(layer, "case", rng);
-  const peft::Matrix<double> x = peft::Matrix<double>::Ones(kRows, kIn);
+  const peft::Matrix<float> x = peft::Matrix<float>::Ones(kRows, kIn);
   CHECK(allocations_after_warmup([&] {
-          typename AdaptedLinear<double>::Cache fresh;
-          peft::Matrix<double> y;
+          typename AdaptedLinear<float>::Cache fresh;
+          peft::Matrix<float> y;
           layer.forward(x, y, fresh);
         }) > 0);
 }
 
-TEMPLATE_TEST_CASE("conformance: no allocation after warm-up, every method", "[conformance][no_malloc]", float,
-                   double) {
+TEMPLATE_TEST_CASE("conformance: no allocation after warm-up, every method", "[conformance][no_malloc]", float) {
   for (const conformance::Case& c : conformance::cases()) {
     INFO("case " << c.name);
     conformance_no_malloc::check_case<TestType>(c);

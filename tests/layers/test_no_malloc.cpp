@@ -50,7 +50,7 @@ LoraConfig cfg(int r, double alpha, double dropout, bool dora = false) {
 
 TEST_CASE("the no-malloc guard is live in this build", "[no_malloc]") {
   const long n = allocations_after_warmup([] {
-    Matrix<double> m(7, 9);  // a fresh heap allocation every call
+    Matrix<float> m(7, 9);  // a fresh heap allocation every call
     m.setZero();
   });
   REQUIRE(n >= 3);
@@ -59,19 +59,19 @@ TEST_CASE("the no-malloc guard is live in this build", "[no_malloc]") {
   // unit compiled without EIGEN_RUNTIME_NO_MALLOC (one definition per template instantiation):
   // this file must then be built as its own test executable.
   Rng rng(0);
-  LoRALinear<double> layer(6, 4, rng);
+  LoRALinear<float> layer(6, 4, rng);
   layer.add_adapter("a", cfg(2, 2.0, 0.0));
-  const Matrix<double> x = Matrix<double>::Ones(3, 6);
+  const Matrix<float> x = Matrix<float>::Ones(3, 6);
   const long m = allocations_after_warmup([&] {
-    typename LoRALinear<double>::Cache fresh;
-    Matrix<double> y;
+    typename LoRALinear<float>::Cache fresh;
+    Matrix<float> y;
     layer.forward(x, y, fresh);
   });
   INFO("test_no_malloc.cpp must be linked into its own executable (see the comment above)");
   REQUIRE(m >= 3);
 }
 
-TEMPLATE_TEST_CASE("Linear forward/backward allocate nothing after warm-up", "[no_malloc]", float, double) {
+TEMPLATE_TEST_CASE("Linear forward/backward allocate nothing after warm-up", "[no_malloc]", float) {
   Rng rng(1);
   Linear<TestType> layer(24, 16, rng, true, "fc");
   const Matrix<TestType> x = test::random_matrix<TestType>(8, 24, rng);
@@ -91,7 +91,7 @@ TEMPLATE_TEST_CASE("Linear forward/backward allocate nothing after warm-up", "[n
         }) == 0);
 }
 
-TEMPLATE_TEST_CASE("LoRALinear forward/backward allocate nothing after warm-up", "[no_malloc]", float, double) {
+TEMPLATE_TEST_CASE("LoRALinear forward/backward allocate nothing after warm-up", "[no_malloc]", float) {
   Rng rng(2);
   const Matrix<TestType> x = test::random_matrix<TestType>(8, 24, rng);
   const Matrix<TestType> g = test::random_matrix<TestType>(8, 16, rng);
@@ -190,14 +190,14 @@ TEST_CASE("Sequence blocks allocate nothing after the first forward/backward", "
 
 TEST_CASE("mixed-adapter batch allocates nothing after warm-up", "[no_malloc][mixed]") {
   Rng rng(42);
-  LoRALinear<double> layer(10, 7, rng, true, "layers.3.o");
+  LoRALinear<float> layer(10, 7, rng, true, "layers.3.o");
   layer.add_adapter("a", cfg(2, 4.0, 0.0));
   layer.add_adapter("b", cfg(3, 6.0, 0.0));
   layer.add_adapter("c", cfg(1, 0.5, 0.0));
-  const Matrix<double> x = test::random_matrix<double>(16, 10, rng);
+  const Matrix<float> x = test::random_matrix<float>(16, 10, rng);
   std::vector<std::string> names;
   for (int r = 0; r < 16; ++r) names.push_back(r % 4 == 3 ? "none" : std::string(1, static_cast<char>('a' + r % 4)));
-  MixedBatchWorkspace<double> ws;
-  Matrix<double> y;
+  MixedBatchWorkspace<float> ws;
+  Matrix<float> y;
   CHECK(allocations_after_warmup([&] { forward_mixed(layer, x, names, y, ws); }) == 0);
 }

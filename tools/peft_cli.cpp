@@ -348,7 +348,14 @@ inline int inspect_peft_adapter(const std::string& target, const PeftAdapter<dou
   }
   for (const auto& f : ad.full) total += f.value.size();
   out << "\ntrainable parameters: " << total << " (the adapted weights hold " << dense << ")\n";
-  if (!ad.full.empty()) out << "full tensors (modules_to_save / bias): " << ad.full.size() << "\n";
+  if (!ad.full.empty()) {
+    out << "full tensors (modules_to_save / bias): " << ad.full.size() << "\n";
+    for (const auto& f : ad.full) {
+      out << "  " << f.name << "  [";
+      for (std::size_t d = 0; d < f.shape.size(); ++d) out << (d ? ", " : "") << f.shape[d];
+      out << "]\n";
+    }
+  }
   return kOk;
 }
 

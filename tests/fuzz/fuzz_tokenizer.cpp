@@ -3,12 +3,14 @@
 //     one must encode a few fixed strings and decode arbitrary ids without crashing;
 //   - any other input: text for the committed fixtures (tests/data/tokenizers): encode must succeed
 //     on valid UTF-8 (IoError otherwise), and the byte-level ones without stripping added tokens
-//     must give the text back on decode (lossless); decode of the input read as ids must not crash.
+//     (lstrip / rstrip) must give the text back on decode (lossless); decode of the input read as
+//     ids must not crash.
 #include <peft/io/tokenizer.hpp>
 
 #include <cstdint>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fuzz_support.hpp"
@@ -28,7 +30,12 @@ const std::vector<Fixture>& fixtures() {
     for (const char* name : {"gpt2", "llama3", "qwen2", "smollm", "llama2", "mistral", "metaspace_split"}) {
       const bool byte_level =
           std::string(name) != "llama2" && std::string(name) != "mistral" && std::string(name) != "metaspace_split";
-      out.push_back({peft::io::load_tokenizer(dir + name + "/tokenizer.json"), byte_level});
+      peft::io::Tokenizer tok = peft::io::load_tokenizer(dir + name + "/tokenizer.json");
+      // An added token with lstrip / rstrip swallows the spaces next to it (as in tokenizers), so
+      // decode cannot give them back: such a tokenizer is not lossless (llama3's "<tool>").
+      bool strips = false;
+      for (const auto& a : tok.added_tokens()) strips = strips || a.lstrip || a.rstrip;
+      out.push_back({std::move(tok), byte_level && !strips});
     }
     out.push_back({peft::io::Tokenizer::bytes({"<bos>", "<eos>"}), true});
     return out;

@@ -396,17 +396,17 @@ template <class T>
 void PeftModel<T>::merge(const std::vector<std::string>& names) {
   if (disabled_) throw ConfigError(std::string(kWho) + ": adapters are disabled; enable them before merging");
   const std::vector<std::string> merged_now = merged_adapters();
-  std::vector<std::string> todo;
+  std::vector<std::string> to_merge;
   for (const auto& n : names.empty() ? active_ : names) {
     index_of(n);
     const bool done = std::find(merged_now.begin(), merged_now.end(), n) != merged_now.end();
     if (done && !names.empty()) throw ConfigError(std::string(kWho) + ": adapter \"" + n + "\" is already merged");
-    if (!done && std::find(todo.begin(), todo.end(), n) == todo.end()) todo.push_back(n);
+    if (!done && std::find(to_merge.begin(), to_merge.end(), n) == to_merge.end()) to_merge.push_back(n);
   }
-  if (todo.empty()) return;
+  if (to_merge.empty()) return;
   for (auto& [path, host] : io::adapted_linears(*model_)) {
     std::vector<std::string> here;
-    for (const auto& n : todo)
+    for (const auto& n : to_merge)
       if (host->has_adapter(n)) here.push_back(n);
     if (!here.empty()) host->merge(here);
   }

@@ -140,6 +140,7 @@ int main(int argc, char** argv) {
   std::vector<std::int64_t> unused;
   source.sample(rng, 128, probe, unused);
   const Matrix<T> base_out = model.forward(probe);
+  const Mlp pretrained = model;  // for the bias = "all" adapter below
   if (!peft_dir.empty()) {
     std::filesystem::create_directories(peft_dir);
     peft::io::save_safetensors(model, peft_dir + "/base.safetensors");  // fc1.weight, ..., head.bias
@@ -175,7 +176,19 @@ int main(int argc, char** argv) {
                                    {"out_a", matrix_shape(out_a.rows(), out_a.cols()), out_a.data()},
                                    {"out_b", matrix_shape(out_b_saved.rows(), out_b_saved.cols()), out_b_saved.data()},
                                    {"out_base", matrix_shape(base_out.rows(), base_out.cols()), base_out.data()}});
-    std::printf("   saved base, adapters a and b, and probe outputs under %s\n", peft_dir.c_str());
+    // A third adapter on its own copy of the pretrained model: LoRA on fc1 with bias = "all" (every
+    // bias of the model trained and saved with it: "fc1.base_layer.bias", "fc2.bias", "head.bias").
+    Mlp biased = pretrained;
+    peft::PeftModel<T> pb(biased);
+    pb.add_adapter("default", {{"peft_type", "LORA"}, {"r", 4}, {"lora_alpha", 8}, {"target_modules", {"fc1"}},
+                               {"bias", "all"}});
+    train(biased, task_a, rng, 200, 1e-2);
+    pb.save_pretrained(peft_dir + "/adapter_bias_all");
+    const Matrix<T> out_c = biased.forward(probe);
+    peft::io::save_safetensors<T>(peft_dir + "/probe_bias_all.safetensors",
+                                  {{"out", matrix_shape(out_c.rows(), out_c.cols()), out_c.data()}});
+    std::printf("   saved base, adapters a and b, a bias=\"all\" adapter and probe outputs under %s\n",
+                peft_dir.c_str());
   }
   const double acc_aa = evaluate(model, task_a, rng);
   pm.set_adapter("b");

@@ -10,6 +10,8 @@ The C++ example trains a small MLP (fc1 -> GELU -> fc2 -> GELU -> head), then tw
   base.safetensors   the pretrained weights under torch's names (fc1.weight, ..., head.bias)
   adapters/a, adapters/b   PeftModel::save_pretrained (PEFT's layout: a non-default adapter in <dir>/<name>)
   probe.safetensors  an input x and the C++ outputs with adapter a, with b, and with adapters disabled
+  adapter_bias_all, probe_bias_all.safetensors   a LoRA adapter with bias = "all" (trained biases
+                     saved with it, fc1's as "fc1.base_layer.bias") and its outputs
 This script builds the same module in torch, loads the base, loads both directories with PEFT
 (PeftModel.from_pretrained + load_adapter), and compares PEFT's outputs with the C++ ones.
 Exits 1 on a mismatch. Versions: benchmarks/peer/requirements.txt (run with the pinned venv).
@@ -79,6 +81,16 @@ def main():
         diff = (heads["a"].weight - heads["b"].weight).abs().max().item()
         print(f"head copies a vs b: max |difference| {diff:.3e} (must be > 0)")
         ok &= diff > 0
+    # An adapter saved with bias = "all": PEFT loads the trained biases into the base model too.
+    model = Mlp()
+    model.load_state_dict(load_file(os.path.join(root, "base.safetensors")), strict=True)
+    pb = PeftModel.from_pretrained(model, os.path.join(root, "adapter_bias_all"))
+    pb.eval()
+    with torch.no_grad():
+        want = load_file(os.path.join(root, "probe_bias_all.safetensors"))["out"]
+        rel = ((pb(x) - want).norm() / want.norm()).item()
+    print(f"adapter with bias=\"all\": relative difference to peft-cpp {rel:.2e}")
+    ok &= rel < 1e-5
     print(f"torch {torch.__version__}, peft {peft.__version__}, safetensors {safetensors.__version__}")
     print("OK" if ok else "MISMATCH")
     return 0 if ok else 1

@@ -485,3 +485,54 @@ TEST_CASE("apply_peft: the TransformerClassifier head gets one copy per adapter"
   REQUIRE(warnings.size() == 1);
   CHECK(warnings[0].find("apply_peft: module to save \"embed_positions\" is a plain module") == 0);
 }
+
+TEMPLATE_TEST_CASE("PeftModel: bias \"lora_only\" and \"all\" train biases, saved with the adapter", "[peft_model][io]",
+                   float, double) {
+  using T = TestType;
+  for (const char* bias : {"lora_only", "all"}) {
+    INFO("bias = " << bias);
+    const bool all = std::string(bias) == "all";
+    Rng rng(8);
+    Encoder<T> m(rng);
+    const Encoder<T> pristine = m;
+    const Matrix<T> x = input<T>();
+    io::Json cfg = lora_json(false);  // the head is not a module to save here
+    cfg["bias"] = bias;
+    PeftModel<T> pm(m);
+    pm.add_adapter("default", cfg);
+    CHECK(m.fc1.bias.trainable());
+    CHECK(m.fc2.bias.trainable());
+    CHECK(m.head.original().bias.trainable() == all);  // "all": every bias; "lora_only": adapted linears'
+    CHECK_FALSE(m.fc1.weight.trainable());
+    const Matrix<T> fc1_bias = m.fc1.bias.value;
+    train_steps(m);
+    CHECK(m.fc1.bias.value != fc1_bias);
+    const Matrix<T> out = m.forward(x);
+
+    // Another adapter with bias "none" active: the biases are frozen again (they stay as trained).
+    pm.add_adapter("plain", lora_json(false));
+    pm.set_adapter("plain");
+    CHECK_FALSE(m.fc1.bias.trainable());
+    pm.set_adapter("default");
+    CHECK(m.fc1.bias.trainable());
+
+    test::io::TempDir dir;
+    pm.save_pretrained(dir.path + "/out");
+    const io::SafeTensorsFile st(dir.path + "/out/adapter_model.safetensors");
+    CHECK(st.contains("base_model.model.fc1.base_layer.bias"));  // PEFT wraps an adapted linear
+    CHECK(st.contains("base_model.model.fc2.base_layer.bias"));
+    CHECK_FALSE(st.contains("base_model.model.fc1.bias"));
+    CHECK(st.contains("base_model.model.head.bias") == all);
+    Encoder<T> fresh = pristine;
+    PeftModel<T> loaded(fresh);
+    loaded.load_adapter(dir.path + "/out", "default");
+    CHECK(fresh.forward(x) == out);
+    CHECK(fresh.fc1.bias.value == m.fc1.bias.value);
+  }
+  // apply_method alone trains no bias, and says where biases are trained.
+  Rng rng(9);
+  Encoder<T> m(rng);
+  io::Json cfg = lora_json(false);
+  cfg["bias"] = "all";
+  PEFT_REQUIRE_THROWS_WITH(io::apply_method(m, cfg, "x", rng), ConfigError, "PeftModel::add_adapter trains them");
+}

@@ -319,7 +319,8 @@ inline void check_lora_apply(const AdapterConfig& c, const std::string& who) {
                       "the adapted linears store weights [out, in], expected false");
   if (c.bias != "none")
     throw ConfigError(who + ": bias = \"" + c.bias +
-                      "\" trains biases, which applying LoRA does not do; expected \"none\"");
+                      "\" trains biases, which applying LoRA does not do; expected \"none\" (PeftModel::add_adapter "
+                      "trains them)");
   (void)lora_init_of(c.init_lora_weights, who);
 }
 

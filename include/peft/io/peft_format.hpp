@@ -56,6 +56,7 @@
 #include <cmath>
 #include <functional>
 #include <map>
+#include <set>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -561,6 +562,22 @@ struct PeftAdapter {
 };
 
 namespace detail {
+/// `name` without PEFT's wrapper level: "fc1.base_layer.bias" → "fc1.bias" (a whole "base_layer"
+/// component, anywhere).
+inline std::string unwrap_base_layer(std::string name) {
+  static const std::string part = "base_layer";
+  for (std::size_t at = name.find(part); at != std::string::npos; at = name.find(part, at)) {
+    const bool starts = at == 0 || name[at - 1] == '.';
+    const std::size_t end = at + part.size();
+    if (starts && end < name.size() && name[end] == '.') {
+      name.erase(at, part.size() + 1);
+    } else {
+      at = end;
+    }
+  }
+  return name;
+}
+
 inline bool ends_with(const std::string& s, const std::string& suffix, std::string* head = nullptr) {
   if (s.size() < suffix.size() || s.compare(s.size() - suffix.size(), suffix.size(), suffix) != 0) return false;
   if (head) *head = s.substr(0, s.size() - suffix.size());
@@ -635,6 +652,9 @@ PeftAdapter<T> adapter_from_file(const AdapterConfig& config, const SafeTensorsF
             who + ": tensor \"" + t.name +
             "\" is a LoRA tensor of a kind we do not support (lora_B bias, embedding or convolution LoRA)");
     }
+    // PEFT names the base layer of a linear it wraps "<path>.base_layer" (a bias saved with bias =
+    // "all" / "lora_only": "<path>.base_layer.bias"); the model's own name has no such level.
+    rest = detail::unwrap_base_layer(rest);
     for (const auto& other : ad.full)  // "x" and "base_model.model.x" name the same tensor
       if (other.name == rest)
         throw IoError(who + ": tensor \"" + t.name + "\" names \"" + rest + "\", which another tensor already holds");
@@ -1048,6 +1068,35 @@ PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name
     out.exclude_modules = ModuleSelector{};
   }
 
+  // bias = "all" / "lora_only" (PEFT's get_peft_model_state_dict): base biases travel with the
+  // adapter: "all" every bias of the model (PEFT: every key containing "bias"; here every
+  // parameter named "bias" outside the adapters and the ModulesToSave hosts, which save their
+  // copies below), "lora_only" the biases of the linears holding this adapter. A linear that holds
+  // any adapter is wrapped in PEFT, so its bias is saved as "<path>.base_layer.bias".
+  std::set<std::string> bias_saved;
+  if (out.bias == "all" || out.bias == "lora_only") {
+    std::map<std::string, bool> wrapped;  // bias parameter → whether its linear holds this adapter
+    model.visit_modules([&](const std::string& path, Module<T>& m) {
+      if (auto* l = dynamic_cast<LoRALinear<T>*>(&m); l != nullptr && l->has_bias() && l->num_adapters() > 0)
+        wrapped[Module<T>::join(path, "bias")] = l->has_adapter(adapter_name);
+    });
+    for (const auto& n : names) {
+      if (n != "bias" && !detail::ends_with(n, ".bias")) continue;
+      if (n.find("modules_to_save.") != std::string::npos || n.find("original_module.") != std::string::npos) continue;
+      const auto w = wrapped.find(n);
+      if (out.bias == "lora_only" && (w == wrapped.end() || !w->second)) continue;
+      if (w == wrapped.end() && (n.find("lora_") != std::string::npos || n.find("hada_") != std::string::npos ||
+                                 n.find("lokr_") != std::string::npos || n.find("vera_") != std::string::npos ||
+                                 n.find("ia3_") != std::string::npos))
+        continue;  // an adapter's own tensor
+      std::string peft_name = mapping(n);
+      if (w != wrapped.end()) peft_name.insert(peft_name.size() - 4, "base_layer.");
+      const Parameter<T>& p = *idx.at(n);
+      ad.full.push_back(FullTensor<T>{peft_name, p.shape(), p.value});
+      bias_saved.insert(n);
+    }
+  }
+
   // modules_to_save: PEFT wraps every module whose name ends with an entry (key.endswith). A
   // ModulesToSave host saves this adapter's copy under the module's own names ("head.weight"), not
   // its original or other adapters' copies (get_peft_model_state_dict).
@@ -1066,9 +1115,11 @@ PeftAdapter<T> collect_adapter(Module<T>& model, const std::string& adapter_name
           save = true;
         }
     const Parameter<T>& p = *idx.at(n);
-    if (save)
+    if (bias_saved.count(n) != 0) {
+      // saved by the bias rule above (once, also when its module is a module to save)
+    } else if (save) {
       ad.full.push_back(FullTensor<T>{peft_name, p.shape(), p.value});
-    else if (p.trainable())
+    } else if (p.trainable())
       ad.warnings.push_back("parameter \"" + n +
                             "\" is trainable but not saved (list its module in modules_to_save to save it)");
   }

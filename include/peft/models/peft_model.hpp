@@ -23,6 +23,9 @@
 //   * modules_to_save in an adapter's config: a ModulesToSave host gets a copy for that adapter;
 //     any other module is trained in place, shared by every adapter (reported through peft::warn).
 //     Only one active adapter may have a copy of a given module to save.
+//   * bias "all" / "lora_only" in an adapter's config: every base bias, or the biases of the
+//     linears that adapter adapts, train while it is active (shared by the adapters that train
+//     them, as in PEFT) and are saved with it (`<path>.base_layer.bias` for an adapted linear).
 //   * set_adapter while adapters are merged unmerges first and says so through peft::warn.
 //   * Refused with peft::ConfigError, naming the adapter, nothing changed: an unknown or duplicate
 //     adapter name, deleting a merged adapter, merging an adapter already merged or while
@@ -233,8 +236,22 @@ class PeftModel {
   void check_one_copy(const std::vector<std::string>& names);
   void set_disabled(bool on);
 
+  /// An adapter config's `bias` ("none", "all" or "lora_only"; "none" when absent).
+  static std::string bias_of(const io::Json& config) {
+    const auto it = config.find("bias");
+    return it != config.end() && it->is_string() ? it->template get<std::string>() : std::string("none");
+  }
+  /// Whether `name` is a base bias (not an adapter's tensor, not a copy or original of a module to save).
+  static bool is_base_bias(const std::string& name) {
+    if (name != "bias" && (name.size() < 5 || name.compare(name.size() - 5, 5, ".bias") != 0)) return false;
+    for (const char* part : {"lora_", "hada_", "lokr_", "vera_", "ia3_", "modules_to_save.", "original_module."})
+      if (name.find(part) != std::string::npos) return false;
+    return true;
+  }
+
   Module<T>* model_;
   Rng rng_;
+  std::vector<Parameter<T>*> trained_biases_;  ///< biases an active adapter's `bias` option trains
   std::vector<std::pair<std::string, io::Json>> configs_;  ///< adapter → its adapter_config.json, in order added
   std::vector<std::string> active_;
   bool disabled_ = false;
@@ -257,7 +274,12 @@ std::vector<std::string> PeftModel<T>::add_adapter(const std::string& name, cons
     }
   }
   const std::vector<SavedModule<T>> saved = resolve_modules_to_save(*model_, entries, name, who);
-  std::vector<std::string> paths = io::apply_method(io::linear_slots(*model_), config, name, rng_, who);
+  // bias "all" / "lora_only": the adapter trains biases as well (PEFT's get_peft_model); the hosts
+  // get the adapter as with "none", and apply_active() makes the biases trainable while it is active.
+  io::Json applied = config;
+  const std::string bias = bias_of(config);
+  if (bias == "all" || bias == "lora_only") applied["bias"] = "none";
+  std::vector<std::string> paths = io::apply_method(io::linear_slots(*model_), applied, name, rng_, who);
   if (configs_.empty())  // get_peft_model: the base is frozen (adapters get their flags in apply_active)
     model_->visit_parameters([](const std::string&, Parameter<T>& p) { p.set_trainable(false); });
   add_modules_to_save(saved, name, who);
@@ -309,6 +331,27 @@ void PeftModel<T>::apply_active() {
     for (const auto& n : active_)
       if (host->has_copy(n)) copy = n;
     host->set_active(copy);
+  }
+  // Biases: trainable while an active adapter's config says bias "all" (every base bias) or
+  // "lora_only" (the biases of the linears that adapter adapts). They are shared by every adapter,
+  // as in PEFT, and saved with each adapter whose config asks for them.
+  for (Parameter<T>* p : trained_biases_) p->set_trainable(false);
+  trained_biases_.clear();
+  const auto train = [this](Parameter<T>& p) {
+    if (p.size() == 0 || p.trainable()) return;
+    p.set_trainable(true);
+    trained_biases_.push_back(&p);
+  };
+  for (const auto& n : active_) {
+    const std::string bias = bias_of(configs_[index_of(n)].second);
+    if (bias == "lora_only") {
+      for (auto& [path, host] : io::adapted_linears(*model_))
+        if (host->has_bias() && host->has_adapter(n)) train(host->bias);
+    } else if (bias == "all") {
+      model_->visit_parameters([&](const std::string& pname, Parameter<T>& p) {
+        if (is_base_bias(pname)) train(p);
+      });
+    }
   }
 }
 

@@ -47,6 +47,7 @@
 #include "peft/loss/bradley_terry.hpp"
 #include "peft/loss/causal_lm.hpp"
 #include "peft/loss/cross_entropy.hpp"
+#include "peft/loss/kl.hpp"
 #include "peft/loss/mse.hpp"
 
 #include "peft/merge/analysis.hpp"
@@ -74,7 +75,9 @@
 #include "peft/optim/sgd.hpp"
 
 #include "peft/train/batches.hpp"
+#include "peft/train/continual.hpp"
 #include "peft/train/early_stopping.hpp"
 #include "peft/train/gradient_check.hpp"
 #include "peft/train/memory.hpp"
+#include "peft/train/multitask.hpp"
 #include "peft/train/progress.hpp"

@@ -495,7 +495,7 @@ void write_heatmaps(const std::string& path, const std::vector<std::pair<std::st
                     int per_row) {
   const int cell = 26, pad = 40, title = 34, w = kTasks * cell;
   const int cols = per_row, rows = (static_cast<int>(maps.size()) + per_row - 1) / per_row;
-  const int W = cols * (w + pad) + pad, H = rows * (w + pad + title) + pad + 20;
+  const int W = cols * (w + pad) + pad, H = 20 + rows * (w + pad + title);
   std::ofstream f(path);
   f << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
     << "\" font-family=\"sans-serif\" font-size=\"10\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n";

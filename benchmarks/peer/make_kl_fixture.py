@@ -3,7 +3,8 @@
 Run: ~/.cache/peft-peer/bin/python benchmarks/peer/make_kl_fixture.py
 Cases: log_softmax, F.kl_div(log_q, log_p, reduction="batchmean", log_target=True) with gradients
 for both inputs, and Hinton distillation tau**2 * KL(softmax(t/tau) || softmax(s/tau)) and the soft-target
-cross-entropy tau**2 * mean(-sum p log q) with the student gradient, for tau in 1, 2, 4, by autograd.
+cross-entropy tau**2 * mean(-sum p log q) with the student gradient, for tau in 1, 2, 4, and the
+log-probability of each row's label (ignore_index -100) with the gradient of a weighted sum, by autograd.
 """
 import pathlib
 
@@ -43,6 +44,16 @@ for tau in (1.0, 2.0, 4.0):
     ce = F.cross_entropy(ss2 / tau, p) * tau * tau  # soft targets: mean over rows of -sum p log q
     ce.backward()
     out += [f"constexpr double kSoftCE{tag} = {ce.item()!r};\n", arr(f"kSoftCEGrad{tag}", ss2.grad)]
+labels = torch.tensor([1, 3, -100, 0])
+w = torch.tensor([0.5, -1.5, 2.0, 0.25], dtype=torch.float64)
+sl = s.clone().requires_grad_(True)
+lp_all = F.log_softmax(sl, dim=1)
+keep = labels != -100
+picked = torch.zeros(N, dtype=torch.float64)
+picked[keep] = lp_all[keep, labels[keep]]
+(picked * w).sum().backward()
+out += ["constexpr long long kLabels[] = {" + ", ".join(str(int(v)) for v in labels) + "};\n",
+        arr("kLabelWeights", w), arr("kLabelLogProbs", picked.detach()), arr("kLabelLogProbsGrad", sl.grad)]
 out.append("}  // namespace kl_fixture\n")
 path = pathlib.Path(__file__).resolve().parents[2] / "tests" / "loss" / "kl_fixture.hpp"
 path.write_text("".join(out))

@@ -53,6 +53,22 @@ TEMPLATE_TEST_CASE("kl: log_softmax, kl_div and distillation match torch float64
   }
 }
 
+TEMPLATE_TEST_CASE("kl: label_log_probs and its backward match torch float64", "[loss][kl]", float, double) {
+  using T = TestType;
+  const Matrix<T> s = kl_fixture_matrix<T>(kl_fixture::kStudent);
+  const std::vector<std::int64_t> labels(std::begin(kl_fixture::kLabels), std::end(kl_fixture::kLabels));
+  Matrix<T> lp, w(kl_fixture::kRows, 1), ref(kl_fixture::kRows, 1), ds;
+  for (Index i = 0; i < kl_fixture::kRows; ++i) {
+    w(i, 0) = static_cast<T>(kl_fixture::kLabelWeights[i]);
+    ref(i, 0) = static_cast<T>(kl_fixture::kLabelLogProbs[i]);
+  }
+  label_log_probs<T>(s, labels, lp);
+  CHECK(test::rel_diff(lp, ref) < Tolerances<T>::rel);
+  CHECK(lp(2, 0) == T(0));  // ignore_index row
+  label_log_probs_backward<T>(s, labels, w, ds);
+  CHECK(test::rel_diff(ds, kl_fixture_matrix<T>(kl_fixture::kLabelLogProbsGrad)) < Tolerances<T>::rel);
+}
+
 TEST_CASE("kl: gradients match finite differences in double", "[loss][kl][gradcheck]") {
   Rng rng(141);
   Matrix<double> s = test::random_matrix<double>(3, 6, rng, 2.0);
@@ -86,6 +102,17 @@ TEST_CASE("kl: gradients match finite differences in double", "[loss][kl][gradch
     return (o.array() * w.array()).sum();
   };
   CHECK(relative_error(dz, numerical_gradient(z, ls)) < Tolerances<double>::grad);
+  // label_log_probs through L = Σ w_i log p_{i, y_i}, one row ignored.
+  const std::vector<std::int64_t> ys{4, -100, 0};
+  Matrix<double> wl = test::random_matrix<double>(3, 1, rng), lpl, dzl;
+  label_log_probs<double>(z, ys, lpl);
+  label_log_probs_backward<double>(z, ys, wl, dzl);
+  auto lab = [&] {
+    Matrix<double> o;
+    label_log_probs<double>(z, ys, o);
+    return (o.array() * wl.array()).sum();
+  };
+  CHECK(relative_error(dzl, numerical_gradient(z, lab)) < Tolerances<double>::grad);
 }
 
 TEST_CASE("kl: identities (zero at the teacher, soft CE = KL + tau^2 H, zero-mass classes, huge logits)",
@@ -135,6 +162,8 @@ TEST_CASE("kl: bad input is refused with named errors", "[loss][kl][errors]") {
   lq(0, 0) = -std::numeric_limits<double>::infinity();
   PEFT_REQUIRE_THROWS_WITH(kl_div<double>(lq, Matrix<double>::Zero(1, 2), nullptr), NumericError,
                            "infinite divergence");
+  PEFT_REQUIRE_THROWS_WITH(label_log_probs<double>(Matrix<double>::Zero(2, 3), {0, 3}, out), ShapeError,
+                           "label at row 1 is 3, expected a class in [0, 3) or ignore_index -100");
   Matrix<double> g;
   PEFT_REQUIRE_THROWS_WITH(log_softmax_backward<double>(Matrix<double>::Zero(2, 3), Matrix<double>::Zero(3, 3), g),
                            ShapeError, "log_softmax_backward");

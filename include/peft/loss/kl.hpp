@@ -2,6 +2,9 @@
 // Log-probabilities and Kullback–Leibler divergences between row-wise categorical distributions:
 // the one module that distillation (here), Learning without Forgetting and preference tuning share.
 //
+// label_log_probs: log p_{i,y_i} per row (ignore_index rows give 0), the per-token term that
+// sequence log-likelihoods (DPO-style preference losses) sum; backward g_i (onehot(y_i) − p_i).
+//
 // log_softmax (row-wise, stable):
 //   log p_ic = z_ic − logsumexp(z_i),  logsumexp(z) = m + log Σ_c exp(z_c − m),  m = max_c z_c
 //   backward: ∂L/∂z_ic = g_ic − p_ic Σ_c' g_ic'   with g = ∂L/∂log p
@@ -24,8 +27,10 @@
 //
 // Reduction: mean over rows ("batchmean"), like the other losses. Sums are accumulated in double.
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
@@ -133,6 +138,68 @@ T kl_div(const ConstMatrixRef<T>& log_probs, const ConstMatrixRef<T>& target_log
       if (dlog_p) (*dlog_p)(i, j) = p * (diff + T(1)) * inv_n;  // ∂/∂log p = p (log p − log q + 1) / N
     }
   return static_cast<T>(total / static_cast<double>(n));
+}
+
+/// Log-probability of each row's label, log p_i = z_{i,y_i} − logsumexp(z_i), for `logits`
+/// [rows, classes] (the per-token term preference losses sum per sequence); rows labelled
+/// `ignore_index` get 0. Writes into *out [rows, 1] (resized only when its shape differs).
+template <class T>
+void label_log_probs(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t>& labels, Matrix<T>& out,
+                     std::int64_t ignore_index = -100) {
+  const Index n = logits.rows(), c = logits.cols();
+  if (static_cast<Index>(labels.size()) != n)
+    throw ShapeError("label_log_probs: " + std::to_string(labels.size()) + " labels for logits of shape " +
+                     shape_str(n, c) + ", expected " + std::to_string(n));
+  if (c == 0)
+    throw ShapeError("label_log_probs: logits of shape " + shape_str(n, c) + " have no classes, expected >= 1");
+  for (Index i = 0; i < n; ++i) {
+    const std::int64_t y = labels[static_cast<std::size_t>(i)];
+    if (y != ignore_index && (y < 0 || y >= static_cast<std::int64_t>(c)))
+      throw ShapeError("label_log_probs: label at row " + std::to_string(i) + " is " + std::to_string(y) +
+                       ", expected a class in [0, " + std::to_string(c) + ") or ignore_index " +
+                       std::to_string(ignore_index));
+  }
+  detail::check_finite_rows<T>("label_log_probs", logits, "logits");
+  if (out.rows() != n || out.cols() != 1) out.resize(n, 1);
+  for (Index i = 0; i < n; ++i) {
+    const std::int64_t y = labels[static_cast<std::size_t>(i)];
+    if (y == ignore_index) {
+      out(i, 0) = T(0);
+      continue;
+    }
+    const T m = logits.row(i).maxCoeff();
+    const T lse = m + std::log((logits.row(i).array() - m).exp().sum());
+    out(i, 0) = logits(i, static_cast<Index>(y)) - lse;
+  }
+}
+
+/// Backward of label_log_probs: given g_i = ∂L/∂log p_i [rows, 1], writes
+/// ∂L/∂z_i = g_i (onehot(y_i) − softmax(z_i)) into *dlogits (0 for ignored rows).
+template <class T>
+void label_log_probs_backward(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t>& labels,
+                              const ConstMatrixRef<T>& grad, Matrix<T>& dlogits, std::int64_t ignore_index = -100) {
+  const Index n = logits.rows(), c = logits.cols();
+  if (static_cast<Index>(labels.size()) != n || grad.rows() != n || grad.cols() != 1)
+    throw ShapeError("label_log_probs_backward: logits of shape " + shape_str(n, c) + ", " +
+                     std::to_string(labels.size()) + " labels and a gradient of shape " +
+                     shape_str(grad.rows(), grad.cols()) + ", expected " + std::to_string(n) + " labels and [" +
+                     std::to_string(n) + ", 1]");
+  if (dlogits.rows() != n || dlogits.cols() != c) dlogits.resize(n, c);
+  for (Index i = 0; i < n; ++i) {
+    const std::int64_t y = labels[static_cast<std::size_t>(i)];
+    if (y == ignore_index) {
+      dlogits.row(i).setZero();
+      continue;
+    }
+    if (y < 0 || y >= static_cast<std::int64_t>(c))
+      throw ShapeError("label_log_probs_backward: label at row " + std::to_string(i) + " is " + std::to_string(y) +
+                       ", expected a class in [0, " + std::to_string(c) + ")");
+    const T m = logits.row(i).maxCoeff();
+    const T lse = m + std::log((logits.row(i).array() - m).exp().sum());
+    // ∂ log p_y / ∂z = onehot(y) − softmax(z)
+    dlogits.row(i).array() = -(logits.row(i).array() - lse).exp() * grad(i, 0);
+    dlogits(i, static_cast<Index>(y)) += grad(i, 0);
+  }
 }
 
 enum class DistillationLoss {

@@ -775,6 +775,7 @@ int main(int argc, char** argv) {
   std::ofstream csv(o.out + "/continual.csv");
   csv << "setting,method,seed,acc,bwt,fwt,forgetting,seconds\n";
   bool ok = true;
+  double naive_cil = 0, replay_cil = 0;  // --check: replay must beat naive fine-tuning in class-IL
   std::vector<std::pair<std::string, std::vector<double>>> heat;
   for (Setting s : {Setting::kTIL, Setting::kCIL}) {
     // Validation: choose λ for EWC, online EWC, LwF and the merge weight (seed 0, final ACC).
@@ -843,6 +844,8 @@ int main(int argc, char** argv) {
         if (!(mm.acc >= 0 && mm.acc <= 1)) ok = false;
       }
       rows.emplace_back(m.name, agg);
+      if (s == Setting::kCIL && m.kind == Kind::kNaive) naive_cil = agg.acc.mean();
+      if (s == Setting::kCIL && m.kind == Kind::kReplay) replay_cil = std::max(replay_cil, agg.acc.mean());
       if (m.kind == Kind::kAdapters) {
         merged.trainable_pct = agg.trainable_pct;
         merged.state_bytes = agg.state_bytes / (kTasks - 1);
@@ -871,6 +874,11 @@ int main(int argc, char** argv) {
       }
     }
     std::cout << "\n";
+  }
+  if (replay_cil < naive_cil + 0.10) {
+    ok = false;
+    std::cerr << "class-IL: replay's best ACC " << replay_cil << " is not 10 points above naive fine-tuning's "
+              << naive_cil << "\n";
   }
   write_heatmaps(o.out + "/accuracy_matrices.svg", heat, static_cast<int>(heat.size() / 2));
   std::cout << "Accuracy matrices: " << o.out << "/accuracy_matrices.svg; per-run rows: " << o.out
@@ -943,6 +951,7 @@ int main(int argc, char** argv) {
               << (o.quick ? 10 : 20)
               << " labelled images per class; distillation term λ·τ²·KL(general ‖ personal) "
                  "at τ=2 on general images\n\n";
+    double drift_without = -1, drift_with = -1;
     for (double lam : o.personal_lambdas) {
       Stat ub, ua, gain, ga, kl;
       for (int seed = 1; seed <= o.seeds; ++seed) {
@@ -958,10 +967,16 @@ int main(int argc, char** argv) {
                     << "| λ | user accuracy before → after (%) | gain | general accuracy with the adapter (%) | drift: "
                        "KL(general ‖ personal) on general test |\n| --- | --- | --- | --- | --- |\n";
       }
+      (lam == 0.0 ? drift_without : drift_with) = kl.mean();
       std::cout << "| " << lam << " | " << ub.pm() << " → " << ua.pm() << " | " << gain.pm() << " | " << ga.pm()
                 << " | " << kl.pm(1, 3) << " |\n";
     }
     std::cout << "\n";
+    if (drift_with >= 0 && drift_without >= 0 && !(drift_with < drift_without)) {
+      ok = false;
+      std::cerr << "personalisation: the distillation term did not reduce the drift (" << drift_with << " vs "
+                << drift_without << ")\n";
+    }
   }
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
   std::cout << "Total " << static_cast<int>(total) << " s.\n";

@@ -584,6 +584,7 @@ MtResult run_multitask(const Options& o, const Data& d, MtMode mode, std::uint64
   std::vector<std::int64_t> y;
   MtResult res;
   double conflicts = 0, cos_sum = 0, cos_min = 1;
+  peft::GradientConflicts gc;
   for (Index step = 0; step < steps; ++step) {
     for (int t = 0; t < kTasks; ++t) {
       if (!samplers[t].next(batch)) {
@@ -599,7 +600,7 @@ MtResult run_multitask(const Options& o, const Data& d, MtMode mode, std::uint64
       net.backward(dl);
       mt.capture(t);
     }
-    const peft::GradientConflicts gc = mt.conflicts();
+    mt.conflicts(gc);
     conflicts += static_cast<double>(gc.conflicting) / gc.pairs;
     cos_sum += gc.mean_cosine;
     cos_min = std::min(cos_min, gc.min_cosine);

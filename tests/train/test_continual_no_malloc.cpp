@@ -32,6 +32,7 @@ TEST_CASE("continual no-malloc: distillation, online EWC, multi-task combination
   ewc.accumulate();
   ewc.end_task();
   MultiTaskGradients<float> mt(params, 3);
+  GradientConflicts report;
   CHECK(test::no_malloc::allocations_after_warmup([&] {
           ewc.add_to_gradients();
           for (int k = 0; k < 3; ++k) {
@@ -39,6 +40,7 @@ TEST_CASE("continual no-malloc: distillation, online EWC, multi-task combination
             b.grad.setConstant(1.f - static_cast<float>(k));
             mt.capture(k);
           }
+          mt.conflicts(report);
           mt.combine_weighted();
           mt.combine_pcgrad(rng);
         }) == 0);

@@ -83,16 +83,28 @@ class MultiTaskGradients {
   /// Pairwise cosines of the captured gradients and their conflict statistics.
   GradientConflicts conflicts() const {
     GradientConflicts r;
-    const Matrix<double> gd = g_.template cast<double>();
-    const Matrix<double> gram = gd * gd.transpose();
-    r.cosine.resize(tasks_, tasks_);
+    conflicts(r);
+    return r;
+  }
+
+  /// Same, into `r` (its storage reused: no allocation once sized for K tasks). Dot products are
+  /// accumulated in double.
+  void conflicts(GradientConflicts& r) const {
+    if (r.cosine.rows() != tasks_ || r.cosine.cols() != tasks_) r.cosine.resize(tasks_, tasks_);
     r.norms.resize(static_cast<std::size_t>(tasks_));
-    for (int i = 0; i < tasks_; ++i) r.norms[static_cast<std::size_t>(i)] = std::sqrt(gram(i, i));
+    for (int i = 0; i < tasks_; ++i) {
+      r.norms[static_cast<std::size_t>(i)] = std::sqrt(dot(i, i));
+      for (int j = 0; j <= i; ++j) r.cosine(i, j) = r.cosine(j, i) = dot(i, j);  // the Gram matrix first
+    }
+    r.pairs = 0;
+    r.conflicting = 0;
+    r.mean_cosine = 0.0;
     r.min_cosine = tasks_ > 1 ? 1.0 : 0.0;
     for (int i = 0; i < tasks_; ++i)
       for (int j = 0; j < tasks_; ++j) {
         const double d = r.norms[static_cast<std::size_t>(i)] * r.norms[static_cast<std::size_t>(j)];
-        r.cosine(i, j) = d > 0 ? gram(i, j) / d : (i == j ? 1.0 : 0.0);
+        const double gram = r.cosine(i, j);
+        r.cosine(i, j) = d > 0 ? gram / d : (i == j ? 1.0 : 0.0);
         if (j > i) {
           ++r.pairs;
           r.conflicting += r.cosine(i, j) < 0 ? 1 : 0;
@@ -101,7 +113,6 @@ class MultiTaskGradients {
         }
       }
     if (r.pairs > 0) r.mean_cosine /= r.pairs;
-    return r;
   }
 
   /// Parameter::grad ← Σ_k w_k g_k (empty weights: all 1).
@@ -152,6 +163,11 @@ class MultiTaskGradients {
                         " tasks");
     for (double v : w)
       if (!std::isfinite(v)) throw ConfigError("MultiTaskGradients: weight " + check::num(v) + " is not finite");
+  }
+  double dot(int i, int j) const {
+    double acc = 0.0;
+    for (Index c = 0; c < g_.cols(); ++c) acc += static_cast<double>(g_(i, c)) * static_cast<double>(g_(j, c));
+    return acc;
   }
   static double weight(const std::vector<double>& w, int k) { return w.empty() ? 1.0 : w[static_cast<std::size_t>(k)]; }
   void scatter() {

@@ -395,3 +395,57 @@ TEST_CASE(
   CHECK(peft::test::rel_diff(again.forward(ids, layout, cache), logits) < 1e-14);
   io::detail::remove_tree(tmpl);
 }
+
+TEST_CASE("llama: quantize on load gives an NF4 base (QLoRA) that equals its dequantized dense model", "[llama][nf4]") {
+  const LbFixture fx;
+  std::vector<Index> ids;
+  SequenceLayout layout;
+  fx.batch("left_ids", "left_mask", ids, layout);
+  io::LlamaLoadOptions opt;
+  opt.quantize_nf4 = true;
+  LlamaForCausalLM<float> q = io::load_llama<float>(lb_data("llama"), opt);
+  LlamaForCausalLM<float> dense = io::load_llama<float>(lb_data("llama"));
+  LlamaForCausalLM<float> deq = io::load_llama<float>(lb_data("llama"));
+  auto qh = io::adapted_linears<float>(q);
+  auto dh = io::adapted_linears<float>(deq);
+  REQUIRE(qh.size() == dh.size());
+  int nq = 0;
+  for (std::size_t i = 0; i < qh.size(); ++i) {
+    REQUIRE(qh[i].first == dh[i].first);
+    if (!qh[i].second->quantized()) continue;
+    ++nq;
+    dh[i].second->weight.value = qh[i].second->dequantized_weight();  // the dense model of the NF4 values
+  }
+  CHECK(nq == 14);  // 7 linears × 2 layers; lm_head stays dense
+  CHECK(!q.lm_head.quantized());
+  typename LlamaForCausalLM<float>::Cache cache;
+  const Matrix<float> zq = q.forward(ids, layout, cache), zd = deq.forward(ids, layout, cache),
+                      z = dense.forward(ids, layout, cache);
+  const double to_deq = lb_valid_error(zq, zd.cast<double>(), layout),
+               to_dense = lb_valid_error(zq, z.cast<double>(), layout);
+  CHECK(to_deq < 1e-5);
+  CHECK(to_dense > 1e-3);  // 4 bits per weight do change the logits ...
+  CHECK(to_dense < 0.3);   // ... but not beyond recognition
+  WARN("NF4 on load: logits vs dequantized dense " << to_deq << ", vs the float model " << to_dense);
+
+  // QLoRA: LoRA on the NF4 base trains (loss falls under SGD); quantizing a host with adapters is refused.
+  Rng rng(7);
+  io::Json cfg = {{"peft_type", "LORA"}, {"r", 4}, {"lora_alpha", 8}, {"target_modules", "all-linear"}};
+  io::apply_method<float>(q, cfg, "default", rng);
+  std::vector<std::int64_t> labels(ids.begin(), ids.end());
+  Matrix<float> logits, dlogits;
+  float first = 0, last = 0;
+  for (int step = 0; step < 8; ++step) {
+    q.forward(ids, layout, logits, cache);
+    last = causal_lm_loss<float>(logits, labels, layout, &dlogits);
+    if (step == 0) first = last;
+    q.zero_grad();
+    q.backward(cache, dlogits);
+    q.visit_parameters([](const std::string&, Parameter<float>& p) {
+      if (p.trainable()) p.value -= 0.5f * p.grad;
+    });
+  }
+  CHECK(last < 0.9f * first);
+  io::apply_method<float>(dense, cfg, "default", rng);
+  PEFT_REQUIRE_THROWS_WITH(io::quantize_llama_nf4(dense), ConfigError, "already holds adapters");
+}

@@ -21,6 +21,11 @@
 // checkpoints store the buffer) and `lm_head.weight` when the embeddings are tied (HF ties it).
 // The files are memory-mapped (io::SafeTensorsFile) and each tensor is decoded straight into its
 // parameter, so peak memory is about the files' pages plus the model in T.
+//
+// Quantize on load (LlamaLoadOptions::quantize_nf4; transformers' load_in_4bit with bitsandbytes'
+// nf4): each decoder layer's seven linears become NF4 hosts (quantize_linear, bit-compatible with
+// bitsandbytes' quantizer), layer by layer right after the dense load; embeddings, norms and lm_head
+// stay dense (bitsandbytes leaves the output layer out). Adapters added afterwards are QLoRA.
 #include <algorithm>
 #include <chrono>
 #include <map>
@@ -35,6 +40,7 @@
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/models/llama.hpp"
+#include "peft/quant/nf4_lora_linear.hpp"
 
 namespace peft::io {
 
@@ -268,6 +274,38 @@ LlamaLoadReport load_llama_weights(LlamaForCausalLM<T>& model, const std::string
   return report;
 }
 
+/// How load_llama builds the model.
+struct LlamaLoadOptions {
+  bool quantize_nf4 = false;  ///< NF4 base for every decoder linear (QLoRA), see the file comment
+  quant::NF4Options nf4;      ///< blocksize, double quantization, ...
+};
+
+/// Replaces every decoder linear that is still dense by its NF4 quantization (bias dense, frozen);
+/// lm_head and the embeddings stay dense. Refused (ConfigError naming the layer) for a linear that
+/// already holds adapters. Returns the quantized paths.
+template <class T>
+std::vector<std::string> quantize_llama_nf4(LlamaForCausalLM<T>& model, const quant::NF4Options& opt = {}) {
+  std::vector<std::string> done;
+  for (LlamaDecoderLayer<T>& layer : model.model.layers) {
+    for (AdaptedLinear<T>* lin :
+         {&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.self_attn.v_proj, &layer.self_attn.o_proj,
+          &layer.mlp.gate_proj, &layer.mlp.up_proj, &layer.mlp.down_proj}) {
+      if (lin->quantized()) continue;
+      if (lin->num_adapters() > 0)
+        throw ConfigError("quantize_llama_nf4: \"" + lin->name() +
+                          "\" already holds adapters; quantize the base first");
+      Linear<T> base;
+      base.weight = lin->weight;
+      if (lin->has_bias()) base.bias = lin->bias;
+      const std::string name = lin->name();
+      *lin = quantize_linear<T>(base, opt, name);
+      done.push_back(name);
+    }
+  }
+  model.set_name(model.name());
+  return done;
+}
+
 /// Builds the model of `dir`/config.json and loads its weights. The model comes frozen (every
 /// parameter; PEFT's get_peft_model freezes the base anyway): adapters added afterwards train, and
 /// Parameter::set_trainable(true) makes any base parameter train.
@@ -277,6 +315,15 @@ LlamaForCausalLM<T> load_llama(const std::string& dir, LlamaLoadReport* report =
   LlamaForCausalLM<T> model(read_llama_config(dir + "/config.json"));
   const LlamaLoadReport r = load_llama_weights(model, dir);
   if (report != nullptr) *report = r;
+  return model;
+}
+
+/// load_llama with options: `options.quantize_nf4` gives an NF4 base (see the file comment).
+template <class T>
+LlamaForCausalLM<T> load_llama(const std::string& dir, const LlamaLoadOptions& options,
+                               LlamaLoadReport* report = nullptr) {
+  LlamaForCausalLM<T> model = load_llama<T>(dir, report);
+  if (options.quantize_nf4) quantize_llama_nf4(model, options.nf4);
   return model;
 }
 

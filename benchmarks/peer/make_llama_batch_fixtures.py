@@ -28,6 +28,11 @@ Writes into tests/data/llama/ (see the README.md there):
                                          table in a float32 Embedding: these differ from prefix_logits_f64 by
                                          that rounding)
 
+  llama_bnb/      save_pretrained of llama/ loaded with BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute
+                  float32) on the CPU backend; bnb_left_logits_f32: the float32 model on the weights its saved
+                  QuantStates define, on the left-padded batch (bitsandbytes' CPU forward and dequantize_4bit do not
+                  handle in_features < blocksize; see the comment in section 4)
+
 Usage: ~/.cache/peft-peer/bin/python benchmarks/peer/make_llama_batch_fixtures.py tests/data/llama
 """
 import argparse
@@ -154,6 +159,39 @@ def main():
         diff = (exp["prefix_reload_logits_f64"] - exp["prefix_logits_f64"]).abs().max().item()
         print("prefix reload diff", diff)
         assert diff < 1e-6
+
+    # 4. A bitsandbytes 4-bit (nf4, double quantization) checkpoint of the same model, and its logits.
+    from transformers import BitsAndBytesConfig
+    bcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.float32)
+    bm = LlamaForCausalLM.from_pretrained(mdir, quantization_config=bcfg, dtype=torch.float32, device_map="cpu",
+                                          attn_implementation="eager").eval()
+    bdir = os.path.join(a.out_dir, "llama_bnb")
+    shutil.rmtree(bdir, ignore_errors=True)
+    bm.save_pretrained(bdir)
+    # bitsandbytes' CPU backend cannot run this model: its forward refuses in_features < blocksize (32 < 64 here),
+    # and its CPU dequantize_4bit returns wrong values for such tensors (relative error 0.25 to the float weights on
+    # q_proj, against 0.09 for the QuantState's definition below). So the reference is the float32 model on the
+    # weights the saved QuantState defines: code[nibble] · absmax, absmax = nested_code[u8] · nested_absmax + offset
+    # (bitsandbytes' dequantize_blockwise / dequantize_4bit formulas), checked against the float weights.
+    import bitsandbytes as bnb
+    dq = LlamaForCausalLM.from_pretrained(mdir, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        n4 = 0
+        for name, mod in bm.named_modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                qs, s2 = mod.weight.quant_state, mod.weight.quant_state.state2
+                blocks = qs.absmax.numel()
+                am = s2.code[qs.absmax.long()] * s2.absmax.repeat_interleave(s2.blocksize)[:blocks] + qs.offset
+                data = mod.weight.data.flatten()
+                nib = torch.stack([data >> 4, data & 15], 1).flatten().long()
+                w = (qs.code[nib].reshape(blocks, -1) * am[:, None]).reshape(qs.shape)
+                ref = dq.get_submodule(name).weight
+                assert ((w - ref).norm() / ref.norm()).item() < 0.15
+                ref.copy_(w)
+                n4 += 1
+        assert n4 == 14, n4
+        exp["bnb_left_logits_f32"] = dq(input_ids=ids, attention_mask=mask, position_ids=positions(mask)).logits
 
     exp = {k: v.contiguous().double() for k, v in exp.items()}
     save_file(exp, os.path.join(a.out_dir, "llama_batch_expected.safetensors"), metadata={"source": base.source()})

@@ -449,3 +449,38 @@ TEST_CASE("llama: quantize on load gives an NF4 base (QLoRA) that equals its deq
   io::apply_method<float>(dense, cfg, "default", rng);
   PEFT_REQUIRE_THROWS_WITH(io::quantize_llama_nf4(dense), ConfigError, "already holds adapters");
 }
+
+TEST_CASE(
+    "llama: a bitsandbytes 4-bit checkpoint loads to an NF4 base (bitsandbytes' weights and logits); quantize "
+    "on load gives the same bits",
+    "[llama][nf4]") {
+  const LbFixture fx;
+  std::vector<Index> ids;
+  SequenceLayout layout;
+  fx.batch("left_ids", "left_mask", ids, layout);
+  LlamaForCausalLM<float> b = io::load_llama<float>(lb_data("llama_bnb"));
+  io::LlamaLoadOptions opt;
+  opt.quantize_nf4 = true;
+  LlamaForCausalLM<float> q = io::load_llama<float>(lb_data("llama"), opt);
+  auto bh = io::adapted_linears<float>(b);
+  auto qh = io::adapted_linears<float>(q);
+  REQUIRE(bh.size() == qh.size());
+  int nq = 0;
+  for (std::size_t i = 0; i < bh.size(); ++i) {
+    INFO(bh[i].first);
+    CHECK(bh[i].second->quantized() == qh[i].second->quantized());
+    if (!bh[i].second->quantized()) continue;
+    ++nq;
+    CHECK((bh[i].second->dequantized_weight().array() == qh[i].second->dequantized_weight().array()).all());
+  }
+  CHECK(nq == 14);
+  typename LlamaForCausalLM<float>::Cache cache;
+  const double err = lb_valid_error(b.forward(ids, layout, cache), fx.rows("bnb_left_logits_f32"), layout);
+  CHECK(err < 1e-5);
+  WARN("bitsandbytes 4-bit checkpoint: logits rel err " << err);
+  io::Json cfg = io::parse_json_strict(io::read_text_file(lb_data("llama_bnb/config.json")), "config");
+  CHECK(io::llama_config_from_json(cfg, "config").hidden_size == 32);
+  cfg["quantization_config"]["bnb_4bit_quant_type"] = "fp4";
+  PEFT_REQUIRE_THROWS_WITH(io::llama_config_from_json(cfg, "config"), ConfigError,
+                           "only bitsandbytes 4-bit nf4 checkpoints are supported");
+}

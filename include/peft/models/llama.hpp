@@ -779,7 +779,11 @@ void LlamaModel<T>::forward(const std::vector<Index>& ids, const SequenceLayout&
                  static_cast<Index>(layers.size()) * 2 * w);
   cache.input_layout = layout;
   cache.prompt_len = n;
-  cache.layout = n > 0 ? layout.prepended(n) : layout;
+  cache.layout = layout;  // prepended by n in place (no allocation once the cache has this batch size)
+  if (n > 0) {
+    cache.layout.seq += n;
+    for (Index& l : cache.layout.lengths) l += n;
+  }
   embed_tokens.forward(ids, x_, cache.embed);  // x = E[ids]   [B·S, d]
   if (cache.layers.size() != layers.size()) cache.layers.resize(layers.size());
   Matrix<T>* cur = &x_;
@@ -941,9 +945,13 @@ void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
                       ": the prompt / prefix changed between forward and backward");
   Matrix<T>* dprompt =
       prompt_encoder && prompt_encoder->embedding.trainable() ? &prompt_encoder->embedding.accumulator() : nullptr;
-  bool prefix_trains = false;
-  if (prefix_encoder)
-    prefix_encoder->visit_parameters([&](const std::string&, Parameter<T>& p) { prefix_trains |= p.trainable(); });
+  bool prefix_trains = false;  // read directly: visiting by name would build strings
+  if (prefix_encoder) {
+    const PrefixAttention<T>& p = *prefix_encoder;
+    prefix_trains = p.embedding.trainable() ||
+                    (p.projected() && (p.transform_0.weight.trainable() || p.transform_0.bias.trainable() ||
+                                       p.transform_2.weight.trainable() || p.transform_2.bias.trainable()));
+  }
   model.backward(cache.model, rope_, dhidden_, dprompt, prefix_trains ? &cache.prefix.dtable : nullptr);
   if (prefix_trains) prefix_encoder->backward(cache.prefix);  // dT → embedding (and the MLP's) gradients
 }

@@ -427,7 +427,7 @@ class LlamaModel : public Module<T> {
 
  private:
   bool below_trainable() const;
-  Matrix<T> x_, y_, da_, db_, xp_;
+  Matrix<T> x_, y_, da_, db_, xp_, xin_;
   typename Embedding<T>::Cache embed_inf_;
   typename RMSNorm<T>::Cache norm_inf_;
 };
@@ -788,9 +788,9 @@ void LlamaModel<T>::forward(const std::vector<Index>& ids, const SequenceLayout&
   if (cache.layers.size() != layers.size()) cache.layers.resize(layers.size());
   Matrix<T>* cur = &x_;
   Matrix<T>* nxt = &y_;
-  if (n > 0) {  // [padding; P; tokens] per sequence
-    detail::llama_insert_prompt<T>(x_, layout, *prompt, y_);
-    std::swap(cur, nxt);
+  if (n > 0) {  // [padding; P; tokens] per sequence, in a buffer of its own (x_ keeps the ids' size)
+    detail::llama_insert_prompt<T>(x_, layout, *prompt, xin_);
+    cur = &xin_;
   }
   for (std::size_t i = 0; i < layers.size(); ++i) {
     if (prefix != nullptr) {
@@ -1045,8 +1045,8 @@ void LlamaModel<T>::forward_cached(const std::vector<Index>& ids, const Sequence
   Matrix<T>* cur = &x_;
   Matrix<T>* nxt = &y_;
   if (n > 0) {
-    detail::llama_insert_prompt<T>(x_, layout, *prompt, y_);
-    std::swap(cur, nxt);
+    detail::llama_insert_prompt<T>(x_, layout, *prompt, xin_);
+    cur = &xin_;
   }
   detail::LlamaRowAdapters rows{adapter_names, m};
   for (std::size_t i = 0; i < layers.size(); ++i) {

@@ -57,3 +57,38 @@ TEST_CASE("no-malloc: llama forward + causal LM loss + backward", "[llama][no_ma
       CHECK(control > 0);
     }
 }
+
+TEST_CASE("no-malloc: llama with left padding and prompt / prefix tuning, forward + loss + backward",
+          "[llama][no_malloc]") {
+  for (int kind = 0; kind < 3; ++kind) {
+    INFO("kind " << kind);
+    LlamaConfig c;
+    c.vocab_size = 13;
+    c.hidden_size = 8;
+    c.intermediate_size = 12;
+    c.num_hidden_layers = 2;
+    c.num_attention_heads = 4;
+    c.num_key_value_heads = 2;
+    Rng rng(6);
+    LlamaForCausalLM<float> model(c, rng);
+    model.freeze_all();
+    if (kind == 1) model.add_prompt_tuning(3, rng);
+    if (kind == 2) model.add_prefix_tuning(2, rng, true, 6);
+    if (kind == 0) model.model.embed_tokens.weight.set_trainable(true);
+    SequenceLayout layout(2, 6, {6, 4});
+    layout.left_padded = true;
+    const std::vector<Index> ids = {1, 2, 3, 4, 5, 6, 0, 0, 7, 8, 9, 10};
+    const std::vector<std::int64_t> labels = model.prompt_labels({1, 2, 3, 4, 5, 6, -100, -100, 7, 8, 9, 10}, layout);
+    const SequenceLayout out = model.output_layout(layout);
+    typename LlamaForCausalLM<float>::Cache cache;
+    Matrix<float> logits, dlogits;
+    float loss = 0;
+    const long n = peft::test::no_malloc::allocations_after_warmup([&] {
+      model.forward(ids, layout, logits, cache);
+      loss = causal_lm_loss<float>(logits, labels, out, &dlogits);
+      model.backward(cache, dlogits);
+    });
+    CHECK(n == 0);
+    CHECK(std::isfinite(loss));
+  }
+}

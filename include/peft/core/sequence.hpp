@@ -5,13 +5,16 @@
 //   data    one contiguous row-major block [batch·seq, dim]; token t of sequence b is row b·seq + t
 //   layout  batch, seq (the common padded length) and lengths[b] ∈ [1, seq], the valid tokens of b
 //
-// Rows t ≥ lengths[b] are padding. Row-wise layers (Linear, LayerNorm, FeedForward) just process
-// them; attention masks them as keys (key-padding mask), so padding never changes a valid row.
-// Padding content must be finite: its gradient is 0, but a weight gradient Σ_rows dYᵀ X still
-// multiplies it, and 0 · NaN is NaN (as in PyTorch). pack_sequences fills it with zeros.
-// Every layer that mixes positions (attention, pooling) takes the SequenceLayout next to the
-// [batch·seq, dim] matrix, so hidden states stay ordinary Matrix<T> and flow through Eigen::Ref
-// without copies. SequenceBatch<T> bundles the two for callers who want one object.
+// Rows t ≥ lengths[b] are padding (right padding, the default). With `left_padded` (Hugging Face's
+// padding_side="left", what batched generation uses) the valid tokens are the LAST lengths[b] rows
+// instead: first(b) = seq − lengths[b]; only the causal LM (models/llama.hpp, loss/causal_lm.hpp)
+// reads such layouts, every other position-mixing layer refuses them (require_right_padded). Row-wise layers (Linear,
+// LayerNorm, FeedForward) just process them; attention masks them as keys (key-padding mask), so padding never changes
+// a valid row. Padding content must be finite: its gradient is 0, but a weight gradient Σ_rows dYᵀ X still multiplies
+// it, and 0 · NaN is NaN (as in PyTorch). pack_sequences fills it with zeros. Every layer that mixes positions
+// (attention, pooling) takes the SequenceLayout next to the [batch·seq, dim] matrix, so hidden states stay ordinary
+// Matrix<T> and flow through Eigen::Ref without copies. SequenceBatch<T> bundles the two for callers who want one
+// object.
 //
 // Prepending n rows to every sequence (soft prompts, Lester et al. 2021) is prepend_rows(); its
 // backward is split_prepended_rows().
@@ -27,6 +30,7 @@ struct SequenceLayout {
   Index batch = 0;
   Index seq = 0;
   std::vector<Index> lengths;  ///< size batch, each in [1, seq]
+  bool left_padded = false;    ///< valid tokens of b are rows first(b) .. seq − 1 (padding first)
 
   SequenceLayout() = default;
   /// All sequences full (lengths = seq).
@@ -43,12 +47,21 @@ struct SequenceLayout {
     return SequenceLayout(batch_size, longest, std::move(lens));
   }
 
+  /// Left-padded, to the longest length (HF's padding_side="left").
+  static SequenceLayout left_from_lengths(std::vector<Index> lens) {
+    SequenceLayout l = from_lengths(std::move(lens));
+    l.left_padded = true;
+    return l;
+  }
+
   /// batch·seq: the row count of the matching data block.
   Index rows() const { return batch * seq; }
   Index length(Index b) const { return lengths[static_cast<std::size_t>(b)]; }
   /// Row of token t of sequence b.
   Index row(Index b, Index t) const { return b * seq + t; }
-  bool valid(Index b, Index t) const { return t < length(b); }
+  /// First valid row of sequence b within its seq rows (0 unless left-padded).
+  Index first(Index b) const { return left_padded ? seq - length(b) : 0; }
+  bool valid(Index b, Index t) const { return t >= first(b) && t < first(b) + length(b); }
   bool padded() const {
     for (Index l : lengths)
       if (l != seq) return true;
@@ -92,11 +105,21 @@ struct SequenceLayout {
                        std::to_string(batch) + "*" + std::to_string(seq) + " = " + std::to_string(rows()));
   }
 
-  /// The layout after prepending n rows to every sequence: seq + n, lengths + n.
+  /// The layout after prepending n rows to every sequence: seq + n, lengths + n (left-padded: the n
+  /// rows go right before the valid tokens, after the padding).
   SequenceLayout prepended(Index n) const {
     SequenceLayout out(batch, seq + n, lengths);
+    out.left_padded = left_padded;
     for (Index& l : out.lengths) l += n;
     return out;
+  }
+
+  /// ShapeError naming `Kind "name"` for a left-padded layout (layers that only read right padding).
+  void require_right_padded(const char* kind, const std::string& name) const {
+    if (left_padded && padded())
+      throw ShapeError(describe(kind, name) +
+                       ": left-padded sequence batches are read only by the causal LM (models/llama.hpp); pad on "
+                       "the right");
   }
 };
 
@@ -134,18 +157,20 @@ SequenceBatch<T> pack_sequences(const std::vector<Matrix<T>>& sequences, T pad_v
   return out;
 }
 
-/// Packs token-id sequences into one padded id vector [batch·seq] (padding = pad_id) + its layout.
+/// Packs token-id sequences into one padded id vector [batch·seq] (padding = pad_id) + its layout;
+/// `left`: padding first (HF's padding_side="left", for batched generation).
 inline std::vector<Index> pack_token_ids(const std::vector<std::vector<Index>>& sequences, SequenceLayout& layout,
-                                         Index pad_id = 0) {
+                                         Index pad_id = 0, bool left = false) {
   if (sequences.empty()) throw ShapeError("pack_token_ids: no sequences given");
   std::vector<Index> lens;
   for (const auto& s : sequences) lens.push_back(static_cast<Index>(s.size()));
   layout = SequenceLayout::from_lengths(std::move(lens));
+  layout.left_padded = left;
   layout.validate("pack_token_ids");
   std::vector<Index> ids(static_cast<std::size_t>(layout.rows()), pad_id);
   for (Index b = 0; b < layout.batch; ++b)
     for (Index t = 0; t < layout.length(b); ++t)
-      ids[static_cast<std::size_t>(layout.row(b, t))] =
+      ids[static_cast<std::size_t>(layout.row(b, layout.first(b) + t))] =
           sequences[static_cast<std::size_t>(b)][static_cast<std::size_t>(t)];
   return ids;
 }
@@ -157,6 +182,7 @@ template <class T>
 void prepend_rows(const ConstMatrixRef<T>& x, const SequenceLayout& layout, const ConstMatrixRef<T>& prefix,
                   Matrix<T>& out, SequenceLayout& out_layout, Index n) {
   layout.validate("prepend_rows", x.rows());
+  layout.require_right_padded("prepend_rows", "");
   if (n <= 0) throw ShapeError("prepend_rows: number of prepended rows must be >= 1, got " + std::to_string(n));
   if (prefix.cols() != x.cols())
     throw ShapeError("prepend_rows: prefix has " + std::to_string(prefix.cols()) + " features, expected " +
@@ -184,6 +210,7 @@ template <class T>
 void split_prepended_rows(const ConstMatrixRef<T>& dy, const SequenceLayout& out_layout, Index n, Matrix<T>* dx,
                           Matrix<T>* dprefix) {
   out_layout.validate("split_prepended_rows", dy.rows());
+  out_layout.require_right_padded("split_prepended_rows", "");
   if (n <= 0 || n >= out_layout.seq)
     throw ShapeError("split_prepended_rows: n=" + std::to_string(n) +
                      " must be in [1, seq) with seq=" + std::to_string(out_layout.seq));

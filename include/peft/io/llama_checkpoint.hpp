@@ -21,6 +21,16 @@
 // checkpoints store the buffer) and `lm_head.weight` when the embeddings are tied (HF ties it).
 // The files are memory-mapped (io::SafeTensorsFile) and each tensor is decoded straight into its
 // parameter, so peak memory is about the files' pages plus the model in T.
+//
+// bitsandbytes checkpoints (save_pretrained of a model loaded with load_in_4bit, nf4, with or without
+// double quantization; config.json's quantization_config says so, any other quantization is
+// refused): each `<p>.weight` + quant-state group (quant/bnb_format.hpp) becomes the NF4 base of the
+// linear <p>, bit for bit; everything else loads as above.
+//
+// Quantize on load (LlamaLoadOptions::quantize_nf4; transformers' load_in_4bit with bitsandbytes'
+// nf4): each decoder layer's seven linears become NF4 hosts (quantize_linear, bit-compatible with
+// bitsandbytes' quantizer), layer by layer right after the dense load; embeddings, norms and lm_head
+// stay dense (bitsandbytes leaves the output layer out). Adapters added afterwards are QLoRA.
 #include <algorithm>
 #include <chrono>
 #include <map>
@@ -35,6 +45,8 @@
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/models/llama.hpp"
+#include "peft/quant/bnb_format.hpp"
+#include "peft/quant/nf4_lora_linear.hpp"
 
 namespace peft::io {
 
@@ -123,8 +135,18 @@ inline LlamaConfig llama_config_from_json(const Json& j, const std::string& labe
   for (const char* k : {"num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size"})
     if (detail::json_has(j, k) && !(j.at(k).is_number() && j.at(k).get<double>() == 0.0))
       throw ConfigError(label + ": \"" + k + "\" is set: mixture-of-experts models are not supported");
-  if (detail::json_has(j, "quantization_config"))
-    throw ConfigError(label + ": \"quantization_config\" is set: quantized checkpoints are not supported");
+  if (detail::json_has(j, "quantization_config")) {  // bitsandbytes 4-bit nf4 only (load_llama_weights reads it)
+    const Json& q = j.at("quantization_config");
+    const bool obj = q.is_object();
+    const std::string method = obj ? detail::json_get_or<std::string>(q, "quant_method", "", label) : "";
+    const bool four =
+        obj && q.contains("load_in_4bit") && q.at("load_in_4bit").is_boolean() && q.at("load_in_4bit").get<bool>();
+    const std::string qt = obj ? detail::json_get_or<std::string>(q, "bnb_4bit_quant_type", "fp4", label) : "";
+    if (method != "bitsandbytes" || !four || qt != "nf4")
+      throw ConfigError(label + ": \"quantization_config\" (quant_method \"" + method + "\", load_in_4bit " +
+                        (four ? "true" : "false") + ", bnb_4bit_quant_type \"" + qt +
+                        "\"): only bitsandbytes 4-bit nf4 checkpoints are supported");
+  }
   if (detail::json_has(j, "layer_types")) {
     const Json& lt = j.at("layer_types");
     if (!lt.is_array()) throw IoError(label + ": \"layer_types\" must be an array");
@@ -220,8 +242,13 @@ LlamaLoadReport load_llama_weights(LlamaForCausalLM<T>& model, const std::string
     const TensorInfo* info;
     Parameter<T>* param;
   };
+  std::map<std::string, AdaptedLinear<T>*> hosts;
+  model.visit_modules([&](const std::string& path, Module<T>& m) {
+    if (auto* a = dynamic_cast<AdaptedLinear<T>*>(&m)) hosts[path] = a;
+  });
   std::vector<std::unique_ptr<SafeTensorsFile>> files;
   std::vector<Plan> plan;
+  std::vector<std::pair<AdaptedLinear<T>*, quant::NF4Tensor>> nf4;  // bitsandbytes 4-bit bases
   std::set<std::string> seen;
   for (const std::string& name : shard_names) {
     const std::string path = dir + "/" + name;
@@ -229,8 +256,31 @@ LlamaLoadReport load_llama_weights(LlamaForCausalLM<T>& model, const std::string
     const SafeTensorsFile& st = *files.back();
     report.files.push_back(path);
     report.file_bytes += st.file().size();
+    const std::vector<std::string> quantized = quant::bnb_4bit_prefixes(st);
+    for (const std::string& prefix : quantized) {
+      const auto h = hosts.find(prefix);
+      if (h == hosts.end() || h->second->quantized())
+        throw ConfigError("\"" + path + "\": 4-bit weight \"" + prefix + ".weight\": the model has no linear \"" +
+                          prefix + "\" to hold it");
+      quant::NF4Tensor q = quant::read_bnb_nf4(st, prefix);
+      if (q.rows() != h->second->out_features() || q.cols() != h->second->in_features())
+        throw ShapeError("\"" + path + "\": 4-bit weight \"" + prefix + ".weight\" has shape " +
+                         shape_str(static_cast<Index>(q.rows()), static_cast<Index>(q.cols())) +
+                         ", the model expects " + shape_str(h->second->out_features(), h->second->in_features()));
+      if (!seen.insert(prefix + ".weight").second)
+        throw ConfigError("\"" + path + "\": tensor \"" + prefix + ".weight\" appears twice");
+      nf4.emplace_back(h->second, std::move(q));
+    }
+    auto is_quant_part = [&](const std::string& key) {
+      for (const std::string& p : quantized)
+        if (key.compare(0, p.size() + 7, p + ".weight") == 0 &&
+            (key.size() == p.size() + 7 || key[p.size() + 7] == '.'))
+          return true;
+      return false;
+    };
     for (const TensorInfo& t : st.tensors()) {
       const std::string& key = t.name;
+      if (is_quant_part(key)) continue;  // read above
       if (!weight_map.empty()) {
         const auto w = weight_map.find(key);
         if (w == weight_map.end() || w->second != name)
@@ -263,9 +313,48 @@ LlamaLoadReport load_llama_weights(LlamaForCausalLM<T>& model, const std::string
       throw ConfigError("\"" + dir + "\": missing tensor \"" + kv.first + "\" (shape " +
                         shape_str(kv.second->value.rows(), kv.second->value.cols()) + ")");
   for (const Plan& s : plan) s.file->template load_into<T>(*s.info, s.param->value.data());  // decode straight into W
+  for (auto& [host, q] : nf4) {  // the 4-bit base replaces the (empty) dense one; the bias was loaded above
+    RowVector<T> b;
+    if (host->has_bias()) b = host->bias.value.row(0);
+    const std::string name = host->name();
+    *host = AdaptedLinear<T>(std::move(q), b, name);
+  }
+  if (!nf4.empty()) model.set_name(model.name());
   report.tensors = plan.size();
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return report;
+}
+
+/// How load_llama builds the model.
+struct LlamaLoadOptions {
+  bool quantize_nf4 = false;  ///< NF4 base for every decoder linear (QLoRA), see the file comment
+  quant::NF4Options nf4;      ///< blocksize, double quantization, ...
+};
+
+/// Replaces every decoder linear that is still dense by its NF4 quantization (bias dense, frozen);
+/// lm_head and the embeddings stay dense. Refused (ConfigError naming the layer) for a linear that
+/// already holds adapters. Returns the quantized paths.
+template <class T>
+std::vector<std::string> quantize_llama_nf4(LlamaForCausalLM<T>& model, const quant::NF4Options& opt = {}) {
+  std::vector<std::string> done;
+  for (LlamaDecoderLayer<T>& layer : model.model.layers) {
+    for (AdaptedLinear<T>* lin :
+         {&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.self_attn.v_proj, &layer.self_attn.o_proj,
+          &layer.mlp.gate_proj, &layer.mlp.up_proj, &layer.mlp.down_proj}) {
+      if (lin->quantized()) continue;
+      if (lin->num_adapters() > 0)
+        throw ConfigError("quantize_llama_nf4: \"" + lin->name() +
+                          "\" already holds adapters; quantize the base first");
+      Linear<T> base;
+      base.weight = lin->weight;
+      if (lin->has_bias()) base.bias = lin->bias;
+      const std::string name = lin->name();
+      *lin = quantize_linear<T>(base, opt, name);
+      done.push_back(name);
+    }
+  }
+  model.set_name(model.name());
+  return done;
 }
 
 /// Builds the model of `dir`/config.json and loads its weights. The model comes frozen (every
@@ -277,6 +366,15 @@ LlamaForCausalLM<T> load_llama(const std::string& dir, LlamaLoadReport* report =
   LlamaForCausalLM<T> model(read_llama_config(dir + "/config.json"));
   const LlamaLoadReport r = load_llama_weights(model, dir);
   if (report != nullptr) *report = r;
+  return model;
+}
+
+/// load_llama with options: `options.quantize_nf4` gives an NF4 base (see the file comment).
+template <class T>
+LlamaForCausalLM<T> load_llama(const std::string& dir, const LlamaLoadOptions& options,
+                               LlamaLoadReport* report = nullptr) {
+  LlamaForCausalLM<T> model = load_llama<T>(dir, report);
+  if (options.quantize_nf4) quantize_llama_nf4(model, options.nf4);
   return model;
 }
 

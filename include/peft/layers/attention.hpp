@@ -237,6 +237,7 @@ template <class T>
 void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
                                     Cache& cache, const PrefixKV<T>* prefix) {
   layout.validate("MultiHeadAttention", this->name(), x.rows());
+  layout.require_right_padded("MultiHeadAttention", this->name());
   check::input_features("MultiHeadAttention", this->name(), x.cols(), dim());
   const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
   Index l = 0;

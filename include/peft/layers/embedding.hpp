@@ -145,6 +145,7 @@ class PositionalEmbedding : public Module<T> {
 template <class T>
 void PositionalEmbedding<T>::forward_inplace(MatrixRef<T> x, const SequenceLayout& layout, Cache& cache) {
   layout.validate("PositionalEmbedding", this->name(), x.rows());
+  layout.require_right_padded("PositionalEmbedding", this->name());
   check::input_features("PositionalEmbedding", this->name(), x.cols(), dim());
   if (layout.seq > max_len())
     throw ShapeError(describe("PositionalEmbedding", this->name()) + ": sequence length " + std::to_string(layout.seq) +

@@ -7,7 +7,8 @@
 //   L = (1/N) Σ_{b, t : y_{b,t+1} kept} (logsumexp(z_{b,t}) − z_{b,t}[y_{b,t+1}])
 //   ∂L/∂z_{b,t} = (softmax(z_{b,t}) − onehot(y_{b,t+1})) / N   (0 for rows predicting nothing)
 //
-// With a SequenceLayout, targets on padding positions (t + 1 ≥ length b) are skipped as well,
+// With a SequenceLayout, targets on padding positions (t + 1 ≥ length b, or before first(b) when
+// left-padded) are skipped as well,
 // whatever their label (Hugging Face's collators set them to -100; the model's padding rows are not
 // HF's, see models/llama.hpp). When nothing is kept the loss is 0 with a zero gradient (torch: NaN).
 // perplexity = exp(L); bits per byte = Σ nll / (ln 2 · bytes of the text scored).
@@ -41,8 +42,8 @@ T causal_lm_loss(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t
     throw ShapeError("causal_lm_loss: " + std::to_string(labels.size()) + " labels for logits of shape " +
                      shape_str(n, V) + ", expected " + std::to_string(n));
   const Index S = layout.seq;
-  auto target = [&](Index b, Index t) -> std::int64_t {  // label predicted by row (b, t)
-    if (t + 1 >= layout.length(b)) return ignore_index;
+  auto target = [&](Index b, Index t) -> std::int64_t {                       // label predicted by row (b, t)
+    if (!layout.valid(b, t) || !layout.valid(b, t + 1)) return ignore_index;  // left or right padding
     return labels[static_cast<std::size_t>(b * S + t + 1)];
   };
   Index kept = 0;

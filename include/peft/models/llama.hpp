@@ -19,10 +19,26 @@
 //         (HF's repeat_kv); A = softmax(Q_h K_gᵀ / √hd + causal mask); C_h = A V_g; y = o_proj(C).
 //   MLP:  down_proj(silu(gate_proj(v)) ⊙ up_proj(v))   (SwiGLU; mlp_bias on all three)
 //
-// Right padding (SequenceLayout lengths): query t of sequence b sees keys t' ≤ t, all valid. The
-// attention output of a padding row is exactly 0 and backward drops dy on those rows; the other
-// per-row layers just process padding rows, which never reach a valid row. So valid rows' logits
-// equal Hugging Face's with attention_mask; padding rows' logits are not HF's (nor meaningful).
+// Padding (SequenceLayout lengths, right or left: layout.left_padded, HF's padding_side): the valid
+// tokens of sequence b are rows first(b) .. first(b) + length(b) − 1; query t sees the valid keys
+// t' ≤ t, and its rotary position is t − first(b) (HF's position_ids = cumsum(attention_mask) − 1,
+// which generate() passes). The attention output of a padding row is exactly 0 and backward drops
+// dy on those rows; the other per-row layers just process padding rows, which never reach a valid
+// row. So valid rows' logits equal Hugging Face's with attention_mask (and, when left-padded, those
+// position_ids); padding rows' logits are not HF's (nor meaningful).
+//
+// Prompt tuning (PEFT's PROMPT_TUNING, `prompt_encoder`, a SoftPrompt [n, d]): the n virtual token
+// embeddings go right before each sequence's first valid token (PEFT: torch.cat((prompts,
+// inputs_embeds))), at positions 0 .. n − 1; the model then sees layout.prepended(n), and its logits
+// have n more rows per sequence (output_layout / prompt_labels put -100 there, as PEFT does).
+// Prefix tuning (PEFT's PREFIX_TUNING, `prefix_encoder`, a PrefixAttention of token_dim KV·hd over
+// the layers): layer i's attention gets np extra keys and values (PEFT's past_key_values, used as
+// they are: no rotation), visible to every query; the tokens' positions start at np (PEFT offsets
+// position_ids by num_virtual_tokens). Backward reaches both (finite-difference checked).
+//
+// Generation (forward_cached): a KV cache for a batch of sequences, the first chunk possibly
+// left-padded; per-row adapters (each row names its adapter or "none", PEFT's adapter_names=) route
+// every linear through AdaptedLinear::forward_routed.
 //
 // Backward: exact, by hand, every step commented. Attention keeps each row's softmax max and
 // normaliser and recomputes the probabilities in backward (as layers/attention.hpp), so memory is
@@ -31,7 +47,9 @@
 // After the first call with given shapes, forward + backward allocate nothing.
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -42,8 +60,11 @@
 #include "peft/core/sequence.hpp"
 #include "peft/layers/adapted_linear.hpp"
 #include "peft/layers/embedding.hpp"
+#include "peft/layers/lora_mixed_batch.hpp"
+#include "peft/layers/prefix_attention.hpp"
 #include "peft/layers/rms_norm.hpp"
 #include "peft/layers/rotary.hpp"
+#include "peft/layers/soft_prompt.hpp"
 
 namespace peft {
 
@@ -115,16 +136,81 @@ AdaptedLinear<T> llama_linear(Index in, Index out, bool bias, std::uint64_t seed
   if (bias) base.bias = Parameter<T>(1, out, false, true);
   return AdaptedLinear<T>(std::move(base), "", seed);
 }
+
+/// Per-row adapters of a cached forward: `names[b]` for the rows_per_seq rows of sequence b
+/// ("none" or "__base__": the base layer only).
+struct LlamaRowAdapters {
+  const std::vector<std::string>* names = nullptr;
+  Index rows_per_seq = 0;
+};
+
+/// Routing state of one linear for per-row adapters (buffers reused across steps).
+template <class T>
+struct LlamaRoute {
+  std::vector<int> routing;
+  RoutedWorkspace<T> ws;
+};
+
+inline bool llama_no_adapter(const std::string& n) { return n == kNoAdapterName || n == "__base__"; }
+
+/// y = lin(x): the active adapters, or with `rows` each row's named adapter (a name the layer does
+/// not hold routes to the base: the adapter does not target this layer).
+template <class T>
+void llama_linear_inference(AdaptedLinear<T>& lin, const ConstMatrixRef<T>& x, Matrix<T>& y,
+                            const LlamaRowAdapters* rows, LlamaRoute<T>& route) {
+  if (rows == nullptr) {
+    lin.forward_inference(x, y);
+    return;
+  }
+  route.routing.resize(static_cast<std::size_t>(x.rows()));
+  for (std::size_t b = 0; b < rows->names->size(); ++b) {
+    const std::string& n = (*rows->names)[b];
+    const int a = llama_no_adapter(n) ? kNoAdapter : lin.adapter_index(n);
+    for (Index r = 0; r < rows->rows_per_seq; ++r)
+      route.routing[b * static_cast<std::size_t>(rows->rows_per_seq) + static_cast<std::size_t>(r)] = a;
+  }
+  lin.forward_routed(x, route.routing, y, route.ws);
+}
+
+/// Zeroes the padding rows of m [B·S, cols] laid out by `layout`.
+template <class T>
+void llama_zero_padding(Matrix<T>& m, const SequenceLayout& layout) {
+  for (Index b = 0; b < layout.batch; ++b) {
+    const Index f = layout.first(b), L = layout.length(b), S = layout.seq;
+    if (f > 0) m.middleRows(b * S, f).setZero();
+    if (f + L < S) m.middleRows(b * S + f + L, S - f - L).setZero();
+  }
+}
+
+/// out [B·(S + n), d] = x [B·S, d] with the n rows of P inserted before each sequence's first valid
+/// row (layout.first(b)): rows [0, f) padding, [f, f + n) P, then the rest of x.
+template <class T>
+void llama_insert_prompt(const Matrix<T>& x, const SequenceLayout& layout, const Matrix<T>& P, Matrix<T>& out) {
+  const Index S = layout.seq, n = P.rows(), S2 = S + n;
+  out.resize(layout.batch * S2, x.cols());
+  for (Index b = 0; b < layout.batch; ++b) {
+    const Index f = layout.first(b);
+    if (f > 0) out.middleRows(b * S2, f) = x.middleRows(b * S, f);
+    out.middleRows(b * S2 + f, n) = P;
+    out.middleRows(b * S2 + f + n, S - f) = x.middleRows(b * S + f, S - f);
+  }
+}
 }  // namespace detail
 
-/// Keys (rotated) and values of the positions generated so far, per layer, for one sequence
-/// (LlamaForCausalLM::make_kv_cache / forward_cached). Filled up to `length` of `capacity` rows.
+/// Keys (rotated) and values of the positions computed so far, per layer, for a batch of sequences
+/// (LlamaForCausalLM::make_kv_cache / forward_cached). Column c of row b is matrix row
+/// b·capacity + c; columns before first[b] are the left padding of the first chunk (never read).
 template <class T>
 struct LlamaKVCache {
-  std::vector<Matrix<T>> k, v;  ///< per layer [capacity, KV·hd]
-  Index length = 0;
-  Index capacity() const { return k.empty() ? 0 : k.front().rows(); }
-  void reset() { length = 0; }
+  std::vector<Matrix<T>> k, v;  ///< per layer [batch·capacity, KV·hd]
+  Index length = 0;             ///< columns filled (the same for every row)
+  Index batch = 1;
+  std::vector<Index> first;  ///< per row: first valid column
+  Index capacity() const { return k.empty() || batch <= 0 ? 0 : k.front().rows() / batch; }
+  void reset() {
+    length = 0;
+    std::fill(first.begin(), first.end(), Index(0));
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -142,6 +228,8 @@ class LlamaAttention : public Module<T> {
     LinearCache q, k, v, o;
     Matrix<T> Q, K, V;  ///< [B·S, H·hd], [B·S, KV·hd] ×2
     ColVector<T> row_max, row_sum;
+    Index prefix_len = 0;  ///< np: prefix keys (prefix tuning); token positions start at np
+    Matrix<T> PK, PV;      ///< the prefix keys / values [np, KV·hd] this forward used
   };
 
   LlamaAttention() = default;
@@ -161,17 +249,21 @@ class LlamaAttention : public Module<T> {
   Index head_dim() const { return head_dim_; }
   Index dim() const { return q_proj.in_features(); }
 
-  /// x [B·S, d] laid out by `layout`; rope must cover S positions (RotaryEmbedding::reserve).
+  /// x [B·S, d] laid out by `layout`; rope must cover np + S positions (RotaryEmbedding::reserve).
+  /// `prefix` (may be null): np prefix keys / values [np, KV·hd] (prefix tuning).
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, const RotaryEmbedding<T>& rope, Matrix<T>& y,
-               Cache& cache);
-  /// Accumulates trainable gradients; writes dx [B·S, d] unless null.
-  void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
+               Cache& cache, const PrefixKV<T>* prefix = nullptr);
+  /// Accumulates trainable gradients; writes dx [B·S, d] unless null; the prefix gradients are
+  /// accumulated (+=) into *dprefix unless null.
+  void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy, Matrix<T>* dx,
+                PrefixGrad<T>* dprefix = nullptr);
 
-  /// Inference on m new rows x [m, d] of one sequence at positions n .. n + m − 1 (n = rows already
-  /// in k_cache / v_cache [capacity, KV·hd], which receive the new keys and values): causal
-  /// attention over positions 0 .. n + r. Keeps nothing for backward.
-  void forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope, Matrix<T>& k_cache,
-                      Matrix<T>& v_cache, Matrix<T>& y);
+  /// Inference on m new columns of kv.batch sequences, x [B·m, d] (row b·m + r: column n + r of
+  /// sequence b, n = kv.length): the new keys / values go to kv.k / kv.v [layer] [B·capacity, KV·hd];
+  /// a valid column c attends to the prefix and to columns kv.first[b] .. c, at rotary position
+  /// np + c − first[b]; padding columns (c < first[b]) give 0. Keeps nothing for backward.
+  void forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<T>& kv, Index layer, const RotaryEmbedding<T>& rope,
+                      Matrix<T>& y, const PrefixKV<T>* prefix, const detail::LlamaRowAdapters* rows);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -182,10 +274,12 @@ class LlamaAttention : public Module<T> {
   }
 
  private:
-  /// P = softmax-ready scaled scores Q_{b,h} K_{b,g}ᵀ / √hd [L, L] (masked entries 0).
+  /// P = softmax-ready scaled scores [L, np + L]: Q_{b,h} [PK_g; K_{b,g}]ᵀ / √hd over the valid rows
+  /// of sequence b (masked entries 0).
   void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const;
 
   Index num_heads_ = 1, num_kv_heads_ = 1, head_dim_ = 2;
+  detail::LlamaRoute<T> route_[4];   // per-row adapter routing of q, k, v, o (forward_cached)
   Matrix<T> q_inf_, k_inf_, v_inf_;  // forward_cached scratch
   RowVector<T> p_inf_;
   Matrix<T> context_, dy_, dcontext_, dQ_, dK_, dV_, scores_, dprobs_, dx_part_;
@@ -215,8 +309,8 @@ class LlamaMLP : public Module<T> {
 
   void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache);
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
-  /// Inference: keeps nothing for backward.
-  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y);
+  /// Inference: keeps nothing for backward; `rows` (may be null): per-row adapters.
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y, const detail::LlamaRowAdapters* rows = nullptr);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -227,6 +321,7 @@ class LlamaMLP : public Module<T> {
 
  private:
   Matrix<T> h_, dh_, dg_, du_, dx_part_, g_inf_, u_inf_;
+  detail::LlamaRoute<T> route_[3];
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -256,14 +351,15 @@ class LlamaDecoderLayer : public Module<T> {
   RMSNorm<T> post_attention_layernorm;
   LlamaMLP<T> mlp;
 
-  /// `y` must not share storage with `x`.
+  /// `y` must not share storage with `x`; `prefix`: see LlamaAttention::forward.
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, const RotaryEmbedding<T>& rope, Matrix<T>& y,
-               Cache& cache);
+               Cache& cache, const PrefixKV<T>* prefix = nullptr);
   /// dx written unless null (then the attention's input gradient is skipped unless norm1 trains).
-  void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
-  /// Inference on m new rows of one sequence (see LlamaAttention::forward_cached).
-  void forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope, Matrix<T>& k_cache,
-                      Matrix<T>& v_cache, Matrix<T>& y);
+  void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy, Matrix<T>* dx,
+                PrefixGrad<T>* dprefix = nullptr);
+  /// Inference on m new columns of a batch (see LlamaAttention::forward_cached).
+  void forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<T>& kv, Index layer, const RotaryEmbedding<T>& rope,
+                      Matrix<T>& y, const PrefixKV<T>* prefix, const detail::LlamaRowAdapters* rows);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -288,7 +384,9 @@ class LlamaModel : public Module<T> {
     typename Embedding<T>::Cache embed;
     std::vector<typename LlamaDecoderLayer<T>::Cache> layers;
     typename RMSNorm<T>::Cache norm;
-    SequenceLayout layout;
+    SequenceLayout layout;        ///< the layers' layout (input layout, prepended by a prompt)
+    SequenceLayout input_layout;  ///< the ids' layout
+    Index prompt_len = 0;
   };
 
   LlamaModel() = default;
@@ -304,14 +402,21 @@ class LlamaModel : public Module<T> {
   std::vector<LlamaDecoderLayer<T>> layers;
   RMSNorm<T> norm;
 
-  /// ids [B·S] → final hidden states [B·S, d] (after `norm`).
+  /// ids [B·S] → final hidden states [B·(n + S), d] (after `norm`). `prompt` (may be null): n rows
+  /// inserted before each sequence's tokens; `prefix` (may be null): the prefix table [np, L·2·KV·hd]
+  /// (layer i: keys in columns [2i·w, 2i·w + w), values in the next w, w = KV·hd).
   void forward(const std::vector<Index>& ids, const SequenceLayout& layout, const RotaryEmbedding<T>& rope,
-               Matrix<T>& hidden, Cache& cache);
-  /// dhidden [B·S, d] → every trainable gradient (embedding table included).
-  void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dhidden);
-  /// Inference on m new tokens of one sequence: hidden [m, d]; appends to `kv`.
-  void forward_cached(const std::vector<Index>& ids, const RotaryEmbedding<T>& rope, LlamaKVCache<T>& kv,
-                      Matrix<T>& hidden);
+               Matrix<T>& hidden, Cache& cache, const Matrix<T>* prompt = nullptr, const Matrix<T>* prefix = nullptr);
+  /// dhidden [B·(n + S), d] → every trainable gradient (embedding table included); dprompt [n, d] and
+  /// dprefix [np, L·2·KV·hd] accumulate (+=) unless null.
+  void backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dhidden,
+                Matrix<T>* dprompt = nullptr, Matrix<T>* dprefix = nullptr);
+  /// Inference on m new columns of kv.batch sequences (ids [B·m] laid out by `layout`, left padding
+  /// only in the first chunk): hidden [B·(m + n), d] (n = prompt rows, inserted in the first chunk);
+  /// appends to `kv`.
+  void forward_cached(const std::vector<Index>& ids, const SequenceLayout& layout, const RotaryEmbedding<T>& rope,
+                      LlamaKVCache<T>& kv, Matrix<T>& hidden, const Matrix<T>* prompt, const Matrix<T>* prefix,
+                      const std::vector<std::string>* adapter_names);
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
@@ -322,7 +427,7 @@ class LlamaModel : public Module<T> {
 
  private:
   bool below_trainable() const;
-  Matrix<T> x_, y_, da_, db_;
+  Matrix<T> x_, y_, da_, db_, xp_, xin_;
   typename Embedding<T>::Cache embed_inf_;
   typename RMSNorm<T>::Cache norm_inf_;
 };
@@ -336,7 +441,9 @@ class LlamaForCausalLM : public Module<T> {
   struct Cache {
     typename LlamaModel<T>::Cache model;
     typename AdaptedLinear<T>::Cache head;
-    Matrix<T> hidden;  ///< final hidden states [B·S, d] (kept for the tied head's gradient)
+    Matrix<T> hidden;  ///< final hidden states [B·(n + S), d] (kept for the tied head's gradient)
+    /// The prefix table of this forward; backward gathers its gradient here (hence mutable).
+    mutable typename PrefixAttention<T>::Cache prefix;
   };
 
   LlamaForCausalLM() = default;
@@ -368,7 +475,9 @@ class LlamaForCausalLM : public Module<T> {
   }
 
   LlamaModel<T> model;
-  AdaptedLinear<T> lm_head;  ///< empty when tied
+  AdaptedLinear<T> lm_head;                          ///< empty when tied
+  std::optional<SoftPrompt<T>> prompt_encoder;       ///< prompt tuning (PEFT's PROMPT_TUNING)
+  std::optional<PrefixAttention<T>> prefix_encoder;  ///< prefix tuning (PEFT's PREFIX_TUNING)
 
   const LlamaConfig& config() const { return config_; }
   bool tied() const { return config_.tie_word_embeddings; }
@@ -383,7 +492,34 @@ class LlamaForCausalLM : public Module<T> {
   /// Dotted names of every linear with whether "all-linear" selects it (lm_head: no).
   std::vector<std::pair<std::string, bool>> linear_names();
 
-  /// ids [B·S] laid out by `layout` (padding ids must be valid ids, e.g. 0) → logits [B·S, vocab].
+  // ---- prompt learning (one prompt or prefix at a time, as PEFT's active prompt adapter) --------
+
+  /// Prompt tuning: n trainable virtual token embeddings [n, hidden_size], N(0, 1) (PEFT's RANDOM
+  /// init; SoftPrompt::init_from_tokens gives its TEXT init with model.embed_tokens.weight.value).
+  SoftPrompt<T>& add_prompt_tuning(Index num_virtual_tokens, Rng& rng);
+  /// Prefix tuning: np trainable virtual keys / values per layer, token_dim = KV·hd (PEFT's rule for
+  /// grouped-query attention), flat or through PEFT's projection MLP of width encoder_hidden_size.
+  PrefixAttention<T>& add_prefix_tuning(Index num_virtual_tokens, Rng& rng, bool prefix_projection = false,
+                                        Index encoder_hidden_size = 0);
+  /// Removes the prompt / prefix (back to the plain model).
+  void remove_prompt_learning() {
+    prompt_encoder.reset();
+    prefix_encoder.reset();
+  }
+  /// n: the virtual tokens a prompt inserts into every sequence (0 without prompt tuning).
+  Index prompt_length() const { return prompt_encoder ? prompt_encoder->num_virtual_tokens() : 0; }
+  /// np: the prefix keys of every layer (0 without prefix tuning).
+  Index prefix_length() const { return prefix_encoder ? prefix_encoder->num_virtual_tokens() : 0; }
+  /// The logits' layout for ids laid out by `layout`: layout.prepended(n) with a prompt.
+  SequenceLayout output_layout(const SequenceLayout& layout) const {
+    return prompt_length() > 0 ? layout.prepended(prompt_length()) : layout;
+  }
+  /// Labels [B·S] → the logits' labels [B·(n + S)]: ignore_index at the virtual tokens (PEFT).
+  std::vector<std::int64_t> prompt_labels(const std::vector<std::int64_t>& labels, const SequenceLayout& layout,
+                                          std::int64_t ignore_index = -100) const;
+
+  /// ids [B·S] laid out by `layout` (right or left padding; padding ids must be valid ids, e.g. 0) →
+  /// logits [B·(n + S), vocab] laid out by output_layout(layout) (n = prompt_length()).
   void forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits, Cache& cache);
   Matrix<T> forward(const std::vector<Index>& ids, const SequenceLayout& layout, Cache& cache) {
     Matrix<T> logits;
@@ -393,25 +529,41 @@ class LlamaForCausalLM : public Module<T> {
   /// dlogits [B·S, vocab] → every trainable gradient (+=).
   void backward(const Cache& cache, const ConstMatrixRef<T>& dlogits);
 
-  // ---- inference with a KV cache (one sequence; models/generation.hpp samples from it) ---------
+  // ---- inference with a KV cache (models/generation.hpp samples from it) --------------------------
 
-  /// A KV cache for up to `capacity` positions.
-  LlamaKVCache<T> make_kv_cache(Index capacity) const;
-  /// Appends `ids` (m ≥ 1 tokens) to the sequence held by `kv` and writes their logits [m, vocab]
+  /// A KV cache for `batch` sequences of up to `capacity` columns each (a prompt's n virtual tokens
+  /// count: they are inserted in the first chunk).
+  LlamaKVCache<T> make_kv_cache(Index capacity, Index batch = 1) const;
+  /// Appends `ids` (m ≥ 1 tokens) to the one sequence held by `kv` and writes their logits [m, vocab]
   /// (row r: the distribution of the token after ids[r]). Adapters apply as in forward (active,
   /// disabled or merged); dropout is off whatever the mode. Keeps nothing for backward.
-  void forward_cached(const std::vector<Index>& ids, LlamaKVCache<T>& kv, Matrix<T>& logits);
+  void forward_cached(const std::vector<Index>& ids, LlamaKVCache<T>& kv, Matrix<T>& logits) {
+    forward_cached(ids, SequenceLayout(1, static_cast<Index>(ids.size())), kv, logits);
+  }
+  /// The batched form: ids [B·m] laid out by `layout` (B = kv.batch; the first chunk may be
+  /// left-padded, later ones are full) → logits [B·m, vocab] of the ids (not of a prompt's virtual
+  /// tokens). `adapter_names` (empty: the active adapters): per sequence the adapter its rows use,
+  /// or "none" / "__base__" (PEFT's adapter_names=): every linear routes its rows
+  /// (AdaptedLinear::forward_routed; refused while merged).
+  void forward_cached(const std::vector<Index>& ids, const SequenceLayout& layout, LlamaKVCache<T>& kv,
+                      Matrix<T>& logits, const std::vector<std::string>& adapter_names = {});
 
  protected:
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
     fn("model", model);
     if (!tied()) fn("lm_head", lm_head);
+    if (prompt_encoder) fn("prompt_encoder", *prompt_encoder);
+    if (prefix_encoder) fn("prefix_encoder", *prefix_encoder);
   }
 
  private:
+  void head_inference(const Matrix<T>& hidden, Matrix<T>& logits, const detail::LlamaRowAdapters* rows);
+
   LlamaConfig config_;
   RotaryEmbedding<T> rope_;
-  Matrix<T> dhidden_, hidden_inf_;
+  Matrix<T> dhidden_, hidden_inf_, hidden_sel_;
+  typename PrefixAttention<T>::Cache prefix_inf_;
+  detail::LlamaRoute<T> head_route_;
 };
 
 // ---- members defined outside the class bodies (the test build's extern template declaration then
@@ -419,47 +571,63 @@ class LlamaForCausalLM : public Module<T> {
 
 template <class T>
 void LlamaAttention<T>::scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const {
-  const Index S = cache.layout.seq, hd = head_dim_, L = P.rows(), g = h / (num_heads_ / num_kv_heads_);
+  const Index S = cache.layout.seq, hd = head_dim_, np = cache.prefix_len, L = P.rows(),
+              g = h / (num_heads_ / num_kv_heads_), f = b * S + cache.layout.first(b);
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-  P.noalias() = cache.Q.block(b * S, h * hd, L, hd) * cache.K.block(b * S, g * hd, L, hd).transpose();  // Q Kᵀ
+  const auto Qh = cache.Q.block(f, h * hd, L, hd);
+  if (np > 0) P.leftCols(np).noalias() = scale * (Qh * cache.PK.middleCols(g * hd, hd).transpose());  // Q PKᵀ / √hd
+  auto Pt = P.rightCols(L);
+  Pt.noalias() = Qh * cache.K.block(f, g * hd, L, hd).transpose();  // Q Kᵀ
   for (Index t = 0; t < L; ++t) {
-    P.row(t).head(t + 1) *= scale;                      // causal: keys t' ≤ t
-    if (t + 1 < L) P.row(t).tail(L - t - 1).setZero();  // masked
+    Pt.row(t).head(t + 1) *= scale;                      // causal: keys t' ≤ t
+    if (t + 1 < L) Pt.row(t).tail(L - t - 1).setZero();  // masked
   }
 }
 
 template <class T>
 void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout,
-                                const RotaryEmbedding<T>& rope, Matrix<T>& y, Cache& cache) {
+                                const RotaryEmbedding<T>& rope, Matrix<T>& y, Cache& cache, const PrefixKV<T>* prefix) {
   layout.validate("LlamaAttention", this->name(), x.rows());
   check::input_features("LlamaAttention", this->name(), x.cols(), dim());
   const Index H = num_heads_, KV = num_kv_heads_, hd = head_dim_, B = layout.batch, S = layout.seq;
-  if (rope.positions() < S || rope.head_dim() != hd)
+  const Index np = prefix != nullptr ? prefix->key.rows() : 0;
+  if (prefix != nullptr) {
+    check::shape("LlamaAttention", this->name(), "prefix keys", prefix->key.rows(), prefix->key.cols(), np, KV * hd);
+    check::shape("LlamaAttention", this->name(), "prefix values", prefix->value.rows(), prefix->value.cols(), np,
+                 KV * hd);
+  }
+  if (rope.positions() < np + S || rope.head_dim() != hd)
     throw ConfigError(describe("LlamaAttention", this->name()) + ": rotary tables cover " +
                       std::to_string(rope.positions()) + " positions of head_dim " + std::to_string(rope.head_dim()) +
-                      ", need " + std::to_string(S) + " of " + std::to_string(hd));
+                      ", need " + std::to_string(np + S) + " of " + std::to_string(hd));
   cache.layout = layout;
+  cache.prefix_len = np;
+  if (np > 0) {
+    cache.PK = prefix->key;
+    cache.PV = prefix->value;
+  }
   q_proj.forward(x, cache.Q, cache.q);  // Q = x W_qᵀ (+ b_q) (+ adapters)   [B·S, H·hd]
   k_proj.forward(x, cache.K, cache.k);  // K   [B·S, KV·hd]
   v_proj.forward(x, cache.V, cache.v);  // V   [B·S, KV·hd]
-  for (Index b = 0; b < B; ++b) {       // RoPE on valid rows: position t of sequence b is t
-    const Index Lb = layout.length(b);
-    for (Index h = 0; h < H; ++h) rope.rotate(cache.Q.block(b * S, h * hd, Lb, hd), 0);
-    for (Index g = 0; g < KV; ++g) rope.rotate(cache.K.block(b * S, g * hd, Lb, hd), 0);
+  for (Index b = 0; b < B; ++b) {       // RoPE on valid rows: valid token j of sequence b is at position np + j
+    const Index Lb = layout.length(b), f = b * S + layout.first(b);
+    for (Index h = 0; h < H; ++h) rope.rotate(cache.Q.block(f, h * hd, Lb, hd), np);
+    for (Index g = 0; g < KV; ++g) rope.rotate(cache.K.block(f, g * hd, Lb, hd), np);
   }
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
   context_.setZero(B * S, H * hd);  // padding query rows stay 0
-  if (scores_.rows() < S || scores_.cols() < S) scores_.resize(S, S);
+  if (scores_.rows() < S || scores_.cols() < np + S) scores_.resize(S, np + S);
   const Index rep = H / KV;
   for (Index b = 0; b < B; ++b) {
-    const Index Lb = layout.length(b);
+    const Index Lb = layout.length(b), f = b * S + layout.first(b);
     for (Index h = 0; h < H; ++h) {
-      auto P = scores_.topLeftCorner(Lb, Lb);
+      const Index g = h / rep;
+      auto P = scores_.topLeftCorner(Lb, np + Lb);
       scaled_scores(cache, b, h, P);
       const Index first = (b * H + h) * S;
       for (Index t = 0; t < Lb; ++t) {
-        auto row = P.row(t).head(t + 1);
+        auto row = P.row(t).head(np + t + 1);  // the prefix and keys t' ≤ t
         const T m = row.maxCoeff();
         row.array() = (row.array() - m).exp();  // exp(s − max s) ≤ 1
         const T z = row.sum();
@@ -467,24 +635,31 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
         cache.row_max(first + t) = m;
         cache.row_sum(first + t) = z;
       }
-      context_.block(b * S, h * hd, Lb, hd).noalias() = P * cache.V.block(b * S, (h / rep) * hd, Lb, hd);  // A V_g
+      auto C = context_.block(f, h * hd, Lb, hd);
+      C.noalias() = P.rightCols(Lb) * cache.V.block(f, g * hd, Lb, hd);             // A V_g
+      if (np > 0) C.noalias() += P.leftCols(np) * cache.PV.middleCols(g * hd, hd);  // + A_p PV_g
     }
   }
-  o_proj.forward(context_, y, cache.o);  // y = C W_oᵀ (+ b_o)   [B·S, d]
-  for (Index b = 0; b < B; ++b)          // padding rows: exactly 0
-    if (layout.length(b) < S) y.middleRows(b * S + layout.length(b), S - layout.length(b)).setZero();
+  o_proj.forward(context_, y, cache.o);                           // y = C W_oᵀ (+ b_o)   [B·S, d]
+  if (layout.padded()) detail::llama_zero_padding<T>(y, layout);  // padding rows: exactly 0
 }
 
 template <class T>
 void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy,
-                                 Matrix<T>* dx) {
+                                 Matrix<T>* dx, PrefixGrad<T>* dprefix) {
   const SequenceLayout& layout = cache.layout;
-  const Index H = num_heads_, KV = num_kv_heads_, hd = head_dim_, B = layout.batch, S = layout.seq, rep = H / KV;
+  const Index H = num_heads_, KV = num_kv_heads_, hd = head_dim_, B = layout.batch, S = layout.seq, rep = H / KV,
+              np = cache.prefix_len;
   check::shape("LlamaAttention", this->name(), "output gradient", dy.rows(), dy.cols(), B * S, dim());
+  if (dprefix != nullptr && np > 0) {
+    check::shape("LlamaAttention", this->name(), "prefix key gradient", dprefix->key.rows(), dprefix->key.cols(), np,
+                 KV * hd);
+    check::shape("LlamaAttention", this->name(), "prefix value gradient", dprefix->value.rows(), dprefix->value.cols(),
+                 np, KV * hd);
+  }
   if (layout.padded()) {  // padding rows of y are constant 0: their gradient is dropped
     dy_ = dy;
-    for (Index b = 0; b < B; ++b)
-      if (layout.length(b) < S) dy_.middleRows(b * S + layout.length(b), S - layout.length(b)).setZero();
+    detail::llama_zero_padding<T>(dy_, layout);
     o_proj.backward(cache.o, dy_, &dcontext_);  // dC = dY W_o   [B·S, H·hd]
   } else {
     o_proj.backward(cache.o, dy, &dcontext_);
@@ -493,35 +668,47 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
   dQ_.setZero(B * S, H * hd);
   dK_.setZero(B * S, KV * hd);
   dV_.setZero(B * S, KV * hd);
-  if (scores_.rows() < S || scores_.cols() < S) scores_.resize(S, S);
-  if (dprobs_.rows() < S || dprobs_.cols() < S) dprobs_.resize(S, S);
+  if (scores_.rows() < S || scores_.cols() < np + S) scores_.resize(S, np + S);
+  if (dprobs_.rows() < S || dprobs_.cols() < np + S) dprobs_.resize(S, np + S);
   for (Index b = 0; b < B; ++b) {
-    const Index Lb = layout.length(b);
+    const Index Lb = layout.length(b), f = b * S + layout.first(b);
     for (Index h = 0; h < H; ++h) {
       const Index g = h / rep;
-      auto P = scores_.topLeftCorner(Lb, Lb);  // A recomputed exactly as forward left it
+      auto P = scores_.topLeftCorner(Lb, np + Lb);  // A recomputed exactly as forward left it
       scaled_scores(cache, b, h, P);
       const Index first = (b * H + h) * S;
       for (Index t = 0; t < Lb; ++t) {
-        auto row = P.row(t).head(t + 1);
+        auto row = P.row(t).head(np + t + 1);
         row.array() = (row.array() - cache.row_max(first + t)).exp();
         row /= cache.row_sum(first + t);
       }
-      const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
-      auto dS = dprobs_.topLeftCorner(Lb, Lb);
-      dV_.block(b * S, g * hd, Lb, hd).noalias() += P.transpose() * G;      // dV_g += Aᵀ G   [L, hd]
-      dS.noalias() = G * cache.V.block(b * S, g * hd, Lb, hd).transpose();  // dA = G V_gᵀ   [L, L]
+      const auto G = dcontext_.block(f, h * hd, Lb, hd);
+      auto dS = dprobs_.topLeftCorner(Lb, np + Lb);
+      dV_.block(f, g * hd, Lb, hd).noalias() += P.rightCols(Lb).transpose() * G;      // dV_g += Aᵀ G   [L, hd]
+      dS.rightCols(Lb).noalias() = G * cache.V.block(f, g * hd, Lb, hd).transpose();  // dA = G V_gᵀ   [L, L]
+      if (np > 0) {
+        dS.leftCols(np).noalias() = G * cache.PV.middleCols(g * hd, hd).transpose();  // dA_p = G PV_gᵀ   [L, np]
+        if (dprefix != nullptr)
+          dprefix->value.middleCols(g * hd, hd).noalias() += P.leftCols(np).transpose() * G;  // dPV_g += A_pᵀ G
+      }
       for (Index t = 0; t < Lb; ++t) {  // softmax: dS = A ⊙ (dA − Σ A ⊙ dA) / √hd
         const T dot = (P.row(t).array() * dS.row(t).array()).sum();
         dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
       }
-      dQ_.block(b * S, h * hd, Lb, hd).noalias() = dS * cache.K.block(b * S, g * hd, Lb, hd);  // dQ_h = dS K_g
-      dK_.block(b * S, g * hd, Lb, hd).noalias() +=
-          dS.transpose() * cache.Q.block(b * S, h * hd, Lb, hd);  // dK_g += dSᵀ Q_h
+      auto dQh = dQ_.block(f, h * hd, Lb, hd);
+      dQh.noalias() = dS.rightCols(Lb) * cache.K.block(f, g * hd, Lb, hd);  // dQ_h = dS K_g
+      dK_.block(f, g * hd, Lb, hd).noalias() +=
+          dS.rightCols(Lb).transpose() * cache.Q.block(f, h * hd, Lb, hd);  // dK_g += dSᵀ Q_h
+      if (np > 0) {
+        dQh.noalias() += dS.leftCols(np) * cache.PK.middleCols(g * hd, hd);  // dQ_h += dS_p PK_g
+        if (dprefix != nullptr)
+          dprefix->key.middleCols(g * hd, hd).noalias() +=
+              dS.leftCols(np).transpose() * cache.Q.block(f, h * hd, Lb, hd);  // dPK_g += dS_pᵀ Q_h
+      }
     }
     // RoPE backward (transpose rotation) on the valid rows: d(pre-rotation) = Rᵀ d(rotated).
-    for (Index h = 0; h < H; ++h) rope.rotate(dQ_.block(b * S, h * hd, Lb, hd), 0, true);
-    for (Index g = 0; g < KV; ++g) rope.rotate(dK_.block(b * S, g * hd, Lb, hd), 0, true);
+    for (Index h = 0; h < H; ++h) rope.rotate(dQ_.block(f, h * hd, Lb, hd), np, true);
+    for (Index g = 0; g < KV; ++g) rope.rotate(dK_.block(f, g * hd, Lb, hd), np, true);
   }
   q_proj.backward(cache.q, dQ_, dx);  // dx = dQ W_q + dK W_k + dV W_v
   Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
@@ -557,23 +744,24 @@ void LlamaMLP<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matr
 
 template <class T>
 void LlamaDecoderLayer<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout,
-                                   const RotaryEmbedding<T>& rope, Matrix<T>& y, Cache& cache) {
-  input_layernorm.forward(x, u_, cache.norm1);           // u = RMSNorm₁(x)
-  self_attn.forward(u_, layout, rope, a_, cache.attn);   // a = Attn(u)
-  y = x + a_;                                            // h = x + a   (in y)
-  post_attention_layernorm.forward(y, v_, cache.norm2);  // v = RMSNorm₂(h)
-  mlp.forward(v_, f_, cache.mlp);                        // f = MLP(v)
-  y += f_;                                               // y = h + f
+                                   const RotaryEmbedding<T>& rope, Matrix<T>& y, Cache& cache,
+                                   const PrefixKV<T>* prefix) {
+  input_layernorm.forward(x, u_, cache.norm1);                  // u = RMSNorm₁(x)
+  self_attn.forward(u_, layout, rope, a_, cache.attn, prefix);  // a = Attn(u)
+  y = x + a_;                                                   // h = x + a   (in y)
+  post_attention_layernorm.forward(y, v_, cache.norm2);         // v = RMSNorm₂(h)
+  mlp.forward(v_, f_, cache.mlp);                               // f = MLP(v)
+  y += f_;                                                      // y = h + f
 }
 
 template <class T>
 void LlamaDecoderLayer<T>::backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy,
-                                    Matrix<T>* dx) {
+                                    Matrix<T>* dx, PrefixGrad<T>* dprefix) {
   mlp.backward(cache.mlp, dy, &dv_);                          // dv = MLPᵀ(dy)
   post_attention_layernorm.backward(cache.norm2, dv_, &dh_);  // RMSNorm₂ᵀ(dv)
   dh_ += dy;                                                  // dh = dy + RMSNorm₂ᵀ(dv)
   const bool need_du = dx != nullptr || input_layernorm.weight.trainable();
-  self_attn.backward(cache.attn, rope, dh_, need_du ? &du_ : nullptr);  // du = Attnᵀ(dh)
+  self_attn.backward(cache.attn, rope, dh_, need_du ? &du_ : nullptr, dprefix);  // du = Attnᵀ(dh)
   if (!need_du) return;
   input_layernorm.backward(cache.norm1, du_, dx);  // dx = RMSNorm₁ᵀ(du) + dh
   if (dx != nullptr) *dx += dh_;
@@ -581,15 +769,37 @@ void LlamaDecoderLayer<T>::backward(const Cache& cache, const RotaryEmbedding<T>
 
 template <class T>
 void LlamaModel<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout, const RotaryEmbedding<T>& rope,
-                            Matrix<T>& hidden, Cache& cache) {
+                            Matrix<T>& hidden, Cache& cache, const Matrix<T>* prompt, const Matrix<T>* prefix) {
   layout.validate("LlamaModel", this->name(), static_cast<Index>(ids.size()));
-  cache.layout = layout;
+  const Index n = prompt != nullptr ? prompt->rows() : 0;
+  const Index w = layers.empty() ? 0 : layers.front().self_attn.num_kv_heads() * layers.front().self_attn.head_dim();
+  if (prompt != nullptr) check::shape("LlamaModel", this->name(), "prompt", n, prompt->cols(), n, embed_tokens.dim());
+  if (prefix != nullptr)
+    check::shape("LlamaModel", this->name(), "prefix table", prefix->rows(), prefix->cols(), prefix->rows(),
+                 static_cast<Index>(layers.size()) * 2 * w);
+  cache.input_layout = layout;
+  cache.prompt_len = n;
+  cache.layout = layout;  // prepended by n in place (no allocation once the cache has this batch size)
+  if (n > 0) {
+    cache.layout.seq += n;
+    for (Index& l : cache.layout.lengths) l += n;
+  }
   embed_tokens.forward(ids, x_, cache.embed);  // x = E[ids]   [B·S, d]
   if (cache.layers.size() != layers.size()) cache.layers.resize(layers.size());
   Matrix<T>* cur = &x_;
   Matrix<T>* nxt = &y_;
+  if (n > 0) {  // [padding; P; tokens] per sequence, in a buffer of its own (x_ keeps the ids' size)
+    detail::llama_insert_prompt<T>(x_, layout, *prompt, xin_);
+    cur = &xin_;
+  }
   for (std::size_t i = 0; i < layers.size(); ++i) {
-    layers[i].forward(*cur, layout, rope, *nxt, cache.layers[i]);
+    if (prefix != nullptr) {
+      const Index c = static_cast<Index>(i) * 2 * w;
+      const PrefixKV<T> kv{prefix->middleCols(c, w), prefix->middleCols(c + w, w)};
+      layers[i].forward(*cur, cache.layout, rope, *nxt, cache.layers[i], &kv);
+    } else {
+      layers[i].forward(*cur, cache.layout, rope, *nxt, cache.layers[i]);
+    }
     std::swap(cur, nxt);
   }
   norm.forward(*cur, hidden, cache.norm);  // final RMSNorm
@@ -601,18 +811,42 @@ bool LlamaModel<T>::below_trainable() const {
 }
 
 template <class T>
-void LlamaModel<T>::backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dhidden) {
+void LlamaModel<T>::backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dhidden,
+                             Matrix<T>* dprompt, Matrix<T>* dprefix) {
   if (cache.layers.size() != layers.size())
     throw ConfigError(describe("LlamaModel", this->name()) + ": cache does not come from a forward of this model");
+  const Index n = cache.prompt_len;
+  const Index w = layers.empty() ? 0 : layers.front().self_attn.num_kv_heads() * layers.front().self_attn.head_dim();
   norm.backward(cache.norm, dhidden, &da_);
   Matrix<T>* cur = &da_;
   Matrix<T>* nxt = &db_;
-  const bool need_below = below_trainable();
+  const bool need_embed = below_trainable();
+  const bool need_below = need_embed || (n > 0 && dprompt != nullptr);
   for (std::size_t i = layers.size(); i-- > 0;) {
-    layers[i].backward(cache.layers[i], rope, *cur, (i > 0 || need_below) ? nxt : nullptr);
+    Matrix<T>* dx = (i > 0 || need_below) ? nxt : nullptr;
+    if (dprefix != nullptr) {
+      const Index c = static_cast<Index>(i) * 2 * w;
+      PrefixGrad<T> g{dprefix->middleCols(c, w), dprefix->middleCols(c + w, w)};
+      layers[i].backward(cache.layers[i], rope, *cur, dx, &g);
+    } else {
+      layers[i].backward(cache.layers[i], rope, *cur, dx);
+    }
     std::swap(cur, nxt);
   }
-  if (need_below) embed_tokens.backward(cache.embed, *cur);  // dE[id] += dx rows
+  if (!need_below) return;
+  if (n > 0) {  // split [padding; P; tokens]: dP += Σ_b its rows, the rest back to the ids' layout
+    const SequenceLayout& in = cache.input_layout;
+    const Index S = in.seq, S2 = S + n;
+    xp_.resize(in.batch * S, cur->cols());
+    for (Index b = 0; b < in.batch; ++b) {
+      const Index f = in.first(b);
+      if (dprompt != nullptr) *dprompt += cur->middleRows(b * S2 + f, n);
+      if (f > 0) xp_.middleRows(b * S, f) = cur->middleRows(b * S2, f);
+      xp_.middleRows(b * S + f, S - f) = cur->middleRows(b * S2 + f + n, S - f);
+    }
+    cur = &xp_;
+  }
+  if (need_embed) embed_tokens.backward(cache.embed, *cur);  // dE[id] += dx rows
 }
 
 template <class T>
@@ -625,15 +859,66 @@ std::vector<std::pair<std::string, bool>> LlamaForCausalLM<T>::linear_names() {
 }
 
 template <class T>
+SoftPrompt<T>& LlamaForCausalLM<T>::add_prompt_tuning(Index num_virtual_tokens, Rng& rng) {
+  if (prompt_encoder || prefix_encoder)
+    throw ConfigError(describe("LlamaForCausalLM", this->name()) +
+                      ": already has a prompt or prefix (remove_prompt_learning first)");
+  prompt_encoder.emplace(num_virtual_tokens, config_.hidden_size, rng);
+  this->set_name(this->name());
+  return *prompt_encoder;
+}
+
+template <class T>
+PrefixAttention<T>& LlamaForCausalLM<T>::add_prefix_tuning(Index num_virtual_tokens, Rng& rng, bool prefix_projection,
+                                                           Index encoder_hidden_size) {
+  if (prompt_encoder || prefix_encoder)
+    throw ConfigError(describe("LlamaForCausalLM", this->name()) +
+                      ": already has a prompt or prefix (remove_prompt_learning first)");
+  PrefixConfig pc;
+  pc.num_virtual_tokens = num_virtual_tokens;
+  pc.token_dim = config_.kv_heads() * config_.resolved_head_dim();
+  pc.num_layers = config_.num_hidden_layers;
+  pc.prefix_projection = prefix_projection;
+  pc.encoder_hidden_size = encoder_hidden_size > 0 ? encoder_hidden_size : pc.token_dim;  // PEFT's default
+  prefix_encoder.emplace(pc, rng);
+  this->set_name(this->name());
+  return *prefix_encoder;
+}
+
+template <class T>
+std::vector<std::int64_t> LlamaForCausalLM<T>::prompt_labels(const std::vector<std::int64_t>& labels,
+                                                             const SequenceLayout& layout,
+                                                             std::int64_t ignore_index) const {
+  layout.validate("LlamaForCausalLM", this->name(), static_cast<Index>(labels.size()));
+  const Index n = prompt_length();
+  if (n == 0) return labels;
+  const Index S = layout.seq, S2 = S + n;
+  std::vector<std::int64_t> out(static_cast<std::size_t>(layout.batch * S2), ignore_index);
+  for (Index b = 0; b < layout.batch; ++b) {
+    const Index f = layout.first(b);
+    for (Index t = 0; t < S; ++t)
+      out[static_cast<std::size_t>(b * S2 + (t < f ? t : t + n))] = labels[static_cast<std::size_t>(b * S + t)];
+  }
+  return out;
+}
+
+template <class T>
 void LlamaForCausalLM<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits,
                                   Cache& cache) {
   layout.validate("LlamaForCausalLM", this->name(), static_cast<Index>(ids.size()));  // message built on failure only
-  if (config_.sliding_window > 0 && layout.seq > config_.sliding_window)
-    throw ConfigError(describe("LlamaForCausalLM", this->name()) + ": sequence length " + std::to_string(layout.seq) +
+  const Index span = layout.seq + prompt_length() + prefix_length();
+  if (config_.sliding_window > 0 && span > config_.sliding_window)
+    throw ConfigError(describe("LlamaForCausalLM", this->name()) + ": sequence length " + std::to_string(span) +
                       " exceeds sliding_window " + std::to_string(config_.sliding_window) +
                       " (sliding-window attention is not implemented)");
-  rope_.reserve(layout.seq);
-  model.forward(ids, layout, rope_, cache.hidden, cache.model);
+  rope_.reserve(span);
+  const Matrix<T>* prefix = nullptr;
+  if (prefix_encoder) {
+    prefix_encoder->forward(cache.prefix);  // the table [np, L·2·KV·hd]; zeroes its gradient
+    prefix = &cache.prefix.table;
+  }
+  model.forward(ids, layout, rope_, cache.hidden, cache.model,
+                prompt_encoder ? &prompt_encoder->embedding.value : nullptr, prefix);
   if (tied()) {
     logits.resize(cache.hidden.rows(), vocab_size());
     logits.noalias() = cache.hidden * model.embed_tokens.weight.value.transpose();  // logits = h Eᵀ
@@ -654,118 +939,225 @@ void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
   } else {
     lm_head.backward(cache.head, dlogits, &dhidden_);  // dh = dL W_head
   }
-  model.backward(cache.model, rope_, dhidden_);
+  const Index cached_np = cache.model.layers.empty() ? 0 : cache.model.layers.front().attn.prefix_len;
+  if (cache.model.prompt_len != prompt_length() || cached_np != prefix_length())
+    throw ConfigError(describe("LlamaForCausalLM", this->name()) +
+                      ": the prompt / prefix changed between forward and backward");
+  Matrix<T>* dprompt =
+      prompt_encoder && prompt_encoder->embedding.trainable() ? &prompt_encoder->embedding.accumulator() : nullptr;
+  bool prefix_trains = false;  // read directly: visiting by name would build strings
+  if (prefix_encoder) {
+    const PrefixAttention<T>& p = *prefix_encoder;
+    prefix_trains = p.embedding.trainable() ||
+                    (p.projected() && (p.transform_0.weight.trainable() || p.transform_0.bias.trainable() ||
+                                       p.transform_2.weight.trainable() || p.transform_2.bias.trainable()));
+  }
+  model.backward(cache.model, rope_, dhidden_, dprompt, prefix_trains ? &cache.prefix.dtable : nullptr);
+  if (prefix_trains) prefix_encoder->backward(cache.prefix);  // dT → embedding (and the MLP's) gradients
 }
 
 template <class T>
-void LlamaAttention<T>::forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope,
-                                       Matrix<T>& k_cache, Matrix<T>& v_cache, Matrix<T>& y) {
-  const Index H = num_heads_, KV = num_kv_heads_, hd = head_dim_, m = x.rows(), rep = H / KV;
+void LlamaAttention<T>::forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<T>& kv, Index layer,
+                                       const RotaryEmbedding<T>& rope, Matrix<T>& y, const PrefixKV<T>* prefix,
+                                       const detail::LlamaRowAdapters* rows) {
+  const Index H = num_heads_, KV = num_kv_heads_, hd = head_dim_, rep = H / KV, B = kv.batch, n = kv.length,
+              cap = kv.capacity();
+  const Index m = B > 0 ? x.rows() / B : 0, np = prefix != nullptr ? prefix->key.rows() : 0;
   check::input_features("LlamaAttention", this->name(), x.cols(), dim());
-  if (n + m > k_cache.rows() || rope.positions() < n + m)
+  Matrix<T>& k_cache = kv.k[static_cast<std::size_t>(layer)];
+  Matrix<T>& v_cache = kv.v[static_cast<std::size_t>(layer)];
+  if (m * B != x.rows() || n + m > cap || rope.positions() < np + n + m)
     throw ShapeError(describe("LlamaAttention", this->name()) + ": " + std::to_string(n) + " cached + " +
-                     std::to_string(m) + " new positions exceed the KV cache capacity " +
-                     std::to_string(k_cache.rows()));
-  q_proj.forward_inference(x, q_inf_);  // [m, H·hd]
-  k_proj.forward_inference(x, k_inf_);  // [m, KV·hd]
-  v_proj.forward_inference(x, v_inf_);
-  for (Index h = 0; h < H; ++h) rope.rotate(q_inf_.block(0, h * hd, m, hd), n);
-  for (Index g = 0; g < KV; ++g) rope.rotate(k_inf_.block(0, g * hd, m, hd), n);
-  k_cache.middleRows(n, m) = k_inf_;
-  v_cache.middleRows(n, m) = v_inf_;
+                     std::to_string(m) + " new positions of " + std::to_string(B) +
+                     " sequences exceed the KV cache capacity " + std::to_string(cap));
+  detail::llama_linear_inference<T>(q_proj, x, q_inf_, rows, route_[0]);  // [B·m, H·hd]
+  detail::llama_linear_inference<T>(k_proj, x, k_inf_, rows, route_[1]);  // [B·m, KV·hd]
+  detail::llama_linear_inference<T>(v_proj, x, v_inf_, rows, route_[2]);
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-  context_.resize(m, H * hd);
-  if (p_inf_.size() < n + m) p_inf_.resize(n + m);
-  for (Index r = 0; r < m; ++r) {
-    const Index visible = n + r + 1;  // causal: positions 0 .. n + r
-    for (Index h = 0; h < H; ++h) {
-      const Index g = h / rep;
-      auto p = p_inf_.head(visible);
-      p.noalias() = q_inf_.block(r, h * hd, 1, hd) * k_cache.block(0, g * hd, visible, hd).transpose();
-      p *= scale;
-      const T mx = p.maxCoeff();
-      p.array() = (p.array() - mx).exp();
-      p /= p.sum();
-      context_.block(r, h * hd, 1, hd).noalias() = p * v_cache.block(0, g * hd, visible, hd);
+  context_.setZero(B * m, H * hd);  // padding columns stay 0
+  if (p_inf_.size() < np + n + m) p_inf_.resize(np + n + m);
+  for (Index b = 0; b < B; ++b) {
+    const Index f = kv.first[static_cast<std::size_t>(b)];
+    const Index r0 = std::max<Index>(0, f - n);  // first valid new row of sequence b
+    if (r0 < m) {                                // rotate the valid new rows: column c is at position np + c − f
+      for (Index h = 0; h < H; ++h) rope.rotate(q_inf_.block(b * m + r0, h * hd, m - r0, hd), np + n + r0 - f);
+      for (Index g = 0; g < KV; ++g) rope.rotate(k_inf_.block(b * m + r0, g * hd, m - r0, hd), np + n + r0 - f);
+    }
+    k_cache.middleRows(b * cap + n, m) = k_inf_.middleRows(b * m, m);
+    v_cache.middleRows(b * cap + n, m) = v_inf_.middleRows(b * m, m);
+    for (Index r = r0; r < m; ++r) {
+      const Index visible = n + r - f + 1;  // causal: columns f .. n + r
+      for (Index h = 0; h < H; ++h) {
+        const Index g = h / rep;
+        auto p = p_inf_.head(np + visible);
+        const auto q = q_inf_.block(b * m + r, h * hd, 1, hd);
+        if (np > 0) p.head(np).noalias() = q * prefix->key.middleCols(g * hd, hd).transpose();
+        p.tail(visible).noalias() = q * k_cache.block(b * cap + f, g * hd, visible, hd).transpose();
+        p *= scale;
+        const T mx = p.maxCoeff();
+        p.array() = (p.array() - mx).exp();
+        p /= p.sum();
+        auto c = context_.block(b * m + r, h * hd, 1, hd);
+        c.noalias() = p.tail(visible) * v_cache.block(b * cap + f, g * hd, visible, hd);
+        if (np > 0) c.noalias() += p.head(np) * prefix->value.middleCols(g * hd, hd);
+      }
     }
   }
-  o_proj.forward_inference(context_, y);
+  detail::llama_linear_inference<T>(o_proj, context_, y, rows, route_[3]);
+  for (Index b = 0; b < B; ++b) {  // padding columns: 0
+    const Index pad = std::min<Index>(m, std::max<Index>(0, kv.first[static_cast<std::size_t>(b)] - n));
+    if (pad > 0) y.middleRows(b * m, pad).setZero();
+  }
 }
 
 template <class T>
-void LlamaMLP<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) {
-  gate_proj.forward_inference(x, g_inf_);
-  up_proj.forward_inference(x, u_inf_);
+void LlamaMLP<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y, const detail::LlamaRowAdapters* rows) {
+  detail::llama_linear_inference<T>(gate_proj, x, g_inf_, rows, route_[0]);
+  detail::llama_linear_inference<T>(up_proj, x, u_inf_, rows, route_[1]);
   h_.resize(g_inf_.rows(), g_inf_.cols());
   h_.array() = g_inf_.array() / (T(1) + (-g_inf_.array()).exp()) * u_inf_.array();  // silu(g) ⊙ u
-  down_proj.forward_inference(h_, y);
+  detail::llama_linear_inference<T>(down_proj, h_, y, rows, route_[2]);
 }
 
 template <class T>
-void LlamaDecoderLayer<T>::forward_cached(const ConstMatrixRef<T>& x, Index n, const RotaryEmbedding<T>& rope,
-                                          Matrix<T>& k_cache, Matrix<T>& v_cache, Matrix<T>& y) {
+void LlamaDecoderLayer<T>::forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<T>& kv, Index layer,
+                                          const RotaryEmbedding<T>& rope, Matrix<T>& y, const PrefixKV<T>* prefix,
+                                          const detail::LlamaRowAdapters* rows) {
   input_layernorm.forward(x, u_, norm_inf_);
-  self_attn.forward_cached(u_, n, rope, k_cache, v_cache, a_);
+  self_attn.forward_cached(u_, kv, layer, rope, a_, prefix, rows);
   y = x + a_;
   post_attention_layernorm.forward(y, v_, norm_inf_);
-  mlp.forward_inference(v_, f_);
+  mlp.forward_inference(v_, f_, rows);
   y += f_;
 }
 
 template <class T>
-void LlamaModel<T>::forward_cached(const std::vector<Index>& ids, const RotaryEmbedding<T>& rope, LlamaKVCache<T>& kv,
-                                   Matrix<T>& hidden) {
+void LlamaModel<T>::forward_cached(const std::vector<Index>& ids, const SequenceLayout& layout,
+                                   const RotaryEmbedding<T>& rope, LlamaKVCache<T>& kv, Matrix<T>& hidden,
+                                   const Matrix<T>* prompt, const Matrix<T>* prefix,
+                                   const std::vector<std::string>* adapter_names) {
   if (kv.k.size() != layers.size() || kv.v.size() != layers.size())
     throw ConfigError(describe("LlamaModel", this->name()) + ": KV cache has " + std::to_string(kv.k.size()) +
                       " layers, the model " + std::to_string(layers.size()) + " (use make_kv_cache)");
+  const Index n = prompt != nullptr ? prompt->rows() : 0, m = layout.seq + n;
+  const Index w = layers.empty() ? 0 : layers.front().self_attn.num_kv_heads() * layers.front().self_attn.head_dim();
   embed_tokens.forward(ids, x_, embed_inf_);
   Matrix<T>* cur = &x_;
   Matrix<T>* nxt = &y_;
+  if (n > 0) {
+    detail::llama_insert_prompt<T>(x_, layout, *prompt, xin_);
+    cur = &xin_;
+  }
+  detail::LlamaRowAdapters rows{adapter_names, m};
   for (std::size_t i = 0; i < layers.size(); ++i) {
-    layers[i].forward_cached(*cur, kv.length, rope, kv.k[i], kv.v[i], *nxt);
+    const detail::LlamaRowAdapters* ra = adapter_names != nullptr ? &rows : nullptr;
+    if (prefix != nullptr) {
+      const Index c = static_cast<Index>(i) * 2 * w;
+      const PrefixKV<T> pkv{prefix->middleCols(c, w), prefix->middleCols(c + w, w)};
+      layers[i].forward_cached(*cur, kv, static_cast<Index>(i), rope, *nxt, &pkv, ra);
+    } else {
+      layers[i].forward_cached(*cur, kv, static_cast<Index>(i), rope, *nxt, nullptr, ra);
+    }
     std::swap(cur, nxt);
   }
   norm.forward(*cur, hidden, norm_inf_);
-  kv.length += static_cast<Index>(ids.size());
+  kv.length += m;
 }
 
 template <class T>
-LlamaKVCache<T> LlamaForCausalLM<T>::make_kv_cache(Index capacity) const {
+LlamaKVCache<T> LlamaForCausalLM<T>::make_kv_cache(Index capacity, Index batch) const {
   if (capacity <= 0) throw ConfigError("make_kv_cache: capacity must be > 0, got " + std::to_string(capacity));
+  if (batch <= 0) throw ConfigError("make_kv_cache: batch must be > 0, got " + std::to_string(batch));
   LlamaKVCache<T> kv;
+  kv.batch = batch;
+  kv.first.assign(static_cast<std::size_t>(batch), 0);
   const Index w = config_.kv_heads() * config_.resolved_head_dim();
   for (std::size_t i = 0; i < model.layers.size(); ++i) {
-    kv.k.emplace_back(capacity, w);
-    kv.v.emplace_back(capacity, w);
+    kv.k.emplace_back(batch * capacity, w);
+    kv.v.emplace_back(batch * capacity, w);
   }
   return kv;
 }
 
 template <class T>
-void LlamaForCausalLM<T>::forward_cached(const std::vector<Index>& ids, LlamaKVCache<T>& kv, Matrix<T>& logits) {
+void LlamaForCausalLM<T>::head_inference(const Matrix<T>& hidden, Matrix<T>& logits,
+                                         const detail::LlamaRowAdapters* rows) {
+  if (tied()) {
+    logits.resize(hidden.rows(), vocab_size());
+    logits.noalias() = hidden * model.embed_tokens.weight.value.transpose();
+  } else {
+    detail::llama_linear_inference<T>(lm_head, hidden, logits, rows, head_route_);
+  }
+}
+
+template <class T>
+void LlamaForCausalLM<T>::forward_cached(const std::vector<Index>& ids, const SequenceLayout& layout,
+                                         LlamaKVCache<T>& kv, Matrix<T>& logits,
+                                         const std::vector<std::string>& adapter_names) {
   const std::string who = describe("LlamaForCausalLM", this->name());
   if (ids.empty()) throw ShapeError(who + ": forward_cached needs at least one token");
-  const Index end = kv.length + static_cast<Index>(ids.size());
+  layout.validate(who, static_cast<Index>(ids.size()));
+  if (layout.batch != kv.batch || static_cast<Index>(kv.first.size()) != kv.batch)
+    throw ShapeError(who + ": " + std::to_string(layout.batch) + " sequences for a KV cache of batch " +
+                     std::to_string(kv.batch));
+  if (layout.padded() && (!layout.left_padded || kv.length > 0))
+    throw ShapeError(who + ": only the first chunk of a cached batch may be padded, and only on the left");
+  if (!adapter_names.empty()) {
+    if (static_cast<Index>(adapter_names.size()) != kv.batch)
+      throw ShapeError(who + ": " + std::to_string(adapter_names.size()) + " adapter names for " +
+                       std::to_string(kv.batch) + " sequences");
+    const auto hosts = [&] {
+      std::vector<AdaptedLinear<T>*> h;
+      this->visit_modules([&](const std::string&, Module<T>& mod) {
+        if (auto* a = dynamic_cast<AdaptedLinear<T>*>(&mod)) h.push_back(a);
+      });
+      return h;
+    }();
+    for (const std::string& name : adapter_names) {
+      if (detail::llama_no_adapter(name)) continue;
+      bool found = false;
+      for (const auto* h : hosts) found = found || h->adapter_index(name) >= 0;
+      if (!found)
+        throw ConfigError(who + ": no linear holds adapter \"" + name + "\" (per-row adapter names: an adapter, \"" +
+                          kNoAdapterName + "\" or \"__base__\")");
+    }
+  }
+  const Index n = kv.length == 0 ? prompt_length() : 0;  // a prompt goes into the first chunk
+  const Index m = layout.seq, end = kv.length + m + n;
   if (end > kv.capacity())
     throw ShapeError(who + ": " + std::to_string(end) + " positions exceed the KV cache capacity " +
                      std::to_string(kv.capacity()));
-  if (config_.sliding_window > 0 && end > config_.sliding_window)
-    throw ConfigError(who + ": sequence length " + std::to_string(end) + " exceeds sliding_window " +
+  if (config_.sliding_window > 0 && end + prefix_length() > config_.sliding_window)
+    throw ConfigError(who + ": sequence length " + std::to_string(end + prefix_length()) + " exceeds sliding_window " +
                       std::to_string(config_.sliding_window) + " (sliding-window attention is not implemented)");
+  if (kv.length == 0)
+    for (Index b = 0; b < kv.batch; ++b) kv.first[static_cast<std::size_t>(b)] = layout.first(b);
   const bool was_training = this->training();
   if (was_training) this->eval();  // no dropout in inference
-  rope_.reserve(end);
+  rope_.reserve(end + prefix_length());
+  const detail::LlamaRowAdapters rows{adapter_names.empty() ? nullptr : &adapter_names, m};
   try {
-    model.forward_cached(ids, rope_, kv, hidden_inf_);
+    const Matrix<T>* prefix = nullptr;
+    if (prefix_encoder) {
+      prefix_encoder->forward(prefix_inf_);
+      prefix = &prefix_inf_.table;
+    }
+    model.forward_cached(ids, layout, rope_, kv, hidden_inf_, n > 0 ? &prompt_encoder->embedding.value : nullptr,
+                         prefix, adapter_names.empty() ? nullptr : &adapter_names);
+    if (n > 0) {  // the ids' rows only: drop the virtual tokens [f, f + n) of each sequence
+      hidden_sel_.resize(kv.batch * m, hidden_inf_.cols());
+      for (Index b = 0; b < kv.batch; ++b) {
+        const Index f = layout.first(b);
+        if (f > 0) hidden_sel_.middleRows(b * m, f) = hidden_inf_.middleRows(b * (m + n), f);
+        hidden_sel_.middleRows(b * m + f, m - f) = hidden_inf_.middleRows(b * (m + n) + f + n, m - f);
+      }
+      head_inference(hidden_sel_, logits, rows.names != nullptr ? &rows : nullptr);
+    } else {
+      head_inference(hidden_inf_, logits, rows.names != nullptr ? &rows : nullptr);
+    }
   } catch (...) {
     if (was_training) this->train();
     throw;
-  }
-  if (tied()) {
-    logits.resize(hidden_inf_.rows(), vocab_size());
-    logits.noalias() = hidden_inf_ * model.embed_tokens.weight.value.transpose();
-  } else {
-    lm_head.forward_inference(hidden_inf_, logits);
   }
   if (was_training) this->train();
 }

@@ -583,6 +583,7 @@ bool TransformerClassifier<T>::input_side_trainable() {
 
 template <class T>
 void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
+  layout.require_right_padded("TransformerClassifier", this->name());
   cache.layout = layout;
   // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
   for (Index b = 0; b < layout.batch; ++b)

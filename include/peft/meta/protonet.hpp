@@ -53,6 +53,7 @@ class PrototypicalLoss {
  private:
   Matrix<T> protos_, logits_, dlogits_, dprotos_;
   RowVector<T> counts_, qsq_, csq_;
+  ColVector<T> gsum_rows_, gsum_cols_;
 };
 
 template <class T>
@@ -101,13 +102,15 @@ T PrototypicalLoss<T>::forward_backward(const ConstMatrixRef<T>& support,
     // ∂L/∂Q = −2 (diag(rowsum G) Q − G C)   [M, D]
     dquery->resize(query.rows(), query.cols());
     dquery->noalias() = T(2) * dlogits_ * protos_;
-    dquery->array() -= T(2) * (query.array().colwise() * dlogits_.rowwise().sum().array());
+    gsum_rows_ = dlogits_.rowwise().sum();
+    dquery->array() -= T(2) * (query.array().colwise() * gsum_rows_.array());
   }
   if (dsupport) {
     // ∂L/∂C = 2 (Gᵀ Q − diag(colsum G) C)   [N, D], then ∂L/∂s_i = ∂L/∂c_{y_i} / n_{y_i}
     dprotos_.resize(n_way, query.cols());
     dprotos_.noalias() = T(2) * dlogits_.transpose() * query;
-    dprotos_.array() -= T(2) * (protos_.array().colwise() * dlogits_.colwise().sum().transpose().array());
+    gsum_cols_ = dlogits_.colwise().sum().transpose();
+    dprotos_.array() -= T(2) * (protos_.array().colwise() * gsum_cols_.array());
     dsupport->resize(support.rows(), support.cols());
     for (Index i = 0; i < support.rows(); ++i) {
       const Index y = static_cast<Index>(support_labels[static_cast<std::size_t>(i)]);

@@ -839,7 +839,7 @@ void write_outputs(const Options& o, const std::vector<Row>& rows, const std::ve
     csv << r.part << "," << r.setting << "," << r.method << "," << r.seed << "," << r.chosen << "," << r.test.mean
         << "," << r.test.ci95 << "," << r.test.n << "," << r.seconds << "\n";
   const std::vector<std::string> methods{
-      "pretrained + head", "pretrained + LoRA",         "FOMAML", "Reptile", "MAML (2nd order)",
+      "pretrained + head", "pretrained + LoRA",       "FOMAML", "Reptile", "MAML (2nd order)",
       "ProtoNet",          "raw-feature nearest mean"};
   std::ostringstream svg;
   const bool sine = std::any_of(aggs.begin(), aggs.end(), [](const Agg& a) { return a.part == "sine"; });
@@ -981,12 +981,12 @@ int main(int argc, char** argv) {
   const std::vector<Agg> aggs = aggregate(rows);
   write_outputs(o, rows, aggs);
   std::printf(
-      "\n| part | setting | method | test metric (mean over %d seeds) | 95 %% CI (episodes) | sd over seeds | chosen "
-      "(per seed) |\n|---|---|---|---|---|---|---|\n",
-      o.seeds);
+      "\n| part | setting | method | seeds | test metric (mean over seeds) | 95 %% CI (episodes) | sd over seeds | "
+      "chosen (per seed) |\n|---|---|---|---|---|---|---|---|\n");
   for (const Agg& a : aggs)
-    std::printf("| %s | %s | %s | %s %.3f | ± %.3f | %.3f | %s |\n", a.part.c_str(), a.setting.c_str(),
-                a.method.c_str(), a.part == "sine" ? "MSE" : "acc", a.mean, a.ci95, a.seed_sd, a.chosen.c_str());
+    std::printf("| %s | %s | %s | %d | %s %.3f | ± %.3f | %.3f | %s |\n", a.part.c_str(), a.setting.c_str(),
+                a.method.c_str(), a.seeds, a.part == "sine" ? "MSE" : "acc", a.mean, a.ci95, a.seed_sd,
+                a.chosen.c_str());
   std::printf(
       "\n%ld test episodes per method and setting and seed; total %.0f s; wrote %s/fewshot.csv, %s/fewshot.svg\n",
       static_cast<long>(rows.empty() ? 0 : rows.front().test.n), seconds_since(start), o.out.c_str(), o.out.c_str());

@@ -66,6 +66,10 @@
 #include "peft/quant/nf4.hpp"
 #include "peft/quant/nf4_lora_linear.hpp"
 
+#include "peft/meta/episodes.hpp"
+#include "peft/meta/maml.hpp"
+#include "peft/meta/protonet.hpp"
+
 #include "peft/optim/adam.hpp"
 #include "peft/optim/clip.hpp"
 #include "peft/optim/optimizer.hpp"

@@ -62,6 +62,10 @@ class Optimizer {
   virtual void step() = 0;
   /// Zeroes the gradients of every trainable parameter in every group.
   virtual void zero_grad() = 0;
+  /// Forgets every parameter's state and step count, as a freshly built optimizer over the same
+  /// groups (torch: a new optimizer); the state tensors keep their memory and are re-initialised on
+  /// the next step(). Meta-learning's inner loops start each task this way (meta/maml.hpp).
+  virtual void reset_state() = 0;
 
   virtual std::size_t num_groups() const = 0;
   virtual const std::string& group_name(std::size_t group) const = 0;
@@ -143,6 +147,14 @@ class BasicOptimizer : public Optimizer<T> {
     check_watched();
     for (Group& group : groups_)
       for (Entry& e : group.entries) e.param->zero_grad();
+  }
+
+  void reset_state() override {
+    for (Group& group : groups_)
+      for (Entry& e : group.entries) {
+        e.has_state = false;
+        e.steps = 0;
+      }
   }
 
   std::size_t num_groups() const override { return groups_.size(); }

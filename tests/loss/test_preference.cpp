@@ -36,7 +36,7 @@ struct PrefBatch {
 template <class T>
 struct PrefDPO {
   PrefBatch batch;
-  Matrix<T> ref_logits = pref_matrix<T>(pf::kReferenceLogits, pf::kBatch * pf::kSeq, pf::kVocab);
+  Matrix<T> ref_logits = pref_matrix<T>(pf::kReferenceLogits, pf::kBatch* pf::kSeq, pf::kVocab);
   SequenceLogProbWorkspace<T> ws, ref_ws;
   Matrix<T> lp, ref_lp, dc, dr, dseq, dlogits;
   DPOStats stats;
@@ -92,11 +92,23 @@ TEMPLATE_TEST_CASE("preference: DPO, conservative DPO and IPO losses and gradien
     const double* grad;
   };
   const Case cases[] = {
-      {"sigmoid", {pf::kSigmoidBeta, PreferenceLoss::kSigmoid, pf::kSigmoidSmoothing}, false, pf::kSigmoidLoss,
-       pf::kSigmoidMargin, pf::kSigmoidGrad},
-      {"conservative", {pf::kConservativeBeta, PreferenceLoss::kSigmoid, pf::kConservativeSmoothing}, false,
-       pf::kConservativeLoss, pf::kConservativeMargin, pf::kConservativeGrad},
-      {"ipo", {pf::kIPOBeta, PreferenceLoss::kIPO, pf::kIPOSmoothing}, true, pf::kIPOLoss, pf::kIPOMargin,
+      {"sigmoid",
+       {pf::kSigmoidBeta, PreferenceLoss::kSigmoid, pf::kSigmoidSmoothing},
+       false,
+       pf::kSigmoidLoss,
+       pf::kSigmoidMargin,
+       pf::kSigmoidGrad},
+      {"conservative",
+       {pf::kConservativeBeta, PreferenceLoss::kSigmoid, pf::kConservativeSmoothing},
+       false,
+       pf::kConservativeLoss,
+       pf::kConservativeMargin,
+       pf::kConservativeGrad},
+      {"ipo",
+       {pf::kIPOBeta, PreferenceLoss::kIPO, pf::kIPOSmoothing},
+       true,
+       pf::kIPOLoss,
+       pf::kIPOMargin,
        pf::kIPOGrad},
   };
   for (const Case& c : cases) {
@@ -114,9 +126,8 @@ TEST_CASE("preference: DPO family and KL estimator gradients match finite differ
           "[loss][preference]") {
   PrefDPO<double> f;
   Matrix<double> z = pref_matrix<double>(pf::kPolicyLogits, pf::kBatch * pf::kSeq, pf::kVocab);
-  const DPOOptions opts[] = {{0.1, PreferenceLoss::kSigmoid, 0.0},
-                             {0.7, PreferenceLoss::kSigmoid, 0.3},
-                             {0.5, PreferenceLoss::kIPO, 0.0}};
+  const DPOOptions opts[] = {
+      {0.1, PreferenceLoss::kSigmoid, 0.0}, {0.7, PreferenceLoss::kSigmoid, 0.3}, {0.5, PreferenceLoss::kIPO, 0.0}};
   for (const DPOOptions& opt : opts)
     for (const bool average : {false, true}) {
       INFO("loss " << static_cast<int>(opt.loss) << ", eps " << opt.label_smoothing << ", average " << average);
@@ -185,9 +196,9 @@ TEST_CASE("preference: refusals name the argument", "[loss][preference]") {
   const Matrix<double> big = Matrix<double>::Constant(1, 1, 1000.0), zero = Matrix<double>::Zero(1, 1);
   PEFT_REQUIRE_THROWS_WITH(kl_estimate<double>(zero, big, KLEstimator::kK3, d1), NumericError, "overflows");
   SequenceLogProbWorkspace<double> ws;
-  PEFT_REQUIRE_THROWS_WITH(sequence_log_probs<double>(Matrix<double>::Zero(4, 3), {0, 1, 7, 0}, SequenceLayout(1, 4),
-                                                      d1, ws),
-                           ShapeError, "label at row 1");
+  PEFT_REQUIRE_THROWS_WITH(
+      sequence_log_probs<double>(Matrix<double>::Zero(4, 3), {0, 1, 7, 0}, SequenceLayout(1, 4), d1, ws), ShapeError,
+      "label at row 1");
   PEFT_REQUIRE_THROWS_WITH(
       sequence_log_probs_backward<double>(Matrix<double>::Zero(6, 3), SequenceLayout(2, 3), a, d2, ws), ShapeError,
       "workspace");

@@ -78,8 +78,7 @@ void sequence_log_probs(const ConstMatrixRef<T>& logits, const std::vector<std::
   ws.ignore_index = ignore_index;
   for (Index b = 0; b < B; ++b)
     for (Index t = 0; t < S; ++t) {
-      const std::int64_t y =
-          t + 1 < layout.length(b) ? labels[static_cast<std::size_t>(b * S + t + 1)] : ignore_index;
+      const std::int64_t y = t + 1 < layout.length(b) ? labels[static_cast<std::size_t>(b * S + t + 1)] : ignore_index;
       ws.targets[static_cast<std::size_t>(b * S + t)] = y;
       if (y != ignore_index) ++ws.counts[static_cast<std::size_t>(b)];
     }
@@ -179,7 +178,7 @@ enum class PreferenceLoss {
 };
 
 struct DPOOptions {
-  double beta = 0.1;             ///< β > 0: the KL-penalty strength (IPO: the target margin is 1/(2β))
+  double beta = 0.1;  ///< β > 0: the KL-penalty strength (IPO: the target margin is 1/(2β))
   PreferenceLoss loss = PreferenceLoss::kSigmoid;
   double label_smoothing = 0.0;  ///< ε ∈ [0, 0.5): cDPO's probability that a label is flipped (sigmoid only)
 };
@@ -219,8 +218,7 @@ T dpo_loss(const ConstMatrixRef<T>& policy_chosen, const ConstMatrixRef<T>& poli
   auto same = [&](const ConstMatrixRef<T>& m, const char* name) {
     if (m.rows() != rows || m.cols() != cols)
       throw ShapeError(std::string("dpo_loss: ") + name + " log-probabilities have shape " +
-                       shape_str(m.rows(), m.cols()) + ", expected the policy's chosen shape " +
-                       shape_str(rows, cols));
+                       shape_str(m.rows(), m.cols()) + ", expected the policy's chosen shape " + shape_str(rows, cols));
     detail::check_finite_rows<T>("dpo_loss", m, name);
   };
   same(policy_chosen, "policy chosen");

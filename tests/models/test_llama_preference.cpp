@@ -158,3 +158,39 @@ TEST_CASE("llama DPO: a few AdamW steps on the LoRA adapter raise the chosen-vs-
   CHECK(after.reward_chosen > 0.0);  // the chosen answers gained probability relative to the reference
   CHECK(last.loss > after.loss);     // still descending at the end
 }
+
+TEST_CASE("llama DPO: starting from an SFT adapter folded into the base, the reference is the SFT model",
+          "[llama][dpo]") {
+  Rng rng(17);
+  LlamaForCausalLM<double> model = dpo_llama(rng);
+  const PreferenceBatch batch = dpo_pairs();
+  io::apply_method<double>(model, dpo_lora_config(), "sft", rng);
+  model.visit_parameters([&](const std::string& n, Parameter<double>& p) {
+    if (n.find("lora_B") != std::string::npos)
+      p.value = peft::test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.5);
+  });
+  typename LlamaForCausalLM<double>::Cache cache;
+  Matrix<double> logits, sft_lp, base_lp, ref_lp;
+  SequenceLogProbWorkspace<double> ws;
+  model.forward(batch.ids, batch.layout, logits, cache);
+  sequence_log_probs<double>(logits, batch.labels, batch.layout, sft_lp, ws);
+  for (auto* h : adapter_hosts<double>(model)) h->disable_adapters(true);
+  model.forward(batch.ids, batch.layout, logits, cache);
+  sequence_log_probs<double>(logits, batch.labels, batch.layout, base_lp, ws);
+  REQUIRE((sft_lp - base_lp).cwiseAbs().maxCoeff() > 1e-3);  // the SFT adapter does act
+  for (auto* h : adapter_hosts<double>(model)) {
+    h->disable_adapters(false);
+    h->merge_and_unload();  // PEFT's merge_and_unload: W = W0 + the SFT update, no adapter left
+  }
+  io::apply_method<double>(model, dpo_lora_config(), "policy", rng);
+  model.visit_parameters([&](const std::string& n, Parameter<double>& p) {
+    if (n.find("lora_B") != std::string::npos)
+      p.value = peft::test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.5);
+  });
+  DPOObjective<double, LlamaForCausalLM<double>> dpo(model, DPOTrainOptions{});
+  dpo.reference_log_probs(batch, ref_lp);
+  CHECK((ref_lp - sft_lp).cwiseAbs().maxCoeff() < 1e-12 * (1.0 + sft_lp.cwiseAbs().maxCoeff()));
+  const DPOStats s = dpo.step(batch, false);
+  CHECK((dpo.policy_log_probs() - sft_lp).cwiseAbs().maxCoeff() > 1e-3);  // the policy moved off the SFT model
+  CHECK(std::isfinite(s.loss));
+}

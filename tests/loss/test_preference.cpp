@@ -207,3 +207,22 @@ TEST_CASE("preference: refusals name the argument", "[loss][preference]") {
   CHECK(d1(0, 0) == Approx(-0.05));
   CHECK(d2(0, 0) == Approx(0.05));
 }
+
+TEST_CASE("preference: Bradley-Terry with a margin per pair (Llama 2) is the shifted loss; finite differences",
+          "[loss][preference][bradley_terry]") {
+  Rng rng(32);
+  Matrix<double> chosen = test::random_matrix<double>(5, 1, rng, 2.0);
+  Matrix<double> rejected = test::random_matrix<double>(5, 1, rng, 2.0);
+  const Matrix<double> margin = test::random_matrix<double>(5, 1, rng, 1.0).cwiseAbs();
+  Matrix<double> dc, dr, dc0, dr0;
+  const double with = bradley_terry<double>(chosen, rejected, margin, &dc, &dr);
+  const Matrix<double> shifted = rejected + margin;
+  CHECK(with == Approx(bradley_terry<double>(chosen, shifted, &dc0, &dr0)).epsilon(1e-14));
+  CHECK(test::rel_diff(dc, dc0) < 1e-14);
+  CHECK(with > bradley_terry<double>(chosen, rejected, nullptr, nullptr));  // a positive margin costs more
+  auto loss = [&] { return bradley_terry<double>(chosen, rejected, margin, nullptr, nullptr); };
+  CHECK(relative_error(dc, numerical_gradient(chosen, loss)) < Tolerances<double>::grad);
+  CHECK(relative_error(dr, numerical_gradient(rejected, loss)) < Tolerances<double>::grad);
+  PEFT_REQUIRE_THROWS_WITH(bradley_terry<double>(chosen, rejected, Matrix<double>::Zero(4, 1), nullptr, nullptr),
+                           ShapeError, "margins have shape [4, 1]");
+}

@@ -49,6 +49,7 @@
 #include "peft/loss/cross_entropy.hpp"
 #include "peft/loss/kl.hpp"
 #include "peft/loss/mse.hpp"
+#include "peft/loss/preference.hpp"
 
 #include "peft/merge/analysis.hpp"
 #include "peft/merge/combine.hpp"
@@ -59,6 +60,7 @@
 
 #include "peft/models/generation.hpp"
 #include "peft/models/llama.hpp"
+#include "peft/models/reward_model.hpp"
 #include "peft/models/transformer.hpp"
 
 #include "peft/quant/blockwise8.hpp"
@@ -84,4 +86,5 @@
 #include "peft/train/gradient_check.hpp"
 #include "peft/train/memory.hpp"
 #include "peft/train/multitask.hpp"
+#include "peft/train/preference.hpp"
 #include "peft/train/progress.hpp"

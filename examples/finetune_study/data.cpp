@@ -72,6 +72,11 @@ ImageSet synthetic_split(Index count, std::uint64_t seed) {
   return s;
 }
 
+/// Renumbers every label through `map` (original -> renumbered).
+void renumber(ImageSet& s, const std::vector<int>& map) {
+  for (auto& l : s.labels) l = static_cast<std::uint8_t>(map[l]);
+}
+
 std::vector<Index> indices_of(const ImageSet& s, int first_class, int last_class) {
   std::vector<Index> out;
   for (Index i = 0; i < s.count; ++i) {
@@ -82,6 +87,12 @@ std::vector<Index> indices_of(const ImageSet& s, int first_class, int last_class
 }
 
 }  // namespace
+
+const char* class_name(int original_label) {
+  static const char* names[kNumClasses] = {"T-shirt", "trouser", "pullover", "dress", "coat",
+                                           "sandal",  "shirt",   "sneaker",  "bag",   "ankle boot"};
+  return original_label >= 0 && original_label < kNumClasses ? names[original_label] : "?";
+}
 
 TransferData load_transfer_data(const DataOptions& o, std::string* why_synthetic) {
   namespace fs = std::filesystem;
@@ -107,6 +118,26 @@ TransferData load_transfer_data(const DataOptions& o, std::string* why_synthetic
     d.description = "synthetic 28x28 10-class task (built in)";
   }
 
+  // The split: source classes -> 0..4 in the order given, the others -> 5..9.
+  if (o.source_classes.size() != static_cast<std::size_t>(kTaskClasses))
+    throw peft::ConfigError("--source-classes: expected " + std::to_string(kTaskClasses) + " classes, got " +
+                            std::to_string(o.source_classes.size()));
+  std::vector<int> map(kNumClasses, -1);
+  d.original_class.assign(kNumClasses, -1);
+  for (std::size_t i = 0; i < o.source_classes.size(); ++i) {
+    const int c = o.source_classes[i];
+    if (c < 0 || c >= kNumClasses)
+      throw peft::ConfigError("--source-classes: class " + std::to_string(c) + " is not in [0, 9]");
+    if (map[static_cast<std::size_t>(c)] != -1)
+      throw peft::ConfigError("--source-classes: class " + std::to_string(c) + " is listed twice");
+    map[static_cast<std::size_t>(c)] = static_cast<int>(i);
+  }
+  for (int c = 0, next = kTaskClasses; c < kNumClasses; ++c)
+    if (map[static_cast<std::size_t>(c)] == -1) map[static_cast<std::size_t>(c)] = next++;
+  for (int c = 0; c < kNumClasses; ++c) d.original_class[static_cast<std::size_t>(map[static_cast<std::size_t>(c)])] = c;
+  renumber(d.train, map);
+  renumber(d.test, map);
+
   // Class-balanced, seeded splits. The run seed picks the budget; everything else is fixed.
   peft::Rng rng(o.seed * 0x9e3779b97f4a7c15ULL + 17);
   d.source_train.images = d.source_val.images = &d.train;
@@ -127,7 +158,8 @@ TransferData load_transfer_data(const DataOptions& o, std::string* why_synthetic
     auto& v = per_class[static_cast<std::size_t>(c)];
     peft::shuffle(v, rng);
     const Index take = (o.budget + (c - kTaskClasses)) / kTaskClasses;  // spreads a remainder over classes
-    const Index val = (o.target_val + (c - kTaskClasses)) / kTaskClasses;
+    const Index target_val = o.target_val < 0 ? o.budget : o.target_val;
+    const Index val = (target_val + (c - kTaskClasses)) / kTaskClasses;
     if (take + val > static_cast<Index>(v.size()))
       throw peft::ConfigError("--budget " + std::to_string(o.budget) + " asks for " + std::to_string(take) +
                               " images of class " + std::to_string(c) + " but only " +

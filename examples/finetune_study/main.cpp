@@ -24,42 +24,49 @@ using study::Index;
 
 const char* kUsage = R"(finetune_study - fine-tuning strategies compared on Fashion-MNIST, with forgetting and its cures
 
-Pretrains a small network on the source task (Fashion-MNIST classes 0-4: T-shirt, trouser,
-pullover, dress, coat), then adapts it to the target task (classes 5-9: sandal, shirt, sneaker,
-bag, ankle boot) from a small labelled budget with each strategy, and evaluates both tasks on the
-official test split. Same data, budget, batch order and seed for every strategy.
+Pretrains a small network on five source classes of Fashion-MNIST, then adapts it to the other five
+from a small labelled budget with each strategy, and evaluates both tasks on the official test
+split. For each seed and strategy, every learning rate of the strategy's grid is trained and the
+one with the best accuracy on a target validation split (training images outside the budget, as
+many as the budget) is kept; only that run is evaluated on the test split (every rate under
+--full). Same data, budget, batch order and seed for every strategy within a seed.
 
 Usage: finetune_study [options]
-  --strategies LIST   comma-separated subset (default: all); --list shows them
-  --budget N          labelled target images (default 1000)
-  --epochs N          fine-tuning epochs over the budget (default 10)
+  --strategies LIST   comma-separated subset; "all" for every strategy and control (default: the
+                      default set, see --list)
+  --full              every strategy and control, and the test split at every rate (matched-rate
+                      comparisons)
+  --source-classes L  the five source classes (default 0,1,2,5,8: T-shirt, trouser, pullover,
+                      sandal, bag; the target is the other five)
+  --budget N          labelled target images (default 100)
+  --steps N           fine-tuning optimizer steps, independent of the budget (default 200)
   --pretrain-epochs N source epochs (default 2)
-  --seed N            seed of initialization, budget draw and batch order (default 1)
-  --threads N         Eigen/OpenMP threads (default 1: the matrices are small, and on a busy
-                      machine OpenMP barriers stall; --threads 2 helps on an idle one)
+  --seeds N           seeds per strategy (default 3; --quick: 1)
+  --seed N            first seed (default 1): seeds N, N+1, ... Each seed draws its own budget,
+                      validation split, pretraining and batch order
+  --threads N         Eigen/OpenMP threads (default 1: the matrices are small)
   --arch NAME         network: transformer or mlp (default: transformer when built in)
   --out DIR           output folder for CSV and SVG files (default finetune_out)
   --data-dir DIR      Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist);
                       a built-in synthetic task is used when they are missing
-  --quick             small configuration for a smoke test (< 30 s)
-  --check             exit 1 unless the table has one row per strategy and every accuracy is above
-                      chance (what the CTest smoke test runs)
+  --quick             small configuration for a smoke test
+  --check             exit 1 unless every requested strategy has a row, every accuracy is above
+                      chance and every PEFT model with its modules disabled reproduces the
+                      pretrained model's source logits exactly (what the CTest smoke test runs)
   --plain             plain progress lines even on a terminal
-  --list              list the strategies and exit
+  --list              list the strategies with their rate grids and exit
   --help              this text
 
-Why this model: a small vision transformer (7x7-pixel patches -> 16 tokens, learned positions,
-pre-norm blocks, mean pooling) is the smallest network on which every method of the study
-applies as published: LoRA on the attention and feed-forward linears, adapters after the
-attention and the feed-forward, (IA)^3 on keys, values and the feed-forward activation, prompt
-tuning (prepended tokens) and prefix tuning (per-layer keys/values). A pixel MLP (--arch mlp)
-hosts all but prompt and prefix tuning.
+The model: a small vision transformer (7x7-pixel patches -> 16 tokens, learned positions,
+pre-norm blocks, mean pooling), the smallest network on which every method of the study applies
+as published. A pixel MLP (--arch mlp) hosts all but prompt and prefix tuning.
 
 Heads and forgetting: one 10-way head; rows 0-4 are the source head, rows 5-9 the target head
-(zero-initialised before adaptation). Each task's loss and accuracy use only its own five logits,
-so "source accuracy after adaptation" measures how much the shared network drifted.
+(zero-initialised before adaptation, except in the random-head control). Each task's loss and
+accuracy use only its own five logits, so "source accuracy after adaptation" measures how much
+the shared network drifted.
 
-Outputs (in --out): results.csv, curves.csv (every learning curve), learning_curves.svg,
+Outputs (in --out): runs.csv (every strategy, seed and rate), summary.csv, curves.csv, curves.svg,
 accuracy_vs_params.svg, run.txt.
 )";
 
@@ -86,6 +93,12 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
+std::vector<int> parse_classes(const std::string& v) {
+  std::vector<int> out;
+  for (const auto& item : split(v)) out.push_back(static_cast<int>(parse_int("--source-classes", item, 0, 9)));
+  return out;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -94,10 +107,11 @@ int main(int argc, char** argv) {
   study::NetOptions net_opt;
   study::StudyOptions opt;
   std::string out_dir = "finetune_out";
-  std::string strategies_arg = "all";
-  bool quick = false, check = false, plain = false;
+  std::string strategies_arg;
+  bool quick = false, check = false, plain = false, full = false;
   int threads = 1;
-  long budget = -1, epochs = -1, pretrain_epochs = -1;
+  long budget = -1, steps = -1, pretrain_epochs = -1, seeds = -1;
+  std::uint64_t first_seed = 1;
   std::string command_line = argv[0];
 #if STUDY_HAS_TRANSFORMER
   net_opt.arch = "transformer";
@@ -116,20 +130,30 @@ int main(int argc, char** argv) {
       std::cout << kUsage << "Architectures built in: " << study::available_architectures() << '\n';
       return 0;
     } else if (a == "--list") {
-      for (const auto& s : study::all_strategies())
-        std::cout << s.id << std::string(s.id.size() < 16 ? 16 - s.id.size() : 1, ' ') << s.label << "  [" << s.family
-                  << (s.needs_sequence_model ? ", transformer only" : "") << "]\n";
+      for (const auto& s : study::all_strategies()) {
+        std::string grid;
+        for (double lr : s.lr_grid) grid += (grid.empty() ? "" : ", ") + study::format_lr(lr);
+        std::cout << s.id << std::string(s.id.size() < 18 ? 18 - s.id.size() : 1, ' ') << s.label << "  [" << s.family
+                  << (s.in_default ? ", default" : "") << (s.needs_sequence_model ? ", transformer only" : "")
+                  << "; rates " << grid << "]\n";
+      }
       return 0;
     } else if (a == "--strategies") {
       strategies_arg = value();
+    } else if (a == "--full") {
+      full = true;
+    } else if (a == "--source-classes") {
+      data_opt.source_classes = parse_classes(value());
     } else if (a == "--budget") {
-      budget = parse_int(a, value(), 5, 25000);
-    } else if (a == "--epochs") {
-      epochs = parse_int(a, value(), 1, 1000);
+      budget = parse_int(a, value(), 10, 25000);
+    } else if (a == "--steps") {
+      steps = parse_int(a, value(), 1, 1000000);
     } else if (a == "--pretrain-epochs") {
       pretrain_epochs = parse_int(a, value(), 1, 100);
+    } else if (a == "--seeds") {
+      seeds = parse_int(a, value(), 1, 100);
     } else if (a == "--seed") {
-      opt.seed = static_cast<std::uint64_t>(parse_int(a, value(), 0, 2147483647));
+      first_seed = static_cast<std::uint64_t>(parse_int(a, value(), 0, 2147483647));
     } else if (a == "--threads") {
       threads = static_cast<int>(parse_int(a, value(), 1, 256));
     } else if (a == "--arch") {
@@ -151,9 +175,13 @@ int main(int argc, char** argv) {
 
   // Which strategies, in table order.
   std::vector<study::StrategyInfo> chosen;
-  if (strategies_arg == "all") {
+  const bool mlp = net_opt.arch == "mlp";
+  if (strategies_arg.empty() || strategies_arg == "all") {
+    const bool every = full || strategies_arg == "all";
     for (const auto& s : study::all_strategies())
-      if (!s.needs_sequence_model || net_opt.arch != "mlp") chosen.push_back(s);
+      if ((every || s.in_default) && (!s.needs_sequence_model || !mlp)) chosen.push_back(s);
+    // The MLP cannot host prefix tuning: its default set gets (IA)^3 instead.
+    if (mlp && !every) chosen.insert(chosen.end() - 1, study::strategy("ia3"));
   } else {
     const std::vector<std::string> wanted = split(strategies_arg);
     for (const auto& w : wanted) {
@@ -164,72 +192,102 @@ int main(int argc, char** argv) {
     for (const auto& s : study::all_strategies())
       for (const auto& w : wanted)
         if (s.id == w) {
-          if (s.needs_sequence_model && net_opt.arch == "mlp")
+          if (s.needs_sequence_model && mlp)
             usage_error("--strategies: " + w + " needs a sequence model; use --arch transformer");
           chosen.push_back(s);
         }
   }
   if (chosen.empty()) usage_error("--strategies selects nothing");
 
+  int num_seeds = 3;
   if (quick) {
-    data_opt.budget = 250;
-    data_opt.target_val = 250;
-    data_opt.source_val = 250;
-    data_opt.max_source = 4000;
-    data_opt.max_test_per_task = 1000;
+    num_seeds = 1;
+    data_opt.max_source = 3000;
+    data_opt.source_val = 200;
+    data_opt.max_test_per_task = 500;
     opt.pretrain_epochs = 1;
-    opt.epochs = 5;
+    opt.steps = 40;
+    opt.curve_points = 2;
     opt.ewc_samples = 50;
   }
   if (budget > 0) data_opt.budget = budget;
-  if (epochs > 0) opt.epochs = static_cast<int>(epochs);
+  if (steps > 0) opt.steps = steps;
   if (pretrain_epochs > 0) opt.pretrain_epochs = static_cast<int>(pretrain_epochs);
-  data_opt.seed = opt.seed;
+  if (seeds > 0) num_seeds = static_cast<int>(seeds);
   Eigen::setNbThreads(threads);
   if (plain) opt.progress.mode = peft::ProgressOptions::Mode::Plain;
   opt.log = &std::cout;
 
   try {
-    std::string why;
-    const study::TransferData data = study::load_transfer_data(data_opt, &why);
-    // First line: which data this run uses (the fallback says so loudly).
-    if (data.synthetic)
-      std::cout << "DATA: Fashion-MNIST not found (" << why << "); using the built-in synthetic task instead\n";
-    else
-      std::cout << "DATA: " << data.description << '\n';
-    std::cout << "task: pretrain on classes 0-4 (" << data.source_train.size() << " images), adapt to classes 5-9 from "
-              << data.target_budget.size() << " labelled images; test " << data.source_test.size() << " + "
-              << data.target_test.size() << " images\n";
+    study::Study st;
+    st.strategies = chosen;
+    for (int k = 0; k < num_seeds; ++k) {
+      const std::uint64_t seed = first_seed + static_cast<std::uint64_t>(k);
+      data_opt.seed = seed;
+      opt.seed = seed;
+      std::string why;
+      const study::TransferData data = study::load_transfer_data(data_opt, &why);
+      if (k == 0) {
+        // First line: which data this run uses (the fallback says so loudly).
+        if (data.synthetic)
+          std::cout << "DATA: Fashion-MNIST not found (" << why << "); using the built-in synthetic task instead\n";
+        else
+          std::cout << "DATA: " << data.description << '\n';
+        std::string src, tgt;
+        for (int c = 0; c < study::kNumClasses; ++c)
+          (c < study::kTaskClasses ? src : tgt) +=
+              std::string(c % study::kTaskClasses == 0 ? "" : ", ") + study::class_name(data.original_class[static_cast<std::size_t>(c)]);
+        st.info.split = "source " + src + "; target " + tgt;
+        std::cout << "task: pretrain on " << src << " (" << data.source_train.size() << " images); adapt to " << tgt
+                  << " from " << data.target_budget.size() << " labelled images in " << opt.steps
+                  << " steps; rates chosen on " << data.target_val.size() << " validation images; test "
+                  << data.source_test.size() << " + " << data.target_test.size() << " images; " << num_seeds
+                  << " seed(s)\n";
+        st.info.data = data.description;
+        st.info.budget = data.target_budget.size();
+        st.info.val = data.target_val.size();
+      }
+      study::Pretrained pre = study::pretrain(data, net_opt, opt);
+      if (k == 0) st.info.net = pre.net->describe();
+      std::cout << "seed " << seed << ": pretrained source test accuracy " << 100.0 * pre.source_acc << " % ("
+                << peft::format_duration(pre.seconds) << ")\n";
+      for (const auto& s : chosen) {
+        std::unique_ptr<study::Net> best_net;
+        std::size_t best = 0;
+        std::vector<study::RunResult> runs;
+        for (double lr : s.lr_grid) {
+          std::unique_ptr<study::Net> net;
+          runs.push_back(study::run_strategy(s, lr, pre, data, net_opt, opt, net));
+          if (full) study::test(runs.back(), *net, pre, data);  // matched-rate comparisons need every rate
+          // Ties keep the smaller rate (the grid is increasing).
+          if (runs.size() == 1 || runs.back().val_acc > runs[best].val_acc) {
+            best = runs.size() - 1;
+            best_net = std::move(net);
+          }
+        }
+        runs[best].chosen = true;
+        if (!runs[best].tested) study::test(runs[best], *best_net, pre, data);
+        for (auto& r : runs) st.runs.push_back(std::move(r));
+      }
+      st.pretrained.push_back(study::PretrainedSummary{seed, pre.source_acc, pre.target_acc, pre.seconds, pre.curve});
+    }
+    st.info.command_line = command_line;
+    st.info.steps = opt.steps;
+    st.info.threads = Eigen::nbThreads();
+    st.info.num_seeds = num_seeds;
 
-    study::Pretrained pre = study::pretrain(data, net_opt, opt);
-    std::cout << "model: " << pre.net->describe() << "; threads " << Eigen::nbThreads() << "; seed " << opt.seed << '\n'
-              << "pretrained: source test accuracy " << 100.0 * pre.source_acc << " % ("
-              << peft::format_duration(pre.seconds) << ")\n";
-
-    std::vector<study::StrategyResult> results;
-    for (const auto& s : chosen) results.push_back(study::run_strategy(s, pre, data, net_opt, opt));
-
-    study::print_table(std::cout, pre, results);
-    study::RunInfo info;
-    info.data = data.description;
-    info.net = pre.net->describe();
-    info.command_line = command_line;
-    info.budget = data.target_budget.size();
-    info.epochs = opt.epochs;
-    info.seed = opt.seed;
-    info.threads = Eigen::nbThreads();
-    const auto files = study::write_outputs(out_dir, info, pre, results);
+    study::print_tables(std::cout, st);
+    const auto files = study::write_outputs(out_dir, st);
     std::cout << "\nwrote";
     for (const auto& f : files) std::cout << ' ' << f;
     std::cout << '\n';
 
     if (check) {
-      std::vector<std::string> ids;
-      for (const auto& s : chosen) ids.push_back(s.id);
-      const auto fails = study::check_results(pre, results, ids);
+      const auto fails = study::check_results(st);
       for (const auto& f : fails) std::cout << "CHECK FAILED: " << f << '\n';
       if (!fails.empty()) return 1;
-      std::cout << "check passed: " << results.size() << " rows, every accuracy above chance\n";
+      std::cout << "check passed: " << chosen.size() << " strategies x " << num_seeds
+                << " seed(s), every accuracy above chance, disabled PEFT modules reproduce the pretrained model\n";
     }
   } catch (const peft::Error& e) {
     std::cerr << "finetune_study: " << e.what() << '\n';

@@ -45,6 +45,10 @@ class Net : public peft::Module<float> {
   virtual void add_soft_prompt(Index tokens, peft::Rng& rng) = 0;
   virtual void add_prefix(Index tokens, peft::Rng& rng) = 0;
 
+  /// Disables (true) or re-enables every module added by add_*: the network then computes what the
+  /// pretrained one did (PEFT's disable_adapters), which the study checks bit for bit.
+  virtual void set_peft_disabled(bool disabled) = 0;
+
   /// Regex of every parameter added by add_* (what PEFT strategies train besides the head).
   static std::string peft_pattern() { return ".*(lora_[AB]|adapter_|ia3_l|prompt_encoder|prefix_encoder).*"; }
 };

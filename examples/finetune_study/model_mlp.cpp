@@ -127,6 +127,16 @@ class MlpNet : public Net {
     peft::add_ia3_adapter(embed_.fc, "default", false);
     for (auto& l : layers_) peft::add_ia3_adapter(l.fc, "default", false);
   }
+  void set_peft_disabled(bool disabled) override {
+    if (disabled == disabled_) return;
+    disabled_ = disabled;
+    embed_.fc.disable_adapters(disabled);
+    for (auto& l : layers_) l.fc.disable_adapters(disabled);
+    // The adapters are set aside whole (and put back).
+    stash_.resize(layers_.size() + 1);
+    std::swap(embed_.adapter, stash_[0]);
+    for (std::size_t i = 0; i < layers_.size(); ++i) std::swap(layers_[i].adapter, stash_[i + 1]);
+  }
   std::string head_name() const override { return "head"; }
   std::vector<std::string> unfreeze_order() const override {
     std::vector<std::string> order;
@@ -159,6 +169,8 @@ class MlpNet : public Net {
   peft::Linear<float>::Cache head_cache_;
   Mat grad_, grad_below_;
   std::string description_;
+  bool disabled_ = false;
+  std::vector<std::optional<peft::Adapter<float>>> stash_;
 };
 
 }  // namespace

@@ -10,6 +10,10 @@
 // (IA)³ on keys, values and the feed-forward activation, prompt tuning (virtual tokens prepended
 // to the patch sequence) and prefix tuning (virtual keys/values in every layer) — and a 2-block,
 // d = 64 instance trains on a CPU in seconds.
+#include <optional>
+#include <utility>
+#include <vector>
+
 #include <peft/core/sequence.hpp>
 #include <peft/models/transformer.hpp>
 
@@ -39,6 +43,7 @@ class TransformerNet : public Net {
     c.pooling = peft::Pooling::Mean;
     c.activation = peft::Activation::GELU;
     model_ = peft::TransformerClassifier<float>(c, rng);
+    stash_.resize(model_.layers.size());
     description_ = "ViT-style transformer: " + std::to_string(tokens_) + " patches of " + std::to_string(o.patch) +
                    "x" + std::to_string(o.patch) + ", d=" + std::to_string(o.width) + ", " + std::to_string(o.layers) +
                    " pre-norm blocks, " + std::to_string(o.heads) + " heads, FFN " + std::to_string(o.ffn) +
@@ -99,6 +104,19 @@ class TransformerNet : public Net {
     model_.add_soft_prompt(tokens, rng, 0.5);
   }
   void add_prefix(Index tokens, peft::Rng& rng) override { model_.add_prefix(tokens, rng); }
+  void set_peft_disabled(bool disabled) override {
+    if (disabled == disabled_) return;
+    disabled_ = disabled;
+    // LoRA and (IA)^3 live in the linears, which disable them themselves; the sequential adapters
+    // and the prompt / prefix tables are set aside (and put back) whole.
+    model_.for_each_linear([&](const std::string&, peft::LoRALinear<float>& lin, bool) { lin.disable_adapters(disabled); });
+    for (std::size_t i = 0; i < model_.layers.size(); ++i) {
+      std::swap(model_.layers[i].adapter_attn, stash_[i].first);
+      std::swap(model_.layers[i].adapter_ffn, stash_[i].second);
+    }
+    std::swap(model_.prompt_encoder, prompt_stash_);
+    std::swap(model_.prefix_encoder, prefix_stash_);
+  }
 
  protected:
   void visit_children(const ChildVisitor& fn) override {
@@ -123,6 +141,10 @@ class TransformerNet : public Net {
 
   Index width_, patch_, tokens_ = 0;
   peft::TransformerClassifier<float> model_;
+  bool disabled_ = false;
+  std::vector<std::pair<std::optional<peft::Adapter<float>>, std::optional<peft::Adapter<float>>>> stash_;
+  std::optional<peft::SoftPrompt<float>> prompt_stash_;
+  std::optional<peft::PrefixAttention<float>> prefix_stash_;
   peft::TransformerClassifier<float>::Cache cache_;
   peft::SequenceLayout layout_;
   Mat patches_;

@@ -1,5 +1,5 @@
 #pragma once
-// Results: the console table, CSV files and hand-written SVG plots (no plotting dependency; any
+// Results: the console tables, CSV files and hand-written SVG plots (no plotting dependency; any
 // browser opens them).
 #include <iosfwd>
 #include <string>
@@ -10,25 +10,45 @@
 namespace study {
 
 struct RunInfo {
-  std::string data;  ///< data description
-  std::string net;   ///< architecture description
+  std::string data;   ///< data description
+  std::string split;  ///< source and target class names
+  std::string net;    ///< architecture description
   std::string command_line;
   Index budget = 0;
-  int epochs = 0;
-  std::uint64_t seed = 0;
+  Index val = 0;
+  Index steps = 0;
   int threads = 0;
+  int num_seeds = 0;
 };
 
-void print_table(std::ostream& out, const Pretrained& pretrained, const std::vector<StrategyResult>& results);
+struct PretrainedSummary {
+  std::uint64_t seed = 0;
+  double source_acc = 0.0;
+  double target_acc = 0.0;
+  double seconds = 0.0;
+  std::vector<CurvePoint> curve;
+};
 
-/// Writes results.csv, curves.csv, learning_curves.svg and accuracy_vs_params.svg into `dir`
-/// (created if needed); returns the paths written.
-std::vector<std::string> write_outputs(const std::string& dir, const RunInfo& info, const Pretrained& pretrained,
-                                       const std::vector<StrategyResult>& results);
+/// Everything one invocation measured.
+struct Study {
+  RunInfo info;
+  std::vector<StrategyInfo> strategies;      ///< in table order
+  std::vector<PretrainedSummary> pretrained;  ///< one per seed
+  std::vector<RunResult> runs;                ///< every strategy × seed × rate
+};
 
-/// The smoke test's assertions: one row per strategy, accuracies finite and above chance (5-way:
-/// 20 %) by a margin, parameter counts consistent. Returns the failures (empty: pass).
-std::vector<std::string> check_results(const Pretrained& pretrained, const std::vector<StrategyResult>& results,
-                                       const std::vector<std::string>& expected_ids);
+std::string format_lr(double lr);
+
+void print_tables(std::ostream& out, const Study& study);
+
+/// Writes runs.csv, summary.csv, curves.csv, curves.svg, accuracy_vs_params.svg and run.txt into
+/// `dir` (created if needed); returns the paths written.
+std::vector<std::string> write_outputs(const std::string& dir, const Study& study);
+
+/// The smoke test's assertions: every strategy has a chosen, tested run per seed; accuracies
+/// finite and above chance (5-way: 20 %) by a margin; parameter counts consistent; every PEFT
+/// model with its modules disabled reproduces the pretrained source logits exactly. Returns the
+/// failures (empty: pass).
+std::vector<std::string> check_results(const Study& study);
 
 }  // namespace study

@@ -25,18 +25,18 @@
 #include <peft/quant/nf4_lora_linear.hpp>
 #include <peft/train/memory.hpp>
 
+#include <dirent.h>
+#include <sys/stat.h>
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <dirent.h>
 #include <fstream>
 #include <iostream>
 #include <map>
 #include <sstream>
 #include <string>
-#include <sys/stat.h>
 #include <vector>
 
 namespace {
@@ -66,13 +66,22 @@ struct MethodRow {
 const std::vector<MethodRow>& method_rows() {
   static const std::vector<MethodRow> rows = {
       {"full", nullptr, false, {1e-4, 3e-4, 1e-3}},
-      {"lora", R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear"})", false, {1e-3, 3e-3, 1e-2}},
-      {"dora", R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear","use_dora":true})", false,
+      {"lora",
+       R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear"})",
+       false,
        {1e-3, 3e-3, 1e-2}},
-      {"qlora", R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear"})", true, {1e-3, 3e-3, 1e-2}},
+      {"dora",
+       R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear","use_dora":true})",
+       false,
+       {1e-3, 3e-3, 1e-2}},
+      {"qlora",
+       R"({"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":"all-linear"})",
+       true,
+       {1e-3, 3e-3, 1e-2}},
       {"ia3",
        R"({"peft_type":"IA3","target_modules":["k_proj","v_proj","down_proj"],"feedforward_modules":["down_proj"]})",
-       false, {3e-3, 1e-2, 3e-2}},
+       false,
+       {3e-3, 1e-2, 3e-2}},
   };
   return rows;
 }
@@ -242,14 +251,16 @@ std::vector<std::string> read_fortunes(const std::string& dir, const std::vector
     }
     ::closedir(d);
   }
-  if (names.empty()) throw peft::IoError("lm_finetune: no fortune files in \"" + dir + "\" (Debian: apt install fortunes)");
+  if (names.empty())
+    throw peft::IoError("lm_finetune: no fortune files in \"" + dir + "\" (Debian: apt install fortunes)");
   std::sort(names.begin(), names.end());
   std::vector<std::string> records;
   for (const std::string& n : names) {
     std::istringstream in(read_file(dir + "/" + n));
     std::string line, rec;
     auto flush = [&]() {
-      const bool prose = rec.size() > 20 && rec.find('\b') == std::string::npos && rec.find('\t') == std::string::npos &&
+      const bool prose = rec.size() > 20 && rec.find('\b') == std::string::npos &&
+                         rec.find('\t') == std::string::npos &&
                          peft::io::detail::tok::first_invalid_utf8(rec) == std::string::npos;
       if (prose) records.push_back(rec);
       rec.clear();
@@ -309,7 +320,8 @@ struct TrainStats {
 /// windows of `seq` tokens of `stream`. Buffers are made once and reused every step.
 TrainStats train(LlamaForCausalLM<T>& model, const std::vector<Index>& stream, int steps, double lr, Index batch,
                  Index seq, std::uint64_t seed) {
-  if (static_cast<Index>(stream.size()) <= seq) throw peft::ConfigError("lm_finetune: training text shorter than --seq");
+  if (static_cast<Index>(stream.size()) <= seq)
+    throw peft::ConfigError("lm_finetune: training text shorter than --seq");
   peft::Rng rng(seed);
   peft::AdamW<T> opt(model, peft::AdamWOptions{lr, 0.9, 0.999, 1e-8, 0.0});
   const peft::CosineSchedule schedule(std::max(1, steps / 10), steps);
@@ -488,7 +500,8 @@ struct Scratch {
     const peft::ParameterCount pc = parameter_count(model);
     r.trainable_pct = pc.trainable_percent();
     r.state_mb = state_megabytes(model);
-    const TrainStats st = train(model, target.train, o.adapt_steps, lr, o.batch, o.seq, 1000 + static_cast<std::uint64_t>(seed));
+    const TrainStats st =
+        train(model, target.train, o.adapt_steps, lr, o.batch, o.seq, 1000 + static_cast<std::uint64_t>(seed));
     if (rss && rss0 > 0) r.peak_rss_mb = static_cast<double>(peft::peak_rss_bytes() - rss0) / 1e6;
     r.tokens_per_s = st.tokens_per_s;
     r.val_bpb = bits_per_byte(model, tok, target.val, o.seq);
@@ -514,16 +527,20 @@ void write_svg(const std::string& path, const std::vector<std::string>& names,
   const int W = 720, H = 360, left = 70, top = 40, plot_h = 250;
   const int group_w = (W - left - 20) / static_cast<int>(names.size() + 1);
   double ymax = std::max(base_target, base_source);
-  for (const auto& ts : target_source) ymax = std::max({ymax, ts.first.mean + ts.first.spread, ts.second.mean + ts.second.spread});
+  for (const auto& ts : target_source)
+    ymax = std::max({ymax, ts.first.mean + ts.first.spread, ts.second.mean + ts.second.spread});
   ymax = std::ceil(ymax * 2.0) / 2.0;
   std::ofstream f(path);
-  f << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H << "' font-family='sans-serif' font-size='12'>\n"
+  f << "<svg xmlns='http://www.w3.org/2000/svg' width='" << W << "' height='" << H
+    << "' font-family='sans-serif' font-size='12'>\n"
     << "<rect width='100%' height='100%' fill='white'/>\n"
-    << "<text x='" << W / 2 << "' y='20' text-anchor='middle' font-size='14'>Held-out bits per byte after adapting to German "
+    << "<text x='" << W / 2
+    << "' y='20' text-anchor='middle' font-size='14'>Held-out bits per byte after adapting to German "
     << "(lower is better; mean ± half-range over seeds)</text>\n";
   auto y_of = [&](double v) { return top + plot_h - v / ymax * plot_h; };
   for (double v = 0; v <= ymax + 1e-9; v += 0.5) {
-    f << "<line x1='" << left << "' x2='" << W - 20 << "' y1='" << y_of(v) << "' y2='" << y_of(v) << "' stroke='#ddd'/>\n"
+    f << "<line x1='" << left << "' x2='" << W - 20 << "' y1='" << y_of(v) << "' y2='" << y_of(v)
+      << "' stroke='#ddd'/>\n"
       << "<text x='" << left - 6 << "' y='" << y_of(v) + 4 << "' text-anchor='end'>" << v << "</text>\n";
   }
   f << "<text x='16' y='" << top + plot_h / 2 << "' transform='rotate(-90 16 " << top + plot_h / 2
@@ -558,8 +575,9 @@ int run_scratch(const Options& o) {
   const auto t_start = Clock::now();
   Scratch s(o);
   // English prose collections (the source) and every German collection (the target).
-  const std::vector<std::string> english = {"fortunes", "wisdom", "literature", "humorists", "people", "science",
-                                            "work", "education", "love", "politics", "men-women", "pets", "food"};
+  const std::vector<std::string> english = {"fortunes",  "wisdom", "literature", "humorists", "people",
+                                            "science",   "work",   "education",  "love",      "politics",
+                                            "men-women", "pets",   "food"};
   const std::vector<std::string> en_records = read_fortunes(o.source_dir, english);
   const std::vector<std::string> de_records = read_fortunes(o.target_dir, {});
   s.source = split_corpus(s.tok, en_records, s.eos, 0, o.eval_bytes);
@@ -582,20 +600,21 @@ int run_scratch(const Options& o) {
   peft::Rng init_rng(2024);
   s.base = LlamaForCausalLM<T>(c, init_rng);
   const peft::ParameterCount pc = peft::count_parameters(s.base);
-  std::printf("model: LlamaForCausalLM, hidden %ld, %ld layers, %ld heads (%ld kv), intermediate %ld, vocab %ld (bytes + "
-              "<|endoftext|>): %s parameters; %d threads\n",
-              static_cast<long>(c.hidden_size), static_cast<long>(c.num_hidden_layers),
-              static_cast<long>(c.num_attention_heads), static_cast<long>(c.kv_heads()),
-              static_cast<long>(c.intermediate_size), static_cast<long>(c.vocab_size),
-              peft::with_thousands(pc.total).c_str(), Eigen::nbThreads());
+  std::printf(
+      "model: LlamaForCausalLM, hidden %ld, %ld layers, %ld heads (%ld kv), intermediate %ld, vocab %ld (bytes + "
+      "<|endoftext|>): %s parameters; %d threads\n",
+      static_cast<long>(c.hidden_size), static_cast<long>(c.num_hidden_layers),
+      static_cast<long>(c.num_attention_heads), static_cast<long>(c.kv_heads()), static_cast<long>(c.intermediate_size),
+      static_cast<long>(c.vocab_size), peft::with_thousands(pc.total).c_str(), Eigen::nbThreads());
   const double uniform_bpb = std::log2(static_cast<double>(c.vocab_size));
   const TrainStats pre = train(s.base, s.source.train, o.pretrain_steps, 2e-3, o.batch, o.seq, 1);
   s.base_source_bpb = bits_per_byte(s.base, s.tok, s.source.test, o.seq);
   s.base_target_bpb = bits_per_byte(s.base, s.tok, s.target.test, o.seq);
-  std::printf("pretrained %d steps on English (%.0f tokens/s, %.1f s): loss %.3f -> %.3f; held-out bits/byte: English "
-              "%.3f, German %.3f (uniform: %.2f)\n",
-              o.pretrain_steps, pre.tokens_per_s, pre.seconds, pre.first_loss, pre.last_loss, s.base_source_bpb,
-              s.base_target_bpb, uniform_bpb);
+  std::printf(
+      "pretrained %d steps on English (%.0f tokens/s, %.1f s): loss %.3f -> %.3f; held-out bits/byte: English "
+      "%.3f, German %.3f (uniform: %.2f)\n",
+      o.pretrain_steps, pre.tokens_per_s, pre.seconds, pre.first_loss, pre.last_loss, s.base_source_bpb,
+      s.base_target_bpb, uniform_bpb);
   const std::string before_en = sample(s.base, s.tok, "The ", o.quick ? 60 : 160, 77, {s.eos});
   const std::string before_de = sample(s.base, s.tok, "Der ", o.quick ? 60 : 160, 77, {s.eos});
   std::printf("sample before, prompt \"The \":\n%s\nsample before, prompt \"Der \":\n%s\n", before_en.c_str(),
@@ -603,7 +622,8 @@ int run_scratch(const Options& o) {
 
   std::vector<MethodRow> rows;
   for (const MethodRow& r : method_rows())
-    if (o.methods.empty() || std::find(o.methods.begin(), o.methods.end(), r.name) != o.methods.end()) rows.push_back(r);
+    if (o.methods.empty() || std::find(o.methods.begin(), o.methods.end(), r.name) != o.methods.end())
+      rows.push_back(r);
   if (rows.empty()) usage("--methods selects none of full, lora, dora, qlora, ia3");
 
   std::vector<RunResult> all;
@@ -618,8 +638,8 @@ int run_scratch(const Options& o) {
     best.val_bpb = INFINITY;
     for (double lr : grid) {  // seed 0 on the validation split
       RunResult r = s.run(row, lr, 0);
-      std::printf("  %-6s lr %.0e seed 0: validation %.4f, test %.4f bits/byte (%.0f tokens/s)\n", row.name, lr, r.val_bpb,
-                  r.target_bpb, r.tokens_per_s);
+      std::printf("  %-6s lr %.0e seed 0: validation %.4f, test %.4f bits/byte (%.0f tokens/s)\n", row.name, lr,
+                  r.val_bpb, r.target_bpb, r.tokens_per_s);
       std::fflush(stdout);
       all.push_back(r);
       if (r.val_bpb < best.val_bpb) best = r;
@@ -636,8 +656,9 @@ int run_scratch(const Options& o) {
   }
 
   // ---- the table ----
-  std::printf("\nmethod | lr (validation) | German bits/byte (held out) | English bits/byte, adapter active | "
-              "English, adapter disabled | trainable %% | train tokens/s | peak RSS added (MB) | state (MB)\n");
+  std::printf(
+      "\nmethod | lr (validation) | German bits/byte (held out) | English bits/byte, adapter active | "
+      "English, adapter disabled | trainable %% | train tokens/s | peak RSS added (MB) | state (MB)\n");
   std::printf("base (English only) | - | %.3f | %.3f | - | - | %.0f | - | -\n", s.base_target_bpb, s.base_source_bpb,
               pre.tokens_per_s);
   std::vector<std::pair<Summary, Summary>> bars;
@@ -645,7 +666,7 @@ int run_scratch(const Options& o) {
   std::ofstream csv(o.out + "/summary.csv");
   csv << "method,lr,seeds,target_bpb_mean,target_bpb_spread,source_bpb_mean,source_bpb_spread,"
          "source_bpb_disabled_mean,trainable_pct,tokens_per_s_mean,peak_rss_added_mb_mean,state_mb\n";
-  csv << "base,,,"<< s.base_target_bpb << ",0," << s.base_source_bpb << ",0,,,,,\n";
+  csv << "base,,," << s.base_target_bpb << ",0," << s.base_source_bpb << ",0,,,,,\n";
   for (std::size_t m = 0; m < rows.size(); ++m) {
     std::vector<double> tb, sb, sd, tps, rss;
     for (const RunResult& r : finals[m]) {
@@ -659,21 +680,22 @@ int run_scratch(const Options& o) {
                   sp = summarize(tps), mem = rss.empty() ? Summary{NAN, 0} : summarize(rss);
     const RunResult& f = finals[m].front();
     std::printf("%s | %.0e | %s | %s | %s | %.2f | %.0f | %s | %.2f\n", rows[m].name, chosen[m], pm(t, 3).c_str(),
-                pm(so, 3).c_str(), pm(d, 3).c_str(),
-                f.trainable_pct, sp.mean, std::isnan(mem.mean) ? "n/a" : pm(mem, 1).c_str(), f.state_mb);
-    csv << rows[m].name << "," << chosen[m] << "," << finals[m].size() << "," << t.mean << "," << t.spread << "," << so.mean
-        << "," << so.spread << "," << (std::isnan(d.mean) ? std::string() : std::to_string(d.mean)) << ","
+                pm(so, 3).c_str(), pm(d, 3).c_str(), f.trainable_pct, sp.mean,
+                std::isnan(mem.mean) ? "n/a" : pm(mem, 1).c_str(), f.state_mb);
+    csv << rows[m].name << "," << chosen[m] << "," << finals[m].size() << "," << t.mean << "," << t.spread << ","
+        << so.mean << "," << so.spread << "," << (std::isnan(d.mean) ? std::string() : std::to_string(d.mean)) << ","
         << f.trainable_pct << "," << sp.mean << "," << (std::isnan(mem.mean) ? std::string() : std::to_string(mem.mean))
         << "," << f.state_mb << "\n";
     bars.push_back({t, so});
     names.push_back(rows[m].name);
   }
   std::ofstream runs(o.out + "/runs.csv");
-  runs << "method,seed,lr,val_bpb,target_bpb,source_bpb,source_bpb_disabled,trainable_pct,tokens_per_s,peak_rss_added_mb,"
+  runs << "method,seed,lr,val_bpb,target_bpb,source_bpb,source_bpb_disabled,trainable_pct,tokens_per_s,peak_rss_added_"
+          "mb,"
           "state_mb,sample\n";
   for (const RunResult& r : all)
-    runs << r.method << "," << r.seed << "," << r.lr << "," << r.val_bpb << "," << r.target_bpb << "," << r.source_bpb << ","
-         << (std::isnan(r.source_bpb_disabled) ? std::string() : std::to_string(r.source_bpb_disabled)) << ","
+    runs << r.method << "," << r.seed << "," << r.lr << "," << r.val_bpb << "," << r.target_bpb << "," << r.source_bpb
+         << "," << (std::isnan(r.source_bpb_disabled) ? std::string() : std::to_string(r.source_bpb_disabled)) << ","
          << r.trainable_pct << "," << r.tokens_per_s << ","
          << (std::isnan(r.peak_rss_mb) ? std::string() : std::to_string(r.peak_rss_mb)) << "," << r.state_mb << ","
          << csv_escape(r.sample) << "\n";
@@ -686,7 +708,8 @@ int run_scratch(const Options& o) {
     std::printf("-- %s:\n%s\n", rows[m].name, finals[m].front().sample.c_str());
   }
   const double total_s = std::chrono::duration<double>(Clock::now() - t_start).count();
-  std::printf("\nwrote %s/{summary.csv,runs.csv,bits_per_byte.svg,samples.txt}; total %.1f s\n", o.out.c_str(), total_s);
+  std::printf("\nwrote %s/{summary.csv,runs.csv,bits_per_byte.svg,samples.txt}; total %.1f s\n", o.out.c_str(),
+              total_s);
 
   if (o.check) {  // what must hold whatever the sizes
     bool ok = true;
@@ -751,9 +774,11 @@ int run_checkpoint(const Options& o) {
     }
     if (!cur.empty()) paragraphs.push_back(cur);
   }
-  if (paragraphs.size() < 2) throw peft::ConfigError("lm_finetune: \"" + o.data_file + "\" needs at least 2 paragraphs");
+  if (paragraphs.size() < 2)
+    throw peft::ConfigError("lm_finetune: \"" + o.data_file + "\" needs at least 2 paragraphs");
   std::vector<std::string> tr, te;
-  for (std::size_t i = 0; i < paragraphs.size(); ++i) (i % 10 == 9 || (i + 1 == paragraphs.size() && te.empty()) ? te : tr).push_back(paragraphs[i]);
+  for (std::size_t i = 0; i < paragraphs.size(); ++i)
+    (i % 10 == 9 || (i + 1 == paragraphs.size() && te.empty()) ? te : tr).push_back(paragraphs[i]);
   const std::vector<Index> train_ids = tokens_of(tok, tr, -1, 0), test_ids = tokens_of(tok, te, -1, 0);
   const Index seq = std::min<Index>({o.seq, c.max_position_embeddings, static_cast<Index>(train_ids.size()) - 1});
   if (seq < 2) throw peft::ConfigError("lm_finetune: the training text has fewer than 3 tokens");
@@ -775,12 +800,15 @@ int run_checkpoint(const Options& o) {
 
   if (o.method == "qlora") quantize_base(model);
   peft::PeftModel<T> pm(model);
-  const Json config = {{"peft_type", "LORA"},          {"r", 8},
-                       {"lora_alpha", 16},             {"lora_dropout", 0.0},
-                       {"target_modules", "all-linear"}, {"base_model_name_or_path", o.model_dir}};
+  const Json config = {{"peft_type", "LORA"},
+                       {"r", 8},
+                       {"lora_alpha", 16},
+                       {"lora_dropout", 0.0},
+                       {"target_modules", "all-linear"},
+                       {"base_model_name_or_path", o.model_dir}};
   pm.add_adapter("default", config);
-  std::printf("%s: ", o.method.c_str());
-  pm.print_trainable_parameters(std::cout);
+  // PEFT's line, with an NF4 base counted by its elements (PEFT's own count of a 4-bit model differs).
+  std::printf("%s: %s\n", o.method.c_str(), peft::trainable_parameters_line(parameter_count(model)).c_str());
   const TrainStats st = train(model, train_ids, steps, o.lr, o.batch, seq, 1);
   const double after = bits_per_byte(model, tok, test_ids, seq);
   std::printf("trained %d steps: loss %.3f -> %.3f, %.0f tokens/s; held-out bits/byte %.4f -> %.4f\n", steps,

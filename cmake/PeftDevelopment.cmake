@@ -34,7 +34,9 @@ if(PEFT_USE_BLAS)
 endif()
 target_link_libraries(peft_openmp INTERFACE peft_blas)
 
-# Optimisation of what ctest runs: -O1 in Release (tests/CMakeLists.txt says why). The examples'
-# and the tool's -O3 builds are what users run; ctest runs -O1 copies of them (a test build
-# compiles no -O3 target).
+# Optimisation of what ctest runs, in Release (tests/CMakeLists.txt says why): -Og for the test
+# TUs, the instantiations, the tool's commands and the examples that run in a second, -O1 for
+# finetune_study's copy (it trains for real). The examples' and the tool's -O3 builds are what
+# users run; ctest runs these copies of them (a test build compiles no -O3 target).
 set(PEFT_TEST_O1 $<$<CONFIG:Release>:-O1>)
+set(PEFT_TEST_OG $<$<CONFIG:Release>:-Og>)

@@ -27,6 +27,7 @@
 #include <set>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -48,6 +49,18 @@ constexpr std::size_t kMaxOrderedJsonKeys = 10000;
 constexpr std::size_t kMaxJsonValues = 1000000;
 
 namespace detail {
+
+/// SAX-parses the JSON text [begin, end) into `sax` (strict: nothing but whitespace after the
+/// value, no comments), as `J::sax_parse(begin, end, sax, input_format_t::json, true)` does. That
+/// call also instantiates nlohmann's binary readers (CBOR, MessagePack, UBJSON, BJData, BSON) for
+/// the handler, about 250 KB of code per translation unit for formats we never read; its JSON branch
+/// alone is this.
+template <class J, class Sax>
+bool sax_parse_json(const char* begin, const char* end, Sax* sax) {
+  auto input = nlohmann::detail::input_adapter(begin, end);
+  return nlohmann::detail::parser<J, decltype(input)>(std::move(input), nullptr, /*allow_exceptions=*/true)
+      .sax_parse(sax, /*strict=*/true);
+}
 
 /// Throws IoError at the first NUL byte or invalid UTF-8 sequence of [begin, end) (RFC 3629:
 /// no overlong forms, no surrogates U+D800..DFFF, nothing above U+10FFFF). `base_offset` is added
@@ -190,7 +203,7 @@ J parse_json_strict(const char* begin, const char* end, const std::string& label
   detail::check_json_text(begin, end, label, base_offset);
   detail::StrictJsonCheck<J> check(label, base_offset, max_depth, max_keys);
   try {
-    J::sax_parse(begin, end, &check, nlohmann::detail::input_format_t::json, /*strict=*/true);
+    detail::sax_parse_json<J>(begin, end, &check);
     return J::parse(begin, end, nullptr, /*allow_exceptions=*/true, /*ignore_comments=*/false);
   } catch (const nlohmann::json::parse_error& e) {
     throw IoError("\"" + label + "\": invalid JSON at byte " + std::to_string(base_offset + e.byte) + ": " + e.what());

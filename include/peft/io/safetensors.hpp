@@ -389,7 +389,7 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
   const std::uint64_t data_size = size - h.data_offset;
   detail::HeaderParser parser(label, h.data_offset, data_size, h);
   try {
-    nlohmann::json::sax_parse(hb, hb + n, &parser, nlohmann::detail::input_format_t::json, /*strict=*/true);
+    detail::sax_parse_json<nlohmann::json>(hb, hb + n, &parser);
   } catch (const nlohmann::json::exception& e) {
     throw IoError(who + ": invalid JSON: " + e.what());
   }

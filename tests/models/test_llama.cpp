@@ -16,24 +16,15 @@
 #include <peft/models/llama.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include "models/llama_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
+using peft::test::llama_data;
 using peft::test::Tolerances;
+using peft::test::valid_rows_error;
 
 namespace {
-
-std::string llama_data(const std::string& name) {
-  std::string dir;
-  if (const char* d = std::getenv("PEFT_TEST_DATA")) {
-    dir = d;
-  } else {
-    std::string here = __FILE__;
-    here = here.substr(0, here.find_last_of('/'));
-    dir = here.substr(0, here.find_last_of('/')) + "/data";
-  }
-  return dir + "/llama/" + name;
-}
 
 /// The fixture batch and HF's outputs (tests/data/llama/<name>_expected.safetensors).
 struct LlamaFixture {
@@ -70,33 +61,11 @@ struct LlamaFixture {
   double scalar(const std::string& name) const { return st.load<double>(name)(0, 0); }
 };
 
-/// Relative max-norm error over the valid rows only (padding rows are not HF's).
-template <class T>
-double valid_rows_error(const Matrix<T>& got, const Matrix<double>& want, const SequenceLayout& layout) {
-  double num = 0, den = 0;
-  for (Index b = 0; b < layout.batch; ++b)
-    for (Index t = 0; t < layout.length(b); ++t) {
-      const Index r = layout.row(b, t);
-      num = std::max(num, (got.row(r).template cast<double>() - want.row(r)).cwiseAbs().maxCoeff());
-      den = std::max(den, want.row(r).cwiseAbs().maxCoeff());
-    }
-  return num / den;
-}
-
 /// A tiny config with everything switched on: GQA, q/k/v/o biases, mlp biases, llama3 rope.
 LlamaConfig tiny_llama_config(bool tied) {
-  LlamaConfig c;
-  c.vocab_size = 11;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
+  LlamaConfig c = peft::test::tiny_llama_base();
   c.qkv_bias = c.o_bias = c.mlp_bias = true;
   c.tie_word_embeddings = tied;
-  c.rope.theta = 100.0;
   c.rope.type = "llama3";
   c.rope.factor = 4.0;
   c.rope.low_freq_factor = 1.0;

@@ -16,6 +16,7 @@
 #include <peft/models/llama.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include "models/llama_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -23,21 +24,9 @@ using peft::test::Tolerances;
 
 namespace {
 
-std::string lb_data(const std::string& name) {
-  std::string dir;
-  if (const char* d = std::getenv("PEFT_TEST_DATA")) {
-    dir = d;
-  } else {
-    std::string here = __FILE__;
-    here = here.substr(0, here.find_last_of('/'));
-    dir = here.substr(0, here.find_last_of('/')) + "/data";
-  }
-  return dir + "/llama/" + name;
-}
-
 /// HF's tensors of llama_batch_expected.safetensors.
 struct LbFixture {
-  io::SafeTensorsFile st{lb_data("llama_batch_expected.safetensors")};
+  io::SafeTensorsFile st{peft::test::llama_data("llama_batch_expected.safetensors")};
 
   /// ids [B, S] and a 0/1 mask [B, S] → ids [B·S] and the layout (left or right padding).
   void batch(const std::string& ids_key, const std::string& mask_key, std::vector<Index>& ids,
@@ -72,31 +61,9 @@ struct LbFixture {
   }
 };
 
-/// Relative max-norm error over the valid rows of `layout`.
-template <class T>
-double lb_valid_error(const Matrix<T>& got, const Matrix<double>& want, const SequenceLayout& layout) {
-  double num = 0, den = 0;
-  for (Index b = 0; b < layout.batch; ++b)
-    for (Index t = layout.first(b); t < layout.first(b) + layout.length(b); ++t) {
-      const Index r = layout.row(b, t);
-      num = std::max(num, (got.row(r).template cast<double>() - want.row(r)).cwiseAbs().maxCoeff());
-      den = std::max(den, want.row(r).cwiseAbs().maxCoeff());
-    }
-  return num / den;
-}
-
 LlamaConfig lb_tiny_config() {
-  LlamaConfig c;
-  c.vocab_size = 11;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
+  LlamaConfig c = peft::test::tiny_llama_base();
   c.qkv_bias = c.o_bias = true;
-  c.rope.theta = 100.0;
   return c;
 }
 
@@ -126,10 +93,10 @@ TEMPLATE_TEST_CASE("llama: left padding reproduces HF's logits (position ids fro
   fx.batch("left_ids", "left_mask", ids, layout);
   REQUIRE(layout.left_padded);
   REQUIRE(layout.first(1) == 3);
-  LlamaForCausalLM<T> model = io::load_llama<T>(lb_data("llama"));
+  LlamaForCausalLM<T> model = io::load_llama<T>(peft::test::llama_data("llama"));
   typename LlamaForCausalLM<T>::Cache cache;
   const Matrix<T> logits = model.forward(ids, layout, cache);
-  const double err = lb_valid_error(logits, fx.rows(f32 ? "left_logits_f32" : "left_logits_f64"), layout);
+  const double err = peft::test::valid_rows_error(logits, fx.rows(f32 ? "left_logits_f32" : "left_logits_f64"), layout);
   CHECK(err < (f32 ? 1e-5 : 1e-12));
   WARN("left padding, " << (f32 ? "float" : "double") << ": logits rel err " << err);
 }
@@ -258,7 +225,7 @@ TEST_CASE("llama: batched greedy generation equals HF's and each row alone; per-
   gc.max_new_tokens = 6;
   gc.eos_token_ids = {2};
   Rng rng(1);
-  LlamaForCausalLM<float> model = io::load_llama<float>(lb_data("llama"));
+  LlamaForCausalLM<float> model = io::load_llama<float>(peft::test::llama_data("llama"));
   const auto got = generate_batch(model, prompts, gc, rng);
   for (Index b = 0; b < layout.batch; ++b) {
     INFO("row " << b);
@@ -267,7 +234,7 @@ TEST_CASE("llama: batched greedy generation equals HF's and each row alone; per-
     CHECK(row == generate(model, prompts[static_cast<std::size_t>(b)], gc, rng));
   }
   // Mixed adapters: rows 0 and 2 with the LoRA, row 1 without.
-  io::load_method_adapter(model, io::read_method_adapter<float>(lb_data("llama_lora")), "default");
+  io::load_method_adapter(model, io::read_method_adapter<float>(peft::test::llama_data("llama_lora")), "default");
   const std::vector<std::string> names = {"default", "__base__", "default"};
   const auto mixed = generate_batch(model, prompts, gc, rng, names);
   auto hosts = io::adapted_linears<float>(model);
@@ -312,24 +279,24 @@ TEST_CASE("llama: PEFT prompt tuning adapter loads to PEFT's logits; save + relo
   SequenceLayout layout;
   fx.batch("right_ids", "right_mask", ids, layout);
   REQUIRE(!layout.left_padded);
-  LlamaForCausalLM<double> model = io::load_llama<double>(lb_data("llama"));
-  const io::AdapterConfig c = io::load_llama_prompt_adapter(model, lb_data("llama_prompt"));
+  LlamaForCausalLM<double> model = io::load_llama<double>(peft::test::llama_data("llama"));
+  const io::AdapterConfig c = io::load_llama_prompt_adapter(model, peft::test::llama_data("llama_prompt"));
   CHECK(c.peft_type == "PROMPT_TUNING");
   REQUIRE(model.prompt_length() == 4);
   typename LlamaForCausalLM<double>::Cache cache;
   const Matrix<double> logits = model.forward(ids, layout, cache);
   const SequenceLayout out = model.output_layout(layout);
-  const double err = lb_valid_error(logits, fx.rows("prompt_logits_f64"), out);
+  const double err = peft::test::valid_rows_error(logits, fx.rows("prompt_logits_f64"), out);
   CHECK(err < 1e-12);
   WARN("PEFT prompt tuning: logits rel err " << err);
 
   char tmpl[] = "/tmp/peft_llama_prompt_XXXXXX";
   REQUIRE(mkdtemp(tmpl) != nullptr);
   io::save_llama_prompt_adapter(std::string(tmpl) + "/p", model, "llama");
-  LlamaForCausalLM<double> again = io::load_llama<double>(lb_data("llama"));
+  LlamaForCausalLM<double> again = io::load_llama<double>(peft::test::llama_data("llama"));
   io::load_llama_prompt_adapter(again, std::string(tmpl) + "/p");
   CHECK(peft::test::rel_diff(again.forward(ids, layout, cache), logits) == 0.0);
-  PEFT_REQUIRE_THROWS_WITH(io::load_llama_prompt_adapter(again, lb_data("llama_lora")), ConfigError,
+  PEFT_REQUIRE_THROWS_WITH(io::load_llama_prompt_adapter(again, peft::test::llama_data("llama_lora")), ConfigError,
                            "expected PROMPT_TUNING or PREFIX_TUNING");
   io::detail::remove_tree(tmpl);
 }
@@ -342,7 +309,7 @@ TEST_CASE(
   std::vector<Index> ids;
   SequenceLayout layout;
   fx.batch("right_ids", "right_mask", ids, layout);
-  LlamaForCausalLM<double> model = io::load_llama<double>(lb_data("llama"));
+  LlamaForCausalLM<double> model = io::load_llama<double>(peft::test::llama_data("llama"));
   Rng rng(3);
   PrefixAttention<double>& p = model.add_prefix_tuning(3, rng, true, 12);
   // PEFT's trained parameters (prefix_param.<name>: embedding.weight, transform.{0,2}.{weight,bias}).
@@ -360,7 +327,7 @@ TEST_CASE(
   typename LlamaForCausalLM<double>::Cache cache;
   Matrix<double> logits, dlogits;
   model.forward(ids, layout, logits, cache);
-  const double err = lb_valid_error(logits, fx.rows("prefix_logits_f64"), layout);
+  const double err = peft::test::valid_rows_error(logits, fx.rows("prefix_logits_f64"), layout);
   CHECK(err < 1e-12);
   const double loss = causal_lm_loss<double>(logits, labels, layout, &dlogits);
   CHECK(std::abs(loss - fx.st.load<double>("prefix_loss_f64")(0, 0)) < 1e-12 * loss);
@@ -379,17 +346,17 @@ TEST_CASE(
 
   // PEFT's own saved directory (the projected table, float64 here), loaded flat: the trained logits;
   // PEFT's own reload keeps the table in a float32 Embedding, so its logits agree to that rounding.
-  LlamaForCausalLM<double> flat = io::load_llama<double>(lb_data("llama"));
-  const io::AdapterConfig c = io::load_llama_prompt_adapter(flat, lb_data("llama_prefix"));
+  LlamaForCausalLM<double> flat = io::load_llama<double>(peft::test::llama_data("llama"));
+  const io::AdapterConfig c = io::load_llama_prompt_adapter(flat, peft::test::llama_data("llama_prefix"));
   CHECK(c.prefix_projection);
   CHECK(!flat.prefix_encoder->projected());
-  CHECK(lb_valid_error(flat.forward(ids, layout, cache), fx.rows("prefix_logits_f64"), layout) < 1e-12);
-  CHECK(lb_valid_error(flat.forward(ids, layout, cache), fx.rows("prefix_reload_logits_f64"), layout) < 1e-7);
+  CHECK(peft::test::valid_rows_error(flat.forward(ids, layout, cache), fx.rows("prefix_logits_f64"), layout) < 1e-12);
+  CHECK(peft::test::valid_rows_error(flat.forward(ids, layout, cache), fx.rows("prefix_reload_logits_f64"), layout) < 1e-7);
   // Ours saved (the projected table, as PEFT) reloads to the same logits.
   char tmpl[] = "/tmp/peft_llama_prefix_XXXXXX";
   REQUIRE(mkdtemp(tmpl) != nullptr);
   io::save_llama_prompt_adapter(std::string(tmpl) + "/x", model);
-  LlamaForCausalLM<double> again = io::load_llama<double>(lb_data("llama"));
+  LlamaForCausalLM<double> again = io::load_llama<double>(peft::test::llama_data("llama"));
   io::load_llama_prompt_adapter(again, std::string(tmpl) + "/x", true);
   CHECK(again.prefix_encoder->embedding.trainable());
   CHECK(peft::test::rel_diff(again.forward(ids, layout, cache), logits) < 1e-14);
@@ -403,9 +370,9 @@ TEST_CASE("llama: quantize on load gives an NF4 base (QLoRA) that equals its deq
   fx.batch("left_ids", "left_mask", ids, layout);
   io::LlamaLoadOptions opt;
   opt.quantize_nf4 = true;
-  LlamaForCausalLM<float> q = io::load_llama<float>(lb_data("llama"), opt);
-  LlamaForCausalLM<float> dense = io::load_llama<float>(lb_data("llama"));
-  LlamaForCausalLM<float> deq = io::load_llama<float>(lb_data("llama"));
+  LlamaForCausalLM<float> q = io::load_llama<float>(peft::test::llama_data("llama"), opt);
+  LlamaForCausalLM<float> dense = io::load_llama<float>(peft::test::llama_data("llama"));
+  LlamaForCausalLM<float> deq = io::load_llama<float>(peft::test::llama_data("llama"));
   auto qh = io::adapted_linears<float>(q);
   auto dh = io::adapted_linears<float>(deq);
   REQUIRE(qh.size() == dh.size());
@@ -421,8 +388,8 @@ TEST_CASE("llama: quantize on load gives an NF4 base (QLoRA) that equals its deq
   typename LlamaForCausalLM<float>::Cache cache;
   const Matrix<float> zq = q.forward(ids, layout, cache), zd = deq.forward(ids, layout, cache),
                       z = dense.forward(ids, layout, cache);
-  const double to_deq = lb_valid_error(zq, zd.cast<double>(), layout),
-               to_dense = lb_valid_error(zq, z.cast<double>(), layout);
+  const double to_deq = peft::test::valid_rows_error(zq, zd.cast<double>(), layout),
+               to_dense = peft::test::valid_rows_error(zq, z.cast<double>(), layout);
   CHECK(to_deq < 1e-5);
   CHECK(to_dense > 1e-3);  // 4 bits per weight do change the logits ...
   CHECK(to_dense < 0.3);   // ... but not beyond recognition
@@ -458,10 +425,10 @@ TEST_CASE(
   std::vector<Index> ids;
   SequenceLayout layout;
   fx.batch("left_ids", "left_mask", ids, layout);
-  LlamaForCausalLM<float> b = io::load_llama<float>(lb_data("llama_bnb"));
+  LlamaForCausalLM<float> b = io::load_llama<float>(peft::test::llama_data("llama_bnb"));
   io::LlamaLoadOptions opt;
   opt.quantize_nf4 = true;
-  LlamaForCausalLM<float> q = io::load_llama<float>(lb_data("llama"), opt);
+  LlamaForCausalLM<float> q = io::load_llama<float>(peft::test::llama_data("llama"), opt);
   auto bh = io::adapted_linears<float>(b);
   auto qh = io::adapted_linears<float>(q);
   REQUIRE(bh.size() == qh.size());
@@ -475,10 +442,10 @@ TEST_CASE(
   }
   CHECK(nq == 14);
   typename LlamaForCausalLM<float>::Cache cache;
-  const double err = lb_valid_error(b.forward(ids, layout, cache), fx.rows("bnb_left_logits_f32"), layout);
+  const double err = peft::test::valid_rows_error(b.forward(ids, layout, cache), fx.rows("bnb_left_logits_f32"), layout);
   CHECK(err < 1e-5);
   WARN("bitsandbytes 4-bit checkpoint: logits rel err " << err);
-  io::Json cfg = io::parse_json_strict(io::read_text_file(lb_data("llama_bnb/config.json")), "config");
+  io::Json cfg = io::parse_json_strict(io::read_text_file(peft::test::llama_data("llama_bnb/config.json")), "config");
   CHECK(io::llama_config_from_json(cfg, "config").hidden_size == 32);
   cfg["quantization_config"]["bnb_4bit_quant_type"] = "fp4";
   PEFT_REQUIRE_THROWS_WITH(io::llama_config_from_json(cfg, "config"), ConfigError,

@@ -12,6 +12,7 @@
 #include <peft/train/gradient_check.hpp>
 #include <peft/train/preference.hpp>
 
+#include "models/llama_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -19,19 +20,7 @@ using peft::test::Tolerances;
 
 namespace {
 
-LlamaConfig dpo_llama_config() {
-  LlamaConfig c;
-  c.vocab_size = 11;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.rms_norm_eps = 1e-5;
-  c.rope.theta = 100.0;
-  return c;
-}
+LlamaConfig dpo_llama_config() { return peft::test::tiny_llama_base(); }
 
 /// A random base (entries of a useful size, unlike HF's 0.02 init), every base weight frozen.
 LlamaForCausalLM<double> dpo_llama(Rng& rng) {

@@ -11,6 +11,7 @@
 #include <peft/optim/adam.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include "models/llama_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -18,18 +19,7 @@ using peft::test::Tolerances;
 
 namespace {
 
-LlamaConfig rm_llama_config() {
-  LlamaConfig c;
-  c.vocab_size = 11;
-  c.hidden_size = 8;
-  c.intermediate_size = 12;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 4;
-  c.rope.theta = 100.0;
-  return c;
-}
+LlamaConfig rm_llama_config() { return peft::test::tiny_llama_base(); }
 
 /// The backbone of a random causal LM (entries of a useful size), frozen, with a LoRA on q and v
 /// (lora_B random when `random_b`), and a trainable score head.

@@ -52,6 +52,37 @@ void check_grad(const char* kind, const NamedParameter<T>& np, const Matrix<T>& 
                      shape_str(g.rows(), g.cols()) + ", expected " + shape_str(anchor.rows(), anchor.cols()));
 }
 
+/// The diagonal quadratic penalty λ/2 Σ F (θ − θ*)² shared by EWC and online EWC (train/continual.hpp).
+template <class T>
+T fisher_penalty(const char* kind, const std::vector<NamedParameter<T>>& params, const std::vector<Matrix<T>>& anchors,
+                 const std::vector<Matrix<T>>& fisher, double lambda) {
+  double sum = 0.0;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    check_anchor(kind, params[i], anchors[i]);
+    sum += static_cast<double>((fisher[i].array() * (params[i].param->value - anchors[i]).array().square()).sum());
+  }
+  return static_cast<T>(0.5 * lambda * sum);
+}
+
+/// Adds λF(θ − θ*) to the gradient of every trainable parameter (shapes checked before anything
+/// changes); returns the penalty.
+template <class T>
+T add_fisher_penalty(const char* kind, const std::vector<NamedParameter<T>>& params,
+                     const std::vector<Matrix<T>>& anchors, const std::vector<Matrix<T>>& fisher, double lambda) {
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    check_anchor(kind, params[i], anchors[i]);
+    if (params[i].param->trainable()) check_grad(kind, params[i], anchors[i]);
+  }
+  const T lam = static_cast<T>(lambda);
+  double sum = 0.0;
+  for (std::size_t i = 0; i < params.size(); ++i) {
+    Parameter<T>& p = *params[i].param;
+    sum += static_cast<double>((fisher[i].array() * (p.value - anchors[i]).array().square()).sum());
+    if (p.trainable()) p.grad.array() += lam * fisher[i].array() * (p.value - anchors[i]).array();
+  }
+  return static_cast<T>(0.5 * lambda * sum);
+}
+
 template <class T>
 void check_params(const char* kind, const std::vector<NamedParameter<T>>& params) {
   if (params.empty()) throw ConfigError(std::string(kind) + ": got no parameters");
@@ -163,29 +194,13 @@ class EWC {
   /// λ/2 Σ F (θ − θ*)².
   T value() const {
     require_finalized("value()");
-    double sum = 0.0;
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      detail::check_anchor("EWC", params_[i], anchors_[i]);
-      sum += static_cast<double>((fisher_[i].array() * (params_[i].param->value - anchors_[i]).array().square()).sum());
-    }
-    return static_cast<T>(0.5 * lambda_ * sum);
+    return detail::fisher_penalty("EWC", params_, anchors_, fisher_, lambda_);
   }
 
   /// Adds λF(θ − θ*) to the gradient of every trainable parameter; returns value().
   T add_to_gradients() {
     require_finalized("add_to_gradients()");
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      detail::check_anchor("EWC", params_[i], anchors_[i]);
-      if (params_[i].param->trainable()) detail::check_grad("EWC", params_[i], anchors_[i]);
-    }
-    const T lam = static_cast<T>(lambda_);
-    double sum = 0.0;
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      Parameter<T>& p = *params_[i].param;
-      sum += static_cast<double>((fisher_[i].array() * (p.value - anchors_[i]).array().square()).sum());
-      if (p.trainable()) p.grad.array() += lam * fisher_[i].array() * (p.value - anchors_[i]).array();
-    }
-    return static_cast<T>(0.5 * lambda_ * sum);
+    return detail::add_fisher_penalty("EWC", params_, anchors_, fisher_, lambda_);
   }
 
   /// Diagonal Fisher of the i-th parameter (the running sum before finalize()).

@@ -186,28 +186,12 @@ class OnlineEWC {
 
   /// λ/2 Σ F̃ (θ − θ*)² (0 before the first end_task()).
   T value() const {
-    double sum = 0.0;
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      detail::check_anchor("OnlineEWC", params_[i], anchors_[i]);
-      sum += static_cast<double>((fisher_[i].array() * (params_[i].param->value - anchors_[i]).array().square()).sum());
-    }
-    return static_cast<T>(0.5 * lambda_ * sum);
+    return detail::fisher_penalty("OnlineEWC", params_, anchors_, fisher_, lambda_);
   }
 
   /// Adds λF̃(θ − θ*) to the gradient of every trainable parameter; returns value().
   T add_to_gradients() {
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      detail::check_anchor("OnlineEWC", params_[i], anchors_[i]);
-      if (params_[i].param->trainable()) detail::check_grad("OnlineEWC", params_[i], anchors_[i]);
-    }
-    const T lam = static_cast<T>(lambda_);
-    double sum = 0.0;
-    for (std::size_t i = 0; i < params_.size(); ++i) {
-      Parameter<T>& p = *params_[i].param;
-      sum += static_cast<double>((fisher_[i].array() * (p.value - anchors_[i]).array().square()).sum());
-      if (p.trainable()) p.grad.array() += lam * fisher_[i].array() * (p.value - anchors_[i]).array();
-    }
-    return static_cast<T>(0.5 * lambda_ * sum);
+    return detail::add_fisher_penalty("OnlineEWC", params_, anchors_, fisher_, lambda_);
   }
 
   const Matrix<T>& fisher(std::size_t i) const { return fisher_.at(i); }

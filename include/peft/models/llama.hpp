@@ -526,8 +526,10 @@ class LlamaForCausalLM : public Module<T> {
     forward(ids, layout, logits, cache);
     return logits;
   }
-  /// dlogits [B·S, vocab] → every trainable gradient (+=).
-  void backward(const Cache& cache, const ConstMatrixRef<T>& dlogits);
+  /// dlogits [B·S, vocab] → every trainable gradient (+=). `dhidden` (may be null): a gradient on
+  /// the final hidden states cache.hidden [B·(n + S), d] from a head of the caller's (a value head,
+  /// train/ppo.hpp), added to what the LM head passes down.
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dlogits, const Matrix<T>* dhidden = nullptr);
 
   // ---- inference with a KV cache (models/generation.hpp samples from it) --------------------------
 
@@ -928,7 +930,7 @@ void LlamaForCausalLM<T>::forward(const std::vector<Index>& ids, const SequenceL
 }
 
 template <class T>
-void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dlogits) {
+void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dlogits, const Matrix<T>* dhidden) {
   check::shape("LlamaForCausalLM", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(), cache.hidden.rows(),
                vocab_size());
   if (tied()) {
@@ -938,6 +940,11 @@ void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
     dhidden_.noalias() = dlogits * E.value;  // dh = dL E   [B·S, d]
   } else {
     lm_head.backward(cache.head, dlogits, &dhidden_);  // dh = dL W_head
+  }
+  if (dhidden != nullptr) {
+    check::shape("LlamaForCausalLM", this->name(), "hidden-state gradient", dhidden->rows(), dhidden->cols(),
+                 dhidden_.rows(), dhidden_.cols());
+    dhidden_ += *dhidden;  // dh += ∂L/∂h from the caller's head
   }
   const Index cached_np = cache.model.layers.empty() ? 0 : cache.model.layers.front().attn.prefix_len;
   if (cache.model.prompt_len != prompt_length() || cached_np != prefix_length())

@@ -223,8 +223,10 @@ inline void check_ppo_options(const PPOOptions& o) {
   auto fail = [&](const std::string& what, double v) {
     throw ConfigError(std::string(who) + ": " + what + ", got " + check::num(v));
   };
-  if (o.generation.max_new_tokens < 1) fail("generation.max_new_tokens must be >= 1", double(o.generation.max_new_tokens));
-  if (o.generation.do_sample && !(o.generation.temperature > 0.0)) fail("temperature must be > 0", o.generation.temperature);
+  if (o.generation.max_new_tokens < 1)
+    fail("generation.max_new_tokens must be >= 1", double(o.generation.max_new_tokens));
+  if (o.generation.do_sample && !(o.generation.temperature > 0.0))
+    fail("temperature must be > 0", o.generation.temperature);
   if (o.ppo_epochs < 1) fail("ppo_epochs must be >= 1", double(o.ppo_epochs));
   if (o.mini_batch_size < 1) fail("mini_batch_size must be >= 1", double(o.mini_batch_size));
   if (!(o.gamma >= 0.0 && o.gamma <= 1.0)) fail("gamma must be in [0, 1]", o.gamma);
@@ -320,8 +322,8 @@ class PPOTrainer {
     }
     out.layout = SequenceLayout(B, S, std::move(lengths));
     out.scores.setZero(B, 1);
-    for (Matrix<T>* m : {&out.log_probs, &out.ref_log_probs, &out.values, &out.kl, &out.rewards, &out.advantages,
-                         &out.returns})
+    for (Matrix<T>* m :
+         {&out.log_probs, &out.ref_log_probs, &out.values, &out.kl, &out.rewards, &out.advantages, &out.returns})
       m->resize(0, 0);
     out.stats = PPOStats{};
   }
@@ -396,7 +398,7 @@ class PPOTrainer {
         const Index i = b * S + t;
         const double v = static_cast<double>(r.values(i, 0));
         const double delta = static_cast<double>(r.rewards(i, 0)) + gamma * next_value - v;  // δ_t
-        last = delta + gamma * lam * last;                                                  // A_t
+        last = delta + gamma * lam * last;                                                   // A_t
         r.advantages(i, 0) = static_cast<T>(last);
         r.returns(i, 0) = static_cast<T>(last + v);  // R_t = A_t + V_t
         next_value = v;
@@ -491,7 +493,9 @@ class PPOTrainer {
     PPOLossStats st;
     st.tokens = N;
     // max(a, b)'s derivative as torch's maximum: the larger side, half each on a tie.
-    auto max_grad = [](double a, double b, double da, double db) { return a > b ? da : (a < b ? db : 0.5 * (da + db)); };
+    auto max_grad = [](double a, double b, double da, double db) {
+      return a > b ? da : (a < b ? db : 0.5 * (da + db));
+    };
     for (Index i = 0; i < n; ++i) {
       const Index y = mb_target_[static_cast<std::size_t>(i)];
       if (y < 0) {
@@ -536,7 +540,8 @@ class PPOTrainer {
       row(y) += static_cast<T>(g_lp * inv_tau);
       // ∂L/∂V = vf · ½ ∂max/∂V / N
       const bool v_in = v >= v_old - c && v <= v_old + c;
-      dvalues_(i, 0) = static_cast<T>(vf * 0.5 * max_grad(vf1, vf2, 2.0 * (v - R), v_in ? 2.0 * (vc - R) : 0.0) * inv_n);
+      dvalues_(i, 0) =
+          static_cast<T>(vf * 0.5 * max_grad(vf1, vf2, 2.0 * (v - R), v_in ? 2.0 * (vc - R) : 0.0) * inv_n);
     }
     st.policy_loss *= inv_n;
     st.value_loss *= inv_n;
@@ -666,7 +671,8 @@ class PPOTrainer {
     for (Index b = 0; b < B; ++b)
       if (r.prompt_length(b) < 1 || r.prompt_length(b) >= r.layout.length(b))
         throw ShapeError(w + ": sequence " + std::to_string(b) + " has a prompt of " +
-                         std::to_string(r.prompt_length(b)) + " tokens and length " + std::to_string(r.layout.length(b)) +
+                         std::to_string(r.prompt_length(b)) + " tokens and length " +
+                         std::to_string(r.layout.length(b)) +
                          " (expected a prompt of >= 1 tokens and a response of >= 1)");
     if (!evaluated) return;
     check::shape("PPORollout", who, "scores", r.scores.rows(), r.scores.cols(), B, 1);

@@ -281,6 +281,18 @@ TEST_CASE("ppo: GAE, the reference, the KL controller and the refusals", "[ppo][
   PEFT_REQUIRE_THROWS_WITH(PPOTrainer<double>(plain, v_head), ConfigError, "no adapter");
   ValueHead<double> wrong(5, rng);
   PEFT_REQUIRE_THROWS_WITH(PPOTrainer<double>(model, wrong), ShapeError, "features");
+
+  // reward_model_scores: a reward model's head on each sequence's last response token (padding ignored).
+  LlamaRewardModel<double> rm(model.config(), model.model, rng);
+  reward_model_scores(rm, r);
+  typename LlamaRewardModel<double>::Cache rm_cache;
+  Matrix<double> alone;
+  for (Index b = 0; b < r.sequences(); ++b) {
+    const Index L = r.layout.length(b);
+    const std::vector<Index> ids(r.ids.begin() + b * r.layout.seq, r.ids.begin() + b * r.layout.seq + L);
+    rm.forward(ids, SequenceLayout(1, L), alone, rm_cache);
+    CHECK(r.scores(b, 0) == Approx(alone(0, 0)).epsilon(1e-12));
+  }
 }
 
 TEST_CASE("ppo: a few iterations on a toy reward raise it", "[ppo][llama]") {

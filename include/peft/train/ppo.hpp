@@ -64,7 +64,8 @@
 // from options.generation). The log-probs are of softmax(z / τ) whatever top-k / top-p cut from the
 // sampling distribution (as TRL). After the first update with given shapes (rollouts padded to the
 // longest prompt + max_new_tokens keep S fixed) an update allocates nothing: every buffer is a
-// member reused. Generation and evaluate allocate (they run once per rollout).
+// member reused (so does evaluate, but for the train/eval mode switches of a model in train mode,
+// which build module names). Generation allocates (once per rollout).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -340,16 +341,18 @@ class PPOTrainer {
   void evaluate(PPORollout<T>& r) {
     check_rollout(r, "evaluate", false);
     const Index n = r.layout.rows();
+    // Dropout off for the rollout-time quantities (a mode switch walks the module tree by name, so
+    // only when needed).
     const bool was_training = policy_->training(), head_training = value_head_->training();
-    policy_->eval();
-    value_head_->eval();
+    if (was_training) policy_->eval();
+    if (head_training) value_head_->eval();
     try {
       policy_->forward(r.ids, r.layout, eval_logits_, eval_cache_);
       value_head_->forward(eval_cache_.hidden, r.values, eval_vcache_);
       token_log_probs(r, eval_logits_, r.log_probs);
       {
         Disabled guard(*this);
-        policy_->forward(r.ids, r.layout, eval_logits_, eval_cache_);
+        policy_->forward(r.ids, r.layout, eval_logits_, ref_cache_);  // own cache: the hosts keep no LoRA terms
       }
       token_log_probs(r, eval_logits_, r.ref_log_probs);
     } catch (...) {
@@ -698,7 +701,7 @@ class PPOTrainer {
   std::vector<char> saved_;
   std::vector<NamedParameter<T>> params_;
   // evaluate
-  typename Model::Cache eval_cache_;
+  typename Model::Cache eval_cache_, ref_cache_;
   typename ValueHead<T>::Cache eval_vcache_;
   Matrix<T> eval_logits_;
   // minibatch

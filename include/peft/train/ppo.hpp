@@ -121,6 +121,8 @@ class ValueHead : public Module<T> {
   void visit_children(const typename Module<T>::ChildVisitor& fn) override { fn("summary", summary); }
 };
 
+/// Defaults are TRL's classic PPOConfig, except mini_batch_size (TRL: 128 of a batch of 128; 1 divides
+/// every batch) and max_new_tokens (16).
 struct PPOOptions {
   GenerationConfig generation = sampling();  ///< rollouts: do_sample, temperature (also τ of the log-probs), ...
   Index ppo_epochs = 4;                      ///< passes over the rollout per update

@@ -70,10 +70,10 @@ struct Options {
   int seeds = 3;
   bool quick = false, check = false;
   Index hidden = 64, layers = 2, heads = 4, kv_heads = 2, intermediate = 128, seq = 64, batch = 16;
-  int pretrain_steps = 500, sft_steps = 150, rm_steps = 150, dpo_steps = 120, evals = 4;
+  int pretrain_steps = 400, sft_steps = 100, rm_steps = 120, dpo_steps = 80, evals = 4;
   Index prompt_bytes = 12, continuation = 24;
-  Index train_prompts = 384, val_prompts = 64, test_prompts = 128, pair_batch = 8;
-  Index eval_bytes = 6000;
+  Index train_prompts = 256, val_prompts = 64, test_prompts = 96, pair_batch = 8;
+  Index eval_bytes = 4000;
   double kl_budget = 6.0;  ///< nats per continuation, for the choice on validation
   bool grid = true;
 };
@@ -587,8 +587,8 @@ std::vector<Metrics> run_preference_loss(Study& s, SeedState& st, const Hyper& h
 }
 
 const std::vector<MethodRow>& method_rows() {
-  static const std::vector<Hyper> dpo_grid = {{0.1, 1e-3}, {0.1, 3e-3}, {0.5, 1e-3}, {0.5, 3e-3}};
-  static const std::vector<Hyper> ipo_grid = {{0.5, 1e-3}, {0.5, 3e-3}, {2.0, 1e-3}, {2.0, 3e-3}};
+  static const std::vector<Hyper> dpo_grid = {{0.1, 3e-3}, {0.5, 3e-3}};
+  static const std::vector<Hyper> ipo_grid = {{0.5, 3e-3}, {2.0, 3e-3}};
   static const std::vector<MethodRow> rows = {
       {"sft", run_sft, {}},
       {"dpo",
@@ -621,7 +621,8 @@ bool prepare_seed(Study& s, SeedState& st, int seed, bool save_rm) {
   st.pm->add_adapter("sft",
                      Json{{"peft_type", "LORA"}, {"r", 8}, {"lora_alpha", 16}, {"target_modules", "all-linear"}});
   train_lm(st.model, s.train_stream, o.sft_steps, 3e-3, o.batch, o.seq, 100 + static_cast<std::uint64_t>(seed));
-  for (auto& [path, host] : peft::io::adapted_linears<T>(st.model)) host->method("sft").set_trainable(false);
+  for (auto& [path, host] : peft::io::adapted_linears<T>(st.model))
+    if (host->has_adapter("sft")) host->method("sft").set_trainable(false);
   const std::uint64_t base_seed = 1000 * static_cast<std::uint64_t>(seed + 1);
   st.train_pairs = make_pairs(s, st, s.train_prompts, base_seed + 1);
   st.val_pairs = make_pairs(s, st, s.val_prompts, base_seed + 2);

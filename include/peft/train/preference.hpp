@@ -59,7 +59,7 @@ struct DPOTrainOptions {
   std::int64_t ignore_index = -100;
   /// The adapters switched off for the reference forward (e.g. {"policy"}, with an SFT adapter
   /// active and frozen beside it); empty: every adapter (the base model).
-  std::vector<std::string> reference_disabled;
+  std::vector<std::string> reference_disabled = {};
 };
 
 /// The DPO objective of a model whose adapters are the policy. Holds the model and its hosts by

@@ -587,8 +587,8 @@ std::vector<Metrics> run_preference_loss(Study& s, SeedState& st, const Hyper& h
 }
 
 const std::vector<MethodRow>& method_rows() {
-  static const std::vector<Hyper> dpo_grid = {{0.1, 3e-3}, {0.5, 3e-3}};
-  static const std::vector<Hyper> ipo_grid = {{0.5, 3e-3}, {2.0, 3e-3}};
+  static const std::vector<Hyper> dpo_grid = {{0.1, 1e-3}, {0.5, 1e-3}, {0.5, 3e-3}};
+  static const std::vector<Hyper> ipo_grid = {{0.5, 1e-3}, {2.0, 1e-3}, {2.0, 3e-3}};
   static const std::vector<MethodRow> rows = {
       {"sft", run_sft, {}},
       {"dpo",
@@ -671,7 +671,10 @@ bool prepare_seed(Study& s, SeedState& st, int seed, bool save_rm) {
 std::string text_of(const std::vector<Index>& seq) {
   std::string s;
   for (Index id : seq)
-    s += id == 256 ? std::string("<eot>") : id == '\n' ? std::string(" / ") : std::string(1, static_cast<char>(id));
+    s += id == 256                ? std::string("<eot>")
+         : id == '\n'             ? std::string(" / ")
+         : (id >= 32 && id < 127) ? std::string(1, static_cast<char>(id))
+                                  : std::string("?");  // a byte of a broken UTF-8 sequence
   return s;
 }
 
@@ -820,7 +823,7 @@ int run(const Options& o) {
             const std::vector<Metrics> v = row.run(s, st, h, true);
             log_run(row.name, seed, h, "val", v);
             const Metrics& last = v.back();
-            const double score = last.kl <= o.kl_budget ? last.preference : -1.0 / (1.0 + last.kl);
+            const double score = last.kl <= o.kl_budget ? last.preference : -last.kl;  // over budget: the smallest KL
             std::printf("  %-5s val: beta %.2g lr %.0e -> preference %.3f, KL %.2f%s\n", row.name, h.beta, h.lr,
                         last.preference, last.kl, last.kl <= o.kl_budget ? "" : " (over the KL budget)");
             if (score > best) {

@@ -2,6 +2,7 @@
 // (io/reward_model.hpp): save → load onto the same base gives the same raw and normalised rewards
 // bit for bit; bad statistics and mismatched files are refused by name.
 #include <cmath>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -95,8 +96,26 @@ TEMPLATE_TEST_CASE("reward model: save_reward_model -> load_reward_model gives t
   CHECK(loaded.mean == norm.mean);
   CHECK(loaded.std == norm.std);
   CHECK(loaded.count == 7);
+  {  // every parameter bit-identical
+    std::map<std::string, Matrix<T>> want;
+    rm.visit_parameters([&](const std::string& n, Parameter<T>& p) { want[n] = p.value; });
+    back.visit_parameters([&](const std::string& n, Parameter<T>& p) {
+      INFO(n);
+      REQUIRE(want.count(n) == 1);
+      CHECK(p.value == want[n]);
+    });
+  }
   Matrix<T> raw2;
   score_sequences<T>(back, texts, raw2, 3);
+  {
+    Matrix<T> again, again_back, c1;
+    score_sequences<T>(rm, texts, again, 3);
+    score_sequences<T>(back, texts, again_back, 3);
+    LlamaRewardModel<T> cp = rm;
+    score_sequences<T>(cp, texts, c1, 3);
+    WARN("rm again " << (again - raw).cwiseAbs().maxCoeff() << " back again " << (again_back - raw2).cwiseAbs().maxCoeff()
+         << " back vs rm " << (raw2 - raw).cwiseAbs().maxCoeff() << " copy " << (c1 - raw).cwiseAbs().maxCoeff());
+  }
   CHECK(raw2 == raw);
   loaded.apply<T>(raw2);
   CHECK(raw2 == scored);

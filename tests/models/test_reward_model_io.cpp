@@ -71,6 +71,10 @@ TEMPLATE_TEST_CASE("reward model: save_reward_model -> load_reward_model gives t
   });
   rm.score.weight.value = peft::test::random_matrix<T>(1, cfg.hidden_size, rng);
   rm.eval();
+  // Scored the same way from the same state, a model gives the same bits; its reused buffers keep
+  // the shapes of earlier batches, and Eigen's vectorised kernels may then round differently in the
+  // last bit (seen in double). So the loaded model is compared with a fresh copy of the original.
+  LlamaRewardModel<T> fresh = rm;
   const std::vector<std::vector<Index>> texts = rm_io_texts();
   const RewardNormalization norm = reward_normalization<T>(rm, texts, 3);
   Matrix<T> raw, scored;
@@ -105,18 +109,14 @@ TEMPLATE_TEST_CASE("reward model: save_reward_model -> load_reward_model gives t
       CHECK(p.value == want[n]);
     });
   }
-  Matrix<T> raw2;
+  Matrix<T> raw2, raw_fresh;
   score_sequences<T>(back, texts, raw2, 3);
-  {
-    Matrix<T> again, again_back, c1;
-    score_sequences<T>(rm, texts, again, 3);
-    score_sequences<T>(back, texts, again_back, 3);
-    LlamaRewardModel<T> cp = rm;
-    score_sequences<T>(cp, texts, c1, 3);
-    WARN("rm again " << (again - raw).cwiseAbs().maxCoeff() << " back again " << (again_back - raw2).cwiseAbs().maxCoeff()
-         << " back vs rm " << (raw2 - raw).cwiseAbs().maxCoeff() << " copy " << (c1 - raw).cwiseAbs().maxCoeff());
-  }
-  CHECK(raw2 == raw);
+  score_sequences<T>(fresh, texts, raw_fresh, 3);
+  CHECK(raw2 == raw_fresh);
+  CHECK((raw2 - raw).cwiseAbs().maxCoeff() <= 1e-5 * (1.0 + raw.cwiseAbs().maxCoeff()));
+  raw = raw_fresh;
+  scored = raw;
+  norm.apply<T>(scored);
   loaded.apply<T>(raw2);
   CHECK(raw2 == scored);
 

@@ -13,8 +13,11 @@
 //   LlamaRewardModel<float> rm2(config, std::move(base.model), rng);         // the same base
 //   const RewardNormalization n = io::load_reward_model(dir, rm2);           // adapter + head + stats
 //
-// Loading gives back the same raw rewards bit for bit (the tensors are stored in the model's
-// precision and copied exactly), hence the same normalised scores. Needs nlohmann-json.
+// Loading gives back every parameter bit for bit (the tensors are stored in the model's precision
+// and copied exactly) and the statistics exactly, hence the same raw and normalised rewards when
+// scored the same way (the same batches, from a fresh model: a model's reused buffers keep the
+// shapes of earlier batches, and Eigen's vectorised kernels may then round differently in the last
+// bit). Needs nlohmann-json.
 #include <cstdint>
 #include <string>
 #include <vector>

@@ -10,6 +10,7 @@
 //   pm.add_adapter("b", io::Json{{"peft_type", "IA3"}, {"target_modules", {"fc1"}}});
 //   pm.set_adapter("b");  pm.active_adapters();         // {"b"}
 //   { auto off = pm.disable_adapters(); ... }           // base model in the scope, restored at its end
+//   { auto ref = pm.disable_adapter("policy"); ... }    // only "policy" off, e.g. "sft" stays (DPO's reference)
 //   pm.merge(); pm.unmerge(); pm.delete_adapter("a");
 //   pm.print_trainable_parameters(std::cout);           // trainable params: 1,234 || all params: ...
 //   pm.save_pretrained("out");  pm2.load_pretrained("out");

@@ -302,7 +302,8 @@ class AdaptedLinear : public Module<T> {
   /// active and frozen, the policy adapter off). Neither the active set nor any trainable flag
   /// changes, and a cache filled before the switch stays valid for its backward (the cache records
   /// the adapters its forward ran). Allocates nothing. ConfigError for an unknown adapter, or when
-  /// switching off a merged one (a merged adapter cannot be disabled; unmerge first).
+  /// switching off a merged one (a merged adapter cannot be disabled; unmerge first). Like
+  /// disable_adapters(), it does not affect forward_routed, whose rows name their adapter.
   void disable_adapter(const std::string& adapter_name, bool disabled = true);
   bool adapter_disabled(const std::string& adapter_name) const {
     return adapters_[index_of(adapter_name)]->switched_off();

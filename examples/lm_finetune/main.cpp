@@ -3,12 +3,11 @@
 //
 // 1. No download (default): a small LlamaForCausalLM is trained from scratch on the English texts of
 //    Debian's `fortunes` package (byte tokenizer), then adapted to German (`fortunes-de`) from a small
-//    target corpus by each row of kMethods (full fine-tuning, LoRA, DoRA, QLoRA on an NF4 base,
-//    (IA)³). Learning rates are chosen on a validation split from a small grid (seed 0), then every
-//    method runs with its chosen rate for each seed; the table gives mean ± spread of held-out
-//    bits per byte on the target, the source's bits per byte after adaptation (forgetting: the
-//    adapter active and disabled), trainable %, training tokens/s and peak memory; samples before
-//    and after; CSV + SVG.
+//    target corpus by each row of method_rows() (full fine-tuning, LoRA, DoRA, QLoRA on an NF4 base,
+//    (IA)³, prompt tuning, prefix tuning). Learning rates are chosen on a validation split from a small grid (seed 0),
+//    then every method runs with its chosen rate for each seed; the table gives mean ± spread of held-out bits per byte
+//    on the target, the source's bits per byte after adaptation (forgetting: the adapter active and disabled),
+//    trainable %, training tokens/s and peak memory; samples before and after; CSV + SVG.
 // 2. A checkpoint you have (`--model DIR --data FILE`): a Hugging Face Llama-family checkpoint
 //    (config.json + safetensors + tokenizer.json) fine-tuned on your text with LoRA or QLoRA; the
 //    adapter is saved as a PEFT directory (loads in Hugging Face PEFT onto the same base) and sampled.
@@ -80,6 +79,15 @@ const std::vector<MethodRow>& method_rows() {
        {1e-3, 3e-3, 1e-2}},
       {"ia3",
        R"({"peft_type":"IA3","target_modules":["k_proj","v_proj","down_proj"],"feedforward_modules":["down_proj"]})",
+       false,
+       {3e-3, 1e-2, 3e-2}},
+      // Prompt learning: 16 virtual tokens (a quarter of a 64-token window); prefix tuning through
+      // PEFT's projection MLP (prefix_projection; encoder_hidden_size: PEFT's default, token_dim).
+      // Their grids sit higher: these methods train a few parameters from a random start (PEFT's
+      // own examples use 3e-2 for prompt tuning, 1e-2 for prefix tuning).
+      {"prompt", R"({"peft_type":"PROMPT_TUNING","num_virtual_tokens":16})", false, {1e-2, 3e-2, 1e-1}},
+      {"prefix",
+       R"({"peft_type":"PREFIX_TUNING","num_virtual_tokens":16,"prefix_projection":true})",
        false,
        {3e-3, 1e-2, 3e-2}},
   };
@@ -327,8 +335,9 @@ TrainStats train(LlamaForCausalLM<T>& model, const std::vector<Index>& stream, i
   const peft::CosineSchedule schedule(std::max(1, steps / 10), steps);
   const auto params = peft::trainable_parameters(model);
   const peft::SequenceLayout layout(batch, seq);
+  const peft::SequenceLayout out_layout = model.output_layout(layout);  // + a prompt's virtual tokens
   std::vector<Index> ids(static_cast<std::size_t>(batch * seq));
-  std::vector<std::int64_t> labels(ids.size());
+  std::vector<std::int64_t> labels(ids.size()), out_labels;
   Matrix<T> logits, dlogits;
   typename LlamaForCausalLM<T>::Cache cache;
   TrainStats st;
@@ -340,10 +349,11 @@ TrainStats train(LlamaForCausalLM<T>& model, const std::vector<Index>& stream, i
       std::copy_n(stream.begin() + start, seq, ids.begin() + b * seq);
     }
     std::copy(ids.begin(), ids.end(), labels.begin());
+    out_labels = model.prompt_labels(labels, layout);  // -100 at a prompt's virtual tokens
     peft::apply_schedule(opt, schedule, step);
     opt.zero_grad();
     model.forward(ids, layout, logits, cache);
-    const double loss = peft::causal_lm_loss<T>(logits, labels, layout, &dlogits);
+    const double loss = peft::causal_lm_loss<T>(logits, out_labels, out_layout, &dlogits);
     model.backward(cache, dlogits);
     peft::clip_grad_norm(params, 1.0);
     opt.step();
@@ -375,7 +385,7 @@ double bits_per_byte(LlamaForCausalLM<T>& model, const Tokenizer& tok, const std
     const peft::SequenceLayout layout(B, len);
     model.forward(ids, layout, logits, cache);
     peft::CausalLMStats s;
-    peft::causal_lm_loss<T>(logits, labels, layout, nullptr, &s);
+    peft::causal_lm_loss<T>(logits, model.prompt_labels(labels, layout), model.output_layout(layout), nullptr, &s);
     nll += s.nll_sum;
     for (Index b = 0; b < B; ++b)
       for (Index t = 1; t < len; ++t) {
@@ -624,7 +634,7 @@ int run_scratch(const Options& o) {
   for (const MethodRow& r : method_rows())
     if (o.methods.empty() || std::find(o.methods.begin(), o.methods.end(), r.name) != o.methods.end())
       rows.push_back(r);
-  if (rows.empty()) usage("--methods selects none of full, lora, dora, qlora, ia3");
+  if (rows.empty()) usage("--methods selects none of full, lora, dora, qlora, ia3, prompt, prefix");
 
   std::vector<RunResult> all;
   std::vector<std::vector<RunResult>> finals(rows.size());

@@ -593,9 +593,13 @@ std::vector<std::string> PeftModel<T>::load_adapter(const std::string& dir, cons
   const std::string who = std::string(kWho) + "::load_adapter(\"" + name + "\")";
   check_new(name);
   const std::string config_path = dir + "/" + io::kAdapterConfigFile;
-  if (io::path_exists(config_path) &&
-      is_prompt_type(io::parse_json_strict(io::read_text_file(config_path), config_path)))
-    return load_prompt_adapter(dir, name, who);
+  bool prompt = false;
+  try {  // a missing or malformed config gets read_method_adapter's own error below
+    prompt = io::path_exists(config_path) &&
+             is_prompt_type(io::parse_json_strict(io::read_text_file(config_path, 1u << 20), config_path));
+  } catch (const Error&) {
+  }
+  if (prompt) return load_prompt_adapter(dir, name, who);
   check_kind(who, false);
   const io::MethodAdapterFile<T> file = io::read_method_adapter<T>(dir);
   std::vector<std::string> entries;

@@ -51,9 +51,8 @@ using Clock = std::chrono::steady_clock;
 // ------------------------------------------------------------------------------------------------
 // The methods compared (scratch mode). One row per method: its adapter_config.json for
 // PeftModel::add_adapter (null: full fine-tuning), whether the base is quantized to NF4 first
-// (QLoRA), and the learning-rate grid searched on the validation split. A method PeftModel adds to
-// a LlamaForCausalLM from its config (prompt or prefix tuning, once the model hosts them) is one
-// more row here.
+// (QLoRA), and the learning-rate grid searched on the validation split. Any method PeftModel adds
+// to a LlamaForCausalLM from its config (the table's methods, prompt and prefix tuning) is one row.
 // ------------------------------------------------------------------------------------------------
 struct MethodRow {
   const char* name;

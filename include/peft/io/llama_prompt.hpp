@@ -71,13 +71,15 @@ AdapterConfig load_llama_prompt_adapter(LlamaForCausalLM<T>& model, const std::s
   return c;
 }
 
-/// Writes `model`'s prompt or prefix as a PEFT adapter directory (what PeftModel.save_pretrained
-/// writes for a CAUSAL_LM; a projected prefix as its projected table). `base_model` goes to
-/// base_model_name_or_path. ConfigError when the model has neither.
+/// Writes a prompt (`prompt`) or prefix (`prefix`) of a model with config `mc` as a PEFT adapter
+/// directory (what PeftModel.save_pretrained writes for a CAUSAL_LM; a projected prefix as its
+/// projected table). Exactly one of the two is non-null. `base_model` goes to base_model_name_or_path.
 template <class T>
-void save_llama_prompt_adapter(const std::string& dir, LlamaForCausalLM<T>& model, const std::string& base_model = "",
-                               DType dtype = native_dtype<T>()) {
-  const LlamaConfig& mc = model.config();
+void save_llama_prompt_tables(const std::string& dir, const LlamaConfig& mc, const SoftPrompt<T>* prompt,
+                              PrefixAttention<T>* prefix, const std::string& base_model = "",
+                              DType dtype = native_dtype<T>()) {
+  if ((prompt == nullptr) == (prefix == nullptr))
+    throw ConfigError("save_llama_prompt_tables \"" + dir + "\": expected exactly one of a prompt and a prefix");
   PeftAdapter<T> ad;
   AdapterConfig& c = ad.config;
   c.task_type = "CAUSAL_LM";
@@ -86,15 +88,15 @@ void save_llama_prompt_adapter(const std::string& dir, LlamaForCausalLM<T>& mode
   c.num_transformer_submodules = 1;
   c.raw = Json::object();
   c.raw["inference_mode"] = true;
-  if (model.prompt_encoder) {
+  if (prompt != nullptr) {
     c.peft_type = "PROMPT_TUNING";
-    c.num_virtual_tokens = static_cast<int>(model.prompt_length());
+    c.num_virtual_tokens = static_cast<int>(prompt->num_virtual_tokens());
     c.token_dim = static_cast<int>(mc.hidden_size);
     c.num_attention_heads = static_cast<int>(mc.num_attention_heads);
     c.raw["prompt_tuning_init"] = "RANDOM";
-    ad.prompt_embeddings = model.prompt_encoder->embedding.value;
-  } else if (model.prefix_encoder) {
-    PrefixAttention<T>& p = *model.prefix_encoder;
+    ad.prompt_embeddings = prompt->embedding.value;
+  } else {
+    PrefixAttention<T>& p = *prefix;
     c.peft_type = "PREFIX_TUNING";
     c.num_virtual_tokens = static_cast<int>(p.num_virtual_tokens());
     c.token_dim = static_cast<int>(p.token_dim());
@@ -103,10 +105,19 @@ void save_llama_prompt_adapter(const std::string& dir, LlamaForCausalLM<T>& mode
     c.raw["prefix_projection"] = p.projected();
     c.raw["encoder_hidden_size"] = p.projected() ? p.config().encoder_hidden_size : p.token_dim();
     ad.prompt_embeddings = p.prompt_embeddings();
-  } else {
-    throw ConfigError("save_llama_prompt_adapter \"" + dir + "\": the model has no prompt_encoder or prefix_encoder");
   }
   save_peft_adapter<T>(dir, ad, dtype);
+}
+
+/// Writes `model`'s prompt or prefix as a PEFT adapter directory (save_llama_prompt_tables).
+/// ConfigError when the model has neither.
+template <class T>
+void save_llama_prompt_adapter(const std::string& dir, LlamaForCausalLM<T>& model, const std::string& base_model = "",
+                               DType dtype = native_dtype<T>()) {
+  if (!model.prompt_encoder && !model.prefix_encoder)
+    throw ConfigError("save_llama_prompt_adapter \"" + dir + "\": the model has no prompt_encoder or prefix_encoder");
+  save_llama_prompt_tables<T>(dir, model.config(), model.prompt_encoder ? &*model.prompt_encoder : nullptr,
+                              model.prefix_encoder ? &*model.prefix_encoder : nullptr, base_model, dtype);
 }
 
 }  // namespace peft::io

@@ -35,6 +35,17 @@
 //     named "default" in dir/, any other in dir/<name>/; all of them staged and committed
 //     together (io::AtomicDirectory). load_pretrained(dir) reads them back under those names.
 //
+// Prompt learning (PROMPT_TUNING, PREFIX_TUNING) on a LlamaForCausalLM (models/llama.hpp) goes
+// through the same calls: add_adapter with {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": 8}
+// (or PREFIX_TUNING, with prefix_projection / encoder_hidden_size), set_adapter, disable_adapters
+// (the plain model in the scope), delete_adapter, save_pretrained / load_pretrained in PEFT's format
+// (io/llama_prompt.hpp). The model hosts one prompt or prefix at a time, the active adapter's; the
+// PeftModel keeps the others (so a switch moves the tables: make the optimizer after set_adapter).
+// As in PEFT: one prompt-learning adapter is active at a time, prompt learning does not mix with
+// the table's methods in one PeftModel, and it has nothing to merge (merge refuses it). With a
+// prompt active, forward's logits have n more rows per sequence (LlamaForCausalLM::output_layout,
+// prompt_labels).
+//
 // Needs nlohmann-json (through io/methods.hpp), so it is not in the umbrella header.
 #include <dirent.h>
 
@@ -42,6 +53,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <initializer_list>
+#include <optional>
 #include <ostream>
 #include <string>
 #include <utility>
@@ -50,6 +62,7 @@
 #include "peft/core/parameters.hpp"
 #include "peft/core/warnings.hpp"
 #include "peft/io/file.hpp"
+#include "peft/io/llama_prompt.hpp"
 #include "peft/io/methods.hpp"
 #include "peft/layers/modules_to_save.hpp"
 #include "peft/models/peft_config.hpp"
@@ -160,7 +173,8 @@ class PeftModel {
     return add_adapter(name, io::to_json(config));
   }
   /// The same from a PeftConfig with one method of the table: its LoRA part or its (IA)³ part
-  /// (bottleneck adapters, prefix and prompt tuning belong to TransformerClassifier: apply_peft).
+  /// (bottleneck adapters, prefix and prompt tuning of a TransformerClassifier: apply_peft; those of
+  /// a LlamaForCausalLM: the adapter_config.json form above).
   std::vector<std::string> add_adapter(const std::string& name, const PeftConfig& config);
 
   /// Every adapter's name, in the order added.
@@ -170,6 +184,8 @@ class PeftModel {
     return out;
   }
   bool has_adapter(const std::string& name) const { return find(name) != configs_.size(); }
+  /// Whether `name` is a prompt-learning adapter (PROMPT_TUNING / PREFIX_TUNING).
+  bool is_prompt_adapter(const std::string& name) const { return prompt_index(name) != prompt_tables_.size(); }
   /// The adapter_config.json object an adapter was added or loaded with.
   const io::Json& adapter_config(const std::string& name) const { return configs_[index_of(name)].second; }
 
@@ -279,6 +295,43 @@ class PeftModel {
   void check_one_copy(const std::vector<std::string>& names);
   void set_disabled(bool on);
 
+  // ---- prompt learning on a LlamaForCausalLM (see the file comment) ----
+  /// A prompt-learning adapter's table while the model does not host it (both empty while it does).
+  struct PromptTable {
+    std::optional<SoftPrompt<T>> prompt;
+    std::optional<PrefixAttention<T>> prefix;
+  };
+  static bool is_prompt_type(const io::Json& config) {
+    const auto it = config.find("peft_type");
+    if (it == config.end() || !it->is_string()) return false;
+    const std::string t = it->template get<std::string>();
+    return t == "PROMPT_TUNING" || t == "PREFIX_TUNING";
+  }
+  std::size_t prompt_index(const std::string& name) const {
+    for (std::size_t i = 0; i < prompt_tables_.size(); ++i)
+      if (prompt_tables_[i].first == name) return i;
+    return prompt_tables_.size();
+  }
+  /// The model as a LlamaForCausalLM; ConfigError naming `who` otherwise.
+  LlamaForCausalLM<T>& require_llama(const std::string& who, const std::string& type);
+  /// ConfigError when the adapter to add (prompt learning or not) would mix the two kinds.
+  void check_kind(const std::string& who, bool prompt) const;
+  /// Makes the model host the table of prompt adapter `name` ("": none), keeping the one it hosted.
+  void install_prompt(const std::string& name);
+  /// The model hosts the active prompt adapter's table, none while adapters are disabled.
+  void sync_prompt() {
+    if (prompt_tables_.empty()) return;
+    std::string on;
+    for (const auto& n : active_)
+      if (is_prompt_adapter(n)) on = n;
+    install_prompt(disabled_ ? std::string() : on);
+  }
+  /// Moves the prompt or prefix the model hosts now into a new table `name`, then joins it.
+  std::vector<std::string> join_prompt(LlamaForCausalLM<T>& m, const std::string& name, io::Json config);
+  std::vector<std::string> add_prompt_adapter(const std::string& name, const io::Json& config, const std::string& who);
+  std::vector<std::string> load_prompt_adapter(const std::string& dir, const std::string& name, const std::string& who);
+  void save_prompt_adapter(const std::string& dir, const std::string& name, const io::Json& config);
+
   /// An adapter config's `bias` ("none", "all" or "lora_only"; "none" when absent).
   static std::string bias_of(const io::Json& config) {
     const auto it = config.find("bias");
@@ -298,6 +351,8 @@ class PeftModel {
   std::vector<std::pair<std::string, io::Json>> configs_;  ///< adapter → its adapter_config.json, in order added
   std::vector<std::string> active_;
   bool disabled_ = false;
+  std::vector<std::pair<std::string, PromptTable>> prompt_tables_;  ///< prompt-learning adapters, in order added
+  std::string installed_prompt_;  ///< the prompt adapter whose table the model hosts ("": none)
 };
 
 // ---- PeftModel members defined outside the class body ----
@@ -307,6 +362,8 @@ std::vector<std::string> PeftModel<T>::add_adapter(const std::string& name, cons
   const std::string who = std::string(kWho) + "::add_adapter(\"" + name + "\")";
   check_new(name);
   if (!config.is_object()) throw ConfigError(who + ": the config must be a JSON object (adapter_config.json)");
+  if (is_prompt_type(config)) return add_prompt_adapter(name, config, who);
+  check_kind(who, false);
   std::vector<std::string> entries;
   if (config.contains("modules_to_save") && !config.at("modules_to_save").is_null()) {
     if (!config.at("modules_to_save").is_array())
@@ -363,6 +420,7 @@ void PeftModel<T>::joined(const std::string& name, io::Json config) {
 
 template <class T>
 void PeftModel<T>::apply_active() {
+  sync_prompt();
   for (auto& [path, host] : io::adapted_linears(*model_)) {
     std::vector<std::string> here;
     for (const auto& n : active_)
@@ -418,6 +476,9 @@ void PeftModel<T>::set_adapter(const std::vector<std::string>& names) {
     if (std::find(next.begin(), next.end(), n) == next.end()) next.push_back(n);
   }
   check_one_copy(next);
+  if (!prompt_tables_.empty() && next.size() > 1)
+    throw ConfigError(std::string(kWho) + ": adapters " + list(next) +
+                      " are prompt-learning adapters; only one can be active at a time (as in PEFT)");
   const std::vector<std::string> merged_now = merged_adapters();
   if (!merged_now.empty()) {
     warn(std::string(kWho) + ": adapters " + list(merged_now) + " are merged; unmerging them before activating " +
@@ -433,6 +494,7 @@ void PeftModel<T>::set_disabled(bool on) {
   for (auto& [path, host] : io::adapted_linears(*model_)) host->disable_adapters(on);
   for (auto& [path, host] : modules_to_save_hosts(*model_)) host->disable(on);
   disabled_ = on;
+  sync_prompt();  // the plain model (no prompt / prefix) while disabled
 }
 
 template <class T>
@@ -482,6 +544,15 @@ void PeftModel<T>::delete_adapter(const std::string& name) {
     if (host->has_adapter(name)) host->delete_adapter(name);
   for (auto& [path, host] : modules_to_save_hosts(*model_))
     if (host->has_copy(name)) host->delete_copy(name);
+  const std::size_t p = prompt_index(name);
+  if (p != prompt_tables_.size()) {
+    if (installed_prompt_ == name) {
+      dynamic_cast<LlamaForCausalLM<T>&>(*model_).remove_prompt_learning();
+      installed_prompt_.clear();
+      model_->set_name(model_->name());
+    }
+    prompt_tables_.erase(prompt_tables_.begin() + static_cast<std::ptrdiff_t>(p));
+  }
   configs_.erase(configs_.begin() + static_cast<std::ptrdiff_t>(i));
   const auto it = std::find(active_.begin(), active_.end(), name);
   if (it != active_.end()) {
@@ -512,6 +583,10 @@ void PeftModel<T>::merge(const std::vector<std::string>& names) {
   for (const auto& n : names.empty() ? active_ : names) {
     index_of(n);
     const bool done = std::find(merged_now.begin(), merged_now.end(), n) != merged_now.end();
+    if (is_prompt_adapter(n))
+      throw ConfigError(std::string(kWho) + ": adapter \"" + n + "\" (" +
+                        configs_[index_of(n)].second.value("peft_type", std::string()) +
+                        ") is prompt learning: it has no weights to merge into (PEFT cannot merge it either)");
     if (done && !names.empty()) throw ConfigError(std::string(kWho) + ": adapter \"" + n + "\" is already merged");
     if (!done && std::find(to_merge.begin(), to_merge.end(), n) == to_merge.end()) to_merge.push_back(n);
   }
@@ -526,6 +601,9 @@ void PeftModel<T>::merge(const std::vector<std::string>& names) {
 
 template <class T>
 Module<T>& PeftModel<T>::merge_and_unload() {
+  if (!prompt_tables_.empty())
+    throw ConfigError(std::string(kWho) + ": adapters " + list(adapters()) +
+                      " are prompt learning: nothing to merge (unload() removes them)");
   merge();
   for (auto& [path, host] : io::adapted_linears(*model_)) host->merge_and_unload(std::vector<std::string>{});
   for (auto& [path, host] : modules_to_save_hosts(*model_)) host->unload();
@@ -538,6 +616,9 @@ Module<T>& PeftModel<T>::merge_and_unload() {
 template <class T>
 Module<T>& PeftModel<T>::unload() {
   if (disabled_) set_disabled(false);
+  if (!installed_prompt_.empty()) dynamic_cast<LlamaForCausalLM<T>&>(*model_).remove_prompt_learning();
+  installed_prompt_.clear();
+  prompt_tables_.clear();
   for (auto& [path, host] : io::adapted_linears(*model_)) host->unload();
   for (auto& [path, host] : modules_to_save_hosts(*model_)) {
     host->set_active("");
@@ -568,7 +649,10 @@ void PeftModel<T>::save_pretrained(const std::string& dir, const std::vector<std
   io::AtomicDirectory out(dir);
   for (const auto& n : chosen) {
     const std::string sub = n == "default" ? out.staging() : out.staging() + "/" + n;
-    io::save_method_adapter(sub, *model_, n, configs_[index_of(n)].second);
+    if (is_prompt_adapter(n))
+      save_prompt_adapter(sub, n, configs_[index_of(n)].second);
+    else
+      io::save_method_adapter(sub, *model_, n, configs_[index_of(n)].second);
   }
   out.commit();
 }
@@ -577,6 +661,15 @@ template <class T>
 std::vector<std::string> PeftModel<T>::load_adapter(const std::string& dir, const std::string& name) {
   const std::string who = std::string(kWho) + "::load_adapter(\"" + name + "\")";
   check_new(name);
+  const std::string config_path = dir + "/" + io::kAdapterConfigFile;
+  bool prompt = false;
+  try {  // a missing or malformed config gets read_method_adapter's own error below
+    prompt = io::path_exists(config_path) &&
+             is_prompt_type(io::parse_json_strict(io::read_text_file(config_path, 1u << 20), config_path));
+  } catch (const Error&) {
+  }
+  if (prompt) return load_prompt_adapter(dir, name, who);
+  check_kind(who, false);
   const io::MethodAdapterFile<T> file = io::read_method_adapter<T>(dir);
   std::vector<std::string> entries;
   if (file.config.contains("modules_to_save") && file.config.at("modules_to_save").is_array())
@@ -615,6 +708,148 @@ std::vector<std::string> PeftModel<T>::load_pretrained(const std::string& dir) {
     throw IoError("\"" + dir + "\" holds no adapter (no " + io::kAdapterConfigFile + " in it or its subdirectories)");
   for (const auto& n : found) load_pretrained(dir, n);
   return found;
+}
+
+// ---- prompt learning on a LlamaForCausalLM ----
+
+template <class T>
+LlamaForCausalLM<T>& PeftModel<T>::require_llama(const std::string& who, const std::string& type) {
+  auto* m = dynamic_cast<LlamaForCausalLM<T>*>(model_);
+  if (m == nullptr)
+    throw ConfigError(
+        who + ": " + type +
+        " needs a LlamaForCausalLM (the prompt and prefix tuning of a TransformerClassifier: apply_peft)");
+  return *m;
+}
+
+template <class T>
+void PeftModel<T>::check_kind(const std::string& who, bool prompt) const {
+  for (const auto& [n, c] : configs_)
+    if (is_prompt_adapter(n) != prompt)
+      throw ConfigError(who + ": adapter \"" + n + "\" is " + (prompt ? "not " : "") +
+                        "prompt learning; prompt learning and the other methods do not mix in one PeftModel (PEFT: "
+                        "\"Cannot combine adapters with different peft types\")");
+}
+
+template <class T>
+void PeftModel<T>::install_prompt(const std::string& name) {
+  if (installed_prompt_ == name) return;
+  auto& m = dynamic_cast<LlamaForCausalLM<T>&>(*model_);
+  if (!installed_prompt_.empty()) {
+    PromptTable& t = prompt_tables_[prompt_index(installed_prompt_)].second;
+    t.prompt = std::move(m.prompt_encoder);
+    t.prefix = std::move(m.prefix_encoder);
+    m.remove_prompt_learning();
+    installed_prompt_.clear();
+  }
+  if (!name.empty()) {
+    PromptTable& t = prompt_tables_[prompt_index(name)].second;
+    m.prompt_encoder = std::move(t.prompt);
+    m.prefix_encoder = std::move(t.prefix);
+    t.prompt.reset();
+    t.prefix.reset();
+    installed_prompt_ = name;
+  }
+  m.set_name(m.name());
+}
+
+template <class T>
+std::vector<std::string> PeftModel<T>::join_prompt(LlamaForCausalLM<T>& m, const std::string& name, io::Json config) {
+  PromptTable t;
+  t.prompt = std::move(m.prompt_encoder);
+  t.prefix = std::move(m.prefix_encoder);
+  m.remove_prompt_learning();
+  m.set_name(m.name());
+  const std::vector<std::string> paths = {t.prompt ? "prompt_encoder" : "prefix_encoder"};
+  prompt_tables_.emplace_back(name, std::move(t));
+  if (configs_.empty())  // get_peft_model: the base is frozen (the new table is not in the model now)
+    model_->visit_parameters([](const std::string&, Parameter<T>& p) { p.set_trainable(false); });
+  joined(name, std::move(config));
+  return paths;
+}
+
+template <class T>
+std::vector<std::string> PeftModel<T>::add_prompt_adapter(const std::string& name, const io::Json& config,
+                                                          const std::string& who) {
+  const std::string type = config.at("peft_type").template get<std::string>();
+  LlamaForCausalLM<T>& m = require_llama(who, type);
+  check_kind(who, true);
+  const io::AdapterConfig c = io::parse_adapter_config(config, who);
+  const LlamaConfig& mc = m.config();
+  const Index w = mc.kv_heads() * mc.resolved_head_dim();
+  if (c.num_transformer_submodules != 1)
+    throw ConfigError(who + ": num_transformer_submodules is " + std::to_string(c.num_transformer_submodules) +
+                      ", expected 1 (a decoder-only model)");
+  if (c.num_layers != 0 && c.num_layers != mc.num_hidden_layers)
+    throw ConfigError(who + ": num_layers is " + std::to_string(c.num_layers) + ", the model has " +
+                      std::to_string(mc.num_hidden_layers));
+  if (!c.modules_to_save.empty()) throw ConfigError(who + ": modules_to_save with " + type + " is not supported");
+  const std::string init = config.value("prompt_tuning_init", std::string("RANDOM"));
+  if (type == "PROMPT_TUNING" && init != "RANDOM")
+    throw ConfigError(who + ": prompt_tuning_init \"" + init +
+                      "\" needs the tokenizer; add the adapter with RANDOM, then set its table "
+                      "(SoftPrompt::init_from_tokens on the model's embed_tokens)");
+  const Index expect_dim = type == "PROMPT_TUNING" ? mc.hidden_size : w;
+  if (c.token_dim != 0 && c.token_dim != expect_dim)
+    throw ConfigError(who + ": token_dim is " + std::to_string(c.token_dim) + ", expected " +
+                      std::to_string(expect_dim) +
+                      (type == "PROMPT_TUNING" ? " (hidden_size)" : " (num_key_value_heads · head_dim)"));
+  if (type == "PREFIX_TUNING" && c.num_attention_heads != 0 && c.num_attention_heads != mc.kv_heads())
+    throw ConfigError(who + ": num_attention_heads is " + std::to_string(c.num_attention_heads) +
+                      ", expected num_key_value_heads " + std::to_string(mc.kv_heads()));
+  Index encoder_hidden = 0;
+  if (config.contains("encoder_hidden_size") && config.at("encoder_hidden_size").is_number_integer())
+    encoder_hidden = config.at("encoder_hidden_size").template get<Index>();
+  install_prompt("");  // the model hosts the new table alone while it is made
+  try {
+    if (type == "PROMPT_TUNING")
+      m.add_prompt_tuning(c.num_virtual_tokens, rng_);
+    else
+      m.add_prefix_tuning(c.num_virtual_tokens, rng_, c.prefix_projection, encoder_hidden);
+  } catch (...) {
+    m.remove_prompt_learning();
+    apply_active();
+    throw;
+  }
+  // The config as PEFT completes it (PeftModel._setup_prompt_encoder).
+  io::Json stored = config;
+  if (!stored.contains("task_type") || stored.at("task_type").is_null()) stored["task_type"] = "CAUSAL_LM";
+  stored["token_dim"] = expect_dim;
+  stored["num_layers"] = mc.num_hidden_layers;
+  stored["num_transformer_submodules"] = 1;
+  stored["num_attention_heads"] = type == "PROMPT_TUNING" ? mc.num_attention_heads : mc.kv_heads();
+  return join_prompt(m, name, std::move(stored));
+}
+
+template <class T>
+std::vector<std::string> PeftModel<T>::load_prompt_adapter(const std::string& dir, const std::string& name,
+                                                           const std::string& who) {
+  LlamaForCausalLM<T>& m = require_llama(who, "a prompt-learning adapter (\"" + dir + "\")");
+  check_kind(who, true);
+  install_prompt("");
+  io::AdapterConfig c;
+  try {
+    c = io::load_llama_prompt_adapter(m, dir, true);
+  } catch (...) {
+    m.remove_prompt_learning();
+    apply_active();
+    throw;
+  }
+  return join_prompt(m, name, c.raw);
+}
+
+template <class T>
+void PeftModel<T>::save_prompt_adapter(const std::string& dir, const std::string& name, const io::Json& config) {
+  auto& m = dynamic_cast<LlamaForCausalLM<T>&>(*model_);
+  PromptTable& t = prompt_tables_[prompt_index(name)].second;
+  const bool here = installed_prompt_ == name;
+  const SoftPrompt<T>* prompt =
+      here ? (m.prompt_encoder ? &*m.prompt_encoder : nullptr) : (t.prompt ? &*t.prompt : nullptr);
+  PrefixAttention<T>* prefix =
+      here ? (m.prefix_encoder ? &*m.prefix_encoder : nullptr) : (t.prefix ? &*t.prefix : nullptr);
+  const auto base = config.find("base_model_name_or_path");
+  io::save_llama_prompt_tables<T>(dir, m.config(), prompt, prefix,
+                                  base != config.end() && base->is_string() ? base->template get<std::string>() : "");
 }
 
 }  // namespace peft

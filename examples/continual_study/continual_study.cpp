@@ -39,11 +39,13 @@
 #include <peft/layers/lora_linear.hpp>
 #include <peft/loss/kl.hpp>
 #include <peft/merge/combine.hpp>
+#include <peft/models/peft_model.hpp>
 #include <peft/optim/adam.hpp>
 #include <peft/optim/regularizers.hpp>
 #include <peft/train/batches.hpp>
 #include <peft/train/continual.hpp>
 #include <peft/train/multitask.hpp>
+#include <peft/train/task_adapters.hpp>
 
 namespace {
 
@@ -257,37 +259,26 @@ class Runner {
     std::unique_ptr<peft::ReplayBuffer> buffer;
     if (m.kind == Kind::kReplay) buffer = std::make_unique<peft::ReplayBuffer>(m.buffer, true, seed + 5);
     std::unique_ptr<Net> teacher;
-    std::vector<std::string> adapters;  // "t1".."t4"
     int current = 0;
-    const peft::LoraConfig lcfg{8, 16.0};
-
-    auto set_adapters_for = [&](int task) {  // evaluation with the task id (adapters method)
-      if (task == 0) {
-        net.fc1.disable_adapters(true);
-        net.fc2.disable_adapters(true);
-      } else {
-        net.fc1.disable_adapters(false);
-        net.fc2.disable_adapters(false);
-        net.fc1.set_active("t" + std::to_string(task));
-        net.fc2.set_active("t" + std::to_string(task));
-      }
-    };
+    // Adapter per task (peft::TaskAdapters over a PeftModel of the net): task t >= 1 gets LoRA "t<t>"
+    // (r = 8, alpha = 16) on fc1 and fc2; the first freezes the base, the head stays trainable (its
+    // rows are task-local: the loss of a task reaches only its own two logits). Task 0 is the base's.
+    peft::PeftModel<float> pm(net);
+    pm.rng().set_state(rng.state());  // adapters draw their initial values from the run's generator
+    peft::TaskAdaptersOptions tao;
+    tao.prefix = "t";
+    tao.shared_trainable = {"head"};
+    peft::TaskAdapters<float> ta(pm,
+                                 peft::io::Json{{"peft_type", "LORA"},
+                                                {"r", 8},
+                                                {"lora_alpha", 16},
+                                                {"target_modules", {"fc1", "fc2"}}},
+                                 tao);
 
     auto train = [&](int task) {
       current = task;
       if (m.kind == Kind::kJoint && task > 0) return;  // joint: everything at task 0, then nothing to add
-      if (m.kind == Kind::kAdapters && task > 0) {
-        if (task == 1) {
-          net.fc1.freeze_base();
-          net.fc2.freeze_base();
-        }
-        const std::string name = "t" + std::to_string(task);
-        net.fc1.disable_adapters(false);
-        net.fc2.disable_adapters(false);
-        net.fc1.add_adapter(name, lcfg, rng);
-        net.fc2.add_adapter(name, lcfg, rng);
-        adapters.push_back(name);
-      }
+      if (m.kind == Kind::kAdapters && task > 0) ta.add_task(task);
       std::vector<Index> ids = d_.tr[static_cast<std::size_t>(task)];
       if (m.kind == Kind::kJoint)
         for (int t = 1; t < kTasks; ++t) ids.insert(ids.end(), d_.tr[t].begin(), d_.tr[t].end());
@@ -365,14 +356,9 @@ class Runner {
 
     auto evaluate = [&](int task) {
       if (m.kind == Kind::kAdapters) {
-        set_adapters_for(task <= current ? task : 0);  // a task not trained yet has no adapter: the base
+        ta.route(task <= current ? task : 0);  // a task not trained yet has no adapter: the base
         const double a = accuracy(net, d_, eval_set, eval_ids[static_cast<std::size_t>(task)], s);
-        if (current > 0)
-          set_adapters_for(current);
-        else {
-          net.fc1.disable_adapters(false);
-          net.fc2.disable_adapters(false);
-        }
+        ta.route(current);
         return a;
       }
       return accuracy(net, d_, eval_set, eval_ids[static_cast<std::size_t>(task)], s);
@@ -383,7 +369,7 @@ class Runner {
         kTasks,
         [&](int task) {
           train(task);
-          if (m.kind == Kind::kAdapters) evaluate_merged(net, task, adapters, s, eval_set, eval_ids, res);
+          if (m.kind == Kind::kAdapters) evaluate_merged(net, ta, task, s, eval_set, eval_ids, res);
         },
         evaluate);
     // State kept besides the model, in bytes (float = 4).
@@ -419,37 +405,27 @@ class Runner {
     dl.middleCols(c0, nc) += gblk;
   }
 
-  /// After task i of the adapters method: the merge of adapters t1..ti (weight w each), evaluated on
-  /// every task without the task id, for each weight of the grid; R of each goes to res.merged.
-  void evaluate_merged(Net& net, int task, const std::vector<std::string>& adapters, Setting s,
-                       const peft::IdxDataset& set, const std::vector<std::vector<Index>>& ids, RunResult& res) {
+  /// After task i of the adapters method: the merge of adapters t1..ti (weight w each, SVD;
+  /// TaskAdapters::merge_tasks), evaluated on every task without the task id, for each weight of the
+  /// grid; R of each goes to res.merged. After task 0 there is no adapter: the base is evaluated.
+  void evaluate_merged(Net& net, peft::TaskAdapters<float>& ta, int task, Setting s, const peft::IdxDataset& set,
+                       const std::vector<std::vector<Index>>& ids, RunResult& res) {
     for (double w : o_.merge_grid) {
       auto it = res.merged.find(w);
       if (it == res.merged.end()) it = res.merged.emplace(w, peft::AccuracyMatrix(kTasks)).first;
-      if (!adapters.empty()) {
+      if (!ta.tasks().empty()) {
         peft::CombineOptions co;
         co.method = peft::CombineMethod::Svd;
-        const std::vector<double> ws(adapters.size(), w);
-        for (peft::LoRALinear<float>* layer : {&net.fc1, &net.fc2}) {
-          layer->disable_adapters(false);
-          peft::add_combined_adapter(*layer, "merged", adapters, ws, co);
-        }
+        ta.merge_tasks("merged", std::vector<double>(ta.tasks().size(), w), co);
+        ta.route_adapter("merged");
       } else {
-        net.fc1.disable_adapters(true);
-        net.fc2.disable_adapters(true);
+        ta.route_base();
       }
       for (int j = 0; j < kTasks; ++j) {
         it->second.set(task, j, accuracy(net, d_, set, ids[static_cast<std::size_t>(j)], s));
       }
-      if (!adapters.empty()) {
-        net.fc1.delete_adapter("merged");
-        net.fc2.delete_adapter("merged");
-        net.fc1.set_active(adapters.back());
-        net.fc2.set_active(adapters.back());
-      } else {
-        net.fc1.disable_adapters(false);
-        net.fc2.disable_adapters(false);
-      }
+      ta.route(task);
+      if (!ta.tasks().empty()) ta.model().delete_adapter("merged");
     }
   }
 

@@ -31,8 +31,7 @@ class TaskAdaptersMlp : public Module<T> {
     fc1.backward(c1_, d1_, nullptr);
   }
   /// Mixed batch: row r through task row_tasks[r]'s adapter (inference).
-  void forward_routed(const Matrix<T>& x, const TaskAdapters<T>& ta, const std::vector<int>& row_tasks,
-                      Matrix<T>& y) {
+  void forward_routed(const Matrix<T>& x, const TaskAdapters<T>& ta, const std::vector<int>& row_tasks, Matrix<T>& y) {
     ta.routing_for(fc1, row_tasks, route_);
     fc1.forward_routed(x, route_, z1_, ws_);
     activation_forward<T>(Activation::Tanh, z1_, a1_);
@@ -118,7 +117,8 @@ TEMPLATE_TEST_CASE("TaskAdapters: routed by task id, earlier tasks' outputs are 
   // Mixed batch: one row per task in one forward equals each task routed alone.
   Matrix<T> mixed(6, 5);
   const std::vector<int> row_tasks{2, 0, 1, 1, 2, 0};
-  for (Index r = 0; r < 6; ++r) mixed.row(r) = x[static_cast<std::size_t>(row_tasks[static_cast<std::size_t>(r)])].row(r);
+  for (Index r = 0; r < 6; ++r)
+    mixed.row(r) = x[static_cast<std::size_t>(row_tasks[static_cast<std::size_t>(r)])].row(r);
   Matrix<T> routed;
   net.forward_routed(mixed, ta, row_tasks, routed);
   for (Index r = 0; r < 6; ++r) {
@@ -129,7 +129,8 @@ TEMPLATE_TEST_CASE("TaskAdapters: routed by task id, earlier tasks' outputs are 
   }
 }
 
-TEST_CASE("TaskAdapters: merge_tasks is the combine method applied layer by layer", "[train][continual][task_adapters]") {
+TEST_CASE("TaskAdapters: merge_tasks is the combine method applied layer by layer",
+          "[train][continual][task_adapters]") {
   using T = double;
   Rng rng(1415);
   TaskAdaptersMlp<T> net(rng);
@@ -199,7 +200,8 @@ TEST_CASE("TaskAdapters: merge_tasks is the combine method applied layer by laye
   PEFT_REQUIRE_THROWS_WITH(ia3.merge_tasks("x", {1.0}), ConfigError, "has no LoRA-factor form");
 }
 
-TEST_CASE("TaskAdapters: shared trainable parameters stay trainable, the rest is frozen", "[train][continual][task_adapters]") {
+TEST_CASE("TaskAdapters: shared trainable parameters stay trainable, the rest is frozen",
+          "[train][continual][task_adapters]") {
   Rng rng(1416);
   TaskAdaptersMlp<float> net(rng);
   PeftModel<float> pm(net);
@@ -210,7 +212,7 @@ TEST_CASE("TaskAdapters: shared trainable parameters stay trainable, the rest is
   ta.add_task(1);
   std::vector<std::string> names;
   for (const auto& np : trainable_parameters(net)) names.push_back(np.name);
-  CHECK(names == std::vector<std::string>{"fc1.lora_A.task_1.weight", "fc1.lora_B.task_1.weight", "fc2.weight",
-                                          "fc2.bias"});
+  CHECK(names ==
+        std::vector<std::string>{"fc1.lora_A.task_1.weight", "fc1.lora_B.task_1.weight", "fc2.weight", "fc2.bias"});
   CHECK_FALSE(net.fc1.weight.trainable());
 }

@@ -72,9 +72,7 @@ class TaskAdapters {
 
   PeftModel<T>& model() { return *model_; }
   std::string name_of(int task) const { return opt_.prefix + std::to_string(task); }
-  bool has_task(int task) const {
-    return std::find(tasks_.begin(), tasks_.end(), task) != tasks_.end();
-  }
+  bool has_task(int task) const { return std::find(tasks_.begin(), tasks_.end(), task) != tasks_.end(); }
   /// The tasks that have an adapter, in the order added.
   const std::vector<int>& tasks() const { return tasks_; }
 

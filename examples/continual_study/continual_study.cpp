@@ -10,14 +10,15 @@
 // and then frozen (zero forgetting with the task id), the task adapters merged into one
 // (peft::add_combined_adapter, task id not needed), and joint training on all tasks (upper bound).
 // Hyper-parameters (EWC λ, online EWC λ, LwF λ, merge weight) are chosen on a validation split
-// held out of the training images with seed 0; the test runs use the other seeds.
+// held out of the training images, by the mean final ACC over seeds 0 .. val_seeds − 1 (default 3);
+// the test runs use seeds 1 .. seeds on the test images.
 //
 // Sections: multi-task (joint TIL training with summed loss vs PCGrad vs uncertainty weighting,
 // per-task accuracy and gradient-conflict statistics) and personalisation (a per-user LoRA adapter
 // for a user whose images are transposed, trained with and without a distillation term to the
 // general model: user accuracy gain vs drift on the general data).
 //
-// Usage: continual_study [--quick] [--seeds N] [--out DIR] [--data-dir DIR] [--check]
+// Usage: continual_study [--quick] [--seeds N] [--val-seeds N] [--out DIR] [--data-dir DIR] [--check]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -61,6 +62,7 @@ struct Options {
   bool quick = false;
   bool check = false;
   int seeds = 5;
+  int val_seeds = 3;  ///< hyper-parameters are chosen by the mean validation ACC over seeds 0 .. val_seeds − 1
   std::string out = "continual_study_out";
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   Index train_per_class = 1500, val_per_class = 200, test_per_class = 500;
@@ -69,8 +71,9 @@ struct Options {
   double lr = 1e-3;
   Index fisher_examples = 200;
   std::vector<std::size_t> buffers{100, 500, 2000};
-  std::vector<double> ewc_grid{1e2, 1e3, 1e4, 1e5}, oewc_grid{1e2, 1e3, 1e4, 1e5}, lwf_grid{0.3, 1.0, 3.0, 10.0};
-  std::vector<double> merge_grid{1.0, 0.5, 0.25};
+  std::vector<double> ewc_grid{1e2, 1e3, 1e4, 1e5, 1e6, 1e7}, oewc_grid{1e2, 1e3, 1e4, 1e5, 1e6, 1e7};
+  std::vector<double> lwf_grid{0.1, 0.3, 1.0, 3.0, 10.0, 30.0};
+  std::vector<double> merge_grid{1.0, 0.5, 0.25, 0.125};
   std::vector<double> personal_lambdas{0.0, 0.3, 1.0, 3.0};
 };
 
@@ -268,12 +271,9 @@ class Runner {
     peft::TaskAdaptersOptions tao;
     tao.prefix = "t";
     tao.shared_trainable = {"head"};
-    peft::TaskAdapters<float> ta(pm,
-                                 peft::io::Json{{"peft_type", "LORA"},
-                                                {"r", 8},
-                                                {"lora_alpha", 16},
-                                                {"target_modules", {"fc1", "fc2"}}},
-                                 tao);
+    peft::TaskAdapters<float> ta(
+        pm, peft::io::Json{{"peft_type", "LORA"}, {"r", 8}, {"lora_alpha", 16}, {"target_modules", {"fc1", "fc2"}}},
+        tao);
 
     auto train = [&](int task) {
       current = task;
@@ -709,12 +709,15 @@ int main(int argc, char** argv) {
       o.check = true;
     else if (a == "--seeds")
       o.seeds = std::stoi(next());
+    else if (a == "--val-seeds")
+      o.val_seeds = std::stoi(next());
     else if (a == "--out")
       o.out = next();
     else if (a == "--data-dir")
       o.data_dir = next();
     else {
-      std::cerr << "usage: continual_study [--quick] [--check] [--seeds N] [--out DIR] [--data-dir DIR]\n";
+      std::cerr
+          << "usage: continual_study [--quick] [--check] [--seeds N] [--val-seeds N] [--out DIR] [--data-dir DIR]\n";
       return 2;
     }
   }
@@ -731,6 +734,7 @@ int main(int argc, char** argv) {
     o.merge_grid = {1.0, 0.5};
     o.personal_lambdas = {0.0, 1.0};
     if (o.seeds > 2) o.seeds = 1;
+    o.val_seeds = 1;
   }
   std::string cmd = "mkdir -p '" + o.out + "'";
   if (std::system(cmd.c_str()) != 0) return fail("cannot create " + o.out);
@@ -754,28 +758,57 @@ int main(int argc, char** argv) {
   bool ok = true;
   double naive_cil = 0, replay_cil = 0;  // --check: replay must beat naive fine-tuning in class-IL
   std::vector<std::pair<std::string, std::vector<double>>> heat;
+  std::vector<std::string> validation_notes;
   for (Setting s : {Setting::kTIL, Setting::kCIL}) {
-    // Validation: choose λ for EWC, online EWC, LwF and the merge weight (seed 0, final ACC).
-    auto choose = [&](Kind k, const std::vector<double>& grid, const char* name) {
-      double best = grid.front(), best_acc = -1;
-      for (double l : grid) {
-        const double a = runner.run({name, k, l, 0}, s, 0, true).r.metrics().acc;
-        std::cerr << "  [" << setting_name(s) << "] validation " << name << " λ=" << l << ": ACC " << a << "\n";
-        if (a > best_acc) best_acc = a, best = l;
+    // Validation: choose λ for EWC, online EWC, LwF and the merge weight by the mean final ACC on
+    // the validation split over seeds 0 .. val_seeds − 1; each grid's line goes to the report.
+    auto note_choice = [&](const char* name, const std::vector<double>& grid, const std::vector<Stat>& accs,
+                           std::size_t best) {
+      std::string line = std::string("  ") + name + ":";
+      for (std::size_t i = 0; i < grid.size(); ++i) {
+        char b[96];
+        std::snprintf(b, sizeof b, " %g → %s%s", grid[i], accs[i].pm().c_str(), i == best ? " (chosen)" : "");
+        line += b;
+        if (i + 1 < grid.size()) line += ";";
       }
-      return best;
+      if (grid.size() > 1 && (best == 0 || best + 1 == grid.size())) line += "  [chosen value at the grid's edge]";
+      validation_notes.push_back(std::string("[") + setting_name(s) + "]" + line);
     };
-    const double ewc_l = choose(Kind::kEWC, o.ewc_grid, "EWC");
-    const double oewc_l = choose(Kind::kOnlineEWC, o.oewc_grid, "online EWC");
-    const double lwf_l = choose(Kind::kLwF, o.lwf_grid, "LwF");
-    double merge_w = o.merge_grid.front(), merge_best = -1;
-    {
-      const RunResult vr = runner.run({"adapters", Kind::kAdapters, 0, 0}, s, 0, true);
-      for (const auto& [w, r] : vr.merged) {
-        double a = 0;
-        for (int j = 0; j < kTasks; ++j) a += r.at(kTasks - 1, j) / kTasks;
-        if (a > merge_best) merge_best = a, merge_w = w;
+    auto choose = [&](Kind k, const std::vector<double>& grid, const char* name) {
+      std::vector<Stat> accs(grid.size());
+      std::size_t best = 0;
+      for (std::size_t i = 0; i < grid.size(); ++i) {
+        for (int vs = 0; vs < o.val_seeds; ++vs) {
+          const double a = runner.run({name, k, grid[i], 0}, s, static_cast<std::uint64_t>(vs), true).r.metrics().acc;
+          accs[i].v.push_back(a);
+          std::cerr << "  [" << setting_name(s) << "] validation " << name << " λ=" << grid[i] << " seed " << vs
+                    << ": ACC " << a << "\n";
+        }
+        if (accs[i].mean() > accs[best].mean()) best = i;
       }
+      note_choice(name, grid, accs, best);
+      return grid[best];
+    };
+    const double ewc_l = choose(Kind::kEWC, o.ewc_grid, "EWC λ");
+    const double oewc_l = choose(Kind::kOnlineEWC, o.oewc_grid, "online EWC λ");
+    const double lwf_l = choose(Kind::kLwF, o.lwf_grid, "LwF λ");
+    double merge_w = o.merge_grid.front();
+    {
+      std::vector<Stat> accs(o.merge_grid.size());
+      for (int vs = 0; vs < o.val_seeds; ++vs) {
+        const RunResult vr = runner.run({"adapters", Kind::kAdapters, 0, 0}, s, static_cast<std::uint64_t>(vs), true);
+        for (std::size_t i = 0; i < o.merge_grid.size(); ++i) {
+          const peft::AccuracyMatrix& r = vr.merged.at(o.merge_grid[i]);
+          double a = 0;
+          for (int j = 0; j < kTasks; ++j) a += r.at(kTasks - 1, j) / kTasks;
+          accs[i].v.push_back(a);
+        }
+      }
+      std::size_t best = 0;
+      for (std::size_t i = 0; i < accs.size(); ++i)
+        if (accs[i].mean() > accs[best].mean()) best = i;
+      merge_w = o.merge_grid[best];
+      note_choice("merge weight", o.merge_grid, accs, best);
     }
     char ewc_name[64], oewc_name[64];
     std::snprintf(ewc_name, sizeof ewc_name, "EWC (λ=%g)", ewc_l);
@@ -857,6 +890,10 @@ int main(int argc, char** argv) {
     std::cerr << "class-IL: replay's best ACC " << replay_cil << " is not 10 points above naive fine-tuning's "
               << naive_cil << "\n";
   }
+  std::cout << "Validation (mean ± sd of the final ACC over " << o.val_seeds
+            << " seed(s), validation split; the best mean is chosen):\n\n";
+  for (const auto& line : validation_notes) std::cout << "- " << line << "\n";
+  std::cout << "\n";
   write_heatmaps(o.out + "/accuracy_matrices.svg", heat, static_cast<int>(heat.size() / 2));
   std::cout << "Accuracy matrices: " << o.out << "/accuracy_matrices.svg; per-run rows: " << o.out
             << "/continual.csv\n\n";

@@ -10,14 +10,15 @@
 // and then frozen (zero forgetting with the task id), the task adapters merged into one
 // (peft::add_combined_adapter, task id not needed), and joint training on all tasks (upper bound).
 // Hyper-parameters (EWC λ, online EWC λ, LwF λ, merge weight) are chosen on a validation split
-// held out of the training images with seed 0; the test runs use the other seeds.
+// held out of the training images, by the mean final ACC over seeds 0 .. val_seeds − 1 (default 3);
+// the test runs use seeds 1 .. seeds on the test images.
 //
 // Sections: multi-task (joint TIL training with summed loss vs PCGrad vs uncertainty weighting,
 // per-task accuracy and gradient-conflict statistics) and personalisation (a per-user LoRA adapter
 // for a user whose images are transposed, trained with and without a distillation term to the
 // general model: user accuracy gain vs drift on the general data).
 //
-// Usage: continual_study [--quick] [--seeds N] [--out DIR] [--data-dir DIR] [--check]
+// Usage: continual_study [--quick] [--seeds N] [--val-seeds N] [--out DIR] [--data-dir DIR] [--check]
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -39,11 +40,13 @@
 #include <peft/layers/lora_linear.hpp>
 #include <peft/loss/kl.hpp>
 #include <peft/merge/combine.hpp>
+#include <peft/models/peft_model.hpp>
 #include <peft/optim/adam.hpp>
 #include <peft/optim/regularizers.hpp>
 #include <peft/train/batches.hpp>
 #include <peft/train/continual.hpp>
 #include <peft/train/multitask.hpp>
+#include <peft/train/task_adapters.hpp>
 
 namespace {
 
@@ -59,6 +62,7 @@ struct Options {
   bool quick = false;
   bool check = false;
   int seeds = 5;
+  int val_seeds = 3;  ///< hyper-parameters are chosen by the mean validation ACC over seeds 0 .. val_seeds − 1
   std::string out = "continual_study_out";
   std::string data_dir = "/usr/share/datasets/fashion-mnist";
   Index train_per_class = 1500, val_per_class = 200, test_per_class = 500;
@@ -67,8 +71,9 @@ struct Options {
   double lr = 1e-3;
   Index fisher_examples = 200;
   std::vector<std::size_t> buffers{100, 500, 2000};
-  std::vector<double> ewc_grid{1e2, 1e3, 1e4, 1e5}, oewc_grid{1e2, 1e3, 1e4, 1e5}, lwf_grid{0.3, 1.0, 3.0, 10.0};
-  std::vector<double> merge_grid{1.0, 0.5, 0.25};
+  std::vector<double> ewc_grid{1e2, 1e3, 1e4, 1e5, 1e6, 1e7}, oewc_grid{1e2, 1e3, 1e4, 1e5, 1e6, 1e7};
+  std::vector<double> lwf_grid{0.1, 0.3, 1.0, 3.0, 10.0, 30.0};
+  std::vector<double> merge_grid{1.0, 0.5, 0.25, 0.125};
   std::vector<double> personal_lambdas{0.0, 0.3, 1.0, 3.0};
 };
 
@@ -257,37 +262,23 @@ class Runner {
     std::unique_ptr<peft::ReplayBuffer> buffer;
     if (m.kind == Kind::kReplay) buffer = std::make_unique<peft::ReplayBuffer>(m.buffer, true, seed + 5);
     std::unique_ptr<Net> teacher;
-    std::vector<std::string> adapters;  // "t1".."t4"
     int current = 0;
-    const peft::LoraConfig lcfg{8, 16.0};
-
-    auto set_adapters_for = [&](int task) {  // evaluation with the task id (adapters method)
-      if (task == 0) {
-        net.fc1.disable_adapters(true);
-        net.fc2.disable_adapters(true);
-      } else {
-        net.fc1.disable_adapters(false);
-        net.fc2.disable_adapters(false);
-        net.fc1.set_active("t" + std::to_string(task));
-        net.fc2.set_active("t" + std::to_string(task));
-      }
-    };
+    // Adapter per task (peft::TaskAdapters over a PeftModel of the net): task t >= 1 gets LoRA "t<t>"
+    // (r = 8, alpha = 16) on fc1 and fc2; the first freezes the base, the head stays trainable (its
+    // rows are task-local: the loss of a task reaches only its own two logits). Task 0 is the base's.
+    peft::PeftModel<float> pm(net);
+    pm.rng().set_state(rng.state());  // adapters draw their initial values from the run's generator
+    peft::TaskAdaptersOptions tao;
+    tao.prefix = "t";
+    tao.shared_trainable = {"head"};
+    peft::TaskAdapters<float> ta(
+        pm, peft::io::Json{{"peft_type", "LORA"}, {"r", 8}, {"lora_alpha", 16}, {"target_modules", {"fc1", "fc2"}}},
+        tao);
 
     auto train = [&](int task) {
       current = task;
       if (m.kind == Kind::kJoint && task > 0) return;  // joint: everything at task 0, then nothing to add
-      if (m.kind == Kind::kAdapters && task > 0) {
-        if (task == 1) {
-          net.fc1.freeze_base();
-          net.fc2.freeze_base();
-        }
-        const std::string name = "t" + std::to_string(task);
-        net.fc1.disable_adapters(false);
-        net.fc2.disable_adapters(false);
-        net.fc1.add_adapter(name, lcfg, rng);
-        net.fc2.add_adapter(name, lcfg, rng);
-        adapters.push_back(name);
-      }
+      if (m.kind == Kind::kAdapters && task > 0) ta.add_task(task);
       std::vector<Index> ids = d_.tr[static_cast<std::size_t>(task)];
       if (m.kind == Kind::kJoint)
         for (int t = 1; t < kTasks; ++t) ids.insert(ids.end(), d_.tr[t].begin(), d_.tr[t].end());
@@ -365,14 +356,9 @@ class Runner {
 
     auto evaluate = [&](int task) {
       if (m.kind == Kind::kAdapters) {
-        set_adapters_for(task <= current ? task : 0);  // a task not trained yet has no adapter: the base
+        ta.route(task <= current ? task : 0);  // a task not trained yet has no adapter: the base
         const double a = accuracy(net, d_, eval_set, eval_ids[static_cast<std::size_t>(task)], s);
-        if (current > 0)
-          set_adapters_for(current);
-        else {
-          net.fc1.disable_adapters(false);
-          net.fc2.disable_adapters(false);
-        }
+        ta.route(current);
         return a;
       }
       return accuracy(net, d_, eval_set, eval_ids[static_cast<std::size_t>(task)], s);
@@ -383,7 +369,7 @@ class Runner {
         kTasks,
         [&](int task) {
           train(task);
-          if (m.kind == Kind::kAdapters) evaluate_merged(net, task, adapters, s, eval_set, eval_ids, res);
+          if (m.kind == Kind::kAdapters) evaluate_merged(net, ta, task, s, eval_set, eval_ids, res);
         },
         evaluate);
     // State kept besides the model, in bytes (float = 4).
@@ -419,37 +405,27 @@ class Runner {
     dl.middleCols(c0, nc) += gblk;
   }
 
-  /// After task i of the adapters method: the merge of adapters t1..ti (weight w each), evaluated on
-  /// every task without the task id, for each weight of the grid; R of each goes to res.merged.
-  void evaluate_merged(Net& net, int task, const std::vector<std::string>& adapters, Setting s,
-                       const peft::IdxDataset& set, const std::vector<std::vector<Index>>& ids, RunResult& res) {
+  /// After task i of the adapters method: the merge of adapters t1..ti (weight w each, SVD;
+  /// TaskAdapters::merge_tasks), evaluated on every task without the task id, for each weight of the
+  /// grid; R of each goes to res.merged. After task 0 there is no adapter: the base is evaluated.
+  void evaluate_merged(Net& net, peft::TaskAdapters<float>& ta, int task, Setting s, const peft::IdxDataset& set,
+                       const std::vector<std::vector<Index>>& ids, RunResult& res) {
     for (double w : o_.merge_grid) {
       auto it = res.merged.find(w);
       if (it == res.merged.end()) it = res.merged.emplace(w, peft::AccuracyMatrix(kTasks)).first;
-      if (!adapters.empty()) {
+      if (!ta.tasks().empty()) {
         peft::CombineOptions co;
         co.method = peft::CombineMethod::Svd;
-        const std::vector<double> ws(adapters.size(), w);
-        for (peft::LoRALinear<float>* layer : {&net.fc1, &net.fc2}) {
-          layer->disable_adapters(false);
-          peft::add_combined_adapter(*layer, "merged", adapters, ws, co);
-        }
+        ta.merge_tasks("merged", std::vector<double>(ta.tasks().size(), w), co);
+        ta.route_adapter("merged");
       } else {
-        net.fc1.disable_adapters(true);
-        net.fc2.disable_adapters(true);
+        ta.route_base();
       }
       for (int j = 0; j < kTasks; ++j) {
         it->second.set(task, j, accuracy(net, d_, set, ids[static_cast<std::size_t>(j)], s));
       }
-      if (!adapters.empty()) {
-        net.fc1.delete_adapter("merged");
-        net.fc2.delete_adapter("merged");
-        net.fc1.set_active(adapters.back());
-        net.fc2.set_active(adapters.back());
-      } else {
-        net.fc1.disable_adapters(false);
-        net.fc2.disable_adapters(false);
-      }
+      ta.route(task);
+      if (!ta.tasks().empty()) ta.model().delete_adapter("merged");
     }
   }
 
@@ -733,12 +709,15 @@ int main(int argc, char** argv) {
       o.check = true;
     else if (a == "--seeds")
       o.seeds = std::stoi(next());
+    else if (a == "--val-seeds")
+      o.val_seeds = std::stoi(next());
     else if (a == "--out")
       o.out = next();
     else if (a == "--data-dir")
       o.data_dir = next();
     else {
-      std::cerr << "usage: continual_study [--quick] [--check] [--seeds N] [--out DIR] [--data-dir DIR]\n";
+      std::cerr
+          << "usage: continual_study [--quick] [--check] [--seeds N] [--val-seeds N] [--out DIR] [--data-dir DIR]\n";
       return 2;
     }
   }
@@ -755,6 +734,7 @@ int main(int argc, char** argv) {
     o.merge_grid = {1.0, 0.5};
     o.personal_lambdas = {0.0, 1.0};
     if (o.seeds > 2) o.seeds = 1;
+    o.val_seeds = 1;
   }
   std::string cmd = "mkdir -p '" + o.out + "'";
   if (std::system(cmd.c_str()) != 0) return fail("cannot create " + o.out);
@@ -778,28 +758,57 @@ int main(int argc, char** argv) {
   bool ok = true;
   double naive_cil = 0, replay_cil = 0;  // --check: replay must beat naive fine-tuning in class-IL
   std::vector<std::pair<std::string, std::vector<double>>> heat;
+  std::vector<std::string> validation_notes;
   for (Setting s : {Setting::kTIL, Setting::kCIL}) {
-    // Validation: choose λ for EWC, online EWC, LwF and the merge weight (seed 0, final ACC).
-    auto choose = [&](Kind k, const std::vector<double>& grid, const char* name) {
-      double best = grid.front(), best_acc = -1;
-      for (double l : grid) {
-        const double a = runner.run({name, k, l, 0}, s, 0, true).r.metrics().acc;
-        std::cerr << "  [" << setting_name(s) << "] validation " << name << " λ=" << l << ": ACC " << a << "\n";
-        if (a > best_acc) best_acc = a, best = l;
+    // Validation: choose λ for EWC, online EWC, LwF and the merge weight by the mean final ACC on
+    // the validation split over seeds 0 .. val_seeds − 1; each grid's line goes to the report.
+    auto note_choice = [&](const char* name, const std::vector<double>& grid, const std::vector<Stat>& accs,
+                           std::size_t best) {
+      std::string line = std::string("  ") + name + ":";
+      for (std::size_t i = 0; i < grid.size(); ++i) {
+        char b[96];
+        std::snprintf(b, sizeof b, " %g → %s%s", grid[i], accs[i].pm().c_str(), i == best ? " (chosen)" : "");
+        line += b;
+        if (i + 1 < grid.size()) line += ";";
       }
-      return best;
+      if (grid.size() > 1 && (best == 0 || best + 1 == grid.size())) line += "  [chosen value at the grid's edge]";
+      validation_notes.push_back(std::string("[") + setting_name(s) + "]" + line);
     };
-    const double ewc_l = choose(Kind::kEWC, o.ewc_grid, "EWC");
-    const double oewc_l = choose(Kind::kOnlineEWC, o.oewc_grid, "online EWC");
-    const double lwf_l = choose(Kind::kLwF, o.lwf_grid, "LwF");
-    double merge_w = o.merge_grid.front(), merge_best = -1;
-    {
-      const RunResult vr = runner.run({"adapters", Kind::kAdapters, 0, 0}, s, 0, true);
-      for (const auto& [w, r] : vr.merged) {
-        double a = 0;
-        for (int j = 0; j < kTasks; ++j) a += r.at(kTasks - 1, j) / kTasks;
-        if (a > merge_best) merge_best = a, merge_w = w;
+    auto choose = [&](Kind k, const std::vector<double>& grid, const char* name) {
+      std::vector<Stat> accs(grid.size());
+      std::size_t best = 0;
+      for (std::size_t i = 0; i < grid.size(); ++i) {
+        for (int vs = 0; vs < o.val_seeds; ++vs) {
+          const double a = runner.run({name, k, grid[i], 0}, s, static_cast<std::uint64_t>(vs), true).r.metrics().acc;
+          accs[i].v.push_back(a);
+          std::cerr << "  [" << setting_name(s) << "] validation " << name << " λ=" << grid[i] << " seed " << vs
+                    << ": ACC " << a << "\n";
+        }
+        if (accs[i].mean() > accs[best].mean()) best = i;
       }
+      note_choice(name, grid, accs, best);
+      return grid[best];
+    };
+    const double ewc_l = choose(Kind::kEWC, o.ewc_grid, "EWC λ");
+    const double oewc_l = choose(Kind::kOnlineEWC, o.oewc_grid, "online EWC λ");
+    const double lwf_l = choose(Kind::kLwF, o.lwf_grid, "LwF λ");
+    double merge_w = o.merge_grid.front();
+    {
+      std::vector<Stat> accs(o.merge_grid.size());
+      for (int vs = 0; vs < o.val_seeds; ++vs) {
+        const RunResult vr = runner.run({"adapters", Kind::kAdapters, 0, 0}, s, static_cast<std::uint64_t>(vs), true);
+        for (std::size_t i = 0; i < o.merge_grid.size(); ++i) {
+          const peft::AccuracyMatrix& r = vr.merged.at(o.merge_grid[i]);
+          double a = 0;
+          for (int j = 0; j < kTasks; ++j) a += r.at(kTasks - 1, j) / kTasks;
+          accs[i].v.push_back(a);
+        }
+      }
+      std::size_t best = 0;
+      for (std::size_t i = 0; i < accs.size(); ++i)
+        if (accs[i].mean() > accs[best].mean()) best = i;
+      merge_w = o.merge_grid[best];
+      note_choice("merge weight", o.merge_grid, accs, best);
     }
     char ewc_name[64], oewc_name[64];
     std::snprintf(ewc_name, sizeof ewc_name, "EWC (λ=%g)", ewc_l);
@@ -881,6 +890,10 @@ int main(int argc, char** argv) {
     std::cerr << "class-IL: replay's best ACC " << replay_cil << " is not 10 points above naive fine-tuning's "
               << naive_cil << "\n";
   }
+  std::cout << "Validation (mean ± sd of the final ACC over " << o.val_seeds
+            << " seed(s), validation split; the best mean is chosen):\n\n";
+  for (const auto& line : validation_notes) std::cout << "- " << line << "\n";
+  std::cout << "\n";
   write_heatmaps(o.out + "/accuracy_matrices.svg", heat, static_cast<int>(heat.size() / 2));
   std::cout << "Accuracy matrices: " << o.out << "/accuracy_matrices.svg; per-run rows: " << o.out
             << "/continual.csv\n\n";

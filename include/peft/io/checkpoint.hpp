@@ -7,10 +7,12 @@
 //   "f:<name>"   double as a C99 hex float ("%a"), which strtod reads back exactly
 //   "s:<name>"   string
 //   "rng:<name>" the 4 words of a peft::Rng (xoshiro256**) state in hex
+//   "l:<name>"   a list of int64 in decimal, comma-separated (e.g. a replay buffer's item ids)
 // plus "peft.checkpoint" = "1" (format version). Adapter weights, optimizer state (see
-// save_optimizer_state / load_optimizer_state), the data order (save_sampler_state), the step and
-// every generator's state together make resuming continue bit-identically: the same numbers in
-// the same order.
+// save_optimizer_state / load_optimizer_state), the data order (save_sampler_state,
+// save_episode_sampler_state), a replay buffer (save_object_state: any object whose State lists its
+// fields), the step and every generator's state together make resuming continue bit-identically:
+// the same numbers in the same order.
 #include <cerrno>
 #include <cinttypes>
 #include <cmath>
@@ -28,6 +30,7 @@
 #include "peft/core/rng.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/safetensors.hpp"
+#include "peft/meta/episodes.hpp"
 #include "peft/optim/optimizer.hpp"
 #include "peft/train/batches.hpp"
 
@@ -81,7 +84,17 @@ class Checkpoint {
     scalars_["rng:" + checked(name)] = s;
   }
 
+  void put_ints(const std::string& name, const std::vector<std::int64_t>& v) {
+    std::string s;
+    for (std::size_t i = 0; i < v.size(); ++i) {
+      if (i > 0) s += ',';
+      s += std::to_string(v[i]);
+    }
+    scalars_["l:" + checked(name)] = s;
+  }
+
   bool has_int(const std::string& name) const { return scalars_.count("i:" + name) != 0; }
+  bool has_ints(const std::string& name) const { return scalars_.count("l:" + name) != 0; }
   bool has_double(const std::string& name) const { return scalars_.count("f:" + name) != 0; }
   bool has_string(const std::string& name) const { return scalars_.count("s:" + name) != 0; }
   bool has_rng(const std::string& name) const { return scalars_.count("rng:" + name) != 0; }
@@ -102,6 +115,21 @@ class Checkpoint {
     return v;
   }
   const std::string& get_string(const std::string& name) const { return scalar("s:", name); }
+  std::vector<std::int64_t> get_ints(const std::string& name) const {
+    const std::string& s = scalar("l:", name);
+    std::vector<std::int64_t> out;
+    const char* p = s.c_str();
+    while (*p != '\0') {
+      char* end = nullptr;
+      errno = 0;
+      const long long v = std::strtoll(p, &end, 10);
+      if (errno != 0 || end == p || (*end != ',' && *end != '\0') || (*end == ',' && end[1] == '\0'))
+        bad_scalar(name, s, "a comma-separated list of integers");
+      out.push_back(static_cast<std::int64_t>(v));
+      p = *end == ',' ? end + 1 : end;
+    }
+    return out;
+  }
   void get_rng(const std::string& name, Rng& rng) const {
     const std::string& s = scalar("rng:", name);
     if (s.size() != 64) bad_scalar(name, s, "64 hex digits");
@@ -152,7 +180,8 @@ class Checkpoint {
     for (const auto& kv : f.metadata()) {
       if (kv.first == "peft.checkpoint") continue;
       const bool tagged = kv.first.rfind("i:", 0) == 0 || kv.first.rfind("f:", 0) == 0 ||
-                          kv.first.rfind("s:", 0) == 0 || kv.first.rfind("rng:", 0) == 0;
+                          kv.first.rfind("s:", 0) == 0 || kv.first.rfind("rng:", 0) == 0 ||
+                          kv.first.rfind("l:", 0) == 0;
       if (!tagged) throw IoError("\"" + path + "\": metadata key \"" + kv.first + "\" has no type tag");
       c.scalars_[kv.first] = kv.second;
     }
@@ -336,13 +365,90 @@ void load_sampler_state(BatchSampler& s, const Checkpoint<T>& ck, const std::str
   s.set_state(BatchSampler::State{epoch.state(), static_cast<Index>(ck.get_int(name + ".position"))});
 }
 
+namespace detail {
+/// Puts each field a State's visit() lists into a checkpoint as <prefix><field>.
+template <class T>
+struct StateWriter {
+  Checkpoint<T>& ck;
+  const std::string& prefix;
+  void operator()(const char* field, std::vector<std::int64_t>& v) const { ck.put_ints(prefix + field, v); }
+  void operator()(const char* field, std::int64_t& v) const { ck.put_int(prefix + field, v); }
+  void operator()(const char* field, Rng::State& st) const {
+    Rng r;
+    r.set_state(st);
+    ck.put_rng(prefix + field, r);
+  }
+};
+/// Reads them back (ConfigError naming the missing field, IoError for a malformed one).
+template <class T>
+struct StateReader {
+  const Checkpoint<T>& ck;
+  const std::string& prefix;
+  void operator()(const char* field, std::vector<std::int64_t>& v) const { v = ck.get_ints(prefix + field); }
+  void operator()(const char* field, std::int64_t& v) const { v = ck.get_int(prefix + field); }
+  void operator()(const char* field, Rng::State& st) const {
+    Rng r;
+    ck.get_rng(prefix + field, r);
+    st = r.state();
+  }
+};
+}  // namespace detail
+
+/// Stores the state of an object whose `State` lists its fields by name (State::visit with integer
+/// lists, integers and generator states, as an optimizer state lists its tensors), e.g. a
+/// peft::ReplayBuffer: field f goes to "<name>.<f>".
+template <class T, class Stateful>
+void save_object_state(const Stateful& object, Checkpoint<T>& ck, const std::string& name) {
+  typename Stateful::State st = object.state();
+  const std::string prefix = name + ".";
+  st.visit(detail::StateWriter<T>{ck, prefix});
+}
+
+/// Restores what save_object_state wrote: every field is read first, then object.set_state()
+/// validates the whole state (on error the object is unchanged).
+template <class T, class Stateful>
+void load_object_state(Stateful& object, const Checkpoint<T>& ck, const std::string& name) {
+  typename Stateful::State st = object.state();
+  const std::string prefix = name + ".";
+  st.visit(detail::StateReader<T>{ck, prefix});
+  object.set_state(st);
+}
+
+/// Stores an EpisodeSampler's place (its generator and episode count: State::visit) and, to refuse
+/// a mismatched restore, its N, K, Q and the classes it draws from.
+template <class T>
+void save_episode_sampler_state(const EpisodeSampler& s, Checkpoint<T>& ck, const std::string& name = "episodes") {
+  save_object_state(s, ck, name);
+  ck.put_int(name + ".n_way", s.n_way());
+  ck.put_int(name + ".k_shot", s.k_shot());
+  ck.put_int(name + ".n_query", s.n_query());
+  ck.put_ints(name + ".classes", s.classes());
+}
+
+/// Restores what save_episode_sampler_state wrote into a sampler over the same labels, classes, N,
+/// K and Q: the episodes that follow are those the saved run would have drawn.
+template <class T>
+void load_episode_sampler_state(EpisodeSampler& s, const Checkpoint<T>& ck, const std::string& name = "episodes") {
+  const std::int64_t n = ck.get_int(name + ".n_way"), k = ck.get_int(name + ".k_shot"),
+                     q = ck.get_int(name + ".n_query");
+  const std::vector<std::int64_t> classes = ck.get_ints(name + ".classes");
+  if (n != s.n_way() || k != s.k_shot() || q != s.n_query() || classes != s.classes())
+    throw ConfigError("load_episode_sampler_state: checkpoint sampler \"" + name + "\" draws " + std::to_string(n) +
+                      "-way " + std::to_string(k) + "-shot episodes with " + std::to_string(q) + " queries from " +
+                      std::to_string(classes.size()) + " classes, this one " + std::to_string(s.n_way()) + "-way " +
+                      std::to_string(s.k_shot()) + "-shot with " + std::to_string(s.n_query()) + " queries from " +
+                      std::to_string(s.classes().size()) + " classes" +
+                      (classes.size() == s.classes().size() ? " (other classes)" : ""));
+  load_object_state(s, ck, name);
+}
+
 }  // namespace peft::io
 
 // The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
-#define PEFT_IO_CHECKPOINT_TEMPLATES(KW, T) \
-  KW template class Checkpoint<T>;                                                                       \
-  KW template void save_parameters<T>(Module<T>&, Checkpoint<T>&, const std::string&, bool);             \
+#define PEFT_IO_CHECKPOINT_TEMPLATES(KW, T)                                                  \
+  KW template class Checkpoint<T>;                                                           \
+  KW template void save_parameters<T>(Module<T>&, Checkpoint<T>&, const std::string&, bool); \
   KW template std::size_t restore_parameters<T>(Module<T>&, const Checkpoint<T>&, const std::string&);
 namespace peft::io {
 PEFT_IO_CHECKPOINT_TEMPLATES(extern, float)

@@ -124,6 +124,13 @@ class EpisodeSampler {
   struct State {
     Rng::State rng{};
     std::int64_t episodes = 0;
+    /// The fields by name (fn("rng", Rng::State&), fn("episodes", std::int64_t&)), for a checkpoint
+    /// (io::save_episode_sampler_state), as ReplayBuffer::State::visit.
+    template <class F>
+    void visit(F&& fn) {
+      fn("rng", rng);
+      fn("episodes", episodes);
+    }
   };
   State state() const { return State{rng_.state(), episodes_}; }
   /// Continues from a state() of a sampler over the same labels, classes, N, K and Q.

@@ -185,14 +185,10 @@ class OnlineEWC {
   }
 
   /// λ/2 Σ F̃ (θ − θ*)² (0 before the first end_task()).
-  T value() const {
-    return detail::fisher_penalty("OnlineEWC", params_, anchors_, fisher_, lambda_);
-  }
+  T value() const { return detail::fisher_penalty("OnlineEWC", params_, anchors_, fisher_, lambda_); }
 
   /// Adds λF̃(θ − θ*) to the gradient of every trainable parameter; returns value().
-  T add_to_gradients() {
-    return detail::add_fisher_penalty("OnlineEWC", params_, anchors_, fisher_, lambda_);
-  }
+  T add_to_gradients() { return detail::add_fisher_penalty("OnlineEWC", params_, anchors_, fisher_, lambda_); }
 
   const Matrix<T>& fisher(std::size_t i) const { return fisher_.at(i); }
   const Matrix<T>& anchor(std::size_t i) const { return anchors_.at(i); }
@@ -221,6 +217,30 @@ class ReplayBuffer {
     std::int64_t seen = 0;
     std::vector<std::int64_t> seen_per_class;
     Rng::State rng{};
+
+    /// The state's fields by name, as an optimizer state lists its tensors (visit_tensors), so a
+    /// checkpoint stores and restores them without knowing the type (io::save_object_state):
+    ///   fn("items", std::vector<std::int64_t>&)           id, label, task of each item, in order
+    ///   fn("seen", std::int64_t&)                         items offered so far
+    ///   fn("seen_per_class", std::vector<std::int64_t>&)  items offered per class
+    ///   fn("rng", Rng::State&)                            the generator
+    /// A visitor may change the fields (a reader); set_state() then validates them.
+    template <class F>
+    void visit(F&& fn) {
+      std::vector<std::int64_t> flat;
+      flat.reserve(3 * items.size());
+      for (const ReplayItem& it : items) flat.insert(flat.end(), {it.id, it.label, it.task});
+      fn("items", flat);
+      if (flat.size() % 3 != 0)
+        throw ConfigError("ReplayBuffer: state field \"items\" has " + std::to_string(flat.size()) +
+                          " numbers, expected 3 per item (id, label, task)");
+      items.resize(flat.size() / 3);
+      for (std::size_t i = 0; i < items.size(); ++i)
+        items[i] = ReplayItem{flat[3 * i], flat[3 * i + 1], flat[3 * i + 2]};
+      fn("seen", seen);
+      fn("seen_per_class", seen_per_class);
+      fn("rng", rng);
+    }
   };
 
   ReplayBuffer(std::size_t capacity, bool class_balanced, std::uint64_t seed)
@@ -296,7 +316,16 @@ class ReplayBuffer {
       throw ConfigError("ReplayBuffer: state holds " + std::to_string(st.items.size()) + " items, capacity is " +
                         std::to_string(capacity_));
     std::int64_t total = 0;
-    for (auto v : st.seen_per_class) total += v;
+    for (auto v : st.seen_per_class) {
+      if (v < 0) throw ConfigError("ReplayBuffer: state has a negative per-class count " + std::to_string(v));
+      total += v;
+    }
+    for (const ReplayItem& it : st.items)
+      if (it.label < 0 || it.label >= static_cast<std::int64_t>(st.seen_per_class.size()) ||
+          st.seen_per_class[static_cast<std::size_t>(it.label)] == 0)
+        throw ConfigError("ReplayBuffer: state item " + std::to_string(it.id) + " has label " +
+                          std::to_string(it.label) + ", which no offered item had (" +
+                          std::to_string(st.seen_per_class.size()) + " classes counted)");
     if (total != st.seen || st.seen < static_cast<std::int64_t>(st.items.size()))
       throw ConfigError("ReplayBuffer: state counts are inconsistent (seen " + std::to_string(st.seen) +
                         ", per-class sum " + std::to_string(total) + ", " + std::to_string(st.items.size()) +

@@ -1,5 +1,6 @@
-// Test build only: the one compiled copy of the Eigen decompositions several test TUs use (their
-// `extern template` declarations are in support/extern_templates.hpp).
+// Test build only: the one compiled copy of the Eigen decompositions and product kernels several
+// test TUs use (their `extern template` declarations are in support/extern_templates.hpp, which is
+// force-included here too: a definition may follow the declaration).
 #include <Eigen/QR>
 #include <Eigen/SVD>
 
@@ -9,4 +10,11 @@ template class BDCSVD<MatrixXd>;
 template class JacobiSVD<MatrixXd>;
 template class HouseholderQR<MatrixXd>;
 }  // namespace Eigen
+#endif
+
+#ifdef PEFT_EIGEN_PRODUCT_TEMPLATES
+namespace Eigen::internal {
+PEFT_EIGEN_PRODUCT_TEMPLATES(, float)
+PEFT_EIGEN_PRODUCT_TEMPLATES(, double)
+}  // namespace Eigen::internal
 #endif

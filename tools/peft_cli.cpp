@@ -38,6 +38,7 @@
 #include <peft/version.hpp>
 
 #include "peft_cli.hpp"
+#include "peft_reward.hpp"
 
 namespace peft::cli {
 
@@ -488,6 +489,21 @@ inline int cmd_quantize(const Args& a, std::ostream& out, std::ostream&) {
   return kOk;
 }
 
+inline int cmd_reward(const Args& a, std::ostream& out, std::ostream& err) {
+  if (a.positional.size() != 1)
+    throw UsageError("reward needs exactly one text FILE, got " + std::to_string(a.positional.size()));
+  RewardCommand c;
+  c.model = a.get("model");
+  c.reward = a.get("reward");
+  c.tokenizer = a.get_or("tokenizer", "");
+  c.input = a.positional[0];
+  c.raw = a.has("raw");
+  c.no_special = a.has("no-special-tokens");
+  c.batch = a.integer("batch", 16);
+  if (c.batch < 1 || c.batch > 4096) throw UsageError("--batch must be in [1, 4096], got " + a.get("batch"));
+  return run_reward(c, out, err);
+}
+
 }  // namespace detail
 
 /// The command table. New commands (e.g. `quantize`, owned by peft/quant) add one entry here.
@@ -568,6 +584,21 @@ inline const std::vector<Command>& commands() {
        detail::cmd_extract,
        {"base", "tuned", "rank", "energy", "out", "exclude"},
        {"rslora", "fan-in-fan-out", "keep-full"}},
+      {"reward",
+       "score lines of text with a reward model (base checkpoint + reward model directory)",
+       "usage: peft reward --model BASE_DIR --reward REWARD_DIR [--tokenizer tokenizer.json] [--batch N]\n"
+       "                   [--raw] [--no-special-tokens] FILE\n\n"
+       "Loads the Llama-family checkpoint BASE_DIR (config.json + model.safetensors or its sharded index) and\n"
+       "the reward model REWARD_DIR written by io::save_reward_model (a PEFT adapter directory for the backbone,\n"
+       "reward_head.safetensors with the scalar head, reward_model.json with the normalisation statistics),\n"
+       "tokenizes every non-empty line of FILE with BASE_DIR/tokenizer.json (or --tokenizer; special tokens\n"
+       "such as BOS added unless --no-special-tokens) and prints one line per text: the normalised reward\n"
+       "(r - mean) / std, with --raw also r, then the text, tab-separated (9 significant digits: exact in\n"
+       "float). Texts are scored in right-padded batches of N (default 16); the reward is read at each\n"
+       "text's last token.\n",
+       detail::cmd_reward,
+       {"model", "reward", "tokenizer", "batch"},
+       {"raw", "no-special-tokens"}},
   };
   return table;
 }

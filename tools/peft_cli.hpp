@@ -9,6 +9,7 @@
 //                DIR DIR... --out DIR
 //   peft quantize IN.safetensors --out OUT.safetensors [--blocksize N] [--no-double-quant]
 //   peft extract --base A.safetensors --tuned B.safetensors (--rank K | --energy TAU) [--rslora] --out DIR
+//   peft reward  --model BASE_DIR --reward REWARD_DIR [--tokenizer FILE] [--raw] FILE
 //   peft --version
 //
 // Exit codes (distinct per failure class, documented in `peft --help`):

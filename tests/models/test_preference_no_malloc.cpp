@@ -60,6 +60,20 @@ TEST_CASE("no-malloc: DPO step and reward-model step on llama with LoRA", "[llam
     CHECK(k == 0);
   }
 
+  {  // The reference with only the policy adapter switched off (an SFT adapter stays on).
+    for (auto& layer : model.model.layers) {
+      layer.self_attn.q_proj.add_adapter("sft", LoraConfig{2, 4.0});
+      layer.self_attn.q_proj.set_active({"sft", "policy"});
+      layer.self_attn.q_proj.method("sft").set_trainable(false);
+    }
+    DPOTrainOptions o;
+    o.reference_disabled = {"policy"};
+    DPOObjective<float, LlamaForCausalLM<float>> dpo(model, o);
+    DPOStats s;
+    CHECK(peft::test::no_malloc::allocations_after_warmup([&] { s = dpo.step(batch); }) == 0);
+    CHECK(std::isfinite(s.loss));
+  }
+
   LlamaRewardModel<float> rm(pref_nm_config(), std::move(model.model), rng);
   typename LlamaRewardModel<float>::Cache cache;
   Matrix<float> r, dc, dr, dreward(4, 1);

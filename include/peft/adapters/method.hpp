@@ -128,6 +128,10 @@ class AdapterMethod {
   virtual const char* kind() const = 0;
   /// The adapter's rank where it has one (LoRA r, VeRA r, ...); 0 otherwise.
   virtual Index rank() const { return 0; }
+  /// Switched off by its host (AdaptedLinear::disable_adapter): an active adapter the host's forward
+  /// skips, its trainable flags untouched. Set only through the host, which checks merges.
+  bool switched_off() const { return off_; }
+  void set_switched_off(bool off) { off_ = off; }
 
   // ---- forward / backward -------------------------------------------------------------------
 
@@ -181,6 +185,7 @@ class AdapterMethod {
 
  protected:
   std::string name_;
+  bool off_ = false;
 };
 
 /// A non-empty name without '.', as the host requires of every adapter (it becomes part of

@@ -297,6 +297,18 @@ class AdaptedLinear : public Module<T> {
   }
   bool adapters_disabled() const { return disabled_; }
 
+  /// Switches one adapter off (every adapter of that name) while the others stay active: forward
+  /// skips it exactly as if the layer did not hold it (the reference of DPO / PPO: an SFT adapter
+  /// active and frozen, the policy adapter off). Neither the active set nor any trainable flag
+  /// changes, and a cache filled before the switch stays valid for its backward (the cache records
+  /// the adapters its forward ran). Allocates nothing. ConfigError for an unknown adapter, or when
+  /// switching off a merged one (a merged adapter cannot be disabled; unmerge first). Like
+  /// disable_adapters(), it does not affect forward_routed, whose rows name their adapter.
+  void disable_adapter(const std::string& adapter_name, bool disabled = true);
+  bool adapter_disabled(const std::string& adapter_name) const {
+    return adapters_[index_of(adapter_name)]->switched_off();
+  }
+
   bool has_adapter(const std::string& adapter_name) const { return find(adapter_name) != npos; }
   /// The index of an adapter in methods(), or -1.
   int adapter_index(const std::string& adapter_name) const {
@@ -644,6 +656,17 @@ void AdaptedLinear<T>::delete_adapter(const std::string& adapter_name, const std
 }
 
 template <class T>
+void AdaptedLinear<T>::disable_adapter(const std::string& adapter_name, bool disabled) {
+  index_of(adapter_name);  // ConfigError naming the adapters when there is none of that name
+  for (std::size_t i = 0; i < adapters_.size(); ++i) {
+    if (adapters_[i]->name() != adapter_name) continue;
+    if (disabled && is_merged(i))
+      throw ConfigError(who() + ": cannot disable adapter \"" + adapter_name + "\" while it is merged; unmerge first");
+    adapters_[i]->set_switched_off(disabled);
+  }
+}
+
+template <class T>
 void AdaptedLinear<T>::set_active(const std::vector<std::string>& names) {
   std::vector<std::size_t> next;
   for (const auto& n : names)
@@ -884,6 +907,10 @@ void AdaptedLinear<T>::merge_impl(const std::vector<std::string>& names, bool sa
         pending.push_back(i);
       }
   }
+  for (std::size_t i : pending)
+    if (adapters_[i]->switched_off())
+      throw ConfigError(who() + ": adapter \"" + adapters_[i]->name() +
+                        "\" is disabled; enable it before merging (a merged adapter cannot be disabled)");
   if (pending.empty()) {
     if (fold != nullptr) throw ConfigError(who() + ": no active adapter to merge");
     return;
@@ -1027,7 +1054,7 @@ Matrix<T> AdaptedLinear<T>::merged_weight_impl() {
   if (!merged_.empty()) recover_base(base, nullptr);
   if (disabled_) return w;
   for (std::size_t i : active_) {
-    if (is_merged(i)) continue;
+    if (is_merged(i) || adapters_[i]->switched_off()) continue;
     MergeRecord<T> rec;
     adapters_[i]->merge_record(base, nullptr, rec);
     add_contribution(*adapters_[i], rec, base, w);
@@ -1175,7 +1202,7 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
   bool need_z = false, need_w = false, any = false;
   if (!disabled_)
     for (std::size_t i : active_)
-      if (!is_merged(i)) {
+      if (!is_merged(i) && !adapters_[i]->switched_off()) {
         any = true;
         need_z = need_z || adapters_[i]->needs_base_output(training);
         need_w = need_w || adapters_[i]->needs_base_weight(training);
@@ -1220,7 +1247,7 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
     in.training = training;
     in.rng = &rng_;
     for (std::size_t i : active_) {
-      if (is_merged(i)) continue;
+      if (is_merged(i) || adapters_[i]->switched_off()) continue;
       if (cache.slots.size() <= cache.used) cache.slots.emplace_back();
       Slot& slot = cache.slots[cache.used++];
       slot.adapter = i;

@@ -10,6 +10,7 @@
 //   pm.add_adapter("b", io::Json{{"peft_type", "IA3"}, {"target_modules", {"fc1"}}});
 //   pm.set_adapter("b");  pm.active_adapters();         // {"b"}
 //   { auto off = pm.disable_adapters(); ... }           // base model in the scope, restored at its end
+//   { auto ref = pm.disable_adapter("policy"); ... }    // only "policy" off, e.g. "sft" stays (DPO's reference)
 //   pm.merge(); pm.unmerge(); pm.delete_adapter("a");
 //   pm.print_trainable_parameters(std::cout);           // trainable params: 1,234 || all params: ...
 //   pm.save_pretrained("out");  pm2.load_pretrained("out");
@@ -78,6 +79,38 @@ class [[nodiscard]] DisabledAdapters {
  private:
   PeftModel<T>* model_;
   bool was_disabled_;
+};
+
+/// Some adapters switched off for the guard's lifetime while the other active adapters stay on
+/// (PeftModel::disable_adapters(names)): the reference of DPO / PPO, an SFT adapter active and frozen
+/// with only the policy adapter off. On destruction, also by an exception, every host gets back the
+/// flags it had when the guard was made (so guards nest).
+template <class T>
+class [[nodiscard]] SwitchedOffAdapters {
+ public:
+  SwitchedOffAdapters() = default;
+  SwitchedOffAdapters(SwitchedOffAdapters&& o) noexcept : linears_(std::move(o.linears_)), saved_(std::move(o.saved_)) {
+    o.linears_.clear();
+    o.saved_.clear();
+  }
+  SwitchedOffAdapters(const SwitchedOffAdapters&) = delete;
+  SwitchedOffAdapters& operator=(const SwitchedOffAdapters&) = delete;
+  SwitchedOffAdapters& operator=(SwitchedOffAdapters&&) = delete;
+  ~SwitchedOffAdapters() {
+    for (auto it = linears_.rbegin(); it != linears_.rend(); ++it)  // an adapter deleted in the scope is gone
+      if (it->host->has_adapter(it->adapter)) it->host->disable_adapter(it->adapter, it->was_off);
+    for (auto it = saved_.rbegin(); it != saved_.rend(); ++it) it->first->disable(it->second);
+  }
+
+ private:
+  friend class PeftModel<T>;
+  struct Entry {
+    AdaptedLinear<T>* host;
+    std::string adapter;
+    bool was_off;
+  };
+  std::vector<Entry> linears_;
+  std::vector<std::pair<ModulesToSaveBase*, bool>> saved_;  ///< hosts whose active copy was switched off
 };
 
 /// "1,234,567" (Python's f"{n:,d}").
@@ -150,6 +183,16 @@ class PeftModel {
   /// Disables every adapter and copy of a module to save until the returned guard is destroyed
   /// (forward is the base model's). ConfigError while adapters are merged.
   DisabledAdapters<T> disable_adapters();
+  /// Switches off only the named adapters until the returned guard is destroyed; the other active
+  /// adapters stay on. Forward is then exactly (bit for bit) that of the model without the named
+  /// adapters: e.g. `auto ref = pm.disable_adapters({"policy"});` with "sft" and "policy" active gives
+  /// the SFT model. A module to save whose active copy belongs to a named adapter uses its original
+  /// in the scope. Neither the active set nor any trainable flag changes, so gradients accumulated
+  /// before and forwards made before stay valid. ConfigError for an unknown or merged adapter.
+  SwitchedOffAdapters<T> disable_adapters(const std::vector<std::string>& names);
+  SwitchedOffAdapters<T> disable_adapter(const std::string& name) {
+    return disable_adapters(std::vector<std::string>{name});
+  }
   /// Enables them again (what the guard does on destruction).
   void enable_adapters() { set_disabled(false); }
   bool adapters_disabled() const { return disabled_; }
@@ -251,7 +294,7 @@ class PeftModel {
 
   Module<T>* model_;
   Rng rng_;
-  std::vector<Parameter<T>*> trained_biases_;  ///< biases an active adapter's `bias` option trains
+  std::vector<Parameter<T>*> trained_biases_;              ///< biases an active adapter's `bias` option trains
   std::vector<std::pair<std::string, io::Json>> configs_;  ///< adapter → its adapter_config.json, in order added
   std::vector<std::string> active_;
   bool disabled_ = false;
@@ -401,6 +444,32 @@ DisabledAdapters<T> PeftModel<T>::disable_adapters() {
   const bool was = disabled_;
   set_disabled(true);
   return DisabledAdapters<T>(*this, was);
+}
+
+template <class T>
+SwitchedOffAdapters<T> PeftModel<T>::disable_adapters(const std::vector<std::string>& names) {
+  const std::vector<std::string> merged_now = merged_adapters();
+  for (const auto& n : names) {
+    index_of(n);
+    if (std::find(merged_now.begin(), merged_now.end(), n) != merged_now.end())
+      throw ConfigError(std::string(kWho) + ": cannot disable adapter \"" + n +
+                        "\" while it is merged; unmerge() first");
+  }
+  SwitchedOffAdapters<T> guard;
+  for (auto& [path, host] : io::adapted_linears(*model_))
+    for (const auto& n : names)
+      if (host->has_adapter(n)) {
+        guard.linears_.push_back({host, n, host->adapter_disabled(n)});
+        host->disable_adapter(n, true);
+      }
+  for (auto& [path, host] : modules_to_save_hosts(*model_)) {
+    const std::string copy = host->active_copy();
+    if (!copy.empty() && std::find(names.begin(), names.end(), copy) != names.end()) {
+      guard.saved_.emplace_back(host, host->disabled());
+      host->disable(true);
+    }
+  }
+  return guard;
 }
 
 template <class T>

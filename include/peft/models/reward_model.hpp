@@ -9,6 +9,16 @@
 // rewards of the N chosen sequences first, then of the N rejected ones. The head is an
 // AdaptedLinear host like every backbone linear, so the backbone can carry LoRA (apply_method with
 // target_modules naming the backbone's linears) while the head trains in full.
+//
+// Reward normalisation (as RLHF pipelines do before PPO, e.g. Ouyang et al. 2022, §C.4: the reward
+// model's output is shifted so that the SFT model's answers score 0 on average): RewardNormalization
+// holds the mean μ and standard deviation σ of the raw rewards over a reference set
+// (reward_normalization, e.g. the SFT model's samples), applied at score time as (r − μ) / σ;
+// score_sequences scores token sequences in right-padded batches. io/reward_model.hpp saves and
+// loads a reward model with its statistics.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
 #include <string>
 #include <utility>
 #include <vector>
@@ -93,5 +103,103 @@ class LlamaRewardModel : public Module<T> {
   RotaryEmbedding<T> rope_;
   Matrix<T> pooled_, dpooled_, dhidden_;
 };
+
+/// Mean and standard deviation of raw rewards over a reference set; apply() maps r to (r − μ) / σ.
+/// The default (μ 0, σ 1, count 0) is the identity.
+struct RewardNormalization {
+  double mean = 0.0;
+  double std = 1.0;
+  std::int64_t count = 0;  ///< rewards the statistics were computed over (0: none, the identity)
+
+  /// ConfigError naming `who` unless μ is finite and σ finite and > 0.
+  void validate(const std::string& who) const {
+    if (!std::isfinite(mean) || !std::isfinite(std) || !(std > 0.0) || count < 0)
+      throw ConfigError(who +
+                        ": reward normalisation needs a finite mean and a finite std > 0 (and count >= 0), got "
+                        "mean " +
+                        std::to_string(mean) + ", std " + std::to_string(std) + ", count " + std::to_string(count));
+  }
+
+  /// rewards ← (rewards − μ) / σ, element by element, in double then rounded to T.
+  template <class T>
+  void apply(MatrixRef<T> rewards) const {
+    for (Index i = 0; i < rewards.rows(); ++i)
+      for (Index j = 0; j < rewards.cols(); ++j)
+        rewards(i, j) = static_cast<T>((static_cast<double>(rewards(i, j)) - mean) / std);
+  }
+};
+
+/// μ and σ (population standard deviation, two passes in double) of raw rewards [n, 1].
+/// NumericError for a non-finite reward or σ = 0 (every reward equal: nothing to normalise by);
+/// ShapeError for an empty or non-column input.
+template <class T>
+RewardNormalization reward_normalization(const ConstMatrixRef<T>& raw) {
+  if (raw.cols() != 1 || raw.rows() < 1)
+    throw ShapeError("reward_normalization: raw rewards of shape " + shape_str(raw.rows(), raw.cols()) +
+                     ", expected [n, 1] with n >= 1");
+  double sum = 0.0;
+  for (Index i = 0; i < raw.rows(); ++i) {
+    const double r = static_cast<double>(raw(i, 0));
+    if (!std::isfinite(r))
+      throw NumericError("reward_normalization: raw reward " + std::to_string(i) + " is not finite");
+    sum += r;
+  }
+  RewardNormalization n;
+  n.count = static_cast<std::int64_t>(raw.rows());
+  n.mean = sum / static_cast<double>(raw.rows());
+  double sq = 0.0;
+  for (Index i = 0; i < raw.rows(); ++i) {
+    const double d = static_cast<double>(raw(i, 0)) - n.mean;
+    sq += d * d;
+  }
+  n.std = std::sqrt(sq / static_cast<double>(raw.rows()));
+  if (!(n.std > 0.0))
+    throw NumericError("reward_normalization: the " + std::to_string(raw.rows()) +
+                       " raw rewards are all equal (std 0); nothing to normalise by");
+  return n;
+}
+
+/// Raw rewards [n, 1] of token sequences (each non-empty), scored in right-padded batches of at
+/// most `batch` sequences (padding id `pad_id`). The same sequences and batch give the same bits.
+template <class T>
+void score_sequences(LlamaRewardModel<T>& rm, const std::vector<std::vector<Index>>& sequences, Matrix<T>& rewards,
+                     Index batch = 16, Index pad_id = 0) {
+  if (batch < 1) throw ConfigError("score_sequences: batch must be >= 1, got " + std::to_string(batch));
+  const Index n = static_cast<Index>(sequences.size());
+  rewards.resize(n, 1);
+  typename LlamaRewardModel<T>::Cache cache;
+  Matrix<T> r;
+  std::vector<Index> ids, lengths;
+  for (Index b0 = 0; b0 < n; b0 += batch) {
+    const Index B = std::min(batch, n - b0);
+    lengths.clear();
+    Index S = 0;
+    for (Index b = 0; b < B; ++b) {
+      const auto& seq = sequences[static_cast<std::size_t>(b0 + b)];
+      if (seq.empty())
+        throw ShapeError("score_sequences: sequence " + std::to_string(b0 + b) +
+                         " is empty (a reward is read at "
+                         "its last token)");
+      lengths.push_back(static_cast<Index>(seq.size()));
+      S = std::max(S, static_cast<Index>(seq.size()));
+    }
+    ids.assign(static_cast<std::size_t>(B * S), pad_id);
+    for (Index b = 0; b < B; ++b) {
+      const auto& seq = sequences[static_cast<std::size_t>(b0 + b)];
+      std::copy(seq.begin(), seq.end(), ids.begin() + b * S);
+    }
+    rm.forward(ids, SequenceLayout(B, S, lengths), r, cache);
+    rewards.middleRows(b0, B) = r;
+  }
+}
+
+/// The statistics of `rm`'s raw rewards over `sequences` (score_sequences, then the function above).
+template <class T>
+RewardNormalization reward_normalization(LlamaRewardModel<T>& rm, const std::vector<std::vector<Index>>& sequences,
+                                         Index batch = 16, Index pad_id = 0) {
+  Matrix<T> raw;
+  score_sequences<T>(rm, sequences, raw, batch, pad_id);
+  return reward_normalization<T>(raw);
+}
 
 }  // namespace peft

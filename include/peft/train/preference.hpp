@@ -3,13 +3,14 @@
 // its IPO / conservative variants are loss/preference.hpp's).
 //
 // The reference model is the policy's own weights with the policy adapter switched off: one forward
-// with the adapters (the policy π, kept for backward) and one with every host's adapters disabled
-// (π_ref, nothing kept), so there is no second copy of the weights. To start from a supervised
-// (SFT) adapter, fold it into the base first (AdaptedLinear::merge_and_unload on every host, PEFT's
-// merge_and_unload) and add a fresh policy adapter: the folded weights are the base of both
-// forwards. (A host refuses to disable adapters while some are merged but kept, so merge_and_unload,
-// not merge; keeping an unmerged SFT adapter active under the policy would need a per-adapter
-// switch, which the hosts do not have yet.)
+// with the adapters (the policy π, kept for backward) and one with adapters disabled (π_ref, nothing
+// kept), so there is no second copy of the weights. By default every host's adapters are disabled
+// for the reference (the base model). To start from a supervised (SFT) adapter, either
+//   * keep it active and frozen next to the policy adapter (also on an NF4 base) and name the policy
+//     adapter in DPOTrainOptions::reference_disabled: the reference forward switches off only that
+//     one (AdaptedLinear::disable_adapter), so π_ref is exactly the SFT model; or
+//   * fold it into the base first (merge_and_unload on every host, PEFT's merge_and_unload) and add
+//     a fresh policy adapter: the folded weights are the base of both forwards.
 //
 // A batch holds 2N sequences: the N chosen answers first, then their N rejected answers in the same
 // order (TRL's concatenated forward); labels are the ids with the prompt tokens (and anything else
@@ -20,8 +21,10 @@
 //
 // After the first call with given shapes, a step reuses its buffers (the model's own forward and
 // backward allocate nothing either).
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "peft/core/error.hpp"
@@ -54,6 +57,9 @@ struct DPOTrainOptions {
   DPOOptions loss;                 ///< β, sigmoid / IPO, label smoothing
   bool average_log_probs = false;  ///< length-normalised sequence log-probs (TRL does this for IPO)
   std::int64_t ignore_index = -100;
+  /// The adapters switched off for the reference forward (e.g. {"policy"}, with an SFT adapter
+  /// active and frozen beside it); empty: every adapter (the base model).
+  std::vector<std::string> reference_disabled = {};
 };
 
 /// The DPO objective of a model whose adapters are the policy. Holds the model and its hosts by
@@ -67,18 +73,19 @@ class DPOObjective {
     if (hosts_.empty())
       throw ConfigError("DPOObjective: model \"" + model.name() +
                         "\" has no AdaptedLinear host, so there is no adapter to disable for the reference");
-    saved_.resize(hosts_.size());
+    resolve_reference(options.reference_disabled);
   }
 
   const DPOTrainOptions& options() const { return options_; }
   void set_options(const DPOTrainOptions& o) {
     detail::check_dpo_options(o.loss);
+    resolve_reference(o.reference_disabled);
     options_ = o;
   }
 
-  /// The reference's sequence log-probs [2N, 1] (every host's adapters disabled for this forward,
-  /// restored after, also on an exception). Constant while only the adapters train, so a caller
-  /// may compute them once per batch and pass them to step().
+  /// The reference's sequence log-probs [2N, 1] (the adapters of options().reference_disabled, or
+  /// every host's adapters, disabled for this forward, restored after, also on an exception). Constant while only the
+  /// adapters train, so a caller may compute them once per batch and pass them to step().
   void reference_log_probs(const PreferenceBatch& batch, Matrix<T>& out) {
     check_batch(batch);
     {
@@ -127,22 +134,60 @@ class DPOObjective {
   const Matrix<T>& reference_token_log_probs() const { return ref_ws_.token_log_probs; }
 
  private:
-  /// Disables every host's adapters, restoring each one's previous flag on destruction.
+  /// Disables every host's adapters (or the named adapters on the hosts that hold them), restoring
+  /// each one's previous flag on destruction. Allocates nothing.
   class Disabled {
    public:
     explicit Disabled(DPOObjective& o) : o_(o) {
-      for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.saved_[i] = o_.hosts_[i]->adapters_disabled() ? 1 : 0;
-      for (auto* h : o_.hosts_) h->disable_adapters(true);
+      if (o_.switched_.empty()) {
+        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.saved_[i] = o_.hosts_[i]->adapters_disabled() ? 1 : 0;
+        for (auto* h : o_.hosts_) h->disable_adapters(true);
+        return;
+      }
+      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
+        const auto& [host, name] = o_.switched_[i];
+        o_.saved_[i] = host->adapter_disabled(*name) ? 1 : 0;
+      }
+      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
+        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, true);
+        on_ = i + 1;
+      }
     }
     ~Disabled() {
-      for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.hosts_[i]->disable_adapters(o_.saved_[i] != 0);
+      if (o_.switched_.empty()) {
+        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.hosts_[i]->disable_adapters(o_.saved_[i] != 0);
+        return;
+      }
+      for (std::size_t i = 0; i < on_; ++i)
+        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, o_.saved_[i] != 0);
     }
     Disabled(const Disabled&) = delete;
     Disabled& operator=(const Disabled&) = delete;
 
    private:
     DPOObjective& o_;
+    std::size_t on_ = 0;  ///< switched_ entries switched off so far (a merged one throws)
   };
+
+  /// (host, adapter) pairs the reference switches off; ConfigError for a name no host holds.
+  void resolve_reference(const std::vector<std::string>& names) {
+    std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> next;
+    std::vector<std::string> kept = names;  // next points into its buffer, which the move below keeps
+    for (const auto& n : kept) {
+      bool found = false;
+      for (auto* h : hosts_)
+        if (h->has_adapter(n)) {
+          next.emplace_back(h, &n);
+          found = true;
+        }
+      if (!found)
+        throw ConfigError("DPOObjective: reference_disabled names adapter \"" + n + "\", which no layer of model \"" +
+                          model_->name() + "\" holds");
+    }
+    names_ = std::move(kept);
+    switched_ = std::move(next);
+    saved_.assign(std::max(hosts_.size(), switched_.size()), 0);
+  }
 
   void check_batch(const PreferenceBatch& batch) const {
     const Index two_n = batch.layout.batch;
@@ -158,6 +203,8 @@ class DPOObjective {
 
   Model* model_;
   std::vector<AdaptedLinear<T>*> hosts_;
+  std::vector<std::string> names_;                                          ///< reference_disabled, owned here
+  std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> switched_;  ///< into names_
   std::vector<char> saved_;
   DPOTrainOptions options_;
   typename Model::Cache cache_, ref_cache_;

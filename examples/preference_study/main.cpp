@@ -34,6 +34,7 @@
 #include <peft/optim/adam.hpp>
 #include <peft/optim/clip.hpp>
 #include <peft/optim/schedule.hpp>
+#include <peft/train/ppo.hpp>
 #include <peft/train/preference.hpp>
 
 #include <dirent.h>
@@ -586,6 +587,73 @@ std::vector<Metrics> run_preference_loss(Study& s, SeedState& st, const Hyper& h
   return out;
 }
 
+/// PPO (train/ppo.hpp, TRL's recipe) of a LoRA adapter "policy" beside the frozen "sft", with a value
+/// head on the shared backbone; the reward is the reward model's normalised score of the whole
+/// sequence, minus β per-token KL to the reference (the policy adapter switched off:
+/// PPOOptions::reference_disabled). h.beta is the initial KL coefficient (Ziegler et al.'s adaptive
+/// controller, target o.kl_budget nats, TRL's horizon 10000). One iteration = one rollout of
+/// o.pair_batch train prompts (o.continuation sampled bytes each, temperature 1), then 2 PPO epochs
+/// over it as one minibatch; as many iterations as DPO steps, constant lr, clipping at 1.
+std::vector<Metrics> run_ppo(Study& s, SeedState& st, const Hyper& h, bool validation) {
+  peft::PeftModel<T>& pm = *st.pm;
+  pm.add_adapter("policy",
+                 Json{{"peft_type", "LORA"}, {"r", 8}, {"lora_alpha", 16}, {"target_modules", "all-linear"}});
+  pm.set_adapter({"sft", "policy"});
+  for (auto& [path, host] : peft::io::adapted_linears<T>(st.model))  // "sft" active and frozen
+    if (host->has_adapter("sft")) host->method("sft").set_trainable(false);
+  peft::Rng rng(7000 + static_cast<std::uint64_t>(st.seed));
+  peft::ValueHead<T> v_head(st.model.config().hidden_size, rng);
+  peft::PPOOptions po;
+  po.generation.max_new_tokens = s.o.continuation;
+  po.ppo_epochs = 2;
+  po.mini_batch_size = s.o.pair_batch;
+  po.init_kl_coef = h.beta;
+  po.target_kl = s.o.kl_budget;
+  po.max_grad_norm = 1.0;
+  po.reference_disabled = {"policy"};
+  peft::PPOTrainer<T> ppo(st.model, v_head, po);
+  peft::AdamW<T> opt(ppo.trainable_parameters(), peft::AdamWOptions{h.lr, 0.9, 0.999, 1e-8, 0.0});
+  const int steps = s.o.dpo_steps;
+  const auto& prompts = validation ? s.val_prompts : s.test_prompts;
+  const auto& sft = validation ? st.sft_val : st.sft_test;
+  const std::uint64_t eval_seed = 900 + static_cast<std::uint64_t>(st.seed);
+  std::vector<Metrics> out;
+  if (!validation) out.push_back(s.evaluate(st, prompts, sft, eval_seed, true));
+  std::vector<std::size_t> order(s.train_prompts.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  const std::size_t n = static_cast<std::size_t>(s.o.pair_batch);
+  std::vector<std::vector<Index>> batch(n);
+  peft::PPORollout<T> r;
+  double kl = 0.0, score = 0.0;
+  for (int step = 0; step < steps; ++step) {
+    const std::size_t at = static_cast<std::size_t>(step) * n;
+    if (at % order.size() < n)
+      for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[rng.uniform_int(i)]);
+    for (std::size_t i = 0; i < n; ++i) batch[i] = s.train_prompts[order[(at + i) % order.size()]];
+    st.model.eval();
+    ppo.generate(batch, rng, r);
+    st.rm->eval();
+    peft::reward_model_scores(*st.rm, r);
+    st.norm.apply<T>(r.scores);  // the study's normalised reward
+    ppo.evaluate(r);
+    st.model.train();
+    const peft::PPOStats ps = ppo.update(r, opt, rng);
+    st.model.eval();
+    kl = ps.kl;
+    score = ps.score;
+    const bool at_eval = validation ? step + 1 == steps : (step + 1) * s.o.evals % steps < s.o.evals;
+    if (at_eval) {
+      out.push_back(s.evaluate(st, prompts, sft, eval_seed, !validation));
+      out.back().step = step + 1;
+      if (!validation)
+        std::printf("    ppo seed %d iteration %d: rollout score %.3f, KL %.2f, kl_coef %.4f\n", st.seed, step + 1,
+                    score, kl, ppo.kl_coef());
+    }
+  }
+  pm.delete_adapter("policy");  // back to the SFT model ("sft" stays active)
+  return out;
+}
+
 const std::vector<MethodRow>& method_rows() {
   static const std::vector<Hyper> dpo_grid = {{0.1, 1e-3}, {0.5, 1e-3}, {0.5, 3e-3}};
   static const std::vector<Hyper> ipo_grid = {{0.5, 1e-3}, {2.0, 1e-3}, {2.0, 3e-3}};
@@ -606,6 +674,7 @@ const std::vector<MethodRow>& method_rows() {
          return run_preference_loss(s, st, h, v, peft::PreferenceLoss::kIPO, 0.0, true);
        },
        ipo_grid},
+      {"ppo", run_ppo, {{0.05, 1e-3}, {0.2, 1e-3}, {0.2, 3e-3}}},
   };
   return rows;
 }
@@ -706,7 +775,7 @@ void write_svg(const std::string& path, const std::vector<std::string>& names,
     for (int i = 0; i <= 4; ++i)
       f << "<text x='" << x_of(steps * i / 4.0) << "' y='" << top + ph + 16 << "' text-anchor='middle'>"
         << steps * i / 4 << "</text>\n";
-    f << "<text x='" << x0 + pw / 2 << "' y='" << top + ph + 34 << "' text-anchor='middle'>DPO step</text>\n"
+    f << "<text x='" << x0 + pw / 2 << "' y='" << top + ph + 34 << "' text-anchor='middle'>step (DPO step / PPO iteration)</text>\n"
       << "<text x='" << x0 - 45 << "' y='" << top + ph / 2 << "' transform='rotate(-90 " << x0 - 45 << " "
       << top + ph / 2 << ")' text-anchor='middle'>" << ylabel << "</text>\n";
     if (pref)

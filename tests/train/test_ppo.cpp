@@ -335,3 +335,57 @@ TEST_CASE("ppo: a few iterations on a toy reward raise it", "[ppo][llama]") {
   CHECK(r.response_length(0) == 5);  // no eos: every response has max_new_tokens
   CHECK(r.sequences() == 8);
 }
+
+TEST_CASE("ppo: reference_disabled switches off only the policy adapter (SFT adapter kept)", "[ppo][llama]") {
+  Rng rng(23);
+  LlamaForCausalLM<double> model = ppo_tiny_llama(rng);  // base + "policy"
+  const io::Json sft_cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 4}, {"target_modules", {"q_proj", "v_proj"}}};
+  io::apply_method<double>(model, sft_cfg, "sft", rng);
+  for (auto& [path, host] : io::adapted_linears<double>(model)) {
+    std::vector<std::string> names = {"policy"};
+    if (host->has_adapter("sft")) names.push_back("sft");
+    host->set_active(names);
+  }
+  model.visit_parameters([&](const std::string& n, Parameter<double>& p) {  // B ≠ 0: both adapters act
+    if (n.find("lora_B") != std::string::npos)
+      for (Index i = 0; i < p.value.size(); ++i) p.value.data()[i] = 0.3 * rng.normal(0.0, 1.0);
+  });
+  ValueHead<double> v_head(model.config().hidden_size, rng);
+  PPOOptions o;
+  o.reference_disabled = {"policy"};
+  PPOTrainer<double> ppo(model, v_head, o);
+  PPORollout<double> r = ppo_tiny_rollout();
+  ppo.evaluate(r);
+  CHECK((r.log_probs - r.ref_log_probs).cwiseAbs().maxCoeff() > 1e-6);  // the policy differs from π_ref
+  Index hosts_with_policy = 0;
+  for (auto& [path, host] : io::adapted_linears<double>(model))
+    if (host->has_adapter("policy")) {
+      ++hosts_with_policy;
+      CHECK_FALSE(host->adapter_disabled("policy"));  // restored after the reference forward
+      CHECK_FALSE(host->adapters_disabled());
+    }
+  CHECK(hosts_with_policy == 6);  // q, v, down of 2 layers
+  // π_ref is exactly the model with "sft" alone: switch "policy" off by hand and compare.
+  for (auto& [path, host] : io::adapted_linears<double>(model))
+    if (host->has_adapter("policy")) host->disable_adapter("policy");
+  PPORollout<double> sft_only = ppo_tiny_rollout();
+  ppo.evaluate(sft_only);
+  CHECK((sft_only.log_probs - r.ref_log_probs).cwiseAbs().maxCoeff() == 0.0);
+  CHECK((sft_only.ref_log_probs - r.ref_log_probs).cwiseAbs().maxCoeff() == 0.0);
+  for (auto& [path, host] : io::adapted_linears<double>(model))
+    if (host->has_adapter("policy")) {
+      CHECK(host->adapter_disabled("policy"));  // a flag set before evaluate is kept
+      host->disable_adapter("policy", false);
+    }
+  // The default (every adapter off) is the base model, not the SFT model.
+  PPOOptions all = o;
+  all.reference_disabled = {};
+  ppo.set_options(all);
+  PPORollout<double> base = ppo_tiny_rollout();
+  ppo.evaluate(base);
+  CHECK((base.log_probs - r.log_probs).cwiseAbs().maxCoeff() == 0.0);
+  CHECK((base.ref_log_probs - r.ref_log_probs).cwiseAbs().maxCoeff() > 1e-6);
+  all.reference_disabled = {"nope"};
+  PEFT_REQUIRE_THROWS_WITH(ppo.set_options(all), ConfigError, "\"nope\"");
+  CHECK(ppo.options().reference_disabled.empty());  // a refused set_options changes nothing
+}

@@ -8,8 +8,10 @@
 //
 // The policy π is models/llama.hpp's LlamaForCausalLM with its (LoRA, ...) adapters active; the
 // reference π_ref is the same model with every AdaptedLinear host's adapters disabled (one more
-// forward, no second copy of the weights; fold an SFT adapter into the base first, as in
-// train/preference.hpp). Prompt and prefix tuning are refused (they are not switched off for the
+// forward, no second copy of the weights), or, with PPOOptions::reference_disabled = {"policy"},
+// only the named adapter(s) switched off (AdaptedLinear::disable_adapter): an SFT adapter kept
+// active and frozen beside the policy adapter is then part of the reference, as in
+// train/preference.hpp. Prompt and prefix tuning are refused (they are not switched off for the
 // reference).
 //
 // Value head (TRL's AutoModelForCausalLMWithValueHead: ValueHead = Linear(d, 1) with bias, on the
@@ -140,6 +142,9 @@ struct PPOOptions {
   double kl_horizon = 10000;  ///< its horizon (> 0)
   bool whiten_advantages = true;
   double max_grad_norm = 0.0;  ///< global 2-norm clip of every trainable gradient; 0: off
+  /// The adapters switched off for the reference forward (e.g. {"policy"}, with an SFT adapter
+  /// active and frozen beside it); empty: every adapter (the base model).
+  std::vector<std::string> reference_disabled = {};
 
   /// TRL's PPO generation settings: sample from the full distribution (τ 1, no top-k / top-p).
   static GenerationConfig sampling() {
@@ -284,7 +289,7 @@ class PPOTrainer {
       throw ConfigError("PPOTrainer: model \"" + policy.name() +
                         "\" has no adapter, so there is no policy to disable for the reference");
     check::input_features("ValueHead", value_head.name(), value_head.hidden_size(), policy.config().hidden_size);
-    saved_.resize(hosts_.size());
+    resolve_reference(options.reference_disabled);
     params_ = peft::trainable_parameters<T>(policy);
     for (auto& np : peft::trainable_parameters<T>(value_head)) params_.push_back({"v_head." + np.name, np.param});
   }
@@ -293,6 +298,7 @@ class PPOTrainer {
   /// New options (the KL coefficient keeps its current value; set_kl_coef to change it).
   void set_options(const PPOOptions& o) {
     detail::check_ppo_options(o);
+    resolve_reference(o.reference_disabled);
     options_ = o;
   }
   double kl_coef() const { return kl_coef_; }
@@ -621,22 +627,60 @@ class PPOTrainer {
   }
 
  private:
-  /// Disables every host's adapters, restoring each one's previous flag on destruction.
+  /// Disables every host's adapters (or only options().reference_disabled's), restoring each
+  /// previous flag on destruction (also after a throw part-way).
   class Disabled {
    public:
     explicit Disabled(PPOTrainer& o) : o_(o) {
-      for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.saved_[i] = o_.hosts_[i]->adapters_disabled() ? 1 : 0;
-      for (auto* h : o_.hosts_) h->disable_adapters(true);
+      if (o_.switched_.empty()) {
+        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.saved_[i] = o_.hosts_[i]->adapters_disabled() ? 1 : 0;
+        for (auto* h : o_.hosts_) h->disable_adapters(true);
+        return;
+      }
+      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
+        const auto& [host, name] = o_.switched_[i];
+        o_.saved_[i] = host->adapter_disabled(*name) ? 1 : 0;
+      }
+      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
+        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, true);
+        on_ = i + 1;
+      }
     }
     ~Disabled() {
-      for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.hosts_[i]->disable_adapters(o_.saved_[i] != 0);
+      if (o_.switched_.empty()) {
+        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.hosts_[i]->disable_adapters(o_.saved_[i] != 0);
+        return;
+      }
+      for (std::size_t i = 0; i < on_; ++i)
+        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, o_.saved_[i] != 0);
     }
     Disabled(const Disabled&) = delete;
     Disabled& operator=(const Disabled&) = delete;
 
    private:
     PPOTrainer& o_;
+    std::size_t on_ = 0;  ///< switched_ entries switched off so far (a merged one throws)
   };
+
+  /// (host, adapter) pairs the reference switches off; ConfigError for a name no host holds.
+  void resolve_reference(const std::vector<std::string>& names) {
+    std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> next;
+    std::vector<std::string> kept = names;  // next points into its buffer, which the move below keeps
+    for (const auto& n : kept) {
+      bool found = false;
+      for (auto* h : hosts_)
+        if (h->has_adapter(n)) {
+          next.emplace_back(h, &n);
+          found = true;
+        }
+      if (!found)
+        throw ConfigError("PPOTrainer: reference_disabled names adapter \"" + n + "\", which no layer of model \"" +
+                          policy_->name() + "\" holds");
+    }
+    names_ = std::move(kept);
+    switched_ = std::move(next);
+    saved_.assign(std::max(hosts_.size(), switched_.size()), 0);
+  }
 
   static bool action_row(const PPORollout<T>& r, Index i) { return r.action(i / r.layout.seq, i % r.layout.seq); }
 
@@ -700,6 +744,8 @@ class PPOTrainer {
   PPOOptions options_;
   double kl_coef_;
   std::vector<AdaptedLinear<T>*> hosts_;
+  std::vector<std::string> names_;                                          ///< reference_disabled, owned here
+  std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> switched_;  ///< into names_
   std::vector<char> saved_;
   std::vector<NamedParameter<T>> params_;
   // evaluate

@@ -342,9 +342,10 @@ TEST_CASE("ppo: reference_disabled switches off only the policy adapter (SFT ada
   const io::Json sft_cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 4}, {"target_modules", {"q_proj", "v_proj"}}};
   io::apply_method<double>(model, sft_cfg, "sft", rng);
   for (auto& [path, host] : io::adapted_linears<double>(model)) {
-    std::vector<std::string> names = {"policy"};
+    std::vector<std::string> names;
+    if (host->has_adapter("policy")) names.push_back("policy");
     if (host->has_adapter("sft")) names.push_back("sft");
-    host->set_active(names);
+    if (!names.empty()) host->set_active(names);
   }
   model.visit_parameters([&](const std::string& n, Parameter<double>& p) {  // B ≠ 0: both adapters act
     if (n.find("lora_B") != std::string::npos)

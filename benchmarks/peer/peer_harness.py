@@ -140,7 +140,7 @@ def run_worker(python, script, args, threads):
 
 
 def fma_peak(binary):
-    out = subprocess.run([binary, "--benchmark_filter=^BM_FmaPeak", "--benchmark_min_time=0.3",
+    out = subprocess.run([binary, "--benchmark_filter=BM_FmaPeak$", "--benchmark_min_time=0.3",
                           "--benchmark_format=json"], check=True, capture_output=True, text=True,
                          env=thread_env(1))
     b = json.loads(out.stdout)["benchmarks"][0]
@@ -152,11 +152,12 @@ def median(xs):
 
 
 def print_versions(peers, script, binary, header):
-    ctx = subprocess.run([binary, "--benchmark_filter=^$", "--benchmark_format=json"], capture_output=True,
-                         text=True).stdout
+    ctx = subprocess.run([binary, "--benchmark_filter=BM_FmaPeak$", "--benchmark_min_time=0.01",
+                          "--benchmark_format=json"], capture_output=True, text=True).stdout
     try:
         c = json.loads(ctx)["context"]
-        print(f"ours: {binary}; {c.get('num_cpus')} CPUs at {c.get('mhz_per_cpu')} MHz, build {c.get('library_build_type')}")
+        print(f"ours: {binary}; {c.get('num_cpus')} CPUs at {c.get('mhz_per_cpu')} MHz; Google Benchmark "
+              f"library build {c.get('library_build_type')}")
     except (ValueError, KeyError):
         pass
     try:

@@ -79,11 +79,12 @@ class ArenaBlocking : public Eigen::internal::level3_blocking<T, T> {
     this->m_mc = transpose ? cols : rows;
     this->m_nc = transpose ? rows : cols;
     this->m_kc = depth;
-    Index n = this->m_nc;
-    if (l3_blocking)
+    if (l3_blocking) {  // gemm_blocking_space's constructor
       Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc, num_threads);
-    else  // Eigen's initParallel: every thread sees whole rows of the result
-      Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, n, num_threads);
+    } else {  // its initParallel: the A block holds every row (shared by the threads), mc stays whole
+      Index m = this->m_mc;
+      Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, m, this->m_nc, num_threads);
+    }
     GemmArena<T>& arena = GemmArena<T>::local();
     this->m_blockA = arena.a(this->m_mc * this->m_kc);
     this->m_blockB = arena.b(this->m_kc * this->m_nc);

@@ -124,7 +124,14 @@ struct StepCounters {
   long first_allocs = 0, first_faults = 0;
 };
 
-inline void report(benchmark::State& state, const StepCounters& c, const Meter& loop) {
+/// `in_steps`: allocations and faults counted around the steps alone (not Google Benchmark's own
+/// bookkeeping between them, which a loop-wide count would charge to a 1-iteration run); null:
+/// counted over the whole loop.
+struct StepCounts {
+  long allocations = 0, faults = 0;
+};
+inline void report(benchmark::State& state, const StepCounters& c, const Meter& loop,
+                   const StepCounts* in_steps = nullptr) {
   const double n = static_cast<double>(state.iterations());
   const double step = loop.wall() / n, step_cpu = loop.cpu() / n;
   const double gfs = c.flops / step * 1e-9, gfs_cpu = c.flops / step_cpu * 1e-9;
@@ -135,8 +142,9 @@ inline void report(benchmark::State& state, const StepCounters& c, const Meter& 
   state.counters["%peak_cpu"] = 100.0 * gfs_cpu / fma_peak_gflops();
   state.counters["peak_GF/s"] = fma_peak_gflops();
   state.counters["cpu/wall"] = loop.cpu() / loop.wall();
-  state.counters["allocs/step"] = static_cast<double>(loop.allocations()) / n;
-  state.counters["faults/step"] = static_cast<double>(loop.faults()) / n;
+  state.counters["allocs/step"] =
+      static_cast<double>(in_steps != nullptr ? in_steps->allocations : loop.allocations()) / n;
+  state.counters["faults/step"] = static_cast<double>(in_steps != nullptr ? in_steps->faults : loop.faults()) / n;
   state.counters["first_ms"] = 1e3 * c.first_s;
   state.counters["first/steady"] = c.first_s / step;
   state.counters["first_cpu_ms"] = 1e3 * c.first_cpu_s;

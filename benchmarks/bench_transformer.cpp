@@ -162,13 +162,17 @@ Rig& rig(int method) {
 void BM_TransformerStep(benchmark::State& state) {
   const int method = static_cast<int>(state.range(0));
   Rig& r = rig(method);
+  peft::bench::StepCounts counts;
   const peft::bench::Meter loop;
   for (auto _ : state) {
+    const long a0 = peft::count_malloc::allocations(), f0 = peft::count_malloc::minor_faults();
     r.step();
+    counts.allocations += peft::count_malloc::allocations() - a0;
+    counts.faults += peft::count_malloc::minor_faults() - f0;
     benchmark::DoNotOptimize(r.logits.data());
     benchmark::ClobberMemory();
   }
-  peft::bench::report(state, r.counters, loop);
+  peft::bench::report(state, r.counters, loop, &counts);
   const peft::ParameterCount pc = peft::count_parameters(r.model);
   state.SetLabel(kMethods[method]);
   state.counters["trainable"] = static_cast<double>(pc.trainable);

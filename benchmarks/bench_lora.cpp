@@ -10,10 +10,14 @@
 //   LoraBackward         LoRALinear on a frozen base: dA, dB and dX (a middle layer)
 //   LoraTrainStep        LoRA step on a frozen base: forward, backward (no dX), AdamW on A, B
 //
-// Args: rows, in, out, r. Counters: GFLOP/s of the work each case must do.
+// Args: rows, in, out, r. Counters (bench_support.hpp): GF/s of the matrix products each case must
+// do and % of the core's FMA peak, cpu/wall, allocations and page faults per call, and the first
+// call on a fresh layer against a steady one.
 #include <benchmark/benchmark.h>
 
 #include <peft/peft.hpp>
+
+#include "bench_support.hpp"
 
 namespace {
 
@@ -42,20 +46,33 @@ peft::LoRALinear<T> make_layer(const Case& c, bool with_adapter) {
   return layer;
 }
 
-void set_rate(benchmark::State& state, double flops) {
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+/// Times fn: its first call on the fresh layer (first_ms), then the steady loop; step counters.
+template <class Fn>
+void run_timed(benchmark::State& state, double flops, Fn&& fn) {
+  peft::bench::StepCounters c;
+  c.flops = flops;
+  const peft::bench::Meter first;
+  fn();
+  c.first_s = first.wall();
+  c.first_cpu_s = first.cpu();
+  c.first_allocs = first.allocations();
+  c.first_faults = first.faults();
+  const peft::bench::Meter loop;
+  for (auto _ : state) {
+    fn();
+    benchmark::ClobberMemory();
+  }
+  peft::bench::report(state, c, loop);
 }
 
 /// Times layer.forward_inference on a fixed input with a reused output buffer.
 void time_forward(benchmark::State& state, peft::LoRALinear<T>& layer, const Case& c, double flops) {
   const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
   Matrix<T> y;
-  for (auto _ : state) {
+  run_timed(state, flops, [&] {
     layer.forward_inference(x, y);
     benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, flops);
+  });
 }
 
 peft::Linear<T> make_linear(const Case& c, bool trainable) {
@@ -72,12 +89,10 @@ void BM_LinearForward(benchmark::State& state) {
   const Matrix<T> x = Matrix<T>::Random(c.rows, c.in);
   Matrix<T> y;
   peft::Linear<T>::Cache cache;  // frozen: forward keeps nothing in it
-  for (auto _ : state) {
+  run_timed(state, c.base_flops(), [&] {
     layer.forward(x, y, cache);
     benchmark::DoNotOptimize(y.data());
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, c.base_flops());
+  });
 }
 
 /// Backward of a trainable Linear with the input gradient: dW = dYᵀX, db, dX = dY W.
@@ -89,12 +104,10 @@ void BM_LinearBackward(benchmark::State& state) {
   Matrix<T> y, dx;
   peft::Linear<T>::Cache cache;
   layer.forward(x, y, cache);
-  for (auto _ : state) {
+  run_timed(state, 2.0 * c.base_flops(), [&] {
     layer.backward(cache, dy, &dx);
     benchmark::DoNotOptimize(dx.data());
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, 2.0 * c.base_flops());
+  });
 }
 
 /// A full fine-tuning step of the Linear (first layer: no dX): forward, dW and db, AdamW on both.
@@ -106,15 +119,13 @@ void BM_LinearTrainStep(benchmark::State& state) {
   const Matrix<T> dy = Matrix<T>::Random(c.rows, c.out);
   Matrix<T> y;
   peft::Linear<T>::Cache cache;
-  for (auto _ : state) {
+  run_timed(state, 2.0 * c.base_flops(), [&] {
     opt.zero_grad();
     layer.forward(x, y, cache);
     layer.backward(cache, dy, nullptr);
     opt.step();
     benchmark::DoNotOptimize(layer.weight.value.data());
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, 2.0 * c.base_flops());
+  });
 }
 
 void BM_LoraForward(benchmark::State& state) {
@@ -140,13 +151,11 @@ void BM_LoraBackward(benchmark::State& state) {
   Matrix<T> y, dx;
   peft::LoRALinear<T>::Cache cache;
   layer.forward(x, y, cache);
-  for (auto _ : state) {
+  // dX = dY W (base) + the low-rank terms dB, G = dY B, dA, G A.
+  run_timed(state, c.base_flops() + 2.0 * c.lora_flops(), [&] {
     layer.backward(cache, dy, &dx);
     benchmark::DoNotOptimize(dx.data());
-    benchmark::ClobberMemory();
-  }
-  // dX = dY W (base) + the low-rank terms dB, G = dY B, dA, G A.
-  set_rate(state, c.base_flops() + 2.0 * c.lora_flops());
+  });
 }
 
 /// One optimisation step of a LoRA layer on a frozen base: zero_grad, forward, backward (no input
@@ -161,15 +170,13 @@ void BM_LoraTrainStep(benchmark::State& state) {
   const Matrix<T> dy = Matrix<T>::Random(c.rows, c.out);
   Matrix<T> y;
   peft::LoRALinear<T>::Cache cache;
-  for (auto _ : state) {
+  run_timed(state, c.base_flops() + 2.0 * c.lora_flops(), [&] {
     opt.zero_grad();
     layer.forward(x, y, cache);
     layer.backward(cache, dy, nullptr);
     opt.step();
     benchmark::DoNotOptimize(layer.adapter("default").A.value.data());
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, c.base_flops() + 2.0 * c.lora_flops());
+  });
 }
 
 void cases(benchmark::internal::Benchmark* b) {
@@ -179,6 +186,7 @@ void cases(benchmark::internal::Benchmark* b) {
   b->Args({512, 4096, 4096, 16});
   b->Unit(benchmark::kMicrosecond);
   b->UseRealTime();
+  b->MeasureProcessCPUTime();
 }
 
 }  // namespace
@@ -190,5 +198,7 @@ BENCHMARK(BM_LoraForward)->Apply(cases);
 BENCHMARK(BM_LoraMergedForward)->Apply(cases);
 BENCHMARK(BM_LoraBackward)->Apply(cases);
 BENCHMARK(BM_LoraTrainStep)->Apply(cases);
+
+BENCHMARK(peft::bench::BM_FmaPeak)->Unit(benchmark::kMillisecond);
 
 BENCHMARK_MAIN();

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Builds bench_transformer and runs it interleaved with the PyTorch peer (same model, same six
-# methods, same thread count), printing both step times side by side with their ratio.
-# Usage: run_transformer_peer.sh [threads] [repeats]
+# Builds bench_transformer and runs it interleaved with the PyTorch peers (same model, same six
+# methods, one training step each) at 1 and 2 threads, printing per method: ours and each peer
+# (Debian's torch; the pinned venv's ~/.cache/peft-peer torch when installed), the ratio, GF/s, % of
+# the core's FMA peak, CPU/wall, first step / steady step, allocations and page faults per step.
+# Thread variables are set before each peer imports torch (benchmarks/peer/peer_harness.py).
+# Usage: run_transformer_peer.sh [repeats] [extra transformer_peer.py options, e.g. --threads 1]
 #   BENCH=path/to/bench_transformer skips the build and uses that binary; PRESET=release-blas builds
-#   ours with Eigen on the system BLAS (OpenBLAS, as the peer uses).
+#   ours with Eigen on the system BLAS (OpenBLAS, as Debian's torch uses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${BENCH:-}" ]; then
@@ -12,4 +15,4 @@ if [ -z "${BENCH:-}" ]; then
   cmake --build --preset "${PRESET:-release}" --target bench_transformer
   BENCH="build/${PRESET:-release}/benchmarks/bench_transformer"
 fi
-/usr/bin/python3 benchmarks/peer/transformer_peer.py "$BENCH" --threads "${1:-1}" --repeats "${2:-3}"
+python3 benchmarks/peer/transformer_peer.py "$BENCH" --repeats "${1:-3}" "${@:2}"

@@ -3,9 +3,14 @@
 
 Builds the same transformer classifier in PyTorch (4 pre-norm blocks, d=256, 4 heads, FFN 1024
 GELU, seq 64, batch 32, 16-feature patch input, learned positions, final LayerNorm, mean pooling,
-10 classes) with the same six methods, and times zero_grad + forward + backward (dlogits fixed),
-interleaved with our Google Benchmark binary at the same thread count. Prints both times, the
-ratio torch/ours and the trainable-parameter share of each side (which must agree).
+10 classes) with the same six methods, and times one training step (zero_grad + forward + backward
+with dlogits fixed + AdamW) interleaved with our Google Benchmark binary at each thread count,
+against every installed peer (Debian's torch and the pinned venv's). See peer_harness.py for what
+makes it honest (fresh processes, thread variables before torch is imported, warm-up, CPU/wall).
+Per method: ours and each peer (median step), ratio peer/ours, GF/s and % of the core's FMA peak
+(FLOPs: 2*m*n*k over every matrix product of the step, counted by our binary from the shapes; the
+same products for both sides), first step / steady step, allocations (ours) and page faults per
+step, and CPU/wall of each side.
 
 Methods (classifier trainable in every PEFT case):
   full     every parameter trainable
@@ -15,22 +20,31 @@ Methods (classifier trainable in every PEFT case):
   prefix   16 prefix keys/values per layer, prepended to K and V
   prompt   16 soft-prompt embeddings prepended to the input (after positions; not pooled)
 
-usage: transformer_peer.py BENCH_BINARY [--threads N] [--repeats K] [--min-time S]
+usage: transformer_peer.py BENCH_BINARY [--threads 1 2] [--repeats K] [--min-time S] [--min-warmup S]
+                          [--peer NAME=PYTHON ...] [--methods full lora ...]
 """
 import argparse
 import json
 import math
-import subprocess
-import time
+import os
+import sys
 
-import torch
-import torch.nn.functional as F
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peer_harness as harness  # noqa: E402
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    harness.set_threads_before_torch(sys.argv)  # before torch is imported
+if "--worker" in sys.argv or "--info" in sys.argv:
+    import torch
+    import torch.nn.functional as F
+else:  # the driver never imports torch
+    torch = None
 
 B, S, P, D, H, FF, L, C = 32, 64, 16, 256, 4, 1024, 4, 10
 METHODS = ["full", "lora", "adapter", "ia3", "prefix", "prompt"]
 
 
-class LoraLinear(torch.nn.Module):
+class LoraLinear(torch.nn.Module if torch else object):
     def __init__(self, d_in, d_out):
         super().__init__()
         self.base = torch.nn.Linear(d_in, d_out)
@@ -50,7 +64,7 @@ class LoraLinear(torch.nn.Module):
         return y
 
 
-class Adapter(torch.nn.Module):
+class Adapter(torch.nn.Module if torch else object):
     def __init__(self, d, b):
         super().__init__()
         self.down = torch.nn.Linear(d, b)
@@ -62,7 +76,7 @@ class Adapter(torch.nn.Module):
         return x + self.up(F.relu(self.down(x)))
 
 
-class Block(torch.nn.Module):
+class Block(torch.nn.Module if torch else object):
     def __init__(self):
         super().__init__()
         self.norm1 = torch.nn.LayerNorm(D)
@@ -106,7 +120,7 @@ class Block(torch.nn.Module):
         return h + f
 
 
-class Model(torch.nn.Module):
+class Model(torch.nn.Module if torch else object):
     def __init__(self):
         super().__init__()
         self.patch_embed = LoraLinear(P, D)
@@ -159,72 +173,96 @@ def build(method):
     return m
 
 
-def time_torch(fn, min_time):
-    fn()  # warm-up
-    n, start = 0, time.perf_counter()
-    while True:
-        fn()
-        n += 1
-        elapsed = time.perf_counter() - start
-        if elapsed >= min_time:
-            return elapsed / n
-
-
-def torch_case(method, min_time):
+def worker(method, threads, min_time, min_warmup):
+    harness.init_torch(threads)
     m = build(method)
     x = torch.rand(B, S, P) * 2 - 1
     g = torch.rand(B, C) * 2 - 1
     params = [p for p in m.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
     def step():
-        for p in params:
-            p.grad = None
+        opt.zero_grad(set_to_none=True)
         m(x).backward(g)
+        opt.step()
 
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in m.parameters())
-    return time_torch(step, min_time), 100.0 * trainable / total
-
-
-def ours_case(binary, index, min_time, threads):
-    name = f"BM_TransformerStep/method:{index}/real_time"
-    out = subprocess.run(
-        [binary, f"--benchmark_filter=^{name}$", f"--benchmark_min_time={min_time}", "--benchmark_format=json"],
-        check=True, capture_output=True, text=True,
-        env={"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"})
-    runs = [b for b in json.loads(out.stdout)["benchmarks"] if b.get("run_type", "iteration") == "iteration"]
-    if not runs:
-        raise RuntimeError(f"benchmark {name} not found in {binary}")
-    b = runs[0]
-    scale = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}[b["time_unit"]]
-    return b["real_time"] * scale, b["trainable_%"]
+    r = harness.measure(step, min_warmup, min_time)
+    r["trainable_%"] = 100.0 * sum(p.numel() for p in params) / sum(p.numel() for p in m.parameters())
+    r["torch_threads"] = torch.get_num_threads()
+    print(json.dumps(r))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("binary")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("binary", nargs="?")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--min-time", type=float, default=1.0)
+    ap.add_argument("--min-warmup", type=float, default=1.0)
+    ap.add_argument("--peer", action="append", default=[], help="NAME=PYTHON (default: every installed torch)")
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--worker", metavar="METHOD")
+    ap.add_argument("--info", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {args.threads}, median of {args.repeats} interleaved repeats; "
-          f"one step = zero_grad + forward + backward, batch {B} x seq {S}, d {D}, {L} blocks")
-    print(f"{'method':8} {'ours ms':>9} {'torch ms':>9} {'torch/ours':>10} {'ours seq/s':>10} "
-          f"{'train% ours':>11} {'torch':>7} {'vs full ours':>12} {'torch':>7}")
-    rows = []
-    for i, method in enumerate(METHODS):
-        ours, theirs = [], []
-        for _ in range(args.repeats):
-            o, pct_o = ours_case(args.binary, i, args.min_time, args.threads)
-            t, pct_t = torch_case(method, args.min_time)
-            ours.append(o)
-            theirs.append(t)
-        o, t = sorted(ours)[len(ours) // 2], sorted(theirs)[len(theirs) // 2]
-        rows.append((method, o, t, pct_o, pct_t))
-        full_o, full_t = rows[0][1], rows[0][2]  # "full" runs first
-        print(f"{method:8} {o * 1e3:9.2f} {t * 1e3:9.2f} {t / o:10.2f} {B / o:10.1f} {pct_o:11.3f} {pct_t:7.3f} "
-              f"{o / full_o:12.2f} {t / full_t:7.2f}", flush=True)
+    if args.info:
+        print(json.dumps(harness.info_json()))
+        return
+    if args.worker:
+        worker(args.worker, args.threads[0], args.min_time, args.min_warmup)
+        return
+    script = os.path.abspath(__file__)
+    peers = harness.parse_peers(args.peer)
+    peak, isa = harness.fma_peak(args.binary)
+    harness.print_versions(peers, script, args.binary,
+                     f"FMA peak (one core, {isa}, BM_FmaPeak): {peak:.1f} GF/s. One step = zero_grad + forward + "
+                     f"backward + AdamW, batch {B} x seq {S}, d {D}, {L} blocks, float32. Medians of "
+                     f"{args.repeats} interleaved rounds; FLOPs per step counted by our binary (step_flops); warm-up {args.min_warmup} s, timed >= {args.min_time} s.")
+    res = {}  # (threads, method, side) -> list of dicts
+    for rnd in range(args.repeats):
+        for t in args.threads:
+            for i, method in enumerate(METHODS):
+                if method not in args.methods:
+                    continue
+                o = harness.run_ours(args.binary, f"^BM_TransformerStep/method:{i}/", t, args.min_time, args.min_warmup)
+                res.setdefault((t, method, "ours"), []).append(o)
+                for name, py in peers:
+                    r = harness.run_worker(py, script, [method, "--min-time", str(args.min_time), "--min-warmup",
+                                                  str(args.min_warmup)], t)
+                    res.setdefault((t, method, name), []).append(r)
+        print(f"round {rnd + 1}/{args.repeats} done", file=sys.stderr, flush=True)
+    med = harness.median
+    for t in args.threads:
+        print(f"\n== {t} thread{'s' if t > 1 else ''} ==")
+        print(f"{'method':8} {'side':7} {'wall ms':>8} {'peer/ours':>9} {'cpu ms':>8} {'(ratio)':>7} {'GF/s':>6} "
+              f"{'%peak':>6} {'GF/s cpu':>8} {'%pk cpu':>7} {'cpu/wall':>8} {'first/st':>8} {'(cpu)':>6} "
+              f"{'allocs/st':>9} {'faults/st':>9} {'train%':>7}")
+        for method in METHODS:
+            if (t, method, "ours") not in res:
+                continue
+            ours = res[(t, method, "ours")]
+            flops = ours[0]["GFLOP/step"] * 1e9
+            o_ms, o_cpu = med([b["step_s"] for b in ours]), med([b["cpu_s"] for b in ours])
+            print(f"{method:8} {'ours':7} {o_ms * 1e3:8.1f} {'':>9} {o_cpu * 1e3:8.1f} {'':>7} {flops / o_ms * 1e-9:6.1f} "
+                  f"{100 * flops / o_ms * 1e-9 / peak:6.1f} {flops / o_cpu * 1e-9:8.1f} "
+                  f"{100 * flops / o_cpu * 1e-9 / peak:7.1f} {med([b['cpu_wall'] for b in ours]):8.2f} "
+                  f"{med([b['first/steady'] for b in ours]):8.2f} {med([b['first/steady_cpu'] for b in ours]):6.2f} "
+                  f"{med([b['allocs/step'] for b in ours]):9.1f} {med([b['faults/step'] for b in ours]):9.1f} "
+                  f"{ours[0]['trainable_%']:7.3f}")
+            for name, _ in peers:
+                rs = res[(t, method, name)]
+                p_ms, p_cpu = med([r["step_s"] for r in rs]), med([r["cpu_s"] for r in rs])
+                print(f"{'':8} {name:7} {p_ms * 1e3:8.1f} {p_ms / o_ms:9.2f} {p_cpu * 1e3:8.1f} {p_cpu / o_cpu:7.2f} "
+                      f"{flops / p_ms * 1e-9:6.1f} {100 * flops / p_ms * 1e-9 / peak:6.1f} {flops / p_cpu * 1e-9:8.1f} "
+                      f"{100 * flops / p_cpu * 1e-9 / peak:7.1f} {med([r['cpu_wall'] for r in rs]):8.2f} "
+                      f"{med([r['first_s'] / r['step_s'] for r in rs]):8.2f} "
+                      f"{med([r['first_cpu_s'] / r['cpu_s'] for r in rs]):6.2f} {'-':>9} "
+                      f"{med([r['faults'] for r in rs]):9.1f} {rs[0]['trainable_%']:7.3f}")
+    print("\nstep ms: wall time per step; cpu ms: process CPU time per step (all threads; on a loaded machine the "
+          "steadier figure), (ratio): peer/ours on CPU time. GF/s and %peak: FLOPs over wall time, against one core's FMA peak; "
+          "GF/s cpu, %pk cpu: over CPU time (per-core efficiency, what survives a loaded machine). "
+          "peer/ours > 1: ours is faster. first/st: the first step of a fresh model (no warm-up call) over a "
+          "steady one. allocs/st: heap allocations per steady step (ours: malloc interposed; the peer's are not "
+          "counted). cpu/wall: process CPU over wall time in the timed loop (1.0 = one busy thread).")
 
 
 if __name__ == "__main__":

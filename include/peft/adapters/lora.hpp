@@ -33,6 +33,7 @@
 
 #include "peft/adapters/method.hpp"
 #include "peft/core/check.hpp"
+#include "peft/core/gemm.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/warnings.hpp"
 
@@ -160,7 +161,7 @@ class LoraMethod : public AdapterMethod<T> {
   bool forward(const TermInput<T>& in, Matrix<T>& y, std::unique_ptr<MethodCache>* cache) override {
     LoraCache<T>& c = cache != nullptr ? cache_as<LoraCache<T>>(*cache) : scratch_;
     const bool drop = project(in, c);
-    y.noalias() += static_cast<T>(a_.scaling()) * c.xa * a_.B.value.transpose();  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
+    gemm(y, c.xa, a_.B.value.transpose(), static_cast<T>(a_.scaling()), true);  // + s (x̃ Aᵀ) Bᵀ   [rows, out]
     return !drop && a_.A.trainable();
   }
 
@@ -199,11 +200,11 @@ class LoraMethod : public AdapterMethod<T> {
       detail::fill_dropout_mask<T>(c.keep, in.x.rows(), in.x.cols(), a_.config.dropout, *in.rng);
       c.xd.resize(in.x.rows(), in.x.cols());
       c.xd.array() = in.x.array() * c.keep.array();
-      c.xa.noalias() = c.xd * a_.A.value.transpose();  // x̃ Aᵀ   [rows, r]
+      gemm(c.xa, c.xd, a_.A.value.transpose());  // x̃ Aᵀ   [rows, r]
     } else {
       c.keep.resize(0, 0);
       c.xd.resize(0, 0);
-      c.xa.noalias() = in.x * a_.A.value.transpose();  // x Aᵀ   [rows, r]
+      gemm(c.xa, in.x, a_.A.value.transpose());  // x Aᵀ   [rows, r]
     }
     return drop;
   }
@@ -219,18 +220,18 @@ class LoraMethod : public AdapterMethod<T> {
   /// Backward of s·(x̃ Aᵀ) Bᵀ; `xt` is x̃ (only read when A is trainable).
   void backward_lora(const LoraCache<T>& c, const Matrix<T>& xt, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
     const T s = static_cast<T>(a_.scaling());
-    if (a_.B.trainable()) a_.B.accumulator().noalias() += s * dy.transpose() * c.xa;  // dB = s dYᵀ (x̃ Aᵀ)   [out, r]
+    if (a_.B.trainable()) gemm(a_.B.accumulator(), dy.transpose(), c.xa, s, true);  // dB += s dYᵀ (x̃ Aᵀ)   [out, r]
     if (!a_.A.trainable() && dx == nullptr) return;
     g_.resize(dy.rows(), a_.rank());
-    g_.noalias() = dy * a_.B.value;                                                 // G = dY B   [rows, r]
-    if (a_.A.trainable()) a_.A.accumulator().noalias() += s * g_.transpose() * xt;  // dA = s Gᵀ x̃   [r, in]
+    gemm(g_, dy, a_.B.value);                                                     // G = dY B   [rows, r]
+    if (a_.A.trainable()) gemm(a_.A.accumulator(), g_.transpose(), xt, s, true);  // dA += s Gᵀ x̃   [r, in]
     if (dx == nullptr) return;
     if (c.keep.size() > 0) {
       t_.resize(dy.rows(), a_.A.value.cols());
-      t_.noalias() = s * g_ * a_.A.value;          // s G A   [rows, in]
+      gemm(t_, g_, a_.A.value, s);                 // s G A   [rows, in]
       dx->array() += t_.array() * c.keep.array();  // dropout backward: ⊙ keep
     } else {
-      dx->noalias() += s * g_ * a_.A.value;  // dX += s G A   [rows, in]
+      gemm(*dx, g_, a_.A.value, s, true);  // dX += s G A   [rows, in]
     }
   }
 

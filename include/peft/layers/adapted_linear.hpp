@@ -55,6 +55,7 @@
 #include "peft/adapters/lora.hpp"
 #include "peft/adapters/method.hpp"
 #include "peft/core/check.hpp"
+#include "peft/core/gemm.hpp"
 #include "peft/core/module.hpp"
 #include "peft/layers/linear.hpp"
 #include "peft/quant/nf4.hpp"
@@ -316,6 +317,9 @@ class AdaptedLinear : public Module<T> {
     return i == npos ? -1 : static_cast<int>(i);
   }
   std::size_t num_adapters() const { return adapters_.size(); }
+  /// Adapter i in insertion order (i < num_adapters()); unlike methods(), builds no list.
+  AdapterMethod<T>& method_at(std::size_t i) { return *adapters_[i]; }
+  const AdapterMethod<T>& method_at(std::size_t i) const { return *adapters_[i]; }
 
   /// An adapter by name (the first of that name: a name is unique per method, so a layer may hold a
   /// LoRA "default" and an (IA)³ "default", as PEFT keeps one dict per method; set_active, merge
@@ -740,7 +744,7 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
     e = &work_e_;
   }
   const ConstMatrixRef<T> E = e != nullptr ? ConstMatrixRef<T>(*e) : dy;
-  if (weight.trainable()) weight.accumulator().noalias() += E.transpose() * cache.x;  // dW = Eᵀ X   [out, in]
+  if (weight.trainable()) gemm(weight.accumulator(), E.transpose(), cache.x, T(1), true);  // dW += Eᵀ X   [out, in]
   if (dx != nullptr) {
     dx->resize(dy.rows(), in_features());
     base_input_grad(E, *dx);  // dX = E W   [rows, in] (tile-wise on an NF4 base)
@@ -1096,31 +1100,28 @@ void AdaptedLinear<T>::decode_tile(Index r0, Index n) {
 template <class T>
 void AdaptedLinear<T>::base_forward(const ConstMatrixRef<T>& x, Matrix<T>& y) {
   if (!quantized()) {
-    y.noalias() = x * weight.value.transpose();  // x Wᵀ   [rows, out]
+    gemm(y, x, weight.value.transpose());  // x Wᵀ   [rows, out]
     return;
   }
   const Index out = out_features();
   for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
     const Index n = std::min(tile_rows_, out - r0);
-    decode_tile(r0, n);                                                // W_t [n, in]
-    y.middleCols(r0, n).noalias() = x * tile_.topRows(n).transpose();  // y[:, t] = x W_tᵀ   [rows, n]
+    decode_tile(r0, n);                                          // W_t [n, in]
+    gemm(y.middleCols(r0, n), x, tile_.topRows(n).transpose());  // y[:, t] = x W_tᵀ   [rows, n]
   }
 }
 
 template <class T>
 void AdaptedLinear<T>::base_input_grad(const ConstMatrixRef<T>& e, Matrix<T>& dx) {
   if (!quantized()) {
-    dx.noalias() = e * weight.value;  // dX = E W   [rows, in]
+    gemm(dx, e, weight.value);  // dX = E W   [rows, in]
     return;
   }
   const Index out = out_features();
   for (Index r0 = 0; r0 < out; r0 += tile_rows_) {
     const Index n = std::min(tile_rows_, out - r0);
-    decode_tile(r0, n);  // W_t [n, in]
-    if (r0 == 0)
-      dx.noalias() = e.middleCols(r0, n) * tile_.topRows(n);  // dX = E[:, t] W_t   [rows, in]
-    else
-      dx.noalias() += e.middleCols(r0, n) * tile_.topRows(n);
+    decode_tile(r0, n);                                             // W_t [n, in]
+    gemm(dx, e.middleCols(r0, n), tile_.topRows(n), T(1), r0 > 0);  // dX (+)= E[:, t] W_t   [rows, in]
   }
 }
 
@@ -1234,7 +1235,7 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
     cache.z = y;  // x W₀ᵀ: the base product before the bias
   } else {
     cache.z.resize(rows, out_features());
-    cache.z.noalias() = x * w0->transpose();  // x W₀ᵀ   [rows, out]
+    gemm(cache.z, x, w0->transpose());  // x W₀ᵀ   [rows, out]
   }
   if (has_bias()) y.rowwise() += bias.value.row(0);
 

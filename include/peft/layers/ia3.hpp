@@ -17,14 +17,14 @@ namespace peft {
 /// The (IA)³ adapter of `linear` (the first one, in insertion order), or nullptr.
 template <class T>
 IA3Method<T>* ia3_adapter_of(AdaptedLinear<T>& linear) {
-  for (auto& m : linear.methods())
-    if (auto* p = dynamic_cast<IA3Method<T>*>(&m)) return p;
+  for (std::size_t i = 0; i < linear.num_adapters(); ++i)  // no list built: called on every step
+    if (auto* p = dynamic_cast<IA3Method<T>*>(&linear.method_at(i))) return p;
   return nullptr;
 }
 template <class T>
 const IA3Method<T>* ia3_adapter_of(const AdaptedLinear<T>& linear) {
-  for (const auto& m : linear.methods())
-    if (auto* p = dynamic_cast<const IA3Method<T>*>(&m)) return p;
+  for (std::size_t i = 0; i < linear.num_adapters(); ++i)
+    if (auto* p = dynamic_cast<const IA3Method<T>*>(&linear.method_at(i))) return p;
   return nullptr;
 }
 

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "peft/core/check.hpp"
+#include "peft/core/gemm.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
 
@@ -65,7 +66,7 @@ class Linear : public Module<T> {
   void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) const {
     check::input_features("Linear", this->name(), x.cols(), in_features());
     y.resize(x.rows(), out_features());
-    y.noalias() = x * weight.value.transpose();  // [rows, out]
+    gemm(y, x, weight.value.transpose());  // [rows, out]
     if (has_bias()) y.rowwise() += bias.value.row(0);
   }
 
@@ -91,7 +92,7 @@ template <class T>
 void Linear<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
   check::input_features("Linear", this->name(), x.cols(), in_features());
   y.resize(x.rows(), out_features());
-  y.noalias() = x * weight.value.transpose();  // [rows, out]
+  gemm(y, x, weight.value.transpose());  // [rows, out]
   if (has_bias()) y.rowwise() += bias.value.row(0);
   cache.rows = x.rows();
   if (weight.trainable())
@@ -105,12 +106,12 @@ void Linear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix
   check::shape("Linear", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
   if (weight.trainable()) {
     check::shape("Linear", this->name(), "cached input", cache.x.rows(), cache.x.cols(), cache.rows, in_features());
-    weight.accumulator().noalias() += dy.transpose() * cache.x;  // dW = dYᵀ X   [out, in]
+    gemm(weight.accumulator(), dy.transpose(), cache.x, T(1), true);  // dW += dYᵀ X   [out, in]
   }
   if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
   if (dx != nullptr) {
     dx->resize(dy.rows(), in_features());
-    dx->noalias() = dy * weight.value;  // dX = dY W   [rows, in]
+    gemm(*dx, dy, weight.value);  // dX = dY W   [rows, in]
   }
 }
 

@@ -489,9 +489,11 @@ SoftPrompt<T>& TransformerClassifier<T>::add_soft_prompt(Index num_virtual_token
 template <class T>
 void TransformerClassifier<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits,
                                        Cache& cache) {
-  const std::string who = describe("TransformerClassifier", this->name());
-  if (!token_input()) throw ConfigError(who + ": model takes feature input (input_dim > 0), not token ids");
-  layout.validate(who, static_cast<Index>(ids.size()));
+  // The name is built only on error (a string per step would allocate).
+  if (!token_input())
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": model takes feature input (input_dim > 0), not token ids");
+  layout.validate("TransformerClassifier", this->name(), static_cast<Index>(ids.size()));
   cache.features = false;
   embed_tokens.forward(ids, x_, cache.tokens);
   run(layout, logits, cache);
@@ -500,9 +502,10 @@ void TransformerClassifier<T>::forward(const std::vector<Index>& ids, const Sequ
 template <class T>
 void TransformerClassifier<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits,
                                        Cache& cache) {
-  const std::string who = describe("TransformerClassifier", this->name());
-  if (token_input()) throw ConfigError(who + ": model takes token ids (vocab_size > 0), not features");
-  layout.validate(who, x.rows());
+  if (token_input())
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": model takes token ids (vocab_size > 0), not features");
+  layout.validate("TransformerClassifier", this->name(), x.rows());
   check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
   cache.features = true;
   patch_embed.forward(x, x_, cache.patch);
@@ -511,14 +514,15 @@ void TransformerClassifier<T>::forward(const ConstMatrixRef<T>& x, const Sequenc
 
 template <class T>
 void TransformerClassifier<T>::backward(Cache& cache, const ConstMatrixRef<T>& dlogits, Matrix<T>* dx) {
-  const std::string who = describe("TransformerClassifier", this->name());
   const SequenceLayout& ml = cache.model_layout;
   check::shape("TransformerClassifier", this->name(), "logits gradient", dlogits.rows(), dlogits.cols(), ml.batch,
                num_classes());
   if (dx != nullptr && !cache.features)
-    throw ConfigError(who + ": token ids have no input gradient; pass dx = nullptr");
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": token ids have no input gradient; pass dx = nullptr");
   if (static_cast<Index>(cache.blocks.size()) != num_layers())
-    throw ConfigError(who + ": cache does not come from a forward of this model");
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": cache does not come from a forward of this model");
 
   classifier.active().backward(cache.head, dlogits, &dpooled_);  // dp = dlogits W_c   [B, d]
   // pooling backward: spread dp over the pooled rows

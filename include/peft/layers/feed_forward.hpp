@@ -91,6 +91,13 @@ class FeedForward : public Module<T> {
     return y;
   }
 
+  /// The same output with nothing kept for backward (the linears' inference paths): evaluation.
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) {
+    fc1.forward_inference(x, z_inf_);  // z = x W_1ᵀ + b_1
+    activation_forward<T>(activation_, z_inf_, h_inf_);
+    fc2.forward_inference(h_inf_, y);  // y = h W_2ᵀ + b_2
+  }
+
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
  protected:
@@ -101,9 +108,10 @@ class FeedForward : public Module<T> {
 
  private:
   Activation activation_ = Activation::GELU;
-  Matrix<T> hidden_;   ///< forward scratch: h [rows, inner] (fc2 caches what it needs)
-  Matrix<T> dhidden_;  ///< backward scratch [rows, inner]
-  Matrix<T> fprime_;   ///< backward scratch f'(z) [rows, inner]
+  Matrix<T> hidden_;         ///< forward scratch: h [rows, inner] (fc2 caches what it needs)
+  Matrix<T> z_inf_, h_inf_;  ///< forward_inference's z and h [rows, inner] (forward's buffers keep their shapes)
+  Matrix<T> dhidden_;        ///< backward scratch [rows, inner]
+  Matrix<T> fprime_;         ///< backward scratch f'(z) [rows, inner]
 };
 
 // ---- FeedForward members defined outside the class body (the test build's extern template declaration

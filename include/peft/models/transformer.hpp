@@ -139,6 +139,12 @@ class TransformerBlock : public Module<T> {
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
                const PrefixKV<T>* prefix = nullptr);
 
+  /// The same output with nothing kept for backward: every sub-layer's inference path, into the
+  /// block's own inference buffers (reused; forward()'s keep their shapes). `y` must not share
+  /// storage with `x`.
+  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                         const PrefixKV<T>* prefix = nullptr);
+
   /// Accumulates trainable gradients, writes dx unless null; the attention's prefix gradients go
   /// to *dprefix unless null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr);
@@ -154,15 +160,28 @@ class TransformerBlock : public Module<T> {
   }
 
  private:
-  /// Ad_attn(a_) when present, else a_.
-  const Matrix<T>& attend_adapter(Cache& cache) {
-    if (!adapter_attn) return a_;
-    adapter_attn->forward(a_, a2_, cache.adapter_attn);
-    return a2_;
+  /// Forward temporaries (none is read by backward): one set for forward(), one for forward_inference().
+  struct Temps {
+    Matrix<T> u, a, a2, h, v, f, f2, s;
+  };
+
+  /// forward() (cache != nullptr: the sub-layers' training paths, filling *cache) and
+  /// forward_inference() (cache == nullptr: their inference paths): one sequence of operations.
+  void forward_impl(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache* cache,
+                    const PrefixKV<T>* prefix, Temps& t);
+
+  /// Ad_attn(t.a) when present, else t.a.
+  const Matrix<T>& attend_adapter(Cache* cache, Temps& t) {
+    if (!adapter_attn) return t.a;
+    if (cache != nullptr)
+      adapter_attn->forward(t.a, t.a2, cache->adapter_attn);
+    else
+      adapter_attn->forward_inference(t.a, t.a2);
+    return t.a2;
   }
 
   /// FFN(v) with the FFN-side adapter: sequential Ad_ffn(FFN(v)) or parallel FFN(v) + s·Ad_par(v).
-  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache& cache);
+  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t);
 
   /// dv = ∂(ffn branch)/∂v ᵀ df.
   void ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv);
@@ -176,8 +195,7 @@ class TransformerBlock : public Module<T> {
   }
 
   bool pre_norm_ = true;
-  // forward temporaries (not needed by backward)
-  Matrix<T> u_, a_, a2_, h_, v_, f_, f2_, s_;
+  Temps fwd_, inf_;  // forward() / forward_inference() temporaries
   // backward scratch
   Matrix<T> dh_, dv_, du_, da_, ds_, df2_, dtmp_;
 };
@@ -196,23 +214,48 @@ void TransformerBlock<T>::add_adapters(AdapterPlacement placement, const Adapter
 template <class T>
 void TransformerBlock<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
                                   const PrefixKV<T>* prefix) {
+  forward_impl(x, layout, y, &cache, prefix, fwd_);
+}
+
+template <class T>
+void TransformerBlock<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                                            const PrefixKV<T>* prefix) {
+  forward_impl(x, layout, y, nullptr, prefix, inf_);
+}
+
+template <class T>
+void TransformerBlock<T>::forward_impl(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                                       Cache* cache, const PrefixKV<T>* prefix, Temps& t) {
   check::input_features("TransformerBlock", this->name(), x.cols(), dim());
+  // Each sub-layer through its training path (filling *cache) or its inference path.
+  const auto norm = [&](LayerNorm<T>& n, typename LayerNorm<T>::Cache* c, const ConstMatrixRef<T>& in, Matrix<T>& out) {
+    if (cache != nullptr)
+      n.forward(in, out, *c);
+    else
+      n.forward_inference(in, out);
+  };
+  const auto attend = [&](const ConstMatrixRef<T>& in) {
+    if (cache != nullptr)
+      attn.forward(in, layout, t.a, cache->attn, prefix);
+    else
+      attn.forward_inference(in, layout, t.a, prefix);
+  };
   if (pre_norm_) {
-    norm1.forward(x, u_, cache.norm1);                 // u = LN1(x)
-    attn.forward(u_, layout, a_, cache.attn, prefix);  // a = Attn(u)
-    const Matrix<T>& a = attend_adapter(cache);        // a ← Ad_attn(a)
-    h_ = x + a;                                        // h = x + a
-    norm2.forward(h_, v_, cache.norm2);                // v = LN2(h)
-    const Matrix<T>& f = ffn_branch(v_, cache);        // f = FFN(v) (+ adapters)
-    y = h_ + f;                                        // y = h + f
+    norm(norm1, cache ? &cache->norm1 : nullptr, x, t.u);    // u = LN1(x)
+    attend(t.u);                                             // a = Attn(u)
+    const Matrix<T>& a = attend_adapter(cache, t);           // a ← Ad_attn(a)
+    t.h = x + a;                                             // h = x + a
+    norm(norm2, cache ? &cache->norm2 : nullptr, t.h, t.v);  // v = LN2(h)
+    const Matrix<T>& f = ffn_branch(t.v, cache, t);          // f = FFN(v) (+ adapters)
+    y = t.h + f;                                             // y = h + f
   } else {
-    attn.forward(x, layout, a_, cache.attn, prefix);  // a = Attn(x)
-    const Matrix<T>& a = attend_adapter(cache);
-    s_ = x + a;
-    norm1.forward(s_, h_, cache.norm1);  // h = LN1(x + a)
-    const Matrix<T>& f = ffn_branch(h_, cache);
-    s_ = h_ + f;
-    norm2.forward(s_, y, cache.norm2);  // y = LN2(h + f)
+    attend(x);  // a = Attn(x)
+    const Matrix<T>& a = attend_adapter(cache, t);
+    t.s = x + a;
+    norm(norm1, cache ? &cache->norm1 : nullptr, t.s, t.h);  // h = LN1(x + a)
+    const Matrix<T>& f = ffn_branch(t.h, cache, t);
+    t.s = t.h + f;
+    norm(norm2, cache ? &cache->norm2 : nullptr, t.s, y);  // y = LN2(h + f)
   }
 }
 
@@ -250,16 +293,25 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
 }
 
 template <class T>
-const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache& cache) {
-  ffn.forward(v, f_, cache.ffn);
-  if (!adapter_ffn) return f_;
+const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t) {
+  const auto adapter = [&](const Matrix<T>& in, Matrix<T>& out) {
+    if (cache != nullptr)
+      adapter_ffn->forward(in, out, cache->adapter_ffn);
+    else
+      adapter_ffn->forward_inference(in, out);
+  };
+  if (cache != nullptr)
+    ffn.forward(v, t.f, cache->ffn);
+  else
+    ffn.forward_inference(v, t.f);
+  if (!adapter_ffn) return t.f;
   if (parallel_adapter()) {
-    adapter_ffn->forward(v, f2_, cache.adapter_ffn);  // s·g(v)
-    f2_ += f_;
+    adapter(v, t.f2);  // s·g(v)
+    t.f2 += t.f;
   } else {
-    adapter_ffn->forward(f_, f2_, cache.adapter_ffn);  // f + s·g(f)
+    adapter(t.f, t.f2);  // f + s·g(f)
   }
-  return f2_;
+  return t.f2;
 }
 
 template <class T>
@@ -411,6 +463,18 @@ class TransformerClassifier : public Module<T> {
     return logits;
   }
 
+  /// Logits without keeping anything for backward (evaluation, serving): the values forward()
+  /// computes in eval mode (the model is switched to eval for the call when it is training), through
+  /// every sub-layer's inference path — adapted linears with their active or merged adapters,
+  /// attention without softmax statistics, layer norms without x̂, the soft prompt and prefix
+  /// without gradient tables, the head's active copy (modules_to_save). No Cache is read or
+  /// written, and the buffers are the model's own, separate from forward()'s: after the first call
+  /// with a given shape nothing is allocated, and evaluating between training steps leaves the
+  /// training buffers' shapes alone.
+  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits);
+  /// Token input.
+  void forward_inference(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits);
+
   /// dlogits [B, num_classes] → accumulates every trainable gradient. With feature input, writes
   /// ∂L/∂x [B·S, input_dim] into *dx unless null (token input: dx must be null). The cache is
   /// non-const because the prefix gradients are gathered in it.
@@ -434,12 +498,33 @@ class TransformerClassifier : public Module<T> {
   /// Whether anything below the first block trains (embeddings, positions, patch LoRA, prompt).
   bool input_side_trainable();
 
-  /// Shared tail of both forwards: x_ holds the embedded input [B·S, d].
-  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache);
+  /// Forward temporaries (none is read by backward): one set for forward(), one for forward_inference().
+  struct Buffers {
+    Matrix<T> x, h, pooled;
+  };
+
+  /// Shared tail of every forward: buf.x holds the embedded input [B·S, d]. cache != nullptr: the
+  /// training paths, filling *cache; nullptr: the inference paths.
+  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf);
+
+  /// Runs fn in eval mode, then restores training mode (also on an exception).
+  template <class Fn>
+  void in_eval_mode(Fn&& fn) {
+    const bool was_training = this->training();
+    if (was_training) this->eval();
+    try {
+      fn();
+    } catch (...) {
+      if (was_training) this->train();
+      throw;
+    }
+    if (was_training) this->train();
+  }
 
   TransformerConfig config_;
-  // forward temporaries
-  Matrix<T> x_, h_, pooled_;
+  Buffers fwd_, inf_;
+  SequenceLayout inf_layout_;                             ///< forward_inference's layout after the prompt
+  typename PositionalEmbedding<T>::Cache inf_positions_;  ///< forward_inference's (two sizes)
   // backward scratch
   Matrix<T> dpooled_, dh_a_, dh_b_;
 };
@@ -493,8 +578,8 @@ void TransformerClassifier<T>::forward(const std::vector<Index>& ids, const Sequ
   if (!token_input()) throw ConfigError(who + ": model takes feature input (input_dim > 0), not token ids");
   layout.validate(who, static_cast<Index>(ids.size()));
   cache.features = false;
-  embed_tokens.forward(ids, x_, cache.tokens);
-  run(layout, logits, cache);
+  embed_tokens.forward(ids, fwd_.x, cache.tokens);
+  run(layout, logits, &cache, fwd_);
 }
 
 template <class T>
@@ -505,8 +590,35 @@ void TransformerClassifier<T>::forward(const ConstMatrixRef<T>& x, const Sequenc
   layout.validate(who, x.rows());
   check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
   cache.features = true;
-  patch_embed.forward(x, x_, cache.patch);
-  run(layout, logits, cache);
+  patch_embed.forward(x, fwd_.x, cache.patch);
+  run(layout, logits, &cache, fwd_);
+}
+
+template <class T>
+void TransformerClassifier<T>::forward_inference(const std::vector<Index>& ids, const SequenceLayout& layout,
+                                                 Matrix<T>& logits) {
+  if (!token_input())
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": model takes feature input (input_dim > 0), not token ids");
+  layout.validate("TransformerClassifier", this->name(), static_cast<Index>(ids.size()));
+  in_eval_mode([&] {
+    embed_tokens.forward_inference(ids.data(), static_cast<Index>(ids.size()), inf_.x);
+    run(layout, logits, nullptr, inf_);
+  });
+}
+
+template <class T>
+void TransformerClassifier<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout,
+                                                 Matrix<T>& logits) {
+  if (token_input())
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": model takes token ids (vocab_size > 0), not features");
+  layout.validate("TransformerClassifier", this->name(), x.rows());
+  check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
+  in_eval_mode([&] {  // no dropout (LoRA's) in inference
+    patch_embed.forward_inference(x, inf_.x);
+    run(layout, logits, nullptr, inf_);
+  });
 }
 
 template <class T>
@@ -582,50 +694,73 @@ bool TransformerClassifier<T>::input_side_trainable() {
 }
 
 template <class T>
-void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
+void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf) {
   layout.require_right_padded("TransformerClassifier", this->name());
-  cache.layout = layout;
+  if (cache != nullptr) cache->layout = layout;
   // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
   for (Index b = 0; b < layout.batch; ++b)
     if (layout.length(b) < layout.seq)
-      x_.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
-  if (has_positions()) embed_positions.forward_inplace(x_, layout, cache.positions);  // x + P[t]
-  Matrix<T>* cur = &x_;
-  Matrix<T>* nxt = &h_;
-  if (prompt_encoder) {
-    prompt_encoder->forward(*cur, layout, *nxt, cache.model_layout, cache.prompt);  // [P; x_b]
+      buf.x.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
+  if (has_positions())  // x + P[t]
+    embed_positions.forward_inplace(buf.x, layout, cache != nullptr ? cache->positions : inf_positions_);
+  Matrix<T>* cur = &buf.x;
+  Matrix<T>* nxt = &buf.h;
+  SequenceLayout& ml = cache != nullptr ? cache->model_layout : inf_layout_;
+  if (prompt_encoder) {  // [P; x_b]
+    if (cache != nullptr)
+      prompt_encoder->forward(*cur, layout, *nxt, ml, cache->prompt);
+    else
+      prompt_encoder->forward_inference(*cur, layout, *nxt, ml);
     std::swap(cur, nxt);
   } else {
-    cache.model_layout = layout;
+    ml = layout;
   }
-  const SequenceLayout& ml = cache.model_layout;
-  if (prefix_encoder) prefix_encoder->forward(cache.prefix);
-  cache.blocks.resize(layers.size());
+  const Matrix<T>* prefix_table = nullptr;  // the inference path's prefix table
+  if (prefix_encoder) {
+    if (cache != nullptr)
+      prefix_encoder->forward(cache->prefix);
+    else
+      prefix_table = &prefix_encoder->inference_table();
+  }
+  if (cache != nullptr) cache->blocks.resize(layers.size());
   for (std::size_t i = 0; i < layers.size(); ++i) {
+    const Index li = static_cast<Index>(i);
     if (prefix_encoder) {
-      const PrefixKV<T> kv = prefix_encoder->layer(cache.prefix, static_cast<Index>(i));
-      layers[i].forward(*cur, ml, *nxt, cache.blocks[i], &kv);
+      const PrefixKV<T> kv =
+          cache != nullptr ? prefix_encoder->layer(cache->prefix, li) : prefix_encoder->layer_of(*prefix_table, li);
+      if (cache != nullptr)
+        layers[i].forward(*cur, ml, *nxt, cache->blocks[i], &kv);
+      else
+        layers[i].forward_inference(*cur, ml, *nxt, &kv);
+    } else if (cache != nullptr) {
+      layers[i].forward(*cur, ml, *nxt, cache->blocks[i]);
     } else {
-      layers[i].forward(*cur, ml, *nxt, cache.blocks[i]);
+      layers[i].forward_inference(*cur, ml, *nxt);
     }
     std::swap(cur, nxt);
   }
   if (config_.final_norm) {
-    norm.forward(*cur, *nxt, cache.norm);
+    if (cache != nullptr)
+      norm.forward(*cur, *nxt, cache->norm);
+    else
+      norm.forward_inference(*cur, *nxt);
     std::swap(cur, nxt);
   }
   // pooling over real, valid tokens: rows n .. n + len_b − 1 of each sequence
   const Index n = ml.seq - layout.seq;
-  pooled_.resize(ml.batch, dim());
+  buf.pooled.resize(ml.batch, dim());
   for (Index b = 0; b < ml.batch; ++b) {
     if (config_.pooling == Pooling::First) {
-      pooled_.row(b) = cur->row(ml.row(b, n));
+      buf.pooled.row(b) = cur->row(ml.row(b, n));
     } else {
       const Index len = layout.length(b);
-      pooled_.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
+      buf.pooled.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
     }
   }
-  classifier.active().forward(pooled_, logits, cache.head);
+  if (cache != nullptr)
+    classifier.active().forward(buf.pooled, logits, cache->head);
+  else
+    classifier.active().forward_inference(buf.pooled, logits);
 }
 
 }  // namespace peft

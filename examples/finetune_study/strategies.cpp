@@ -28,6 +28,10 @@
 #include <peft/train/batches.hpp>
 #include <peft/train/memory.hpp>
 
+#if defined(__GLIBC__)
+#include <malloc.h>  // malloc_trim
+#endif
+
 namespace study {
 namespace {
 
@@ -110,6 +114,11 @@ LoopResult train_loop(Net& net, Plan& plan, const TransferData& data, const Subs
   EvalBuffers eval;
   task_accuracy(net, data, val, offset, batch, eval);
   if (track_source) task_accuracy(net, data, data.source_val, 0, batch, eval);
+  // glibc keeps pages that earlier phases freed resident in its heap and hands them out again, so
+  // what training allocates would not show as growth; returned to the kernel first, it does.
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
   const bool peak_measurable = peft::reset_peak_rss();
   const std::int64_t rss_start = peak_measurable ? peft::current_rss_bytes() : -1;
   Mat x, xs, logits, dlogits, scratch;

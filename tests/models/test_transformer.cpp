@@ -564,3 +564,60 @@ TEST_CASE("Transformer: forward_inference rejects bad inputs with named errors",
   PEFT_REQUIRE_THROWS_WITH(tokens.forward_inference(std::vector<Index>{1, 2, 3, 11}, SequenceLayout(2, 2), y),
                            ShapeError, "token id 11 at position 3 is out of range for vocabulary size 11");
 }
+
+TEST_CASE("Transformer: forward_inference routes each sequence through its own adapter", "[transformer][inference]") {
+  Rng rng(47);
+  TransformerClassifier<double> model(small_config(NormPlacement::Pre, Pooling::Mean), rng);
+  PeftConfig pc;
+  pc.lora.emplace();
+  pc.lora->target_modules = ModuleSelector::pattern("all-linear");
+  pc.lora->lora.r = 2;
+  pc.modules_to_save = {"classifier"};
+  pc.adapter_name = "a";
+  apply_peft(model, pc, rng);
+  pc.adapter_name = "b";
+  pc.lora->target_modules = ModuleSelector::list({"q_proj", "fc2"});  // b targets fewer linears
+  apply_peft(model, pc, rng);
+  model.visit_parameters([&](const std::string& name, Parameter<double>& p) {  // every adapter away from identity
+    if (name.find("lora_") != std::string::npos || name.find("modules_to_save") != std::string::npos)
+      p.value += test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.3);
+  });
+  const auto use = [&](const std::string& name) {  // `name` active everywhere, or the base model
+    const bool base = name == "__base__";
+    model.for_each_linear([&](const std::string&, LoRALinear<double>& l, bool) {
+      if (!base && l.has_adapter(name)) l.set_active(name);
+      l.disable_adapters(base || !l.has_adapter(name));
+    });
+    model.classifier.set_active(base ? "" : name);
+  };
+  const SequenceLayout layout(4, 4, {4, 2, 3, 4});
+  const Matrix<double> x = test::random_matrix<double>(16, 5, rng);
+  const std::vector<std::string> names{"a", "__base__", "b", "a"};
+  Matrix<double> y, alone;
+  model.forward_inference(x, layout, y, names);
+  REQUIRE(y.rows() == 4);
+  for (Index b = 0; b < 4; ++b) {
+    INFO("sequence " << b << " through " << names[static_cast<std::size_t>(b)]);
+    use(names[static_cast<std::size_t>(b)]);
+    const Index len = layout.length(b);
+    model.forward_inference(x.middleRows(b * 4, len), SequenceLayout(1, len), alone);
+    CHECK(test::rel_diff(y.row(b), alone.row(0)) < 1e-12);
+  }
+  use("a");
+  Matrix<double> active;
+  model.forward_inference(x, layout, active);
+  CHECK(test::rel_diff(y.row(0), active.row(0)) < 1e-12);
+  CHECK(test::rel_diff(y.row(1), active.row(1)) > 1e-6);  // the base model differs from "a"
+  // errors name what is wrong
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, {"a", "b"}), ShapeError,
+                           "2 adapter names for 4 sequences");
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, {"a", "c", "b", "a"}), ConfigError,
+                           "no linear and no head copy holds adapter \"c\" (adapters: \"a\", \"b\"");
+  model.layers[0].attn.q_proj.merge();
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, names), ConfigError,
+                           "mixed-adapter batches need an unmerged layer");
+  model.layers[0].attn.q_proj.unmerge();
+  model.add_prefix(2, rng);
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, names), ConfigError,
+                           "cannot leave out this model's prefix");
+}

@@ -43,6 +43,7 @@
 #include "peft/core/sequence.hpp"
 #include "peft/layers/ia3.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/layers/lora_mixed_batch.hpp"
 
 namespace peft {
 
@@ -160,9 +161,11 @@ class MultiHeadAttention : public Module<T> {
   }
 
   /// The same output with nothing kept for backward (the projections' inference paths, no softmax
-  /// statistics): evaluation and serving. Buffers are members, reused across calls.
+  /// statistics): evaluation and serving. Buffers are members, reused across calls. With `adapters`
+  /// (rows_per_seq = layout.seq), sequence b's rows go through the projections' adapter names[b]
+  /// (lora_mixed_batch.hpp).
   void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
-                         const PrefixKV<T>* prefix = nullptr);
+                         const PrefixKV<T>* prefix = nullptr, const SequenceAdapters* adapters = nullptr);
 
   /// Attention probabilities of sequence b and head h [L_b, l + L_b] (prefix keys first; masked
   /// entries 0), recomputed from the cache exactly as backward does: for inspection (attention
@@ -219,6 +222,7 @@ class MultiHeadAttention : public Module<T> {
   Matrix<T> dx_part_;  ///< backward: k/v projections' input gradient before summation
   // forward_inference's own buffers (evaluation between training steps never resizes forward's)
   Matrix<T> q_inf_, k_inf_, v_inf_, context_inf_;  ///< Q, K, V, C [B·S, d]
+  RoutedWorkspace<T> route_[4];                    ///< per-sequence adapter routing of q, k, v, out
   Matrix<T> pk_inf_, pv_inf_;                      ///< the prefix keys / values [l, d] (copied as forward copies them)
 };
 
@@ -317,7 +321,7 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
 
 template <class T>
 void MultiHeadAttention<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
-                                              const PrefixKV<T>* prefix) {
+                                              const PrefixKV<T>* prefix, const SequenceAdapters* adapters) {
   const Index l = check_forward(x, layout, prefix);
   const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
   if (prefix != nullptr) {  // copied as forward() copies them, so the products are forward's own
@@ -327,9 +331,9 @@ void MultiHeadAttention<T>::forward_inference(const ConstMatrixRef<T>& x, const 
     pk_inf_.resize(0, 0);
     pv_inf_.resize(0, 0);
   }
-  q_proj.forward_inference(x, q_inf_);
-  k_proj.forward_inference(x, k_inf_);
-  v_proj.forward_inference(x, v_inf_);
+  forward_inference_routed<T>(q_proj, x, q_inf_, adapters, route_[0]);
+  forward_inference_routed<T>(k_proj, x, k_inf_, adapters, route_[1]);
+  forward_inference_routed<T>(v_proj, x, v_inf_, adapters, route_[2]);
   context_inf_.setZero(B * S, d);  // padding query rows stay 0
   if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
   for (Index b = 0; b < B; ++b) {
@@ -349,7 +353,7 @@ void MultiHeadAttention<T>::forward_inference(const ConstMatrixRef<T>& x, const 
       if (l > 0) c.noalias() += P.leftCols(l) * pv_inf_.middleCols(h * hd, hd);  // + A_prefix P_V
     }
   }
-  out_proj.forward_inference(context_inf_, y);
+  forward_inference_routed<T>(out_proj, context_inf_, y, adapters, route_[3]);
   zero_padding_rows(layout, y);
 }
 

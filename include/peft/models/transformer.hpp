@@ -143,7 +143,7 @@ class TransformerBlock : public Module<T> {
   /// block's own inference buffers (reused; forward()'s keep their shapes). `y` must not share
   /// storage with `x`.
   void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
-                         const PrefixKV<T>* prefix = nullptr);
+                         const PrefixKV<T>* prefix = nullptr, const SequenceAdapters* adapters = nullptr);
 
   /// Accumulates trainable gradients, writes dx unless null; the attention's prefix gradients go
   /// to *dprefix unless null.
@@ -168,7 +168,7 @@ class TransformerBlock : public Module<T> {
   /// forward() (cache != nullptr: the sub-layers' training paths, filling *cache) and
   /// forward_inference() (cache == nullptr: their inference paths): one sequence of operations.
   void forward_impl(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache* cache,
-                    const PrefixKV<T>* prefix, Temps& t);
+                    const PrefixKV<T>* prefix, Temps& t, const SequenceAdapters* adapters = nullptr);
 
   /// Ad_attn(t.a) when present, else t.a.
   const Matrix<T>& attend_adapter(Cache* cache, Temps& t) {
@@ -181,7 +181,7 @@ class TransformerBlock : public Module<T> {
   }
 
   /// FFN(v) with the FFN-side adapter: sequential Ad_ffn(FFN(v)) or parallel FFN(v) + s·Ad_par(v).
-  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t);
+  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t, const SequenceAdapters* adapters);
 
   /// dv = ∂(ffn branch)/∂v ᵀ df.
   void ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv);
@@ -219,13 +219,14 @@ void TransformerBlock<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayo
 
 template <class T>
 void TransformerBlock<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
-                                            const PrefixKV<T>* prefix) {
-  forward_impl(x, layout, y, nullptr, prefix, inf_);
+                                            const PrefixKV<T>* prefix, const SequenceAdapters* adapters) {
+  forward_impl(x, layout, y, nullptr, prefix, inf_, adapters);
 }
 
 template <class T>
 void TransformerBlock<T>::forward_impl(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
-                                       Cache* cache, const PrefixKV<T>* prefix, Temps& t) {
+                                       Cache* cache, const PrefixKV<T>* prefix, Temps& t,
+                                       const SequenceAdapters* adapters) {
   check::input_features("TransformerBlock", this->name(), x.cols(), dim());
   // Each sub-layer through its training path (filling *cache) or its inference path.
   const auto norm = [&](LayerNorm<T>& n, typename LayerNorm<T>::Cache* c, const ConstMatrixRef<T>& in, Matrix<T>& out) {
@@ -238,22 +239,22 @@ void TransformerBlock<T>::forward_impl(const ConstMatrixRef<T>& x, const Sequenc
     if (cache != nullptr)
       attn.forward(in, layout, t.a, cache->attn, prefix);
     else
-      attn.forward_inference(in, layout, t.a, prefix);
+      attn.forward_inference(in, layout, t.a, prefix, adapters);
   };
   if (pre_norm_) {
-    norm(norm1, cache ? &cache->norm1 : nullptr, x, t.u);    // u = LN1(x)
-    attend(t.u);                                             // a = Attn(u)
-    const Matrix<T>& a = attend_adapter(cache, t);           // a ← Ad_attn(a)
-    t.h = x + a;                                             // h = x + a
-    norm(norm2, cache ? &cache->norm2 : nullptr, t.h, t.v);  // v = LN2(h)
-    const Matrix<T>& f = ffn_branch(t.v, cache, t);          // f = FFN(v) (+ adapters)
-    y = t.h + f;                                             // y = h + f
+    norm(norm1, cache ? &cache->norm1 : nullptr, x, t.u);      // u = LN1(x)
+    attend(t.u);                                               // a = Attn(u)
+    const Matrix<T>& a = attend_adapter(cache, t);             // a ← Ad_attn(a)
+    t.h = x + a;                                               // h = x + a
+    norm(norm2, cache ? &cache->norm2 : nullptr, t.h, t.v);    // v = LN2(h)
+    const Matrix<T>& f = ffn_branch(t.v, cache, t, adapters);  // f = FFN(v) (+ adapters)
+    y = t.h + f;                                               // y = h + f
   } else {
     attend(x);  // a = Attn(x)
     const Matrix<T>& a = attend_adapter(cache, t);
     t.s = x + a;
     norm(norm1, cache ? &cache->norm1 : nullptr, t.s, t.h);  // h = LN1(x + a)
-    const Matrix<T>& f = ffn_branch(t.h, cache, t);
+    const Matrix<T>& f = ffn_branch(t.h, cache, t, adapters);
     t.s = t.h + f;
     norm(norm2, cache ? &cache->norm2 : nullptr, t.s, y);  // y = LN2(h + f)
   }
@@ -293,7 +294,8 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
 }
 
 template <class T>
-const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t) {
+const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t,
+                                                 const SequenceAdapters* adapters) {
   const auto adapter = [&](const Matrix<T>& in, Matrix<T>& out) {
     if (cache != nullptr)
       adapter_ffn->forward(in, out, cache->adapter_ffn);
@@ -303,7 +305,7 @@ const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache* cach
   if (cache != nullptr)
     ffn.forward(v, t.f, cache->ffn);
   else
-    ffn.forward_inference(v, t.f);
+    ffn.forward_inference(v, t.f, adapters);
   if (!adapter_ffn) return t.f;
   if (parallel_adapter()) {
     adapter(v, t.f2);  // s·g(v)
@@ -471,9 +473,19 @@ class TransformerClassifier : public Module<T> {
   /// written, and the buffers are the model's own, separate from forward()'s: after the first call
   /// with a given shape nothing is allocated, and evaluating between training steps leaves the
   /// training buffers' shapes alone.
-  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits);
+  ///
+  /// `adapter_names` (one per sequence; empty: the active adapters) serves several adapters in one
+  /// batch (Hugging Face PEFT's `adapter_names=`): sequence b goes through adapter names[b] in every
+  /// adapted linear (one that does not hold it gives its base output) and through that adapter's
+  /// copy of the head (the original when it has none); "__base__" or "none": the base model. Only
+  /// what a named adapter owns can be routed: ConfigError when the model has a soft prompt, a
+  /// prefix or bottleneck adapters, or for a name no linear and no head copy holds; merged linears
+  /// refuse routing (lora_mixed_batch.hpp).
+  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits,
+                         const std::vector<std::string>& adapter_names = {});
   /// Token input.
-  void forward_inference(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits);
+  void forward_inference(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits,
+                         const std::vector<std::string>& adapter_names = {});
 
   /// dlogits [B, num_classes] → accumulates every trainable gradient. With feature input, writes
   /// ∂L/∂x [B·S, input_dim] into *dx unless null (token input: dx must be null). The cache is
@@ -505,7 +517,17 @@ class TransformerClassifier : public Module<T> {
 
   /// Shared tail of every forward: buf.x holds the embedded input [B·S, d]. cache != nullptr: the
   /// training paths, filling *cache; nullptr: the inference paths.
-  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf);
+  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf,
+           const std::vector<std::string>* adapter_names = nullptr);
+
+  /// ConfigError / ShapeError unless per-sequence adapter names can route this model (see
+  /// forward_inference).
+  void check_adapter_names(const std::vector<std::string>& names, const SequenceLayout& layout);
+
+  /// The head of sequence b under routing: its adapter's copy, else the original.
+  LoRALinear<T>& routed_head(const std::string& name) {
+    return !is_base_adapter_name(name) && classifier.has_copy(name) ? classifier.copy(name) : classifier.original();
+  }
 
   /// Runs fn in eval mode, then restores training mode (also on an exception).
   template <class Fn>
@@ -525,6 +547,8 @@ class TransformerClassifier : public Module<T> {
   Buffers fwd_, inf_;
   SequenceLayout inf_layout_;                             ///< forward_inference's layout after the prompt
   typename PositionalEmbedding<T>::Cache inf_positions_;  ///< forward_inference's (two sizes)
+  RoutedWorkspace<T> patch_route_, head_route_;           ///< per-sequence adapter routing
+  Matrix<T> head_tmp_;                                    ///< a routed head's logits for every row
   // backward scratch
   Matrix<T> dpooled_, dh_a_, dh_b_;
 };
@@ -595,29 +619,64 @@ void TransformerClassifier<T>::forward(const ConstMatrixRef<T>& x, const Sequenc
 }
 
 template <class T>
+void TransformerClassifier<T>::check_adapter_names(const std::vector<std::string>& names,
+                                                   const SequenceLayout& layout) {
+  const std::string who = describe("TransformerClassifier", this->name());
+  if (static_cast<Index>(names.size()) != layout.batch)
+    throw ShapeError(who + ": " + std::to_string(names.size()) + " adapter names for " + std::to_string(layout.batch) +
+                     " sequences");
+  bool bottleneck = false;
+  for (const auto& b : layers) bottleneck = bottleneck || b.adapter_attn.has_value() || b.adapter_ffn.has_value();
+  if (prompt_encoder || prefix_encoder || bottleneck)
+    throw ConfigError(who + ": per-sequence adapter names route the adapted linears and the head's copies; they " +
+                      "cannot leave out this model's " +
+                      (prompt_encoder   ? "soft prompt"
+                       : prefix_encoder ? "prefix"
+                                        : "bottleneck adapters") +
+                      ", which belongs to no named adapter (pass no names)");
+  for (const std::string& name : names) {
+    if (is_base_adapter_name(name) || classifier.has_copy(name)) continue;
+    bool found = false;
+    std::string held;
+    for_each_linear([&](const std::string&, LoRALinear<T>& l, bool) {
+      found = found || l.adapter_index(name) >= 0;
+      for (const auto& m : l.methods())
+        if (held.find("\"" + std::string(m.name()) + "\"") == std::string::npos)
+          held += (held.empty() ? "\"" : ", \"") + std::string(m.name()) + "\"";
+    });
+    if (!found)
+      throw ConfigError(who + ": no linear and no head copy holds adapter \"" + name + "\" (adapters: " +
+                        (held.empty() ? std::string("none") : held) + "; \"__base__\" or \"none\": the base model)");
+  }
+}
+
+template <class T>
 void TransformerClassifier<T>::forward_inference(const std::vector<Index>& ids, const SequenceLayout& layout,
-                                                 Matrix<T>& logits) {
+                                                 Matrix<T>& logits, const std::vector<std::string>& adapter_names) {
   if (!token_input())
     throw ConfigError(describe("TransformerClassifier", this->name()) +
                       ": model takes feature input (input_dim > 0), not token ids");
   layout.validate("TransformerClassifier", this->name(), static_cast<Index>(ids.size()));
+  if (!adapter_names.empty()) check_adapter_names(adapter_names, layout);
   in_eval_mode([&] {
     embed_tokens.forward_inference(ids.data(), static_cast<Index>(ids.size()), inf_.x);
-    run(layout, logits, nullptr, inf_);
+    run(layout, logits, nullptr, inf_, adapter_names.empty() ? nullptr : &adapter_names);
   });
 }
 
 template <class T>
 void TransformerClassifier<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout,
-                                                 Matrix<T>& logits) {
+                                                 Matrix<T>& logits, const std::vector<std::string>& adapter_names) {
   if (token_input())
     throw ConfigError(describe("TransformerClassifier", this->name()) +
                       ": model takes token ids (vocab_size > 0), not features");
   layout.validate("TransformerClassifier", this->name(), x.rows());
   check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
+  if (!adapter_names.empty()) check_adapter_names(adapter_names, layout);
+  const SequenceAdapters input{&adapter_names, layout.seq};
   in_eval_mode([&] {  // no dropout (LoRA's) in inference
-    patch_embed.forward_inference(x, inf_.x);
-    run(layout, logits, nullptr, inf_);
+    forward_inference_routed<T>(patch_embed, x, inf_.x, adapter_names.empty() ? nullptr : &input, patch_route_);
+    run(layout, logits, nullptr, inf_, adapter_names.empty() ? nullptr : &adapter_names);
   });
 }
 
@@ -694,7 +753,8 @@ bool TransformerClassifier<T>::input_side_trainable() {
 }
 
 template <class T>
-void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf) {
+void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf,
+                                   const std::vector<std::string>* adapter_names) {
   layout.require_right_padded("TransformerClassifier", this->name());
   if (cache != nullptr) cache->layout = layout;
   // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
@@ -723,6 +783,8 @@ void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logi
       prefix_table = &prefix_encoder->inference_table();
   }
   if (cache != nullptr) cache->blocks.resize(layers.size());
+  const SequenceAdapters routed{adapter_names, ml.seq};  // rows of the model's layout
+  const SequenceAdapters* seqs = adapter_names != nullptr ? &routed : nullptr;
   for (std::size_t i = 0; i < layers.size(); ++i) {
     const Index li = static_cast<Index>(i);
     if (prefix_encoder) {
@@ -735,7 +797,7 @@ void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logi
     } else if (cache != nullptr) {
       layers[i].forward(*cur, ml, *nxt, cache->blocks[i]);
     } else {
-      layers[i].forward_inference(*cur, ml, *nxt);
+      layers[i].forward_inference(*cur, ml, *nxt, nullptr, seqs);
     }
     std::swap(cur, nxt);
   }
@@ -757,10 +819,26 @@ void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logi
       buf.pooled.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
     }
   }
-  if (cache != nullptr)
+  if (cache != nullptr) {
     classifier.active().forward(buf.pooled, logits, cache->head);
-  else
+  } else if (adapter_names == nullptr) {
     classifier.active().forward_inference(buf.pooled, logits);
+  } else if (!classifier.has_copies()) {  // the head is an adapted linear: route its rows
+    const SequenceAdapters heads{adapter_names, 1};
+    forward_inference_routed<T>(classifier.original(), buf.pooled, logits, &heads, head_route_);
+  } else {  // each head module used, on every row; each sequence keeps its own module's row
+    const std::vector<std::string>& names = *adapter_names;
+    logits.resize(ml.batch, num_classes());
+    for (std::size_t b = 0; b < names.size(); ++b) {
+      LoRALinear<T>* m = &routed_head(names[b]);
+      bool done = false;
+      for (std::size_t e = 0; e < b && !done; ++e) done = &routed_head(names[e]) == m;
+      if (done) continue;
+      m->forward_inference(buf.pooled, head_tmp_);
+      for (std::size_t e = b; e < names.size(); ++e)
+        if (&routed_head(names[e]) == m) logits.row(static_cast<Index>(e)) = head_tmp_.row(static_cast<Index>(e));
+    }
+  }
 }
 
 }  // namespace peft

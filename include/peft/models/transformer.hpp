@@ -512,10 +512,13 @@ class TransformerClassifier : public Module<T> {
 
   /// Forward temporaries (none is read by backward): one set for forward(), one for forward_inference().
   struct Buffers {
-    Matrix<T> x, h, pooled;
+    Matrix<T> e;     ///< the embedded input [B·S, d] (its own buffer: with a soft prompt the blocks'
+                     ///< rows are B·(n + S), and a buffer shared with them would change shape twice a call)
+    Matrix<T> x, h;  ///< the blocks' input and output, swapped layer by layer
+    Matrix<T> pooled;
   };
 
-  /// Shared tail of every forward: buf.x holds the embedded input [B·S, d]. cache != nullptr: the
+  /// Shared tail of every forward: buf.e holds the embedded input [B·S, d]. cache != nullptr: the
   /// training paths, filling *cache; nullptr: the inference paths.
   void run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf,
            const std::vector<std::string>* adapter_names = nullptr);
@@ -550,7 +553,7 @@ class TransformerClassifier : public Module<T> {
   RoutedWorkspace<T> patch_route_, head_route_;           ///< per-sequence adapter routing
   Matrix<T> head_tmp_;                                    ///< a routed head's logits for every row
   // backward scratch
-  Matrix<T> dpooled_, dh_a_, dh_b_;
+  Matrix<T> dpooled_, dh_a_, dh_b_, dh_e_;
 };
 
 // ---- TransformerClassifier members defined outside the class body (the test build's extern template declaration
@@ -602,7 +605,7 @@ void TransformerClassifier<T>::forward(const std::vector<Index>& ids, const Sequ
   if (!token_input()) throw ConfigError(who + ": model takes feature input (input_dim > 0), not token ids");
   layout.validate(who, static_cast<Index>(ids.size()));
   cache.features = false;
-  embed_tokens.forward(ids, fwd_.x, cache.tokens);
+  embed_tokens.forward(ids, fwd_.e, cache.tokens);
   run(layout, logits, &cache, fwd_);
 }
 
@@ -614,7 +617,7 @@ void TransformerClassifier<T>::forward(const ConstMatrixRef<T>& x, const Sequenc
   layout.validate(who, x.rows());
   check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
   cache.features = true;
-  patch_embed.forward(x, fwd_.x, cache.patch);
+  patch_embed.forward(x, fwd_.e, cache.patch);
   run(layout, logits, &cache, fwd_);
 }
 
@@ -659,7 +662,7 @@ void TransformerClassifier<T>::forward_inference(const std::vector<Index>& ids, 
   layout.validate("TransformerClassifier", this->name(), static_cast<Index>(ids.size()));
   if (!adapter_names.empty()) check_adapter_names(adapter_names, layout);
   in_eval_mode([&] {
-    embed_tokens.forward_inference(ids.data(), static_cast<Index>(ids.size()), inf_.x);
+    embed_tokens.forward_inference(ids.data(), static_cast<Index>(ids.size()), inf_.e);
     run(layout, logits, nullptr, inf_, adapter_names.empty() ? nullptr : &adapter_names);
   });
 }
@@ -675,7 +678,7 @@ void TransformerClassifier<T>::forward_inference(const ConstMatrixRef<T>& x, con
   if (!adapter_names.empty()) check_adapter_names(adapter_names, layout);
   const SequenceAdapters input{&adapter_names, layout.seq};
   in_eval_mode([&] {  // no dropout (LoRA's) in inference
-    forward_inference_routed<T>(patch_embed, x, inf_.x, adapter_names.empty() ? nullptr : &input, patch_route_);
+    forward_inference_routed<T>(patch_embed, x, inf_.e, adapter_names.empty() ? nullptr : &input, patch_route_);
     run(layout, logits, nullptr, inf_, adapter_names.empty() ? nullptr : &adapter_names);
   });
 }
@@ -725,8 +728,10 @@ void TransformerClassifier<T>::backward(Cache& cache, const ConstMatrixRef<T>& d
   if (prefix_encoder) prefix_encoder->backward(cache.prefix);
   if (!need_below) return;
   if (prompt_encoder) {
-    prompt_encoder->backward(cache.prompt, *cur, nxt);  // strip the prompt rows, dP += Σ_b
-    std::swap(cur, nxt);
+    // strip the prompt rows, dP += Σ_b; into a buffer of its own, [B·S, d] (dh_a_ and dh_b_ keep
+    // the blocks' [B·(n + S), d]: sharing one would resize it twice a step)
+    prompt_encoder->backward(cache.prompt, *cur, &dh_e_);
+    cur = &dh_e_;
   }
   if (has_positions()) embed_positions.backward(cache.positions, *cur);  // dx_embed = d(x + P) (identity)
   if (cache.features)
@@ -760,10 +765,10 @@ void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logi
   // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
   for (Index b = 0; b < layout.batch; ++b)
     if (layout.length(b) < layout.seq)
-      buf.x.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
+      buf.e.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
   if (has_positions())  // x + P[t]
-    embed_positions.forward_inplace(buf.x, layout, cache != nullptr ? cache->positions : inf_positions_);
-  Matrix<T>* cur = &buf.x;
+    embed_positions.forward_inplace(buf.e, layout, cache != nullptr ? cache->positions : inf_positions_);
+  Matrix<T>* cur = &buf.e;
   Matrix<T>* nxt = &buf.h;
   SequenceLayout& ml = cache != nullptr ? cache->model_layout : inf_layout_;
   if (prompt_encoder) {  // [P; x_b]
@@ -771,7 +776,8 @@ void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logi
       prompt_encoder->forward(*cur, layout, *nxt, ml, cache->prompt);
     else
       prompt_encoder->forward_inference(*cur, layout, *nxt, ml);
-    std::swap(cur, nxt);
+    cur = &buf.h;  // [B·(n + S), d] from here on, in h and x; e keeps the input's shape
+    nxt = &buf.x;
   } else {
     ml = layout;
   }

@@ -15,12 +15,13 @@ function(run_study out_dir result_var output_var)
   set(${output_var} "${out}" PARENT_SCOPE)
 endfunction()
 
-# runs.csv without its last three columns (train_seconds, train_cpu_seconds, peak_rss_bytes).
+# runs.csv without its last four columns (train_seconds, train_cpu_seconds, peak_rss_bytes,
+# peak_rss_added_bytes).
 function(table_without_timing csv result_var)
   file(STRINGS ${csv} lines)
   set(kept "")
   foreach(line IN LISTS lines)
-    string(REGEX REPLACE ",[^,]*,[^,]*,[^,]*$" "" line "${line}")
+    string(REGEX REPLACE ",[^,]*,[^,]*,[^,]*,[^,]*$" "" line "${line}")
     string(APPEND kept "${line}\n")
   endforeach()
   set(${result_var} "${kept}" PARENT_SCOPE)

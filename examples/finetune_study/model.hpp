@@ -21,6 +21,10 @@ class Net : public peft::Module<float> {
  public:
   /// logits [rows, 10] for images x [rows, pixels]; keeps what backward needs inside the net.
   virtual void forward(const Mat& x, Mat& logits) = 0;
+  /// logits [rows, 10] with nothing kept for backward (evaluation): the values forward() computes
+  /// in eval mode, through the layers' inference paths and buffers of their own, so evaluating
+  /// between training steps leaves the training buffers (and the last forward's cache) alone.
+  virtual void forward_inference(const Mat& x, Mat& logits) = 0;
   /// Backward of the last forward: accumulates the gradients of the trainable parameters.
   virtual void backward(const Mat& dlogits) = 0;
   /// A deep copy (the pretrained model is copied once per strategy).

@@ -45,6 +45,16 @@ class MlpBlock : public Module<float> {
       y = *out;
   }
 
+  /// The same output through the layers' inference paths (nothing kept for backward).
+  void forward_inference(const Mat& x, Mat& y) {
+    fc.forward_inference(x, z_inf_);
+    peft::activation_forward<float>(peft::Activation::ReLU, z_inf_, a_inf_);
+    if (adapter)
+      adapter->forward_inference(a_inf_, y);
+    else
+      y = a_inf_;
+  }
+
   /// dy is consumed (used as scratch). dx may be null.
   void backward(const Cache& c, Mat& dy, Mat* dx) {
     if (adapter) {
@@ -63,6 +73,7 @@ class MlpBlock : public Module<float> {
 
  private:
   Mat scratch_;
+  Mat z_inf_, a_inf_;  ///< forward_inference's pre-activation and relu(z)
 };
 
 bool has_trainable(Module<float>& m) {
@@ -78,6 +89,7 @@ class MlpNet : public Net {
     head_ = peft::Linear<float>(o.width, kNumClasses, rng);
     caches_.resize(layers_.size() + 1);
     hidden_.resize(layers_.size() + 1);
+    hidden_inf_.resize(layers_.size() + 1);
     set_name("");
     description_ = "MLP " + std::to_string(pixels) + "-" + std::to_string(o.width) + "x" +
                    std::to_string(o.layers + 1) + "-10 (ReLU)";
@@ -87,6 +99,12 @@ class MlpNet : public Net {
     embed_.forward(x, hidden_[0], caches_[0]);
     for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].forward(hidden_[i], hidden_[i + 1], caches_[i + 1]);
     head_.forward(hidden_.back(), logits, head_cache_);
+  }
+
+  void forward_inference(const Mat& x, Mat& logits) override {
+    embed_.forward_inference(x, hidden_inf_[0]);
+    for (std::size_t i = 0; i < layers_.size(); ++i) layers_[i].forward_inference(hidden_inf_[i], hidden_inf_[i + 1]);
+    head_.forward_inference(hidden_inf_.back(), logits);
   }
 
   void backward(const Mat& dlogits) override {
@@ -166,6 +184,7 @@ class MlpNet : public Net {
   peft::Linear<float> head_;
   std::vector<MlpBlock::Cache> caches_;
   std::vector<Mat> hidden_;
+  std::vector<Mat> hidden_inf_;  ///< forward_inference's activations (the training ones keep their shapes)
   peft::Linear<float>::Cache head_cache_;
   Mat grad_, grad_below_;
   std::string description_;

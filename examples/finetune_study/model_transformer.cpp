@@ -51,9 +51,15 @@ class TransformerNet : public Net {
   }
 
   void forward(const Mat& x, Mat& logits) override {
-    patchify(x);
-    layout_ = peft::SequenceLayout(x.rows(), tokens_);
+    patchify(x, patches_);
+    if (layout_.batch != x.rows()) layout_ = peft::SequenceLayout(x.rows(), tokens_);
     model_.forward(patches_, layout_, logits, cache_);
+  }
+
+  void forward_inference(const Mat& x, Mat& logits) override {
+    patchify(x, patches_inf_);
+    if (layout_inf_.batch != x.rows()) layout_inf_ = peft::SequenceLayout(x.rows(), tokens_);
+    model_.forward_inference(patches_inf_, layout_inf_, logits);
   }
 
   void backward(const Mat& dlogits) override { model_.backward(cache_, dlogits, nullptr); }
@@ -109,7 +115,8 @@ class TransformerNet : public Net {
     disabled_ = disabled;
     // LoRA and (IA)^3 live in the linears, which disable them themselves; the sequential adapters
     // and the prompt / prefix tables are set aside (and put back) whole.
-    model_.for_each_linear([&](const std::string&, peft::LoRALinear<float>& lin, bool) { lin.disable_adapters(disabled); });
+    model_.for_each_linear(
+        [&](const std::string&, peft::LoRALinear<float>& lin, bool) { lin.disable_adapters(disabled); });
     for (std::size_t i = 0; i < model_.layers.size(); ++i) {
       std::swap(model_.layers[i].adapter_attn, stash_[i].first);
       std::swap(model_.layers[i].adapter_ffn, stash_[i].second);
@@ -127,14 +134,14 @@ class TransformerNet : public Net {
 
  private:
   /// x [B, H·W] → patches [B·T, p·p], patch (i, j) of image b at row b·T + i·(W/p) + j.
-  void patchify(const Mat& x) {
+  void patchify(const Mat& x, Mat& patches) const {
     const Index per_row = width_ / patch_;
-    patches_.resize(x.rows() * tokens_, patch_ * patch_);
+    patches.resize(x.rows() * tokens_, patch_ * patch_);
     for (Index b = 0; b < x.rows(); ++b)
       for (Index t = 0; t < tokens_; ++t) {
         const Index pi = t / per_row, pj = t % per_row;
         for (Index r = 0; r < patch_; ++r)
-          patches_.row(b * tokens_ + t).segment(r * patch_, patch_) =
+          patches.row(b * tokens_ + t).segment(r * patch_, patch_) =
               x.row(b).segment((pi * patch_ + r) * width_ + pj * patch_, patch_);
       }
   }
@@ -146,8 +153,8 @@ class TransformerNet : public Net {
   std::optional<peft::SoftPrompt<float>> prompt_stash_;
   std::optional<peft::PrefixAttention<float>> prefix_stash_;
   peft::TransformerClassifier<float>::Cache cache_;
-  peft::SequenceLayout layout_;
-  Mat patches_;
+  peft::SequenceLayout layout_, layout_inf_;
+  Mat patches_, patches_inf_;  ///< forward's and forward_inference's patches
   std::string description_;
 };
 

@@ -66,8 +66,8 @@ struct Stats {
 };
 
 double t975(int dof) {
-  static const double t[] = {0, 12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-                             2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086};
+  static const double t[] = {0,     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+                             2.201, 2.179,  2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086};
   if (dof <= 0) return kNaN;
   if (dof <= 20) return t[dof];
   return dof <= 30 ? 2.042 : 1.96;
@@ -150,7 +150,7 @@ struct Summary {
   Index trainable = 0, total = 0;
   std::int64_t state_bytes = 0;
   double ms_per_step = kNaN, cpu_ms_per_step = kNaN;
-  std::int64_t peak_rss = -1;
+  std::int64_t peak_rss = -1, peak_rss_added = -1;
 };
 
 Summary summarize(const Study& st, const StrategyInfo& s) {
@@ -175,6 +175,7 @@ Summary summarize(const Study& st, const StrategyInfo& s) {
     out.total = r->total;
     out.state_bytes = r->state_bytes;
     out.peak_rss = std::max(out.peak_rss, r->peak_rss);
+    out.peak_rss_added = std::max(out.peak_rss_added, r->peak_rss_added);
   }
   // Time per step over every run of the strategy (all rates cost the same).
   for (const auto& r : st.runs)
@@ -234,8 +235,8 @@ void marker(std::ostream& s, int k, double x, double y, const std::string& colou
 }
 
 struct Box {
-  double x, y, w, h;       ///< plot area in pixels
-  double x0, x1, y0, y1;   ///< data range
+  double x, y, w, h;      ///< plot area in pixels
+  double x0, x1, y0, y1;  ///< data range
   bool logx = false;
   double px(double v) const {
     const double t = logx ? (std::log10(v) - std::log10(x0)) / (std::log10(x1) - std::log10(x0)) : (v - x0) / (x1 - x0);
@@ -249,8 +250,8 @@ void svg_open(std::ostream& s, double w, double h, const std::string& title, con
     << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << w << "\" height=\"" << h << "\" viewBox=\"0 0 " << w
     << ' ' << h << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
     << "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n"
-    << "<text x=\"" << w / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">" << xml(title)
-    << "</text>\n"
+    << "<text x=\"" << w / 2 << "\" y=\"22\" text-anchor=\"middle\" font-size=\"15\" font-weight=\"bold\">"
+    << xml(title) << "</text>\n"
     << "<text x=\"" << w / 2 << "\" y=\"40\" text-anchor=\"middle\" font-size=\"11\" fill=\"#555\">" << xml(subtitle)
     << "</text>\n";
 }
@@ -331,12 +332,14 @@ void write_curves_svg(const std::string& path, const Study& st) {
   const double step = (y1 - y0) > 0.45 ? 0.1 : 0.05;
 
   const int cols = families.size() > 1 ? 2 : 1;
-  const int rows = static_cast<int>((families.size() + static_cast<std::size_t>(cols) - 1) / static_cast<std::size_t>(cols));
+  const int rows =
+      static_cast<int>((families.size() + static_cast<std::size_t>(cols) - 1) / static_cast<std::size_t>(cols));
   const double pw = 540, ph = 300, top = 58;
   const double W = cols * pw, H = top + rows * ph + 34;
   std::ofstream s(path);
-  svg_open(s, W, H, "Validation accuracy while fine-tuning (mean of " + std::to_string(st.info.num_seeds) + " seed" +
-                        (st.info.num_seeds > 1 ? "s" : "") + ", chosen rate)",
+  svg_open(s, W, H,
+           "Validation accuracy while fine-tuning (mean of " + std::to_string(st.info.num_seeds) + " seed" +
+               (st.info.num_seeds > 1 ? "s" : "") + ", chosen rate)",
            "solid: target validation accuracy; dashed: source validation accuracy (forgetting); grey: references");
   for (std::size_t f = 0; f < families.size(); ++f) {
     const double ox = static_cast<double>(f % static_cast<std::size_t>(cols)) * pw;
@@ -379,15 +382,16 @@ void write_curves_svg(const std::string& path, const Study& st) {
         if (pass == 1 && c.front().source_val_acc < 0) break;
         s << "<polyline fill=\"none\" stroke=\"" << colour << "\" stroke-width=\"2\""
           << (pass == 1 ? " stroke-dasharray=\"5,3\"" : "") << " points=\"";
-        for (const auto& p : c) s << b.px(static_cast<double>(p.step)) << ',' << b.py(pass == 0 ? p.val_acc : p.source_val_acc) << ' ';
+        for (const auto& p : c)
+          s << b.px(static_cast<double>(p.step)) << ',' << b.py(pass == 0 ? p.val_acc : p.source_val_acc) << ' ';
         s << "\"/>\n";
         for (const auto& p : c)
-          marker(s, k, b.px(static_cast<double>(p.step)), b.py(pass == 0 ? p.val_acc : p.source_val_acc), colour, pass == 1,
-                 3.2);
+          marker(s, k, b.px(static_cast<double>(p.step)), b.py(pass == 0 ? p.val_acc : p.source_val_acc), colour,
+                 pass == 1, 3.2);
       }
       // Legend: a label on two lines when long.
-      s << "<line x1=\"" << lx << "\" y1=\"" << ly << "\" x2=\"" << lx + 22 << "\" y2=\"" << ly << "\" stroke=\"" << colour
-        << "\" stroke-width=\"2\"/>\n";
+      s << "<line x1=\"" << lx << "\" y1=\"" << ly << "\" x2=\"" << lx + 22 << "\" y2=\"" << ly << "\" stroke=\""
+        << colour << "\" stroke-width=\"2\"/>\n";
       marker(s, k, lx + 11, ly, colour, false, 3.2);
       std::string label = st_info.label;
       std::string second;
@@ -416,7 +420,8 @@ void write_params_svg(const std::string& path, const Study& st, const std::vecto
   // adaptation (hollow), mean ± sd over seeds.
   std::vector<const Summary*> rows;
   for (const auto& s : sums) rows.push_back(&s);
-  std::stable_sort(rows.begin(), rows.end(), [](const Summary* a, const Summary* b) { return a->trainable < b->trainable; });
+  std::stable_sort(rows.begin(), rows.end(),
+                   [](const Summary* a, const Summary* b) { return a->trainable < b->trainable; });
   double pmin = 1e18, pmax = 1, lo = 1, hi = 0;
   for (const Summary* r : rows) {
     pmin = std::min(pmin, static_cast<double>(std::max<Index>(r->trainable, 1)));
@@ -435,11 +440,19 @@ void write_params_svg(const std::string& path, const Study& st, const std::vecto
   const double row_h = 24, top = 80, label_w = 250;
   const double H = top + row_h * static_cast<double>(rows.size()) + 60, W = 1000;
   std::ofstream s(path);
-  svg_open(s, W, H, "Accuracy and trainable parameters per strategy (mean ± sd over " +
-                        std::to_string(st.info.num_seeds) + " seed" + (st.info.num_seeds > 1 ? "s" : "") + ")",
+  svg_open(s, W, H,
+           "Accuracy and trainable parameters per strategy (mean ± sd over " + std::to_string(st.info.num_seeds) +
+               " seed" + (st.info.num_seeds > 1 ? "s" : "") + ")",
            "rows sorted by trainable parameters; accuracy on the official test split at the validation-chosen rate");
-  Box bp{label_w, top, 230, row_h * static_cast<double>(rows.size()), std::pow(10.0, std::floor(std::log10(pmin))),
-         std::pow(10.0, std::ceil(std::log10(pmax) + 1e-9)), 0, 1, true};
+  Box bp{label_w,
+         top,
+         230,
+         row_h * static_cast<double>(rows.size()),
+         std::pow(10.0, std::floor(std::log10(pmin))),
+         std::pow(10.0, std::ceil(std::log10(pmax) + 1e-9)),
+         0,
+         1,
+         true};
   if (bp.x1 <= bp.x0) bp.x1 = bp.x0 * 10;
   Box ba{label_w + 270, top, 440, bp.h, y0, y1, 0, 1};
   const double xstep = (y1 - y0) > 0.45 ? 0.1 : 0.05;
@@ -450,7 +463,8 @@ void write_params_svg(const std::string& path, const Study& st, const std::vecto
       << "\" stroke=\"#e6e6e6\"/>\n<text x=\"" << bp.px(x) << "\" y=\"" << top + bp.h + 15
       << "\" text-anchor=\"middle\" font-size=\"11\">"
       << (e < 3 ? std::to_string(static_cast<long long>(std::lround(x)))
-                : (e < 6 ? std::to_string(static_cast<long long>(std::lround(x / 1000))) + "k" : "1e" + std::to_string(e)))
+                : (e < 6 ? std::to_string(static_cast<long long>(std::lround(x / 1000))) + "k"
+                         : "1e" + std::to_string(e)))
       << "</text>\n";
   }
   for (double v = y0; v <= y1 + 1e-9; v += xstep)
@@ -460,8 +474,10 @@ void write_params_svg(const std::string& path, const Study& st, const std::vecto
   for (const Box* b : {&bp, &ba})
     s << "<rect x=\"" << b->x << "\" y=\"" << b->y << "\" width=\"" << b->w << "\" height=\"" << b->h
       << "\" fill=\"none\" stroke=\"#333\"/>\n";
-  s << "<text x=\"" << bp.x + bp.w / 2 << "\" y=\"" << top - 8 << "\" text-anchor=\"middle\" font-size=\"12\">trainable parameters (log)</text>\n"
-    << "<text x=\"" << ba.x + ba.w / 2 << "\" y=\"" << top - 8 << "\" text-anchor=\"middle\" font-size=\"12\">test accuracy (%)</text>\n";
+  s << "<text x=\"" << bp.x + bp.w / 2 << "\" y=\"" << top - 8
+    << "\" text-anchor=\"middle\" font-size=\"12\">trainable parameters (log)</text>\n"
+    << "<text x=\"" << ba.x + ba.w / 2 << "\" y=\"" << top - 8
+    << "\" text-anchor=\"middle\" font-size=\"12\">test accuracy (%)</text>\n";
   // Reference: the pretrained network's source accuracy.
   s << "<line x1=\"" << ba.px(pre) << "\" y1=\"" << top << "\" x2=\"" << ba.px(pre) << "\" y2=\"" << top + ba.h
     << "\" stroke=\"#888\" stroke-width=\"1.5\" stroke-dasharray=\"2,3\"/>\n";
@@ -471,7 +487,8 @@ void write_params_svg(const std::string& path, const Study& st, const std::vecto
     if (i % 2 == 1)
       s << "<rect x=\"8\" y=\"" << y - row_h / 2 << "\" width=\"" << W - 16 << "\" height=\"" << row_h
         << "\" fill=\"#000\" fill-opacity=\"0.035\"/>\n";
-    s << "<text x=\"" << label_w - 10 << "\" y=\"" << y + 4 << "\" text-anchor=\"end\">" << xml(r.info->label) << "</text>\n";
+    s << "<text x=\"" << label_w - 10 << "\" y=\"" << y + 4 << "\" text-anchor=\"end\">" << xml(r.info->label)
+      << "</text>\n";
     marker(s, 1, bp.px(static_cast<double>(std::max<Index>(r.trainable, 1))), y, "#555", false, 3.5);
     {
       // The count beside its marker, on the side with room.
@@ -497,8 +514,8 @@ void write_params_svg(const std::string& path, const Study& st, const std::vecto
   marker(s, 0, ba.x + 150, ly, "#d1495b", true, 4.5);
   s << "<text x=\"" << ba.x + 160 << "\" y=\"" << ly + 4 << "\" font-size=\"11\">source after adaptation</text>\n"
     << "<line x1=\"" << ba.x + 310 << "\" y1=\"" << ly << "\" x2=\"" << ba.x + 332 << "\" y2=\"" << ly
-    << "\" stroke=\"#888\" stroke-width=\"1.5\" stroke-dasharray=\"2,3\"/><text x=\"" << ba.x + 338 << "\" y=\"" << ly + 4
-    << "\" font-size=\"11\">pretrained, source</text>\n";
+    << "\" stroke=\"#888\" stroke-width=\"1.5\" stroke-dasharray=\"2,3\"/><text x=\"" << ba.x + 338 << "\" y=\""
+    << ly + 4 << "\" font-size=\"11\">pretrained, source</text>\n";
   s << "</svg>\n";
 }
 
@@ -517,11 +534,11 @@ void print_main_table(std::ostream& out, const Study& st, const std::vector<Summ
   out << '\n'
       << pad("strategy", 36) << pad("rate", 16) << pad("target %", 13, true) << pad("source %", 13, true)
       << pad("forget", 14, true) << pad("disabled", 10, true) << pad("trainable", 11, true) << pad("%", 7, true)
-      << pad("ms/step", 16, true) << pad("peak", 6, true) << '\n'
+      << pad("ms/step", 16, true) << pad("peak", 6, true) << pad("+train", 8, true) << '\n'
       << pad("", 36) << pad("(chosen)", 16) << pad("", 13, true) << pad("after", 13, true) << pad("pts", 14, true)
       << pad("source %", 10, true) << pad("", 11, true) << pad("", 7, true) << pad("(cpu)", 16, true)
-      << pad("MiB", 6, true) << '\n'
-      << std::string(142, '-') << '\n';
+      << pad("MiB", 6, true) << pad("MiB", 8, true) << '\n'
+      << std::string(150, '-') << '\n';
   for (const auto& r : sums) {
     out << pad(r.info->label, 36) << pad(r.rates, 16) << pad(pm(r.target), 13, true) << pad(pm(r.source), 13, true)
         << pad(r.forget.n ? pm(r.forget, 100.0, "%+.1f") : "-", 14, true)
@@ -529,19 +546,23 @@ void print_main_table(std::ostream& out, const Study& st, const std::vector<Summ
         << pad(with_commas(r.trainable), 11, true)
         << pad(fmt("%.2f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1))),
                7, true)
-        << pad(std::isnan(r.ms_per_step) ? "-" : fmt("%.1f", r.ms_per_step) + " (" + fmt("%.1f", r.cpu_ms_per_step) + ")", 9 + 7,
-               true)
-        << pad(r.peak_rss < 0 ? "n/a" : fmt("%.0f", static_cast<double>(r.peak_rss) / 1048576.0), 6, true) << '\n';
+        << pad(std::isnan(r.ms_per_step) ? "-"
+                                         : fmt("%.1f", r.ms_per_step) + " (" + fmt("%.1f", r.cpu_ms_per_step) + ")",
+               9 + 7, true)
+        << pad(r.peak_rss < 0 ? "n/a" : fmt("%.0f", static_cast<double>(r.peak_rss) / 1048576.0), 6, true)
+        << pad(r.peak_rss_added < 0 ? "n/a" : fmt("%.1f", static_cast<double>(r.peak_rss_added) / 1048576.0), 8, true)
+        << '\n';
   }
-  out << std::string(142, '-') << '\n';
+  out << std::string(150, '-') << '\n';
 }
 
 void print_diff_table(std::ostream& out, const Study& st, const std::vector<Summary>& sums) {
   const bool scratch = has_strategy(st, "scratch"), full = has_strategy(st, "full_ft");
   if (!scratch && !full) return;
   out << "\nPaired differences in target test accuracy (percentage points, same seed: same budget and pretraining;"
-      << (st.info.num_seeds > 1 ? " mean [95 % interval, Student's t over " + std::to_string(st.info.num_seeds) + " seeds]"
-                                : " one seed: no interval")
+      << (st.info.num_seeds > 1
+              ? " mean [95 % interval, Student's t over " + std::to_string(st.info.num_seeds) + " seeds]"
+              : " one seed: no interval")
       << ")\n"
       << pad("strategy", 36) << pad("vs from scratch", 24, true) << pad("vs full FT", 24, true) << '\n'
       << std::string(84, '-') << '\n';
@@ -603,12 +624,17 @@ void print_tables(std::ostream& out, const Study& st) {
       << "mean ± sd over seeds. forget = pretrained source accuracy − source accuracy after adaptation (points).\n"
       << "disabled: source accuracy with the PEFT modules disabled. % = trainable / all parameters. ms/step = wall\n"
       << "(process CPU) milliseconds per optimizer step, training only. peak = peak resident memory while training\n"
-      << "(data set and frozen model included; n/a where the kernel cannot reset the high-water mark).\n";
+      << "(the whole process: data set, frozen model, what earlier phases left resident); +train = that peak minus "
+         "the\n"
+      << "resident memory when training started, evaluation buffers already allocated: what training itself added\n"
+      << "(max over seeds; n/a where the kernel cannot reset the high-water mark).\n";
   double worst = kNaN;
   for (const auto& r : sums)
-    if (!std::isnan(r.disabled_max_diff)) worst = std::isnan(worst) ? r.disabled_max_diff : std::max(worst, r.disabled_max_diff);
+    if (!std::isnan(r.disabled_max_diff))
+      worst = std::isnan(worst) ? r.disabled_max_diff : std::max(worst, r.disabled_max_diff);
   if (!std::isnan(worst))
-    out << "checked: with their modules disabled, the PEFT models' source logits differ from the pretrained model's by at most "
+    out << "checked: with their modules disabled, the PEFT models' source logits differ from the pretrained model's by "
+           "at most "
         << fmt("%g", worst) << (worst == 0.0 ? " (identical)" : "") << ".\n";
   print_diff_table(out, st, sums);
   print_matched_table(out, st);
@@ -632,29 +658,31 @@ std::vector<std::string> write_outputs(const std::string& dir, const Study& st) 
     // The timing columns come last (the determinism test compares everything before them).
     s << "strategy,label,family,seed,lr,chosen,val_acc,tested,target_acc,source_acc,source_disabled,"
          "disabled_max_diff,pretrained_source_acc,trainable_params,total_params,steps,train_seconds,"
-         "train_cpu_seconds,peak_rss_bytes\n";
+         "train_cpu_seconds,peak_rss_bytes,peak_rss_added_bytes\n";
     for (const auto& r : st.runs)
       s << r.info.id << ',' << csv_field(r.info.label) << ',' << csv_field(r.info.family) << ',' << r.seed << ','
         << format_lr(r.lr) << ',' << (r.chosen ? 1 : 0) << ',' << num(r.val_acc) << ',' << (r.tested ? 1 : 0) << ','
         << num(r.target_acc) << ',' << (r.source_measured ? num(r.source_acc) : "") << ',' << num(r.source_disabled)
         << ',' << (std::isnan(r.disabled_max_diff) ? "" : fmt("%g", r.disabled_max_diff)) << ','
         << num(pretrained_source(st, r.seed)) << ',' << r.trainable << ',' << r.total << ',' << r.steps << ','
-        << fmt("%.3f", r.train_seconds) << ',' << fmt("%.3f", r.train_cpu_seconds) << ',' << r.peak_rss << '\n';
+        << fmt("%.3f", r.train_seconds) << ',' << fmt("%.3f", r.train_cpu_seconds) << ',' << r.peak_rss << ','
+        << r.peak_rss_added << '\n';
   }
   const auto sums = summaries(st);
   {
     std::ofstream s = open("summary.csv");
     s << "strategy,label,family,seeds,chosen_rates,target_mean,target_sd,source_mean,source_sd,forget_mean,forget_sd,"
          "source_disabled_mean,diff_vs_scratch,diff_vs_scratch_ci95,diff_vs_full_ft,diff_vs_full_ft_ci95,"
-         "trainable_params,trainable_percent,ms_per_step,cpu_ms_per_step,peak_rss_bytes\n";
+         "trainable_params,trainable_percent,ms_per_step,cpu_ms_per_step,peak_rss_bytes,peak_rss_added_bytes\n";
     for (const auto& r : sums)
       s << r.info->id << ',' << csv_field(r.info->label) << ',' << csv_field(r.info->family) << ',' << r.target.n << ','
-        << csv_field(r.rates) << ',' << num(r.target.mean) << ',' << num(r.target.sd) << ',' << num(r.source.mean) << ','
-        << num(r.source.sd) << ',' << num(r.forget.mean) << ',' << num(r.forget.sd) << ','
+        << csv_field(r.rates) << ',' << num(r.target.mean) << ',' << num(r.target.sd) << ',' << num(r.source.mean)
+        << ',' << num(r.source.sd) << ',' << num(r.forget.mean) << ',' << num(r.forget.sd) << ','
         << (r.info->peft ? num(r.disabled.mean) : "") << ',' << num(r.d_scratch.mean) << ',' << num(r.d_scratch.ci)
         << ',' << num(r.d_full.mean) << ',' << num(r.d_full.ci) << ',' << r.trainable << ','
         << fmt("%.4f", 100.0 * static_cast<double>(r.trainable) / static_cast<double>(std::max<Index>(r.total, 1)))
-        << ',' << fmt("%.3f", r.ms_per_step) << ',' << fmt("%.3f", r.cpu_ms_per_step) << ',' << r.peak_rss << '\n';
+        << ',' << fmt("%.3f", r.ms_per_step) << ',' << fmt("%.3f", r.cpu_ms_per_step) << ',' << r.peak_rss << ','
+        << r.peak_rss_added << '\n';
   }
   {
     std::ofstream s = open("curves.csv");

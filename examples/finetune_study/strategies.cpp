@@ -28,6 +28,10 @@
 #include <peft/train/batches.hpp>
 #include <peft/train/memory.hpp>
 
+#if defined(__GLIBC__)
+#include <malloc.h>  // malloc_trim
+#endif
+
 namespace study {
 namespace {
 
@@ -80,15 +84,19 @@ std::vector<ParamGroup<float>> head_and_rest(Net& net, double head_lr, double re
 struct LoopResult {
   std::vector<CurvePoint> curve;
   double seconds = 0.0, cpu_seconds = 0.0;
-  std::int64_t peak_rss = -1;
+  std::int64_t peak_rss = -1, peak_rss_added = -1;
 };
 
 /// The shared loop: `steps` optimizer steps over `train` (class offset `offset`), optionally mixing
 /// in source batches; validation on `val` (and on the source validation split when
-/// `track_source`) at `points` evenly spaced steps, `batch` images at a time through the same
-/// buffers, so evaluation adds nothing to the training's peak memory. Only the steps are timed.
-LoopResult train_loop(Net& net, Plan& plan, const TransferData& data, const Subset& train, int offset, const Subset& val,
-                      Index steps, Index batch, Index points, bool track_source, std::uint64_t seed,
+/// `track_source`) at `points` evenly spaced steps, `batch` images at a time through
+/// Net::forward_inference. Only the steps are timed. Memory: one validation pass before training
+/// sizes the evaluation buffers (the model's inference buffers and EvalBuffers, reused by every
+/// later pass: same chunks, same shapes); then the high-water mark is reset and the resident size
+/// taken, so peak_rss_added = peak − that size counts what training adds, not evaluation nor what
+/// earlier phases left resident.
+LoopResult train_loop(Net& net, Plan& plan, const TransferData& data, const Subset& train, int offset,
+                      const Subset& val, Index steps, Index batch, Index points, bool track_source, std::uint64_t seed,
                       const StudyOptions& o, const std::string& label) {
   // Full batches only (a budget of 100 at batch 32: 3 batches per epoch, reshuffled every epoch),
   // so no step is a noisy remainder of a few images.
@@ -103,7 +111,16 @@ LoopResult train_loop(Net& net, Plan& plan, const TransferData& data, const Subs
   peft::Progress progress(label, steps, o.log != nullptr ? *o.log : std::cout, o.progress);
 
   LoopResult out;
+  EvalBuffers eval;
+  task_accuracy(net, data, val, offset, batch, eval);
+  if (track_source) task_accuracy(net, data, data.source_val, 0, batch, eval);
+  // glibc keeps pages that earlier phases freed resident in its heap and hands them out again, so
+  // what training allocates would not show as growth; returned to the kernel first, it does.
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
   const bool peak_measurable = peft::reset_peak_rss();
+  const std::int64_t rss_start = peak_measurable ? peft::current_rss_bytes() : -1;
   Mat x, xs, logits, dlogits, scratch;
   std::vector<std::int64_t> labels, source_labels, task_labels;
   std::vector<Index> rows, source_rows;
@@ -157,8 +174,8 @@ LoopResult train_loop(Net& net, Plan& plan, const TransferData& data, const Subs
       CurvePoint p;
       p.step = step + 1;
       p.train_loss = loss_sum / static_cast<double>(std::max<Index>(loss_count, 1));
-      p.val_acc = task_accuracy(net, data, val, offset, batch);
-      if (track_source) p.source_val_acc = task_accuracy(net, data, data.source_val, 0, batch);
+      p.val_acc = task_accuracy(net, data, val, offset, batch, eval);
+      if (track_source) p.source_val_acc = task_accuracy(net, data, data.source_val, 0, batch, eval);
       out.curve.push_back(p);
       loss_sum = 0.0;
       loss_count = 0;
@@ -169,6 +186,7 @@ LoopResult train_loop(Net& net, Plan& plan, const TransferData& data, const Subs
   out.seconds = timed;
   out.cpu_seconds = static_cast<double>(std::clock() - c_start) / CLOCKS_PER_SEC - cpu_excluded;
   out.peak_rss = peak_measurable ? peft::peak_rss_bytes() : -1;
+  if (out.peak_rss >= 0 && rss_start >= 0) out.peak_rss_added = std::max<std::int64_t>(0, out.peak_rss - rss_start);
   char summary[128];
   std::snprintf(summary, sizeof summary, "done in %s, validation accuracy %.1f%%",
                 peft::format_duration(progress.elapsed()).c_str(),
@@ -241,10 +259,17 @@ const StrategyInfo& strategy(const std::string& id) {
 
 double task_accuracy(Net& net, const TransferData& data, const Subset& s, int class_offset, Index chunk,
                      Mat* logits_out) {
+  EvalBuffers buffers;
+  return task_accuracy(net, data, s, class_offset, chunk, buffers, logits_out);
+}
+
+double task_accuracy(Net& net, const TransferData& data, const Subset& s, int class_offset, Index chunk,
+                     EvalBuffers& buffers, Mat* logits_out) {
   net.eval();
-  Mat x, logits;
-  std::vector<std::int64_t> labels;
-  std::vector<Index> rows;
+  Mat& x = buffers.x;
+  Mat& logits = buffers.logits;
+  std::vector<std::int64_t>& labels = buffers.labels;
+  std::vector<Index>& rows = buffers.rows;
   Index correct = 0;
   if (logits_out != nullptr) logits_out->resize(s.size(), kTaskClasses);
   for (Index start = 0; start < s.size(); start += chunk) {
@@ -252,7 +277,7 @@ double task_accuracy(Net& net, const TransferData& data, const Subset& s, int cl
     rows.resize(static_cast<std::size_t>(n));
     for (Index i = 0; i < n; ++i) rows[static_cast<std::size_t>(i)] = start + i;
     gather(data, s, rows.data(), n, x, labels);
-    net.forward(x, logits);
+    net.forward_inference(x, logits);
     if (logits_out != nullptr) logits_out->middleRows(start, n) = logits.middleCols(class_offset, kTaskClasses);
     for (Index i = 0; i < n; ++i) {
       Index best = 0;
@@ -351,7 +376,8 @@ RunResult run_strategy(const StrategyInfo& info, double lr, const Pretrained& pr
     plan.on_step = [&m, stages, steps](Index step) {
       const int stage = static_cast<int>(std::min<Index>(stages - 1, step * stages / std::max<Index>(1, steps)));
       const int previous =
-          step == 0 ? -1 : static_cast<int>(std::min<Index>(stages - 1, (step - 1) * stages / std::max<Index>(1, steps)));
+          step == 0 ? -1
+                    : static_cast<int>(std::min<Index>(stages - 1, (step - 1) * stages / std::max<Index>(1, steps)));
       if (stage == previous) return;
       peft::freeze<float>(m);
       peft::unfreeze<float>(m, head_pattern(m));
@@ -395,6 +421,7 @@ RunResult run_strategy(const StrategyInfo& info, double lr, const Pretrained& pr
   r.train_seconds = loop.seconds;
   r.train_cpu_seconds = loop.cpu_seconds;
   r.peak_rss = loop.peak_rss;
+  r.peak_rss_added = loop.peak_rss_added;
   if (id == "gradual" || id == "lp_ft") peft::unfreeze<float>(m);  // count what the strategy trains in the end
   const peft::ParameterCount count = peft::count_parameters<float>(m);
   r.trainable = count.trainable;

@@ -40,8 +40,8 @@ struct StudyOptions {
   double replay_fraction = 0.25;  ///< source images mixed into each batch, relative to the batch size
   double l2sp_lambda = 1.0;
   double ewc_lambda = 200.0;
-  Index ewc_samples = 200;   ///< source examples (one per backward) for the diagonal Fisher
-  Index curve_points = 10;   ///< validation points on each learning curve
+  Index ewc_samples = 200;       ///< source examples (one per backward) for the diagonal Fisher
+  Index curve_points = 10;       ///< validation points on each learning curve
   double lp_ft_probe_lr = 1e-2;  ///< LP-FT's probe phase (the linear probe's middle grid point)
   peft::ProgressOptions progress;
   std::ostream* log = nullptr;  ///< progress display target
@@ -62,14 +62,14 @@ struct RunResult {
   StrategyInfo info;
   std::uint64_t seed = 0;
   double lr = 0.0;
-  bool chosen = false;          ///< the rate with the best validation accuracy for this seed
-  double val_acc = 0.0;         ///< target validation accuracy at the end: the selection criterion
-  bool tested = false;          ///< test accuracies measured (the chosen rate; every rate under --full)
-  double target_acc = kNaN;     ///< target test accuracy (5-way, classes 5-9)
-  double source_acc = kNaN;     ///< source test accuracy after adaptation, modules active (5-way, 0-4)
-  double source_disabled = kNaN;  ///< the same with the PEFT modules disabled (PEFT strategies only)
+  bool chosen = false;              ///< the rate with the best validation accuracy for this seed
+  double val_acc = 0.0;             ///< target validation accuracy at the end: the selection criterion
+  bool tested = false;              ///< test accuracies measured (the chosen rate; every rate under --full)
+  double target_acc = kNaN;         ///< target test accuracy (5-way, classes 5-9)
+  double source_acc = kNaN;         ///< source test accuracy after adaptation, modules active (5-way, 0-4)
+  double source_disabled = kNaN;    ///< the same with the PEFT modules disabled (PEFT strategies only)
   double disabled_max_diff = kNaN;  ///< max |source logit − pretrained source logit| while disabled
-  bool source_measured = true;  ///< false for "from scratch", which never saw the source task
+  bool source_measured = true;      ///< false for "from scratch", which never saw the source task
   Index trainable = 0;
   Index total = 0;
   std::int64_t state_bytes = 0;  ///< gradients + optimizer moments of the trainable parameters
@@ -77,6 +77,9 @@ struct RunResult {
   double train_seconds = 0.0;      ///< wall time of the optimizer steps only (no evaluation)
   double train_cpu_seconds = 0.0;  ///< process CPU time of the same
   std::int64_t peak_rss = -1;      ///< peak resident bytes during training, -1 when not measurable
+  /// peak_rss minus the resident bytes at the start of training (after the evaluation buffers
+  /// exist): what training itself added (activations, gradients, optimizer state); -1 likewise.
+  std::int64_t peak_rss_added = -1;
   std::vector<CurvePoint> curve;
 };
 
@@ -103,8 +106,19 @@ RunResult run_strategy(const StrategyInfo& info, double lr, const Pretrained& pr
 /// that disabled ≡ pretrained).
 void test(RunResult& r, Net& adapted, const Pretrained& pretrained, const TransferData& data);
 
+/// What an evaluation pass reuses (images, logits, labels of one chunk).
+struct EvalBuffers {
+  Mat x, logits;
+  std::vector<std::int64_t> labels;
+  std::vector<Index> rows;
+};
+
 /// Accuracy on `s` with the argmax restricted to one task's five classes (offset 0 or 5),
-/// evaluated `chunk` images at a time. `logits_out`, if given, receives that task's logits.
+/// evaluated `chunk` images at a time through Net::forward_inference (nothing kept for backward;
+/// the training buffers are left alone). `logits_out`, if given, receives that task's logits.
+double task_accuracy(Net& net, const TransferData& data, const Subset& s, int class_offset, Index chunk,
+                     EvalBuffers& buffers, Mat* logits_out = nullptr);
+/// The same with buffers of its own.
 double task_accuracy(Net& net, const TransferData& data, const Subset& s, int class_offset, Index chunk = 500,
                      Mat* logits_out = nullptr);
 

@@ -395,3 +395,229 @@ TEST_CASE("patchify splits images into row-major patches", "[transformer]") {
   PEFT_REQUIRE_THROWS_WITH(patchify<float>(images, 5, 4, 5, 4, patches), ShapeError,
                            "images have 16 pixels, expected 5x4 = 20");
 }
+
+// ---- forward_inference ---------------------------------------------------------------------------
+
+namespace {
+
+/// forward() in eval mode, for comparison with forward_inference().
+template <class T, class Input>
+Matrix<T> eval_forward(TransformerClassifier<T>& model, const Input& x, const SequenceLayout& layout) {
+  const bool was_training = model.training();
+  model.eval();
+  typename TransformerClassifier<T>::Cache cache;
+  Matrix<T> y = model.forward(x, layout, cache);
+  if (was_training) model.train();
+  return y;
+}
+
+/// LoRA on every linear, (IA)³ and a modules_to_save head: the methods that live in the adapted
+/// linears and the head, which the model can disable and merge.
+PeftConfig linear_methods() {
+  PeftConfig pc;
+  LoraTargetConfig lc;
+  lc.target_modules = ModuleSelector::pattern("all-linear");
+  lc.lora.r = 2;
+  lc.lora.alpha = 3.0;
+  pc.lora = lc;
+  pc.ia3.emplace();
+  pc.modules_to_save = {"classifier"};
+  return pc;
+}
+
+}  // namespace
+
+TEST_CASE("Transformer: forward_inference equals forward in eval mode, bit for bit", "[transformer][inference]") {
+  for (NormPlacement norm : {NormPlacement::Pre, NormPlacement::Post})
+    for (Pooling pool : {Pooling::Mean, Pooling::First})
+      for (AdapterPlacement placement : {AdapterPlacement::Houlsby, AdapterPlacement::Parallel}) {
+        INFO("norm " << static_cast<int>(norm) << " pooling " << static_cast<int>(pool) << " placement "
+                     << static_cast<int>(placement));
+        Rng rng(41);
+        TransformerClassifier<double> model(small_config(norm, pool), rng);
+        const SequenceLayout layout(3, 4, {3, 4, 1});
+        const Matrix<double> x = test::random_matrix<double>(12, 5, rng);
+        Matrix<double> y;
+        model.forward_inference(x, layout, y);  // the bare model
+        CHECK(y == eval_forward(model, x, layout));
+        // every method at once (prefix through its projection with the parallel adapter)
+        apply_peft(model, everything(placement, placement == AdapterPlacement::Parallel), rng);
+        perturb_trainable(model, rng);
+        model.forward_inference(x, layout, y);
+        const Matrix<double> reference = eval_forward(model, x, layout);
+        CHECK(y == reference);
+        CHECK(y.rows() == 3);
+        // a second call with another shape, then the first again: the same values
+        Matrix<double> y2;
+        model.forward_inference(x.topRows(4), SequenceLayout(1, 4), y2);
+        CHECK(y2 == eval_forward(model, Matrix<double>(x.topRows(4)), SequenceLayout(1, 4)));
+        model.forward_inference(x, layout, y);
+        CHECK(y == reference);
+      }
+  // token input with a soft prompt and the positions as a module to save
+  Rng rng(42);
+  TransformerClassifier<double> tokens(small_config(NormPlacement::Pre, Pooling::Mean, false), rng);
+  PeftConfig pc = linear_methods();
+  PromptTargetConfig sc;
+  sc.num_virtual_tokens = 2;
+  pc.prompt = sc;
+  pc.modules_to_save = {"classifier", "embed_positions"};
+  apply_peft(tokens, pc, rng);
+  perturb_trainable(tokens, rng);
+  const SequenceLayout layout(3, 4, {2, 4, 1});
+  const std::vector<Index> ids{1, 2, 0, 0, 3, 4, 5, 6, 7, 0, 0, 0};
+  Matrix<double> y;
+  tokens.forward_inference(ids, layout, y);
+  CHECK(y == eval_forward(tokens, ids, layout));
+}
+
+TEST_CASE("Transformer: forward_inference with adapters disabled is the base model; merged equals unmerged",
+          "[transformer][inference]") {
+  Rng rng(43);
+  TransformerClassifier<double> base(small_config(NormPlacement::Pre, Pooling::Mean), rng);
+  TransformerClassifier<double> model = base;
+  apply_peft(model, linear_methods(), rng);
+  perturb_trainable(model, rng);
+  const SequenceLayout layout(2, 4, {4, 2});
+  const Matrix<double> x = test::random_matrix<double>(8, 5, rng);
+  Matrix<double> active, y, y_base;
+  model.forward_inference(x, layout, active);
+  base.forward_inference(x, layout, y_base);
+  CHECK(test::rel_diff(active, y_base) > 1e-3);  // the adapters change the logits
+  // disabled: LoRA and (IA)³ in every linear, the head's copy
+  model.for_each_linear([](const std::string&, LoRALinear<double>& l, bool) { l.disable_adapters(true); });
+  model.classifier.disable(true);
+  model.forward_inference(x, layout, y);
+  CHECK(y == y_base);
+  CHECK(y == eval_forward(model, x, layout));
+  model.for_each_linear([](const std::string&, LoRALinear<double>& l, bool) { l.disable_adapters(false); });
+  model.classifier.disable(false);
+  model.forward_inference(x, layout, y);
+  CHECK(y == active);
+  // merged: the same function up to rounding; bit for bit what forward computes while merged
+  model.for_each_linear([](const std::string&, LoRALinear<double>& l, bool) { l.merge(); });
+  model.forward_inference(x, layout, y);
+  CHECK(test::rel_diff(y, active) < 1e-12);
+  CHECK(y == eval_forward(model, x, layout));
+  model.for_each_linear([](const std::string&, LoRALinear<double>& l, bool) { l.unmerge(); });
+  model.forward_inference(x, layout, y);
+  CHECK(test::rel_diff(y, active) < 1e-12);
+}
+
+TEST_CASE("Transformer: forward_inference leaves the training cache, the gradients and the mode alone",
+          "[transformer][inference]") {
+  Rng rng(44);
+  TransformerClassifier<double> model(small_config(NormPlacement::Post, Pooling::Mean), rng);
+  apply_peft(model, everything(AdapterPlacement::Houlsby, true), rng);
+  perturb_trainable(model, rng);
+  const SequenceLayout l1(2, 4, {4, 3}), l2(3, 3, {3, 1, 2});
+  const Matrix<double> x1 = test::random_matrix<double>(8, 5, rng), x2 = test::random_matrix<double>(9, 5, rng);
+  const Matrix<double> g = test::random_matrix<double>(2, 3, rng);
+  typename TransformerClassifier<double>::Cache cache;
+  Matrix<double> dx_ref, dx, logits;
+  model.zero_grad();
+  model.forward(x1, l1, cache);
+  model.backward(cache, g, &dx_ref);
+  std::vector<Matrix<double>> grads;
+  for (auto& np : trainable_parameters(model)) grads.push_back(np.param->grad);
+  // the same step with an evaluation of another batch between forward and backward
+  model.zero_grad();
+  model.forward(x1, l1, cache);
+  model.forward_inference(x2, l2, logits);
+  model.backward(cache, g, &dx);
+  CHECK(dx == dx_ref);
+  std::size_t i = 0;
+  for (auto& np : trainable_parameters(model)) {
+    INFO(np.name);
+    CHECK(np.param->grad == grads[i++]);
+  }
+  // in training mode with LoRA dropout: no dropout in inference, and the mode is kept
+  Rng rng2(45);
+  TransformerClassifier<double> drop(small_config(NormPlacement::Pre, Pooling::Mean), rng2);
+  PeftConfig pc = linear_methods();
+  pc.lora->lora.dropout = 0.5;
+  apply_peft(drop, pc, rng2);
+  perturb_trainable(drop, rng2);
+  drop.train();
+  Matrix<double> y;
+  drop.forward_inference(x1, l1, y);
+  CHECK(drop.training());
+  CHECK(y == eval_forward(drop, x1, l1));
+  CHECK(drop.training());
+}
+
+TEST_CASE("Transformer: forward_inference rejects bad inputs with named errors", "[transformer][inference][errors]") {
+  Rng rng(46);
+  TransformerClassifier<float> model(small_config(NormPlacement::Pre, Pooling::Mean), rng, "vit");
+  Matrix<float> y;
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(std::vector<Index>{1, 2}, SequenceLayout(1, 2), y), ConfigError,
+                           "TransformerClassifier \"vit\": model takes feature input");
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(Matrix<float>::Zero(4, 6), SequenceLayout(2, 2), y), ShapeError,
+                           "input has 6 features, expected 5");
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(Matrix<float>::Zero(5, 5), SequenceLayout(2, 2), y), ShapeError,
+                           "sequence data has 5 rows, expected batch*seq");
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(Matrix<float>::Zero(14, 5), SequenceLayout(2, 7), y), ShapeError,
+                           "sequence length 7 exceeds max_len 6");
+  TransformerClassifier<float> tokens(small_config(NormPlacement::Pre, Pooling::Mean, false), rng);
+  PEFT_REQUIRE_THROWS_WITH(tokens.forward_inference(Matrix<float>::Zero(4, 5), SequenceLayout(2, 2), y), ConfigError,
+                           "model takes token ids");
+  PEFT_REQUIRE_THROWS_WITH(tokens.forward_inference(std::vector<Index>{1, 2, 3, 11}, SequenceLayout(2, 2), y),
+                           ShapeError, "token id 11 at position 3 is out of range for vocabulary size 11");
+}
+
+TEST_CASE("Transformer: forward_inference routes each sequence through its own adapter", "[transformer][inference]") {
+  Rng rng(47);
+  TransformerClassifier<double> model(small_config(NormPlacement::Pre, Pooling::Mean), rng);
+  PeftConfig pc;
+  pc.lora.emplace();
+  pc.lora->target_modules = ModuleSelector::pattern("all-linear");
+  pc.lora->lora.r = 2;
+  pc.modules_to_save = {"classifier"};
+  pc.adapter_name = "a";
+  apply_peft(model, pc, rng);
+  pc.adapter_name = "b";
+  pc.lora->target_modules = ModuleSelector::list({"q_proj", "fc2"});  // b targets fewer linears
+  apply_peft(model, pc, rng);
+  model.visit_parameters([&](const std::string& name, Parameter<double>& p) {  // every adapter away from identity
+    if (name.find("lora_") != std::string::npos || name.find("modules_to_save") != std::string::npos)
+      p.value += test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.3);
+  });
+  const auto use = [&](const std::string& name) {  // `name` active everywhere, or the base model
+    const bool base = name == "__base__";
+    model.for_each_linear([&](const std::string&, LoRALinear<double>& l, bool) {
+      if (!base && l.has_adapter(name)) l.set_active(name);
+      l.disable_adapters(base || !l.has_adapter(name));
+    });
+    model.classifier.set_active(base ? "" : name);
+  };
+  const SequenceLayout layout(4, 4, {4, 2, 3, 4});
+  const Matrix<double> x = test::random_matrix<double>(16, 5, rng);
+  const std::vector<std::string> names{"a", "__base__", "b", "a"};
+  Matrix<double> y, alone;
+  model.forward_inference(x, layout, y, names);
+  REQUIRE(y.rows() == 4);
+  for (Index b = 0; b < 4; ++b) {
+    INFO("sequence " << b << " through " << names[static_cast<std::size_t>(b)]);
+    use(names[static_cast<std::size_t>(b)]);
+    const Index len = layout.length(b);
+    model.forward_inference(x.middleRows(b * 4, len), SequenceLayout(1, len), alone);
+    CHECK(test::rel_diff(y.row(b), alone.row(0)) < 1e-12);
+  }
+  use("a");
+  Matrix<double> active;
+  model.forward_inference(x, layout, active);
+  CHECK(test::rel_diff(y.row(0), active.row(0)) < 1e-12);
+  CHECK(test::rel_diff(y.row(1), active.row(1)) > 1e-6);  // the base model differs from "a"
+  // errors name what is wrong
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, {"a", "b"}), ShapeError,
+                           "2 adapter names for 4 sequences");
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, {"a", "c", "b", "a"}), ConfigError,
+                           "no linear and no head copy holds adapter \"c\" (adapters: \"a\", \"b\"");
+  model.layers[0].attn.q_proj.merge();
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, names), ConfigError,
+                           "mixed-adapter batches need an unmerged layer");
+  model.layers[0].attn.q_proj.unmerge();
+  model.add_prefix(2, rng);
+  PEFT_REQUIRE_THROWS_WITH(model.forward_inference(x, layout, y, names), ConfigError,
+                           "cannot leave out this model's prefix");
+}

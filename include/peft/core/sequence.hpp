@@ -114,6 +114,19 @@ struct SequenceLayout {
     return out;
   }
 
+  /// *this = from.prepended(n), reusing this layout's storage (no allocation once it has held as
+  /// many sequences): for hot paths. `from` may be *this.
+  void assign_prepended(const SequenceLayout& from, Index n) {
+    const Index s = from.seq;
+    if (&from != this) {
+      batch = from.batch;
+      left_padded = from.left_padded;
+      lengths.assign(from.lengths.begin(), from.lengths.end());
+    }
+    seq = s + n;
+    for (Index& l : lengths) l += n;
+  }
+
   /// ShapeError naming `Kind "name"` for a left-padded layout (layers that only read right padding).
   void require_right_padded(const char* kind, const std::string& name) const {
     if (left_padded && padded())
@@ -191,7 +204,7 @@ void prepend_rows(const ConstMatrixRef<T>& x, const SequenceLayout& layout, cons
   if (!shared && prefix.rows() != layout.batch * n)
     throw ShapeError("prepend_rows: prefix has " + std::to_string(prefix.rows()) + " rows, expected n=" +
                      std::to_string(n) + " (shared) or batch*n=" + std::to_string(layout.batch * n));
-  out_layout = layout.prepended(n);
+  out_layout.assign_prepended(layout, n);
   out.resize(out_layout.rows(), x.cols());
   const Index s2 = out_layout.seq;
   for (Index b = 0; b < layout.batch; ++b) {

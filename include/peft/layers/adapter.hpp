@@ -130,6 +130,10 @@ class Adapter : public Module<T> {
     return y;
   }
 
+  /// The same output with nothing kept for backward: evaluation and serving. `y` must not share
+  /// storage with `x`.
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y);
+
   /// Accumulates the gradients of the trainable projections; *dx = ∂L/∂x unless dx is null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
@@ -142,8 +146,9 @@ class Adapter : public Module<T> {
  private:
   AdapterOptions options_;
   bool residual_ = true;
-  Matrix<T> dz_, da_, dh_;  ///< backward scratch, reused
-  Matrix<T> fprime_;        ///< backward scratch f'(H)
+  Matrix<T> dz_, da_, dh_;   ///< backward scratch, reused
+  Matrix<T> h_inf_, a_inf_;  ///< forward_inference's H and f(H) [rows, b]
+  Matrix<T> fprime_;         ///< backward scratch f'(H)
 };
 
 // ---- Adapter members defined outside the class body (the test build's extern template declaration
@@ -158,6 +163,19 @@ void Adapter<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache)
   const T s = static_cast<T>(options_.scaling);
   if (residual_)
     y = x + s * y;  // y = x + s Z (coefficient-wise: no aliasing hazard)
+  else if (s != T(1))
+    y *= s;
+}
+
+template <class T>
+void Adapter<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) {
+  check::input_features("Adapter", this->name(), x.cols(), dim());
+  down.forward_inference(x, h_inf_);                           // H = x W_dᵀ + b_d   [rows, b]
+  activation_forward<T>(options_.activation, h_inf_, a_inf_);  // A = f(H)
+  up.forward_inference(a_inf_, y);                             // Z = A W_uᵀ + b_u   [rows, d]
+  const T s = static_cast<T>(options_.scaling);
+  if (residual_)
+    y = x + s * y;
   else if (s != T(1))
     y *= s;
 }

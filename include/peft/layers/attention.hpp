@@ -43,6 +43,7 @@
 #include "peft/core/sequence.hpp"
 #include "peft/layers/ia3.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/layers/lora_mixed_batch.hpp"
 
 namespace peft {
 
@@ -159,6 +160,13 @@ class MultiHeadAttention : public Module<T> {
     return y;
   }
 
+  /// The same output with nothing kept for backward (the projections' inference paths, no softmax
+  /// statistics): evaluation and serving. Buffers are members, reused across calls. With `adapters`
+  /// (rows_per_seq = layout.seq), sequence b's rows go through the projections' adapter names[b]
+  /// (lora_mixed_batch.hpp).
+  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                         const PrefixKV<T>* prefix = nullptr, const SequenceAdapters* adapters = nullptr);
+
   /// Attention probabilities of sequence b and head h [L_b, l + L_b] (prefix keys first; masked
   /// entries 0), recomputed from the cache exactly as backward does: for inspection (attention
   /// maps); training never needs them.
@@ -180,12 +188,21 @@ class MultiHeadAttention : public Module<T> {
   /// Keys query t of a length-Lb sequence sees: the whole prefix, then its own keys (all L_b, or
   /// t + 1 when causal). The rest of its score row is masked.
   static Index visible_keys(const Cache& cache, Index Lb, Index t) {
-    return cache.prefix_len + (cache.causal ? t + 1 : Lb);
+    return visible_keys(cache.prefix_len, cache.causal, Lb, t);
   }
+  static Index visible_keys(Index l, bool causal, Index Lb, Index t) { return l + (causal ? t + 1 : Lb); }
+
+  /// Validates the inputs of a forward; returns the prefix length l (0 without prefix).
+  Index check_forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, const PrefixKV<T>* prefix) const;
 
   /// P [L_b, l + L_b] = (Q_b K̃ᵀ) / √d_h for (b, h), masked entries 0; forward and backward both
   /// use this, so backward's recomputed probabilities equal forward's bit for bit.
-  void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const;
+  void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const {
+    scaled_scores(cache.Q, cache.K, cache.prefix_k, cache.layout.seq, cache.causal, b, h, P);
+  }
+  /// The same from Q, K [B·S, d] and the prefix keys [l, d] (0 rows: no prefix).
+  void scaled_scores(const Matrix<T>& Q, const Matrix<T>& K, const Matrix<T>& prefix_k, Index S, bool causal, Index b,
+                     Index h, Eigen::Block<Matrix<T>> P) const;
 
   static void zero_padding_rows(const SequenceLayout& layout, Matrix<T>& m) {
     for (Index b = 0; b < layout.batch; ++b)
@@ -203,6 +220,10 @@ class MultiHeadAttention : public Module<T> {
   Matrix<T> scores_;   ///< forward and backward: one [S, l + S] probability block, reused for every (b, h)
   Matrix<T> dprobs_;   ///< backward: one [S, l + S] block, reused for every (b, h)
   Matrix<T> dx_part_;  ///< backward: k/v projections' input gradient before summation
+  // forward_inference's own buffers (evaluation between training steps never resizes forward's)
+  Matrix<T> q_inf_, k_inf_, v_inf_, context_inf_;  ///< Q, K, V, C [B·S, d]
+  RoutedWorkspace<T> route_[4];                    ///< per-sequence adapter routing of q, k, v, out
+  Matrix<T> pk_inf_, pv_inf_;                      ///< the prefix keys / values [l, d] (copied as forward copies them)
 };
 
 // ---- MultiHeadAttention members defined outside the class body (the test build's extern template declaration
@@ -234,20 +255,28 @@ void MultiHeadAttention<T>::merge_ia3() {
 }
 
 template <class T>
-void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
-                                    Cache& cache, const PrefixKV<T>* prefix) {
+Index MultiHeadAttention<T>::check_forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout,
+                                           const PrefixKV<T>* prefix) const {
   layout.validate("MultiHeadAttention", this->name(), x.rows());
   layout.require_right_padded("MultiHeadAttention", this->name());
   check::input_features("MultiHeadAttention", this->name(), x.cols(), dim());
+  if (prefix == nullptr) return 0;
+  const Index l = prefix->key.rows();
+  if (l < 1)
+    throw ShapeError(describe("MultiHeadAttention", this->name()) +
+                     ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
+  check::shape("MultiHeadAttention", this->name(), "prefix key", prefix->key.rows(), prefix->key.cols(), l, dim());
+  check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l,
+               dim());
+  return l;
+}
+
+template <class T>
+void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                                    Cache& cache, const PrefixKV<T>* prefix) {
+  const Index l = check_forward(x, layout, prefix);
   const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
-  Index l = 0;
   if (prefix != nullptr) {
-    l = prefix->key.rows();
-    if (l < 1)
-      throw ShapeError(describe("MultiHeadAttention", this->name()) +
-                       ": prefix has 0 rows, expected >= 1 (pass no prefix instead)");
-    check::shape("MultiHeadAttention", this->name(), "prefix key", prefix->key.rows(), prefix->key.cols(), l, d);
-    check::shape("MultiHeadAttention", this->name(), "prefix value", prefix->value.rows(), prefix->value.cols(), l, d);
     cache.prefix_k = prefix->key;
     cache.prefix_v = prefix->value;
   } else {
@@ -287,6 +316,44 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
     }
   }
   out_proj.forward(context_, y, cache.o);
+  zero_padding_rows(layout, y);
+}
+
+template <class T>
+void MultiHeadAttention<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                                              const PrefixKV<T>* prefix, const SequenceAdapters* adapters) {
+  const Index l = check_forward(x, layout, prefix);
+  const Index d = dim(), H = num_heads_, hd = head_dim(), B = layout.batch, S = layout.seq;
+  if (prefix != nullptr) {  // copied as forward() copies them, so the products are forward's own
+    pk_inf_ = prefix->key;
+    pv_inf_ = prefix->value;
+  } else {
+    pk_inf_.resize(0, 0);
+    pv_inf_.resize(0, 0);
+  }
+  forward_inference_routed<T>(q_proj, x, q_inf_, adapters, route_[0]);
+  forward_inference_routed<T>(k_proj, x, k_inf_, adapters, route_[1]);
+  forward_inference_routed<T>(v_proj, x, v_inf_, adapters, route_[2]);
+  context_inf_.setZero(B * S, d);  // padding query rows stay 0
+  if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
+  for (Index b = 0; b < B; ++b) {
+    const Index Lb = layout.length(b);
+    for (Index h = 0; h < H; ++h) {
+      auto P = scores_.topLeftCorner(Lb, l + Lb);
+      scaled_scores(q_inf_, k_inf_, pk_inf_, S, causal_, b, h, P);
+      for (Index t = 0; t < Lb; ++t) {  // softmax, as forward() computes it
+        auto row = P.row(t).head(visible_keys(l, causal_, Lb, t));
+        const T m = row.maxCoeff();
+        row.array() = (row.array() - m).exp();
+        const T z = row.sum();
+        row /= z;
+      }
+      auto c = context_inf_.block(b * S, h * hd, Lb, hd);
+      c.noalias() = P.middleCols(l, Lb) * v_inf_.block(b * S, h * hd, Lb, hd);   // A_keys V_b
+      if (l > 0) c.noalias() += P.leftCols(l) * pv_inf_.middleCols(h * hd, hd);  // + A_prefix P_V
+    }
+  }
+  forward_inference_routed<T>(out_proj, context_inf_, y, adapters, route_[3]);
   zero_padding_rows(layout, y);
 }
 
@@ -396,14 +463,15 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
 }
 
 template <class T>
-void MultiHeadAttention<T>::scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const {
-  const Index S = cache.layout.seq, hd = head_dim(), l = cache.prefix_len, Lb = P.rows();
+void MultiHeadAttention<T>::scaled_scores(const Matrix<T>& Q, const Matrix<T>& K, const Matrix<T>& prefix_k, Index S,
+                                          bool causal, Index b, Index h, Eigen::Block<Matrix<T>> P) const {
+  const Index hd = head_dim(), l = prefix_k.rows(), Lb = P.rows();
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-  const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
-  if (l > 0) P.leftCols(l).noalias() = q * cache.prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
-  P.middleCols(l, Lb).noalias() = q * cache.K.block(b * S, h * hd, Lb, hd).transpose();        // Q K_bᵀ
+  const auto q = Q.block(b * S, h * hd, Lb, hd);
+  if (l > 0) P.leftCols(l).noalias() = q * prefix_k.middleCols(h * hd, hd).transpose();  // Q P_Kᵀ
+  P.middleCols(l, Lb).noalias() = q * K.block(b * S, h * hd, Lb, hd).transpose();        // Q K_bᵀ
   for (Index t = 0; t < Lb; ++t) {
-    const Index visible = visible_keys(cache, Lb, t);
+    const Index visible = visible_keys(l, causal, Lb, t);
     P.row(t).head(visible) *= scale;
     if (visible < l + Lb) P.row(t).tail(l + Lb - visible).setZero();
   }

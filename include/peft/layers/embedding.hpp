@@ -68,6 +68,14 @@ class Embedding : public Module<T> {
     return y;
   }
 
+  /// The same rows with nothing kept for backward (evaluation): `y` is resized only when its shape
+  /// changes.
+  void forward_inference(const Index* ids, Index count, Matrix<T>& y) const {
+    check_ids(ids, count);
+    y.resize(count, dim());
+    for (Index r = 0; r < count; ++r) y.row(r) = weight.value.row(ids[r]);
+  }
+
   /// E.grad[id_r] += dy_r for every looked-up row (when trainable). Ids carry no gradient.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy) {
     check::shape("Embedding", this->name(), "output gradient", dy.rows(), dy.cols(),

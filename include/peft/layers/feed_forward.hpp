@@ -16,6 +16,7 @@
 #include "peft/layers/activations.hpp"
 #include "peft/layers/ia3.hpp"
 #include "peft/layers/lora_linear.hpp"
+#include "peft/layers/lora_mixed_batch.hpp"
 
 namespace peft {
 
@@ -91,6 +92,14 @@ class FeedForward : public Module<T> {
     return y;
   }
 
+  /// The same output with nothing kept for backward (the linears' inference paths): evaluation.
+  /// With `adapters`, each sequence's rows go through its named adapter (lora_mixed_batch.hpp).
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y, const SequenceAdapters* adapters = nullptr) {
+    forward_inference_routed<T>(fc1, x, z_inf_, adapters, route_[0]);  // z = x W_1ᵀ + b_1
+    activation_forward<T>(activation_, z_inf_, h_inf_);
+    forward_inference_routed<T>(fc2, h_inf_, y, adapters, route_[1]);  // y = h W_2ᵀ + b_2
+  }
+
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
  protected:
@@ -101,9 +110,11 @@ class FeedForward : public Module<T> {
 
  private:
   Activation activation_ = Activation::GELU;
-  Matrix<T> hidden_;   ///< forward scratch: h [rows, inner] (fc2 caches what it needs)
-  Matrix<T> dhidden_;  ///< backward scratch [rows, inner]
-  Matrix<T> fprime_;   ///< backward scratch f'(z) [rows, inner]
+  Matrix<T> hidden_;             ///< forward scratch: h [rows, inner] (fc2 caches what it needs)
+  RoutedWorkspace<T> route_[2];  ///< per-sequence adapter routing of fc1, fc2
+  Matrix<T> z_inf_, h_inf_;      ///< forward_inference's z and h [rows, inner] (forward's buffers keep their shapes)
+  Matrix<T> dhidden_;            ///< backward scratch [rows, inner]
+  Matrix<T> fprime_;             ///< backward scratch f'(z) [rows, inner]
 };
 
 // ---- FeedForward members defined outside the class body (the test build's extern template declaration

@@ -53,6 +53,10 @@ class LayerNorm : public Module<T> {
     return y;
   }
 
+  /// The same output with nothing kept for backward (no x̂, no r): evaluation and serving. `y` is
+  /// resized only when its shape changes; it must not share storage with `x`.
+  void forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) const;
+
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
 
  protected:
@@ -91,6 +95,24 @@ void LayerNorm<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cach
     y.rowwise() += bias.value.row(0);
   } else {
     y = cache.xhat;
+  }
+}
+
+template <class T>
+void LayerNorm<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) const {
+  check::input_features("LayerNorm", this->name(), x.cols(), dim_);
+  const Index rows = x.rows();
+  const T inv_d = T(1) / static_cast<T>(dim_);
+  y.resize(rows, dim_);
+  for (Index i = 0; i < rows; ++i) {  // the operations of forward(), with y in place of x̂
+    const T mu = x.row(i).sum() * inv_d;
+    y.row(i).array() = x.row(i).array() - mu;
+    const T var = y.row(i).squaredNorm() * inv_d;
+    y.row(i) *= T(1) / std::sqrt(var + static_cast<T>(eps_));
+  }
+  if (affine()) {
+    y.array() = y.array().rowwise() * weight.value.row(0).array();
+    y.rowwise() += bias.value.row(0);
   }
 }
 

@@ -15,6 +15,7 @@
 //
 // All buffers live in a MixedBatchWorkspace that grows to the largest batch seen and is then
 // reused: after warm-up a call with the same or fewer rows allocates nothing on our side.
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -77,6 +78,41 @@ void forward_mixed(AdaptedLinear<T>& layer, const ConstMatrixRef<typename detail
     throw ShapeError(describe("LoRALinear", layer.name()) + ": mixed batch has " + std::to_string(x.rows()) +
                      " rows but " + std::to_string(row_adapter.size()) + " row adapter entries");
   route_rows(layer, row_adapter, ws.routing);
+  layer.forward_routed(x, ws.routing, y, ws);
+}
+
+/// Per-sequence adapters of a routed model forward (Hugging Face PEFT's `adapter_names=`): the
+/// rows_per_seq consecutive rows of sequence b use the adapter names[b] in every adapted linear;
+/// "none" or "__base__" (PEFT's name) use the base layer only.
+struct SequenceAdapters {
+  const std::vector<std::string>* names = nullptr;
+  Index rows_per_seq = 0;
+};
+
+/// Whether a per-sequence adapter name means the base layer only ("none", or PEFT's "__base__").
+inline bool is_base_adapter_name(const std::string& n) { return n == kNoAdapterName || n == "__base__"; }
+
+/// y = layer(x) through its inference path: the active adapters when `seqs` is null; else on the
+/// rows of sequence b the adapter named names[b], where a layer that holds no adapter of that name
+/// gives its base output (the adapter does not target this layer). `ws` is reused across calls.
+template <class T>
+void forward_inference_routed(AdaptedLinear<T>& layer, const ConstMatrixRef<typename detail::same_type<T>::type>& x,
+                              Matrix<T>& y, const SequenceAdapters* seqs, RoutedWorkspace<T>& ws) {
+  if (seqs == nullptr) {
+    layer.forward_inference(x, y);
+    return;
+  }
+  const std::size_t per = static_cast<std::size_t>(seqs->rows_per_seq);
+  if (static_cast<Index>(seqs->names->size() * per) != x.rows())
+    throw ShapeError(describe("LoRALinear", layer.name()) + ": " + std::to_string(seqs->names->size()) +
+                     " sequence adapter names of " + std::to_string(per) + " rows each for " +
+                     std::to_string(x.rows()) + " rows");
+  ws.routing.resize(static_cast<std::size_t>(x.rows()));
+  for (std::size_t b = 0; b < seqs->names->size(); ++b) {
+    const std::string& n = (*seqs->names)[b];
+    const int a = is_base_adapter_name(n) ? kNoAdapter : layer.adapter_index(n);
+    std::fill_n(ws.routing.begin() + static_cast<std::ptrdiff_t>(b * per), per, a);
+  }
   layer.forward_routed(x, ws.routing, y, ws);
 }
 

@@ -113,6 +113,18 @@ class PrefixAttention : public Module<T> {
     return PrefixGrad<T>{cache.dtable.middleCols(2 * i * d, d), cache.dtable.middleCols((2 * i + 1) * d, d)};
   }
 
+  /// T [l, L·2·d] for an inference forward, with nothing kept for backward and no gradient table:
+  /// the flat embedding itself, or T computed through the projection into a reused member buffer.
+  const Matrix<T>& inference_table();
+
+  /// Views of layer i's P_K, P_V [l, d] in a table from inference_table().
+  PrefixKV<T> layer_of(const Matrix<T>& table, Index i) const {
+    check_layer(i);
+    check_cache(table);
+    const Index d = token_dim();
+    return PrefixKV<T>{table.middleCols(2 * i * d, d), table.middleCols((2 * i + 1) * d, d)};
+  }
+
   /// Propagates cache.dtable into the trainable parameters' gradients (+=).
   void backward(const Cache& cache);
 
@@ -157,8 +169,9 @@ class PrefixAttention : public Module<T> {
   }
 
   PrefixConfig config_;
-  Matrix<T> dhidden_;     ///< backward scratch [l, h]
-  Matrix<T> dembedding_;  ///< backward scratch [l, d]
+  Matrix<T> dhidden_;                 ///< backward scratch [l, h]
+  Matrix<T> dembedding_;              ///< backward scratch [l, d]
+  Matrix<T> hidden_inf_, table_inf_;  ///< inference_table()'s tanh(E W_0ᵀ + b_0) and T (projected only)
 };
 
 // ---- PrefixAttention members defined outside the class body (the test build's extern template declaration
@@ -188,6 +201,15 @@ void PrefixAttention<T>::forward(Cache& cache) {
     cache.table = embedding.value;
   }
   cache.dtable.setZero(num_virtual_tokens(), table_cols());
+}
+
+template <class T>
+const Matrix<T>& PrefixAttention<T>::inference_table() {
+  if (!projected()) return embedding.value;
+  transform_0.forward_inference(embedding.value, hidden_inf_);  // Z = E W_0ᵀ + b_0   [l, h]
+  hidden_inf_.array() = hidden_inf_.array().tanh();             // H = tanh Z
+  transform_2.forward_inference(hidden_inf_, table_inf_);       // T = H W_2ᵀ + b_2   [l, L·2·d]
+  return table_inf_;
 }
 
 template <class T>

@@ -103,6 +103,15 @@ class SoftPrompt : public Module<T> {
     return y;
   }
 
+  /// The same output with no cache (evaluation): out_layout reuses its storage, y is resized only
+  /// when its shape changes.
+  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                         SequenceLayout& out_layout) const {
+    check::input_features("SoftPrompt", this->name(), x.cols(), dim());
+    layout.validate("SoftPrompt", this->name(), x.rows());
+    prepend_rows<T>(x, layout, embedding.value, y, out_layout, num_virtual_tokens());
+  }
+
   /// dP += Σ_b dY_b[0:n] (when trainable); *dx = the real rows of dY, [batch·seq, d].
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
     check::shape("SoftPrompt", this->name(), "output gradient", dy.rows(), dy.cols(), cache.out_layout.rows(), dim());

@@ -139,6 +139,12 @@ class TransformerBlock : public Module<T> {
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
                const PrefixKV<T>* prefix = nullptr);
 
+  /// The same output with nothing kept for backward: every sub-layer's inference path, into the
+  /// block's own inference buffers (reused; forward()'s keep their shapes). `y` must not share
+  /// storage with `x`.
+  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                         const PrefixKV<T>* prefix = nullptr, const SequenceAdapters* adapters = nullptr);
+
   /// Accumulates trainable gradients, writes dx unless null; the attention's prefix gradients go
   /// to *dprefix unless null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, PrefixGrad<T>* dprefix = nullptr);
@@ -154,15 +160,28 @@ class TransformerBlock : public Module<T> {
   }
 
  private:
-  /// Ad_attn(a_) when present, else a_.
-  const Matrix<T>& attend_adapter(Cache& cache) {
-    if (!adapter_attn) return a_;
-    adapter_attn->forward(a_, a2_, cache.adapter_attn);
-    return a2_;
+  /// Forward temporaries (none is read by backward): one set for forward(), one for forward_inference().
+  struct Temps {
+    Matrix<T> u, a, a2, h, v, f, f2, s;
+  };
+
+  /// forward() (cache != nullptr: the sub-layers' training paths, filling *cache) and
+  /// forward_inference() (cache == nullptr: their inference paths): one sequence of operations.
+  void forward_impl(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache* cache,
+                    const PrefixKV<T>* prefix, Temps& t, const SequenceAdapters* adapters = nullptr);
+
+  /// Ad_attn(t.a) when present, else t.a.
+  const Matrix<T>& attend_adapter(Cache* cache, Temps& t) {
+    if (!adapter_attn) return t.a;
+    if (cache != nullptr)
+      adapter_attn->forward(t.a, t.a2, cache->adapter_attn);
+    else
+      adapter_attn->forward_inference(t.a, t.a2);
+    return t.a2;
   }
 
   /// FFN(v) with the FFN-side adapter: sequential Ad_ffn(FFN(v)) or parallel FFN(v) + s·Ad_par(v).
-  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache& cache);
+  const Matrix<T>& ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t, const SequenceAdapters* adapters);
 
   /// dv = ∂(ffn branch)/∂v ᵀ df.
   void ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv);
@@ -176,8 +195,7 @@ class TransformerBlock : public Module<T> {
   }
 
   bool pre_norm_ = true;
-  // forward temporaries (not needed by backward)
-  Matrix<T> u_, a_, a2_, h_, v_, f_, f2_, s_;
+  Temps fwd_, inf_;  // forward() / forward_inference() temporaries
   // backward scratch
   Matrix<T> dh_, dv_, du_, da_, ds_, df2_, dtmp_;
 };
@@ -196,23 +214,49 @@ void TransformerBlock<T>::add_adapters(AdapterPlacement placement, const Adapter
 template <class T>
 void TransformerBlock<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
                                   const PrefixKV<T>* prefix) {
+  forward_impl(x, layout, y, &cache, prefix, fwd_);
+}
+
+template <class T>
+void TransformerBlock<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                                            const PrefixKV<T>* prefix, const SequenceAdapters* adapters) {
+  forward_impl(x, layout, y, nullptr, prefix, inf_, adapters);
+}
+
+template <class T>
+void TransformerBlock<T>::forward_impl(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
+                                       Cache* cache, const PrefixKV<T>* prefix, Temps& t,
+                                       const SequenceAdapters* adapters) {
   check::input_features("TransformerBlock", this->name(), x.cols(), dim());
+  // Each sub-layer through its training path (filling *cache) or its inference path.
+  const auto norm = [&](LayerNorm<T>& n, typename LayerNorm<T>::Cache* c, const ConstMatrixRef<T>& in, Matrix<T>& out) {
+    if (cache != nullptr)
+      n.forward(in, out, *c);
+    else
+      n.forward_inference(in, out);
+  };
+  const auto attend = [&](const ConstMatrixRef<T>& in) {
+    if (cache != nullptr)
+      attn.forward(in, layout, t.a, cache->attn, prefix);
+    else
+      attn.forward_inference(in, layout, t.a, prefix, adapters);
+  };
   if (pre_norm_) {
-    norm1.forward(x, u_, cache.norm1);                 // u = LN1(x)
-    attn.forward(u_, layout, a_, cache.attn, prefix);  // a = Attn(u)
-    const Matrix<T>& a = attend_adapter(cache);        // a ← Ad_attn(a)
-    h_ = x + a;                                        // h = x + a
-    norm2.forward(h_, v_, cache.norm2);                // v = LN2(h)
-    const Matrix<T>& f = ffn_branch(v_, cache);        // f = FFN(v) (+ adapters)
-    y = h_ + f;                                        // y = h + f
+    norm(norm1, cache ? &cache->norm1 : nullptr, x, t.u);      // u = LN1(x)
+    attend(t.u);                                               // a = Attn(u)
+    const Matrix<T>& a = attend_adapter(cache, t);             // a ← Ad_attn(a)
+    t.h = x + a;                                               // h = x + a
+    norm(norm2, cache ? &cache->norm2 : nullptr, t.h, t.v);    // v = LN2(h)
+    const Matrix<T>& f = ffn_branch(t.v, cache, t, adapters);  // f = FFN(v) (+ adapters)
+    y = t.h + f;                                               // y = h + f
   } else {
-    attn.forward(x, layout, a_, cache.attn, prefix);  // a = Attn(x)
-    const Matrix<T>& a = attend_adapter(cache);
-    s_ = x + a;
-    norm1.forward(s_, h_, cache.norm1);  // h = LN1(x + a)
-    const Matrix<T>& f = ffn_branch(h_, cache);
-    s_ = h_ + f;
-    norm2.forward(s_, y, cache.norm2);  // y = LN2(h + f)
+    attend(x);  // a = Attn(x)
+    const Matrix<T>& a = attend_adapter(cache, t);
+    t.s = x + a;
+    norm(norm1, cache ? &cache->norm1 : nullptr, t.s, t.h);  // h = LN1(x + a)
+    const Matrix<T>& f = ffn_branch(t.h, cache, t, adapters);
+    t.s = t.h + f;
+    norm(norm2, cache ? &cache->norm2 : nullptr, t.s, y);  // y = LN2(h + f)
   }
 }
 
@@ -250,16 +294,26 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
 }
 
 template <class T>
-const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache& cache) {
-  ffn.forward(v, f_, cache.ffn);
-  if (!adapter_ffn) return f_;
+const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache* cache, Temps& t,
+                                                 const SequenceAdapters* adapters) {
+  const auto adapter = [&](const Matrix<T>& in, Matrix<T>& out) {
+    if (cache != nullptr)
+      adapter_ffn->forward(in, out, cache->adapter_ffn);
+    else
+      adapter_ffn->forward_inference(in, out);
+  };
+  if (cache != nullptr)
+    ffn.forward(v, t.f, cache->ffn);
+  else
+    ffn.forward_inference(v, t.f, adapters);
+  if (!adapter_ffn) return t.f;
   if (parallel_adapter()) {
-    adapter_ffn->forward(v, f2_, cache.adapter_ffn);  // s·g(v)
-    f2_ += f_;
+    adapter(v, t.f2);  // s·g(v)
+    t.f2 += t.f;
   } else {
-    adapter_ffn->forward(f_, f2_, cache.adapter_ffn);  // f + s·g(f)
+    adapter(t.f, t.f2);  // f + s·g(f)
   }
-  return f2_;
+  return t.f2;
 }
 
 template <class T>
@@ -411,6 +465,28 @@ class TransformerClassifier : public Module<T> {
     return logits;
   }
 
+  /// Logits without keeping anything for backward (evaluation, serving): the values forward()
+  /// computes in eval mode (the model is switched to eval for the call when it is training), through
+  /// every sub-layer's inference path — adapted linears with their active or merged adapters,
+  /// attention without softmax statistics, layer norms without x̂, the soft prompt and prefix
+  /// without gradient tables, the head's active copy (modules_to_save). No Cache is read or
+  /// written, and the buffers are the model's own, separate from forward()'s: after the first call
+  /// with a given shape nothing is allocated, and evaluating between training steps leaves the
+  /// training buffers' shapes alone.
+  ///
+  /// `adapter_names` (one per sequence; empty: the active adapters) serves several adapters in one
+  /// batch (Hugging Face PEFT's `adapter_names=`): sequence b goes through adapter names[b] in every
+  /// adapted linear (one that does not hold it gives its base output) and through that adapter's
+  /// copy of the head (the original when it has none); "__base__" or "none": the base model. Only
+  /// what a named adapter owns can be routed: ConfigError when the model has a soft prompt, a
+  /// prefix or bottleneck adapters, or for a name no linear and no head copy holds; merged linears
+  /// refuse routing (lora_mixed_batch.hpp).
+  void forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& logits,
+                         const std::vector<std::string>& adapter_names = {});
+  /// Token input.
+  void forward_inference(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits,
+                         const std::vector<std::string>& adapter_names = {});
+
   /// dlogits [B, num_classes] → accumulates every trainable gradient. With feature input, writes
   /// ∂L/∂x [B·S, input_dim] into *dx unless null (token input: dx must be null). The cache is
   /// non-const because the prefix gradients are gathered in it.
@@ -434,14 +510,50 @@ class TransformerClassifier : public Module<T> {
   /// Whether anything below the first block trains (embeddings, positions, patch LoRA, prompt).
   bool input_side_trainable();
 
-  /// Shared tail of both forwards: x_ holds the embedded input [B·S, d].
-  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache);
+  /// Forward temporaries (none is read by backward): one set for forward(), one for forward_inference().
+  struct Buffers {
+    Matrix<T> e;     ///< the embedded input [B·S, d] (its own buffer: with a soft prompt the blocks'
+                     ///< rows are B·(n + S), and a buffer shared with them would change shape twice a call)
+    Matrix<T> x, h;  ///< the blocks' input and output, swapped layer by layer
+    Matrix<T> pooled;
+  };
+
+  /// Shared tail of every forward: buf.e holds the embedded input [B·S, d]. cache != nullptr: the
+  /// training paths, filling *cache; nullptr: the inference paths.
+  void run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf,
+           const std::vector<std::string>* adapter_names = nullptr);
+
+  /// ConfigError / ShapeError unless per-sequence adapter names can route this model (see
+  /// forward_inference).
+  void check_adapter_names(const std::vector<std::string>& names, const SequenceLayout& layout);
+
+  /// The head of sequence b under routing: its adapter's copy, else the original.
+  LoRALinear<T>& routed_head(const std::string& name) {
+    return !is_base_adapter_name(name) && classifier.has_copy(name) ? classifier.copy(name) : classifier.original();
+  }
+
+  /// Runs fn in eval mode, then restores training mode (also on an exception).
+  template <class Fn>
+  void in_eval_mode(Fn&& fn) {
+    const bool was_training = this->training();
+    if (was_training) this->eval();
+    try {
+      fn();
+    } catch (...) {
+      if (was_training) this->train();
+      throw;
+    }
+    if (was_training) this->train();
+  }
 
   TransformerConfig config_;
-  // forward temporaries
-  Matrix<T> x_, h_, pooled_;
+  Buffers fwd_, inf_;
+  SequenceLayout inf_layout_;                             ///< forward_inference's layout after the prompt
+  typename PositionalEmbedding<T>::Cache inf_positions_;  ///< forward_inference's (two sizes)
+  RoutedWorkspace<T> patch_route_, head_route_;           ///< per-sequence adapter routing
+  Matrix<T> head_tmp_;                                    ///< a routed head's logits for every row
   // backward scratch
-  Matrix<T> dpooled_, dh_a_, dh_b_;
+  Matrix<T> dpooled_, dh_a_, dh_b_, dh_e_;
 };
 
 // ---- TransformerClassifier members defined outside the class body (the test build's extern template declaration
@@ -495,8 +607,8 @@ void TransformerClassifier<T>::forward(const std::vector<Index>& ids, const Sequ
                       ": model takes feature input (input_dim > 0), not token ids");
   layout.validate("TransformerClassifier", this->name(), static_cast<Index>(ids.size()));
   cache.features = false;
-  embed_tokens.forward(ids, x_, cache.tokens);
-  run(layout, logits, cache);
+  embed_tokens.forward(ids, fwd_.e, cache.tokens);
+  run(layout, logits, &cache, fwd_);
 }
 
 template <class T>
@@ -508,8 +620,70 @@ void TransformerClassifier<T>::forward(const ConstMatrixRef<T>& x, const Sequenc
   layout.validate("TransformerClassifier", this->name(), x.rows());
   check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
   cache.features = true;
-  patch_embed.forward(x, x_, cache.patch);
-  run(layout, logits, cache);
+  patch_embed.forward(x, fwd_.e, cache.patch);
+  run(layout, logits, &cache, fwd_);
+}
+
+template <class T>
+void TransformerClassifier<T>::check_adapter_names(const std::vector<std::string>& names,
+                                                   const SequenceLayout& layout) {
+  const std::string who = describe("TransformerClassifier", this->name());
+  if (static_cast<Index>(names.size()) != layout.batch)
+    throw ShapeError(who + ": " + std::to_string(names.size()) + " adapter names for " + std::to_string(layout.batch) +
+                     " sequences");
+  bool bottleneck = false;
+  for (const auto& b : layers) bottleneck = bottleneck || b.adapter_attn.has_value() || b.adapter_ffn.has_value();
+  if (prompt_encoder || prefix_encoder || bottleneck)
+    throw ConfigError(who + ": per-sequence adapter names route the adapted linears and the head's copies; they " +
+                      "cannot leave out this model's " +
+                      (prompt_encoder   ? "soft prompt"
+                       : prefix_encoder ? "prefix"
+                                        : "bottleneck adapters") +
+                      ", which belongs to no named adapter (pass no names)");
+  for (const std::string& name : names) {
+    if (is_base_adapter_name(name) || classifier.has_copy(name)) continue;
+    bool found = false;
+    std::string held;
+    for_each_linear([&](const std::string&, LoRALinear<T>& l, bool) {
+      found = found || l.adapter_index(name) >= 0;
+      for (const auto& m : l.methods())
+        if (held.find("\"" + std::string(m.name()) + "\"") == std::string::npos)
+          held += (held.empty() ? "\"" : ", \"") + std::string(m.name()) + "\"";
+    });
+    if (!found)
+      throw ConfigError(who + ": no linear and no head copy holds adapter \"" + name + "\" (adapters: " +
+                        (held.empty() ? std::string("none") : held) + "; \"__base__\" or \"none\": the base model)");
+  }
+}
+
+template <class T>
+void TransformerClassifier<T>::forward_inference(const std::vector<Index>& ids, const SequenceLayout& layout,
+                                                 Matrix<T>& logits, const std::vector<std::string>& adapter_names) {
+  if (!token_input())
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": model takes feature input (input_dim > 0), not token ids");
+  layout.validate("TransformerClassifier", this->name(), static_cast<Index>(ids.size()));
+  if (!adapter_names.empty()) check_adapter_names(adapter_names, layout);
+  in_eval_mode([&] {
+    embed_tokens.forward_inference(ids.data(), static_cast<Index>(ids.size()), inf_.e);
+    run(layout, logits, nullptr, inf_, adapter_names.empty() ? nullptr : &adapter_names);
+  });
+}
+
+template <class T>
+void TransformerClassifier<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout,
+                                                 Matrix<T>& logits, const std::vector<std::string>& adapter_names) {
+  if (token_input())
+    throw ConfigError(describe("TransformerClassifier", this->name()) +
+                      ": model takes token ids (vocab_size > 0), not features");
+  layout.validate("TransformerClassifier", this->name(), x.rows());
+  check::input_features("TransformerClassifier", this->name(), x.cols(), config_.input_dim);
+  if (!adapter_names.empty()) check_adapter_names(adapter_names, layout);
+  const SequenceAdapters input{&adapter_names, layout.seq};
+  in_eval_mode([&] {  // no dropout (LoRA's) in inference
+    forward_inference_routed<T>(patch_embed, x, inf_.e, adapter_names.empty() ? nullptr : &input, patch_route_);
+    run(layout, logits, nullptr, inf_, adapter_names.empty() ? nullptr : &adapter_names);
+  });
 }
 
 template <class T>
@@ -558,8 +732,10 @@ void TransformerClassifier<T>::backward(Cache& cache, const ConstMatrixRef<T>& d
   if (prefix_encoder) prefix_encoder->backward(cache.prefix);
   if (!need_below) return;
   if (prompt_encoder) {
-    prompt_encoder->backward(cache.prompt, *cur, nxt);  // strip the prompt rows, dP += Σ_b
-    std::swap(cur, nxt);
+    // strip the prompt rows, dP += Σ_b; into a buffer of its own, [B·S, d] (dh_a_ and dh_b_ keep
+    // the blocks' [B·(n + S), d]: sharing one would resize it twice a step)
+    prompt_encoder->backward(cache.prompt, *cur, &dh_e_);
+    cur = &dh_e_;
   }
   if (has_positions()) embed_positions.backward(cache.positions, *cur);  // dx_embed = d(x + P) (identity)
   if (cache.features)
@@ -586,50 +762,93 @@ bool TransformerClassifier<T>::input_side_trainable() {
 }
 
 template <class T>
-void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache& cache) {
+void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logits, Cache* cache, Buffers& buf,
+                                   const std::vector<std::string>* adapter_names) {
   layout.require_right_padded("TransformerClassifier", this->name());
-  cache.layout = layout;
+  if (cache != nullptr) cache->layout = layout;
   // Padding rows carry no information: zeroed, so the blocks never compute on garbage.
   for (Index b = 0; b < layout.batch; ++b)
     if (layout.length(b) < layout.seq)
-      x_.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
-  if (has_positions()) embed_positions.forward_inplace(x_, layout, cache.positions);  // x + P[t]
-  Matrix<T>* cur = &x_;
-  Matrix<T>* nxt = &h_;
-  if (prompt_encoder) {
-    prompt_encoder->forward(*cur, layout, *nxt, cache.model_layout, cache.prompt);  // [P; x_b]
-    std::swap(cur, nxt);
+      buf.e.middleRows(b * layout.seq + layout.length(b), layout.seq - layout.length(b)).setZero();
+  if (has_positions())  // x + P[t]
+    embed_positions.forward_inplace(buf.e, layout, cache != nullptr ? cache->positions : inf_positions_);
+  Matrix<T>* cur = &buf.e;
+  Matrix<T>* nxt = &buf.h;
+  SequenceLayout& ml = cache != nullptr ? cache->model_layout : inf_layout_;
+  if (prompt_encoder) {  // [P; x_b]
+    if (cache != nullptr)
+      prompt_encoder->forward(*cur, layout, *nxt, ml, cache->prompt);
+    else
+      prompt_encoder->forward_inference(*cur, layout, *nxt, ml);
+    cur = &buf.h;  // [B·(n + S), d] from here on, in h and x; e keeps the input's shape
+    nxt = &buf.x;
   } else {
-    cache.model_layout = layout;
+    ml = layout;
   }
-  const SequenceLayout& ml = cache.model_layout;
-  if (prefix_encoder) prefix_encoder->forward(cache.prefix);
-  cache.blocks.resize(layers.size());
+  const Matrix<T>* prefix_table = nullptr;  // the inference path's prefix table
+  if (prefix_encoder) {
+    if (cache != nullptr)
+      prefix_encoder->forward(cache->prefix);
+    else
+      prefix_table = &prefix_encoder->inference_table();
+  }
+  if (cache != nullptr) cache->blocks.resize(layers.size());
+  const SequenceAdapters routed{adapter_names, ml.seq};  // rows of the model's layout
+  const SequenceAdapters* seqs = adapter_names != nullptr ? &routed : nullptr;
   for (std::size_t i = 0; i < layers.size(); ++i) {
+    const Index li = static_cast<Index>(i);
     if (prefix_encoder) {
-      const PrefixKV<T> kv = prefix_encoder->layer(cache.prefix, static_cast<Index>(i));
-      layers[i].forward(*cur, ml, *nxt, cache.blocks[i], &kv);
+      const PrefixKV<T> kv =
+          cache != nullptr ? prefix_encoder->layer(cache->prefix, li) : prefix_encoder->layer_of(*prefix_table, li);
+      if (cache != nullptr)
+        layers[i].forward(*cur, ml, *nxt, cache->blocks[i], &kv);
+      else
+        layers[i].forward_inference(*cur, ml, *nxt, &kv);
+    } else if (cache != nullptr) {
+      layers[i].forward(*cur, ml, *nxt, cache->blocks[i]);
     } else {
-      layers[i].forward(*cur, ml, *nxt, cache.blocks[i]);
+      layers[i].forward_inference(*cur, ml, *nxt, nullptr, seqs);
     }
     std::swap(cur, nxt);
   }
   if (config_.final_norm) {
-    norm.forward(*cur, *nxt, cache.norm);
+    if (cache != nullptr)
+      norm.forward(*cur, *nxt, cache->norm);
+    else
+      norm.forward_inference(*cur, *nxt);
     std::swap(cur, nxt);
   }
   // pooling over real, valid tokens: rows n .. n + len_b − 1 of each sequence
   const Index n = ml.seq - layout.seq;
-  pooled_.resize(ml.batch, dim());
+  buf.pooled.resize(ml.batch, dim());
   for (Index b = 0; b < ml.batch; ++b) {
     if (config_.pooling == Pooling::First) {
-      pooled_.row(b) = cur->row(ml.row(b, n));
+      buf.pooled.row(b) = cur->row(ml.row(b, n));
     } else {
       const Index len = layout.length(b);
-      pooled_.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
+      buf.pooled.row(b) = cur->middleRows(ml.row(b, n), len).colwise().sum() / static_cast<T>(len);
     }
   }
-  classifier.active().forward(pooled_, logits, cache.head);
+  if (cache != nullptr) {
+    classifier.active().forward(buf.pooled, logits, cache->head);
+  } else if (adapter_names == nullptr) {
+    classifier.active().forward_inference(buf.pooled, logits);
+  } else if (!classifier.has_copies()) {  // the head is an adapted linear: route its rows
+    const SequenceAdapters heads{adapter_names, 1};
+    forward_inference_routed<T>(classifier.original(), buf.pooled, logits, &heads, head_route_);
+  } else {  // each head module used, on every row; each sequence keeps its own module's row
+    const std::vector<std::string>& names = *adapter_names;
+    logits.resize(ml.batch, num_classes());
+    for (std::size_t b = 0; b < names.size(); ++b) {
+      LoRALinear<T>* m = &routed_head(names[b]);
+      bool done = false;
+      for (std::size_t e = 0; e < b && !done; ++e) done = &routed_head(names[e]) == m;
+      if (done) continue;
+      m->forward_inference(buf.pooled, head_tmp_);
+      for (std::size_t e = b; e < names.size(); ++e)
+        if (&routed_head(names[e]) == m) logits.row(static_cast<Index>(e)) = head_tmp_.row(static_cast<Index>(e));
+    }
+  }
 }
 
 }  // namespace peft

@@ -6,6 +6,7 @@
 
 #include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
+#include "peft/core/gemm.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
 #include "peft/core/parameter.hpp"
@@ -86,5 +87,6 @@
 #include "peft/train/gradient_check.hpp"
 #include "peft/train/memory.hpp"
 #include "peft/train/multitask.hpp"
+#include "peft/train/ppo.hpp"
 #include "peft/train/preference.hpp"
 #include "peft/train/progress.hpp"

@@ -93,6 +93,7 @@
 #include "peft/models/reward_model.hpp"
 #include "peft/optim/clip.hpp"
 #include "peft/optim/optimizer.hpp"
+#include "peft/train/reference_switch.hpp"
 
 namespace peft {
 
@@ -289,7 +290,7 @@ class PPOTrainer {
       throw ConfigError("PPOTrainer: model \"" + policy.name() +
                         "\" has no adapter, so there is no policy to disable for the reference");
     check::input_features("ValueHead", value_head.name(), value_head.hidden_size(), policy.config().hidden_size);
-    resolve_reference(options.reference_disabled);
+    ref_switch_.reset(hosts_, options.reference_disabled, "PPOTrainer", policy_->name());
     params_ = peft::trainable_parameters<T>(policy);
     for (auto& np : peft::trainable_parameters<T>(value_head)) params_.push_back({"v_head." + np.name, np.param});
   }
@@ -298,7 +299,7 @@ class PPOTrainer {
   /// New options (the KL coefficient keeps its current value; set_kl_coef to change it).
   void set_options(const PPOOptions& o) {
     detail::check_ppo_options(o);
-    resolve_reference(o.reference_disabled);
+    ref_switch_.reset(hosts_, o.reference_disabled, "PPOTrainer", policy_->name());
     options_ = o;
   }
   double kl_coef() const { return kl_coef_; }
@@ -359,7 +360,7 @@ class PPOTrainer {
       value_head_->forward(eval_cache_.hidden, r.values, eval_vcache_);
       token_log_probs(r, eval_logits_, r.log_probs);
       {
-        Disabled guard(*this);
+        typename detail::ReferenceSwitch<T>::Scope guard(ref_switch_);
         policy_->forward(r.ids, r.layout, eval_logits_, ref_cache_);  // own cache: the hosts keep no LoRA terms
       }
       token_log_probs(r, eval_logits_, r.ref_log_probs);
@@ -627,61 +628,6 @@ class PPOTrainer {
   }
 
  private:
-  /// Disables every host's adapters (or only options().reference_disabled's), restoring each
-  /// previous flag on destruction (also after a throw part-way).
-  class Disabled {
-   public:
-    explicit Disabled(PPOTrainer& o) : o_(o) {
-      if (o_.switched_.empty()) {
-        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.saved_[i] = o_.hosts_[i]->adapters_disabled() ? 1 : 0;
-        for (auto* h : o_.hosts_) h->disable_adapters(true);
-        return;
-      }
-      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
-        const auto& [host, name] = o_.switched_[i];
-        o_.saved_[i] = host->adapter_disabled(*name) ? 1 : 0;
-      }
-      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
-        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, true);
-        on_ = i + 1;
-      }
-    }
-    ~Disabled() {
-      if (o_.switched_.empty()) {
-        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.hosts_[i]->disable_adapters(o_.saved_[i] != 0);
-        return;
-      }
-      for (std::size_t i = 0; i < on_; ++i)
-        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, o_.saved_[i] != 0);
-    }
-    Disabled(const Disabled&) = delete;
-    Disabled& operator=(const Disabled&) = delete;
-
-   private:
-    PPOTrainer& o_;
-    std::size_t on_ = 0;  ///< switched_ entries switched off so far (a merged one throws)
-  };
-
-  /// (host, adapter) pairs the reference switches off; ConfigError for a name no host holds.
-  void resolve_reference(const std::vector<std::string>& names) {
-    std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> next;
-    std::vector<std::string> kept = names;  // next points into its buffer, which the move below keeps
-    for (const auto& n : kept) {
-      bool found = false;
-      for (auto* h : hosts_)
-        if (h->has_adapter(n)) {
-          next.emplace_back(h, &n);
-          found = true;
-        }
-      if (!found)
-        throw ConfigError("PPOTrainer: reference_disabled names adapter \"" + n + "\", which no layer of model \"" +
-                          policy_->name() + "\" holds");
-    }
-    names_ = std::move(kept);
-    switched_ = std::move(next);
-    saved_.assign(std::max(hosts_.size(), switched_.size()), 0);
-  }
-
   static bool action_row(const PPORollout<T>& r, Index i) { return r.action(i / r.layout.seq, i % r.layout.seq); }
 
   template <class F>
@@ -744,9 +690,7 @@ class PPOTrainer {
   PPOOptions options_;
   double kl_coef_;
   std::vector<AdaptedLinear<T>*> hosts_;
-  std::vector<std::string> names_;                                          ///< reference_disabled, owned here
-  std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> switched_;  ///< into names_
-  std::vector<char> saved_;
+  detail::ReferenceSwitch<T> ref_switch_;  ///< the reference: adapters switched off
   std::vector<NamedParameter<T>> params_;
   // evaluate
   typename Model::Cache eval_cache_, ref_cache_;

@@ -33,6 +33,7 @@
 #include "peft/core/types.hpp"
 #include "peft/layers/adapted_linear.hpp"
 #include "peft/loss/preference.hpp"
+#include "peft/train/reference_switch.hpp"
 
 namespace peft {
 
@@ -73,13 +74,13 @@ class DPOObjective {
     if (hosts_.empty())
       throw ConfigError("DPOObjective: model \"" + model.name() +
                         "\" has no AdaptedLinear host, so there is no adapter to disable for the reference");
-    resolve_reference(options.reference_disabled);
+    ref_switch_.reset(hosts_, options.reference_disabled, "DPOObjective", model_->name());
   }
 
   const DPOTrainOptions& options() const { return options_; }
   void set_options(const DPOTrainOptions& o) {
     detail::check_dpo_options(o.loss);
-    resolve_reference(o.reference_disabled);
+    ref_switch_.reset(hosts_, o.reference_disabled, "DPOObjective", model_->name());
     options_ = o;
   }
 
@@ -89,7 +90,7 @@ class DPOObjective {
   void reference_log_probs(const PreferenceBatch& batch, Matrix<T>& out) {
     check_batch(batch);
     {
-      Disabled guard(*this);
+      typename detail::ReferenceSwitch<T>::Scope guard(ref_switch_);
       model_->forward(batch.ids, batch.layout, ref_logits_, ref_cache_);
     }
     sequence_log_probs<T>(ref_logits_, batch.labels, batch.layout, out, ref_ws_, options_.average_log_probs,
@@ -134,61 +135,6 @@ class DPOObjective {
   const Matrix<T>& reference_token_log_probs() const { return ref_ws_.token_log_probs; }
 
  private:
-  /// Disables every host's adapters (or the named adapters on the hosts that hold them), restoring
-  /// each one's previous flag on destruction. Allocates nothing.
-  class Disabled {
-   public:
-    explicit Disabled(DPOObjective& o) : o_(o) {
-      if (o_.switched_.empty()) {
-        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.saved_[i] = o_.hosts_[i]->adapters_disabled() ? 1 : 0;
-        for (auto* h : o_.hosts_) h->disable_adapters(true);
-        return;
-      }
-      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
-        const auto& [host, name] = o_.switched_[i];
-        o_.saved_[i] = host->adapter_disabled(*name) ? 1 : 0;
-      }
-      for (std::size_t i = 0; i < o_.switched_.size(); ++i) {
-        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, true);
-        on_ = i + 1;
-      }
-    }
-    ~Disabled() {
-      if (o_.switched_.empty()) {
-        for (std::size_t i = 0; i < o_.hosts_.size(); ++i) o_.hosts_[i]->disable_adapters(o_.saved_[i] != 0);
-        return;
-      }
-      for (std::size_t i = 0; i < on_; ++i)
-        o_.switched_[i].first->disable_adapter(*o_.switched_[i].second, o_.saved_[i] != 0);
-    }
-    Disabled(const Disabled&) = delete;
-    Disabled& operator=(const Disabled&) = delete;
-
-   private:
-    DPOObjective& o_;
-    std::size_t on_ = 0;  ///< switched_ entries switched off so far (a merged one throws)
-  };
-
-  /// (host, adapter) pairs the reference switches off; ConfigError for a name no host holds.
-  void resolve_reference(const std::vector<std::string>& names) {
-    std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> next;
-    std::vector<std::string> kept = names;  // next points into its buffer, which the move below keeps
-    for (const auto& n : kept) {
-      bool found = false;
-      for (auto* h : hosts_)
-        if (h->has_adapter(n)) {
-          next.emplace_back(h, &n);
-          found = true;
-        }
-      if (!found)
-        throw ConfigError("DPOObjective: reference_disabled names adapter \"" + n + "\", which no layer of model \"" +
-                          model_->name() + "\" holds");
-    }
-    names_ = std::move(kept);
-    switched_ = std::move(next);
-    saved_.assign(std::max(hosts_.size(), switched_.size()), 0);
-  }
-
   void check_batch(const PreferenceBatch& batch) const {
     const Index two_n = batch.layout.batch;
     if (two_n <= 0 || two_n % 2 != 0)
@@ -203,9 +149,7 @@ class DPOObjective {
 
   Model* model_;
   std::vector<AdaptedLinear<T>*> hosts_;
-  std::vector<std::string> names_;                                          ///< reference_disabled, owned here
-  std::vector<std::pair<AdaptedLinear<T>*, const std::string*>> switched_;  ///< into names_
-  std::vector<char> saved_;
+  detail::ReferenceSwitch<T> ref_switch_;  ///< the reference: adapters switched off
   DPOTrainOptions options_;
   typename Model::Cache cache_, ref_cache_;
   Matrix<T> logits_, ref_logits_, lp_, ref_lp_, dchosen_, drejected_, dseq_, dlogits_;

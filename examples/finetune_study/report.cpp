@@ -436,7 +436,8 @@ void write_params_svg(const std::string& path, const Study& st, const std::vecto
   double pre = 0;
   for (const auto& p : st.pretrained) pre += p.source_acc / static_cast<double>(st.pretrained.size());
   hi = std::max(hi, pre);
-  const auto [y0, y1] = zoom(lo - 0.01, hi + 0.01, 0.05);  // no marker on the frame
+  const auto y_range = zoom(lo - 0.01, hi + 0.01, 0.05);  // no marker on the frame
+  const double y0 = y_range.first, y1 = y_range.second;  // plain names: the lambdas below use them
   const double row_h = 24, top = 80, label_w = 250;
   const double H = top + row_h * static_cast<double>(rows.size()) + 60, W = 1000;
   std::ofstream s(path);

@@ -113,6 +113,17 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
   constexpr bool eigen_kernels = true;
 #endif
   if (!eigen_kernels || small || dst.rows() == 1 || dst.cols() == 1 || a_lhs.cols() == 0) {
+    if (dst.rows() == 1 && dst.cols() != 1 && !small) {
+      // A row result as its transpose, dstᵀ = alpha · bᵀ aᵀ: Eigen folds alpha into the matrix
+      // operand (bᵀ) and reads the row of a in place. Written as alpha · (a b), Eigen would fold
+      // alpha into a and then copy a's only row, scaled, into a heap temporary on every call
+      // (dW += dYᵀ X of a one-output head did).
+      if (accumulate)
+        dst.transpose().noalias() += alpha * (a_rhs.derived().transpose() * a_lhs.derived().transpose());
+      else
+        dst.transpose().noalias() = alpha * (a_rhs.derived().transpose() * a_lhs.derived().transpose());
+      return;
+    }
     if (accumulate)
       dst.noalias() += alpha * (a_lhs.derived() * a_rhs.derived());
     else

@@ -36,6 +36,8 @@
 // embeddings go right before each sequence's first valid token (PEFT: torch.cat((prompts,
 // inputs_embeds))), at positions 0 .. n − 1; the model then sees layout.prepended(n), and its logits
 // have n more rows per sequence (output_layout / prompt_labels put -100 there, as PEFT does).
+// A sliding window counts the virtual tokens as the sequence's first n tokens; PEFT's left-padded
+// batches put the padding between them and the tokens (so equal only with right padding).
 // Prefix tuning (PEFT's PREFIX_TUNING, `prefix_encoder`, a PrefixAttention of token_dim KV·hd over
 // the layers): layer i's attention gets np extra keys and values (PEFT's past_key_values, used as
 // they are: no rotation), visible to every query; the tokens' positions start at np (PEFT offsets

@@ -1,6 +1,6 @@
 // A Llama training step (forward, causal LM loss, backward) allocates nothing after the first call
 // with given shapes: LoRA on q_proj / v_proj over a frozen base, with a frozen or trainable
-// embedding table, tied or untied head, padded batch (support/no_malloc.hpp; std::vector /
+// embedding table, tied or untied head, padded batch, sliding window (support/no_malloc.hpp; std::vector /
 // std::string allocations are reviewed by eye: the hot path builds no string unless it throws).
 #include "support/no_malloc.hpp"
 
@@ -60,9 +60,13 @@ TEST_CASE("no-malloc: llama forward + causal LM loss + backward", "[llama][no_ma
 
 TEST_CASE("no-malloc: llama with left padding and prompt / prefix tuning, forward + loss + backward",
           "[llama][no_malloc]") {
-  for (int kind = 0; kind < 3; ++kind) {
+  for (int kind = 0; kind < 6; ++kind) {  // kinds 3 .. 5: the same with a sliding window of 3 on layer 1
     INFO("kind " << kind);
     LlamaConfig c;
+    if (kind >= 3) {
+      c.sliding_window = 3;
+      c.layer_types = {"full_attention", "sliding_attention"};
+    }
     c.vocab_size = 13;
     c.hidden_size = 8;
     c.intermediate_size = 12;
@@ -72,9 +76,9 @@ TEST_CASE("no-malloc: llama with left padding and prompt / prefix tuning, forwar
     Rng rng(6);
     LlamaForCausalLM<float> model(c, rng);
     model.freeze_all();
-    if (kind == 1) model.add_prompt_tuning(3, rng);
-    if (kind == 2) model.add_prefix_tuning(2, rng, true, 6);
-    if (kind == 0) model.model.embed_tokens.weight.set_trainable(true);
+    if (kind % 3 == 1) model.add_prompt_tuning(3, rng);
+    if (kind % 3 == 2) model.add_prefix_tuning(2, rng, true, 6);
+    if (kind % 3 == 0) model.model.embed_tokens.weight.set_trainable(true);
     SequenceLayout layout(2, 6, {6, 4});
     layout.left_padded = true;
     const std::vector<Index> ids = {1, 2, 3, 4, 5, 6, 0, 0, 7, 8, 9, 10};

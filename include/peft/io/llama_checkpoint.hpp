@@ -9,10 +9,13 @@
 //   model.safetensors.index.json     {"weight_map": {tensor: shard file}} + the shards
 //
 // Refused by name (ConfigError, nothing loaded): another model_type, hidden_act other than silu,
-// a rope type other than default / llama3, partial_rotary_factor ≠ 1, Qwen2's use_sliding_window,
-// layer_types other than full_attention, MoE keys (num_local_experts, num_experts), a
-// quantization_config. Mistral's sliding_window is kept: a forward longer than the window is
-// refused (below it, sliding-window attention is plain causal attention).
+// a rope type other than default / llama3, partial_rotary_factor ≠ 1, MoE keys (num_local_experts,
+// num_experts), a quantization_config, layer_types other than full_attention on llama / mistral.
+// Sliding-window attention as transformers configures it: Mistral's sliding_window (null: none;
+// absent: MistralConfig's default 4096) on every layer; Qwen2's sliding_window (default 4096) only with
+// use_sliding_window, on the layers layer_types marks sliding_attention (absent: the layers i ≥ max_window_layers,
+// default 28, as Qwen2Config builds it); a sliding layer without a window (use_sliding_window false, or sliding_window
+// null) is refused, as HF's forward fails on it.
 //
 // Tensors: every parameter of the model must be in the files with its shape (1-D for norms and
 // biases), F32 / F16 / BF16 / F64, converted to T; a missing, unexpected, mis-shaped or
@@ -147,16 +150,18 @@ inline LlamaConfig llama_config_from_json(const Json& j, const std::string& labe
                         (four ? "true" : "false") + ", bnb_4bit_quant_type \"" + qt +
                         "\"): only bitsandbytes 4-bit nf4 checkpoints are supported");
   }
+  const bool qwen2 = c.model_type == "qwen2";
   if (detail::json_has(j, "layer_types")) {
     const Json& lt = j.at("layer_types");
     if (!lt.is_array()) throw IoError(label + ": \"layer_types\" must be an array");
-    for (const Json& t : lt)
-      if (!t.is_string() || t.get<std::string>() != "full_attention")
-        throw ConfigError(label + ": layer_types holds \"" + (t.is_string() ? t.get<std::string>() : t.dump()) +
-                          "\": only full_attention layers are supported");
+    for (const Json& t : lt) {
+      const std::string name = t.is_string() ? t.get<std::string>() : t.dump();
+      if (name != "full_attention" && !(qwen2 && name == "sliding_attention"))
+        throw ConfigError(label + ": layer_types holds \"" + name + "\": only full_attention layers are supported" +
+                          (qwen2 ? " (and sliding_attention)" : " for model_type " + c.model_type));
+      c.layer_types.push_back(name);
+    }
   }
-  if (detail::json_get_or<bool>(j, "use_sliding_window", false, label))
-    throw ConfigError(label + ": use_sliding_window is true: sliding-window attention is not supported");
   c.vocab_size = detail::json_index(j, "vocab_size", label);
   c.hidden_size = detail::json_index(j, "hidden_size", label);
   c.intermediate_size = detail::json_index(j, "intermediate_size", label);
@@ -177,8 +182,25 @@ inline LlamaConfig llama_config_from_json(const Json& j, const std::string& labe
     c.qkv_bias = c.o_bias = detail::json_get_or<bool>(j, "attention_bias", false, label);
     c.mlp_bias = detail::json_get_or<bool>(j, "mlp_bias", false, label);
   }
-  if (c.model_type == "mistral" && detail::json_has(j, "sliding_window"))
-    c.sliding_window = detail::json_index(j, "sliding_window", label);
+  if (c.model_type == "mistral") {  // MistralConfig: absent → 4096, null → None; every layer slides
+    c.sliding_window = !j.contains("sliding_window") ? 4096 : detail::json_index_or(j, "sliding_window", 0, label);
+    c.layer_types.clear();  // all full_attention (checked above); MistralModel ignores them
+  } else if (c.model_type != "qwen2") {
+    c.layer_types.clear();  // LlamaConfig has no window
+  } else {                  // Qwen2Config: sliding_window = sliding_window if use_sliding_window else None
+    const bool use = detail::json_get_or<bool>(j, "use_sliding_window", false, label);
+    const bool has = j.contains("sliding_window");  // absent: Qwen2Config's default 4096; null: None
+    c.sliding_window = use ? (has ? detail::json_index_or(j, "sliding_window", 0, label) : 4096) : 0;
+    if (c.sliding_window < 0) throw ConfigError(label + ": sliding_window must be >= 0");
+    if (c.layer_types.empty()) {  // Qwen2Config: sliding iff a window is set and i >= max_window_layers
+      c.max_window_layers = detail::json_index_or(j, "max_window_layers", 28, label);
+    } else if (c.sliding_window == 0 &&
+               std::find(c.layer_types.begin(), c.layer_types.end(), "sliding_attention") != c.layer_types.end()) {
+      throw ConfigError(label + ": layer_types holds sliding_attention but " +
+                        (use ? "sliding_window is null" : "use_sliding_window is false") +
+                        " (transformers' forward has no window for those layers)");
+    }
+  }
   const double dropout = detail::json_get_or<double>(j, "attention_dropout", 0.0, label);
   if (dropout != 0.0)
     warn(label + ": attention_dropout " + check::num(dropout) + " is ignored (no attention dropout is applied)");

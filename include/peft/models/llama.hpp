@@ -17,6 +17,11 @@
 //         attention_bias on q/k/v/o); RoPE on Q and K per head (layers/rotary.hpp, position t of
 //         each sequence = t); grouped-query attention: query head h reads kv head h / (H / KV)
 //         (HF's repeat_kv); A = softmax(Q_h K_gᵀ / √hd + causal mask); C_h = A V_g; y = o_proj(C).
+//         Sliding window W (Mistral's sliding_window on every layer; Qwen2's use_sliding_window on the
+//         layers layer_types marks sliding_attention; LlamaConfig::layer_window): query t sees only
+//         the keys t' with t − W < t' ≤ t (transformers' masking_utils: sliding_window_overlay
+//         kv_idx > q_idx − W and causal kv_idx ≤ q_idx), distances counted in valid tokens of the
+//         sequence (HF counts tensor columns; with the padding all on one side these are the same).
 //   MLP:  down_proj(silu(gate_proj(v)) ⊙ up_proj(v))   (SwiGLU; mlp_bias on all three)
 //
 // Padding (SequenceLayout lengths, right or left: layout.left_padded, HF's padding_side): the valid
@@ -31,13 +36,18 @@
 // embeddings go right before each sequence's first valid token (PEFT: torch.cat((prompts,
 // inputs_embeds))), at positions 0 .. n − 1; the model then sees layout.prepended(n), and its logits
 // have n more rows per sequence (output_layout / prompt_labels put -100 there, as PEFT does).
+// A sliding window counts the virtual tokens as the sequence's first n tokens; PEFT's left-padded
+// batches put the padding between them and the tokens (so equal only with right padding).
 // Prefix tuning (PEFT's PREFIX_TUNING, `prefix_encoder`, a PrefixAttention of token_dim KV·hd over
 // the layers): layer i's attention gets np extra keys and values (PEFT's past_key_values, used as
 // they are: no rotation), visible to every query; the tokens' positions start at np (PEFT offsets
-// position_ids by num_virtual_tokens). Backward reaches both (finite-difference checked).
+// position_ids by num_virtual_tokens). With a sliding window, prefix key j is at position j, so
+// token t sees it while np + t − j < W (PEFT's past_key_values are cache positions 0 .. np − 1 of
+// HF's mask). Backward reaches both (finite-difference checked).
 //
 // Generation (forward_cached): a KV cache for a batch of sequences, the first chunk possibly
-// left-padded; per-row adapters (each row names its adapter or "none", PEFT's adapter_names=) route
+// left-padded (with a window, each step reads only the last W positions; the cache keeps them all);
+// per-row adapters (each row names its adapter or "none", PEFT's adapter_names=) route
 // every linear through AdaptedLinear::forward_routed.
 //
 // Backward: exact, by hand, every step commented. Attention keeps each row's softmax max and
@@ -85,12 +95,25 @@ struct LlamaConfig {
   bool o_bias = false;    ///< bias on o_proj (Llama's attention_bias)
   bool mlp_bias = false;  ///< biases on gate/up/down (Llama's mlp_bias)
   bool tie_word_embeddings = false;
-  Index sliding_window = 0;  ///< > 0: Mistral's window; a longer sequence is refused (not implemented)
+  /// > 0: sliding-window attention (HF's sliding_window W): query t sees the keys t' with
+  /// t − W < t' ≤ t (masking_utils.sliding_window_causal_mask_function), on the layers
+  /// layer_window(i) > 0 (all of them for Mistral).
+  Index sliding_window = 0;
+  /// Per layer "full_attention" or "sliding_attention" (Qwen2's layer_types); empty: the layers
+  /// i ≥ max_window_layers slide when sliding_window > 0 (Mistral: max_window_layers 0, all).
+  std::vector<std::string> layer_types;
+  Index max_window_layers = 0;  ///< read only with an empty layer_types (Qwen2Config's default rule)
   double initializer_range = 0.02;
 
   Index kv_heads() const { return num_key_value_heads > 0 ? num_key_value_heads : num_attention_heads; }
   Index resolved_head_dim() const {
     return head_dim > 0 ? head_dim : (num_attention_heads > 0 ? hidden_size / num_attention_heads : 0);
+  }
+  /// The attention window of layer i: sliding_window if the layer slides, else 0 (full attention).
+  Index layer_window(Index i) const {
+    if (sliding_window <= 0) return 0;
+    if (layer_types.empty()) return i >= max_window_layers ? sliding_window : 0;
+    return layer_types[static_cast<std::size_t>(i)] == "sliding_attention" ? sliding_window : 0;
   }
 
   /// Largest accepted size of any one dimension (a config is input: sizes are bounded before any
@@ -113,6 +136,19 @@ struct LlamaConfig {
     pos("num_key_value_heads", kv_heads());
     if (head_dim != 0) pos("head_dim", head_dim);
     if (sliding_window < 0) throw ConfigError(who + ": sliding_window must be >= 0");
+    if (max_window_layers < 0) throw ConfigError(who + ": max_window_layers must be >= 0");
+    if (!layer_types.empty()) {
+      if (static_cast<Index>(layer_types.size()) != num_hidden_layers)
+        throw ConfigError(who + ": layer_types has " + std::to_string(layer_types.size()) + " entries for " +
+                          std::to_string(num_hidden_layers) + " layers");
+      for (const std::string& t : layer_types) {
+        if (t != "full_attention" && t != "sliding_attention")
+          throw ConfigError(who + ": layer_types holds \"" + t +
+                            "\" (full_attention and sliding_attention are supported)");
+        if (t == "sliding_attention" && sliding_window <= 0)
+          throw ConfigError(who + ": layer_types holds sliding_attention but sliding_window is not set");
+      }
+    }
     if (num_attention_heads % kv_heads() != 0)
       throw ConfigError(who + ": num_attention_heads " + std::to_string(num_attention_heads) +
                         " is not a multiple of num_key_value_heads " + std::to_string(kv_heads()));
@@ -233,8 +269,12 @@ class LlamaAttention : public Module<T> {
   };
 
   LlamaAttention() = default;
-  LlamaAttention(const LlamaConfig& c, std::uint64_t seed)
-      : num_heads_(c.num_attention_heads), num_kv_heads_(c.kv_heads()), head_dim_(c.resolved_head_dim()) {
+  /// `window` > 0: sliding-window attention over that many positions (LlamaConfig::layer_window).
+  LlamaAttention(const LlamaConfig& c, std::uint64_t seed, Index window = 0)
+      : num_heads_(c.num_attention_heads),
+        num_kv_heads_(c.kv_heads()),
+        head_dim_(c.resolved_head_dim()),
+        window_(window) {
     const Index d = c.hidden_size, hd = head_dim_;
     q_proj = detail::llama_linear<T>(d, num_heads_ * hd, c.qkv_bias, seed + 1);
     k_proj = detail::llama_linear<T>(d, num_kv_heads_ * hd, c.qkv_bias, seed + 2);
@@ -248,6 +288,8 @@ class LlamaAttention : public Module<T> {
   Index num_kv_heads() const { return num_kv_heads_; }
   Index head_dim() const { return head_dim_; }
   Index dim() const { return q_proj.in_features(); }
+  /// The attention window W (0: full causal attention).
+  Index sliding_window() const { return window_; }
 
   /// x [B·S, d] laid out by `layout`; rope must cover np + S positions (RotaryEmbedding::reserve).
   /// `prefix` (may be null): np prefix keys / values [np, KV·hd] (prefix tuning).
@@ -277,8 +319,11 @@ class LlamaAttention : public Module<T> {
   /// P = softmax-ready scaled scores [L, np + L]: Q_{b,h} [PK_g; K_{b,g}]ᵀ / √hd over the valid rows
   /// of sequence b (masked entries 0).
   void scaled_scores(const Cache& cache, Index b, Index h, Eigen::Block<Matrix<T>> P) const;
+  /// First visible column of query t in the [prefix; keys] columns (prefix key j is column j, token
+  /// key t' column np + t'; query t is at np + t): 0, or with a window W, max(0, np + t + 1 − W).
+  Index window_start(Index np, Index t) const { return window_ > 0 ? std::max<Index>(0, np + t + 1 - window_) : 0; }
 
-  Index num_heads_ = 1, num_kv_heads_ = 1, head_dim_ = 2;
+  Index num_heads_ = 1, num_kv_heads_ = 1, head_dim_ = 2, window_ = 0;
   detail::LlamaRoute<T> route_[4];   // per-row adapter routing of q, k, v, o (forward_cached)
   Matrix<T> q_inf_, k_inf_, v_inf_;  // forward_cached scratch
   RowVector<T> p_inf_;
@@ -337,9 +382,9 @@ class LlamaDecoderLayer : public Module<T> {
   };
 
   LlamaDecoderLayer() = default;
-  LlamaDecoderLayer(const LlamaConfig& c, std::uint64_t seed)
+  LlamaDecoderLayer(const LlamaConfig& c, std::uint64_t seed, Index window = 0)
       : input_layernorm(c.hidden_size, c.rms_norm_eps),
-        self_attn(c, seed),
+        self_attn(c, seed, window),
         post_attention_layernorm(c.hidden_size, c.rms_norm_eps),
         mlp(c, seed) {
     input_layernorm.weight.set_trainable(false);
@@ -394,7 +439,7 @@ class LlamaModel : public Module<T> {
     embed_tokens.weight = Parameter<T>(c.vocab_size, c.hidden_size, false);
     embed_tokens.weight.value.setZero();
     for (Index i = 0; i < c.num_hidden_layers; ++i)
-      layers.emplace_back(c, 0x11a3a000ULL + 16ULL * static_cast<std::uint64_t>(i));
+      layers.emplace_back(c, 0x11a3a000ULL + 16ULL * static_cast<std::uint64_t>(i), c.layer_window(i));
     norm.weight.set_trainable(false);
   }
 
@@ -583,6 +628,8 @@ void LlamaAttention<T>::scaled_scores(const Cache& cache, Index b, Index h, Eige
   for (Index t = 0; t < L; ++t) {
     Pt.row(t).head(t + 1) *= scale;                      // causal: keys t' ≤ t
     if (t + 1 < L) Pt.row(t).tail(L - t - 1).setZero();  // masked
+    const Index lo = window_start(np, t);
+    if (lo > 0) P.row(t).head(lo).setZero();  // sliding window: keys at np + t − (np + t') ≥ W masked
   }
 }
 
@@ -629,7 +676,8 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
       scaled_scores(cache, b, h, P);
       const Index first = (b * H + h) * S;
       for (Index t = 0; t < Lb; ++t) {
-        auto row = P.row(t).head(np + t + 1);  // the prefix and keys t' ≤ t
+        const Index lo = window_start(np, t);
+        auto row = P.row(t).segment(lo, np + t + 1 - lo);  // the prefix and keys t' ≤ t (inside the window)
         const T m = row.maxCoeff();
         row.array() = (row.array() - m).exp();  // exp(s − max s) ≤ 1
         const T z = row.sum();
@@ -680,7 +728,8 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
       scaled_scores(cache, b, h, P);
       const Index first = (b * H + h) * S;
       for (Index t = 0; t < Lb; ++t) {
-        auto row = P.row(t).head(np + t + 1);
+        const Index lo = window_start(np, t);
+        auto row = P.row(t).segment(lo, np + t + 1 - lo);
         row.array() = (row.array() - cache.row_max(first + t)).exp();
         row /= cache.row_sum(first + t);
       }
@@ -908,12 +957,7 @@ template <class T>
 void LlamaForCausalLM<T>::forward(const std::vector<Index>& ids, const SequenceLayout& layout, Matrix<T>& logits,
                                   Cache& cache) {
   layout.validate("LlamaForCausalLM", this->name(), static_cast<Index>(ids.size()));  // message built on failure only
-  const Index span = layout.seq + prompt_length() + prefix_length();
-  if (config_.sliding_window > 0 && span > config_.sliding_window)
-    throw ConfigError(describe("LlamaForCausalLM", this->name()) + ": sequence length " + std::to_string(span) +
-                      " exceeds sliding_window " + std::to_string(config_.sliding_window) +
-                      " (sliding-window attention is not implemented)");
-  rope_.reserve(span);
+  rope_.reserve(layout.seq + prompt_length() + prefix_length());
   const Matrix<T>* prefix = nullptr;
   if (prefix_encoder) {
     prefix_encoder->forward(cache.prefix);  // the table [np, L·2·KV·hd]; zeroes its gradient
@@ -994,19 +1038,23 @@ void LlamaAttention<T>::forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<
     v_cache.middleRows(b * cap + n, m) = v_inf_.middleRows(b * m, m);
     for (Index r = r0; r < m; ++r) {
       const Index visible = n + r - f + 1;  // causal: columns f .. n + r
+      // [prefix; columns f ..] as in forward: the query is column np + visible − 1 of it; a window
+      // keeps columns lo .. np + visible − 1 (pn prefix keys from ps, then kn cached columns from f + ko).
+      const Index lo = window_start(np, visible - 1), ps = std::min(lo, np), pn = np - ps;
+      const Index ko = std::max(lo, np) - np, kn = visible - ko;
       for (Index h = 0; h < H; ++h) {
         const Index g = h / rep;
-        auto p = p_inf_.head(np + visible);
+        auto p = p_inf_.head(pn + kn);
         const auto q = q_inf_.block(b * m + r, h * hd, 1, hd);
-        if (np > 0) p.head(np).noalias() = q * prefix->key.middleCols(g * hd, hd).transpose();
-        p.tail(visible).noalias() = q * k_cache.block(b * cap + f, g * hd, visible, hd).transpose();
+        if (pn > 0) p.head(pn).noalias() = q * prefix->key.block(ps, g * hd, pn, hd).transpose();
+        p.tail(kn).noalias() = q * k_cache.block(b * cap + f + ko, g * hd, kn, hd).transpose();
         p *= scale;
         const T mx = p.maxCoeff();
         p.array() = (p.array() - mx).exp();
         p /= p.sum();
         auto c = context_.block(b * m + r, h * hd, 1, hd);
-        c.noalias() = p.tail(visible) * v_cache.block(b * cap + f, g * hd, visible, hd);
-        if (np > 0) c.noalias() += p.head(np) * prefix->value.middleCols(g * hd, hd);
+        c.noalias() = p.tail(kn) * v_cache.block(b * cap + f + ko, g * hd, kn, hd);
+        if (pn > 0) c.noalias() += p.head(pn) * prefix->value.block(ps, g * hd, pn, hd);
       }
     }
   }
@@ -1134,9 +1182,6 @@ void LlamaForCausalLM<T>::forward_cached(const std::vector<Index>& ids, const Se
   if (end > kv.capacity())
     throw ShapeError(who + ": " + std::to_string(end) + " positions exceed the KV cache capacity " +
                      std::to_string(kv.capacity()));
-  if (config_.sliding_window > 0 && end + prefix_length() > config_.sliding_window)
-    throw ConfigError(who + ": sequence length " + std::to_string(end + prefix_length()) + " exceeds sliding_window " +
-                      std::to_string(config_.sliding_window) + " (sliding-window attention is not implemented)");
   if (kv.length == 0)
     for (Index b = 0; b < kv.batch; ++b) kv.first[static_cast<std::size_t>(b)] = layout.first(b);
   const bool was_training = this->training();

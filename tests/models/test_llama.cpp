@@ -16,11 +16,13 @@
 #include <peft/models/llama.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include "models/llama_fixture_utils.hpp"
 #include "models/llama_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
 using peft::test::llama_data;
+using peft::test::randomize_llama;
 using peft::test::Tolerances;
 using peft::test::valid_rows_error;
 
@@ -72,15 +74,6 @@ LlamaConfig tiny_llama_config(bool tied) {
   c.rope.high_freq_factor = 4.0;
   c.rope.original_max_position_embeddings = 24;
   return c;
-}
-
-template <class T>
-void randomize_llama(LlamaForCausalLM<T>& m, Rng& rng) {
-  m.visit_parameters([&](const std::string& n, Parameter<T>& p) {
-    for (Index i = 0; i < p.value.size(); ++i)
-      p.value.data()[i] = static_cast<T>(n.find("norm") != std::string::npos ? 1.0 + 0.3 * rng.normal(0.0, 1.0)
-                                                                             : 0.5 * rng.normal(0.0, 1.0));
-  });
 }
 
 }  // namespace
@@ -202,35 +195,11 @@ TEST_CASE("llama: gradient check in double (GQA, biases, llama3 rope, padding, t
     Rng rng(11);
     LlamaForCausalLM<double> model(tiny_llama_config(tied), rng);
     randomize_llama(model, rng);
-    // A LoRA on q_proj and down_proj too (non-zero B, alpha != r), every base parameter trainable.
-    io::Json cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 3}, {"target_modules", {"q_proj", "down_proj"}}};
-    io::apply_method<double>(model, cfg, "default", rng);
-    model.visit_parameters([&](const std::string& n, Parameter<double>& p) {
-      if (n.find("lora_B") != std::string::npos)
-        p.value = peft::test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.5);
-      p.set_trainable(true);
-    });
+    peft::test::add_gradient_check_lora(model, rng);  // non-zero B, alpha != r; every parameter trainable
     const SequenceLayout layout(2, 5, {5, 3});
     const std::vector<Index> ids = {1, 4, 7, 2, 9, 3, 10, 5, 0, 0};
     const std::vector<std::int64_t> labels = {-100, 4, 7, 2, 9, -100, 10, 5, -100, -100};
-    typename LlamaForCausalLM<double>::Cache cache;
-    Matrix<double> logits, dlogits;
-    auto loss = [&]() {
-      model.forward(ids, layout, logits, cache);
-      return causal_lm_loss<double>(logits, labels, layout, nullptr);
-    };
-    model.forward(ids, layout, logits, cache);
-    causal_lm_loss<double>(logits, labels, layout, &dlogits);
-    model.zero_grad();
-    model.backward(cache, dlogits);
-    int n = 0;
-    model.visit_parameters([&](const std::string& name, Parameter<double>& p) {
-      INFO(name);
-      const Matrix<double> num = numerical_gradient(p.value, loss);
-      CHECK(relative_error(p.grad, num) < Tolerances<double>::grad);
-      ++n;
-    });
-    CHECK(n > 20);
+    peft::test::check_llama_gradients(model, ids, layout, labels, layout);
   }
 }
 

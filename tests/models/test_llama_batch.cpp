@@ -16,6 +16,7 @@
 #include <peft/models/llama.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include "models/llama_fixture_utils.hpp"
 #include "models/llama_test_utils.hpp"
 #include "support/test_utils.hpp"
 
@@ -28,18 +29,9 @@ namespace {
 struct LbFixture {
   io::SafeTensorsFile st{peft::test::llama_data("llama_batch_expected.safetensors")};
 
-  /// ids [B, S] and a 0/1 mask [B, S] → ids [B·S] and the layout (left or right padding).
   void batch(const std::string& ids_key, const std::string& mask_key, std::vector<Index>& ids,
              SequenceLayout& layout) const {
-    const Matrix<double> id = st.load<double>(ids_key), mask = st.load<double>(mask_key);
-    std::vector<Index> lengths;
-    ids.clear();
-    for (Index b = 0; b < id.rows(); ++b) {
-      lengths.push_back(static_cast<Index>(mask.row(b).sum()));
-      for (Index s = 0; s < id.cols(); ++s) ids.push_back(static_cast<Index>(id(b, s)));
-    }
-    layout = SequenceLayout(id.rows(), id.cols(), lengths);
-    layout.left_padded = mask.col(0).sum() < static_cast<double>(id.rows());
+    peft::test::fixture_batch(st, ids_key, mask_key, ids, layout);
   }
   /// [B, S, V] as [B·S, V].
   Matrix<double> rows(const std::string& name) const {
@@ -351,7 +343,8 @@ TEST_CASE(
   CHECK(c.prefix_projection);
   CHECK(!flat.prefix_encoder->projected());
   CHECK(peft::test::valid_rows_error(flat.forward(ids, layout, cache), fx.rows("prefix_logits_f64"), layout) < 1e-12);
-  CHECK(peft::test::valid_rows_error(flat.forward(ids, layout, cache), fx.rows("prefix_reload_logits_f64"), layout) < 1e-7);
+  CHECK(peft::test::valid_rows_error(flat.forward(ids, layout, cache), fx.rows("prefix_reload_logits_f64"), layout) <
+        1e-7);
   // Ours saved (the projected table, as PEFT) reloads to the same logits.
   char tmpl[] = "/tmp/peft_llama_prefix_XXXXXX";
   REQUIRE(mkdtemp(tmpl) != nullptr);
@@ -442,7 +435,8 @@ TEST_CASE(
   }
   CHECK(nq == 14);
   typename LlamaForCausalLM<float>::Cache cache;
-  const double err = peft::test::valid_rows_error(b.forward(ids, layout, cache), fx.rows("bnb_left_logits_f32"), layout);
+  const double err =
+      peft::test::valid_rows_error(b.forward(ids, layout, cache), fx.rows("bnb_left_logits_f32"), layout);
   CHECK(err < 1e-5);
   WARN("bitsandbytes 4-bit checkpoint: logits rel err " << err);
   io::Json cfg = io::parse_json_strict(io::read_text_file(peft::test::llama_data("llama_bnb/config.json")), "config");

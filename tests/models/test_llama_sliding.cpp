@@ -14,11 +14,13 @@
 #include <peft/models/llama.hpp>
 #include <peft/train/gradient_check.hpp>
 
+#include "models/llama_fixture_utils.hpp"
 #include "models/llama_test_utils.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
 using peft::test::llama_data;
+using peft::test::randomize_llama;
 using peft::test::Tolerances;
 using peft::test::valid_rows_error;
 
@@ -29,18 +31,9 @@ struct SwFixture {
   io::SafeTensorsFile st;
   explicit SwFixture(const std::string& name) : st(llama_data(name + "_expected.safetensors")) {}
 
-  /// ids [B, S] and a 0/1 mask [B, S] → ids [B·S] and the layout (left or right padding).
   void batch(const std::string& ids_key, const std::string& mask_key, std::vector<Index>& ids,
              SequenceLayout& layout) const {
-    const Matrix<double> id = st.load<double>(ids_key), mask = st.load<double>(mask_key);
-    std::vector<Index> lengths;
-    ids.clear();
-    for (Index b = 0; b < id.rows(); ++b) {
-      lengths.push_back(static_cast<Index>(mask.row(b).sum()));
-      for (Index s = 0; s < id.cols(); ++s) ids.push_back(static_cast<Index>(id(b, s)));
-    }
-    layout = SequenceLayout(id.rows(), id.cols(), lengths);
-    layout.left_padded = mask.col(0).sum() < static_cast<double>(id.rows());
+    peft::test::fixture_batch(st, ids_key, mask_key, ids, layout);
   }
   std::vector<std::int64_t> labels() const {
     const Matrix<double> l = st.load<double>("labels");
@@ -75,15 +68,6 @@ LlamaConfig sw_tiny_config(bool per_layer) {
   c.sliding_window = 2;
   if (per_layer) c.layer_types = {"full_attention", "sliding_attention"};
   return c;
-}
-
-template <class T>
-void sw_randomize(LlamaForCausalLM<T>& m, Rng& rng) {
-  m.visit_parameters([&](const std::string& n, Parameter<T>& p) {
-    for (Index i = 0; i < p.value.size(); ++i)
-      p.value.data()[i] = static_cast<T>(n.find("norm") != std::string::npos ? 1.0 + 0.3 * rng.normal(0.0, 1.0)
-                                                                             : 0.5 * rng.normal(0.0, 1.0));
-  });
 }
 
 io::Json sw_qwen2_config() {
@@ -191,51 +175,29 @@ TEST_CASE("llama: sliding-window gradient check in double (padding, per-layer wi
     INFO("case " << kind);
     Rng rng(60 + kind);
     LlamaForCausalLM<double> model(sw_tiny_config(kind == PerLayerLeft), rng);
-    sw_randomize(model, rng);
-    io::Json cfg = {{"peft_type", "LORA"}, {"r", 2}, {"lora_alpha", 3}, {"target_modules", {"q_proj", "down_proj"}}};
-    io::apply_method<double>(model, cfg, "default", rng);
+    randomize_llama(model, rng);
+    peft::test::add_gradient_check_lora(model, rng);  // non-zero B
     if (kind == PromptRight) model.add_prompt_tuning(2, rng);
     if (kind == PrefixLeft) model.add_prefix_tuning(2, rng);
-    model.visit_parameters([&](const std::string& n, Parameter<double>& p) {
-      if (n.find("lora_B") != std::string::npos)
-        p.value = peft::test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.5);
-      p.set_trainable(true);
-    });
+    model.visit_parameters([](const std::string&, Parameter<double>& p) { p.set_trainable(true); });
     SequenceLayout layout;
     const std::vector<Index> ids =
         pack_token_ids({{1, 4, 7, 2, 9, 3}, {3, 10, 5, 6}}, layout, 0, kind == PerLayerLeft || kind == PrefixLeft);
     const std::vector<std::int64_t> labels =
         model.prompt_labels(std::vector<std::int64_t>(ids.begin(), ids.end()), layout);
     const SequenceLayout out = model.output_layout(layout);
-    typename LlamaForCausalLM<double>::Cache cache;
-    Matrix<double> logits, dlogits;
-    auto loss = [&]() {
-      model.forward(ids, layout, logits, cache);
-      return causal_lm_loss<double>(logits, labels, out, nullptr);
-    };
-    model.forward(ids, layout, logits, cache);
-    causal_lm_loss<double>(logits, labels, out, &dlogits);
-    model.zero_grad();
-    model.backward(cache, dlogits);
-    int n = 0;
-    model.visit_parameters([&](const std::string& name, Parameter<double>& p) {
-      INFO(name);
-      const Matrix<double> num = numerical_gradient(p.value, loss);
-      CHECK(relative_error(p.grad, num) < Tolerances<double>::grad);
-      ++n;
-    });
-    CHECK(n > 20);
+    peft::test::check_llama_gradients(model, ids, layout, labels, out);
   }
 }
 
 TEST_CASE("llama: sliding window changes what plain causal attention computes past the window", "[llama][sliding]") {
   Rng r1(70), r2(70);  // the same draws: the same weights
   LlamaForCausalLM<double> model(sw_tiny_config(false), r1);
-  sw_randomize(model, r1);
+  randomize_llama(model, r1);
   LlamaConfig full_cfg = sw_tiny_config(false);
   full_cfg.sliding_window = 0;
   LlamaForCausalLM<double> full(full_cfg, r2);
-  sw_randomize(full, r2);
+  randomize_llama(full, r2);
   const std::vector<Index> ids = {1, 4, 7, 2, 9};
   typename LlamaForCausalLM<double>::Cache c1, c2;
   const Matrix<double> a = model.forward(ids, SequenceLayout(1, 5), c1),
@@ -250,7 +212,7 @@ TEST_CASE("llama: sliding-window KV cache equals the full forward (left padding,
     INFO("kind " << kind);
     Rng rng(80 + kind);
     LlamaForCausalLM<double> model(sw_tiny_config(kind == 3), rng);
-    sw_randomize(model, rng);
+    randomize_llama(model, rng);
     if (kind == 1) model.add_prompt_tuning(2, rng);
     if (kind == 2) model.add_prefix_tuning(3, rng, true, 4);
     const std::vector<std::vector<Index>> prompts = {{1, 4, 7, 2, 9}, {3, 10, 5}};

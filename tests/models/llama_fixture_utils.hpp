@@ -65,6 +65,7 @@ inline void check_llama_gradients(LlamaForCausalLM<double>& model, const std::ve
     return causal_lm_loss<double>(logits, labels, out, nullptr);
   };
   model.forward(ids, layout, logits, cache);
+  REQUIRE(logits.rows() == out.rows());
   causal_lm_loss<double>(logits, labels, out, &dlogits);
   model.zero_grad();
   model.backward(cache, dlogits);

@@ -79,4 +79,37 @@ inline void check_llama_gradients(LlamaForCausalLM<double>& model, const std::ve
   CHECK(n > 20);
 }
 
+/// Left-padded `prompts` through forward_cached, then the continuations `more` (the same count per
+/// sequence) one token per step: every valid prompt row and every step's logits equal the full
+/// forward of prompt + continuation (relative 1e-12). Returns the cache, filled to its capacity.
+inline LlamaKVCache<double> check_kv_cache_equals_forward(LlamaForCausalLM<double>& model,
+                                                          const std::vector<std::vector<Index>>& prompts,
+                                                          const std::vector<std::vector<Index>>& more) {
+  const Index B = static_cast<Index>(prompts.size()), steps = static_cast<Index>(more.front().size());
+  std::vector<std::vector<Index>> full = prompts;
+  for (std::size_t b = 0; b < full.size(); ++b) full[b].insert(full[b].end(), more[b].begin(), more[b].end());
+  SequenceLayout fl, pl;
+  const std::vector<Index> fids = pack_token_ids(full, fl, 0, true);
+  const std::vector<Index> pids = pack_token_ids(prompts, pl, 0, true);
+  typename LlamaForCausalLM<double>::Cache cache;
+  const Matrix<double> want = model.forward(fids, fl, cache);
+  const Index n = model.prompt_length(), S = model.output_layout(fl).seq, P = pl.seq;
+  LlamaKVCache<double> kv = model.make_kv_cache(P + steps + n, B);
+  Matrix<double> got;
+  model.forward_cached(pids, pl, kv, got);
+  REQUIRE(got.rows() == B * P);
+  for (Index b = 0; b < B; ++b)
+    for (Index t = pl.first(b); t < P; ++t)  // a left-padded prompt row t is full row n + t (same padding)
+      CHECK(rel_diff(Matrix<double>(got.row(b * P + t)), Matrix<double>(want.row(b * S + n + t))) < 1e-12);
+  std::vector<Index> step(static_cast<std::size_t>(B));
+  for (Index t = 0; t < steps; ++t) {
+    for (Index b = 0; b < B; ++b)
+      step[static_cast<std::size_t>(b)] = more[static_cast<std::size_t>(b)][static_cast<std::size_t>(t)];
+    model.forward_cached(step, SequenceLayout(B, 1), kv, got);
+    for (Index b = 0; b < B; ++b)
+      CHECK(rel_diff(Matrix<double>(got.row(b)), Matrix<double>(want.row(b * S + n + P + t))) < 1e-12);
+  }
+  return kv;
+}
+
 }  // namespace peft::test

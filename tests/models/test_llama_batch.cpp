@@ -154,33 +154,9 @@ TEST_CASE("llama: batched KV cache (left padding, prompt, prefix) equals the ful
     LlamaForCausalLM<double> model = lb_random_model<double>(rng);
     if (kind == 1) model.add_prompt_tuning(2, rng);
     if (kind == 2) model.add_prefix_tuning(3, rng, true, 4);
-    // Full sequences: prompt part (left-padded) + 3 more tokens each.
-    const std::vector<std::vector<Index>> prompts = kLbSeqs;
-    const std::vector<std::vector<Index>> more = {{6, 1, 8}, {2, 2, 4}};
-    std::vector<std::vector<Index>> full = prompts;
-    for (std::size_t b = 0; b < full.size(); ++b) full[b].insert(full[b].end(), more[b].begin(), more[b].end());
-    SequenceLayout fl, pl;
-    const std::vector<Index> fids = pack_token_ids(full, fl, 0, true);
-    const std::vector<Index> pids = pack_token_ids(prompts, pl, 0, true);
-    typename LlamaForCausalLM<double>::Cache cache;
-    const Matrix<double> want = model.forward(fids, fl, cache);
-    const SequenceLayout wl = model.output_layout(fl);
-    const Index n = model.prompt_length(), S = wl.seq;
-    LlamaKVCache<double> kv = model.make_kv_cache(pl.seq + 3 + n, 2);
+    // Prompts (left-padded) + 3 more tokens each; the cache is full afterwards.
+    LlamaKVCache<double> kv = peft::test::check_kv_cache_equals_forward(model, kLbSeqs, {{6, 1, 8}, {2, 2, 4}});
     Matrix<double> got;
-    model.forward_cached(pids, pl, kv, got);
-    REQUIRE(got.rows() == 2 * pl.seq);
-    // Last prompt token of each row: full row (b, n + pl.seq − 1) of the full forward (same padding).
-    for (Index b = 0; b < 2; ++b)
-      CHECK(peft::test::rel_diff(Matrix<double>(got.row(b * pl.seq + pl.seq - 1)),
-                                 Matrix<double>(want.row(b * S + n + pl.seq - 1))) < 1e-12);
-    for (Index t = 0; t < 3; ++t) {
-      model.forward_cached({more[0][static_cast<std::size_t>(t)], more[1][static_cast<std::size_t>(t)]},
-                           SequenceLayout(2, 1), kv, got);
-      for (Index b = 0; b < 2; ++b)
-        CHECK(peft::test::rel_diff(Matrix<double>(got.row(b)), Matrix<double>(want.row(b * S + n + pl.seq + t))) <
-              1e-12);
-    }
     PEFT_REQUIRE_THROWS_WITH(model.forward_cached({1, 2}, SequenceLayout(2, 1), kv, got), ShapeError,
                              "exceed the KV cache capacity");
   }

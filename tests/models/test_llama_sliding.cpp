@@ -215,29 +215,7 @@ TEST_CASE("llama: sliding-window KV cache equals the full forward (left padding,
     randomize_llama(model, rng);
     if (kind == 1) model.add_prompt_tuning(2, rng);
     if (kind == 2) model.add_prefix_tuning(3, rng, true, 4);
-    const std::vector<std::vector<Index>> prompts = {{1, 4, 7, 2, 9}, {3, 10, 5}};
-    const std::vector<std::vector<Index>> more = {{6, 1, 8, 4}, {2, 2, 4, 7}};
-    std::vector<std::vector<Index>> all = prompts;
-    for (std::size_t b = 0; b < all.size(); ++b) all[b].insert(all[b].end(), more[b].begin(), more[b].end());
-    SequenceLayout fl, pl;
-    const std::vector<Index> fids = pack_token_ids(all, fl, 0, true);
-    const std::vector<Index> pids = pack_token_ids(prompts, pl, 0, true);
-    typename LlamaForCausalLM<double>::Cache cache;
-    const Matrix<double> want = model.forward(fids, fl, cache);
-    const Index n = model.prompt_length(), S = model.output_layout(fl).seq, P = pl.seq;
-    LlamaKVCache<double> kv = model.make_kv_cache(P + 4 + n, 2);
-    Matrix<double> got;
-    model.forward_cached(pids, pl, kv, got);
-    for (Index b = 0; b < 2; ++b)
-      for (Index t = pl.first(b); t < P; ++t)  // every valid prompt row (a left-padded prompt row t: full row n + t)
-        CHECK(peft::test::rel_diff(Matrix<double>(got.row(b * P + t)), Matrix<double>(want.row(b * S + n + t))) <
-              1e-12);
-    for (Index t = 0; t < 4; ++t) {
-      model.forward_cached({more[0][static_cast<std::size_t>(t)], more[1][static_cast<std::size_t>(t)]},
-                           SequenceLayout(2, 1), kv, got);
-      for (Index b = 0; b < 2; ++b)
-        CHECK(peft::test::rel_diff(Matrix<double>(got.row(b)), Matrix<double>(want.row(b * S + n + P + t))) < 1e-12);
-    }
+    peft::test::check_kv_cache_equals_forward(model, {{1, 4, 7, 2, 9}, {3, 10, 5}}, {{6, 1, 8, 4}, {2, 2, 4, 7}});
   }
 }
 

@@ -15,11 +15,16 @@
 // .transpose(), scalar multiples (the scalar is folded into alpha as Eigen does). dst must already
 // have its shape (a Matrix is resized to it by gemm when it can be). Tiny and vector-shaped
 // products go to Eigen's own product code (no packing there). With EIGEN_USE_BLAS Eigen's GEMM
-// entry point is the BLAS, which gets the call unchanged. With OpenMP, Eigen's parallel GEMM shares
-// the A block (from the calling thread's arena); each worker still takes its own B block as Eigen
-// does (from the heap above 128 KiB).
+// entry point is the BLAS, which gets the call unchanged. With OpenMP (outside a parallel region),
+// a large product is split into one slab of dst per thread, each computed by Eigen's sequential
+// GEMM on that thread's arena: Eigen's own parallel GEMM shares one packed block between the
+// threads, which then wait on each other, and mallocs a B block per worker and call.
 #include <Eigen/Core>
+#include <algorithm>
 #include <type_traits>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 
 #include "peft/core/types.hpp"
 
@@ -64,32 +69,33 @@ class GemmArena {
 template <int StorageOrder, class T>
 class ArenaBlocking : public Eigen::internal::level3_blocking<T, T> {
  public:
-  ArenaBlocking(Index rows, Index cols, Index depth, Index num_threads) { init(rows, cols, depth, num_threads, true); }
-  // What Eigen's parallel GEMM calls (parallelize_gemm → gemm_functor::initParallelSession).
-  void initParallel(Index rows, Index cols, Index depth, Index num_threads) {
-    init(rows, cols, depth, num_threads, false);
-  }
-  void allocateA() {}
-  void allocateB() {}
-  void allocateAll() {}
-
- private:
-  void init(Index rows, Index cols, Index depth, Index num_threads, bool l3_blocking) {
+  ArenaBlocking(Index rows, Index cols, Index depth, Index num_threads) {
     constexpr bool transpose = StorageOrder == Eigen::RowMajor;
     this->m_mc = transpose ? cols : rows;
     this->m_nc = transpose ? rows : cols;
     this->m_kc = depth;
-    if (l3_blocking) {  // gemm_blocking_space's constructor
-      Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc, num_threads);
-    } else {  // its initParallel: the A block holds every row (shared by the threads), mc stays whole
-      Index m = this->m_mc;
-      Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, m, this->m_nc, num_threads);
-    }
+    // gemm_blocking_space's constructor (peft::gemm only runs Eigen's sequential GEMM)
+    Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc, num_threads);
     GemmArena<T>& arena = GemmArena<T>::local();
     this->m_blockA = arena.a(this->m_mc * this->m_kc);
     this->m_blockB = arena.b(this->m_kc * this->m_nc);
   }
 };
+
+#if defined(_OPENMP)
+/// Threads for an m×n×k product: Eigen's thread count (Eigen::setNbThreads, else OpenMP's), at most
+/// one per 2^18 multiply-adds (below that, waking a thread costs about what it saves), and 1 inside
+/// a parallel region (the caller already spreads the work).
+inline int gemm_threads(Index m, Index n, Index k) {
+  if (omp_in_parallel()) return 1;
+  const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
+  const double by_work = work / double(1 << 18);
+  const Index by_size = (std::max(m, n) + 15) / 16;
+  const double limit = std::min(by_work, static_cast<double>(by_size));
+  const int threads = Eigen::nbThreads();
+  return limit >= threads ? threads : std::max(1, static_cast<int>(limit));
+}
+#endif
 
 }  // namespace detail
 
@@ -130,7 +136,6 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
       dst.noalias() = alpha * (a_lhs.derived() * a_rhs.derived());
     return;
   }
-  if (!accumulate) dst.setZero();
   namespace ei = Eigen::internal;
   using LhsTraits = ei::blas_traits<Lhs>;
   using RhsTraits = ei::blas_traits<Rhs>;
@@ -151,9 +156,35 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
                            (ActualRhs::Flags & Eigen::RowMajorBit) ? Eigen::RowMajor : Eigen::ColMajor,
                            bool(RhsTraits::NeedToConjugate), dst_order, Dest::InnerStrideAtCompileTime>,
                        ActualLhs, ActualRhs, Dest, Blocking>;
-  Blocking blocking(dst.rows(), dst.cols(), lhs.cols(), 1);
-  ei::parallelize_gemm<true>(Functor(lhs, rhs, dst, actual_alpha, blocking), a_lhs.rows(), a_rhs.cols(), a_lhs.cols(),
-                             bool(Dest::Flags & Eigen::RowMajorBit));
+  const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
+#if defined(_OPENMP)
+  const int threads = detail::gemm_threads(m, n, k);
+  if (threads > 1) {
+    // Each thread computes its own slab of dst, serially, with its own arena: split along dst's
+    // longer side in multiples of 16 (whole register blocks). Every thread packs the whole of the
+    // operand the slabs share (a small cost next to its share of the multiply-adds); no thread
+    // waits on another's packing, and nothing is allocated after the first call of each thread.
+    const bool by_rows = m >= n;
+    const Index size = by_rows ? m : n;
+    const Index units = (size + 15) / 16;
+#pragma omp parallel num_threads(threads)
+    {
+      const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const Index begin = std::min(size, units * t / nt * 16), end = std::min(size, units * (t + 1) / nt * 16);
+      if (end > begin) {
+        const Index rows = by_rows ? end - begin : m, cols = by_rows ? n : end - begin;
+        const Index row0 = by_rows ? begin : 0, col0 = by_rows ? 0 : begin;
+        if (!accumulate) dst.block(row0, col0, rows, cols).setZero();
+        Blocking blocking(rows, cols, k, 1);
+        Functor(lhs, rhs, dst, actual_alpha, blocking)(row0, rows, col0, cols);
+      }
+    }
+    return;
+  }
+#endif
+  if (!accumulate) dst.setZero();
+  Blocking blocking(m, n, k, 1);
+  Functor(lhs, rhs, dst, actual_alpha, blocking)(0, m, 0, n);
 }
 
 }  // namespace peft

@@ -27,8 +27,9 @@
 //   dṼ = Aᵀ G,  dA = G Ṽᵀ,  dS = A ⊙ (dA − rowsum(A ⊙ dA)) / √d_h,  dQ_b = dS K̃,  dK̃ = dSᵀ Q_b.
 //
 // Memory: the loops run over (b, h) with reused [S, l + S] scratch blocks, so at most one score
-// block is live at a time (forward: the scores; backward: the recomputed probabilities A and their
-// gradient dA, one block each, whatever B and H). The Cache does not keep the probabilities
+// block per thread is live at a time (forward: the scores; backward: the recomputed probabilities
+// A and their gradient dA, one block each, whatever B and H). With OpenMP the (b, h) items are
+// split between threads (core/parallel.hpp). The Cache does not keep the probabilities
 // (B·H·S·(l + S) scalars, the largest tensor of a long sequence): it keeps each query row's
 // maximum m and normaliser z = Σ exp(s − m) (2·B·H·S scalars), and backward recomputes the block
 // A = exp(s − m) / z from Q and K̃, bit for bit the forward's values (the same products and the
@@ -40,6 +41,7 @@
 
 #include "peft/core/check.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/layers/ia3.hpp"
 #include "peft/layers/lora_linear.hpp"
@@ -294,11 +296,14 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
   context_.setZero(B * S, d);  // padding query rows stay 0
-  if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
-  for (Index b = 0; b < B; ++b) {
-    const Index Lb = layout.length(b);
-    for (Index h = 0; h < H; ++h) {
-      auto P = scores_.topLeftCorner(Lb, l + Lb);
+  // One item per (sequence, head), split between threads (core/parallel.hpp); each thread has its
+  // own [S, l + S] block of scores_.
+  const int threads = parallel_threads(B * H, 4.0 * B * H * S * (l + S) * hd);
+  if (scores_.rows() < threads * S || scores_.cols() < l + S) scores_.resize(threads * S, l + S);
+  parallel_for(B * H, threads, [&](Index begin, Index end, int thread) {
+    for (Index i = begin; i < end; ++i) {
+      const Index b = i / H, h = i % H, Lb = layout.length(b);
+      auto P = scores_.block(thread * S, 0, Lb, l + Lb);
       scaled_scores(cache, b, h, P);
       const Index first = (b * H + h) * S;
       for (Index t = 0; t < Lb; ++t) {
@@ -314,7 +319,7 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
       c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);         // A_keys V_b
       if (l > 0) c.noalias() += P.leftCols(l) * cache.prefix_v.middleCols(h * hd, hd);  // + A_prefix P_V
     }
-  }
+  });
   out_proj.forward(context_, y, cache.o);
   zero_padding_rows(layout, y);
 }
@@ -412,47 +417,60 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
   dQ_.setZero(B * S, d);
   dK_.setZero(B * S, d);
   dV_.setZero(B * S, d);
-  if (dprobs_.rows() < S || dprobs_.cols() < l + S) dprobs_.resize(S, l + S);
-  if (scores_.rows() < S || scores_.cols() < l + S) scores_.resize(S, l + S);
-  for (Index b = 0; b < B; ++b) {
+  // One item per (sequence, head), split between threads with their own scores_ / dprobs_
+  // blocks. The prefix gradients sum over sequences: with them, items run head-major and a thread
+  // owns whole heads (items = H, each looping over the sequences).
+  const bool by_head = dprefix != nullptr;
+  const Index items = by_head ? H : B * H;
+  const int threads = parallel_threads(items, 8.0 * B * H * S * (l + S) * hd);
+  if (dprobs_.rows() < threads * S || dprobs_.cols() < l + S) dprobs_.resize(threads * S, l + S);
+  if (scores_.rows() < threads * S || scores_.cols() < l + S) scores_.resize(threads * S, l + S);
+  const auto one = [&](Index b, Index h, int thread) {
     const Index Lb = layout.length(b);
-    for (Index h = 0; h < H; ++h) {
-      // Recompute A = exp(s − m) / z exactly as forward left it (masked entries 0).
-      auto P = scores_.topLeftCorner(Lb, l + Lb);
-      scaled_scores(cache, b, h, P);
-      const Index first = (b * H + h) * S;
-      for (Index t = 0; t < Lb; ++t) {
-        auto row = P.row(t).head(visible_keys(cache, Lb, t));
-        row.array() = (row.array() - cache.row_max(first + t)).exp();
-        row /= cache.row_sum(first + t);
-      }
-      const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
-      const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
-      const auto k = cache.K.block(b * S, h * hd, Lb, hd);
-      const auto v = cache.V.block(b * S, h * hd, Lb, hd);
-      auto dS = dprobs_.topLeftCorner(Lb, l + Lb);
-      dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
-      dS.middleCols(l, Lb).noalias() = G * v.transpose();                                // dA_keys = G V_bᵀ
-      if (l > 0) {
-        const auto pv = cache.prefix_v.middleCols(h * hd, hd);
-        if (dprefix != nullptr)
-          dprefix->value.middleCols(h * hd, hd).noalias() += P.leftCols(l).transpose() * G;  // dP_V += A_prefixᵀ G
-        dS.leftCols(l).noalias() = G * pv.transpose();                                       // dA_prefix = G P_Vᵀ
-      }
-      for (Index t = 0; t < Lb; ++t) {  // softmax backward: dS = A ⊙ (dA − Σ A ⊙ dA) · scale
-        const T dot = (P.row(t).array() * dS.row(t).array()).sum();
-        dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
-      }
-      auto dq = dQ_.block(b * S, h * hd, Lb, hd);
-      dq.noalias() = dS.middleCols(l, Lb) * k;                                            // dQ_b = dS_keys K_b
-      dK_.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
-      if (l > 0) {
-        dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K
-        if (dprefix != nullptr)
-          dprefix->key.middleCols(h * hd, hd).noalias() += dS.leftCols(l).transpose() * q;  // dP_K += dS_prefixᵀ Q_b
+    // Recompute A = exp(s − m) / z exactly as forward left it (masked entries 0).
+    auto P = scores_.block(thread * S, 0, Lb, l + Lb);
+    scaled_scores(cache, b, h, P);
+    const Index first = (b * H + h) * S;
+    for (Index t = 0; t < Lb; ++t) {
+      auto row = P.row(t).head(visible_keys(cache, Lb, t));
+      row.array() = (row.array() - cache.row_max(first + t)).exp();
+      row /= cache.row_sum(first + t);
+    }
+    const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
+    const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
+    const auto k = cache.K.block(b * S, h * hd, Lb, hd);
+    const auto v = cache.V.block(b * S, h * hd, Lb, hd);
+    auto dS = dprobs_.block(thread * S, 0, Lb, l + Lb);
+    dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
+    dS.middleCols(l, Lb).noalias() = G * v.transpose();                                // dA_keys = G V_bᵀ
+    if (l > 0) {
+      const auto pv = cache.prefix_v.middleCols(h * hd, hd);
+      if (dprefix != nullptr)
+        dprefix->value.middleCols(h * hd, hd).noalias() += P.leftCols(l).transpose() * G;  // dP_V += A_prefixᵀ G
+      dS.leftCols(l).noalias() = G * pv.transpose();                                       // dA_prefix = G P_Vᵀ
+    }
+    for (Index t = 0; t < Lb; ++t) {  // softmax backward: dS = A ⊙ (dA − Σ A ⊙ dA) · scale
+      const T dot = (P.row(t).array() * dS.row(t).array()).sum();
+      dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
+    }
+    auto dq = dQ_.block(b * S, h * hd, Lb, hd);
+    dq.noalias() = dS.middleCols(l, Lb) * k;                                            // dQ_b = dS_keys K_b
+    dK_.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
+    if (l > 0) {
+      dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K
+      if (dprefix != nullptr)
+        dprefix->key.middleCols(h * hd, hd).noalias() += dS.leftCols(l).transpose() * q;  // dP_K += dS_prefixᵀ Q_b
+    }
+  };
+  parallel_for(items, threads, [&](Index begin, Index end, int thread) {
+    for (Index i = begin; i < end; ++i) {
+      if (by_head) {
+        for (Index b = 0; b < B; ++b) one(b, i, thread);
+      } else {
+        one(i / H, i % H, thread);
       }
     }
-  }
+  });
 
   q_proj.backward(cache.q, dQ_, dx);
   Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;

@@ -658,21 +658,26 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
   q_proj.forward(x, cache.Q, cache.q);  // Q = x W_qᵀ (+ b_q) (+ adapters)   [B·S, H·hd]
   k_proj.forward(x, cache.K, cache.k);  // K   [B·S, KV·hd]
   v_proj.forward(x, cache.V, cache.v);  // V   [B·S, KV·hd]
-  for (Index b = 0; b < B; ++b) {       // RoPE on valid rows: valid token j of sequence b is at position np + j
-    const Index Lb = layout.length(b), f = b * S + layout.first(b);
-    for (Index h = 0; h < H; ++h) rope.rotate(cache.Q.block(f, h * hd, Lb, hd), np);
-    for (Index g = 0; g < KV; ++g) rope.rotate(cache.K.block(f, g * hd, Lb, hd), np);
-  }
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
   context_.setZero(B * S, H * hd);  // padding query rows stay 0
-  if (scores_.rows() < S || scores_.cols() < np + S) scores_.resize(S, np + S);
   const Index rep = H / KV;
-  for (Index b = 0; b < B; ++b) {
-    const Index Lb = layout.length(b), f = b * S + layout.first(b);
-    for (Index h = 0; h < H; ++h) {
-      const Index g = h / rep;
-      auto P = scores_.topLeftCorner(Lb, np + Lb);
+  // RoPE, then one item per (sequence, head), split between threads (core/parallel.hpp), each with
+  // its own [S, np + S] block of scores_.
+  parallel_for(B, parallel_threads(B, 6.0 * B * S * (H + KV) * hd), [&](Index begin, Index end, int) {
+    for (Index b = begin; b < end; ++b) {  // RoPE on valid rows: valid token j of sequence b is at position np + j
+      const Index Lb = layout.length(b), f = b * S + layout.first(b);
+      for (Index h = 0; h < H; ++h) rope.rotate(cache.Q.block(f, h * hd, Lb, hd), np);
+      for (Index g = 0; g < KV; ++g) rope.rotate(cache.K.block(f, g * hd, Lb, hd), np);
+    }
+  });
+  const int threads = parallel_threads(B * H, 4.0 * B * H * S * (np + S) * hd);
+  if (scores_.rows() < threads * S || scores_.cols() < np + S) scores_.resize(threads * S, np + S);
+  parallel_for(B * H, threads, [&](Index begin, Index end, int thread) {
+    for (Index i = begin; i < end; ++i) {
+      const Index b = i / H, h = i % H, g = h / rep;
+      const Index Lb = layout.length(b), f = b * S + layout.first(b);
+      auto P = scores_.block(thread * S, 0, Lb, np + Lb);
       scaled_scores(cache, b, h, P);
       const Index first = (b * H + h) * S;
       for (Index t = 0; t < Lb; ++t) {
@@ -689,7 +694,7 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
       C.noalias() = P.rightCols(Lb) * cache.V.block(f, g * hd, Lb, hd);             // A V_g
       if (np > 0) C.noalias() += P.leftCols(np) * cache.PV.middleCols(g * hd, hd);  // + A_p PV_g
     }
-  }
+  });
   o_proj.forward(context_, y, cache.o);                           // y = C W_oᵀ (+ b_o)   [B·S, d]
   if (layout.padded()) detail::llama_zero_padding<T>(y, layout);  // padding rows: exactly 0
 }
@@ -718,13 +723,19 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
   dQ_.setZero(B * S, H * hd);
   dK_.setZero(B * S, KV * hd);
   dV_.setZero(B * S, KV * hd);
-  if (scores_.rows() < S || scores_.cols() < np + S) scores_.resize(S, np + S);
-  if (dprobs_.rows() < S || dprobs_.cols() < np + S) dprobs_.resize(S, np + S);
-  for (Index b = 0; b < B; ++b) {
+  // One item per (sequence, key/value group): its query heads accumulate into the group's dK and
+  // dV rows of that sequence, which no other item touches. The prefix gradients sum over
+  // sequences: with them an item is a whole group (all sequences). Threads have their own
+  // scores_ / dprobs_ blocks (core/parallel.hpp).
+  const bool by_group = dprefix != nullptr && np > 0;
+  const Index items = by_group ? KV : B * KV;
+  const int threads = parallel_threads(items, 8.0 * B * H * S * (np + S) * hd);
+  if (scores_.rows() < threads * S || scores_.cols() < np + S) scores_.resize(threads * S, np + S);
+  if (dprobs_.rows() < threads * S || dprobs_.cols() < np + S) dprobs_.resize(threads * S, np + S);
+  const auto one = [&](Index b, Index g, int thread) {
     const Index Lb = layout.length(b), f = b * S + layout.first(b);
-    for (Index h = 0; h < H; ++h) {
-      const Index g = h / rep;
-      auto P = scores_.topLeftCorner(Lb, np + Lb);  // A recomputed exactly as forward left it
+    for (Index h = g * rep; h < (g + 1) * rep; ++h) {
+      auto P = scores_.block(thread * S, 0, Lb, np + Lb);  // A recomputed exactly as forward left it
       scaled_scores(cache, b, h, P);
       const Index first = (b * H + h) * S;
       for (Index t = 0; t < Lb; ++t) {
@@ -734,7 +745,7 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
         row /= cache.row_sum(first + t);
       }
       const auto G = dcontext_.block(f, h * hd, Lb, hd);
-      auto dS = dprobs_.topLeftCorner(Lb, np + Lb);
+      auto dS = dprobs_.block(thread * S, 0, Lb, np + Lb);
       dV_.block(f, g * hd, Lb, hd).noalias() += P.rightCols(Lb).transpose() * G;      // dV_g += Aᵀ G   [L, hd]
       dS.rightCols(Lb).noalias() = G * cache.V.block(f, g * hd, Lb, hd).transpose();  // dA = G V_gᵀ   [L, L]
       if (np > 0) {
@@ -756,11 +767,19 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
           dprefix->key.middleCols(g * hd, hd).noalias() +=
               dS.leftCols(np).transpose() * cache.Q.block(f, h * hd, Lb, hd);  // dPK_g += dS_pᵀ Q_h
       }
+      rope.rotate(dQh, np, true);  // RoPE backward (transpose rotation): d(pre-rotation) = Rᵀ d(rotated)
     }
-    // RoPE backward (transpose rotation) on the valid rows: d(pre-rotation) = Rᵀ d(rotated).
-    for (Index h = 0; h < H; ++h) rope.rotate(dQ_.block(f, h * hd, Lb, hd), np, true);
-    for (Index g = 0; g < KV; ++g) rope.rotate(dK_.block(f, g * hd, Lb, hd), np, true);
-  }
+    rope.rotate(dK_.block(f, g * hd, Lb, hd), np, true);
+  };
+  parallel_for(items, threads, [&](Index begin, Index end, int thread) {
+    for (Index i = begin; i < end; ++i) {
+      if (by_group) {
+        for (Index b = 0; b < B; ++b) one(b, i, thread);
+      } else {
+        one(i / KV, i % KV, thread);
+      }
+    }
+  });
   q_proj.backward(cache.q, dQ_, dx);  // dx = dQ W_q + dK W_k + dV W_v
   Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
   k_proj.backward(cache.k, dK_, part);

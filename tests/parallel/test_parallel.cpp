@@ -1,0 +1,209 @@
+// OpenMP paths (issue 16): peft::gemm's per-thread slabs and the attention loops split between
+// threads (core/parallel.hpp) give what one thread gives. This executable is the only test one
+// compiled with OpenMP (tests/CMakeLists.txt): every template it uses is instantiated here, with
+// the parallel code in it.
+#include <omp.h>
+
+#include <catch2/catch.hpp>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <peft/core/gemm.hpp>
+#include <peft/core/parallel.hpp>
+#include <peft/layers/attention.hpp>
+#include <peft/loss/causal_lm.hpp>
+#include <peft/models/llama.hpp>
+#include <peft/train/gradient_check.hpp>
+
+#include "support/test_utils.hpp"
+
+using namespace peft;
+
+namespace {
+
+/// Runs f with Eigen's (and so the library's) thread count set to n, then restores it.
+template <class F>
+void with_threads(int n, F&& f) {
+  const int before = Eigen::nbThreads();
+  Eigen::setNbThreads(n);
+  f();
+  Eigen::setNbThreads(before);
+}
+
+/// Every parameter's gradient, by name.
+template <class M>
+std::vector<std::pair<std::string, Matrix<double>>> grads_of(M& m) {
+  std::vector<std::pair<std::string, Matrix<double>>> out;
+  m.visit_parameters([&](const std::string& n, Parameter<double>& p) { out.emplace_back(n, p.grad); });
+  return out;
+}
+
+void check_same_grads(const std::vector<std::pair<std::string, Matrix<double>>>& a,
+                      const std::vector<std::pair<std::string, Matrix<double>>>& b) {
+  REQUIRE(a.size() == b.size());
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    INFO(a[i].first);
+    CHECK(relative_error(b[i].second, a[i].second) < 1e-12);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("two threads are available to the library in this executable", "[parallel]") {
+  with_threads(2, [] {
+    CHECK(Eigen::nbThreads() == 2);
+    CHECK(parallel_threads(8, 1e8) == 2);
+    CHECK(parallel_threads(1, 1e8) == 1);              // one item
+    CHECK(parallel_threads(8, 1e3) == 1);              // too little work
+    int inside = 0;
+    parallel_for(8, 2, [&](Index, Index, int) {
+      if (omp_in_parallel()) CHECK(parallel_threads(8, 1e8) == 1);  // no nested regions
+#pragma omp atomic
+      ++inside;
+    });
+    CHECK(inside == 2);
+  });
+  with_threads(1, [] { CHECK(parallel_threads(8, 1e8) == 1); });
+}
+
+TEST_CASE("gemm split by rows and by columns equals one thread", "[parallel][gemm]") {
+  Rng rng(3);
+  struct Shape {
+    Index m, n, k;
+  };
+  for (const Shape s : {Shape{301, 70, 90}, Shape{40, 333, 120}, Shape{64, 64, 600}}) {
+    INFO(s.m << " x " << s.n << " x " << s.k);
+    const Matrix<double> a = test::random_matrix<double>(s.m, s.k, rng), at = a.transpose();
+    const Matrix<double> b = test::random_matrix<double>(s.k, s.n, rng), bt = b.transpose();
+    const Matrix<double> c0 = test::random_matrix<double>(s.m, s.n, rng);
+    const Matrix<double> want = a * b, want_acc = c0 + 0.5 * want;
+    for (int threads : {1, 2, 3}) {
+      with_threads(threads, [&] {
+        Matrix<double> c;
+        gemm(c, a, b);
+        CHECK(relative_error(c, want) < 1e-13);
+        c = c0;
+        gemm(c, at.transpose(), bt.transpose(), 0.5, true);
+        CHECK(relative_error(c, want_acc) < 1e-13);
+        Matrix<double> big = Matrix<double>::Zero(s.m + 3, s.n + 5);
+        gemm(big.block(1, 2, s.m, s.n), a, b);  // a block destination: only its block is written
+        CHECK(relative_error(Matrix<double>(big.block(1, 2, s.m, s.n)), want) < 1e-13);
+        CHECK(big.row(0).isZero(0));
+        CHECK(big.leftCols(2).isZero(0));
+      });
+    }
+  }
+}
+
+TEST_CASE("attention forward and backward on two threads equal one thread", "[parallel][attention]") {
+  // Large enough that forward and backward split their (sequence, head) items (asserted below).
+  const Index d = 64, H = 4, B = 6, S = 32, l = 3;
+  for (const bool prefix : {false, true}) {
+    INFO("prefix " << prefix);
+    Rng rng(11);
+    MultiHeadAttention<double> attn(d, H, rng, AttentionOptions{true, true}, "layers.0.attn");
+    LoraConfig lora;
+    lora.r = 4;
+    lora.alpha = 8.0;
+    attn.q_proj.add_adapter("default", lora, rng);
+    attn.visit_parameters([&](const std::string&, Parameter<double>& p) {
+      p.value = test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.3);
+      p.set_trainable(true);
+    });
+    const SequenceLayout layout(B, S, {32, 7, 32, 19, 1, 30});
+    const Matrix<double> x = test::random_matrix<double>(B * S, d, rng), g = test::random_matrix<double>(B * S, d, rng);
+    const Matrix<double> pk = test::random_matrix<double>(l, d, rng), pv = test::random_matrix<double>(l, d, rng);
+    const PrefixKV<double> pkv{pk, pv};
+    struct Result {
+      Matrix<double> y, dx, dpk, dpv;
+      std::vector<std::pair<std::string, Matrix<double>>> grads;
+    };
+    const auto run = [&](int threads) {
+      Result r;
+      with_threads(threads, [&] {
+        typename MultiHeadAttention<double>::Cache cache;
+        attn.zero_grad();
+        attn.forward(x, layout, r.y, cache, prefix ? &pkv : nullptr);
+        r.dpk = Matrix<double>::Zero(l, d);
+        r.dpv = Matrix<double>::Zero(l, d);
+        PrefixGrad<double> dp{r.dpk, r.dpv};
+        attn.backward(cache, g, &r.dx, prefix ? &dp : nullptr);
+        r.grads = grads_of(attn);
+      });
+      return r;
+    };
+    with_threads(2, [&] {
+      CHECK(parallel_threads(B * H, 4.0 * B * H * S * S * (d / H)) == 2);
+      CHECK(parallel_threads(H, 8.0 * B * H * S * S * (d / H)) == 2);
+    });
+    const Result one = run(1), two = run(2);
+    CHECK(relative_error(two.y, one.y) < 1e-12);
+    CHECK(relative_error(two.dx, one.dx) < 1e-12);
+    if (prefix) {
+      CHECK(relative_error(two.dpk, one.dpk) < 1e-12);
+      CHECK(relative_error(two.dpv, one.dpv) < 1e-12);
+    }
+    check_same_grads(one.grads, two.grads);
+  }
+}
+
+TEST_CASE("llama forward and backward on two threads equal one thread (GQA, padding, prefix, LoRA)",
+          "[parallel][llama]") {
+  LlamaConfig c;
+  c.vocab_size = 50;
+  c.hidden_size = 64;
+  c.intermediate_size = 96;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 16;
+  c.rope.theta = 100.0;
+  const Index B = 6, S = 32;
+  for (int kind : {0, 1, 2}) {  // LoRA; + prefix tuning; + a sliding window of 9
+    INFO("kind " << kind);
+    Rng rng(5);
+    LlamaConfig ck = c;
+    if (kind == 2) ck.sliding_window = 9;
+    LlamaForCausalLM<double> model(ck, rng);
+    if (kind == 1) model.add_prefix_tuning(3, rng);
+    LoraConfig lora;
+    lora.r = 4;
+    lora.alpha = 8.0;
+    for (auto& layer : model.model.layers) {
+      layer.self_attn.v_proj.add_adapter("default", lora, rng);
+      layer.mlp.down_proj.add_adapter("default", lora, rng);
+    }
+    model.visit_parameters([&](const std::string&, Parameter<double>& p) {
+      p.value = test::random_matrix<double>(p.value.rows(), p.value.cols(), rng, 0.3);
+      p.set_trainable(true);
+    });
+    SequenceLayout layout(B, S, {32, 5, 32, 17, 1, 29});
+    layout.left_padded = kind != 1;
+    std::vector<Index> ids(static_cast<std::size_t>(B * S));
+    for (Index& id : ids) id = static_cast<Index>(rng.uniform_int(50));
+    std::vector<std::int64_t> labels(ids.begin(), ids.end());
+    const SequenceLayout out = model.output_layout(layout);
+    const std::vector<std::int64_t> lab = model.prompt_labels(labels, layout);
+    struct Result {
+      Matrix<double> logits;
+      std::vector<std::pair<std::string, Matrix<double>>> grads;
+    };
+    const auto run = [&](int threads) {
+      Result r;
+      with_threads(threads, [&] {
+        typename LlamaForCausalLM<double>::Cache cache;
+        Matrix<double> dlogits;
+        model.zero_grad();
+        model.forward(ids, layout, r.logits, cache);
+        causal_lm_loss<double>(r.logits, lab, out, &dlogits);
+        model.backward(cache, dlogits);
+        r.grads = grads_of(model);
+      });
+      return r;
+    };
+    const Result one = run(1), two = run(2);
+    CHECK(relative_error(two.logits, one.logits) < 1e-12);
+    check_same_grads(one.grads, two.grads);
+  }
+}

@@ -9,6 +9,7 @@
 #include "peft/core/gemm.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/core/parameter.hpp"
 #include "peft/core/parameters.hpp"
 #include "peft/core/rng.hpp"

@@ -22,10 +22,8 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <type_traits>
-#if defined(_OPENMP)
-#include <omp.h>
-#endif
 
+#include "peft/core/parallel.hpp"
 #include "peft/core/types.hpp"
 
 namespace peft {
@@ -81,21 +79,6 @@ class ArenaBlocking : public Eigen::internal::level3_blocking<T, T> {
     this->m_blockB = arena.b(this->m_kc * this->m_nc);
   }
 };
-
-#if defined(_OPENMP)
-/// Threads for an m×n×k product: Eigen's thread count (Eigen::setNbThreads, else OpenMP's), at most
-/// one per 2^18 multiply-adds (below that, waking a thread costs about what it saves), and 1 inside
-/// a parallel region (the caller already spreads the work).
-inline int gemm_threads(Index m, Index n, Index k) {
-  if (omp_in_parallel()) return 1;
-  const double work = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(k);
-  const double by_work = work / double(1 << 18);
-  const Index by_size = (std::max(m, n) + 15) / 16;
-  const double limit = std::min(by_work, static_cast<double>(by_size));
-  const int threads = Eigen::nbThreads();
-  return limit >= threads ? threads : std::max(1, static_cast<int>(limit));
-}
-#endif
 
 }  // namespace detail
 
@@ -157,31 +140,25 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
                            bool(RhsTraits::NeedToConjugate), dst_order, Dest::InnerStrideAtCompileTime>,
                        ActualLhs, ActualRhs, Dest, Blocking>;
   const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
-#if defined(_OPENMP)
-  const int threads = detail::gemm_threads(m, n, k);
+  // With several threads (core/parallel.hpp: Eigen's count, at most one per 2^18 multiply-adds,
+  // serial inside a parallel region), each computes its own slab of dst, serially, with its own
+  // arena: dst's longer side is split in units of 16 (whole register blocks). Every thread packs
+  // the whole of the operand the slabs share (small next to its share of the multiply-adds); no
+  // thread waits on another's packing, and nothing is allocated after each thread's first call.
+  const bool by_rows = m >= n;
+  const Index size = by_rows ? m : n, units = (size + 15) / 16;
+  const int threads = parallel_threads(units, 2.0 * static_cast<double>(m) * static_cast<double>(n) * k);
   if (threads > 1) {
-    // Each thread computes its own slab of dst, serially, with its own arena: split along dst's
-    // longer side in multiples of 16 (whole register blocks). Every thread packs the whole of the
-    // operand the slabs share (a small cost next to its share of the multiply-adds); no thread
-    // waits on another's packing, and nothing is allocated after the first call of each thread.
-    const bool by_rows = m >= n;
-    const Index size = by_rows ? m : n;
-    const Index units = (size + 15) / 16;
-#pragma omp parallel num_threads(threads)
-    {
-      const Index t = omp_get_thread_num(), nt = omp_get_num_threads();
-      const Index begin = std::min(size, units * t / nt * 16), end = std::min(size, units * (t + 1) / nt * 16);
-      if (end > begin) {
-        const Index rows = by_rows ? end - begin : m, cols = by_rows ? n : end - begin;
-        const Index row0 = by_rows ? begin : 0, col0 = by_rows ? 0 : begin;
-        if (!accumulate) dst.block(row0, col0, rows, cols).setZero();
-        Blocking blocking(rows, cols, k, 1);
-        Functor(lhs, rhs, dst, actual_alpha, blocking)(row0, rows, col0, cols);
-      }
-    }
+    parallel_for(units, threads, [&](Index first, Index last, int) {
+      const Index begin = first * 16, end = std::min(size, last * 16);
+      const Index rows = by_rows ? end - begin : m, cols = by_rows ? n : end - begin;
+      const Index row0 = by_rows ? begin : 0, col0 = by_rows ? 0 : begin;
+      if (!accumulate) dst.block(row0, col0, rows, cols).setZero();
+      Blocking blocking(rows, cols, k, 1);
+      Functor(lhs, rhs, dst, actual_alpha, blocking)(row0, rows, col0, cols);
+    });
     return;
   }
-#endif
   if (!accumulate) dst.setZero();
   Blocking blocking(m, n, k, 1);
   Functor(lhs, rhs, dst, actual_alpha, blocking)(0, m, 0, n);

@@ -58,4 +58,87 @@ void parallel_for(Index items, int threads, Body&& body) {
   body(Index{0}, items, 0);
 }
 
+/// body(begin, end) on contiguous row ranges of a [rows, ...] job costing about `work_per_row`
+/// operations per row (element-wise work: activations, normalisations, optimizer updates).
+template <class Body>
+void parallel_rows(Index rows, double work_per_row, Body&& body) {
+  const int threads = parallel_threads(rows, work_per_row * static_cast<double>(rows));
+  parallel_for(rows, threads, [&](Index begin, Index end, int) { body(begin, end); });
+}
+
+namespace detail {
+/// Columns [c0, c1) of dst[j] += Σ_i a(i, j) (· b(i, j) when b is given), rows in order, summed in
+/// a register-sized block before the one addition to dst.
+template <class T, class A>
+void column_sums_range(const A& a, const A* b, T* dst, Index c0, Index c1) {
+  constexpr int kWidth = 64;
+  using Block = Eigen::Array<T, 1, Eigen::Dynamic, Eigen::RowMajor, 1, kWidth>;  // no heap
+  for (Index c = c0; c < c1; c += kWidth) {
+    const Index n = std::min<Index>(kWidth, c1 - c);
+    Block acc = Block::Zero(n);
+    if (b == nullptr) {
+      for (Index i = 0; i < a.rows(); ++i) acc += a.row(i).segment(c, n).array();
+    } else {
+      for (Index i = 0; i < a.rows(); ++i) acc += a.row(i).segment(c, n).array() * b->row(i).segment(c, n).array();
+    }
+    Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(dst + c, n) += acc;
+  }
+}
+
+template <class T, class A>
+void add_column_sums_impl(const A& a, const A* b, T* dst) {
+  constexpr Index kBlock = 64;  // columns per item (one thread's columns are whole blocks)
+  const Index cols = a.cols(), items = (cols + kBlock - 1) / kBlock;
+  const double work = static_cast<double>(a.rows()) * static_cast<double>(cols) * 4.0;  // memory-bound
+  parallel_for(items, parallel_threads(items, work), [&](Index begin, Index end, int) {
+    column_sums_range<T, A>(a, b, dst, begin * kBlock, std::min(cols, end * kBlock));
+  });
+}
+}  // namespace detail
+
+/// dst[j] += Σ_i a(i, j): a bias or shift gradient. Threads split the columns and every column
+/// sums its rows in order, so the result is the same for any thread count. dst holds a.cols().
+template <class T>
+void add_column_sums(const ConstMatrixRef<T>& a, T* dst) {
+  detail::add_column_sums_impl<T, ConstMatrixRef<T>>(a, nullptr, dst);
+}
+
+/// dst[j] += Σ_i a(i, j) b(i, j): a scale gradient (LayerNorm's γ, RMSNorm's weight). Thread-count
+/// independent like add_column_sums. a and b have the same shape; dst holds a.cols().
+template <class T>
+void add_column_product_sums(const ConstMatrixRef<T>& a, const ConstMatrixRef<T>& b, T* dst) {
+  detail::add_column_sums_impl<T, ConstMatrixRef<T>>(a, &b, dst);
+}
+
+/// dst += src, rows split between threads (residual connections, gradient sums). Same shapes.
+template <class T>
+void parallel_add(MatrixRef<T> dst, const ConstMatrixRef<T>& src) {
+  parallel_rows(dst.rows(), 4.0 * static_cast<double>(dst.cols()),  // memory-bound: ~4 flops' time each
+                [&](Index b, Index e) { dst.middleRows(b, e - b) += src.middleRows(b, e - b); });
+}
+
+/// y.row(i) += v for every row (a bias), rows split between threads. v is [1, y.cols()].
+template <class T>
+void parallel_add_to_rows(MatrixRef<T> y, const ConstMatrixRef<T>& v) {
+  parallel_rows(y.rows(), 4.0 * static_cast<double>(y.cols()),
+                [&](Index b, Index e) { y.middleRows(b, e - b).rowwise() += v.row(0); });
+}
+
+/// dst = src, dst resized to src's shape (no allocation when it has it), rows split between threads.
+template <class T>
+void parallel_assign(Matrix<T>& dst, const ConstMatrixRef<T>& src) {
+  dst.resize(src.rows(), src.cols());
+  parallel_rows(src.rows(), 4.0 * static_cast<double>(src.cols()),
+                [&](Index b, Index e) { dst.middleRows(b, e - b) = src.middleRows(b, e - b); });
+}
+
+/// dst = a + b (residual connections), dst resized to a's shape, rows split between threads. dst
+/// may be a or b.
+template <class T>
+void parallel_sum(Matrix<T>& dst, const ConstMatrixRef<T>& a, const ConstMatrixRef<T>& b) {
+  dst.resize(a.rows(), a.cols());
+  parallel_rows(a.rows(), 4.0 * static_cast<double>(a.cols()),
+                [&](Index r, Index e) { dst.middleRows(r, e - r) = a.middleRows(r, e - r) + b.middleRows(r, e - r); });
+}
+
 }  // namespace peft

@@ -26,6 +26,7 @@
 #include <unsupported/Eigen/SpecialFunctions>
 
 #include "peft/core/error.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/core/types.hpp"
 
 namespace peft {
@@ -161,22 +162,41 @@ void activation_derivative_apply(Activation a, const In& z, Out& d) {
   }
 }
 
+/// Rough cost of one element of f or f' in flops' worth, for the thread split.
+inline double activation_cost(Activation a) {
+  switch (a) {
+    case Activation::Identity:
+    case Activation::ReLU: return 4.0;
+    case Activation::GELU:
+    case Activation::GELUTanh: return 40.0;
+    case Activation::SiLU:
+    case Activation::Tanh: return 25.0;
+  }
+  return 4.0;
+}
+
 }  // namespace detail
+
+// Coefficient-wise, so the rows are split between threads (core/parallel.hpp): same values.
 
 /// y = f(z), coefficient-wise. `y` is resized only when its shape differs (no allocation on reuse).
 template <class T>
 void activation_forward(Activation a, const ConstMatrixRef<T>& z, Matrix<T>& y) {
   y.resize(z.rows(), z.cols());
-  auto out = y.array();
-  detail::activation_apply<T>(a, z.array(), out);
+  parallel_rows(z.rows(), detail::activation_cost(a) * static_cast<double>(z.cols()), [&](Index b, Index e) {
+    auto out = y.middleRows(b, e - b).array();
+    detail::activation_apply<T>(a, z.middleRows(b, e - b).array(), out);
+  });
 }
 
 /// In place: z ← f(z).
 template <class T>
 void activation_forward_inplace(Activation a, MatrixRef<T> z) {
   if (a == Activation::Identity) return;
-  auto out = z.array();
-  detail::activation_apply<T>(a, z.array(), out);
+  parallel_rows(z.rows(), detail::activation_cost(a) * static_cast<double>(z.cols()), [&](Index b, Index e) {
+    auto out = z.middleRows(b, e - b).array();
+    detail::activation_apply<T>(a, z.middleRows(b, e - b).array(), out);
+  });
 }
 
 /// dz = dy ⊙ f'(z), from the cached pre-activation z, with f'(z) computed into `fprime` (scratch,
@@ -192,10 +212,12 @@ void activation_backward(Activation a, const ConstMatrixRef<T>& z, const ConstMa
     return;
   }
   fprime.resize(z.rows(), z.cols());
-  auto d = fprime.array();
-  detail::activation_derivative_apply<T>(a, z.array(), d);
   if (dz.rows() != z.rows() || dz.cols() != z.cols()) dz.resize(z.rows(), z.cols());
-  dz.array() = dy.array() * fprime.array();
+  parallel_rows(z.rows(), detail::activation_cost(a) * static_cast<double>(z.cols()), [&](Index b, Index e) {
+    auto d = fprime.middleRows(b, e - b).array();
+    detail::activation_derivative_apply<T>(a, z.middleRows(b, e - b).array(), d);
+    dz.middleRows(b, e - b).array() = dy.middleRows(b, e - b).array() * d;
+  });
 }
 
 /// Same, with a temporary for f'(z) (allocates; layers pass their own scratch).

@@ -57,6 +57,7 @@
 #include "peft/core/check.hpp"
 #include "peft/core/gemm.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/layers/linear.hpp"
 #include "peft/quant/nf4.hpp"
 
@@ -753,7 +754,7 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
     if (gain_.has_b)
       bias.accumulator().row(0).array() += dy.colwise().sum().array() * (gain_.b.array() + T(1));
     else
-      bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
+      add_column_sums<T>(dy, bias.accumulator().data());  // db = Σ_rows dY (columns split between threads)
   }
 
   GradInput<T> in;
@@ -1237,7 +1238,7 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
     cache.z.resize(rows, out_features());
     gemm(cache.z, x, w0->transpose());  // x W₀ᵀ   [rows, out]
   }
-  if (has_bias()) y.rowwise() += bias.value.row(0);
+  if (has_bias()) parallel_add_to_rows<T>(y, bias.value);
 
   bool need_x = weight.trainable();
   if (any) {
@@ -1257,7 +1258,7 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
     }
   }
   if (keep_input && need_x)
-    cache.x = x;
+    parallel_assign<T>(cache.x, x);
   else
     cache.x.resize(0, 0);  // nothing to keep (frozen base, inference), and a stale x cannot be reused
 }

@@ -12,6 +12,7 @@
 
 #include "peft/core/check.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 
 namespace peft {
 
@@ -81,21 +82,22 @@ void LayerNorm<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cach
   const T inv_d = T(1) / static_cast<T>(dim_);
   cache.xhat.resize(rows, dim_);
   cache.rstd.resize(rows);
-  for (Index i = 0; i < rows; ++i) {
-    const T mu = x.row(i).sum() * inv_d;
-    cache.xhat.row(i).array() = x.row(i).array() - mu;
-    const T var = cache.xhat.row(i).squaredNorm() * inv_d;  // biased, as torch
-    const T r = T(1) / std::sqrt(var + static_cast<T>(eps_));
-    cache.rstd(i) = r;
-    cache.xhat.row(i) *= r;
-  }
   y.resize(rows, dim_);
-  if (affine()) {
-    y.array() = cache.xhat.array().rowwise() * weight.value.row(0).array();
-    y.rowwise() += bias.value.row(0);
-  } else {
-    y = cache.xhat;
-  }
+  const bool aff = affine();
+  parallel_rows(rows, 8.0 * static_cast<double>(dim_), [&](Index begin, Index end) {  // rows are independent
+    for (Index i = begin; i < end; ++i) {
+      const T mu = x.row(i).sum() * inv_d;
+      cache.xhat.row(i).array() = x.row(i).array() - mu;
+      const T var = cache.xhat.row(i).squaredNorm() * inv_d;  // biased, as torch
+      const T r = T(1) / std::sqrt(var + static_cast<T>(eps_));
+      cache.rstd(i) = r;
+      cache.xhat.row(i) *= r;
+      if (aff)
+        y.row(i).array() = cache.xhat.row(i).array() * weight.value.row(0).array() + bias.value.row(0).array();
+      else
+        y.row(i) = cache.xhat.row(i);
+    }
+  });
 }
 
 template <class T>
@@ -104,38 +106,42 @@ void LayerNorm<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) c
   const Index rows = x.rows();
   const T inv_d = T(1) / static_cast<T>(dim_);
   y.resize(rows, dim_);
-  for (Index i = 0; i < rows; ++i) {  // the operations of forward(), with y in place of x̂
-    const T mu = x.row(i).sum() * inv_d;
-    y.row(i).array() = x.row(i).array() - mu;
-    const T var = y.row(i).squaredNorm() * inv_d;
-    y.row(i) *= T(1) / std::sqrt(var + static_cast<T>(eps_));
-  }
-  if (affine()) {
-    y.array() = y.array().rowwise() * weight.value.row(0).array();
-    y.rowwise() += bias.value.row(0);
-  }
+  const bool aff = affine();
+  parallel_rows(rows, 8.0 * static_cast<double>(dim_), [&](Index begin, Index end) {
+    for (Index i = begin; i < end; ++i) {  // the operations of forward(), with y in place of x̂
+      const T mu = x.row(i).sum() * inv_d;
+      y.row(i).array() = x.row(i).array() - mu;
+      const T var = y.row(i).squaredNorm() * inv_d;
+      y.row(i) *= T(1) / std::sqrt(var + static_cast<T>(eps_));
+      if (aff) y.row(i).array() = y.row(i).array() * weight.value.row(0).array() + bias.value.row(0).array();
+    }
+  });
 }
 
 template <class T>
 void LayerNorm<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
   check::shape("LayerNorm", this->name(), "output gradient", dy.rows(), dy.cols(), cache.xhat.rows(), dim_);
-  if (affine()) {
-    if (weight.trainable()) weight.grad.row(0) += (dy.array() * cache.xhat.array()).matrix().colwise().sum();  // dγ
-    if (bias.trainable()) bias.grad.row(0) += dy.colwise().sum();                                              // dβ
+  if (affine()) {  // columns split between threads, each summing its rows in order
+    if (weight.trainable()) add_column_product_sums<T>(dy, cache.xhat, weight.accumulator().data());  // dγ
+    if (bias.trainable()) add_column_sums<T>(dy, bias.accumulator().data());                          // dβ
   }
   if (dx == nullptr) return;
   dx->resize(dy.rows(), dim_);
   const T inv_d = T(1) / static_cast<T>(dim_);
-  if (affine())
-    dx->array() = dy.array().rowwise() * weight.value.row(0).array();  // g = dy ⊙ γ
-  else
-    *dx = dy;
-  for (Index i = 0; i < dy.rows(); ++i) {
-    const T mean_g = dx->row(i).sum() * inv_d;
-    const T mean_gx = dx->row(i).dot(cache.xhat.row(i)) * inv_d;
-    dx->row(i).array() =
-        cache.rstd(i) * (dx->row(i).array() - mean_g - cache.xhat.row(i).array() * mean_gx);  // r (g − ḡ − x̂ ⟨g x̂⟩)
-  }
+  const bool aff = affine();
+  Matrix<T>& out = *dx;
+  parallel_rows(dy.rows(), 8.0 * static_cast<double>(dim_), [&](Index begin, Index end) {
+    for (Index i = begin; i < end; ++i) {
+      if (aff)
+        out.row(i).array() = dy.row(i).array() * weight.value.row(0).array();  // g = dy ⊙ γ
+      else
+        out.row(i) = dy.row(i);
+      const T mean_g = out.row(i).sum() * inv_d;
+      const T mean_gx = out.row(i).dot(cache.xhat.row(i)) * inv_d;
+      out.row(i).array() =
+          cache.rstd(i) * (out.row(i).array() - mean_g - cache.xhat.row(i).array() * mean_gx);  // r (g − ḡ − x̂ ⟨g x̂⟩)
+    }
+  });
 }
 
 }  // namespace peft

@@ -12,6 +12,7 @@
 
 #include "peft/core/check.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 
 namespace peft {
 
@@ -65,29 +66,34 @@ void RMSNorm<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache)
   cache.xhat.resize(rows, d);
   cache.rstd.resize(rows);
   y.resize(rows, d);
-  for (Index i = 0; i < rows; ++i) {
-    const T r = T(1) / std::sqrt(x.row(i).squaredNorm() * inv_d + eps);  // 1/√(mean x² + eps)
-    cache.rstd(i) = r;
-    cache.xhat.row(i) = x.row(i) * r;                                            // x̂ = x r
-    y.row(i).array() = cache.xhat.row(i).array() * weight.value.row(0).array();  // y = γ ⊙ x̂
-  }
+  parallel_rows(rows, 6.0 * static_cast<double>(d), [&](Index begin, Index end) {  // rows are independent
+    for (Index i = begin; i < end; ++i) {
+      const T r = T(1) / std::sqrt(x.row(i).squaredNorm() * inv_d + eps);  // 1/√(mean x² + eps)
+      cache.rstd(i) = r;
+      cache.xhat.row(i) = x.row(i) * r;                                            // x̂ = x r
+      y.row(i).array() = cache.xhat.row(i).array() * weight.value.row(0).array();  // y = γ ⊙ x̂
+    }
+  });
 }
 
 template <class T>
 void RMSNorm<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
   check::shape("RMSNorm", this->name(), "output gradient", dy.rows(), dy.cols(), cache.xhat.rows(), dim());
-  if (weight.trainable())
-    weight.accumulator().row(0).array() += (dy.array() * cache.xhat.array()).colwise().sum();  // dγ += Σ dy ⊙ x̂
+  if (weight.trainable())  // dγ += Σ dy ⊙ x̂ (columns split between threads, rows summed in order)
+    add_column_product_sums<T>(dy, cache.xhat, weight.accumulator().data());
   if (dx == nullptr) return;
   const Index rows = dy.rows(), d = dim();
   const T inv_d = T(1) / static_cast<T>(d);
   dx->resize(rows, d);
-  for (Index i = 0; i < rows; ++i) {
-    // g = dy ⊙ γ;  dx = r (g − x̂ mean(g ⊙ x̂))   [d]
-    const T m = (dy.row(i).array() * weight.value.row(0).array() * cache.xhat.row(i).array()).sum() * inv_d;
-    dx->row(i).array() =
-        cache.rstd(i) * (dy.row(i).array() * weight.value.row(0).array() - cache.xhat.row(i).array() * m);
-  }
+  Matrix<T>& out = *dx;
+  parallel_rows(rows, 8.0 * static_cast<double>(d), [&](Index begin, Index end) {
+    for (Index i = begin; i < end; ++i) {
+      // g = dy ⊙ γ;  dx = r (g − x̂ mean(g ⊙ x̂))   [d]
+      const T m = (dy.row(i).array() * weight.value.row(0).array() * cache.xhat.row(i).array()).sum() * inv_d;
+      out.row(i).array() =
+          cache.rstd(i) * (dy.row(i).array() * weight.value.row(0).array() - cache.xhat.row(i).array() * m);
+    }
+  });
 }
 
 }  // namespace peft

@@ -14,10 +14,12 @@
 // perplexity = exp(L); bits per byte = Σ nll / (ln 2 · bytes of the text scored).
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/core/types.hpp"
 #include "peft/loss/common.hpp"
@@ -64,26 +66,40 @@ T causal_lm_loss(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t
     return T(0);
   }
   const T inv_n = T(1) / static_cast<T>(kept);
-  double total = 0.0;
-  for (Index b = 0; b < layout.batch; ++b)
-    for (Index t = 0; t < S; ++t) {
-      const Index r = b * S + t;
-      const std::int64_t y = target(b, t);
+  // Rows split between threads; each row's term kept apart and summed below in row order, so the
+  // loss does not depend on the thread count. A non-finite row leaves NaN there (thrown below: the
+  // parallel body must not throw).
+  thread_local std::vector<double> row_nll;  // grows once, then reused
+  row_nll.resize(static_cast<std::size_t>(n));
+  parallel_rows(n, 16.0 * static_cast<double>(V), [&](Index begin, Index end) {
+    for (Index r = begin; r < end; ++r) {
+      const std::int64_t y = target(r / S, r % S);
+      double& term = row_nll[static_cast<std::size_t>(r)];
       if (y == ignore_index) {
+        term = 0.0;
         if (dlogits != nullptr) dlogits->row(r).setZero();
         continue;
       }
       const auto z = logits.row(r);
-      if (!z.allFinite())
-        throw NumericError("causal_lm_loss: logits row " + std::to_string(r) + " contains NaN or Inf");
+      if (!z.allFinite()) {
+        term = std::numeric_limits<double>::quiet_NaN();
+        continue;
+      }
       const T m = z.maxCoeff();
       const T lse = m + std::log((z.array() - m).exp().sum());  // logsumexp(z)
-      total += static_cast<double>(lse - z(static_cast<Index>(y)));
+      term = static_cast<double>(lse - z(static_cast<Index>(y)));
       if (dlogits != nullptr) {
         dlogits->row(r).array() = (z.array() - lse).exp() * inv_n;  // softmax / N
         (*dlogits)(r, static_cast<Index>(y)) -= inv_n;              // − onehot / N
       }
     }
+  });
+  double total = 0.0;
+  for (Index r = 0; r < n; ++r) {
+    const double term = row_nll[static_cast<std::size_t>(r)];
+    if (std::isnan(term)) throw NumericError("causal_lm_loss: logits row " + std::to_string(r) + " contains NaN or Inf");
+    total += term;
+  }
   if (stats != nullptr) stats->nll_sum = total;
   return static_cast<T>(total / static_cast<double>(kept));
 }

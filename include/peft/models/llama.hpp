@@ -65,7 +65,9 @@
 #include <vector>
 
 #include "peft/core/check.hpp"
+#include "peft/core/gemm.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/core/rng.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/layers/adapted_linear.hpp"
@@ -783,9 +785,9 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
   q_proj.backward(cache.q, dQ_, dx);  // dx = dQ W_q + dK W_k + dV W_v
   Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
   k_proj.backward(cache.k, dK_, part);
-  if (dx != nullptr) *dx += dx_part_;
+  if (dx != nullptr) parallel_add<T>(*dx, dx_part_);
   v_proj.backward(cache.v, dV_, part);
-  if (dx != nullptr) *dx += dx_part_;
+  if (dx != nullptr) parallel_add<T>(*dx, dx_part_);
 }
 
 template <class T>
@@ -793,8 +795,11 @@ void LlamaMLP<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache
   gate_proj.forward(x, cache.g, cache.gate);  // g = x W_gᵀ   [rows, I]
   up_proj.forward(x, cache.u, cache.up);      // u = x W_uᵀ   [rows, I]
   h_.resize(cache.g.rows(), cache.g.cols());
-  h_.array() = cache.g.array() / (T(1) + (-cache.g.array()).exp()) * cache.u.array();  // h = silu(g) ⊙ u
-  down_proj.forward(h_, y, cache.down);                                                // y = h W_dᵀ
+  parallel_rows(h_.rows(), 20.0 * static_cast<double>(h_.cols()), [&](Index b, Index e) {
+    const auto g = cache.g.middleRows(b, e - b).array();
+    h_.middleRows(b, e - b).array() = g / (T(1) + (-g).exp()) * cache.u.middleRows(b, e - b).array();  // h = silu(g) ⊙ u
+  });
+  down_proj.forward(h_, y, cache.down);  // y = h W_dᵀ
 }
 
 template <class T>
@@ -802,14 +807,18 @@ void LlamaMLP<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matr
   down_proj.backward(cache.down, dy, &dh_);  // dh = dy W_d   [rows, I]
   dg_.resize(dh_.rows(), dh_.cols());
   du_.resize(dh_.rows(), dh_.cols());
-  const auto& g = cache.g.array();
-  dg_.array() = T(1) / (T(1) + (-g).exp());     // σ(g)
-  du_.array() = dh_.array() * g * dg_.array();  // du = dh ⊙ silu(g)
-  dg_.array() =
-      dh_.array() * cache.u.array() * dg_.array() * (T(1) + g * (T(1) - dg_.array()));  // dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))
-  gate_proj.backward(cache.gate, dg_, dx);                                              // dx = dg W_g + du W_u
+  parallel_rows(dh_.rows(), 30.0 * static_cast<double>(dh_.cols()), [&](Index b, Index e) {
+    const Index n = e - b;
+    const auto g = cache.g.middleRows(b, n).array();
+    const auto dh = dh_.middleRows(b, n).array();
+    auto s = dg_.middleRows(b, n).array();
+    s = T(1) / (T(1) + (-g).exp());                                        // σ(g)
+    du_.middleRows(b, n).array() = dh * g * s;                             // du = dh ⊙ silu(g)
+    s = dh * cache.u.middleRows(b, n).array() * s * (T(1) + g * (T(1) - s));  // dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))
+  });
+  gate_proj.backward(cache.gate, dg_, dx);  // dx = dg W_g + du W_u
   up_proj.backward(cache.up, du_, dx != nullptr ? &dx_part_ : nullptr);
-  if (dx != nullptr) *dx += dx_part_;
+  if (dx != nullptr) parallel_add<T>(*dx, dx_part_);
 }
 
 template <class T>
@@ -818,10 +827,10 @@ void LlamaDecoderLayer<T>::forward(const ConstMatrixRef<T>& x, const SequenceLay
                                    const PrefixKV<T>* prefix) {
   input_layernorm.forward(x, u_, cache.norm1);                  // u = RMSNorm₁(x)
   self_attn.forward(u_, layout, rope, a_, cache.attn, prefix);  // a = Attn(u)
-  y = x + a_;                                                   // h = x + a   (in y)
+  parallel_sum<T>(y, x, a_);                                    // h = x + a   (in y)
   post_attention_layernorm.forward(y, v_, cache.norm2);         // v = RMSNorm₂(h)
   mlp.forward(v_, f_, cache.mlp);                               // f = MLP(v)
-  y += f_;                                                      // y = h + f
+  parallel_add<T>(y, f_);                                       // y = h + f
 }
 
 template <class T>
@@ -829,12 +838,12 @@ void LlamaDecoderLayer<T>::backward(const Cache& cache, const RotaryEmbedding<T>
                                     Matrix<T>* dx, PrefixGrad<T>* dprefix) {
   mlp.backward(cache.mlp, dy, &dv_);                          // dv = MLPᵀ(dy)
   post_attention_layernorm.backward(cache.norm2, dv_, &dh_);  // RMSNorm₂ᵀ(dv)
-  dh_ += dy;                                                  // dh = dy + RMSNorm₂ᵀ(dv)
+  parallel_add<T>(dh_, dy);                                   // dh = dy + RMSNorm₂ᵀ(dv)
   const bool need_du = dx != nullptr || input_layernorm.weight.trainable();
   self_attn.backward(cache.attn, rope, dh_, need_du ? &du_ : nullptr, dprefix);  // du = Attnᵀ(dh)
   if (!need_du) return;
   input_layernorm.backward(cache.norm1, du_, dx);  // dx = RMSNorm₁ᵀ(du) + dh
-  if (dx != nullptr) *dx += dh_;
+  if (dx != nullptr) parallel_add<T>(*dx, dh_);
 }
 
 template <class T>
@@ -986,7 +995,7 @@ void LlamaForCausalLM<T>::forward(const std::vector<Index>& ids, const SequenceL
                 prompt_encoder ? &prompt_encoder->embedding.value : nullptr, prefix);
   if (tied()) {
     logits.resize(cache.hidden.rows(), vocab_size());
-    logits.noalias() = cache.hidden * model.embed_tokens.weight.value.transpose();  // logits = h Eᵀ
+    gemm(logits, cache.hidden, model.embed_tokens.weight.value.transpose());  // logits = h Eᵀ
   } else {
     lm_head.forward(cache.hidden, logits, cache.head);  // logits = h W_headᵀ (+ adapters)
   }
@@ -998,9 +1007,9 @@ void LlamaForCausalLM<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
                vocab_size());
   if (tied()) {
     Parameter<T>& E = model.embed_tokens.weight;
-    if (E.trainable()) E.accumulator().noalias() += dlogits.transpose() * cache.hidden;  // dE += dLᵀ h   [V, d]
+    if (E.trainable()) gemm(E.accumulator(), dlogits.transpose(), cache.hidden, T(1), true);  // dE += dLᵀ h   [V, d]
     dhidden_.resize(dlogits.rows(), E.value.cols());
-    dhidden_.noalias() = dlogits * E.value;  // dh = dL E   [B·S, d]
+    gemm(dhidden_, dlogits, E.value);  // dh = dL E   [B·S, d]
   } else {
     lm_head.backward(cache.head, dlogits, &dhidden_);  // dh = dL W_head
   }
@@ -1158,7 +1167,7 @@ void LlamaForCausalLM<T>::head_inference(const Matrix<T>& hidden, Matrix<T>& log
                                          const detail::LlamaRowAdapters* rows) {
   if (tied()) {
     logits.resize(hidden.rows(), vocab_size());
-    logits.noalias() = hidden * model.embed_tokens.weight.value.transpose();
+    gemm(logits, hidden, model.embed_tokens.weight.value.transpose());
   } else {
     detail::llama_linear_inference<T>(lm_head, hidden, logits, rows, head_route_);
   }

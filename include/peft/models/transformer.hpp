@@ -34,6 +34,7 @@
 
 #include "peft/core/check.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/layers/activations.hpp"
 #include "peft/layers/adapter.hpp"
@@ -245,17 +246,17 @@ void TransformerBlock<T>::forward_impl(const ConstMatrixRef<T>& x, const Sequenc
     norm(norm1, cache ? &cache->norm1 : nullptr, x, t.u);      // u = LN1(x)
     attend(t.u);                                               // a = Attn(u)
     const Matrix<T>& a = attend_adapter(cache, t);             // a ← Ad_attn(a)
-    t.h = x + a;                                               // h = x + a
+    parallel_sum<T>(t.h, x, a);                                // h = x + a
     norm(norm2, cache ? &cache->norm2 : nullptr, t.h, t.v);    // v = LN2(h)
     const Matrix<T>& f = ffn_branch(t.v, cache, t, adapters);  // f = FFN(v) (+ adapters)
-    y = t.h + f;                                               // y = h + f
+    parallel_sum<T>(y, t.h, f);                                // y = h + f
   } else {
     attend(x);  // a = Attn(x)
     const Matrix<T>& a = attend_adapter(cache, t);
-    t.s = x + a;
+    parallel_sum<T>(t.s, x, a);
     norm(norm1, cache ? &cache->norm1 : nullptr, t.s, t.h);  // h = LN1(x + a)
     const Matrix<T>& f = ffn_branch(t.h, cache, t, adapters);
-    t.s = t.h + f;
+    parallel_sum<T>(t.s, t.h, f);
     norm(norm2, cache ? &cache->norm2 : nullptr, t.s, y);  // y = LN2(h + f)
   }
 }
@@ -266,10 +267,10 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
   check::shape("TransformerBlock", this->name(), "output gradient", dy.rows(), dy.cols(), cache.attn.layout.rows(),
                dim());
   if (pre_norm_) {
-    dh_ = dy;                                  // y = h + f: dh = dy, df = dy
+    parallel_assign<T>(dh_, dy);               // y = h + f: dh = dy, df = dy
     ffn_branch_backward(cache, dy, dv_);       // dv = ∂f/∂v ᵀ dy
     norm2.backward(cache.norm2, dv_, &dtmp_);  // v = LN2(h)
-    dh_ += dtmp_;                              // dh = dy + LN2ᵀ(dv)
+    parallel_add<T>(dh_, dtmp_);               // dh = dy + LN2ᵀ(dv)
     attend_adapter_backward(cache, dh_);       // da = Ad_attnᵀ(dh)  (in da_)
     // du = Attnᵀ(da) is needed only for dx or LN1's own gradients: skipping it saves the
     // q/k/v input-gradient GEMMs in the lowest block of a PEFT model.
@@ -278,18 +279,18 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
     if (!need_du) return;
     if (dx != nullptr) {
       norm1.backward(cache.norm1, du_, dx);  // dx = LN1ᵀ(du) + dh
-      *dx += dh_;
+      parallel_add<T>(*dx, dh_);
     } else {
       norm1.backward(cache.norm1, du_, nullptr);
     }
   } else {
     norm2.backward(cache.norm2, dy, &ds_);   // ds2 = LN2ᵀ(dy);  s2 = h + f
     ffn_branch_backward(cache, ds_, dv_);    // dv (v = h)
-    ds_ += dv_;                              // dh = ds2 + dv
+    parallel_add<T>(ds_, dv_);               // dh = ds2 + dv
     norm1.backward(cache.norm1, ds_, &dh_);  // ds1 = LN1ᵀ(dh);  s1 = x + a
     attend_adapter_backward(cache, dh_);     // da = Ad_attnᵀ(ds1)
     attn.backward(cache.attn, da_, dx, dprefix);
-    if (dx != nullptr) *dx += dh_;  // dx = Attnᵀ(da) + ds1
+    if (dx != nullptr) parallel_add<T>(*dx, dh_);  // dx = Attnᵀ(da) + ds1
   }
 }
 
@@ -309,7 +310,7 @@ const Matrix<T>& TransformerBlock<T>::ffn_branch(const Matrix<T>& v, Cache* cach
   if (!adapter_ffn) return t.f;
   if (parallel_adapter()) {
     adapter(v, t.f2);  // s·g(v)
-    t.f2 += t.f;
+    parallel_add<T>(t.f2, t.f);
   } else {
     adapter(t.f, t.f2);  // f + s·g(f)
   }

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "peft/core/check.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/optim/optimizer.hpp"
 
 namespace peft {
@@ -84,10 +85,6 @@ class AdamImpl : public BasicOptimizer<T, AdamState<T>> {
   }
 
   void update(const Group& group, Entry& e) override {
-    Eigen::ArrayWrapper<Matrix<T>> theta = e.param->value.array();
-    const Eigen::ArrayWrapper<Matrix<T>> g = e.param->grad.array();
-    Eigen::ArrayWrapper<Matrix<T>> m = e.state.exp_avg.array();
-    Eigen::ArrayWrapper<Matrix<T>> v = e.state.exp_avg_sq.array();
     const double t = static_cast<double>(e.steps);
     // Scalars in double, as torch computes them in Python, then rounded to T once.
     const double bias_correction1 = 1.0 - std::pow(beta1_, t);
@@ -99,19 +96,31 @@ class AdamImpl : public BasicOptimizer<T, AdamState<T>> {
     const T one_minus_b1 = static_cast<T>(1.0 - beta1_);
     const T one_minus_b2 = static_cast<T>(1.0 - beta2_);
     const T eps = static_cast<T>(eps_);
-    if (Decoupled) {
-      theta *= static_cast<T>(1.0 - group.lr * group.weight_decay);  // θ ← θ(1 − lr·wd)
-      m = b1 * m + one_minus_b1 * g;
-      v = b2 * v + one_minus_b2 * g * g;
-    } else if (group.weight_decay != 0.0) {
-      const T wd = static_cast<T>(group.weight_decay);
-      m = b1 * m + one_minus_b1 * (g + wd * theta);  // g' = g + wd·θ, θ not yet updated
-      v = b2 * v + one_minus_b2 * (g + wd * theta).square();
-    } else {
-      m = b1 * m + one_minus_b1 * g;
-      v = b2 * v + one_minus_b2 * g * g;
-    }
-    theta -= step_size * m / (v.sqrt() / bc2_sqrt + eps);
+    const T decay = static_cast<T>(1.0 - group.lr * group.weight_decay);
+    const T wd = static_cast<T>(group.weight_decay);
+    // Element-wise: contiguous ranges of the (same-shaped, contiguous) tensors split between threads.
+    using Flat = Eigen::Map<Eigen::Array<T, Eigen::Dynamic, 1>>;
+    T* const pv = e.param->value.data();
+    const T* const pg = e.param->grad.data();
+    T* const pm = e.state.exp_avg.data();
+    T* const ps = e.state.exp_avg_sq.data();
+    parallel_rows(e.param->value.size(), 16.0, [&](Index begin, Index end) {
+      const Index k = end - begin;
+      Flat theta(pv + begin, k), m(pm + begin, k), v(ps + begin, k);
+      const Eigen::Map<const Eigen::Array<T, Eigen::Dynamic, 1>> g(pg + begin, k);
+      if (Decoupled) {
+        theta *= decay;  // θ ← θ(1 − lr·wd)
+        m = b1 * m + one_minus_b1 * g;
+        v = b2 * v + one_minus_b2 * g * g;
+      } else if (group.weight_decay != 0.0) {
+        m = b1 * m + one_minus_b1 * (g + wd * theta);  // g' = g + wd·θ, θ not yet updated
+        v = b2 * v + one_minus_b2 * (g + wd * theta).square();
+      } else {
+        m = b1 * m + one_minus_b1 * g;
+        v = b2 * v + one_minus_b2 * g * g;
+      }
+      theta -= step_size * m / (v.sqrt() / bc2_sqrt + eps);
+    });
   }
 
  private:

@@ -11,7 +11,9 @@
 
 #include <peft/core/gemm.hpp>
 #include <peft/core/parallel.hpp>
+#include <peft/layers/activations.hpp>
 #include <peft/layers/attention.hpp>
+#include <peft/layers/layer_norm.hpp>
 #include <peft/loss/causal_lm.hpp>
 #include <peft/models/llama.hpp>
 #include <peft/train/gradient_check.hpp>
@@ -206,4 +208,55 @@ TEST_CASE("llama forward and backward on two threads equal one thread (GQA, padd
     CHECK(relative_error(two.logits, one.logits) < 1e-12);
     check_same_grads(one.grads, two.grads);
   }
+}
+
+TEST_CASE("column sums equal a row-by-row loop and do not depend on the thread count", "[parallel][elementwise]") {
+  for (Index cols : {Index{1}, Index{37}, Index{64}, Index{130}}) {
+    Matrix<double> a = Matrix<double>::Random(4000, cols), b = Matrix<double>::Random(4000, cols);
+    Matrix<double> ref_s = Matrix<double>::Constant(1, cols, 0.5), ref_p = ref_s;  // sums added once, as the library does
+    RowVector<double> sum_s = RowVector<double>::Zero(cols), sum_p = RowVector<double>::Zero(cols);
+    for (Index i = 0; i < a.rows(); ++i) {
+      sum_s += a.row(i);
+      sum_p += a.row(i).cwiseProduct(b.row(i));
+    }
+    ref_s.row(0) += sum_s;
+    ref_p.row(0) += sum_p;
+    for (int t : {1, 2}) {
+      INFO("cols " << cols << ", threads " << t);
+      Matrix<double> s = Matrix<double>::Constant(1, cols, 0.5), p = s;
+      with_threads(t, [&] {
+        add_column_sums<double>(a, s.data());
+        add_column_product_sums<double>(a, b, p.data());
+      });
+      CHECK(relative_error(s, ref_s) < 1e-14);
+      CHECK(relative_error(p, ref_p) < 1e-14);
+    }
+  }
+}
+
+TEST_CASE("LayerNorm and activations on two threads equal one thread bit for bit", "[parallel][elementwise]") {
+  LayerNorm<double> ln(96, 1e-5, true, "ln");
+  ln.weight.value.setRandom();
+  ln.bias.value.setRandom();
+  const Matrix<double> x = Matrix<double>::Random(3000, 96), dy = Matrix<double>::Random(3000, 96);
+  Matrix<double> y[2], dx[2], g[2], act[2], dact[2], fp;
+  for (int t : {1, 2}) {
+    with_threads(t, [&] {
+      typename LayerNorm<double>::Cache c;
+      ln.weight.zero_grad();
+      ln.bias.zero_grad();
+      ln.forward(x, y[t - 1], c);
+      ln.backward(c, dy, &dx[t - 1]);
+      g[t - 1].resize(2, 96);
+      g[t - 1].row(0) = ln.weight.grad.row(0);
+      g[t - 1].row(1) = ln.bias.grad.row(0);
+      activation_forward<double>(Activation::GELU, x, act[t - 1]);
+      activation_backward<double>(Activation::GELU, x, dy, dact[t - 1], fp);
+    });
+  }
+  CHECK(y[0] == y[1]);
+  CHECK(dx[0] == dx[1]);
+  CHECK(g[0] == g[1]);
+  CHECK(act[0] == act[1]);
+  CHECK(dact[0] == dact[1]);
 }

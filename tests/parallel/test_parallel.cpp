@@ -14,8 +14,10 @@
 #include <peft/layers/activations.hpp>
 #include <peft/layers/attention.hpp>
 #include <peft/layers/layer_norm.hpp>
+#include <peft/layers/rms_norm.hpp>
 #include <peft/loss/causal_lm.hpp>
 #include <peft/models/llama.hpp>
+#include <peft/optim/adam.hpp>
 #include <peft/train/gradient_check.hpp>
 
 #include "support/test_utils.hpp"
@@ -259,4 +261,63 @@ TEST_CASE("LayerNorm and activations on two threads equal one thread bit for bit
   CHECK(g[0] == g[1]);
   CHECK(act[0] == act[1]);
   CHECK(dact[0] == dact[1]);
+}
+
+TEST_CASE("RMSNorm, causal_lm_loss and AdamW on two threads equal one thread bit for bit", "[parallel][elementwise]") {
+  SECTION("RMSNorm forward and backward, with the weight gradient") {
+    RMSNorm<double> norm(80, 1e-6, "norm");
+    norm.weight.value.setRandom();
+    const Matrix<double> x = Matrix<double>::Random(4000, 80), dy = Matrix<double>::Random(4000, 80);
+    Matrix<double> y[2], dx[2], g[2];
+    for (int t : {1, 2})
+      with_threads(t, [&] {
+        typename RMSNorm<double>::Cache c;
+        norm.weight.zero_grad();
+        norm.forward(x, y[t - 1], c);
+        norm.backward(c, dy, &dx[t - 1]);
+        g[t - 1] = norm.weight.grad;
+      });
+    CHECK(y[0] == y[1]);
+    CHECK(dx[0] == dx[1]);
+    CHECK(g[0] == g[1]);
+    CHECK(g[0].cwiseAbs().maxCoeff() > 0.0);
+  }
+  SECTION("causal_lm_loss: loss, stats and dlogits; a non-finite row is still reported by row") {
+    const Index B = 6, S = 50, V = 700;
+    const Matrix<double> logits = Matrix<double>::Random(B * S, V);
+    std::vector<std::int64_t> labels(static_cast<std::size_t>(B * S));
+    for (std::size_t i = 0; i < labels.size(); ++i) labels[i] = static_cast<std::int64_t>((i * 37) % V);
+    labels[5] = -100;  // an ignored target
+    const SequenceLayout layout(B, S, {50, 31, 50, 7, 50, 44});
+    double loss[2];
+    Matrix<double> d[2];
+    CausalLMStats st[2];
+    for (int t : {1, 2})
+      with_threads(t, [&] { loss[t - 1] = causal_lm_loss<double>(logits, labels, layout, &d[t - 1], &st[t - 1]); });
+    CHECK(loss[0] == loss[1]);
+    CHECK(st[0].nll_sum == st[1].nll_sum);
+    CHECK(st[0].tokens == st[1].tokens);
+    CHECK(st[0].tokens == (49 + 30 + 49 + 6 + 49 + 43) - 1);
+    CHECK(d[0] == d[1]);
+    Matrix<double> bad = logits;
+    bad(211, 3) = std::numeric_limits<double>::quiet_NaN();  // row 211: sequence 4, position 11
+    with_threads(2, [&] {
+      PEFT_REQUIRE_THROWS_WITH(causal_lm_loss<double>(bad, labels, layout, &d[0]), NumericError, "logits row 211");
+    });
+  }
+  SECTION("AdamW: three steps over a tensor large enough to be split") {
+    Parameter<double> p[2] = {Parameter<double>(500, 400), Parameter<double>(500, 400)};
+    p[0].value.setRandom();
+    p[1].value = p[0].value;
+    const Matrix<double> g1 = Matrix<double>::Random(500, 400), g2 = Matrix<double>::Random(500, 400);
+    for (int t : {1, 2})
+      with_threads(t, [&] {
+        AdamW<double> opt(std::vector<NamedParameter<double>>{{"w", &p[t - 1]}}, AdamWOptions{0.01, 0.9, 0.99, 1e-8, 0.1});
+        for (const Matrix<double>* g : {&g1, &g2, &g1}) {
+          p[t - 1].grad = *g;
+          opt.step();
+        }
+      });
+    CHECK(p[0].value == p[1].value);
+  }
 }

@@ -69,7 +69,10 @@ T causal_lm_loss(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t
   // Rows split between threads; each row's term kept apart and summed below in row order, so the
   // loss does not depend on the thread count. A non-finite row leaves NaN there (thrown below: the
   // parallel body must not throw).
-  thread_local std::vector<double> row_nll;  // grows once, then reused
+  // The calling thread's buffer, named through a reference: inside the region the name of a
+  // thread_local would be each worker's own (empty) instance.
+  thread_local std::vector<double> row_nll_buffer;  // grows once, then reused
+  std::vector<double>& row_nll = row_nll_buffer;
   row_nll.resize(static_cast<std::size_t>(n));
   parallel_rows(n, 16.0 * static_cast<double>(V), [&](Index begin, Index end) {
     for (Index r = begin; r < end; ++r) {

@@ -1,15 +1,13 @@
 // Every row of the conformance table (conformance_cases.hpp) allocates nothing after warm-up:
 // forward + backward (frozen and trainable base, with and without dx), forward_inference and the
-// mixed-adapter batch, in eval mode and in train mode (dropout masks, rank / module dropout), under
-// Eigen's EIGEN_RUNTIME_NO_MALLOC guard with a counter (support/no_malloc.hpp); a positive control
-// proves the guard is live for the layer's own code.
+// mixed-adapter batch, in eval mode and in train mode (dropout masks, rank / module dropout), every
+// heap allocation counted (support/no_malloc.hpp: malloc interposed, or Eigen's guard under the
+// sanitizers); a positive control proves the count is live for the layer's own code.
 //
 // Warm-up: a few calls, not one, since module dropout may skip the term on a call (its buffers are
 // then sized by a later one). Each mode is warmed up on its own: switching eval ↔ train resizes the
 // dropout buffers once, by design ("no allocation after the first call with a given shape").
 //
-// What Eigen's guard cannot see: std::string / std::vector allocations (reviewed by eye, as in
-// test_no_malloc.cpp).
 #include "support/no_malloc.hpp"
 
 #include <peft/layers/lora_mixed_batch.hpp>

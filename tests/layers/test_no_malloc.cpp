@@ -1,14 +1,11 @@
 // Hot paths allocate nothing after the first call: repeated forward + backward of Linear and
 // LoRALinear (with and without dropout, one and two adapters, frozen base) with reused caches and
 // outputs, plain LoRA and DoRA, the mixed-adapter batch, and the sequence blocks (attention,
-// feed-forward, layer norm, dropout, embeddings, prefix), under Eigen's EIGEN_RUNTIME_NO_MALLOC guard.
+// feed-forward, layer norm, dropout, embeddings, prefix), every heap allocation counted.
 //
-// The guard and its counter: support/no_malloc.hpp (included first). A positive control proves the
-// guard is live in this build.
-//
-// What Eigen's guard cannot see: std::string / std::vector allocations. Those were reviewed by
-// eye on these paths: error messages are built only on failure (peft::check), the adapter cache
-// vector grows once, and nothing else on forward/backward touches the standard containers.
+// The count: support/no_malloc.hpp (included first): malloc interposed (every allocation, std::string
+// and std::vector included) in release/debug builds, Eigen's EIGEN_RUNTIME_NO_MALLOC guard (Eigen's
+// allocator only) under the sanitizers. A positive control proves the count is live in this build.
 //
 // Note: a GEMM whose packing blocks exceed EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) allocates its
 // workspace on the heap on every call (Eigen's design); the sizes here stay below that, as the
@@ -56,8 +53,8 @@ TEST_CASE("the no-malloc guard is live in this build", "[no_malloc]") {
   REQUIRE(n >= 3);
   // The layers' own code must be instrumented too: a forward into fresh buffers allocates. If this
   // fails while the check above passes, the linker took LoRALinear's code from another translation
-  // unit compiled without EIGEN_RUNTIME_NO_MALLOC (one definition per template instantiation):
-  // this file must then be built as its own test executable.
+  // unit compiled without EIGEN_RUNTIME_NO_MALLOC (guard mode, sanitizer builds: one definition per template
+  // instantiation): this file must then be built as its own test executable.
   Rng rng(0);
   LoRALinear<float> layer(6, 4, rng);
   layer.add_adapter("a", cfg(2, 2.0, 0.0));

@@ -1,3 +1,5 @@
+#include <peft/adapters/loha.hpp>
+#include <peft/adapters/lokr.hpp>
 #include <peft/core/parameters.hpp>
 #include <peft/models/peft_config.hpp>
 #include <peft/models/transformer.hpp>
@@ -83,7 +85,7 @@ void check_gradients(TransformerClassifier<double>& model, Matrix<double>& x, co
   typename TransformerClassifier<double>::Cache cache;
   model.forward(x, layout, cache);
   Matrix<double> dx;
-  model.backward(cache, g, &dx);
+  model.backward(cache, g, check_input ? &dx : nullptr);  // without dx: the model decides what is needed below
   if (check_input) CHECK(relative_error(dx, numerical_gradient(x, loss)) < Tolerances<double>::grad);
   std::size_t checked = 0;
   for (auto& np : trainable_parameters(model)) {
@@ -121,6 +123,36 @@ TEST_CASE("Transformer: gradients with every PEFT method attached at once", "[tr
       Matrix<double> x = test::random_matrix<double>(8, 5, rng);
       check_gradients(model, x, layout, rng);
     }
+  }
+}
+
+TEST_CASE("Transformer: a LoHa or LoKr adapter on the patch embedding of a frozen model gets its gradients",
+          "[transformer][gradcheck]") {
+  // The model's backward walks down to the patch embedding only when something there trains; it
+  // once asked only LoRA adapters, so any other method on patch_embed got no gradient at all.
+  for (int kind : {0, 1}) {
+    INFO((kind == 0 ? "LoHa" : "LoKr"));
+    Rng rng(33);
+    TransformerClassifier<double> model(small_config(NormPlacement::Pre, Pooling::Mean), rng);
+    model.visit_parameters([](const std::string&, Parameter<double>& p) { p.set_trainable(false); });
+    const Index in = model.patch_embed.in_features(), out = model.patch_embed.out_features();
+    if (kind == 0) {
+      LohaConfig c;
+      c.r = 2;
+      c.alpha = 3.0;
+      model.patch_embed.add_adapter(make_loha<double>("default", in, out, c, rng, "patch_embed"));
+    } else {
+      LokrConfig c;
+      c.r = 2;
+      c.alpha = 3.0;
+      model.patch_embed.add_adapter(make_lokr<double>("default", in, out, c, rng, "patch_embed"));
+    }
+    perturb_trainable(model, rng);
+    REQUIRE(trainable_parameters(model).size() >= 2);
+    for (auto& np : trainable_parameters(model)) CHECK(np.name.rfind("patch_embed.", 0) == 0);
+    const SequenceLayout layout(2, 4, {4, 3});
+    Matrix<double> x = test::random_matrix<double>(8, 5, rng);
+    check_gradients(model, x, layout, rng, /*check_input=*/false);
   }
 }
 

@@ -1,6 +1,5 @@
 // Repeated optimizer steps (and the losses, clipping, schedules and regularizers called around
-// them) allocate nothing after the first step: Eigen's guard with a counter (support/no_malloc.hpp;
-// Release compiles eigen_assert out, so without the counter a forbidden allocation went unseen).
+// them) allocate nothing after the first step: every heap allocation counted (support/no_malloc.hpp).
 #include "support/no_malloc.hpp"
 
 #include <peft/loss/bradley_terry.hpp>

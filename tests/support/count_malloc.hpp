@@ -6,7 +6,9 @@
 // independent of that). Also what Eigen's GEMM takes for its packing blocks, which
 // EIGEN_RUNTIME_NO_MALLOC (support/no_malloc.hpp) sees only for Eigen's own allocator.
 //
-// Include it in exactly ONE translation unit of an executable (it defines the global functions).
+// Include it in exactly ONE translation unit of an executable (it defines the global functions),
+// or define PEFT_COUNT_MALLOC_NO_DEFINITIONS before including it for the counters alone and link
+// one TU that defines them (support/count_malloc.cpp, as peft_tests_no_malloc does).
 // Not for sanitizer builds (ASan interposes malloc itself): the including file is left out of them
 // (tests/CMakeLists.txt) and the guard below makes the header empty there.
 //
@@ -47,7 +49,7 @@ inline long minor_faults() {
 
 }  // namespace peft::count_malloc
 
-#if PEFT_COUNT_MALLOC
+#if PEFT_COUNT_MALLOC && !defined(PEFT_COUNT_MALLOC_NO_DEFINITIONS)
 extern "C" {
 void* __libc_malloc(std::size_t);
 void* __libc_calloc(std::size_t, std::size_t);

@@ -132,6 +132,7 @@ class IA3Method final : public AdapterMethod<T> {
   void visit_parameters(const typename AdapterMethod<T>::ParameterVisitor& fn) override {
     fn("ia3_l." + this->name_, l);
   }
+  bool any_trainable() override { return l.trainable(); }
 
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path) override {
     return {{peft_file_key(module_path, "ia3_l"), peft_model_name(module_path, "ia3_l", this->name_), &l}};

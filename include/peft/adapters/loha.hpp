@@ -99,6 +99,8 @@ class LohaAdapter {
   bool training() const { return training_; }
 
   /// (PEFT file key, model state name, parameter) for hada_w1_a, hada_w1_b, hada_w2_a, hada_w2_b.
+  bool any_trainable() const { return w1_a.trainable() || w1_b.trainable() || w2_a.trainable() || w2_b.trainable(); }
+
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path, const std::string& adapter) {
     std::vector<AdapterTensor<T>> v;
     const std::pair<const char*, Parameter<T>*> ps[] = {

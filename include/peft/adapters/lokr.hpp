@@ -227,6 +227,12 @@ class LokrAdapter {
   bool training() const { return training_; }
 
   /// (PEFT file key, model state name, parameter) for the factors this layout uses.
+  /// Over the tensors the layout uses (those tensors() lists).
+  bool any_trainable() const {
+    return (layout_.w1_full ? w1.trainable() : (w1_a.trainable() || w1_b.trainable())) ||
+           (layout_.w2_full ? w2.trainable() : (w2_a.trainable() || w2_b.trainable()));
+  }
+
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path, const std::string& adapter) {
     std::vector<std::pair<const char*, Parameter<T>*>> ps;
     if (layout_.w1_full)

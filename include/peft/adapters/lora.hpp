@@ -179,6 +179,7 @@ class LoraMethod : public AdapterMethod<T> {
     fn("lora_A." + a_.name + ".weight", a_.A);
     fn("lora_B." + a_.name + ".weight", a_.B);
   }
+  bool any_trainable() override { return a_.A.trainable() || a_.B.trainable(); }
 
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path) override {
     return {{peft_file_key(module_path, "lora_A.weight"), peft_model_name(module_path, "lora_A", a_.name) + ".weight",
@@ -358,6 +359,7 @@ class DoraMethod final : public LoraMethod<T> {
     LoraMethod<T>::visit_parameters(fn);
     fn("lora_magnitude_vector." + a_.name, a_.magnitude);  // PEFT's state-dict name (without ".weight")
   }
+  bool any_trainable() override { return LoraMethod<T>::any_trainable() || a_.magnitude.trainable(); }
 
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path) override {
     std::vector<AdapterTensor<T>> v = LoraMethod<T>::tensors(module_path);

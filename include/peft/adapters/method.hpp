@@ -169,6 +169,13 @@ class AdapterMethod {
   virtual void visit_parameters(const ParameterVisitor& fn) = 0;
   /// The tensors of this adapter under PEFT's file keys (`base_model.model.<module_path>.<param>`).
   virtual std::vector<AdapterTensor<T>> tensors(const std::string& module_path) = 0;
+  /// Whether any of its parameters trains. Overridden without allocating (the default visits the
+  /// named parameters, which builds strings): hot paths (a model's backward) ask it every step.
+  virtual bool any_trainable() {
+    bool any = false;
+    visit_parameters([&any](const std::string&, Parameter<T>& p) { any = any || p.trainable(); });
+    return any;
+  }
   /// PEFT's set_adapter: active adapters train, the others are frozen.
   virtual void set_trainable(bool on) {
     visit_parameters([on](const std::string&, Parameter<T>& p) { p.set_trainable(on); });
@@ -237,6 +244,7 @@ class KernelMethod final : public AdapterMethod<T> {
   void visit_parameters(const typename AdapterMethod<T>::ParameterVisitor& fn) override {
     for (auto& t : k_.tensors("", this->name_)) fn(t.model_name, *t.parameter);
   }
+  bool any_trainable() override { return k_.any_trainable(); }
 
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path) override {
     return k_.tensors(module_path, this->name_);

@@ -175,6 +175,8 @@ class VeraAdapter {
 
   /// (PEFT file key, model state name, parameter) for the trainable vectors of this layer; the
   /// shared projections are model-level tensors (vera_A_file_key(), vera_B_file_key()).
+  bool any_trainable() const { return lambda_b.trainable() || lambda_d.trainable(); }
+
   std::vector<AdapterTensor<T>> tensors(const std::string& module_path, const std::string& adapter) {
     return {{peft_file_key(module_path, "vera_lambda_b"), peft_model_name(module_path, "vera_lambda_b", adapter),
              &lambda_b, true},

@@ -87,6 +87,11 @@ struct SequenceLayout {
     if (!ok(data_rows)) validate(describe(kind, name), data_rows);
   }
 
+  /// As validate(who, data_rows) for a literal name; the string is built only on failure.
+  void validate(const char* who, Index data_rows = -1) const {
+    if (!ok(data_rows)) validate(std::string(who), data_rows);
+  }
+
   /// Throws ShapeError naming `who` unless batch, seq ≥ 1, lengths has batch entries in [1, seq]
   /// and (when data_rows ≥ 0) the data block has batch·seq rows.
   void validate(const std::string& who, Index data_rows = -1) const {

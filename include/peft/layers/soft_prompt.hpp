@@ -91,7 +91,7 @@ class SoftPrompt : public Module<T> {
   void forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, SequenceLayout& out_layout,
                Cache& cache) const {
     check::input_features("SoftPrompt", this->name(), x.cols(), dim());
-    layout.validate(describe("SoftPrompt", this->name()), x.rows());
+    layout.validate("SoftPrompt", this->name(), x.rows());
     prepend_rows<T>(x, layout, embedding.value, y, out_layout, num_virtual_tokens());
     cache.out_layout = out_layout;
   }
@@ -160,7 +160,7 @@ void SoftPrompt<T>::init_from_tokens(const ConstMatrixRef<T>& vocab, const std::
 template <class T>
 std::vector<Index> SoftPrompt<T>::extend_labels(const std::vector<Index>& labels, const SequenceLayout& layout,
                                                 Index ignore_index) const {
-  layout.validate(describe("SoftPrompt", this->name()), static_cast<Index>(labels.size()));
+  layout.validate("SoftPrompt", this->name(), static_cast<Index>(labels.size()));
   const Index n = num_virtual_tokens();
   const Index seq = layout.seq;
   std::vector<Index> out(static_cast<std::size_t>(layout.batch * (n + seq)), ignore_index);

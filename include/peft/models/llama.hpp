@@ -412,7 +412,10 @@ class LlamaDecoderLayer : public Module<T> {
   void visit_children(const typename Module<T>::ChildVisitor& fn) override {
     fn("input_layernorm", input_layernorm);
     fn("self_attn", self_attn);
-    fn("post_attention_layernorm", post_attention_layernorm);
+    // Keys past the small-string limit (15 characters in libstdc++) are static: a tree walk such as
+    // train()/eval(), which PPO runs every rollout, must not allocate.
+    static const std::string post_key("post_attention_layernorm");
+    fn(post_key, post_attention_layernorm);
     fn("mlp", mlp);
   }
 

@@ -157,7 +157,8 @@ class TransformerBlock : public Module<T> {
     if (adapter_attn) fn("adapter_attn", *adapter_attn);
     fn("norm2", norm2);
     fn("ffn", ffn);
-    if (adapter_ffn) fn(parallel_adapter() ? "adapter_parallel" : "adapter_ffn", *adapter_ffn);
+    static const std::string parallel_key("adapter_parallel"), ffn_key("adapter_ffn");  // no allocation per walk
+    if (adapter_ffn) fn(parallel_adapter() ? parallel_key : ffn_key, *adapter_ffn);
   }
 
  private:
@@ -754,8 +755,7 @@ bool TransformerClassifier<T>::input_side_trainable() {
     any = embed_tokens.weight.trainable();
   } else {
     any = patch_embed.weight.trainable() || (patch_embed.has_bias() && patch_embed.bias.trainable());
-    for (const auto& a : patch_embed.adapters())
-      any = any || a.A.trainable() || a.B.trainable() || (a.magnitude.size() > 0 && a.magnitude.trainable());
+    for (std::size_t i = 0; i < patch_embed.num_adapters() && !any; ++i) any = patch_embed.method_at(i).any_trainable();
   }
   if (has_positions()) any = any || embed_positions.weight.trainable();
   if (prompt_encoder) any = any || prompt_encoder->embedding.trainable();

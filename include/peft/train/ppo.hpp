@@ -656,26 +656,31 @@ class PPOTrainer {
   }
 
   void check_rollout(const PPORollout<T>& r, const char* who, bool evaluated) const {
-    const std::string w = std::string("PPOTrainer::") + who;
-    r.layout.validate(w, static_cast<Index>(r.ids.size()));
-    if (r.layout.left_padded && r.layout.padded()) throw ShapeError(w + ": the rollout must be right-padded");
+    // Runs every step: the name is built only when a check fails.
+    const auto w = [who] { return std::string("PPOTrainer::") + who; };
+    if (!r.layout.ok(static_cast<Index>(r.ids.size()))) r.layout.validate(w(), static_cast<Index>(r.ids.size()));
+    if (r.layout.left_padded && r.layout.padded()) throw ShapeError(w() + ": the rollout must be right-padded");
     const Index B = r.sequences(), n = r.layout.rows();
     if (static_cast<Index>(r.prompt_lengths.size()) != B)
-      throw ShapeError(w + ": " + std::to_string(r.prompt_lengths.size()) + " prompt lengths for " + std::to_string(B) +
-                       " sequences");
+      throw ShapeError(w() + ": " + std::to_string(r.prompt_lengths.size()) + " prompt lengths for " +
+                       std::to_string(B) + " sequences");
     for (Index b = 0; b < B; ++b)
       if (r.prompt_length(b) < 1 || r.prompt_length(b) >= r.layout.length(b))
-        throw ShapeError(w + ": sequence " + std::to_string(b) + " has a prompt of " +
+        throw ShapeError(w() + ": sequence " + std::to_string(b) + " has a prompt of " +
                          std::to_string(r.prompt_length(b)) + " tokens and length " +
                          std::to_string(r.layout.length(b)) +
                          " (expected a prompt of >= 1 tokens and a response of >= 1)");
     if (!evaluated) return;
-    check::shape("PPORollout", who, "scores", r.scores.rows(), r.scores.cols(), B, 1);
-    check::shape("PPORollout", who, "log_probs", r.log_probs.rows(), r.log_probs.cols(), n, 1);
-    check::shape("PPORollout", who, "ref_log_probs", r.ref_log_probs.rows(), r.ref_log_probs.cols(), n, 1);
-    check::shape("PPORollout", who, "values", r.values.rows(), r.values.cols(), n, 1);
+    const auto column = [](const Matrix<T>& m, Index rows) { return m.rows() == rows && m.cols() == 1; };
+    if (!column(r.scores, B) || !column(r.log_probs, n) || !column(r.ref_log_probs, n) || !column(r.values, n)) {
+      const std::string name(who);
+      check::shape("PPORollout", name, "scores", r.scores.rows(), r.scores.cols(), B, 1);
+      check::shape("PPORollout", name, "log_probs", r.log_probs.rows(), r.log_probs.cols(), n, 1);
+      check::shape("PPORollout", name, "ref_log_probs", r.ref_log_probs.rows(), r.ref_log_probs.cols(), n, 1);
+      check::shape("PPORollout", name, "values", r.values.rows(), r.values.cols(), n, 1);
+    }
     if (!r.scores.allFinite() || !r.values.allFinite())
-      throw NumericError(w + ": the rollout's scores or values are not finite");
+      throw NumericError(w() + ": the rollout's scores or values are not finite");
   }
 
   void check_advantages(const PPORollout<T>& r) const {

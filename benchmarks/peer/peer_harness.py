@@ -29,10 +29,34 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "BL
                "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
+def openblas_coretype():
+    """The OpenBLAS kernel family for this CPU, unless OPENBLAS_CORETYPE is already set.
+
+    Debian's OpenBLAS (0.3.21) picks its kernels by CPU model and falls back to Prescott (SSE3, ~4x
+    slower) on models it does not know: on an Emerald Rapids Xeon (family 6, model 207) Debian's
+    torch ran the transformer step at 29 GF/s instead of ~100. So the harness names the family from
+    the CPU's flags: SkylakeX (AVX-512) or Haswell (AVX2)."""
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return os.environ["OPENBLAS_CORETYPE"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags):
+        return "SkylakeX"
+    if "avx2" in flags and "fma" in flags:
+        return "Haswell"
+    return None
+
+
 def thread_env(threads):
     env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     for k in THREAD_VARS:
         env[k] = str(threads)
+    core = openblas_coretype()
+    if core:
+        env["OPENBLAS_CORETYPE"] = core
     return env
 
 
@@ -162,7 +186,8 @@ def print_versions(peers, script, binary, header):
         pass
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-        print(f"cpu: {cpu}; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start")
+        print(f"cpu: {cpu}; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} at start; "
+              f"OPENBLAS_CORETYPE={openblas_coretype() or '(OpenBLAS decides)'}")
     except (OSError, StopIteration):
         pass
     for name, py in peers:

@@ -26,6 +26,7 @@
 
 #include "peft/adapters/method.hpp"
 #include "peft/core/check.hpp"
+#include "peft/core/gemm.hpp"
 #include "peft/core/init.hpp"
 
 namespace peft {
@@ -77,7 +78,7 @@ class IA3Method final : public AdapterMethod<T> {
     }
     xs_.resize(in.x.rows(), in.x.cols());
     xs_.array() = in.x.array().rowwise() * lm1_.array();  // x ⊙ (l − 1)   [rows, in]
-    y.noalias() += xs_ * in.w0->transpose();              // + (x ⊙ (l − 1)) W₀ᵀ
+    gemm(y, xs_, in.w0->transpose(), T(1), true);         // + (x ⊙ (l − 1)) W₀ᵀ
     return true;                                          // dl = Σ x ⊙ (dY W₀), dW needs x ⊙ (l − 1)
   }
 
@@ -101,8 +102,7 @@ class IA3Method final : public AdapterMethod<T> {
     }
     lm1_ = scales().array() - T(1);
     if (l.trainable() || dx != nullptr) {
-      p_.resize(dy.rows(), in.w0->cols());
-      p_.noalias() = dy * *in.w0;  // P = dY W₀   [rows, in]
+      gemm(p_, dy, *in.w0);  // P = dY W₀   [rows, in] (peft::gemm: kept packing space, no heap per call)
       if (l.trainable()) {
         Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
         dl.noalias() += (in.x->array() * p_.array()).matrix().colwise().sum();  // dl = Σ_rows x ⊙ P
@@ -112,7 +112,7 @@ class IA3Method final : public AdapterMethod<T> {
     if (in.dw != nullptr) {
       xs_.resize(in.x->rows(), in.x->cols());
       xs_.array() = in.x->array().rowwise() * lm1_.array();
-      in.dw->noalias() += dy.transpose() * xs_;  // dW += dYᵀ (x ⊙ (l − 1))   [out, in]
+      gemm(*in.dw, dy.transpose(), xs_, T(1), true);  // dW += dYᵀ (x ⊙ (l − 1))   [out, in]
     }
   }
 

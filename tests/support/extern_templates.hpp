@@ -4,7 +4,7 @@
 // outside the class body, so the declaration saves the whole instantiation, not only code
 // generation. The library's own class templates declare theirs at the end of their headers (inside
 // #ifdef PEFT_EXTERN_TEMPLATES). tests/CMakeLists.txt force-includes this file (-include) into the
-// test TUs that link peft_test_instantiations; instantiations_eigen.cpp holds the definitions.
+// test TUs that link peft_test_instantiations; instantiations_eigen.inc holds the definitions.
 // Eigen 3.4 types; on Eigen 5 the options are template arguments and these are left implicit.
 #include <Eigen/QR>
 #include <Eigen/SVD>
@@ -20,7 +20,7 @@ extern template class HouseholderQR<MatrixXd>;
 // Eigen's matrix-product kernels (GEBP micro-kernel, panel packing, GEMV) for float and double in
 // the shapes row-major products use. They are EIGEN_DONT_INLINE members defined outside their
 // class, so under the declaration a TU neither instantiates nor compiles them (they were
-// instantiated in every test TU, 11 or 12 copies each); instantiations_eigen.cpp holds the one
+// instantiated in every test TU, 11 or 12 copies each); instantiations_eigen.inc holds the one
 // copy. Not with EIGEN_USE_BLAS (the release-blas preset: Eigen then specializes the products).
 #if !EIGEN_VERSION_AT_LEAST(3, 4, 90) && !defined(EIGEN_USE_BLAS)
 // KW is `extern` (declaration) or empty (definition); T is float or double.

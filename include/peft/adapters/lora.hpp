@@ -434,7 +434,7 @@ std::unique_ptr<LoraMethod<T>> make_lora(const std::string& adapter_name, const 
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class LoraMethod<float>;

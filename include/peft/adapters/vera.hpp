@@ -313,7 +313,7 @@ std::unique_ptr<AdapterMethod<T>> make_vera(const std::string& adapter_name, Ind
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class VeraAdapter<float>;

@@ -154,7 +154,7 @@ inline ModuleShapes module_shapes_of_safetensors(const std::string& path) {
 
 }  // namespace peft::io
 
-// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 #define PEFT_IO_ADAPTER_FACTORS_TEMPLATES(KW, T) \
   KW template AdapterFactors<T> read_adapter_factors<T>(const std::string&, const ModuleShapes&,               \

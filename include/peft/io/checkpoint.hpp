@@ -444,7 +444,7 @@ void load_episode_sampler_state(EpisodeSampler& s, const Checkpoint<T>& ck, cons
 
 }  // namespace peft::io
 
-// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 #define PEFT_IO_CHECKPOINT_TEMPLATES(KW, T)                                                  \
   KW template class Checkpoint<T>;                                                           \

@@ -175,7 +175,7 @@ CombineAdaptersReport combine_adapter_dirs(const std::vector<std::string>& dirs,
 
 }  // namespace peft::io
 
-// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 #define PEFT_IO_COMBINE_TEMPLATES(KW, T) \
   KW template PeftAdapter<T> combine_adapters<T>(std::vector<AdapterFactors<T>>, const CombineAdaptersOptions&, \

@@ -203,7 +203,7 @@ MergeFileReport merge_adapter_file(const std::string& base_path, const PeftAdapt
 
 }  // namespace peft::io
 
-// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 #define PEFT_IO_MERGE_FILE_TEMPLATES(KW, T) \
   KW template MergeFileReport merge_adapter_file<T>(const std::string&, const PeftAdapter<T>&, const std::string&, \

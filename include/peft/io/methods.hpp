@@ -1078,7 +1078,7 @@ MergeFileReport merge_method_file(const std::string& base_path, const MethodAdap
 
 }  // namespace peft::io
 
-// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 #define PEFT_IO_METHODS_TEMPLATES(KW, T) \
   KW template const std::vector<MethodFormat<T>>& method_formats<T>();                                          \

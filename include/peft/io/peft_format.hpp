@@ -1229,7 +1229,7 @@ void save_peft_adapter(const std::string& dir, const PeftAdapter<T>& adapter, DT
 
 }  // namespace peft::io
 
-// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 #define PEFT_IO_PEFT_FORMAT_TEMPLATES(KW, T) \
   KW template PeftAdapter<T> load_peft_adapter<T>(const std::string&);                                   \

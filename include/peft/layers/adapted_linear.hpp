@@ -1265,7 +1265,7 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class AdaptedLinear<float>;

@@ -195,7 +195,7 @@ void Adapter<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matri
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class Adapter<float>;

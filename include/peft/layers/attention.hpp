@@ -497,7 +497,7 @@ void MultiHeadAttention<T>::scaled_scores(const Matrix<T>& Q, const Matrix<T>& K
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class MultiHeadAttention<float>;

@@ -83,7 +83,7 @@ class Dropout : public Module<T> {
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class Dropout<float>;

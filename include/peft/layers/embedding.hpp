@@ -165,7 +165,7 @@ void PositionalEmbedding<T>::forward_inplace(MatrixRef<T> x, const SequenceLayou
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class Embedding<float>;

@@ -117,7 +117,7 @@ void Linear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class Linear<float>;

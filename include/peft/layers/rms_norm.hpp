@@ -98,7 +98,7 @@ void RMSNorm<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matri
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class RMSNorm<float>;

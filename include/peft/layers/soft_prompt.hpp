@@ -173,7 +173,7 @@ std::vector<Index> SoftPrompt<T>::extend_labels(const std::vector<Index>& labels
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class SoftPrompt<float>;

@@ -1247,7 +1247,7 @@ void LlamaForCausalLM<T>::forward_cached(const std::vector<Index>& ids, const Se
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class LlamaAttention<float>;

@@ -304,7 +304,7 @@ PeftReport apply_peft(TransformerClassifier<T>& target, const PeftConfig& config
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_io.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 #define PEFT_PEFT_CONFIG_TEMPLATES(KW, T) \
   KW template PeftReport apply_peft<T>(TransformerClassifier<T>&, const PeftConfig&, Rng&);

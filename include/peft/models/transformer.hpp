@@ -854,7 +854,7 @@ void TransformerClassifier<T>::run(const SequenceLayout& layout, Matrix<T>& logi
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class TransformerBlock<float>;

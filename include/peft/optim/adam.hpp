@@ -166,7 +166,7 @@ class AdamW : public detail::AdamImpl<T, true> {
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class BasicOptimizer<float, AdamState<float>>;

@@ -390,7 +390,7 @@ std::vector<ParamGroup<T>> single_group(std::vector<NamedParameter<T>> params, d
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class Optimizer<float>;

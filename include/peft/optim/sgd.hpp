@@ -128,7 +128,7 @@ class SGD : public BasicOptimizer<T, SGDState<T>> {
 
 }  // namespace peft
 
-// The test build compiles these once (tests/support/instantiations_*.cpp); never defined for users.
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
 #ifdef PEFT_EXTERN_TEMPLATES
 namespace peft {
 extern template class BasicOptimizer<float, SGDState<float>>;

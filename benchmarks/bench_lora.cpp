@@ -57,12 +57,18 @@ void run_timed(benchmark::State& state, double flops, Fn&& fn) {
   c.first_cpu_s = first.cpu();
   c.first_allocs = first.allocations();
   c.first_faults = first.faults();
+  // Allocations and faults are counted around each call alone: Google Benchmark's own bookkeeping
+  // between iterations would otherwise be charged to the few-iteration large cases.
+  peft::bench::StepCounts counts;
   const peft::bench::Meter loop;
   for (auto _ : state) {
+    const long a0 = peft::count_malloc::allocations(), f0 = peft::count_malloc::minor_faults();
     fn();
+    counts.allocations += peft::count_malloc::allocations() - a0;
+    counts.faults += peft::count_malloc::minor_faults() - f0;
     benchmark::ClobberMemory();
   }
-  peft::bench::report(state, c, loop);
+  peft::bench::report(state, c, loop, &counts);
 }
 
 /// Times layer.forward_inference on a fixed input with a reused output buffer.

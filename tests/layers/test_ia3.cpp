@@ -159,3 +159,83 @@ TEST_CASE("(IA)^3 merges next to LoRA and refuses a zero scale with a named erro
   CHECK(std::string(lin.method("lora").kind()) == "LoRA");
   PEFT_REQUIRE_THROWS_WITH(IA3Method<double>("x", IA3Config{}, 0, 3), ShapeError, "base shape [3, 0] is empty");
 }
+
+TEST_CASE("(IA)^3 on inputs folds into the base product; next to DoRA it runs its own; both exact",
+          "[ia3][gradcheck]") {
+  // Folded: one base product on x ⊙ (1 + Σ (l − 1)) (no adapter reads x W₀ᵀ). Unfolded: a DoRA
+  // adapter without dropout reads x W₀ᵀ, so each (IA)³ term is its own product. Both are the sum
+  // x W₀ᵀ + b₀ + Σ (x ⊙ (l − 1)) W₀ᵀ + the other adapter's term, with exact gradients.
+  Rng rng(75);
+  for (bool dora : {false, true}) {
+    for (bool train_base : {false, true}) {
+      INFO("next to " << (dora ? "DoRA" : "LoRA") << ", trainable base " << train_base);
+      LoRALinear<double> lin(5, 4, rng, true, "mlp.down_proj");
+      if (!train_base) lin.freeze_base();
+      LoraConfig cfg;
+      cfg.r = 2;
+      cfg.use_dora = dora;
+      auto& lora = lin.add_adapter("lora", cfg, rng);
+      lora.B.value = test::random_matrix<double>(4, 2, rng);
+      auto& i1 = add_ia3_adapter(lin, "i1", true);
+      auto& i2 = add_ia3_adapter(lin, "i2", true);
+      i1.l.value = test::random_matrix<double>(1, 5, rng);
+      i2.l.value = test::random_matrix<double>(1, 5, rng);
+      i2.l.set_trainable(false);  // a frozen gain still scales the product and the input gradient
+      Matrix<double> x = test::random_matrix<double>(3, 5, rng);
+      const Matrix<double> g = test::random_matrix<double>(3, 4, rng);
+
+      lin.set_active({"lora"});
+      typename LoRALinear<double>::Cache cache;
+      Matrix<double> expected = lin.forward(x, cache);  // x W₀ᵀ + b₀ + the LoRA/DoRA term
+      for (const auto* m : {&i1, &i2}) {
+        const RowVector<double> lm1 = m->scales().array() - 1.0;
+        expected += (x.array().rowwise() * lm1.array()).matrix() * lin.weight.value.transpose();
+      }
+      lin.set_active({"lora", "i1", "i2"});
+      i2.l.set_trainable(false);  // set_active made every active adapter trainable again
+      CHECK(test::rel_diff(lin.forward(x, cache), expected) < 1e-14);
+      CHECK(cache.folded == !dora);
+
+      lin.zero_grad();
+      Matrix<double> dx;
+      lin.forward(x, cache);
+      // DoRA's backward treats the row norm n = ‖W + s B A‖ as a constant (paper §4.3, PEFT's
+      // detach()), so its finite differences hold the norm of this forward fixed.
+      RowVector<double> norm;
+      for (std::size_t k = 0; k < cache.used; ++k)
+        if (const auto* d = dynamic_cast<const DoraCache<double>*>(cache.slots[k].state.get())) norm = d->norm;
+      CHECK(norm.size() == (dora ? 4 : 0));
+      auto loss = [&] {
+        Matrix<double> y = x * lin.weight.value.transpose();
+        y.rowwise() += lin.bias.value.row(0);
+        for (const auto* m : {&i1, &i2}) {
+          const RowVector<double> lm1 = m->scales().array() - 1.0;
+          y += (x.array().rowwise() * lm1.array()).matrix() * lin.weight.value.transpose();
+        }
+        const Matrix<double> term = lora.scaling() * (x * lora.A.value.transpose() * lora.B.value.transpose());
+        if (!dora) return test::dot(g, Matrix<double>(y + term));
+        const RowVector<double> f = lora.magnitude.value.row(0).array() / norm.array();
+        const Matrix<double> z = x * lin.weight.value.transpose();
+        y.array() += z.array().rowwise() * (f.array() - 1.0) + term.array().rowwise() * f.array();
+        return test::dot(g, y);
+      };
+      CHECK(test::rel_diff(lin.forward(x, cache), expected) < 1e-14);  // the explicit loss's forward, too:
+      CHECK(std::abs(loss() - test::dot(g, expected)) < 1e-12 * (1.0 + std::abs(loss())));
+      lin.backward(cache, g, &dx);
+      CHECK(relative_error(dx, numerical_gradient(x, loss)) < Tolerances<double>::grad);
+      std::vector<Matrix<double>> with_dx;
+      for (auto& np : trainable_parameters(lin)) {
+        INFO(np.name);
+        CHECK(np.name.find("i2") == std::string::npos);
+        CHECK(relative_error(np.param->grad, numerical_gradient(np.param->value, loss)) < Tolerances<double>::grad);
+        with_dx.push_back(np.param->grad);
+      }
+      // A first layer (no input gradient asked for) gets the same parameter gradients.
+      lin.zero_grad();
+      lin.forward(x, cache);
+      lin.backward(cache, g, nullptr);
+      std::size_t k = 0;
+      for (auto& np : trainable_parameters(lin)) CHECK(test::rel_diff(np.param->grad, with_dx[k++]) < 1e-14);
+    }
+  }
+}

@@ -8,6 +8,9 @@
 // As a term of the host's sum (adapters/method.hpp):
 //   output:  t = (l − 1) ⊙ (x W₀ᵀ + b₀)      merge: row gain l − 1, bias gain l − 1
 //   input:   t = (x ⊙ (l − 1)) W₀ᵀ           merge: column gain l − 1
+// On a host whose base product can take the gain (AdaptedLinear, nothing merged, no adapter reading
+// x W₀ᵀ) the input term costs no product of its own: the host multiplies (x ⊙ (1 + Σ (l − 1))) W₀ᵀ
+// once, and in backward hands over P = dY W₀ from its own input-gradient product (scales_input).
 // With one (IA)³ adapter active this is PEFT's layer exactly. PEFT multiplies the vectors of several
 // active (IA)³ adapters (l₁ ⊙ l₂); here independent terms add (l₁ + l₂ − 1), like every method.
 //
@@ -76,6 +79,7 @@ class IA3Method final : public AdapterMethod<T> {
       }
       return false;
     }
+    if (in.input_folded) return true;  // the host's base product ran on x ⊙ (1 + Σ (l − 1)); dl reads x
     xs_.resize(in.x.rows(), in.x.cols());
     xs_.array() = in.x.array().rowwise() * lm1_.array();  // x ⊙ (l − 1)   [rows, in]
     gemm(y, xs_, in.w0->transpose(), T(1), true);         // + (x ⊙ (l − 1)) W₀ᵀ
@@ -91,7 +95,19 @@ class IA3Method final : public AdapterMethod<T> {
     gain.b.array() += scales().array() - T(1);
   }
 
+  bool scales_input() const override { return config_.feedforward; }
+  void add_input_gain(RowVector<T>& gain) const override {
+    if (config_.feedforward) gain.array() += scales().array() - T(1);
+  }
+
   void backward(const GradInput<T>& in, const MethodCache&, const ConstMatrixRef<T>& dy, Matrix<T>* dx) override {
+    if (config_.feedforward && in.input_folded) {  // the host did dX and dW; P = dY W₀ is its product
+      if (l.trainable() && in.p != nullptr) {
+        Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
+        dl.noalias() += (in.x->array() * in.p->array()).matrix().colwise().sum();  // dl = Σ_rows x ⊙ P
+      }
+      return;
+    }
     if (!config_.feedforward) {
       if (!l.trainable()) return;
       // dl_j = Σ_rows dY_ij (x W₀ᵀ + b₀)_ij

@@ -79,6 +79,9 @@ struct TermInput {
   const Matrix<T>* b0 = nullptr;  ///< b₀ [1, out]; nullptr when the layer has no bias
   bool training = false;          ///< train mode: dropouts are drawn
   Rng* rng = nullptr;             ///< the layer's generator (dropout masks)
+  /// The host ran its base product on x ⊙ (1 + Σ (h − 1)) (AdapterMethod::scales_input): a method
+  /// that scales the input adds no term of its own.
+  bool input_folded = false;
 };
 
 /// What a method reads in backward (nothing is merged then: W = W₀, b = b₀).
@@ -89,6 +92,12 @@ struct GradInput {
   const Matrix<T>* w0 = nullptr;  ///< W₀ [out, in] (on an NF4 base: only when needs_base_weight; else nullptr)
   const Matrix<T>* b0 = nullptr;  ///< b₀ [1, out] or nullptr
   Matrix<T>* dw = nullptr;        ///< the base weight's gradient accumulator when W is trainable; else nullptr
+  /// When the forward folded the input gains (TermInput::input_folded): P = E W₀ [rows, in], the
+  /// base path's input gradient before the gain (nullptr when nothing needs it: no input gradient
+  /// asked for and no input-scaling adapter trains). The host then does dX = P ⊙ (1 + Σ (h − 1)) and
+  /// dW = Eᵀ (x ⊙ (1 + Σ (h − 1))); the method adds only its own parameter gradients.
+  const Matrix<T>* p = nullptr;
+  bool input_folded = false;
 };
 
 /// Gains the base path's output gradient by Σ (f − 1) (see AdapterMethod::add_base_gain).
@@ -147,6 +156,12 @@ class AdapterMethod {
   /// Adds this adapter's share of the base path's output-gradient gain (terms of the form
   /// (f − 1) ⊙ x W₀ᵀ or (g − 1) ⊙ b₀ whose input gradient and dW the host folds into its own GEMMs).
   virtual void add_base_gain(const MethodCache& /*cache*/, BaseGain<T>& /*gain*/) const {}
+  /// Whether the term is (x ⊙ (h − 1)) W₀ᵀ, a gain on the base product's input ((IA)³ on inputs).
+  /// A host with a plain, unmerged base and no adapter reading x W₀ᵀ then runs one base product on
+  /// x ⊙ (1 + Σ (h − 1)) (add_input_gain adds h − 1 [in] to `gain`) instead of one per adapter, and
+  /// sets TermInput::input_folded / GradInput::input_folded.
+  virtual bool scales_input() const { return false; }
+  virtual void add_input_gain(RowVector<T>& /*gain*/) const {}
   /// Accumulates this adapter's parameter gradients (those trainable) and adds its input gradient
   /// into *dx (when given) and its share of dW into *in.dw (when given), except what add_base_gain
   /// handed to the host.

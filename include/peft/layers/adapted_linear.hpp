@@ -126,12 +126,14 @@ class AdaptedLinear : public Module<T> {
   struct Slot {
     std::size_t adapter = 0;             ///< index into methods()
     std::unique_ptr<MethodCache> state;  ///< the method's cache, reused across calls
+    bool folded = false;                 ///< its input gain went into the base product (Cache::folded)
     Slot() = default;
-    Slot(const Slot& o) : adapter(o.adapter), state(o.state ? o.state->clone() : nullptr) {}
+    Slot(const Slot& o) : adapter(o.adapter), state(o.state ? o.state->clone() : nullptr), folded(o.folded) {}
     Slot& operator=(const Slot& o) {
       if (this != &o) {
         adapter = o.adapter;
         state = o.state ? o.state->clone() : nullptr;
+        folded = o.folded;
       }
       return *this;
     }
@@ -145,6 +147,9 @@ class AdaptedLinear : public Module<T> {
   struct Cache {
     Matrix<T> x;                   ///< the input, when backward needs it; else empty
     Matrix<T> z;                   ///< x W₀ᵀ [rows, out] when an active adapter reads it; else empty
+    Matrix<T> xs;                  ///< x ⊙ h, the base product's input, when `folded`; else unused
+    RowVector<T> h;                ///< h = 1 + Σ (h_i − 1) [in] over the folded input gains
+    bool folded = false;           ///< the base product ran on x ⊙ h (AdapterMethod::scales_input)
     Index rows = 0;                ///< rows of the input of the last forward
     std::vector<Slot> slots;       ///< grows to the largest active set, then is reused
     std::size_t used = 0;          ///< entries of `slots` filled by the last forward
@@ -607,6 +612,7 @@ class AdaptedLinear : public Module<T> {
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
   BaseGain<T> gain_;                     ///< backward's base-path gains
   Matrix<T> work_e_;                     ///< backward E [rows, out]
+  Matrix<T> work_p_;                     ///< backward P = E W₀ with folded input gains and no dX asked [rows, in]
   Matrix<T> work_w0_;                    ///< W₀ recovered for forward while adapters are merged [out, in]
   Matrix<T> work_b0_;                    ///< b₀ likewise [1, out]
   RowVector<T> work_g_;                  ///< recover_base divisors
@@ -745,10 +751,19 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
     e = &work_e_;
   }
   const ConstMatrixRef<T> E = e != nullptr ? ConstMatrixRef<T>(*e) : dy;
-  if (weight.trainable()) gemm(weight.accumulator(), E.transpose(), cache.x, T(1), true);  // dW += Eᵀ X   [out, in]
-  if (dx != nullptr) {
-    dx->resize(dy.rows(), in_features());
-    base_input_grad(E, *dx);  // dX = E W   [rows, in] (tile-wise on an NF4 base)
+  // Folded input gains: the base input was X̃ = x ⊙ h, so dW = Eᵀ X̃ and dX = (E W) ⊙ h; the
+  // input-scaling adapters read P = E W (before ⊙ h) for their own gradient. No output gain can be
+  // set then (the adapters that give one read x W₀ᵀ, which forward excluded), so E = dY.
+  const Matrix<T>& x_base = cache.folded ? cache.xs : cache.x;
+  if (weight.trainable()) gemm(weight.accumulator(), E.transpose(), x_base, T(1), true);  // dW += Eᵀ X   [out, in]
+  bool need_p = false;
+  if (cache.folded)
+    for (std::size_t k = 0; k < cache.used && !need_p; ++k)
+      need_p = cache.slots[k].folded && adapters_[cache.slots[k].adapter]->any_trainable();
+  Matrix<T>* p = dx != nullptr ? dx : need_p ? &work_p_ : nullptr;
+  if (p != nullptr) {
+    p->resize(dy.rows(), in_features());
+    base_input_grad(E, *p);  // dX = E W   [rows, in] (tile-wise on an NF4 base)
   }
   if (has_bias() && bias.trainable()) {
     if (gain_.has_b)
@@ -768,8 +783,16 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   }
   in.b0 = has_bias() ? &bias.value : nullptr;
   in.dw = weight.trainable() ? &weight.accumulator() : nullptr;
+  if (cache.folded) {
+    GradInput<T> folded = in;
+    folded.input_folded = true;
+    folded.p = p;
+    for (std::size_t k = 0; k < cache.used; ++k)
+      if (cache.slots[k].folded) adapters_[cache.slots[k].adapter]->backward(folded, *cache.slots[k].state, dy, nullptr);
+    if (dx != nullptr) dx->array().rowwise() *= cache.h.array();  // dX = P ⊙ h
+  }
   for (std::size_t k = 0; k < cache.used; ++k)
-    adapters_[cache.slots[k].adapter]->backward(in, *cache.slots[k].state, dy, dx);
+    if (!cache.slots[k].folded) adapters_[cache.slots[k].adapter]->backward(in, *cache.slots[k].state, dy, dx);
 }
 
 template <class T>
@@ -870,9 +893,11 @@ std::vector<std::size_t> AdaptedLinear<T>::indices_of(const std::string& n, cons
 
 template <class T>
 LoraAdapter<T>& AdaptedLinear<T>::lora_of(const std::string& n) {
-  const std::vector<std::size_t> idx = indices_of(n);
-  for (std::size_t i : idx)
-    if (auto* l = dynamic_cast<LoraMethod<T>*>(adapters_[i].get())) return l->adapter();
+  // No vector of indices here: adapter() is an accessor a training loop may call every step.
+  for (const auto& m : adapters_)
+    if (m->name() == n)
+      if (auto* l = dynamic_cast<LoraMethod<T>*>(m.get())) return l->adapter();
+  const std::vector<std::size_t> idx = indices_of(n);  // throws for an unknown name
   throw ConfigError(who() + ": adapter \"" + n + "\" is a " + adapters_[idx.front()]->kind() +
                     " adapter, not LoRA; use method()");
 }
@@ -1195,20 +1220,34 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
   check::input_features(kind_name(), this->name(), x.cols(), in_features());
   const Index rows = x.rows();
   y.resize(rows, out_features());
-  base_forward(x, y);  // base: x Wᵀ   [rows, out] (tile-wise on an NF4 base)
 
   cache.rows = rows;
   cache.generation = generation_;
   cache.used = 0;
   const bool training = this->training();
-  bool need_z = false, need_w = false, any = false;
+  bool need_z = false, need_w = false, any = false, scales_input = false;
   if (!disabled_)
     for (std::size_t i : active_)
       if (!is_merged(i) && !adapters_[i]->switched_off()) {
         any = true;
         need_z = need_z || adapters_[i]->needs_base_output(training);
         need_w = need_w || adapters_[i]->needs_base_weight(training);
+        scales_input = scales_input || adapters_[i]->scales_input();
       }
+  // Input gains ((IA)³ on inputs) fold into the base product, (x ⊙ h) Wᵀ with h = 1 + Σ (h_i − 1),
+  // when W is W₀ (nothing merged) and no adapter reads x W₀ᵀ (which would then be x ⊙ h W₀ᵀ): one
+  // product instead of one more per such adapter, and as PEFT computes its IA3 layer.
+  cache.folded = scales_input && !need_z && merged_.empty();
+  if (cache.folded) {
+    cache.h.setOnes(in_features());
+    for (std::size_t i : active_)
+      if (!adapters_[i]->switched_off() && adapters_[i]->scales_input()) adapters_[i]->add_input_gain(cache.h);
+    cache.xs.resize(rows, in_features());
+    cache.xs.array() = x.array().rowwise() * cache.h.array();  // x ⊙ h   [rows, in]
+    base_forward(cache.xs, y);                                 // base: (x ⊙ h) Wᵀ   [rows, out]
+  } else {
+    base_forward(x, y);  // base: x Wᵀ   [rows, out] (tile-wise on an NF4 base)
+  }
   // Unmerged adapters read W₀ and b₀: W and b unless something is merged, else recovered. On an
   // NF4 base, W₀ dense only when a method reads it or something is merged (then x W₀ᵀ needs it too).
   const Matrix<T>* w0 = quantized() ? nullptr : &weight.value;
@@ -1248,11 +1287,13 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
     in.b0 = b0;
     in.training = training;
     in.rng = &rng_;
+    in.input_folded = cache.folded;
     for (std::size_t i : active_) {
       if (is_merged(i) || adapters_[i]->switched_off()) continue;
       if (cache.slots.size() <= cache.used) cache.slots.emplace_back();
       Slot& slot = cache.slots[cache.used++];
       slot.adapter = i;
+      slot.folded = cache.folded && adapters_[i]->scales_input();
       need_x = adapters_[i]->forward(in, y, &slot.state) || need_x;
       if (!slot.state) slot.state = std::make_unique<NoCache>();  // backward always gets a state (once per slot)
     }

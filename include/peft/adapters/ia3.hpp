@@ -31,6 +31,7 @@
 #include "peft/core/check.hpp"
 #include "peft/core/gemm.hpp"
 #include "peft/core/init.hpp"
+#include "peft/core/parallel.hpp"
 
 namespace peft {
 
@@ -102,27 +103,23 @@ class IA3Method final : public AdapterMethod<T> {
 
   void backward(const GradInput<T>& in, const MethodCache&, const ConstMatrixRef<T>& dy, Matrix<T>* dx) override {
     if (config_.feedforward && in.input_folded) {  // the host did dX and dW; P = dY W₀ is its product
-      if (l.trainable() && in.p != nullptr) {
-        Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
-        dl.noalias() += (in.x->array() * in.p->array()).matrix().colwise().sum();  // dl = Σ_rows x ⊙ P
-      }
+      if (l.trainable() && in.p != nullptr) add_column_product_sums<T>(*in.x, *in.p, l.accumulator().data());  // dl = Σ_rows x ⊙ P
       return;
     }
     if (!config_.feedforward) {
       if (!l.trainable()) return;
       // dl_j = Σ_rows dY_ij (x W₀ᵀ + b₀)_ij
-      Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
-      dl.noalias() += (dy.array() * in.z->array()).matrix().colwise().sum();
-      if (in.b0 != nullptr) dl.array() += dy.colwise().sum().array() * in.b0->row(0).array();
+      add_column_product_sums<T>(dy, *in.z, l.accumulator().data());
+      if (in.b0 != nullptr) {
+        Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
+        dl.array() += dy.colwise().sum().array() * in.b0->row(0).array();
+      }
       return;
     }
     lm1_ = scales().array() - T(1);
     if (l.trainable() || dx != nullptr) {
       gemm(p_, dy, *in.w0);  // P = dY W₀   [rows, in] (peft::gemm: kept packing space, no heap per call)
-      if (l.trainable()) {
-        Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
-        dl.noalias() += (in.x->array() * p_.array()).matrix().colwise().sum();  // dl = Σ_rows x ⊙ P
-      }
+      if (l.trainable()) add_column_product_sums<T>(*in.x, p_, l.accumulator().data());  // dl = Σ_rows x ⊙ P
       if (dx != nullptr) dx->array() += p_.array().rowwise() * lm1_.array();  // dX += P ⊙ (l − 1)
     }
     if (in.dw != nullptr) {

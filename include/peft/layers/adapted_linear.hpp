@@ -1232,16 +1232,17 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
         any = true;
         need_z = need_z || adapters_[i]->needs_base_output(training);
         need_w = need_w || adapters_[i]->needs_base_weight(training);
-        scales_input = scales_input || adapters_[i]->scales_input();
+        if (adapters_[i]->scales_input()) {
+          if (!scales_input) cache.h.setOnes(in_features());
+          scales_input = true;
+          adapters_[i]->add_input_gain(cache.h);  // h = 1 + Σ (h_i − 1)   [in]
+        }
       }
-  // Input gains ((IA)³ on inputs) fold into the base product, (x ⊙ h) Wᵀ with h = 1 + Σ (h_i − 1),
-  // when W is W₀ (nothing merged) and no adapter reads x W₀ᵀ (which would then be x ⊙ h W₀ᵀ): one
-  // product instead of one more per such adapter, and as PEFT computes its IA3 layer.
+  // Input gains ((IA)³ on inputs) fold into the base product, (x ⊙ h) Wᵀ, when W is W₀ (nothing
+  // merged) and no adapter reads x W₀ᵀ (which would then be x ⊙ h W₀ᵀ): one product instead of one
+  // more per such adapter, and as PEFT computes its IA3 layer.
   cache.folded = scales_input && !need_z && merged_.empty();
   if (cache.folded) {
-    cache.h.setOnes(in_features());
-    for (std::size_t i : active_)
-      if (!adapters_[i]->switched_off() && adapters_[i]->scales_input()) adapters_[i]->add_input_gain(cache.h);
     cache.xs.resize(rows, in_features());
     cache.xs.array() = x.array().rowwise() * cache.h.array();  // x ⊙ h   [rows, in]
     base_forward(cache.xs, y);                                 // base: (x ⊙ h) Wᵀ   [rows, out]

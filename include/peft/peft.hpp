@@ -13,6 +13,7 @@
 #include "peft/core/parameter.hpp"
 #include "peft/core/parameters.hpp"
 #include "peft/core/rng.hpp"
+#include "peft/core/scratch.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/core/targeting.hpp"
 #include "peft/core/types.hpp"

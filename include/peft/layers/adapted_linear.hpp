@@ -58,6 +58,7 @@
 #include "peft/core/gemm.hpp"
 #include "peft/core/module.hpp"
 #include "peft/core/parallel.hpp"
+#include "peft/core/scratch.hpp"
 #include "peft/layers/linear.hpp"
 #include "peft/quant/nf4.hpp"
 
@@ -611,8 +612,6 @@ class AdaptedLinear : public Module<T> {
   Cache inference_cache_;  ///< forward_inference's buffers; never read by backward
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
   BaseGain<T> gain_;                     ///< backward's base-path gains
-  Matrix<T> work_e_;                     ///< backward E [rows, out]
-  Matrix<T> work_p_;                     ///< backward P = E W₀ with folded input gains and no dX asked [rows, in]
   Matrix<T> work_w0_;                    ///< W₀ recovered for forward while adapters are merged [out, in]
   Matrix<T> work_b0_;                    ///< b₀ likewise [1, out]
   RowVector<T> work_g_;                  ///< recover_base divisors
@@ -745,10 +744,13 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   for (std::size_t k = 0; k < cache.used; ++k)
     adapters_[cache.slots[k].adapter]->add_base_gain(*cache.slots[k].state, gain_);
   const Matrix<T>* e = nullptr;
+  // E [rows, out] and P [rows, in] (below) are the thread's scratch (core/scratch.hpp), shared by
+  // every linear of that width.
   if (gain_.has_z) {
-    work_e_ = dy;
-    work_e_.array() += dy.array().rowwise() * gain_.z.array();  // + dY ⊙ Σ (f − 1)
-    e = &work_e_;
+    Matrix<T>& work_e = scratch<T>(ScratchOwner::AdaptedLinear, 0, dy.rows(), out_features());
+    work_e = dy;
+    work_e.array() += dy.array().rowwise() * gain_.z.array();  // + dY ⊙ Σ (f − 1)
+    e = &work_e;
   }
   const ConstMatrixRef<T> E = e != nullptr ? ConstMatrixRef<T>(*e) : dy;
   // Folded input gains: the base input was X̃ = x ⊙ h, so dW = Eᵀ X̃ and dX = (E W) ⊙ h; the
@@ -760,7 +762,9 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   if (cache.folded)
     for (std::size_t k = 0; k < cache.used && !need_p; ++k)
       need_p = cache.slots[k].folded && adapters_[cache.slots[k].adapter]->any_trainable();
-  Matrix<T>* p = dx != nullptr ? dx : need_p ? &work_p_ : nullptr;
+  Matrix<T>* p = dx != nullptr ? dx
+                 : need_p     ? &scratch<T>(ScratchOwner::AdaptedLinear, 1, dy.rows(), in_features())
+                              : nullptr;
   if (p != nullptr) {
     p->resize(dy.rows(), in_features());
     base_input_grad(E, *p);  // dX = E W   [rows, in] (tile-wise on an NF4 base)

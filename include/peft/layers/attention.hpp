@@ -42,6 +42,7 @@
 #include "peft/core/check.hpp"
 #include "peft/core/module.hpp"
 #include "peft/core/parallel.hpp"
+#include "peft/core/scratch.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/layers/ia3.hpp"
 #include "peft/layers/lora_linear.hpp"
@@ -214,14 +215,13 @@ class MultiHeadAttention : public Module<T> {
 
   Index num_heads_ = 1;
   bool causal_ = false;
-  // Scratch reused across calls (the Cache holds everything backward needs).
-  Matrix<T> context_;   ///< forward: C [B·S, d]
-  Matrix<T> dy_;        ///< backward: dy with padding rows zeroed
-  Matrix<T> dcontext_;  ///< backward: dC [B·S, d]
-  Matrix<T> dQ_, dK_, dV_;
-  Matrix<T> scores_;   ///< forward and backward: one [S, l + S] probability block, reused for every (b, h)
-  Matrix<T> dprobs_;   ///< backward: one [S, l + S] block, reused for every (b, h)
-  Matrix<T> dx_part_;  ///< backward: k/v projections' input gradient before summation
+  // Scratch reused across calls (the Cache holds everything backward needs). The [B·S, d]
+  // temporaries (forward's context C; backward's masked dy, dC, dQ, dK, dV and the k/v input-gradient
+  // part) are the thread's scratch (core/scratch.hpp), shared by every attention layer; the small
+  // per-thread probability blocks stay here.
+  enum ScratchSlot { kContext, kDyMasked, kDContext, kDQ, kDK, kDV, kDxPart };
+  Matrix<T> scores_;  ///< forward and backward: one [S, l + S] probability block, reused for every (b, h)
+  Matrix<T> dprobs_;  ///< backward: one [S, l + S] block, reused for every (b, h)
   // forward_inference's own buffers (evaluation between training steps never resizes forward's)
   Matrix<T> q_inf_, k_inf_, v_inf_, context_inf_;  ///< Q, K, V, C [B·S, d]
   RoutedWorkspace<T> route_[4];                    ///< per-sequence adapter routing of q, k, v, out
@@ -295,7 +295,8 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
 
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
-  context_.setZero(B * S, d);  // padding query rows stay 0
+  Matrix<T>& context = scratch<T>(ScratchOwner::MultiHeadAttention, kContext, B * S, d);
+  context.setZero();  // padding query rows stay 0
   // One item per (sequence, head), split between threads (core/parallel.hpp); each thread has its
   // own [S, l + S] block of scores_.
   const int threads = parallel_threads(B * H, 4.0 * B * H * S * (l + S) * hd);
@@ -315,12 +316,12 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
         cache.row_max(first + t) = m;
         cache.row_sum(first + t) = z;
       }
-      auto c = context_.block(b * S, h * hd, Lb, hd);
+      auto c = context.block(b * S, h * hd, Lb, hd);
       c.noalias() = P.middleCols(l, Lb) * cache.V.block(b * S, h * hd, Lb, hd);         // A_keys V_b
       if (l > 0) c.noalias() += P.leftCols(l) * cache.prefix_v.middleCols(h * hd, hd);  // + A_prefix P_V
     }
   });
-  out_proj.forward(context_, y, cache.o);
+  out_proj.forward(context, y, cache.o);
   zero_padding_rows(layout, y);
 }
 
@@ -405,18 +406,26 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
   }
 
   // Padding rows of y are constant 0: their incoming gradient is dropped.
+  const auto buffer = [&](ScratchSlot slot) -> Matrix<T>& {
+    return scratch<T>(ScratchOwner::MultiHeadAttention, slot, B * S, d);
+  };
+  Matrix<T>& dcontext = buffer(kDContext);
   if (layout.padded()) {
-    dy_ = dy;
-    zero_padding_rows(layout, dy_);
-    out_proj.backward(cache.o, dy_, &dcontext_);  // dC = dY W_o   [B·S, d]
+    Matrix<T>& dy_masked = buffer(kDyMasked);
+    dy_masked = dy;
+    zero_padding_rows(layout, dy_masked);
+    out_proj.backward(cache.o, dy_masked, &dcontext);  // dC = dY W_o   [B·S, d]
   } else {
-    out_proj.backward(cache.o, dy, &dcontext_);
+    out_proj.backward(cache.o, dy, &dcontext);
   }
 
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-  dQ_.setZero(B * S, d);
-  dK_.setZero(B * S, d);
-  dV_.setZero(B * S, d);
+  Matrix<T>& dQ = buffer(kDQ);
+  Matrix<T>& dK = buffer(kDK);
+  Matrix<T>& dV = buffer(kDV);
+  dQ.setZero();
+  dK.setZero();
+  dV.setZero();
   // One item per (sequence, head), split between threads with their own scores_ / dprobs_
   // blocks. The prefix gradients sum over sequences: with them, items run head-major and a thread
   // owns whole heads (items = H, each looping over the sequences).
@@ -436,12 +445,12 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
       row.array() = (row.array() - cache.row_max(first + t)).exp();
       row /= cache.row_sum(first + t);
     }
-    const auto G = dcontext_.block(b * S, h * hd, Lb, hd);
+    const auto G = dcontext.block(b * S, h * hd, Lb, hd);
     const auto q = cache.Q.block(b * S, h * hd, Lb, hd);
     const auto k = cache.K.block(b * S, h * hd, Lb, hd);
     const auto v = cache.V.block(b * S, h * hd, Lb, hd);
     auto dS = dprobs_.block(thread * S, 0, Lb, l + Lb);
-    dV_.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
+    dV.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
     dS.middleCols(l, Lb).noalias() = G * v.transpose();                                // dA_keys = G V_bᵀ
     if (l > 0) {
       const auto pv = cache.prefix_v.middleCols(h * hd, hd);
@@ -453,9 +462,9 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
       const T dot = (P.row(t).array() * dS.row(t).array()).sum();
       dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
     }
-    auto dq = dQ_.block(b * S, h * hd, Lb, hd);
+    auto dq = dQ.block(b * S, h * hd, Lb, hd);
     dq.noalias() = dS.middleCols(l, Lb) * k;                                            // dQ_b = dS_keys K_b
-    dK_.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
+    dK.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
     if (l > 0) {
       dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K
       if (dprefix != nullptr)
@@ -472,12 +481,12 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
     }
   });
 
-  q_proj.backward(cache.q, dQ_, dx);
-  Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
-  k_proj.backward(cache.k, dK_, part);
-  if (dx != nullptr) *dx += dx_part_;
-  v_proj.backward(cache.v, dV_, part);
-  if (dx != nullptr) *dx += dx_part_;
+  q_proj.backward(cache.q, dQ, dx);
+  Matrix<T>* part = dx != nullptr ? &buffer(kDxPart) : nullptr;
+  k_proj.backward(cache.k, dK, part);
+  if (dx != nullptr) *dx += *part;
+  v_proj.backward(cache.v, dV, part);
+  if (dx != nullptr) *dx += *part;
 }
 
 template <class T>

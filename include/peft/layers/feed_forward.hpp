@@ -13,6 +13,7 @@
 #include <string>
 
 #include "peft/core/module.hpp"
+#include "peft/core/scratch.hpp"
 #include "peft/layers/activations.hpp"
 #include "peft/layers/ia3.hpp"
 #include "peft/layers/lora_linear.hpp"
@@ -82,8 +83,10 @@ class FeedForward : public Module<T> {
 
   void forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
     fc1.forward(x, cache.z, cache.fc1);  // z = x W_1ᵀ + b_1
-    activation_forward<T>(activation_, cache.z, hidden_);
-    fc2.forward(hidden_, y, cache.fc2);  // y = h W_2ᵀ + b_2
+    // h only feeds fc2, which keeps what its backward needs: thread scratch, shared by every block
+    Matrix<T>& hidden = scratch<T>(ScratchOwner::FeedForward, 0, x.rows(), inner_dim());
+    activation_forward<T>(activation_, cache.z, hidden);
+    fc2.forward(hidden, y, cache.fc2);  // y = h W_2ᵀ + b_2
   }
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
@@ -110,11 +113,8 @@ class FeedForward : public Module<T> {
 
  private:
   Activation activation_ = Activation::GELU;
-  Matrix<T> hidden_;             ///< forward scratch: h [rows, inner] (fc2 caches what it needs)
   RoutedWorkspace<T> route_[2];  ///< per-sequence adapter routing of fc1, fc2
   Matrix<T> z_inf_, h_inf_;      ///< forward_inference's z and h [rows, inner] (forward's buffers keep their shapes)
-  Matrix<T> dhidden_;            ///< backward scratch [rows, inner]
-  Matrix<T> fprime_;             ///< backward scratch f'(z) [rows, inner]
 };
 
 // ---- FeedForward members defined outside the class body (the test build's extern template declaration
@@ -123,9 +123,13 @@ template <class T>
 void FeedForward<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
   if (ia3_merged())
     throw ConfigError(describe("FeedForward", this->name()) + ": cannot train while (IA)^3 is merged; unmerge first");
-  fc2.backward(cache.fc2, dy, &dhidden_);                                     // dh = dy W_2   [rows, inner]
-  activation_backward<T>(activation_, cache.z, dhidden_, dhidden_, fprime_);  // dz = dh ⊙ f'(z)
-  fc1.backward(cache.fc1, dhidden_, dx);                                      // dx = dz W_1
+  // Thread scratch (core/scratch.hpp), shared by every block: dh [rows, inner], f'(z) [rows, inner]
+  const Index rows = cache.z.rows(), inner = inner_dim();
+  Matrix<T>& dhidden = scratch<T>(ScratchOwner::FeedForward, 1, rows, inner);
+  Matrix<T>& fprime = scratch<T>(ScratchOwner::FeedForward, 2, rows, inner);
+  fc2.backward(cache.fc2, dy, &dhidden);                                   // dh = dy W_2   [rows, inner]
+  activation_backward<T>(activation_, cache.z, dhidden, dhidden, fprime);  // dz = dh ⊙ f'(z)
+  fc1.backward(cache.fc1, dhidden, dx);                                    // dx = dz W_1
 }
 
 }  // namespace peft

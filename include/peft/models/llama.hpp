@@ -69,6 +69,7 @@
 #include "peft/core/module.hpp"
 #include "peft/core/parallel.hpp"
 #include "peft/core/rng.hpp"
+#include "peft/core/scratch.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/layers/adapted_linear.hpp"
 #include "peft/layers/embedding.hpp"
@@ -329,7 +330,14 @@ class LlamaAttention : public Module<T> {
   detail::LlamaRoute<T> route_[4];   // per-row adapter routing of q, k, v, o (forward_cached)
   Matrix<T> q_inf_, k_inf_, v_inf_;  // forward_cached scratch
   RowVector<T> p_inf_;
-  Matrix<T> context_, dy_, dcontext_, dQ_, dK_, dV_, scores_, dprobs_, dx_part_;
+  // The [rows, ·] temporaries of forward, forward_cached and backward (context C, masked dy, dC, dQ,
+  // dK, dV, the k/v input-gradient part) are the thread's scratch (core/scratch.hpp), shared by every
+  // layer; the small per-thread probability blocks stay here.
+  enum ScratchSlot { kContext, kDyMasked, kDContext, kDQ, kDK, kDV, kDxPart };
+  static Matrix<T>& buffer(ScratchSlot slot, Index rows, Index cols) {
+    return scratch<T>(ScratchOwner::LlamaAttention, slot, rows, cols);
+  }
+  Matrix<T> scores_, dprobs_;
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -367,8 +375,14 @@ class LlamaMLP : public Module<T> {
   }
 
  private:
-  Matrix<T> h_, dh_, dg_, du_, dx_part_, g_inf_, u_inf_;
+  Matrix<T> g_inf_, u_inf_;  // forward_inference's gate and up projections
   detail::LlamaRoute<T> route_[3];
+  // h = silu(g) ⊙ u and backward's dh, dg, du [rows, I] and the up projection's input-gradient part
+  // [rows, d]: the thread's scratch (core/scratch.hpp), shared by every layer.
+  enum ScratchSlot { kH, kDh, kDg, kDu, kDxPart };
+  static Matrix<T>& buffer(ScratchSlot slot, Index rows, Index cols) {
+    return scratch<T>(ScratchOwner::LlamaMlp, slot, rows, cols);
+  }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -420,7 +434,12 @@ class LlamaDecoderLayer : public Module<T> {
   }
 
  private:
-  Matrix<T> u_, a_, v_, f_, dh_, dv_, du_, dtmp_;
+  // Forward's (and forward_cached's) u, a, v, f and backward's dv, dh, du [rows, d]: the thread's
+  // scratch (core/scratch.hpp), shared by every layer.
+  enum ScratchSlot { kU, kA, kV, kF, kDv, kDh, kDu };
+  Matrix<T>& buffer(ScratchSlot slot, Index rows) {
+    return scratch<T>(ScratchOwner::LlamaDecoderLayer, slot, rows, input_layernorm.dim());
+  }
   typename RMSNorm<T>::Cache norm_inf_;
 };
 
@@ -665,7 +684,8 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
   v_proj.forward(x, cache.V, cache.v);  // V   [B·S, KV·hd]
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
-  context_.setZero(B * S, H * hd);  // padding query rows stay 0
+  Matrix<T>& context = buffer(kContext, B * S, H * hd);
+  context.setZero();  // padding query rows stay 0
   const Index rep = H / KV;
   // RoPE, then one item per (sequence, head), split between threads (core/parallel.hpp), each with
   // its own [S, np + S] block of scores_.
@@ -695,12 +715,12 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
         cache.row_max(first + t) = m;
         cache.row_sum(first + t) = z;
       }
-      auto C = context_.block(f, h * hd, Lb, hd);
+      auto C = context.block(f, h * hd, Lb, hd);
       C.noalias() = P.rightCols(Lb) * cache.V.block(f, g * hd, Lb, hd);             // A V_g
       if (np > 0) C.noalias() += P.leftCols(np) * cache.PV.middleCols(g * hd, hd);  // + A_p PV_g
     }
   });
-  o_proj.forward(context_, y, cache.o);                           // y = C W_oᵀ (+ b_o)   [B·S, d]
+  o_proj.forward(context, y, cache.o);                            // y = C W_oᵀ (+ b_o)   [B·S, d]
   if (layout.padded()) detail::llama_zero_padding<T>(y, layout);  // padding rows: exactly 0
 }
 
@@ -717,17 +737,22 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
     check::shape("LlamaAttention", this->name(), "prefix value gradient", dprefix->value.rows(), dprefix->value.cols(),
                  np, KV * hd);
   }
+  Matrix<T>& dcontext = buffer(kDContext, B * S, H * hd);
   if (layout.padded()) {  // padding rows of y are constant 0: their gradient is dropped
-    dy_ = dy;
-    detail::llama_zero_padding<T>(dy_, layout);
-    o_proj.backward(cache.o, dy_, &dcontext_);  // dC = dY W_o   [B·S, H·hd]
+    Matrix<T>& dy_masked = buffer(kDyMasked, B * S, dim());
+    dy_masked = dy;
+    detail::llama_zero_padding<T>(dy_masked, layout);
+    o_proj.backward(cache.o, dy_masked, &dcontext);  // dC = dY W_o   [B·S, H·hd]
   } else {
-    o_proj.backward(cache.o, dy, &dcontext_);
+    o_proj.backward(cache.o, dy, &dcontext);
   }
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-  dQ_.setZero(B * S, H * hd);
-  dK_.setZero(B * S, KV * hd);
-  dV_.setZero(B * S, KV * hd);
+  Matrix<T>& dQ = buffer(kDQ, B * S, H * hd);
+  Matrix<T>& dK = buffer(kDK, B * S, KV * hd);
+  Matrix<T>& dV = buffer(kDV, B * S, KV * hd);
+  dQ.setZero();
+  dK.setZero();
+  dV.setZero();
   // One item per (sequence, key/value group): its query heads accumulate into the group's dK and
   // dV rows of that sequence, which no other item touches. The prefix gradients sum over
   // sequences: with them an item is a whole group (all sequences). Threads have their own
@@ -749,9 +774,9 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
         row.array() = (row.array() - cache.row_max(first + t)).exp();
         row /= cache.row_sum(first + t);
       }
-      const auto G = dcontext_.block(f, h * hd, Lb, hd);
+      const auto G = dcontext.block(f, h * hd, Lb, hd);
       auto dS = dprobs_.block(thread * S, 0, Lb, np + Lb);
-      dV_.block(f, g * hd, Lb, hd).noalias() += P.rightCols(Lb).transpose() * G;      // dV_g += Aᵀ G   [L, hd]
+      dV.block(f, g * hd, Lb, hd).noalias() += P.rightCols(Lb).transpose() * G;      // dV_g += Aᵀ G   [L, hd]
       dS.rightCols(Lb).noalias() = G * cache.V.block(f, g * hd, Lb, hd).transpose();  // dA = G V_gᵀ   [L, L]
       if (np > 0) {
         dS.leftCols(np).noalias() = G * cache.PV.middleCols(g * hd, hd).transpose();  // dA_p = G PV_gᵀ   [L, np]
@@ -762,9 +787,9 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
         const T dot = (P.row(t).array() * dS.row(t).array()).sum();
         dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
       }
-      auto dQh = dQ_.block(f, h * hd, Lb, hd);
+      auto dQh = dQ.block(f, h * hd, Lb, hd);
       dQh.noalias() = dS.rightCols(Lb) * cache.K.block(f, g * hd, Lb, hd);  // dQ_h = dS K_g
-      dK_.block(f, g * hd, Lb, hd).noalias() +=
+      dK.block(f, g * hd, Lb, hd).noalias() +=
           dS.rightCols(Lb).transpose() * cache.Q.block(f, h * hd, Lb, hd);  // dK_g += dSᵀ Q_h
       if (np > 0) {
         dQh.noalias() += dS.leftCols(np) * cache.PK.middleCols(g * hd, hd);  // dQ_h += dS_p PK_g
@@ -774,7 +799,7 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
       }
       rope.rotate(dQh, np, true);  // RoPE backward (transpose rotation): d(pre-rotation) = Rᵀ d(rotated)
     }
-    rope.rotate(dK_.block(f, g * hd, Lb, hd), np, true);
+    rope.rotate(dK.block(f, g * hd, Lb, hd), np, true);
   };
   parallel_for(items, threads, [&](Index begin, Index end, int thread) {
     for (Index i = begin; i < end; ++i) {
@@ -785,68 +810,80 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
       }
     }
   });
-  q_proj.backward(cache.q, dQ_, dx);  // dx = dQ W_q + dK W_k + dV W_v
-  Matrix<T>* part = dx != nullptr ? &dx_part_ : nullptr;
-  k_proj.backward(cache.k, dK_, part);
-  if (dx != nullptr) parallel_add<T>(*dx, dx_part_);
-  v_proj.backward(cache.v, dV_, part);
-  if (dx != nullptr) parallel_add<T>(*dx, dx_part_);
+  q_proj.backward(cache.q, dQ, dx);  // dx = dQ W_q + dK W_k + dV W_v
+  Matrix<T>* part = dx != nullptr ? &buffer(kDxPart, B * S, dim()) : nullptr;
+  k_proj.backward(cache.k, dK, part);
+  if (dx != nullptr) parallel_add<T>(*dx, *part);
+  v_proj.backward(cache.v, dV, part);
+  if (dx != nullptr) parallel_add<T>(*dx, *part);
 }
 
 template <class T>
 void LlamaMLP<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
   gate_proj.forward(x, cache.g, cache.gate);  // g = x W_gᵀ   [rows, I]
   up_proj.forward(x, cache.u, cache.up);      // u = x W_uᵀ   [rows, I]
-  h_.resize(cache.g.rows(), cache.g.cols());
-  parallel_rows(h_.rows(), 20.0 * static_cast<double>(h_.cols()), [&](Index b, Index e) {
+  Matrix<T>& h = buffer(kH, cache.g.rows(), cache.g.cols());
+  parallel_rows(h.rows(), 20.0 * static_cast<double>(h.cols()), [&](Index b, Index e) {
     const auto g = cache.g.middleRows(b, e - b).array();
-    h_.middleRows(b, e - b).array() = g / (T(1) + (-g).exp()) * cache.u.middleRows(b, e - b).array();  // h = silu(g) ⊙ u
+    h.middleRows(b, e - b).array() = g / (T(1) + (-g).exp()) * cache.u.middleRows(b, e - b).array();  // h = silu(g) ⊙ u
   });
-  down_proj.forward(h_, y, cache.down);  // y = h W_dᵀ
+  down_proj.forward(h, y, cache.down);  // y = h W_dᵀ
 }
 
 template <class T>
 void LlamaMLP<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
-  down_proj.backward(cache.down, dy, &dh_);  // dh = dy W_d   [rows, I]
-  dg_.resize(dh_.rows(), dh_.cols());
-  du_.resize(dh_.rows(), dh_.cols());
-  parallel_rows(dh_.rows(), 30.0 * static_cast<double>(dh_.cols()), [&](Index b, Index e) {
+  const Index rows = cache.g.rows(), inner = cache.g.cols();
+  Matrix<T>& dh_all = buffer(kDh, rows, inner);
+  Matrix<T>& dg = buffer(kDg, rows, inner);
+  Matrix<T>& du = buffer(kDu, rows, inner);
+  down_proj.backward(cache.down, dy, &dh_all);  // dh = dy W_d   [rows, I]
+  parallel_rows(rows, 30.0 * static_cast<double>(inner), [&](Index b, Index e) {
     const Index n = e - b;
     const auto g = cache.g.middleRows(b, n).array();
-    const auto dh = dh_.middleRows(b, n).array();
-    auto s = dg_.middleRows(b, n).array();
+    const auto dh = dh_all.middleRows(b, n).array();
+    auto s = dg.middleRows(b, n).array();
     s = T(1) / (T(1) + (-g).exp());                                        // σ(g)
-    du_.middleRows(b, n).array() = dh * g * s;                             // du = dh ⊙ silu(g)
+    du.middleRows(b, n).array() = dh * g * s;                             // du = dh ⊙ silu(g)
     s = dh * cache.u.middleRows(b, n).array() * s * (T(1) + g * (T(1) - s));  // dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))
   });
-  gate_proj.backward(cache.gate, dg_, dx);  // dx = dg W_g + du W_u
-  up_proj.backward(cache.up, du_, dx != nullptr ? &dx_part_ : nullptr);
-  if (dx != nullptr) parallel_add<T>(*dx, dx_part_);
+  gate_proj.backward(cache.gate, dg, dx);  // dx = dg W_g + du W_u
+  Matrix<T>* part = dx != nullptr ? &buffer(kDxPart, rows, dy.cols()) : nullptr;
+  up_proj.backward(cache.up, du, part);
+  if (dx != nullptr) parallel_add<T>(*dx, *part);
 }
 
 template <class T>
 void LlamaDecoderLayer<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout,
                                    const RotaryEmbedding<T>& rope, Matrix<T>& y, Cache& cache,
                                    const PrefixKV<T>* prefix) {
-  input_layernorm.forward(x, u_, cache.norm1);                  // u = RMSNorm₁(x)
-  self_attn.forward(u_, layout, rope, a_, cache.attn, prefix);  // a = Attn(u)
-  parallel_sum<T>(y, x, a_);                                    // h = x + a   (in y)
-  post_attention_layernorm.forward(y, v_, cache.norm2);         // v = RMSNorm₂(h)
-  mlp.forward(v_, f_, cache.mlp);                               // f = MLP(v)
-  parallel_add<T>(y, f_);                                       // y = h + f
+  const Index rows = x.rows();
+  Matrix<T>& u = buffer(kU, rows);
+  Matrix<T>& a = buffer(kA, rows);
+  Matrix<T>& v = buffer(kV, rows);
+  Matrix<T>& f = buffer(kF, rows);
+  input_layernorm.forward(x, u, cache.norm1);                 // u = RMSNorm₁(x)
+  self_attn.forward(u, layout, rope, a, cache.attn, prefix);  // a = Attn(u)
+  parallel_sum<T>(y, x, a);                                   // h = x + a   (in y)
+  post_attention_layernorm.forward(y, v, cache.norm2);        // v = RMSNorm₂(h)
+  mlp.forward(v, f, cache.mlp);                               // f = MLP(v)
+  parallel_add<T>(y, f);                                      // y = h + f
 }
 
 template <class T>
 void LlamaDecoderLayer<T>::backward(const Cache& cache, const RotaryEmbedding<T>& rope, const ConstMatrixRef<T>& dy,
                                     Matrix<T>* dx, PrefixGrad<T>* dprefix) {
-  mlp.backward(cache.mlp, dy, &dv_);                          // dv = MLPᵀ(dy)
-  post_attention_layernorm.backward(cache.norm2, dv_, &dh_);  // RMSNorm₂ᵀ(dv)
-  parallel_add<T>(dh_, dy);                                   // dh = dy + RMSNorm₂ᵀ(dv)
+  const Index rows = dy.rows();
+  Matrix<T>& dv = buffer(kDv, rows);
+  Matrix<T>& dh = buffer(kDh, rows);
+  mlp.backward(cache.mlp, dy, &dv);                         // dv = MLPᵀ(dy)
+  post_attention_layernorm.backward(cache.norm2, dv, &dh);  // RMSNorm₂ᵀ(dv)
+  parallel_add<T>(dh, dy);                                  // dh = dy + RMSNorm₂ᵀ(dv)
   const bool need_du = dx != nullptr || input_layernorm.weight.trainable();
-  self_attn.backward(cache.attn, rope, dh_, need_du ? &du_ : nullptr, dprefix);  // du = Attnᵀ(dh)
+  Matrix<T>* du = need_du ? &buffer(kDu, rows) : nullptr;
+  self_attn.backward(cache.attn, rope, dh, du, dprefix);  // du = Attnᵀ(dh)
   if (!need_du) return;
-  input_layernorm.backward(cache.norm1, du_, dx);  // dx = RMSNorm₁ᵀ(du) + dh
-  if (dx != nullptr) parallel_add<T>(*dx, dh_);
+  input_layernorm.backward(cache.norm1, *du, dx);  // dx = RMSNorm₁ᵀ(du) + dh
+  if (dx != nullptr) parallel_add<T>(*dx, dh);
 }
 
 template <class T>
@@ -1056,7 +1093,8 @@ void LlamaAttention<T>::forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<
   detail::llama_linear_inference<T>(k_proj, x, k_inf_, rows, route_[1]);  // [B·m, KV·hd]
   detail::llama_linear_inference<T>(v_proj, x, v_inf_, rows, route_[2]);
   const T scale = T(1) / std::sqrt(static_cast<T>(hd));
-  context_.setZero(B * m, H * hd);  // padding columns stay 0
+  Matrix<T>& context = buffer(kContext, B * m, H * hd);
+  context.setZero();  // padding columns stay 0
   if (p_inf_.size() < np + n + m) p_inf_.resize(np + n + m);
   for (Index b = 0; b < B; ++b) {
     const Index f = kv.first[static_cast<std::size_t>(b)];
@@ -1083,13 +1121,13 @@ void LlamaAttention<T>::forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<
         const T mx = p.maxCoeff();
         p.array() = (p.array() - mx).exp();
         p /= p.sum();
-        auto c = context_.block(b * m + r, h * hd, 1, hd);
+        auto c = context.block(b * m + r, h * hd, 1, hd);
         c.noalias() = p.tail(kn) * v_cache.block(b * cap + f + ko, g * hd, kn, hd);
         if (pn > 0) c.noalias() += p.head(pn) * prefix->value.block(ps, g * hd, pn, hd);
       }
     }
   }
-  detail::llama_linear_inference<T>(o_proj, context_, y, rows, route_[3]);
+  detail::llama_linear_inference<T>(o_proj, context, y, rows, route_[3]);
   for (Index b = 0; b < B; ++b) {  // padding columns: 0
     const Index pad = std::min<Index>(m, std::max<Index>(0, kv.first[static_cast<std::size_t>(b)] - n));
     if (pad > 0) y.middleRows(b * m, pad).setZero();
@@ -1100,21 +1138,26 @@ template <class T>
 void LlamaMLP<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y, const detail::LlamaRowAdapters* rows) {
   detail::llama_linear_inference<T>(gate_proj, x, g_inf_, rows, route_[0]);
   detail::llama_linear_inference<T>(up_proj, x, u_inf_, rows, route_[1]);
-  h_.resize(g_inf_.rows(), g_inf_.cols());
-  h_.array() = g_inf_.array() / (T(1) + (-g_inf_.array()).exp()) * u_inf_.array();  // silu(g) ⊙ u
-  detail::llama_linear_inference<T>(down_proj, h_, y, rows, route_[2]);
+  Matrix<T>& h = buffer(kH, g_inf_.rows(), g_inf_.cols());
+  h.array() = g_inf_.array() / (T(1) + (-g_inf_.array()).exp()) * u_inf_.array();  // silu(g) ⊙ u
+  detail::llama_linear_inference<T>(down_proj, h, y, rows, route_[2]);
 }
 
 template <class T>
 void LlamaDecoderLayer<T>::forward_cached(const ConstMatrixRef<T>& x, LlamaKVCache<T>& kv, Index layer,
                                           const RotaryEmbedding<T>& rope, Matrix<T>& y, const PrefixKV<T>* prefix,
                                           const detail::LlamaRowAdapters* rows) {
-  input_layernorm.forward(x, u_, norm_inf_);
-  self_attn.forward_cached(u_, kv, layer, rope, a_, prefix, rows);
-  y = x + a_;
-  post_attention_layernorm.forward(y, v_, norm_inf_);
-  mlp.forward_inference(v_, f_, rows);
-  y += f_;
+  const Index n = x.rows();
+  Matrix<T>& u = buffer(kU, n);
+  Matrix<T>& a = buffer(kA, n);
+  Matrix<T>& v = buffer(kV, n);
+  Matrix<T>& f = buffer(kF, n);
+  input_layernorm.forward(x, u, norm_inf_);
+  self_attn.forward_cached(u, kv, layer, rope, a, prefix, rows);
+  y = x + a;
+  post_attention_layernorm.forward(y, v, norm_inf_);
+  mlp.forward_inference(v, f, rows);
+  y += f;
 }
 
 template <class T>

@@ -35,6 +35,7 @@
 #include "peft/core/check.hpp"
 #include "peft/core/module.hpp"
 #include "peft/core/parallel.hpp"
+#include "peft/core/scratch.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/layers/activations.hpp"
 #include "peft/layers/adapter.hpp"
@@ -162,10 +163,25 @@ class TransformerBlock : public Module<T> {
   }
 
  private:
-  /// Forward temporaries (none is read by backward): one set for forward(), one for forward_inference().
+  /// Forward temporaries (none is read by backward), [rows, d] each: forward() takes them from the
+  /// thread's scratch (core/scratch.hpp, shared by every block), forward_inference() from inf_.
   struct Temps {
-    Matrix<T> u, a, a2, h, v, f, f2, s;
+    Matrix<T>& u;
+    Matrix<T>& a;
+    Matrix<T>& a2;
+    Matrix<T>& h;
+    Matrix<T>& v;
+    Matrix<T>& f;
+    Matrix<T>& f2;
+    Matrix<T>& s;
   };
+  struct TempStore {
+    Matrix<T> u, a, a2, h, v, f, f2, s;
+    Temps refs() { return Temps{u, a, a2, h, v, f, f2, s}; }
+  };
+  /// Scratch slots: 0-7 forward's temporaries (Temps order), then backward's.
+  enum ScratchSlot { kBackward = 8, kDh = kBackward, kDv, kDu, kDa, kDs, kDf2, kDtmp };
+  Matrix<T>& buffer(int slot, Index rows) { return scratch<T>(ScratchOwner::TransformerBlock, slot, rows, dim()); }
 
   /// forward() (cache != nullptr: the sub-layers' training paths, filling *cache) and
   /// forward_inference() (cache == nullptr: their inference paths): one sequence of operations.
@@ -188,18 +204,16 @@ class TransformerBlock : public Module<T> {
   /// dv = ∂(ffn branch)/∂v ᵀ df.
   void ffn_branch_backward(const Cache& cache, const ConstMatrixRef<T>& df, Matrix<T>& dv);
 
-  /// da_ = Ad_attnᵀ(d) or d.
-  void attend_adapter_backward(const Cache& cache, const Matrix<T>& d) {
-    if (adapter_attn)
-      adapter_attn->backward(cache.adapter_attn, d, &da_);
-    else
-      da_ = d;
+  /// Ad_attnᵀ(d) (in scratch slot kDa), or d itself without the adapter.
+  const Matrix<T>& attend_adapter_backward(const Cache& cache, const Matrix<T>& d) {
+    if (!adapter_attn) return d;
+    Matrix<T>& da = buffer(kDa, d.rows());
+    adapter_attn->backward(cache.adapter_attn, d, &da);
+    return da;
   }
 
   bool pre_norm_ = true;
-  Temps fwd_, inf_;  // forward() / forward_inference() temporaries
-  // backward scratch
-  Matrix<T> dh_, dv_, du_, da_, ds_, df2_, dtmp_;
+  TempStore inf_;  // forward_inference()'s temporaries
 };
 
 // ---- TransformerBlock members defined outside the class body (the test build's extern template declaration
@@ -216,13 +230,17 @@ void TransformerBlock<T>::add_adapters(AdapterPlacement placement, const Adapter
 template <class T>
 void TransformerBlock<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y, Cache& cache,
                                   const PrefixKV<T>* prefix) {
-  forward_impl(x, layout, y, &cache, prefix, fwd_);
+  const Index rows = x.rows();
+  Temps t{buffer(0, rows), buffer(1, rows), buffer(2, rows), buffer(3, rows),
+          buffer(4, rows), buffer(5, rows), buffer(6, rows), buffer(7, rows)};
+  forward_impl(x, layout, y, &cache, prefix, t);
 }
 
 template <class T>
 void TransformerBlock<T>::forward_inference(const ConstMatrixRef<T>& x, const SequenceLayout& layout, Matrix<T>& y,
                                             const PrefixKV<T>* prefix, const SequenceAdapters* adapters) {
-  forward_impl(x, layout, y, nullptr, prefix, inf_, adapters);
+  Temps t = inf_.refs();
+  forward_impl(x, layout, y, nullptr, prefix, t, adapters);
 }
 
 template <class T>
@@ -267,31 +285,38 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
                                    PrefixGrad<T>* dprefix) {
   check::shape("TransformerBlock", this->name(), "output gradient", dy.rows(), dy.cols(), cache.attn.layout.rows(),
                dim());
+  // Thread scratch (core/scratch.hpp), shared by every block: [rows, d] each.
+  const Index rows = dy.rows();
+  Matrix<T>& dh = buffer(kDh, rows);
+  Matrix<T>& dv = buffer(kDv, rows);
   if (pre_norm_) {
-    parallel_assign<T>(dh_, dy);               // y = h + f: dh = dy, df = dy
-    ffn_branch_backward(cache, dy, dv_);       // dv = ∂f/∂v ᵀ dy
-    norm2.backward(cache.norm2, dv_, &dtmp_);  // v = LN2(h)
-    parallel_add<T>(dh_, dtmp_);               // dh = dy + LN2ᵀ(dv)
-    attend_adapter_backward(cache, dh_);       // da = Ad_attnᵀ(dh)  (in da_)
+    Matrix<T>& dtmp = buffer(kDtmp, rows);
+    parallel_assign<T>(dh, dy);                       // y = h + f: dh = dy, df = dy
+    ffn_branch_backward(cache, dy, dv);               // dv = ∂f/∂v ᵀ dy
+    norm2.backward(cache.norm2, dv, &dtmp);           // v = LN2(h)
+    parallel_add<T>(dh, dtmp);                        // dh = dy + LN2ᵀ(dv)
+    const Matrix<T>& da = attend_adapter_backward(cache, dh);  // da = Ad_attnᵀ(dh)
     // du = Attnᵀ(da) is needed only for dx or LN1's own gradients: skipping it saves the
     // q/k/v input-gradient GEMMs in the lowest block of a PEFT model.
     const bool need_du = dx != nullptr || norm1.weight.trainable() || norm1.bias.trainable();
-    attn.backward(cache.attn, da_, need_du ? &du_ : nullptr, dprefix);
+    Matrix<T>* du = need_du ? &buffer(kDu, rows) : nullptr;
+    attn.backward(cache.attn, da, du, dprefix);
     if (!need_du) return;
     if (dx != nullptr) {
-      norm1.backward(cache.norm1, du_, dx);  // dx = LN1ᵀ(du) + dh
-      parallel_add<T>(*dx, dh_);
+      norm1.backward(cache.norm1, *du, dx);  // dx = LN1ᵀ(du) + dh
+      parallel_add<T>(*dx, dh);
     } else {
-      norm1.backward(cache.norm1, du_, nullptr);
+      norm1.backward(cache.norm1, *du, nullptr);
     }
   } else {
-    norm2.backward(cache.norm2, dy, &ds_);   // ds2 = LN2ᵀ(dy);  s2 = h + f
-    ffn_branch_backward(cache, ds_, dv_);    // dv (v = h)
-    parallel_add<T>(ds_, dv_);               // dh = ds2 + dv
-    norm1.backward(cache.norm1, ds_, &dh_);  // ds1 = LN1ᵀ(dh);  s1 = x + a
-    attend_adapter_backward(cache, dh_);     // da = Ad_attnᵀ(ds1)
-    attn.backward(cache.attn, da_, dx, dprefix);
-    if (dx != nullptr) parallel_add<T>(*dx, dh_);  // dx = Attnᵀ(da) + ds1
+    Matrix<T>& ds = buffer(kDs, rows);
+    norm2.backward(cache.norm2, dy, &ds);     // ds2 = LN2ᵀ(dy);  s2 = h + f
+    ffn_branch_backward(cache, ds, dv);       // dv (v = h)
+    parallel_add<T>(ds, dv);                  // dh = ds2 + dv
+    norm1.backward(cache.norm1, ds, &dh);     // ds1 = LN1ᵀ(dh);  s1 = x + a
+    const Matrix<T>& da = attend_adapter_backward(cache, dh);  // da = Ad_attnᵀ(ds1)
+    attn.backward(cache.attn, da, dx, dprefix);
+    if (dx != nullptr) parallel_add<T>(*dx, dh);  // dx = Attnᵀ(da) + ds1
   }
 }
 
@@ -323,12 +348,14 @@ void TransformerBlock<T>::ffn_branch_backward(const Cache& cache, const ConstMat
   if (!adapter_ffn) {
     ffn.backward(cache.ffn, df, &dv);
   } else if (parallel_adapter()) {
-    ffn.backward(cache.ffn, df, &dv);                      // FFNᵀ(df)
-    adapter_ffn->backward(cache.adapter_ffn, df, &dtmp_);  // + Ad_parᵀ(df)
-    dv += dtmp_;
+    Matrix<T>& dtmp = buffer(kDtmp, df.rows());
+    ffn.backward(cache.ffn, df, &dv);                     // FFNᵀ(df)
+    adapter_ffn->backward(cache.adapter_ffn, df, &dtmp);  // + Ad_parᵀ(df)
+    dv += dtmp;
   } else {
-    adapter_ffn->backward(cache.adapter_ffn, df, &df2_);  // d(FFN out) = Ad_ffnᵀ(df)
-    ffn.backward(cache.ffn, df2_, &dv);
+    Matrix<T>& df2 = buffer(kDf2, df.rows());
+    adapter_ffn->backward(cache.adapter_ffn, df, &df2);  // d(FFN out) = Ad_ffnᵀ(df)
+    ffn.backward(cache.ffn, df2, &dv);
   }
 }
 

@@ -158,6 +158,9 @@ TEST_CASE("Attention backward without prefix, frozen base and no dx", "[attentio
   auto& A = attn.k_proj.adapter("default").A;
   CHECK(relative_error(A.grad, numerical_gradient(A.value, loss)) < Tolerances<double>::grad);
   CHECK(attn.q_proj.weight.grad.size() == 0);
+  // One copy of the input for q, k and v (k's LoRA reads it), none in the projections' caches.
+  CHECK(test::rel_diff(cache.x, x) == 0.0);
+  CHECK(cache.q.x.size() + cache.k.x.size() + cache.v.x.size() == 0);
   CHECK(trainable_parameters(attn).size() == 2);
   attn.zero_grad();
   attn.backward(cache, g, nullptr);

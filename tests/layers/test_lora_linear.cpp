@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
+#include <vector>
 
 #include "support/test_utils.hpp"
 
@@ -217,6 +219,63 @@ TEST_CASE("LoRALinear with a frozen base keeps no x unless dA needs it", "[lora]
   // Unfreezing after forward is caught instead of reading a missing input.
   layer.weight.set_trainable(true);
   PEFT_REQUIRE_THROWS_WITH(layer.backward(cache, g, nullptr), ShapeError, "cached input");
+}
+
+TEST_CASE("LoRALinear forward_shared_input keeps no copy of x; backward with the caller's x is backward()",
+          "[lora]") {
+  // Attention's q, k, v and a gated MLP's gate and up read one input: the caller keeps one copy and
+  // hands it to each backward. Same output and the same gradients, bit for bit.
+  Rng rng(14);
+  for (const bool frozen : {false, true}) {
+    INFO("frozen base " << frozen);
+    LoRALinear<double> layer = make_layer<double>(6, 4, rng);
+    layer.add_adapter("a", cfg(2, 3.0));
+    if (frozen) layer.freeze_base();
+    const Matrix<double> x = test::random_matrix<double>(5, 6, rng);
+    const Matrix<double> g = test::random_matrix<double>(5, 4, rng);
+    typename LoRALinear<double>::Cache own, shared;
+    Matrix<double> y1, y2, dx1, dx2;
+    layer.zero_grad();
+    layer.forward(x, y1, own);
+    layer.backward(own, g, &dx1);
+    std::vector<Matrix<double>> want;
+    layer.visit_parameters([&](const std::string&, Parameter<double>& p) {
+      if (p.trainable()) want.push_back(p.grad);
+    });
+    layer.zero_grad();
+    layer.forward_shared_input(x, y2, shared);
+    CHECK(test::rel_diff(y2, y1) == 0.0);
+    CHECK(shared.needs_input);
+    CHECK(shared.x.size() == 0);
+    PEFT_REQUIRE_THROWS_WITH(layer.backward(shared, g, &dx2), ConfigError, "forward_shared_input");
+    const Matrix<double> wrong = test::random_matrix<double>(4, 6, rng);
+    PEFT_REQUIRE_THROWS_WITH(layer.backward(shared, g, &dx2, wrong), ShapeError, "input handed to backward");
+    layer.zero_grad();
+    layer.backward(shared, g, &dx2, x);
+    CHECK(test::rel_diff(dx2, dx1) == 0.0);
+    std::size_t k = 0;
+    layer.visit_parameters([&](const std::string& name, Parameter<double>& p) {
+      if (!p.trainable()) return;
+      INFO(name);
+      CHECK(test::rel_diff(p.grad, want.at(k++)) == 0.0);
+    });
+    CHECK(k == want.size());
+    // After forward() the cache's own copy is used, whatever x is passed.
+    layer.zero_grad();
+    layer.backward(own, g, &dx2, wrong);
+    CHECK(test::rel_diff(dx2, dx1) == 0.0);
+  }
+  // Nothing reads x (frozen base, only B trains): the caller need not keep it.
+  LoRALinear<double> layer = make_layer<double>(6, 4, rng);
+  layer.add_adapter("a", cfg(2, 3.0));
+  layer.freeze_base();
+  layer.adapter("a").A.set_trainable(false);
+  typename LoRALinear<double>::Cache cache;
+  Matrix<double> y, dx;
+  layer.forward_shared_input(test::random_matrix<double>(5, 6, rng), y, cache);
+  CHECK_FALSE(cache.needs_input);
+  layer.backward(cache, test::random_matrix<double>(5, 4, rng), &dx);
+  CHECK(dx.rows() == 5);
 }
 
 TEMPLATE_TEST_CASE("LoRALinear merge, unmerge, disable and zero init", "[lora][merge]", float, double) {

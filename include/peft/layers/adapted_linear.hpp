@@ -151,6 +151,8 @@ class AdaptedLinear : public Module<T> {
     Matrix<T> xs;                  ///< x ⊙ h, the base product's input, when `folded`; else unused
     RowVector<T> h;                ///< h = 1 + Σ (h_i − 1) [in] over the folded input gains
     bool folded = false;           ///< the base product ran on x ⊙ h (AdapterMethod::scales_input)
+    bool needs_input = false;      ///< backward reads x (kept in `x`, or handed back by the caller)
+    bool input_by_caller = false;  ///< forward_shared_input: x is the caller's to keep and hand to backward
     Index rows = 0;                ///< rows of the input of the last forward
     std::vector<Slot> slots;       ///< grows to the largest active set, then is reused
     std::size_t used = 0;          ///< entries of `slots` filled by the last forward
@@ -429,9 +431,19 @@ class AdaptedLinear : public Module<T> {
     return y;
   }
 
+  /// forward() without the copy of x: the caller keeps x, once for several linears that read the
+  /// same input (attention's q, k and v; a gated MLP's gate and up), and hands it back to
+  /// backward(cache, dy, dx, x) when cache.needs_input. Same output, same gradients.
+  void forward_shared_input(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
+    forward_into(x, y, cache, false, true);
+  }
+
   /// Accumulates dW, db and every active adapter's gradients (those trainable), writes dX into *dx
   /// unless dx is null.
   void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx);
+  /// The same after forward_shared_input: `x` is that forward's input [rows, in] (read only when
+  /// cache.needs_input; after forward() the cache's own copy is used).
+  void backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, const Matrix<T>& x);
 
   /// y = base(x) plus, on each row r, the term of adapter routing[r] (an index into methods(), or
   /// -1 for none): many adapters served in one batch (S-LoRA, Punica; PEFT's `adapter_names=`).
@@ -597,8 +609,12 @@ class AdaptedLinear : public Module<T> {
   void check_divisors(const Gains& g, const std::vector<std::size_t>& pending,
                       const std::vector<MergeRecord<T>>& records) const;
 
-  /// forward() and forward_inference(): `keep_input` = whether backward will read x.
-  void forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input);
+  /// forward(), forward_inference() and forward_shared_input(): `keep_input` = whether to copy x into
+  /// the cache when backward will read it; `caller_keeps_input` = forward_shared_input.
+  void forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input,
+                    bool caller_keeps_input = false);
+  /// backward() with the input x (the cache's copy or the caller's).
+  void backward_with_input(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, const Matrix<T>& x);
 
   quant::NF4Tensor q_;     ///< the NF4 base; empty shape on a dense layer
   Index tile_rows_ = 256;  ///< NF4 base rows decoded per tile
@@ -724,6 +740,28 @@ Matrix<T> AdaptedLinear<T>::effective_delta(const std::string& adapter_name) {
 
 template <class T>
 void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
+  if (cache.input_by_caller && cache.needs_input)
+    throw ConfigError(who() +
+                      ": the forward was forward_shared_input, which keeps no copy of the input; pass the input to "
+                      "backward(cache, dy, dx, x)");
+  backward_with_input(cache, dy, dx, cache.x);
+}
+
+template <class T>
+void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx, const Matrix<T>& x) {
+  if (!cache.input_by_caller) {
+    backward_with_input(cache, dy, dx, cache.x);
+    return;
+  }
+  if (cache.needs_input)
+    check::shape(kind_name(), this->name(), "input handed to backward", x.rows(), x.cols(), cache.rows,
+                 in_features());
+  backward_with_input(cache, dy, dx, x);
+}
+
+template <class T>
+void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx,
+                                           const Matrix<T>& x) {
   if (cache.generation == 0) throw ConfigError(who() + ": backward called with a cache that no forward filled");
   if (!merged_.empty())
     throw ConfigError(who() + ": cannot train while adapters are merged (" + join(merged_indices()) +
@@ -735,8 +773,8 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   check::shape(kind_name(), this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, out_features());
   check_base();
   if (weight.trainable())
-    check::shape(kind_name(), this->name(), "cached input (was a parameter unfrozen after forward?)", cache.x.rows(),
-                 cache.x.cols(), cache.rows, in_features());
+    check::shape(kind_name(), this->name(), "cached input (was a parameter unfrozen after forward?)", x.rows(),
+                 x.cols(), cache.rows, in_features());
 
   // Base path: E = dY ⊙ (1 + Σ (f − 1)) over the adapters that scale x W₀ᵀ (E = dY otherwise):
   // dW = Eᵀ X [out, in], dX = E W [rows, in], db = Σ_rows dY ⊙ (1 + Σ (g − 1)).
@@ -756,7 +794,7 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   // Folded input gains: the base input was X̃ = x ⊙ h, so dW = Eᵀ X̃ and dX = (E W) ⊙ h; the
   // input-scaling adapters read P = E W (before ⊙ h) for their own gradient. No output gain can be
   // set then (the adapters that give one read x W₀ᵀ, which forward excluded), so E = dY.
-  const Matrix<T>& x_base = cache.folded ? cache.xs : cache.x;
+  const Matrix<T>& x_base = cache.folded ? cache.xs : x;
   if (weight.trainable()) gemm(weight.accumulator(), E.transpose(), x_base, T(1), true);  // dW += Eᵀ X   [out, in]
   bool need_p = false;
   if (cache.folded)
@@ -777,7 +815,7 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
   }
 
   GradInput<T> in;
-  in.x = &cache.x;
+  in.x = &x;
   in.z = &cache.z;
   if (!quantized()) {
     in.w0 = &weight.value;
@@ -1219,7 +1257,8 @@ void AdaptedLinear<T>::check_divisors(const Gains& g, const std::vector<std::siz
 }
 
 template <class T>
-void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input) {
+void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache, bool keep_input,
+                                    bool caller_keeps_input) {
   check_base();
   check::input_features(kind_name(), this->name(), x.cols(), in_features());
   const Index rows = x.rows();
@@ -1303,10 +1342,12 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
       if (!slot.state) slot.state = std::make_unique<NoCache>();  // backward always gets a state (once per slot)
     }
   }
+  cache.needs_input = need_x;
+  cache.input_by_caller = caller_keeps_input;
   if (keep_input && need_x)
     parallel_assign<T>(cache.x, x);
   else
-    cache.x.resize(0, 0);  // nothing to keep (frozen base, inference), and a stale x cannot be reused
+    cache.x.resize(0, 0);  // nothing to keep (frozen base, inference, the caller's), and a stale x cannot be reused
 }
 
 }  // namespace peft

@@ -80,6 +80,7 @@ class MultiHeadAttention : public Module<T> {
   struct Cache {
     SequenceLayout layout;
     LinearCache q, k, v, o;
+    Matrix<T> x;                   ///< the input [B·S, d], once for q, k and v, when one of them reads it
     Matrix<T> Q, K, V;             ///< [B·S, d] projected (by the adapted linears, (IA)³ included)
     Matrix<T> prefix_k, prefix_v;  ///< [l, d] copies of the prefix used; empty without prefix
     ColVector<T> row_max;          ///< [B·H·S] m = max of the scaled scores of the row
@@ -289,9 +290,13 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
   cache.prefix_len = l;
   cache.causal = causal_;
 
-  q_proj.forward(x, cache.Q, cache.q);
-  k_proj.forward(x, cache.K, cache.k);
-  v_proj.forward(x, cache.V, cache.v);
+  q_proj.forward_shared_input(x, cache.Q, cache.q);  // one copy of x for the three, below
+  k_proj.forward_shared_input(x, cache.K, cache.k);
+  v_proj.forward_shared_input(x, cache.V, cache.v);
+  if (cache.q.needs_input || cache.k.needs_input || cache.v.needs_input)
+    parallel_assign<T>(cache.x, x);
+  else
+    cache.x.resize(0, 0);
 
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
@@ -481,11 +486,11 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
     }
   });
 
-  q_proj.backward(cache.q, dQ, dx);
+  q_proj.backward(cache.q, dQ, dx, cache.x);
   Matrix<T>* part = dx != nullptr ? &buffer(kDxPart) : nullptr;
-  k_proj.backward(cache.k, dK, part);
+  k_proj.backward(cache.k, dK, part, cache.x);
   if (dx != nullptr) *dx += *part;
-  v_proj.backward(cache.v, dV, part);
+  v_proj.backward(cache.v, dV, part, cache.x);
   if (dx != nullptr) *dx += *part;
 }
 

@@ -265,6 +265,7 @@ class LlamaAttention : public Module<T> {
   struct Cache {
     SequenceLayout layout;
     LinearCache q, k, v, o;
+    Matrix<T> x;        ///< the input [B·S, d], once for q, k and v, when one of them reads it
     Matrix<T> Q, K, V;  ///< [B·S, H·hd], [B·S, KV·hd] ×2
     ColVector<T> row_max, row_sum;
     Index prefix_len = 0;  ///< np: prefix keys (prefix tuning); token positions start at np
@@ -350,6 +351,7 @@ class LlamaMLP : public Module<T> {
   /// What backward needs: the linears' caches and the two pre-activations.
   struct Cache {
     LinearCache gate, up, down;
+    Matrix<T> x;     ///< the input [rows, d], once for gate and up, when one of them reads it
     Matrix<T> g, u;  ///< gate_proj(x), up_proj(x)   [rows, I]
   };
 
@@ -679,9 +681,13 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
     cache.PK = prefix->key;
     cache.PV = prefix->value;
   }
-  q_proj.forward(x, cache.Q, cache.q);  // Q = x W_qᵀ (+ b_q) (+ adapters)   [B·S, H·hd]
-  k_proj.forward(x, cache.K, cache.k);  // K   [B·S, KV·hd]
-  v_proj.forward(x, cache.V, cache.v);  // V   [B·S, KV·hd]
+  q_proj.forward_shared_input(x, cache.Q, cache.q);  // Q = x W_qᵀ (+ b_q) (+ adapters)   [B·S, H·hd]
+  k_proj.forward_shared_input(x, cache.K, cache.k);  // K   [B·S, KV·hd]
+  v_proj.forward_shared_input(x, cache.V, cache.v);  // V   [B·S, KV·hd]
+  if (cache.q.needs_input || cache.k.needs_input || cache.v.needs_input)
+    parallel_assign<T>(cache.x, x);  // one copy of x for the three
+  else
+    cache.x.resize(0, 0);
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
   Matrix<T>& context = buffer(kContext, B * S, H * hd);
@@ -810,18 +816,22 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
       }
     }
   });
-  q_proj.backward(cache.q, dQ, dx);  // dx = dQ W_q + dK W_k + dV W_v
+  q_proj.backward(cache.q, dQ, dx, cache.x);  // dx = dQ W_q + dK W_k + dV W_v
   Matrix<T>* part = dx != nullptr ? &buffer(kDxPart, B * S, dim()) : nullptr;
-  k_proj.backward(cache.k, dK, part);
+  k_proj.backward(cache.k, dK, part, cache.x);
   if (dx != nullptr) parallel_add<T>(*dx, *part);
-  v_proj.backward(cache.v, dV, part);
+  v_proj.backward(cache.v, dV, part, cache.x);
   if (dx != nullptr) parallel_add<T>(*dx, *part);
 }
 
 template <class T>
 void LlamaMLP<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
-  gate_proj.forward(x, cache.g, cache.gate);  // g = x W_gᵀ   [rows, I]
-  up_proj.forward(x, cache.u, cache.up);      // u = x W_uᵀ   [rows, I]
+  gate_proj.forward_shared_input(x, cache.g, cache.gate);  // g = x W_gᵀ   [rows, I]
+  up_proj.forward_shared_input(x, cache.u, cache.up);      // u = x W_uᵀ   [rows, I]
+  if (cache.gate.needs_input || cache.up.needs_input)
+    parallel_assign<T>(cache.x, x);  // one copy of x for the two
+  else
+    cache.x.resize(0, 0);
   Matrix<T>& h = buffer(kH, cache.g.rows(), cache.g.cols());
   parallel_rows(h.rows(), 20.0 * static_cast<double>(h.cols()), [&](Index b, Index e) {
     const auto g = cache.g.middleRows(b, e - b).array();
@@ -846,9 +856,9 @@ void LlamaMLP<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matr
     du.middleRows(b, n).array() = dh * g * s;                             // du = dh ⊙ silu(g)
     s = dh * cache.u.middleRows(b, n).array() * s * (T(1) + g * (T(1) - s));  // dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))
   });
-  gate_proj.backward(cache.gate, dg, dx);  // dx = dg W_g + du W_u
+  gate_proj.backward(cache.gate, dg, dx, cache.x);  // dx = dg W_g + du W_u
   Matrix<T>* part = dx != nullptr ? &buffer(kDxPart, rows, dy.cols()) : nullptr;
-  up_proj.backward(cache.up, du, part);
+  up_proj.backward(cache.up, du, part, cache.x);
   if (dx != nullptr) parallel_add<T>(*dx, *part);
 }
 

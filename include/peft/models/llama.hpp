@@ -380,8 +380,12 @@ class LlamaMLP : public Module<T> {
   Matrix<T> g_inf_, u_inf_;  // forward_inference's gate and up projections
   detail::LlamaRoute<T> route_[3];
   // h = silu(g) ⊙ u and backward's dh, dg, du [rows, I] and the up projection's input-gradient part
-  // [rows, d]: the thread's scratch (core/scratch.hpp), shared by every layer.
+  // [rows, d]: the thread's scratch (core/scratch.hpp), shared by every layer. down_proj keeps no
+  // copy of h: backward recomputes it from the cached g and u when down_proj reads its input
+  // (silu_mul: the same code in both, so the same values).
   enum ScratchSlot { kH, kDh, kDg, kDu, kDxPart };
+  /// h = silu(g) ⊙ u = g ⊙ u / (1 + exp(−g))   [rows, I]
+  static void silu_mul(const Matrix<T>& g, const Matrix<T>& u, Matrix<T>& h);
   static Matrix<T>& buffer(ScratchSlot slot, Index rows, Index cols) {
     return scratch<T>(ScratchOwner::LlamaMlp, slot, rows, cols);
   }
@@ -833,11 +837,17 @@ void LlamaMLP<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache
   else
     cache.x.resize(0, 0);
   Matrix<T>& h = buffer(kH, cache.g.rows(), cache.g.cols());
+  silu_mul(cache.g, cache.u, h);                      // h = silu(g) ⊙ u   [rows, I]
+  down_proj.forward_shared_input(h, y, cache.down);  // y = h W_dᵀ (h is recomputed for backward)
+}
+
+template <class T>
+void LlamaMLP<T>::silu_mul(const Matrix<T>& g, const Matrix<T>& u, Matrix<T>& h) {
+  h.resize(g.rows(), g.cols());
   parallel_rows(h.rows(), 20.0 * static_cast<double>(h.cols()), [&](Index b, Index e) {
-    const auto g = cache.g.middleRows(b, e - b).array();
-    h.middleRows(b, e - b).array() = g / (T(1) + (-g).exp()) * cache.u.middleRows(b, e - b).array();  // h = silu(g) ⊙ u
+    const auto gb = g.middleRows(b, e - b).array();
+    h.middleRows(b, e - b).array() = gb / (T(1) + (-gb).exp()) * u.middleRows(b, e - b).array();
   });
-  down_proj.forward(h, y, cache.down);  // y = h W_dᵀ
 }
 
 template <class T>
@@ -846,7 +856,12 @@ void LlamaMLP<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matr
   Matrix<T>& dh_all = buffer(kDh, rows, inner);
   Matrix<T>& dg = buffer(kDg, rows, inner);
   Matrix<T>& du = buffer(kDu, rows, inner);
-  down_proj.backward(cache.down, dy, &dh_all);  // dh = dy W_d   [rows, I]
+  // h again, for down_proj's own gradients; when its forward read no input, an empty one (so a
+  // parameter unfrozen since is refused, as with a plain forward)
+  const Matrix<T> none;
+  Matrix<T>& h = buffer(kH, rows, inner);
+  if (cache.down.needs_input) silu_mul(cache.g, cache.u, h);
+  down_proj.backward(cache.down, dy, &dh_all, cache.down.needs_input ? h : none);  // dh = dy W_d   [rows, I]
   parallel_rows(rows, 30.0 * static_cast<double>(inner), [&](Index b, Index e) {
     const Index n = e - b;
     const auto g = cache.g.middleRows(b, n).array();

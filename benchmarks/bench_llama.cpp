@@ -19,6 +19,8 @@
 #include <peft/models/llama.hpp>
 #include <peft/optim/adam.hpp>
 
+#include "llama_bench_utils.hpp"
+
 namespace {
 
 using T = float;
@@ -44,19 +46,9 @@ peft::LlamaConfig bench_llama_config() {
 }
 
 /// The model frozen, with a LoRA "default" (r 8, alpha 16) on every linear of every layer (PEFT's
-/// all-linear: all but lm_head) whose B is off zero. Added on the hosts directly, as
-/// PeftModel::add_adapter would (this keeps the io layer and its JSON out of the benchmark's build).
+/// all-linear: all but lm_head) whose B is off zero.
 void add_lora(LlamaForCausalLM<T>& model, peft::Rng& rng) {
-  model.visit_parameters([](const std::string&, peft::Parameter<T>& p) { p.set_trainable(false); });
-  peft::LoraConfig lc;
-  lc.r = 8;
-  lc.alpha = 16.0;
-  for (auto& layer : model.model.layers)
-    for (peft::AdaptedLinear<T>* host :
-         {&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.self_attn.v_proj, &layer.self_attn.o_proj,
-          &layer.mlp.gate_proj, &layer.mlp.up_proj, &layer.mlp.down_proj})
-      host->add_adapter("default", lc, rng);
-  model.set_name(model.name());
+  peft::bench::add_all_linear_lora(model, rng, 8, 16.0);
   model.visit_parameters([&](const std::string& name, peft::Parameter<T>& p) {
     if (name.find("lora_B") != std::string::npos) peft::init::normal<T>(p.value, rng, 0.0, 0.02);
   });

@@ -26,6 +26,8 @@
 #include <peft/models/llama.hpp>
 #include <peft/optim/adam.hpp>
 
+#include "llama_bench_utils.hpp"
+
 namespace {
 
 using T = float;
@@ -69,16 +71,7 @@ int main(int argc, char** argv) {
   c.tie_word_embeddings = true;
   peft::Rng rng(7);
   peft::LlamaForCausalLM<T> model(c, rng);
-  model.visit_parameters([](const std::string&, peft::Parameter<T>& p) { p.set_trainable(false); });
-  peft::LoraConfig lc;
-  lc.r = 8;
-  lc.alpha = 16.0;
-  for (auto& layer : model.model.layers)
-    for (peft::AdaptedLinear<T>* host :
-         {&layer.self_attn.q_proj, &layer.self_attn.k_proj, &layer.self_attn.v_proj, &layer.self_attn.o_proj,
-          &layer.mlp.gate_proj, &layer.mlp.up_proj, &layer.mlp.down_proj})
-      host->add_adapter("default", lc, rng);
-  model.set_name(model.name());
+  peft::bench::add_all_linear_lora(model, rng, 8, 16.0);
   model.train();
   peft::AdamW<T> opt(model, peft::AdamWOptions{1e-4, 0.9, 0.999, 1e-8, 0.0});
 

@@ -221,8 +221,7 @@ TEST_CASE("LoRALinear with a frozen base keeps no x unless dA needs it", "[lora]
   PEFT_REQUIRE_THROWS_WITH(layer.backward(cache, g, nullptr), ShapeError, "cached input");
 }
 
-TEST_CASE("LoRALinear forward_shared_input keeps no copy of x; backward with the caller's x is backward()",
-          "[lora]") {
+TEST_CASE("LoRALinear forward_shared_input keeps no copy of x; backward with the caller's x is backward()", "[lora]") {
   // Attention's q, k, v and a gated MLP's gate and up read one input: the caller keeps one copy and
   // hands it to each backward. Same output and the same gradients, bit for bit.
   Rng rng(14);

@@ -754,8 +754,7 @@ void AdaptedLinear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy,
     return;
   }
   if (cache.needs_input)
-    check::shape(kind_name(), this->name(), "input handed to backward", x.rows(), x.cols(), cache.rows,
-                 in_features());
+    check::shape(kind_name(), this->name(), "input handed to backward", x.rows(), x.cols(), cache.rows, in_features());
   backward_with_input(cache, dy, dx, x);
 }
 
@@ -801,8 +800,8 @@ void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrix
     for (std::size_t k = 0; k < cache.used && !need_p; ++k)
       need_p = cache.slots[k].folded && adapters_[cache.slots[k].adapter]->any_trainable();
   Matrix<T>* p = dx != nullptr ? dx
-                 : need_p     ? &scratch<T>(ScratchOwner::AdaptedLinear, 1, dy.rows(), in_features())
-                              : nullptr;
+                 : need_p      ? &scratch<T>(ScratchOwner::AdaptedLinear, 1, dy.rows(), in_features())
+                               : nullptr;
   if (p != nullptr) {
     p->resize(dy.rows(), in_features());
     base_input_grad(E, *p);  // dX = E W   [rows, in] (tile-wise on an NF4 base)
@@ -830,7 +829,8 @@ void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrix
     folded.input_folded = true;
     folded.p = p;
     for (std::size_t k = 0; k < cache.used; ++k)
-      if (cache.slots[k].folded) adapters_[cache.slots[k].adapter]->backward(folded, *cache.slots[k].state, dy, nullptr);
+      if (cache.slots[k].folded)
+        adapters_[cache.slots[k].adapter]->backward(folded, *cache.slots[k].state, dy, nullptr);
     if (dx != nullptr) dx->array().rowwise() *= cache.h.array();  // dX = P ⊙ h
   }
   for (std::size_t k = 0; k < cache.used; ++k)

@@ -456,7 +456,7 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
     const auto v = cache.V.block(b * S, h * hd, Lb, hd);
     auto dS = dprobs_.block(thread * S, 0, Lb, l + Lb);
     dV.block(b * S, h * hd, Lb, hd).noalias() = P.middleCols(l, Lb).transpose() * G;  // dV_b = A_keysᵀ G
-    dS.middleCols(l, Lb).noalias() = G * v.transpose();                                // dA_keys = G V_bᵀ
+    dS.middleCols(l, Lb).noalias() = G * v.transpose();                               // dA_keys = G V_bᵀ
     if (l > 0) {
       const auto pv = cache.prefix_v.middleCols(h * hd, hd);
       if (dprefix != nullptr)
@@ -468,7 +468,7 @@ void MultiHeadAttention<T>::backward(const Cache& cache, const ConstMatrixRef<T>
       dS.row(t).array() = scale * P.row(t).array() * (dS.row(t).array() - dot);
     }
     auto dq = dQ.block(b * S, h * hd, Lb, hd);
-    dq.noalias() = dS.middleCols(l, Lb) * k;                                            // dQ_b = dS_keys K_b
+    dq.noalias() = dS.middleCols(l, Lb) * k;                                           // dQ_b = dS_keys K_b
     dK.block(b * S, h * hd, Lb, hd).noalias() = dS.middleCols(l, Lb).transpose() * q;  // dK_b = dS_keysᵀ Q_b
     if (l > 0) {
       dq.noalias() += dS.leftCols(l) * cache.prefix_k.middleCols(h * hd, hd);  // + dS_prefix P_K

@@ -786,7 +786,7 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
       }
       const auto G = dcontext.block(f, h * hd, Lb, hd);
       auto dS = dprobs_.block(thread * S, 0, Lb, np + Lb);
-      dV.block(f, g * hd, Lb, hd).noalias() += P.rightCols(Lb).transpose() * G;      // dV_g += Aᵀ G   [L, hd]
+      dV.block(f, g * hd, Lb, hd).noalias() += P.rightCols(Lb).transpose() * G;       // dV_g += Aᵀ G   [L, hd]
       dS.rightCols(Lb).noalias() = G * cache.V.block(f, g * hd, Lb, hd).transpose();  // dA = G V_gᵀ   [L, L]
       if (np > 0) {
         dS.leftCols(np).noalias() = G * cache.PV.middleCols(g * hd, hd).transpose();  // dA_p = G PV_gᵀ   [L, np]
@@ -837,7 +837,7 @@ void LlamaMLP<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache
   else
     cache.x.resize(0, 0);
   Matrix<T>& h = buffer(kH, cache.g.rows(), cache.g.cols());
-  silu_mul(cache.g, cache.u, h);                      // h = silu(g) ⊙ u   [rows, I]
+  silu_mul(cache.g, cache.u, h);                     // h = silu(g) ⊙ u   [rows, I]
   down_proj.forward_shared_input(h, y, cache.down);  // y = h W_dᵀ (h is recomputed for backward)
 }
 
@@ -867,8 +867,8 @@ void LlamaMLP<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matr
     const auto g = cache.g.middleRows(b, n).array();
     const auto dh = dh_all.middleRows(b, n).array();
     auto s = dg.middleRows(b, n).array();
-    s = T(1) / (T(1) + (-g).exp());                                        // σ(g)
-    du.middleRows(b, n).array() = dh * g * s;                             // du = dh ⊙ silu(g)
+    s = T(1) / (T(1) + (-g).exp());                                           // σ(g)
+    du.middleRows(b, n).array() = dh * g * s;                                 // du = dh ⊙ silu(g)
     s = dh * cache.u.middleRows(b, n).array() * s * (T(1) + g * (T(1) - s));  // dg = dh ⊙ u ⊙ σ(1 + g(1 − σ))
   });
   gate_proj.backward(cache.gate, dg, dx, cache.x);  // dx = dg W_g + du W_u

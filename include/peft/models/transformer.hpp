@@ -291,10 +291,10 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
   Matrix<T>& dv = buffer(kDv, rows);
   if (pre_norm_) {
     Matrix<T>& dtmp = buffer(kDtmp, rows);
-    parallel_assign<T>(dh, dy);                       // y = h + f: dh = dy, df = dy
-    ffn_branch_backward(cache, dy, dv);               // dv = ∂f/∂v ᵀ dy
-    norm2.backward(cache.norm2, dv, &dtmp);           // v = LN2(h)
-    parallel_add<T>(dh, dtmp);                        // dh = dy + LN2ᵀ(dv)
+    parallel_assign<T>(dh, dy);                                // y = h + f: dh = dy, df = dy
+    ffn_branch_backward(cache, dy, dv);                        // dv = ∂f/∂v ᵀ dy
+    norm2.backward(cache.norm2, dv, &dtmp);                    // v = LN2(h)
+    parallel_add<T>(dh, dtmp);                                 // dh = dy + LN2ᵀ(dv)
     const Matrix<T>& da = attend_adapter_backward(cache, dh);  // da = Ad_attnᵀ(dh)
     // du = Attnᵀ(da) is needed only for dx or LN1's own gradients: skipping it saves the
     // q/k/v input-gradient GEMMs in the lowest block of a PEFT model.
@@ -310,10 +310,10 @@ void TransformerBlock<T>::backward(const Cache& cache, const ConstMatrixRef<T>& 
     }
   } else {
     Matrix<T>& ds = buffer(kDs, rows);
-    norm2.backward(cache.norm2, dy, &ds);     // ds2 = LN2ᵀ(dy);  s2 = h + f
-    ffn_branch_backward(cache, ds, dv);       // dv (v = h)
-    parallel_add<T>(ds, dv);                  // dh = ds2 + dv
-    norm1.backward(cache.norm1, ds, &dh);     // ds1 = LN1ᵀ(dh);  s1 = x + a
+    norm2.backward(cache.norm2, dy, &ds);                      // ds2 = LN2ᵀ(dy);  s2 = h + f
+    ffn_branch_backward(cache, ds, dv);                        // dv (v = h)
+    parallel_add<T>(ds, dv);                                   // dh = ds2 + dv
+    norm1.backward(cache.norm1, ds, &dh);                      // ds1 = LN1ᵀ(dh);  s1 = x + a
     const Matrix<T>& da = attend_adapter_backward(cache, dh);  // da = Ad_attnᵀ(ds1)
     attn.backward(cache.attn, da, dx, dprefix);
     if (dx != nullptr) parallel_add<T>(*dx, dh);  // dx = Attnᵀ(da) + ds1

@@ -10,11 +10,12 @@
 // caches backward needs plus ONE block's temporaries, whatever the depth.
 //
 // The contract of a matrix from scratch():
-// - it is valid until the method that asked for it returns; nothing keeps one across calls, returns
-//   data in one, or reads what an earlier call left in it (contents are unspecified: initialise);
+// - it is valid until the public call that asked for it returns; nothing keeps one across calls,
+//   returns data in one to another class, or reads what an earlier call left in it (contents are
+//   unspecified: initialise);
 // - owners are classes, and a method never calls, while it holds a slot, another method of the same
-//   owner that uses that slot (layers nest by kind: block → attention / feed-forward → linear, and no
-//   kind calls itself);
+//   owner that takes that slot (give the helper its own slot); layers nest by kind: block →
+//   attention / feed-forward → linear, and no kind calls itself;
 // - the key includes the number of columns, so layers of one kind but different widths get their own
 //   matrices, and a step over a fixed batch shape allocates nothing after the first;
 // - per thread: models trained on different threads never share one, and OpenMP workers only index

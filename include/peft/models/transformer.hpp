@@ -180,7 +180,7 @@ class TransformerBlock : public Module<T> {
     Temps refs() { return Temps{u, a, a2, h, v, f, f2, s}; }
   };
   /// Scratch slots: 0-7 forward's temporaries (Temps order), then backward's.
-  enum ScratchSlot { kBackward = 8, kDh = kBackward, kDv, kDu, kDa, kDs, kDf2, kDtmp };
+  enum ScratchSlot { kBackward = 8, kDh = kBackward, kDv, kDu, kDa, kDs, kDf2, kDtmp, kDpar };
   Matrix<T>& buffer(int slot, Index rows) { return scratch<T>(ScratchOwner::TransformerBlock, slot, rows, dim()); }
 
   /// forward() (cache != nullptr: the sub-layers' training paths, filling *cache) and
@@ -348,10 +348,10 @@ void TransformerBlock<T>::ffn_branch_backward(const Cache& cache, const ConstMat
   if (!adapter_ffn) {
     ffn.backward(cache.ffn, df, &dv);
   } else if (parallel_adapter()) {
-    Matrix<T>& dtmp = buffer(kDtmp, df.rows());
+    Matrix<T>& dpar = buffer(kDpar, df.rows());           // its own slot: backward holds kDtmp around this call
     ffn.backward(cache.ffn, df, &dv);                     // FFNᵀ(df)
-    adapter_ffn->backward(cache.adapter_ffn, df, &dtmp);  // + Ad_parᵀ(df)
-    dv += dtmp;
+    adapter_ffn->backward(cache.adapter_ffn, df, &dpar);  // + Ad_parᵀ(df)
+    dv += dpar;
   } else {
     Matrix<T>& df2 = buffer(kDf2, df.rows());
     adapter_ffn->backward(cache.adapter_ffn, df, &df2);  // d(FFN out) = Ad_ffnᵀ(df)

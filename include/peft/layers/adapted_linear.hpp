@@ -1350,6 +1350,19 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
     cache.x.resize(0, 0);  // nothing to keep (frozen base, inference, the caller's), and a stale x cannot be reused
 }
 
+/// After forward_shared_input on sibling linears that read one input x: copies x into `kept` (the
+/// parent's cache, handed to each sibling's backward) when any of them reads it, else empties it.
+template <class T>
+void keep_shared_input(const ConstMatrixRef<T>& x, Matrix<T>& kept,
+                       std::initializer_list<const typename AdaptedLinear<T>::Cache*> siblings) {
+  for (const auto* c : siblings)
+    if (c->needs_input) {
+      parallel_assign<T>(kept, x);
+      return;
+    }
+  kept.resize(0, 0);
+}
+
 }  // namespace peft
 
 // The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.

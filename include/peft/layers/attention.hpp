@@ -293,10 +293,7 @@ void MultiHeadAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLa
   q_proj.forward_shared_input(x, cache.Q, cache.q);  // one copy of x for the three, below
   k_proj.forward_shared_input(x, cache.K, cache.k);
   v_proj.forward_shared_input(x, cache.V, cache.v);
-  if (cache.q.needs_input || cache.k.needs_input || cache.v.needs_input)
-    parallel_assign<T>(cache.x, x);
-  else
-    cache.x.resize(0, 0);
+  keep_shared_input<T>(x, cache.x, {&cache.q, &cache.k, &cache.v});
 
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);

@@ -688,10 +688,7 @@ void LlamaAttention<T>::forward(const ConstMatrixRef<T>& x, const SequenceLayout
   q_proj.forward_shared_input(x, cache.Q, cache.q);  // Q = x W_qᵀ (+ b_q) (+ adapters)   [B·S, H·hd]
   k_proj.forward_shared_input(x, cache.K, cache.k);  // K   [B·S, KV·hd]
   v_proj.forward_shared_input(x, cache.V, cache.v);  // V   [B·S, KV·hd]
-  if (cache.q.needs_input || cache.k.needs_input || cache.v.needs_input)
-    parallel_assign<T>(cache.x, x);  // one copy of x for the three
-  else
-    cache.x.resize(0, 0);
+  keep_shared_input<T>(x, cache.x, {&cache.q, &cache.k, &cache.v});  // one copy of x for the three
   cache.row_max.setZero(B * H * S);
   cache.row_sum.setZero(B * H * S);
   Matrix<T>& context = buffer(kContext, B * S, H * hd);
@@ -830,12 +827,9 @@ void LlamaAttention<T>::backward(const Cache& cache, const RotaryEmbedding<T>& r
 
 template <class T>
 void LlamaMLP<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
-  gate_proj.forward_shared_input(x, cache.g, cache.gate);  // g = x W_gᵀ   [rows, I]
-  up_proj.forward_shared_input(x, cache.u, cache.up);      // u = x W_uᵀ   [rows, I]
-  if (cache.gate.needs_input || cache.up.needs_input)
-    parallel_assign<T>(cache.x, x);  // one copy of x for the two
-  else
-    cache.x.resize(0, 0);
+  gate_proj.forward_shared_input(x, cache.g, cache.gate);      // g = x W_gᵀ   [rows, I]
+  up_proj.forward_shared_input(x, cache.u, cache.up);          // u = x W_uᵀ   [rows, I]
+  keep_shared_input<T>(x, cache.x, {&cache.gate, &cache.up});  // one copy of x for the two
   Matrix<T>& h = buffer(kH, cache.g.rows(), cache.g.cols());
   silu_mul(cache.g, cache.u, h);                     // h = silu(g) ⊙ u   [rows, I]
   down_proj.forward_shared_input(h, y, cache.down);  // y = h W_dᵀ (h is recomputed for backward)

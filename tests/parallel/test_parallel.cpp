@@ -12,7 +12,9 @@
 #include <peft/core/gemm.hpp>
 #include <peft/core/parallel.hpp>
 #include <peft/layers/activations.hpp>
+#include <peft/layers/adapter.hpp>
 #include <peft/layers/attention.hpp>
+#include <peft/layers/ia3.hpp>
 #include <peft/layers/layer_norm.hpp>
 #include <peft/layers/rms_norm.hpp>
 #include <peft/loss/causal_lm.hpp>
@@ -58,8 +60,8 @@ TEST_CASE("two threads are available to the library in this executable", "[paral
   with_threads(2, [] {
     CHECK(Eigen::nbThreads() == 2);
     CHECK(parallel_threads(8, 1e8) == 2);
-    CHECK(parallel_threads(1, 1e8) == 1);              // one item
-    CHECK(parallel_threads(8, 1e3) == 1);              // too little work
+    CHECK(parallel_threads(1, 1e8) == 1);  // one item
+    CHECK(parallel_threads(8, 1e3) == 1);  // too little work
     int inside = 0;
     parallel_for(8, 2, [&](Index, Index, int) {
       if (omp_in_parallel()) CHECK(parallel_threads(8, 1e8) == 1);  // no nested regions
@@ -215,7 +217,8 @@ TEST_CASE("llama forward and backward on two threads equal one thread (GQA, padd
 TEST_CASE("column sums equal a row-by-row loop and do not depend on the thread count", "[parallel][elementwise]") {
   for (Index cols : {Index{1}, Index{37}, Index{64}, Index{130}}) {
     Matrix<double> a = Matrix<double>::Random(4000, cols), b = Matrix<double>::Random(4000, cols);
-    Matrix<double> ref_s = Matrix<double>::Constant(1, cols, 0.5), ref_p = ref_s;  // sums added once, as the library does
+    Matrix<double> ref_s = Matrix<double>::Constant(1, cols, 0.5),
+                   ref_p = ref_s;  // sums added once, as the library does
     RowVector<double> sum_s = RowVector<double>::Zero(cols), sum_p = RowVector<double>::Zero(cols);
     for (Index i = 0; i < a.rows(); ++i) {
       sum_s += a.row(i);
@@ -312,12 +315,118 @@ TEST_CASE("RMSNorm, causal_lm_loss and AdamW on two threads equal one thread bit
     const Matrix<double> g1 = Matrix<double>::Random(500, 400), g2 = Matrix<double>::Random(500, 400);
     for (int t : {1, 2})
       with_threads(t, [&] {
-        AdamW<double> opt(std::vector<NamedParameter<double>>{{"w", &p[t - 1]}}, AdamWOptions{0.01, 0.9, 0.99, 1e-8, 0.1});
+        AdamW<double> opt(std::vector<NamedParameter<double>>{{"w", &p[t - 1]}},
+                          AdamWOptions{0.01, 0.9, 0.99, 1e-8, 0.1});
         for (const Matrix<double>* g : {&g1, &g2, &g1}) {
           p[t - 1].grad = *g;
           opt.step();
         }
       });
     CHECK(p[0].value == p[1].value);
+  }
+}
+
+TEST_CASE("element-wise helpers on two threads equal one thread bit for bit, and their formula",
+          "[parallel][elementwise]") {
+  // Widths with a vector tail (37, 130) and without (64): a + b·c may become one fused multiply-add
+  // in scalar code only, so a split that moved a tail would change the rounding.
+  const Index rows = 9000;
+  for (Index cols : {Index{37}, Index{64}, Index{130}}) {
+    INFO("cols " << cols);
+    with_threads(2, [&] { CHECK(parallel_threads(rows, 4.0 * static_cast<double>(rows * cols)) == 2); });
+    const Matrix<double> a = Matrix<double>::Random(rows, cols), b = Matrix<double>::Random(rows, cols);
+    const RowVector<double> v = RowVector<double>::Random(cols);
+    Matrix<double> out[2][6];
+    for (int t : {1, 2})
+      with_threads(t, [&] {
+        Matrix<double>* o = out[t - 1];
+        parallel_scale<double>(o[0], 0.75, a);
+        parallel_scaled_sum<double>(o[1], a, 0.75, b);
+        parallel_scale_columns<double>(o[2], a, v);
+        o[3] = a;
+        parallel_scale_columns_inplace<double>(o[3], v);
+        o[4] = b;
+        parallel_add_scaled_columns<double>(o[4], a, v);
+        parallel_add_self_scaled_columns<double>(o[5], a, v);
+      });
+    const Matrix<double> want[6] = {
+        0.75 * a,
+        a + 0.75 * b,
+        (a.array().rowwise() * v.array()).matrix(),
+        (a.array().rowwise() * v.array()).matrix(),
+        (b.array() + a.array().rowwise() * v.array()).matrix(),
+        (a.array() + a.array().rowwise() * v.array()).matrix(),
+    };
+    for (int k = 0; k < 6; ++k) {
+      INFO("helper " << k);
+      CHECK(out[0][k] == out[1][k]);
+      CHECK(relative_error(out[1][k], want[k]) < 1e-15);
+    }
+  }
+  // dst may be an input.
+  Matrix<double> x = Matrix<double>::Random(9000, 37), y = Matrix<double>::Random(9000, 37);
+  const Matrix<double> want = x + 0.5 * y;
+  with_threads(2, [&] { parallel_scaled_sum<double>(y, x, 0.5, y); });
+  CHECK(relative_error(y, want) < 1e-15);
+}
+
+TEST_CASE("(IA)^3 and bottleneck adapters on two threads equal one thread bit for bit", "[parallel][elementwise]") {
+  // Rows enough that every element-wise pass splits: the output gains (k_proj-like, with a bias),
+  // the folded input gain (down-projection-like), and a Houlsby adapter with a scaling.
+  const Index rows = 3000, d = 70, f = 150;
+  Rng rng(29);
+  const Matrix<double> x = test::random_matrix<double>(rows, d, rng), dy = test::random_matrix<double>(rows, d, rng);
+  const Matrix<double> xf = test::random_matrix<double>(rows, f, rng);
+  SECTION("output and input scaling") {
+    for (const bool feedforward : {false, true}) {
+      INFO("feedforward " << feedforward);
+      const Index in = feedforward ? f : d;
+      AdaptedLinear<double> lin(in, d, rng, true, "blk.lin");
+      auto& m = add_ia3_adapter(lin, "ia3", feedforward);
+      m.l.value = test::random_matrix<double>(m.l.value.rows(), m.l.value.cols(), rng);
+      const Matrix<double>& input = feedforward ? xf : x;
+      Matrix<double> y[2], dx[2];
+      std::vector<std::pair<std::string, Matrix<double>>> g[2];
+      for (int t : {1, 2})
+        with_threads(t, [&] {
+          typename AdaptedLinear<double>::Cache c;
+          lin.zero_grad();
+          lin.forward(input, y[t - 1], c);
+          CHECK(c.folded == feedforward);
+          lin.backward(c, dy, &dx[t - 1]);
+          g[t - 1] = grads_of(lin);
+        });
+      CHECK(y[0] == y[1]);
+      CHECK(dx[0] == dx[1]);
+      REQUIRE(g[0].size() == g[1].size());
+      for (std::size_t i = 0; i < g[0].size(); ++i) {
+        INFO(g[0][i].first);
+        CHECK(g[0][i].second == g[1][i].second);
+      }
+    }
+  }
+  SECTION("Houlsby adapter with a scaling") {
+    AdapterOptions o;
+    o.bottleneck = 9;
+    o.scaling = 0.7;
+    o.init = AdapterInit::Bert;
+    Adapter<double> ad(d, o, rng, true, "blk.adapter");
+    Matrix<double> y[2], dx[2];
+    std::vector<std::pair<std::string, Matrix<double>>> g[2];
+    for (int t : {1, 2})
+      with_threads(t, [&] {
+        typename Adapter<double>::Cache c;
+        ad.zero_grad();
+        ad.forward(x, y[t - 1], c);
+        ad.backward(c, dy, &dx[t - 1]);
+        g[t - 1] = grads_of(ad);
+      });
+    CHECK(y[0] == y[1]);
+    CHECK(dx[0] == dx[1]);
+    REQUIRE(g[0].size() == 4);
+    for (std::size_t i = 0; i < g[0].size(); ++i) {
+      INFO(g[0][i].first);
+      CHECK(g[0][i].second == g[1][i].second);
+    }
   }
 }

@@ -73,18 +73,17 @@ class IA3Method final : public AdapterMethod<T> {
   bool forward(const TermInput<T>& in, Matrix<T>& y, std::unique_ptr<MethodCache>*) override {
     lm1_ = scales().array() - T(1);  // l − 1
     if (!config_.feedforward) {
-      y.array() += in.z->array().rowwise() * lm1_.array();  // + (l − 1) ⊙ x W₀ᵀ
+      parallel_add_scaled_columns<T>(y, *in.z, lm1_);  // + (l − 1) ⊙ x W₀ᵀ
       if (in.b0 != nullptr) {
-        gb_ = in.b0->row(0).array() * lm1_.array();  // (l − 1) ⊙ b₀ into a buffer: no temporary per call
-        y.rowwise() += gb_;                          // + (l − 1) ⊙ b₀
+        gb_ = (in.b0->row(0).array() * lm1_.array()).matrix();  // (l − 1) ⊙ b₀ [1, out]: no temporary per call
+        parallel_add_to_rows<T>(y, gb_);                        // + (l − 1) ⊙ b₀
       }
       return false;
     }
-    if (in.input_folded) return true;  // the host's base product ran on x ⊙ (1 + Σ (l − 1)); dl reads x
-    xs_.resize(in.x.rows(), in.x.cols());
-    xs_.array() = in.x.array().rowwise() * lm1_.array();  // x ⊙ (l − 1)   [rows, in]
-    gemm(y, xs_, in.w0->transpose(), T(1), true);         // + (x ⊙ (l − 1)) W₀ᵀ
-    return true;                                          // dl = Σ x ⊙ (dY W₀), dW needs x ⊙ (l − 1)
+    if (in.input_folded) return true;            // the host's base product ran on x ⊙ (1 + Σ (l − 1)); dl reads x
+    parallel_scale_columns<T>(xs_, in.x, lm1_);  // x ⊙ (l − 1)   [rows, in]
+    gemm(y, xs_, in.w0->transpose(), T(1), true);  // + (x ⊙ (l − 1)) W₀ᵀ
+    return true;                                   // dl = Σ x ⊙ (dY W₀), dW needs x ⊙ (l − 1)
   }
 
   void add_base_gain(const MethodCache&, BaseGain<T>& gain) const override {
@@ -103,16 +102,19 @@ class IA3Method final : public AdapterMethod<T> {
 
   void backward(const GradInput<T>& in, const MethodCache&, const ConstMatrixRef<T>& dy, Matrix<T>* dx) override {
     if (config_.feedforward && in.input_folded) {  // the host did dX and dW; P = dY W₀ is its product
-      if (l.trainable() && in.p != nullptr) add_column_product_sums<T>(*in.x, *in.p, l.accumulator().data());  // dl = Σ_rows x ⊙ P
+      if (l.trainable() && in.p != nullptr)
+        add_column_product_sums<T>(*in.x, *in.p, l.accumulator().data());  // dl = Σ_rows x ⊙ P
       return;
     }
     if (!config_.feedforward) {
       if (!l.trainable()) return;
       // dl_j = Σ_rows dY_ij (x W₀ᵀ + b₀)_ij
       add_column_product_sums<T>(dy, *in.z, l.accumulator().data());
-      if (in.b0 != nullptr) {
+      if (in.b0 != nullptr) {  // + Σ_rows dY_ij b₀_j
+        dy_sum_.setZero(l.size());
+        add_column_sums<T>(dy, dy_sum_.data());
         Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
-        dl.array() += dy.colwise().sum().array() * in.b0->row(0).array();
+        dl.array() += dy_sum_.array() * in.b0->row(0).array();
       }
       return;
     }
@@ -120,11 +122,10 @@ class IA3Method final : public AdapterMethod<T> {
     if (l.trainable() || dx != nullptr) {
       gemm(p_, dy, *in.w0);  // P = dY W₀   [rows, in] (peft::gemm: kept packing space, no heap per call)
       if (l.trainable()) add_column_product_sums<T>(*in.x, p_, l.accumulator().data());  // dl = Σ_rows x ⊙ P
-      if (dx != nullptr) dx->array() += p_.array().rowwise() * lm1_.array();  // dX += P ⊙ (l − 1)
+      if (dx != nullptr) parallel_add_scaled_columns<T>(*dx, p_, lm1_);                  // dX += P ⊙ (l − 1)
     }
     if (in.dw != nullptr) {
-      xs_.resize(in.x->rows(), in.x->cols());
-      xs_.array() = in.x->array().rowwise() * lm1_.array();
+      parallel_scale_columns<T>(xs_, *in.x, lm1_);    // x ⊙ (l − 1)
       gemm(*in.dw, dy.transpose(), xs_, T(1), true);  // dW += dYᵀ (x ⊙ (l − 1))   [out, in]
     }
   }
@@ -153,10 +154,11 @@ class IA3Method final : public AdapterMethod<T> {
 
  private:
   IA3Config config_;
-  RowVector<T> lm1_;  ///< l − 1
-  RowVector<T> gb_;   ///< (l − 1) ⊙ b₀ [out]
-  Matrix<T> xs_;      ///< x ⊙ (l − 1) [rows, in] (input scaling)
-  Matrix<T> p_;       ///< dY W₀ [rows, in] (input scaling)
+  RowVector<T> lm1_;     ///< l − 1
+  Matrix<T> gb_;         ///< (l − 1) ⊙ b₀ [1, out]
+  RowVector<T> dy_sum_;  ///< Σ_rows dY [out] (output scaling with a bias)
+  Matrix<T> xs_;         ///< x ⊙ (l − 1) [rows, in] (input scaling)
+  Matrix<T> p_;          ///< dY W₀ [rows, in] (input scaling)
 };
 
 }  // namespace peft

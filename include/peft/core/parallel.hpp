@@ -141,4 +141,63 @@ void parallel_sum(Matrix<T>& dst, const ConstMatrixRef<T>& a, const ConstMatrixR
                 [&](Index r, Index e) { dst.middleRows(r, e - r) = a.middleRows(r, e - r) + b.middleRows(r, e - r); });
 }
 
+// The helpers below that compute a + b·c walk their rows one at a time. The compiler may contract
+// a + b·c into one fused multiply-add in scalar code but not in Eigen's vector code, so an element
+// in a vector's scalar tail rounds differently; a row-by-row walk keeps every element in the same
+// place (packet or tail) whatever the thread count, so results do not depend on it.
+
+/// dst = s · src, dst resized to src's shape, rows split between threads. dst may be src.
+template <class T>
+void parallel_scale(Matrix<T>& dst, T s, const ConstMatrixRef<T>& src) {
+  dst.resize(src.rows(), src.cols());
+  parallel_rows(src.rows(), 4.0 * static_cast<double>(src.cols()),
+                [&](Index r, Index e) { dst.middleRows(r, e - r) = s * src.middleRows(r, e - r); });
+}
+
+/// dst = a + s · b (a scaled residual branch), dst resized to a's shape, rows split between
+/// threads. dst may be a or b.
+template <class T>
+void parallel_scaled_sum(Matrix<T>& dst, const ConstMatrixRef<T>& a, T s, const ConstMatrixRef<T>& b) {
+  dst.resize(a.rows(), a.cols());
+  parallel_rows(a.rows(), 4.0 * static_cast<double>(a.cols()), [&](Index r0, Index e) {
+    for (Index r = r0; r < e; ++r) dst.row(r) = a.row(r) + s * b.row(r);
+  });
+}
+
+/// dst = src ⊙ v on every row (v [1, cols] scales the columns: a gain on the features), dst resized
+/// to src's shape, rows split between threads. dst may be src.
+template <class T>
+void parallel_scale_columns(Matrix<T>& dst, const ConstMatrixRef<T>& src, const Eigen::Ref<const RowVector<T>>& v) {
+  dst.resize(src.rows(), src.cols());
+  parallel_rows(src.rows(), 4.0 * static_cast<double>(src.cols()), [&](Index r, Index e) {
+    dst.middleRows(r, e - r).array() = src.middleRows(r, e - r).array().rowwise() * v.array();
+  });
+}
+
+/// dst ⊙= v on every row, in place (same shapes as parallel_scale_columns).
+template <class T>
+void parallel_scale_columns_inplace(MatrixRef<T> dst, const Eigen::Ref<const RowVector<T>>& v) {
+  parallel_rows(dst.rows(), 4.0 * static_cast<double>(dst.cols()),
+                [&](Index r, Index e) { dst.middleRows(r, e - r).array().rowwise() *= v.array(); });
+}
+
+/// dst += src ⊙ v on every row (v [1, cols]); dst and src have the same shape.
+template <class T>
+void parallel_add_scaled_columns(MatrixRef<T> dst, const ConstMatrixRef<T>& src,
+                                 const Eigen::Ref<const RowVector<T>>& v) {
+  parallel_rows(dst.rows(), 4.0 * static_cast<double>(dst.cols()), [&](Index r0, Index e) {
+    for (Index r = r0; r < e; ++r) dst.row(r).array() += src.row(r).array() * v.array();
+  });
+}
+
+/// dst = src + src ⊙ v on every row (a gradient through a gain 1 + v), dst resized to src's shape.
+template <class T>
+void parallel_add_self_scaled_columns(Matrix<T>& dst, const ConstMatrixRef<T>& src,
+                                      const Eigen::Ref<const RowVector<T>>& v) {
+  dst.resize(src.rows(), src.cols());
+  parallel_rows(src.rows(), 4.0 * static_cast<double>(src.cols()), [&](Index r0, Index e) {
+    for (Index r = r0; r < e; ++r) dst.row(r).array() = src.row(r).array() + src.row(r).array() * v.array();
+  });
+}
+
 }  // namespace peft

@@ -628,6 +628,7 @@ class AdaptedLinear : public Module<T> {
   Cache inference_cache_;  ///< forward_inference's buffers; never read by backward
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
   BaseGain<T> gain_;                     ///< backward's base-path gains
+  RowVector<T> dy_sum_;                  ///< backward: Σ_rows dY [out] when the bias has a gain
   Matrix<T> work_w0_;                    ///< W₀ recovered for forward while adapters are merged [out, in]
   Matrix<T> work_b0_;                    ///< b₀ likewise [1, out]
   RowVector<T> work_g_;                  ///< recover_base divisors
@@ -785,8 +786,7 @@ void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrix
   // every linear of that width.
   if (gain_.has_z) {
     Matrix<T>& work_e = scratch<T>(ScratchOwner::AdaptedLinear, 0, dy.rows(), out_features());
-    work_e = dy;
-    work_e.array() += dy.array().rowwise() * gain_.z.array();  // + dY ⊙ Σ (f − 1)
+    parallel_add_self_scaled_columns<T>(work_e, dy, gain_.z);  // E = dY + dY ⊙ Σ (f − 1)
     e = &work_e;
   }
   const ConstMatrixRef<T> E = e != nullptr ? ConstMatrixRef<T>(*e) : dy;
@@ -807,10 +807,13 @@ void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrix
     base_input_grad(E, *p);  // dX = E W   [rows, in] (tile-wise on an NF4 base)
   }
   if (has_bias() && bias.trainable()) {
-    if (gain_.has_b)
-      bias.accumulator().row(0).array() += dy.colwise().sum().array() * (gain_.b.array() + T(1));
-    else
+    if (gain_.has_b) {  // db = Σ_rows dY ⊙ (1 + Σ (g − 1))
+      dy_sum_.setZero(out_features());
+      add_column_sums<T>(dy, dy_sum_.data());
+      bias.accumulator().row(0).array() += dy_sum_.array() * (gain_.b.array() + T(1));
+    } else {
       add_column_sums<T>(dy, bias.accumulator().data());  // db = Σ_rows dY (columns split between threads)
+    }
   }
 
   GradInput<T> in;
@@ -831,7 +834,7 @@ void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrix
     for (std::size_t k = 0; k < cache.used; ++k)
       if (cache.slots[k].folded)
         adapters_[cache.slots[k].adapter]->backward(folded, *cache.slots[k].state, dy, nullptr);
-    if (dx != nullptr) dx->array().rowwise() *= cache.h.array();  // dX = P ⊙ h
+    if (dx != nullptr) parallel_scale_columns_inplace<T>(*dx, cache.h);  // dX = P ⊙ h
   }
   for (std::size_t k = 0; k < cache.used; ++k)
     if (!cache.slots[k].folded) adapters_[cache.slots[k].adapter]->backward(in, *cache.slots[k].state, dy, dx);
@@ -1286,9 +1289,8 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
   // more per such adapter, and as PEFT computes its IA3 layer.
   cache.folded = scales_input && !need_z && merged_.empty();
   if (cache.folded) {
-    cache.xs.resize(rows, in_features());
-    cache.xs.array() = x.array().rowwise() * cache.h.array();  // x ⊙ h   [rows, in]
-    base_forward(cache.xs, y);                                 // base: (x ⊙ h) Wᵀ   [rows, out]
+    parallel_scale_columns<T>(cache.xs, x, cache.h);  // x ⊙ h   [rows, in]
+    base_forward(cache.xs, y);                        // base: (x ⊙ h) Wᵀ   [rows, out]
   } else {
     base_forward(x, y);  // base: x Wᵀ   [rows, out] (tile-wise on an NF4 base)
   }
@@ -1316,7 +1318,7 @@ void AdaptedLinear<T>::forward_into(const ConstMatrixRef<T>& x, Matrix<T>& y, Ca
   if (!need_z) {
     cache.z.resize(0, 0);
   } else if (merged_.empty()) {
-    cache.z = y;  // x W₀ᵀ: the base product before the bias
+    parallel_assign<T>(cache.z, y);  // x W₀ᵀ: the base product before the bias
   } else {
     cache.z.resize(rows, out_features());
     gemm(cache.z, x, w0->transpose());  // x W₀ᵀ   [rows, out]

@@ -30,6 +30,7 @@
 #include "peft/core/check.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 #include "peft/layers/activations.hpp"
 #include "peft/layers/linear.hpp"
 
@@ -162,9 +163,9 @@ void Adapter<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache)
   up.forward(cache.a, y, cache.up);                              // Z = A W_uᵀ + b_u   [rows, d]
   const T s = static_cast<T>(options_.scaling);
   if (residual_)
-    y = x + s * y;  // y = x + s Z (coefficient-wise: no aliasing hazard)
+    parallel_scaled_sum<T>(y, x, s, y);  // y = x + s Z (coefficient-wise: no aliasing hazard)
   else if (s != T(1))
-    y *= s;
+    parallel_scale<T>(y, s, y);
 }
 
 template <class T>
@@ -175,22 +176,22 @@ void Adapter<T>::forward_inference(const ConstMatrixRef<T>& x, Matrix<T>& y) {
   up.forward_inference(a_inf_, y);                             // Z = A W_uᵀ + b_u   [rows, d]
   const T s = static_cast<T>(options_.scaling);
   if (residual_)
-    y = x + s * y;
+    parallel_scaled_sum<T>(y, x, s, y);
   else if (s != T(1))
-    y *= s;
+    parallel_scale<T>(y, s, y);
 }
 
 template <class T>
 void Adapter<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix<T>* dx) {
   check::shape("Adapter", this->name(), "output gradient", dy.rows(), dy.cols(), cache.rows, dim());
   const T s = static_cast<T>(options_.scaling);
-  dz_ = s * dy;  // dZ = s dY   [rows, d]
+  parallel_scale<T>(dz_, s, dy);  // dZ = s dY   [rows, d]
   const bool need_input_grad = dx != nullptr || down.weight.trainable() || down.bias.trainable();
   up.backward(cache.up, dz_, need_input_grad ? &da_ : nullptr);  // dW_u += dZᵀ A; dA = dZ W_u
   if (!need_input_grad) return;
   activation_backward<T>(options_.activation, cache.h, da_, dh_, fprime_);  // dH = dA ⊙ f'(H)
   down.backward(cache.down, dh_, dx);                                       // dW_d += dHᵀ X; dX = dH W_d
-  if (dx != nullptr && residual_) *dx += dy;                                // identity path
+  if (dx != nullptr && residual_) parallel_add<T>(*dx, dy);                 // identity path
 }
 
 }  // namespace peft

@@ -9,6 +9,7 @@
 #include "peft/core/gemm.hpp"
 #include "peft/core/init.hpp"
 #include "peft/core/module.hpp"
+#include "peft/core/parallel.hpp"
 
 namespace peft {
 
@@ -67,7 +68,7 @@ class Linear : public Module<T> {
     check::input_features("Linear", this->name(), x.cols(), in_features());
     y.resize(x.rows(), out_features());
     gemm(y, x, weight.value.transpose());  // [rows, out]
-    if (has_bias()) y.rowwise() += bias.value.row(0);
+    if (has_bias()) parallel_add_to_rows<T>(y, bias.value);
   }
 
   Matrix<T> forward(const ConstMatrixRef<T>& x, Cache& cache) {
@@ -93,10 +94,10 @@ void Linear<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) 
   check::input_features("Linear", this->name(), x.cols(), in_features());
   y.resize(x.rows(), out_features());
   gemm(y, x, weight.value.transpose());  // [rows, out]
-  if (has_bias()) y.rowwise() += bias.value.row(0);
+  if (has_bias()) parallel_add_to_rows<T>(y, bias.value);
   cache.rows = x.rows();
   if (weight.trainable())
-    cache.x = x;
+    parallel_assign<T>(cache.x, x);
   else
     cache.x.resize(0, 0);  // frozen: keep no activation (and never reuse a stale one)
 }
@@ -108,7 +109,7 @@ void Linear<T>::backward(const Cache& cache, const ConstMatrixRef<T>& dy, Matrix
     check::shape("Linear", this->name(), "cached input", cache.x.rows(), cache.x.cols(), cache.rows, in_features());
     gemm(weight.accumulator(), dy.transpose(), cache.x, T(1), true);  // dW += dYᵀ X   [out, in]
   }
-  if (has_bias() && bias.trainable()) bias.accumulator().row(0) += dy.colwise().sum();  // db = Σ_rows dY
+  if (has_bias() && bias.trainable()) add_column_sums<T>(dy, bias.accumulator().data());  // db = Σ_rows dY
   if (dx != nullptr) {
     dx->resize(dy.rows(), in_features());
     gemm(*dx, dy, weight.value);  // dX = dY W   [rows, in]

@@ -102,6 +102,40 @@ TEST_CASE("gemm split by rows and by columns equals one thread", "[parallel][gem
   }
 }
 
+TEST_CASE("a row times a matrix (decoding one token) splits its columns and equals one thread bit for bit",
+          "[parallel][gemm]") {
+  // y = x Wᵀ with W row-major [n, k] (a linear's weight), and y = x B with B [k, n]; n = 333 leaves
+  // a last slice that is not a multiple of 16, and k = 1000 a vector tail in every dot product.
+  Rng rng(5);
+  const Index n = 333, k = 1000;
+  const Matrix<double> x = test::random_matrix<double>(1, k, rng), w = test::random_matrix<double>(n, k, rng);
+  const Matrix<double> b = w.transpose(), y0 = test::random_matrix<double>(1, n, rng);
+  with_threads(2, [&] { CHECK(parallel_threads((n + 15) / 16, 24.0 * n * k) == 2); });
+  Matrix<double> out[2][4];
+  for (int t : {1, 2})
+    with_threads(t, [&] {
+      Matrix<double>* o = out[t - 1];
+      gemm(o[0], x, w.transpose());
+      gemm(o[1], x, b, 0.5);
+      o[2] = y0;
+      gemm(o[2], x, w.transpose(), -2.0, true);
+      o[3] = Matrix<double>::Zero(3, n + 4);
+      gemm(o[3].block(1, 2, 1, n), x, w.transpose());  // a block destination: only its block is written
+    });
+  const Matrix<double> want = x * w.transpose();
+  for (int i = 0; i < 4; ++i) {
+    INFO("product " << i);
+    CHECK(out[0][i] == out[1][i]);
+  }
+  CHECK(relative_error(out[1][0], want) < 1e-13);
+  CHECK(relative_error(out[1][1], Matrix<double>(0.5 * want)) < 1e-13);
+  CHECK(relative_error(out[1][2], Matrix<double>(y0 - 2.0 * want)) < 1e-13);
+  CHECK(relative_error(Matrix<double>(out[1][3].block(1, 2, 1, n)), want) < 1e-13);
+  CHECK(out[1][3].row(0).isZero(0));
+  CHECK(out[1][3].leftCols(2).isZero(0));
+  CHECK(out[1][3].rightCols(2).isZero(0));
+}
+
 TEST_CASE("attention forward and backward on two threads equal one thread", "[parallel][attention]") {
   // Large enough that forward and backward split their (sequence, head) items (asserted below).
   const Index d = 64, H = 4, B = 6, S = 32, l = 3;

@@ -104,36 +104,47 @@ TEST_CASE("gemm split by rows and by columns equals one thread", "[parallel][gem
 
 TEST_CASE("a row times a matrix (decoding one token) splits its columns and equals one thread bit for bit",
           "[parallel][gemm]") {
-  // y = x Wᵀ with W row-major [n, k] (a linear's weight), and y = x B with B [k, n]; n = 333 leaves
-  // a last slice that is not a multiple of 16, and k = 1000 a vector tail in every dot product.
+  // y = x Wᵀ with W row-major [n, k] (a linear's weight), y = x B with B [k, n], a scaled operand,
+  // accumulation and a block destination, on 1 to 4 threads. n = 17, 33, 49 would leave a
+  // one-column last slice if slices were rounded up (Eigen sends a 1 × 1 result to dot(), another
+  // summation order); 333 leaves a last slice that is not a multiple of 16; k = 4000 a vector tail
+  // in every dot product.
   Rng rng(5);
-  const Index n = 333, k = 1000;
-  const Matrix<double> x = test::random_matrix<double>(1, k, rng), w = test::random_matrix<double>(n, k, rng);
-  const Matrix<double> b = w.transpose(), y0 = test::random_matrix<double>(1, n, rng);
-  with_threads(2, [&] { CHECK(parallel_threads((n + 15) / 16, 24.0 * n * k) == 2); });
-  Matrix<double> out[2][4];
-  for (int t : {1, 2})
-    with_threads(t, [&] {
-      Matrix<double>* o = out[t - 1];
-      gemm(o[0], x, w.transpose());
-      gemm(o[1], x, b, 0.5);
-      o[2] = y0;
-      gemm(o[2], x, w.transpose(), -2.0, true);
-      o[3] = Matrix<double>::Zero(3, n + 4);
-      gemm(o[3].block(1, 2, 1, n), x, w.transpose());  // a block destination: only its block is written
-    });
-  const Matrix<double> want = x * w.transpose();
-  for (int i = 0; i < 4; ++i) {
-    INFO("product " << i);
-    CHECK(out[0][i] == out[1][i]);
+  const Index k = 4000;
+  for (const Index n : {Index{17}, Index{33}, Index{49}, Index{333}}) {
+    INFO("n " << n);
+    const Matrix<double> x = test::random_matrix<double>(1, k, rng), w = test::random_matrix<double>(n, k, rng);
+    const Matrix<double> b = w.transpose(), y0 = test::random_matrix<double>(1, n, rng);
+    with_threads(4, [&] { CHECK(parallel_threads(n / 16, 24.0 * n * k) == std::min<Index>(4, n / 16)); });
+    std::vector<std::vector<Matrix<double>>> out;
+    for (int t : {1, 2, 3, 4})
+      with_threads(t, [&] {
+        std::vector<Matrix<double>> o(5);
+        gemm(o[0], x, w.transpose());
+        gemm(o[1], x, b, 0.5);
+        o[2] = y0;
+        gemm(o[2], x, w.transpose(), -2.0, true);
+        o[3] = Matrix<double>::Zero(3, n + 4);
+        gemm(o[3].block(1, 2, 1, n), x, w.transpose());  // a block destination: only its block is written
+        gemm(o[4], 0.7 * x, 0.3 * w.transpose());        // scalar factors are folded before the split
+        out.push_back(o);
+      });
+    const Matrix<double> want = x * w.transpose();
+    for (std::size_t t = 1; t < out.size(); ++t)
+      for (std::size_t i = 0; i < out[0].size(); ++i) {
+        INFO("threads " << t + 1 << ", product " << i);
+        CHECK(out[t][i] == out[0][i]);
+      }
+    const std::vector<Matrix<double>>& o = out[1];
+    CHECK(relative_error(o[0], want) < 1e-13);
+    CHECK(relative_error(o[1], Matrix<double>(0.5 * want)) < 1e-13);
+    CHECK(relative_error(o[2], Matrix<double>(y0 - 2.0 * want)) < 1e-13);
+    CHECK(relative_error(Matrix<double>(o[3].block(1, 2, 1, n)), want) < 1e-13);
+    CHECK(o[3].row(0).isZero(0));
+    CHECK(o[3].leftCols(2).isZero(0));
+    CHECK(o[3].rightCols(2).isZero(0));
+    CHECK(relative_error(o[4], Matrix<double>(0.21 * want)) < 1e-13);
   }
-  CHECK(relative_error(out[1][0], want) < 1e-13);
-  CHECK(relative_error(out[1][1], Matrix<double>(0.5 * want)) < 1e-13);
-  CHECK(relative_error(out[1][2], Matrix<double>(y0 - 2.0 * want)) < 1e-13);
-  CHECK(relative_error(Matrix<double>(out[1][3].block(1, 2, 1, n)), want) < 1e-13);
-  CHECK(out[1][3].row(0).isZero(0));
-  CHECK(out[1][3].leftCols(2).isZero(0));
-  CHECK(out[1][3].rightCols(2).isZero(0));
 }
 
 TEST_CASE("attention forward and backward on two threads equal one thread", "[parallel][attention]") {
@@ -405,9 +416,14 @@ TEST_CASE("element-wise helpers on two threads equal one thread bit for bit, and
 }
 
 TEST_CASE("(IA)^3 and bottleneck adapters on two threads equal one thread bit for bit", "[parallel][elementwise]") {
-  // Rows enough that every element-wise pass splits: the output gains (k_proj-like, with a bias),
-  // the folded input gain (down-projection-like), and a Houlsby adapter with a scaling.
-  const Index rows = 3000, d = 70, f = 150;
+  // Rows enough that every element-wise pass splits (the narrowest, [rows, d], and the column sums
+  // over d in 64-column blocks): the output gains (k_proj-like, with a bias), the folded input gain
+  // (down-projection-like), and a Houlsby adapter with a scaling.
+  const Index rows = 4000, d = 96, f = 150;
+  with_threads(2, [&] {
+    CHECK(parallel_threads(rows, 4.0 * static_cast<double>(rows * d)) == 2);
+    CHECK(parallel_threads((d + 63) / 64, 4.0 * static_cast<double>(rows * d)) == 2);
+  });
   Rng rng(29);
   const Matrix<double> x = test::random_matrix<double>(rows, d, rng), dy = test::random_matrix<double>(rows, d, rng);
   const Matrix<double> xf = test::random_matrix<double>(rows, f, rng);

@@ -113,27 +113,33 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
       // coefficient of b once and is bound by memory: ~0.24 ns per coefficient on one core when b
       // comes from L3 or DRAM (17 GB/s measured, bench_llama's generation), the time of ~24
       // multiply-adds in parallel_threads' units. With threads each computes a slice of dst's
-      // columns; slices start at multiples of 16, so Eigen's GEMV groups bᵀ's rows (8, 4, 2, 1 at
-      // a time) and vectors as on one thread: the same results for any thread count.
+      // columns. The slices are whole blocks of 16 columns (the last one takes the rest), so Eigen's
+      // GEMV groups bᵀ's rows (8, 4, 2, 1 at a time) and its vectors as it does for the whole row,
+      // and never sees a one-column slice (which it would hand to dot(), summing in another order).
+      // The operands' scalar factors are folded into one alpha before the split: every slice, and
+      // the one-thread call, multiply the same plain operands. So the results do not depend on the
+      // thread count.
+      using AT = Eigen::internal::blas_traits<Lhs>;
+      using BT = Eigen::internal::blas_traits<Rhs>;
+      typename Eigen::internal::add_const_on_value_type<typename AT::DirectLinearAccessType>::type a =
+          AT::extract(a_lhs.derived());
+      typename Eigen::internal::add_const_on_value_type<typename BT::DirectLinearAccessType>::type b =
+          BT::extract(a_rhs.derived());
+      const Scalar s = Eigen::internal::combine_scalar_factors(alpha, a_lhs.derived(), a_rhs.derived());
       constexpr double kOpsPerCoefficient = 24.0;
-      const Index n = dst.cols(), units = (n + 15) / 16;
+      constexpr Index kSlice = 16;
+      const Index n = dst.cols(), k = a.cols(), units = n / kSlice;
       const int threads =
-          parallel_threads(units, kOpsPerCoefficient * static_cast<double>(n) * static_cast<double>(a_lhs.cols()));
-      if (threads > 1) {
-        parallel_for(units, threads, [&](Index first, Index last, int) {
-          const Index c0 = first * 16, len = std::min(n, last * 16) - c0;
-          auto d = dst.middleCols(c0, len).transpose();
-          if (accumulate)
-            d.noalias() += alpha * (a_rhs.derived().middleCols(c0, len).transpose() * a_lhs.derived().transpose());
-          else
-            d.noalias() = alpha * (a_rhs.derived().middleCols(c0, len).transpose() * a_lhs.derived().transpose());
-        });
-        return;
-      }
-      if (accumulate)
-        dst.transpose().noalias() += alpha * (a_rhs.derived().transpose() * a_lhs.derived().transpose());
-      else
-        dst.transpose().noalias() = alpha * (a_rhs.derived().transpose() * a_lhs.derived().transpose());
+          k >= kSlice ? parallel_threads(units, kOpsPerCoefficient * static_cast<double>(n) * static_cast<double>(k))
+                      : 1;
+      parallel_for(units > 0 ? units : 1, threads, [&](Index first, Index last, int) {
+        const Index c0 = first * kSlice, len = (last >= units ? n : last * kSlice) - c0;
+        auto d = dst.middleCols(c0, len).transpose();
+        if (accumulate)
+          d.noalias() += s * (b.middleCols(c0, len).transpose() * a.transpose());
+        else
+          d.noalias() = s * (b.middleCols(c0, len).transpose() * a.transpose());
+      });
       return;
     }
     if (accumulate)

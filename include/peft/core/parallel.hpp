@@ -141,10 +141,11 @@ void parallel_sum(Matrix<T>& dst, const ConstMatrixRef<T>& a, const ConstMatrixR
                 [&](Index r, Index e) { dst.middleRows(r, e - r) = a.middleRows(r, e - r) + b.middleRows(r, e - r); });
 }
 
-// The helpers below that compute a + b·c walk their rows one at a time. The compiler may contract
-// a + b·c into one fused multiply-add in scalar code but not in Eigen's vector code, so an element
-// in a vector's scalar tail rounds differently; a row-by-row walk keeps every element in the same
-// place (packet or tail) whatever the thread count, so results do not depend on it.
+// The helpers below that compute a + b·c walk their rows one at a time. Whether a + b·c becomes one
+// fused multiply-add depends on the compiler and its -ffp-contract setting, and can differ between
+// Eigen's vector code and its scalar tail (GCC 12's default fuses both, clang's neither, on the
+// machines measured). Walking row by row keeps every element in the same place (packet or tail)
+// whatever the thread count, so the results cannot depend on it under any such setting.
 
 /// dst = s · src, dst resized to src's shape, rows split between threads. dst may be src.
 template <class T>
@@ -155,7 +156,7 @@ void parallel_scale(Matrix<T>& dst, T s, const ConstMatrixRef<T>& src) {
 }
 
 /// dst = a + s · b (a scaled residual branch), dst resized to a's shape, rows split between
-/// threads. dst may be a or b.
+/// threads. dst may be a or b when it already has a's shape (a resize would free what b views).
 template <class T>
 void parallel_scaled_sum(Matrix<T>& dst, const ConstMatrixRef<T>& a, T s, const ConstMatrixRef<T>& b) {
   dst.resize(a.rows(), a.cols());

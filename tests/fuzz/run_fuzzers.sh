@@ -5,6 +5,9 @@
 #   tests/fuzz/run_fuzzers.sh                 # 20 s per target (what CI runs)
 #   FUZZ_SECONDS=3600 tests/fuzz/run_fuzzers.sh   # longer local campaign
 #   FUZZ_JOBS=4 ...                           # parallel fuzzing jobs per target
+#   FUZZ_PARALLEL=1 ...                       # targets built and run one at a time (default: nproc)
+# Targets are built, then run, FUZZ_PARALLEL at a time (each run on JOBS cores); every target's
+# output goes to $OUT/logs/ and is printed in order once all have finished.
 # The growing corpus is kept in build-fuzz/corpus/<target>/ between runs (delete it to restart);
 # a crashing input is written to build-fuzz/artifacts/ and can be replayed with
 #   build-fuzz/<target> build-fuzz/artifacts/crash-...
@@ -13,22 +16,45 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 OUT="${FUZZ_BUILD_DIR:-$ROOT/build-fuzz}"
 SECONDS_PER_TARGET="${FUZZ_SECONDS:-20}"
 JOBS="${FUZZ_JOBS:-1}"
+PAR="${FUZZ_PARALLEL:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}"
 CXX="${FUZZ_CXX:-clang++}"
-mkdir -p "$OUT/artifacts"
+mkdir -p "$OUT/artifacts" "$OUT/logs"
 
 EIGEN_INC="$(pkg-config --cflags-only-I eigen3 2>/dev/null || echo -I/usr/include/eigen3)"
 FLAGS=(-std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
        -fno-sanitize-recover=undefined -I"$ROOT/include" $EIGEN_INC -Wall -Wextra -Werror)
 
-status=0
-for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge \
-              fuzz_load_state fuzz_tokenizer fuzz_llama_config; do
-  echo "== building $target"
-  "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$target.cpp" -o "$OUT/$target"
-  corpus="$OUT/corpus/$target"
-  mkdir -p "$corpus"
-  seeds="$OUT/seeds/$target"
-  rm -rf "$seeds" && mkdir -p "$seeds"
+TARGETS=(fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fuzz_bnb_nf4 fuzz_adapter_merge
+         fuzz_load_state fuzz_tokenizer fuzz_llama_config)
+
+# for_each_target FN: FN target for every target, PAR at a time, each in the background with its output in
+# $OUT/logs/<target>.FN.log and its exit status in ….rc; then prints the logs in order and fails if any failed.
+for_each_target() {
+  local fn=$1 t failed=0
+  for t in "${TARGETS[@]}"; do
+    while (( $(jobs -rp | wc -l) >= PAR )); do sleep 0.2; done
+    ( if "$fn" "$t" > "$OUT/logs/$t.$fn.log" 2>&1; then echo 0; else echo 1; fi > "$OUT/logs/$t.$fn.rc" ) &
+  done
+  wait
+  for t in "${TARGETS[@]}"; do
+    cat "$OUT/logs/$t.$fn.log"
+    if [[ $(cat "$OUT/logs/$t.$fn.rc" 2>/dev/null) != 0 ]]; then
+      echo "!! $t FAILED in $fn (see $OUT/artifacts/ and $OUT/logs/$t.$fn.log)"
+      failed=1
+    fi
+  done
+  return $failed
+}
+
+build() {
+  echo "== building $1"
+  "$CXX" "${FLAGS[@]}" "$ROOT/tests/fuzz/$1.cpp" -o "$OUT/$1"
+}
+
+seed() {
+  local target=$1 i d n f t p
+  local seeds="$OUT/seeds/$target"
+  rm -rf "$seeds" && mkdir -p "$seeds" "$OUT/corpus/$target"
   if [[ $target == fuzz_safetensors || $target == fuzz_load_state ]]; then
     find "$ROOT/tests/data" -name '*.safetensors' -exec cp {} "$seeds/" \;
   elif [[ $target == fuzz_checkpoint ]]; then
@@ -60,14 +86,17 @@ for target in fuzz_safetensors fuzz_adapter_config fuzz_regex fuzz_checkpoint fu
     i=0
     while IFS= read -r f; do cp "$f" "$seeds/config_$((i++)).json"; done < <(find "$ROOT/tests/data" -name '*.json')
   fi
-  parallel=()
+}
+
+fuzz() {
+  local target=$1 parallel=()
   if (( JOBS > 1 )); then parallel=(-jobs="$JOBS" -workers="$JOBS"); fi
   echo "== running $target for ${SECONDS_PER_TARGET}s"
-  if ! ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-      "$OUT/$target" "$corpus" "$seeds" -max_total_time="$SECONDS_PER_TARGET" -max_len=65536 -rss_limit_mb=2048 \
-      -timeout=10 "${parallel[@]}" -artifact_prefix="$OUT/artifacts/" -print_final_stats=1; then
-    echo "!! $target FAILED (see $OUT/artifacts/)"
-    status=1
-  fi
-done
-exit $status
+  ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "$OUT/$target" "$OUT/corpus/$target" "$OUT/seeds/$target" -max_total_time="$SECONDS_PER_TARGET" -max_len=65536 \
+    -rss_limit_mb=2048 -timeout=10 "${parallel[@]}" -artifact_prefix="$OUT/artifacts/" -print_final_stats=1
+}
+
+for_each_target build
+for t in "${TARGETS[@]}"; do seed "$t"; done
+for_each_target fuzz

@@ -298,13 +298,17 @@ TEST_CASE("column sums equal a row-by-row loop and do not depend on the thread c
     ref_p.row(0) += sum_p;
     for (int t : {1, 2}) {
       INFO("cols " << cols << ", threads " << t);
-      Matrix<double> s = Matrix<double>::Constant(1, cols, 0.5), p = s;
+      Matrix<double> s = Matrix<double>::Constant(1, cols, 0.5), p = s, q = s;
+      const RowVector<double> scale = RowVector<double>::LinSpaced(cols, -1.5, 2.0);
       with_threads(t, [&] {
         add_column_sums<double>(a, s.data());
         add_column_product_sums<double>(a, b, p.data());
+        add_column_sums<double>(a, q.data(), scale.data());  // q[j] += scale[j] Σ_i a(i, j)
       });
       CHECK(relative_error(s, ref_s) < 1e-14);
       CHECK(relative_error(p, ref_p) < 1e-14);
+      const Matrix<double> ref_q = (0.5 + scale.array() * sum_s.array()).matrix();
+      CHECK(relative_error(q, ref_q) < 1e-14);
     }
   }
 }
@@ -414,7 +418,7 @@ TEST_CASE("element-wise helpers on two threads equal one thread bit for bit, and
         parallel_scaled_sum<double>(o[1], a, 0.75, b);
         parallel_scale_columns<double>(o[2], a, v);
         o[3] = a;
-        parallel_scale_columns_inplace<double>(o[3], v);
+        parallel_scale_columns<double>(o[3], o[3], v);  // in place
         o[4] = b;
         parallel_add_scaled_columns<double>(o[4], a, v);
         parallel_add_self_scaled_columns<double>(o[5], a, v);

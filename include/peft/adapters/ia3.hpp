@@ -110,12 +110,7 @@ class IA3Method final : public AdapterMethod<T> {
       if (!l.trainable()) return;
       // dl_j = Σ_rows dY_ij (x W₀ᵀ + b₀)_ij
       add_column_product_sums<T>(dy, *in.z, l.accumulator().data());
-      if (in.b0 != nullptr) {  // + Σ_rows dY_ij b₀_j
-        dy_sum_.setZero(l.size());
-        add_column_sums<T>(dy, dy_sum_.data());
-        Eigen::Map<RowVector<T>> dl(l.accumulator().data(), l.size());
-        dl.array() += dy_sum_.array() * in.b0->row(0).array();
-      }
+      if (in.b0 != nullptr) add_column_sums<T>(dy, l.accumulator().data(), in.b0->data());  // + b₀_j Σ_rows dY_ij
       return;
     }
     lm1_ = scales().array() - T(1);
@@ -154,11 +149,10 @@ class IA3Method final : public AdapterMethod<T> {
 
  private:
   IA3Config config_;
-  RowVector<T> lm1_;     ///< l − 1
-  Matrix<T> gb_;         ///< (l − 1) ⊙ b₀ [1, out]
-  RowVector<T> dy_sum_;  ///< Σ_rows dY [out] (output scaling with a bias)
-  Matrix<T> xs_;         ///< x ⊙ (l − 1) [rows, in] (input scaling)
-  Matrix<T> p_;          ///< dY W₀ [rows, in] (input scaling)
+  RowVector<T> lm1_;  ///< l − 1
+  Matrix<T> gb_;      ///< (l − 1) ⊙ b₀ [1, out]
+  Matrix<T> xs_;      ///< x ⊙ (l − 1) [rows, in] (input scaling)
+  Matrix<T> p_;       ///< dY W₀ [rows, in] (input scaling)
 };
 
 }  // namespace peft

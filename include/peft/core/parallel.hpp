@@ -68,9 +68,9 @@ void parallel_rows(Index rows, double work_per_row, Body&& body) {
 
 namespace detail {
 /// Columns [c0, c1) of dst[j] += Σ_i a(i, j) (· b(i, j) when b is given), rows in order, summed in
-/// a register-sized block before the one addition to dst.
+/// a register-sized block, then times scale[j] when scale is given, before the one addition to dst.
 template <class T, class A>
-void column_sums_range(const A& a, const A* b, T* dst, Index c0, Index c1) {
+void column_sums_range(const A& a, const A* b, const T* scale, T* dst, Index c0, Index c1) {
   constexpr int kWidth = 64;
   using Block = Eigen::Array<T, 1, Eigen::Dynamic, Eigen::RowMajor, 1, kWidth>;  // no heap
   for (Index c = c0; c < c1; c += kWidth) {
@@ -81,33 +81,35 @@ void column_sums_range(const A& a, const A* b, T* dst, Index c0, Index c1) {
     } else {
       for (Index i = 0; i < a.rows(); ++i) acc += a.row(i).segment(c, n).array() * b->row(i).segment(c, n).array();
     }
+    if (scale != nullptr) acc *= Eigen::Map<const Eigen::Array<T, 1, Eigen::Dynamic>>(scale + c, n);
     Eigen::Map<Eigen::Array<T, 1, Eigen::Dynamic>>(dst + c, n) += acc;
   }
 }
 
 template <class T, class A>
-void add_column_sums_impl(const A& a, const A* b, T* dst) {
+void add_column_sums_impl(const A& a, const A* b, const T* scale, T* dst) {
   constexpr Index kBlock = 64;  // columns per item (one thread's columns are whole blocks)
   const Index cols = a.cols(), items = (cols + kBlock - 1) / kBlock;
   const double work = static_cast<double>(a.rows()) * static_cast<double>(cols) * 4.0;  // memory-bound
   parallel_for(items, parallel_threads(items, work), [&](Index begin, Index end, int) {
-    column_sums_range<T, A>(a, b, dst, begin * kBlock, std::min(cols, end * kBlock));
+    column_sums_range<T, A>(a, b, scale, dst, begin * kBlock, std::min(cols, end * kBlock));
   });
 }
 }  // namespace detail
 
-/// dst[j] += Σ_i a(i, j): a bias or shift gradient. Threads split the columns and every column
-/// sums its rows in order, so the result is the same for any thread count. dst holds a.cols().
+/// dst[j] += Σ_i a(i, j), or scale[j] · Σ_i a(i, j) when scale is given: a bias or shift gradient
+/// (scaled: through a gain on the bias). Threads split the columns and every column sums its rows
+/// in order, so the result is the same for any thread count. dst and scale hold a.cols().
 template <class T>
-void add_column_sums(const ConstMatrixRef<T>& a, T* dst) {
-  detail::add_column_sums_impl<T, ConstMatrixRef<T>>(a, nullptr, dst);
+void add_column_sums(const ConstMatrixRef<T>& a, T* dst, const T* scale = nullptr) {
+  detail::add_column_sums_impl<T, ConstMatrixRef<T>>(a, nullptr, scale, dst);
 }
 
 /// dst[j] += Σ_i a(i, j) b(i, j): a scale gradient (LayerNorm's γ, RMSNorm's weight). Thread-count
 /// independent like add_column_sums. a and b have the same shape; dst holds a.cols().
 template <class T>
 void add_column_product_sums(const ConstMatrixRef<T>& a, const ConstMatrixRef<T>& b, T* dst) {
-  detail::add_column_sums_impl<T, ConstMatrixRef<T>>(a, &b, dst);
+  detail::add_column_sums_impl<T, ConstMatrixRef<T>>(a, &b, nullptr, dst);
 }
 
 /// dst += src, rows split between threads (residual connections, gradient sums). Same shapes.
@@ -173,13 +175,6 @@ void parallel_scale_columns(Matrix<T>& dst, const ConstMatrixRef<T>& src, const 
   parallel_rows(src.rows(), 4.0 * static_cast<double>(src.cols()), [&](Index r, Index e) {
     dst.middleRows(r, e - r).array() = src.middleRows(r, e - r).array().rowwise() * v.array();
   });
-}
-
-/// dst ⊙= v on every row, in place (same shapes as parallel_scale_columns).
-template <class T>
-void parallel_scale_columns_inplace(MatrixRef<T> dst, const Eigen::Ref<const RowVector<T>>& v) {
-  parallel_rows(dst.rows(), 4.0 * static_cast<double>(dst.cols()),
-                [&](Index r, Index e) { dst.middleRows(r, e - r).array().rowwise() *= v.array(); });
 }
 
 /// dst += src ⊙ v on every row (v [1, cols]); dst and src have the same shape.

@@ -628,7 +628,6 @@ class AdaptedLinear : public Module<T> {
   Cache inference_cache_;  ///< forward_inference's buffers; never read by backward
   // Scratch, reused across calls (never part of a call's state: that lives in Cache).
   BaseGain<T> gain_;                     ///< backward's base-path gains
-  RowVector<T> dy_sum_;                  ///< backward: Σ_rows dY [out] when the bias has a gain
   Matrix<T> work_w0_;                    ///< W₀ recovered for forward while adapters are merged [out, in]
   Matrix<T> work_b0_;                    ///< b₀ likewise [1, out]
   RowVector<T> work_g_;                  ///< recover_base divisors
@@ -807,13 +806,9 @@ void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrix
     base_input_grad(E, *p);  // dX = E W   [rows, in] (tile-wise on an NF4 base)
   }
   if (has_bias() && bias.trainable()) {
-    if (gain_.has_b) {  // db = Σ_rows dY ⊙ (1 + Σ (g − 1))
-      dy_sum_.setZero(out_features());
-      add_column_sums<T>(dy, dy_sum_.data());
-      bias.accumulator().row(0).array() += dy_sum_.array() * (gain_.b.array() + T(1));
-    } else {
-      add_column_sums<T>(dy, bias.accumulator().data());  // db = Σ_rows dY (columns split between threads)
-    }
+    if (gain_.has_b) gain_.b.array() += T(1);  // 1 + Σ (g − 1): backward's last use of the gain
+    // db = Σ_rows dY (⊙ (1 + Σ (g − 1))), columns split between threads
+    add_column_sums<T>(dy, bias.accumulator().data(), gain_.has_b ? gain_.b.data() : nullptr);
   }
 
   GradInput<T> in;
@@ -834,7 +829,7 @@ void AdaptedLinear<T>::backward_with_input(const Cache& cache, const ConstMatrix
     for (std::size_t k = 0; k < cache.used; ++k)
       if (cache.slots[k].folded)
         adapters_[cache.slots[k].adapter]->backward(folded, *cache.slots[k].state, dy, nullptr);
-    if (dx != nullptr) parallel_scale_columns_inplace<T>(*dx, cache.h);  // dX = P ⊙ h
+    if (dx != nullptr) parallel_scale_columns<T>(*dx, *dx, cache.h);  // dX = P ⊙ h
   }
   for (std::size_t k = 0; k < cache.used; ++k)
     if (!cache.slots[k].folded) adapters_[cache.slots[k].adapter]->backward(in, *cache.slots[k].state, dy, dx);

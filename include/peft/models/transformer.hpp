@@ -351,7 +351,7 @@ void TransformerBlock<T>::ffn_branch_backward(const Cache& cache, const ConstMat
     Matrix<T>& dpar = buffer(kDpar, df.rows());           // its own slot: backward holds kDtmp around this call
     ffn.backward(cache.ffn, df, &dv);                     // FFNᵀ(df)
     adapter_ffn->backward(cache.adapter_ffn, df, &dpar);  // + Ad_parᵀ(df)
-    dv += dpar;
+    parallel_add<T>(dv, dpar);
   } else {
     Matrix<T>& df2 = buffer(kDf2, df.rows());
     adapter_ffn->backward(cache.adapter_ffn, df, &df2);  // d(FFN out) = Ad_ffnᵀ(df)

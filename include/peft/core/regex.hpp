@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/separate.hpp"
 
 namespace peft {
 
@@ -621,26 +622,7 @@ struct RegexMatch {
 class Regex {
  public:
   /// Compiles `pattern`; ConfigError naming `who` when it is malformed, unsupported or too large.
-  Regex(const std::string& pattern, const std::string& who) : pattern_(pattern) {
-    const std::string shown = pattern.size() > 80 ? pattern.substr(0, 80) + "..." : pattern;
-    if (pattern.size() > kMaxRegexPattern)
-      throw ConfigError(who + ": regular expression \"" + shown + "\" has " + std::to_string(pattern.size()) +
-                        " characters, expected at most " + std::to_string(kMaxRegexPattern));
-    detail::RxParser parser(pattern, who, classes_);
-    const detail::RxNode root = parser.parse();
-    groups_ = parser.groups();
-    const double size = detail::rx_size(root) + 3;
-    if (size > kMaxRegexProgram)
-      throw ConfigError(who + ": regular expression \"" + shown + "\" expands to more than " +
-                        std::to_string(static_cast<long long>(kMaxRegexProgram)) +
-                        " states (counted repeats); expected a simpler pattern");
-    prog_.reserve(static_cast<std::size_t>(size));
-    prog_.push_back(detail::RxInst{detail::RxOp::kSave, {}, 0, 0, 0});  // group 0 spans the match
-    detail::RxEmitter(prog_).emit(root);
-    prog_.push_back(detail::RxInst{detail::RxOp::kSave, {}, 0, 1, 0});
-    prog_.push_back(detail::RxInst{});
-    detail::regex_counters().compiled.fetch_add(1, std::memory_order_relaxed);
-  }
+  PEFT_SEPARATE_INLINE Regex(const std::string& pattern, const std::string& who);
 
   const std::string& pattern() const { return pattern_; }
   /// Capture groups, not counting group 0 (std::regex::mark_count, Python's Pattern.groups).
@@ -763,56 +745,81 @@ class Regex {
   enum class Mode { kFull, kMatch, kSearch };
 
   /// The Pike VM for `mode`. `slots`: captures of the match.
-  bool run(std::string_view s, Mode mode, std::vector<std::ptrdiff_t>* slots) const {
-    const bool full = mode == Mode::kFull, search = mode == Mode::kSearch;
-    detail::regex_counters().runs.fetch_add(1, std::memory_order_relaxed);
-    const std::size_t nslots = slots ? 2 * (static_cast<std::size_t>(groups_) + 1) : 0;
-    std::vector<std::uint32_t> mark(prog_.size(), 0);
-    std::vector<std::pair<int, std::ptrdiff_t>> stack;
-    std::vector<std::ptrdiff_t> fresh(nslots, -1), work(nslots, -1);
-    ThreadList cur, next;
-    std::uint32_t stamp = 1;
-    bool matched = false;
-    char32_t prev = detail::kRxNoChar;
-    std::size_t pos = 0;
-    add_thread(cur, 0, fresh.data(), nslots, here_at(s, 0, prev), s.size(), mark, stamp, stack);
-    for (;;) {
-      const bool at_end = pos >= s.size();
-      const auto [c, len] = at_end ? std::pair<char32_t, std::size_t>{detail::kRxNoChar, 0} : detail::rx_decode(s, pos);
-      const Here after = here_at(s, pos + len, c);
-      ++stamp;
-      next.pcs.clear();
-      next.caps.clear();
-      for (std::size_t t = 0; t < cur.pcs.size(); ++t) {
-        const Inst& in = prog_[static_cast<std::size_t>(cur.pcs[t])];
-        std::ptrdiff_t* caps = nslots ? cur.caps.data() + t * nslots : work.data();
-        if (in.op == Op::kMatch) {
-          if (full && !at_end) continue;  // fullmatch: this path ended early; lower ones may not
-          matched = true;
-          if (slots) slots->assign(caps, caps + nslots);
-          break;  // leftmost-first: threads of lower priority are cut
-        }
-        if (!at_end && consumes(in, c)) {
-          if (nslots) work.assign(caps, caps + nslots);
-          add_thread(next, cur.pcs[t] + 1, work.data(), nslots, after, s.size(), mark, stamp, stack);
-        }
-      }
-      if (at_end) break;
-      std::swap(cur, next);
-      pos += len;
-      prev = c;
-      if (search && !matched)  // search: a new attempt starting here, below every running thread
-        add_thread(cur, 0, fresh.data(), nslots, after, s.size(), mark, stamp, stack);
-      if (cur.pcs.empty() && (!search || matched)) break;  // nothing left to run or to try
-    }
-    return matched;
-  }
+  PEFT_SEPARATE_INLINE bool run(std::string_view s, Mode mode, std::vector<std::ptrdiff_t>* slots) const;
 
   std::string pattern_;
   std::vector<Inst> prog_;
   std::vector<detail::RxClass> classes_;
   int groups_ = 0;
 };
+
+#if PEFT_SEPARATE_BODIES  // (peft/core/separate.hpp)
+PEFT_SEPARATE_INLINE Regex::Regex(const std::string& pattern, const std::string& who) : pattern_(pattern) {
+  const std::string shown = pattern.size() > 80 ? pattern.substr(0, 80) + "..." : pattern;
+  if (pattern.size() > kMaxRegexPattern)
+    throw ConfigError(who + ": regular expression \"" + shown + "\" has " + std::to_string(pattern.size()) +
+                      " characters, expected at most " + std::to_string(kMaxRegexPattern));
+  detail::RxParser parser(pattern, who, classes_);
+  const detail::RxNode root = parser.parse();
+  groups_ = parser.groups();
+  const double size = detail::rx_size(root) + 3;
+  if (size > kMaxRegexProgram)
+    throw ConfigError(who + ": regular expression \"" + shown + "\" expands to more than " +
+                      std::to_string(static_cast<long long>(kMaxRegexProgram)) +
+                      " states (counted repeats); expected a simpler pattern");
+  prog_.reserve(static_cast<std::size_t>(size));
+  prog_.push_back(detail::RxInst{detail::RxOp::kSave, {}, 0, 0, 0});  // group 0 spans the match
+  detail::RxEmitter(prog_).emit(root);
+  prog_.push_back(detail::RxInst{detail::RxOp::kSave, {}, 0, 1, 0});
+  prog_.push_back(detail::RxInst{});
+  detail::regex_counters().compiled.fetch_add(1, std::memory_order_relaxed);
+}
+
+PEFT_SEPARATE_INLINE bool Regex::run(std::string_view s, Mode mode, std::vector<std::ptrdiff_t>* slots) const {
+  const bool full = mode == Mode::kFull, search = mode == Mode::kSearch;
+  detail::regex_counters().runs.fetch_add(1, std::memory_order_relaxed);
+  const std::size_t nslots = slots ? 2 * (static_cast<std::size_t>(groups_) + 1) : 0;
+  std::vector<std::uint32_t> mark(prog_.size(), 0);
+  std::vector<std::pair<int, std::ptrdiff_t>> stack;
+  std::vector<std::ptrdiff_t> fresh(nslots, -1), work(nslots, -1);
+  ThreadList cur, next;
+  std::uint32_t stamp = 1;
+  bool matched = false;
+  char32_t prev = detail::kRxNoChar;
+  std::size_t pos = 0;
+  add_thread(cur, 0, fresh.data(), nslots, here_at(s, 0, prev), s.size(), mark, stamp, stack);
+  for (;;) {
+    const bool at_end = pos >= s.size();
+    const auto [c, len] = at_end ? std::pair<char32_t, std::size_t>{detail::kRxNoChar, 0} : detail::rx_decode(s, pos);
+    const Here after = here_at(s, pos + len, c);
+    ++stamp;
+    next.pcs.clear();
+    next.caps.clear();
+    for (std::size_t t = 0; t < cur.pcs.size(); ++t) {
+      const Inst& in = prog_[static_cast<std::size_t>(cur.pcs[t])];
+      std::ptrdiff_t* caps = nslots ? cur.caps.data() + t * nslots : work.data();
+      if (in.op == Op::kMatch) {
+        if (full && !at_end) continue;  // fullmatch: this path ended early; lower ones may not
+        matched = true;
+        if (slots) slots->assign(caps, caps + nslots);
+        break;  // leftmost-first: threads of lower priority are cut
+      }
+      if (!at_end && consumes(in, c)) {
+        if (nslots) work.assign(caps, caps + nslots);
+        add_thread(next, cur.pcs[t] + 1, work.data(), nslots, after, s.size(), mark, stamp, stack);
+      }
+    }
+    if (at_end) break;
+    std::swap(cur, next);
+    pos += len;
+    prev = c;
+    if (search && !matched)  // search: a new attempt starting here, below every running thread
+      add_thread(cur, 0, fresh.data(), nslots, after, s.size(), mark, stamp, stack);
+    if (cur.pcs.empty() && (!search || matched)) break;  // nothing left to run or to try
+  }
+  return matched;
+}
+#endif  // PEFT_SEPARATE_BODIES
 
 /// Compiles `pattern`; ConfigError naming `who` when it is malformed, unsupported or too large.
 inline Regex compile_name_regex(const std::string& pattern, const std::string& who) { return Regex(pattern, who); }

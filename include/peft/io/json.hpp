@@ -217,3 +217,14 @@ inline Json parse_json_strict(const std::string& text, const std::string& label)
 }
 
 }  // namespace peft::io
+
+#if defined(PEFT_EXTERN_TEMPLATES)
+// Test build: nlohmann's parser and the strict checks are instantiated once, in
+// tests/support/separate_bodies.cpp.
+namespace peft::io {
+extern template Json parse_json_strict<Json>(const char*, const char*, const std::string&, std::size_t, int,
+                                             std::size_t);
+extern template nlohmann::json parse_json_strict<nlohmann::json>(const char*, const char*, const std::string&,
+                                                                 std::size_t, int, std::size_t);
+}  // namespace peft::io
+#endif

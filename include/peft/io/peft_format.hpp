@@ -75,6 +75,7 @@
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/layers/lora_linear.hpp"
 #include "peft/layers/modules_to_save.hpp"
 
@@ -156,6 +157,14 @@ struct AdapterConfig {
   }
 };
 
+/// Parses and validates an adapter_config.json object. `label` names the file in errors.
+PEFT_SEPARATE_INLINE AdapterConfig parse_adapter_config(const Json& j, const std::string& label);
+/// Reads `path` (strict JSON, peft/io/json.hpp) and parses it as above.
+PEFT_SEPARATE_INLINE AdapterConfig read_adapter_config(const std::string& path);
+/// The config as JSON: the keys read from the file (unknown ones too), updated with the fields.
+PEFT_SEPARATE_INLINE Json to_json(const AdapterConfig& c);
+
+#if PEFT_SEPARATE_BODIES  // (peft/core/separate.hpp)
 namespace detail {
 
 inline const std::vector<std::string>& known_config_keys() {
@@ -332,8 +341,7 @@ struct ConfigReader {
 
 }  // namespace detail
 
-/// Parses and validates an adapter_config.json object. `label` names the file in errors.
-inline AdapterConfig parse_adapter_config(const Json& j, const std::string& label) {
+PEFT_SEPARATE_INLINE AdapterConfig parse_adapter_config(const Json& j, const std::string& label) {
   if (!j.is_object()) throw IoError("\"" + label + "\": adapter config must be a JSON object");
   AdapterConfig c;
   c.raw = j;
@@ -451,10 +459,11 @@ inline AdapterConfig parse_adapter_config(const Json& j, const std::string& labe
   return c;
 }
 
-inline AdapterConfig read_adapter_config(const std::string& path) {
+PEFT_SEPARATE_INLINE AdapterConfig read_adapter_config(const std::string& path) {
   const std::string text = read_text_file(path);
   return parse_adapter_config(parse_json_strict(text, path), path);
 }
+#endif  // PEFT_SEPARATE_BODIES
 
 /// A selector as adapter_config.json writes it: null, a string (regex or "all-linear") or a list.
 inline Json selector_json(const ModuleSelector& s) {
@@ -481,8 +490,8 @@ inline Json lora_init_json(LoraInit init) {
   return true;
 }
 
-/// The config as JSON: the keys read from the file (unknown ones too), updated with the fields.
-inline Json to_json(const AdapterConfig& c) {
+#if PEFT_SEPARATE_BODIES
+PEFT_SEPARATE_INLINE Json to_json(const AdapterConfig& c) {
   Json j = c.raw.is_object() ? c.raw : Json::object();
   j["peft_type"] = c.peft_type;
   if (!c.task_type.empty()) j["task_type"] = c.task_type;
@@ -525,6 +534,7 @@ inline Json to_json(const AdapterConfig& c) {
   }
   return j;
 }
+#endif  // PEFT_SEPARATE_BODIES
 
 /// One LoRA-adapted module: ΔW = scaling · B A (DoRA: W' = m ⊙ (W + ΔW) / ‖W + ΔW‖_row).
 template <class T>

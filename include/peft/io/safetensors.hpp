@@ -43,6 +43,7 @@
 #include "peft/io/dtype.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
+#include "peft/core/separate.hpp"
 
 namespace peft::io {
 
@@ -104,6 +105,19 @@ inline std::string u64_list(const std::vector<std::uint64_t>& v) {
   for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
   return s + "]";
 }
+
+}  // namespace detail
+
+/// Validates a complete safetensors file image (`size` bytes at `data`); `label` names it in errors.
+/// This is also the in-memory entry point (a buffer need not come from a file). Only the first
+/// 8 + N bytes (the length prefix and the header) are read; `size` is used for the bounds of the
+/// data section, so a caller that reads the header with pread may pass a buffer holding just those
+/// bytes together with the file's real size.
+PEFT_SEPARATE_INLINE SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size,
+                                                          const std::string& label);
+
+#if PEFT_SEPARATE_BODIES  // (peft/core/separate.hpp)
+namespace detail {
 
 /// Builds a SafeTensorsHeader straight from nlohmann's SAX events: no JSON DOM. A DOM of a
 /// maximal header costs ~0.5 kB per entry (map nodes, arrays), several times the header itself,
@@ -361,13 +375,8 @@ class HeaderParser : public nlohmann::json_sax<nlohmann::json> {
 
 }  // namespace detail
 
-/// Validates a complete safetensors file image (`size` bytes at `data`); `label` names it in errors.
-/// This is also the in-memory entry point (a buffer need not come from a file). Only the first
-/// 8 + N bytes (the length prefix and the header) are read; `size` is used for the bounds of the
-/// data section, so a caller that reads the header with pread may pass a buffer holding just those
-/// bytes together with the file's real size.
-inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size,
-                                                  const std::string& label) {
+PEFT_SEPARATE_INLINE SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size,
+                                                          const std::string& label) {
   const std::string who = "\"" + label + "\"";
   if (size < 8)
     throw IoError(who + ": file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
@@ -426,6 +435,7 @@ inline SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std
                   " of " + std::to_string(size) + ")");
   return h;
 }
+#endif  // PEFT_SEPARATE_BODIES
 
 /// A memory-mapped, validated safetensors file. Truncation: if another process truncates the file
 /// while it is open, reading a tensor from the missing pages raises SIGBUS (see MappedFile); the
@@ -517,9 +527,15 @@ struct TensorSpec {
 };
 
 /// The header bytes (length prefix + JSON + space padding) for tensors laid out in `specs` order.
-inline std::string build_safetensors_header(const std::vector<TensorSpec>& specs,
-                                            const std::map<std::string, std::string>& metadata,
-                                            const std::string& label, std::vector<std::uint64_t>* sizes = nullptr) {
+PEFT_SEPARATE_INLINE std::string build_safetensors_header(const std::vector<TensorSpec>& specs,
+                                                    const std::map<std::string, std::string>& metadata,
+                                                    const std::string& label,
+                                                    std::vector<std::uint64_t>* sizes = nullptr);
+
+#if PEFT_SEPARATE_BODIES
+PEFT_SEPARATE_INLINE std::string build_safetensors_header(const std::vector<TensorSpec>& specs,
+                                                    const std::map<std::string, std::string>& metadata,
+                                                    const std::string& label, std::vector<std::uint64_t>* sizes) {
   Json j = Json::object();
   if (!metadata.empty()) {
     Json m = Json::object();
@@ -550,6 +566,7 @@ inline std::string build_safetensors_header(const std::vector<TensorSpec>& specs
   detail::store_le<std::uint64_t>(reinterpret_cast<unsigned char*>(&out[0]), text.size());
   return out + text;
 }
+#endif  // PEFT_SEPARATE_BODIES
 
 /// Streams tensors into a new safetensors file: the header is written at construction, then each
 /// tensor's data in declared order (in any number of chunks), then commit() renames the file into

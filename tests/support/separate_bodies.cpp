@@ -5,6 +5,7 @@
 // body into `#if PEFT_SEPARATE_BODIES` is included here, or the executables that call it fail to
 // link.
 #include "peft/core/regex.hpp"
+#include "peft/merge/low_rank_svd.hpp"
 
 #if PEFT_SEPARATE_IO
 #include "peft/io/peft_format.hpp"

@@ -26,6 +26,7 @@
 
 #include "peft/core/check.hpp"
 #include "peft/core/error.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/core/types.hpp"
 #include "peft/merge/factors.hpp"
 
@@ -54,7 +55,13 @@ template <class T>
 using ColMajor = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
 using ColMajorD = ColMajor<double>;
 
-inline void svd_of(const ColMajorD& m, ColMajorD& u, std::vector<double>& sigma, ColMajorD& v) {
+/// Thin SVD of m (in double): U, σ (descending), V.
+PEFT_SEPARATE_INLINE void svd_of(const ColMajorD& m, ColMajorD& u, std::vector<double>& sigma, ColMajorD& v);
+/// Thin QR of a tall-or-wide [n, R] matrix: Q [n, m], Rf [m, R] upper trapezoidal, m = min(n, R).
+PEFT_SEPARATE_INLINE void thin_qr(const ColMajorD& x, ColMajorD& q, ColMajorD& r);
+
+#if PEFT_SEPARATE_BODIES  // (peft/core/separate.hpp)
+PEFT_SEPARATE_INLINE void svd_of(const ColMajorD& m, ColMajorD& u, std::vector<double>& sigma, ColMajorD& v) {
 #if EIGEN_VERSION_AT_LEAST(3, 4, 90)
   Eigen::BDCSVD<ColMajorD, Eigen::ComputeThinU | Eigen::ComputeThinV> svd(m);
 #else
@@ -67,13 +74,13 @@ inline void svd_of(const ColMajorD& m, ColMajorD& u, std::vector<double>& sigma,
   for (Index j = 0; j < s.size(); ++j) sigma[static_cast<std::size_t>(j)] = s(j);
 }
 
-/// Thin QR of a tall-or-wide [n, R] matrix: Q [n, m], Rf [m, R] upper trapezoidal, m = min(n, R).
-inline void thin_qr(const ColMajorD& x, ColMajorD& q, ColMajorD& r) {
+PEFT_SEPARATE_INLINE void thin_qr(const ColMajorD& x, ColMajorD& q, ColMajorD& r) {
   const Index m = std::min(x.rows(), x.cols());
   Eigen::HouseholderQR<ColMajorD> qr(x);
   q = qr.householderQ() * ColMajorD::Identity(x.rows(), m);
   r = qr.matrixQR().topRows(m).template triangularView<Eigen::Upper>();
 }
+#endif  // PEFT_SEPARATE_BODIES
 
 }  // namespace detail
 

@@ -8,6 +8,7 @@
 #include "peft/merge/low_rank_svd.hpp"
 
 #if PEFT_SEPARATE_IO
+#include "peft/io/extract_adapter.hpp"
 #include "peft/io/peft_format.hpp"
 #include "peft/io/safetensors.hpp"
 

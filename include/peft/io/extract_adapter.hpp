@@ -25,6 +25,7 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/regex.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/io/combine_adapters.hpp"
 #include "peft/io/peft_format.hpp"
 #include "peft/io/safetensors.hpp"
@@ -68,8 +69,20 @@ struct ExtractAdapterReport {
 /// The adapter extracted from `base` and `tuned` (see the file comment); the report says what
 /// became what. ConfigError when the files hold different tensors or nothing low-rank changed,
 /// ShapeError when a tensor's shape differs, NumericError when a difference overflows.
-inline PeftAdapter<double> extract_adapter(const SafeTensorsFile& base, const SafeTensorsFile& tuned,
-                                           const ExtractAdapterOptions& opt, ExtractAdapterReport* report = nullptr) {
+PEFT_SEPARATE_INLINE PeftAdapter<double> extract_adapter(const SafeTensorsFile& base, const SafeTensorsFile& tuned,
+                                                         const ExtractAdapterOptions& opt,
+                                                         ExtractAdapterReport* report = nullptr);
+/// Extracts the adapter of `tuned_file` over `base_file` and saves it as a PEFT LoRA adapter
+/// directory `out_dir` (atomically, see save_peft_adapter): nothing is written unless every module
+/// extracts. A JSON file given for a checkpoint is named as such (open_safetensors).
+PEFT_SEPARATE_INLINE ExtractAdapterReport extract_adapter_dir(const std::string& base_file,
+                                                              const std::string& tuned_file, const std::string& out_dir,
+                                                              const ExtractAdapterOptions& opt);
+
+#if PEFT_SEPARATE_BODIES  // (peft/core/separate.hpp)
+PEFT_SEPARATE_INLINE PeftAdapter<double> extract_adapter(const SafeTensorsFile& base, const SafeTensorsFile& tuned,
+                                                         const ExtractAdapterOptions& opt,
+                                                         ExtractAdapterReport* report) {
   const Regex exclude = compile_name_regex(opt.exclude, "extract: " + opt.exclude_label);
   for (const TensorInfo& u : tuned.tensors())
     if (!base.contains(u.name))
@@ -150,11 +163,9 @@ inline PeftAdapter<double> extract_adapter(const SafeTensorsFile& base, const Sa
   return ad;
 }
 
-/// Extracts the adapter of `tuned_file` over `base_file` and saves it as a PEFT LoRA adapter
-/// directory `out_dir` (atomically, see save_peft_adapter): nothing is written unless every module
-/// extracts. A JSON file given for a checkpoint is named as such (open_safetensors).
-inline ExtractAdapterReport extract_adapter_dir(const std::string& base_file, const std::string& tuned_file,
-                                                const std::string& out_dir, const ExtractAdapterOptions& opt) {
+PEFT_SEPARATE_INLINE ExtractAdapterReport extract_adapter_dir(const std::string& base_file,
+                                                              const std::string& tuned_file, const std::string& out_dir,
+                                                              const ExtractAdapterOptions& opt) {
   (void)compile_name_regex(opt.exclude, "extract: " + opt.exclude_label);  // before opening anything
   const SafeTensorsFile base = open_safetensors(base_file, "the base model's .safetensors file");
   const SafeTensorsFile tuned = open_safetensors(tuned_file, "the tuned model's .safetensors file");
@@ -163,5 +174,6 @@ inline ExtractAdapterReport extract_adapter_dir(const std::string& base_file, co
   save_peft_adapter(out_dir, ad);
   return rep;
 }
+#endif  // PEFT_SEPARATE_BODIES
 
 }  // namespace peft::io

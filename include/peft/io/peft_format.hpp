@@ -68,6 +68,7 @@
 #include "peft/core/module.hpp"
 #include "peft/core/patterns.hpp"
 #include "peft/core/regex.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/core/sha256.hpp"
 #include "peft/core/targeting.hpp"
 #include "peft/core/types.hpp"
@@ -75,7 +76,6 @@
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
-#include "peft/core/separate.hpp"
 #include "peft/layers/lora_linear.hpp"
 #include "peft/layers/modules_to_save.hpp"
 

@@ -39,11 +39,11 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/core/types.hpp"
 #include "peft/io/dtype.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
-#include "peft/core/separate.hpp"
 
 namespace peft::io {
 
@@ -114,7 +114,7 @@ inline std::string u64_list(const std::vector<std::uint64_t>& v) {
 /// data section, so a caller that reads the header with pread may pass a buffer holding just those
 /// bytes together with the file's real size.
 PEFT_SEPARATE_INLINE SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size,
-                                                          const std::string& label);
+                                                                const std::string& label);
 
 #if PEFT_SEPARATE_BODIES  // (peft/core/separate.hpp)
 namespace detail {
@@ -376,7 +376,7 @@ class HeaderParser : public nlohmann::json_sax<nlohmann::json> {
 }  // namespace detail
 
 PEFT_SEPARATE_INLINE SafeTensorsHeader parse_safetensors_header(const unsigned char* data, std::size_t size,
-                                                          const std::string& label) {
+                                                                const std::string& label) {
   const std::string who = "\"" + label + "\"";
   if (size < 8)
     throw IoError(who + ": file is " + std::to_string(size) + " bytes, too short for the 8-byte header length");
@@ -528,14 +528,14 @@ struct TensorSpec {
 
 /// The header bytes (length prefix + JSON + space padding) for tensors laid out in `specs` order.
 PEFT_SEPARATE_INLINE std::string build_safetensors_header(const std::vector<TensorSpec>& specs,
-                                                    const std::map<std::string, std::string>& metadata,
-                                                    const std::string& label,
-                                                    std::vector<std::uint64_t>* sizes = nullptr);
+                                                          const std::map<std::string, std::string>& metadata,
+                                                          const std::string& label,
+                                                          std::vector<std::uint64_t>* sizes = nullptr);
 
 #if PEFT_SEPARATE_BODIES
 PEFT_SEPARATE_INLINE std::string build_safetensors_header(const std::vector<TensorSpec>& specs,
-                                                    const std::map<std::string, std::string>& metadata,
-                                                    const std::string& label, std::vector<std::uint64_t>* sizes) {
+                                                          const std::map<std::string, std::string>& metadata,
+                                                          const std::string& label, std::vector<std::uint64_t>* sizes) {
   Json j = Json::object();
   if (!metadata.empty()) {
     Json m = Json::object();

@@ -68,23 +68,7 @@ class LohaAdapter {
   Parameter<T> w2_a;  ///< hada_w2_a [out, r]
   Parameter<T> w2_b;  ///< hada_w2_b [r, in]
 
-  LohaAdapter(Index in, Index out, const LohaConfig& config, Rng& rng, std::string name = "")
-      : config_(config), in_(in), out_(out), name_(std::move(name)) {
-    validate();
-    const int r = config.r;
-    w1_a = Parameter<T>(out, r);
-    w1_b = Parameter<T>(r, in);
-    w2_a = Parameter<T>(out, r);
-    w2_b = Parameter<T>(r, in);
-    init::kaiming_uniform<T>(w1_a.value, rng);
-    init::kaiming_uniform<T>(w1_b.value, rng);
-    init::kaiming_uniform<T>(w2_a.value, rng);
-    if (config.init_weights)
-      w2_b.value.setZero();
-    else
-      init::kaiming_uniform<T>(w2_b.value, rng);
-    rng_.reseed(rng.next_u64());
-  }
+  LohaAdapter(Index in, Index out, const LohaConfig& config, Rng& rng, std::string name = "");
 
   const LohaConfig& config() const { return config_; }
   const std::string& name() const { return name_; }
@@ -221,6 +205,25 @@ class LohaAdapter {
   // Scratch reused across calls (backward rebuilds what it needs from the parameters).
   Matrix<T> w1_, w2_, dw_, term_, g_, d_, e_;
 };
+
+template <class T>
+LohaAdapter<T>::LohaAdapter(Index in, Index out, const LohaConfig& config, Rng& rng, std::string name)
+    : config_(config), in_(in), out_(out), name_(std::move(name)) {
+  validate();
+  const int r = config.r;
+  w1_a = Parameter<T>(out, r);
+  w1_b = Parameter<T>(r, in);
+  w2_a = Parameter<T>(out, r);
+  w2_b = Parameter<T>(r, in);
+  init::kaiming_uniform<T>(w1_a.value, rng);
+  init::kaiming_uniform<T>(w1_b.value, rng);
+  init::kaiming_uniform<T>(w2_a.value, rng);
+  if (config.init_weights)
+    w2_b.value.setZero();
+  else
+    init::kaiming_uniform<T>(w2_b.value, rng);
+  rng_.reseed(rng.next_u64());
+}
 
 /// The adapter as a kind of adapter for AdaptedLinear::add_adapter (`layer` names the host in messages).
 template <class T>

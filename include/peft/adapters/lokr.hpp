@@ -184,35 +184,7 @@ class LokrAdapter {
       : LokrAdapter(in, out, config, checked_layout(in, out, config, name), rng, std::move(name)) {}
 
   /// An explicit layout (e.g. lokr_layout_from_shapes of a file's tensors).
-  LokrAdapter(Index in, Index out, const LokrConfig& config, const LokrLayout& layout, Rng& rng, std::string name = "")
-      : config_(config), layout_(layout), in_(in), out_(out), name_(std::move(name)) {
-    validate();
-    const Index r = config.r;
-    const LokrLayout& l = layout_;
-    const bool zero1 = config.init_weights == LokrInit::Default;
-    const bool zero2 = config.init_weights == LokrInit::Lycoris;
-    if (l.w1_full) {
-      w1 = Parameter<T>(l.out_l, l.in_m);
-      if (!zero1) init::kaiming_uniform<T>(w1.value, rng);
-    } else {
-      w1_a = Parameter<T>(l.out_l, r);
-      w1_b = Parameter<T>(r, l.in_m);
-      if (!zero1) init::kaiming_uniform<T>(w1_a.value, rng);
-      init::kaiming_uniform<T>(w1_b.value, rng);
-    }
-    if (l.w2_full) {
-      w2 = Parameter<T>(l.out_k, l.in_n);
-      if (!zero2) init::kaiming_uniform<T>(w2.value, rng);
-    } else {
-      w2_a = Parameter<T>(l.out_k, r);
-      w2_b = Parameter<T>(r, l.in_n);
-      init::kaiming_uniform<T>(w2_a.value, rng);
-      if (!zero2) init::kaiming_uniform<T>(w2_b.value, rng);
-    }
-    for (Parameter<T>* p : {&w1, &w1_a, &w1_b, &w2, &w2_a, &w2_b})
-      if (p->size() == 0) p->set_trainable(false);
-    rng_.reseed(rng.next_u64());
-  }
+  LokrAdapter(Index in, Index out, const LokrConfig& config, const LokrLayout& layout, Rng& rng, std::string name = "");
 
   const LokrConfig& config() const { return config_; }
   const LokrLayout& layout() const { return layout_; }
@@ -445,6 +417,38 @@ class LokrAdapter {
   // Scratch reused across calls (backward rebuilds what it needs from the parameters).
   Matrix<T> w1_buf_, w2_buf_, term_, g_, gw1_, gw2_, h_;
 };
+
+template <class T>
+LokrAdapter<T>::LokrAdapter(Index in, Index out, const LokrConfig& config, const LokrLayout& layout, Rng& rng,
+                            std::string name)
+    : config_(config), layout_(layout), in_(in), out_(out), name_(std::move(name)) {
+  validate();
+  const Index r = config.r;
+  const LokrLayout& l = layout_;
+  const bool zero1 = config.init_weights == LokrInit::Default;
+  const bool zero2 = config.init_weights == LokrInit::Lycoris;
+  if (l.w1_full) {
+    w1 = Parameter<T>(l.out_l, l.in_m);
+    if (!zero1) init::kaiming_uniform<T>(w1.value, rng);
+  } else {
+    w1_a = Parameter<T>(l.out_l, r);
+    w1_b = Parameter<T>(r, l.in_m);
+    if (!zero1) init::kaiming_uniform<T>(w1_a.value, rng);
+    init::kaiming_uniform<T>(w1_b.value, rng);
+  }
+  if (l.w2_full) {
+    w2 = Parameter<T>(l.out_k, l.in_n);
+    if (!zero2) init::kaiming_uniform<T>(w2.value, rng);
+  } else {
+    w2_a = Parameter<T>(l.out_k, r);
+    w2_b = Parameter<T>(r, l.in_n);
+    init::kaiming_uniform<T>(w2_a.value, rng);
+    if (!zero2) init::kaiming_uniform<T>(w2_b.value, rng);
+  }
+  for (Parameter<T>* p : {&w1, &w1_a, &w1_b, &w2, &w2_a, &w2_b})
+    if (p->size() == 0) p->set_trainable(false);
+  rng_.reseed(rng.next_u64());
+}
 
 /// The adapter as a kind of adapter for AdaptedLinear::add_adapter (`layer` names the host in messages).
 template <class T>

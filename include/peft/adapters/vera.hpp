@@ -143,20 +143,7 @@ class VeraAdapter {
   /// Validates the config and the projections against (in, out) and initializes as PEFT; `rng`
   /// draws λ_d when init_weights=false and seeds the dropout generator.
   VeraAdapter(Index in, Index out, const VeraConfig& config, std::shared_ptr<const VeraProjections<T>> projections,
-              Rng& rng, std::string name = "")
-      : config_(config), proj_(std::move(projections)), in_(in), out_(out), name_(std::move(name)) {
-    validate();
-    lambda_b = Parameter<T>(1, out, true, true);
-    lambda_d = Parameter<T>(1, config.r, true, true);
-    if (config.init_weights) {
-      lambda_b.value.setZero();
-      lambda_d.value.setConstant(static_cast<T>(config.d_initial));
-    } else {
-      lambda_b.value.setOnes();
-      init::normal<T>(lambda_d.value, rng, 0.0, 1.0);
-    }
-    rng_.reseed(rng.next_u64());
-  }
+              Rng& rng, std::string name = "");
 
   const VeraConfig& config() const { return config_; }
   const std::string& name() const { return name_; }
@@ -300,6 +287,23 @@ class VeraAdapter {
   // Scratch reused across calls (no state between forward and backward lives here).
   Matrix<T> v_, w_, gw_, dv_, gx_;
 };
+
+template <class T>
+VeraAdapter<T>::VeraAdapter(Index in, Index out, const VeraConfig& config,
+                            std::shared_ptr<const VeraProjections<T>> projections, Rng& rng, std::string name)
+    : config_(config), proj_(std::move(projections)), in_(in), out_(out), name_(std::move(name)) {
+  validate();
+  lambda_b = Parameter<T>(1, out, true, true);
+  lambda_d = Parameter<T>(1, config.r, true, true);
+  if (config.init_weights) {
+    lambda_b.value.setZero();
+    lambda_d.value.setConstant(static_cast<T>(config.d_initial));
+  } else {
+    lambda_b.value.setOnes();
+    init::normal<T>(lambda_d.value, rng, 0.0, 1.0);
+  }
+  rng_.reseed(rng.next_u64());
+}
 
 /// The adapter as a kind of adapter for AdaptedLinear::add_adapter (`layer` names the host in messages).
 template <class T>

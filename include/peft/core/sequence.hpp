@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/core/types.hpp"
 
 namespace peft {
@@ -94,21 +95,7 @@ struct SequenceLayout {
 
   /// Throws ShapeError naming `who` unless batch, seq ≥ 1, lengths has batch entries in [1, seq]
   /// and (when data_rows ≥ 0) the data block has batch·seq rows.
-  void validate(const std::string& who, Index data_rows = -1) const {
-    if (batch <= 0 || seq <= 0)
-      throw ShapeError(who + ": sequence batch must have batch >= 1 and seq >= 1, got batch=" + std::to_string(batch) +
-                       ", seq=" + std::to_string(seq));
-    if (static_cast<Index>(lengths.size()) != batch)
-      throw ShapeError(who + ": sequence batch has " + std::to_string(lengths.size()) +
-                       " lengths, expected batch=" + std::to_string(batch));
-    for (Index b = 0; b < batch; ++b)
-      if (length(b) < 1 || length(b) > seq)
-        throw ShapeError(who + ": sequence " + std::to_string(b) + " has length " + std::to_string(length(b)) +
-                         ", expected 1 <= length <= seq=" + std::to_string(seq));
-    if (data_rows >= 0 && data_rows != rows())
-      throw ShapeError(who + ": sequence data has " + std::to_string(data_rows) + " rows, expected batch*seq = " +
-                       std::to_string(batch) + "*" + std::to_string(seq) + " = " + std::to_string(rows()));
-  }
+  PEFT_SEPARATE_INLINE void validate(const std::string& who, Index data_rows = -1) const;
 
   /// The layout after prepending n rows to every sequence: seq + n, lengths + n (left-padded: the n
   /// rows go right before the valid tokens, after the padding).
@@ -140,6 +127,24 @@ struct SequenceLayout {
                        "the right");
   }
 };
+
+#if PEFT_SEPARATE_BODIES  // compiled once in the project's test build (peft/core/separate.hpp)
+PEFT_SEPARATE_INLINE void SequenceLayout::validate(const std::string& who, Index data_rows) const {
+  if (batch <= 0 || seq <= 0)
+    throw ShapeError(who + ": sequence batch must have batch >= 1 and seq >= 1, got batch=" + std::to_string(batch) +
+                     ", seq=" + std::to_string(seq));
+  if (static_cast<Index>(lengths.size()) != batch)
+    throw ShapeError(who + ": sequence batch has " + std::to_string(lengths.size()) +
+                     " lengths, expected batch=" + std::to_string(batch));
+  for (Index b = 0; b < batch; ++b)
+    if (length(b) < 1 || length(b) > seq)
+      throw ShapeError(who + ": sequence " + std::to_string(b) + " has length " + std::to_string(length(b)) +
+                       ", expected 1 <= length <= seq=" + std::to_string(seq));
+  if (data_rows >= 0 && data_rows != rows())
+    throw ShapeError(who + ": sequence data has " + std::to_string(data_rows) + " rows, expected batch*seq = " +
+                     std::to_string(batch) + "*" + std::to_string(seq) + " = " + std::to_string(rows()));
+}
+#endif
 
 /// Data block plus layout, for callers who want a single object.
 template <class T>

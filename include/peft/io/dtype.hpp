@@ -322,3 +322,14 @@ bool encode_elements(DType d, const T* src, std::size_t n, unsigned char* dst, s
 }
 
 }  // namespace peft::io
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_IO_DTYPE_TEMPLATES(KW, T)                                               \
+  KW template void decode_elements<T>(DType, const unsigned char*, std::size_t, T*); \
+  KW template bool encode_elements<T>(DType, const T*, std::size_t, unsigned char*, std::size_t*);
+namespace peft::io {
+PEFT_IO_DTYPE_TEMPLATES(extern, float)
+PEFT_IO_DTYPE_TEMPLATES(extern, double)
+}  // namespace peft::io
+#endif

@@ -43,6 +43,7 @@
 #include <utility>
 #include <vector>
 
+#include "peft/core/separate.hpp"
 #include "peft/core/warnings.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
@@ -80,6 +81,14 @@ inline Index json_index_or(const Json& j, const char* key, Index fallback, const
   return json_has(j, key) ? json_index(j, key, label) : fallback;
 }
 
+}  // namespace detail
+
+/// A LlamaConfig from a parsed config.json (label names the file in messages).
+PEFT_SEPARATE_INLINE LlamaConfig llama_config_from_json(const Json& j, const std::string& label);
+
+// Compiled once in the project's test build (peft/core/separate.hpp).
+#if PEFT_SEPARATE_BODIES
+namespace detail {
 /// The rope settings of a config: transformers 5's rope_parameters or 4.x's rope_theta + rope_scaling.
 inline RopeConfig llama_rope(const Json& j, const std::string& label) {
   RopeConfig r;
@@ -125,8 +134,7 @@ inline RopeConfig llama_rope(const Json& j, const std::string& label) {
 }
 }  // namespace detail
 
-/// A LlamaConfig from a parsed config.json (label names the file in messages).
-inline LlamaConfig llama_config_from_json(const Json& j, const std::string& label) {
+PEFT_SEPARATE_INLINE LlamaConfig llama_config_from_json(const Json& j, const std::string& label) {
   if (!j.is_object()) throw IoError(label + ": config must be a JSON object");
   LlamaConfig c;
   c.model_type = detail::json_get_or<std::string>(j, "model_type", "", label);
@@ -211,6 +219,7 @@ inline LlamaConfig llama_config_from_json(const Json& j, const std::string& labe
   }
   return c;
 }
+#endif  // PEFT_SEPARATE_BODIES
 
 /// Reads and checks a config.json.
 inline LlamaConfig read_llama_config(const std::string& path) {
@@ -401,3 +410,13 @@ LlamaForCausalLM<T> load_llama(const std::string& dir, const LlamaLoadOptions& o
 }
 
 }  // namespace peft::io
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_IO_LLAMA_CHECKPOINT_TEMPLATES(KW, T) \
+  KW template LlamaLoadReport load_llama_weights<T>(LlamaForCausalLM<T>&, const std::string&);
+namespace peft::io {
+PEFT_IO_LLAMA_CHECKPOINT_TEMPLATES(extern, float)
+PEFT_IO_LLAMA_CHECKPOINT_TEMPLATES(extern, double)
+}  // namespace peft::io
+#endif

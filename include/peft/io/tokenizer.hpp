@@ -53,6 +53,7 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/io/file.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/unicode_tables.hpp"
@@ -812,6 +813,9 @@ class Tokenizer {
 /// Reads a Hugging Face tokenizer.json (see Tokenizer).
 inline Tokenizer load_tokenizer(const std::string& path) { return Tokenizer::from_file(path); }
 
+// The definitions below are compiled once in the project's test build (peft/core/separate.hpp).
+#if PEFT_SEPARATE_BODIES
+
 // ---- loading ---------------------------------------------------------------------------------------
 
 namespace detail::tok {
@@ -996,7 +1000,7 @@ inline void read_post_processor(const Ctx& ctx, const JsonMap& n, std::vector<st
 
 }  // namespace detail::tok
 
-inline Tokenizer Tokenizer::from_json(const std::string& text, const std::string& label) {
+PEFT_SEPARATE_INLINE Tokenizer Tokenizer::from_json(const std::string& text, const std::string& label) {
   using detail::tok::JsonMap;
   const detail::tok::Ctx ctx{label};
   const JsonMap root = parse_json_strict<nlohmann::json>(text.data(), text.data() + text.size(), label);
@@ -1116,7 +1120,8 @@ inline Tokenizer Tokenizer::from_json(const std::string& text, const std::string
   return t;
 }
 
-inline Tokenizer Tokenizer::bytes(const std::vector<std::string>& special_tokens, const std::string& bos) {
+PEFT_SEPARATE_INLINE Tokenizer Tokenizer::bytes(const std::vector<std::string>& special_tokens,
+                                                const std::string& bos) {
   Tokenizer t;
   t.label_ = "bytes";
   t.byte_model_ = true;
@@ -1143,7 +1148,7 @@ inline Tokenizer Tokenizer::bytes(const std::vector<std::string>& special_tokens
   return t;
 }
 
-inline void Tokenizer::finish() {
+PEFT_SEPARATE_INLINE void Tokenizer::finish() {
   for (std::size_t k = 0; k < added_.size(); ++k) {
     AddedToken& a = added_[k];
     added_by_id_[a.id] = k;
@@ -1172,7 +1177,7 @@ inline void Tokenizer::finish() {
 
 // ---- encoding ------------------------------------------------------------------------------------
 
-inline std::string Tokenizer::normalize(std::string s) const {
+PEFT_SEPARATE_INLINE std::string Tokenizer::normalize(std::string s) const {
   for (const detail::tok::Normalizer& n : normalizers_) {
     if (n.kind == detail::tok::Normalizer::kPrepend) {
       if (!s.empty()) s = n.a + s;
@@ -1185,7 +1190,8 @@ inline std::string Tokenizer::normalize(std::string s) const {
   return s;
 }
 
-inline void Tokenizer::split_added(const detail::tok::Trie& trie, const Segment& seg, std::vector<Segment>& out) const {
+PEFT_SEPARATE_INLINE void Tokenizer::split_added(const detail::tok::Trie& trie, const Segment& seg,
+                                                 std::vector<Segment>& out) const {
   const std::string& s = seg.text;
   const auto emit = [&](std::size_t begin, std::size_t end, std::int32_t added) {
     if (begin < end) out.push_back({s.substr(begin, end - begin), added, seg.at_start && begin == 0});
@@ -1247,7 +1253,7 @@ inline void Tokenizer::split_added(const detail::tok::Trie& trie, const Segment&
   emit(start_offset, s.size(), -1);
 }
 
-inline Tokenizer::Pieces Tokenizer::run_pre_tokenizer(Pieces pieces) const {
+PEFT_SEPARATE_INLINE Tokenizer::Pieces Tokenizer::run_pre_tokenizer(Pieces pieces) const {
   using namespace detail::tok;
   for (const PreTokenizer& p : pre_) {
     Pieces next;
@@ -1314,7 +1320,7 @@ inline Tokenizer::Pieces Tokenizer::run_pre_tokenizer(Pieces pieces) const {
   return pieces;
 }
 
-inline void Tokenizer::encode_piece(const std::string& w, std::vector<std::int32_t>& out) const {
+PEFT_SEPARATE_INLINE void Tokenizer::encode_piece(const std::string& w, std::vector<std::int32_t>& out) const {
   if (w.empty()) return;
   if (ignore_merges_) {
     const auto it = vocab_.find(w);
@@ -1409,7 +1415,7 @@ inline void Tokenizer::encode_piece(const std::string& w, std::vector<std::int32
     if (x.alive) out.push_back(x.id);
 }
 
-inline std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
+PEFT_SEPARATE_INLINE std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool add_special_tokens) const {
   const std::size_t bad = detail::tok::first_invalid_utf8(text);
   if (bad != std::string_view::npos)
     throw IoError("tokenizer \"" + label_ + "\": text is not valid UTF-8 at byte " + std::to_string(bad));
@@ -1442,7 +1448,7 @@ inline std::vector<std::int32_t> Tokenizer::encode(std::string_view text, bool a
   return out;
 }
 
-inline std::vector<std::string> Tokenizer::pre_tokenize(std::string_view text) const {
+PEFT_SEPARATE_INLINE std::vector<std::string> Tokenizer::pre_tokenize(std::string_view text) const {
   std::vector<std::string> out;
   if (text.empty()) return out;
   for (detail::tok::Piece& p : run_pre_tokenizer({{std::string(text), true}})) out.push_back(std::move(p.text));
@@ -1451,7 +1457,7 @@ inline std::vector<std::string> Tokenizer::pre_tokenize(std::string_view text) c
 
 // ---- decoding ------------------------------------------------------------------------------------
 
-inline std::optional<std::int32_t> Tokenizer::token_to_id(const std::string& token) const {
+PEFT_SEPARATE_INLINE std::optional<std::int32_t> Tokenizer::token_to_id(const std::string& token) const {
   for (const AddedToken& a : added_)
     if (a.content == token) return a.id;
   const auto it = vocab_.find(token);
@@ -1459,19 +1465,20 @@ inline std::optional<std::int32_t> Tokenizer::token_to_id(const std::string& tok
   return std::nullopt;
 }
 
-inline const std::string& Tokenizer::id_to_token(std::int32_t id) const {
+PEFT_SEPARATE_INLINE const std::string& Tokenizer::id_to_token(std::int32_t id) const {
   if (id < 0 || static_cast<std::size_t>(id) >= id_to_token_.size() || !present_[static_cast<std::size_t>(id)])
     throw ConfigError("tokenizer \"" + label_ + "\": id " + std::to_string(id) + " is not in the vocabulary of " +
                       std::to_string(id_to_token_.size()));
   return id_to_token_[static_cast<std::size_t>(id)];
 }
 
-inline bool Tokenizer::is_special(std::int32_t id) const {
+PEFT_SEPARATE_INLINE bool Tokenizer::is_special(std::int32_t id) const {
   const auto it = added_by_id_.find(id);
   return it != added_by_id_.end() && added_[it->second].special;
 }
 
-inline std::string Tokenizer::decode(const std::vector<std::int32_t>& ids, bool skip_special_tokens) const {
+PEFT_SEPARATE_INLINE std::string Tokenizer::decode(const std::vector<std::int32_t>& ids,
+                                                   bool skip_special_tokens) const {
   using namespace detail::tok;
   std::vector<std::string> special_contents;
   for (const AddedToken& a : added_)
@@ -1594,5 +1601,7 @@ inline std::string Tokenizer::decode(const std::vector<std::int32_t>& ids, bool 
   for (const std::string& t : tokens) out += t;
   return out;
 }
+
+#endif  // PEFT_SEPARATE_BODIES
 
 }  // namespace peft::io

@@ -228,3 +228,17 @@ void activation_backward(Activation a, const ConstMatrixRef<T>& z, const ConstMa
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_ACTIVATIONS_TEMPLATES(KW, T)                                                                             \
+  KW template void activation_forward<T>(Activation, const ConstMatrixRef<T>&, Matrix<T>&);                           \
+  KW template void activation_forward_inplace<T>(Activation, MatrixRef<T>);                                           \
+  KW template void activation_backward<T>(Activation, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, Matrix<T>&, \
+                                          Matrix<T>&);                                                                \
+  KW template void activation_backward<T>(Activation, const ConstMatrixRef<T>&, const ConstMatrixRef<T>&, Matrix<T>&);
+namespace peft {
+PEFT_ACTIVATIONS_TEMPLATES(extern, float)
+PEFT_ACTIVATIONS_TEMPLATES(extern, double)
+}  // namespace peft
+#endif

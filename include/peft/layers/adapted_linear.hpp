@@ -172,16 +172,7 @@ class AdaptedLinear : public Module<T> {
   /// A fresh base with nn.Linear's init and no adapters. The base is drawn from `rng` first, then
   /// the dropout generator's seed (in this order on every compiler: the draws are sequenced in the
   /// body, not in an argument list whose evaluation order is unspecified).
-  AdaptedLinear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "")
-      : Module<T>(std::move(name)) {
-    if (in_features <= 0 || out_features <= 0)
-      throw ShapeError(describe(kind_name(), this->name()) + ": features must be > 0, got in=" +
-                       std::to_string(in_features) + ", out=" + std::to_string(out_features));
-    Linear<T> base(in_features, out_features, rng, with_bias, this->name());
-    weight = std::move(base.weight);
-    bias = std::move(base.bias);
-    rng_.reseed(rng.next_u64());
-  }
+  AdaptedLinear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "");
 
   /// Wraps an existing Linear (weights moved in, trainable flags kept).
   explicit AdaptedLinear(Linear<T> base, std::string name = "", std::uint64_t dropout_seed = 0x10a)
@@ -192,28 +183,13 @@ class AdaptedLinear : public Module<T> {
   explicit AdaptedLinear(quant::NF4Tensor q, const RowVector<T>& b = RowVector<T>(), std::string name = "",
                          std::uint64_t dropout_seed = 0x4f4);
 
-  AdaptedLinear(const AdaptedLinear& o)
-      : Module<T>(o),
-        weight(o.weight),
-        bias(o.bias),
-        q_(o.q_),
-        tile_rows_(o.tile_rows_),
-        last_requantize_(o.last_requantize_),
-        active_(o.active_),
-        merged_(o.merged_),
-        disabled_(o.disabled_),
-        generation_(o.generation_),
-        rng_(o.rng_) {
-    adapters_.reserve(o.adapters_.size());
-    for (const auto& m : o.adapters_) adapters_.push_back(m->clone());
-  }
-  AdaptedLinear& operator=(const AdaptedLinear& o) {
-    if (this != &o) *this = AdaptedLinear(o);
-    return *this;
-  }
-  AdaptedLinear(AdaptedLinear&&) noexcept = default;
-  AdaptedLinear& operator=(AdaptedLinear&&) noexcept = default;
-  ~AdaptedLinear() override = default;
+  // Copies clone every adapter. The special members are defined below the class, not defaulted
+  // here: the test build's extern template declaration then covers them too.
+  AdaptedLinear(const AdaptedLinear& o);
+  AdaptedLinear& operator=(const AdaptedLinear& o);
+  AdaptedLinear(AdaptedLinear&&) noexcept;
+  AdaptedLinear& operator=(AdaptedLinear&&) noexcept;
+  ~AdaptedLinear() override;
 
   Parameter<T> weight;  ///< W [out, in]; empty (and frozen) on an NF4 base
   Parameter<T> bias;    ///< b [out] (stored [1, out]); empty when the layer has no bias
@@ -638,6 +614,48 @@ class AdaptedLinear : public Module<T> {
 
 // ---- AdaptedLinear members defined outside the class body (the test build's extern template declaration
 // then covers them; see docs/CONTRIBUTING.md) ----
+template <class T>
+AdaptedLinear<T>::AdaptedLinear(Index in_features, Index out_features, Rng& rng, bool with_bias, std::string name)
+    : Module<T>(std::move(name)) {
+  if (in_features <= 0 || out_features <= 0)
+    throw ShapeError(describe(kind_name(), this->name()) + ": features must be > 0, got in=" +
+                     std::to_string(in_features) + ", out=" + std::to_string(out_features));
+  Linear<T> base(in_features, out_features, rng, with_bias, this->name());
+  weight = std::move(base.weight);
+  bias = std::move(base.bias);
+  rng_.reseed(rng.next_u64());
+}
+
+template <class T>
+AdaptedLinear<T>::AdaptedLinear(const AdaptedLinear& o)
+    : Module<T>(o),
+      weight(o.weight),
+      bias(o.bias),
+      q_(o.q_),
+      tile_rows_(o.tile_rows_),
+      last_requantize_(o.last_requantize_),
+      active_(o.active_),
+      merged_(o.merged_),
+      disabled_(o.disabled_),
+      generation_(o.generation_),
+      rng_(o.rng_) {
+  adapters_.reserve(o.adapters_.size());
+  for (const auto& m : o.adapters_) adapters_.push_back(m->clone());
+}
+
+template <class T>
+AdaptedLinear<T>& AdaptedLinear<T>::operator=(const AdaptedLinear& o) {
+  if (this != &o) *this = AdaptedLinear(o);
+  return *this;
+}
+
+template <class T>
+AdaptedLinear<T>::AdaptedLinear(AdaptedLinear&&) noexcept = default;
+template <class T>
+AdaptedLinear<T>& AdaptedLinear<T>::operator=(AdaptedLinear&&) noexcept = default;
+template <class T>
+AdaptedLinear<T>::~AdaptedLinear() = default;
+
 template <class T>
 LoraAdapter<T>& AdaptedLinear<T>::add_adapter(const std::string& adapter_name, const LoraConfig& config, Rng& rng) {
   check_new_name(adapter_name, "LORA");

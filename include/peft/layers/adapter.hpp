@@ -83,34 +83,7 @@ class Adapter : public Module<T> {
   Adapter() = default;
 
   /// `residual` = true: sequential adapter (y = x + s·g(x)); false: parallel (y = s·g(x)).
-  Adapter(Index dim, const AdapterOptions& options, Rng& rng, bool residual = true, std::string name = "")
-      : Module<T>(std::move(name)), options_(options), residual_(residual) {
-    if (dim <= 0)
-      throw ConfigError(describe("Adapter", this->name()) + ": dim must be > 0, got " + std::to_string(dim));
-    check::positive("Adapter", this->name(), "scaling", options.scaling);
-    const Index b = options.bottleneck_for(dim, describe("Adapter", this->name()));
-    down = Linear<T>(dim, b, rng, true);
-    up = Linear<T>(b, dim, rng, true);
-    switch (options.init) {
-      case AdapterInit::Zero:  // down keeps nn.Linear's init; up is zero → exact identity
-        up.weight.value.setZero();
-        up.bias.value.setZero();
-        break;
-      case AdapterInit::Bert:
-        init::normal<T>(down.weight.value, rng, 0.0, 0.02);
-        init::normal<T>(up.weight.value, rng, 0.0, 0.02);
-        down.bias.value.setZero();
-        up.bias.value.setZero();
-        break;
-      case AdapterInit::Houlsby:
-        init::truncated_normal<T>(down.weight.value, rng, 0.0, 1e-2);
-        init::truncated_normal<T>(up.weight.value, rng, 0.0, 1e-2);
-        down.bias.value.setZero();
-        up.bias.value.setZero();
-        break;
-    }
-    this->set_name(this->name());
-  }
+  Adapter(Index dim, const AdapterOptions& options, Rng& rng, bool residual = true, std::string name = "");
 
   Linear<T> down;  ///< W_d [b, d], b_d [b]   (names `adapter_down.weight`, `adapter_down.bias`)
   Linear<T> up;    ///< W_u [d, b], b_u [d]   (names `adapter_up.weight`, `adapter_up.bias`)
@@ -151,6 +124,35 @@ class Adapter : public Module<T> {
   Matrix<T> h_inf_, a_inf_;  ///< forward_inference's H and f(H) [rows, b]
   Matrix<T> fprime_;         ///< backward scratch f'(H)
 };
+
+template <class T>
+Adapter<T>::Adapter(Index dim, const AdapterOptions& options, Rng& rng, bool residual, std::string name)
+    : Module<T>(std::move(name)), options_(options), residual_(residual) {
+  if (dim <= 0) throw ConfigError(describe("Adapter", this->name()) + ": dim must be > 0, got " + std::to_string(dim));
+  check::positive("Adapter", this->name(), "scaling", options.scaling);
+  const Index b = options.bottleneck_for(dim, describe("Adapter", this->name()));
+  down = Linear<T>(dim, b, rng, true);
+  up = Linear<T>(b, dim, rng, true);
+  switch (options.init) {
+    case AdapterInit::Zero:  // down keeps nn.Linear's init; up is zero → exact identity
+      up.weight.value.setZero();
+      up.bias.value.setZero();
+      break;
+    case AdapterInit::Bert:
+      init::normal<T>(down.weight.value, rng, 0.0, 0.02);
+      init::normal<T>(up.weight.value, rng, 0.0, 0.02);
+      down.bias.value.setZero();
+      up.bias.value.setZero();
+      break;
+    case AdapterInit::Houlsby:
+      init::truncated_normal<T>(down.weight.value, rng, 0.0, 1e-2);
+      init::truncated_normal<T>(up.weight.value, rng, 0.0, 1e-2);
+      down.bias.value.setZero();
+      up.bias.value.setZero();
+      break;
+  }
+  this->set_name(this->name());
+}
 
 // ---- Adapter members defined outside the class body (the test build's extern template declaration
 // then covers them; see docs/CONTRIBUTING.md) ----

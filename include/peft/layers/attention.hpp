@@ -92,21 +92,7 @@ class MultiHeadAttention : public Module<T> {
   MultiHeadAttention() = default;
 
   /// dim must be divisible by num_heads. Projections get nn.Linear's init.
-  MultiHeadAttention(Index dim, Index num_heads, Rng& rng, AttentionOptions options = {}, std::string name = "")
-      : Module<T>(std::move(name)), num_heads_(num_heads), causal_(options.causal) {
-    const std::string who = describe("MultiHeadAttention", this->name());
-    if (dim <= 0 || num_heads <= 0)
-      throw ConfigError(who + ": dim and num_heads must be > 0, got dim=" + std::to_string(dim) +
-                        ", num_heads=" + std::to_string(num_heads));
-    if (dim % num_heads != 0)
-      throw ConfigError(who + ": dim " + std::to_string(dim) + " is not divisible by num_heads " +
-                        std::to_string(num_heads));
-    q_proj = LoRALinear<T>(dim, dim, rng, options.bias);
-    k_proj = LoRALinear<T>(dim, dim, rng, options.bias);
-    v_proj = LoRALinear<T>(dim, dim, rng, options.bias);
-    out_proj = LoRALinear<T>(dim, dim, rng, options.bias);
-    this->set_name(this->name());
-  }
+  MultiHeadAttention(Index dim, Index num_heads, Rng& rng, AttentionOptions options = {}, std::string name = "");
 
   LoRALinear<T> q_proj, k_proj, v_proj, out_proj;
 
@@ -228,6 +214,24 @@ class MultiHeadAttention : public Module<T> {
   RoutedWorkspace<T> route_[4];                    ///< per-sequence adapter routing of q, k, v, out
   Matrix<T> pk_inf_, pv_inf_;                      ///< the prefix keys / values [l, d] (copied as forward copies them)
 };
+
+template <class T>
+MultiHeadAttention<T>::MultiHeadAttention(Index dim, Index num_heads, Rng& rng, AttentionOptions options,
+                                          std::string name)
+    : Module<T>(std::move(name)), num_heads_(num_heads), causal_(options.causal) {
+  const std::string who = describe("MultiHeadAttention", this->name());
+  if (dim <= 0 || num_heads <= 0)
+    throw ConfigError(who + ": dim and num_heads must be > 0, got dim=" + std::to_string(dim) +
+                      ", num_heads=" + std::to_string(num_heads));
+  if (dim % num_heads != 0)
+    throw ConfigError(who + ": dim " + std::to_string(dim) + " is not divisible by num_heads " +
+                      std::to_string(num_heads));
+  q_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+  k_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+  v_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+  out_proj = LoRALinear<T>(dim, dim, rng, options.bias);
+  this->set_name(this->name());
+}
 
 // ---- MultiHeadAttention members defined outside the class body (the test build's extern template declaration
 // then covers them; see docs/CONTRIBUTING.md) ----

@@ -25,19 +25,7 @@ class Linear : public Module<T> {
   Linear() = default;
 
   /// torch.nn.Linear's init: W ~ kaiming_uniform(a=√5) = U(±1/√in), b ~ U(±1/√in).
-  Linear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "")
-      : Module<T>(std::move(name)) {
-    if (in_features <= 0 || out_features <= 0)  // before any sizing: a negative size would abort in Eigen
-      throw ShapeError(describe("Linear", this->name()) + ": features must be > 0, got in=" +
-                       std::to_string(in_features) + ", out=" + std::to_string(out_features));
-    weight = Parameter<T>(out_features, in_features, true);
-    if (with_bias) bias = Parameter<T>(1, out_features, true, true);
-    init::kaiming_uniform<T>(weight.value, rng);
-    if (has_bias()) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
-      init::uniform<T>(bias.value, rng, -bound, bound);
-    }
-  }
+  Linear(Index in_features, Index out_features, Rng& rng, bool with_bias = true, std::string name = "");
 
   /// Wraps existing weights (e.g. loaded from a file). `b` may be empty for no bias.
   Linear(Matrix<T> w, const RowVector<T>& b, std::string name = "") : Module<T>(std::move(name)) {
@@ -86,6 +74,21 @@ class Linear : public Module<T> {
     if (has_bias()) fn("bias", bias);
   }
 };
+
+template <class T>
+Linear<T>::Linear(Index in_features, Index out_features, Rng& rng, bool with_bias, std::string name)
+    : Module<T>(std::move(name)) {
+  if (in_features <= 0 || out_features <= 0)  // before any sizing: a negative size would abort in Eigen
+    throw ShapeError(describe("Linear", this->name()) + ": features must be > 0, got in=" +
+                     std::to_string(in_features) + ", out=" + std::to_string(out_features));
+  weight = Parameter<T>(out_features, in_features, true);
+  if (with_bias) bias = Parameter<T>(1, out_features, true, true);
+  init::kaiming_uniform<T>(weight.value, rng);
+  if (has_bias()) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+    init::uniform<T>(bias.value, rng, -bound, bound);
+  }
+}
 
 // ---- Linear members defined outside the class body (the test build's extern template declaration
 // then covers them; see docs/CONTRIBUTING.md) ----

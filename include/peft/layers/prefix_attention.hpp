@@ -58,26 +58,7 @@ class PrefixAttention : public Module<T> {
   PrefixAttention() = default;
 
   /// Fresh parameters with PEFT's init: embedding N(0, 1), transform layers nn.Linear's default.
-  PrefixAttention(const PrefixConfig& config, Rng& rng, std::string name = "")
-      : Module<T>(std::move(name)), config_(config) {
-    const std::string who = describe("PrefixAttention", this->name());
-    if (config.num_virtual_tokens <= 0 || config.token_dim <= 0 || config.num_layers <= 0)
-      throw ConfigError(who + ": num_virtual_tokens, token_dim and num_layers must be > 0, got " +
-                        std::to_string(config.num_virtual_tokens) + ", " + std::to_string(config.token_dim) + ", " +
-                        std::to_string(config.num_layers));
-    if (config.prefix_projection) {
-      if (config.encoder_hidden_size <= 0)
-        throw ConfigError(who + ": prefix_projection needs encoder_hidden_size > 0, got " +
-                          std::to_string(config.encoder_hidden_size));
-      embedding = Parameter<T>(config.num_virtual_tokens, config.token_dim, true);
-      transform_0 = Linear<T>(config.token_dim, config.encoder_hidden_size, rng);
-      transform_2 = Linear<T>(config.encoder_hidden_size, table_cols(), rng);
-    } else {
-      embedding = Parameter<T>(config.num_virtual_tokens, table_cols(), true);
-    }
-    init::normal<T>(embedding.value, rng, 0.0, 1.0);
-    this->set_name(this->name());
-  }
+  PrefixAttention(const PrefixConfig& config, Rng& rng, std::string name = "");
 
   /// A flat prefix from PEFT's `prompt_embeddings` [l, L·2·d].
   static PrefixAttention from_prompt_embeddings(const ConstMatrixRef<T>& table, Index num_layers,
@@ -173,6 +154,28 @@ class PrefixAttention : public Module<T> {
   Matrix<T> dembedding_;              ///< backward scratch [l, d]
   Matrix<T> hidden_inf_, table_inf_;  ///< inference_table()'s tanh(E W_0ᵀ + b_0) and T (projected only)
 };
+
+template <class T>
+PrefixAttention<T>::PrefixAttention(const PrefixConfig& config, Rng& rng, std::string name)
+    : Module<T>(std::move(name)), config_(config) {
+  const std::string who = describe("PrefixAttention", this->name());
+  if (config.num_virtual_tokens <= 0 || config.token_dim <= 0 || config.num_layers <= 0)
+    throw ConfigError(who + ": num_virtual_tokens, token_dim and num_layers must be > 0, got " +
+                      std::to_string(config.num_virtual_tokens) + ", " + std::to_string(config.token_dim) + ", " +
+                      std::to_string(config.num_layers));
+  if (config.prefix_projection) {
+    if (config.encoder_hidden_size <= 0)
+      throw ConfigError(who + ": prefix_projection needs encoder_hidden_size > 0, got " +
+                        std::to_string(config.encoder_hidden_size));
+    embedding = Parameter<T>(config.num_virtual_tokens, config.token_dim, true);
+    transform_0 = Linear<T>(config.token_dim, config.encoder_hidden_size, rng);
+    transform_2 = Linear<T>(config.encoder_hidden_size, table_cols(), rng);
+  } else {
+    embedding = Parameter<T>(config.num_virtual_tokens, table_cols(), true);
+  }
+  init::normal<T>(embedding.value, rng, 0.0, 1.0);
+  this->set_name(this->name());
+}
 
 // ---- PrefixAttention members defined outside the class body (the test build's extern template declaration
 // then covers them; see docs/CONTRIBUTING.md) ----

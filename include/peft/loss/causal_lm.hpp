@@ -122,3 +122,14 @@ inline double bits_per_byte(double nll_sum, std::int64_t bytes) {
 inline double bits_per_byte(const CausalLMStats& s, std::int64_t bytes) { return bits_per_byte(s.nll_sum, bytes); }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_CAUSAL_LM_TEMPLATES(KW, T)                                                                              \
+  KW template T causal_lm_loss<T>(const ConstMatrixRef<T>&, const std::vector<std::int64_t>&, const SequenceLayout&, \
+                                  Matrix<T>*, CausalLMStats*, std::int64_t);
+namespace peft {
+PEFT_CAUSAL_LM_TEMPLATES(extern, float)
+PEFT_CAUSAL_LM_TEMPLATES(extern, double)
+}  // namespace peft
+#endif

@@ -90,3 +90,14 @@ T cross_entropy(const ConstMatrixRef<T>& logits, const std::vector<std::int64_t>
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_CROSS_ENTROPY_TEMPLATES(KW, T)                                                              \
+  KW template T cross_entropy<T>(const ConstMatrixRef<T>&, const std::vector<std::int64_t>&, Matrix<T>*, \
+                                 const CrossEntropyOptions&);
+namespace peft {
+PEFT_CROSS_ENTROPY_TEMPLATES(extern, float)
+PEFT_CROSS_ENTROPY_TEMPLATES(extern, double)
+}  // namespace peft
+#endif

@@ -263,3 +263,14 @@ T distillation_loss(const ConstMatrixRef<T>& student_logits, const ConstMatrixRe
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_KL_TEMPLATES(KW, T)                                                                           \
+  KW template void label_log_probs_backward<T>(const ConstMatrixRef<T>&, const std::vector<std::int64_t>&, \
+                                               const ConstMatrixRef<T>&, Matrix<T>&, std::int64_t);
+namespace peft {
+PEFT_KL_TEMPLATES(extern, float)
+PEFT_KL_TEMPLATES(extern, double)
+}  // namespace peft
+#endif

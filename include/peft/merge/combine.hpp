@@ -367,3 +367,16 @@ CombineResult<T> add_combined_adapter(LoRALinear<T>& layer, const std::string& n
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_COMBINE_TEMPLATES(KW, T)                                                                         \
+  KW template Matrix<T> combination_target<T>(const std::vector<LoraFactors<T>>&, const std::vector<double>&, \
+                                              const CombineOptions&, const std::string&);                     \
+  KW template CombineResult<T> combine<T>(const std::vector<LoraFactors<T>>&, const std::vector<double>&,     \
+                                          const CombineOptions&, const std::string&);
+namespace peft {
+PEFT_COMBINE_TEMPLATES(extern, float)
+PEFT_COMBINE_TEMPLATES(extern, double)
+}  // namespace peft
+#endif

@@ -128,3 +128,13 @@ LoraAdapter<T>& add_factors_as_adapter(LoRALinear<T>& layer, const std::string& 
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+#define PEFT_FACTORS_TEMPLATES(KW, T) \
+  KW template void detail::validate_factors<T>(const char*, const LoraFactors<T>&, std::size_t);
+namespace peft {
+PEFT_FACTORS_TEMPLATES(extern, float)
+PEFT_FACTORS_TEMPLATES(extern, double)
+}  // namespace peft
+#endif

@@ -70,6 +70,7 @@
 #include "peft/core/parallel.hpp"
 #include "peft/core/rng.hpp"
 #include "peft/core/scratch.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/core/sequence.hpp"
 #include "peft/layers/adapted_linear.hpp"
 #include "peft/layers/embedding.hpp"
@@ -124,47 +125,51 @@ struct LlamaConfig {
   static constexpr Index kMaxDimension = Index(1) << 24;
 
   /// ConfigError naming the first invalid field.
-  void validate() const {
-    const std::string who = "LlamaConfig";
-    auto pos = [&](const char* key, Index v) {
-      if (v <= 0 || v > kMaxDimension)
-        throw ConfigError(who + ": " + key + " must be in [1, kMaxDimension = " + std::to_string(kMaxDimension) +
-                          "], got " + std::to_string(v));
-    };
-    pos("vocab_size", vocab_size);
-    pos("hidden_size", hidden_size);
-    pos("intermediate_size", intermediate_size);
-    pos("num_hidden_layers", num_hidden_layers);
-    pos("num_attention_heads", num_attention_heads);
-    pos("num_key_value_heads", kv_heads());
-    if (head_dim != 0) pos("head_dim", head_dim);
-    if (sliding_window < 0) throw ConfigError(who + ": sliding_window must be >= 0");
-    if (max_window_layers < 0) throw ConfigError(who + ": max_window_layers must be >= 0");
-    if (!layer_types.empty()) {
-      if (static_cast<Index>(layer_types.size()) != num_hidden_layers)
-        throw ConfigError(who + ": layer_types has " + std::to_string(layer_types.size()) + " entries for " +
-                          std::to_string(num_hidden_layers) + " layers");
-      for (const std::string& t : layer_types) {
-        if (t != "full_attention" && t != "sliding_attention")
-          throw ConfigError(who + ": layer_types holds \"" + t +
-                            "\" (full_attention and sliding_attention are supported)");
-        if (t == "sliding_attention" && sliding_window <= 0)
-          throw ConfigError(who + ": layer_types holds sliding_attention but sliding_window is not set");
-      }
-    }
-    if (num_attention_heads % kv_heads() != 0)
-      throw ConfigError(who + ": num_attention_heads " + std::to_string(num_attention_heads) +
-                        " is not a multiple of num_key_value_heads " + std::to_string(kv_heads()));
-    if (head_dim <= 0 && hidden_size % num_attention_heads != 0)
-      throw ConfigError(who + ": hidden_size " + std::to_string(hidden_size) + " is not divisible by " +
-                        "num_attention_heads " + std::to_string(num_attention_heads) + " (and head_dim is not set)");
-    if (resolved_head_dim() % 2 != 0)
-      throw ConfigError(who + ": head_dim must be even for rotary embeddings, got " +
-                        std::to_string(resolved_head_dim()));
-    if (!(rms_norm_eps > 0.0)) throw ConfigError(who + ": rms_norm_eps must be > 0");
-    (void)rope_inverse_frequencies(rope, resolved_head_dim());  // rope_type and its parameters
-  }
+  PEFT_SEPARATE_INLINE void validate() const;
 };
+
+#if PEFT_SEPARATE_BODIES  // compiled once in the project's test build (peft/core/separate.hpp)
+PEFT_SEPARATE_INLINE void LlamaConfig::validate() const {
+  const std::string who = "LlamaConfig";
+  auto pos = [&](const char* key, Index v) {
+    if (v <= 0 || v > kMaxDimension)
+      throw ConfigError(who + ": " + key + " must be in [1, kMaxDimension = " + std::to_string(kMaxDimension) +
+                        "], got " + std::to_string(v));
+  };
+  pos("vocab_size", vocab_size);
+  pos("hidden_size", hidden_size);
+  pos("intermediate_size", intermediate_size);
+  pos("num_hidden_layers", num_hidden_layers);
+  pos("num_attention_heads", num_attention_heads);
+  pos("num_key_value_heads", kv_heads());
+  if (head_dim != 0) pos("head_dim", head_dim);
+  if (sliding_window < 0) throw ConfigError(who + ": sliding_window must be >= 0");
+  if (max_window_layers < 0) throw ConfigError(who + ": max_window_layers must be >= 0");
+  if (!layer_types.empty()) {
+    if (static_cast<Index>(layer_types.size()) != num_hidden_layers)
+      throw ConfigError(who + ": layer_types has " + std::to_string(layer_types.size()) + " entries for " +
+                        std::to_string(num_hidden_layers) + " layers");
+    for (const std::string& t : layer_types) {
+      if (t != "full_attention" && t != "sliding_attention")
+        throw ConfigError(who + ": layer_types holds \"" + t +
+                          "\" (full_attention and sliding_attention are supported)");
+      if (t == "sliding_attention" && sliding_window <= 0)
+        throw ConfigError(who + ": layer_types holds sliding_attention but sliding_window is not set");
+    }
+  }
+  if (num_attention_heads % kv_heads() != 0)
+    throw ConfigError(who + ": num_attention_heads " + std::to_string(num_attention_heads) +
+                      " is not a multiple of num_key_value_heads " + std::to_string(kv_heads()));
+  if (head_dim <= 0 && hidden_size % num_attention_heads != 0)
+    throw ConfigError(who + ": hidden_size " + std::to_string(hidden_size) + " is not divisible by " +
+                      "num_attention_heads " + std::to_string(num_attention_heads) + " (and head_dim is not set)");
+  if (resolved_head_dim() % 2 != 0)
+    throw ConfigError(who + ": head_dim must be even for rotary embeddings, got " +
+                      std::to_string(resolved_head_dim()));
+  if (!(rms_norm_eps > 0.0)) throw ConfigError(who + ": rms_norm_eps must be > 0");
+  (void)rope_inverse_frequencies(rope, resolved_head_dim());  // rope_type and its parameters
+}
+#endif
 
 namespace detail {
 /// A frozen adapted linear of the given shape, weights zero (filled by a loader or an init).
@@ -274,17 +279,7 @@ class LlamaAttention : public Module<T> {
 
   LlamaAttention() = default;
   /// `window` > 0: sliding-window attention over that many positions (LlamaConfig::layer_window).
-  LlamaAttention(const LlamaConfig& c, std::uint64_t seed, Index window = 0)
-      : num_heads_(c.num_attention_heads),
-        num_kv_heads_(c.kv_heads()),
-        head_dim_(c.resolved_head_dim()),
-        window_(window) {
-    const Index d = c.hidden_size, hd = head_dim_;
-    q_proj = detail::llama_linear<T>(d, num_heads_ * hd, c.qkv_bias, seed + 1);
-    k_proj = detail::llama_linear<T>(d, num_kv_heads_ * hd, c.qkv_bias, seed + 2);
-    v_proj = detail::llama_linear<T>(d, num_kv_heads_ * hd, c.qkv_bias, seed + 3);
-    o_proj = detail::llama_linear<T>(num_heads_ * hd, d, c.o_bias, seed + 4);
-  }
+  LlamaAttention(const LlamaConfig& c, std::uint64_t seed, Index window = 0);
 
   AdaptedLinear<T> q_proj, k_proj, v_proj, o_proj;
 
@@ -341,6 +336,19 @@ class LlamaAttention : public Module<T> {
   Matrix<T> scores_, dprobs_;
 };
 
+template <class T>
+LlamaAttention<T>::LlamaAttention(const LlamaConfig& c, std::uint64_t seed, Index window)
+    : num_heads_(c.num_attention_heads),
+      num_kv_heads_(c.kv_heads()),
+      head_dim_(c.resolved_head_dim()),
+      window_(window) {
+  const Index d = c.hidden_size, hd = head_dim_;
+  q_proj = detail::llama_linear<T>(d, num_heads_ * hd, c.qkv_bias, seed + 1);
+  k_proj = detail::llama_linear<T>(d, num_kv_heads_ * hd, c.qkv_bias, seed + 2);
+  v_proj = detail::llama_linear<T>(d, num_kv_heads_ * hd, c.qkv_bias, seed + 3);
+  o_proj = detail::llama_linear<T>(num_heads_ * hd, d, c.o_bias, seed + 4);
+}
+
 // ------------------------------------------------------------------------------------------------
 // SwiGLU MLP.
 // ------------------------------------------------------------------------------------------------
@@ -356,11 +364,7 @@ class LlamaMLP : public Module<T> {
   };
 
   LlamaMLP() = default;
-  LlamaMLP(const LlamaConfig& c, std::uint64_t seed) {
-    gate_proj = detail::llama_linear<T>(c.hidden_size, c.intermediate_size, c.mlp_bias, seed + 5);
-    up_proj = detail::llama_linear<T>(c.hidden_size, c.intermediate_size, c.mlp_bias, seed + 6);
-    down_proj = detail::llama_linear<T>(c.intermediate_size, c.hidden_size, c.mlp_bias, seed + 7);
-  }
+  LlamaMLP(const LlamaConfig& c, std::uint64_t seed);
 
   AdaptedLinear<T> gate_proj, up_proj, down_proj;
 
@@ -391,6 +395,13 @@ class LlamaMLP : public Module<T> {
   }
 };
 
+template <class T>
+LlamaMLP<T>::LlamaMLP(const LlamaConfig& c, std::uint64_t seed) {
+  gate_proj = detail::llama_linear<T>(c.hidden_size, c.intermediate_size, c.mlp_bias, seed + 5);
+  up_proj = detail::llama_linear<T>(c.hidden_size, c.intermediate_size, c.mlp_bias, seed + 6);
+  down_proj = detail::llama_linear<T>(c.intermediate_size, c.hidden_size, c.mlp_bias, seed + 7);
+}
+
 // ------------------------------------------------------------------------------------------------
 // One decoder block.
 // ------------------------------------------------------------------------------------------------
@@ -404,14 +415,7 @@ class LlamaDecoderLayer : public Module<T> {
   };
 
   LlamaDecoderLayer() = default;
-  LlamaDecoderLayer(const LlamaConfig& c, std::uint64_t seed, Index window = 0)
-      : input_layernorm(c.hidden_size, c.rms_norm_eps),
-        self_attn(c, seed, window),
-        post_attention_layernorm(c.hidden_size, c.rms_norm_eps),
-        mlp(c, seed) {
-    input_layernorm.weight.set_trainable(false);
-    post_attention_layernorm.weight.set_trainable(false);
-  }
+  LlamaDecoderLayer(const LlamaConfig& c, std::uint64_t seed, Index window = 0);
 
   RMSNorm<T> input_layernorm;
   LlamaAttention<T> self_attn;
@@ -449,6 +453,16 @@ class LlamaDecoderLayer : public Module<T> {
   typename RMSNorm<T>::Cache norm_inf_;
 };
 
+template <class T>
+LlamaDecoderLayer<T>::LlamaDecoderLayer(const LlamaConfig& c, std::uint64_t seed, Index window)
+    : input_layernorm(c.hidden_size, c.rms_norm_eps),
+      self_attn(c, seed, window),
+      post_attention_layernorm(c.hidden_size, c.rms_norm_eps),
+      mlp(c, seed) {
+  input_layernorm.weight.set_trainable(false);
+  post_attention_layernorm.weight.set_trainable(false);
+}
+
 // ------------------------------------------------------------------------------------------------
 // The decoder stack (HF's LlamaModel: `model.*`).
 // ------------------------------------------------------------------------------------------------
@@ -465,13 +479,7 @@ class LlamaModel : public Module<T> {
   };
 
   LlamaModel() = default;
-  explicit LlamaModel(const LlamaConfig& c) : norm(c.hidden_size, c.rms_norm_eps) {
-    embed_tokens.weight = Parameter<T>(c.vocab_size, c.hidden_size, false);
-    embed_tokens.weight.value.setZero();
-    for (Index i = 0; i < c.num_hidden_layers; ++i)
-      layers.emplace_back(c, 0x11a3a000ULL + 16ULL * static_cast<std::uint64_t>(i), c.layer_window(i));
-    norm.weight.set_trainable(false);
-  }
+  explicit LlamaModel(const LlamaConfig& c);
 
   Embedding<T> embed_tokens;
   std::vector<LlamaDecoderLayer<T>> layers;
@@ -507,6 +515,15 @@ class LlamaModel : public Module<T> {
   typename RMSNorm<T>::Cache norm_inf_;
 };
 
+template <class T>
+LlamaModel<T>::LlamaModel(const LlamaConfig& c) : norm(c.hidden_size, c.rms_norm_eps) {
+  embed_tokens.weight = Parameter<T>(c.vocab_size, c.hidden_size, false);
+  embed_tokens.weight.value.setZero();
+  for (Index i = 0; i < c.num_hidden_layers; ++i)
+    layers.emplace_back(c, 0x11a3a000ULL + 16ULL * static_cast<std::uint64_t>(i), c.layer_window(i));
+  norm.weight.set_trainable(false);
+}
+
 // ------------------------------------------------------------------------------------------------
 // The causal LM (HF's LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM).
 // ------------------------------------------------------------------------------------------------
@@ -524,14 +541,7 @@ class LlamaForCausalLM : public Module<T> {
   LlamaForCausalLM() = default;
 
   /// Weights allocated, zero and frozen (a loader fills them: io/llama_checkpoint.hpp).
-  explicit LlamaForCausalLM(const LlamaConfig& config) : config_(config) {
-    config.validate();
-    model = LlamaModel<T>(config);
-    if (!config.tie_word_embeddings)
-      lm_head = detail::llama_linear<T>(config.hidden_size, config.vocab_size, false, 0x1e4dULL);
-    rope_ = RotaryEmbedding<T>(config.rope, config.resolved_head_dim());
-    this->set_name(this->name());
-  }
+  explicit LlamaForCausalLM(const LlamaConfig& config);
 
   /// Hugging Face's init (_init_weights): linears and embeddings N(0, initializer_range²), biases
   /// 0, norms 1; every parameter trainable.
@@ -642,6 +652,16 @@ class LlamaForCausalLM : public Module<T> {
   typename PrefixAttention<T>::Cache prefix_inf_;
   detail::LlamaRoute<T> head_route_;
 };
+
+template <class T>
+LlamaForCausalLM<T>::LlamaForCausalLM(const LlamaConfig& config) : config_(config) {
+  config.validate();
+  model = LlamaModel<T>(config);
+  if (!config.tie_word_embeddings)
+    lm_head = detail::llama_linear<T>(config.hidden_size, config.vocab_size, false, 0x1e4dULL);
+  rope_ = RotaryEmbedding<T>(config.rope, config.resolved_head_dim());
+  this->set_name(this->name());
+}
 
 // ---- members defined outside the class bodies (the test build's extern template declaration then
 // covers them; see docs/CONTRIBUTING.md) ----

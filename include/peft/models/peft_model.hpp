@@ -853,3 +853,11 @@ void PeftModel<T>::save_prompt_adapter(const std::string& dir, const std::string
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_io.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class PeftModel<float>;
+extern template class PeftModel<double>;
+}  // namespace peft
+#endif

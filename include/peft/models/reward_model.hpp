@@ -203,3 +203,11 @@ RewardNormalization reward_normalization(LlamaRewardModel<T>& rm, const std::vec
 }
 
 }  // namespace peft
+
+// The test build compiles these once (tests/support/instantiations_*.inc); never defined for users.
+#ifdef PEFT_EXTERN_TEMPLATES
+namespace peft {
+extern template class LlamaRewardModel<float>;
+extern template class LlamaRewardModel<double>;
+}  // namespace peft
+#endif

@@ -381,30 +381,7 @@ class TransformerClassifier : public Module<T> {
 
   TransformerClassifier() = default;
 
-  TransformerClassifier(const TransformerConfig& config, Rng& rng, std::string name = "")
-      : Module<T>(std::move(name)), config_(config) {
-    const std::string who = describe("TransformerClassifier", this->name());
-    if ((config.vocab_size > 0) == (config.input_dim > 0))
-      throw ConfigError(who +
-                        ": exactly one of vocab_size (token input) and input_dim (feature input) must be > 0, got " +
-                        std::to_string(config.vocab_size) + " and " + std::to_string(config.input_dim));
-    if (config.num_layers <= 0 || config.num_classes <= 0 || config.max_seq_len < 0)
-      throw ConfigError(who + ": num_layers and num_classes must be > 0 and max_seq_len >= 0, got " +
-                        std::to_string(config.num_layers) + ", " + std::to_string(config.num_classes) + ", " +
-                        std::to_string(config.max_seq_len));
-    if (config.vocab_size > 0)
-      embed_tokens = Embedding<T>(config.vocab_size, config.dim, rng);
-    else
-      patch_embed = LoRALinear<T>(config.input_dim, config.dim, rng);
-    if (config.max_seq_len > 0) {
-      embed_positions = PositionalEmbedding<T>(config.max_seq_len, config.dim, rng);
-      init::normal<T>(embed_positions.weight.value, rng, 0.0, 0.02);  // BERT / ViT-style small positions
-    }
-    for (Index i = 0; i < config.num_layers; ++i) layers.emplace_back(config, rng);
-    if (config.final_norm) norm = LayerNorm<T>(config.dim, config.norm_eps);
-    classifier = LoRALinear<T>(config.dim, config.num_classes, rng);  // the host's original
-    this->set_name(this->name());
-  }
+  TransformerClassifier(const TransformerConfig& config, Rng& rng, std::string name = "");
 
   Embedding<T> embed_tokens;               ///< token input only
   LoRALinear<T> patch_embed;               ///< feature input only
@@ -584,6 +561,32 @@ class TransformerClassifier : public Module<T> {
   // backward scratch
   Matrix<T> dpooled_, dh_a_, dh_b_, dh_e_;
 };
+
+template <class T>
+TransformerClassifier<T>::TransformerClassifier(const TransformerConfig& config, Rng& rng, std::string name)
+    : Module<T>(std::move(name)), config_(config) {
+  const std::string who = describe("TransformerClassifier", this->name());
+  if ((config.vocab_size > 0) == (config.input_dim > 0))
+    throw ConfigError(who +
+                      ": exactly one of vocab_size (token input) and input_dim (feature input) must be > 0, got " +
+                      std::to_string(config.vocab_size) + " and " + std::to_string(config.input_dim));
+  if (config.num_layers <= 0 || config.num_classes <= 0 || config.max_seq_len < 0)
+    throw ConfigError(who + ": num_layers and num_classes must be > 0 and max_seq_len >= 0, got " +
+                      std::to_string(config.num_layers) + ", " + std::to_string(config.num_classes) + ", " +
+                      std::to_string(config.max_seq_len));
+  if (config.vocab_size > 0)
+    embed_tokens = Embedding<T>(config.vocab_size, config.dim, rng);
+  else
+    patch_embed = LoRALinear<T>(config.input_dim, config.dim, rng);
+  if (config.max_seq_len > 0) {
+    embed_positions = PositionalEmbedding<T>(config.max_seq_len, config.dim, rng);
+    init::normal<T>(embed_positions.weight.value, rng, 0.0, 0.02);  // BERT / ViT-style small positions
+  }
+  for (Index i = 0; i < config.num_layers; ++i) layers.emplace_back(config, rng);
+  if (config.final_norm) norm = LayerNorm<T>(config.dim, config.norm_eps);
+  classifier = LoRALinear<T>(config.dim, config.num_classes, rng);  // the host's original
+  this->set_name(this->name());
+}
 
 // ---- TransformerClassifier members defined outside the class body (the test build's extern template declaration
 // then covers them; see docs/CONTRIBUTING.md) ----

@@ -25,6 +25,7 @@
 
 #include "peft/core/error.hpp"
 #include "peft/core/regex.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/io/json.hpp"
 #include "peft/io/safetensors.hpp"
 #include "peft/quant/nf4.hpp"
@@ -145,7 +146,10 @@ inline std::vector<std::string> bnb_4bit_prefixes(const io::SafeTensorsFile& f) 
 /// IoError: a tensor is missing, has the wrong dtype, or the JSON is malformed; ConfigError: a
 /// quant type other than nf4, an unsupported block size or dtype; ShapeError: buffer sizes that do
 /// not match the shape.
-inline NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& prefix) {
+PEFT_SEPARATE_INLINE NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& prefix);
+
+#if PEFT_SEPARATE_BODIES  // compiled once in the project's test build (peft/core/separate.hpp)
+PEFT_SEPARATE_INLINE NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& prefix) {
   const std::string who = "read_bnb_nf4 \"" + f.path() + "\" module \"" + prefix + "\"";
   std::string state_name;
   for (const char* qt : {"nf4", "fp4"}) {
@@ -228,6 +232,7 @@ inline NF4Tensor read_bnb_nf4(const io::SafeTensorsFile& f, const std::string& p
   t.validate(who);
   return t;
 }
+#endif
 
 /// The safetensors entries of one NF4 weight, in the order transformers' state dict has them.
 inline void add_bnb_nf4_specs(const std::string& prefix, const NF4Tensor& t, std::vector<io::TensorSpec>& specs) {

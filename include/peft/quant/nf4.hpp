@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "peft/core/error.hpp"
+#include "peft/core/separate.hpp"
 #include "peft/core/types.hpp"
 #include "peft/quant/blockwise8.hpp"
 
@@ -266,45 +267,54 @@ struct NF4Tensor {
 
   /// Checks that every buffer has the size the shape and block sizes imply. Throws ConfigError for
   /// bad block sizes or quant types, ShapeError for inconsistent buffers; `who` names the tensor.
-  void validate(const std::string& who) const {
-    if (quant_type != "nf4")
-      throw ConfigError(who + ": quant_type \"" + quant_type + "\" is not supported (only \"nf4\")");
-    check_blocksize(who, "blocksize", blocksize);
-    if (shape.empty()) throw ShapeError(who + ": shape must have at least one dimension");
-    std::int64_t count = 1;
-    for (auto d : shape) {
-      if (d <= 0) throw ShapeError(who + ": shape has a non-positive dimension " + std::to_string(d));
-      if (__builtin_mul_overflow(count, d, &count) || count > (std::int64_t{1} << 50))
-        throw ShapeError(who + ": shape " + detail::nf4_shape_str(shape) + " has more than 2^50 values");
-    }
-    if (quant_map != kNF4Code)
-      throw ConfigError(who + ": quant_map is not the NF4 code (bitsandbytes' get_4bit_type(\"nf4\"))");
-    const std::size_t n = static_cast<std::size_t>(numel());
-    const std::size_t want_packed = (n + 1) / 2;
-    if (packed.size() != want_packed)
-      throw ShapeError(who + ": packed weight has " + std::to_string(packed.size()) + " bytes, expected " +
-                       std::to_string(want_packed) + " for " + std::to_string(n) + " values");
-    const std::size_t blocks = num_blocks();
-    if (!nested) {
-      if (absmax.size() != blocks)
-        throw ShapeError(who + ": absmax has " + std::to_string(absmax.size()) + " values, expected " +
-                         std::to_string(blocks) + " (one per block of " + std::to_string(blocksize) + ")");
-      return;
-    }
-    check_blocksize(who, "nested_blocksize", nested_blocksize);
-    if (qabsmax.size() != blocks)
-      throw ShapeError(who + ": quantized absmax has " + std::to_string(qabsmax.size()) + " values, expected " +
-                       std::to_string(blocks));
-    const std::size_t nb = static_cast<std::size_t>(nested_blocksize);
-    const std::size_t want_nested = (blocks + nb - 1) / nb;
-    if (nested_absmax.size() != want_nested)
-      throw ShapeError(who + ": nested_absmax has " + std::to_string(nested_absmax.size()) + " values, expected " +
-                       std::to_string(want_nested));
-  }
+  PEFT_SEPARATE_INLINE void validate(const std::string& who) const;
 };
 
+#if PEFT_SEPARATE_BODIES  // compiled once in the project's test build (peft/core/separate.hpp)
+PEFT_SEPARATE_INLINE void NF4Tensor::validate(const std::string& who) const {
+  if (quant_type != "nf4")
+    throw ConfigError(who + ": quant_type \"" + quant_type + "\" is not supported (only \"nf4\")");
+  check_blocksize(who, "blocksize", blocksize);
+  if (shape.empty()) throw ShapeError(who + ": shape must have at least one dimension");
+  std::int64_t count = 1;
+  for (auto d : shape) {
+    if (d <= 0) throw ShapeError(who + ": shape has a non-positive dimension " + std::to_string(d));
+    if (__builtin_mul_overflow(count, d, &count) || count > (std::int64_t{1} << 50))
+      throw ShapeError(who + ": shape " + detail::nf4_shape_str(shape) + " has more than 2^50 values");
+  }
+  if (quant_map != kNF4Code)
+    throw ConfigError(who + ": quant_map is not the NF4 code (bitsandbytes' get_4bit_type(\"nf4\"))");
+  const std::size_t n = static_cast<std::size_t>(numel());
+  const std::size_t want_packed = (n + 1) / 2;
+  if (packed.size() != want_packed)
+    throw ShapeError(who + ": packed weight has " + std::to_string(packed.size()) + " bytes, expected " +
+                     std::to_string(want_packed) + " for " + std::to_string(n) + " values");
+  const std::size_t blocks = num_blocks();
+  if (!nested) {
+    if (absmax.size() != blocks)
+      throw ShapeError(who + ": absmax has " + std::to_string(absmax.size()) + " values, expected " +
+                       std::to_string(blocks) + " (one per block of " + std::to_string(blocksize) + ")");
+    return;
+  }
+  check_blocksize(who, "nested_blocksize", nested_blocksize);
+  if (qabsmax.size() != blocks)
+    throw ShapeError(who + ": quantized absmax has " + std::to_string(qabsmax.size()) + " values, expected " +
+                     std::to_string(blocks));
+  const std::size_t nb = static_cast<std::size_t>(nested_blocksize);
+  const std::size_t want_nested = (blocks + nb - 1) / nb;
+  if (nested_absmax.size() != want_nested)
+    throw ShapeError(who + ": nested_absmax has " + std::to_string(nested_absmax.size()) + " values, expected " +
+                     std::to_string(want_nested));
+}
+#endif
+
 /// Quantizes n = Π shape fp32 values (row-major) to NF4 (+ DQ). Non-finite input → NumericError.
-inline NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& shape, const NF4Options& opt = {}) {
+PEFT_SEPARATE_INLINE NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& shape,
+                                            const NF4Options& opt = {});
+
+#if PEFT_SEPARATE_BODIES
+PEFT_SEPARATE_INLINE NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& shape,
+                                            const NF4Options& opt) {
   NF4Tensor t;
   t.shape = shape;
   t.dtype = opt.dtype;
@@ -358,6 +368,7 @@ inline NF4Tensor quantize_nf4(const float* x, const std::vector<std::int64_t>& s
   t.nested_quant_map = dynamic_map_signed();
   return t;
 }
+#endif
 
 /// Quantizes a row-major matrix [out, in] (any scalar; values are taken as fp32 like bitsandbytes).
 template <class T>

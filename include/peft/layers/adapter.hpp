@@ -125,6 +125,8 @@ class Adapter : public Module<T> {
   Matrix<T> fprime_;         ///< backward scratch f'(H)
 };
 
+// ---- Adapter members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 Adapter<T>::Adapter(Index dim, const AdapterOptions& options, Rng& rng, bool residual, std::string name)
     : Module<T>(std::move(name)), options_(options), residual_(residual) {
@@ -154,8 +156,6 @@ Adapter<T>::Adapter(Index dim, const AdapterOptions& options, Rng& rng, bool res
   this->set_name(this->name());
 }
 
-// ---- Adapter members defined outside the class body (the test build's extern template declaration
-// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void Adapter<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
   check::input_features("Adapter", this->name(), x.cols(), dim());

@@ -215,6 +215,8 @@ class MultiHeadAttention : public Module<T> {
   Matrix<T> pk_inf_, pv_inf_;                      ///< the prefix keys / values [l, d] (copied as forward copies them)
 };
 
+// ---- MultiHeadAttention members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 MultiHeadAttention<T>::MultiHeadAttention(Index dim, Index num_heads, Rng& rng, AttentionOptions options,
                                           std::string name)
@@ -233,8 +235,6 @@ MultiHeadAttention<T>::MultiHeadAttention(Index dim, Index num_heads, Rng& rng, 
   this->set_name(this->name());
 }
 
-// ---- MultiHeadAttention members defined outside the class body (the test build's extern template declaration
-// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void MultiHeadAttention<T>::add_ia3(const std::string& adapter, bool keys, bool values) {
   const std::string who = describe("MultiHeadAttention", this->name());

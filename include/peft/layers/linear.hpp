@@ -75,6 +75,8 @@ class Linear : public Module<T> {
   }
 };
 
+// ---- Linear members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 Linear<T>::Linear(Index in_features, Index out_features, Rng& rng, bool with_bias, std::string name)
     : Module<T>(std::move(name)) {
@@ -90,8 +92,6 @@ Linear<T>::Linear(Index in_features, Index out_features, Rng& rng, bool with_bia
   }
 }
 
-// ---- Linear members defined outside the class body (the test build's extern template declaration
-// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 void Linear<T>::forward(const ConstMatrixRef<T>& x, Matrix<T>& y, Cache& cache) {
   check::input_features("Linear", this->name(), x.cols(), in_features());

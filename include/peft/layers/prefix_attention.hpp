@@ -155,6 +155,8 @@ class PrefixAttention : public Module<T> {
   Matrix<T> hidden_inf_, table_inf_;  ///< inference_table()'s tanh(E W_0ᵀ + b_0) and T (projected only)
 };
 
+// ---- PrefixAttention members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 PrefixAttention<T>::PrefixAttention(const PrefixConfig& config, Rng& rng, std::string name)
     : Module<T>(std::move(name)), config_(config) {
@@ -177,8 +179,6 @@ PrefixAttention<T>::PrefixAttention(const PrefixConfig& config, Rng& rng, std::s
   this->set_name(this->name());
 }
 
-// ---- PrefixAttention members defined outside the class body (the test build's extern template declaration
-// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 PrefixAttention<T> PrefixAttention<T>::from_prompt_embeddings(const ConstMatrixRef<T>& table, Index num_layers,
                                                               std::string name) {

@@ -562,6 +562,8 @@ class TransformerClassifier : public Module<T> {
   Matrix<T> dpooled_, dh_a_, dh_b_, dh_e_;
 };
 
+// ---- TransformerClassifier members defined outside the class body (the test build's extern template declaration
+// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 TransformerClassifier<T>::TransformerClassifier(const TransformerConfig& config, Rng& rng, std::string name)
     : Module<T>(std::move(name)), config_(config) {
@@ -588,8 +590,6 @@ TransformerClassifier<T>::TransformerClassifier(const TransformerConfig& config,
   this->set_name(this->name());
 }
 
-// ---- TransformerClassifier members defined outside the class body (the test build's extern template declaration
-// then covers them; see docs/CONTRIBUTING.md) ----
 template <class T>
 LoRALinear<T>& TransformerClassifier<T>::linear(const std::string& key) {
   LoRALinear<T>* found = nullptr;

@@ -36,7 +36,7 @@ target_link_libraries(peft_openmp INTERFACE peft_blas)
 
 # Optimisation of what ctest runs, in Release (tests/CMakeLists.txt says why): -Og for the test
 # TUs, the instantiations, the tool's commands and the examples' test copies (the studies too: at
-# -O1 their copies cost 12 CPU-s more to compile and run their --quick checks 2-3 s faster). The
+# -O1 their copies cost 12 CPU-s more to compile and run finetune_study's --quick 3 s faster). The
 # examples' and the tool's -O3 builds are what users run; ctest runs these copies of them (a test
 # build compiles no -O3 target).
 set(PEFT_TEST_OG $<$<CONFIG:Release>:-Og>)

@@ -20,9 +20,10 @@ extern template class HouseholderQR<MatrixXd>;
 // Eigen's matrix-product kernels (GEBP micro-kernel, panel packing, GEMV) for float and double in
 // the shapes row-major products use, and the GEMM driver (general_matrix_matrix_product::run, for
 // the four operand storage orders of a column-major result, which a row-major result is computed
-// as). The kernels are EIGEN_DONT_INLINE members defined outside their class; the driver's run() is
-// defined in its class but is not inlined at -Og: under the declaration a TU neither instantiates
-// nor compiles them (they were instantiated in every test TU, 11 or 12 copies each);
+// as). The kernels are EIGEN_DONT_INLINE members defined outside their class: under the
+// declaration a TU neither instantiates nor compiles them (they were in every test TU, 11 or 12
+// copies each). The driver's run() is defined in its class, so a TU still instantiates it where it
+// is called, but at -Og (the test build's level) no longer compiles it (it was in 12 test objects).
 // instantiations_eigen.inc holds the one copy. Not with EIGEN_USE_BLAS (the release-blas preset:
 // Eigen then specializes the products).
 #if !EIGEN_VERSION_AT_LEAST(3, 4, 90) && !defined(EIGEN_USE_BLAS)

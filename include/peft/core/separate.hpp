@@ -16,9 +16,10 @@
 //
 // Only entry points whose bodies pull in much code belong here (file parsers, config readers,
 // compilers), or message-building validators that most test TUs would otherwise compile
-// (SequenceLayout::validate was in 13 of the test build's objects). Such a function keeps a PEFT_SEPARATE_INLINE declaration (with its documentation
-// and default arguments) outside the `#if PEFT_SEPARATE_BODIES` block and its definition inside;
-// nothing outside a block may use what the block defines.
+// (SequenceLayout::validate was in 13 of the test build's objects). Such a function keeps a
+// PEFT_SEPARATE_INLINE declaration (with its documentation and default arguments) outside the
+// `#if PEFT_SEPARATE_BODIES` block and its definition inside; nothing outside a block may use what
+// the block defines.
 #if defined(PEFT_SEPARATE_COMPILATION)
 #define PEFT_SEPARATE_INLINE
 #if defined(PEFT_SEPARATE_SOURCE)

@@ -10,7 +10,10 @@
 //   LoRA r 8  x Aᵀ (2048×8×256), h Bᵀ (2048×256×8), dB (256×8×2048), dA (8×256×2048)
 //
 // Backends (each only where found, so the program runs anywhere):
-//   peft      peft::gemm, i.e. Eigen's kernels with kept packing space (what the library runs)
+//   peft      peft::gemm's own kernel (core/gemm_kernel.hpp) on the products it fits, Eigen's on
+//             the rest (peft::gemm's default with AVX-512)
+//   eigen     peft::gemm on Eigen's kernels throughout, with kept packing space (the default
+//             without AVX-512)
 //   openblas  cblas_sgemm of libopenblas.so.0 (dlopen; PEFT_BENCH_OPENBLAS overrides the path)
 //   blis      cblas_sgemm of BLIS' libblis.so.4 (dlopen; PEFT_BENCH_BLIS overrides the path)
 // The libraries are opened RTLD_LOCAL, so one process times all three on the same buffers; the
@@ -56,14 +59,17 @@ struct Op {
 using CMap = Eigen::Map<const peft::Matrix<T>, 0, Eigen::OuterStride<>>;
 using MMap = Eigen::Map<peft::Matrix<T>, 0, Eigen::OuterStride<>>;
 
+/// peft::gemm's body with peft's own kernel where it fits (Own) or Eigen's GEBP throughout.
+template <bool Own>
 void run_peft(const Op& o) {
   const CMap a(o.a, o.ta ? o.k : o.m, o.ta ? o.m : o.k, Eigen::OuterStride<>(o.lda));
   const CMap b(o.b, o.tb ? o.n : o.k, o.tb ? o.k : o.n, Eigen::OuterStride<>(o.ldb));
   MMap c(o.c, o.m, o.n, Eigen::OuterStride<>(o.ldc));
-  if (!o.ta && !o.tb) peft::gemm(c, a, b, T(1), o.accumulate);
-  if (!o.ta && o.tb) peft::gemm(c, a, b.transpose(), T(1), o.accumulate);
-  if (o.ta && !o.tb) peft::gemm(c, a.transpose(), b, T(1), o.accumulate);
-  if (o.ta && o.tb) peft::gemm(c, a.transpose(), b.transpose(), T(1), o.accumulate);
+  using peft::detail::gemm_impl;
+  if (!o.ta && !o.tb) gemm_impl<Own>(c, a, b, T(1), o.accumulate);
+  if (!o.ta && o.tb) gemm_impl<Own>(c, a, b.transpose(), T(1), o.accumulate);
+  if (o.ta && !o.tb) gemm_impl<Own>(c, a.transpose(), b, T(1), o.accumulate);
+  if (o.ta && o.tb) gemm_impl<Own>(c, a.transpose(), b.transpose(), T(1), o.accumulate);
 }
 
 using Sgemm = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float, float*,
@@ -239,7 +245,10 @@ int main(int argc, char** argv) {
   static const std::vector<Shape> all = shapes(buf);
   static const std::vector<Blas> blases = open_blases();
   std::printf("FMA peak (one core, %s): %.1f GF/s\n", peft::bench::fma_isa(), peft::bench::kFmaPeakAtStart);
-  std::printf("peft: Eigen %d.%d.%d kernels%s\n", EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION,
+  using KS = peft::detail::kernel::Shape<T>;
+  std::printf("peft: own kernel, %d x %d register tile (peft::gemm's default here: %s)\n", KS::MR, KS::NR,
+              peft::detail::kOwnGemmKernel ? "own kernel" : "Eigen's GEBP");
+  std::printf("eigen: Eigen %d.%d.%d kernels%s\n", EIGEN_WORLD_VERSION, EIGEN_MAJOR_VERSION, EIGEN_MINOR_VERSION,
 #if defined(EIGEN_USE_BLAS)
               " (EIGEN_USE_BLAS: products go to the linked BLAS)"
 #else
@@ -253,7 +262,10 @@ int main(int argc, char** argv) {
     std::function<void(const Op&)> run;
     std::function<void(int)> set_threads;
   };
-  std::vector<Backend> backends{{"peft", run_peft, [](int t) { Eigen::setNbThreads(t); }}};
+  // "peft": peft's own kernel on the products it fits (core/gemm_kernel.hpp), whatever this build's
+  // default is; "eigen": Eigen's GEBP for every product (peft::gemm's other path).
+  std::vector<Backend> backends{{"peft", run_peft<true>, [](int t) { Eigen::setNbThreads(t); }},
+                                {"eigen", run_peft<false>, [](int t) { Eigen::setNbThreads(t); }}};
   for (const Blas& b : blases)
     backends.push_back(Backend{b.name, [&b](const Op& o) { b.run(o); },
                                [&b](int t) {

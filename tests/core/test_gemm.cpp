@@ -1,11 +1,13 @@
 // peft::gemm (core/gemm.hpp) against Eigen's own product, computed in double: every branch of its
 // dispatch (coefficient-based small products, one-row and one-column results, an empty inner
 // dimension, the kept-packing GEMM), plain and accumulating, with alpha, and the operand forms the
-// layers pass (transposes, Refs, blocks, scalar multiples, a block as the destination).
+// layers pass (transposes, Refs, blocks, scalar multiples, a block as the destination); and peft's
+// own kernel (core/gemm_kernel.hpp) on this build's packets.
 #include <peft/core/gemm.hpp>
 
 #include <string>
 
+#include "core/gemm_kernel_checks.hpp"
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -78,4 +80,33 @@ TEST_CASE("gemm overwrites a destination that held other values", "[gemm]") {
     gemm(y, a, b);
     CHECK(rel_diff(y, Matrix<double>(a * b)) <= 1e-14);
   }
+}
+
+TEMPLATE_TEST_CASE("peft's own GEMM kernel equals the product on every operand form", "[gemm]", float, double) {
+  // on this build's packets (SSE2 on x86-64 unless the build sets -m flags); tests/native checks
+  // the AVX-512 / AVX2 register tiles
+  peft::test::check_own_kernel<TestType>(7);
+}
+
+TEST_CASE("peft's own GEMM kernel sums in an order that depends on k alone", "[gemm]") {
+  // The k blocking is a function of k (so a thread's slab of C sums like the whole product):
+  // rows computed on their own equal the same rows of the whole product, bit for bit (rows 17-29
+  // sit in two full tiles of the whole product; alone they are a full and a partial one).
+#if defined(EIGEN_USE_BLAS)
+  WARN("EIGEN_USE_BLAS: products go to the BLAS; peft's own kernel is not used or checked");
+  return;
+#endif
+  Rng rng(8);
+  const Index m = 40, k = 2 * detail::kernel::Shape<float>::kKcMax + 9, n = 70;
+  const Matrix<float> a = random_matrix<float>(m, k, rng), b = random_matrix<float>(k, n, rng);
+  Matrix<float> whole(m, n), part(13, n);
+  detail::gemm_impl<true>(whole, a, b, 1.0f, false);
+  detail::gemm_impl<true>(part, a.middleRows(17, 13), b, 1.0f, false);
+  CHECK((part.array() == whole.middleRows(17, 13).array()).all());
+  const Matrix<float> c0 = random_matrix<float>(m, n, rng);  // accumulating: the same
+  whole = c0;
+  part = c0.middleRows(17, 13);
+  detail::gemm_impl<true>(whole, a, b, -0.5f, true);
+  detail::gemm_impl<true>(part, a.middleRows(17, 13), b, -0.5f, true);
+  CHECK((part.array() == whole.middleRows(17, 13).array()).all());
 }

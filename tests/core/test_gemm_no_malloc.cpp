@@ -5,6 +5,8 @@
 
 #include <peft/core/gemm.hpp>
 
+#include <vector>
+
 #include "support/test_utils.hpp"
 
 using namespace peft;
@@ -34,6 +36,32 @@ TEST_CASE("gemm: no allocation after the first product of each shape", "[gemm][n
     }
     const ConstMatrixRef<float> rdy(dy);
     gemm(dw, rdy.transpose(), xin, 0.25f, true);
+  });
+  CHECK(n == 0);
+}
+
+TEST_CASE("gemm: peft's own kernel allocates nothing after the first product of each shape",
+          "[gemm][no_malloc]") {
+  // detail::gemm_impl<true> (peft::gemm's default with AVX-512): its packed blocks come from the
+  // thread's arena, which only grows. Shapes: whole and partial tiles, several depth blocks, B
+  // wider than one column block, and a column-major destination (computed as its transpose).
+  Rng rng(9);
+  using ColMajor = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::ColMajor>;
+  const Index shapes[][3] = {{64, 64, 64}, {37, 900, 70}, {130, 40, 700}};
+  std::vector<Matrix<float>> as, bs, ys;
+  std::vector<ColMajor> cms;
+  for (const auto& s : shapes) {
+    as.push_back(peft::test::random_matrix<float>(s[0], s[1], rng));
+    bs.push_back(peft::test::random_matrix<float>(s[1], s[2], rng));
+    ys.emplace_back(s[0], s[2]);
+    cms.emplace_back(s[0], s[2]);
+  }
+  const long n = peft::test::no_malloc::allocations_after_warmup([&] {
+    for (std::size_t i = 0; i < as.size(); ++i) {
+      detail::gemm_impl<true>(ys[i], as[i], bs[i], 0.5f, false);
+      detail::gemm_impl<true>(ys[i], as[i], bs[i], -1.5f, true);
+      detail::gemm_impl<true>(cms[i], as[i], bs[i], 1.0f, false);
+    }
   });
   CHECK(n == 0);
 }

@@ -127,6 +127,33 @@ TEST_CASE("gemm split by rows and by columns equals one thread", "[parallel][gem
   }
 }
 
+TEST_CASE("peft's own GEMM kernel split between threads equals one thread bit for bit", "[parallel][gemm]") {
+  // detail::gemm_impl<true>: the own kernel on this build's packets (peft::gemm's default only with
+  // AVX-512; tests/native checks that tile). Slabs are whole register tiles; k blocking depends on k.
+#if defined(EIGEN_USE_BLAS)
+  WARN("EIGEN_USE_BLAS: products go to the BLAS; peft's own kernel is not used or checked");
+  return;
+#endif
+  Rng rng(4);
+  struct Shape {
+    Index m, n, k;
+  };
+  for (const Shape s : {Shape{301, 70, 900}, Shape{40, 333, 120}}) {
+    INFO(s.m << " x " << s.n << " x " << s.k);
+    const Matrix<float> a = test::random_matrix<float>(s.m, s.k, rng), bt = test::random_matrix<float>(s.n, s.k, rng);
+    const Matrix<float> c0 = test::random_matrix<float>(s.m, s.n, rng);
+    Matrix<float> one = c0, two = c0;
+    with_threads(1, [&] { detail::gemm_impl<true>(one, a, bt.transpose(), 0.5f, true); });
+    with_threads(2, [&] {
+      CHECK(parallel_threads(8, 1e8) == 2);
+      detail::gemm_impl<true>(two, a, bt.transpose(), 0.5f, true);
+    });
+    CHECK((one.array() == two.array()).all());
+    const Matrix<double> want = c0.cast<double>() + 0.5 * a.cast<double>() * bt.cast<double>().transpose();
+    CHECK(relative_error(Matrix<double>(one.cast<double>()), want) < 1e-5);
+  }
+}
+
 TEST_CASE("a row times a matrix (decoding one token) splits its columns and equals one thread bit for bit",
           "[parallel][gemm]") {
   // y = x Wᵀ with W row-major [n, k] (a linear's weight), y = x B with B [k, n], a scaled operand,

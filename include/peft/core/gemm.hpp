@@ -1,13 +1,14 @@
 #pragma once
-// Matrix products through Eigen's GEMM with packing space kept alive (issue 16).
+// Matrix products through peft's own packed kernel (core/gemm_kernel.hpp; the default with
+// AVX-512, see kOwnGemmKernel) or Eigen's GEMM, with packing space kept alive (issue 16).
 //
 // `dst.noalias() = a * b` runs Eigen's GEMM, which packs panels of both operands into two blocks
 // of kc·mc and kc·nc scalars per product. Up to EIGEN_STACK_ALLOCATION_LIMIT (128 KiB) they live
 // on the stack; above that, every product mallocs and frees them: on a transformer step that is
 // ~130 allocations per step, and whenever glibc returns the memory, fresh pages to fault in again.
-// peft::gemm runs the same Eigen kernels (same blocking sizes, same results bit for bit) but takes
-// the blocks from a per-thread arena that only grows: after the first product of the largest
-// shape, no product allocates.
+// On Eigen's path peft::gemm runs the same Eigen kernels (same blocking sizes, same results bit for
+// bit) but takes the blocks from a per-thread arena that only grows (kernel::Arena, which the own
+// kernel uses too). After the first product of the largest shape, no product allocates.
 //
 //   gemm(dst, a, b)                 dst  = a · b
 //   gemm(dst, a, b, alpha, true)    dst += alpha · a · b
@@ -19,50 +20,20 @@
 // entry point is the BLAS, which gets the call unchanged. With OpenMP (outside a parallel region),
 // a large product is split into one slab of dst per thread, each computed by Eigen's sequential
 // GEMM on that thread's arena: Eigen's own parallel GEMM shares one packed block between the
-// threads, which then wait on each other, and mallocs a B block per worker and call.
+// threads, which then wait on each other, and mallocs a B block per worker and call. The own
+// kernel's slabs are whole register tiles, and its k blocking depends on k alone: results do not
+// depend on the thread count on either path.
 #include <Eigen/Core>
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
+#include "peft/core/gemm_kernel.hpp"
 #include "peft/core/parallel.hpp"
 #include "peft/core/types.hpp"
 
 namespace peft {
 namespace detail {
-
-/// Per-thread packing space: grows to the largest blocks seen, never shrinks.
-template <class T>
-class GemmArena {
- public:
-  GemmArena() = default;
-  GemmArena(const GemmArena&) = delete;
-  GemmArena& operator=(const GemmArena&) = delete;
-  ~GemmArena() {
-    Eigen::internal::aligned_delete(a_, size_a_);
-    Eigen::internal::aligned_delete(b_, size_b_);
-  }
-  T* a(Index n) { return grow(a_, size_a_, n); }
-  T* b(Index n) { return grow(b_, size_b_, n); }
-  static GemmArena& local() {
-    thread_local GemmArena arena;
-    return arena;
-  }
-
- private:
-  static T* grow(T*& p, Index& size, Index n) {
-    if (n > size) {
-      Eigen::internal::aligned_delete(p, size);
-      p = nullptr;
-      size = 0;
-      p = Eigen::internal::aligned_new<T>(n);
-      size = n;
-    }
-    return p;
-  }
-  T* a_ = nullptr;
-  T* b_ = nullptr;
-  Index size_a_ = 0, size_b_ = 0;
-};
 
 /// Eigen's dynamic-size blocking (same kc, mc, nc as gemm_blocking_space) on the arena's memory.
 template <int StorageOrder, class T>
@@ -75,20 +46,32 @@ class ArenaBlocking : public Eigen::internal::level3_blocking<T, T> {
     this->m_kc = depth;
     // gemm_blocking_space's constructor (peft::gemm only runs Eigen's sequential GEMM)
     Eigen::internal::computeProductBlockingSizes<T, T, 1>(this->m_kc, this->m_mc, this->m_nc, num_threads);
-    GemmArena<T>& arena = GemmArena<T>::local();
+    // the calling thread's blocks, shared with the own kernel (core/gemm_kernel.hpp)
+    kernel::Arena<T>& arena = kernel::Arena<T>::local();
     this->m_blockA = arena.a(this->m_mc * this->m_kc);
     this->m_blockB = arena.b(this->m_kc * this->m_nc);
   }
 };
 
-}  // namespace detail
+/// Whether peft::gemm runs peft's own kernel (core/gemm_kernel.hpp) on the products it fits, or
+/// Eigen's GEBP throughout. Measured (README, "What limits one thread"): with AVX-512 the own
+/// kernel runs the transformer step's products at 80 % of the FMA peak where Eigen 3.4's reach
+/// 63 %; with AVX2 the own code was no faster (slower on 64³ blocks), with SSE2 even, and Eigen's
+/// is kept.
+/// Define PEFT_GEMM_OWN_KERNEL to 0 or 1 (the same in every translation unit) to choose. Under
+/// EIGEN_USE_BLAS every product goes to the BLAS whatever this says.
+#if defined(PEFT_GEMM_OWN_KERNEL)
+inline constexpr bool kOwnGemmKernel = PEFT_GEMM_OWN_KERNEL;
+#elif defined(EIGEN_VECTORIZE_AVX512)
+inline constexpr bool kOwnGemmKernel = true;
+#else
+inline constexpr bool kOwnGemmKernel = false;
+#endif
 
-/// dst = alpha · lhs · rhs (accumulate = false) or dst += alpha · lhs · rhs, on Eigen's GEMM
-/// kernels with the calling thread's kept packing space (see the top of this file). dst must not
-/// alias lhs or rhs (as with noalias()).
-template <class Dst, class Lhs, class Rhs>
-void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::MatrixBase<Rhs>& a_rhs,
-          typename std::remove_reference_t<Dst>::Scalar alpha = 1, bool accumulate = false) {
+/// peft::gemm's body; Own: peft's kernel on the products it fits (tests call both versions).
+template <bool Own, class Dst, class Lhs, class Rhs>
+void gemm_impl(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::MatrixBase<Rhs>& a_rhs,
+               typename std::remove_reference_t<Dst>::Scalar alpha, bool accumulate) {
   using Dest = std::remove_reference_t<Dst>;
   using Scalar = typename Dest::Scalar;
   Dest& dst = dst_in;
@@ -102,7 +85,11 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
 #else
   constexpr bool eigen_kernels = true;
 #endif
-  if (!eigen_kernels || small || dst.rows() == 1 || dst.cols() == 1 || a_lhs.cols() == 0) {
+  // An operand that is a vector at compile time (a column as lhs: an outer product) goes to Eigen's
+  // product code, which picks its outer-product or GEMV path and honours a vector's inner stride
+  // (a column of a row-major matrix); both GEMM paths below assume unit inner strides.
+  constexpr bool vector_operand = bool(Lhs::IsVectorAtCompileTime) || bool(Rhs::IsVectorAtCompileTime);
+  if (!eigen_kernels || small || vector_operand || dst.rows() == 1 || dst.cols() == 1 || a_lhs.cols() == 0) {
     if (dst.rows() == 1 && dst.cols() != 1 && !small) {
       // A row result as its transpose, dstᵀ = alpha · bᵀ aᵀ: Eigen folds alpha into the matrix
       // operand (bᵀ) and reads the row of a in place. Written as alpha · (a b), Eigen would fold
@@ -169,6 +156,42 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
                            bool(RhsTraits::NeedToConjugate), dst_order, Dest::InnerStrideAtCompileTime>,
                        ActualLhs, ActualRhs, Dest, Blocking>;
   const Index m = dst.rows(), n = dst.cols(), k = lhs.cols();
+  if constexpr (Own && kernel::Shape<Scalar>::kVectorized && bool(Dest::Flags & Eigen::DirectAccessBit) &&
+                Dest::InnerStrideAtCompileTime == 1) {
+    using KS = kernel::Shape<Scalar>;
+    // The kernel's row-major view: C (M × N, row stride ldc) = A (M × k) B (k × N); a column-major
+    // dst is computed as its transpose, dstᵀ = rhsᵀ lhsᵀ.
+    const Index lrs = lhs.rowStride(), lcs = lhs.colStride();
+    const Index rrs = rhs.rowStride(), rcs = rhs.colStride();
+    const bool row_major = dst_order == Eigen::RowMajor;
+    const Index M = row_major ? m : n, N = row_major ? n : m;
+    // Tiles narrower than the register tile would mostly compute padding (a LoRA product with
+    // rank 8 as the output's width): those stay with Eigen.
+    if (M >= KS::MR && N >= KS::NR) {
+      const Scalar* A = row_major ? lhs.data() : rhs.data();
+      const Scalar* B = row_major ? rhs.data() : lhs.data();
+      const Index ars = row_major ? lrs : rcs, acs = row_major ? lcs : rrs;
+      const Index brs = row_major ? rrs : lcs, bcs = row_major ? rcs : lrs;
+      Scalar* C = dst.data();
+      const Index ldc = dst.outerStride();
+      // One slab of C per thread, its longer side split in whole register tiles (see below).
+      const bool by_rows = M >= N;
+      const Index unit = by_rows ? KS::MR : KS::NR, size = by_rows ? M : N, units = (size + unit - 1) / unit;
+      const int threads =
+          parallel_threads(units, 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(k));
+      parallel_for(units, threads, [&](Index first, Index last, int) {
+        const Index begin = first * unit, end = std::min(size, last * unit);
+        const Index rows = by_rows ? end - begin : M, cols = by_rows ? N : end - begin;
+        if (by_rows)
+          kernel::gemm_rowmajor(rows, cols, k, A + begin * ars, ars, acs, B, brs, bcs, C + begin * ldc, ldc,
+                                actual_alpha, accumulate);
+        else
+          kernel::gemm_rowmajor(rows, cols, k, A, ars, acs, B + begin * bcs, brs, bcs, C + begin, ldc, actual_alpha,
+                                accumulate);
+      });
+      return;
+    }
+  }
   // With several threads (core/parallel.hpp: Eigen's count, at most one per 2^18 multiply-adds,
   // serial inside a parallel region), each computes its own slab of dst, serially, with its own
   // arena: dst's longer side is split in units of 16 (whole register blocks). Every thread packs
@@ -191,6 +214,17 @@ void gemm(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::Matrix
   if (!accumulate) dst.setZero();
   Blocking blocking(m, n, k, 1);
   Functor(lhs, rhs, dst, actual_alpha, blocking)(0, m, 0, n);
+}
+
+}  // namespace detail
+
+/// dst = alpha · lhs · rhs (accumulate = false) or dst += alpha · lhs · rhs, on peft's kernel or
+/// Eigen's GEMM kernels with the calling thread's kept packing space (see the top of this file).
+/// dst must not alias lhs or rhs (as with noalias()).
+template <class Dst, class Lhs, class Rhs>
+void gemm(Dst&& dst, const Eigen::MatrixBase<Lhs>& lhs, const Eigen::MatrixBase<Rhs>& rhs,
+          typename std::remove_reference_t<Dst>::Scalar alpha = 1, bool accumulate = false) {
+  detail::gemm_impl<detail::kOwnGemmKernel>(std::forward<Dst>(dst), lhs, rhs, alpha, accumulate);
 }
 
 }  // namespace peft

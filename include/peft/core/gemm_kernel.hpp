@@ -213,38 +213,30 @@ EIGEN_DONT_INLINE void micro_tile(Index kc, const T* EIGEN_RESTRICT a, const T* 
     a += MR;
     b += NR;
   }
-  const Packet va = ei::pset1<Packet>(alpha);
-  if (rows == MR && cols == NR) {
-#pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) {
-      T* row = c + r * ldc;
-#pragma GCC unroll 4
-      for (int q = 0; q < NP; ++q) {
-        Packet v = ei::pmul(va, acc[r][q]);
-        if (accumulate) v = ei::padd(v, ei::ploadu<Packet>(row + q * P));
-        ei::pstoreu(row + q * P, v);
-      }
-    }
-    return;
-  }
-  // A partial tile goes through a full one on the stack, with the same packet operations as above
-  // (so an element gets the same bits whichever kind of tile holds it).
+  // A full tile is stored to C in place; a partial one goes through a full tile on the stack (C's
+  // part copied in when accumulating, copied back after). Both run the one store loop below, so an
+  // element gets the same bits whichever kind of tile holds it.
+  const bool full = rows == MR && cols == NR;
   alignas(kAlign) T tile[MR * NR];
-  if (accumulate) {
+  T* out = full ? c : tile;
+  const Index ld = full ? ldc : NR;
+  if (!full && accumulate) {
     std::fill(tile, tile + MR * NR, T(0));
     for (Index r = 0; r < rows; ++r) std::copy(c + r * ldc, c + r * ldc + cols, tile + r * NR);
   }
+  const Packet va = ei::pset1<Packet>(alpha);
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
-    T* row = tile + r * NR;
+    T* row = out + r * ld;
 #pragma GCC unroll 4
     for (int q = 0; q < NP; ++q) {
       Packet v = ei::pmul(va, acc[r][q]);
-      if (accumulate) v = ei::padd(v, ei::pload<Packet>(row + q * P));
-      ei::pstore(row + q * P, v);
+      if (accumulate) v = ei::padd(v, ei::ploadu<Packet>(row + q * P));
+      ei::pstoreu(row + q * P, v);
     }
   }
-  for (Index r = 0; r < rows; ++r) std::copy(tile + r * NR, tile + r * NR + cols, c + r * ldc);
+  if (!full)
+    for (Index r = 0; r < rows; ++r) std::copy(tile + r * NR, tile + r * NR + cols, c + r * ldc);
 }
 
 /// The calling thread's packed blocks: grow to the largest product seen, never shrink (no

@@ -182,12 +182,9 @@ void gemm_impl(Dst&& dst_in, const Eigen::MatrixBase<Lhs>& a_lhs, const Eigen::M
       parallel_for(units, threads, [&](Index first, Index last, int) {
         const Index begin = first * unit, end = std::min(size, last * unit);
         const Index rows = by_rows ? end - begin : M, cols = by_rows ? N : end - begin;
-        if (by_rows)
-          kernel::gemm_rowmajor(rows, cols, k, A + begin * ars, ars, acs, B, brs, bcs, C + begin * ldc, ldc,
-                                actual_alpha, accumulate);
-        else
-          kernel::gemm_rowmajor(rows, cols, k, A, ars, acs, B + begin * bcs, brs, bcs, C + begin, ldc, actual_alpha,
-                                accumulate);
+        const Index row0 = by_rows ? begin : 0, col0 = by_rows ? 0 : begin;
+        kernel::gemm_rowmajor(rows, cols, k, A + row0 * ars, ars, acs, B + col0 * bcs, brs, bcs, C + row0 * ldc + col0,
+                              ldc, actual_alpha, accumulate);
       });
       return;
     }
